@@ -1,0 +1,67 @@
+"""Millstream: batch and streaming data processing on Arrow, embedded or on Ray.
+
+    import millstream as ms
+    counts = (ms.read_text("logs/*.txt")
+              .select(ms.col("text").str.split().alias("word"))
+              .explode("word")
+              .group_by("word").agg(ms.count().alias("n")))
+    counts.show()
+"""
+
+from millstream.api.dataset import Dataset, GroupedDataset
+from millstream.api.expressions import (
+    AggExpr,
+    Expr,
+    avg,
+    col,
+    collect_list,
+    count,
+    count_distinct,
+    first,
+    lit,
+    max,
+    mean,
+    min,
+    sum,
+    when,
+)
+from millstream.api.readers import (
+    from_arrow,
+    from_items,
+    from_pandas,
+    from_polars,
+    range,
+    read_csv,
+    read_json,
+    read_parquet,
+    read_text,
+)
+from millstream.errors import (
+    BadRecordError,
+    MillstreamError,
+    OutputExistsError,
+    PlanError,
+    SchemaError,
+    StorageError,
+    TaskError,
+    UserFunctionError,
+)
+from millstream.runtime.session import init, shutdown
+
+__version__ = "0.1.0"
+
+
+def last_job_stats():
+    """Statistics of the last finished job: stages, rows, bytes, seconds and counters."""
+    from millstream.runtime.session import get_session
+
+    return get_session().last_job_stats
+
+
+__all__ = [
+    "AggExpr", "BadRecordError", "Dataset", "Expr", "GroupedDataset", "MillstreamError",
+    "OutputExistsError", "PlanError", "SchemaError", "StorageError", "TaskError", "UserFunctionError",
+    "avg", "col", "collect_list", "count", "count_distinct", "first", "from_arrow", "from_items",
+    "from_pandas", "from_polars", "init", "last_job_stats", "lit", "max", "mean", "min", "range",
+    "read_csv", "read_json", "read_parquet", "read_text", "shutdown", "sum", "when",
+]

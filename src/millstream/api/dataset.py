@@ -1,0 +1,408 @@
+"""The Dataset API: lazy, immutable, partitioned data with Spark/Polars-style operations.
+
+Transformations build a logical plan; actions (collect, count, write_*, ...) optimize
+it, cut it into stages and run them on the session's runner.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import pyarrow as pa
+
+from millstream.api.expressions import AggExpr, Expr, col, to_expr
+from millstream.errors import PlanError
+from millstream.ops import narrow
+from millstream.ops.aggregate import AggSpec
+from millstream.ops.base import OperatorFactory
+from millstream.plan import logical as L
+from millstream.plan.optimizer import optimize
+from millstream.plan.physical import PhysicalPlanner, PlannerSettings, Stage, all_stages
+from millstream.runtime.arrowutil import batch_to_rows, concat_batches
+from millstream.runtime.scheduler import Job
+from millstream.runtime.session import Settings, effective_settings, get_session
+from millstream.runtime.shuffle import read_block
+
+_HOW = ("inner", "left", "right", "outer", "full", "semi", "anti")
+
+
+def _names(cols: Iterable[Any]) -> list[str]:
+    out = []
+    for c in cols:
+        if isinstance(c, (list, tuple)):
+            out.extend(_names(c))
+        elif isinstance(c, str):
+            out.append(c)
+        else:
+            raise PlanError(f"expected a column name, got {c!r}")
+    return out
+
+
+def _exprs(items: Sequence[Any], named: dict[str, Any]) -> list[Expr]:
+    exprs: list[Expr] = []
+    for it in items:
+        if isinstance(it, (list, tuple)):
+            exprs.extend(_exprs(it, {}))
+        elif isinstance(it, AggExpr):
+            raise PlanError(f"{it!r} is an aggregate; use it inside group_by(...).agg(...)")
+        else:
+            exprs.append(col(it) if isinstance(it, str) else to_expr(it))
+    for name, e in named.items():
+        exprs.append(to_expr(e).alias(name) if not isinstance(e, str) else col(e).alias(name))
+    return exprs
+
+
+class Dataset:
+    """A lazy, partitioned collection of rows; see the module docstring."""
+
+    def __init__(self, node: L.Node) -> None:
+        self._node = node
+
+    def __repr__(self) -> str:
+        return f"Dataset({self._node.label()})"
+
+    # --------------------------------------------------------- narrow
+    def _narrow(self, factory: OperatorFactory, kind: str, payload: Any = None) -> Dataset:
+        text = factory.describe() if kind not in ("project", "with_columns", "filter") else None
+        node = L.Narrow(self._node, factory, kind, payload, text or factory.describe())
+        return Dataset(node)
+
+    def map(self, fn: Callable[[dict], Any]) -> Dataset:
+        """Apply ``fn`` to every row (a dict); it returns a dict (or a value, kept in column ``value``)."""
+        return self._narrow(OperatorFactory(narrow.MapRows, fn), "map")
+
+    def flat_map(self, fn: Callable[[dict], Iterable[Any]]) -> Dataset:
+        """Apply ``fn`` to every row; it returns an iterable of zero or more output rows."""
+        return self._narrow(OperatorFactory(narrow.FlatMapRows, fn), "flat_map")
+
+    def filter(self, predicate: Expr | Callable[[dict], bool]) -> Dataset:
+        """Keep rows where a boolean expression is true (fast) or a Python predicate returns true."""
+        if isinstance(predicate, Expr):
+            return self._narrow(OperatorFactory(narrow.FilterExpr, predicate), "filter", predicate)
+        if isinstance(predicate, str):
+            raise PlanError("filter() takes an expression such as ms.col('x') > 0 or a function of a row, "
+                            f"not the string {predicate!r}")
+        if not callable(predicate):
+            raise PlanError(f"filter() needs an expression or a callable, got {type(predicate).__name__}")
+        return self._narrow(OperatorFactory(narrow.FilterRows, predicate), "filter_fn")
+
+    where = filter
+
+    def map_batches(self, fn: Callable[..., Any], batch_format: str = "pyarrow",
+                    **fn_kwargs: Any) -> Dataset:
+        """Apply a vectorized function to whole batches (pyarrow Table, pandas or polars DataFrame)."""
+        return self._narrow(OperatorFactory(narrow.MapBatches, fn, batch_format, fn_kwargs), "map_batches")
+
+    def select(self, *exprs: Any, **named: Any) -> Dataset:
+        """Keep only these columns or expressions (names, ``ms.col(...)``, computed with ``.alias``)."""
+        es = _exprs(exprs, named)
+        if not es:
+            raise PlanError("select() needs at least one column or expression")
+        return self._narrow(OperatorFactory(narrow.Project, es), "project", es)
+
+    def with_columns(self, *exprs: Any, **named: Any) -> Dataset:
+        """Add or replace columns computed from expressions; other columns are kept."""
+        es = _exprs(exprs, named)
+        return self._narrow(OperatorFactory(narrow.WithColumns, es), "with_columns", es)
+
+    def with_column(self, name: str, expr: Any) -> Dataset:
+        """Add or replace one column (Spark's ``withColumn``)."""
+        return self.with_columns(**{name: expr})
+
+    def drop(self, *columns: str) -> Dataset:
+        """Remove columns."""
+        return self._narrow(OperatorFactory(narrow.Drop, _names(columns)), "drop")
+
+    def rename(self, mapping: dict[str, str]) -> Dataset:
+        """Rename columns ``{old: new}``."""
+        return self._narrow(OperatorFactory(narrow.Rename, dict(mapping)), "rename")
+
+    def explode(self, column: str) -> Dataset:
+        """One row per element of a list column; rows with empty or null lists disappear."""
+        return self._narrow(OperatorFactory(narrow.Explode, column), "explode")
+
+    # --------------------------------------------------------- wide
+    def group_by(self, *keys: Any) -> GroupedDataset:
+        """Group rows by key columns or expressions; follow with ``.agg(...)``."""
+        return GroupedDataset(self, list(keys))
+
+    groupby = group_by
+
+    def agg(self, *aggs: AggExpr, **named: AggExpr) -> Dataset:
+        """Aggregate the whole dataset into one row."""
+        return GroupedDataset(self, []).agg(*aggs, **named)
+
+    def join(self, other: Dataset, on: str | Sequence[str] | None = None, how: str = "inner", *,
+             left_on: str | Sequence[str] | None = None, right_on: str | Sequence[str] | None = None,
+             suffix: str = "_right", broadcast: bool | None = None) -> Dataset:
+        """Equi-join with ``other`` (inner, left, right, outer, semi, anti); null keys never match.
+
+        A side small enough (``broadcast_threshold``) is broadcast; otherwise both sides are
+        shuffled by key. ``broadcast=True/False`` forces the choice for the right side.
+        """
+        if not isinstance(other, Dataset):
+            raise PlanError(f"join() needs a Dataset, got {type(other).__name__}")
+        if how not in _HOW:
+            raise PlanError(f"join how={how!r} is not one of {', '.join(_HOW)}")
+        if on is not None:
+            if left_on is not None or right_on is not None:
+                raise PlanError("join: give either on= or left_on=/right_on=, not both")
+            lk = rk = [on] if isinstance(on, str) else list(on)
+        else:
+            if left_on is None or right_on is None:
+                raise PlanError("join needs on= (same key names) or both left_on= and right_on=")
+            lk = [left_on] if isinstance(left_on, str) else list(left_on)
+            rk = [right_on] if isinstance(right_on, str) else list(right_on)
+        if len(lk) != len(rk) or not lk:
+            raise PlanError(f"join: left keys {lk} and right keys {rk} must be non-empty and as many")
+        how = "outer" if how == "full" else how
+        return Dataset(L.Join(self._node, other._node, lk, rk, how, suffix, broadcast))
+
+    def sort(self, by: str | Sequence[str], descending: bool | Sequence[bool] = False,
+             nulls_last: bool | None = None) -> Dataset:
+        """Globally sort (sampled range partitioning). Nulls come first ascending, last descending."""
+        cols = [by] if isinstance(by, str) else _names(by)
+        if not cols:
+            raise PlanError("sort() needs at least one column")
+        desc = [bool(descending)] * len(cols) if isinstance(descending, bool) else [bool(d) for d in descending]
+        if len(desc) != len(cols):
+            raise PlanError(f"sort: {len(cols)} column(s) but {len(desc)} descending flag(s)")
+        return Dataset(L.Sort(self._node, cols, desc, nulls_last))
+
+    order_by = sort
+
+    def distinct(self) -> Dataset:
+        """Remove duplicate rows."""
+        return Dataset(L.Distinct(self._node))
+
+    def union(self, *others: Dataset) -> Dataset:
+        """Concatenate datasets (UNION ALL); columns are matched by name."""
+        return Dataset(L.Union((self._node, *(o._node for o in others))))
+
+    def limit(self, n: int) -> Dataset:
+        """The first ``n`` rows (in partition order; after a sort, the top ``n``)."""
+        if n < 0:
+            raise PlanError(f"limit must be >= 0, got {n}")
+        return Dataset(L.Limit(self._node, int(n)))
+
+    def repartition(self, n: int, by: str | Sequence[str] | None = None) -> Dataset:
+        """Redistribute into ``n`` partitions, by hash of ``by`` columns or round-robin."""
+        if n < 1:
+            raise PlanError(f"repartition needs n >= 1, got {n}")
+        keys = None if by is None else ([by] if isinstance(by, str) else list(by))
+        return Dataset(L.Repartition(self._node, int(n), keys))
+
+    def cache(self) -> Dataset:
+        """Materialize on first use and reuse the partitions in later actions (iterative jobs)."""
+        if isinstance(self._node, L.Cache):
+            return self
+        return Dataset(L.Cache(self._node))
+
+    persist = cache
+
+    def unpersist(self) -> Dataset:
+        """Drop the cached partitions of this dataset (if cached)."""
+        if isinstance(self._node, L.Cache):
+            get_session().cache.pop(self._node.cache_id, None)
+        return self
+
+    # --------------------------------------------------------- execution
+    def _plan(self, settings: Settings, output_kind: str = "blocks", sink: Any = None) -> Stage:
+        session = get_session()
+        ps = PlannerSettings(settings.resolved_shuffle_partitions(), settings.broadcast_threshold,
+                             session.cache.get)
+        return PhysicalPlanner(ps).plan(optimize(self._node), output_kind, sink)
+
+    def _blocks_job(self, options: dict[str, Any]) -> tuple[Job, list[Any]]:
+        settings = effective_settings(options)
+        job = Job(get_session(), settings, self._plan(settings))
+        try:
+            blocks = job.run()
+        except BaseException:
+            job.cleanup()
+            raise
+        return job, blocks
+
+    def iter_batches(self, **options: Any) -> Iterator[pa.RecordBatch]:
+        """Run the pipeline and stream the result as record batches, partition by partition."""
+        job, blocks = self._blocks_job(options)
+        try:
+            for ref in blocks:
+                for b in read_block(ref):
+                    if b.num_rows:
+                        yield b
+        finally:
+            job.cleanup()
+
+    def to_arrow(self, **options: Any) -> pa.Table:
+        """Run the pipeline and return the result as one Arrow table."""
+        job, blocks = self._blocks_job(options)
+        try:
+            batches = [b for ref in blocks for b in read_block(ref)]
+            table = concat_batches(batches)
+            # detach from the memory-mapped files before they are deleted
+            return table.combine_chunks() if table.num_rows else table
+        finally:
+            job.cleanup()
+
+    def collect(self, **options: Any) -> list[dict[str, Any]]:
+        """Run the pipeline and return all rows as Python dicts."""
+        return batch_to_rows(self.to_arrow(**options))
+
+    to_pylist = collect
+
+    def to_pandas(self, **options: Any) -> Any:
+        """Run the pipeline and return a pandas DataFrame."""
+        return self.to_arrow(**options).to_pandas()
+
+    def to_polars(self, **options: Any) -> Any:
+        """Run the pipeline and return a polars DataFrame."""
+        import polars as pl
+
+        return pl.from_arrow(self.to_arrow(**options))
+
+    def count(self, **options: Any) -> int:
+        """Number of rows."""
+        from millstream.api.expressions import count as count_all
+
+        rows = self.agg(count_all().alias("count")).collect(**options)
+        return int(rows[0]["count"]) if rows else 0
+
+    def take(self, n: int, **options: Any) -> list[dict[str, Any]]:
+        """The first ``n`` rows as dicts."""
+        return self.limit(n).collect(**options)
+
+    def first(self, **options: Any) -> dict[str, Any] | None:
+        """The first row, or None when empty."""
+        rows = self.take(1, **options)
+        return rows[0] if rows else None
+
+    def show(self, n: int = 20, **options: Any) -> None:
+        """Print the first ``n`` rows as a table."""
+        table = self.limit(n).to_arrow(**options)
+        print(_format_table(table))
+
+    def explain(self, print_plan: bool = True) -> str:
+        """The logical, optimized and physical plans (stages, shuffles, pushdowns)."""
+        settings = effective_settings({})
+        opt = optimize(self._node)
+        ps = PlannerSettings(settings.resolved_shuffle_partitions(), settings.broadcast_threshold,
+                             get_session().cache.get)
+        final = PhysicalPlanner(ps).plan(opt)
+        parts = ["== Logical plan ==", self._node.tree(), "", "== Optimized plan ==", opt.tree(), "",
+                 "== Physical plan =="]
+        parts += [s.describe() for s in all_stages(final)]
+        text = "\n".join(parts)
+        if print_plan:
+            print(text)
+        return text
+
+    # --------------------------------------------------------- sinks
+    def _write(self, sink: Any, options: dict[str, Any]) -> None:
+        settings = effective_settings(options)
+        job = Job(get_session(), settings, self._plan(settings, "sink", sink))
+        sink.prepare(job.job_id)
+        try:
+            messages = job.run()
+            sink.commit(list(messages))
+        except BaseException:
+            sink.abort()
+            raise
+        finally:
+            job.cleanup()
+
+    def write_parquet(self, uri: str, partition_by: str | Sequence[str] | None = None,
+                      mode: str = "error", compression: str = "zstd", **options: Any) -> None:
+        """Write Parquet files under ``uri``, committed atomically with a ``_SUCCESS`` marker."""
+        from millstream.io.sinks import ParquetSink
+
+        pb = None if partition_by is None else ([partition_by] if isinstance(partition_by, str) else list(partition_by))
+        self._write(ParquetSink(uri, partition_by=pb, mode=mode, compression=compression), options)
+
+    def write_csv(self, uri: str, mode: str = "error", partition_by: str | Sequence[str] | None = None,
+                  **options: Any) -> None:
+        """Write CSV files (with header) under ``uri``, committed atomically."""
+        from millstream.io.sinks import CsvSink
+
+        pb = None if partition_by is None else ([partition_by] if isinstance(partition_by, str) else list(partition_by))
+        self._write(CsvSink(uri, partition_by=pb, mode=mode), options)
+
+    def write_json(self, uri: str, mode: str = "error", partition_by: str | Sequence[str] | None = None,
+                   **options: Any) -> None:
+        """Write JSON-lines files under ``uri``, committed atomically."""
+        from millstream.io.sinks import JsonSink
+
+        pb = None if partition_by is None else ([partition_by] if isinstance(partition_by, str) else list(partition_by))
+        self._write(JsonSink(uri, partition_by=pb, mode=mode), options)
+
+
+class GroupedDataset:
+    """The result of ``group_by``; ``agg`` turns it back into a Dataset."""
+
+    def __init__(self, ds: Dataset, keys: list[Any]) -> None:
+        self._ds = ds
+        self._keys = keys
+
+    def agg(self, *aggs: AggExpr, **named: AggExpr) -> Dataset:
+        """Aggregate each group: ``agg(ms.sum("x"), ms.count().alias("n"), avg=ms.mean("y"))``."""
+        items: list[AggExpr] = []
+        for a in aggs:
+            if isinstance(a, (list, tuple)):
+                items.extend(a)
+            else:
+                items.append(a)
+        for name, a in named.items():
+            if not isinstance(a, AggExpr):
+                raise PlanError(f"agg({name}=...) needs an aggregate such as ms.sum('x'), got {a!r}")
+            items.append(a.alias(name))
+        for a in items:
+            if not isinstance(a, AggExpr):
+                raise PlanError(f"agg() takes aggregates such as ms.sum('x') or ms.count(), got {a!r}")
+        ds = self._ds
+        key_names: list[str] = []
+        computed: list[Expr] = []
+        for k in self._keys:
+            if isinstance(k, str):
+                key_names.append(k)
+            elif isinstance(k, Expr):
+                computed.append(k)
+                key_names.append(k.output_name)
+            else:
+                raise PlanError(f"group_by keys must be column names or expressions, got {k!r}")
+        if computed:
+            ds = ds.with_columns(*computed)
+        specs = [AggSpec(a.func, a.arg, a.name) for a in items]
+        names = key_names + [s.name for s in specs]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise PlanError(f"group_by/agg output has duplicate column name(s) {sorted(dupes)}; "
+                            "use .alias(...) to name the aggregates")
+        if not specs and not key_names:
+            raise PlanError("agg() needs at least one aggregate")
+        return Dataset(L.Aggregate(ds._node, key_names, specs))
+
+    def count(self) -> Dataset:
+        """Rows per group, in column ``count``."""
+        from millstream.api.expressions import count as count_all
+
+        return self.agg(count_all().alias("count"))
+
+
+def _format_table(table: pa.Table, width: int = 30) -> str:
+    names = table.schema.names
+    rows = batch_to_rows(table)
+
+    def fmt(v: Any) -> str:
+        s = "null" if v is None else str(v)
+        return s if len(s) <= width else s[: width - 3] + "..."
+
+    cells = [[fmt(r[n]) for n in names] for r in rows]
+    widths = [builtins.max([len(n)] + [len(c[i]) for c in cells]) for i, n in enumerate(names)]
+    sep = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
+    out = [sep, "| " + " | ".join(n.ljust(w) for n, w in zip(names, widths)) + " |", sep]
+    for c in cells:
+        out.append("| " + " | ".join(v.ljust(w) for v, w in zip(c, widths)) + " |")
+    out.append(sep)
+    return "\n".join(out)

@@ -1,0 +1,71 @@
+"""Entry points that create Datasets from files, object stores and in-memory data."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import pyarrow as pa
+
+from millstream.api.dataset import Dataset
+from millstream.io.memory import RangeSource, TableSource
+from millstream.plan.logical import Scan
+from millstream.runtime.arrowutil import rows_to_batch
+
+
+def read_text(uri: str | list[str], **options: Any) -> Dataset:
+    """One row per line (column ``text``); big files are split at line boundaries and read in parallel."""
+    from millstream.io.text import TextSource
+
+    return Dataset(Scan(TextSource(uri, **options)))
+
+
+def read_csv(uri: str | list[str], **options: Any) -> Dataset:
+    """CSV files (header, delimiter, schema, on_bad_records="error" | "skip" | dead-letter URI)."""
+    from millstream.io.csv import CsvSource
+
+    return Dataset(Scan(CsvSource(uri, **options)))
+
+
+def read_json(uri: str | list[str], **options: Any) -> Dataset:
+    """JSON-lines files (schema, on_bad_records="error" | "skip" | dead-letter URI)."""
+    from millstream.io.json import JsonSource
+
+    return Dataset(Scan(JsonSource(uri, **options)))
+
+
+def read_parquet(uri: str | list[str], columns: list[str] | None = None, **options: Any) -> Dataset:
+    """Parquet files or hive-partitioned directories; columns and filters are pushed into the scan."""
+    from millstream.io.parquet import ParquetSource
+
+    return Dataset(Scan(ParquetSource(uri, columns=columns, **options)))
+
+
+def from_items(rows: Iterable[Any], num_partitions: int | None = None) -> Dataset:
+    """A dataset of Python dict rows (other values become a column ``value``)."""
+    rows = list(rows)
+    batch = rows_to_batch(rows)
+    return Dataset(Scan(TableSource(pa.Table.from_batches([batch]), num_partitions, "items")))
+
+
+def from_arrow(data: pa.Table | pa.RecordBatch, num_partitions: int | None = None) -> Dataset:
+    """A dataset of an Arrow table or record batch."""
+    table = pa.Table.from_batches([data]) if isinstance(data, pa.RecordBatch) else data
+    return Dataset(Scan(TableSource(table, num_partitions, "arrow")))
+
+
+def from_pandas(df: Any, num_partitions: int | None = None) -> Dataset:
+    """A dataset of a pandas DataFrame (the index is dropped)."""
+    return Dataset(Scan(TableSource(pa.Table.from_pandas(df, preserve_index=False), num_partitions, "pandas")))
+
+
+def from_polars(df: Any, num_partitions: int | None = None) -> Dataset:
+    """A dataset of a polars DataFrame."""
+    return Dataset(Scan(TableSource(df.to_arrow(), num_partitions, "polars")))
+
+
+def range(start: int, end: int | None = None, step: int = 1, num_partitions: int | None = None) -> Dataset:  # noqa: A001
+    """Integers in column ``id``: ``range(n)`` or ``range(start, end, step)``."""
+    if end is None:
+        start, end = 0, start
+    return Dataset(Scan(RangeSource(start, end, step, num_partitions)))

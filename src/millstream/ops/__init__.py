@@ -1,0 +1,1 @@
+"""Physical operators over Arrow record batches, shared by the batch and streaming schedulers."""

@@ -1,0 +1,424 @@
+"""Hash aggregation split into a map-side partial step and a reduce-side final step.
+
+The partial step (the MapReduce combiner) turns raw rows into per-key *states*
+(sum -> sum, mean -> sum and count, count_distinct -> distinct values, ...); states
+are shuffled by key; the final step merges the states of each key and turns them into
+results. Both steps stay within the task's memory budget: the partial step flushes
+its states downstream when they grow too large (merging is associative), the final
+step spills states to hash buckets on disk and merges bucket by bucket (grace hashing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from millstream.errors import PlanError, SchemaError
+from millstream.ops.base import Batches, Operator
+from millstream.runtime.arrowutil import batch_nbytes, concat_batches, table_to_batches
+from millstream.runtime.spill import BucketSpiller
+
+_EMPTY: tuple[pa.RecordBatch, ...] = ()
+_GKEY = "__millstream_group"
+SUPPORTED = ("sum", "mean", "min", "max", "count", "count_all", "count_distinct", "first",
+             "collect_list")
+# Number of state columns each aggregate keeps.
+_NSTATE = {"mean": 2}
+
+
+@dataclass
+class AggSpec:
+    """A resolved aggregate: function, input (an expression, or None for count(*)), output name."""
+
+    func: str
+    arg: Any  # Expr or None
+    name: str
+
+    def __post_init__(self) -> None:
+        if self.func not in SUPPORTED:
+            raise PlanError(f"unknown aggregate {self.func!r}; supported: {', '.join(SUPPORTED)}")
+
+
+def _state_names(i: int, spec: AggSpec) -> list[str]:
+    return [f"__s{i}_{k}" for k in range(_NSTATE.get(spec.func, 1))]
+
+
+def _regroup_lists(outer: pa.Array) -> pa.Array:
+    """list<list<T>> -> list<T>: concatenate the inner lists of every row."""
+    outer = outer.fill_null([]) if outer.null_count else outer
+    outer_off = np.asarray(outer.offsets)
+    inner = outer.values
+    inner = inner.fill_null([]) if inner.null_count else inner
+    inner_off = np.asarray(inner.offsets)
+    new_off = inner_off[outer_off]
+    start = int(new_off[0]) if len(new_off) else 0
+    vals = inner.values.slice(start, int(new_off[-1]) - start) if len(new_off) else inner.values
+    return pa.ListArray.from_arrays(pa.array(new_off - start, type=pa.int32()), vals)
+
+
+def _unique_per_row(lists: pa.Array) -> pa.Array:
+    """list<T> -> list<T> with the distinct non-null values of every row."""
+    n = len(lists)
+    lists = lists.fill_null([]) if lists.null_count else lists
+    parents = pc.list_parent_indices(lists)
+    values = pc.list_flatten(lists)
+    if len(values) == 0:
+        return pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, dtype=np.int32)),
+                                        values)
+    t = pa.table({"g": parents, "v": values})
+    u = t.group_by(["g", "v"], use_threads=False).aggregate([]).sort_by("g")
+    g = np.asarray(u.column("g"))
+    counts = np.bincount(g, minlength=n)
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(counts, out=offsets[1:])
+    v = u.column("v").combine_chunks()
+    if v.null_count:
+        # drop nulls: count distinct ignores them
+        keep = pc.is_valid(v)
+        gk = np.asarray(pa.array(g).filter(keep))
+        counts = np.bincount(gk, minlength=n)
+        np.cumsum(counts, out=offsets[1:])
+        v = v.filter(keep)
+    return pa.ListArray.from_arrays(pa.array(offsets), v)
+
+
+def drop_nulls_per_list(lists: pa.Array) -> pa.Array:
+    """list<T> -> list<T> without null elements (collect_list ignores nulls, like Spark)."""
+    n = len(lists)
+    lists = lists.fill_null([]) if lists.null_count else lists
+    values = pc.list_flatten(lists)
+    if values.null_count == 0:
+        return lists
+    parents = np.asarray(pc.list_parent_indices(lists))
+    keep = np.asarray(pc.is_valid(values))
+    counts = np.bincount(parents[keep], minlength=n)
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(counts, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), values.filter(pa.array(keep)))
+
+
+def _group(table: pa.Table, keys: list[str], aggs: list[tuple]) -> pa.Table:
+    if not keys:
+        table = table.append_column(_GKEY, pa.array(np.zeros(table.num_rows, dtype=np.int8)))
+        keys = [_GKEY]
+    return table.group_by(keys, use_threads=False).aggregate(aggs)
+
+
+class _AggCore:
+    """The state algebra shared by the partial and final operators."""
+
+    def __init__(self, keys: list[str], specs: list[AggSpec]) -> None:
+        self.keys = list(keys)
+        self.specs = list(specs)
+        self.state_cols = [_state_names(i, s) for i, s in enumerate(specs)]
+
+    # raw rows -> states
+    def partial(self, table: pa.Table) -> pa.Table:
+        cols = {k: table.column(k) for k in self.keys}
+        aggs: list[tuple] = []
+        out_names: list[tuple[str, str]] = []  # (pyarrow output name, state name)
+        for i, spec in enumerate(self.specs):
+            arg = f"__a{i}"
+            st = self.state_cols[i]
+            if spec.func != "count_all":
+                try:
+                    arr = spec.arg.evaluate(table)  # type: ignore[union-attr]
+                except AttributeError:
+                    arr = table.column(spec.arg)
+                if isinstance(arr, pa.ChunkedArray):
+                    arr = arr.combine_chunks()
+                if spec.func == "mean":
+                    if not (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type)
+                            or pa.types.is_decimal(arr.type) or pa.types.is_null(arr.type)):
+                        raise SchemaError(f"mean({spec.name}): column type {arr.type} is not numeric")
+                    arr = arr.cast(pa.float64())
+                cols[arg] = arr
+            f = spec.func
+            if f == "sum":
+                aggs.append((arg, "sum"))
+                out_names.append((f"{arg}_sum", st[0]))
+            elif f == "mean":
+                aggs += [(arg, "sum"), (arg, "count")]
+                out_names += [(f"{arg}_sum", st[0]), (f"{arg}_count", st[1])]
+            elif f in ("min", "max", "first"):
+                aggs.append((arg, f))
+                out_names.append((f"{arg}_{f}", st[0]))
+            elif f == "count":
+                aggs.append((arg, "count", pc.CountOptions("only_valid")))
+                out_names.append((f"{arg}_count", st[0]))
+            elif f == "count_all":
+                aggs.append(([], "count_all"))
+                out_names.append(("count_all", st[0]))
+            elif f == "count_distinct":
+                aggs.append((arg, "distinct", pc.CountOptions("only_valid")))
+                out_names.append((f"{arg}_distinct", st[0]))
+            elif f == "collect_list":
+                aggs.append((arg, "list"))
+                out_names.append((f"{arg}_list", st[0]))
+        if not cols:
+            cols["__x"] = pa.nulls(table.num_rows, pa.int8())
+        grouped = _group(pa.table(cols), self.keys, aggs)
+        return self._arrange(grouped, out_names)
+
+    def _arrange(self, grouped: pa.Table, out_names: list[tuple[str, str]]) -> pa.Table:
+        arrays = [grouped.column(k) for k in self.keys]
+        names = list(self.keys)
+        for src, dst in out_names:
+            arrays.append(grouped.column(src))
+            names.append(dst)
+        return pa.table(arrays, names=names)
+
+    # states -> merged states (associative)
+    def merge(self, states: pa.Table) -> pa.Table:
+        aggs: list[tuple] = []
+        out_names: list[tuple[str, str]] = []
+        list_states: list[tuple[str, str]] = []
+        for i, spec in enumerate(self.specs):
+            f = spec.func
+            for sname in self.state_cols[i]:
+                if f in ("sum", "count", "count_all", "mean"):
+                    aggs.append((sname, "sum"))
+                    out_names.append((f"{sname}_sum", sname))
+                elif f in ("min", "max", "first"):
+                    aggs.append((sname, f))
+                    out_names.append((f"{sname}_{f}", sname))
+                else:  # list states: concatenated per key below
+                    list_states.append((sname, f))
+        if list_states:
+            states = states.append_column("__row", pa.array(np.arange(states.num_rows, dtype=np.int64)))
+            aggs.append(("__row", "list"))
+            out_names.append(("__row_list", "__row"))
+        merged = self._arrange(_group(states, self.keys, aggs), out_names)
+        if list_states:
+            rows = merged.column("__row").combine_chunks()
+            flat_rows = pc.list_flatten(rows)
+            for sname, f in list_states:
+                taken = states.column(sname).take(flat_rows).combine_chunks()
+                nested = pa.ListArray.from_arrays(rows.offsets, taken)
+                regrouped = _regroup_lists(nested)
+                if f == "count_distinct":
+                    regrouped = _unique_per_row(regrouped)
+                merged = merged.append_column(sname, regrouped)
+            merged = merged.drop(["__row"])
+            # restore the state column order expected by finalize (by name, so order is free)
+        return merged
+
+    # merged states -> results
+    def finalize(self, states: pa.Table) -> pa.Table:
+        arrays = [states.column(k) for k in self.keys]
+        names = list(self.keys)
+        for i, spec in enumerate(self.specs):
+            st = [states.column(s) for s in self.state_cols[i]]
+            f = spec.func
+            if f == "mean":
+                s, c = st
+                c = pc.cast(c, pa.float64())
+                arr = pc.if_else(pc.equal(c, 0.0), pa.scalar(None, pa.float64()),
+                                 pc.divide(pc.cast(s, pa.float64()), c))
+            elif f in ("count", "count_all"):
+                arr = pc.cast(pc.fill_null(st[0], 0), pa.int64())
+            elif f == "count_distinct":
+                arr = pc.cast(pc.fill_null(pc.list_value_length(st[0]), 0), pa.int64())
+            elif f == "collect_list":
+                arr = drop_nulls_per_list(st[0].combine_chunks() if isinstance(st[0], pa.ChunkedArray) else st[0])
+            else:
+                arr = st[0]
+            arrays.append(arr)
+            names.append(spec.name)
+        return pa.table(arrays, names=names)
+
+    def empty_result(self, schema_hint: pa.Schema | None) -> pa.Table:
+        """The one-row result of a global aggregation over no rows (count 0, others null)."""
+        arrays, names = [], []
+        for spec in self.specs:
+            if spec.func in ("count", "count_all", "count_distinct"):
+                arrays.append(pa.array([0], pa.int64()))
+            elif spec.func == "mean":
+                arrays.append(pa.array([None], pa.float64()))
+            elif spec.func == "collect_list":
+                arrays.append(pa.array([[]], pa.list_(pa.null())))
+            else:
+                t = pa.null()
+                if schema_hint is not None and spec.name in schema_hint.names:
+                    t = schema_hint.field(spec.name).type
+                arrays.append(pa.array([None], t))
+            names.append(spec.name)
+        return pa.table(arrays, names=names)
+
+
+class PartialAggregate(Operator):
+    """Map-side combiner: raw rows -> per-key states, flushed when they outgrow memory."""
+
+    def __init__(self, keys: list[str], specs: list[AggSpec]) -> None:
+        super().__init__(f"PartialAggregate(keys={keys}, aggs=[{', '.join(s.func + ':' + s.name for s in specs)}])")
+        self.core = _AggCore(keys, specs)
+        self.raw: list[pa.RecordBatch] = []
+        self.raw_bytes = 0
+        self.states: list[pa.Table] = []
+        self.state_bytes = 0
+
+    def _limit(self) -> int:
+        return max(4 << 20, (self.ctx.memory_budget if self.ctx else 64 << 20) // 3)
+
+    def process(self, batch: pa.RecordBatch, port: int = 0) -> Batches:
+        if batch.num_rows == 0:
+            return _EMPTY
+        self.raw.append(batch)
+        self.raw_bytes += batch_nbytes(batch)
+        if self.raw_bytes >= self._limit() or sum(b.num_rows for b in self.raw) >= 1 << 20:
+            return self._aggregate_raw()
+        return _EMPTY
+
+    def _aggregate_raw(self) -> Batches:
+        if not self.raw:
+            return _EMPTY
+        table = concat_batches(self.raw)
+        self.raw, self.raw_bytes = [], 0
+        st = self.core.partial(table)
+        self.states.append(st)
+        self.state_bytes += st.nbytes
+        if self.state_bytes >= self._limit():
+            merged = self.core.merge(pa.concat_tables(self.states, promote_options="permissive"))
+            self.states, self.state_bytes = [], 0
+            if merged.nbytes >= self._limit() // 2:
+                # high cardinality: the combiner cannot shrink it, pass it on
+                return table_to_batches(merged, self.ctx.batch_size if self.ctx else 65536)
+            self.states, self.state_bytes = [merged], merged.nbytes
+        return _EMPTY
+
+    def finish(self) -> Batches:
+        out = list(self._aggregate_raw())
+        if self.states:
+            tables = self.states
+            self.states = []
+            merged = tables[0] if len(tables) == 1 else \
+                self.core.merge(pa.concat_tables(tables, promote_options="permissive"))
+            out += table_to_batches(merged, self.ctx.batch_size if self.ctx else 65536)
+        return out
+
+
+class FinalAggregate(Operator):
+    """Reduce side: merge the states of every key and compute the results.
+
+    Spills states into hash buckets on disk when they outgrow the memory budget; with
+    ``global_agg`` (no keys) an empty input still yields one row.
+    """
+
+    def __init__(self, keys: list[str], specs: list[AggSpec], global_agg: bool = False) -> None:
+        super().__init__(f"FinalAggregate(keys={keys}, aggs=[{', '.join(s.func + ':' + s.name for s in specs)}])")
+        self.core = _AggCore(keys, specs)
+        self.global_agg = global_agg
+        self.buf: list[pa.RecordBatch] = []
+        self.buf_bytes = 0
+        self.spiller: BucketSpiller | None = None
+        self.seen_rows = 0
+
+    def _limit(self) -> int:
+        return max(4 << 20, (self.ctx.memory_budget if self.ctx else 64 << 20) // 2)
+
+    def process(self, batch: pa.RecordBatch, port: int = 0) -> Batches:
+        if batch.num_rows == 0:
+            return _EMPTY
+        self.seen_rows += batch.num_rows
+        self.buf.append(batch)
+        self.buf_bytes += batch_nbytes(batch)
+        if self.buf_bytes >= self._limit():
+            merged = self.core.merge(concat_batches(self.buf))
+            self.buf, self.buf_bytes = [], 0
+            if self.spiller is None and merged.nbytes < self._limit() // 2:
+                self.buf = merged.to_batches()
+                self.buf_bytes = merged.nbytes
+            else:
+                self._spill(merged)
+        return _EMPTY
+
+    def _spill(self, table: pa.Table) -> None:
+        if self.spiller is None:
+            buckets = 16
+            self.spiller = BucketSpiller(self.ctx, self.core.keys, buckets, salt=0x5A17,
+                                         prefix="agg")
+            if self.ctx:
+                self.ctx.increment_counter("millstream", "spills")
+        for b in table.to_batches():
+            self.spiller.write(b)
+
+    def finish(self) -> Batches:
+        bs = self.ctx.batch_size if self.ctx else 65536
+        if self.spiller is None:
+            if not self.buf:
+                if self.global_agg:
+                    return self.core.empty_result(None).to_batches()
+                return _EMPTY
+            res = self.core.finalize(self.core.merge(concat_batches(self.buf)))
+            self.buf = []
+            return table_to_batches(self._drop_gkey(res), bs)
+        if self.buf:
+            self._spill(concat_batches(self.buf))
+            self.buf = []
+        return self._finish_spilled(bs)
+
+    def _finish_spilled(self, bs: int) -> Iterator[pa.RecordBatch]:
+        assert self.spiller is not None
+        try:
+            for i in range(self.spiller.num_buckets):
+                batches = list(self.spiller.read_bucket(i))
+                if not batches:
+                    continue
+                res = self.core.finalize(self.core.merge(concat_batches(batches)))
+                yield from table_to_batches(self._drop_gkey(res), bs)
+        finally:
+            self.spiller.delete()
+            self.spiller = None
+
+    @staticmethod
+    def _drop_gkey(t: pa.Table) -> pa.Table:
+        return t.drop([_GKEY]) if _GKEY in t.schema.names else t
+
+    def close(self) -> None:
+        if self.spiller is not None:
+            self.spiller.delete()
+
+
+class DistinctPartial(PartialAggregate):
+    """Map side of ``distinct()``: unique rows per task (all columns are the key)."""
+
+    def __init__(self) -> None:
+        super().__init__([], [])
+        self.name = "DistinctPartial"
+        self._keyed = False
+
+    def process(self, batch: pa.RecordBatch, port: int = 0) -> Batches:
+        if not self._keyed:
+            self.core = _AggCore(list(batch.schema.names), [])
+            self._keyed = True
+        return super().process(batch, port)
+
+
+class DistinctFinal(FinalAggregate):
+    """Reduce side of ``distinct()``."""
+
+    def __init__(self) -> None:
+        super().__init__([], [])
+        self.name = "Distinct"
+        self._keyed = False
+        self._schema: pa.Schema | None = None
+
+    def process(self, batch: pa.RecordBatch, port: int = 0) -> Batches:
+        if not self._keyed:
+            self.core = _AggCore(list(batch.schema.names), [])
+            self._keyed = True
+            self._schema = batch.schema
+        return super().process(batch, port)
+
+    def finish(self) -> Batches:
+        if not self._keyed:
+            return _EMPTY
+        out = list(super().finish())
+        if not out and self._schema is not None:
+            return [pa.RecordBatch.from_pylist([], schema=self._schema)]
+        return out

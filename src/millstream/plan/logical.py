@@ -1,0 +1,194 @@
+"""The logical plan: an immutable tree built lazily by the Dataset API."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from millstream.io.base import Source
+from millstream.ops.base import OperatorFactory
+
+_ids = itertools.count(1)
+
+
+@dataclass(frozen=True, eq=False)
+class Node:
+    """Base of logical plan nodes; ``children`` are the inputs."""
+
+    @property
+    def children(self) -> tuple[Node, ...]:
+        return ()
+
+    def with_children(self, children: tuple[Node, ...]) -> Node:
+        return self
+
+    def label(self) -> str:
+        return type(self).__name__
+
+    def tree(self, indent: int = 0) -> str:
+        """The plan as an indented tree, for explain()."""
+        lines = ["  " * indent + self.label()]
+        for c in self.children:
+            lines.append(c.tree(indent + 1))
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True, eq=False)
+class Scan(Node):
+    source: Source
+
+    def label(self) -> str:
+        return f"Scan {self.source.describe()}"
+
+
+@dataclass(frozen=True, eq=False)
+class Narrow(Node):
+    """A per-batch operator. ``kind`` and ``payload`` let the optimizer reason about it."""
+
+    child: Node
+    factory: OperatorFactory
+    kind: str  # map | flat_map | filter_fn | map_batches | project | with_columns | filter | drop | rename | explode
+    payload: Any = None
+    text: str = ""
+
+    @property
+    def children(self) -> tuple[Node, ...]:
+        return (self.child,)
+
+    def with_children(self, children: tuple[Node, ...]) -> Node:
+        return replace(self, child=children[0])
+
+    def label(self) -> str:
+        return self.text or self.kind
+
+
+@dataclass(frozen=True, eq=False)
+class Aggregate(Node):
+    child: Node
+    keys: list[str]
+    specs: list[Any]  # AggSpec
+
+    @property
+    def children(self) -> tuple[Node, ...]:
+        return (self.child,)
+
+    def with_children(self, children: tuple[Node, ...]) -> Node:
+        return replace(self, child=children[0])
+
+    def label(self) -> str:
+        aggs = ", ".join(f"{s.func}({s.arg!r}) as {s.name}" if s.arg is not None else f"count(*) as {s.name}"
+                         for s in self.specs)
+        return f"Aggregate keys={self.keys} [{aggs}]"
+
+
+@dataclass(frozen=True, eq=False)
+class Distinct(Node):
+    child: Node
+
+    @property
+    def children(self) -> tuple[Node, ...]:
+        return (self.child,)
+
+    def with_children(self, children: tuple[Node, ...]) -> Node:
+        return replace(self, child=children[0])
+
+
+@dataclass(frozen=True, eq=False)
+class Join(Node):
+    left: Node
+    right: Node
+    left_on: list[str]
+    right_on: list[str]
+    how: str
+    suffix: str = "_right"
+    broadcast: bool | None = None
+
+    @property
+    def children(self) -> tuple[Node, ...]:
+        return (self.left, self.right)
+
+    def with_children(self, children: tuple[Node, ...]) -> Node:
+        return replace(self, left=children[0], right=children[1])
+
+    def label(self) -> str:
+        return f"Join {self.how} left_on={self.left_on} right_on={self.right_on}"
+
+
+@dataclass(frozen=True, eq=False)
+class Sort(Node):
+    child: Node
+    by: list[str]
+    descending: list[bool]
+    nulls_last: bool | None = None
+
+    @property
+    def children(self) -> tuple[Node, ...]:
+        return (self.child,)
+
+    def with_children(self, children: tuple[Node, ...]) -> Node:
+        return replace(self, child=children[0])
+
+    def label(self) -> str:
+        return "Sort " + ", ".join(c + (" desc" if d else "") for c, d in zip(self.by, self.descending))
+
+
+@dataclass(frozen=True, eq=False)
+class Union(Node):
+    inputs: tuple[Node, ...]
+
+    @property
+    def children(self) -> tuple[Node, ...]:
+        return self.inputs
+
+    def with_children(self, children: tuple[Node, ...]) -> Node:
+        return replace(self, inputs=tuple(children))
+
+
+@dataclass(frozen=True, eq=False)
+class Limit(Node):
+    child: Node
+    n: int
+
+    @property
+    def children(self) -> tuple[Node, ...]:
+        return (self.child,)
+
+    def with_children(self, children: tuple[Node, ...]) -> Node:
+        return replace(self, child=children[0])
+
+    def label(self) -> str:
+        return f"Limit {self.n}"
+
+
+@dataclass(frozen=True, eq=False)
+class Repartition(Node):
+    child: Node
+    n: int
+    by: list[str] | None = None
+
+    @property
+    def children(self) -> tuple[Node, ...]:
+        return (self.child,)
+
+    def with_children(self, children: tuple[Node, ...]) -> Node:
+        return replace(self, child=children[0])
+
+    def label(self) -> str:
+        return f"Repartition {self.n}" + (f" by {self.by}" if self.by else " (round-robin)")
+
+
+@dataclass(frozen=True, eq=False)
+class Cache(Node):
+    child: Node
+    cache_id: int = field(default_factory=lambda: next(_ids))
+
+    @property
+    def children(self) -> tuple[Node, ...]:
+        return (self.child,)
+
+    def with_children(self, children: tuple[Node, ...]) -> Node:
+        return replace(self, child=children[0])
+
+    def label(self) -> str:
+        return f"Cache #{self.cache_id}"

@@ -1,0 +1,325 @@
+"""Physical planning: cut the optimized logical plan into stages at shuffles.
+
+Narrow operators are fused into the pipeline of the stage they run in; a shuffle
+(group-by, join, sort, distinct, repartition, limit) closes the stages that feed it
+and starts a new pipeline that reads the shuffled partitions. Aggregations get a
+map-side partial step before their shuffle.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from millstream.io.base import Source
+from millstream.ops.aggregate import FinalAggregate, PartialAggregate
+from millstream.ops.base import OperatorFactory
+from millstream.ops.join import HashJoin
+from millstream.ops.narrow import LocalLimit
+from millstream.ops.sort import SampleKeys, Sort
+from millstream.plan import logical as L
+from millstream.runtime.shuffle import (
+    HashPartitioner,
+    Partitioner,
+    RangePartitioner,
+    RoundRobinPartitioner,
+)
+
+
+# ----------------------------------------------------------------- ports
+@dataclass
+class SourcePort:
+    """Tasks = the source's splits."""
+
+    source: Source
+
+    def describe(self) -> str:
+        return f"scan {self.source.describe()}"
+
+
+@dataclass
+class ShufflePort:
+    """Task i reads reduce partition i of the stage's map outputs."""
+
+    stage: Stage
+
+    def describe(self) -> str:
+        return f"shuffle read from stage {self.stage.id}"
+
+
+@dataclass
+class BroadcastPort:
+    """Every task reads all blocks of the stage (the small side of a join)."""
+
+    stage: Stage
+
+    def describe(self) -> str:
+        return f"broadcast of stage {self.stage.id}"
+
+
+@dataclass
+class BlocksPort:
+    """Task i reads block i of a materialized stage or cached dataset."""
+
+    stage: Stage | None = None
+    blocks: list[Any] | None = None
+    label: str = ""
+
+    def describe(self) -> str:
+        if self.blocks is not None:
+            return self.label or f"{len(self.blocks)} cached block(s)"
+        return f"blocks of stage {self.stage.id}"
+
+
+@dataclass
+class Pipeline:
+    """Tasks sharing a fused operator chain; ``ports`` feed the first operator."""
+
+    ports: list[Any]
+    ops: list[OperatorFactory] = field(default_factory=list)
+    descriptions: list[str] = field(default_factory=list)
+
+    def copy(self) -> Pipeline:
+        return Pipeline(list(self.ports), list(self.ops), list(self.descriptions))
+
+    def add(self, factory: OperatorFactory, text: str) -> None:
+        self.ops.append(factory)
+        self.descriptions.append(text)
+
+
+_stage_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Stage:
+    """A set of pipelines whose tasks run in parallel, ending in one kind of output."""
+
+    pipelines: list[Pipeline]
+    output_kind: str  # "shuffle" | "blocks" | "sink"
+    partitioner: Partitioner | None = None
+    sink: Any = None
+    cache_id: int | None = None
+    purpose: str = ""
+    id: int = field(default_factory=lambda: next(_stage_ids))
+    # filled in by the scheduler
+    results: list[Any] | None = None
+
+    @property
+    def deps(self) -> list[Stage]:
+        out: list[Stage] = []
+        for p in self.pipelines:
+            for port in p.ports:
+                st = getattr(port, "stage", None)
+                if st is not None and st not in out:
+                    out.append(st)
+            for f in p.ops:
+                st = f.kwargs.get("broadcast_stage") if isinstance(f.kwargs, dict) else None
+                if st is not None and st not in out:
+                    out.append(st)
+        if isinstance(self.partitioner, RangePartitioner) and self.sample_stage is not None:
+            out.append(self.sample_stage)
+        return out
+
+    sample_stage: Stage | None = None
+
+    def describe(self) -> str:
+        lines = [f"Stage {self.id}" + (f" ({self.purpose})" if self.purpose else "") + ":"]
+        for i, p in enumerate(self.pipelines):
+            prefix = f"  pipeline {i}: " if len(self.pipelines) > 1 else "  "
+            lines.append(prefix + " + ".join(port.describe() for port in p.ports))
+            for d in p.descriptions:
+                lines.append("    -> " + d)
+        if self.output_kind == "shuffle":
+            lines.append(f"  => shuffle write, {self.partitioner.describe()}")
+        elif self.output_kind == "sink":
+            lines.append(f"  => write {self.sink.describe()}")
+        else:
+            lines.append("  => materialize" + (f" (cache #{self.cache_id})" if self.cache_id else ""))
+        return "\n".join(lines)
+
+
+class BroadcastHashJoin(HashJoin):
+    """A hash join whose build side (the whole small dataset) is loaded at open()."""
+
+    num_inputs = 1
+    input_order = (0,)
+
+    def __init__(self, left_on: list[str], right_on: list[str], how: str, suffix: str,
+                 broadcast_stage: Stage | None = None, blocks: list[Any] | None = None) -> None:
+        super().__init__(left_on, right_on, how, suffix, broadcast=True)
+        self.blocks = blocks
+
+    def open(self, ctx) -> None:
+        from millstream.runtime.shuffle import read_block
+
+        super().open(ctx)
+        for ref in self.blocks or []:
+            for b in read_block(ref):
+                HashJoin.process(self, b, 1)
+        HashJoin.end_input(self, 1)
+
+    def finish(self):
+        return HashJoin.finish(self)
+
+
+@dataclass
+class PlannerSettings:
+    shuffle_partitions: int
+    broadcast_threshold: int
+    cache_lookup: Any  # callable(cache_id) -> list[BlockRef] | None
+
+
+class PhysicalPlanner:
+    """Turns an optimized logical plan into stages."""
+
+    def __init__(self, settings: PlannerSettings) -> None:
+        self.s = settings
+        self.cache_stages: dict[int, Stage] = {}
+
+    def plan(self, root: L.Node, output_kind: str = "blocks", sink: Any = None) -> Stage:
+        pipes = self.build(root)
+        return Stage(pipes, output_kind, sink=sink,
+                     purpose="result" if output_kind == "blocks" else "write")
+
+    # -------------------------------------------------------------- helpers
+    def _close(self, pipes: list[Pipeline], partitioner: Partitioner, purpose: str) -> Stage:
+        return Stage(pipes, "shuffle", partitioner=partitioner, purpose=purpose)
+
+    def _n(self, pipes: list[Pipeline]) -> int:
+        return self.s.shuffle_partitions
+
+    def build(self, node: L.Node) -> list[Pipeline]:
+        m = getattr(self, "_build_" + type(node).__name__)
+        return m(node)
+
+    def _build_Scan(self, node: L.Scan) -> list[Pipeline]:
+        return [Pipeline([SourcePort(node.source)])]
+
+    def _build_Narrow(self, node: L.Narrow) -> list[Pipeline]:
+        pipes = self.build(node.child)
+        for p in pipes:
+            p.add(node.factory, node.label())
+        return pipes
+
+    def _build_Union(self, node: L.Union) -> list[Pipeline]:
+        out: list[Pipeline] = []
+        for c in node.inputs:
+            out.extend(self.build(c))
+        return out
+
+    def _build_Aggregate(self, node: L.Aggregate) -> list[Pipeline]:
+        pipes = self.build(node.child)
+        for p in pipes:
+            p.add(OperatorFactory(PartialAggregate, node.keys, node.specs), "partial aggregate (combiner)")
+        n = self._n(pipes) if node.keys else 1
+        stage = self._close(pipes, HashPartitioner(list(node.keys), n), "group-by map side")
+        new = Pipeline([ShufflePort(stage)])
+        new.add(OperatorFactory(FinalAggregate, node.keys, node.specs, not node.keys), node.label())
+        return [new]
+
+    def _build_Distinct(self, node: L.Distinct) -> list[Pipeline]:
+        from millstream.ops.aggregate import DistinctFinal, DistinctPartial
+
+        pipes = self.build(node.child)
+        for p in pipes:
+            p.add(OperatorFactory(DistinctPartial), "partial distinct")
+        stage = self._close(pipes, HashPartitioner([], self._n(pipes)), "distinct map side")
+        new = Pipeline([ShufflePort(stage)])
+        new.add(OperatorFactory(DistinctFinal), "Distinct")
+        return [new]
+
+    def _build_Repartition(self, node: L.Repartition) -> list[Pipeline]:
+        pipes = self.build(node.child)
+        part = HashPartitioner(list(node.by), node.n) if node.by else RoundRobinPartitioner(node.n)
+        stage = self._close(pipes, part, "repartition")
+        return [Pipeline([ShufflePort(stage)])]
+
+    def _build_Limit(self, node: L.Limit) -> list[Pipeline]:
+        pipes = self.build(node.child)
+        for p in pipes:
+            p.add(OperatorFactory(LocalLimit, node.n), f"local limit {node.n}")
+        stage = self._close(pipes, RoundRobinPartitioner(1), "limit")
+        new = Pipeline([ShufflePort(stage)])
+        new.add(OperatorFactory(LocalLimit, node.n), f"Limit {node.n}")
+        return [new]
+
+    def _build_Sort(self, node: L.Sort) -> list[Pipeline]:
+        pipes = self.build(node.child)
+        sample_pipes = [p.copy() for p in pipes]
+        for p in sample_pipes:
+            p.add(OperatorFactory(SampleKeys, list(node.by)), "sample sort keys")
+        sample_stage = Stage(sample_pipes, "blocks", purpose="sort sample")
+        part = RangePartitioner(list(node.by), list(node.descending), node.nulls_last,
+                                self._n(pipes))
+        stage = self._close(pipes, part, "sort range partition")
+        stage.sample_stage = sample_stage
+        new = Pipeline([ShufflePort(stage)])
+        new.add(OperatorFactory(Sort, list(node.by), list(node.descending), node.nulls_last), node.label())
+        return [new]
+
+    def _build_Cache(self, node: L.Cache) -> list[Pipeline]:
+        blocks = self.s.cache_lookup(node.cache_id)
+        if blocks is not None:
+            return [Pipeline([BlocksPort(blocks=blocks, label=f"cached dataset #{node.cache_id} "
+                                                               f"({len(blocks)} partitions)")])]
+        if node.cache_id not in self.cache_stages:
+            pipes = self.build(node.child)
+            self.cache_stages[node.cache_id] = Stage(pipes, "blocks", cache_id=node.cache_id,
+                                                     purpose=f"materialize cache #{node.cache_id}")
+        return [Pipeline([BlocksPort(stage=self.cache_stages[node.cache_id])])]
+
+    def _build_Join(self, node: L.Join) -> list[Pipeline]:
+        left = self.build(node.left)
+        broadcast = node.broadcast
+        if broadcast is None:
+            est = estimate_size(node.right, self.s.cache_lookup)
+            broadcast = est is not None and est <= self.s.broadcast_threshold
+        if broadcast and node.how in ("inner", "left", "semi", "anti"):
+            right = self.build(node.right)
+            small = Stage(right, "blocks", purpose="broadcast side of join")
+            for p in left:
+                p.add(OperatorFactory(BroadcastHashJoin, list(node.left_on), list(node.right_on),
+                                      node.how, node.suffix, broadcast_stage=small), node.label() + " (broadcast)")
+            return left
+        right = self.build(node.right)
+        n = self.s.shuffle_partitions
+        ls = self._close(left, HashPartitioner(list(node.left_on), n), "join left side")
+        rs = self._close(right, HashPartitioner(list(node.right_on), n), "join right side")
+        new = Pipeline([ShufflePort(ls), ShufflePort(rs)])
+        new.add(OperatorFactory(HashJoin, list(node.left_on), list(node.right_on), node.how, node.suffix),
+                node.label() + " (shuffle hash)")
+        return [new]
+
+
+def estimate_size(node: L.Node, cache_lookup: Any) -> int | None:
+    """Bytes a node is expected to produce, when cheaply known (scans, caches, narrow ops)."""
+    if isinstance(node, L.Scan):
+        return node.source.estimated_size_bytes()
+    if isinstance(node, L.Cache):
+        blocks = cache_lookup(node.cache_id)
+        if blocks is not None:
+            return sum(b.nbytes for b in blocks)
+        return estimate_size(node.child, cache_lookup)
+    if isinstance(node, L.Narrow) and node.kind in ("filter", "project", "filter_fn", "drop", "rename"):
+        return estimate_size(node.child, cache_lookup)
+    if isinstance(node, L.Limit):
+        return estimate_size(node.child, cache_lookup)
+    return None
+
+
+def all_stages(final: Stage) -> list[Stage]:
+    """Stages in an order where every stage comes after the stages it depends on."""
+    order: list[Stage] = []
+    seen: set[int] = set()
+
+    def visit(s: Stage) -> None:
+        if s.id in seen:
+            return
+        seen.add(s.id)
+        for d in s.deps:
+            visit(d)
+        order.append(s)
+
+    visit(final)
+    return order

@@ -1,0 +1,1 @@
+"""Runtime: task execution, shuffle, spilling, memory accounting, progress."""

@@ -1,0 +1,172 @@
+"""Arrow helpers shared by operators: schema unification, row <-> batch conversion, sizes.
+
+Values Arrow cannot type travel pickled in a binary column whose field metadata marks
+it; ``batch_to_rows`` unpickles them. That is the slow path, never the only path.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import pyarrow as pa
+
+PICKLED_KEY = b"millstream.pickled"
+
+
+def batch_nbytes(batch: pa.RecordBatch | pa.Table) -> int:
+    """Bytes held by a batch's buffers (cheap; counts shared buffers once per column)."""
+    try:
+        return batch.get_total_buffer_size()
+    except Exception:  # pragma: no cover - very old pyarrow
+        return batch.nbytes
+
+
+def unify_schemas(schemas: Iterable[pa.Schema]) -> pa.Schema:
+    """One schema all given schemas can be cast to (null -> any, int -> wider, ...)."""
+    schemas = list(schemas)
+    if not schemas:
+        return pa.schema([])
+    first = schemas[0]
+    if all(s.equals(first) for s in schemas[1:]):
+        return first
+    try:
+        return pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        # Same names, incompatible types (e.g. int vs string from row functions):
+        # fall back to pickled binary for the conflicting columns.
+        names: list[str] = []
+        for s in schemas:
+            for n in s.names:
+                if n not in names:
+                    names.append(n)
+        fields = []
+        for n in names:
+            types = [s.field(n).type for s in schemas if n in s.names]
+            try:
+                t = pa.unify_schemas([pa.schema([(n, ty)]) for ty in types],
+                                     promote_options="permissive").field(n).type
+                fields.append(pa.field(n, t))
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                fields.append(pa.field(n, pa.binary(), metadata={PICKLED_KEY: b"1"}))
+        return pa.schema(fields)
+
+
+def cast_batch(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    """Cast a batch to ``schema``, adding missing columns as nulls, ordering as the schema."""
+    if batch.schema.equals(schema):
+        return batch
+    cols = []
+    for field in schema:
+        idx = batch.schema.get_field_index(field.name)
+        if idx < 0:
+            cols.append(pa.nulls(batch.num_rows, type=field.type))
+            continue
+        arr = batch.column(idx)
+        if arr.type.equals(field.type):
+            cols.append(arr)
+        elif field.metadata and field.metadata.get(PICKLED_KEY) and not _is_pickled(
+                batch.schema.field(idx)):
+            cols.append(pa.array([None if v is None else pickle.dumps(v) for v in arr.to_pylist()],
+                                 type=pa.binary()))
+        else:
+            cols.append(arr.cast(field.type))
+    return pa.RecordBatch.from_arrays(cols, schema=schema)
+
+
+def concat_batches(batches: list[pa.RecordBatch], schema: pa.Schema | None = None) -> pa.Table:
+    """Concatenate batches that may differ in schema into one table."""
+    if not batches:
+        return pa.table({}) if schema is None else schema.empty_table()
+    target = schema or unify_schemas(b.schema for b in batches)
+    return pa.Table.from_batches([cast_batch(b, target) for b in batches], schema=target)
+
+
+def _is_pickled(field: pa.Field) -> bool:
+    return bool(field.metadata and field.metadata.get(PICKLED_KEY))
+
+
+def batch_to_rows(batch: pa.RecordBatch | pa.Table) -> list[dict[str, Any]]:
+    """Python dict rows of a batch, unpickling pickled columns."""
+    rows = batch.to_pylist()
+    pickled = [f.name for f in batch.schema if _is_pickled(f)]
+    if pickled:
+        for r in rows:
+            for n in pickled:
+                v = r.get(n)
+                if v is not None:
+                    r[n] = pickle.loads(v)
+    return rows
+
+
+def column_to_pylist(arr: pa.Array | pa.ChunkedArray, field: pa.Field) -> list[Any]:
+    """Python values of a column, unpickling when the field is marked pickled."""
+    values = arr.to_pylist()
+    if _is_pickled(field):
+        return [None if v is None else pickle.loads(v) for v in values]
+    return values
+
+
+def _column_from_values(name: str, values: list[Any]) -> tuple[pa.Field, pa.Array]:
+    try:
+        arr = pa.array(values)
+        return pa.field(name, arr.type), arr
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError,
+            TypeError, ValueError):
+        arr = pa.array([None if v is None else pickle.dumps(v) for v in values], type=pa.binary())
+        return pa.field(name, pa.binary(), metadata={PICKLED_KEY: b"1"}), arr
+
+
+def rows_to_batch(rows: list[Any], schema: pa.Schema | None = None) -> pa.RecordBatch:
+    """A record batch from dict rows; values Arrow cannot type are pickled.
+
+    Non-dict rows become a single column ``value`` (so ``map(lambda r: r["x"] * 2)`` works).
+    """
+    if not rows:
+        return (schema or pa.schema([])).empty_table().to_batches()[0] if schema else \
+            pa.RecordBatch.from_pylist([])
+    if not isinstance(rows[0], dict) or not all(isinstance(r, dict) for r in rows):
+        rows = [r if isinstance(r, dict) else {"value": r} for r in rows]
+    if schema is not None:
+        try:
+            return pa.RecordBatch.from_pylist(rows, schema=schema)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
+            pass
+    names: list[str] = []
+    seen: set[str] = set()
+    for r in rows:
+        for k in r:
+            if k not in seen:
+                seen.add(k)
+                names.append(k)
+    try:
+        return pa.RecordBatch.from_pylist(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError,
+            TypeError, ValueError):
+        pass
+    fields, arrays = [], []
+    for n in names:
+        if not isinstance(n, str):
+            raise TypeError(f"row keys must be strings, got {n!r} ({type(n).__name__})")
+        f, a = _column_from_values(n, [r.get(n) for r in rows])
+        fields.append(f)
+        arrays.append(a)
+    return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def rebatch(batches: Iterable[pa.RecordBatch], max_rows: int) -> Iterator[pa.RecordBatch]:
+    """Cut batches so none exceeds ``max_rows`` rows (does not merge small ones)."""
+    for b in batches:
+        if b.num_rows <= max_rows:
+            yield b
+        else:
+            for start in range(0, b.num_rows, max_rows):
+                yield b.slice(start, max_rows)
+
+
+def table_to_batches(table: pa.Table, max_rows: int = 65536) -> list[pa.RecordBatch]:
+    """Record batches of a table, combined into chunks of at most ``max_rows``."""
+    if table.num_rows == 0:
+        return []
+    return table.combine_chunks().to_batches(max_chunksize=max_rows)

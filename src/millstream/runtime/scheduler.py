@@ -1,0 +1,161 @@
+"""The batch scheduler: runs a job's stages in dependency order on a runner.
+
+Stages run one after another, each with all its tasks in parallel; shuffle outputs are
+materialized, so a failed task is re-executed alone (MapReduce fault tolerance).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pyarrow as pa
+
+from millstream.ops.base import OperatorFactory
+from millstream.plan.physical import (
+    BlocksPort,
+    Pipeline,
+    ShufflePort,
+    SourcePort,
+    Stage,
+    all_stages,
+)
+from millstream.runtime.progress import StageProgress, progress_enabled
+from millstream.runtime.session import Session, Settings
+from millstream.runtime.shuffle import RangePartitioner, read_block
+from millstream.runtime.task import (
+    BlockInput,
+    BlockOutput,
+    ShuffleInput,
+    ShuffleOutput,
+    SinkOutput,
+    SourceInput,
+    Task,
+)
+
+
+@dataclass
+class JobStats:
+    """What a finished job did: per-stage tasks, rows, bytes, time; summed counters."""
+
+    job_id: str
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    counters: dict[tuple[str, str], int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class Job:
+    """One action's execution; ``cleanup()`` removes its shuffle files and temporary blocks."""
+
+    def __init__(self, session: Session, settings: Settings, final: Stage) -> None:
+        self.session = session
+        self.settings = settings
+        self.final = final
+        self.job_id = session.new_job_id()
+        self.dir = session.job_dir(self.job_id)
+        self.stats = JobStats(self.job_id)
+
+    def run(self) -> list[Any]:
+        start = time.perf_counter()
+        runner = self.session.get_runner(self.settings)
+        for st in all_stages(self.final):
+            if st.results is not None:
+                continue
+            if st.cache_id is not None and st.cache_id in self.session.cache:
+                st.results = self.session.cache[st.cache_id]
+                continue
+            tasks = self._tasks(st)
+            name = f"stage {st.id} {st.purpose}".strip()
+            progress = StageProgress(name, len(tasks), progress_enabled(self.settings.progress))
+            t0 = time.perf_counter()
+            try:
+                results = runner.run_tasks(tasks, progress)
+            finally:
+                progress.close()
+            st.results = [r.value for r in results]
+            for r in results:
+                for k, v in r.counters.items():
+                    self.stats.counters[k] = self.stats.counters.get(k, 0) + v
+            self.stats.stages.append({
+                "stage": st.id, "purpose": st.purpose, "tasks": len(tasks),
+                "rows_in": sum(r.rows_in for r in results), "rows_out": sum(r.rows_out for r in results),
+                "bytes_out": sum(r.bytes_out for r in results), "seconds": time.perf_counter() - t0,
+            })
+            if st.cache_id is not None:
+                self.session.cache[st.cache_id] = st.results
+        self.stats.seconds = time.perf_counter() - start
+        self.session.last_job_stats = self.stats
+        return self.final.results or []
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -------------------------------------------------------------- tasks
+    def _settings_dict(self) -> dict[str, Any]:
+        st = self.settings
+        return {"memory_budget": st.task_budget(), "spill_dir": os.path.join(self.dir, "spill"),
+                "batch_size": st.batch_size, "shuffle_compression": st.shuffle_compression}
+
+    def _resolve_factory(self, f: OperatorFactory) -> OperatorFactory:
+        bst = f.kwargs.get("broadcast_stage")
+        if bst is None:
+            return f
+        kwargs = dict(f.kwargs)
+        kwargs.pop("broadcast_stage")
+        kwargs["blocks"] = list(bst.results or [])
+        return OperatorFactory(f.cls, *f.args, **kwargs)
+
+    def _port_inputs(self, port: Any) -> list[list[Any]]:
+        if isinstance(port, SourcePort):
+            target = max(1, self.settings.resolved_parallelism() * 2)
+            return [[SourceInput(port.source, s)] for s in port.source.plan_splits(target)]
+        if isinstance(port, ShufflePort):
+            n = port.stage.partitioner.num_partitions
+            return [[ShuffleInput(list(port.stage.results), p)] for p in range(n)]
+        if isinstance(port, BlocksPort):
+            blocks = port.blocks if port.blocks is not None else port.stage.results
+            return [[BlockInput([b])] for b in blocks]
+        raise TypeError(f"unknown port {port!r}")
+
+    def _output(self, st: Stage) -> Any:
+        if st.output_kind == "shuffle":
+            part = st.partitioner
+            if isinstance(part, RangePartitioner):
+                part = replace(part, boundaries=self._boundaries(st, part))
+            return ShuffleOutput(part, os.path.join(self.dir, "shuffle"))
+        if st.output_kind == "sink":
+            return SinkOutput(st.sink)
+        if st.cache_id is not None:
+            return BlockOutput(os.path.join(self.session.cache_dir(), f"c{st.cache_id}-{self.job_id}"))
+        return BlockOutput(os.path.join(self.dir, "blocks"))
+
+    def _boundaries(self, st: Stage, part: RangePartitioner) -> pa.Table:
+        from millstream.ops.sort import choose_boundaries
+        from millstream.runtime.arrowutil import concat_batches
+
+        batches = [b for ref in (st.sample_stage.results or []) for b in read_block(ref) if b.num_rows]
+        sample = concat_batches(batches) if batches else pa.table({c: pa.array([]) for c in part.by})
+        return choose_boundaries(sample, part.by, part.descending, part.nulls_last, part.num_partitions)
+
+    def _tasks(self, st: Stage) -> list[Task]:
+        output = self._output(st)
+        settings = self._settings_dict()
+        tasks: list[Task] = []
+        for pipe in st.pipelines:
+            tasks.extend(self._pipeline_tasks(st, pipe, output, settings, len(tasks)))
+        return tasks
+
+    def _pipeline_tasks(self, st: Stage, pipe: Pipeline, output: Any, settings: dict[str, Any],
+                        offset: int) -> list[Task]:
+        per_port = [self._port_inputs(p) for p in pipe.ports]
+        counts = {len(x) for x in per_port}
+        if len(counts) > 1:
+            raise RuntimeError(f"stage {st.id}: input ports disagree on the number of partitions {counts}")
+        ntasks = counts.pop() if counts else 0
+        ops = [self._resolve_factory(f) for f in pipe.ops]
+        return [Task(st.id, st.purpose or f"stage {st.id}", offset + i,
+                     [port[i] for port in per_port], ops, output, self.job_id, 0, settings)
+                for i in range(ntasks)]

@@ -1,0 +1,187 @@
+"""The session: settings, the runner, the cache catalog and scratch space of this process."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+import threading
+import uuid
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from millstream.errors import RunnerError
+
+
+def _parse_size(value: int | str | None) -> int | None:
+    if value is None or isinstance(value, int):
+        return value
+    text = str(value).strip().upper().replace("IB", "").replace("B", "")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    if text and text[-1] in mult:
+        return int(float(text[:-1]) * mult[text[-1]])
+    return int(text)
+
+
+def _default_memory_limit() -> int:
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 8 << 30
+    return max(256 << 20, total // 4)
+
+
+@dataclass
+class Settings:
+    """Execution settings; ``ms.init(...)`` sets them, actions may override them per call."""
+
+    runner: str = "local"
+    parallelism: int | None = None
+    memory_limit: int | None = None
+    spill_dir: str | None = None
+    shuffle_partitions: int | None = None
+    shuffle_compression: str | None = "lz4"
+    broadcast_threshold: int = 10 << 20
+    batch_size: int = 65536
+    max_task_attempts: int = 4
+    progress: bool | None = None
+    address: str | None = None
+
+    def resolved_parallelism(self) -> int:
+        return self.parallelism or os.cpu_count() or 1
+
+    def resolved_memory_limit(self) -> int:
+        return _parse_size(self.memory_limit) or _default_memory_limit()
+
+    def task_budget(self) -> int:
+        """Bytes one task's buffering operators may hold (the limit shared by the workers)."""
+        return max(8 << 20, self.resolved_memory_limit() // self.resolved_parallelism())
+
+    def resolved_shuffle_partitions(self) -> int:
+        return self.shuffle_partitions or max(2, 2 * self.resolved_parallelism())
+
+
+_KNOWN = {f.name for f in fields(Settings)}
+
+
+@dataclass
+class Session:
+    """Process-wide state: one runner, one scratch directory, the cache catalog."""
+
+    settings: Settings = field(default_factory=Settings)
+    runner_obj: Any = None
+    cache: dict[int, list[Any]] = field(default_factory=dict)
+    workdir: str | None = None
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    last_job_stats: Any = None
+
+    def scratch(self) -> str:
+        if self.workdir is None:
+            base = self.settings.spill_dir or tempfile.gettempdir()
+            os.makedirs(base, exist_ok=True)
+            self.workdir = tempfile.mkdtemp(prefix=f"millstream-{os.getpid()}-", dir=base)
+        return self.workdir
+
+    def cache_dir(self) -> str:
+        """Where cached partitions live: shared memory when there is room, else scratch."""
+        d = os.path.join(self.scratch(), "cache")
+        os.makedirs(d, exist_ok=True)
+        return d
+
+    def job_dir(self, job_id: str) -> str:
+        d = os.path.join(self.scratch(), f"job-{job_id}")
+        os.makedirs(d, exist_ok=True)
+        return d
+
+    def get_runner(self, settings: Settings) -> Any:
+        with self.lock:
+            want = (settings.runner, settings.resolved_parallelism(), settings.max_task_attempts)
+            if self.runner_obj is not None and getattr(self, "_runner_key", None) == want:
+                return self.runner_obj
+            if self.runner_obj is not None:
+                self.runner_obj.shutdown()
+                self.runner_obj = None
+            if settings.runner == "local":
+                from millstream.runners.local import LocalRunner
+
+                self.runner_obj = LocalRunner(settings.resolved_parallelism(), settings.max_task_attempts)
+            elif settings.runner == "ray":
+                try:
+                    import ray  # noqa: F401
+                except ImportError as exc:
+                    raise RunnerError("the Ray runner needs Ray: pip install 'millstream[ray]'") from exc
+                raise RunnerError("the Ray runner is not available in this version yet; use runner='local'")
+            else:
+                raise RunnerError(f"unknown runner {settings.runner!r}; use 'local' or 'ray'")
+            self._runner_key = want
+            return self.runner_obj
+
+    def new_job_id(self) -> str:
+        return uuid.uuid4().hex[:12]
+
+    def shutdown(self) -> None:
+        with self.lock:
+            if self.runner_obj is not None:
+                self.runner_obj.shutdown()
+                self.runner_obj = None
+            self.cache.clear()
+            if self.workdir and os.path.isdir(self.workdir):
+                shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
+
+_session: Session | None = None
+
+
+def get_session() -> Session:
+    """The process's session, created with default settings on first use."""
+    global _session
+    if _session is None:
+        _session = Session()
+    return _session
+
+
+def init(runner: str = "local", parallelism: int | None = None, memory_limit: int | str | None = None,
+         spill_dir: str | None = None, **options: Any) -> Session:
+    """Configure execution: runner, worker count, memory limit (bytes or "2GB"), spill dir.
+
+    Further options: shuffle_partitions, shuffle_compression ("lz4", "zstd", None),
+    broadcast_threshold, batch_size, max_task_attempts, progress (True/False/None=auto).
+    """
+    unknown = set(options) - _KNOWN
+    if unknown:
+        raise TypeError(f"init() got unknown option(s) {sorted(unknown)}; known: {sorted(_KNOWN)}")
+    if runner not in ("local", "ray"):
+        raise RunnerError(f"unknown runner {runner!r}; use 'local' or 'ray'")
+    global _session
+    if _session is not None:
+        _session.shutdown()
+    st = Settings(runner=runner, parallelism=parallelism, memory_limit=_parse_size(memory_limit),
+                  spill_dir=spill_dir, **options)
+    if st.shuffle_compression not in (None, "lz4", "zstd"):
+        raise ValueError(f"shuffle_compression must be 'lz4', 'zstd' or None, got {st.shuffle_compression!r}")
+    _session = Session(settings=st)
+    return _session
+
+
+def effective_settings(overrides: dict[str, Any]) -> Settings:
+    """Session settings with per-action overrides applied."""
+    st = get_session().settings
+    if not overrides:
+        return st
+    unknown = set(overrides) - _KNOWN
+    if unknown:
+        raise TypeError(f"unknown execution option(s) {sorted(unknown)}; known: {sorted(_KNOWN)}")
+    if "memory_limit" in overrides:
+        overrides = dict(overrides, memory_limit=_parse_size(overrides["memory_limit"]))
+    return replace(st, **overrides)
+
+
+def shutdown() -> None:
+    """Stop the workers and delete scratch data (cached datasets are dropped)."""
+    if _session is not None:
+        _session.shutdown()
+
+
+atexit.register(shutdown)

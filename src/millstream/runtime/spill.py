@@ -1,0 +1,122 @@
+"""Spilling record batches to local disk as compressed Arrow IPC, and reading them back."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pyarrow as pa
+
+from millstream.runtime.arrowutil import cast_batch, unify_schemas
+from millstream.runtime.context import TaskContext
+from millstream.runtime.hashing import partition_ids, split_by_partition
+
+
+def ipc_options(compression: str | None) -> pa.ipc.IpcWriteOptions:
+    """IPC write options with the given buffer compression ("lz4", "zstd" or None)."""
+    if compression in (None, "none", "uncompressed"):
+        return pa.ipc.IpcWriteOptions()
+    return pa.ipc.IpcWriteOptions(compression=compression)
+
+
+class SpillFile:
+    """An append-only run of batches on disk; schema drift is unified at write time."""
+
+    def __init__(self, ctx: TaskContext, prefix: str = "spill") -> None:
+        self.path = ctx.scratch_path(prefix, ".arrows")
+        self.compression = ctx.shuffle_compression
+        self._sink: pa.NativeFile | None = None
+        self._writer: pa.ipc.RecordBatchStreamWriter | None = None
+        self._schema: pa.Schema | None = None
+        self._pending: list[pa.RecordBatch] = []
+        self.rows = 0
+        self.bytes = 0
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        if batch.num_rows == 0:
+            return
+        if self._writer is None:
+            self._schema = batch.schema
+            self._sink = pa.OSFile(self.path, "wb")
+            self._writer = pa.ipc.new_stream(self._sink, self._schema,
+                                             options=ipc_options(self.compression))
+        elif not batch.schema.equals(self._schema):
+            merged = unify_schemas([self._schema, batch.schema])
+            if not merged.equals(self._schema):
+                # rewrite what we have under the wider schema
+                self.close()
+                old = list(self._read_raw())
+                self._writer = None
+                os.unlink(self.path)
+                self._schema = merged
+                self._sink = pa.OSFile(self.path, "wb")
+                self._writer = pa.ipc.new_stream(self._sink, merged,
+                                                 options=ipc_options(self.compression))
+                for b in old:
+                    self._writer.write_batch(cast_batch(b, merged))
+            batch = cast_batch(batch, self._schema)
+        self._writer.write_batch(batch)
+        self.rows += batch.num_rows
+        self.bytes += batch.nbytes
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._sink.close()
+            self._writer = None
+
+    def _read_raw(self) -> Iterator[pa.RecordBatch]:
+        if not os.path.exists(self.path):
+            return
+        with pa.OSFile(self.path, "rb") as f:
+            reader = pa.ipc.open_stream(f)
+            yield from reader
+
+    def read(self) -> Iterator[pa.RecordBatch]:
+        """Close for writing, then stream the batches back."""
+        self.close()
+        yield from self._read_raw()
+
+    def delete(self) -> None:
+        self.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+class BucketSpiller:
+    """Hash-partitions batches by key columns into ``num_buckets`` spill files.
+
+    Used by aggregations and joins whose state outgrows memory (grace hashing): each
+    bucket is later processed on its own, within the memory budget. ``salt`` makes the
+    bucketing independent of the shuffle's own hash partitioning.
+    """
+
+    def __init__(self, ctx: TaskContext, keys: list[str], num_buckets: int, salt: int,
+                 prefix: str = "bucket") -> None:
+        self.ctx = ctx
+        self.keys = keys
+        self.num_buckets = num_buckets
+        self.salt = salt
+        self.files = [SpillFile(ctx, f"{prefix}{i}") for i in range(num_buckets)]
+
+    def bucket_ids(self, batch: pa.RecordBatch):
+        import numpy as np
+
+        cols = [batch.column(k) for k in self.keys] if self.keys else list(batch.columns)
+        cols = cols + [pa.array(np.full(batch.num_rows, self.salt, dtype=np.int64))]
+        return partition_ids(cols, batch.num_rows, self.num_buckets)
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        if batch.num_rows == 0:
+            return
+        for b, part in split_by_partition(batch, self.bucket_ids(batch), self.num_buckets):
+            self.files[b].write(part)
+
+    def read_bucket(self, i: int) -> Iterator[pa.RecordBatch]:
+        yield from self.files[i].read()
+
+    def delete(self) -> None:
+        for f in self.files:
+            f.delete()

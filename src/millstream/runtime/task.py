@@ -1,0 +1,260 @@
+"""Tasks: what a runner ships to a worker, and how a worker runs one.
+
+A task reads its input ports (source splits, shuffle slices or materialized blocks),
+pushes the batches through a fused chain of operators, and hands the result to its
+output (a shuffle writer, a block writer or a sink). Runners only move tasks and
+results; they never look inside.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from millstream.io.base import Sink, Source, Split
+from millstream.ops.base import OperatorFactory
+from millstream.ops.narrow import LocalLimit
+from millstream.runtime.context import TaskContext
+from millstream.runtime.shuffle import (
+    BlockRef,
+    BlockWriter,
+    MapOutput,
+    Partitioner,
+    ShuffleWriter,
+    read_block,
+    read_shuffle_partition,
+)
+
+
+# ---------------------------------------------------------------- inputs
+@dataclass
+class SourceInput:
+    """Read one split of a source."""
+
+    source: Source
+    split: Split
+
+    def read(self, ctx: TaskContext) -> Iterator[pa.RecordBatch]:
+        return self.source.read_split(self.split, ctx)
+
+    def describe(self) -> str:
+        return self.split.description or f"split {self.split.index}"
+
+
+@dataclass
+class ShuffleInput:
+    """Read reduce partition ``partition`` of every map output of a stage."""
+
+    map_outputs: list[MapOutput]
+    partition: int
+
+    def read(self, ctx: TaskContext) -> Iterator[pa.RecordBatch]:
+        return read_shuffle_partition(self.map_outputs, self.partition)
+
+    def describe(self) -> str:
+        return f"shuffle partition {self.partition}"
+
+
+@dataclass
+class BlockInput:
+    """Read materialized blocks (cached partitions, broadcast side, collected data)."""
+
+    blocks: list[BlockRef]
+
+    def read(self, ctx: TaskContext) -> Iterator[pa.RecordBatch]:
+        for b in self.blocks:
+            yield from read_block(b)
+
+    def describe(self) -> str:
+        return f"{len(self.blocks)} block(s)"
+
+
+@dataclass
+class BatchesInput:
+    """Record batches shipped with the task (small in-memory data)."""
+
+    batches: list[pa.RecordBatch]
+
+    def read(self, ctx: TaskContext) -> Iterator[pa.RecordBatch]:
+        return iter(self.batches)
+
+    def describe(self) -> str:
+        return f"{sum(b.num_rows for b in self.batches)} in-memory rows"
+
+
+# ---------------------------------------------------------------- outputs
+@dataclass
+class ShuffleOutput:
+    partitioner: Partitioner
+    directory: str
+
+    def write(self, batches: Iterator[pa.RecordBatch], ctx: TaskContext) -> MapOutput:
+        path = os.path.join(self.directory, f"shuffle-s{ctx.stage_id}-m{ctx.partition}-a{ctx.attempt}.arrow")
+        return ShuffleWriter(ctx, self.partitioner, path).write_all(batches)
+
+
+@dataclass
+class BlockOutput:
+    directory: str
+    compression: str | None = None
+
+    def write(self, batches: Iterator[pa.RecordBatch], ctx: TaskContext) -> BlockRef:
+        path = os.path.join(self.directory, f"block-s{ctx.stage_id}-p{ctx.partition}-a{ctx.attempt}.arrow")
+        return BlockWriter(ctx, path, self.compression).write_all(batches)
+
+
+@dataclass
+class SinkOutput:
+    sink: Sink
+
+    def write(self, batches: Iterator[pa.RecordBatch], ctx: TaskContext) -> Any:
+        return self.sink.write_partition(batches, ctx)
+
+
+# ---------------------------------------------------------------- task
+@dataclass
+class Task:
+    """One unit of work: input ports, a fused operator chain, an output."""
+
+    stage_id: int
+    stage_name: str
+    partition: int
+    inputs: list[list[Any]]
+    ops: list[OperatorFactory]
+    output: Any
+    job_id: str = ""
+    attempt: int = 0
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        ins = "; ".join(", ".join(i.describe() for i in port) for port in self.inputs)
+        return f"stage {self.stage_name} partition {self.partition} ({ins})"
+
+
+@dataclass
+class TaskResult:
+    """What a successful attempt reports back."""
+
+    value: Any
+    rows_in: int = 0
+    rows_out: int = 0
+    bytes_out: int = 0
+    counters: dict[tuple[str, str], int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
+class TaskFailure:
+    """What a failed attempt reports back (picklable, no live exception objects)."""
+
+    error_type: str
+    message: str
+    traceback: str
+    user_traceback: str | None = None
+    operator: str | None = None
+    retryable: bool = True
+    exception: Any = None  # the exception itself when it pickles
+
+
+def make_context(task: Task) -> TaskContext:
+    s = task.settings
+    return TaskContext(job_id=task.job_id, stage_id=task.stage_id, partition=task.partition,
+                       attempt=task.attempt, memory_budget=s.get("memory_budget", 256 << 20),
+                       spill_dir=s.get("spill_dir") or "/tmp", batch_size=s.get("batch_size", 65536),
+                       shuffle_compression=s.get("shuffle_compression", "lz4"),
+                       stage_name=task.stage_name)
+
+
+def run_task(task: Task) -> TaskResult:
+    """Execute a task in this process; raises on failure (the runner reports it)."""
+    start = time.perf_counter()
+    ctx = make_context(task)
+    ops = [f.create() for f in task.ops]
+    stats = {"in": 0, "out": 0, "bytes": 0}
+    limits = [op for op in ops if isinstance(op, LocalLimit)]
+    for op in ops:
+        op.open(ctx)
+
+    def through(i: int, batches: Any) -> Iterator[pa.RecordBatch]:
+        if i == len(ops):
+            for b in batches:
+                stats["out"] += b.num_rows
+                stats["bytes"] += b.nbytes
+                yield b
+            return
+        op = ops[i]
+        for b in batches:
+            yield from through(i + 1, op.process(b))
+
+    def pipeline() -> Iterator[pa.RecordBatch]:
+        nports = len(task.inputs)
+        first = ops[0] if ops else None
+        order = first.input_order if (first is not None and first.num_inputs > 1) else tuple(range(nports))
+        for port in order:
+            stop = False
+            for spec in task.inputs[port]:
+                for b in spec.read(ctx):
+                    stats["in"] += b.num_rows
+                    if first is None:
+                        yield from through(0, (b,))
+                    else:
+                        yield from through(1, first.process(b, port))
+                    if limits and all(lim.done for lim in limits):
+                        stop = True
+                        break
+                if stop:
+                    break
+            if first is not None:
+                yield from through(1, first.end_input(port))
+        for i, op in enumerate(ops):
+            yield from through(i + 1, op.finish())
+
+    try:
+        value = task.output.write(pipeline(), ctx)
+    finally:
+        for op in ops:
+            try:
+                op.close()
+            except Exception:  # noqa: BLE001 - best effort cleanup
+                pass
+    return TaskResult(value, stats["in"], stats["out"], stats["bytes"], dict(ctx.counters),
+                      time.perf_counter() - start)
+
+
+def _package_dir() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def describe_failure(exc: BaseException) -> TaskFailure:
+    """Turn an exception into a picklable failure report with the user's traceback first."""
+    import pickle
+
+    from millstream.errors import NonRetryableError, PlanError, UserCodeFailure
+
+    full = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    user_tb = None
+    operator = None
+    retryable = not isinstance(exc, (NonRetryableError, PlanError))
+    root: BaseException = exc
+    if isinstance(exc, UserCodeFailure):
+        operator = exc.operator
+        orig = exc.original
+        root = orig
+        frames = traceback.extract_tb(orig.__traceback__)
+        pkg = _package_dir()
+        user_frames = [f for f in frames if not os.path.abspath(f.filename).startswith(pkg)]
+        lines = traceback.format_list(user_frames or frames)
+        user_tb = ("Traceback of the user function (most recent call last):\n" + "".join(lines) +
+                   "".join(traceback.format_exception_only(type(orig), orig)))
+    try:
+        pickle.dumps(root)
+        exc_obj = root
+    except Exception:  # noqa: BLE001
+        exc_obj = None
+    return TaskFailure(type(root).__name__, str(exc), full, user_tb, operator, retryable, exc_obj)
