@@ -53,10 +53,23 @@ def _maybe_inject_fault(task: Task) -> None:
                 raise RuntimeError(f"injected fault in {task.describe()} attempt {task.attempt}")
 
 
+def _release_memory_promptly() -> None:
+    """Make Arrow's allocator return freed memory to the OS at once, so a worker's
+    footprint follows its memory budget rather than its high-water mark."""
+    import pyarrow as pa
+
+    try:
+        pa.set_memory_pool(pa.jemalloc_memory_pool())
+        pa.jemalloc_set_decay_ms(0)
+    except Exception:  # noqa: BLE001 - pyarrow built without jemalloc: keep its default pool
+        pass
+
+
 def _worker_main(conn: Connection, env: dict[str, str]) -> None:
     """Worker process loop: receive (attempt, task bytes), run, send the outcome."""
     os.environ.update(env)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _release_memory_promptly()
     while True:
         try:
             msg = conn.recv_bytes()

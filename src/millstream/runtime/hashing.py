@@ -32,8 +32,32 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x
 
 
+_CHUNK_BYTES = 1 << 20
+
+
 def _hash_binary(arr: pa.Array) -> np.ndarray:
+    """Hash strings chunk by chunk so the numpy temporaries stay small (~40 bytes per byte)."""
     arr = arr.cast(pa.large_binary()) if not pa.types.is_large_binary(arr.type) else arr
+    n = len(arr)
+    if n == 0:
+        return np.zeros(0, dtype=np.uint64)
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64, count=n + 1, offset=arr.offset * 8)
+    total = int(offsets[-1] - offsets[0])
+    if total <= _CHUNK_BYTES:
+        return _hash_binary_chunk(arr)
+    out = np.empty(n, dtype=np.uint64)
+    start = 0
+    while start < n:
+        # rows whose bytes fit in the chunk (at least one row)
+        limit = offsets[start] + _CHUNK_BYTES
+        end = int(np.searchsorted(offsets, limit, side="right")) - 1
+        end = max(start + 1, min(n, end))
+        out[start:end] = _hash_binary_chunk(arr.slice(start, end - start))
+        start = end
+    return out
+
+
+def _hash_binary_chunk(arr: pa.Array) -> np.ndarray:
     n = len(arr)
     offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64, count=n + 1, offset=arr.offset * 8)
     start, end = int(offsets[0]), int(offsets[-1])
