@@ -109,6 +109,10 @@ class HashJoin(Operator):
         self.build_table: pa.Table | None = None
         self.probe: list[pa.RecordBatch] = []
         self.probe_bytes = 0
+        # schemas seen on each side (also from empty batches): an empty side still needs its
+        # columns, or the output of this task would name and order columns differently
+        self.probe_schema: pa.Schema | None = None
+        self.build_schema: pa.Schema | None = None
         self.rspill: BucketSpiller | None = None
         self.lspill: BucketSpiller | None = None
         # right/outer joins must see all probe rows before emitting unmatched build rows
@@ -122,6 +126,8 @@ class HashJoin(Operator):
 
     def process(self, batch: pa.RecordBatch, port: int = 0) -> Batches:
         if port == 1:
+            if self.build_schema is None and batch.num_columns:
+                self.build_schema = batch.schema
             if self.rspill is not None:
                 self.rspill.write(batch)
                 return _EMPTY
@@ -130,6 +136,8 @@ class HashJoin(Operator):
             if self.build_bytes > self._limit():
                 self._start_spilling()
             return _EMPTY
+        if self.probe_schema is None and batch.num_columns:
+            self.probe_schema = batch.schema
         if batch.num_rows == 0:
             return _EMPTY
         if self.lspill is not None:
@@ -170,11 +178,21 @@ class HashJoin(Operator):
             self._right_schema_table()
         return _EMPTY
 
+    def _empty_left(self, right: pa.Table) -> pa.Table:
+        if self.probe_schema is not None:
+            return self.probe_schema.empty_table()
+        return pa.table({k: pa.array([], right.column(r).type) for k, r in zip(self.left_on, self.right_on)})
+
+    def _empty_right(self, left: pa.Table) -> pa.Table:
+        if self.build_schema is not None:
+            return self.build_schema.empty_table()
+        return pa.table({r: pa.array([], left.column(k).type if k in left.schema.names else pa.null())
+                         for k, r in zip(self.left_on, self.right_on)})
+
     def _join(self, left: pa.Table) -> Batches:
         right = self._right_schema_table()
         if right.num_columns == 0:
-            right = pa.table({k: pa.array([], left.column(k).type if k in left.schema.names else pa.null())
-                              for k in self.right_on})
+            right = self._empty_right(left)
         out = join_tables(left, right, self.left_on, self.right_on, self.how, self.suffix)
         return table_to_batches(out, self._bs()) if out.num_rows else _EMPTY
 
@@ -190,8 +208,7 @@ class HashJoin(Operator):
             right = self._right_schema_table()
             if right.num_rows == 0:
                 return _EMPTY
-            left = pa.table({k: pa.array([], right.column(r).type)
-                             for k, r in zip(self.left_on, self.right_on)})
+            left = self._empty_left(right)
         return self._join(left)
 
     def _finish_buckets(self) -> Iterator[pa.RecordBatch]:
@@ -203,11 +220,9 @@ class HashJoin(Operator):
                 if left.num_rows == 0 and (right.num_rows == 0 or self.how in ("inner", "left", "semi", "anti")):
                     continue
                 if right.num_columns == 0:
-                    right = pa.table({r: pa.array([], left.column(k).type)
-                                      for k, r in zip(self.left_on, self.right_on)})
+                    right = self._empty_right(left)
                 if left.num_columns == 0:
-                    left = pa.table({k: pa.array([], right.column(r).type)
-                                     for k, r in zip(self.left_on, self.right_on)})
+                    left = self._empty_left(right)
                 out = join_tables(left, right, self.left_on, self.right_on, self.how, self.suffix)
                 if out.num_rows:
                     yield from table_to_batches(out, self._bs())

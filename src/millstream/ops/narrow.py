@@ -99,7 +99,7 @@ class FilterRows(MapRows):
         if all(mask):
             return (batch,)
         if not any(mask):
-            return _EMPTY
+            return (batch.slice(0, 0),)  # keep the schema: joins and aggregates need the columns
         return (batch.filter(pa.array(mask, type=pa.bool_())),)
 
 
@@ -156,7 +156,9 @@ class MapBatches(Operator):
         except Exception as exc:
             raise UserCodeFailure(self.name, function_name(self.fn), exc,
                                   f"<batch of {batch.num_rows} rows>") from exc
-        return [b for b in _to_record_batch(result, fmt) if b.num_rows or False] or _EMPTY
+        out = _to_record_batch(result, fmt)
+        # drop empty batches, but keep one when all are empty: it carries the schema
+        return [b for b in out if b.num_rows] or out[:1] or _EMPTY
 
 
 def _evaluate(expr: Any, batch: pa.RecordBatch, op: str) -> pa.Array:
@@ -212,7 +214,9 @@ class FilterExpr(Operator):
         if not pa.types.is_boolean(mask.type):
             raise SchemaError(f"{self.name}: the filter expression must be boolean, got {mask.type}")
         out = batch.filter(mask, null_selection_behavior="drop")
-        return (out,) if out.num_rows else _EMPTY
+        # an empty result still carries the schema, so a join or aggregate downstream knows
+        # the columns of an empty side
+        return (out,)
 
 
 class Drop(Operator):
@@ -257,7 +261,8 @@ class Explode(Operator):
         parents = pc.list_parent_indices(lists)
         values = pc.list_flatten(lists)
         if len(values) == 0:
-            return _EMPTY
+            schema = batch.schema.set(idx, pa.field(self.column, lists.type.value_type))
+            return (pa.RecordBatch.from_pylist([], schema=schema),)
         if batch.num_columns == 1:
             return (pa.RecordBatch.from_arrays([values], names=[self.column]),)
         taken = batch.take(parents)
