@@ -32,7 +32,7 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x
 
 
-_CHUNK_BYTES = 1 << 20
+_CHUNK_BYTES = 1 << 17
 
 
 def _hash_binary(arr: pa.Array) -> np.ndarray:
