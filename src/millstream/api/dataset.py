@@ -205,7 +205,7 @@ class Dataset:
     def unpersist(self) -> Dataset:
         """Drop the cached partitions of this dataset (if cached)."""
         if isinstance(self._node, L.Cache):
-            get_session().cache.pop(self._node.cache_id, None)
+            get_session().cache.drop(self._node.cache_id)
         return self
 
     # --------------------------------------------------------- execution

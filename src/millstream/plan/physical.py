@@ -179,8 +179,11 @@ class PhysicalPlanner:
 
     def plan(self, root: L.Node, output_kind: str = "blocks", sink: Any = None) -> Stage:
         pipes = self.build(root)
-        return Stage(pipes, output_kind, sink=sink,
-                     purpose="result" if output_kind == "blocks" else "write")
+        final = Stage(pipes, output_kind, sink=sink,
+                      purpose="result" if output_kind == "blocks" else "write")
+        for i, st in enumerate(all_stages(final), start=1):  # stage 1 runs first
+            st.id = i
+        return final
 
     # -------------------------------------------------------------- helpers
     def _close(self, pipes: list[Pipeline], partitioner: Partitioner, purpose: str) -> Stage:

@@ -65,7 +65,7 @@ class Job:
             if st.results is not None:
                 continue
             if st.cache_id is not None and st.cache_id in self.session.cache:
-                st.results = self.session.cache[st.cache_id]
+                st.results = self.session.cache.get(st.cache_id)
                 continue
             tasks = self._tasks(st)
             name = f"stage {st.id} {st.purpose}".strip()
@@ -85,7 +85,7 @@ class Job:
                 "bytes_out": sum(r.bytes_out for r in results), "seconds": time.perf_counter() - t0,
             })
             if st.cache_id is not None:
-                self.session.cache[st.cache_id] = st.results
+                self.session.cache.put(st.cache_id, st.results)
         self.stats.seconds = time.perf_counter() - start
         self.session.last_job_stats = self.stats
         return self.final.results or []
@@ -129,7 +129,7 @@ class Job:
         if st.output_kind == "sink":
             return SinkOutput(st.sink)
         if st.cache_id is not None:
-            return BlockOutput(os.path.join(self.session.cache_dir(), f"c{st.cache_id}-{self.job_id}"))
+            return BlockOutput(self.session.cache.directory_for(st.cache_id, self.job_id))
         return BlockOutput(os.path.join(self.dir, "blocks"))
 
     def _boundaries(self, st: Stage, part: RangePartitioner) -> pa.Table:

@@ -71,7 +71,7 @@ class Session:
 
     settings: Settings = field(default_factory=Settings)
     runner_obj: Any = None
-    cache: dict[int, list[Any]] = field(default_factory=dict)
+    cache_manager: Any = None
     workdir: str | None = None
     lock: threading.RLock = field(default_factory=threading.RLock)
     last_job_stats: Any = None
@@ -83,11 +83,15 @@ class Session:
             self.workdir = tempfile.mkdtemp(prefix=f"millstream-{os.getpid()}-", dir=base)
         return self.workdir
 
-    def cache_dir(self) -> str:
-        """Where cached partitions live: shared memory when there is room, else scratch."""
-        d = os.path.join(self.scratch(), "cache")
-        os.makedirs(d, exist_ok=True)
-        return d
+    @property
+    def cache(self) -> Any:
+        """The cache catalog (created on first use)."""
+        if self.cache_manager is None:
+            from millstream.runtime.cache import CacheManager
+
+            self.cache_manager = CacheManager(os.path.join(self.scratch(), "cache"),
+                                              self.settings.resolved_memory_limit() // 2)
+        return self.cache_manager
 
     def job_dir(self, job_id: str) -> str:
         d = os.path.join(self.scratch(), f"job-{job_id}")
@@ -125,7 +129,9 @@ class Session:
             if self.runner_obj is not None:
                 self.runner_obj.shutdown()
                 self.runner_obj = None
-            self.cache.clear()
+            if self.cache_manager is not None:
+                self.cache_manager.clear()
+                self.cache_manager = None
             if self.workdir and os.path.isdir(self.workdir):
                 shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
