@@ -170,3 +170,22 @@ def table_to_batches(table: pa.Table, max_rows: int = 65536) -> list[pa.RecordBa
     if table.num_rows == 0:
         return []
     return table.combine_chunks().to_batches(max_chunksize=max_rows)
+
+
+def normalize_key(arr: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """A key column as grouping and joining compare it: dictionaries decoded, -0.0 as 0.0.
+
+    Arrow's hash kernels compare floats bit by bit, so -0.0 and 0.0 would form two groups
+    and never join; SQL (and our partitioner) treats them as equal.
+    """
+    import pyarrow.compute as pc
+
+    t = arr.type
+    if pa.types.is_dictionary(t):
+        arr = arr.cast(t.value_type)
+        t = arr.type
+    if pa.types.is_floating(t):
+        zero = pa.scalar(0.0, t)
+        arr = pc.if_else(pc.equal(arr, zero), zero, arr)
+    return arr
+

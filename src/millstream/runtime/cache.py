@@ -40,6 +40,12 @@ class CacheManager:
             self.entries.move_to_end(cache_id)
         return blocks
 
+    def __getitem__(self, cache_id: int) -> list[Any]:
+        blocks = self.get(cache_id)
+        if blocks is None:
+            raise KeyError(cache_id)
+        return blocks
+
     def __contains__(self, cache_id: int) -> bool:
         return cache_id in self.entries
 

@@ -49,3 +49,17 @@ class TaskContext:
 def default_context(**kwargs: Any) -> TaskContext:
     """A context for running operators outside a job (tests, driver-side work)."""
     return TaskContext(**kwargs)
+
+
+_current: TaskContext | None = None
+
+
+def current_context() -> TaskContext | None:
+    """The context of the task running in this process, or None outside a task."""
+    return _current
+
+
+def set_current_context(ctx: TaskContext | None) -> None:
+    """Set by the task runner around a task's execution."""
+    global _current
+    _current = ctx

@@ -20,7 +20,7 @@ import pyarrow as pa
 from millstream.io.base import Sink, Source, Split
 from millstream.ops.base import OperatorFactory
 from millstream.ops.narrow import LocalLimit
-from millstream.runtime.context import TaskContext
+from millstream.runtime.context import TaskContext, set_current_context
 from millstream.runtime.shuffle import (
     BlockRef,
     BlockWriter,
@@ -215,9 +215,11 @@ def run_task(task: Task) -> TaskResult:
         for i, op in enumerate(ops):
             yield from through(i + 1, op.finish())
 
+    set_current_context(ctx)
     try:
         value = task.output.write(pipeline(), ctx)
     finally:
+        set_current_context(None)
         for op in ops:
             try:
                 op.close()
