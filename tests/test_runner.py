@@ -87,3 +87,51 @@ def test_env_snapshot_reaches_workers(monkeypatch):
     rows = ms.range(3).map(lambda r: {"v": os.environ.get("MILLSTREAM_TEST_MARK")}).collect()
     assert {r["v"] for r in rows} == {"42"}
     ms.shutdown()
+
+
+def _slow_first_attempt(row):
+    from millstream.runtime.context import current_context
+
+    ctx = current_context()
+    if ctx.partition == 3 and ctx.attempt == 0:
+        import time
+
+        time.sleep(60)  # a straggler; its backup attempt finishes first
+    return row
+
+
+@pytest.mark.timeout(50)
+def test_speculative_backup_attempt_wins():
+    from millstream.runtime.session import get_session
+
+    ms.shutdown()
+    ds = ms.range(400, num_partitions=4).map(_slow_first_attempt)
+    rows = ds.collect(speculation=True, speculation_multiplier=2.0, speculation_min_seconds=0.5,
+                      speculation_quantile=0.5)
+    assert sorted(r["id"] for r in rows) == list(range(400))
+    assert get_session().runner_obj.speculative_attempts == 1
+
+
+def test_lost_shuffle_output_is_recomputed(monkeypatch):
+    """A map output that disappears before its reducers read it is recomputed."""
+
+    from millstream.runtime import scheduler
+
+    deleted = []
+    original = scheduler.Job._tasks
+
+    def tasks_then_lose_output(self, st):
+        # when the reduce stage is about to run, delete one map output of its input stage
+        for dep in st.deps:
+            if dep.output_kind == "shuffle" and dep.results and not deleted:
+                path = dep.results[1].path
+                os.unlink(path)
+                deleted.append(path)
+        return original(self, st)
+
+    monkeypatch.setattr(scheduler.Job, "_tasks", tasks_then_lose_output)
+    ds = ms.range(1000, num_partitions=3).with_columns(k=ms.col("id") % 5)
+    rows = ds.group_by("k").agg(ms.sum("id").alias("s")).collect()
+    assert len(deleted) == 1
+    assert {r["k"]: r["s"] for r in rows} == {k: sum(i for i in range(1000) if i % 5 == k) for k in range(5)}
+    assert ms.last_job_stats().counters.get(("millstream", "recomputed_map_tasks")) == 1

@@ -93,7 +93,7 @@ class UserCodeFailure(MillstreamError):
         self.record = record
 
 
-class FetchFailedError(MillstreamError):
+class FetchFailedError(NonRetryableError):
     """A shuffle map output could not be read (lost with its worker or disk); recompute it."""
 
     def __init__(self, message: str, *, stage_id: int | None = None, map_index: int | None = None):

@@ -122,11 +122,20 @@ class LocalRunner(Runner):
 
     name = "local"
 
-    def __init__(self, parallelism: int, max_task_attempts: int = 4) -> None:
+    def __init__(self, parallelism: int, max_task_attempts: int = 4, speculation: bool = True,
+                 speculation_multiplier: float = 4.0, speculation_quantile: float = 0.75,
+                 speculation_min_seconds: float = 5.0) -> None:
         if parallelism < 1:
             raise RunnerError(f"parallelism must be >= 1, got {parallelism}")
+        if max_task_attempts < 1:
+            raise RunnerError(f"max_task_attempts must be >= 1, got {max_task_attempts}")
         self.parallelism = parallelism
         self.max_task_attempts = max_task_attempts
+        self.speculation = speculation
+        self.speculation_multiplier = speculation_multiplier
+        self.speculation_quantile = speculation_quantile
+        self.speculation_min_seconds = speculation_min_seconds
+        self.speculative_attempts = 0
         try:
             self._mp = mp.get_context("forkserver")
             self._mp.set_forkserver_preload(["millstream.runtime.task", "pyarrow", "cloudpickle"])
@@ -165,40 +174,33 @@ class LocalRunner(Runner):
 
     # ----------------------------------------------------------- scheduling
     def run_tasks(self, tasks: list[Task], progress: StageProgress) -> list[TaskResult]:
+        """Run tasks on the pool with retries and speculative backup attempts."""
         n = len(tasks)
         if n == 0:
             return []
         payloads = [cloudpickle.dumps(t) for t in tasks]
         results: list[TaskResult | None] = [None] * n
         causes: list[list[str]] = [[] for _ in range(n)]
-        last_failure: list[TaskFailure | None] = [None] * n
+        next_attempt = [1] * n
+        running: dict[int, list[_Worker]] = {}
+        speculated: set[int] = set()
+        durations: list[float] = []
         pending: deque[tuple[int, int]] = deque((i, 0) for i in range(n))
         remaining = n
         self._ensure_workers(min(self.parallelism, n))
         try:
             while remaining:
-                # assign work
-                for w in self.workers:
-                    if not pending:
-                        break
-                    if w.busy is None:
-                        if not w.process.is_alive():
-                            continue
-                        idx, attempt = pending.popleft()
-                        try:
-                            w.conn.send_bytes(pickle.dumps((attempt, payloads[idx])))
-                        except (BrokenPipeError, OSError):
-                            pending.appendleft((idx, attempt))
-                            continue
-                        w.busy = (idx, attempt)
-                        w.started = time.monotonic()
+                self._assign(pending, payloads, running)
+                if not pending:
+                    self._maybe_speculate(n, remaining, durations, running, speculated, pending,
+                                          next_attempt)
+                    self._assign(pending, payloads, running)
                 busy = [w for w in self.workers if w.busy is not None]
                 if not busy:
-                    # all workers died while idle: replace them
                     self._ensure_workers(min(self.parallelism, remaining))
                     continue
                 handles = [w.conn for w in busy] + [w.process.sentinel for w in busy]
-                ready = wait(handles, timeout=1.0)
+                ready = wait(handles, timeout=0.5)
                 for w in busy:
                     if w.busy is None:
                         continue
@@ -212,26 +214,34 @@ class LocalRunner(Runner):
                     if outcome is None and not (w.process.sentinel in ready or not w.process.is_alive()):
                         continue
                     w.busy = None
+                    running[idx] = [x for x in running.get(idx, []) if x is not w]
                     if outcome is None:
                         w.process.join(timeout=1)
                         cause = f"attempt {attempt}: {_describe_exit(w.process.exitcode)} " \
                                 f"(pid {w.process.pid})"
                         failure = TaskFailure("WorkerLostError", cause, "", retryable=True)
-                        self._kill(w)
-                        self.workers.remove(w)
-                        self.workers.append(self._spawn())
+                        self._replace(w)
                     elif outcome[0] == "ok":
-                        results[idx] = outcome[1]
-                        remaining -= 1
-                        progress.task_done(outcome[1].rows_out, outcome[1].bytes_out)
+                        if results[idx] is None:
+                            results[idx] = outcome[1]
+                            remaining -= 1
+                            durations.append(time.monotonic() - w.started)
+                            progress.task_done(outcome[1].rows_out, outcome[1].bytes_out)
+                            # the first attempt to finish wins; cancel its backups
+                            for other in running.pop(idx, []):
+                                self._replace(other)
                         continue
                     else:
                         failure = outcome[1]
                         cause = f"attempt {attempt}: {failure.error_type}: {failure.message}"
+                    if results[idx] is not None:
+                        continue
                     causes[idx].append(cause)
-                    last_failure[idx] = failure
-                    if failure.retryable and attempt + 1 < self.max_task_attempts:
-                        pending.append((idx, attempt + 1))
+                    if running.get(idx):
+                        continue  # another attempt of this task is still running
+                    if failure.retryable and next_attempt[idx] < self.max_task_attempts:
+                        pending.append((idx, next_attempt[idx]))
+                        next_attempt[idx] += 1
                         progress.task_retried()
                     else:
                         raise self._task_error(tasks[idx], failure, causes[idx])
@@ -243,6 +253,55 @@ class LocalRunner(Runner):
                     self.workers.remove(w)
             raise
         return results  # type: ignore[return-value]
+
+    def _assign(self, pending: deque[tuple[int, int]], payloads: list[bytes],
+                running: dict[int, list[_Worker]]) -> None:
+        for w in self.workers:
+            if not pending:
+                return
+            if w.busy is not None or not w.process.is_alive():
+                continue
+            idx, attempt = pending.popleft()
+            try:
+                w.conn.send_bytes(pickle.dumps((attempt, payloads[idx])))
+            except (BrokenPipeError, OSError):
+                pending.appendleft((idx, attempt))
+                continue
+            w.busy = (idx, attempt)
+            w.started = time.monotonic()
+            running.setdefault(idx, []).append(w)
+
+    def _maybe_speculate(self, n: int, remaining: int, durations: list[float],
+                         running: dict[int, list[_Worker]], speculated: set[int],
+                         pending: deque[tuple[int, int]], next_attempt: list[int]) -> None:
+        """Start a backup attempt of a straggler: a task running far longer than its finished
+        siblings (``speculation_multiplier`` x their median), once most tasks are done."""
+        if not self.speculation or not durations or remaining == 0:
+            return
+        if (n - remaining) < self.speculation_quantile * n:
+            return
+        if not any(w.busy is None and w.process.is_alive() for w in self.workers):
+            return
+        durations_sorted = sorted(durations)
+        median = durations_sorted[len(durations_sorted) // 2]
+        threshold = max(self.speculation_min_seconds, self.speculation_multiplier * median)
+        now = time.monotonic()
+        for idx, ws in running.items():
+            if idx in speculated or len(ws) != 1:
+                continue
+            if now - ws[0].started > threshold and next_attempt[idx] < self.max_task_attempts:
+                speculated.add(idx)
+                pending.append((idx, next_attempt[idx]))
+                next_attempt[idx] += 1
+                self.speculative_attempts += 1
+                return
+
+    def _replace(self, w: _Worker) -> None:
+        """Kill a worker (dead, or running a losing attempt) and start a fresh one."""
+        self._kill(w)
+        if w in self.workers:
+            self.workers.remove(w)
+        self.workers.append(self._spawn())
 
     def _task_error(self, task: Task, failure: TaskFailure, causes: list[str]) -> BaseException:
         exc = failure.exception

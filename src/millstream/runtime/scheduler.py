@@ -14,6 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from millstream.errors import FetchFailedError
 from millstream.ops.base import OperatorFactory
 from millstream.plan.physical import (
     BlocksPort,
@@ -57,6 +58,7 @@ class Job:
         self.job_id = session.new_job_id()
         self.dir = session.job_dir(self.job_id)
         self.stats = JobStats(self.job_id)
+        self.stage_tasks: dict[int, list[Task]] = {}
 
     def run(self) -> list[Any]:
         start = time.perf_counter()
@@ -67,14 +69,8 @@ class Job:
             if st.cache_id is not None and st.cache_id in self.session.cache:
                 st.results = self.session.cache.get(st.cache_id)
                 continue
-            tasks = self._tasks(st)
-            name = f"stage {st.id} {st.purpose}".strip()
-            progress = StageProgress(name, len(tasks), progress_enabled(self.settings.progress))
             t0 = time.perf_counter()
-            try:
-                results = runner.run_tasks(tasks, progress)
-            finally:
-                progress.close()
+            results, tasks = self._run_stage(st, runner)
             st.results = [r.value for r in results]
             for r in results:
                 for k, v in r.counters.items():
@@ -89,6 +85,48 @@ class Job:
         self.stats.seconds = time.perf_counter() - start
         self.session.last_job_stats = self.stats
         return self.final.results or []
+
+    def _run_stage(self, st: Stage, runner: Any) -> tuple[list[Any], list[Task]]:
+        """Run a stage; when an input map output was lost, recompute it and run again."""
+        for recovery in range(self.settings.max_task_attempts):
+            tasks = self._tasks(st)
+            name = f"stage {st.id} {st.purpose}".strip()
+            progress = StageProgress(name, len(tasks), progress_enabled(self.settings.progress))
+            try:
+                results = runner.run_tasks(tasks, progress)
+                self.stage_tasks[st.id] = tasks
+                return results, tasks
+            except FetchFailedError as exc:
+                if recovery + 1 >= self.settings.max_task_attempts:
+                    raise
+                self._recompute_lost_outputs(st, runner, exc)
+            finally:
+                progress.close()
+        raise AssertionError("unreachable")
+
+    def _recompute_lost_outputs(self, st: Stage, runner: Any, exc: FetchFailedError) -> None:
+        """Re-run the map tasks whose shuffle or block outputs no longer exist."""
+        for dep in st.deps:
+            lost = [i for i, out in enumerate(dep.results or [])
+                    if hasattr(out, "path") and not os.path.exists(out.path)]
+            if not lost:
+                continue
+            tasks = self.stage_tasks.get(dep.id)
+            if tasks is None:
+                raise exc
+            redo = [tasks[i] for i in lost]
+            progress = StageProgress(f"stage {dep.id} recompute", len(redo),
+                                     progress_enabled(self.settings.progress))
+            try:
+                again = runner.run_tasks(redo, progress)
+            finally:
+                progress.close()
+            for i, r in zip(lost, again):
+                dep.results[i] = r.value
+                for k, v in r.counters.items():
+                    self.stats.counters[k] = self.stats.counters.get(k, 0) + v
+            key = ("millstream", "recomputed_map_tasks")
+            self.stats.counters[key] = self.stats.counters.get(key, 0) + len(lost)
 
     def cleanup(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

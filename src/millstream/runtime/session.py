@@ -45,6 +45,10 @@ class Settings:
     broadcast_threshold: int = 10 << 20
     batch_size: int = 65536
     max_task_attempts: int = 4
+    speculation: bool = True
+    speculation_multiplier: float = 4.0
+    speculation_quantile: float = 0.75
+    speculation_min_seconds: float = 5.0
     progress: bool | None = None
     address: str | None = None
 
@@ -100,7 +104,7 @@ class Session:
 
     def get_runner(self, settings: Settings) -> Any:
         with self.lock:
-            want = (settings.runner, settings.resolved_parallelism(), settings.max_task_attempts)
+            want = (settings.runner, settings.resolved_parallelism())
             if self.runner_obj is not None and getattr(self, "_runner_key", None) == want:
                 return self.runner_obj
             if self.runner_obj is not None:
@@ -109,7 +113,7 @@ class Session:
             if settings.runner == "local":
                 from millstream.runners.local import LocalRunner
 
-                self.runner_obj = LocalRunner(settings.resolved_parallelism(), settings.max_task_attempts)
+                self.runner_obj = LocalRunner(settings.resolved_parallelism())
             elif settings.runner == "ray":
                 try:
                     import ray  # noqa: F401
@@ -119,7 +123,16 @@ class Session:
             else:
                 raise RunnerError(f"unknown runner {settings.runner!r}; use 'local' or 'ray'")
             self._runner_key = want
-            return self.runner_obj
+        self.configure_runner(settings)
+        return self.runner_obj
+
+    def configure_runner(self, settings: Settings) -> None:
+        """Apply per-job retry and speculation settings to the (reused) runner."""
+        r = self.runner_obj
+        for name in ("max_task_attempts", "speculation", "speculation_multiplier",
+                     "speculation_quantile", "speculation_min_seconds"):
+            if hasattr(r, name):
+                setattr(r, name, getattr(settings, name))
 
     def new_job_id(self) -> str:
         return uuid.uuid4().hex[:12]
