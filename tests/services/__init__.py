@@ -1,0 +1,1 @@
+"""Real services the test suite starts on loopback (S3 via SeaweedFS, ...)."""
