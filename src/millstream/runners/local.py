@@ -12,6 +12,7 @@ import multiprocessing as mp
 import os
 import pickle
 import signal
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -148,7 +149,23 @@ class LocalRunner(Runner):
         parent, child = self._mp.Pipe(duplex=True)
         proc = self._mp.Process(target=_worker_main, args=(child, dict(os.environ)), daemon=True,
                                 name="millstream-worker")
-        proc.start()
+        # Workers never need the user's __main__ module (cloudpickle ships its functions by
+        # value), so hide it: scripts without an `if __name__ == "__main__"` guard then work,
+        # and a script is not re-run in every worker.
+        main = sys.modules.get("__main__")
+        saved_file = getattr(main, "__file__", None)
+        saved_spec = getattr(main, "__spec__", None)
+        try:
+            if main is not None:
+                if saved_file is not None:
+                    del main.__file__
+                main.__spec__ = None
+            proc.start()
+        finally:
+            if main is not None:
+                if saved_file is not None:
+                    main.__file__ = saved_file
+                main.__spec__ = saved_spec
         child.close()
         return _Worker(proc, parent)
 

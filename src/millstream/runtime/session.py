@@ -106,6 +106,7 @@ class Session:
         with self.lock:
             want = (settings.runner, settings.resolved_parallelism())
             if self.runner_obj is not None and getattr(self, "_runner_key", None) == want:
+                self.configure_runner(settings)
                 return self.runner_obj
             if self.runner_obj is not None:
                 self.runner_obj.shutdown()
