@@ -314,28 +314,32 @@ class Dataset:
             job.cleanup()
 
     def write_parquet(self, uri: str, partition_by: str | Sequence[str] | None = None,
-                      mode: str = "error", compression: str = "zstd", **options: Any) -> None:
-        """Write Parquet files under ``uri``, committed atomically with a ``_SUCCESS`` marker."""
+                      mode: str = "error", compression: str = "zstd",
+                      storage_options: dict[str, Any] | None = None, **options: Any) -> None:
+        """Write Parquet files under ``uri``, committed atomically with a ``_SUCCESS`` marker.
+
+        ``mode``: "error" (the target must not hold data), "overwrite" or "append".
+        """
         from millstream.io.sinks import ParquetSink
 
-        pb = None if partition_by is None else ([partition_by] if isinstance(partition_by, str) else list(partition_by))
-        self._write(ParquetSink(uri, partition_by=pb, mode=mode, compression=compression), options)
+        self._write(ParquetSink(uri, partition_by=_partition_cols(partition_by), mode=mode,
+                                compression=compression, storage_options=storage_options), options)
 
     def write_csv(self, uri: str, mode: str = "error", partition_by: str | Sequence[str] | None = None,
-                  **options: Any) -> None:
+                  storage_options: dict[str, Any] | None = None, **options: Any) -> None:
         """Write CSV files (with header) under ``uri``, committed atomically."""
         from millstream.io.sinks import CsvSink
 
-        pb = None if partition_by is None else ([partition_by] if isinstance(partition_by, str) else list(partition_by))
-        self._write(CsvSink(uri, partition_by=pb, mode=mode), options)
+        self._write(CsvSink(uri, partition_by=_partition_cols(partition_by), mode=mode,
+                            storage_options=storage_options), options)
 
     def write_json(self, uri: str, mode: str = "error", partition_by: str | Sequence[str] | None = None,
-                   **options: Any) -> None:
+                   storage_options: dict[str, Any] | None = None, **options: Any) -> None:
         """Write JSON-lines files under ``uri``, committed atomically."""
         from millstream.io.sinks import JsonSink
 
-        pb = None if partition_by is None else ([partition_by] if isinstance(partition_by, str) else list(partition_by))
-        self._write(JsonSink(uri, partition_by=pb, mode=mode), options)
+        self._write(JsonSink(uri, partition_by=_partition_cols(partition_by), mode=mode,
+                             storage_options=storage_options), options)
 
 
 class GroupedDataset:
@@ -388,6 +392,12 @@ class GroupedDataset:
         from millstream.api.expressions import count as count_all
 
         return self.agg(count_all().alias("count"))
+
+
+def _partition_cols(partition_by: str | Sequence[str] | None) -> list[str] | None:
+    if partition_by is None:
+        return None
+    return [partition_by] if isinstance(partition_by, str) else list(partition_by)
 
 
 def _format_table(table: pa.Table, width: int = 30) -> str:

@@ -20,7 +20,12 @@ import pyarrow.compute as pc
 
 from millstream.errors import PlanError, SchemaError
 from millstream.ops.base import Batches, Operator
-from millstream.runtime.arrowutil import batch_nbytes, concat_batches, table_to_batches
+from millstream.runtime.arrowutil import (
+    batch_nbytes,
+    concat_batches,
+    normalize_key,
+    table_to_batches,
+)
 from millstream.runtime.spill import BucketSpiller
 
 _EMPTY: tuple[pa.RecordBatch, ...] = ()
@@ -102,6 +107,15 @@ def drop_nulls_per_list(lists: pa.Array) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), values.filter(pa.array(keep)))
 
 
+def _empty_batch(schema: pa.Schema) -> pa.RecordBatch:
+    return pa.RecordBatch.from_arrays([pa.array([], f.type) for f in schema], schema=schema)
+
+
+def _kernel(func: str, arr_type: pa.DataType) -> str:
+    # Arrow has no hash_first for the null type (all values null); min gives the same null
+    return "min" if func == "first" and pa.types.is_null(arr_type) else func
+
+
 def _group(table: pa.Table, keys: list[str], aggs: list[tuple]) -> pa.Table:
     if not keys:
         table = table.append_column(_GKEY, pa.array(np.zeros(table.num_rows, dtype=np.int8)))
@@ -119,12 +133,14 @@ class _AggCore:
 
     # raw rows -> states
     def partial(self, table: pa.Table) -> pa.Table:
-        cols = {k: table.column(k) for k in self.keys}
+        cols = {k: normalize_key(table.column(k)) for k in self.keys}
         aggs: list[tuple] = []
         out_names: list[tuple[str, str]] = []  # (pyarrow output name, state name)
+        null_distinct: list[str] = []  # count_distinct states of all-null (null-typed) inputs
         for i, spec in enumerate(self.specs):
             arg = f"__a{i}"
             st = self.state_cols[i]
+            arr = None
             if spec.func != "count_all":
                 try:
                     arr = spec.arg.evaluate(table)  # type: ignore[union-attr]
@@ -132,6 +148,8 @@ class _AggCore:
                     arr = table.column(spec.arg)
                 if isinstance(arr, pa.ChunkedArray):
                     arr = arr.combine_chunks()
+                if spec.func == "count_distinct":
+                    arr = normalize_key(arr)  # -0.0 and 0.0 are one value
                 if spec.func == "mean":
                     if not (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type)
                             or pa.types.is_decimal(arr.type) or pa.types.is_null(arr.type)):
@@ -146,8 +164,9 @@ class _AggCore:
                 aggs += [(arg, "sum"), (arg, "count")]
                 out_names += [(f"{arg}_sum", st[0]), (f"{arg}_count", st[1])]
             elif f in ("min", "max", "first"):
-                aggs.append((arg, f))
-                out_names.append((f"{arg}_{f}", st[0]))
+                k = _kernel(f, arr.type)
+                aggs.append((arg, k))
+                out_names.append((f"{arg}_{k}", st[0]))
             elif f == "count":
                 aggs.append((arg, "count", pc.CountOptions("only_valid")))
                 out_names.append((f"{arg}_count", st[0]))
@@ -155,15 +174,26 @@ class _AggCore:
                 aggs.append(([], "count_all"))
                 out_names.append(("count_all", st[0]))
             elif f == "count_distinct":
-                aggs.append((arg, "distinct", pc.CountOptions("only_valid")))
-                out_names.append((f"{arg}_distinct", st[0]))
+                if pa.types.is_null(arr.type):
+                    # Arrow's hash_distinct crashes on the null type; no value is distinct
+                    aggs.append((arg, "count", pc.CountOptions("all")))
+                    out_names.append((f"{arg}_count", st[0]))
+                    null_distinct.append(st[0])
+                else:
+                    aggs.append((arg, "distinct", pc.CountOptions("only_valid")))
+                    out_names.append((f"{arg}_distinct", st[0]))
             elif f == "collect_list":
                 aggs.append((arg, "list"))
                 out_names.append((f"{arg}_list", st[0]))
         if not cols:
             cols["__x"] = pa.nulls(table.num_rows, pa.int8())
         grouped = _group(pa.table(cols), self.keys, aggs)
-        return self._arrange(grouped, out_names)
+        out = self._arrange(grouped, out_names)
+        for name in null_distinct:
+            empty = pa.ListArray.from_arrays(pa.array(np.zeros(out.num_rows + 1, dtype=np.int32)),
+                                             pa.array([], pa.null()))
+            out = out.set_column(out.schema.get_field_index(name), name, empty)
+        return out
 
     def _arrange(self, grouped: pa.Table, out_names: list[tuple[str, str]]) -> pa.Table:
         arrays = [grouped.column(k) for k in self.keys]
@@ -185,8 +215,9 @@ class _AggCore:
                     aggs.append((sname, "sum"))
                     out_names.append((f"{sname}_sum", sname))
                 elif f in ("min", "max", "first"):
-                    aggs.append((sname, f))
-                    out_names.append((f"{sname}_{f}", sname))
+                    k = _kernel(f, states.schema.field(sname).type)
+                    aggs.append((sname, k))
+                    out_names.append((f"{sname}_{k}", sname))
                 else:  # list states: concatenated per key below
                     list_states.append((sname, f))
         if list_states:
@@ -233,9 +264,12 @@ class _AggCore:
         return pa.table(arrays, names=names)
 
     def empty_result(self, schema_hint: pa.Schema | None) -> pa.Table:
-        """The one-row result of a global aggregation over no rows (count 0, others null)."""
+        """The one-row result of a global aggregation over no rows (count 0, others null).
+
+        ``schema_hint`` is the schema of the (empty) states, when known: it types the nulls.
+        """
         arrays, names = [], []
-        for spec in self.specs:
+        for i, spec in enumerate(self.specs):
             if spec.func in ("count", "count_all", "count_distinct"):
                 arrays.append(pa.array([0], pa.int64()))
             elif spec.func == "mean":
@@ -244,8 +278,9 @@ class _AggCore:
                 arrays.append(pa.array([[]], pa.list_(pa.null())))
             else:
                 t = pa.null()
-                if schema_hint is not None and spec.name in schema_hint.names:
-                    t = schema_hint.field(spec.name).type
+                sname = self.state_cols[i][0]
+                if schema_hint is not None and sname in schema_hint.names:
+                    t = schema_hint.field(sname).type
                 arrays.append(pa.array([None], t))
             names.append(spec.name)
         return pa.table(arrays, names=names)
@@ -261,11 +296,15 @@ class PartialAggregate(Operator):
         self.raw_bytes = 0
         self.states: list[pa.Table] = []
         self.state_bytes = 0
+        self.input_schema: pa.Schema | None = None
+        self.emitted = False
 
     def _limit(self) -> int:
         return max(4 << 20, (self.ctx.memory_budget if self.ctx else 64 << 20) // 3)
 
     def process(self, batch: pa.RecordBatch, port: int = 0) -> Batches:
+        if self.input_schema is None and batch.num_columns:
+            self.input_schema = batch.schema
         if batch.num_rows == 0:
             return _EMPTY
         self.raw.append(batch)
@@ -287,6 +326,7 @@ class PartialAggregate(Operator):
             self.states, self.state_bytes = [], 0
             if merged.nbytes >= self._limit() // 2:
                 # high cardinality: the combiner cannot shrink it, pass it on
+                self.emitted = True
                 return table_to_batches(merged, self.ctx.batch_size if self.ctx else 65536)
             self.states, self.state_bytes = [merged], merged.nbytes
         return _EMPTY
@@ -299,6 +339,9 @@ class PartialAggregate(Operator):
             merged = tables[0] if len(tables) == 1 else \
                 self.core.merge(pa.concat_tables(tables, promote_options="permissive"))
             out += table_to_batches(merged, self.ctx.batch_size if self.ctx else 65536)
+        if not out and not self.emitted and self.input_schema is not None:
+            # no rows: send typed, empty states so the reduce side knows the output schema
+            out = [_empty_batch(self.core.partial(self.input_schema.empty_table()).schema)]
         return out
 
 
@@ -317,11 +360,14 @@ class FinalAggregate(Operator):
         self.buf_bytes = 0
         self.spiller: BucketSpiller | None = None
         self.seen_rows = 0
+        self.state_schema: pa.Schema | None = None
 
     def _limit(self) -> int:
         return max(4 << 20, (self.ctx.memory_budget if self.ctx else 64 << 20) // 2)
 
     def process(self, batch: pa.RecordBatch, port: int = 0) -> Batches:
+        if self.state_schema is None and batch.num_columns:
+            self.state_schema = batch.schema
         if batch.num_rows == 0:
             return _EMPTY
         self.seen_rows += batch.num_rows
@@ -352,7 +398,11 @@ class FinalAggregate(Operator):
         if self.spiller is None:
             if not self.buf:
                 if self.global_agg:
-                    return self.core.empty_result(None).to_batches()
+                    return self.core.empty_result(self.state_schema).to_batches()
+                if self.state_schema is not None:
+                    # no groups: an empty result that still has the output columns and types
+                    empty = self.core.finalize(self.core.merge(self.state_schema.empty_table()))
+                    return [_empty_batch(self._drop_gkey(empty).schema)]
                 return _EMPTY
             res = self.core.finalize(self.core.merge(concat_batches(self.buf)))
             self.buf = []

@@ -15,7 +15,12 @@ import pyarrow as pa
 
 from millstream.errors import PlanError, SchemaError
 from millstream.ops.base import Batches, Operator
-from millstream.runtime.arrowutil import batch_nbytes, concat_batches, table_to_batches
+from millstream.runtime.arrowutil import (
+    batch_nbytes,
+    concat_batches,
+    normalize_key,
+    table_to_batches,
+)
 from millstream.runtime.spill import BucketSpiller
 
 _EMPTY: tuple[pa.RecordBatch, ...] = ()
@@ -46,9 +51,11 @@ def join_tables(left: pa.Table, right: pa.Table, left_on: list[str], right_on: l
         if k not in right.schema.names:
             raise SchemaError(f"join: right side has no key column {k!r}; columns are {right.schema.names}")
     jt = JOIN_TYPES[how]
-    lk = pa.table([left.column(k) for k in left_on] + [pa.array(np.arange(left.num_rows, dtype=np.int64))],
+    lk = pa.table([normalize_key(left.column(k)) for k in left_on]
+                  + [pa.array(np.arange(left.num_rows, dtype=np.int64))],
                   names=[f"__k{i}" for i in range(len(left_on))] + [_LI])
-    rk = pa.table([right.column(k) for k in right_on] + [pa.array(np.arange(right.num_rows, dtype=np.int64))],
+    rk = pa.table([normalize_key(right.column(k)) for k in right_on]
+                  + [pa.array(np.arange(right.num_rows, dtype=np.int64))],
                   names=[f"__k{i}" for i in range(len(right_on))] + [_RI])
     # unify key types (int32 vs int64, string vs large_string)
     for i in range(len(left_on)):
@@ -73,9 +80,9 @@ def join_tables(left: pa.Table, right: pa.Table, left_on: list[str], right_on: l
     arrays, names = [], []
     for name in left.schema.names:
         if name in shared_keys and jt in ("right outer", "full outer"):
-            arrays.append(joined.column(f"__k{left_on.index(name)}").cast(left.schema.field(name).type)
-                          if joined.column(f"__k{left_on.index(name)}").type != left.schema.field(name).type
-                          else joined.column(f"__k{left_on.index(name)}"))
+            # the coalesced key keeps the type both sides were unified to: casting it back to
+            # the left type fails for a null-typed left key and can overflow (int32 vs int64)
+            arrays.append(joined.column(f"__k{left_on.index(name)}"))
         else:
             arrays.append(left.column(name).take(li))
         names.append(name)
@@ -113,6 +120,7 @@ class HashJoin(Operator):
         # columns, or the output of this task would name and order columns differently
         self.probe_schema: pa.Schema | None = None
         self.build_schema: pa.Schema | None = None
+        self.emitted = False  # any output batch yet (else finish sends a typed empty one)
         self.rspill: BucketSpiller | None = None
         self.lspill: BucketSpiller | None = None
         # right/outer joins must see all probe rows before emitting unmatched build rows
@@ -194,9 +202,23 @@ class HashJoin(Operator):
         if right.num_columns == 0:
             right = self._empty_right(left)
         out = join_tables(left, right, self.left_on, self.right_on, self.how, self.suffix)
-        return table_to_batches(out, self._bs()) if out.num_rows else _EMPTY
+        if not out.num_rows:
+            return _EMPTY
+        self.emitted = True
+        return table_to_batches(out, self._bs())
 
-    def finish(self) -> Batches:
+    def finish(self) -> Iterator[pa.RecordBatch]:
+        for b in self._finish():
+            self.emitted = True
+            yield b
+        if not self.emitted and self.probe_schema is not None and self.build_schema is not None:
+            # no rows at all: an empty batch with the output schema, so that what follows
+            # (another join, an aggregate, a sort) still knows the columns
+            out = join_tables(self.probe_schema.empty_table(), self.build_schema.empty_table(),
+                              self.left_on, self.right_on, self.how, self.suffix)
+            yield pa.RecordBatch.from_arrays([pa.array([], f.type) for f in out.schema], schema=out.schema)
+
+    def _finish(self) -> Batches:
         if self.rspill is not None:
             return self._finish_buckets()
         if self.streaming_probe:

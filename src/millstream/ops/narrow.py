@@ -282,7 +282,8 @@ class LocalLimit(Operator):
     def process(self, batch: pa.RecordBatch, port: int = 0) -> Batches:
         remaining = self.n - self.seen
         if remaining <= 0:
-            return _EMPTY
+            # nothing more to pass, but an empty batch still tells what follows the columns
+            return (batch.slice(0, 0),) if not self.seen else _EMPTY
         if batch.num_rows > remaining:
             batch = batch.slice(0, remaining)
         self.seen += batch.num_rows

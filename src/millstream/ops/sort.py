@@ -25,6 +25,10 @@ _MARK = "__millstream_mark"
 _PER_KEY_NULLS = tuple(int(x) for x in pa.__version__.split(".")[:1]) >= (25,)
 
 
+def _empty_batch(schema: pa.Schema) -> pa.RecordBatch:
+    return pa.RecordBatch.from_arrays([pa.array([], f.type) for f in schema], schema=schema)
+
+
 def sort_keys(by: list[str], descending: list[bool], nulls_last: bool | None = None) -> list[tuple]:
     """pyarrow sort keys; nulls first when ascending and last when descending unless told."""
     out = []
@@ -42,6 +46,36 @@ def _sort_kwargs(descending: list[bool], nulls_last: bool | None) -> dict:
         return {}
     last = (descending[0] if descending else False) if nulls_last is None else nulls_last
     return {"null_placement": "at_end" if last else "at_start"}
+
+
+def order_indices(table: pa.Table | pa.RecordBatch, by: list[str], descending: list[bool],
+                  nulls_last: bool | None = None) -> pa.Array:
+    """Stable sort permutation of ``table`` by ``by``, with SQL's NaN order.
+
+    Arrow places NaN next to the nulls; SQL engines (DuckDB, Spark, Polars) order NaN above
+    every other number. A float key is therefore preceded by an ``is_nan`` key sorted the
+    same way, which moves NaN past the numbers and leaves the nulls where they were.
+    """
+    cols, names, keys, desc = [], [], [], []
+    for i, (c, d) in enumerate(zip(by, descending)):
+        arr = table.column(c)
+        if pa.types.is_floating(arr.type):
+            cols.append(pc.is_nan(arr))
+            names.append(f"__nan{i}")
+            desc.append(d)
+            keys.append(f"__nan{i}")
+        cols.append(arr)
+        names.append(f"__key{i}")
+        desc.append(d)
+        keys.append(f"__key{i}")
+    t = pa.table(cols, names=names)
+    if t.num_rows == 0:
+        return pa.array([], pa.uint64())
+    sk = sort_keys(keys, desc, nulls_last)
+    if not _PER_KEY_NULLS:
+        # pyarrow < 25 has one null placement for all keys: that of the first column
+        return pc.sort_indices(t, sort_keys=sk, **_sort_kwargs(descending, nulls_last))
+    return pc.sort_indices(t, sort_keys=sk)
 
 
 def _check(table: pa.Table | pa.RecordBatch, by: list[str]) -> None:
@@ -65,9 +99,7 @@ def range_partition_ids(batch: pa.RecordBatch, boundaries: pa.Table, by: list[st
         keys = keys.cast(bnd.schema)
     both = pa.concat_tables([bnd, keys])
     mark = np.concatenate([np.ones(bnd.num_rows, dtype=np.int64), np.zeros(n, dtype=np.int64)])
-    order = pc.sort_indices(both, sort_keys=sort_keys(by, descending, nulls_last),
-                            **_sort_kwargs(descending, nulls_last))
-    order = np.asarray(order)
+    order = np.asarray(order_indices(both, by, descending, nulls_last))
     # boundaries come first in the concatenation and the sort is stable, so a row equal to
     # a boundary sorts after it and goes to the upper partition
     cum = np.cumsum(mark[order])
@@ -82,7 +114,8 @@ def choose_boundaries(sample: pa.Table, by: list[str], descending: list[bool], n
     """``num_partitions - 1`` boundary rows taken at even quantiles of a key sample."""
     if sample.num_rows == 0 or num_partitions <= 1:
         return sample.select(by).slice(0, 0)
-    s = sample.select(by).sort_by(sort_keys(by, descending, nulls_last), **_sort_kwargs(descending, nulls_last))
+    s = sample.select(by)
+    s = s.take(order_indices(s, by, descending, nulls_last))
     idx = [min(s.num_rows - 1, (i * s.num_rows) // num_partitions) for i in range(1, num_partitions)]
     return s.take(pa.array(idx, type=pa.int64()))
 
@@ -140,8 +173,7 @@ class Sort(Operator):
 
     def _sorted(self, table: pa.Table) -> pa.Table:
         _check(table, self.by)
-        return table.sort_by(sort_keys(self.by, self.descending, self.nulls_last),
-                             **_sort_kwargs(self.descending, self.nulls_last)) \
+        return table.take(order_indices(table, self.by, self.descending, self.nulls_last)) \
             if table.num_rows else table
 
     def process(self, batch: pa.RecordBatch, port: int = 0) -> Batches:
@@ -172,7 +204,8 @@ class Sort(Operator):
             t = concat_batches(self.buf)
             self.buf = []
             if t.num_rows == 0:
-                return [b for b in t.to_batches()] or _EMPTY
+                # no rows: still pass the schema on (a join or aggregate downstream needs it)
+                return [_empty_batch(t.schema)] if t.num_columns else _EMPTY
             return table_to_batches(self._sorted(t), bs)
         if self.buf and any(b.num_rows for b in self.buf):
             self._spill_run()
@@ -190,8 +223,6 @@ class Sort(Operator):
 
         for i in range(len(readers)):
             refill(i)
-        keys = sort_keys(self.by, self.descending, self.nulls_last)
-        kw = _sort_kwargs(self.descending, self.nulls_last)
         try:
             while any(h is not None for h in heads):
                 live = [i for i, h in enumerate(heads) if h is not None]
@@ -204,7 +235,7 @@ class Sort(Operator):
                 # the smallest "last key" among the heads bounds what can be emitted safely
                 lasts = pa.concat_tables([heads[i].select(self.by).slice(heads[i].num_rows - 1)
                                           for i in live], promote_options="permissive")
-                order = pc.sort_indices(lasts, sort_keys=keys, **kw)
+                order = order_indices(lasts, self.by, self.descending, self.nulls_last)
                 bound_run = live[int(order[0].as_py())]
                 bound = heads[bound_run].select(self.by).slice(heads[bound_run].num_rows - 1)
                 prefixes = []
@@ -214,7 +245,7 @@ class Sort(Operator):
                         cut = h.num_rows
                     else:
                         cand = pa.concat_tables([h.select(self.by), bound], promote_options="permissive")
-                        o = np.asarray(pc.sort_indices(cand, sort_keys=keys, **kw))
+                        o = np.asarray(order_indices(cand, self.by, self.descending, self.nulls_last))
                         cut = int(np.nonzero(o == cand.num_rows - 1)[0][0])
                     if cut:
                         prefixes.append(h.slice(0, cut))

@@ -141,7 +141,11 @@ def rows_to_batch(rows: list[Any], schema: pa.Schema | None = None) -> pa.Record
                 seen.add(k)
                 names.append(k)
     try:
-        return pa.RecordBatch.from_pylist(rows)
+        if len(names) == len(rows[0]):
+            return pa.RecordBatch.from_pylist(rows)
+        # from_pylist takes the column names from the first row only: keys that first
+        # appear in later rows would be dropped
+        return pa.RecordBatch.from_pydict({n: [r.get(n) for r in rows] for n in names})
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError,
             TypeError, ValueError):
         pass

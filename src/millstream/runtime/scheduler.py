@@ -29,9 +29,7 @@ from millstream.runtime.session import Session, Settings
 from millstream.runtime.shuffle import RangePartitioner, read_block
 from millstream.runtime.task import (
     BlockInput,
-    BlockOutput,
     ShuffleInput,
-    ShuffleOutput,
     SinkOutput,
     SourceInput,
     Task,
@@ -46,6 +44,15 @@ class JobStats:
     stages: list[dict[str, Any]] = field(default_factory=list)
     counters: dict[tuple[str, str], int] = field(default_factory=dict)
     seconds: float = 0.0
+
+
+def _is_lost(handle: Any) -> bool:
+    """Whether an output handle's data is gone (its own check, or a missing local file)."""
+    check = getattr(handle, "is_lost", None)
+    if callable(check):
+        return bool(check())
+    path = getattr(handle, "path", None)
+    return path is not None and not os.path.exists(path)
 
 
 class Job:
@@ -107,8 +114,7 @@ class Job:
     def _recompute_lost_outputs(self, st: Stage, runner: Any, exc: FetchFailedError) -> None:
         """Re-run the map tasks whose shuffle or block outputs no longer exist."""
         for dep in st.deps:
-            lost = [i for i, out in enumerate(dep.results or [])
-                    if hasattr(out, "path") and not os.path.exists(out.path)]
+            lost = [i for i, out in enumerate(dep.results or []) if _is_lost(out)]
             if not lost:
                 continue
             tasks = self.stage_tasks.get(dep.id)
@@ -129,6 +135,12 @@ class Job:
             self.stats.counters[key] = self.stats.counters.get(key, 0) + len(lost)
 
     def cleanup(self) -> None:
+        """Free this job's shuffle and temporary outputs (cached datasets stay)."""
+        runner = self.session.runner_obj
+        if runner is not None:
+            for st in all_stages(self.final):
+                if st.cache_id is None and st.results and st.output_kind != "sink":
+                    runner.release(list(st.results))
         shutil.rmtree(self.dir, ignore_errors=True)
 
     # -------------------------------------------------------------- tasks
@@ -159,16 +171,18 @@ class Job:
         raise TypeError(f"unknown port {port!r}")
 
     def _output(self, st: Stage) -> Any:
+        runner = self.session.get_runner(self.settings)
         if st.output_kind == "shuffle":
             part = st.partitioner
             if isinstance(part, RangePartitioner):
                 part = replace(part, boundaries=self._boundaries(st, part))
-            return ShuffleOutput(part, os.path.join(self.dir, "shuffle"))
+            return runner.shuffle_output(part, os.path.join(self.dir, "shuffle"))
         if st.output_kind == "sink":
             return SinkOutput(st.sink)
         if st.cache_id is not None:
-            return BlockOutput(self.session.cache.directory_for(st.cache_id, self.job_id))
-        return BlockOutput(os.path.join(self.dir, "blocks"))
+            return runner.block_output(self.session.cache.directory_for(st.cache_id, self.job_id),
+                                       cached=True)
+        return runner.block_output(os.path.join(self.dir, "blocks"))
 
     def _boundaries(self, st: Stage, part: RangePartitioner) -> pa.Table:
         from millstream.ops.sort import choose_boundaries

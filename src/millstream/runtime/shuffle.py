@@ -219,7 +219,9 @@ def read_shuffle_partition(outputs: list[MapOutput], partition: int) -> Iterator
     """All batches of one reduce partition, map output by map output (deterministic order)."""
     schema_sent = False
     for out in outputs:
-        for b in read_map_output_slice(out, partition):
+        reader = getattr(out, "read_slice", None)
+        batches = reader(partition) if reader is not None else read_map_output_slice(out, partition)
+        for b in batches:
             if b.num_rows == 0:
                 if schema_sent:
                     continue
@@ -270,6 +272,10 @@ class BlockWriter:
 
 def read_block(ref: BlockRef) -> Iterator[pa.RecordBatch]:
     """Stream a block's batches (memory-mapped); an empty block yields its schema."""
+    reader = getattr(ref, "read", None)
+    if reader is not None:  # a runner's own handle (e.g. an object in a cluster's store)
+        yield from reader()
+        return
     try:
         mm = pa.memory_map(ref.path, "r")
     except (FileNotFoundError, OSError) as exc:
