@@ -43,14 +43,10 @@ class Scan(Node):
 
 
 @dataclass(frozen=True, eq=False)
-class Narrow(Node):
-    """A per-batch operator. ``kind`` and ``payload`` let the optimizer reason about it."""
+class Unary(Node):
+    """A node with exactly one input, ``child``."""
 
     child: Node
-    factory: OperatorFactory
-    kind: str  # map | flat_map | filter_fn | map_batches | project | with_columns | filter | drop | rename | explode
-    payload: Any = None
-    text: str = ""
 
     @property
     def children(self) -> tuple[Node, ...]:
@@ -58,23 +54,25 @@ class Narrow(Node):
 
     def with_children(self, children: tuple[Node, ...]) -> Node:
         return replace(self, child=children[0])
+
+
+@dataclass(frozen=True, eq=False)
+class Narrow(Unary):
+    """A per-batch operator. ``kind`` and ``payload`` let the optimizer reason about it."""
+
+    factory: OperatorFactory
+    kind: str  # map | flat_map | filter_fn | map_batches | project | with_columns | filter | drop | rename | explode
+    payload: Any = None
+    text: str = ""
 
     def label(self) -> str:
         return self.text or self.kind
 
 
 @dataclass(frozen=True, eq=False)
-class Aggregate(Node):
-    child: Node
+class Aggregate(Unary):
     keys: list[str]
     specs: list[Any]  # AggSpec
-
-    @property
-    def children(self) -> tuple[Node, ...]:
-        return (self.child,)
-
-    def with_children(self, children: tuple[Node, ...]) -> Node:
-        return replace(self, child=children[0])
 
     def label(self) -> str:
         aggs = ", ".join(f"{s.func}({s.arg!r}) as {s.name}" if s.arg is not None else f"count(*) as {s.name}"
@@ -83,15 +81,8 @@ class Aggregate(Node):
 
 
 @dataclass(frozen=True, eq=False)
-class Distinct(Node):
-    child: Node
-
-    @property
-    def children(self) -> tuple[Node, ...]:
-        return (self.child,)
-
-    def with_children(self, children: tuple[Node, ...]) -> Node:
-        return replace(self, child=children[0])
+class Distinct(Unary):
+    """Remove duplicate rows."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,18 +107,10 @@ class Join(Node):
 
 
 @dataclass(frozen=True, eq=False)
-class Sort(Node):
-    child: Node
+class Sort(Unary):
     by: list[str]
     descending: list[bool]
     nulls_last: bool | None = None
-
-    @property
-    def children(self) -> tuple[Node, ...]:
-        return (self.child,)
-
-    def with_children(self, children: tuple[Node, ...]) -> Node:
-        return replace(self, child=children[0])
 
     def label(self) -> str:
         return "Sort " + ", ".join(c + (" desc" if d else "") for c, d in zip(self.by, self.descending))
@@ -146,49 +129,25 @@ class Union(Node):
 
 
 @dataclass(frozen=True, eq=False)
-class Limit(Node):
-    child: Node
+class Limit(Unary):
     n: int
-
-    @property
-    def children(self) -> tuple[Node, ...]:
-        return (self.child,)
-
-    def with_children(self, children: tuple[Node, ...]) -> Node:
-        return replace(self, child=children[0])
 
     def label(self) -> str:
         return f"Limit {self.n}"
 
 
 @dataclass(frozen=True, eq=False)
-class Repartition(Node):
-    child: Node
+class Repartition(Unary):
     n: int
     by: list[str] | None = None
-
-    @property
-    def children(self) -> tuple[Node, ...]:
-        return (self.child,)
-
-    def with_children(self, children: tuple[Node, ...]) -> Node:
-        return replace(self, child=children[0])
 
     def label(self) -> str:
         return f"Repartition {self.n}" + (f" by {self.by}" if self.by else " (round-robin)")
 
 
 @dataclass(frozen=True, eq=False)
-class Cache(Node):
-    child: Node
+class Cache(Unary):
     cache_id: int = field(default_factory=lambda: next(_ids))
-
-    @property
-    def children(self) -> tuple[Node, ...]:
-        return (self.child,)
-
-    def with_children(self, children: tuple[Node, ...]) -> Node:
-        return replace(self, child=children[0])
 
     def label(self) -> str:
         return f"Cache #{self.cache_id}"

@@ -6,20 +6,20 @@ import sys
 import time
 
 
+def _scaled(n: float, base: int, units: tuple[str, ...]) -> str:
+    for i, unit in enumerate(units):
+        if abs(n) < base or i == len(units) - 1:
+            return f"{n:.0f}{unit}" if i == 0 else f"{n:.1f}{unit}"
+        n /= base
+    return ""
+
+
 def _human(n: float) -> str:
-    for unit in ("", "K", "M", "G", "T"):
-        if abs(n) < 1000:
-            return f"{n:.0f}{unit}" if unit == "" else f"{n:.1f}{unit}"
-        n /= 1000
-    return f"{n:.1f}P"
+    return _scaled(n, 1000, ("", "K", "M", "G", "T", "P"))
 
 
 def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024:
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return f"{n:.1f}PiB"
+    return _scaled(n, 1024, ("B", "KiB", "MiB", "GiB", "TiB", "PiB"))
 
 
 class StageProgress:

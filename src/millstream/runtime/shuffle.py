@@ -193,6 +193,18 @@ class ShuffleWriter:
         return MapOutput(self.path, offsets, list(self.rows), self.ctx.stage_id, self.ctx.partition)
 
 
+def _stream_batches(source: Any) -> Iterator[pa.RecordBatch]:
+    """The batches of an IPC stream; a stream without rows yields one empty batch carrying the
+    schema, so joins and aggregates still know the columns of an empty side."""
+    reader = pa.ipc.open_stream(source)
+    got = False
+    for b in reader:
+        got = True
+        yield b
+    if not got and reader.schema.names:
+        yield pa.RecordBatch.from_pylist([], schema=reader.schema)
+
+
 def read_map_output_slice(out: MapOutput, partition: int) -> Iterator[pa.RecordBatch]:
     """The batches of one reduce partition in one map output (memory-mapped, zero-copy)."""
     offset, length = out.offsets[partition]
@@ -205,14 +217,7 @@ def read_map_output_slice(out: MapOutput, partition: int) -> Iterator[pa.RecordB
     with mm:
         mm.seek(offset)
         buf = mm.read_buffer(length)
-    reader = pa.ipc.open_stream(buf)
-    got = False
-    for b in reader:
-        got = True
-        yield b
-    if not got and reader.schema.names:
-        # carry the schema so joins and aggregates know the columns of an empty side
-        yield pa.RecordBatch.from_pylist([], schema=reader.schema)
+    yield from _stream_batches(buf)
 
 
 def read_shuffle_partition(outputs: list[MapOutput], partition: int) -> Iterator[pa.RecordBatch]:
@@ -280,10 +285,4 @@ def read_block(ref: BlockRef) -> Iterator[pa.RecordBatch]:
         mm = pa.memory_map(ref.path, "r")
     except (FileNotFoundError, OSError) as exc:
         raise FetchFailedError(f"materialized block {ref.path} is gone: {exc}") from exc
-    reader = pa.ipc.open_stream(mm)
-    got = False
-    for b in reader:
-        got = True
-        yield b
-    if not got and reader.schema.names:
-        yield pa.RecordBatch.from_pylist([], schema=reader.schema)
+    yield from _stream_batches(mm)
