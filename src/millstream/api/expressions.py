@@ -742,7 +742,13 @@ _register("cast", "method", "cast", lambda v, p, n: v[0].cast(p["dtype"]),
 
 def _split_whitespace(x: Datum, n: int) -> pa.Array:
     """Split on runs of whitespace and drop empty parts, like Python's str.split()."""
-    lists = pc.utf8_split_whitespace(_broadcast(x, n))
+    # Arrow collapses inner runs of whitespace but keeps empty parts at the edges: trim first,
+    # so only blank strings still yield [""] (fast path when there are none).
+    trimmed = pc.utf8_trim_whitespace(_broadcast(x, n))
+    blank = pc.equal(trimmed, "")
+    if not pc.any(blank).as_py():
+        return pc.utf8_split_whitespace(trimmed)
+    lists = pc.utf8_split_whitespace(trimmed)
     flat = lists.flatten()
     keep = pc.greater(pc.utf8_length(flat), 0)
     parents = pc.list_parent_indices(lists).filter(keep).to_numpy(zero_copy_only=False)
