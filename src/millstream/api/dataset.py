@@ -365,27 +365,34 @@ class GroupedDataset:
             if not isinstance(a, AggExpr):
                 raise PlanError(f"agg() takes aggregates such as ms.sum('x') or ms.count(), got {a!r}")
         ds = self._ds
-        key_names: list[str] = []
+        key_names: list[str] = []   # names the aggregation groups by
+        out_names: list[str] = []   # names the keys have in the result
         computed: list[Expr] = []
-        for k in self._keys:
+        for i, k in enumerate(self._keys):
             if isinstance(k, str):
                 key_names.append(k)
+                out_names.append(k)
             elif isinstance(k, Expr):
-                computed.append(k)
-                key_names.append(k.output_name)
+                # computed under a private name, so the aggregates still read the source column
+                tmp = f"__millstream_key{i}"
+                computed.append(k.alias(tmp))
+                key_names.append(tmp)
+                out_names.append(k.output_name)
             else:
                 raise PlanError(f"group_by keys must be column names or expressions, got {k!r}")
         if computed:
             ds = ds.with_columns(*computed)
         specs = [AggSpec(a.func, a.arg, a.name) for a in items]
-        names = key_names + [s.name for s in specs]
+        names = out_names + [s.name for s in specs]
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
             raise PlanError(f"group_by/agg output has duplicate column name(s) {sorted(dupes)}; "
                             "use .alias(...) to name the aggregates")
         if not specs and not key_names:
             raise PlanError("agg() needs at least one aggregate")
-        return Dataset(L.Aggregate(ds._node, key_names, specs))
+        out = Dataset(L.Aggregate(ds._node, key_names, specs))
+        renames = {t: o for t, o in zip(key_names, out_names) if t != o}
+        return out.rename(renames) if renames else out
 
     def count(self) -> Dataset:
         """Rows per group, in column ``count``."""

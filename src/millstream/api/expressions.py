@@ -578,6 +578,9 @@ class _Func(Expr):
     def _eval(self, batch: pa.RecordBatch) -> Datum:
         spec = _OPS[self.op]
         vals = [a._eval(batch) for a in self.args]
+        if self.op.startswith("str_"):
+            # a column that is None in every row has Arrow's null type: treat it as strings
+            vals = [v.cast(pa.string()) if pa.types.is_null(v.type) else v for v in vals]
         if spec.bool_args:
             vals = [_null_to_bool(v) for v in vals]
         try:
@@ -692,6 +695,8 @@ _register("not", "prefix", "~", lambda v, p, n: pc.invert(v[0]),
 
 def _fill_null(v: list[Datum], p: dict[str, Any], n: int) -> Datum:
     x, fill = v
+    if pa.types.is_null(x.type):
+        x = x.cast(fill.type)
     if fill.type != x.type and not pa.types.is_null(x.type):
         try:
             fill = fill.cast(x.type)
