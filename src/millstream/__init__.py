@@ -25,6 +25,7 @@ from millstream.api.expressions import (
     sum,
     when,
 )
+from millstream.api.mapreduce import MapReduceJob, MRStep, mapreduce
 from millstream.api.readers import (
     from_arrow,
     from_items,
@@ -59,9 +60,10 @@ def last_job_stats():
 
 
 __all__ = [
-    "AggExpr", "BadRecordError", "Dataset", "Expr", "GroupedDataset", "MillstreamError",
+    "AggExpr", "BadRecordError", "Dataset", "Expr", "GroupedDataset", "MRStep", "MapReduceJob",
+    "MillstreamError",
     "OutputExistsError", "PlanError", "SchemaError", "StorageError", "TaskError", "UserFunctionError",
     "avg", "col", "collect_list", "count", "count_distinct", "first", "from_arrow", "from_items",
-    "from_pandas", "from_polars", "init", "last_job_stats", "lit", "max", "mean", "min", "range",
+    "from_pandas", "from_polars", "init", "last_job_stats", "lit", "mapreduce", "max", "mean", "min", "range",
     "read_csv", "read_json", "read_parquet", "read_text", "shutdown", "sum", "when",
 ]

@@ -1,0 +1,215 @@
+"""The ``millstream`` command line.
+
+    millstream mapreduce path/to/job.py:WordCount INPUT... -o OUTPUT [--reducers N]
+              [--runner local|ray] [--format text|parquet] [--mode error|overwrite]
+              [--parallelism N] [--memory-limit 2GB] [--max-task-attempts 4]
+
+Progress and the job's counters go to stderr; the output is committed atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import inspect
+import os
+import sys
+import time
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class CliError(Exception):
+    """A problem with the command line's arguments (exit code 2)."""
+
+
+def _load_module(ref: str) -> ModuleType:
+    """Import a job module from a file path (shipped to workers by value) or a module name."""
+    import cloudpickle
+
+    if ref.endswith(".py") or os.sep in ref or os.path.exists(ref):
+        path = os.path.abspath(ref)
+        if not os.path.isfile(path):
+            raise CliError(f"job file {ref} does not exist")
+        stem = os.path.splitext(os.path.basename(path))[0]
+        name = f"_millstream_job_{stem}_{abs(hash(path)) & 0xFFFFFF:06x}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise CliError(f"cannot load {ref} as a Python module")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        directory = os.path.dirname(path)
+        if directory not in sys.path:
+            sys.path.insert(0, directory)  # so the job file may import its neighbours
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            del sys.modules[name]
+            raise CliError(f"importing {ref} failed: {type(exc).__name__}: {exc}") from exc
+        # the workers cannot import this file by name: ship its classes by value
+        cloudpickle.register_pickle_by_value(module)
+        return module
+    try:
+        return importlib.import_module(ref)
+    except ImportError as exc:
+        raise CliError(f"cannot import job module {ref!r}: {exc}") from exc
+
+
+def load_job_class(spec: str) -> type:
+    """The MapReduceJob subclass named by ``path/to/job.py:Class`` (or ``module:Class``)."""
+    from millstream.api.mapreduce import MapReduceJob
+
+    ref, _, cls_name = spec.rpartition(":") if ":" in spec else (spec, "", "")
+    if not ref:
+        raise CliError(f"job {spec!r}: expected path/to/job.py:ClassName")
+    module = _load_module(ref)
+    if cls_name:
+        cls = getattr(module, cls_name, None)
+        if cls is None:
+            raise CliError(f"{ref} has no class {cls_name!r}")
+        if not (inspect.isclass(cls) and issubclass(cls, MapReduceJob)):
+            raise CliError(f"{ref}:{cls_name} is not a subclass of millstream.MapReduceJob")
+        return cls
+    found = [c for c in vars(module).values()
+             if inspect.isclass(c) and issubclass(c, MapReduceJob) and c is not MapReduceJob
+             and c.__module__ == module.__name__]
+    if len(found) != 1:
+        names = ", ".join(c.__name__ for c in found) or "none"
+        raise CliError(f"{ref} defines {len(found)} MapReduceJob classes ({names}); name one as "
+                       f"{ref}:ClassName")
+    return found[0]
+
+
+def format_counters(counters: dict[tuple[str, str], int]) -> str:
+    """Counters grouped as Hadoop prints them."""
+    lines = [f"Counters: {len(counters)}"]
+    groups: dict[str, list[tuple[str, int]]] = {}
+    for (group, name), n in counters.items():
+        groups.setdefault(group, []).append((name, n))
+    for group in sorted(groups):
+        lines.append(f"\t{group}")
+        for name, n in sorted(groups[group]):
+            lines.append(f"\t\t{name}={n}")
+    return "\n".join(lines)
+
+
+def _format_stages(stats: Any) -> str:
+    lines = []
+    for s in stats.stages:
+        lines.append(f"  stage {s['stage']} ({s['purpose']}): {s['tasks']} task(s), "
+                     f"{s['rows_in']} records in, {s['rows_out']} out, {s['seconds']:.2f}s")
+    return "\n".join(lines)
+
+
+def cmd_mapreduce(args: argparse.Namespace) -> int:
+    """Run a MapReduceJob over text input and write its output."""
+    import millstream as ms
+    from millstream.errors import MillstreamError
+
+    cls = load_job_class(args.job)
+    options: dict[str, Any] = {"runner": args.runner}
+    if args.parallelism is not None:
+        options["parallelism"] = args.parallelism
+    if args.memory_limit is not None:
+        options["memory_limit"] = args.memory_limit
+    if args.max_task_attempts is not None:
+        options["max_task_attempts"] = args.max_task_attempts
+    options["progress"] = args.progress
+    try:
+        ms.init(**options)
+    except (MillstreamError, TypeError, ValueError) as exc:
+        print(f"millstream: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    job = cls()
+    err = sys.stderr
+    try:
+        nsteps = len(job.steps())
+        print(f"Running {cls.__name__} ({nsteps} step(s)) on {', '.join(args.input)} "
+              f"-> {args.output} ({args.format})", file=err, flush=True)
+        t0 = time.perf_counter()
+        job.run(args.input if len(args.input) > 1 else args.input[0], args.output,
+                format=args.format, mode=args.mode, num_reducers=args.reducers,
+                split_size=args.split_size)
+    except MillstreamError as exc:
+        print(f"Job failed: {exc}", file=err)
+        if job.counters:
+            print(format_counters(job.counters), file=err)
+        return EXIT_FAILED
+    finally:
+        ms.shutdown()
+    if job.stats is not None:
+        print(_format_stages(job.stats), file=err)
+    print(f"Job succeeded in {time.perf_counter() - t0:.2f}s; output in {args.output}", file=err)
+    print(format_counters(job.counters), file=err, flush=True)
+    return EXIT_OK
+
+
+def _size(text: str) -> int:
+    from millstream.runtime.session import _parse_size
+
+    try:
+        value = _parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 64MB)") from None
+    if not value or value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``millstream`` command."""
+    parser = argparse.ArgumentParser(prog="millstream", description="Millstream data engine.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    mr = sub.add_parser("mapreduce", help="run a MapReduceJob over text files",
+                        description="Run a MapReduceJob (path/to/job.py:ClassName) over text "
+                                    "input; keys are (path, byte offset), values the lines.")
+    mr.add_argument("job", help="path/to/job.py:ClassName (or module.name:ClassName)")
+    mr.add_argument("input", nargs="+", help="input files, directories, globs or URIs")
+    mr.add_argument("-o", "--output", required=True, help="output directory (URI)")
+    mr.add_argument("--reducers", type=_positive, default=None, help="reduce tasks per step")
+    mr.add_argument("--runner", choices=("local", "ray"), default="local")
+    mr.add_argument("--format", choices=("text", "parquet"), default="text",
+                    help="text: json(key)<TAB>json(value) lines; parquet: key/value columns")
+    mr.add_argument("--mode", choices=("error", "overwrite"), default="error",
+                    help="what to do when the output exists")
+    mr.add_argument("--parallelism", type=_positive, default=None, help="worker processes")
+    mr.add_argument("--memory-limit", default=None, help="e.g. 2GB (shared by the workers)")
+    mr.add_argument("--max-task-attempts", type=_positive, default=None)
+    mr.add_argument("--split-size", type=_size, default=None,
+                    help="bytes of text per map task (default: input size / (2 x workers))")
+    mr.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                    help="live progress bars (default: when stderr is a terminal)")
+    mr.set_defaults(func=cmd_mapreduce)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``millstream`` command; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except CliError as exc:
+        print(f"millstream {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
