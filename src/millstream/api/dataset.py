@@ -288,9 +288,7 @@ class Dataset:
         """The logical, optimized and physical plans (stages, shuffles, pushdowns)."""
         settings = effective_settings({})
         opt = optimize(self._node)
-        ps = PlannerSettings(settings.resolved_shuffle_partitions(), settings.broadcast_threshold,
-                             get_session().cache.get)
-        final = PhysicalPlanner(ps).plan(opt)
+        final = self._plan(settings)
         parts = ["== Logical plan ==", self._node.tree(), "", "== Optimized plan ==", opt.tree(), "",
                  "== Physical plan =="]
         parts += [s.describe() for s in all_stages(final)]

@@ -178,6 +178,7 @@ def run_task(task: Task) -> TaskResult:
     ops = [f.create() for f in task.ops]
     stats = {"in": 0, "out": 0, "bytes": 0}
     limits = [op for op in ops if isinstance(op, LocalLimit)]
+    set_current_context(ctx)  # user code in open() (init hooks) sees its task
     for op in ops:
         op.open(ctx)
 
