@@ -53,7 +53,7 @@ __all__ = [
 
 Datum = pa.Array | pa.Scalar
 
-_NULL_BOOL = pa.scalar(None, pa.bool_())
+_NULL_BOOL = pa.nulls(1, pa.bool_())[0]  # (pa.scalar would import pandas)
 _F64 = pa.float64()
 
 

@@ -230,9 +230,15 @@ def _encode_float64(f: np.ndarray) -> pa.Array:
     return _binary_from_fixed(buf, 9)
 
 
-_STR_TAG = pa.scalar(b"\x30", pa.binary())
-_END_SCALAR = pa.scalar(b"\x00", pa.binary())
-_NO_SEP = pa.scalar(b"", pa.binary())
+def _binary_scalar(value: bytes) -> pa.Scalar:
+    """A binary scalar built from buffers (pa.scalar/pa.array would import pandas at import)."""
+    offsets = pa.py_buffer(np.array([0, len(value)], dtype=np.int32).tobytes())
+    return pa.Array.from_buffers(pa.binary(), 1, [None, offsets, pa.py_buffer(value)])[0]
+
+
+_STR_TAG = _binary_scalar(b"\x30")
+_END_SCALAR = _binary_scalar(b"\x00")
+_NO_SEP = _binary_scalar(b"")
 
 
 def _encode_strings(arr: pa.Array) -> pa.Array:
