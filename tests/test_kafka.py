@@ -20,6 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
+import millstream as ms
 from millstream.errors import BadRecordError, PlanError
 from millstream.io.kafka import (  # no client import until a client is made
     KafkaClientError,
@@ -443,3 +444,12 @@ def test_missing_client_library_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "confluent_kafka", None)
     with pytest.raises(KafkaNotInstalledError, match=r"pip install 'millstream\[kafka\]'"):
         mk._ck()
+
+
+def test_read_kafka_public_api(broker, topic):
+    expected = produce_json(broker, topic, range(45))
+    ds = ms.read_kafka(topic, broker.bootstrap_servers, end_offsets={0: 15, 1: 15, 2: 15})
+    rows = ds.collect()
+    assert_exactly(rows, expected)
+    counts = ds.group_by("_partition").agg(ms.count().alias("n")).collect()
+    assert sorted(r["n"] for r in counts) == [15, 15, 15]

@@ -34,6 +34,7 @@ from millstream.api.readers import (
     range,
     read_csv,
     read_json,
+    read_kafka,
     read_parquet,
     read_text,
 )
@@ -65,5 +66,5 @@ __all__ = [
     "OutputExistsError", "PlanError", "SchemaError", "StorageError", "TaskError", "UserFunctionError",
     "avg", "col", "collect_list", "count", "count_distinct", "first", "from_arrow", "from_items",
     "from_pandas", "from_polars", "init", "last_job_stats", "lit", "mapreduce", "max", "mean", "min", "range",
-    "read_csv", "read_json", "read_parquet", "read_text", "shutdown", "sum", "when",
+    "read_csv", "read_json", "read_kafka", "read_parquet", "read_text", "shutdown", "sum", "when",
 ]

@@ -41,6 +41,18 @@ def read_parquet(uri: str | list[str], columns: list[str] | None = None, **optio
     return Dataset(Scan(ParquetSource(uri, columns=columns, **options)))
 
 
+def read_kafka(topic: str, bootstrap_servers: str, format: str = "json", start: str = "earliest",
+               **options: Any) -> Dataset:
+    """A Kafka topic, partitions read in parallel by offset (bounded until streaming lands:
+    reads up to the end offsets found at planning time, or ``end_offsets={partition: offset}``)."""
+    from millstream.io.kafka import KafkaSource
+
+    group_id = options.pop("group_id", None)
+    schema = options.pop("schema", None)
+    return Dataset(Scan(KafkaSource(topic, bootstrap_servers, format=format, start=start,
+                                    group_id=group_id, schema=schema, options=options or None)))
+
+
 def from_items(rows: Iterable[Any], num_partitions: int | None = None) -> Dataset:
     """A dataset of Python dict rows (other values become a column ``value``)."""
     rows = list(rows)
