@@ -193,3 +193,46 @@ def normalize_key(arr: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray
         arr = pc.if_else(pc.equal(arr, zero), zero, arr)
     return arr
 
+
+# --------------------------------------------------------------------------- event time
+
+_MICROS_PER_UNIT = {"s": 1_000_000, "ms": 1_000, "us": 1}
+
+
+def event_time_micros(arr: pa.Array | pa.ChunkedArray, column: str
+                      ) -> tuple[Any, Any]:
+    """Event times as an int64 numpy array of epoch microseconds, and a bool validity mask or None.
+
+    Accepts an Arrow timestamp column (any unit, with or without a time zone), an integer
+    column of epoch milliseconds, or a date column. Nanoseconds are floored to microseconds.
+    """
+    import numpy as np
+
+    from millstream.errors import SchemaError
+
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks() if arr.num_chunks else pa.array([], arr.type)
+    t = arr.type
+    valid = None
+    if arr.null_count:
+        valid = np.asarray(arr.is_valid(), dtype=bool)
+    if pa.types.is_timestamp(t):
+        raw = arr.view(pa.int64())
+        vals = np.asarray(raw.fill_null(0) if valid is not None else raw, dtype=np.int64)
+        if t.unit == "ns":
+            vals = np.floor_divide(vals, 1000)
+        elif _MICROS_PER_UNIT[t.unit] != 1:
+            vals = vals * _MICROS_PER_UNIT[t.unit]
+    elif pa.types.is_integer(t):
+        raw = arr.cast(pa.int64())
+        vals = np.asarray(raw.fill_null(0) if valid is not None else raw, dtype=np.int64) * 1000
+    elif pa.types.is_date32(t):
+        raw = arr.view(pa.int32()).cast(pa.int64())
+        vals = np.asarray(raw.fill_null(0), dtype=np.int64) * 86_400_000_000
+    elif pa.types.is_date64(t):
+        raw = arr.view(pa.int64())
+        vals = np.asarray(raw.fill_null(0), dtype=np.int64) * 1000
+    else:
+        raise SchemaError(f"event time column {column!r} has type {t}; expected a timestamp, "
+                          f"a date, or an integer of epoch milliseconds")
+    return np.ascontiguousarray(vals, dtype=np.int64), valid

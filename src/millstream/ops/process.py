@@ -1,0 +1,329 @@
+"""Keyed process functions: user code per element with keyed state, timers and side outputs.
+
+The primary API is Flink-like: subclass :class:`KeyedProcessFunction` and implement
+``process_element(row, ctx)`` (and optionally ``open(ctx)``, ``on_timer(timestamp, ctx)``,
+``close()``); each returns an iterable of output rows (dicts), a single dict, or None. A
+plain function ``fn(row, ctx)`` works too for simple cases.
+
+``ctx`` (a :class:`ProcessContext`) gives ``ctx.key``, ``ctx.timestamp`` (the element's
+event time, or the timer's time, in µs), ``ctx.current_watermark``, ``ctx.time_domain``
+("event_time" / "processing_time" inside ``on_timer``), ``ctx.timer_service()``,
+``ctx.get_state(descriptor_or_name, default)``, ``ctx.get_list_state(name)``,
+``ctx.get_map_state(name)`` and ``ctx.output(tag, row)`` for side outputs.
+
+Elements are processed one by one in arrival order. Event-time timers fire in timestamp
+order when a watermark reaches them (``on_watermark``; ``finish`` fires all of them);
+processing-time timers fire when the scheduler calls ``advance_processing_time()`` and
+the clock has reached them. State and timers are in ``snapshot()``; attributes of the
+user's function object are not (keep what must survive a failure in keyed state).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import pyarrow as pa
+
+from millstream.errors import PlanError, SchemaError, UserCodeFailure
+from millstream.ops.base import Batches, Operator
+from millstream.ops.narrow import _short, function_name
+from millstream.ops.state import (
+    MAX_TIME,
+    MIN_TIME,
+    Clock,
+    KeyedStateStore,
+    ListState,
+    MapState,
+    StateDescriptor,
+    TimerService,
+    ValueState,
+)
+from millstream.runtime.arrowutil import batch_to_rows, event_time_micros, rows_to_batch
+
+_EMPTY: tuple[pa.RecordBatch, ...] = ()
+
+
+class KeyedProcessFunction:
+    """Base class of user process functions; override ``process_element`` (and ``on_timer``)."""
+
+    def open(self, ctx: ProcessContext) -> None:
+        """Called once before the first element (take state handles here)."""
+
+    def process_element(self, row: dict[str, Any], ctx: ProcessContext) -> Iterable[dict] | None:
+        """Handle one element of ``ctx.key``; return output rows."""
+        raise NotImplementedError
+
+    def on_timer(self, timestamp: int, ctx: ProcessContext) -> Iterable[dict] | None:
+        """A timer of ``ctx.key`` registered for ``timestamp`` fired; return output rows."""
+        return None
+
+    def close(self) -> None:
+        """Called once when the operator closes."""
+
+
+class _FunctionAdapter(KeyedProcessFunction):
+    """Runs a plain ``fn(row, ctx)`` (and an optional ``on_timer(ts, ctx)``) as a process function."""
+
+    def __init__(self, fn: Callable[..., Any], on_timer: Callable[..., Any] | None = None) -> None:
+        self.fn = fn
+        self.timer_fn = on_timer
+
+    def process_element(self, row: dict[str, Any], ctx: ProcessContext) -> Any:
+        return self.fn(row, ctx)
+
+    def on_timer(self, timestamp: int, ctx: ProcessContext) -> Any:
+        if self.timer_fn is None:
+            raise PlanError(f"a timer fired for key {ctx.key!r} at {timestamp}, but the process "
+                            f"function {function_name(self.fn)} has no on_timer; pass "
+                            f"KeyedProcess(fn, ..., on_timer=...) or subclass "
+                            f"KeyedProcessFunction")
+        return self.timer_fn(timestamp, ctx)
+
+
+class ProcessContext:
+    """What user code sees: the current key and time, state, timers and side outputs."""
+
+    def __init__(self, op: KeyedProcess) -> None:
+        self._op = op
+        self.key: Any = None
+        self.timestamp: int | None = None
+        #: None while processing an element; "event_time" or "processing_time" in on_timer.
+        self.time_domain: str | None = None
+
+    @property
+    def current_watermark(self) -> int:
+        """The operator's watermark (µs; very negative before the first one)."""
+        return self._op.watermark
+
+    @property
+    def task(self) -> Any:
+        """The TaskContext of the running task (counters, partition)."""
+        return self._op.ctx
+
+    def timer_service(self) -> TimerService:
+        """Timers of the current key."""
+        return self._op.timers
+
+    def current_processing_time(self) -> int:
+        """The clock's time (µs)."""
+        return self._op.timers.current_processing_time()
+
+    def get_state(self, descriptor: StateDescriptor | str, default: Any = None
+                  ) -> ValueState | ListState | MapState:
+        """A state handle: from a descriptor, or a ``ValueState`` by name with a default."""
+        if isinstance(descriptor, StateDescriptor):
+            return self._op.store.get_state(descriptor)
+        return self._op.store.value_state(descriptor, default)
+
+    def get_list_state(self, name: str) -> ListState:
+        """A ``ListState`` handle."""
+        return self._op.store.list_state(name)
+
+    def get_map_state(self, name: str) -> MapState:
+        """A ``MapState`` handle."""
+        return self._op.store.map_state(name)
+
+    def output(self, tag: str, row: Any) -> None:
+        """Send ``row`` to side output ``tag`` (drained with ``take_side_output(tag)``)."""
+        if not isinstance(tag, str) or not tag:
+            raise PlanError(f"side output tags are non-empty strings, got {tag!r}")
+        self._op._side.setdefault(tag, []).append(row)
+
+
+def _hashable(v: Any) -> Any:
+    if isinstance(v, list):
+        return tuple(_hashable(x) for x in v)
+    if isinstance(v, dict):
+        return tuple((k, _hashable(x)) for k, x in v.items())
+    return v
+
+
+def _collect(res: Any, out: list[Any]) -> None:
+    """Append what user code returned: None, one dict row, or an iterable of rows."""
+    if res is None:
+        return
+    if isinstance(res, dict):
+        out.append(res)
+    elif isinstance(res, (str, bytes)) or not hasattr(res, "__iter__"):
+        raise TypeError(f"a process function must return None, a dict row or an iterable of "
+                        f"rows, got {type(res).__name__}")
+    else:
+        out.extend(res)
+
+
+class KeyedProcess(Operator):
+    """Runs a keyed process function over a stream keyed by ``key_by`` columns.
+
+    ``fn`` is a :class:`KeyedProcessFunction` (instance or class) or a function
+    ``fn(row, ctx)``; ``time_column`` (optional) gives ``ctx.timestamp``; ``clock`` drives
+    processing-time timers (default: the wall clock); ``output_schema`` fixes the output
+    types. The key is the column's value (a tuple for several key columns).
+    """
+
+    def __init__(self, fn: Any, key_by: list[str] | str, time_column: str | None = None,
+                 clock: Clock | None = None, output_schema: pa.Schema | None = None,
+                 on_timer: Callable[..., Any] | None = None, name: str | None = None) -> None:
+        if isinstance(fn, type) and issubclass(fn, KeyedProcessFunction):
+            fn = fn()
+        if hasattr(fn, "process_element"):
+            self.fn = fn
+        elif callable(fn):
+            self.fn = _FunctionAdapter(fn, on_timer)
+        else:
+            raise PlanError(f"KeyedProcess: fn must be a KeyedProcessFunction or a function "
+                            f"fn(row, ctx), got {fn!r}")
+        self.key_by = [key_by] if isinstance(key_by, str) else list(key_by)
+        if not self.key_by:
+            raise PlanError("KeyedProcess: key_by needs at least one column")
+        self.time_column = time_column
+        self.output_schema = output_schema
+        self._fname = function_name(fn if not isinstance(self.fn, _FunctionAdapter)
+                                    else self.fn.fn)
+        super().__init__(name or f"KeyedProcess({self._fname}, key_by={self.key_by})")
+        self.store = KeyedStateStore()
+        self.timers = TimerService(clock)
+        self.watermark = MIN_TIME
+        self._side: dict[str, list[Any]] = {}
+        self._pctx = ProcessContext(self)
+        self._opened = False
+
+    # ----------------------------------------------------------------- interface
+
+    def open(self, ctx: Any) -> None:
+        super().open(ctx)
+        self._call("open", None, lambda: self.fn.open(self._pctx))
+        self._opened = True
+
+    def process(self, batch: pa.RecordBatch, port: int = 0) -> Batches:
+        """Run ``process_element`` on each row, in order; return the output rows as one batch."""
+        if batch.num_rows == 0:
+            return _EMPTY
+        names = batch.schema.names
+        missing = [k for k in self.key_by if k not in names]
+        if missing:
+            raise SchemaError(f"{self.name}: no key column(s) {missing}; columns are {names}")
+        times: list[int | None] = [None] * batch.num_rows
+        if self.time_column is not None:
+            if self.time_column not in names:
+                raise SchemaError(f"{self.name}: no time column {self.time_column!r}; columns "
+                                  f"are {names}")
+            t, valid = event_time_micros(batch.column(self.time_column), self.time_column)
+            times = t.tolist()
+            if valid is not None:
+                times = [x if ok else None for x, ok in zip(times, valid.tolist())]
+        rows = batch_to_rows(batch)
+        if len(self.key_by) == 1:
+            keys = [r[self.key_by[0]] for r in rows]
+        else:
+            keys = [tuple(r[k] for k in self.key_by) for r in rows]
+        out: list[Any] = []
+        pctx = self._pctx
+        pctx.time_domain = None
+        fn = self.fn.process_element
+        for row, key, ts in zip(rows, keys, times):
+            try:
+                hash(key)
+            except TypeError:
+                key = _hashable(key)
+            self._set_key(key)
+            pctx.timestamp = ts
+            try:
+                _collect(fn(row, pctx), out)
+            except Exception as exc:
+                raise UserCodeFailure(self.name, f"{self._fname}.process_element", exc,
+                                      _short(row)) from exc
+        return self._batch(out)
+
+    def on_watermark(self, watermark: int) -> Batches:
+        """Advance event time; fire due event-time timers in timestamp order."""
+        self.watermark = max(self.watermark, int(watermark))
+        self.timers.watermark = self.watermark
+        out: list[Any] = []
+        while True:
+            due = self.timers.pop_event_timer(self.watermark)
+            if due is None:
+                break
+            self._fire(due[0], due[1], "event_time", out)
+        return self._batch(out)
+
+    def advance_processing_time(self) -> Batches:
+        """Fire processing-time timers the clock has reached (call after the clock moves)."""
+        out: list[Any] = []
+        while True:
+            due = self.timers.pop_processing_timer(self.timers.clock.now())
+            if due is None:
+                break
+            self._fire(due[0], due[1], "processing_time", out)
+        return self._batch(out)
+
+    def finish(self) -> Batches:
+        """End of input: the watermark goes to +infinity, firing every event-time timer.
+
+        Pending processing-time timers do not fire (the input ended before their time).
+        """
+        return self.on_watermark(MAX_TIME)
+
+    def take_side_output(self, tag: str) -> list[pa.RecordBatch]:
+        """Rows sent to side output ``tag`` since the last call, as record batches."""
+        rows = self._side.pop(tag, [])
+        return [rows_to_batch(rows)] if rows else []
+
+    def side_output_tags(self) -> list[str]:
+        """Tags that currently hold rows."""
+        return [t for t, rows in self._side.items() if rows]
+
+    def snapshot(self) -> dict[str, Any]:
+        """Keyed state, timers, watermark and undrained side outputs (picklable)."""
+        import cloudpickle
+
+        return {"version": 1, "operator": "KeyedProcess", "store": self.store.snapshot(),
+                "timers": self.timers.snapshot(), "watermark": self.watermark,
+                "side": cloudpickle.dumps(self._side)}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Restore from ``snapshot()`` (before or after ``open``)."""
+        import cloudpickle
+
+        if not isinstance(state, dict) or state.get("operator") != "KeyedProcess":
+            raise PlanError(f"{self.name}: cannot restore from {type(state).__name__}: not a "
+                            f"KeyedProcess snapshot")
+        self.store.restore(state["store"])
+        self.timers.restore(state["timers"])
+        self.watermark = state["watermark"]
+        self._side = cloudpickle.loads(state["side"])
+
+    def close(self) -> None:
+        if self._opened:
+            self._opened = False
+            self._call("close", None, self.fn.close)
+
+    # ----------------------------------------------------------------- internals
+
+    def _set_key(self, key: Any) -> None:
+        self._pctx.key = key
+        self.store.current_key = key
+        self.timers.current_key = key
+
+    def _fire(self, ts: int, key: Any, domain: str, out: list[Any]) -> None:
+        self._set_key(key)
+        self._pctx.timestamp = ts
+        self._pctx.time_domain = domain
+        try:
+            _collect(self.fn.on_timer(ts, self._pctx), out)
+        except Exception as exc:
+            raise UserCodeFailure(self.name, f"{self._fname}.on_timer", exc,
+                                  f"{domain} timer at {ts} for key {key!r}") from exc
+        finally:
+            self._pctx.time_domain = None
+
+    def _call(self, what: str, record: str | None, thunk: Callable[[], Any]) -> Any:
+        try:
+            return thunk()
+        except Exception as exc:
+            raise UserCodeFailure(self.name, f"{self._fname}.{what}", exc, record) from exc
+
+    def _batch(self, rows: list[Any]) -> Batches:
+        if not rows:
+            return _EMPTY
+        return (rows_to_batch(rows, self.output_schema),)
