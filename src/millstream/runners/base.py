@@ -5,8 +5,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any
 
+from millstream.errors import MillstreamError, TaskError, UserFunctionError
 from millstream.runtime.progress import StageProgress
-from millstream.runtime.task import Task, TaskResult
+from millstream.runtime.task import Task, TaskFailure, TaskResult
 
 
 class Runner(ABC):
@@ -41,3 +42,35 @@ class Runner(ABC):
     def release(self, handles: list[Any]) -> None:
         """Free the data behind output handles that are no longer needed (no-op for files)."""
         return None
+
+    def _task_error(self, task: Task, failure: TaskFailure, causes: list[str]) -> BaseException:
+        """The error a task that failed on all its attempts raises (shared by all runners).
+
+        ``causes`` holds one line per attempt; a user function's failure becomes a
+        UserFunctionError with the user's traceback first; a non-retryable Millstream error
+        (bad input, bad schema, existing output, lost shuffle output) is raised as it is.
+        """
+        exc = failure.exception
+        if not failure.retryable and isinstance(exc, MillstreamError):
+            # bad input, bad schema, existing output: the precise error itself
+            return exc
+        where = f"stage {task.stage_id} ({task.stage_name}), partition {task.partition}"
+        attempts = "\n".join("  " + c.splitlines()[0] for c in causes)
+        n = len(causes)
+        if failure.user_traceback:
+            msg = (f"{failure.message}\n  in {where}, failed on all {n} attempt(s)\n\n"
+                   f"{failure.user_traceback}\nAttempts:\n{attempts}")
+            err: TaskError = UserFunctionError(msg, stage=task.stage_name, partition=task.partition,
+                                               operator=failure.operator, attempts=causes,
+                                               user_traceback=failure.user_traceback,
+                                               cause_type=failure.error_type)
+        else:
+            msg = (f"task failed in {where} after {n} attempt(s): {failure.error_type}: "
+                   f"{failure.message}\nAttempts:\n{attempts}")
+            if failure.traceback:
+                msg += f"\n\nLast attempt's traceback:\n{failure.traceback}"
+            err = TaskError(msg, stage=task.stage_name, partition=task.partition,
+                            operator=failure.operator, attempts=causes, cause_type=failure.error_type)
+        if isinstance(failure.exception, BaseException):
+            err.__cause__ = failure.exception
+        return err

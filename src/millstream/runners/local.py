@@ -20,7 +20,7 @@ from multiprocessing.connection import Connection, wait
 
 import cloudpickle
 
-from millstream.errors import MillstreamError, RunnerError, TaskError, UserFunctionError
+from millstream.errors import RunnerError
 from millstream.runners.base import Runner
 from millstream.runtime.progress import StageProgress
 from millstream.runtime.task import Task, TaskFailure, TaskResult, describe_failure, run_task
@@ -319,34 +319,6 @@ class LocalRunner(Runner):
         if w in self.workers:
             self.workers.remove(w)
         self.workers.append(self._spawn())
-
-    def _task_error(self, task: Task, failure: TaskFailure, causes: list[str]) -> BaseException:
-        exc = failure.exception
-        if not failure.retryable and isinstance(exc, MillstreamError):
-            # bad input, bad schema, existing output: the precise error itself
-            return exc
-        where = f"stage {task.stage_id} ({task.stage_name}), partition {task.partition}"
-        attempts = "\n".join("  " + c.splitlines()[0] for c in causes)
-        n = len(causes)
-        if failure.user_traceback:
-            msg = (f"{failure.message}\n  in {where}, failed on all {n} attempt(s)\n\n"
-                   f"{failure.user_traceback}\nAttempts:\n{attempts}")
-            err: TaskError = UserFunctionError(msg, stage=task.stage_name, partition=task.partition,
-                                               operator=failure.operator, attempts=causes,
-                                               user_traceback=failure.user_traceback,
-                                               cause_type=failure.error_type)
-        else:
-            detail = failure.traceback.strip().splitlines()[-1] if failure.traceback else failure.message
-            msg = (f"task failed in {where} after {n} attempt(s): {failure.error_type}: "
-                   f"{failure.message}\nAttempts:\n{attempts}")
-            if failure.traceback:
-                msg += f"\n\nLast attempt's traceback:\n{failure.traceback}"
-            del detail
-            err = TaskError(msg, stage=task.stage_name, partition=task.partition,
-                            operator=failure.operator, attempts=causes, cause_type=failure.error_type)
-        if isinstance(failure.exception, BaseException):
-            err.__cause__ = failure.exception
-        return err
 
     def shutdown(self) -> None:
         for w in self.workers:

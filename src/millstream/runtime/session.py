@@ -104,7 +104,7 @@ class Session:
 
     def get_runner(self, settings: Settings) -> Any:
         with self.lock:
-            want = (settings.runner, settings.resolved_parallelism())
+            want = (settings.runner, settings.resolved_parallelism(), settings.address)
             if self.runner_obj is not None and getattr(self, "_runner_key", None) == want:
                 self.configure_runner(settings)
                 return self.runner_obj
@@ -120,7 +120,10 @@ class Session:
                     import ray  # noqa: F401
                 except ImportError as exc:
                     raise RunnerError("the Ray runner needs Ray: pip install 'millstream[ray]'") from exc
-                raise RunnerError("the Ray runner is not available in this version yet; use runner='local'")
+                from millstream.runners.ray import RayRunner
+
+                self.runner_obj = RayRunner(settings.parallelism, address=settings.address,
+                                            max_task_attempts=settings.max_task_attempts)
             else:
                 raise RunnerError(f"unknown runner {settings.runner!r}; use 'local' or 'ray'")
             self._runner_key = want
