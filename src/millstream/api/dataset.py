@@ -211,6 +211,7 @@ class Dataset:
     # --------------------------------------------------------- execution
     def _plan(self, settings: Settings, output_kind: str = "blocks", sink: Any = None) -> Stage:
         session = get_session()
+        session.get_runner(settings)  # partition counts follow the runner (cluster CPUs on Ray)
         ps = PlannerSettings(settings.resolved_shuffle_partitions(), settings.broadcast_threshold,
                              session.cache.get)
         return PhysicalPlanner(ps).plan(optimize(self._node), output_kind, sink)

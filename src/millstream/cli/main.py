@@ -1,7 +1,7 @@
 """The ``millstream`` command line.
 
     millstream mapreduce path/to/job.py:WordCount INPUT... -o OUTPUT [--reducers N]
-              [--runner local|ray] [--format text|parquet] [--mode error|overwrite]
+              [--runner local|ray] [--address HOST:PORT] [--format text|parquet] [--mode error|overwrite]
               [--parallelism N] [--memory-limit 2GB] [--max-task-attempts 4]
 
 Progress and the job's counters go to stderr; the output is committed atomically.
@@ -112,6 +112,11 @@ def cmd_mapreduce(args: argparse.Namespace) -> int:
 
     cls = load_job_class(args.job)
     options: dict[str, Any] = {"runner": args.runner}
+    if args.address is not None:
+        if args.runner != "ray":
+            print("millstream: --address needs --runner ray", file=sys.stderr)
+            return 2
+        options["address"] = args.address
     if args.parallelism is not None:
         options["parallelism"] = args.parallelism
     if args.memory_limit is not None:
@@ -182,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     mr.add_argument("-o", "--output", required=True, help="output directory (URI)")
     mr.add_argument("--reducers", type=_positive, default=None, help="reduce tasks per step")
     mr.add_argument("--runner", choices=("local", "ray"), default="local")
+    mr.add_argument("--address", default=None,
+                    help="Ray cluster address (HOST:PORT or 'auto'); default: start a local Ray")
     mr.add_argument("--format", choices=("text", "parquet"), default="text",
                     help="text: json(key)<TAB>json(value) lines; parquet: key/value columns")
     mr.add_argument("--mode", choices=("error", "overwrite"), default="error",

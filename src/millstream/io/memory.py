@@ -33,12 +33,25 @@ class TableSource(Source):
             t = self.table.slice(lo, hi - lo)
             if self.columns is not None:
                 t = t.select(self.columns)
-            batches = t.combine_chunks().to_batches() or [pa.RecordBatch.from_pylist([], schema=t.schema)]
-            splits.append(Split(i, batches, t.nbytes, f"rows {lo}-{hi}"))
+            # Arrow IPC writes only the slice's own bytes; pickling a slice would ship the
+            # whole parent buffers with every task
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, t.schema) as w:
+                w.write_table(t)
+            splits.append(Split(i, sink.getvalue(), t.nbytes, f"rows {lo}-{hi}"))
         return splits
 
+    def __getstate__(self) -> dict:
+        # tasks carry their split; the table itself stays on the driver
+        state = dict(self.__dict__)
+        state["table"] = self.table.schema.empty_table()
+        return state
+
     def read_split(self, split: Split, ctx: TaskContext) -> Iterator[pa.RecordBatch]:
-        for b in split.info:
+        batches = list(pa.ipc.open_stream(split.info))
+        if not batches:
+            batches = [pa.RecordBatch.from_pylist([], schema=pa.ipc.open_stream(split.info).schema)]
+        for b in batches:
             if b.num_rows > ctx.batch_size:
                 for s in range(0, b.num_rows, ctx.batch_size):
                     yield b.slice(s, ctx.batch_size)

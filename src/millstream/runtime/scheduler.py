@@ -96,10 +96,11 @@ class Job:
     def _run_stage(self, st: Stage, runner: Any) -> tuple[list[Any], list[Task]]:
         """Run a stage; when an input map output was lost, recompute it and run again."""
         for recovery in range(self.settings.max_task_attempts):
-            tasks = self._tasks(st)
-            name = f"stage {st.id} {st.purpose}".strip()
-            progress = StageProgress(name, len(tasks), progress_enabled(self.settings.progress))
+            progress = None
             try:
+                tasks = self._tasks(st)  # may read inputs (sort samples) that can be lost too
+                name = f"stage {st.id} {st.purpose}".strip()
+                progress = StageProgress(name, len(tasks), progress_enabled(self.settings.progress))
                 results = runner.run_tasks(tasks, progress)
                 self.stage_tasks[st.id] = tasks
                 return results, tasks
@@ -108,11 +109,14 @@ class Job:
                     raise
                 self._recompute_lost_outputs(st, runner, exc)
             finally:
-                progress.close()
+                if progress is not None:
+                    progress.close()
         raise AssertionError("unreachable")
 
     def _recompute_lost_outputs(self, st: Stage, runner: Any, exc: FetchFailedError) -> None:
-        """Re-run the map tasks whose shuffle or block outputs no longer exist."""
+        """Re-run the map tasks whose outputs are gone, first repairing their own inputs
+        (a loss can reach several stages back). Counters of the first successful attempts
+        stay; recomputations only add ``recomputed_map_tasks``."""
         for dep in st.deps:
             lost = [i for i, out in enumerate(dep.results or []) if _is_lost(out)]
             if not lost:
@@ -120,6 +124,7 @@ class Job:
             tasks = self.stage_tasks.get(dep.id)
             if tasks is None:
                 raise exc
+            self._recompute_lost_outputs(dep, runner, exc)
             redo = [tasks[i] for i in lost]
             progress = StageProgress(f"stage {dep.id} recompute", len(redo),
                                      progress_enabled(self.settings.progress))
@@ -129,8 +134,6 @@ class Job:
                 progress.close()
             for i, r in zip(lost, again):
                 dep.results[i] = r.value
-                for k, v in r.counters.items():
-                    self.stats.counters[k] = self.stats.counters.get(k, 0) + v
             key = ("millstream", "recomputed_map_tasks")
             self.stats.counters[key] = self.stats.counters.get(key, 0) + len(lost)
 

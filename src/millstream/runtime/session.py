@@ -53,7 +53,12 @@ class Settings:
     address: str | None = None
 
     def resolved_parallelism(self) -> int:
-        return self.parallelism or os.cpu_count() or 1
+        """Workers to plan for: as set, else the runner's (cluster CPUs on Ray), else local CPUs."""
+        if self.parallelism:
+            return self.parallelism
+        if self.runner != "local" and _session is not None and _session.runner_obj is not None:
+            return max(1, int(getattr(_session.runner_obj, "parallelism", 0) or 0)) or (os.cpu_count() or 1)
+        return os.cpu_count() or 1
 
     def resolved_memory_limit(self) -> int:
         return _parse_size(self.memory_limit) or _default_memory_limit()
@@ -104,7 +109,10 @@ class Session:
 
     def get_runner(self, settings: Settings) -> Any:
         with self.lock:
-            want = (settings.runner, settings.resolved_parallelism(), settings.address)
+            # a Ray runner is keyed by its cluster only: per-action parallelism must not
+            # restart a Ray it started (and lose the cached objects)
+            want = (settings.runner, settings.address) if settings.runner == "ray" else \
+                (settings.runner, settings.resolved_parallelism(), settings.address)
             if self.runner_obj is not None and getattr(self, "_runner_key", None) == want:
                 self.configure_runner(settings)
                 return self.runner_obj
