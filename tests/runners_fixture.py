@@ -239,6 +239,7 @@ def use_runner(name: str, config: pytest.Config) -> dict[str, Any]:
     """Point the engine session at runner ``name``; return the settings to restore."""
     saved = dataclasses.asdict(get_session().settings)
     if name == "ray":
+        os.environ["MILLSTREAM_RAY_LOG_TO_DRIVER"] = "0"  # keep Ray's node chatter out of the test log
         cluster = shared_ray_cluster(config)
         ms.init(runner="ray", address=cluster.address, parallelism=RAY_PARALLELISM,
                 progress=False)

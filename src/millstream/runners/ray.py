@@ -145,7 +145,9 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
     if ray.is_initialized():
         return False
     options: dict[str, Any] = {"runtime_env": worker_runtime_env(runtime_env),
-                               "logging_level": logging.WARNING}
+                               "logging_level": logging.WARNING,
+                               # workers' output is shown here unless turned off (the tests do)
+                               "log_to_driver": os.environ.get("MILLSTREAM_RAY_LOG_TO_DRIVER", "1") != "0"}
     if address is None:
         if num_cpus is not None:
             options["num_cpus"] = num_cpus
