@@ -135,3 +135,17 @@ def test_lost_shuffle_output_is_recomputed(monkeypatch):
     assert len(deleted) == 1
     assert {r["k"]: r["s"] for r in rows} == {k: sum(i for i in range(1000) if i % 5 == k) for k in range(5)}
     assert ms.last_job_stats().counters.get(("millstream", "recomputed_map_tasks")) == 1
+
+
+def test_lost_cached_partition_is_recomputed_from_lineage():
+    """A cached partition that disappears (disk or node lost) is rebuilt from its lineage."""
+    from millstream.runtime.session import get_session
+
+    cached = ms.range(3000, num_partitions=3).with_columns(k=ms.col("id") % 7).cache()
+    assert cached.count() == 3000
+    blocks = get_session().cache[cached._node.cache_id]
+    os.unlink(blocks[1].path)
+    rows = cached.group_by("k").agg(ms.count().alias("n")).collect()
+    assert sum(r["n"] for r in rows) == 3000
+    assert cached.count() == 3000  # cached again
+    cached.unpersist()

@@ -13,7 +13,7 @@ from typing import Any
 import pyarrow as pa
 
 from millstream.api.expressions import AggExpr, Expr, col, to_expr
-from millstream.errors import PlanError
+from millstream.errors import FetchFailedError, PlanError
 from millstream.ops import narrow
 from millstream.ops.aggregate import AggSpec
 from millstream.ops.base import OperatorFactory
@@ -218,13 +218,20 @@ class Dataset:
 
     def _blocks_job(self, options: dict[str, Any]) -> tuple[Job, list[Any]]:
         settings = effective_settings(options)
-        job = Job(get_session(), settings, self._plan(settings))
-        try:
-            blocks = job.run()
-        except BaseException:
-            job.cleanup()
-            raise
-        return job, blocks
+        for attempt in range(settings.max_task_attempts):
+            job = Job(get_session(), settings, self._plan(settings))
+            try:
+                return job, job.run()
+            except FetchFailedError:
+                job.cleanup()
+                # cached partitions lost with a node or disk: forget them and re-plan, so
+                # they are recomputed from their lineage
+                if not _drop_lost_cache_entries() or attempt + 1 >= settings.max_task_attempts:
+                    raise
+            except BaseException:
+                job.cleanup()
+                raise
+        raise AssertionError("unreachable")
 
     def iter_batches(self, **options: Any) -> Iterator[pa.RecordBatch]:
         """Run the pipeline and stream the result as record batches, partition by partition."""
@@ -239,14 +246,21 @@ class Dataset:
 
     def to_arrow(self, **options: Any) -> pa.Table:
         """Run the pipeline and return the result as one Arrow table."""
-        job, blocks = self._blocks_job(options)
-        try:
-            batches = [b for ref in blocks for b in read_block(ref)]
-            table = concat_batches(batches)
-            # detach from the memory-mapped files before they are deleted
-            return table.combine_chunks() if table.num_rows else table
-        finally:
-            job.cleanup()
+        attempts = effective_settings(options).max_task_attempts
+        for attempt in range(attempts):
+            job, blocks = self._blocks_job(options)
+            try:
+                batches = [b for ref in blocks for b in read_block(ref)]
+                table = concat_batches(batches)
+                # detach from the memory-mapped files before they are deleted
+                return table.combine_chunks() if table.num_rows else table
+            except FetchFailedError:
+                # results lost between the last stage and reading them: run the job again
+                if attempt + 1 >= attempts:
+                    raise
+            finally:
+                job.cleanup()
+        raise AssertionError("unreachable")
 
     def collect(self, **options: Any) -> list[dict[str, Any]]:
         """Run the pipeline and return all rows as Python dicts."""
@@ -398,6 +412,17 @@ class GroupedDataset:
         from millstream.api.expressions import count as count_all
 
         return self.agg(count_all().alias("count"))
+
+
+def _drop_lost_cache_entries() -> bool:
+    """Forget cached datasets any of whose partitions are gone; True when one was dropped."""
+    from millstream.runtime.scheduler import _is_lost
+
+    cache = get_session().cache
+    lost = [cid for cid, blocks in list(cache.entries.items()) if any(_is_lost(b) for b in blocks)]
+    for cid in lost:
+        cache.drop(cid)
+    return bool(lost)
 
 
 def _partition_cols(partition_by: str | Sequence[str] | None) -> list[str] | None:
