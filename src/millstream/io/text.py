@@ -745,7 +745,10 @@ class TextSource(LineFileSource):
 
     def _read_range(self, frange: FileRange, info: LineSplitInfo, ctx: TaskContext,
                     needed: list[str] | None, handler: Any) -> Iterator[pa.Table]:
-        reader = LineReader(frange, self.storage_options, self.block_size)
+        # blocks shrink with the task's memory budget: downstream operators (split, explode)
+        # multiply a block's size several times
+        block = min(self.block_size, max(256 << 10, ctx.memory_budget // 32))
+        reader = LineReader(frange, self.storage_options, block)
         want_offsets = self.with_offsets and (needed is None or "path" in needed
                                               or "offset" in needed)
         for chunk in reader.chunks():

@@ -164,9 +164,12 @@ class TaskFailure:
 
 def make_context(task: Task) -> TaskContext:
     s = task.settings
+    budget = s.get("memory_budget", 256 << 20)
+    # under a small budget, smaller batches keep per-batch temporaries within it
+    batch_size = max(1024, min(s.get("batch_size", 65536), budget // 1024))
     return TaskContext(job_id=task.job_id, stage_id=task.stage_id, partition=task.partition,
-                       attempt=task.attempt, memory_budget=s.get("memory_budget", 256 << 20),
-                       spill_dir=s.get("spill_dir") or "/tmp", batch_size=s.get("batch_size", 65536),
+                       attempt=task.attempt, memory_budget=budget,
+                       spill_dir=s.get("spill_dir") or "/tmp", batch_size=batch_size,
                        shuffle_compression=s.get("shuffle_compression", "lz4"),
                        stage_name=task.stage_name)
 
