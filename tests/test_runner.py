@@ -149,3 +149,19 @@ def test_lost_cached_partition_is_recomputed_from_lineage():
     assert sum(r["n"] for r in rows) == 3000
     assert cached.count() == 3000  # cached again
     cached.unpersist()
+
+
+@pytest.mark.parametrize("how", ["inner", "right"])
+def test_small_left_side_is_broadcast(how):
+    small = ms.from_items([{"k": i, "name": f"n{i}", "v": i} for i in range(5)] + [{"k": None, "name": "x", "v": 9}])
+    big = ms.range(2000, num_partitions=4).with_columns(k=ms.col("id") % 7, v=ms.col("id"))
+    joined = small.join(big, on="k", how=how)
+    assert "broadcast left" in joined.explain(print_plan=False)
+    shuffled = small.join(big, on="k", how=how, broadcast=False)
+
+    def canon(rows):
+        return sorted(tuple(sorted(r.items())) for r in rows)
+
+    got = joined.collect()
+    assert list(got[0]) == ["k", "name", "v", "id", "v_right"]
+    assert canon(got) == canon(shuffled.collect())

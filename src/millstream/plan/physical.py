@@ -12,9 +12,11 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
+
 from millstream.io.base import Source
 from millstream.ops.aggregate import FinalAggregate, PartialAggregate
-from millstream.ops.base import OperatorFactory
+from millstream.ops.base import Operator, OperatorFactory
 from millstream.ops.join import HashJoin
 from millstream.ops.narrow import LocalLimit
 from millstream.ops.sort import SampleKeys, Sort
@@ -163,6 +165,40 @@ class BroadcastHashJoin(HashJoin):
         return HashJoin.finish(self)
 
 
+class BroadcastLeftHashJoin(Operator):
+    """Joins each chunk of the (large) right side against the whole small left side."""
+
+    def __init__(self, left_on: list[str], right_on: list[str], how: str, suffix: str,
+                 broadcast_stage: Stage | None = None, blocks: list[Any] | None = None) -> None:
+        super().__init__(f"BroadcastLeftHashJoin({how}, left_on={left_on}, right_on={right_on})")
+        if how not in ("inner", "right"):
+            raise ValueError(f"a broadcast left side only serves inner and right joins, not {how}")
+        self.left_on, self.right_on, self.how, self.suffix = left_on, right_on, how, suffix
+        self.blocks = blocks
+        self.left: pa.Table | None = None
+
+    def open(self, ctx) -> None:
+        from millstream.runtime.arrowutil import concat_batches
+        from millstream.runtime.shuffle import read_block
+
+        super().open(ctx)
+        self.left = concat_batches([b for ref in self.blocks or [] for b in read_block(ref)])
+
+    def process(self, batch: pa.RecordBatch, port: int = 0):
+        from millstream.ops.join import join_tables
+        from millstream.runtime.arrowutil import table_to_batches
+
+        right = pa.Table.from_batches([batch])
+        left = self.left
+        if left is None or left.num_columns == 0:
+            left = pa.table({k: pa.array([], right.column(r).type)
+                             for k, r in zip(self.left_on, self.right_on)})
+        if batch.num_rows == 0:
+            return ()
+        out = join_tables(left, right, self.left_on, self.right_on, self.how, self.suffix)
+        return table_to_batches(out, self.ctx.batch_size if self.ctx else 65536) if out.num_rows else ()
+
+
 @dataclass
 class PlannerSettings:
     shuffle_partitions: int
@@ -221,6 +257,38 @@ class PhysicalPlanner:
         new.add(OperatorFactory(FinalAggregate, node.keys, node.specs, not node.keys), node.label())
         return [new]
 
+    def _build_WithWatermark(self, node: L.WithWatermark) -> list[Pipeline]:
+        from millstream.ops.watermark import EventTimeWatermark
+
+        pipes = self.build(node.child)
+        for p in pipes:
+            p.add(OperatorFactory(EventTimeWatermark, node.column, node.delay, node.idle_timeout),
+                  node.label())
+        return pipes
+
+    def _build_WindowAggregate(self, node: L.WindowAggregate) -> list[Pipeline]:
+        from millstream.ops.window import WindowAggregate
+
+        pipes = self.build(node.child)
+        n = self._n(pipes) if node.keys else 1
+        stage = self._close(pipes, HashPartitioner(list(node.keys), n), "window key exchange")
+        new = Pipeline([ShufflePort(stage)])
+        new.add(OperatorFactory(WindowAggregate, node.window, list(node.keys), list(node.specs),
+                                node.time_column, node.allowed_lateness), node.label())
+        return [new]
+
+    def _build_KeyedProcess(self, node: L.KeyedProcess) -> list[Pipeline]:
+        from millstream.ops.process import KeyedProcess
+
+        pipes = self.build(node.child)
+        stage = self._close(pipes, HashPartitioner(list(node.keys), self._n(pipes)),
+                            "process key exchange")
+        new = Pipeline([ShufflePort(stage)])
+        new.add(OperatorFactory(KeyedProcess, node.fn, list(node.keys), node.time_column,
+                                output_schema=node.output_schema, on_timer=node.on_timer),
+                node.label())
+        return [new]
+
     def _build_Distinct(self, node: L.Distinct) -> list[Pipeline]:
         from millstream.ops.aggregate import DistinctFinal, DistinctPartial
 
@@ -273,18 +341,32 @@ class PhysicalPlanner:
         return [Pipeline([BlocksPort(stage=self.cache_stages[node.cache_id])])]
 
     def _build_Join(self, node: L.Join) -> list[Pipeline]:
-        left = self.build(node.left)
-        broadcast = node.broadcast
-        if broadcast is None:
-            est = estimate_size(node.right, self.s.cache_lookup)
-            broadcast = est is not None and est <= self.s.broadcast_threshold
-        if broadcast and node.how in ("inner", "left", "semi", "anti"):
-            right = self.build(node.right)
-            small = Stage(right, "blocks", purpose="broadcast side of join")
+        thr = self.s.broadcast_threshold
+        if node.broadcast is None:
+            est_r = estimate_size(node.right, self.s.cache_lookup)
+            est_l = estimate_size(node.left, self.s.cache_lookup)
+            small_right = est_r is not None and est_r <= thr
+            small_left = est_l is not None and est_l <= thr and not small_right
+        else:
+            small_right, small_left = node.broadcast, False
+        if small_right and node.how in ("inner", "left", "semi", "anti"):
+            left = self.build(node.left)
+            small = Stage(self.build(node.right), "blocks", purpose="broadcast side of join")
             for p in left:
                 p.add(OperatorFactory(BroadcastHashJoin, list(node.left_on), list(node.right_on),
                                       node.how, node.suffix, broadcast_stage=small), node.label() + " (broadcast)")
             return left
+        if small_left and node.how in ("inner", "right"):
+            # the small LEFT side goes to every task of the right side; each right chunk is
+            # joined against it (only inner and right joins can be decided chunk by chunk)
+            small = Stage(self.build(node.left), "blocks", purpose="broadcast left side of join")
+            right = self.build(node.right)
+            for p in right:
+                p.add(OperatorFactory(BroadcastLeftHashJoin, list(node.left_on), list(node.right_on),
+                                      node.how, node.suffix, broadcast_stage=small),
+                      node.label() + " (broadcast left)")
+            return right
+        left = self.build(node.left)
         right = self.build(node.right)
         n = self.s.shuffle_partitions
         ls = self._close(left, HashPartitioner(list(node.left_on), n), "join left side")
