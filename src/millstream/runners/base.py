@@ -15,6 +15,7 @@ class Runner(ABC):
 
     name: str = "runner"
     parallelism: int = 1
+    max_task_attempts: int = 4
 
     @abstractmethod
     def run_tasks(self, tasks: list[Task], progress: StageProgress) -> list[TaskResult]:
@@ -23,6 +24,23 @@ class Runner(ABC):
     @abstractmethod
     def shutdown(self) -> None:
         """Stop workers and release resources."""
+
+    def _attempt_failed(self, idx: int, cause: str, failure: Any, still_running: bool,
+                        causes: list[list[str]], pending: Any, next_attempt: list[int],
+                        tasks: list[Any], progress: Any) -> None:
+        """Record a failed attempt; queue the next attempt, or raise once they are spent.
+
+        While another attempt of the task (a speculative backup) still runs, just record.
+        """
+        causes[idx].append(cause)
+        if still_running:
+            return
+        if failure.retryable and next_attempt[idx] < self.max_task_attempts:
+            pending.append((idx, next_attempt[idx]))
+            next_attempt[idx] += 1
+            progress.task_retried()
+        else:
+            raise self._task_error(tasks[idx], failure, causes[idx])
 
     # Where task outputs live is the runner's business: local files by default; a cluster
     # runner returns outputs that keep data in its object store. Handles returned by these

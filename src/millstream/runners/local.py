@@ -253,15 +253,8 @@ class LocalRunner(Runner):
                         cause = f"attempt {attempt}: {failure.error_type}: {failure.message}"
                     if results[idx] is not None:
                         continue
-                    causes[idx].append(cause)
-                    if running.get(idx):
-                        continue  # another attempt of this task is still running
-                    if failure.retryable and next_attempt[idx] < self.max_task_attempts:
-                        pending.append((idx, next_attempt[idx]))
-                        next_attempt[idx] += 1
-                        progress.task_retried()
-                    else:
-                        raise self._task_error(tasks[idx], failure, causes[idx])
+                    self._attempt_failed(idx, cause, failure, bool(running.get(idx)), causes,
+                                         pending, next_attempt, tasks, progress)
         except BaseException:
             # stop whatever still runs for this stage; the workers are replaced lazily
             for w in list(self.workers):

@@ -574,15 +574,8 @@ class RayRunner(Runner):
                             _LOST_OBJECTS.update(lost)
                     if results[idx] is not None:
                         continue
-                    causes[idx].append(cause)
-                    if per_task.get(idx):
-                        continue  # another attempt of this task is still running
-                    if failure.retryable and next_attempt[idx] < self.max_task_attempts:
-                        pending.append((idx, next_attempt[idx]))
-                        next_attempt[idx] += 1
-                        progress.task_retried()
-                    else:
-                        raise self._task_error(tasks[idx], failure, causes[idx])
+                    self._attempt_failed(idx, cause, failure, bool(per_task.get(idx)), causes,
+                                         pending, next_attempt, tasks, progress)
         except BaseException:
             # stop whatever still runs for this stage
             self._cancel(list(running))
