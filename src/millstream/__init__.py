@@ -28,6 +28,7 @@ from millstream.api.expressions import (
 from millstream.api.mapreduce import MapReduceJob, MRStep, mapreduce
 from millstream.api.readers import (
     from_arrow,
+    from_generator,
     from_items,
     from_pandas,
     from_polars,
@@ -38,6 +39,7 @@ from millstream.api.readers import (
     read_parquet,
     read_text,
 )
+from millstream.api.stream import session, sliding, tumbling
 from millstream.errors import (
     BadRecordError,
     MillstreamError,
@@ -64,7 +66,7 @@ __all__ = [
     "AggExpr", "BadRecordError", "Dataset", "Expr", "GroupedDataset", "MRStep", "MapReduceJob",
     "MillstreamError",
     "OutputExistsError", "PlanError", "SchemaError", "StorageError", "TaskError", "UserFunctionError",
-    "avg", "col", "collect_list", "count", "count_distinct", "first", "from_arrow", "from_items",
+    "avg", "col", "collect_list", "count", "count_distinct", "first", "from_arrow", "from_generator", "from_items",
     "from_pandas", "from_polars", "init", "last_job_stats", "lit", "mapreduce", "max", "mean", "min", "range",
-    "read_csv", "read_json", "read_kafka", "read_parquet", "read_text", "shutdown", "sum", "when",
+    "read_csv", "read_json", "read_kafka", "read_parquet", "read_text", "session", "shutdown", "sliding", "sum", "tumbling", "when",
 ]

@@ -208,6 +208,26 @@ class Dataset:
             get_session().cache.drop(self._node.cache_id)
         return self
 
+    # --------------------------------------------------------- event time / streaming
+    def with_watermark(self, column: str, delay: Any = "5s", idle_timeout: Any = None) -> Dataset:
+        """Declare ``column`` the event time; watermark = max event time - ``delay``."""
+        from millstream.api import stream
+
+        return stream.with_watermark(self, column, delay, idle_timeout)
+
+    def window(self, window: Any, on: str | None = None, allowed_lateness: Any = None) -> Any:
+        """Event-time windows over all rows; follow with ``.agg(...)``."""
+        from millstream.api import stream
+
+        return stream.window(self, window, on, allowed_lateness)
+
+    def start(self, checkpoint: str | None = None, checkpoint_interval: Any = "10s",
+              sink: Any = None, **options: Any) -> Any:
+        """Run as a streaming job; returns a StreamingJob (await_termination, stop, metrics)."""
+        from millstream.api import stream
+
+        return stream.start(self, checkpoint, checkpoint_interval, sink, **options)
+
     # --------------------------------------------------------- execution
     def _plan(self, settings: Settings, output_kind: str = "blocks", sink: Any = None) -> Stage:
         session = get_session()
@@ -406,6 +426,19 @@ class GroupedDataset:
         out = Dataset(L.Aggregate(ds._node, key_names, specs))
         renames = {t: o for t, o in zip(key_names, out_names) if t != o}
         return out.rename(renames) if renames else out
+
+    def window(self, window: Any, on: str | None = None, allowed_lateness: Any = None) -> Any:
+        """Event-time windows per key; follow with ``.agg(...)``."""
+        from millstream.api import stream
+
+        return stream.window(self._ds, window, on, allowed_lateness, keys=self._keys)
+
+    def process(self, fn: Any, time_column: str | None = None, output_schema: Any = None,
+                on_timer: Any = None) -> Dataset:
+        """Run a keyed process function (state, timers, side outputs) for each key."""
+        from millstream.api import stream
+
+        return stream.process(self, fn, time_column, output_schema, on_timer)
 
     def count(self) -> Dataset:
         """Rows per group, in column ``count``."""

@@ -43,14 +43,27 @@ def read_parquet(uri: str | list[str], columns: list[str] | None = None, **optio
 
 def read_kafka(topic: str, bootstrap_servers: str, format: str = "json", start: str = "earliest",
                **options: Any) -> Dataset:
-    """A Kafka topic, partitions read in parallel by offset (bounded until streaming lands:
-    reads up to the end offsets found at planning time, or ``end_offsets={partition: offset}``)."""
+    """A Kafka topic, partitions read in parallel by offset.
+
+    In batch mode it is bounded (up to the end offsets found at planning time, or
+    ``end_offsets={partition: offset}``); run with ``.start(...)`` it is unbounded, read by
+    one reader per partition with the offsets in the checkpoints (``stop_at_end=True``
+    on ``start`` ends the job once every partition is caught up)."""
     from millstream.io.kafka import KafkaSource
 
     group_id = options.pop("group_id", None)
     schema = options.pop("schema", None)
     return Dataset(Scan(KafkaSource(topic, bootstrap_servers, format=format, start=start,
                                     group_id=group_id, schema=schema, options=options or None)))
+
+
+def from_generator(fn: Any, rate: float | None = None, count: int | None = None,
+                   partitions: int = 1, schema: pa.Schema | None = None) -> Dataset:
+    """Rows ``fn(0), fn(1), ...``: endless (streaming) unless ``count``; ``rate`` rows/second."""
+    from millstream.io.generator import GeneratorSource
+
+    return Dataset(Scan(GeneratorSource(fn, rate=rate, count=count, partitions=partitions,
+                                        schema=schema)))
 
 
 def from_items(rows: Iterable[Any], num_partitions: int | None = None) -> Dataset:

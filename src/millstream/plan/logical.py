@@ -151,3 +151,48 @@ class Cache(Unary):
 
     def label(self) -> str:
         return f"Cache #{self.cache_id}"
+
+
+@dataclass(frozen=True, eq=False)
+class WithWatermark(Unary):
+    """Event time is ``column``; watermark = max event time - ``delay`` µs (streaming)."""
+
+    column: str
+    delay: int
+    idle_timeout: int | None = None
+
+    def label(self) -> str:
+        idle = f", idle_timeout={self.idle_timeout}us" if self.idle_timeout else ""
+        return f"WithWatermark {self.column!r} delay={self.delay}us{idle}"
+
+
+@dataclass(frozen=True, eq=False)
+class WindowAggregate(Unary):
+    """Keyed event-time window aggregation (``ops.window.WindowAggregate``)."""
+
+    window: Any  # ops.window.WindowAssigner
+    keys: list[str]
+    specs: list[Any]  # AggSpec
+    time_column: str
+    allowed_lateness: int = 0
+
+    def label(self) -> str:
+        aggs = ", ".join(f"{s.func} as {s.name}" for s in self.specs)
+        return (f"Window {self.window.describe()} on {self.time_column!r} keys={self.keys} "
+                f"[{aggs}]" + (f" allowed_lateness={self.allowed_lateness}us"
+                               if self.allowed_lateness else ""))
+
+
+@dataclass(frozen=True, eq=False)
+class KeyedProcess(Unary):
+    """A keyed process function with state and timers (``ops.process.KeyedProcess``)."""
+
+    fn: Any
+    keys: list[str]
+    time_column: str | None = None
+    output_schema: Any = None
+    on_timer: Any = None
+
+    def label(self) -> str:
+        name = getattr(self.fn, "__name__", type(self.fn).__name__)
+        return f"KeyedProcess {name} keys={self.keys}"

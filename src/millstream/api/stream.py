@@ -1,0 +1,149 @@
+"""Event-time and streaming parts of the Dataset API: watermarks, windows, keyed process
+functions, and ``start`` (run a pipeline as a streaming job).
+
+Windowed aggregation and process functions run in batch mode too (``collect()`` on a
+bounded source: shuffle by key, then the operator, whose ``finish()`` acts as watermark
++infinity), so a bounded pipeline gives the same result in batch and streaming mode
+(as long as no event is late for the watermark the stream had).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from typing import TYPE_CHECKING, Any
+
+from millstream.api.expressions import AggExpr
+from millstream.errors import PlanError
+from millstream.ops.aggregate import AggSpec
+from millstream.ops.window import Session, Sliding, Tumbling, WindowAssigner, parse_duration
+from millstream.plan import logical as L
+
+if TYPE_CHECKING:
+    from millstream.api.dataset import Dataset, GroupedDataset
+    from millstream.runtime.streaming import StreamingJob
+
+Duration = str | int | _dt.timedelta
+
+
+def tumbling(size: Duration, offset: Duration = 0) -> Tumbling:
+    """Fixed, non-overlapping windows of ``size`` ("1m", "1h", timedelta or µs)."""
+    return Tumbling(size, offset)
+
+
+def sliding(size: Duration, every: Duration, offset: Duration = 0) -> Sliding:
+    """Windows of ``size`` starting every ``every``."""
+    return Sliding(size, every, offset)
+
+
+def session(gap: Duration) -> Session:
+    """Per-key sessions closed after ``gap`` without events."""
+    return Session(gap)
+
+
+def watermark_column(node: L.Node) -> str | None:
+    """The event-time column set by the nearest ``with_watermark`` upstream of ``node``."""
+    while True:
+        if isinstance(node, L.WithWatermark):
+            return node.column
+        if isinstance(node, (L.WindowAggregate, L.KeyedProcess)) or len(node.children) != 1:
+            return None
+        node = node.children[0]
+
+
+def with_watermark(ds: Dataset, column: str, delay: Duration = "5s",
+                   idle_timeout: Duration | None = None) -> Dataset:
+    """Declare ``column`` the event time; watermark = max event time seen - ``delay``."""
+    from millstream.api.dataset import Dataset
+
+    if not isinstance(column, str):
+        raise PlanError(f"with_watermark: column must be a column name, got {column!r}")
+    idle = None if idle_timeout is None else parse_duration(idle_timeout, "idle_timeout")
+    return Dataset(L.WithWatermark(ds._node, column, parse_duration(delay, "delay"), idle))
+
+
+def _specs(aggs: tuple[Any, ...], named: dict[str, Any]) -> list[AggSpec]:
+    items: list[AggExpr] = []
+    for a in aggs:
+        items.extend(a if isinstance(a, (list, tuple)) else [a])
+    for name, a in named.items():
+        if not isinstance(a, AggExpr):
+            raise PlanError(f"agg({name}=...) needs an aggregate such as ms.sum('x'), got {a!r}")
+        items.append(a.alias(name))
+    for a in items:
+        if not isinstance(a, AggExpr):
+            raise PlanError(f"window(...).agg() takes aggregates such as ms.sum('x'), got {a!r}")
+    if not items:
+        raise PlanError("window(...).agg() needs at least one aggregate")
+    return [AggSpec(a.func, a.arg, a.name) for a in items]
+
+
+def _string_keys(keys: list[Any], what: str) -> list[str]:
+    if not all(isinstance(k, str) for k in keys):
+        raise PlanError(f"{what} needs group_by keys that are column names, got {keys!r}; add "
+                        f"computed keys with with_columns(...) first")
+    return list(keys)
+
+
+class WindowedDataset:
+    """``window(...)`` of a Dataset or a grouped Dataset; ``agg(...)`` makes the result."""
+
+    def __init__(self, ds: Dataset, keys: list[str], window: WindowAssigner, on: str,
+                 allowed_lateness: int) -> None:
+        self._ds = ds
+        self._keys = keys
+        self._window = window
+        self._on = on
+        self._lateness = allowed_lateness
+
+    def agg(self, *aggs: Any, **named: Any) -> Dataset:
+        """One row per key and window: ``window_start``, ``window_end``, keys, aggregates."""
+        from millstream.api.dataset import Dataset
+
+        specs = _specs(aggs, named)
+        return Dataset(L.WindowAggregate(self._ds._node, self._window, self._keys, specs,
+                                         self._on, self._lateness))
+
+    def count(self) -> Dataset:
+        """Rows per key and window, in column ``count``."""
+        from millstream.api.expressions import count
+
+        return self.agg(count().alias("count"))
+
+
+def window(ds: Dataset, assigner: WindowAssigner, on: str | None = None,
+           allowed_lateness: Duration | None = None, keys: list[Any] | None = None
+           ) -> WindowedDataset:
+    """Window ``ds`` by event time (``on``: the column; default: the ``with_watermark`` one)."""
+    if not isinstance(assigner, WindowAssigner):
+        raise PlanError(f"window() needs ms.tumbling(...), ms.sliding(...) or ms.session(...), "
+                        f"got {assigner!r}")
+    on = on or watermark_column(ds._node)
+    if on is None:
+        raise PlanError("window(): give the event-time column with on=... or call "
+                        "with_watermark(column, ...) first")
+    lateness = 0 if allowed_lateness is None else parse_duration(allowed_lateness,
+                                                                 "allowed_lateness")
+    return WindowedDataset(ds, _string_keys(keys or [], "window()"), assigner, on, lateness)
+
+
+def process(grouped: GroupedDataset, fn: Any, time_column: str | None = None,
+            output_schema: Any = None, on_timer: Any = None) -> Dataset:
+    """Run a keyed process function (``KeyedProcessFunction`` or ``fn(row, ctx)``) per key."""
+    from millstream.api.dataset import Dataset
+
+    keys = _string_keys(grouped._keys, "process()")
+    if not keys:
+        raise PlanError("process() needs group_by(...) keys")
+    ds = grouped._ds
+    time_column = time_column or watermark_column(ds._node)
+    return Dataset(L.KeyedProcess(ds._node, fn, keys, time_column, output_schema, on_timer))
+
+
+def start(ds: Dataset, checkpoint: str | None = None, checkpoint_interval: Duration = "10s",
+          sink: Any = None, **options: Any) -> StreamingJob:
+    """Run ``ds`` as a streaming job (see :class:`~millstream.runtime.streaming.StreamingJob`)."""
+    from millstream.runtime.streaming import StreamingJob
+
+    fault = options.pop("_fault", None)
+    return StreamingJob(ds._node, checkpoint, checkpoint_interval, sink, fault=fault,
+                        **options).start()

@@ -1,0 +1,737 @@
+"""The streaming scheduler (v1): runs a physical plan's pipelines continuously in the driver.
+
+v1 departs from ``docs/streaming-design.md`` in one accepted way: every stage partition
+(an operator chain per source partition, and one per shuffle partition of a key
+exchange, hash of the keys) runs in the driver process, on one thread, instead of in
+sticky long-lived worker tasks. What the design fixes is kept:
+
+* **Epochs.** Each *round* polls every source partition once (up to
+  ``max_batch_records``), pushes the rows through the chains and the key exchanges,
+  recomputes the watermark and drives ``on_watermark``. An *epoch* is the rounds
+  between two checkpoints; a checkpoint is taken at a round boundary once
+  ``checkpoint_interval`` has passed (and something changed).
+* **Watermarks.** Per source partition: the larger of the source's explicit watermark
+  (test sources) and ``max event time - delay`` of the partition's ``with_watermark``
+  operator; a partition that delivered nothing for ``idle_timeout`` is left out of the
+  minimum; an ended partition counts as +infinity. The job's watermark is that minimum,
+  never decreasing. When every source has ended, operators get ``finish()``
+  (watermark +infinity), as in batch mode.
+* **Side outputs.** Late and invalid-time rows of window operators, and tagged rows of
+  process functions, are drained after every round into ``job.late_records()`` /
+  ``job.side_output(tag)``; never dropped silently.
+* **Checkpoints** (:mod:`millstream.runtime.checkpoint`): source positions, every
+  operator's ``snapshot()``, the job watermark and the sink's pre-commit handle of the
+  epoch; then ``_COMPLETE``; then ``sink.commit(handle)``. A restart with the same
+  checkpoint location restores the newest complete checkpoint, re-commits its sink
+  handle (commits are idempotent), rewinds sources and continues with the next epoch.
+* **Sinks** follow ``begin(epoch)``, ``write(batch)``, ``pre_commit(epoch) -> handle``,
+  ``commit(handle)``, ``abort(handle)`` (the :class:`~millstream.io.kafka.KafkaSink`
+  protocol). :class:`FileStreamSink` stages each epoch's files and moves them into the
+  target at commit; :class:`CollectingSink` keeps committed rows in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from millstream.errors import MillstreamError, PlanError, StorageError
+from millstream.io import fs as msfs
+from millstream.io.base import Source
+from millstream.ops.base import Operator
+from millstream.ops.process import KeyedProcess
+from millstream.ops.state import Clock, WallClock
+from millstream.ops.watermark import EventTimeWatermark
+from millstream.ops.window import MAX_WATERMARK, MIN_WATERMARK, WindowAggregate, parse_duration
+from millstream.plan import logical as L
+from millstream.plan.optimizer import optimize
+from millstream.plan.physical import (
+    PhysicalPlanner,
+    PlannerSettings,
+    ShufflePort,
+    SourcePort,
+    Stage,
+    all_stages,
+)
+from millstream.runtime.arrowutil import batch_to_rows, concat_batches
+from millstream.runtime.checkpoint import CheckpointError, CheckpointStore
+from millstream.runtime.context import TaskContext, default_context
+
+_log = logging.getLogger(__name__)
+
+#: Logical nodes a streaming job can run (the others need all their input first).
+_STREAMABLE = (L.Scan, L.Narrow, L.WithWatermark, L.WindowAggregate, L.KeyedProcess, L.Union,
+               L.Repartition)
+#: Points where ``fault=(epoch, point)`` raises :class:`SimulatedCrash`.
+FAULT_POINTS = ("during_epoch", "before_checkpoint", "after_checkpoint", "after_commit")
+
+
+class SimulatedCrash(MillstreamError):
+    """Raised inside a streaming job by fault injection (tests): the job dies at that point."""
+
+
+class StreamingError(MillstreamError):
+    """A streaming job failed."""
+
+
+# =============================================================================== sources
+
+
+class StreamReader:
+    """Reads one source partition from a position; ``position`` is what a checkpoint stores."""
+
+    position: Any = None
+    #: An explicit watermark of this partition (µs), or None when the source has none.
+    watermark: int | None = None
+    #: True once a bounded partition has delivered everything.
+    finished: bool = False
+
+    def poll(self, max_records: int, timeout_s: float) -> pa.RecordBatch | None:
+        """The next rows (None when nothing is available now)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the reader's resources."""
+
+
+class StreamSource:
+    """Partitions, initial positions and readers of one source in a streaming job."""
+
+    def partitions(self) -> list[Any]:
+        """Stable partition ids."""
+        raise NotImplementedError
+
+    def start_positions(self) -> dict[Any, Any]:
+        """Where a job without a checkpoint starts, per partition."""
+        raise NotImplementedError
+
+    def open(self, partition: Any, position: Any, ctx: TaskContext) -> StreamReader:
+        """A reader of ``partition`` at ``position``."""
+        raise NotImplementedError
+
+
+class _BoundedReader(StreamReader):
+    """A batch split read as a stream; the position is the number of batches delivered."""
+
+    def __init__(self, batches: Iterator[pa.RecordBatch], position: int) -> None:
+        self._it = batches
+        self.position = 0
+        while self.position < position:
+            if next(self._it, None) is None:
+                break
+            self.position += 1
+
+    def poll(self, max_records: int, timeout_s: float) -> pa.RecordBatch | None:
+        while True:
+            b = next(self._it, None)
+            if b is None:
+                self.finished = True
+                return None
+            self.position += 1
+            if b.num_rows:
+                return b
+
+
+class BoundedStreamSource(StreamSource):
+    """Any batch :class:`Source` (files, in-memory data) as a stream that ends."""
+
+    def __init__(self, source: Source, target_splits: int) -> None:
+        self.source = source
+        self.splits = source.plan_splits(target_splits)
+
+    def partitions(self) -> list[Any]:
+        return list(range(len(self.splits)))
+
+    def start_positions(self) -> dict[Any, Any]:
+        return {p: 0 for p in self.partitions()}
+
+    def open(self, partition: Any, position: Any, ctx: TaskContext) -> StreamReader:
+        return _BoundedReader(iter(self.source.read_split(self.splits[partition], ctx)),
+                              int(position))
+
+
+class _KafkaReader(StreamReader):
+    def __init__(self, reader: Any, stop_at_end: bool) -> None:
+        self._reader = reader
+        self._stop_at_end = stop_at_end
+        self.position = reader.next_offset
+
+    def poll(self, max_records: int, timeout_s: float) -> pa.RecordBatch | None:
+        batch, self.position = self._reader.poll_batch(max_records, timeout_s)
+        self.finished = self._stop_at_end and self._reader.caught_up and batch is None
+        return batch
+
+    def close(self) -> None:
+        self._reader.close()
+
+
+class KafkaStreamSource(StreamSource):
+    """A Kafka topic: one reader per partition, positions are next offsets."""
+
+    def __init__(self, source: Any, stop_at_end: bool = False) -> None:
+        self.source = source
+        self.stop_at_end = stop_at_end
+        self._parts: list[int] | None = None
+
+    def partitions(self) -> list[Any]:
+        if self._parts is None:
+            self._parts = self.source.partitions()
+        return list(self._parts)
+
+    def start_positions(self) -> dict[Any, Any]:
+        return dict(self.source.start_offsets(self.partitions()))
+
+    def open(self, partition: Any, position: Any, ctx: TaskContext) -> StreamReader:
+        if self.source.format == "json" and self.source._schema is None:
+            self.source.data_schema({partition: int(position)})
+        return _KafkaReader(self.source.open_reader(int(partition), int(position), ctx),
+                            self.stop_at_end)
+
+
+def stream_source_for(source: Source, target_splits: int, stop_at_end: bool) -> StreamSource:
+    """The streaming view of a plan's source."""
+    native = getattr(source, "stream_source", None)
+    if native is not None:
+        return native(stop_at_end=stop_at_end)
+    from millstream.io.kafka import KafkaSource
+
+    if isinstance(source, KafkaSource):
+        return KafkaStreamSource(source, stop_at_end)
+    return BoundedStreamSource(source, target_splits)
+
+
+# =============================================================================== sinks
+
+
+class CollectingSink:
+    """Keeps the rows of committed epochs in memory (tests); commits are idempotent per epoch."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: list[pa.RecordBatch] = []
+        self._committed: dict[int, pa.Table] = {}
+
+    def begin(self, epoch: int) -> None:
+        """Start collecting ``epoch``; drops what an unfinished earlier attempt wrote."""
+        self._pending = []
+
+    def write(self, batch: pa.RecordBatch | pa.Table) -> None:
+        """Buffer rows of the current epoch."""
+        batches = batch.to_batches() if isinstance(batch, pa.Table) else [batch]
+        self._pending.extend(b for b in batches if b.num_rows)
+
+    def pre_commit(self, epoch: int) -> dict[str, Any]:
+        """The epoch's rows as the handle (so a re-commit after a restart has them)."""
+        handle = {"epoch": epoch, "table": concat_batches(self._pending) if self._pending else None}
+        self._pending = []
+        return handle
+
+    def commit(self, handle: dict[str, Any]) -> None:
+        """Make the epoch's rows visible (once)."""
+        with self._lock:
+            if handle["epoch"] not in self._committed and handle["table"] is not None:
+                self._committed[handle["epoch"]] = handle["table"]
+            self._committed.setdefault(handle["epoch"], pa.table({}))
+
+    def abort(self, handle: dict[str, Any] | None = None) -> None:
+        """Drop the pending rows."""
+        self._pending = []
+
+    def to_arrow(self) -> pa.Table:
+        """Committed rows in epoch order."""
+        with self._lock:
+            tables = [t for _, t in sorted(self._committed.items()) if t.num_rows]
+        if not tables:
+            return pa.table({})
+        return pa.concat_tables(tables, promote_options="permissive")
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Committed rows as dicts, in epoch order."""
+        return batch_to_rows(self.to_arrow())
+
+    def committed_epochs(self) -> list[int]:
+        """Epochs committed so far."""
+        with self._lock:
+            return sorted(self._committed)
+
+
+class FileStreamSink:
+    """Parquet or JSON-lines files under ``uri``, exactly once per epoch (two-phase commit).
+
+    Files of epoch ``e`` are written to ``<uri>/_staging/epoch-<e>/`` and moved into
+    ``<uri>/`` by ``commit`` (a file already moved is skipped, so a repeated commit after
+    a crash is harmless). Readers skip ``_``-prefixed names, so staging stays invisible.
+    """
+
+    def __init__(self, uri: str, format: str = "parquet",
+                 storage_options: dict[str, Any] | None = None) -> None:
+        if format not in ("parquet", "json"):
+            raise PlanError(f"FileStreamSink: format must be 'parquet' or 'json', got {format!r}")
+        self.uri = uri
+        self.format = format
+        self.storage_options = storage_options or {}
+        self.fs, self.path = msfs.resolve(uri, **self.storage_options)
+        self._epoch: int | None = None
+        self._files: list[str] = []
+
+    def _staging(self, epoch: int) -> str:
+        return msfs.join(self.path, "_staging", f"epoch-{epoch:010d}")
+
+    def begin(self, epoch: int) -> None:
+        """Start epoch ``epoch``; removes files an unfinished earlier attempt staged for it."""
+        msfs.delete_dir(self.fs, self._staging(epoch))
+        msfs.mkdirs(self.fs, self._staging(epoch))
+        self._epoch, self._files = epoch, []
+
+    def write(self, batch: pa.RecordBatch | pa.Table) -> None:
+        """Stage one file with these rows."""
+        if self._epoch is None:
+            raise StorageError("FileStreamSink.write before begin()")
+        if batch.num_rows == 0:
+            return
+        table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+        ext = "parquet" if self.format == "parquet" else "json"
+        name = f"part-e{self._epoch:010d}-{len(self._files):05d}-{uuid.uuid4().hex[:6]}.{ext}"
+        path = msfs.join(self._staging(self._epoch), name)
+        if self.format == "parquet":
+            with msfs.open_output_stream(self.fs, path) as out:
+                pq.write_table(table, out, compression="zstd")
+        else:
+            from millstream.io.sinks import encode_json_lines
+
+            msfs.write_bytes(self.fs, path, encode_json_lines(table).to_pybytes())
+        self._files.append(name)
+
+    def pre_commit(self, epoch: int) -> dict[str, Any]:
+        """The handle of the staged epoch: its file names."""
+        return {"epoch": epoch, "files": list(self._files)}
+
+    def commit(self, handle: dict[str, Any]) -> None:
+        """Move the epoch's staged files into the target (idempotent)."""
+        staging = self._staging(handle["epoch"])
+        for name in handle["files"]:
+            src, dst = msfs.join(staging, name), msfs.join(self.path, name)
+            if msfs.exists(self.fs, src):
+                msfs.move(self.fs, src, dst)
+            elif not msfs.exists(self.fs, dst):
+                raise StorageError(f"FileStreamSink: committing epoch {handle['epoch']}: the "
+                                   f"staged file {src} is missing and {dst} does not exist")
+        msfs.delete_dir(self.fs, staging)
+
+    def abort(self, handle: dict[str, Any] | None = None) -> None:
+        """Remove the staged files of the current epoch."""
+        if self._epoch is not None:
+            msfs.delete_dir(self.fs, self._staging(self._epoch))
+
+
+def make_sink(sink: Any) -> Any:
+    """A streaming sink from what the user passed (None: collect in memory; a path: Parquet)."""
+    if sink is None:
+        return CollectingSink()
+    if isinstance(sink, str):
+        return FileStreamSink(sink)
+    missing = [m for m in ("begin", "write", "pre_commit", "commit") if not hasattr(sink, m)]
+    if missing:
+        raise PlanError(f"sink {sink!r} cannot be used by a streaming job: it lacks {missing} "
+                        f"(use a path, FileStreamSink, CollectingSink or KafkaSink)")
+    return sink
+
+
+# =============================================================================== the job
+
+
+class _Chain:
+    """The operator instances of one stage partition."""
+
+    __slots__ = ("key", "stage", "ops", "index", "ctx")
+
+    def __init__(self, key: tuple[int, int, int], stage: Stage, ops: list[Operator],
+                 ctx: TaskContext) -> None:
+        self.key = key
+        self.stage = stage
+        self.ops = ops
+        self.index = key[2]
+        self.ctx = ctx
+
+
+class _SourcePart:
+    """One source partition: its reader, its chain and its watermark bookkeeping."""
+
+    __slots__ = ("source", "partition", "reader", "chain", "assigner", "last_active")
+
+    def __init__(self, source: StreamSource, partition: Any, chain: _Chain) -> None:
+        self.source = source
+        self.partition = partition
+        self.chain = chain
+        self.reader: StreamReader | None = None
+        self.assigner = next((op for op in chain.ops if isinstance(op, EventTimeWatermark)), None)
+        self.last_active = 0
+
+
+def _check_streamable(node: L.Node) -> None:
+    if not isinstance(node, _STREAMABLE):
+        hint = " (use group_by(...).window(...).agg(...))" if isinstance(node, L.Aggregate) else ""
+        raise PlanError(f"{node.label()} cannot run on an unbounded stream in this version"
+                        f"{hint}; streamable: map/filter/select-style operations, "
+                        f"with_watermark, window(...).agg(...), group_by(...).process(...), union")
+    for c in node.children:
+        _check_streamable(c)
+
+
+class StreamingJob:
+    """A running streaming pipeline; see the module docstring."""
+
+    def __init__(self, node: L.Node, checkpoint: str | None = None,
+                 checkpoint_interval: str | int = "10s", sink: Any = None, *,
+                 parallelism: int = 4, clock: Clock | None = None, stop_at_end: bool = False,
+                 max_batch_records: int = 10_000, poll_timeout: str | int = "50ms",
+                 storage_options: dict[str, Any] | None = None,
+                 fault: tuple[int, str] | None = None) -> None:
+        _check_streamable(node)
+        if fault is not None and fault[1] not in FAULT_POINTS:
+            raise PlanError(f"fault point {fault[1]!r} is not one of {FAULT_POINTS}")
+        self.job_id = uuid.uuid4().hex[:12]
+        self.parallelism = max(1, int(parallelism))
+        self.clock = clock or WallClock()
+        self.stop_at_end = stop_at_end
+        self.max_batch_records = int(max_batch_records)
+        self.poll_timeout_s = parse_duration(poll_timeout, "poll_timeout") / 1e6
+        self.interval_s = parse_duration(checkpoint_interval, "checkpoint_interval") / 1e6
+        self.sink = make_sink(sink)
+        self.store = (CheckpointStore(checkpoint, storage_options) if checkpoint is not None
+                      else None)
+        self._fault = fault
+        planner = PhysicalPlanner(PlannerSettings(self.parallelism, 0, lambda _cid: None))
+        self._final = planner.plan(optimize(node), "blocks")
+        self._stages = all_stages(self._final)
+        self._chains: list[_Chain] = []
+        self._consumers: dict[int, list[_Chain]] = {}
+        self._parts: list[_SourcePart] = []
+        self._side: dict[str, list[pa.RecordBatch]] = {}
+        self.epoch = 1
+        self.watermark = MIN_WATERMARK
+        self._finished = False
+        self._dirty = False
+        self._stop = threading.Event()
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._metrics: dict[str, Any] = {"rounds": 0, "records_in": 0, "records_out": 0,
+                                         "checkpoints": 0, "last_checkpoint_epoch": None,
+                                         "restored_from_epoch": None}
+        self._thread = threading.Thread(target=self._main, name=f"millstream-stream-{self.job_id}",
+                                        daemon=True)
+
+    # ------------------------------------------------------------------ control
+
+    def start(self) -> StreamingJob:
+        """Start the job's thread (``Dataset.start`` does this)."""
+        self._thread.start()
+        return self
+
+    def await_termination(self, timeout: float | None = None) -> bool:
+        """Wait until the job ends (its sources ended, or stop()); re-raise its error.
+
+        Returns False when ``timeout`` seconds passed first.
+        """
+        ended = self._done.wait(timeout)
+        if ended and self._error is not None:
+            raise self._error
+        return ended
+
+    def stop(self, timeout: float | None = 60.0) -> None:
+        """Stop gracefully: finish the current round, take a final checkpoint, commit, end."""
+        self._stop.set()
+        if not self._done.wait(timeout):
+            raise StreamingError(f"streaming job {self.job_id} did not stop within {timeout}s")
+        if self._error is not None:
+            raise self._error
+
+    @property
+    def is_active(self) -> bool:
+        """True while the job runs."""
+        return self._thread.is_alive()
+
+    def exception(self) -> BaseException | None:
+        """The error the job died of, if any."""
+        return self._error
+
+    def metrics(self) -> dict[str, Any]:
+        """Counters and state: epoch, watermark, records in/out, late records, checkpoints."""
+        with self._lock:
+            m = dict(self._metrics)
+        m.update(epoch=self.epoch, watermark=self.watermark, active=self.is_active,
+                 late_records=sum(b.num_rows for b in self._side.get("late", [])),
+                 positions={(p.source.__class__.__name__, p.partition):
+                            (p.reader.position if p.reader else None) for p in self._parts})
+        return m
+
+    def late_records(self) -> list[dict[str, Any]]:
+        """Rows that arrived after their windows expired (the "late" side output)."""
+        return self.side_output("late")
+
+    def side_output(self, tag: str) -> list[dict[str, Any]]:
+        """Rows of side output ``tag`` ("late", "invalid", or a process function's tag)."""
+        with self._lock:
+            batches = list(self._side.get(tag, []))
+        return batch_to_rows(concat_batches(batches)) if batches else []
+
+    # ------------------------------------------------------------------ setup
+
+    def _build(self) -> None:
+        sources: dict[int, StreamSource] = {}
+        for si, stage in enumerate(self._stages):
+            if stage.output_kind == "shuffle" and stage.partitioner is None:
+                raise PlanError(f"stage {stage.id}: a shuffle without a partitioner")
+            for pi, pipe in enumerate(stage.pipelines):
+                if len(pipe.ports) != 1:
+                    raise PlanError("joins are not supported on streams in this version")
+                port = pipe.ports[0]
+                if isinstance(port, SourcePort):
+                    src = sources.setdefault(id(port.source), stream_source_for(
+                        port.source, self.parallelism, self.stop_at_end))
+                    n_parts = src.partitions()
+                elif isinstance(port, ShufflePort):
+                    src = None
+                    n_parts = list(range(port.stage.partitioner.num_partitions))
+                else:
+                    raise PlanError(f"{port.describe()} cannot run on a stream in this version")
+                chains = []
+                for ci, part in enumerate(n_parts):
+                    ctx = default_context(job_id=self.job_id, stage_id=stage.id, partition=ci,
+                                          stage_name=f"{stage.id} ({stage.purpose})")
+                    ops = [f.create() for f in pipe.ops]
+                    for op in ops:
+                        if isinstance(op, KeyedProcess):
+                            op.timers.clock = self.clock
+                        op.open(ctx)
+                    chain = _Chain((si, pi, ci), stage, ops, ctx)
+                    chains.append(chain)
+                    self._chains.append(chain)
+                    if src is not None:
+                        self._parts.append(_SourcePart(src, part, chain))
+                if isinstance(port, ShufflePort):
+                    self._consumers[port.stage.id] = chains
+
+    def _signature(self) -> list[Any]:
+        return [(c.key, [op.name for op in c.ops]) for c in self._chains]
+
+    def _restore_or_init(self) -> None:
+        latest = self.store.latest() if self.store is not None else None
+        positions: dict[Any, Any] = {}
+        if latest is not None:
+            epoch, state = latest
+            if state["signature"] != self._signature():
+                raise CheckpointError(
+                    f"checkpoint {self.store.uri} epoch {epoch} was taken by a different "
+                    f"pipeline or parallelism; restore needs the same plan and parallelism "
+                    f"({self.parallelism})")
+            for chain in self._chains:
+                for k, op in enumerate(chain.ops):
+                    snap = state["ops"].get((*chain.key, k))
+                    if snap is not None:
+                        op.restore(snap)
+            positions = state["positions"]
+            self.watermark = state["watermark"]
+            self._side = {t: list(v) for t, v in state.get("side", {}).items()}
+            self.sink.commit(state["sink_handle"])  # idempotent: repairs a crash before commit
+            self.epoch = epoch + 1
+            self._metrics["restored_from_epoch"] = epoch
+            _log.info("streaming job %s restored from checkpoint epoch %d", self.job_id, epoch)
+        starts: dict[int, dict[Any, Any]] = {}
+        now = self.clock.now()
+        for p in self._parts:
+            if p.chain.key in positions:
+                pos = positions[p.chain.key]
+            else:
+                src_starts = starts.setdefault(id(p.source), p.source.start_positions())
+                pos = src_starts[p.partition]
+            p.reader = p.source.open(p.partition, pos, p.chain.ctx)
+            p.last_active = now
+        if hasattr(self.sink, "open"):
+            self.sink.open()
+        self.sink.begin(self.epoch)
+
+    # ------------------------------------------------------------------ data flow
+
+    def _run(self, chain: _Chain, batches: list[pa.RecordBatch], start: int = 0) -> None:
+        for op in chain.ops[start:]:
+            nxt: list[pa.RecordBatch] = []
+            for b in batches:
+                nxt.extend(op.process(b))
+            batches = [b for b in nxt if b.num_rows]
+            if not batches:
+                return
+        self._route(chain, batches)
+
+    def _route(self, chain: _Chain, batches: list[pa.RecordBatch]) -> None:
+        stage = chain.stage
+        if stage.output_kind != "shuffle":
+            for b in batches:
+                if b.num_rows:
+                    self.sink.write(b)
+                    self._metrics["records_out"] += b.num_rows
+            return
+        consumers = self._consumers[stage.id]
+        for b in batches:
+            if not b.num_rows:
+                continue
+            if len(consumers) == 1:
+                self._run(consumers[0], [b])
+                continue
+            ids = stage.partitioner.assign(b)
+            for i in np.unique(ids):
+                self._run(consumers[int(i)], [b.filter(pa.array(ids == i))])
+
+    def _each_op(self, call: str) -> None:
+        """Call ``on_watermark``/``finish``/``advance_processing_time`` in plan order."""
+        for chain in self._chains:
+            for k, op in enumerate(chain.ops):
+                if call == "watermark":
+                    out = op.on_watermark(self.watermark)
+                elif call == "finish":
+                    out = op.finish()
+                else:
+                    fn = getattr(op, "advance_processing_time", None)
+                    out = fn() if fn is not None else ()
+                out = [b for b in out if b.num_rows]
+                if out:
+                    self._run(chain, out, k + 1)
+
+    def _drain_side(self) -> None:
+        with self._lock:
+            for chain in self._chains:
+                for op in chain.ops:
+                    if isinstance(op, WindowAggregate):
+                        for tag in op.side_outputs:
+                            got = op.take_side_output(tag)
+                            if got:
+                                self._side.setdefault(tag, []).extend(got)
+                    elif isinstance(op, KeyedProcess):
+                        for tag in op.side_output_tags():
+                            self._side.setdefault(tag, []).extend(op.take_side_output(tag))
+
+    def _compute_watermark(self) -> int:
+        now = self.clock.now()
+        marks = []
+        for p in self._parts:
+            r = p.reader
+            if r.finished:
+                marks.append(MAX_WATERMARK)
+                continue
+            w = r.watermark if r.watermark is not None else MIN_WATERMARK
+            if p.assigner is not None:
+                w = max(w, p.assigner.watermark())
+                idle = p.assigner.idle_timeout
+                if idle is not None and now - p.last_active >= idle:
+                    continue
+            marks.append(w)
+        if not marks:  # every partition idle: hold
+            return self.watermark
+        return max(self.watermark, min(marks))
+
+    def _round(self) -> int:
+        """Poll every partition once and process; return the number of rows read."""
+        rows = 0
+        timeout = self.poll_timeout_s / max(1, len(self._parts))
+        for p in self._parts:
+            if p.reader.finished:
+                continue
+            batch = p.reader.poll(self.max_batch_records, timeout)
+            if batch is not None and batch.num_rows:
+                rows += batch.num_rows
+                p.last_active = self.clock.now()
+                self._run(p.chain, [batch])
+        self._each_op("processing_time")
+        wm = self._compute_watermark()
+        if wm == MAX_WATERMARK and all(p.reader.finished for p in self._parts):
+            self._finished = True
+        elif wm > self.watermark:
+            self.watermark = wm
+            self._each_op("watermark")
+            self._dirty = True
+        self._drain_side()
+        with self._lock:
+            self._metrics["rounds"] += 1
+            self._metrics["records_in"] += rows
+        if rows:
+            self._dirty = True
+            self._maybe_fail("during_epoch")
+        return rows
+
+    def _maybe_fail(self, point: str) -> None:
+        if self._fault is not None and self._fault == (self.epoch, point):
+            raise SimulatedCrash(f"fault injection: crash at {point} of epoch {self.epoch}")
+
+    def _checkpoint(self) -> None:
+        self._drain_side()
+        handle = self.sink.pre_commit(self.epoch)
+        self._maybe_fail("before_checkpoint")
+        if self.store is not None:
+            state = {
+                "version": 1, "epoch": self.epoch, "signature": self._signature(),
+                "positions": {p.chain.key: p.reader.position for p in self._parts},
+                "ops": {(*c.key, k): op.snapshot() for c in self._chains
+                        for k, op in enumerate(c.ops)},
+                "watermark": self.watermark, "sink_handle": handle,
+                "side": {t: list(v) for t, v in self._side.items()},
+            }
+            self.store.write(self.epoch, state)
+        self._maybe_fail("after_checkpoint")
+        self.sink.commit(handle)
+        self._maybe_fail("after_commit")
+        with self._lock:
+            self._metrics["checkpoints"] += 1
+            self._metrics["last_checkpoint_epoch"] = self.epoch
+        self.epoch += 1
+        self._dirty = False
+
+    def _main(self) -> None:
+        try:
+            self._build()
+            self._restore_or_init()
+            last = time.monotonic()
+            while True:
+                rows = self._round()
+                if self._finished:
+                    self.watermark = MAX_WATERMARK
+                    self._each_op("finish")
+                    self._checkpoint()
+                    break
+                if self._stop.is_set():
+                    self._checkpoint()
+                    break
+                if self._dirty and time.monotonic() - last >= self.interval_s:
+                    self._checkpoint()
+                    self.sink.begin(self.epoch)
+                    last = time.monotonic()
+                if not rows:
+                    time.sleep(min(0.01, self.poll_timeout_s))
+        except BaseException as exc:  # the job dies; its error surfaces in await_termination
+            self._error = exc
+            if not isinstance(exc, SimulatedCrash):
+                _log.error("streaming job %s failed: %r", self.job_id, exc)
+        finally:
+            # a simulated crash leaves everything as a killed process would (no cleanup)
+            if not isinstance(self._error, SimulatedCrash):
+                for p in self._parts:
+                    if p.reader is not None:
+                        try:
+                            p.reader.close()
+                        except Exception:  # noqa: BLE001 - closing must not hide the outcome
+                            _log.warning("closing a reader failed", exc_info=True)
+                for chain in self._chains:
+                    for op in chain.ops:
+                        try:
+                            op.close()
+                        except Exception:  # noqa: BLE001
+                            _log.warning("closing %s failed", op.name, exc_info=True)
+            self._done.set()
