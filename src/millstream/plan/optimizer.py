@@ -19,12 +19,16 @@ def optimize(node: Node) -> Node:
     return _push_projection(node, None)
 
 
-def _conjuncts(expr):
-    return [expr]
-
-
 def _push_filters(node: Node) -> Node:
     node = node.with_children(tuple(_push_filters(c) for c in node.children))
+    # a filter that does not read the columns a with_columns produces can run before it
+    # (and may then reach the scan)
+    if isinstance(node, Narrow) and node.kind == "filter" and isinstance(node.child, Narrow) \
+            and node.child.kind == "with_columns":
+        produced = {e.output_name for e in node.child.payload}
+        if not (set(node.payload.columns()) & produced):
+            below = _push_filters(replace(node, child=node.child.child))
+            return replace(node.child, child=below)
     if isinstance(node, Narrow) and node.kind == "filter" and isinstance(node.child, Scan):
         expr = node.payload
         if expr.to_arrow() is None:

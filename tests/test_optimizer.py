@@ -1,0 +1,39 @@
+"""The optimizer pushes filters and projections into scans without changing results."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import millstream as ms
+
+
+def _parquet(tmp_path):
+    path = tmp_path / "t"
+    path.mkdir()
+    for i in range(4):
+        ids = list(range(i * 1000, (i + 1) * 1000))
+        pq.write_table(pa.table({"id": ids, "g": [v % 10 for v in ids], "s": [str(v) for v in ids]}),
+                       path / f"part-{i}.parquet", row_group_size=250)
+    return str(path)
+
+
+def test_filter_moves_below_with_columns_into_the_scan(tmp_path):
+    ds = (ms.read_parquet(_parquet(tmp_path)).with_columns(x=ms.col("id") * 2)
+          .filter(ms.col("g") == 3).filter(ms.col("x") > 10))
+    optimized = ds.explain(print_plan=False).split("== Optimized plan ==")[1].split("== Physical")[0]
+    assert "filter=(g == 3)" in optimized          # pushed into the Parquet scan
+    assert 'Filter((col("x")' in optimized          # depends on x: stays above with_columns
+    assert sorted(r["id"] for r in ds.collect()) == [i for i in range(4000) if i % 10 == 3 and i * 2 > 10]
+
+
+def test_projection_reaches_the_scan(tmp_path):
+    ds = ms.read_parquet(_parquet(tmp_path)).select("s", (ms.col("id") + 1).alias("next"))
+    assert "columns=[id,s]" in ds.explain(print_plan=False)
+    rows = ds.collect()
+    assert len(rows) == 4000 and rows[0].keys() == {"s", "next"}
+
+
+def test_filter_on_a_produced_column_is_not_moved(tmp_path):
+    ds = ms.read_parquet(_parquet(tmp_path)).with_columns(g=ms.col("g") + 100).filter(ms.col("g") == 103)
+    assert ds.count() == 400
