@@ -13,10 +13,20 @@ from millstream.plan.logical import Scan
 from millstream.runtime.arrowutil import rows_to_batch
 
 
+def _watch(fmt: str, uri: Any, options: dict[str, Any]) -> Dataset:
+    """An unbounded Dataset of the new files of directory ``uri`` (``watch=True``)."""
+    from millstream.io.watch import WatchSource
+
+    poll_interval = options.pop("poll_interval", "1s")
+    return Dataset(Scan(WatchSource(fmt, uri, options, poll_interval)))
+
+
 def read_text(uri: str | list[str], **options: Any) -> Dataset:
     """One row per line (column ``text``); big files are split at line boundaries and read in parallel."""
     from millstream.io.text import TextSource
 
+    if options.pop("watch", False):
+        return _watch("text", uri, options)
     return Dataset(Scan(TextSource(uri, **options)))
 
 
@@ -24,13 +34,20 @@ def read_csv(uri: str | list[str], **options: Any) -> Dataset:
     """CSV files (header, delimiter, schema, on_bad_records="error" | "skip" | dead-letter URI)."""
     from millstream.io.csv import CsvSource
 
+    if options.pop("watch", False):
+        return _watch("csv", uri, options)
     return Dataset(Scan(CsvSource(uri, **options)))
 
 
 def read_json(uri: str | list[str], **options: Any) -> Dataset:
-    """JSON-lines files (schema, on_bad_records="error" | "skip" | dead-letter URI)."""
+    """JSON-lines files (schema, on_bad_records="error" | "skip" | dead-letter URI).
+
+    ``watch=True`` (also for read_csv/read_text/read_parquet; ``poll_interval="1s"``): an
+    unbounded source of the new files of a directory, see :mod:`millstream.io.watch`."""
     from millstream.io.json import JsonSource
 
+    if options.pop("watch", False):
+        return _watch("json", uri, options)
     return Dataset(Scan(JsonSource(uri, **options)))
 
 
@@ -38,6 +55,8 @@ def read_parquet(uri: str | list[str], columns: list[str] | None = None, **optio
     """Parquet files or hive-partitioned directories; columns and filters are pushed into the scan."""
     from millstream.io.parquet import ParquetSource
 
+    if options.pop("watch", False):
+        return _watch("parquet", uri, {**options, "columns": columns})
     return Dataset(Scan(ParquetSource(uri, columns=columns, **options)))
 
 
