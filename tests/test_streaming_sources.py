@@ -15,7 +15,6 @@ import pytest
 
 import millstream as ms
 from millstream.errors import PlanError, StorageNotFoundError
-from millstream.io.kafka import KafkaStateError
 from millstream.io.watch import WatchSource
 from millstream.runtime.streaming import FileStreamSink, SimulatedCrash
 from millstream.testing import CollectingSink, crash_and_restore
@@ -264,20 +263,15 @@ def test_kafka_to_windows_to_transactional_kafka_sink(broker, tmp_path):
     assert _kafka_output(broker, out) == _as_counter(expected)  # every window exactly once
 
 
-_NO_KAFKA_RESTORE = (
-    "scheduler gap: a restore re-commits the checkpoint's sink handle with sink.commit(); a "
-    "restarted KafkaSink (new producer, as after a process kill) has no open transaction, so "
-    "KafkaSink.commit raises KafkaStateError for every transactional handle - the restart "
-    "fails at any crash point, not only between _COMPLETE and the commit, and the epoch that "
-    "was pre-committed but not committed is not replayed")
-
-
 @kafka
 @pytest.mark.kafka
-@pytest.mark.xfail(strict=True, raises=KafkaStateError, reason=_NO_KAFKA_RESTORE)
 @pytest.mark.parametrize("point", ["during_epoch", "after_commit", "after_checkpoint"])
 def test_kafka_sink_crash_and_restore(point, broker, tmp_path):
-    """A crashed job restarted (a new KafkaSink, as after a process kill) with its checkpoint."""
+    """A crashed job restarted (a new KafkaSink, as after a process kill) with its checkpoint.
+
+    A transaction dies with its producer, so the restart restores the last checkpoint whose
+    commit was recorded and replays the epochs after it; the new producer fences the old one.
+    """
     from millstream.io.kafka import KafkaSink
 
     topic, expected = _kafka_input(broker)

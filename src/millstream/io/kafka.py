@@ -1223,6 +1223,15 @@ class KafkaSink:
         self._epoch = None
         return handle
 
+    @property
+    def recommit_on_restore(self) -> bool:
+        """False in transactional mode: a restarted job cannot commit a dead producer's
+        transaction (librdkafka), so it restores the last checkpoint whose commit is known
+        and replays from there. The one gap: a crash after the broker committed but before
+        the checkpoint recorded it replays that epoch (duplicates)."""
+        return self._mode != "transactional" if self._mode is not None else \
+            self.transactional_id is None
+
     def commit(self, handle: KafkaCommitHandle) -> None:
         """Make the epoch visible (commit_transaction); a no-op in idempotent mode."""
         if handle.mode != "transactional":

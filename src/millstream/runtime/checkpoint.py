@@ -28,6 +28,7 @@ from millstream.io import fs as msfs
 _log = logging.getLogger(__name__)
 
 COMPLETE = "_COMPLETE"
+COMMITTED = "_COMMITTED"
 _PREFIX = "chk-"
 
 
@@ -92,9 +93,19 @@ class CheckpointStore:
             return None
         return cloudpickle.loads(data)
 
-    def latest(self) -> tuple[int, dict[str, Any]] | None:
-        """The newest complete checkpoint as (epoch, state), or None."""
+    def mark_committed(self, epoch: int) -> None:
+        """Record that the sinks committed ``epoch`` (written after the commit succeeded)."""
+        msfs.write_bytes(self.fs, msfs.join(self._dir(epoch), COMMITTED), b"")
+
+    def is_committed(self, epoch: int) -> bool:
+        return msfs.exists(self.fs, msfs.join(self._dir(epoch), COMMITTED))
+
+    def latest(self, committed_only: bool = False) -> tuple[int, dict[str, Any]] | None:
+        """The newest complete checkpoint as (epoch, state), or None; with
+        ``committed_only``, the newest whose sink commit is known to have happened."""
         for epoch in reversed(self.epochs()):
+            if committed_only and not self.is_committed(epoch):
+                continue
             state = self.read(epoch)
             if state is not None:
                 return epoch, state

@@ -525,7 +525,13 @@ class StreamingJob:
         return [(c.key, [op.name for op in c.ops]) for c in self._chains]
 
     def _restore_or_init(self) -> None:
-        latest = self.store.latest() if self.store is not None else None
+        # A sink that can re-commit a restored epoch (files: idempotent moves) restores the
+        # newest complete checkpoint. One that cannot (a Kafka transaction dies with its
+        # producer) restores the newest checkpoint whose commit is known, and the epochs
+        # after it are replayed.
+        recommit = getattr(self.sink, "recommit_on_restore", True)
+        latest = (self.store.latest(committed_only=not recommit)
+                  if self.store is not None else None)
         positions: dict[Any, Any] = {}
         if latest is not None:
             epoch, state = latest
@@ -542,7 +548,8 @@ class StreamingJob:
             positions = state["positions"]
             self.watermark = state["watermark"]
             self._side = {t: list(v) for t, v in state.get("side", {}).items()}
-            self.sink.commit(state["sink_handle"])  # idempotent: repairs a crash before commit
+            if recommit:
+                self.sink.commit(state["sink_handle"])  # idempotent: repairs a crash before commit
             self.epoch = epoch + 1
             self._metrics["restored_from_epoch"] = epoch
             _log.info("streaming job %s restored from checkpoint epoch %d", self.job_id, epoch)
@@ -687,6 +694,8 @@ class StreamingJob:
             self.store.write(self.epoch, state)
         self._maybe_fail("after_checkpoint")
         self.sink.commit(handle)
+        if self.store is not None:
+            self.store.mark_committed(self.epoch)
         self._maybe_fail("after_commit")
         with self._lock:
             self._metrics["checkpoints"] += 1
