@@ -478,3 +478,25 @@ def test_fraud_detection_example():
     got += rows(op.finish())
     assert want and got == want
     assert len(op.store) == 0  # every list pruned at the end of input
+
+
+def test_function_instance_is_not_shared_between_parallel_operators():
+    """State handles kept on ``self`` in open() stay per operator instance in streaming."""
+    import millstream as ms
+    from millstream.ops.process import KeyedProcessFunction as KPF
+
+    class Count(KPF):
+        def open(self, ctx):
+            self.n = ctx.get_state("n", 0)
+
+        def process_element(self, row, ctx):
+            self.n.update(self.n.value() + 1)
+            return {"k": row["k"], "n": self.n.value()}
+
+    ds = (ms.from_items([{"k": k, "ts": i} for i, k in enumerate("abcdabcd")])
+          .with_watermark("ts", "0s").group_by("k").process(Count()))
+    want = sorted((k, n) for k in "abcd" for n in (1, 2))
+    assert sorted((r["k"], r["n"]) for r in ds.collect()) == want
+    job = ds.start(checkpoint_interval=0)
+    job.await_termination(30)
+    assert sorted((r["k"], r["n"]) for r in job.sink.rows()) == want

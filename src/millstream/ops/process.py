@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import cloudpickle
 import pyarrow as pa
 
 from millstream.errors import PlanError, SchemaError, UserCodeFailure
@@ -166,6 +167,10 @@ class KeyedProcess(Operator):
                  on_timer: Callable[..., Any] | None = None, name: str | None = None) -> None:
         if isinstance(fn, type) and issubclass(fn, KeyedProcessFunction):
             fn = fn()
+        elif hasattr(fn, "process_element"):
+            # every operator instance needs its own function object: state handles kept on
+            # ``self`` in open() (the Flink pattern) must not be shared between partitions
+            fn = cloudpickle.loads(cloudpickle.dumps(fn))
         if hasattr(fn, "process_element"):
             self.fn = fn
         elif callable(fn):
