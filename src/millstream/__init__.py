@@ -55,6 +55,15 @@ from millstream.runtime.session import init, shutdown
 __version__ = "0.1.0"
 
 
+def __getattr__(name: str):
+    """``ms.testing`` without importing the streaming test kit on every ``import millstream``."""
+    if name == "testing":
+        import millstream.testing as testing
+
+        return testing
+    raise AttributeError(f"module 'millstream' has no attribute {name!r}")
+
+
 def last_job_stats():
     """Statistics of the last finished job: stages, rows, bytes, seconds and counters."""
     from millstream.runtime.session import get_session

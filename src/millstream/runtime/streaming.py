@@ -119,25 +119,38 @@ class StreamSource:
 
 
 class _BoundedReader(StreamReader):
-    """A batch split read as a stream; the position is the number of batches delivered."""
+    """A batch split read as a stream; the position is the number of rows delivered."""
 
     def __init__(self, batches: Iterator[pa.RecordBatch], position: int) -> None:
         self._it = batches
+        self._rest: pa.RecordBatch | None = None
         self.position = 0
-        while self.position < position:
-            if next(self._it, None) is None:
+        skip = int(position)
+        while skip > 0:
+            b = next(self._it, None)
+            if b is None:
                 break
-            self.position += 1
+            if b.num_rows > skip:
+                self._rest = b.slice(skip)
+                self.position += skip
+                break
+            skip -= b.num_rows
+            self.position += b.num_rows
 
     def poll(self, max_records: int, timeout_s: float) -> pa.RecordBatch | None:
         while True:
-            b = next(self._it, None)
+            b = self._rest if self._rest is not None else next(self._it, None)
+            self._rest = None
             if b is None:
                 self.finished = True
                 return None
-            self.position += 1
-            if b.num_rows:
-                return b
+            if not b.num_rows:
+                continue
+            if max_records and b.num_rows > max_records:
+                self._rest = b.slice(max_records)
+                b = b.slice(0, max_records)
+            self.position += b.num_rows
+            return b
 
 
 class BoundedStreamSource(StreamSource):
