@@ -44,6 +44,7 @@ class CheckpointStore:
         self.uri = uri
         self.fs, self.path = msfs.resolve(uri, **(storage_options or {}))
         self.keep = max(1, int(keep))
+        self.last_size = 0
         msfs.mkdirs(self.fs, self.path)
 
     def _dir(self, epoch: int) -> str:
@@ -52,6 +53,7 @@ class CheckpointStore:
     def write(self, epoch: int, state: dict[str, Any]) -> str:
         """Write the state of ``epoch`` and then its manifest; return the checkpoint directory."""
         data = cloudpickle.dumps(state)
+        self.last_size = len(data)
         d = self._dir(epoch)
         msfs.mkdirs(self.fs, d)
         name = f"state-{uuid.uuid4().hex[:12]}.pkl"

@@ -437,6 +437,7 @@ class StreamingJob:
         self._done = threading.Event()
         self._error: BaseException | None = None
         self._lock = threading.Lock()
+        self._op_stats: dict[str, list[int]] = {}
         self._metrics: dict[str, Any] = {"rounds": 0, "records_in": 0, "records_out": 0,
                                          "checkpoints": 0, "last_checkpoint_epoch": None,
                                          "restored_from_epoch": None}
@@ -481,7 +482,14 @@ class StreamingJob:
         """Counters and state: epoch, watermark, records in/out, late records, checkpoints."""
         with self._lock:
             m = dict(self._metrics)
-        m.update(epoch=self.epoch, watermark=self.watermark, active=self.is_active,
+        lag = None
+        if MIN_WATERMARK < self.watermark < MAX_WATERMARK:
+            lag = max(0.0, (self.clock.now() - self.watermark) / 1e6)
+        with self._lock:
+            m["operators"] = {name: {"records_in": i, "records_out": o}
+                              for name, (i, o) in self._op_stats.items()}
+        m.update(epoch=self.epoch, watermark=self.watermark, watermark_lag_s=lag,
+                 active=self.is_active,
                  late_records=sum(b.num_rows for b in self._side.get("late", [])),
                  positions={(p.source.__class__.__name__, p.partition):
                             (p.reader.position if p.reader else None) for p in self._parts})
@@ -582,12 +590,19 @@ class StreamingJob:
 
     # ------------------------------------------------------------------ data flow
 
+    def _count(self, op: Any, rows_in: int, rows_out: int) -> None:
+        stats = self._op_stats.setdefault(op.name, [0, 0])
+        stats[0] += rows_in
+        stats[1] += rows_out
+
     def _run(self, chain: _Chain, batches: list[pa.RecordBatch], start: int = 0) -> None:
         for op in chain.ops[start:]:
             nxt: list[pa.RecordBatch] = []
             for b in batches:
                 nxt.extend(op.process(b))
+            rows_in = sum(b.num_rows for b in batches)
             batches = [b for b in nxt if b.num_rows]
+            self._count(op, rows_in, sum(b.num_rows for b in batches))
             if not batches:
                 return
         self._route(chain, batches)
@@ -624,6 +639,7 @@ class StreamingJob:
                     out = fn() if fn is not None else ()
                 out = [b for b in out if b.num_rows]
                 if out:
+                    self._count(op, 0, sum(b.num_rows for b in out))
                     self._run(chain, out, k + 1)
 
     def _drain_side(self) -> None:
@@ -692,6 +708,7 @@ class StreamingJob:
             raise SimulatedCrash(f"fault injection: crash at {point} of epoch {self.epoch}")
 
     def _checkpoint(self) -> None:
+        started = time.perf_counter()
         self._drain_side()
         handle = self.sink.pre_commit(self.epoch)
         self._maybe_fail("before_checkpoint")
@@ -705,6 +722,8 @@ class StreamingJob:
                 "side": {t: list(v) for t, v in self._side.items()},
             }
             self.store.write(self.epoch, state)
+            with self._lock:
+                self._metrics["last_checkpoint_bytes"] = self.store.last_size
         self._maybe_fail("after_checkpoint")
         self.sink.commit(handle)
         if self.store is not None:
@@ -713,6 +732,7 @@ class StreamingJob:
         with self._lock:
             self._metrics["checkpoints"] += 1
             self._metrics["last_checkpoint_epoch"] = self.epoch
+            self._metrics["last_checkpoint_seconds"] = round(time.perf_counter() - started, 6)
         self.epoch += 1
         self._dirty = False
 
