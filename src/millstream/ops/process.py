@@ -39,6 +39,8 @@ from millstream.ops.state import (
     StateDescriptor,
     TimerService,
     ValueState,
+    key_hashes,
+    python_key_hash,
 )
 from millstream.runtime.arrowutil import batch_to_rows, event_time_micros, rows_to_batch
 
@@ -192,6 +194,8 @@ class KeyedProcess(Operator):
         self._side: dict[str, list[Any]] = {}
         self._pctx = ProcessContext(self)
         self._opened = False
+        #: key -> key-group hash of its key columns (as the keyed exchange computed it)
+        self._key_hash: dict[Any, int] = {}
 
     # ----------------------------------------------------------------- interface
 
@@ -222,15 +226,18 @@ class KeyedProcess(Operator):
             keys = [r[self.key_by[0]] for r in rows]
         else:
             keys = [tuple(r[k] for k in self.key_by) for r in rows]
+        hashes = key_hashes([batch.column(k) for k in self.key_by], batch.num_rows).tolist()
         out: list[Any] = []
         pctx = self._pctx
         pctx.time_domain = None
         fn = self.fn.process_element
-        for row, key, ts in zip(rows, keys, times):
+        key_hash = self._key_hash
+        for row, key, ts, h in zip(rows, keys, times, hashes):
             try:
                 hash(key)
             except TypeError:
                 key = _hashable(key)
+            key_hash[key] = h
             self._set_key(key)
             pctx.timestamp = ts
             try:
@@ -282,9 +289,10 @@ class KeyedProcess(Operator):
         """Keyed state, timers, watermark and undrained side outputs (picklable)."""
         import cloudpickle
 
+        self._prune_key_hashes()
         return {"version": 1, "operator": "KeyedProcess", "store": self.store.snapshot(),
                 "timers": self.timers.snapshot(), "watermark": self.watermark,
-                "side": cloudpickle.dumps(self._side)}
+                "side": cloudpickle.dumps(self._side), "key_hashes": dict(self._key_hash)}
 
     def restore(self, state: dict[str, Any]) -> None:
         """Restore from ``snapshot()`` (before or after ``open``)."""
@@ -297,6 +305,67 @@ class KeyedProcess(Operator):
         self.timers.restore(state["timers"])
         self.watermark = state["watermark"]
         self._side = cloudpickle.loads(state["side"])
+        self._key_hash = dict(state.get("key_hashes", {}))
+
+    #: Its state is keyed, so it can be split by key group and restored at another parallelism.
+    is_keyed = True
+
+    def snapshot_by_key_group(self, key_groups: int) -> dict[int, dict[str, Any]]:
+        """Keyed state and timers split by key group (hash of the key columns mod ``key_groups``).
+
+        Each group's snapshot also carries the watermark; undrained side output rows go
+        with the smallest group (group 0 when no key holds state).
+        """
+        self._prune_key_hashes()
+
+        def group_of(key: Any) -> int:
+            h = self._key_hash.get(key)
+            if h is None:
+                h = self._key_hash[key] = python_key_hash(key)
+            return h % key_groups
+
+        stores = self.store.snapshot_split(group_of)
+        timers = self.timers.snapshot_split(group_of)
+        hashes: dict[int, dict[Any, int]] = {}
+        for k, h in self._key_hash.items():
+            hashes.setdefault(h % key_groups, {})[k] = h
+        groups: dict[int, dict[str, Any]] = {}
+        for g in sorted(set(stores) | set(timers)):
+            groups[g] = {"version": 1, "operator": "KeyedProcess", "key_group": g,
+                         "store": stores.get(g), "timers": timers.get(g),
+                         "watermark": self.watermark, "side": None,
+                         "key_hashes": hashes.get(g, {})}
+        if any(self._side.values()):
+            first = min(groups, default=0)
+            groups.setdefault(first, {"version": 1, "operator": "KeyedProcess", "key_group": first,
+                                      "store": None, "timers": None,
+                                      "watermark": self.watermark, "key_hashes": {}})
+            groups[first]["side"] = cloudpickle.dumps(self._side)
+        return groups
+
+    def restore_key_groups(self, states: list[dict[str, Any]]) -> None:
+        """Restore from ``snapshot_by_key_group`` states of the key groups this instance owns."""
+        for st in states:
+            if not isinstance(st, dict) or st.get("operator") != "KeyedProcess" \
+                    or "key_group" not in st:
+                raise PlanError(f"{self.name}: cannot restore from {type(st).__name__}: not a "
+                                f"KeyedProcess key-group snapshot")
+        self.store.restore_many([st["store"] for st in states if st["store"] is not None])
+        self.timers.restore_many([st["timers"] for st in states if st["timers"] is not None],
+                                 max([MIN_TIME, *(st["watermark"] for st in states)]))
+        self.watermark = max([MIN_TIME, *(st["watermark"] for st in states)])
+        self._side = {}
+        for st in states:
+            if st.get("side"):
+                for tag, rows in cloudpickle.loads(st["side"]).items():
+                    self._side.setdefault(tag, []).extend(rows)
+        self._key_hash = {k: h for st in states for k, h in st["key_hashes"].items()}
+
+    def _prune_key_hashes(self) -> None:
+        """Forget the hashes of keys that hold no state and no timer any more."""
+        live = self.store.state_keys() | self.timers.timer_keys()
+        if len(self._key_hash) > len(live):
+            self._key_hash = {k: h for k, h in self._key_hash.items() if k in live}
 
     def close(self) -> None:
         if self._opened:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import heapq
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import cloudpickle
@@ -30,6 +30,38 @@ MIN_TIME = -(2**63)
 MAX_TIME = 2**63 - 1
 
 _MISSING = object()
+
+#: Key groups of a streaming job unless ``start(key_groups=...)`` says otherwise.
+DEFAULT_KEY_GROUPS = 128
+
+
+# --------------------------------------------------------------------------- key groups
+
+
+def key_hashes(columns: list[Any], num_rows: int) -> np.ndarray:
+    """The key-group hash (uint64) of every row's key columns, the same in every process."""
+    from millstream.runtime.hashing import hash_columns
+
+    return hash_columns(columns, num_rows)
+
+
+def key_group_owners(key_groups: int, parallelism: int) -> np.ndarray:
+    """Partition index owning each key group: ``g * parallelism // key_groups`` (contiguous)."""
+    return (np.arange(key_groups, dtype=np.int64) * parallelism) // key_groups
+
+
+def owned_key_groups(index: int, parallelism: int, key_groups: int) -> range:
+    """The key groups partition ``index`` of ``parallelism`` owns."""
+    return range((index * key_groups + parallelism - 1) // parallelism,
+                 ((index + 1) * key_groups + parallelism - 1) // parallelism)
+
+
+def python_key_hash(key: Any) -> int:
+    """Key-group hash of a Python key value (fallback when the key's Arrow row was not seen)."""
+    import pyarrow as pa
+
+    values = list(key) if isinstance(key, tuple) else [key]
+    return int(key_hashes([pa.array([v]) for v in values], 1)[0])
 
 
 # --------------------------------------------------------------------------- clocks
@@ -198,6 +230,33 @@ class KeyedStateStore:
         """Replace the contents with a ``snapshot()`` (in place: handles stay valid)."""
         self._data = cloudpickle.loads(snapshot["data"])
         self._kinds.update(snapshot["kinds"])
+
+    def state_keys(self) -> set[Any]:
+        """Every key that holds some state."""
+        return {k for (_n, k) in self._data}
+
+    def snapshot_split(self, group_of: Callable[[Any], int]) -> dict[int, dict[str, Any]]:
+        """``snapshot()`` split by ``group_of(key)``: one snapshot per group holding state."""
+        parts: dict[int, dict[tuple[str, Any], Any]] = {}
+        for entry, value in self._data.items():
+            parts.setdefault(group_of(entry[1]), {})[entry] = value
+        out = {}
+        for g, data in parts.items():
+            try:
+                blob = cloudpickle.dumps(data)
+            except Exception as exc:
+                bad = next((n for (n, _k), v in data.items() if not _picklable(v)), "?")
+                raise PlanError(f"keyed state {bad!r} holds a value that cannot be pickled for "
+                                f"a checkpoint: {exc}") from exc
+            out[g] = {"version": 1, "data": blob, "kinds": dict(self._kinds)}
+        return out
+
+    def restore_many(self, snapshots: list[dict[str, Any]]) -> None:
+        """Replace the contents with the union of several snapshots (of disjoint keys)."""
+        self._data = {}
+        for snap in snapshots:
+            self._data.update(cloudpickle.loads(snap["data"]))
+            self._kinds.update(snap["kinds"])
 
 
 def _picklable(v: Any) -> bool:
@@ -467,6 +526,28 @@ class TimerService:
         self._proc.load(snapshot["processing"])
         self._seq = snapshot["seq"]
         self.watermark = snapshot["watermark"]
+
+    def timer_keys(self) -> set[Any]:
+        """Every key with a pending timer."""
+        return {k for (k, _ts) in self._event.live} | {k for (k, _ts) in self._proc.live}
+
+    def snapshot_split(self, group_of: Callable[[Any], int]) -> dict[int, dict[str, Any]]:
+        """``snapshot()`` split by ``group_of(key)``: one snapshot per group with timers."""
+        out: dict[int, dict[str, Any]] = {}
+        for kind, queue in (("event", self._event), ("processing", self._proc)):
+            for entry in queue.entries():
+                g = group_of(entry[2])
+                snap = out.setdefault(g, {"version": 1, "event": [], "processing": [],
+                                          "seq": self._seq, "watermark": self.watermark})
+                snap[kind].append(entry)
+        return out
+
+    def restore_many(self, snapshots: list[dict[str, Any]], watermark: int = MIN_TIME) -> None:
+        """Replace the timers with the union of several snapshots (of disjoint keys)."""
+        self._event.load([e for s in snapshots for e in s["event"]])
+        self._proc.load([e for s in snapshots for e in s["processing"]])
+        self._seq = max([self._seq, *(s["seq"] for s in snapshots)])
+        self.watermark = max([watermark, *(s["watermark"] for s in snapshots)])
 
 
 def _as_time(ts: Any) -> int:

@@ -61,6 +61,7 @@ import pyarrow.compute as pc
 from millstream.errors import PlanError, SchemaError
 from millstream.ops.aggregate import AggSpec, _AggCore
 from millstream.ops.base import Batches, Operator
+from millstream.ops.state import key_hashes
 from millstream.runtime.arrowutil import event_time_micros, normalize_key, table_to_batches
 from millstream.runtime.hashing import partition_ids
 
@@ -443,6 +444,58 @@ class WindowAggregate(Operator):
         else:
             for end, part in _split_by_value(table, _col_numpy(table, _WE)):
                 self._panes[end] = _Pane([part])
+
+    @property
+    def is_keyed(self) -> bool:
+        """True when the state is keyed (``keys`` given): it can be split by key group."""
+        return bool(self.keys)
+
+    def snapshot_by_key_group(self, key_groups: int) -> dict[int, dict[str, Any]]:
+        """``snapshot()`` split by key group (hash of the key columns mod ``key_groups``).
+
+        Every group's snapshot carries the watermark and time zone; the counters and any
+        undrained side output rows go with the smallest group (group 0 when there is no state).
+        """
+        if not self.keys:
+            raise PlanError(f"{self.name}: a window without keys has no key groups; its state "
+                            f"can only be restored at the same parallelism")
+        full = self.snapshot()
+        table: pa.Table | None = full["state"]
+        groups: dict[int, dict[str, Any]] = {}
+        base = {"version": 1, "operator": "WindowAggregate", "watermark": self.watermark,
+                "tz": self._tz, "late_records": 0, "invalid_records": 0, "state": None,
+                "side": {k: [] for k in self._side}}
+        if table is not None and table.num_rows:
+            cols = [normalize_key(table.column(k)) for k in self.keys]
+            gids = (key_hashes(cols, table.num_rows) % np.uint64(key_groups)).astype(np.int64)
+            for g, part in _split_by_value(table, gids):
+                groups[g] = {**base, "key_group": g, "state": part.combine_chunks(),
+                             "side": {k: [] for k in self._side}}
+        first = min(groups, default=0)
+        groups.setdefault(first, {**base, "key_group": first})
+        groups[first].update(late_records=full["late_records"],
+                             invalid_records=full["invalid_records"], side=full["side"])
+        return groups
+
+    def restore_key_groups(self, states: list[dict[str, Any]]) -> None:
+        """Restore from ``snapshot_by_key_group`` states of the key groups this instance owns."""
+        for st in states:
+            if not isinstance(st, dict) or st.get("operator") != "WindowAggregate" \
+                    or "key_group" not in st:
+                raise PlanError(f"{self.name}: cannot restore from {type(st).__name__}: not a "
+                                f"WindowAggregate key-group snapshot")
+        tables = [st["state"] for st in states if st["state"] is not None and st["state"].num_rows]
+        merged: dict[str, Any] = {
+            "version": 1, "operator": "WindowAggregate",
+            "watermark": max([MIN_WATERMARK, *(st["watermark"] for st in states)]),
+            "tz": next((st["tz"] for st in states if st["tz"] is not None), None),
+            "late_records": sum(st["late_records"] for st in states),
+            "invalid_records": sum(st["invalid_records"] for st in states),
+            "state": _concat(tables) if tables else None,
+            "side": {k: [b for st in states for b in st["side"].get(k, [])]
+                     for k in self.side_outputs},
+        }
+        self.restore(merged)
 
     def close(self) -> None:
         self._panes = {}

@@ -2,7 +2,7 @@
 
 v1 departs from ``docs/streaming-design.md`` in one accepted way: every stage partition
 (an operator chain per source partition, and one per shuffle partition of a key
-exchange, hash of the keys) runs in the driver process, on one thread, instead of in
+exchange, by key group) runs in the driver process, on one thread, instead of in
 sticky long-lived worker tasks. What the design fixes is kept:
 
 * **Epochs.** Each *round* polls every source partition once (up to
@@ -24,6 +24,15 @@ sticky long-lived worker tasks. What the design fixes is kept:
   epoch; then ``_COMPLETE``; then ``sink.commit(handle)``. A restart with the same
   checkpoint location restores the newest complete checkpoint, re-commits its sink
   handle (commits are idempotent), rewinds sources and continues with the next epoch.
+* **Key groups.** A keyed exchange hashes the key columns
+  (:func:`millstream.runtime.hashing.hash_columns`) into ``key_groups`` groups (default
+  128, ``start(key_groups=...)`` or ``max_parallelism=...``; fixed by the first
+  checkpoint) and sends group ``g`` to consumer chain ``g * parallelism // key_groups``.
+  Keyed operators (windows with keys, process functions) checkpoint their state and
+  timers per key group (``snapshot_by_key_group``), so a job restores at another
+  parallelism: each new chain gets the union of the groups it owns
+  (``restore_key_groups``). State that is not keyed (a window without keys) and source
+  partitions that change refuse a rescaled restore with a :class:`CheckpointError`.
 * **Sinks** follow ``begin(epoch)``, ``write(batch)``, ``pre_commit(epoch) -> handle``,
   ``commit(handle)``, ``abort(handle)`` (the :class:`~millstream.io.kafka.KafkaSink`
   protocol). :class:`FileStreamSink` stages each epoch's files and moves them into the
@@ -48,7 +57,14 @@ from millstream.io import fs as msfs
 from millstream.io.base import Source
 from millstream.ops.base import Operator
 from millstream.ops.process import KeyedProcess
-from millstream.ops.state import Clock, WallClock
+from millstream.ops.state import (
+    DEFAULT_KEY_GROUPS,
+    Clock,
+    WallClock,
+    key_group_owners,
+    key_hashes,
+    owned_key_groups,
+)
 from millstream.ops.watermark import EventTimeWatermark
 from millstream.ops.window import MAX_WATERMARK, MIN_WATERMARK, WindowAggregate, parse_duration
 from millstream.plan import logical as L
@@ -64,6 +80,7 @@ from millstream.plan.physical import (
 from millstream.runtime.arrowutil import batch_to_rows, concat_batches
 from millstream.runtime.checkpoint import CheckpointError, CheckpointStore
 from millstream.runtime.context import TaskContext, default_context
+from millstream.runtime.shuffle import HashPartitioner
 
 _log = logging.getLogger(__name__)
 
@@ -364,15 +381,30 @@ def make_sink(sink: Any) -> Any:
 class _Chain:
     """The operator instances of one stage partition."""
 
-    __slots__ = ("key", "stage", "ops", "index", "ctx")
+    __slots__ = ("key", "stage", "ops", "index", "ctx", "is_source", "key_grouped")
 
     def __init__(self, key: tuple[int, int, int], stage: Stage, ops: list[Operator],
-                 ctx: TaskContext) -> None:
+                 ctx: TaskContext, is_source: bool = False, key_grouped: bool = False) -> None:
         self.key = key
         self.stage = stage
         self.ops = ops
         self.index = key[2]
         self.ctx = ctx
+        #: fed by a source partition (its state is restored per chain, with the position)
+        self.is_source = is_source
+        #: fed by a keyed exchange: owns the key groups ``owned_key_groups(index, ...)``
+        self.key_grouped = key_grouped
+
+
+def _keyed_exchange(stage: Stage) -> bool:
+    """True when ``stage`` feeds its consumers by a hash of key columns (key groups)."""
+    part = stage.partitioner
+    return isinstance(part, HashPartitioner) and bool(part.keys)
+
+
+def _is_keyed_op(op: Operator) -> bool:
+    """True for operators whose state is split by key group (keyed windows, process functions)."""
+    return bool(getattr(op, "is_keyed", False)) and hasattr(op, "snapshot_by_key_group")
 
 
 class _SourcePart:
@@ -407,8 +439,19 @@ class StreamingJob:
                  parallelism: int = 4, clock: Clock | None = None, stop_at_end: bool = False,
                  max_batch_records: int = 10_000, poll_timeout: str | int = "50ms",
                  storage_options: dict[str, Any] | None = None,
-                 fault: tuple[int, str] | None = None) -> None:
+                 fault: tuple[int, str] | None = None, key_groups: int | None = None,
+                 max_parallelism: int | None = None) -> None:
         _check_streamable(node)
+        if key_groups is not None and max_parallelism is not None and key_groups != max_parallelism:
+            raise PlanError(f"key_groups ({key_groups}) and max_parallelism ({max_parallelism}) "
+                            f"are the same setting; give one")
+        wanted = key_groups if key_groups is not None else max_parallelism
+        if wanted is not None and int(wanted) < 1:
+            raise PlanError(f"key_groups must be a positive number, got {wanted!r}")
+        #: the key_groups the caller asked for (None: the checkpoint's, else the default)
+        self._key_groups_option = int(wanted) if wanted is not None else None
+        #: fixed number of key groups of keyed state (kept in checkpoints; max parallelism)
+        self.key_groups = self._key_groups_option or DEFAULT_KEY_GROUPS
         if fault is not None and fault[1] not in FAULT_POINTS:
             raise PlanError(f"fault point {fault[1]!r} is not one of {FAULT_POINTS}")
         self.job_id = uuid.uuid4().hex[:12]
@@ -427,6 +470,7 @@ class StreamingJob:
         self._stages = all_stages(self._final)
         self._chains: list[_Chain] = []
         self._consumers: dict[int, list[_Chain]] = {}
+        self._owners: dict[int, np.ndarray] = {}
         self._parts: list[_SourcePart] = []
         self._side: dict[str, list[pa.RecordBatch]] = {}
         self.epoch = 1
@@ -534,7 +578,9 @@ class StreamingJob:
                         if isinstance(op, KeyedProcess):
                             op.timers.clock = self.clock
                         op.open(ctx)
-                    chain = _Chain((si, pi, ci), stage, ops, ctx)
+                    chain = _Chain((si, pi, ci), stage, ops, ctx, is_source=src is not None,
+                                   key_grouped=isinstance(port, ShufflePort)
+                                   and _keyed_exchange(port.stage))
                     chains.append(chain)
                     self._chains.append(chain)
                     if src is not None:
@@ -543,7 +589,102 @@ class StreamingJob:
                     self._consumers[port.stage.id] = chains
 
     def _signature(self) -> list[Any]:
+        """The pipeline: operator names per (stage, pipeline), independent of parallelism."""
+        seen: dict[tuple[int, int], list[str]] = {}
+        for c in self._chains:
+            seen.setdefault(c.key[:2], [op.name for op in c.ops])
+        return sorted(seen.items())
+
+    def _legacy_signature(self) -> list[Any]:
+        """The signature of version-1 checkpoints (chain keys and operator names)."""
         return [(c.key, [op.name for op in c.ops]) for c in self._chains]
+
+    def _layout(self) -> list[tuple[int, int, int]]:
+        return [c.key for c in self._chains]
+
+    def _set_key_groups(self, key_groups: int) -> None:
+        """Fix the key groups and the key group -> consumer chain map of every keyed exchange."""
+        self.key_groups = int(key_groups)
+        for stage in self._stages:
+            if stage.id in self._consumers and _keyed_exchange(stage):
+                n = len(self._consumers[stage.id])
+                if n > self.key_groups:
+                    raise PlanError(f"parallelism {n} of stage {stage.id} exceeds the job's "
+                                    f"{self.key_groups} key groups (its maximum parallelism); "
+                                    f"start it with key_groups >= {n}")
+                self._owners[stage.id] = key_group_owners(self.key_groups, n)
+
+    def _restore_ops(self, epoch: int, state: dict[str, Any]) -> None:
+        """Restore every operator: keyed ones by key group, the others per chain."""
+        if state.get("version", 1) < 2:
+            if state["signature"] != self._legacy_signature():
+                raise CheckpointError(
+                    f"checkpoint {self.store.uri} epoch {epoch} was taken by a different "
+                    f"pipeline or parallelism; restore needs the same plan and parallelism "
+                    f"({self.parallelism})")
+            self._set_key_groups(self.key_groups)
+            for chain in self._chains:
+                for k, op in enumerate(chain.ops):
+                    snap = state["ops"].get((*chain.key, k))
+                    if snap is not None:
+                        op.restore(snap)
+            return
+        if state["signature"] != self._signature():
+            raise CheckpointError(
+                f"checkpoint {self.store.uri} epoch {epoch} was taken by a different pipeline; "
+                f"restore needs the same plan (the parallelism may differ)")
+        kg = int(state["key_groups"])
+        if self._key_groups_option is not None and self._key_groups_option != kg:
+            raise CheckpointError(
+                f"checkpoint {self.store.uri} epoch {epoch} has {kg} key groups; the number of "
+                f"key groups (max_parallelism) of a job cannot change (asked for "
+                f"{self._key_groups_option})")
+        self._set_key_groups(kg)
+        old_p = state["parallelism"]
+        rescaled = old_p != self.parallelism or state["layout"] != self._layout()
+        now_sources = {p.chain.key for p in self._parts}
+        if set(state["positions"]) != now_sources:
+            raise CheckpointError(
+                f"checkpoint {self.store.uri} epoch {epoch} was taken at parallelism {old_p} "
+                f"with source partitions {sorted(state['positions'])}; the job now has "
+                f"{sorted(now_sources)} at parallelism {self.parallelism}: source positions "
+                f"cannot move between partitions, so restore with the same parallelism "
+                f"({old_p}) or a source with fixed partitions")
+        for chain in self._chains:
+            for k, op in enumerate(chain.ops):
+                if chain.key_grouped and _is_keyed_op(op):
+                    groups = state["keyed"].get((*chain.key[:2], k), {})
+                    owned = owned_key_groups(chain.index, self._n_consumers(chain), kg)
+                    op.restore_key_groups([st for g in owned for st in groups.get(g, ())])
+                    continue
+                if rescaled:
+                    self._check_unkeyed(epoch, chain, k, op, state, old_p)
+                snap = state["ops"].get((*chain.key, k))
+                if snap is not None:
+                    op.restore(snap)
+
+    def _n_consumers(self, chain: _Chain) -> int:
+        """How many chains share ``chain``'s stage pipeline (its parallelism)."""
+        return sum(1 for c in self._chains if c.key[:2] == chain.key[:2])
+
+    def _check_unkeyed(self, epoch: int, chain: _Chain, k: int, op: Operator,
+                       state: dict[str, Any], old_p: int) -> None:
+        """Refuse a rescaled restore of state that is not split by key group."""
+        where = (f"checkpoint {self.store.uri} epoch {epoch} was taken at parallelism {old_p}, "
+                 f"the job now runs at {self.parallelism}")
+        if isinstance(op, WindowAggregate) and not op.keys:
+            raise CheckpointError(
+                f"{where}: {op.name} is a global window (no keys); its state is not split by "
+                f"key group, so the job can only be restored with the same parallelism "
+                f"({old_p})")
+        if chain.is_source:  # same source partitions (checked): restored per chain
+            return
+        held = [v for (si, pi, _ci, kk), v in state["ops"].items()
+                if (si, pi, kk) == (*chain.key[:2], k) and v is not None]
+        if held:
+            raise CheckpointError(
+                f"{where}: {op.name} keeps state that is not split by key group; the job can "
+                f"only be restored with the same parallelism ({old_p})")
 
     def _restore_or_init(self) -> None:
         # A sink that can re-commit a restored epoch (files: idempotent moves) restores the
@@ -554,18 +695,11 @@ class StreamingJob:
         latest = (self.store.latest(committed_only=not recommit)
                   if self.store is not None else None)
         positions: dict[Any, Any] = {}
-        if latest is not None:
+        if latest is None:
+            self._set_key_groups(self.key_groups)
+        else:
             epoch, state = latest
-            if state["signature"] != self._signature():
-                raise CheckpointError(
-                    f"checkpoint {self.store.uri} epoch {epoch} was taken by a different "
-                    f"pipeline or parallelism; restore needs the same plan and parallelism "
-                    f"({self.parallelism})")
-            for chain in self._chains:
-                for k, op in enumerate(chain.ops):
-                    snap = state["ops"].get((*chain.key, k))
-                    if snap is not None:
-                        op.restore(snap)
+            self._restore_ops(epoch, state)
             positions = state["positions"]
             self.watermark = state["watermark"]
             self._side = {t: list(v) for t, v in state.get("side", {}).items()}
@@ -587,6 +721,18 @@ class StreamingJob:
         if hasattr(self.sink, "open"):
             self.sink.open()
         self.sink.begin(self.epoch)
+        if latest is not None:
+            self._catch_up_watermark()
+
+    def _catch_up_watermark(self) -> None:
+        """Bring restored keyed operators that got no key group state to the job's watermark."""
+        for chain in self._chains:
+            for k, op in enumerate(chain.ops):
+                if chain.key_grouped and _is_keyed_op(op) and op.watermark < self.watermark \
+                        and self.watermark < MAX_WATERMARK:
+                    out = [b for b in op.on_watermark(self.watermark) if b.num_rows]
+                    if out:
+                        self._run(chain, out, k + 1)
 
     # ------------------------------------------------------------------ data flow
 
@@ -622,7 +768,18 @@ class StreamingJob:
             if len(consumers) == 1:
                 self._run(consumers[0], [b])
                 continue
-            ids = stage.partitioner.assign(b)
+            owners = self._owners.get(stage.id)
+            if owners is not None:  # keyed exchange: key group -> the chain that owns it
+                keys = stage.partitioner.keys
+                missing = [k for k in keys if k not in b.schema.names]
+                if missing:
+                    raise PlanError(f"key exchange by {keys}: no column {missing[0]!r}; columns "
+                                    f"are {b.schema.names}")
+                groups = key_hashes([b.column(k) for k in keys], b.num_rows) \
+                    % np.uint64(self.key_groups)
+                ids = owners[groups.astype(np.int64)]
+            else:
+                ids = stage.partitioner.assign(b)
             for i in np.unique(ids):
                 self._run(consumers[int(i)], [b.filter(pa.array(ids == i))])
 
@@ -713,11 +870,22 @@ class StreamingJob:
         handle = self.sink.pre_commit(self.epoch)
         self._maybe_fail("before_checkpoint")
         if self.store is not None:
+            ops: dict[tuple[int, ...], Any] = {}
+            keyed: dict[tuple[int, ...], dict[int, list[Any]]] = {}
+            for c in self._chains:
+                for k, op in enumerate(c.ops):
+                    if c.key_grouped and _is_keyed_op(op):
+                        groups = keyed.setdefault((*c.key[:2], k), {})
+                        for g, st in op.snapshot_by_key_group(self.key_groups).items():
+                            groups.setdefault(g, []).append(st)
+                    else:
+                        ops[(*c.key, k)] = op.snapshot()
             state = {
-                "version": 1, "epoch": self.epoch, "signature": self._signature(),
+                "version": 2, "epoch": self.epoch, "signature": self._signature(),
+                "parallelism": self.parallelism, "layout": self._layout(),
+                "key_groups": self.key_groups,
                 "positions": {p.chain.key: p.reader.position for p in self._parts},
-                "ops": {(*c.key, k): op.snapshot() for c in self._chains
-                        for k, op in enumerate(c.ops)},
+                "ops": ops, "keyed": keyed,
                 "watermark": self.watermark, "sink_handle": handle,
                 "side": {t: list(v) for t, v in self._side.items()},
             }

@@ -1,0 +1,205 @@
+"""Rescaling streaming jobs: keyed state by key groups, restored at another parallelism."""
+
+from __future__ import annotations
+
+import random
+
+import pyarrow as pa
+import pytest
+
+import millstream as ms
+from millstream.ops.process import KeyedProcess, KeyedProcessFunction
+from millstream.ops.state import key_group_owners, owned_key_groups
+from millstream.ops.window import Tumbling, WindowAggregate
+from millstream.runtime.checkpoint import CheckpointError, CheckpointStore
+from millstream.runtime.context import default_context
+from millstream.runtime.streaming import SimulatedCrash
+from millstream.testing import CollectingSink, TestSource
+
+
+def _events(seed: int, n_items: int = 24, per_item: int = 10, keys: str = "abcdefghij"):
+    rng = random.Random(seed)
+    items, t = [], 0
+    for _ in range(n_items):
+        rows = []
+        for _ in range(per_item):
+            t += rng.randint(0, 4000)
+            jitter = rng.choice([0, 0, 0, rng.randint(0, 20_000), rng.randint(0, 200_000)])
+            rows.append({"k": rng.choice(keys), "ts": max(0, t - jitter), "v": rng.randint(1, 9)})
+        items.append(rows)
+    return items
+
+
+def _source(items, partitions: int = 2) -> TestSource:
+    src = TestSource(partitions=partitions)
+    for i, rows in enumerate(items):
+        src.add(rows, partition=i % partitions)
+    src.close()
+    return src
+
+
+def _sorted(rows):
+    return sorted(rows, key=lambda r: tuple(sorted((k, str(v)) for k, v in r.items())))
+
+
+def _tumbling(items):
+    return (_source(items).dataset().with_watermark("ts", "10s").group_by("k")
+            .window(ms.tumbling("1m")).agg(ms.sum("v").alias("s"), ms.count().alias("n")))
+
+
+class CountWithTimeout(KeyedProcessFunction):
+    """Counts per key; 30 s of event time after the last event, emits the count and clears."""
+
+    def open(self, ctx):
+        self.count = ctx.get_state("count", 0)
+        self.last = ctx.get_state("last", None)
+
+    def process_element(self, row, ctx):
+        self.count.update(self.count.value() + 1)
+        if self.last.value() is not None:
+            ctx.timer_service().delete_event_time_timer(self.last.value() + 30_000_000)
+        self.last.update(ctx.timestamp)
+        ctx.timer_service().register_event_time_timer(ctx.timestamp + 30_000_000)
+
+    def on_timer(self, timestamp, ctx):
+        n = self.count.value()
+        self.count.clear()
+        self.last.clear()
+        return {"k": ctx.key, "n": n, "at": timestamp}
+
+
+def _process(items):
+    return (_source(items).dataset().with_watermark("ts", "5s").group_by("k")
+            .process(CountWithTimeout))
+
+
+def _rescale(make, items, tmp_path, before: int, after: int, crash_epoch: int):
+    """Run uninterrupted; then crash at ``before`` after ``crash_epoch`` and restore at ``after``."""
+    plain = make(items).start(checkpoint_interval=0, parallelism=before)
+    assert plain.await_termination(30)
+    expected = _sorted(plain.sink.rows())
+    assert expected
+    chk, sink = str(tmp_path / "chk"), CollectingSink()
+    first = make(items).start(checkpoint=chk, sink=sink, checkpoint_interval=0,
+                              parallelism=before, _fault=(crash_epoch, "after_checkpoint"))
+    with pytest.raises(SimulatedCrash):
+        first.await_termination(30)
+    state = CheckpointStore(chk).latest()[1]
+    assert state["parallelism"] == before and state["key_groups"] == 128
+    (groups,) = state["keyed"].values()
+    assert len(groups) > 2, "the checkpoint should hold state of several key groups"
+    second = make(items).start(checkpoint=chk, sink=sink, checkpoint_interval=0,
+                               parallelism=after)
+    assert second.await_termination(30)
+    assert second.metrics()["restored_from_epoch"] == crash_epoch
+    assert _sorted(sink.rows()) == expected
+    return second
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 3), (4, 1), (3, 2)])
+def test_keyed_tumbling_window_restored_at_another_parallelism(before, after, tmp_path):
+    job = _rescale(_tumbling, _events(3), tmp_path, before, after, crash_epoch=7)
+    assert job.late_records(), "the data should contain late events"
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 3), (4, 1)])
+def test_keyed_process_function_state_and_timers_move_with_key_groups(before, after, tmp_path):
+    _rescale(_process, _events(5), tmp_path, before, after, crash_epoch=9)
+
+
+def test_global_window_refuses_a_parallelism_change(tmp_path):
+    items = _events(11, n_items=10)
+
+    def make(items):
+        return (_source(items).dataset().with_watermark("ts", "10s")
+                .window(ms.tumbling("1m")).agg(ms.sum("v").alias("s")))
+
+    chk = str(tmp_path / "chk")
+    first = make(items).start(checkpoint=chk, checkpoint_interval=0, parallelism=2,
+                              _fault=(4, "after_checkpoint"))
+    with pytest.raises(SimulatedCrash):
+        first.await_termination(30)
+    again = make(items).start(checkpoint=chk, checkpoint_interval=0, parallelism=3)
+    with pytest.raises(CheckpointError, match="global window .*same parallelism \\(2\\)"):
+        again.await_termination(30)
+    # at the same parallelism it restores fine
+    same = make(items).start(checkpoint=chk, checkpoint_interval=0, parallelism=2)
+    assert same.await_termination(30)
+    assert same.metrics()["restored_from_epoch"] == 4
+
+
+def test_a_different_pipeline_or_key_groups_is_refused(tmp_path):
+    items = _events(2, n_items=10)
+    chk = str(tmp_path / "chk")
+    first = _tumbling(items).start(checkpoint=chk, checkpoint_interval=0, parallelism=2,
+                                   _fault=(3, "after_checkpoint"))
+    with pytest.raises(SimulatedCrash):
+        first.await_termination(30)
+    other = _process(items).start(checkpoint=chk, checkpoint_interval=0, parallelism=2)
+    with pytest.raises(CheckpointError, match="different pipeline"):
+        other.await_termination(30)
+    kg = _tumbling(items).start(checkpoint=chk, checkpoint_interval=0, key_groups=64)
+    with pytest.raises(CheckpointError, match="128 key groups"):
+        kg.await_termination(30)
+
+
+def test_key_group_ranges_are_contiguous_and_cover_everything():
+    for k, p in [(128, 3), (128, 1), (10, 4), (7, 7)]:
+        owners = key_group_owners(k, p)
+        for i in range(p):
+            assert list(owned_key_groups(i, p, k)) == [g for g in range(k) if owners[g] == i]
+
+
+def _batch(rows):
+    return pa.RecordBatch.from_pylist(rows)
+
+
+def test_operators_split_and_merge_state_by_key_group():
+    rows = [{"k": f"k{i % 13}", "ts": i * 7_000, "v": i} for i in range(200)]
+
+    def window():
+        return WindowAggregate(Tumbling("1m"), ["k"], [ms.sum("v").alias("s")], "ts")
+
+    whole = window()
+    whole.process(_batch(rows))
+    groups = whole.snapshot_by_key_group(16)
+    assert len(groups) > 3
+    parts = [window() for _ in range(3)]
+    for i, op in enumerate(parts):
+        op.restore_key_groups([groups[g] for g in owned_key_groups(i, 3, 16) if g in groups])
+    got = [r for op in parts for b in op.finish() for r in b.to_pylist()]
+    want = [r for b in whole.finish() for r in b.to_pylist()]
+    assert _sorted(got) == _sorted(want)
+
+    def proc():
+        op = KeyedProcess(CountWithTimeout, "k", time_column="ts")
+        op.open(default_context())
+        return op
+
+    whole_p = proc()
+    whole_p.process(_batch(rows))
+    groups = whole_p.snapshot_by_key_group(16)
+    parts_p = [proc() for _ in range(2)]
+    for i, op in enumerate(parts_p):
+        op.restore_key_groups([groups[g] for g in owned_key_groups(i, 2, 16) if g in groups])
+    assert sum(op.timers.num_event_timers() for op in parts_p) == 13
+    got = [r for op in parts_p for b in op.finish() for r in b.to_pylist()]
+    want = [r for b in whole_p.finish() for r in b.to_pylist()]
+    assert _sorted(got) == _sorted(want) and len(want) == 13
+
+
+def test_changed_source_partitions_are_refused(tmp_path):
+    items = _events(4, n_items=12)
+
+    def make(partitions):
+        return (_source(items, partitions).dataset().with_watermark("ts", "10s").group_by("k")
+                .window(ms.tumbling("1m")).agg(ms.sum("v").alias("s")))
+
+    chk = str(tmp_path / "chk")
+    first = make(2).start(checkpoint=chk, checkpoint_interval=0, parallelism=2,
+                          _fault=(3, "after_checkpoint"))
+    with pytest.raises(SimulatedCrash):
+        first.await_termination(30)
+    again = make(3).start(checkpoint=chk, checkpoint_interval=0, parallelism=3)
+    with pytest.raises(CheckpointError, match="source partitions"):
+        again.await_termination(30)
