@@ -16,12 +16,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+import traceback
+from argparse import SUPPRESS, ArgumentParser, Namespace
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
 DATA_DIR = BENCH_DIR / "data"
 RESULTS_DIR = BENCH_DIR / "results"
 INSTALL_HINT = "pip install 'millstream[bench]'"
@@ -228,6 +231,106 @@ def warm_page_cache(path: Path, chunk: int = 16 * _MB) -> None:
             pass
 
 
+# --------------------------------------------------------------------------- workers
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine cannot run in this checkout (not installed or not implemented yet)."""
+
+
+def write_worker_error(out: Path, exc: BaseException) -> int:
+    """Print the traceback, write the error's first line as the worker's outcome; return 1."""
+    traceback.print_exc()
+    msg = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
+    out.write_text(json.dumps({"error": msg}))
+    return 1
+
+
+def engine_worker_main(fn: Callable[[str, int, int | None], tuple[dict[str, Any], dict[str, Any]]],
+                       args: Namespace) -> int:
+    """Run ``fn(input, parallelism, memory_limit)`` in this process; write its outcome as JSON.
+
+    The outcome is the checksum, the details and the compute time (engine start + query),
+    or an error (``unavailable`` when the engine raised :class:`EngineUnavailable`).
+    """
+    out = Path(args.result_file)
+    t0 = time.perf_counter()
+    try:
+        checksum, details = fn(args.input, args.parallelism, args.memory_limit_bytes)
+    except EngineUnavailable as e:
+        out.write_text(json.dumps({"error": str(e), "unavailable": True}))
+        print(f"engine unavailable: {e}", file=sys.stderr)
+        return 3
+    except BaseException as e:
+        return write_worker_error(out, e)
+    compute = details.get("init_s", 0.0) + details.get("query_s", time.perf_counter() - t0)
+    out.write_text(
+        json.dumps({"compute_s": compute, "checksum": checksum, "details": details}, default=str)
+    )
+    return 0
+
+
+def run_worker(
+    cmd: Sequence[str],
+    result_file: Path,
+    *,
+    timeout_s: float,
+    log_path: Path,
+    with_pss: bool,
+    env: Mapping[str, str] | None = None,
+    cleanup: Callable[[], None] | None = None,
+) -> tuple[dict[str, Any], ProcessRun]:
+    """Run a worker subprocess (from the repository root), measured; return the outcome
+    it wrote to ``result_file`` (``{}`` if none) and the measurement.
+
+    ``cleanup`` runs afterwards in any case (default: delete ``result_file``).
+    """
+    try:
+        run = run_measured(cmd, env=env, cwd=str(REPO_DIR), timeout_s=timeout_s,
+                           log_path=log_path, with_pss=with_pss)
+        try:
+            outcome = json.loads(result_file.read_text() or "{}")
+        except (OSError, ValueError):
+            outcome = {}
+    finally:
+        if cleanup is None:
+            result_file.unlink(missing_ok=True)
+        else:
+            cleanup()
+    return outcome, run
+
+
+def check_outcome(outcome: dict[str, Any], run: ProcessRun, timeout_s: float) -> dict[str, Any]:
+    """The worker's outcome, or an error outcome when the run timed out or crashed."""
+    if run.timed_out:
+        return {"error": f"timed out after {timeout_s:.0f} s", "timeout": True}
+    if run.returncode != 0 and "error" not in outcome:
+        last = run.stderr_tail.strip().splitlines()[-1:] or [f"exit code {run.returncode}"]
+        return {"error": f"exit code {run.returncode}: {last[0][:300]}"}
+    return outcome
+
+
+def add_worker_args(p: ArgumentParser, engines: Sequence[str]) -> None:
+    """The hidden options with which a harness runs one engine in a worker subprocess."""
+    p.add_argument("--worker", choices=engines, help=SUPPRESS)
+    p.add_argument("--input", help=SUPPRESS)
+    p.add_argument("--result-file", help=SUPPRESS)
+
+
+def check_engine_args(p: ArgumentParser, args: Namespace, all_engines: Sequence[str]) -> None:
+    """Parse ``--memory-limit`` and, for the harness, check ``--engines`` (or 'all') and
+    the counts; ``p.error`` on a bad value."""
+    args.memory_limit_bytes = parse_size(args.memory_limit) if args.memory_limit else None
+    if not args.worker:
+        names = all_engines if args.engines.strip() == "all" else args.engines.split(",")
+        args.engines = [e.strip() for e in names if e.strip()]
+        unknown = [e for e in args.engines if e not in all_engines]
+        if unknown:
+            p.error(f"unknown engine(s) {unknown}; choose from {', '.join(all_engines)}")
+        if args.parallelism < 1 or args.repeat < 1 or args.size_mb < 1:
+            p.error("--parallelism, --repeat and --size-mb must be >= 1")
+
+
 # --------------------------------------------------------------------------- checksums
 
 
@@ -308,6 +411,15 @@ class EngineResult:
         """Fastest in-process compute time over the repeats."""
         return min(self.compute_s) if self.compute_s else None
 
+    def add_run(self, run: ProcessRun, compute_s: float) -> None:
+        """Add the measurements of one successful run."""
+        self.wall_s.append(run.wall_s)
+        self.compute_s.append(compute_s)
+        self.peak_rss_mb.append(run.peak_rss_mb)
+        if run.peak_pss_mb is not None:
+            self.peak_pss_mb.append(run.peak_pss_mb)
+        self.max_processes = max(self.max_processes, run.max_processes)
+
     def to_json(self) -> dict[str, Any]:
         """Return a JSON-ready dict with summary fields added."""
         data = asdict(self)
@@ -316,6 +428,26 @@ class EngineResult:
         data["max_peak_rss_mb"] = max(self.peak_rss_mb) if self.peak_rss_mb else None
         data["max_peak_pss_mb"] = max(self.peak_pss_mb) if self.peak_pss_mb else None
         return data
+
+
+def mark_unavailable(results: Mapping[str, EngineResult],
+                     availability: Callable[[str], str | None]) -> None:
+    """Mark (and report) as skipped the engines that cannot run here."""
+    for engine, res in results.items():
+        reason = availability(engine)
+        if reason:
+            res.status, res.message = "skipped", reason
+            print(f"[skip] {engine}: {reason}", flush=True)
+
+
+def add_ratios(items: Sequence[dict[str, Any]], results: Sequence[EngineResult],
+               ref: EngineResult | None, key: str) -> None:
+    """Set ``item[key]`` = best wall / the reference engine's best wall, for every engine
+    with a result (right or wrong), when the reference ran fine."""
+    if ref and ref.status == "ok" and ref.best_wall:
+        for item, r in zip(items, results):
+            if r.best_wall and r.status in ("ok", "WRONG"):
+                item[key] = r.best_wall / ref.best_wall
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -37,7 +37,6 @@ import signal
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -47,14 +46,16 @@ from common import (  # noqa: E402
     DATA_DIR,
     RESULTS_DIR,
     EngineResult,
+    check_outcome,
     checksum_from_arrow,
     compare_checksums,
     environment_info,
     format_table,
     module_available,
-    run_measured,
+    run_worker,
     warm_page_cache,
     write_results,
+    write_worker_error,
 )
 from wordcount import DEFAULT_SEED, DEFAULT_VOCAB, ensure_corpus  # noqa: E402
 
@@ -253,9 +254,7 @@ def worker_main(args: argparse.Namespace) -> int:
         checksum, details = fn(args.worker, args.workload, args.input, args.parallelism,
                                args.object_store_mb)
     except BaseException as e:
-        traceback.print_exc()
-        out.write_text(json.dumps({"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}))
-        return 1
+        return write_worker_error(out, e)
     out.write_text(json.dumps({"compute_s": details["init_s"] + details["query_s"],
                                "checksum": checksum, "details": details}, default=str))
     return 0
@@ -296,24 +295,16 @@ def run_once(engine: str, workload: str, data: Path, args: argparse.Namespace,
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", engine,
            "--workload", workload, "--input", str(data), "--result-file", str(result_file),
            "--parallelism", str(args.parallelism), "--object-store-mb", str(args.object_store_mb)]
-    try:
-        run = run_measured(cmd, env=_ray_env(base), cwd=str(Path(__file__).resolve().parent.parent),
-                           timeout_s=args.timeout, log_path=log_path, with_pss=not args.no_pss)
-        try:
-            outcome = json.loads(result_file.read_text() or "{}")
-        except (OSError, ValueError):
-            outcome = {}
-    finally:
+
+    def cleanup() -> None:
         left = _kill_leftovers(base)
         if left:
             print(f"(killed {len(left)} leftover process(es) of this run)", end=" ", flush=True)
         shutil.rmtree(base, ignore_errors=True)
-    if run.timed_out:
-        outcome = {"error": f"timed out after {args.timeout:.0f} s", "timeout": True}
-    elif run.returncode != 0 and "error" not in outcome:
-        last = run.stderr_tail.strip().splitlines()[-1:] or [f"exit code {run.returncode}"]
-        outcome = {"error": f"exit code {run.returncode}: {last[0][:300]}"}
-    return outcome, run
+
+    outcome, run = run_worker(cmd, result_file, env=_ray_env(base), timeout_s=args.timeout,
+                              log_path=log_path, with_pss=not args.no_pss, cleanup=cleanup)
+    return check_outcome(outcome, run, args.timeout), run
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -389,12 +380,7 @@ def harness_main(args: argparse.Namespace) -> int:
                     print(f"{res.status}: {res.message} (log: {log_path})", flush=True)
                     continue
                 problems = compare_checksums(expected, outcome["checksum"])
-                res.wall_s.append(run.wall_s)
-                res.compute_s.append(float(outcome["compute_s"]))
-                res.peak_rss_mb.append(run.peak_rss_mb)
-                if run.peak_pss_mb is not None:
-                    res.peak_pss_mb.append(run.peak_pss_mb)
-                res.max_processes = max(res.max_processes, run.max_processes)
+                res.add_run(run, float(outcome["compute_s"]))
                 res.checksum = outcome["checksum"]
                 res.runs.append({"wall_s": run.wall_s, "compute_s": float(outcome["compute_s"]),
                                  "peak_rss_mb": run.peak_rss_mb, "peak_pss_mb": run.peak_pss_mb,

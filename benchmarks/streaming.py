@@ -25,7 +25,6 @@ import os
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -40,9 +39,10 @@ from common import (  # noqa: E402
     environment_info,
     format_table,
     module_available,
-    run_measured,
+    run_worker,
     warm_page_cache,
     write_results,
+    write_worker_error,
 )
 
 START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z, on a minute boundary
@@ -282,9 +282,7 @@ def worker_main(args: argparse.Namespace) -> int:
     try:
         checksum, details = RUNNERS[args.worker](args.input, args.pipeline, args.parallelism)
     except BaseException as e:
-        traceback.print_exc()
-        out.write_text(json.dumps({"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}))
-        return 1
+        return write_worker_error(out, e)
     t = os.times()
     details["cpu_s"] = t.user + t.system + t.children_user + t.children_system
     out.write_text(json.dumps({"checksum": checksum, "details": details}, default=str))
@@ -311,15 +309,8 @@ def run_once(engine: str, pipeline: str, path: Path, args: argparse.Namespace,
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", engine, "--pipeline",
            pipeline, "--input", str(path), "--result-file", str(result_file),
            "--parallelism", str(args.parallelism)]
-    try:
-        run = run_measured(cmd, cwd=str(Path(__file__).resolve().parent.parent),
-                           timeout_s=args.timeout, log_path=log, with_pss=False)
-        try:
-            outcome = json.loads(result_file.read_text() or "{}")
-        except (OSError, ValueError):
-            outcome = {}
-    finally:
-        result_file.unlink(missing_ok=True)
+    outcome, run = run_worker(cmd, result_file, timeout_s=args.timeout, log_path=log,
+                              with_pss=False)
     if run.timed_out:
         outcome = {"error": f"timed out after {args.timeout:.0f} s"}
     elif run.returncode != 0 and "error" not in outcome:
@@ -365,10 +356,7 @@ def harness_main(args: argparse.Namespace) -> int:
                 if "error" in outcome:
                     res.status, res.message = "error", f"{outcome['error']} (log: {log})"
                     break
-                res.wall_s.append(run.wall_s)
-                res.compute_s.append(outcome["details"]["query_s"])
-                res.peak_rss_mb.append(run.peak_rss_mb)
-                res.max_processes = max(res.max_processes, run.max_processes)
+                res.add_run(run, outcome["details"]["query_s"])
                 res.checksum, res.details = outcome["checksum"], outcome["details"]
                 if res.checksum != truth[pipeline]:
                     res.status = "wrong"

