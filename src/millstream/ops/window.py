@@ -42,9 +42,15 @@ processing would decide, so results do not depend on batch boundaries.
 State is kept as Arrow tables of partial aggregation states (the ``_AggCore`` algebra of
 ``ops.aggregate``), never a Python object per event: tumbling and sliding windows keep one
 *pane* per window end (a list of state tables, compacted by merging), session windows
-keep one table of sessions per hash bucket of the key. Panes and buckets are the units a
-future spilling step would move to disk (``runtime.spill.SpillFile``); for now all state
-is in memory.
+keep one table of sessions per hash bucket of the key.
+
+Spilling (tumbling and sliding): when the panes held in memory exceed
+``state_memory_limit`` bytes (default: half the task's ``memory_budget``), the panes of
+the windows that end latest (they fire last) move to disk, one ``SpillFile`` per window
+end; more state for a spilled window is appended to its file. A spilled pane is read back
+(and merged) when its window fires, gets an allowed late update, or at snapshot time;
+its file is deleted when the window fires or expires, and in ``close()``. Each move or
+append counts in ``("millstream", "state_spills")``. Session state is not spilled.
 """
 
 from __future__ import annotations
@@ -63,7 +69,9 @@ from millstream.ops.aggregate import AggSpec, _AggCore
 from millstream.ops.base import Batches, Operator
 from millstream.ops.state import key_hashes
 from millstream.runtime.arrowutil import event_time_micros, normalize_key, table_to_batches
+from millstream.runtime.context import TaskContext
 from millstream.runtime.hashing import partition_ids
+from millstream.runtime.spill import SpillFile
 
 _EMPTY: tuple[pa.RecordBatch, ...] = ()
 
@@ -275,7 +283,8 @@ class WindowAggregate(Operator):
 
     def __init__(self, window: WindowAssigner, keys: list[str] | str | None, aggs: list[Any],
                  time_column: str, allowed_lateness: str | int | _dt.timedelta = 0,
-                 emit: str = "final", name: str | None = None) -> None:
+                 emit: str = "final", name: str | None = None,
+                 state_memory_limit: int | None = None) -> None:
         if not isinstance(window, WindowAssigner):
             raise PlanError(f"WindowAggregate: window must be Tumbling, Sliding or Session, got "
                             f"{window!r}")
@@ -301,6 +310,10 @@ class WindowAggregate(Operator):
         self.time_column = time_column
         self.allowed_lateness = parse_duration(allowed_lateness, "allowed_lateness")
         self.emit = emit
+        #: bytes of in-memory pane state before spilling (None: half the task memory budget)
+        self.state_memory_limit = state_memory_limit
+        self._spilled: dict[int, SpillFile] = {}
+        self._spill_ctx: TaskContext | None = None
         super().__init__(name or (
             f"WindowAggregate({window.describe()}, keys={keys}, time={time_column!r}, aggs=["
             + ", ".join(f"{s.func}:{s.name}" for s in specs) + "]"
@@ -337,6 +350,7 @@ class WindowAggregate(Operator):
         return AggSpec(func, arg, name)
 
     def _reset(self) -> None:
+        self._drop_spills()
         self.watermark = MIN_WATERMARK
         self.late_records = 0
         self.invalid_records = 0
@@ -378,11 +392,18 @@ class WindowAggregate(Operator):
         if self.window.merging:
             return self._emit(self._fire_sessions(old, w))
         out = []
-        for end in sorted(e for e in self._panes if old < e <= w):
-            out.append(self._result(self._pane_state(end), False))
         thresh = self._expiry()
+        for end in sorted(e for e in {*self._panes, *self._spilled} if old < e <= w):
+            if end > thresh:
+                self._load(end)
+                out.append(self._result(self._pane_state(end), False))
+            else:  # fires and expires at once: read its state back for the last time
+                out.append(self._result(self._take_pane(end), False))
         for end in [e for e in self._panes if e <= thresh]:
             del self._panes[end]
+        for end in [e for e in self._spilled if e <= thresh]:
+            self._spilled.pop(end).delete()
+        self._maybe_spill()
         return self._emit(out)
 
     def finish(self) -> Batches:
@@ -398,9 +419,10 @@ class WindowAggregate(Operator):
                     out += self._emit_sessions(tbl, due)[0]
             self._buckets = [None] * self.num_buckets
         else:
-            for end in sorted(e for e in self._panes if e > w):
-                out.append(self._result(self._pane_state(end), False))
+            for end in sorted(e for e in {*self._panes, *self._spilled} if e > w):
+                out.append(self._result(self._take_pane(end), False))
             self._panes = {}
+            self._drop_spills()
         self.watermark = MAX_WATERMARK
         return self._emit(out, sort=self.window.merging)
 
@@ -416,7 +438,7 @@ class WindowAggregate(Operator):
         if self.window.merging:
             tables = [t for t in self._buckets if t is not None and t.num_rows]
         else:
-            tables = [self._pane_state(e) for e in sorted(self._panes)]
+            tables = [self._snapshot_pane(e) for e in sorted({*self._panes, *self._spilled})]
         state = _concat(tables).combine_chunks() if tables else None
         return {"version": 1, "operator": "WindowAggregate", "watermark": self.watermark,
                 "tz": self._tz, "late_records": self.late_records,
@@ -444,6 +466,7 @@ class WindowAggregate(Operator):
         else:
             for end, part in _split_by_value(table, _col_numpy(table, _WE)):
                 self._panes[end] = _Pane([part])
+            self._maybe_spill()
 
     @property
     def is_keyed(self) -> bool:
@@ -499,6 +522,7 @@ class WindowAggregate(Operator):
 
     def close(self) -> None:
         self._panes = {}
+        self._drop_spills()
         self._buckets = [None] * self.num_buckets
 
     def describe(self) -> str:
@@ -596,6 +620,9 @@ class WindowAggregate(Operator):
         fired = ends <= self.watermark
         pending = states.filter(pa.array(~fired)) if fired.any() else states
         for end, part in _split_by_value(pending, ends[~fired]):
+            if end in self._spilled:  # its pane lives on disk: append there
+                self._spill_write(end, [part])
+                continue
             pane = self._panes.get(end)
             if pane is None:
                 self._panes[end] = _Pane([part])
@@ -606,17 +633,106 @@ class WindowAggregate(Operator):
                 pane.tables = [self.core.merge(_concat(pane.tables))]
                 pane.rows = pane.tables[0].num_rows
         if not fired.any():
+            self._maybe_spill()
             return []
         # allowed-lateness path: these windows fired already (or fire now, on first data)
         out = []
         for end, part in _split_by_value(states.filter(pa.array(fired)), ends[fired]):
+            self._load(end)
             pane = self._panes.get(end)
             old = [_with_flags(x, self._flags, 1, 0) for x in (pane.tables if pane else [])]
             merged = self._fcore.merge(_concat([*old, _with_flags(part, self._flags, 0, 1)]))
             touched = merged.filter(pc.equal(merged.column(self._touched), 1))
             out.append(self._result(touched, _col_numpy(touched, self._fired) == 1))
             self._panes[end] = _Pane([merged.drop_columns(list(self._flags))])
+        self._maybe_spill()
         return out
+
+    # ----------------------------------------------------------------- spilling
+
+    def _memory_limit(self) -> int:
+        if self.state_memory_limit is not None:
+            return int(self.state_memory_limit)
+        budget = self.ctx.memory_budget if self.ctx is not None else TaskContext.memory_budget
+        return budget // 2
+
+    def _pane_bytes(self) -> int:
+        return sum(t.nbytes for p in self._panes.values() for t in p.tables)
+
+    def _spill_write(self, end: int, tables: list[pa.Table]) -> None:
+        """Append state tables to the spill file of window ``end`` (creating it)."""
+        tables = [t for t in tables if t.num_rows]
+        if not tables:
+            return
+        sf = self._spilled.get(end)
+        if sf is None:
+            if self._spill_ctx is None:
+                self._spill_ctx = self.ctx if self.ctx is not None else TaskContext()
+            sf = self._spilled[end] = SpillFile(self._spill_ctx, "window-state")
+        for t in tables:
+            for b in t.to_batches():
+                sf.write(b)
+        if self.ctx is not None:
+            self.ctx.increment_counter("millstream", "state_spills")
+
+    def _maybe_spill(self) -> None:
+        """Move the panes of the latest-ending windows to disk while over the memory limit."""
+        if not self._panes:
+            return
+        limit = self._memory_limit()
+        used = self._pane_bytes()
+        if used <= limit:
+            return
+        for end in sorted(self._panes, reverse=True):
+            pane = self._panes.pop(end)
+            used -= sum(t.nbytes for t in pane.tables)
+            self._spill_write(end, pane.tables)
+            if used <= limit:
+                break
+
+    def _read_spilled(self, end: int) -> list[pa.Table]:
+        """The state tables of window ``end`` on disk (its file is deleted)."""
+        sf = self._spilled.pop(end, None)
+        if sf is None:
+            return []
+        batches = list(sf.read())
+        sf.delete()
+        # one table per batch: several tables make _pane_state merge them
+        return [pa.Table.from_batches([b]) for b in batches]
+
+    def _load(self, end: int) -> None:
+        """Bring window ``end``'s spilled state back into memory (before its in-memory part)."""
+        if end not in self._spilled:
+            return
+        tables = self._read_spilled(end)
+        pane = self._panes.get(end)
+        tables += pane.tables if pane is not None else []
+        if tables:
+            self._panes[end] = _Pane(tables)
+
+    def _take_pane(self, end: int) -> pa.Table:
+        """The merged state of window ``end`` (memory and disk), removed from the operator."""
+        self._load(end)
+        state = self._pane_state(end)
+        del self._panes[end]
+        return state
+
+    def _snapshot_pane(self, end: int) -> pa.Table:
+        """The merged state of window ``end``; a spilled window stays spilled (rewritten merged)."""
+        if end not in self._spilled:
+            return self._pane_state(end)
+        pane = self._panes.pop(end, None)
+        tables = self._read_spilled(end) + (pane.tables if pane is not None else [])
+        state = self.core.merge(_concat(tables)) if len(tables) > 1 else tables[0]
+        sf = self._spilled[end] = SpillFile(self._spill_ctx, "window-state")
+        for b in state.to_batches():
+            sf.write(b)
+        return state
+
+    def _drop_spills(self) -> None:
+        for sf in getattr(self, "_spilled", {}).values():
+            sf.delete()
+        self._spilled = {}
 
     # ----------------------------------------------------------------- sessions
 
