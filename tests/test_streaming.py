@@ -204,7 +204,7 @@ def test_stop_takes_a_final_checkpoint_and_restart_continues(tmp_path):
     import time
 
     deadline = time.time() + 20
-    while job.metrics()["positions"][("_TestStream", 0)] != 5 and time.time() < deadline:
+    while job.metrics()["positions"].get(("_TestStream", 0)) != 5 and time.time() < deadline:
         time.sleep(0.01)
     job.stop()
     assert not job.is_active

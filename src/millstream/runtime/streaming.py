@@ -944,4 +944,10 @@ class StreamingJob:
                             op.close()
                         except Exception:  # noqa: BLE001
                             _log.warning("closing %s failed", op.name, exc_info=True)
+                close_sink = getattr(self.sink, "close", None)
+                if callable(close_sink):  # e.g. a Kafka producer: flush, or abort an open epoch
+                    try:
+                        close_sink()
+                    except Exception:  # noqa: BLE001
+                        _log.warning("closing the sink failed", exc_info=True)
             self._done.set()
