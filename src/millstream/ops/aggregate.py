@@ -376,7 +376,6 @@ class FinalAggregate(Operator):
         self.buf: list[pa.RecordBatch] = []
         self.buf_bytes = 0
         self.spiller: BucketSpiller | None = None
-        self.seen_rows = 0
         self.state_schema: pa.Schema | None = None
 
     def _limit(self) -> int:
@@ -387,7 +386,6 @@ class FinalAggregate(Operator):
             self.state_schema = batch.schema
         if batch.num_rows == 0:
             return _EMPTY
-        self.seen_rows += batch.num_rows
         self.buf.append(batch)
         self.buf_bytes += batch_nbytes(batch)
         if self.buf_bytes >= self._limit():

@@ -294,14 +294,3 @@ class LocalLimit(Operator):
         """True when no more input is needed (lets the task stop reading early)."""
         return self.seen >= self.n
 
-
-class AddColumnFromFn(Operator):
-    """Internal: add a column computed by a picklable function of the batch."""
-
-    def __init__(self, name: str, fn: Callable[[pa.RecordBatch], pa.Array]) -> None:
-        super().__init__(f"AddColumn({name})")
-        self.column = name
-        self.fn = fn
-
-    def process(self, batch: pa.RecordBatch, port: int = 0) -> Batches:
-        return (batch.append_column(self.column, self.fn(batch)),)

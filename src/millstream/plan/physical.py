@@ -51,16 +51,6 @@ class ShufflePort:
 
 
 @dataclass
-class BroadcastPort:
-    """Every task reads all blocks of the stage (the small side of a join)."""
-
-    stage: Stage
-
-    def describe(self) -> str:
-        return f"broadcast of stage {self.stage.id}"
-
-
-@dataclass
 class BlocksPort:
     """Task i reads block i of a materialized stage or cached dataset."""
 

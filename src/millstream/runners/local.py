@@ -326,7 +326,3 @@ class LocalRunner(Runner):
                 self._kill(w)
         self.workers = []
 
-
-def run_inline(task: Task) -> TaskResult:
-    """Run a task in the driver process (used for tiny driver-side work and debugging)."""
-    return run_task(task)

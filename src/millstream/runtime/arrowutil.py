@@ -7,7 +7,7 @@ it; ``batch_to_rows`` unpickles them. That is the slow path, never the only path
 from __future__ import annotations
 
 import pickle
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import pyarrow as pa
@@ -124,8 +124,7 @@ def rows_to_batch(rows: list[Any], schema: pa.Schema | None = None) -> pa.Record
     Non-dict rows become a single column ``value`` (so ``map(lambda r: r["x"] * 2)`` works).
     """
     if not rows:
-        return (schema or pa.schema([])).empty_table().to_batches()[0] if schema else \
-            pa.RecordBatch.from_pylist([])
+        return pa.RecordBatch.from_pylist([], schema=schema)
     if not isinstance(rows[0], dict) or not all(isinstance(r, dict) for r in rows):
         rows = [r if isinstance(r, dict) else {"value": r} for r in rows]
     if schema is not None:
@@ -157,16 +156,6 @@ def rows_to_batch(rows: list[Any], schema: pa.Schema | None = None) -> pa.Record
         fields.append(f)
         arrays.append(a)
     return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields))
-
-
-def rebatch(batches: Iterable[pa.RecordBatch], max_rows: int) -> Iterator[pa.RecordBatch]:
-    """Cut batches so none exceeds ``max_rows`` rows (does not merge small ones)."""
-    for b in batches:
-        if b.num_rows <= max_rows:
-            yield b
-        else:
-            for start in range(0, b.num_rows, max_rows):
-                yield b.slice(start, max_rows)
 
 
 def table_to_batches(table: pa.Table, max_rows: int = 65536) -> list[pa.RecordBatch]:

@@ -253,25 +253,20 @@ class BlockWriter:
         self.compression = compression
 
     def write_all(self, batches: Iterable[pa.RecordBatch]) -> BlockRef:
-        spill = SpillFile(self.ctx, "block")
-        spill.compression = self.compression
-        spill.path = self.path + ".tmp"
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        schema = None
+        spill = SpillFile(self.ctx, path=self.path + ".tmp", compression=self.compression)
+        seen: pa.Schema | None = None  # an empty batch still names the columns
         for b in batches:
-            schema = b.schema if schema is None else schema
+            seen = seen or b.schema
             spill.write(b)
-            if spill._writer is None and b.num_rows == 0:
-                # remember an empty batch's schema
-                schema = b.schema
         spill.close()
-        if spill._schema is None:
+        schema = spill.schema or seen or pa.schema([])
+        if spill.schema is None:
             # no rows: write a schema-only stream
             with pa.OSFile(spill.path, "wb") as f:
-                w = pa.ipc.new_stream(f, schema or pa.schema([]))
-                w.close()
+                pa.ipc.new_stream(f, schema).close()
         os.replace(spill.path, self.path)
-        names = list((spill._schema or schema or pa.schema([])).names)
+        names = list(schema.names)
         return BlockRef(self.path, spill.rows, os.path.getsize(self.path), names)
 
 

@@ -22,13 +22,13 @@ def ipc_options(compression: str | None) -> pa.ipc.IpcWriteOptions:
 class SpillFile:
     """An append-only run of batches on disk; schema drift is unified at write time."""
 
-    def __init__(self, ctx: TaskContext, prefix: str = "spill") -> None:
-        self.path = ctx.scratch_path(prefix, ".arrows")
-        self.compression = ctx.shuffle_compression
+    def __init__(self, ctx: TaskContext, prefix: str = "spill", *, path: str | None = None,
+                 compression: str | None | bool = True) -> None:
+        self.path = path or ctx.scratch_path(prefix, ".arrows")
+        self.compression = ctx.shuffle_compression if compression is True else compression
         self._sink: pa.NativeFile | None = None
         self._writer: pa.ipc.RecordBatchStreamWriter | None = None
         self._schema: pa.Schema | None = None
-        self._pending: list[pa.RecordBatch] = []
         self.rows = 0
         self.bytes = 0
 
@@ -58,6 +58,11 @@ class SpillFile:
         self._writer.write_batch(batch)
         self.rows += batch.num_rows
         self.bytes += batch.nbytes
+
+    @property
+    def schema(self) -> pa.Schema | None:
+        """The schema written so far (None before the first row)."""
+        return self._schema
 
     def close(self) -> None:
         if self._writer is not None:

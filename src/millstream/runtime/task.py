@@ -75,19 +75,6 @@ class BlockInput:
         return f"{len(self.blocks)} block(s)"
 
 
-@dataclass
-class BatchesInput:
-    """Record batches shipped with the task (small in-memory data)."""
-
-    batches: list[pa.RecordBatch]
-
-    def read(self, ctx: TaskContext) -> Iterator[pa.RecordBatch]:
-        return iter(self.batches)
-
-    def describe(self) -> str:
-        return f"{sum(b.num_rows for b in self.batches)} in-memory rows"
-
-
 # ---------------------------------------------------------------- outputs
 @dataclass
 class ShuffleOutput:
