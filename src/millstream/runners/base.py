@@ -72,7 +72,9 @@ class Runner(ABC):
         if not failure.retryable and isinstance(exc, MillstreamError):
             # bad input, bad schema, existing output: the precise error itself
             return exc
-        where = f"stage {task.stage_id} ({task.stage_name}), partition {task.partition}"
+        reads = "; ".join(spec.describe() for port in task.inputs for spec in port)
+        where = (f"stage {task.stage_id} ({task.stage_name}), partition {task.partition}"
+                 + (f" (input: {reads})" if reads else ""))
         attempts = "\n".join("  " + c.splitlines()[0] for c in causes)
         n = len(causes)
         if failure.user_traceback:
