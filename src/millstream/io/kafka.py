@@ -1066,6 +1066,10 @@ class KafkaSink:
         state.update(_producer=None, _mode=None, _epoch=None, _pending=None, _errors=[])
         return state
 
+    #: A transaction belongs to its producer: a parallel streaming job commits each epoch
+    #: in the sink's own task (not in the coordinator).
+    commits_in_subtask = True
+
     def for_subtask(self, index: int) -> KafkaSink:
         """A copy for parallel sink instance ``index`` (its own transactional id)."""
         tid = None if self.transactional_id is None else f"{self.transactional_id}-{index}"

@@ -311,14 +311,24 @@ class FileStreamSink:
         self.fs, self.path = msfs.resolve(uri, **self.storage_options)
         self._epoch: int | None = None
         self._files: list[str] = []
+        #: parallel instance index (its own staging directory), None for a single instance
+        self.subtask: int | None = None
 
-    def _staging(self, epoch: int) -> str:
-        return msfs.join(self.path, "_staging", f"epoch-{epoch:010d}")
+    def for_subtask(self, index: int) -> FileStreamSink:
+        """A copy for parallel sink instance ``index`` (file names are unique per instance;
+        the coordinator commits every instance's handle)."""
+        sub = FileStreamSink(self.uri, self.format, self.storage_options)
+        sub.subtask = int(index)
+        return sub
+
+    def _staging(self, epoch: int, subtask: int | None = None) -> str:
+        d = msfs.join(self.path, "_staging", f"epoch-{epoch:010d}")
+        return d if subtask is None else msfs.join(d, f"task-{subtask:05d}")
 
     def begin(self, epoch: int) -> None:
         """Start epoch ``epoch``; removes files an unfinished earlier attempt staged for it."""
-        msfs.delete_dir(self.fs, self._staging(epoch))
-        msfs.mkdirs(self.fs, self._staging(epoch))
+        msfs.delete_dir(self.fs, self._staging(epoch, self.subtask))
+        msfs.mkdirs(self.fs, self._staging(epoch, self.subtask))
         self._epoch, self._files = epoch, []
 
     def write(self, batch: pa.RecordBatch | pa.Table) -> None:
@@ -330,7 +340,7 @@ class FileStreamSink:
         table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
         ext = "parquet" if self.format == "parquet" else "json"
         name = f"part-e{self._epoch:010d}-{len(self._files):05d}-{uuid.uuid4().hex[:6]}.{ext}"
-        path = msfs.join(self._staging(self._epoch), name)
+        path = msfs.join(self._staging(self._epoch, self.subtask), name)
         if self.format == "parquet":
             with msfs.open_output_stream(self.fs, path) as out:
                 pq.write_table(table, out, compression="zstd")
@@ -342,11 +352,11 @@ class FileStreamSink:
 
     def pre_commit(self, epoch: int) -> dict[str, Any]:
         """The handle of the staged epoch: its file names."""
-        return {"epoch": epoch, "files": list(self._files)}
+        return {"epoch": epoch, "files": list(self._files), "subtask": self.subtask}
 
     def commit(self, handle: dict[str, Any]) -> None:
         """Move the epoch's staged files into the target (idempotent)."""
-        staging = self._staging(handle["epoch"])
+        staging = self._staging(handle["epoch"], handle.get("subtask"))
         for name in handle["files"]:
             src, dst = msfs.join(staging, name), msfs.join(self.path, name)
             if msfs.exists(self.fs, src):
@@ -355,11 +365,18 @@ class FileStreamSink:
                 raise StorageError(f"FileStreamSink: committing epoch {handle['epoch']}: the "
                                    f"staged file {src} is missing and {dst} does not exist")
         msfs.delete_dir(self.fs, staging)
+        if handle.get("subtask") is not None:  # the epoch directory, once every task's is gone
+            parent = self._staging(handle["epoch"])
+            try:
+                if not msfs.list_dir(self.fs, parent):
+                    msfs.delete_dir(self.fs, parent)
+            except (OSError, StorageError):
+                pass
 
     def abort(self, handle: dict[str, Any] | None = None) -> None:
         """Remove the staged files of the current epoch."""
         if self._epoch is not None:
-            msfs.delete_dir(self.fs, self._staging(self._epoch))
+            msfs.delete_dir(self.fs, self._staging(self._epoch, self.subtask))
 
 
 def make_sink(sink: Any) -> Any:
