@@ -72,6 +72,8 @@ class TestSource(Source):
 
     __test__ = False  # not a pytest test class
     name = "test"
+    #: fed by the test at run time: a streaming job runs it in this process (executor inline)
+    in_process_only = True
 
     def __init__(self, schema: pa.Schema | None = None, partitions: int = 1) -> None:
         if partitions < 1:

@@ -8,9 +8,11 @@ contributes its result.
 
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing as mp
 import os
 import pickle
+import queue
 import signal
 import sys
 import time
@@ -149,6 +151,12 @@ class LocalRunner(Runner):
         parent, child = self._mp.Pipe(duplex=True)
         proc = self._mp.Process(target=_worker_main, args=(child, dict(os.environ)), daemon=True,
                                 name="millstream-worker")
+        self._start(proc)
+        child.close()
+        return _Worker(proc, parent)
+
+    def _start(self, proc: mp.process.BaseProcess) -> None:
+        """Start a worker process without the user's ``__main__``."""
         # Workers never need the user's __main__ module (cloudpickle ships its functions by
         # value), so hide it: scripts without an `if __name__ == "__main__"` guard then work,
         # and a script is not re-run in every worker.
@@ -166,8 +174,11 @@ class LocalRunner(Runner):
                 if saved_file is not None:
                     main.__file__ = saved_file
                 main.__spec__ = saved_spec
-        child.close()
-        return _Worker(proc, parent)
+
+    def start_stream_hosts(self, payloads: list[bytes], inbox_capacity: int) -> LocalStreamHosts:
+        """Start one long-lived process per streaming task (``payloads``: pickled callables
+        taking the task's channels), wired by bounded inboxes."""
+        return LocalStreamHosts(self, payloads, inbox_capacity)
 
     def _ensure_workers(self, n: int) -> None:
         self.workers = [w for w in self.workers if w.process.is_alive()]
@@ -326,3 +337,107 @@ class LocalRunner(Runner):
                 self._kill(w)
         self.workers = []
 
+
+
+# ------------------------------------------------------------------ streaming task hosts
+class _QueueChannels:
+    """A streaming task's channels over multiprocessing queues (see ``stream_task.Channels``)."""
+
+    def __init__(self, index: int, inboxes: list, controls: list, coordinator: mp.Queue) -> None:
+        self.index = index
+        self.inboxes = inboxes
+        self.controls = controls
+        self.coordinator = coordinator
+
+    def recv(self, timeout: float) -> tuple | None:
+        try:
+            return self.inboxes[self.index].get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def recv_control(self, timeout: float = 0.0) -> tuple | None:
+        try:
+            if timeout <= 0:
+                return self.controls[self.index].get_nowait()
+            return self.controls[self.index].get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def send(self, dest: int, msg: tuple) -> None:
+        self.inboxes[dest].put(msg)
+
+    def to_coordinator(self, msg: tuple) -> None:
+        self.coordinator.put(msg)
+
+
+def _stream_host_main(payload: bytes, index: int, inboxes: list, controls: list,
+                      coordinator: mp.Queue, env: dict[str, str]) -> None:
+    """A streaming task host: run the task's callable with its channels, then flush."""
+    os.environ.update(env)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints where a task is stuck
+    _release_memory_promptly()
+    fn = cloudpickle.loads(payload)
+    fn(_QueueChannels(index, inboxes, controls, coordinator))
+    # at exit, each queue's feeder thread flushes what this task sent (its final barrier)
+
+
+class LocalStreamHosts:
+    """The processes hosting a streaming job's tasks, and the coordinator's side of the queues."""
+
+    def __init__(self, runner: LocalRunner, payloads: list[bytes], inbox_capacity: int) -> None:
+        ctx = runner._mp
+        n = len(payloads)
+        self.inboxes = [ctx.Queue(maxsize=inbox_capacity) for _ in range(n)]
+        self.controls = [ctx.Queue() for _ in range(n)]
+        self.coordinator = ctx.Queue()
+        self.procs = []
+        env = dict(os.environ)
+        for i, payload in enumerate(payloads):
+            proc = ctx.Process(target=_stream_host_main, daemon=True, name=f"millstream-stream-{i}",
+                               args=(payload, i, self.inboxes, self.controls, self.coordinator,
+                                     env))
+            runner._start(proc)
+            self.procs.append(proc)
+        self._reported: set[int] = set()
+
+    def pids(self) -> list[int]:
+        """PIDs of the live host processes."""
+        return [p.pid for p in self.procs if p.is_alive()]
+
+    def send_control(self, index: int, msg: tuple) -> None:
+        """Put a coordinator message into task ``index``'s control queue."""
+        self.controls[index].put(msg)
+
+    def poll(self, timeout: float) -> list[tuple]:
+        """Messages from the tasks (waits up to ``timeout`` for the first)."""
+        out = []
+        try:
+            out.append(self.coordinator.get(timeout=timeout))
+            while True:
+                out.append(self.coordinator.get_nowait())
+        except queue.Empty:
+            pass
+        return out
+
+    def dead(self) -> list[tuple[int, str]]:
+        """Hosts that exited without being told to: (task index, why)."""
+        out = []
+        for i, p in enumerate(self.procs):
+            if p.exitcode is not None and p.exitcode != 0 and i not in self._reported:
+                out.append((i, _describe_exit(p.exitcode)))
+        return out
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop every host (they have ended, or the job is restarting)."""
+        deadline = time.monotonic() + 0.5
+        for p in self.procs:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+        for p in self.procs:
+            if p.exitcode is None:
+                p.kill()
+        for p in self.procs:
+            p.join(timeout=timeout)
+        for q in [*self.inboxes, *self.controls, self.coordinator]:
+            q.cancel_join_thread()
+            q.close()

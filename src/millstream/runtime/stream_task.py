@@ -1,0 +1,474 @@
+"""A long-lived streaming task: one stage partition's operator chain, fed by channels.
+
+The parallel streaming executor (:mod:`millstream.runtime.dataflow`) runs one
+:class:`StreamTask` per stage partition for the life of a job, each in a host the runner
+provides (a process on the local runner, an actor on Ray). A task owns its operator
+instances and so their keyed state. It talks through a :class:`Channels` object:
+
+* its **inbox** (bounded: a producer blocks while it is full, which is the backpressure
+  that slows a source down to the pace of the slowest consumer) carries, per sender,
+  in order: ``("data", sender, port, batch)``, ``("wm", sender, watermark, idle)``,
+  ``("end", sender)`` (a bounded input ended) and ``("barrier", sender, epoch, final)``;
+* its **control** queue (from the coordinator): ``("barrier", epoch, final)`` for source
+  tasks, ``("commit", epoch)`` for sinks that commit in their task (Kafka transactions);
+* the **coordinator** queue: acknowledgements with snapshots, side outputs, rows for a
+  sink that runs in the driver, metrics, errors.
+
+Checkpoints are asynchronous barrier snapshots (Chandy-Lamport as Flink aligns them): a
+source task snapshots its reader position and operators when the coordinator's barrier
+arrives and forwards the barrier downstream; a task with several senders *aligns*: once
+a sender delivered barrier ``e``, that sender's later messages wait in a local buffer
+until every sender delivered ``e``; then the task snapshots, acknowledges, forwards the
+barrier and replays the buffer. Watermarks are per sender; a task's watermark is the
+minimum over senders that are neither idle nor ended.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+
+from millstream.ops.base import Operator, OperatorFactory
+from millstream.ops.state import WallClock, key_hashes
+from millstream.ops.watermark import EventTimeWatermark
+from millstream.ops.window import MAX_WATERMARK, MIN_WATERMARK
+from millstream.runtime.context import default_context
+
+_log = logging.getLogger(__name__)
+
+#: How often a task without input still ticks processing time and reports metrics (s).
+TICK_S = 0.05
+METRICS_EVERY_S = 0.25
+
+
+class Channels(Protocol):
+    """What a host gives its task to talk to peers and to the coordinator."""
+
+    def recv(self, timeout: float) -> tuple | None:
+        """The next inbox message, or None after ``timeout`` seconds."""
+
+    def recv_control(self, timeout: float = 0.0) -> tuple | None:
+        """The next control message, or None (``timeout`` 0: do not wait)."""
+
+    def send(self, dest: int, msg: tuple) -> None:
+        """Deliver ``msg`` to task ``dest``'s inbox; blocks while that inbox is full."""
+
+    def to_coordinator(self, msg: tuple) -> None:
+        """Send ``msg`` to the coordinator (never blocks for long)."""
+
+
+@dataclass
+class Output:
+    """Where a task's results go: a keyed/hash/round-robin exchange, a sink, or the driver."""
+
+    kind: str  # "exchange" | "sink" | "driver"
+    consumers: list[int] = field(default_factory=list)  # task indexes, by partition
+    port: int = 0  # the consumers' input port fed by this stage
+    partitioner: Any = None
+    keys: list[str] | None = None  # keyed exchange: key columns
+    owners: Any = None  # keyed exchange: key group -> consumer partition (np.ndarray)
+    key_groups: int = 0
+    sink: Any = None  # kind "sink": this task's sink instance (for_subtask copy)
+
+
+@dataclass
+class TaskSpec:
+    """Everything a host needs to run one stage partition of a streaming job."""
+
+    index: int  # global task index (channel address)
+    key: tuple[int, int, int]  # (stage position, pipeline, partition), as checkpoints name it
+    job_id: str
+    stage_id: int
+    stage_name: str
+    ops: list[OperatorFactory]
+    senders: list[int]  # upstream task indexes (empty for a source task)
+    output: Output
+    key_grouped: bool = False
+    key_groups: int = 128
+    #: source tasks: (StreamSource, partition id, position)
+    source: tuple[Any, Any, Any] | None = None
+    #: operator index -> ("plain", snapshot) | ("keyed", [key group states])
+    restore: dict[int, tuple[str, Any]] = field(default_factory=dict)
+    watermark: int = MIN_WATERMARK  # the job watermark of the restored checkpoint
+    epoch: int = 1
+    max_batch_records: int = 10_000
+    poll_timeout_s: float = 0.05
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def is_keyed_op(op: Operator) -> bool:
+    """True for operators whose state is split by key group (keyed windows, process functions)."""
+    return bool(getattr(op, "is_keyed", False)) and hasattr(op, "snapshot_by_key_group")
+
+
+class _Stop(Exception):
+    """The task has ended (final checkpoint done)."""
+
+
+class StreamTask:
+    """Runs one :class:`TaskSpec` until its final barrier (or its host is killed)."""
+
+    def __init__(self, spec: TaskSpec, channels: Channels) -> None:
+        self.spec = spec
+        self.ch = channels
+        self.clock = WallClock()
+        self.ctx = default_context(job_id=spec.job_id, stage_id=spec.stage_id,
+                                   partition=spec.key[2], stage_name=spec.stage_name,
+                                   **spec.settings)
+        self.ops: list[Operator] = [f.create() for f in spec.ops]
+        self.epoch = spec.epoch
+        self.watermark = MIN_WATERMARK
+        self.sender_wm: dict[int, int] = {s: MIN_WATERMARK for s in spec.senders}
+        self.idle: set[int] = set()
+        self.ended: set[int] = set()
+        self.blocked: set[int] = set()
+        self.buffer: deque[tuple] = deque()
+        self.finished = False
+        self.stats: dict[str, list[int]] = {}
+        self.records_in = 0
+        self.records_out = 0
+        self._last_metrics = 0.0
+        self._sink = spec.output.sink if spec.output.kind == "sink" else None
+        self.reader: Any = None
+        self.assigner: EventTimeWatermark | None = None
+        self.last_active = 0
+        self._idle_sent = False
+        self._active_sent = False
+
+    # ------------------------------------------------------------------ setup
+
+    def _open(self) -> None:
+        for op in self.ops:
+            timers = getattr(op, "timers", None)
+            if timers is not None and hasattr(timers, "clock"):
+                timers.clock = self.clock
+            op.open(self.ctx)
+        for k, (kind, data) in self.spec.restore.items():
+            op = self.ops[k]
+            if kind == "keyed":
+                op.restore_key_groups(data)
+            elif data is not None:
+                op.restore(data)
+        if self._sink is not None:
+            if hasattr(self._sink, "open"):
+                self._sink.open()
+            self._sink.begin(self.epoch)
+        if self.spec.source is not None:
+            src, partition, position = self.spec.source
+            self.reader = src.open(partition, position, self.ctx)
+            self.assigner = next((op for op in self.ops if isinstance(op, EventTimeWatermark)),
+                                 None)
+            self.last_active = self.clock.now()
+        wm = self.spec.watermark
+        if MIN_WATERMARK < wm < MAX_WATERMARK:  # keyed operators that got no state catch up
+            for k, op in enumerate(self.ops):
+                if is_keyed_op(op) and op.watermark < wm:
+                    self._emit(k + 1, list(op.on_watermark(wm)))
+            if not self.spec.senders:
+                self.watermark = wm
+
+    # ------------------------------------------------------------------ data flow
+
+    def _count(self, op: Operator, rows_in: int, rows_out: int) -> None:
+        s = self.stats.setdefault(op.name, [0, 0])
+        s[0] += rows_in
+        s[1] += rows_out
+
+    def _run(self, batches: list[pa.RecordBatch], start: int = 0, port: int = 0) -> None:
+        """Push ``batches`` through the operators from ``start`` on, then to the output."""
+        for k in range(start, len(self.ops)):
+            op = self.ops[k]
+            nxt: list[pa.RecordBatch] = []
+            for b in batches:
+                nxt.extend(op.process(b, port) if k == start else op.process(b))
+            rows_in = sum(b.num_rows for b in batches)
+            batches = [b for b in nxt if b.num_rows]
+            self._count(op, rows_in, sum(b.num_rows for b in batches))
+            if not batches:
+                break
+        else:
+            self._output(batches)
+        self._side_outputs()
+
+    def _emit(self, start: int, batches: list[pa.RecordBatch]) -> None:
+        """Results an operator produced on its own (watermark, timer, finish) go on from it."""
+        batches = [b for b in batches if b.num_rows]
+        if batches:
+            self._count(self.ops[start - 1], 0, sum(b.num_rows for b in batches))
+            self._run(batches, start)
+
+    def _output(self, batches: list[pa.RecordBatch]) -> None:
+        out = self.spec.output
+        for b in batches:
+            if not b.num_rows:
+                continue
+            if out.kind == "sink":
+                self._sink.write(b)
+                self.records_out += b.num_rows
+            elif out.kind == "driver":
+                self.ch.to_coordinator(("out", self.spec.index, self.epoch, b))
+                self.records_out += b.num_rows
+            elif len(out.consumers) == 1:
+                self.ch.send(out.consumers[0], ("data", self.spec.index, out.port, b))
+            else:
+                if out.owners is not None:
+                    groups = key_hashes([b.column(k) for k in out.keys], b.num_rows) \
+                        % np.uint64(out.key_groups)
+                    ids = out.owners[groups.astype(np.int64)]
+                else:
+                    ids = out.partitioner.assign(b)
+                for i in np.unique(ids):
+                    part = b.filter(pa.array(ids == i))
+                    self.ch.send(out.consumers[int(i)], ("data", self.spec.index, out.port, part))
+
+    def _broadcast(self, msg: tuple) -> None:
+        """Send a control record (watermark, end, barrier) to every consumer."""
+        if self.spec.output.kind == "exchange":
+            for c in self.spec.output.consumers:
+                self.ch.send(c, msg)
+
+    def _side_outputs(self) -> None:
+        for op in self.ops:
+            take = getattr(op, "take_side_output", None)
+            if take is None:
+                continue
+            tags = getattr(op, "side_outputs", None)
+            if tags is None:
+                tags_fn = getattr(op, "side_output_tags", None)
+                tags = tags_fn() if tags_fn is not None else ()
+            for tag in list(tags):
+                got = take(tag)
+                if got:
+                    self.ch.to_coordinator(("side", self.spec.index, self.epoch, tag, list(got)))
+
+    def _advance(self, wm: int) -> None:
+        """The task's watermark moved to ``wm``: operators react, consumers hear of it."""
+        if wm <= self.watermark:
+            return
+        self.watermark = wm
+        for k, op in enumerate(self.ops):
+            self._emit(k + 1, list(op.on_watermark(wm)))
+        self._broadcast(("wm", self.spec.index, wm, False))
+
+    def _tick(self) -> None:
+        for k, op in enumerate(self.ops):
+            fn = getattr(op, "advance_processing_time", None)
+            if fn is not None:
+                self._emit(k + 1, list(fn()))
+        now = time.monotonic()
+        if now - self._last_metrics >= METRICS_EVERY_S:
+            self._report()
+
+    def _report(self) -> None:
+        self._last_metrics = time.monotonic()
+        self.ch.to_coordinator(("metrics", self.spec.index, {
+            "operators": {n: list(v) for n, v in self.stats.items()},
+            "watermark": self.watermark, "records_in": self.records_in,
+            "records_out": self.records_out, "idle": self._idle_sent,
+            "position": self.reader.position if self.reader is not None else None}))
+
+    def _finish(self) -> None:
+        """Every input ended: watermark +infinity, ``finish()``, tell consumers."""
+        if self.finished:
+            return
+        self._advance(MAX_WATERMARK)
+        for k, op in enumerate(self.ops):
+            self._emit(k + 1, list(op.finish()))
+        self.finished = True
+        self._broadcast(("end", self.spec.index))
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _snapshot(self, epoch: int, final: bool) -> None:
+        """Snapshot operators (and the source position), pre-commit the sink, acknowledge."""
+        ops: dict[int, Any] = {}
+        keyed: dict[int, dict[int, Any]] = {}
+        for k, op in enumerate(self.ops):
+            if self.spec.key_grouped and is_keyed_op(op):
+                keyed[k] = op.snapshot_by_key_group(self.spec.key_groups)
+            else:
+                ops[k] = op.snapshot()
+        handle = self._sink.pre_commit(epoch) if self._sink is not None else None
+        self._side_outputs()
+        self.ch.to_coordinator(("ack", self.spec.index, epoch, {
+            "ops": ops, "keyed": keyed, "sink_handle": handle,
+            "position": self.reader.position if self.reader is not None else None,
+            "watermark": self.watermark, "finished": self.finished}))
+        self._report()
+        self._broadcast(("barrier", self.spec.index, epoch, final))
+        if self._sink is not None and getattr(self._sink, "commits_in_subtask", False):
+            self._await_commit(epoch, handle)
+        self.epoch = epoch + 1
+        self._active_sent = False
+        if final:
+            raise _Stop
+        if self._sink is not None:
+            self._sink.begin(self.epoch)
+
+    def _await_commit(self, epoch: int, handle: Any) -> None:
+        while True:
+            msg = self.ch.recv_control(1.0)
+            if msg is None:
+                continue
+            if msg[0] == "commit" and msg[1] == epoch:
+                self._sink.commit(handle)
+                self.ch.to_coordinator(("committed", self.spec.index, epoch))
+                return
+            if msg[0] == "shutdown":
+                raise _Stop
+
+    # ------------------------------------------------------------------ loops
+
+    def run(self) -> None:
+        """Run until the final checkpoint; report errors to the coordinator."""
+        try:
+            self._open()
+            if self.spec.source is not None:
+                self._run_source()
+            else:
+                self._run_inner()
+        except _Stop:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - the coordinator decides what happens
+            self.ch.to_coordinator(("error", self.spec.index, f"{type(exc).__name__}: {exc}",
+                                    traceback.format_exc(), _picklable(exc)))
+            return
+        finally:
+            self._close()
+        self.ch.to_coordinator(("done", self.spec.index))
+
+    def _close(self) -> None:
+        if self.reader is not None:
+            try:
+                self.reader.close()
+            except Exception:  # noqa: BLE001
+                _log.warning("closing a reader failed", exc_info=True)
+        for op in self.ops:
+            try:
+                op.close()
+            except Exception:  # noqa: BLE001
+                _log.warning("closing %s failed", op.name, exc_info=True)
+        close = getattr(self._sink, "close", None)
+        if callable(close):
+            try:
+                close()
+            except Exception:  # noqa: BLE001
+                _log.warning("closing the sink failed", exc_info=True)
+
+    def _control(self, timeout: float = 0.0) -> None:
+        msg = self.ch.recv_control(timeout)
+        while msg is not None:
+            if msg[0] == "barrier":
+                self._snapshot(msg[1], msg[2])
+            elif msg[0] == "shutdown":
+                raise _Stop
+            msg = self.ch.recv_control(0.0)
+
+    def _source_watermark(self) -> None:
+        r = self.reader
+        if r.finished:
+            return
+        w = r.watermark if r.watermark is not None else MIN_WATERMARK
+        if self.assigner is not None:
+            w = max(w, self.assigner.watermark())
+            idle = self.assigner.idle_timeout
+            is_idle = idle is not None and self.clock.now() - self.last_active >= idle
+            if is_idle != self._idle_sent:  # consumers leave an idle partition out
+                self._idle_sent = is_idle
+                self._broadcast(("wm", self.spec.index, self.watermark, is_idle))
+        self._advance(w)
+
+    def _run_source(self) -> None:
+        spec = self.spec
+        while True:
+            self._control()
+            if self.finished:
+                self._control(TICK_S)
+                continue
+            batch = self.reader.poll(spec.max_batch_records, spec.poll_timeout_s)
+            if batch is not None and batch.num_rows:
+                self.records_in += batch.num_rows
+                self.last_active = self.clock.now()
+                if self._idle_sent:
+                    self._idle_sent = False
+                    self._broadcast(("wm", spec.index, self.watermark, False))
+                if not self._active_sent:  # the coordinator only checkpoints epochs with input
+                    self._active_sent = True
+                    self.ch.to_coordinator(("active", spec.index))
+                self._run([batch])
+            self._tick()
+            if self.reader.finished:
+                self._finish()
+                self.ch.to_coordinator(("ended", spec.index))
+            else:
+                self._source_watermark()
+
+    def _input_watermark(self) -> int:
+        marks = [w for s, w in self.sender_wm.items() if s not in self.idle]
+        if not marks:  # every sender idle: hold
+            return self.watermark
+        return min(marks)
+
+    def _handle(self, msg: tuple) -> None:
+        kind, sender = msg[0], msg[1]
+        if kind == "data":
+            self.records_in += msg[3].num_rows
+            self._run([msg[3]], 0, msg[2])
+        elif kind == "wm":
+            self.sender_wm[sender] = max(self.sender_wm[sender], msg[2])
+            if msg[3]:
+                self.idle.add(sender)
+            else:
+                self.idle.discard(sender)
+            self._advance(self._input_watermark())
+        elif kind == "end":
+            self.ended.add(sender)
+            self.sender_wm[sender] = MAX_WATERMARK
+            self.idle.discard(sender)
+            if len(self.ended) == len(self.sender_wm):
+                self._finish()
+            else:
+                self._advance(self._input_watermark())
+        elif kind == "barrier":
+            self.blocked.add(sender)
+            if len(self.blocked) == len(self.sender_wm):
+                self.blocked.clear()
+                self._snapshot(msg[2], msg[3])
+                pending, self.buffer = self.buffer, deque()
+                while pending:  # messages that arrived behind the barrier, in order
+                    m = pending.popleft()
+                    if m[1] in self.blocked:
+                        self.buffer.append(m)
+                    else:
+                        self._handle(m)
+        else:  # pragma: no cover - protocol error
+            raise RuntimeError(f"unknown stream message {kind!r}")
+
+    def _run_inner(self) -> None:
+        while True:
+            self._control()
+            msg = self.ch.recv(TICK_S)
+            if msg is not None:
+                if msg[1] in self.blocked:
+                    self.buffer.append(msg)
+                else:
+                    self._handle(msg)
+            self._tick()
+
+
+def _picklable(exc: BaseException) -> BaseException | None:
+    """``exc`` if it survives pickling (to re-raise it in the driver), else None."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:  # noqa: BLE001
+        return None
