@@ -409,3 +409,70 @@ def test_worker_node_removed_mid_job_still_gives_exact_output(ray_cluster, tmp_p
     assert stats.stages[0]["tasks"] >= 8
     # the removed node's finished map output was lost and recomputed, once
     assert stats.counters.get(("millstream", "recomputed_map_tasks"), 0) >= 1
+
+
+# ------------------------------------------------------------------ streaming on Ray
+def _slow_ids(batch: pa.RecordBatch) -> pa.RecordBatch:
+    time.sleep(0.02)
+    return batch
+
+
+def _committed_ids(out) -> list[int]:
+    import pyarrow.parquet as pq
+
+    return [i for f in sorted(out.glob("*.parquet")) for i in pq.read_table(f).column("id").to_pylist()]
+
+
+def test_streaming_windows_run_as_actors_on_several_nodes(tmp_path):
+    from millstream.runtime.dataflow import ParallelStreamingJob
+
+    rows = [{"k": f"k{i % 11}", "ts": 1_000 * i, "v": i % 13} for i in range(6000)]
+    pipeline = (ms.from_items(rows, num_partitions=3).map_batches(_slow_ids)
+                .with_watermark("ts", "0s").group_by("k")
+                .window(ms.tumbling("30s"), on="ts").agg(ms.sum("v").alias("s")))
+    job = pipeline.start(checkpoint=str(tmp_path / "chk"), checkpoint_interval="100ms",
+                         parallelism=3, max_batch_records=200)
+    assert isinstance(job, ParallelStreamingJob)
+    nodes: set = set()
+    deadline = time.time() + 60
+    while not nodes and time.time() < deadline:
+        nodes = set(job.host_nodes())
+        time.sleep(0.05)
+    assert job.await_termination(120)
+    assert len(nodes) >= 2, "every task ran on one node"
+    want: Counter = Counter()
+    for r in rows:
+        want[(r["k"], r["ts"] // 30_000)] += r["v"]
+    got = {(r["k"], int(r["window_start"].timestamp()) // 30): r["s"] for r in job.sink.rows()}
+    assert got == dict(want)
+    assert job.metrics()["checkpoints"] >= 1
+
+
+@pytest.mark.slow
+def test_streaming_job_restores_from_its_checkpoint_when_a_node_is_removed(ray_cluster,
+                                                                          tmp_path):
+    from millstream.runtime.streaming import FileStreamSink
+
+    rows = [{"id": i, "k": f"k{i % 7}"} for i in range(6000)]
+    out = tmp_path / "out"
+    ds = (ms.from_items(rows, num_partitions=3).map_batches(_slow_ids)
+          .repartition(3, "k").select("id", "k"))
+    job = ds.start(checkpoint=str(tmp_path / "chk"), checkpoint_interval="100ms",
+                   sink=FileStreamSink(str(out)), parallelism=3, max_batch_records=50)
+    removed = None
+    try:
+        deadline = time.time() + 90
+        while job.metrics()["checkpoints"] < 2 and time.time() < deadline and job.is_active:
+            time.sleep(0.05)
+        assert job.is_active, "the job ended before a node could be removed"
+        hosting = set(job.host_nodes())
+        removed = next(n for n in ray_cluster.workers() if n.node_id in hosting)
+        ray_cluster.remove_worker(removed)
+        assert job.await_termination(180)
+    finally:
+        if removed is not None:
+            ray_cluster.add_worker()
+            ray_cluster.cluster.wait_for_nodes()
+    m = job.metrics()
+    assert m["restarts"] >= 1 and m["restored_from_epoch"] is not None
+    assert Counter(_committed_ids(out)) == Counter(r["id"] for r in rows)  # exactly once

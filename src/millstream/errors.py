@@ -92,6 +92,10 @@ class UserCodeFailure(MillstreamError):
         self.original = original
         self.record = record
 
+    def __reduce__(self) -> tuple:
+        # picklable, so a streaming task in another process can hand it to the driver
+        return (type(self), (self.operator, self.function, self.original, self.record))
+
 
 class FetchFailedError(NonRetryableError):
     """A shuffle map output could not be read (lost with its worker or disk); recompute it."""

@@ -15,6 +15,7 @@ import pickle
 import queue
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -370,13 +371,27 @@ class _QueueChannels:
         self.coordinator.put(msg)
 
 
+def _exit_with_driver(driver: int) -> None:
+    """End this host when the driver is gone (killed), so no task outlives its job (the
+    fork server that started this process does not notice its driver's death)."""
+    while True:
+        time.sleep(0.5)
+        try:
+            os.kill(driver, 0)
+        except ProcessLookupError:
+            os._exit(3)
+        except PermissionError:  # pragma: no cover - the pid was reused by another user
+            os._exit(3)
+
+
 def _stream_host_main(payload: bytes, index: int, inboxes: list, controls: list,
-                      coordinator: mp.Queue, env: dict[str, str]) -> None:
+                      coordinator: mp.Queue, env: dict[str, str], driver: int) -> None:
     """A streaming task host: run the task's callable with its channels, then flush."""
     os.environ.update(env)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints where a task is stuck
     _release_memory_promptly()
+    threading.Thread(target=_exit_with_driver, args=(driver,), daemon=True).start()
     fn = cloudpickle.loads(payload)
     fn(_QueueChannels(index, inboxes, controls, coordinator))
     # at exit, each queue's feeder thread flushes what this task sent (its final barrier)
@@ -396,7 +411,7 @@ class LocalStreamHosts:
         for i, payload in enumerate(payloads):
             proc = ctx.Process(target=_stream_host_main, daemon=True, name=f"millstream-stream-{i}",
                                args=(payload, i, self.inboxes, self.controls, self.coordinator,
-                                     env))
+                                     env, os.getpid()))
             runner._start(proc)
             self.procs.append(proc)
         self._reported: set[int] = set()

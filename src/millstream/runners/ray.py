@@ -622,9 +622,158 @@ class RayRunner(Runner):
             if isinstance(h, (RayMapOutput, RayBlockRef)):
                 h.ref = None
 
+    def start_stream_hosts(self, payloads: list[bytes], inbox_capacity: int) -> RayStreamHosts:
+        """Start one actor per streaming task (``payloads``: pickled callables taking the
+        task's channels), spread over the cluster's nodes."""
+        return RayStreamHosts(self._ray, payloads, inbox_capacity)
+
     def shutdown(self) -> None:
         """Disconnect from Ray (stopping the local Ray) if this runner connected; never stop a
         cluster it merely joined, nor a connection it found."""
         if self._owns_connection and self._ray.is_initialized():
             self._ray.shutdown()
         self._owns_connection = False
+
+
+# ------------------------------------------------------------------ streaming task hosts
+class _Mailbox:
+    """The coordinator's inbox (an actor): tasks append, the driver drains. One thread, so
+    the messages of each task keep their order."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple] = []
+
+    def put(self, msg: tuple) -> None:
+        self.items.append(msg)
+
+    def drain(self) -> list[tuple]:
+        out, self.items = self.items, []
+        return out
+
+
+class _StreamHost:
+    """An actor hosting one streaming task: its loop runs in ``run``; peers ``push`` into
+    its bounded inbox from other threads (a full inbox blocks the pushing peer)."""
+
+    def __init__(self, capacity: int, env: dict[str, str | None]) -> None:
+        import queue
+
+        from millstream.runners.local import _release_memory_promptly
+
+        _set_env(env)
+        _release_memory_promptly()
+        self.inbox: Any = queue.Queue(maxsize=capacity)
+        self.controls: Any = queue.Queue()
+        self.peers: list[Any] = []
+        self.mailbox: Any = None
+
+    def wire(self, peers: list[Any], mailbox: Any) -> str:
+        self.peers = peers
+        self.mailbox = mailbox
+        return _node_id()
+
+    def push(self, msg: tuple) -> None:
+        self.inbox.put(msg)
+
+    def control(self, msg: tuple) -> None:
+        self.controls.put(msg)
+
+    def run(self, payload: bytes) -> None:
+        import cloudpickle
+
+        cloudpickle.loads(payload)(_ActorChannels(self))
+
+
+class _ActorChannels:
+    """A streaming task's channels inside a :class:`_StreamHost` actor."""
+
+    def __init__(self, host: _StreamHost) -> None:
+        import ray
+
+        self._ray = ray
+        self.host = host
+
+    def recv(self, timeout: float) -> tuple | None:
+        import queue
+
+        try:
+            return self.host.inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def recv_control(self, timeout: float = 0.0) -> tuple | None:
+        import queue
+
+        try:
+            if timeout <= 0:
+                return self.host.controls.get_nowait()
+            return self.host.controls.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def send(self, dest: int, msg: tuple) -> None:
+        # one message at a time per peer: keeps the order, and waits while its inbox is full
+        self._ray.get(self.host.peers[dest].push.remote(msg))
+
+    def to_coordinator(self, msg: tuple) -> None:
+        self.host.mailbox.put.remote(msg)
+
+
+class RayStreamHosts:
+    """The actors hosting a streaming job's tasks (spread over nodes), and their mailbox."""
+
+    def __init__(self, ray: Any, payloads: list[bytes], inbox_capacity: int) -> None:
+        self._ray = ray
+        n = len(payloads)
+        # Tasks ask for no CPU: a job's tasks are long-lived and mostly wait on each other,
+        # and a job must not be unschedulable because it has more tasks than the cluster
+        # has CPUs. SPREAD puts them on different nodes.
+        host_cls = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=n + 4,
+                              scheduling_strategy="SPREAD")(_StreamHost)
+        self.mailbox = ray.remote(num_cpus=0, max_restarts=0)(_Mailbox).remote()
+        env = _forwarded_env()
+        self.actors = [host_cls.remote(inbox_capacity, env) for _ in range(n)]
+        self.nodes = ray.get([a.wire.remote(self.actors, self.mailbox) for a in self.actors])
+        self.runs = [a.run.remote(p) for a, p in zip(self.actors, payloads)]
+        self._finished: set[int] = set()
+        self._dead: dict[int, str] = {}
+
+    def send_control(self, index: int, msg: tuple) -> None:
+        """Put a coordinator message into task ``index``'s control queue."""
+        self.actors[index].control.remote(msg)
+
+    def poll(self, timeout: float) -> list[tuple]:
+        """Messages from the tasks (sleeps ``timeout`` when there are none)."""
+        try:
+            out = self._ray.get(self.mailbox.drain.remote())
+        except Exception as exc:  # noqa: BLE001 - the mailbox's node died
+            self._dead.setdefault(-1, f"the coordinator mailbox was lost: {_first_line(exc)}")
+            return []
+        if not out:
+            time.sleep(timeout)
+        return out
+
+    def dead(self) -> list[tuple[int, str]]:
+        """Tasks whose actor died (its node was lost, its process killed)."""
+        pending = [r for i, r in enumerate(self.runs)
+                   if i not in self._finished and i not in self._dead]
+        if pending:
+            ready, _ = self._ray.wait(pending, num_returns=len(pending), timeout=0)
+            index = {r: i for i, r in enumerate(self.runs)}
+            for ref in ready:
+                i = index[ref]
+                try:
+                    self._ray.get(ref)
+                    self._finished.add(i)
+                except Exception as exc:  # noqa: BLE001 - RayActorError and friends
+                    self._dead[i] = f"its Ray actor died: {_first_line(exc)}"
+        out = sorted(self._dead.items())
+        return [(max(i, 0), why) for i, why in out]
+
+    def shutdown(self) -> None:
+        """Kill every actor of the job (finished ones are gone already)."""
+        for a in [*self.actors, self.mailbox]:
+            try:
+                self._ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001
+                pass

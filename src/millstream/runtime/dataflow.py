@@ -186,6 +186,11 @@ class ParallelStreamingJob:
 
     def start(self) -> ParallelStreamingJob:
         """Start the coordinator thread (``Dataset.start`` does this)."""
+        if self._runner is None:  # connect here, in the caller's thread (Ray wants the main one)
+            from millstream.runtime.session import get_session
+
+            s = get_session()
+            self._runner = s.get_runner(s.settings)
         self._thread.start()
         return self
 
@@ -217,6 +222,11 @@ class ParallelStreamingJob:
         """Process ids of the task hosts (local runner; for tests and monitoring)."""
         hosts = self._hosts
         return list(hosts.pids()) if hosts is not None and hasattr(hosts, "pids") else []
+
+    def host_nodes(self) -> list[str]:
+        """The Ray node id of every task (Ray runner; for tests and monitoring)."""
+        hosts = self._hosts
+        return list(getattr(hosts, "nodes", ())) if hosts is not None else []
 
     def metrics(self) -> dict[str, Any]:
         """Epoch, watermark and its lag, records in/out per operator, checkpoints, restarts."""
@@ -445,11 +455,6 @@ class ParallelStreamingJob:
     def _launch(self) -> None:
         specs = self._specs()
         runner = self._runner
-        if runner is None:
-            from millstream.runtime.session import get_session
-
-            s = get_session()
-            runner = s.get_runner(s.settings)
         payloads = [cloudpickle.dumps(partial(run_stream_task, spec)) for spec in specs]
         self._hosts = runner.start_stream_hosts(payloads, self.inbox_capacity)
 
