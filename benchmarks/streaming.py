@@ -48,12 +48,14 @@ from common import (  # noqa: E402
 START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z, on a minute boundary
 MINUTE_MS = 60_000
 FILTER_MIN = 500  # the filter keeps value >= 500 (about half)
-ENGINES = ("millstream", "millstream-batch", "bytewax")
+ENGINES = ("millstream", "millstream-inline", "millstream-batch", "bytewax")
 PIPELINES = ("filter", "window")
-ENGINE_MODULES = {"millstream": "millstream", "millstream-batch": "millstream",
-                  "bytewax": "bytewax"}
-# Cores an engine's pipeline runs on: Millstream's streaming jobs run their operators in one
-# driver thread in this version; Bytewax runs one worker; batch mode uses --parallelism.
+ENGINE_MODULES = {"millstream": "millstream", "millstream-inline": "millstream",
+                  "millstream-batch": "millstream", "bytewax": "bytewax"}
+# Cores an engine's pipeline runs on: Millstream's parallel streaming executor runs
+# --parallelism partitions of every stage as task processes (at most the machine's cores
+# busy); the inline executor runs every operator in one thread; Bytewax runs one worker;
+# batch mode uses --parallelism.
 Result = tuple[dict[str, Any], dict[str, Any]]
 
 
@@ -176,16 +178,20 @@ def _ms_windows(table: Any) -> dict[str, Any]:
                                table["n"].to_pylist()))
 
 
-def run_millstream(path: str, pipeline: str, parallelism: int) -> Result:
+def run_millstream(path: str, pipeline: str, parallelism: int,
+                   executor: str = "parallel") -> Result:
     """Millstream streaming: the file as a bounded stream through ``start()``."""
     import millstream as ms
     from millstream.testing import CollectingSink
 
+    if executor == "inline":
+        parallelism = 1
     with tempfile.TemporaryDirectory(prefix="bench-stream-") as chk:
         t0 = time.perf_counter()
         sink = CountingSink() if pipeline == "filter" else CollectingSink()
         job = _ms_pipeline(ms, path, pipeline).start(checkpoint=chk, checkpoint_interval="10s",
-                                                     sink=sink, parallelism=1)
+                                                     sink=sink, parallelism=parallelism,
+                                                     executor=executor)
         job.await_termination()
         query = time.perf_counter() - t0
         metrics = job.metrics()
@@ -193,9 +199,16 @@ def run_millstream(path: str, pipeline: str, parallelism: int) -> Result:
         checksum = filter_checksum(*sink.totals)
     else:
         checksum = _ms_windows(sink.to_arrow())
-    details = {"query_s": query, "cores": 1, "checkpoints": metrics["checkpoints"],
-               "records_in": metrics["records_in"], "late_records": metrics["late_records"]}
+    cores = 1 if executor == "inline" else min(os.cpu_count() or 1, metrics.get("tasks", 1))
+    details = {"query_s": query, "cores": cores, "checkpoints": metrics["checkpoints"],
+               "records_in": metrics["records_in"], "late_records": metrics["late_records"],
+               "executor": executor, "parallelism": parallelism}
     return checksum, details
+
+
+def run_millstream_inline(path: str, pipeline: str, parallelism: int) -> Result:
+    """Millstream streaming with the in-process executor (one thread)."""
+    return run_millstream(path, pipeline, parallelism, executor="inline")
 
 
 def run_millstream_batch(path: str, pipeline: str, parallelism: int) -> Result:
@@ -271,6 +284,7 @@ def run_bytewax(path: str, pipeline: str, parallelism: int) -> Result:
 
 RUNNERS: dict[str, Callable[[str, str, int], Result]] = {
     "millstream": run_millstream,
+    "millstream-inline": run_millstream_inline,
     "millstream-batch": run_millstream_batch,
     "bytewax": run_bytewax,
 }

@@ -39,7 +39,16 @@ from millstream.api.readers import (
     read_parquet,
     read_text,
 )
-from millstream.api.stream import session, sliding, tumbling
+from millstream.api.stream import (
+    count_trigger,
+    event_time_trigger,
+    global_window,
+    processing_time_trigger,
+    session,
+    sliding,
+    tumbling,
+)
+from millstream.api.stream_join import console, sink
 from millstream.errors import (
     BadRecordError,
     MillstreamError,
@@ -75,7 +84,7 @@ __all__ = [
     "AggExpr", "BadRecordError", "Dataset", "Expr", "GroupedDataset", "MRStep", "MapReduceJob",
     "MillstreamError",
     "OutputExistsError", "PlanError", "SchemaError", "StorageError", "TaskError", "UserFunctionError",
-    "avg", "col", "collect_list", "count", "count_distinct", "first", "from_arrow", "from_generator", "from_items",
-    "from_pandas", "from_polars", "init", "last_job_stats", "lit", "mapreduce", "max", "mean", "min", "range",
-    "read_csv", "read_json", "read_kafka", "read_parquet", "read_text", "session", "shutdown", "sliding", "sum", "tumbling", "when",
+    "avg", "col", "collect_list", "console", "count", "count_distinct", "count_trigger", "event_time_trigger", "first", "from_arrow", "from_generator", "from_items",
+    "from_pandas", "from_polars", "global_window", "init", "last_job_stats", "lit", "mapreduce", "max", "mean", "min", "processing_time_trigger", "range",
+    "read_csv", "read_json", "read_kafka", "read_parquet", "read_text", "session", "shutdown", "sink", "sliding", "sum", "tumbling", "when",
 ]

@@ -141,6 +141,10 @@ class Dataset:
 
         A side small enough (``broadcast_threshold``) is broadcast; otherwise both sides are
         shuffled by key. ``broadcast=True/False`` forces the choice for the right side.
+        In a streaming job (``start``) the right side must be bounded: it is computed once
+        when the job starts and broadcast (inner, left, semi, anti; ``executor="inline"`` in
+        this version); two streams join with ``interval_join``, ``window_join`` or
+        ``join_latest``.
         """
         if not isinstance(other, Dataset):
             raise PlanError(f"join() needs a Dataset, got {type(other).__name__}")
@@ -220,6 +224,42 @@ class Dataset:
         from millstream.api import stream
 
         return stream.window(self, window, on, allowed_lateness)
+
+    def interval_join(self, other: Dataset, on: str | Sequence[str] | None = None,
+                      between: tuple[Any, Any] | None = None, *,
+                      left_on: str | Sequence[str] | None = None,
+                      right_on: str | Sequence[str] | None = None, left_time: str | None = None,
+                      right_time: str | None = None, how: str = "inner",
+                      suffix: str = "_right") -> Dataset:
+        """Stream-stream join: equal keys and ``left.t + lower <= right.t <= left.t + upper``."""
+        from millstream.api import stream_join
+
+        return stream_join.interval_join(self, other, on, between, left_on=left_on,
+                                         right_on=right_on, left_time=left_time,
+                                         right_time=right_time, how=how, suffix=suffix)
+
+    def window_join(self, other: Dataset, on: str | Sequence[str] | None = None,
+                    window: Any = None, *, left_on: str | Sequence[str] | None = None,
+                    right_on: str | Sequence[str] | None = None, left_time: str | None = None,
+                    right_time: str | None = None, how: str = "inner",
+                    suffix: str = "_right") -> Dataset:
+        """Stream-stream join of rows with equal keys in the same event-time window."""
+        from millstream.api import stream_join
+
+        return stream_join.window_join(self, other, on, window, left_on=left_on,
+                                       right_on=right_on, left_time=left_time,
+                                       right_time=right_time, how=how, suffix=suffix)
+
+    def join_latest(self, changelog: Dataset, on: str | Sequence[str] | None = None, *,
+                    left_on: str | Sequence[str] | None = None,
+                    right_on: str | Sequence[str] | None = None, how: str = "inner",
+                    version: str | None = None, deleted: str | None = None,
+                    suffix: str = "_right") -> Dataset:
+        """Join each row with the latest row of its key in a changelog stream seen so far."""
+        from millstream.api import stream_join
+
+        return stream_join.join_latest(self, changelog, on, left_on=left_on, right_on=right_on,
+                                       how=how, version=version, deleted=deleted, suffix=suffix)
 
     def start(self, checkpoint: str | None = None, checkpoint_interval: Any = "10s",
               sink: Any = None, **options: Any) -> Any:

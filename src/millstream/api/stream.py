@@ -15,12 +15,22 @@ from typing import TYPE_CHECKING, Any
 from millstream.api.expressions import AggExpr
 from millstream.errors import PlanError
 from millstream.ops.aggregate import AggSpec
-from millstream.ops.window import Session, Sliding, Tumbling, WindowAssigner, parse_duration
+from millstream.ops.window import (
+    CountTrigger,
+    EventTimeTrigger,
+    GlobalWindow,
+    ProcessingTimeTrigger,
+    Session,
+    Sliding,
+    Trigger,
+    Tumbling,
+    WindowAssigner,
+    parse_duration,
+)
 from millstream.plan import logical as L
 
 if TYPE_CHECKING:
     from millstream.api.dataset import Dataset, GroupedDataset
-    from millstream.runtime.streaming import StreamingJob
 
 Duration = str | int | _dt.timedelta
 
@@ -38,6 +48,39 @@ def sliding(size: Duration, every: Duration, offset: Duration = 0) -> Sliding:
 def session(gap: Duration) -> Session:
     """Per-key sessions closed after ``gap`` without events."""
     return Session(gap)
+
+
+def global_window(trigger: Trigger | list[Trigger] | None = None,
+                  accumulate: bool = False) -> GlobalWindow:
+    """One window per key over all time, emitted whenever ``trigger`` fires and at the end of input.
+
+    ``trigger``: ``ms.count_trigger(n)``, ``ms.processing_time_trigger(interval)``,
+    ``ms.event_time_trigger(every)``, or several joined with ``|`` (fire when any fires);
+    None fires only at the end of a bounded input. ``accumulate=False`` (default) emits the
+    aggregate of the elements since the key's previous firing ("discarding" panes, Flink's
+    FIRE_AND_PURGE); ``accumulate=True`` emits the aggregate of all the key's elements so far
+    and adds ``is_update`` (True when the row supersedes an earlier row of the key). Results
+    have the group keys and the aggregates, and no ``window_start``/``window_end``: a
+    global window has no bounds.
+    """
+    return GlobalWindow(trigger, accumulate)
+
+
+def count_trigger(count: int) -> CountTrigger:
+    """Fire a key's global window every ``count`` elements of that key."""
+    return CountTrigger(count)
+
+
+def processing_time_trigger(interval: Duration) -> ProcessingTimeTrigger:
+    """Fire a key's global window at the next multiple of ``interval`` of processing time
+    (aligned to the epoch) after the first element since its previous firing."""
+    return ProcessingTimeTrigger(interval)
+
+
+def event_time_trigger(every: Duration, offset: Duration = 0) -> EventTimeTrigger:
+    """Fire a key's global window when the watermark reaches the next multiple of ``every``
+    (plus ``offset``) after the earliest event time since its previous firing."""
+    return EventTimeTrigger(every, offset)
 
 
 def watermark_column(node: L.Node) -> str | None:
@@ -87,7 +130,7 @@ def _string_keys(keys: list[Any], what: str) -> list[str]:
 class WindowedDataset:
     """``window(...)`` of a Dataset or a grouped Dataset; ``agg(...)`` makes the result."""
 
-    def __init__(self, ds: Dataset, keys: list[str], window: WindowAssigner, on: str,
+    def __init__(self, ds: Dataset, keys: list[str], window: WindowAssigner, on: str | None,
                  allowed_lateness: int) -> None:
         self._ds = ds
         self._keys = keys
@@ -96,7 +139,8 @@ class WindowedDataset:
         self._lateness = allowed_lateness
 
     def agg(self, *aggs: Any, **named: Any) -> Dataset:
-        """One row per key and window: ``window_start``, ``window_end``, keys, aggregates."""
+        """One row per key and window: ``window_start``, ``window_end``, keys, aggregates
+        (global windows: one row per key and firing, keys and aggregates)."""
         from millstream.api.dataset import Dataset
 
         specs = _specs(aggs, named)
@@ -113,16 +157,30 @@ class WindowedDataset:
 def window(ds: Dataset, assigner: WindowAssigner, on: str | None = None,
            allowed_lateness: Duration | None = None, keys: list[Any] | None = None
            ) -> WindowedDataset:
-    """Window ``ds`` by event time (``on``: the column; default: the ``with_watermark`` one)."""
+    """Window ``ds`` by event time (``on``: the column; default: the ``with_watermark`` one).
+
+    A global window needs no event-time column unless it has an ``event_time_trigger``.
+    """
     if not isinstance(assigner, WindowAssigner):
-        raise PlanError(f"window() needs ms.tumbling(...), ms.sliding(...) or ms.session(...), "
-                        f"got {assigner!r}")
+        raise PlanError(f"window() needs ms.tumbling(...), ms.sliding(...), ms.session(...) or "
+                        f"ms.global_window(...), got {assigner!r}")
+    lateness = 0 if allowed_lateness is None else parse_duration(allowed_lateness,
+                                                                 "allowed_lateness")
     on = on or watermark_column(ds._node)
+    if isinstance(assigner, GlobalWindow):
+        if lateness:
+            raise PlanError("window(ms.global_window(...)): a global window never closes, so "
+                            "allowed_lateness does not apply to it; leave it out")
+        if assigner.every is None:
+            on = None  # the event time plays no part
+        elif on is None:
+            raise PlanError("window(ms.global_window(trigger=ms.event_time_trigger(...))): "
+                            "give the event-time column with on=... or call "
+                            "with_watermark(column, ...) first")
+        return WindowedDataset(ds, _string_keys(keys or [], "window()"), assigner, on, 0)
     if on is None:
         raise PlanError("window(): give the event-time column with on=... or call "
                         "with_watermark(column, ...) first")
-    lateness = 0 if allowed_lateness is None else parse_duration(allowed_lateness,
-                                                                 "allowed_lateness")
     return WindowedDataset(ds, _string_keys(keys or [], "window()"), assigner, on, lateness)
 
 
@@ -140,10 +198,24 @@ def process(grouped: GroupedDataset, fn: Any, time_column: str | None = None,
 
 
 def start(ds: Dataset, checkpoint: str | None = None, checkpoint_interval: Duration = "10s",
-          sink: Any = None, **options: Any) -> StreamingJob:
-    """Run ``ds`` as a streaming job (see :class:`~millstream.runtime.streaming.StreamingJob`)."""
+          sink: Any = None, executor: str | None = None, **options: Any) -> Any:
+    """Run ``ds`` as a streaming job.
+
+    ``executor="parallel"`` (the default) runs every stage partition as a long-lived task
+    on the session's runner (worker processes, or Ray actors), see
+    :class:`~millstream.runtime.dataflow.ParallelStreamingJob`; ``executor="inline"`` runs
+    the whole pipeline in this process, round by round and deterministically (test sources,
+    virtual clocks and fault points need it, and pick it by themselves), see
+    :class:`~millstream.runtime.streaming.StreamingJob`.
+    """
+    from millstream.runtime.dataflow import ParallelStreamingJob, choose_executor
     from millstream.runtime.streaming import StreamingJob
 
-    fault = options.pop("_fault", None)
-    return StreamingJob(ds._node, checkpoint, checkpoint_interval, sink, fault=fault,
-                        **options).start()
+    chosen = choose_executor(ds._node, executor, options)
+    if chosen == "inline":
+        fault = options.pop("_fault", None)
+        return StreamingJob(ds._node, checkpoint, checkpoint_interval, sink, fault=fault,
+                            **options).start()
+    options.pop("clock", None)  # a wall clock (anything else chose "inline")
+    return ParallelStreamingJob(ds._node, checkpoint, checkpoint_interval, sink,
+                                **options).start()

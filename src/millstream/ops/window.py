@@ -1,4 +1,5 @@
-"""Event-time windows: assigners (tumbling, sliding, session) and keyed window aggregation.
+"""Windows: assigners (tumbling, sliding, session, global with triggers) and keyed window
+aggregation.
 
 Conventions
 -----------
@@ -18,7 +19,8 @@ Conventions
   of the merged sessions' first arrivals).
 * Results have the columns ``window_start``, ``window_end`` (timestamp[us], with the time
   zone of the input column, if any), the group keys, the aggregates (named as their
-  ``AggSpec.name``), and, when ``allowed_lateness > 0``, a boolean ``is_update``.
+  ``AggSpec.name``), and, when ``allowed_lateness > 0``, a boolean ``is_update``
+  (global windows differ: see "Global windows" below).
 
 Updates (``allowed_lateness > 0``): a window first fires with ``is_update = False``; an
 allowed late event (its window already fired but is not expired) makes the operator emit,
@@ -50,7 +52,45 @@ the windows that end latest (they fire last) move to disk, one ``SpillFile`` per
 end; more state for a spilled window is appended to its file. A spilled pane is read back
 (and merged) when its window fires, gets an allowed late update, or at snapshot time;
 its file is deleted when the window fires or expires, and in ``close()``. Each move or
-append counts in ``("millstream", "state_spills")``. Session state is not spilled.
+append counts in ``("millstream", "state_spills")``.
+
+Spilling (sessions): over the same limit, the sessions that *end first* move to disk,
+sorted by end into files of about a quarter of the limit (at least
+``session_spill_min_rows`` sessions). Unlike a window pane, a session cannot take new
+events blindly (an event may extend or bridge it), and the sessions that end last are the
+ones still receiving events; those that end first are either fired and only held for
+allowed lateness (their file is deleted unread once they expire) or get no in-order event
+any more. Memory keeps, per file, the distinct key hashes and the span of its sessions; a
+file comes back (whole) when an event of one of its keys overlaps that span, when the
+watermark reaches its earliest unfired session end, and at ``finish()``, so a held session
+never overlaps a spilled one and merging always sees every session it must. Expired
+sessions are dropped as they come back. Every session carries the arrival rank of its
+first event, and sessions are merged in that order, so ``first`` and ``collect_list`` do
+not depend on what was on disk. Snapshots read spilled sessions (their files stay).
+
+Global windows (:class:`GlobalWindow`, operator :class:`GlobalWindowAggregate`): one
+window per key over all time. A *trigger* decides when a key's window emits ("fires"):
+``CountTrigger(n)`` every n elements of the key (counted in arrival order, also inside
+one batch); ``ProcessingTimeTrigger(interval)`` at the first multiple of ``interval``
+(aligned to the epoch) of processing time after the first element of the pending pane
+arrived, checked in ``advance_processing_time()``; ``EventTimeTrigger(every, offset)``
+when the watermark reaches the first multiple of ``every`` (plus ``offset``) after the
+earliest event time of the pending pane (at the next watermark advance); several joined
+with ``|`` fire when any does. Only keys with elements since their last firing fire, and
+``finish()`` fires every such key once more (so with no trigger a global window is a
+plain keyed aggregation emitted at the end of input). Discarding (default): a firing
+emits the aggregate of the elements since the key's previous firing, then forgets them
+(a key that fired and got nothing since holds no state). Accumulating
+(``accumulate=True``): a firing emits the aggregate of all the key's elements so far,
+with ``is_update`` True when the key fired before (upsert by key: the row supersedes
+the key's previous one). Results have the group keys and the aggregates, and no
+``window_start``/``window_end``: a global window has no bounds, and a placeholder
+(null, or the minimum/maximum timestamp, which Python datetimes cannot hold) would only
+mislead. Elements are never late; without an event-time trigger the event-time column
+is not used at all. Count triggers give the same panes in batch and streaming mode as
+long as the elements of a key arrive in the same order (one input partition, or a
+streaming job that reads partitions in the same order). Global-window state is one row
+per key and is not spilled.
 """
 
 from __future__ import annotations
@@ -67,7 +107,7 @@ import pyarrow.compute as pc
 from millstream.errors import PlanError, SchemaError
 from millstream.ops.aggregate import AggSpec, _AggCore
 from millstream.ops.base import Batches, Operator
-from millstream.ops.state import key_hashes
+from millstream.ops.state import Clock, WallClock, key_hashes
 from millstream.runtime.arrowutil import event_time_micros, normalize_key, table_to_batches
 from millstream.runtime.context import TaskContext
 from millstream.runtime.hashing import partition_ids
@@ -82,6 +122,7 @@ MAX_WATERMARK = 2**63 - 1
 # Internal column names of the state tables.
 _WS = "__millstream_ws"
 _WE = "__millstream_we"
+_ROW = "__millstream_row"
 _RESERVED = ("window_start", "window_end", "is_update", "is_retraction")
 
 # --------------------------------------------------------------------------- durations
@@ -217,6 +258,137 @@ class Session(WindowAssigner):
         return f"Session(gap={_fmt_duration(self.gap)})"
 
 
+# --------------------------------------------------------------------------- triggers
+
+
+class Trigger:
+    """When a global window emits a key's aggregate ("fires"); combine triggers with ``|``."""
+
+    def parts(self) -> tuple[Trigger, ...]:
+        """The single triggers this one fires on (any of them)."""
+        return (self,)
+
+    def describe(self) -> str:
+        """Short text for explain()."""
+        return type(self).__name__
+
+    def __or__(self, other: Trigger) -> AnyTrigger:
+        return AnyTrigger(self, other)
+
+    def __repr__(self) -> str:
+        return self.describe()
+
+
+class CountTrigger(Trigger):
+    """Fires a key every ``count`` elements of that key (in arrival order)."""
+
+    def __init__(self, count: int) -> None:
+        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+            raise PlanError(f"count_trigger: count must be a positive int, got {count!r}")
+        self.count = int(count)
+
+    def describe(self) -> str:
+        return f"count({self.count})"
+
+
+class ProcessingTimeTrigger(Trigger):
+    """Fires a key at the first multiple of ``interval`` of processing time (epoch-aligned)
+    after the first element of its pending pane arrived."""
+
+    def __init__(self, interval: str | int | _dt.timedelta) -> None:
+        self.interval = parse_duration(interval, "processing_time_trigger(interval)")
+        if self.interval <= 0:
+            raise PlanError(f"processing_time_trigger: interval must be positive, got "
+                            f"{interval!r}")
+
+    def describe(self) -> str:
+        return f"processing_time({_fmt_duration(self.interval)})"
+
+
+class EventTimeTrigger(Trigger):
+    """Fires a key once the watermark reaches the first multiple of ``every`` (plus
+    ``offset``) after the earliest event time in its pending pane."""
+
+    def __init__(self, every: str | int | _dt.timedelta,
+                 offset: str | int | _dt.timedelta = 0) -> None:
+        self.every = parse_duration(every, "event_time_trigger(every)")
+        if self.every <= 0:
+            raise PlanError(f"event_time_trigger: every must be positive, got {every!r}")
+        self.offset = parse_duration(offset, "event_time_trigger(offset)") % self.every
+
+    def describe(self) -> str:
+        off = f", offset={_fmt_duration(self.offset)}" if self.offset else ""
+        return f"event_time({_fmt_duration(self.every)}{off})"
+
+
+class AnyTrigger(Trigger):
+    """Fires when any of its triggers fires (at most one of each kind)."""
+
+    def __init__(self, *triggers: Trigger) -> None:
+        flat: list[Trigger] = []
+        for t in triggers:
+            if not isinstance(t, Trigger):
+                raise PlanError(f"a trigger is ms.count_trigger(...), "
+                                f"ms.processing_time_trigger(...) or ms.event_time_trigger(...), "
+                                f"got {t!r}")
+            flat.extend(t.parts())
+        kinds = [type(t).__name__ for t in flat]
+        dup = sorted({k for k in kinds if kinds.count(k) > 1})
+        if dup:
+            raise PlanError(f"a trigger combines at most one trigger of each kind; {dup[0]} "
+                            f"appears {kinds.count(dup[0])} times in {' | '.join(map(str, flat))}")
+        self.triggers = tuple(flat)
+
+    def parts(self) -> tuple[Trigger, ...]:
+        return self.triggers
+
+    def describe(self) -> str:
+        return " | ".join(t.describe() for t in self.triggers)
+
+
+class GlobalWindow(WindowAssigner):
+    """One window per key over all time, emitted when its ``trigger`` fires and at the end of input.
+
+    ``accumulate=False`` (default, discarding): each firing emits the aggregate of the
+    key's elements since its previous firing, then forgets them. ``accumulate=True``:
+    each firing emits the aggregate of all the key's elements so far (it supersedes the
+    key's previous row). ``trigger=None``: fire only at the end of a bounded input.
+    """
+
+    def __init__(self, trigger: Trigger | list[Trigger] | tuple[Trigger, ...] | None = None,
+                 accumulate: bool = False) -> None:
+        if isinstance(trigger, (list, tuple)):
+            trigger = AnyTrigger(*trigger) if trigger else None
+        if trigger is not None and not isinstance(trigger, Trigger):
+            raise PlanError(f"global_window(trigger=...): expected ms.count_trigger(n), "
+                            f"ms.processing_time_trigger(interval), ms.event_time_trigger(every) "
+                            f"or several combined with |, got {trigger!r}")
+        if not isinstance(accumulate, bool):
+            raise PlanError(f"global_window(accumulate=...): expected True or False, got "
+                            f"{accumulate!r}")
+        self.trigger = trigger
+        self.accumulate = accumulate
+        by = {type(t): t for t in (trigger.parts() if trigger is not None else ())}
+        count = by.get(CountTrigger)
+        proc = by.get(ProcessingTimeTrigger)
+        event = by.get(EventTimeTrigger)
+        #: elements per firing of a key (None: no count trigger)
+        self.count: int | None = count.count if count is not None else None
+        #: processing-time firing interval (µs; None: none)
+        self.interval: int | None = proc.interval if proc is not None else None
+        #: event-time firing period and offset (µs; every None: none)
+        self.every: int | None = event.every if event is not None else None
+        self.offset: int = event.offset if event is not None else 0
+
+    def assign(self, t: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        raise PlanError("a global window has no time bounds to assign")
+
+    def describe(self) -> str:
+        trig = self.trigger.describe() if self.trigger is not None else "end of input"
+        mode = "accumulating" if self.accumulate else "discarding"
+        return f"GlobalWindow(trigger={trig}, {mode})"
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -255,6 +427,22 @@ def _with_flags(table: pa.Table, names: tuple[str, str], fired: Any, touched: in
     return table
 
 
+class _SessionSpill:
+    """Sessions moved to disk: the file, and what tells when they must come back."""
+
+    __slots__ = ("file", "hashes", "lo", "hi", "unfired")
+
+    def __init__(self, file: SpillFile, hashes: np.ndarray | None, lo: int, hi: int,
+                 unfired: int) -> None:
+        self.file = file
+        #: sorted distinct key hashes of the sessions (None without keys: every key)
+        self.hashes = hashes
+        #: earliest start and latest end of the sessions
+        self.lo, self.hi = lo, hi
+        #: earliest end of a session not fired yet (MAX_WATERMARK: all fired)
+        self.unfired = unfired
+
+
 class _Pane:
     """Partial states of every (key, window) ending at one instant: a list of state tables."""
 
@@ -280,14 +468,22 @@ class WindowAggregate(Operator):
     side_outputs = ("late", "invalid")
     #: Merge a pane's state tables once it holds this many.
     compact_tables = 16
+    #: Fewest sessions per session spill file (unless fewer are spilled).
+    session_spill_min_rows = 64
+
+    def __new__(cls, window: Any = None, *args: Any, **kwargs: Any) -> WindowAggregate:
+        # a global window has its own operator (same interface, other state)
+        if cls is WindowAggregate and isinstance(window, GlobalWindow):
+            cls = GlobalWindowAggregate
+        return super().__new__(cls)
 
     def __init__(self, window: WindowAssigner, keys: list[str] | str | None, aggs: list[Any],
                  time_column: str, allowed_lateness: str | int | _dt.timedelta = 0,
                  emit: str = "final", name: str | None = None,
                  state_memory_limit: int | None = None) -> None:
         if not isinstance(window, WindowAssigner):
-            raise PlanError(f"WindowAggregate: window must be Tumbling, Sliding or Session, got "
-                            f"{window!r}")
+            raise PlanError(f"WindowAggregate: window must be Tumbling, Sliding or Session (or "
+                            f"a GlobalWindow), got {window!r}")
         if emit != "final":
             raise PlanError(f"WindowAggregate: emit={emit!r} is not supported; only 'final' "
                             f"(one result per window when the watermark passes its end)")
@@ -313,6 +509,7 @@ class WindowAggregate(Operator):
         #: bytes of in-memory pane state before spilling (None: half the task memory budget)
         self.state_memory_limit = state_memory_limit
         self._spilled: dict[int, SpillFile] = {}
+        self._session_spills: list[_SessionSpill] = []
         self._spill_ctx: TaskContext | None = None
         super().__init__(name or (
             f"WindowAggregate({window.describe()}, keys={keys}, time={time_column!r}, aggs=["
@@ -333,9 +530,13 @@ class WindowAggregate(Operator):
         self._score = _AggCore(core_keys, [
             *specs, AggSpec("collect_list", None, "__millstream_emitted_start"),
             AggSpec("collect_list", None, "__millstream_emitted_end"),
-            AggSpec("max", None, "__millstream_touched")])
+            AggSpec("max", None, "__millstream_touched"),
+            AggSpec("min", None, "__millstream_seq")])
         self._em = (self._score.state_cols[n][0], self._score.state_cols[n + 1][0])
         self._s_touched = self._score.state_cols[n + 2][0]
+        # arrival rank of a session's first event: restores arrival order after spilling
+        self._s_seq = self._score.state_cols[n + 3][0]
+        self._pcore = _AggCore(core_keys, [*specs, AggSpec("min", _ROW, "__millstream_seq")])
         #: session windows with allowed lateness can move: earlier rows get retracted
         self.retractions = window.merging and self.allowed_lateness > 0
         self.num_buckets = 16 if (window.merging and keys) else 1
@@ -352,6 +553,7 @@ class WindowAggregate(Operator):
     def _reset(self) -> None:
         self._drop_spills()
         self.watermark = MIN_WATERMARK
+        self._seq = 0
         self.late_records = 0
         self.invalid_records = 0
         self._tz: str | None = None
@@ -411,6 +613,9 @@ class WindowAggregate(Operator):
         w = self.watermark
         out: list[pa.Table] = []
         if self.window.merging:
+            # spilled sessions that still have to fire come back (fired ones are done)
+            self._load_session_spills([sp for sp in self._session_spills if sp.hi > w],
+                                      self._expiry())
             for tbl in self._buckets:
                 if tbl is None:
                     continue
@@ -418,6 +623,7 @@ class WindowAggregate(Operator):
                 if due.any():
                     out += self._emit_sessions(tbl, due)[0]
             self._buckets = [None] * self.num_buckets
+            self._drop_spills()
         else:
             for end in sorted(e for e in {*self._panes, *self._spilled} if e > w):
                 out.append(self._result(self._take_pane(end), False))
@@ -434,16 +640,21 @@ class WindowAggregate(Operator):
         return out
 
     def snapshot(self) -> dict[str, Any]:
-        """The whole state: one Arrow table of partial states plus small metadata (picklable)."""
-        if self.window.merging:
-            tables = [t for t in self._buckets if t is not None and t.num_rows]
-        else:
-            tables = [self._snapshot_pane(e) for e in sorted({*self._panes, *self._spilled})]
+        """The whole state (spilled parts included): one Arrow table of partial states plus
+        small metadata (picklable)."""
+        tables = [t for t in self._state_tables() if t.num_rows]
         state = _concat(tables).combine_chunks() if tables else None
         return {"version": 1, "operator": "WindowAggregate", "watermark": self.watermark,
                 "tz": self._tz, "late_records": self.late_records,
-                "invalid_records": self.invalid_records, "state": state,
+                "invalid_records": self.invalid_records, "state": state, "seq": self._seq,
                 "side": {k: list(v) for k, v in self._side.items()}}
+
+    def _state_tables(self) -> list[pa.Table]:
+        """Every state table, in memory or on disk (spilled state stays spilled)."""
+        if self.window.merging:
+            return [*(t for t in self._buckets if t is not None),
+                    *self._read_session_spills(self._session_spills, self._expiry())]
+        return [self._snapshot_pane(e) for e in sorted({*self._panes, *self._spilled})]
 
     def restore(self, state: dict[str, Any]) -> None:
         """Rebuild the state from ``snapshot()`` output; the operator continues as the original."""
@@ -456,13 +667,21 @@ class WindowAggregate(Operator):
         self.late_records = state["late_records"]
         self.invalid_records = state["invalid_records"]
         self._side = {k: list(v) for k, v in state["side"].items()}
+        self._seq = int(state.get("seq", 0))
         table: pa.Table | None = state["state"]
         if table is None or table.num_rows == 0:
             return
+        self._load_state(table)
+
+    def _load_state(self, table: pa.Table) -> None:
+        """Put a snapshot's state table (not empty) into the operator's structures."""
         if self.window.merging:
-            bids = self._bucket_ids(table)
-            for b in np.unique(bids):
-                self._buckets[int(b)] = table.filter(pa.array(bids == b))
+            if self._s_seq not in table.schema.names:  # a snapshot from before spilling
+                table = table.append_column(self._s_seq, pa.array(
+                    np.arange(self._seq, self._seq + table.num_rows, dtype=np.int64)))
+                self._seq += table.num_rows
+            self._add_to_buckets(table)
+            self._maybe_spill_sessions()
         else:
             for end, part in _split_by_value(table, _col_numpy(table, _WE)):
                 self._panes[end] = _Pane([part])
@@ -476,8 +695,9 @@ class WindowAggregate(Operator):
     def snapshot_by_key_group(self, key_groups: int) -> dict[int, dict[str, Any]]:
         """``snapshot()`` split by key group (hash of the key columns mod ``key_groups``).
 
-        Every group's snapshot carries the watermark and time zone; the counters and any
-        undrained side output rows go with the smallest group (group 0 when there is no state).
+        Every group's snapshot carries the watermark, time zone and arrival counter; the
+        counters and any undrained side output rows go with the smallest group (group 0 when
+        there is no state).
         """
         if not self.keys:
             raise PlanError(f"{self.name}: a window without keys has no key groups; its state "
@@ -487,10 +707,18 @@ class WindowAggregate(Operator):
         groups: dict[int, dict[str, Any]] = {}
         base = {"version": 1, "operator": "WindowAggregate", "watermark": self.watermark,
                 "tz": self._tz, "late_records": 0, "invalid_records": 0, "state": None,
-                "side": {k: [] for k in self._side}}
+                "seq": self._seq, "side": {k: [] for k in self._side}}
         if table is not None and table.num_rows:
             cols = [normalize_key(table.column(k)) for k in self.keys]
-            gids = (key_hashes(cols, table.num_rows) % np.uint64(key_groups)).astype(np.int64)
+            hashes = key_hashes(cols, table.num_rows)
+            gids = (hashes % np.uint64(key_groups)).astype(np.int64)
+            # a canonical row order (key hash, window start) inside each group, so a group
+            # whose state did not change snapshots to the same bytes (incremental checkpoints
+            # store it once)
+            starts = (table.column(_WS).to_numpy() if _WS in table.schema.names
+                      else np.zeros(table.num_rows, np.int64))
+            order = np.lexsort((starts, hashes))
+            table, gids = table.take(pa.array(order)), gids[order]
             for g, part in _split_by_value(table, gids):
                 groups[g] = {**base, "key_group": g, "state": part.combine_chunks(),
                              "side": {k: [] for k in self._side}}
@@ -515,6 +743,7 @@ class WindowAggregate(Operator):
             "late_records": sum(st["late_records"] for st in states),
             "invalid_records": sum(st["invalid_records"] for st in states),
             "state": _concat(tables) if tables else None,
+            "seq": max([0, *(st.get("seq", 0) for st in states)]),
             "side": {k: [b for st in states for b in st["side"].get(k, [])]
                      for k in self.side_outputs},
         }
@@ -666,9 +895,7 @@ class WindowAggregate(Operator):
             return
         sf = self._spilled.get(end)
         if sf is None:
-            if self._spill_ctx is None:
-                self._spill_ctx = self.ctx if self.ctx is not None else TaskContext()
-            sf = self._spilled[end] = SpillFile(self._spill_ctx, "window-state")
+            sf = self._spilled[end] = SpillFile(self._spill_context(), "window-state")
         for t in tables:
             for b in t.to_batches():
                 sf.write(b)
@@ -679,9 +906,15 @@ class WindowAggregate(Operator):
         """Move the panes of the latest-ending windows to disk while over the memory limit."""
         if not self._panes:
             return
+        # measuring is O(tables): far below the limit, measure only every few batches
+        skip = getattr(self, "_spill_skip", 0)
+        if skip > 0:
+            self._spill_skip = skip - 1
+            return
         limit = self._memory_limit()
         used = self._pane_bytes()
         if used <= limit:
+            self._spill_skip = 16 if used < limit // 4 else 4 if used < limit // 2 else 0
             return
         for end in sorted(self._panes, reverse=True):
             pane = self._panes.pop(end)
@@ -733,6 +966,14 @@ class WindowAggregate(Operator):
         for sf in getattr(self, "_spilled", {}).values():
             sf.delete()
         self._spilled = {}
+        for sp in getattr(self, "_session_spills", ()):
+            sp.file.delete()
+        self._session_spills = []
+
+    def _spill_context(self) -> TaskContext:
+        if self._spill_ctx is None:
+            self._spill_ctx = self.ctx if self.ctx is not None else TaskContext()
+        return self._spill_ctx
 
     # ----------------------------------------------------------------- sessions
 
@@ -744,6 +985,8 @@ class WindowAggregate(Operator):
 
     def _process_sessions(self, batch: pa.RecordBatch, t: np.ndarray) -> list[pa.Table]:
         gap = self.window.gap
+        if self._session_spills:
+            self._load_hit_session_spills(batch, t)
         suspect = t + gap <= self._expiry()
         accepted = ~suspect
         if suspect.any():
@@ -754,7 +997,7 @@ class WindowAggregate(Operator):
             return []
         rows = None if accepted.all() else np.flatnonzero(accepted)
         tt = t if rows is None else t[rows]
-        states = self._session_cols(self._partial(batch, rows, tt, tt + gap), 1)
+        states = self._session_partial(batch, rows, tt)
         bids = self._bucket_ids(states)
         out = []
         w = self.watermark
@@ -774,20 +1017,36 @@ class WindowAggregate(Operator):
                 emitted, merged = self._emit_sessions(merged, due)
                 out += emitted
             self._buckets[b] = merged
+        self._maybe_spill_sessions()
         if out:
             out = [_concat(out).sort_by([("window_end", "ascending"),
                                          ("window_start", "ascending")])]
         return out
 
-    def _session_cols(self, states: pa.Table, touched: int) -> pa.Table:
-        """Add the emitted-windows lists (empty) and the touched flag to fresh session states."""
+    def _session_partial(self, batch: pa.RecordBatch, rows: np.ndarray | None, t: np.ndarray
+                         ) -> pa.Table:
+        """Fresh (touched) session states ``[t, t + gap)`` of events, with the emitted-windows
+        lists (empty) and the arrival rank of each one's first event."""
+        table = pa.Table.from_batches([batch])
+        if rows is not None:
+            table = table.take(pa.array(rows))
+        m = table.num_rows
+        table = table.append_column(_WS, pa.array(t, pa.int64()))
+        table = table.append_column(_WE, pa.array(t + self.window.gap, pa.int64()))
+        table = table.append_column(_ROW, pa.array(np.arange(self._seq, self._seq + m,
+                                                             dtype=np.int64)))
+        self._seq += m
+        states = self._pcore.partial(table)
+        seq_name = self._pcore.state_cols[-1][0]
+        seq = states.column(seq_name)
+        states = states.drop_columns([seq_name])
         n = states.num_rows
         empty = pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, dtype=np.int32)),
                                          pa.array([], pa.int64()))
         for name in self._em:
             states = states.append_column(name, empty)
-        return states.append_column(self._s_touched,
-                                    pa.array(np.full(n, touched, dtype=np.int8)))
+        states = states.append_column(self._s_touched, pa.array(np.ones(n, dtype=np.int8)))
+        return states.append_column(self._s_seq, seq)
 
     def _emit_sessions(self, table: pa.Table, due: np.ndarray) -> tuple[list[pa.Table], pa.Table]:
         """Result rows of the ``due`` sessions, retractions of their earlier windows, new state.
@@ -844,7 +1103,12 @@ class WindowAggregate(Operator):
         return ids
 
     def _merge_sessions(self, table: pa.Table) -> pa.Table:
-        """Merge overlapping session intervals per key (and their states and flags)."""
+        """Merge overlapping session intervals per key (and their states and flags).
+
+        Merged states follow the sessions' first arrivals (``first``, ``collect_list``),
+        whatever the order of the held sessions in memory (or whether some were spilled).
+        """
+        table = table.sort_by(self._s_seq)
         n = table.num_rows
         ws = _col_numpy(table, _WS)
         we = _col_numpy(table, _WE)
@@ -918,6 +1182,13 @@ class WindowAggregate(Operator):
     def _fire_sessions(self, old: int, w: int) -> list[pa.Table]:
         out = []
         thresh = self._expiry()
+        # spilled sessions that fire now come back first (those already expired before
+        # this watermark were dropped in memory too, so they are skipped)
+        self._load_session_spills([sp for sp in self._session_spills if sp.unfired <= w],
+                                  max(old - self.allowed_lateness, MIN_WATERMARK))
+        for sp in [sp for sp in self._session_spills if sp.hi <= thresh]:
+            sp.file.delete()  # every session in it fired before and is now expired
+            self._session_spills.remove(sp)
         for b, tbl in enumerate(self._buckets):
             if tbl is None:
                 continue
@@ -930,7 +1201,434 @@ class WindowAggregate(Operator):
             if not keep.all():
                 tbl = tbl.filter(pa.array(keep))
             self._buckets[b] = tbl if tbl.num_rows else None
+        self._maybe_spill_sessions()
         if out:
             out = [_concat(out).sort_by([("window_end", "ascending"),
                                          ("window_start", "ascending")])]
         return out
+
+    # ----------------------------------------------------------------- session spilling
+
+    def _add_to_buckets(self, table: pa.Table) -> None:
+        """Add merged sessions (disjoint from those held) to their buckets, in arrival order."""
+        if table.num_rows == 0:
+            return
+        bids = self._bucket_ids(table)
+        for b in np.unique(bids):
+            b = int(b)
+            part = table if self.num_buckets == 1 else table.filter(pa.array(bids == b))
+            cur = self._buckets[b]
+            self._buckets[b] = _concat([cur, part]) if cur is not None and cur.num_rows else part
+
+    def _session_bytes(self) -> int:
+        return sum(t.nbytes for t in self._buckets if t is not None)
+
+    def _maybe_spill_sessions(self) -> None:
+        """Over the memory limit: move the sessions that end first to disk, in files by end.
+
+        Sessions ending first are the coldest: fired ones held for allowed lateness are
+        only needed by a late event (and their file is deleted unread once they expire);
+        unfired ones get no in-order event any more and are read back when they fire.
+        """
+        limit = self._memory_limit()
+        used = self._session_bytes()
+        if used <= limit:
+            return
+        held = [(b, t) for b, t in enumerate(self._buckets) if t is not None and t.num_rows]
+        ends = np.concatenate([_col_numpy(t, _WE) for _, t in held])
+        sizes = np.concatenate([np.full(t.num_rows, t.nbytes / t.num_rows) for _, t in held])
+        order = np.argsort(ends, kind="stable")
+        # down to three quarters of the limit, so that spills are not tiny and frequent
+        need = used - limit * 3 // 4
+        k = min(len(order), int(np.searchsorted(np.cumsum(sizes[order]), need)) + 1)
+        chosen = np.zeros(len(order), dtype=bool)
+        chosen[order[:k]] = True
+        out, at = [], 0
+        for b, t in held:
+            mask = chosen[at:at + t.num_rows]
+            at += t.num_rows
+            if not mask.any():
+                continue
+            out.append(t.filter(pa.array(mask)))
+            rest = t.filter(pa.array(~mask))
+            self._buckets[b] = rest if rest.num_rows else None
+        spilled = _concat(out)
+        spilled = spilled.take(pa.array(np.argsort(_col_numpy(spilled, _WE), kind="stable")))
+        # files of a quarter of the limit (not tiny: each costs an open and a check per batch)
+        row_bytes = max(1.0, spilled.nbytes / spilled.num_rows)
+        per_file = max(self.session_spill_min_rows, int(limit // 4 / row_bytes))
+        for s in range(0, spilled.num_rows, per_file):
+            self._write_session_spill(spilled.slice(s, per_file))
+
+    def _write_session_spill(self, table: pa.Table) -> None:
+        sf = SpillFile(self._spill_context(), "session-state")
+        for b in table.to_batches():
+            sf.write(b)
+        sf.close()
+        ws, we = _col_numpy(table, _WS), _col_numpy(table, _WE)
+        unfired = we[we > self.watermark]
+        if self.keys:
+            cols = [normalize_key(table.column(k)) for k in self.keys]
+            hashes = np.unique(key_hashes(cols, table.num_rows))
+        else:
+            hashes = None
+        self._session_spills.append(_SessionSpill(
+            sf, hashes, int(ws.min()), int(we.max()),
+            int(unfired.min()) if len(unfired) else MAX_WATERMARK))
+        if self.ctx is not None:
+            self.ctx.increment_counter("millstream", "state_spills")
+
+    def _read_session_spills(self, spills: list[_SessionSpill], expiry: int) -> list[pa.Table]:
+        """The sessions in ``spills`` that end after ``expiry`` (the files stay)."""
+        out = []
+        for sp in spills:
+            batches = [b for b in sp.file.read() if b.num_rows]
+            if not batches:
+                continue
+            t = pa.Table.from_batches(batches)
+            keep = _col_numpy(t, _WE) > expiry
+            out.append(t if keep.all() else t.filter(pa.array(keep)))
+        return out
+
+    def _load_session_spills(self, spills: list[_SessionSpill], expiry: int) -> None:
+        """Bring spilled sessions back into their buckets (dropping those ended by ``expiry``)."""
+        if not spills:
+            return
+        tables = [t for t in self._read_session_spills(spills, expiry) if t.num_rows]
+        for sp in spills:
+            sp.file.delete()
+            self._session_spills.remove(sp)
+        if tables:
+            self._add_to_buckets(_concat(tables))
+
+    def _load_hit_session_spills(self, batch: pa.RecordBatch, t: np.ndarray) -> None:
+        """Load the spill files that may hold a session one of these events overlaps.
+
+        A file is loaded when an event's key is among the file's keys and its own session
+        ``[t, t + gap)`` overlaps the span of the file's sessions; so a held session never
+        overlaps a spilled one, and merging sees every session it has to.
+        """
+        lo, hi = t, t + self.window.gap
+        hashes = None
+        if self.keys:
+            hashes = key_hashes([normalize_key(batch.column(k)) for k in self.keys],
+                                batch.num_rows)
+        hit = []
+        for sp in self._session_spills:
+            m = (lo < sp.hi) & (hi > sp.lo)
+            if hashes is not None and m.any():
+                m = np.isin(hashes[m], sp.hashes)
+            if m.any():
+                hit.append(sp)
+        self._load_session_spills(hit, self._expiry())
+
+
+# --------------------------------------------------------------------------- global windows
+
+_PANE = "__millstream_pane"
+_FPT_IN = "__millstream_fpt_in"
+_FET_IN = "__millstream_fet_in"
+_UP_IN = "__millstream_up_in"
+_T = "__millstream_t"
+
+
+class ProcessingTimeService:
+    """Where an operator reads processing time; the streaming runtime sets ``clock`` to the
+    task's clock (a ``VirtualClock`` in tests)."""
+
+    def __init__(self, clock: Clock | None = None) -> None:
+        self.clock: Clock = clock or WallClock()
+
+    def now(self) -> int:
+        """The clock's time (µs since the epoch)."""
+        return int(self.clock.now())
+
+
+class GlobalWindowAggregate(WindowAggregate):
+    """Keyed aggregation in one global window per key, emitted by triggers (see the module
+    docstring, "Global windows"). ``WindowAggregate(GlobalWindow(...), ...)`` builds one."""
+
+    def __init__(self, window: WindowAssigner, keys: list[str] | str | None, aggs: list[Any],
+                 time_column: str | None = None,
+                 allowed_lateness: str | int | _dt.timedelta = 0, emit: str = "final",
+                 name: str | None = None, state_memory_limit: int | None = None) -> None:
+        if not isinstance(window, GlobalWindow):
+            raise PlanError(f"GlobalWindowAggregate: window must be a GlobalWindow, got "
+                            f"{window!r}")
+        if parse_duration(allowed_lateness, "allowed_lateness"):
+            raise PlanError("a global window never closes, so allowed_lateness does not apply "
+                            "to it; leave it out")
+        if window.every is not None and not time_column:
+            raise PlanError("event_time_trigger needs the event time: call "
+                            "with_watermark(column, ...) first or give window(..., on=column)")
+        if window.every is None:
+            time_column = None  # event time plays no part: the column is not even needed
+        keys = [keys] if isinstance(keys, str) else list(keys or [])
+        specs = [a if isinstance(a, AggSpec) else self._to_spec(a) for a in aggs]
+        if name is None:
+            on = f", time={time_column!r}" if time_column else ""
+            name = (f"WindowAggregate({window.describe()}, keys={keys}{on}, aggs=["
+                    + ", ".join(f"{s.func}:{s.name}" for s in specs) + "])")
+        super().__init__(window, keys, specs, time_column or "", 0, emit, name,
+                         state_memory_limit)
+        self.time_column = time_column
+        self.accumulate = window.accumulate
+        self.count, self.interval = window.count, window.interval
+        self.every, self.offset = window.every, window.offset
+        #: processing time (the streaming runtime hands its clock to ``timers.clock``)
+        self.timers = ProcessingTimeService()
+        n = len(specs)
+        # per (pane, key): the aggregate states plus elements since the last firing (n),
+        # the earliest processing/event firing time of those (fpt, fet) and "fired before" (up)
+        self._gcore = _AggCore([_PANE, *keys], [
+            # (count of a never-null column: a second count_all would clash with the user's)
+            *specs, AggSpec("count", _UP_IN, "__millstream_n"),
+            AggSpec("min", _FPT_IN, "__millstream_fpt"), AggSpec("min", _FET_IN, "__millstream_fet"),
+            AggSpec("max", _UP_IN, "__millstream_up")])
+        self._n, self._fpt, self._fet, self._up = (self._gcore.state_cols[n + i][0]
+                                                   for i in range(4))
+        self._out_core = _AggCore(keys, specs)
+        self._scan_core = _AggCore([_T], specs)
+        self._state_names = [c for cols in self._gcore.state_cols[:n] for c in cols]
+        self.num_buckets = 16 if keys else 1
+        self._buckets = [None] * self.num_buckets
+
+    def set_clock(self, clock: Clock) -> None:
+        """Read processing time from ``clock`` (the job's clock)."""
+        self.timers.clock = clock
+
+    @property
+    def clock(self) -> Clock:
+        """The clock processing-time triggers follow."""
+        return self.timers.clock
+
+    # ----------------------------------------------------------------- interface
+
+    def process(self, batch: pa.RecordBatch, port: int = 0) -> Batches:
+        """Add a batch of elements; returns the rows of count-trigger firings it completes."""
+        if batch.num_rows == 0:
+            return _EMPTY
+        if self.watermark == MAX_WATERMARK:
+            raise PlanError(f"{self.name}: process() called after finish()")
+        fet: np.ndarray | int = MAX_WATERMARK
+        if self.every is not None:
+            t, valid = event_time_micros(self._time_column(batch), self.time_column)
+            if valid is not None:
+                bad = batch.filter(pa.array(~valid))
+                self._to_side("invalid", bad, "invalid_time_records")
+                self.invalid_records += bad.num_rows
+                batch = batch.filter(pa.array(valid))
+                t = t[valid]
+                if batch.num_rows == 0:
+                    return _EMPTY
+            fet = (np.floor_divide(t - self.offset, self.every) + 1) * self.every + self.offset
+        else:
+            self._check_keys(batch)
+        m = batch.num_rows
+        fpt = MAX_WATERMARK
+        if self.interval is not None:
+            fpt = (self.timers.now() // self.interval + 1) * self.interval
+        table = pa.Table.from_batches([batch])
+        table = table.append_column(_FPT_IN, pa.array(np.broadcast_to(
+            np.asarray(fpt, dtype=np.int64), (m,)).copy()))
+        table = table.append_column(_FET_IN, pa.array(np.broadcast_to(
+            np.asarray(fet, dtype=np.int64), (m,)).copy()))
+        table = table.append_column(_UP_IN, pa.array(np.zeros(m, dtype=np.int8)))
+        bids = self._bucket_ids(table)
+        out: list[pa.Table] = []
+        for b in np.unique(bids):
+            part = table if self.num_buckets == 1 else table.filter(pa.array(bids == b))
+            out += self._add(int(b), part)
+        return self._emit(out)
+
+    def advance_processing_time(self) -> Batches:
+        """Fire the keys whose processing-time trigger is due by the clock."""
+        if self.interval is None or self.watermark == MAX_WATERMARK:
+            return _EMPTY
+        now = self.timers.now()
+        return self._emit(self._fire(lambda tbl: _col_numpy(tbl, self._fpt) <= now))
+
+    def on_watermark(self, watermark: int) -> Batches:
+        """Advance event time; fire the keys whose event-time trigger is due."""
+        w = int(watermark)
+        if w <= self.watermark:
+            return _EMPTY
+        self.watermark = w
+        if self.every is None:
+            return _EMPTY
+        return self._emit(self._fire(lambda tbl: _col_numpy(tbl, self._fet) <= w))
+
+    def finish(self) -> Batches:
+        """End of input: every key with elements since its last firing fires once more."""
+        out = self._fire(lambda tbl: np.ones(tbl.num_rows, dtype=bool))
+        self._buckets = [None] * self.num_buckets
+        self.watermark = MAX_WATERMARK
+        return self._emit(out)
+
+    # ----------------------------------------------------------------- state
+
+    def _state_tables(self) -> list[pa.Table]:
+        return [t for t in self._buckets if t is not None]
+
+    def _load_state(self, table: pa.Table) -> None:
+        bids = self._bucket_ids(table)
+        for b in np.unique(bids):
+            part = table if self.num_buckets == 1 else table.filter(pa.array(bids == b))
+            cur = self._buckets[int(b)]
+            self._buckets[int(b)] = _concat([cur, part]) if cur is not None else part
+
+    def _check_keys(self, batch: pa.RecordBatch) -> None:
+        missing = [k for k in self.keys if k not in batch.schema.names]
+        if missing:
+            raise SchemaError(f"{self.name}: no key column(s) {missing}; columns are "
+                              f"{batch.schema.names}")
+
+    # ----------------------------------------------------------------- firing
+
+    def _add(self, b: int, part: pa.Table) -> list[pa.Table]:
+        """Merge new elements of bucket ``b``; emit the panes a count trigger completes."""
+        cur = self._buckets[b]
+        m = part.num_rows
+        if self.count is None:
+            chunk = np.zeros(m, dtype=np.int64)
+        else:
+            # each element's position among its key's elements since the last firing:
+            # element g (0-based) belongs to pane g // count; full panes fire now
+            keys_t = pa.table({k: normalize_key(part.column(k)) for k in self.keys}) \
+                if self.keys else \
+                pa.table({"__x": pa.nulls(m, pa.int8())})
+            if cur is not None and cur.num_rows and self.keys:
+                kid = self._key_ids(_concat([cur.select(self.keys), keys_t]))
+                kid_s, kid_b = kid[:cur.num_rows], kid[cur.num_rows:]
+            else:
+                kid = self._key_ids(keys_t)
+                kid_s, kid_b = kid[:0], kid
+                if cur is not None and cur.num_rows:  # no keys: the one row of state
+                    kid_s = np.zeros(cur.num_rows, dtype=np.int64)
+            c0 = np.zeros(int(kid.max()) + 1 if len(kid) else 1, dtype=np.int64)
+            if len(kid_s):
+                c0[kid_s] = _col_numpy(cur, self._n)
+            order = np.argsort(kid_b, kind="stable")
+            sk = kid_b[order]
+            first = np.ones(m, dtype=bool)
+            first[1:] = sk[1:] != sk[:-1]
+            starts = np.flatnonzero(first)
+            rank_sorted = np.arange(m) - np.repeat(starts, np.diff(np.append(starts, m)))
+            rank = np.empty(m, dtype=np.int64)
+            rank[order] = rank_sorted
+            chunk = (c0[kid_b] + rank) // self.count
+        states = self._gcore.partial(part.append_column(_PANE, pa.array(chunk, pa.int64())))
+        merged = self._gcore.merge(_concat([cur, states])) if cur is not None else states
+        if self.count is None:
+            self._buckets[b] = merged
+            return []
+        full = _col_numpy(merged, self._n) == self.count
+        if not full.any():
+            self._buckets[b] = merged if merged.num_rows else None
+            return []
+        if not self.accumulate:
+            # a key's panes in order (grouping does not keep it)
+            out = [self._result(merged.filter(pa.array(full)).sort_by(_PANE), None)]
+            rest = merged.filter(pa.array(~full))
+            self._buckets[b] = self._pane_zero(rest) if rest.num_rows else None
+            return out
+        return self._add_accumulating(b, merged)
+
+    def _add_accumulating(self, b: int, merged: pa.Table) -> list[pa.Table]:
+        """Accumulating count firings: every full pane emits the running aggregate of its key."""
+        kid = self._key_ids(merged)
+        pane = _col_numpy(merged, _PANE)
+        order = np.lexsort((pane, kid))
+        merged = merged.take(pa.array(order))
+        kid, pane = kid[order], pane[order]
+        n = merged.num_rows
+        last = np.ones(n, dtype=bool)
+        last[:-1] = kid[1:] != kid[:-1]
+        # panes of a key are 0..k in order: pane is the position within the key
+        running = self._prefix_merge(merged, pane)
+        full = _col_numpy(merged, self._n) == self.count
+        up = (pane > 0) | (_col_numpy(merged, self._up) == 1)
+        cols = {name: running.column(name) for name in self._state_names}
+        acc = merged
+        for name, col in cols.items():
+            acc = acc.set_column(acc.schema.get_field_index(name), name, col)
+        out = [self._result(acc.filter(pa.array(full)), up[full])]
+        # the new state of each key: its running aggregate, pending = the last, open pane
+        keep = acc.filter(pa.array(last))
+        open_ = ~full[last]
+        never = np.full(keep.num_rows, MAX_WATERMARK, dtype=np.int64)
+        fired_any = np.maximum.reduceat(full.astype(np.int8), np.flatnonzero(
+            np.r_[True, kid[1:] != kid[:-1]])) == 1
+        keep = _set_cols(keep, {
+            self._n: np.where(open_, _col_numpy(keep, self._n), 0),
+            self._fpt: np.where(open_, _col_numpy(keep, self._fpt), never),
+            self._fet: np.where(open_, _col_numpy(keep, self._fet), never),
+            self._up: (fired_any | up[last]).astype(np.int8)})
+        self._buckets[b] = self._pane_zero(keep)
+        return out
+
+    def _prefix_merge(self, table: pa.Table, pos: np.ndarray) -> pa.Table:
+        """Running (inclusive) merge of the aggregate states of consecutive rows of each group.
+
+        Rows of a group are contiguous and ``pos`` numbers them 0, 1, ...; a parallel scan
+        takes log2(longest group) merges, earlier rows first (so ``first`` and
+        ``collect_list`` keep arrival order).
+        """
+        cur = table.select(self._state_names)
+        n = cur.num_rows
+        idx = np.arange(n, dtype=np.int64)
+        d = 1
+        top = int(pos.max()) if n else 0
+        while d <= top:
+            tgt = idx[pos >= d]
+            shifted = cur.take(pa.array(tgt - d)).append_column(_T, pa.array(tgt))
+            own = cur.append_column(_T, pa.array(idx))
+            merged = self._scan_core.merge(_concat([shifted, own])).sort_by(_T)
+            cur = merged.select(self._state_names)
+            d *= 2
+        return cur
+
+    def _fire(self, due_of: Any) -> list[pa.Table]:
+        """Fire every key with pending elements for which ``due_of(bucket table)`` holds."""
+        out = []
+        for b, tbl in enumerate(self._buckets):
+            if tbl is None or not tbl.num_rows:
+                continue
+            due = (_col_numpy(tbl, self._n) > 0) & due_of(tbl)
+            if not due.any():
+                continue
+            rows = tbl.filter(pa.array(due))
+            if not self.accumulate:
+                out.append(self._result(rows, None))
+                rest = tbl.filter(pa.array(~due))
+                self._buckets[b] = rest if rest.num_rows else None
+                continue
+            out.append(self._result(rows, _col_numpy(rows, self._up) == 1))
+            never = np.full(tbl.num_rows, MAX_WATERMARK, dtype=np.int64)
+            self._buckets[b] = _set_cols(tbl, {
+                self._n: np.where(due, 0, _col_numpy(tbl, self._n)),
+                self._fpt: np.where(due, never, _col_numpy(tbl, self._fpt)),
+                self._fet: np.where(due, never, _col_numpy(tbl, self._fet)),
+                self._up: np.where(due, 1, _col_numpy(tbl, self._up)).astype(np.int8)})
+        return out
+
+    def _pane_zero(self, table: pa.Table) -> pa.Table:
+        return _set_cols(table, {_PANE: np.zeros(table.num_rows, dtype=np.int64)})
+
+    def _result(self, states: pa.Table, is_update: Any) -> pa.Table:
+        """States -> result rows: keys, aggregates and, when accumulating, ``is_update``."""
+        res = self._out_core.finalize(states)
+        if self.accumulate:
+            flag = np.broadcast_to(np.asarray(is_update, dtype=bool), (res.num_rows,))
+            res = res.append_column("is_update", pa.array(flag, pa.bool_()))
+        return res
+
+
+def _set_cols(table: pa.Table, cols: dict[str, np.ndarray]) -> pa.Table:
+    """Replace (or add) int columns of a table with numpy arrays (int8 stays int8)."""
+    for name, values in cols.items():
+        i = table.schema.get_field_index(name)
+        typ = table.schema.field(name).type if i >= 0 else pa.from_numpy_dtype(values.dtype)
+        arr = pa.array(values, typ)
+        table = table.set_column(i, name, arr) if i >= 0 else table.append_column(name, arr)
+    return table

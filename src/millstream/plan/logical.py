@@ -173,12 +173,13 @@ class WindowAggregate(Unary):
     window: Any  # ops.window.WindowAssigner
     keys: list[str]
     specs: list[Any]  # AggSpec
-    time_column: str
+    time_column: str | None
     allowed_lateness: int = 0
 
     def label(self) -> str:
         aggs = ", ".join(f"{s.func} as {s.name}" for s in self.specs)
-        return (f"Window {self.window.describe()} on {self.time_column!r} keys={self.keys} "
+        on = f" on {self.time_column!r}" if self.time_column is not None else ""
+        return (f"Window {self.window.describe()}{on} keys={self.keys} "
                 f"[{aggs}]" + (f" allowed_lateness={self.allowed_lateness}us"
                                if self.allowed_lateness else ""))
 
@@ -196,3 +197,79 @@ class KeyedProcess(Unary):
     def label(self) -> str:
         name = getattr(self.fn, "__name__", type(self.fn).__name__)
         return f"KeyedProcess {name} keys={self.keys}"
+
+
+class _TwoInputs:
+    """Children ``left`` and ``right`` (a mixin for the stream joins)."""
+
+    left: Node
+    right: Node
+
+    @property
+    def children(self) -> tuple[Node, ...]:
+        return (self.left, self.right)
+
+    def with_children(self, children: tuple[Node, ...]) -> Node:
+        return replace(self, left=children[0], right=children[1])  # type: ignore[type-var]
+
+
+@dataclass(frozen=True, eq=False)
+class IntervalJoin(_TwoInputs, Node):
+    """Stream-stream join on keys where ``left.t + lower <= right.t <= left.t + upper``
+    (``ops.stream_join.IntervalJoin``)."""
+
+    left: Node
+    right: Node
+    left_on: list[str]
+    right_on: list[str]
+    lower: int
+    upper: int
+    left_time: str
+    right_time: str
+    how: str = "inner"
+    suffix: str = "_right"
+
+    def label(self) -> str:
+        return (f"IntervalJoin {self.how} left_on={self.left_on} right_on={self.right_on} "
+                f"between=({self.lower}us, {self.upper}us) "
+                f"time=({self.left_time!r}, {self.right_time!r})")
+
+
+@dataclass(frozen=True, eq=False)
+class WindowJoin(_TwoInputs, Node):
+    """Stream-stream join of rows sharing a key and an event-time window
+    (``ops.stream_join.WindowJoin``)."""
+
+    left: Node
+    right: Node
+    left_on: list[str]
+    right_on: list[str]
+    window: Any  # ops.window.WindowAssigner
+    left_time: str
+    right_time: str
+    how: str = "inner"
+    suffix: str = "_right"
+
+    def label(self) -> str:
+        return (f"WindowJoin {self.how} {self.window.describe()} left_on={self.left_on} "
+                f"right_on={self.right_on} time=({self.left_time!r}, {self.right_time!r})")
+
+
+@dataclass(frozen=True, eq=False)
+class LatestJoin(_TwoInputs, Node):
+    """Each left row joins the latest right row of its key so far (``ops.stream_join.LatestJoin``)."""
+
+    left: Node
+    right: Node
+    left_on: list[str]
+    right_on: list[str]
+    how: str = "inner"
+    suffix: str = "_right"
+    version: str | None = None
+    deleted: str | None = None
+
+    def label(self) -> str:
+        extra = (f" version={self.version!r}" if self.version else "") + \
+            (f" deleted={self.deleted!r}" if self.deleted else "")
+        return (f"LatestJoin {self.how} left_on={self.left_on} right_on={self.right_on}"
+                f"{extra}")

@@ -194,6 +194,10 @@ class PlannerSettings:
     shuffle_partitions: int
     broadcast_threshold: int
     cache_lookup: Any  # callable(cache_id) -> list[BlockRef] | None
+    #: planning a streaming job: a Join is a stream-table join whose bounded right side is
+    #: computed once and broadcast (``BroadcastTableJoin`` with ``table_node``; the streaming
+    #: scheduler resolves it with ``runtime.streaming.resolve_broadcast_tables``)
+    streaming: bool = False
 
 
 class PhysicalPlanner:
@@ -331,6 +335,15 @@ class PhysicalPlanner:
         return [Pipeline([BlocksPort(stage=self.cache_stages[node.cache_id])])]
 
     def _build_Join(self, node: L.Join) -> list[Pipeline]:
+        if self.s.streaming:
+            from millstream.ops.stream_join import BroadcastTableJoin
+
+            left = self.build(node.left)
+            for p in left:
+                p.add(OperatorFactory(BroadcastTableJoin, list(node.left_on), list(node.right_on),
+                                      node.how, node.suffix, table_node=node.right),
+                      node.label() + " (stream-table: bounded right side broadcast)")
+            return left
         thr = self.s.broadcast_threshold
         if node.broadcast is None:
             est_r = estimate_size(node.right, self.s.cache_lookup)
@@ -365,6 +378,44 @@ class PhysicalPlanner:
         new.add(OperatorFactory(HashJoin, list(node.left_on), list(node.right_on), node.how, node.suffix),
                 node.label() + " (shuffle hash)")
         return [new]
+
+    def _keyed_two_inputs(self, node: Any, factory: OperatorFactory, what: str) -> list[Pipeline]:
+        """Both inputs get the hidden join keys, are exchanged by them, and feed ``factory``."""
+        from millstream.ops.stream_join import JoinKeys, join_key_names
+
+        hidden = join_key_names(len(node.left_on))
+        n = self.s.shuffle_partitions
+        stages = []
+        for side, child, keys in (("left", node.left, node.left_on),
+                                  ("right", node.right, node.right_on)):
+            pipes = self.build(child)
+            for p in pipes:
+                p.add(OperatorFactory(JoinKeys, list(keys), side), f"{what} {side} keys {keys}")
+            stages.append(self._close(pipes, HashPartitioner(hidden, n), f"{what} {side} side"))
+        new = Pipeline([ShufflePort(stages[0]), ShufflePort(stages[1])])
+        new.add(factory, node.label())
+        return [new]
+
+    def _build_IntervalJoin(self, node: L.IntervalJoin) -> list[Pipeline]:
+        from millstream.ops.stream_join import IntervalJoin
+
+        return self._keyed_two_inputs(node, OperatorFactory(
+            IntervalJoin, list(node.left_on), list(node.right_on), node.lower, node.upper,
+            node.left_time, node.right_time, node.how, node.suffix), "interval join")
+
+    def _build_WindowJoin(self, node: L.WindowJoin) -> list[Pipeline]:
+        from millstream.ops.stream_join import WindowJoin
+
+        return self._keyed_two_inputs(node, OperatorFactory(
+            WindowJoin, list(node.left_on), list(node.right_on), node.window, node.left_time,
+            node.right_time, node.how, node.suffix), "window join")
+
+    def _build_LatestJoin(self, node: L.LatestJoin) -> list[Pipeline]:
+        from millstream.ops.stream_join import LatestJoin
+
+        return self._keyed_two_inputs(node, OperatorFactory(
+            LatestJoin, list(node.left_on), list(node.right_on), node.how, node.suffix,
+            version=node.version, deleted=node.deleted), "latest join")
 
 
 def estimate_size(node: L.Node, cache_lookup: Any) -> int | None:

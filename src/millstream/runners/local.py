@@ -393,7 +393,15 @@ def _stream_host_main(payload: bytes, index: int, inboxes: list, controls: list,
     _release_memory_promptly()
     threading.Thread(target=_exit_with_driver, args=(driver,), daemon=True).start()
     fn = cloudpickle.loads(payload)
-    fn(_QueueChannels(index, inboxes, controls, coordinator))
+    channels = _QueueChannels(index, inboxes, controls, coordinator)
+    profile_dir = os.environ.get("MILLSTREAM_PROFILE_DIR")
+    if profile_dir:  # developer aid: a cProfile of every task
+        import cProfile
+
+        cProfile.runctx("fn(channels)", {"fn": fn, "channels": channels}, {},
+                        os.path.join(profile_dir, f"task-{index}.prof"))
+    else:
+        fn(channels)
     # at exit, each queue's feeder thread flushes what this task sent (its final barrier)
 
 

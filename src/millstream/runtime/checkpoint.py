@@ -3,11 +3,21 @@
 Layout under the checkpoint location (local path or any ``millstream.io.fs`` URI)::
 
     chk-0000000007/state-<nonce>.pkl    source positions, operator snapshots, sink handles
-    chk-0000000007/_COMPLETE            JSON manifest: epoch, state file name, size, sha256
+    chk-0000000007/_COMPLETE            JSON manifest: epoch, state file name, size, sha256,
+                                        shared blobs it references
+    shared/<sha256>                     large state values, shared between checkpoints
 
 The state file is written first; ``_COMPLETE`` (written to a temporary name and renamed
 where the store can rename) makes the checkpoint count. Only a checkpoint whose
 manifest exists and whose state file matches the manifest's checksum is restored.
+
+**Incremental checkpoints.** A snapshot may hold :class:`SharedBlob` values (tasks of the
+parallel executor turn large Arrow tables and byte strings of keyed state into blobs,
+per key group). A blob is stored once under ``shared/`` by its SHA-256, and a blob whose
+content did not change since the task's previous checkpoint travels as a reference only
+(no data): a large state of which little changes costs little per checkpoint. Reading
+resolves references (checking each blob's hash); pruning deletes blobs no retained
+checkpoint references.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import uuid
 from typing import Any
 
 import cloudpickle
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from millstream.errors import MillstreamError
@@ -34,6 +45,90 @@ _PREFIX = "chk-"
 
 class CheckpointError(MillstreamError):
     """A checkpoint cannot be written or read."""
+
+
+SHARED = "shared"
+#: State values at least this large become shared blobs (incremental checkpoints).
+BLOB_MIN_BYTES = 64 << 10
+
+
+class SharedBlob:
+    """A large state value by content hash; ``data`` is None when the store has it already."""
+
+    __slots__ = ("sha", "kind", "data")
+
+    def __init__(self, sha: str, kind: str, data: bytes | None) -> None:
+        self.sha = sha
+        self.kind = kind  # "arrow" (an IPC stream of a table) | "bytes"
+        self.data = data
+
+    def __reduce__(self) -> tuple:
+        return (SharedBlob, (self.sha, self.kind, self.data))
+
+
+def externalize(value: Any, previous: set[str], used: set[str]) -> Any:
+    """``value`` with large Arrow tables/batches and byte strings replaced by blobs.
+
+    Blobs whose hash is in ``previous`` (sent with this task's last checkpoint, so stored)
+    carry no data; every hash used is added to ``used``.
+    """
+    if isinstance(value, dict):
+        return {k: externalize(v, previous, used) for k, v in value.items()}
+    if isinstance(value, list):
+        return [externalize(v, previous, used) for v in value]
+    if isinstance(value, tuple) and type(value) is tuple:
+        return tuple(externalize(v, previous, used) for v in value)
+    kind = None
+    if isinstance(value, (pa.Table, pa.RecordBatch)) and value.nbytes >= BLOB_MIN_BYTES:
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, value.schema) as w:
+            w.write(value)
+        data, kind = sink.getvalue().to_pybytes(), "arrow"
+        if isinstance(value, pa.RecordBatch):
+            kind = "arrow-batch"
+    elif isinstance(value, bytes) and len(value) >= BLOB_MIN_BYTES:
+        data, kind = value, "bytes"
+    if kind is None:
+        return value
+    sha = hashlib.sha256(data).hexdigest()
+    used.add(sha)
+    return SharedBlob(sha, kind, None if sha in previous else data)
+
+
+def _blobs(value: Any, out: list[SharedBlob]) -> None:
+    if isinstance(value, SharedBlob):
+        out.append(value)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _blobs(v, out)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _blobs(v, out)
+
+
+def _strip(value: Any) -> Any:
+    """``value`` with every blob's data dropped (the state file keeps references only)."""
+    if isinstance(value, SharedBlob):
+        return SharedBlob(value.sha, value.kind, None)
+    if isinstance(value, dict):
+        return {k: _strip(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strip(v) for v in value]
+    if isinstance(value, tuple) and type(value) is tuple:
+        return tuple(_strip(v) for v in value)
+    return value
+
+
+def _resolve(value: Any, load: Any) -> Any:
+    if isinstance(value, SharedBlob):
+        return load(value)
+    if isinstance(value, dict):
+        return {k: _resolve(v, load) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve(v, load) for v in value]
+    if isinstance(value, tuple) and type(value) is tuple:
+        return tuple(_resolve(v, load) for v in value)
+    return value
 
 
 class CheckpointStore:
@@ -51,15 +146,30 @@ class CheckpointStore:
         return msfs.join(self.path, f"{_PREFIX}{epoch:010d}")
 
     def write(self, epoch: int, state: dict[str, Any]) -> str:
-        """Write the state of ``epoch`` and then its manifest; return the checkpoint directory."""
-        data = cloudpickle.dumps(state)
-        self.last_size = len(data)
+        """Write the state of ``epoch`` (new shared blobs first) and then its manifest;
+        return the checkpoint directory. ``last_size``: the bytes this checkpoint wrote."""
+        blobs: list[SharedBlob] = []
+        _blobs(state, blobs)
+        written = 0
+        shared = msfs.join(self.path, SHARED)
+        if blobs:
+            msfs.mkdirs(self.fs, shared)
+        for b in blobs:
+            if b.data is None:
+                continue
+            path = msfs.join(shared, b.sha)
+            if not msfs.exists(self.fs, path):
+                msfs.write_bytes(self.fs, path, b.data)
+                written += len(b.data)
+        data = cloudpickle.dumps(_strip(state) if blobs else state)
+        self.last_size = len(data) + written
         d = self._dir(epoch)
         msfs.mkdirs(self.fs, d)
         name = f"state-{uuid.uuid4().hex[:12]}.pkl"
         msfs.write_bytes(self.fs, msfs.join(d, name), data)
         manifest = {"epoch": int(epoch), "state_file": name, "size": len(data),
-                    "sha256": hashlib.sha256(data).hexdigest(), "created": time.time()}
+                    "sha256": hashlib.sha256(data).hexdigest(), "created": time.time(),
+                    "shared": sorted({b.sha for b in blobs})}
         body = json.dumps(manifest, sort_keys=True).encode()
         final = msfs.join(d, COMPLETE)
         if msfs.has_atomic_rename(self.fs):
@@ -70,6 +180,19 @@ class CheckpointStore:
             msfs.write_bytes(self.fs, final, body)
         self._prune(epoch)
         return d
+
+    def _load_blob(self, blob: SharedBlob) -> Any:
+        path = msfs.join(self.path, SHARED, blob.sha)
+        data = msfs.read_bytes(self.fs, path)
+        if hashlib.sha256(data).hexdigest() != blob.sha:
+            raise CheckpointError(f"checkpoint blob {path} does not match its hash")
+        if blob.kind == "bytes":
+            return data
+        table = pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+        if blob.kind == "arrow-batch":
+            return table.combine_chunks().to_batches()[0] if table.num_rows else \
+                pa.RecordBatch.from_pylist([], schema=table.schema)
+        return table
 
     def epochs(self) -> list[int]:
         """Epochs that have a checkpoint directory (complete or not), ascending."""
@@ -93,7 +216,15 @@ class CheckpointStore:
         if len(data) != manifest["size"] or hashlib.sha256(data).hexdigest() != manifest["sha256"]:
             _log.warning("checkpoint %s: state file does not match its manifest; ignored", d)
             return None
-        return cloudpickle.loads(data)
+        state = cloudpickle.loads(data)
+        if manifest.get("shared"):
+            try:
+                state = _resolve(state, self._load_blob)
+            except (OSError, MillstreamError) as exc:
+                _log.warning("checkpoint %s: a shared blob is missing or damaged (%s); ignored",
+                             d, exc)
+                return None
+        return state
 
     def mark_committed(self, epoch: int) -> None:
         """Record that the sinks committed ``epoch`` (written after the commit succeeded)."""
@@ -124,3 +255,21 @@ class CheckpointStore:
                 continue
             if epoch < newest:
                 msfs.delete_dir(self.fs, self._dir(epoch))
+        self._prune_shared()
+
+    def _prune_shared(self) -> None:
+        """Delete shared blobs that no remaining complete checkpoint references."""
+        shared = msfs.join(self.path, SHARED)
+        if not msfs.exists(self.fs, shared):
+            return
+        keep: set[str] = set()
+        for epoch in self.epochs():
+            try:
+                manifest = json.loads(msfs.read_bytes(self.fs, msfs.join(self._dir(epoch),
+                                                                          COMPLETE)))
+            except (OSError, MillstreamError, ValueError):
+                continue
+            keep.update(manifest.get("shared", ()))
+        for info in msfs.list_dir(self.fs, shared):
+            if info.type == pafs.FileType.File and info.base_name not in keep:
+                msfs.delete_file(self.fs, info.path)

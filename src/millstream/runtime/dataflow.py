@@ -55,6 +55,7 @@ from millstream.runtime.streaming import (
     StreamingError,
     _check_streamable,
     make_sink,
+    resolve_broadcast_tables,
     stream_source_for,
 )
 
@@ -117,6 +118,7 @@ class _Chain:
         self.source: tuple[Any, Any] | None = None
         self.key_grouped = False
         self.senders: list[int] = []
+        self.sender_ports: dict[int, int] = {}
 
 
 class ParallelStreamingJob:
@@ -134,7 +136,7 @@ class ParallelStreamingJob:
                  storage_options: dict[str, Any] | None = None, key_groups: int | None = None,
                  max_parallelism: int | None = None, max_restarts: int = 3,
                  inbox_capacity: int = 8, memory_limit: int | None = None) -> None:
-        _check_streamable(node)
+        _check_streamable(node, stream_table_joins=True)
         if key_groups is not None and max_parallelism is not None and key_groups != max_parallelism:
             raise PlanError(f"key_groups ({key_groups}) and max_parallelism ({max_parallelism}) "
                             f"are the same setting; give one")
@@ -162,7 +164,8 @@ class ParallelStreamingJob:
         self.max_restarts = int(max_restarts)
         self.inbox_capacity = max(1, int(inbox_capacity))
         self._settings = {} if memory_limit is None else {"memory_budget": int(memory_limit)}
-        planner = PhysicalPlanner(PlannerSettings(self.parallelism, 0, lambda _cid: None))
+        planner = PhysicalPlanner(PlannerSettings(self.parallelism, 0, lambda _cid: None,
+                                                  streaming=True))
         self._stages = all_stages(planner.plan(optimize(node), "blocks"))
         self.epoch = 1
         self.watermark = MIN_WATERMARK
@@ -268,6 +271,7 @@ class ParallelStreamingJob:
 
     def _build(self) -> None:
         """Chains (stage partitions) with their sources, senders and key-group flags."""
+        resolve_broadcast_tables(self._stages)  # bounded sides of stream-table joins, once
         chains: list[_Chain] = []
         by_stage: dict[int, list[_Chain]] = {}
         self._consumer_pipe: dict[int, tuple[list[_Chain], int]] = {}
@@ -308,9 +312,10 @@ class ParallelStreamingJob:
                     if isinstance(port, ShufflePort):
                         self._consumer_pipe[port.stage.id] = (mine, j)
         for c in chains:
-            for port in c.pipe.ports:
+            for j, port in enumerate(c.pipe.ports):
                 if isinstance(port, ShufflePort):
                     c.senders.extend(p.index for p in by_stage[port.stage.id])
+                    c.sender_ports.update({p.index: j for p in by_stage[port.stage.id]})
                     if _keyed_exchange(port.stage):
                         c.key_grouped = True
         self._chains = chains
@@ -443,7 +448,8 @@ class ParallelStreamingJob:
             specs.append(TaskSpec(
                 index=c.index, key=c.key, job_id=self.job_id, stage_id=c.stage.id,
                 stage_name=f"{c.stage.id} ({c.stage.purpose})", ops=list(c.pipe.ops),
-                senders=list(c.senders), output=self._output(c, sink_index),
+                senders=list(c.senders), sender_ports=dict(c.sender_ports),
+                output=self._output(c, sink_index),
                 key_grouped=c.key_grouped, key_groups=self.key_groups, source=source,
                 restore=restore.get(c.index, {}), watermark=wm, epoch=self.epoch,
                 max_batch_records=self.max_batch_records, poll_timeout_s=self.poll_timeout_s,

@@ -39,6 +39,7 @@ from millstream.ops.base import Operator, OperatorFactory
 from millstream.ops.state import WallClock, key_hashes
 from millstream.ops.watermark import EventTimeWatermark
 from millstream.ops.window import MAX_WATERMARK, MIN_WATERMARK
+from millstream.runtime.checkpoint import externalize
 from millstream.runtime.context import default_context
 
 _log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class TaskSpec:
     ops: list[OperatorFactory]
     senders: list[int]  # upstream task indexes (empty for a source task)
     output: Output
+    sender_ports: dict[int, int] = field(default_factory=dict)  # sender -> input port
     key_grouped: bool = False
     key_groups: int = 128
     #: source tasks: (StreamSource, partition id, position)
@@ -131,6 +133,11 @@ class StreamTask:
         self.blocked: set[int] = set()
         self.buffer: deque[tuple] = deque()
         self.finished = False
+        # senders on input ports the first operator leaves out of its watermark (a
+        # changelog side of a latest-value join)
+        ports = getattr(self.ops[0], "watermark_inputs", None) if self.ops else None
+        self.no_watermark = ({s for s, p in spec.sender_ports.items() if p not in ports}
+                             if ports is not None else set())
         self.stats: dict[str, list[int]] = {}
         self.records_in = 0
         self.records_out = 0
@@ -141,6 +148,7 @@ class StreamTask:
         self.last_active = 0
         self._idle_sent = False
         self._active_sent = False
+        self._blobs: set[str] = set()  # shared blobs of this task's last checkpoint
 
     # ------------------------------------------------------------------ setup
 
@@ -290,11 +298,16 @@ class StreamTask:
         """Snapshot operators (and the source position), pre-commit the sink, acknowledge."""
         ops: dict[int, Any] = {}
         keyed: dict[int, dict[int, Any]] = {}
+        used: set[str] = set()
         for k, op in enumerate(self.ops):
+            # large values become shared blobs; unchanged ones since the last checkpoint
+            # travel as references only (incremental checkpoints)
             if self.spec.key_grouped and is_keyed_op(op):
-                keyed[k] = op.snapshot_by_key_group(self.spec.key_groups)
+                keyed[k] = externalize(op.snapshot_by_key_group(self.spec.key_groups),
+                                       self._blobs, used)
             else:
-                ops[k] = op.snapshot()
+                ops[k] = externalize(op.snapshot(), self._blobs, used)
+        self._blobs = used
         handle = self._sink.pre_commit(epoch) if self._sink is not None else None
         self._side_outputs()
         self.ch.to_coordinator(("ack", self.spec.index, epoch, {
@@ -411,7 +424,8 @@ class StreamTask:
                 self._source_watermark()
 
     def _input_watermark(self) -> int:
-        marks = [w for s, w in self.sender_wm.items() if s not in self.idle]
+        marks = [w for s, w in self.sender_wm.items()
+                 if s not in self.idle and s not in self.no_watermark]
         if not marks:  # every sender idle: hold
             return self.watermark
         return min(marks)

@@ -33,19 +33,33 @@ sticky long-lived worker tasks. What the design fixes is kept:
   parallelism: each new chain gets the union of the groups it owns
   (``restore_key_groups``). State that is not keyed (a window without keys) and source
   partitions that change refuse a rescaled restore with a :class:`CheckpointError`.
+* **Joins.** A chain may have two inputs (a stream join: ``interval_join``,
+  ``window_join``, ``join_latest``): both are keyed exchanges by the hidden normalized
+  key columns :class:`~millstream.ops.stream_join.JoinKeys` adds, so equal keys reach the
+  same key group whatever their types; each batch goes to ``op.process(batch, port)``
+  with the port of the exchange it came through. The changelog input of ``join_latest``
+  (an operator's ``watermark_inputs`` leaves it out) does not count in the job's
+  watermark. A ``join`` with a bounded dataset is planned with
+  ``PlannerSettings(streaming=True)``: :func:`resolve_broadcast_tables` computes the
+  bounded side once (a batch job) when the job starts and every chain joins against it.
 * **Sinks** follow ``begin(epoch)``, ``write(batch)``, ``pre_commit(epoch) -> handle``,
   ``commit(handle)``, ``abort(handle)`` (the :class:`~millstream.io.kafka.KafkaSink`
   protocol). :class:`FileStreamSink` stages each epoch's files and moves them into the
-  target at commit; :class:`CollectingSink` keeps committed rows in memory.
+  target at commit; :class:`CollectingSink` keeps committed rows in memory;
+  :class:`CallbackSink` (``ms.sink(fn)``, or any function) calls ``fn`` with each
+  committed epoch's rows and :class:`ConsoleSink` (``ms.console()``, ``sink="console"``)
+  prints them; these three run in the driver (no ``for_subtask``).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
+import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -55,7 +69,7 @@ import pyarrow.parquet as pq
 from millstream.errors import MillstreamError, PlanError, StorageError
 from millstream.io import fs as msfs
 from millstream.io.base import Source
-from millstream.ops.base import Operator
+from millstream.ops.base import Operator, OperatorFactory
 from millstream.ops.process import KeyedProcess
 from millstream.ops.state import (
     DEFAULT_KEY_GROUPS,
@@ -84,9 +98,13 @@ from millstream.runtime.shuffle import HashPartitioner
 
 _log = logging.getLogger(__name__)
 
-#: Logical nodes a streaming job can run (the others need all their input first).
+#: Logical nodes a streaming job can run (the others need all their input first). A
+#: ``Join`` runs when its right side is bounded (a stream-table join, see
+#: :func:`_check_stream_table_join`).
 _STREAMABLE = (L.Scan, L.Narrow, L.WithWatermark, L.WindowAggregate, L.KeyedProcess, L.Union,
-               L.Repartition)
+               L.Repartition, L.IntervalJoin, L.WindowJoin, L.LatestJoin)
+#: Join types a stream-table join can decide batch by batch.
+_STREAM_TABLE_HOW = ("inner", "left", "semi", "anti")
 #: Points where ``fault=(epoch, point)`` raises :class:`SimulatedCrash`.
 FAULT_POINTS = ("during_epoch", "before_checkpoint", "after_checkpoint", "after_commit")
 
@@ -379,16 +397,153 @@ class FileStreamSink:
             msfs.delete_dir(self.fs, self._staging(self._epoch, self.subtask))
 
 
+def _positional_arity(fn: Callable[..., Any]) -> int:
+    """How many positional arguments ``fn`` accepts (2 for ``*args``)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return 1
+    n = 0
+    for p in params:
+        if p.kind == p.VAR_POSITIONAL:
+            return 2
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            n += 1
+    return n
+
+
+class CallbackSink:
+    """Calls ``fn(table)`` or ``fn(table, epoch)`` once per committed epoch, in the driver.
+
+    ``table`` is a ``pyarrow.Table`` of the epoch's rows (Spark's ``foreachBatch``). The
+    call happens in ``commit``, after the epoch's checkpoint is complete, so nothing is
+    delivered that a restart would roll back. The rows travel in the checkpoint (as the
+    pre-commit handle): after a crash before or during the call, the restarted job calls
+    ``fn`` again with the same rows and epoch; a crash after it but before the commit is
+    recorded repeats it too. So delivery is at-least-once; an ``fn`` idempotent per
+    epoch (e.g. overwrite the output of epoch ``e``) makes it exactly-once. Epochs
+    without rows are skipped unless ``skip_empty=False``. A raising ``fn`` fails the job.
+    """
+
+    def __init__(self, fn: Callable[..., Any], skip_empty: bool = True) -> None:
+        if not callable(fn):
+            raise PlanError(f"ms.sink(fn) needs a function of the epoch's rows, got {fn!r}")
+        self.fn = fn
+        self.skip_empty = skip_empty
+        self._with_epoch = _positional_arity(fn) >= 2
+        self._pending: list[pa.RecordBatch] = []
+        self._schema: pa.Schema | None = None
+        #: the newest epoch delivered by this instance (a re-commit of it is skipped)
+        self._delivered: int | None = None
+
+    def begin(self, epoch: int) -> None:
+        """Start ``epoch``; drops what an unfinished earlier attempt wrote."""
+        self._pending = []
+
+    def write(self, batch: pa.RecordBatch | pa.Table) -> None:
+        """Buffer rows of the current epoch."""
+        batches = batch.to_batches() if isinstance(batch, pa.Table) else [batch]
+        for b in batches:
+            if self._schema is None:
+                self._schema = b.schema
+            if b.num_rows:
+                self._pending.append(b)
+
+    def pre_commit(self, epoch: int) -> dict[str, Any]:
+        """The epoch's rows as the handle (a re-commit after a restart delivers them)."""
+        table = concat_batches(self._pending) if self._pending else None
+        self._pending = []
+        return {"epoch": epoch, "table": table,
+                "schema": None if self._schema is None else self._schema}
+
+    def commit(self, handle: dict[str, Any]) -> None:
+        """Call the function with the epoch's rows (once per epoch in this process)."""
+        epoch = handle["epoch"]
+        if self._delivered is not None and epoch <= self._delivered:
+            return
+        table = handle["table"]
+        if table is None:
+            if self.skip_empty:
+                self._delivered = epoch
+                return
+            schema = handle.get("schema")
+            table = schema.empty_table() if schema is not None else pa.table({})
+        try:
+            if self._with_epoch:
+                self.fn(table, epoch)
+            else:
+                self.fn(table)
+        except Exception as exc:
+            raise StreamingError(f"the sink function {getattr(self.fn, '__name__', self.fn)!r} "
+                                 f"failed on epoch {epoch} ({table.num_rows} rows): "
+                                 f"{type(exc).__name__}: {exc}; a restart from the checkpoint "
+                                 f"delivers this epoch again") from exc
+        self._delivered = epoch
+
+    def abort(self, handle: dict[str, Any] | None = None) -> None:
+        """Drop the pending rows."""
+        self._pending = []
+
+
+def format_table(table: pa.Table, num_rows: int = 20, truncate: bool = True) -> str:
+    """A text table of the first ``num_rows`` rows (Spark's ``show`` layout)."""
+    names = table.column_names
+    rows = batch_to_rows(table.slice(0, num_rows))
+
+    def cell(v: Any) -> str:
+        text = "null" if v is None else str(v)
+        return text[:17] + "..." if truncate and len(text) > 20 else text
+
+    cells = [[cell(r.get(n)) for n in names] for r in rows]
+    widths = [max([len(n), *(len(c[i]) for c in cells)]) for i, n in enumerate(names)]
+    sep = "+" + "+".join("-" * w for w in widths) + "+"
+    lines = [sep, "|" + "|".join(n.rjust(w) for n, w in zip(names, widths)) + "|", sep]
+    lines += ["|" + "|".join(v.rjust(w) for v, w in zip(c, widths)) + "|" for c in cells]
+    lines.append(sep)
+    if table.num_rows > num_rows:
+        lines.append(f"only showing top {num_rows} rows")
+    return "\n".join(lines)
+
+
+class ConsoleSink(CallbackSink):
+    """Prints the rows of each committed epoch as a table (Spark's console sink; debugging)."""
+
+    def __init__(self, num_rows: int = 20, truncate: bool = True, file: Any = None) -> None:
+        if num_rows < 1:
+            raise PlanError(f"console sink: num_rows must be >= 1, got {num_rows}")
+        self.num_rows = int(num_rows)
+        self.truncate = truncate
+        self.file = file
+        super().__init__(self._print)
+
+    def _print(self, table: pa.Table, epoch: int) -> None:
+        bar = "-" * 43
+        print(f"{bar}\nEpoch: {epoch}\n{bar}\n"
+              f"{format_table(table, self.num_rows, self.truncate)}\n",
+              file=self.file if self.file is not None else sys.stdout, flush=True)
+
+
 def make_sink(sink: Any) -> Any:
-    """A streaming sink from what the user passed (None: collect in memory; a path: Parquet)."""
+    """A streaming sink from what the user passed.
+
+    None: collect in memory; "console": print; another string: a Parquet directory; a
+    function: called with each committed epoch's rows (:class:`CallbackSink`); or an
+    object with ``begin``/``write``/``pre_commit``/``commit``.
+    """
     if sink is None:
         return CollectingSink()
     if isinstance(sink, str):
+        if sink == "console":
+            return ConsoleSink()
         return FileStreamSink(sink)
-    missing = [m for m in ("begin", "write", "pre_commit", "commit") if not hasattr(sink, m)]
+    protocol = ("begin", "write", "pre_commit", "commit")
+    missing = [m for m in protocol if not hasattr(sink, m)]
+    if len(missing) == len(protocol) and callable(sink):
+        return CallbackSink(sink)
     if missing:
         raise PlanError(f"sink {sink!r} cannot be used by a streaming job: it lacks {missing} "
-                        f"(use a path, FileStreamSink, CollectingSink or KafkaSink)")
+                        f"(use a path, 'console', a function of each epoch's rows "
+                        f"(ms.sink(fn)), FileStreamSink, CollectingSink or KafkaSink)")
     return sink
 
 
@@ -427,7 +582,8 @@ def _is_keyed_op(op: Operator) -> bool:
 class _SourcePart:
     """One source partition: its reader, its chain and its watermark bookkeeping."""
 
-    __slots__ = ("source", "partition", "reader", "chain", "assigner", "last_active")
+    __slots__ = ("source", "partition", "reader", "chain", "assigner", "last_active",
+                 "in_watermark")
 
     def __init__(self, source: StreamSource, partition: Any, chain: _Chain) -> None:
         self.source = source
@@ -436,16 +592,120 @@ class _SourcePart:
         self.reader: StreamReader | None = None
         self.assigner = next((op for op in chain.ops if isinstance(op, EventTimeWatermark)), None)
         self.last_active = 0
+        #: counts in the job's watermark (not the changelog input of a latest join)
+        self.in_watermark = True
 
 
-def _check_streamable(node: L.Node) -> None:
+def is_bounded_source(source: Source) -> bool:
+    """True when ``source`` ends by itself in a streaming job (files, in-memory data).
+
+    A source may say so with a ``bounded`` attribute; Kafka topics, watched directories,
+    test sources and generators without ``count`` are streams.
+    """
+    flag = getattr(source, "bounded", None)
+    if isinstance(flag, bool):
+        return flag
+    from millstream.io.generator import GeneratorSource
+    from millstream.io.kafka import KafkaSource
+
+    if isinstance(source, KafkaSource):
+        return False
+    if isinstance(source, GeneratorSource):
+        return source.count is not None
+    return getattr(source, "stream_source", None) is None
+
+
+def _unbounded_scans(node: L.Node) -> list[str]:
+    """Descriptions of the stream sources below ``node``."""
+    if isinstance(node, L.Scan):
+        return [] if is_bounded_source(node.source) else [node.source.describe()]
+    return [d for c in node.children for d in _unbounded_scans(c)]
+
+
+def _check_stream_table_join(node: L.Join) -> None:
+    """A join in a streaming job: the right side must be bounded (it is broadcast)."""
+    streams = _unbounded_scans(node.right)
+    if streams:
+        raise PlanError(
+            f"{node.label()}: the right side reads the stream(s) {streams}; a streaming job "
+            f"can join a stream only with a bounded dataset (files, in-memory data) on the "
+            f"right. Join two streams with interval_join(...), window_join(...) or "
+            f"join_latest(...), or swap the sides if the left one is the bounded one")
+    if node.how not in _STREAM_TABLE_HOW:
+        raise PlanError(
+            f"{node.label()}: a {node.how} join of a stream with a table needs the end of the "
+            f"stream; a streaming job supports how={', '.join(_STREAM_TABLE_HOW)} "
+            f"(window_join/interval_join support right and outer joins of two streams)")
+
+
+def _check_streamable(node: L.Node, stream_table_joins: bool = False) -> None:
+    """Raise a PlanError when ``node`` cannot run as a stream.
+
+    ``stream_table_joins``: the caller plans with ``PlannerSettings(streaming=True)`` and
+    calls :func:`resolve_broadcast_tables`, so a ``join`` with a bounded dataset can run.
+    """
+    if isinstance(node, L.Join):
+        if not stream_table_joins:
+            raise PlanError(f"{node.label()}: a join of a stream with a bounded dataset runs "
+                            f"only on the in-process executor in this version; start the "
+                            f"job with executor='inline'")
+        _check_stream_table_join(node)
+        # the bounded right side runs as a batch job
+        _check_streamable(node.left, stream_table_joins)
+        return
     if not isinstance(node, _STREAMABLE):
         hint = " (use group_by(...).window(...).agg(...))" if isinstance(node, L.Aggregate) else ""
         raise PlanError(f"{node.label()} cannot run on an unbounded stream in this version"
                         f"{hint}; streamable: map/filter/select-style operations, "
-                        f"with_watermark, window(...).agg(...), group_by(...).process(...), union")
+                        f"with_watermark, window(...).agg(...), group_by(...).process(...), "
+                        f"union, interval_join, window_join, join_latest, and join with a "
+                        f"bounded dataset")
     for c in node.children:
-        _check_streamable(c)
+        _check_streamable(c, stream_table_joins)
+
+
+def compute_bounded(node: L.Node) -> pa.Table:
+    """Run the bounded plan ``node`` as a batch job on the session's runner; its rows."""
+    from millstream.runtime.scheduler import Job
+    from millstream.runtime.session import effective_settings, get_session
+    from millstream.runtime.shuffle import read_block
+
+    settings = effective_settings({})
+    session = get_session()
+    session.get_runner(settings)
+    ps = PlannerSettings(settings.resolved_shuffle_partitions(), settings.broadcast_threshold,
+                         session.cache.get)
+    job = Job(session, settings, PhysicalPlanner(ps).plan(optimize(node), "blocks"))
+    try:
+        batches = [b for ref in job.run() for b in read_block(ref)]
+        table = concat_batches(batches)
+        return table.combine_chunks() if table.num_rows else table
+    finally:
+        job.cleanup()
+
+
+def resolve_broadcast_tables(stages: list[Stage]) -> None:
+    """Compute the bounded side of every stream-table join once and give it to its operators.
+
+    Operator factories with a ``table_node`` (planned with ``PlannerSettings(streaming=
+    True)``) are replaced, in place, by factories holding the computed ``table``.
+    """
+    tables: dict[int, pa.Table] = {}
+    for stage in stages:
+        for pipe in stage.pipelines:
+            for i, f in enumerate(pipe.ops):
+                node = f.kwargs.get("table_node") if isinstance(f.kwargs, dict) else None
+                if node is None:
+                    continue
+                if id(node) not in tables:
+                    started = time.perf_counter()
+                    tables[id(node)] = compute_bounded(node)
+                    _log.info("stream-table join: computed the bounded side (%d rows) in %.3fs",
+                              tables[id(node)].num_rows, time.perf_counter() - started)
+                kwargs = dict(f.kwargs)
+                kwargs.pop("table_node")
+                kwargs["table"] = tables[id(node)]
+                pipe.ops[i] = OperatorFactory(f.cls, *f.args, **kwargs)
 
 
 class StreamingJob:
@@ -458,7 +718,7 @@ class StreamingJob:
                  storage_options: dict[str, Any] | None = None,
                  fault: tuple[int, str] | None = None, key_groups: int | None = None,
                  max_parallelism: int | None = None) -> None:
-        _check_streamable(node)
+        _check_streamable(node, stream_table_joins=True)
         if key_groups is not None and max_parallelism is not None and key_groups != max_parallelism:
             raise PlanError(f"key_groups ({key_groups}) and max_parallelism ({max_parallelism}) "
                             f"are the same setting; give one")
@@ -482,11 +742,14 @@ class StreamingJob:
         self.store = (CheckpointStore(checkpoint, storage_options) if checkpoint is not None
                       else None)
         self._fault = fault
-        planner = PhysicalPlanner(PlannerSettings(self.parallelism, 0, lambda _cid: None))
+        planner = PhysicalPlanner(PlannerSettings(self.parallelism, 0, lambda _cid: None,
+                                                  streaming=True))
         self._final = planner.plan(optimize(node), "blocks")
         self._stages = all_stages(self._final)
         self._chains: list[_Chain] = []
         self._consumers: dict[int, list[_Chain]] = {}
+        #: input port of the consumer pipeline each exchange stage feeds (1: a join's right)
+        self._consumer_port: dict[int, int] = {}
         self._owners: dict[int, np.ndarray] = {}
         self._parts: list[_SourcePart] = []
         self._side: dict[str, list[pa.RecordBatch]] = {}
@@ -569,41 +832,65 @@ class StreamingJob:
     # ------------------------------------------------------------------ setup
 
     def _build(self) -> None:
+        resolve_broadcast_tables(self._stages)
         sources: dict[int, StreamSource] = {}
         for si, stage in enumerate(self._stages):
             if stage.output_kind == "shuffle" and stage.partitioner is None:
                 raise PlanError(f"stage {stage.id}: a shuffle without a partitioner")
             for pi, pipe in enumerate(stage.pipelines):
-                if len(pipe.ports) != 1:
-                    raise PlanError("joins are not supported on streams in this version")
+                for p in pipe.ports:
+                    if not isinstance(p, (SourcePort, ShufflePort)):
+                        raise PlanError(f"{p.describe()} cannot run on a stream in this version")
+                if len(pipe.ports) > 1 and not all(isinstance(p, ShufflePort) for p in pipe.ports):
+                    raise PlanError(f"stage {stage.id}: an operator with several inputs must "
+                                    f"read them all from exchanges, got "
+                                    f"{[p.describe() for p in pipe.ports]}")
                 port = pipe.ports[0]
                 if isinstance(port, SourcePort):
                     src = sources.setdefault(id(port.source), stream_source_for(
                         port.source, self.parallelism, self.stop_at_end))
                     n_parts = src.partitions()
-                elif isinstance(port, ShufflePort):
-                    src = None
-                    n_parts = list(range(port.stage.partitioner.num_partitions))
                 else:
-                    raise PlanError(f"{port.describe()} cannot run on a stream in this version")
+                    src = None
+                    counts = {p.stage.partitioner.num_partitions for p in pipe.ports}
+                    if len(counts) != 1:
+                        raise PlanError(f"stage {stage.id}: its input exchanges disagree on the "
+                                        f"number of partitions {sorted(counts)}")
+                    n_parts = list(range(counts.pop()))
                 chains = []
                 for ci, part in enumerate(n_parts):
                     ctx = default_context(job_id=self.job_id, stage_id=stage.id, partition=ci,
                                           stage_name=f"{stage.id} ({stage.purpose})")
                     ops = [f.create() for f in pipe.ops]
                     for op in ops:
-                        if isinstance(op, KeyedProcess):
-                            op.timers.clock = self.clock
+                        timers = getattr(op, "timers", None)  # processing-time operators
+                        if timers is not None and hasattr(timers, "clock"):
+                            timers.clock = self.clock
                         op.open(ctx)
                     chain = _Chain((si, pi, ci), stage, ops, ctx, is_source=src is not None,
-                                   key_grouped=isinstance(port, ShufflePort)
-                                   and _keyed_exchange(port.stage))
+                                   key_grouped=src is None and all(
+                                       _keyed_exchange(p.stage) for p in pipe.ports))
                     chains.append(chain)
                     self._chains.append(chain)
                     if src is not None:
                         self._parts.append(_SourcePart(src, part, chain))
-                if isinstance(port, ShufflePort):
-                    self._consumers[port.stage.id] = chains
+                for j, p in enumerate(pipe.ports):
+                    if isinstance(p, ShufflePort):
+                        self._consumers[p.stage.id] = chains
+                        self._consumer_port[p.stage.id] = j
+        for part in self._parts:
+            part.in_watermark = self._feeds_event_time(part.chain)
+
+    def _feeds_event_time(self, chain: _Chain) -> bool:
+        """False when a source chain only feeds an input whose event time does not matter
+        (the changelog side of ``join_latest``): it is left out of the job's watermark."""
+        stage = chain.stage
+        if stage.output_kind != "shuffle" or stage.id not in self._consumers:
+            return True
+        consumers = self._consumers[stage.id]
+        first = consumers[0].ops[0] if consumers and consumers[0].ops else None
+        ports = getattr(first, "watermark_inputs", None)
+        return ports is None or self._consumer_port[stage.id] in ports
 
     def _signature(self) -> list[Any]:
         """The pipeline: operator names per (stage, pipeline), independent of parallelism."""
@@ -758,11 +1045,13 @@ class StreamingJob:
         stats[0] += rows_in
         stats[1] += rows_out
 
-    def _run(self, chain: _Chain, batches: list[pa.RecordBatch], start: int = 0) -> None:
-        for op in chain.ops[start:]:
+    def _run(self, chain: _Chain, batches: list[pa.RecordBatch], start: int = 0,
+             port: int = 0) -> None:
+        """Push ``batches`` through ``chain`` from operator ``start`` (on its input ``port``)."""
+        for k, op in enumerate(chain.ops[start:]):
             nxt: list[pa.RecordBatch] = []
             for b in batches:
-                nxt.extend(op.process(b))
+                nxt.extend(op.process(b, port) if k == 0 and port else op.process(b))
             rows_in = sum(b.num_rows for b in batches)
             batches = [b for b in nxt if b.num_rows]
             self._count(op, rows_in, sum(b.num_rows for b in batches))
@@ -779,11 +1068,12 @@ class StreamingJob:
                     self._metrics["records_out"] += b.num_rows
             return
         consumers = self._consumers[stage.id]
+        port = self._consumer_port.get(stage.id, 0)
         for b in batches:
             if not b.num_rows:
                 continue
             if len(consumers) == 1:
-                self._run(consumers[0], [b])
+                self._run(consumers[0], [b], 0, port)
                 continue
             owners = self._owners.get(stage.id)
             if owners is not None:  # keyed exchange: key group -> the chain that owns it
@@ -798,7 +1088,7 @@ class StreamingJob:
             else:
                 ids = stage.partitioner.assign(b)
             for i in np.unique(ids):
-                self._run(consumers[int(i)], [b.filter(pa.array(ids == i))])
+                self._run(consumers[int(i)], [b.filter(pa.array(ids == i))], 0, port)
 
     def _each_op(self, call: str) -> None:
         """Call ``on_watermark``/``finish``/``advance_processing_time`` in plan order."""
@@ -815,6 +1105,7 @@ class StreamingJob:
                 if out:
                     self._count(op, 0, sum(b.num_rows for b in out))
                     self._run(chain, out, k + 1)
+                    self._dirty = True  # e.g. a processing-time firing: commit it
 
     def _drain_side(self) -> None:
         with self._lock:
@@ -828,12 +1119,19 @@ class StreamingJob:
                     elif isinstance(op, KeyedProcess):
                         for tag in op.side_output_tags():
                             self._side.setdefault(tag, []).extend(op.take_side_output(tag))
+                    elif getattr(op, "side_outputs", None) and hasattr(op, "take_side_output"):
+                        for tag in op.side_outputs:  # e.g. the stream joins' late rows
+                            got = op.take_side_output(tag)
+                            if got:
+                                self._side.setdefault(tag, []).extend(got)
 
     def _compute_watermark(self) -> int:
         now = self.clock.now()
         marks = []
         for p in self._parts:
             r = p.reader
+            if not p.in_watermark:
+                continue
             if r.finished:
                 marks.append(MAX_WATERMARK)
                 continue

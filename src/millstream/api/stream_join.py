@@ -1,0 +1,204 @@
+"""Stream joins and streaming sinks of the Dataset API.
+
+* ``left.interval_join(right, on, between=(lower, upper))``: stream-stream join of rows
+  with equal keys and ``left.t + lower <= right.t <= left.t + upper`` (Flink's interval
+  join; Spark expresses it as a join with a time-range condition).
+* ``left.window_join(right, on, window=ms.tumbling("1m"))``: rows of both inputs in the
+  same key and event-time window, emitted when the window closes (Flink's window join).
+* ``left.join_latest(changelog, on)``: each left row joins the latest right row of its
+  key seen so far (Flink's processing-time temporal join / a lookup into a table kept
+  up to date by a changelog stream).
+* ``stream.join(bounded)`` (the ordinary :meth:`Dataset.join`): in a streaming job the
+  bounded right side is computed once when the job starts and broadcast to every task
+  (Spark's stream-static join); inner, left, semi and anti joins. In this version it
+  runs on the in-process executor (``start(executor="inline")``).
+
+All of them also run in batch mode on bounded inputs, with the streaming result
+whenever no row was late. Semantics in detail: :mod:`millstream.ops.stream_join`.
+
+Sinks for ``start(sink=...)``: :func:`sink` (a function called with each committed
+epoch's rows, like Spark's ``foreachBatch``) and :func:`console` (prints them).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from millstream.errors import PlanError
+from millstream.ops.window import Sliding, Tumbling, WindowAssigner, parse_duration
+from millstream.plan import logical as L
+
+if TYPE_CHECKING:
+    from millstream.api.dataset import Dataset
+    from millstream.runtime.streaming import CallbackSink, ConsoleSink
+
+Duration = str | int | _dt.timedelta
+Keys = str | Sequence[str] | None
+
+_STREAM_HOW = ("inner", "left", "right", "outer", "full")
+
+
+def signed_duration(value: Duration, what: str) -> int:
+    """A duration that may be negative ("-5s", "5s", timedelta, int µs) in microseconds."""
+    if isinstance(value, str) and value.strip().startswith("-"):
+        return -parse_duration(value.strip()[1:], what)
+    if isinstance(value, _dt.timedelta) and value < _dt.timedelta(0):
+        return -parse_duration(-value, what)
+    if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+        return -parse_duration(-value, what)
+    return parse_duration(value, what)
+
+
+def _join_keys(on: Keys, left_on: Keys, right_on: Keys, what: str) -> tuple[list[str], list[str]]:
+    def names(v: Any) -> list[str]:
+        out = [v] if isinstance(v, str) else list(v)
+        if not all(isinstance(k, str) for k in out):
+            raise PlanError(f"{what}: keys must be column names, got {v!r}")
+        return out
+
+    if on is not None:
+        if left_on is not None or right_on is not None:
+            raise PlanError(f"{what}: give either on= or left_on=/right_on=, not both")
+        lk = rk = names(on)
+    else:
+        if left_on is None or right_on is None:
+            raise PlanError(f"{what} needs on= (same key names) or both left_on= and right_on=")
+        lk, rk = names(left_on), names(right_on)
+    if len(lk) != len(rk) or not lk:
+        raise PlanError(f"{what}: left keys {lk} and right keys {rk} must be non-empty and as "
+                        f"many")
+    return lk, rk
+
+
+def _times(left: Dataset, right: Dataset, left_time: str | None, right_time: str | None,
+           what: str) -> tuple[str, str]:
+    from millstream.api.stream import watermark_column
+
+    lt = left_time or watermark_column(left._node)
+    rt = right_time or watermark_column(right._node)
+    for side, t, arg in (("left", lt, "left_time"), ("right", rt, "right_time")):
+        if t is None:
+            raise PlanError(f"{what}: the {side} input has no event-time column; give "
+                            f"{arg}=... or call with_watermark(column, ...) on it first")
+        if not isinstance(t, str):
+            raise PlanError(f"{what}: {arg} must be a column name, got {t!r}")
+    return lt, rt
+
+
+def _how(how: str, allowed: tuple[str, ...], what: str) -> str:
+    if how not in allowed:
+        raise PlanError(f"{what}: how={how!r} is not one of {', '.join(allowed)}")
+    return "outer" if how == "full" else how
+
+
+def _dataset(other: Any, what: str) -> None:
+    from millstream.api.dataset import Dataset
+
+    if not isinstance(other, Dataset):
+        raise PlanError(f"{what} needs a Dataset to join with, got {type(other).__name__}")
+
+
+def interval_join(left: Dataset, right: Dataset, on: Keys = None,
+                  between: tuple[Duration, Duration] | None = None, *, left_on: Keys = None,
+                  right_on: Keys = None, left_time: str | None = None,
+                  right_time: str | None = None, how: str = "inner",
+                  suffix: str = "_right") -> Dataset:
+    """Join rows with equal keys whose right time lies in [left time + lower, left time + upper].
+
+    ``between=(lower, upper)``: durations, negative allowed ("-5m", "0s"), bounds
+    inclusive. Event times default to each input's ``with_watermark`` column. ``how``:
+    inner, left, right or outer (unmatched rows are emitted once the watermark shows
+    they cannot match any more). Rows older than the watermark on arrival go to the
+    "late" side output (with a ``join_side`` column). Unlike Flink, outer joins are
+    supported and the output has all columns of both inputs (same-named keys once,
+    other name clashes get ``suffix``).
+    """
+    from millstream.api.dataset import Dataset
+
+    what = "interval_join"
+    _dataset(right, what)
+    lk, rk = _join_keys(on, left_on, right_on, what)
+    if not isinstance(between, (tuple, list)) or len(between) != 2:
+        raise PlanError(f"{what}: between=(lower, upper) is required, e.g. between=('-5m', "
+                        f"'10m'), got {between!r}")
+    lower = signed_duration(between[0], f"{what} lower bound")
+    upper = signed_duration(between[1], f"{what} upper bound")
+    if lower > upper:
+        raise PlanError(f"{what}: between=(lower, upper) needs lower <= upper, got {between!r}")
+    lt, rt = _times(left, right, left_time, right_time, what)
+    return Dataset(L.IntervalJoin(left._node, right._node, lk, rk, lower, upper, lt, rt,
+                                  _how(how, _STREAM_HOW, what), suffix))
+
+
+def window_join(left: Dataset, right: Dataset, on: Keys = None,
+                window: WindowAssigner | None = None, *, left_on: Keys = None,
+                right_on: Keys = None, left_time: str | None = None,
+                right_time: str | None = None, how: str = "inner",
+                suffix: str = "_right") -> Dataset:
+    """Join rows with equal keys in the same tumbling or sliding event-time window.
+
+    A window's pairs are emitted when the watermark passes the window's end, with
+    ``window_start`` and ``window_end`` first. ``how``: inner, left, right or outer
+    (Flink's window join is inner only; its coGroup gives the outer forms). Rows whose
+    windows all closed before they arrived go to the "late" side output.
+    """
+    from millstream.api.dataset import Dataset
+
+    what = "window_join"
+    _dataset(right, what)
+    lk, rk = _join_keys(on, left_on, right_on, what)
+    if not isinstance(window, (Tumbling, Sliding)):
+        raise PlanError(f"{what}: window= needs ms.tumbling(...) or ms.sliding(...), got "
+                        f"{window!r}; session and global windows are not supported (use "
+                        f"interval_join(...))")
+    lt, rt = _times(left, right, left_time, right_time, what)
+    return Dataset(L.WindowJoin(left._node, right._node, lk, rk, window, lt, rt,
+                                _how(how, _STREAM_HOW, what), suffix))
+
+
+def join_latest(left: Dataset, changelog: Dataset, on: Keys = None, *, left_on: Keys = None,
+                right_on: Keys = None, how: str = "inner", version: str | None = None,
+                deleted: str | None = None, suffix: str = "_right") -> Dataset:
+    """Join each left row with the latest row of its key in ``changelog`` seen so far.
+
+    Processing-time semantics (Flink's temporal join on a processing-time attribute):
+    a left row meets the right row its key holds when the left row is processed, and is
+    emitted at once; later updates do not change earlier results. In batch mode the
+    changelog is read completely first, so every left row meets its key's last version.
+    ``how``: inner or left. ``version``: a right column; a row replaces the held one
+    only when its version is not smaller. ``deleted``: a boolean right column whose true
+    value deletes the key. The changelog's event time does not hold back the job's
+    watermark. The right state keeps one row per key, for the life of the job.
+    """
+    from millstream.api.dataset import Dataset
+
+    what = "join_latest"
+    _dataset(changelog, what)
+    lk, rk = _join_keys(on, left_on, right_on, what)
+    for arg, v in (("version", version), ("deleted", deleted)):
+        if v is not None and not isinstance(v, str):
+            raise PlanError(f"{what}: {arg}= must be a column name, got {v!r}")
+    return Dataset(L.LatestJoin(left._node, changelog._node, lk, rk,
+                                _how(how, ("inner", "left"), what), suffix, version, deleted))
+
+
+def sink(fn: Callable[..., Any], skip_empty: bool = True) -> CallbackSink:
+    """A streaming sink calling ``fn(table)`` or ``fn(table, epoch)`` once per committed epoch.
+
+    ``fn`` runs in the driver after the epoch's checkpoint is complete, with the epoch's
+    rows as one ``pyarrow.Table`` (like Spark's ``foreachBatch``). After a restart the
+    last checkpointed epoch may be delivered again with the same rows and epoch number:
+    at-least-once, or exactly-once when ``fn`` is idempotent per epoch.
+    """
+    from millstream.runtime.streaming import CallbackSink
+
+    return CallbackSink(fn, skip_empty=skip_empty)
+
+
+def console(num_rows: int = 20, truncate: bool = True, file: Any = None) -> ConsoleSink:
+    """A streaming sink printing each committed epoch's rows as a table (debugging)."""
+    from millstream.runtime.streaming import ConsoleSink
+
+    return ConsoleSink(num_rows=num_rows, truncate=truncate, file=file)

@@ -1,0 +1,192 @@
+"""Driver-side streaming sinks: a function per committed epoch (``ms.sink``) and the console."""
+
+from __future__ import annotations
+
+import io
+import random
+
+import pyarrow as pa
+import pytest
+
+import millstream as ms
+from millstream.errors import PlanError
+from millstream.runtime.streaming import (
+    CallbackSink,
+    ConsoleSink,
+    SimulatedCrash,
+    StreamingError,
+    format_table,
+    make_sink,
+)
+from millstream.testing import TestSource
+
+SCHEMA = pa.schema([("k", pa.string()), ("ts", pa.int64()), ("v", pa.int64())])
+
+
+def _items(seed: int = 3, n_items: int = 12, per_item: int = 5):
+    rng = random.Random(seed)
+    items, n = [], 0
+    for i in range(n_items):
+        rows = []
+        for _ in range(per_item):
+            rows.append({"k": rng.choice("abc"), "ts": i * 1000, "v": n})
+            n += 1
+        items.append(rows)
+    return items
+
+
+def _ds(items):
+    src = TestSource(schema=SCHEMA)
+    for rows in items:
+        src.add(rows)
+    src.close()
+    return src.dataset().filter(ms.col("v") % 3 != 0)
+
+
+def _expected(items):
+    return sorted(r["v"] for rows in items for r in rows if r["v"] % 3 != 0)
+
+
+class Recorder:
+    """Keeps every call: (epoch, values)."""
+
+    def __init__(self, fail_on_epoch: int | None = None) -> None:
+        self.calls: list[tuple[int, list[int]]] = []
+        self.fail_on_epoch = fail_on_epoch
+
+    def __call__(self, table: pa.Table, epoch: int) -> None:
+        if epoch == self.fail_on_epoch:
+            self.fail_on_epoch = None
+            raise RuntimeError("downstream is down")
+        assert isinstance(table, pa.Table)
+        self.calls.append((epoch, table.column("v").to_pylist()))
+
+    def values(self) -> list[int]:
+        return sorted(v for _e, vs in self.calls for v in vs)
+
+
+def test_sink_function_gets_each_committed_epoch_once_in_order():
+    items = _items()
+    rec = Recorder()
+    job = _ds(items).start(sink=ms.sink(rec), checkpoint_interval=0)
+    assert job.await_termination(30)
+    epochs = [e for e, _ in rec.calls]
+    assert epochs == sorted(set(epochs)) and len(epochs) > 1
+    assert all(vs for _e, vs in rec.calls)  # epochs without rows are skipped
+    assert rec.values() == _expected(items)
+
+
+def test_one_argument_function_and_plain_callable_as_sink():
+    items = _items(4)
+    tables: list[pa.Table] = []
+    job = _ds(items).start(sink=tables.append, checkpoint_interval=0)
+    assert job.await_termination(30)
+    assert isinstance(job.sink, CallbackSink)
+    assert sorted(v for t in tables for v in t.column("v").to_pylist()) == _expected(items)
+
+
+def test_restart_after_complete_checkpoint_redelivers_that_epoch_with_the_same_rows(tmp_path):
+    items = _items(5)
+    chk = str(tmp_path / "chk")
+    first_rec = Recorder()
+    first = _ds(items).start(sink=ms.sink(first_rec), checkpoint=chk, checkpoint_interval=0,
+                             _fault=(4, "after_commit"))
+    with pytest.raises(SimulatedCrash):
+        first.await_termination(30)
+    second_rec = Recorder()  # a new process: it cannot know epoch 4 was delivered
+    second = _ds(items).start(sink=ms.sink(second_rec), checkpoint=chk, checkpoint_interval=0)
+    assert second.await_termination(30)
+    assert [e for e, _ in first_rec.calls][-1] == 4
+    assert second_rec.calls[0] == first_rec.calls[-1]  # at-least-once: same epoch, same rows
+    delivered = dict(first_rec.calls)
+    delivered.update(dict(second_rec.calls))  # what an fn idempotent per epoch keeps
+    assert sorted(v for vs in delivered.values() for v in vs) == _expected(items)
+
+
+@pytest.mark.parametrize("point", ["before_checkpoint", "after_checkpoint"])
+def test_crash_before_the_call_loses_nothing(point, tmp_path):
+    items = _items(6)
+    rec = Recorder()
+    sink = ms.sink(rec)  # the same sink object across the restart (one process)
+    chk = str(tmp_path / "chk")
+    first = _ds(items).start(sink=sink, checkpoint=chk, checkpoint_interval=0, _fault=(5, point))
+    with pytest.raises(SimulatedCrash):
+        first.await_termination(30)
+    second = _ds(items).start(sink=sink, checkpoint=chk, checkpoint_interval=0)
+    assert second.await_termination(30)
+    assert rec.values() == _expected(items)  # exactly once here: no epoch called twice
+    assert len({e for e, _ in rec.calls}) == len(rec.calls)
+
+
+def test_a_failing_function_fails_the_job_and_the_restart_delivers_the_epoch(tmp_path):
+    items = _items(7)
+    chk = str(tmp_path / "chk")
+    rec = Recorder(fail_on_epoch=3)
+    job = _ds(items).start(sink=ms.sink(rec), checkpoint=chk, checkpoint_interval=0)
+    with pytest.raises(StreamingError, match="epoch 3.*downstream is down"):
+        job.await_termination(30)
+    job2 = _ds(items).start(sink=ms.sink(rec), checkpoint=chk, checkpoint_interval=0)
+    assert job2.await_termination(30)
+    assert rec.values() == _expected(items)
+
+
+def test_skip_empty_false_calls_for_epochs_without_rows():
+    sink = CallbackSink(lambda t, e: calls.append((e, t.num_rows)), skip_empty=False)
+    calls: list[tuple[int, int]] = []
+    sink.begin(1)
+    sink.write(pa.table({"v": pa.array([], pa.int64())}))
+    sink.commit(sink.pre_commit(1))
+    sink.begin(2)
+    sink.write(pa.table({"v": [1, 2]}))
+    handle = sink.pre_commit(2)
+    sink.commit(handle)
+    sink.commit(handle)  # a repeated commit in the same process is not delivered again
+    assert calls == [(1, 0), (2, 2)]
+
+
+def test_console_sink_prints_committed_rows():
+    items = _items(8, n_items=3, per_item=30)
+    out = io.StringIO()
+    job = _ds(items).select("k", "v").start(sink=ms.console(num_rows=5, file=out),
+                                            checkpoint_interval=0)
+    assert job.await_termination(30)
+    text = out.getvalue()
+    assert text.count("Epoch: ") == 3
+    assert "only showing top 5 rows" in text
+    block = text.split("Epoch: ")[1].splitlines()
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in block
+             if line.startswith("|")]
+    assert cells[0] == ["k", "v"]
+    first = [r for r in items[0] if r["v"] % 3 != 0][:5]
+    assert cells[1:] == [[r["k"], str(r["v"])] for r in first]
+
+
+def test_console_by_name_and_to_stdout(capsys):
+    job = _ds(_items(9, n_items=2)).start(sink="console", checkpoint_interval=0)
+    assert job.await_termination(30)
+    assert isinstance(job.sink, ConsoleSink)
+    assert "Epoch: 1" in capsys.readouterr().out
+
+
+def test_format_table_layout():
+    t = pa.table({"name": ["a" * 30, None], "n": [1, 22]})
+    assert format_table(t, truncate=True).splitlines() == [
+        "+--------------------+--+",
+        "|                name| n|",
+        "+--------------------+--+",
+        "|aaaaaaaaaaaaaaaaa...| 1|",
+        "|                null|22|",
+        "+--------------------+--+",
+    ]
+    assert "a" * 30 in format_table(t, truncate=False)
+
+
+def test_driver_sinks_are_not_parallel_and_bad_sinks_are_refused():
+    for s in (ms.sink(print), ms.console(), make_sink(print), make_sink("console")):
+        assert not hasattr(s, "for_subtask")
+    with pytest.raises(PlanError, match="lacks"):
+        make_sink(object())
+    with pytest.raises(PlanError, match="function"):
+        ms.sink(42)
+    with pytest.raises(PlanError, match="num_rows"):
+        ms.console(num_rows=0)
