@@ -60,6 +60,7 @@ def test_windows_match_batch_and_tasks_run_in_other_processes(parallelism, tmp_p
     assert m["records_in"] == 3000 and m["checkpoints"] >= 1 and m["restarts"] == 0
     window = next(v for k, v in m["operators"].items() if k.startswith("WindowAggregate"))
     assert window["records_in"] == 3000
+    assert window["state_bytes"] >= 0 and m["last_checkpoint_seconds"] is not None
 
 
 def test_a_killed_task_host_restarts_from_the_checkpoint_exactly_once(tmp_path):
@@ -244,6 +245,8 @@ def test_checkpoints_are_incremental_for_large_keyed_state(tmp_path):
         done = job.metrics()["checkpoints"]
         time.sleep(0.5)
     full = job.metrics()["last_checkpoint_bytes"]
+    window = next(v for k, v in job.metrics()["operators"].items() if k.startswith("Window"))
+    assert window["state_bytes"] > 200_000  # 30 000 open windows
     write("b.json", [{"k": "key-000007", "ts": 2_000}] * 5)  # one key: one key group changes
     assert _wait(lambda: job.metrics()["checkpoints"] > done)
     small = job.metrics()["last_checkpoint_bytes"]

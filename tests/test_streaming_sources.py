@@ -291,3 +291,33 @@ def test_kafka_sink_crash_and_restore(point, broker, tmp_path):
     # Tansu shows records of aborted transactions to read_committed readers (a broker
     # quirk, see test_kafka.py), so duplicates of a replayed epoch cannot be excluded here
     assert set(got) == set(_as_counter(expected))
+
+
+@kafka
+@pytest.mark.kafka
+@pytest.mark.parametrize("executor", ["parallel", "inline"])
+def test_an_idle_kafka_partition_does_not_hold_the_watermark_back(executor, broker, tmp_path):
+    import time
+    import uuid
+
+    topic = f"idle-{uuid.uuid4().hex[:10]}"
+    broker.create_topic(topic, 2)
+    rows = [{"id": i, "k": "a", "ts": i * 1000} for i in range(200)]  # 3m20s of event time
+    broker.produce(topic, rows, partition=0)  # partition 1 never gets a record
+
+    def job(idle):
+        return (ms.read_kafka(topic, broker.bootstrap_servers).select("id", "k", "ts")
+                .with_watermark("ts", "0s", idle_timeout=idle).group_by("k")
+                .window(ms.tumbling("1m")).agg(ms.count().alias("n"))
+                .start(checkpoint_interval="50ms", parallelism=2, executor=executor))
+
+    with_idle = job("300ms")
+    deadline = time.time() + 30
+    while len(with_idle.sink.rows()) < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    with_idle.stop()
+    assert sorted(r["n"] for r in with_idle.sink.rows()) == [60, 60, 60]
+    without = job(None)
+    time.sleep(2)
+    without.stop()
+    assert without.sink.rows() == []  # the empty partition holds the watermark back

@@ -16,6 +16,12 @@ order when a watermark reaches them (``on_watermark``; ``finish`` fires all of t
 processing-time timers fire when the scheduler calls ``advance_processing_time()`` and
 the clock has reached them. State and timers are in ``snapshot()``; attributes of the
 user's function object are not (keep what must survive a failure in keyed state).
+
+Keyed state and timers are bounded by ``state_memory_limit`` bytes (default: half the
+task's ``memory_budget``): beyond it, the least recently used keys' state and the latest
+timers move to a sqlite file in the task's spill directory and come back when needed
+(``ops.state`` and ``ops.state_store`` say how). Results do not change; ``close()``
+deletes the file. ``("millstream", "state_spills")`` counts the moves to disk.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from millstream.errors import PlanError, SchemaError, UserCodeFailure
 from millstream.ops.base import Batches, Operator
 from millstream.ops.narrow import _short, function_name
 from millstream.ops.state import (
+    CHECK_EVERY,
     MAX_TIME,
     MIN_TIME,
     Clock,
@@ -39,9 +46,10 @@ from millstream.ops.state import (
     StateDescriptor,
     TimerService,
     ValueState,
+    default_state_memory_limit,
     key_hashes,
-    python_key_hash,
 )
+from millstream.ops.state_store import SpillArea
 from millstream.runtime.arrowutil import batch_to_rows, event_time_micros, rows_to_batch
 
 _EMPTY: tuple[pa.RecordBatch, ...] = ()
@@ -162,11 +170,14 @@ class KeyedProcess(Operator):
     ``fn(row, ctx)``; ``time_column`` (optional) gives ``ctx.timestamp``; ``clock`` drives
     processing-time timers (default: the wall clock); ``output_schema`` fixes the output
     types. The key is the column's value (a tuple for several key columns).
+    ``state_memory_limit`` (bytes; default half the task's memory budget) bounds the keyed
+    state and timers held in memory; the rest spills to local disk.
     """
 
     def __init__(self, fn: Any, key_by: list[str] | str, time_column: str | None = None,
                  clock: Clock | None = None, output_schema: pa.Schema | None = None,
-                 on_timer: Callable[..., Any] | None = None, name: str | None = None) -> None:
+                 on_timer: Callable[..., Any] | None = None, name: str | None = None,
+                 state_memory_limit: int | None = None) -> None:
         if isinstance(fn, type) and issubclass(fn, KeyedProcessFunction):
             fn = fn()
         elif hasattr(fn, "process_element"):
@@ -188,21 +199,51 @@ class KeyedProcess(Operator):
         self._fname = function_name(fn if not isinstance(self.fn, _FunctionAdapter)
                                     else self.fn.fn)
         super().__init__(name or f"KeyedProcess({self._fname}, key_by={self.key_by})")
-        self.store = KeyedStateStore()
-        self.timers = TimerService(clock)
+        if state_memory_limit is not None and state_memory_limit < 0:
+            raise PlanError(f"KeyedProcess: state_memory_limit must be >= 0 bytes, got "
+                            f"{state_memory_limit}")
+        #: bytes of keyed state and timers kept in memory (None: half the task memory budget)
+        self.state_memory_limit = state_memory_limit
+        self._spill = SpillArea()
+        self.store = KeyedStateStore(spill=self._spill)
+        # timers follow the store's current key: the per-element loop sets it once
+        self.timers = TimerService(clock, spill=self._spill, key_source=self.store)
+        self._configure_memory()
         self.watermark = MIN_TIME
         self._side: dict[str, list[Any]] = {}
         self._pctx = ProcessContext(self)
         self._opened = False
-        #: key -> key-group hash of its key columns (as the keyed exchange computed it)
-        self._key_hash: dict[Any, int] = {}
 
     # ----------------------------------------------------------------- interface
 
     def open(self, ctx: Any) -> None:
         super().open(ctx)
+        self._spill.configure(ctx)
+        self._configure_memory()
         self._call("open", None, lambda: self.fn.open(self._pctx))
         self._opened = True
+
+    def _configure_memory(self) -> None:
+        limit = (self.state_memory_limit if self.state_memory_limit is not None
+                 else default_state_memory_limit(self.ctx))
+        self.timers.configure(limit)
+        self.store.configure(limit, reserved=self.timers.reserved_bytes)
+
+    def state_memory_bytes(self) -> int:
+        """Estimated bytes of keyed state and timers held in memory now."""
+        return self.store.memory_bytes() + self.timers.memory_bytes()
+
+    @property
+    def peak_state_memory_bytes(self) -> int:
+        """The largest estimate of state and timer bytes in memory seen at a budget check."""
+        return self.store.peak_memory_bytes
+
+    def spill_stats(self) -> dict[str, int]:
+        """How much state is on disk: keys, timers, moves to disk, keys read back, file bytes."""
+        return {"spilled_keys": self.store.num_spilled_keys(),
+                "spilled_timers": self.timers.num_spilled_timers(),
+                "spills": self._spill.spills, "keys_moved_out": self.store.spilled_keys,
+                "keys_read_back": self.store.loaded_keys, "disk_bytes": self._spill.disk_bytes()}
 
     def process(self, batch: pa.RecordBatch, port: int = 0) -> Batches:
         """Run ``process_element`` on each row, in order; return the output rows as one batch."""
@@ -231,20 +272,26 @@ class KeyedProcess(Operator):
         pctx = self._pctx
         pctx.time_domain = None
         fn = self.fn.process_element
-        key_hash = self._key_hash
-        for row, key, ts, h in zip(rows, keys, times, hashes):
-            try:
-                hash(key)
-            except TypeError:
-                key = _hashable(key)
-            key_hash[key] = h
-            self._set_key(key)
-            pctx.timestamp = ts
-            try:
-                _collect(fn(row, pctx), out)
-            except Exception as exc:
-                raise UserCodeFailure(self.name, f"{self._fname}.process_element", exc,
-                                      _short(row)) from exc
+        store = self.store
+        set_key = store.set_current_key
+        step = CHECK_EVERY
+        for start in range(0, len(rows), step):
+            end = start + step
+            for row, key, ts, h in zip(rows[start:end], keys[start:end], times[start:end],
+                                       hashes[start:end]):
+                try:
+                    hash(key)
+                except TypeError:
+                    key = _hashable(key)
+                set_key(key, h)
+                pctx.key = key
+                pctx.timestamp = ts
+                try:
+                    _collect(fn(row, pctx), out)
+                except Exception as exc:
+                    raise UserCodeFailure(self.name, f"{self._fname}.process_element", exc,
+                                          _short(row)) from exc
+            store.maintain()  # the memory limit is checked every ``step`` elements
         return self._batch(out)
 
     def on_watermark(self, watermark: int) -> Batches:
@@ -252,21 +299,14 @@ class KeyedProcess(Operator):
         self.watermark = max(self.watermark, int(watermark))
         self.timers.watermark = self.watermark
         out: list[Any] = []
-        while True:
-            due = self.timers.pop_event_timer(self.watermark)
-            if due is None:
-                break
-            self._fire(due[0], due[1], "event_time", out)
+        self._fire_due(self.timers.pop_due_event, lambda: self.watermark, "event_time", out)
         return self._batch(out)
 
     def advance_processing_time(self) -> Batches:
         """Fire processing-time timers the clock has reached (call after the clock moves)."""
         out: list[Any] = []
-        while True:
-            due = self.timers.pop_processing_timer(self.timers.clock.now())
-            if due is None:
-                break
-            self._fire(due[0], due[1], "processing_time", out)
+        self._fire_due(self.timers.pop_due_processing, self.timers.clock.now,
+                       "processing_time", out)
         return self._batch(out)
 
     def finish(self) -> Batches:
@@ -286,26 +326,21 @@ class KeyedProcess(Operator):
         return [t for t, rows in self._side.items() if rows]
 
     def snapshot(self) -> dict[str, Any]:
-        """Keyed state, timers, watermark and undrained side outputs (picklable)."""
-        import cloudpickle
-
-        self._prune_key_hashes()
-        return {"version": 1, "operator": "KeyedProcess", "store": self.store.snapshot(),
+        """Keyed state and timers (spilled ones too), watermark and undrained side outputs."""
+        return {"version": 2, "operator": "KeyedProcess", "store": self.store.snapshot(),
                 "timers": self.timers.snapshot(), "watermark": self.watermark,
-                "side": cloudpickle.dumps(self._side), "key_hashes": dict(self._key_hash)}
+                "side": cloudpickle.dumps(self._side)}
 
     def restore(self, state: dict[str, Any]) -> None:
         """Restore from ``snapshot()`` (before or after ``open``)."""
-        import cloudpickle
-
         if not isinstance(state, dict) or state.get("operator") != "KeyedProcess":
             raise PlanError(f"{self.name}: cannot restore from {type(state).__name__}: not a "
                             f"KeyedProcess snapshot")
-        self.store.restore(state["store"])
-        self.timers.restore(state["timers"])
+        hashes = state.get("key_hashes")  # version 1 kept them here
+        self.store.restore(state["store"], hashes)
+        self.timers.restore(state["timers"], hashes)
         self.watermark = state["watermark"]
         self._side = cloudpickle.loads(state["side"])
-        self._key_hash = dict(state.get("key_hashes", {}))
 
     #: Its state is keyed, so it can be split by key group and restored at another parallelism.
     is_keyed = True
@@ -313,33 +348,22 @@ class KeyedProcess(Operator):
     def snapshot_by_key_group(self, key_groups: int) -> dict[int, dict[str, Any]]:
         """Keyed state and timers split by key group (hash of the key columns mod ``key_groups``).
 
-        Each group's snapshot also carries the watermark; undrained side output rows go
-        with the smallest group (group 0 when no key holds state).
+        Spilled state is included (its rows are copied from disk as they are). Each group's
+        snapshot also carries the watermark; undrained side output rows go with the
+        smallest group (group 0 when no key holds state).
         """
-        self._prune_key_hashes()
-
-        def group_of(key: Any) -> int:
-            h = self._key_hash.get(key)
-            if h is None:
-                h = self._key_hash[key] = python_key_hash(key)
-            return h % key_groups
-
-        stores = self.store.snapshot_split(group_of)
-        timers = self.timers.snapshot_split(group_of)
-        hashes: dict[int, dict[Any, int]] = {}
-        for k, h in self._key_hash.items():
-            hashes.setdefault(h % key_groups, {})[k] = h
+        stores = self.store.snapshot_groups(key_groups)
+        timers = self.timers.snapshot_groups(key_groups)
         groups: dict[int, dict[str, Any]] = {}
         for g in sorted(set(stores) | set(timers)):
-            groups[g] = {"version": 1, "operator": "KeyedProcess", "key_group": g,
+            groups[g] = {"version": 2, "operator": "KeyedProcess", "key_group": g,
                          "store": stores.get(g), "timers": timers.get(g),
-                         "watermark": self.watermark, "side": None,
-                         "key_hashes": hashes.get(g, {})}
+                         "watermark": self.watermark, "side": None}
         if any(self._side.values()):
             first = min(groups, default=0)
-            groups.setdefault(first, {"version": 1, "operator": "KeyedProcess", "key_group": first,
-                                      "store": None, "timers": None,
-                                      "watermark": self.watermark, "key_hashes": {}})
+            groups.setdefault(first, {"version": 2, "operator": "KeyedProcess",
+                                      "key_group": first, "store": None, "timers": None,
+                                      "watermark": self.watermark})
             groups[first]["side"] = cloudpickle.dumps(self._side)
         return groups
 
@@ -350,37 +374,50 @@ class KeyedProcess(Operator):
                     or "key_group" not in st:
                 raise PlanError(f"{self.name}: cannot restore from {type(st).__name__}: not a "
                                 f"KeyedProcess key-group snapshot")
-        self.store.restore_many([st["store"] for st in states if st["store"] is not None])
+        hashes = {k: h for st in states for k, h in (st.get("key_hashes") or {}).items()}
+        self.store.restore_many([st["store"] for st in states if st["store"] is not None],
+                                hashes)
         self.timers.restore_many([st["timers"] for st in states if st["timers"] is not None],
-                                 max([MIN_TIME, *(st["watermark"] for st in states)]))
+                                 max([MIN_TIME, *(st["watermark"] for st in states)]), hashes)
         self.watermark = max([MIN_TIME, *(st["watermark"] for st in states)])
         self._side = {}
         for st in states:
             if st.get("side"):
                 for tag, rows in cloudpickle.loads(st["side"]).items():
                     self._side.setdefault(tag, []).extend(rows)
-        self._key_hash = {k: h for st in states for k, h in st["key_hashes"].items()}
-
-    def _prune_key_hashes(self) -> None:
-        """Forget the hashes of keys that hold no state and no timer any more."""
-        live = self.store.state_keys() | self.timers.timer_keys()
-        if len(self._key_hash) > len(live):
-            self._key_hash = {k: h for k, h in self._key_hash.items() if k in live}
 
     def close(self) -> None:
-        if self._opened:
-            self._opened = False
-            self._call("close", None, self.fn.close)
+        """Call the function's ``close()``, then drop the state and delete its spill file."""
+        try:
+            if self._opened:
+                self._opened = False
+                self._call("close", None, self.fn.close)
+        finally:
+            self.store.close()
+            self.timers.close()
+            self._spill.close()
 
     # ----------------------------------------------------------------- internals
 
-    def _set_key(self, key: Any) -> None:
-        self._pctx.key = key
-        self.store.current_key = key
-        self.timers.current_key = key
+    def _fire_due(self, pop: Callable[[int], tuple[int, Any, int | None] | None],
+                  now: Callable[[], int], domain: str, out: list[Any]) -> None:
+        """Fire the due timers ``pop(now())`` returns, in order; check memory as elements do."""
+        fire = self._fire
+        while True:
+            for _ in range(CHECK_EVERY):
+                due = pop(now())
+                if due is None:
+                    break
+                fire(due[0], due[1], due[2], domain, out)
+            else:
+                self.store.maintain()
+                continue
+            break
+        self.store.maintain()
 
-    def _fire(self, ts: int, key: Any, domain: str, out: list[Any]) -> None:
-        self._set_key(key)
+    def _fire(self, ts: int, key: Any, h: int | None, domain: str, out: list[Any]) -> None:
+        self._pctx.key = key
+        self.store.set_current_key(key, h)
         self._pctx.timestamp = ts
         self._pctx.time_domain = domain
         try:

@@ -1,21 +1,27 @@
 """Keyed state for user process functions, and timers.
 
-``KeyedStateStore`` holds every state of one operator instance in one Python dict keyed
+``KeyedStateStore`` holds the state of one operator instance in one Python dict keyed
 by ``(state name, key)``; the ``ValueState``, ``ListState`` and ``MapState`` handles read
 and write the entry of the store's *current key*, which the operator sets before calling
 user code (so a handle taken in ``open()`` follows the key of each element, as in Flink).
+Beyond its memory limit, the least recently used keys' state moves to a local sqlite file
+(``ops.state_store``) and comes back when its key is processed again.
 
 ``TimerService`` keeps event-time timers (fire when the watermark reaches their
 timestamp) and processing-time timers (fire when the clock reaches it), at most one per
-(key, timestamp) and kind. The clock is injectable: ``WallClock`` by default,
-``VirtualClock`` in tests. Store and timers snapshot to picklable values and restore in
-place, so handles stay valid across a restore.
+(key, timestamp) and kind; beyond its share of the limit, the latest timers wait on disk.
+The clock is injectable: ``WallClock`` by default, ``VirtualClock`` in tests. Store and
+timers snapshot to picklable values (spilled state included) and restore in place, so
+handles stay valid across a restore.
 """
 
 from __future__ import annotations
 
 import copy
 import heapq
+import itertools
+import pickle
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -24,6 +30,16 @@ import cloudpickle
 import numpy as np
 
 from millstream.errors import PlanError
+from millstream.ops.state_store import (
+    SpillArea,
+    StateRow,
+    StateSpillStore,
+    decode_key,
+    deep_size,
+    dump_value,
+    encode_key,
+)
+from millstream.runtime.context import TaskContext
 
 #: Watermark before any was seen / after the end of a bounded input (int64 microseconds).
 MIN_TIME = -(2**63)
@@ -150,18 +166,95 @@ class MapStateDescriptor(StateDescriptor):
 
 # --------------------------------------------------------------------------- store and handles
 
+#: Elements (or timers) between two ``maintain()`` calls of an operator.
+CHECK_EVERY = 128
+#: ``maintain()`` calls between two samples of the size of one key's state.
+_SAMPLE_EVERY = 2
+#: Estimated bytes of one (state name, key) entry before its first size sample.
+_INITIAL_ENTRY_BYTES = 256
+#: Bytes a (state name, key) entry costs beyond its value: the tuple and the dict slot.
+_ENTRY_OVERHEAD = 120
+#: Bytes a key in memory costs beyond its entries: its slot in the LRU order and its hash.
+_KEY_OVERHEAD = 100
+#: When over the limit, spill down to this fraction of it (so spills come in batches).
+_SPILL_TO = 0.8
+
+
+def default_state_memory_limit(ctx: TaskContext | None) -> int:
+    """Bytes of keyed state an operator keeps in memory: half the task's memory budget."""
+    return (ctx.memory_budget if ctx is not None else TaskContext.memory_budget) // 2
+
 
 class KeyedStateStore:
-    """All keyed state of one operator instance: ``{(state name, key): value}``."""
+    """All keyed state of one operator instance, in memory up to a limit, then on disk.
 
-    def __init__(self) -> None:
+    In memory: one dict ``{(state name, key): value}`` (the handles' fast path) and the
+    keys in memory, each with its key-group hash (in least-recently-used order once
+    something spilled). The size is estimated cheaply: entry count times the average
+    entry size, sampled every other ``maintain()`` by measuring the current key's values
+    (``deep_size``), plus fixed per-entry and per-key overheads. ``maintain()`` (the
+    operator calls it every ``CHECK_EVERY`` elements) compares the estimate plus
+    ``reserved()`` (the timers' bytes) with ``memory_limit``; when over, the least recently
+    used keys move to the operator's ``SpillArea`` (a sqlite file, see
+    ``ops.state_store``), one pickled row per key, until the estimate is back at 80% of the
+    limit. While something is on disk, every key switch keeps the LRU order, checks the
+    limit, and moves a key's row back from disk when its key is not in memory; once the
+    disk holds nothing, the fast path returns. A key is in memory or on disk, never both;
+    snapshots include both. (So a key's values come back from disk as copies: keep no
+    reference to one key's state objects while processing another key.)
+    """
+
+    def __init__(self, memory_limit: int | None = None, spill: SpillArea | None = None) -> None:
         self._data: dict[tuple[str, Any], Any] = {}
         self._kinds: dict[str, str] = {}
-        self.current_key: Any = None
+        #: keys whose state is in memory -> key-group hash (None: unknown); LRU order
+        self._resident: dict[Any, int | None] = {}
+        self._key: Any = None
+        self._hash: int | None = None
+        self._spill = spill if spill is not None else SpillArea()
+        #: the database while some key's state is on disk, else None (the fast path)
+        self._disk: StateSpillStore | None = None
+        self._disk_keys = 0
+        self.memory_limit = (int(memory_limit) if memory_limit is not None
+                             else default_state_memory_limit(None))
+        self._reserved: Callable[[], int] | None = None
+        self._reserved_bytes = 0
+        self._entry_bytes = float(_INITIAL_ENTRY_BYTES)
+        self._samples = 0
+        self._sample_due = 1
+        #: the largest estimate seen at a check (bytes, including ``reserved()``)
+        self.peak_memory_bytes = 0
+        #: keys moved to disk / read back, over the store's life
+        self.spilled_keys = 0
+        self.loaded_keys = 0
 
-    def set_current_key(self, key: Any) -> None:
-        """Scope every handle to ``key`` until the next call."""
-        self.current_key = key
+    def configure(self, memory_limit: int | None = None,
+                  reserved: Callable[[], int] | None = None) -> None:
+        """Set the memory limit (bytes) and what else counts against it (``reserved()``)."""
+        if memory_limit is not None:
+            if memory_limit < 0:
+                raise PlanError(f"state memory limit must be >= 0 bytes, got {memory_limit}")
+            self.memory_limit = int(memory_limit)
+        if reserved is not None:
+            self._reserved = reserved
+
+    @property
+    def current_key(self) -> Any:
+        """The key every handle is scoped to."""
+        return self._key
+
+    @current_key.setter
+    def current_key(self, key: Any) -> None:
+        self.set_current_key(key)
+
+    def set_current_key(self, key: Any, key_hash: int | None = None) -> None:
+        """Scope every handle to ``key`` until the next call (``key_hash``: its key-group hash)."""
+        self._key = key
+        self._hash = key_hash
+        if self._disk is None:
+            self._resident[key] = key_hash
+        else:
+            self._switch(key)
 
     def _register(self, name: str, kind: str) -> None:
         have = self._kinds.setdefault(name, kind)
@@ -195,68 +288,273 @@ class KeyedStateStore:
         return MapState(self, name)
 
     def keys(self, name: str) -> list[Any]:
-        """Keys that currently hold state ``name``."""
-        return [k for (n, k) in self._data if n == name]
+        """Keys that currently hold state ``name`` (in memory or on disk)."""
+        out = [k for (n, k) in self._data if n == name]
+        if self._disk is not None:
+            out += [decode_key(k) for k, _h, _n, v in self._disk.state_rows()
+                    if name in pickle.loads(v)]
+        return out
 
     def clear_key(self, key: Any) -> None:
         """Drop every state of ``key``."""
-        for entry in [e for e in self._data if e[1] == key]:
-            del self._data[entry]
+        for name in self._kinds:
+            self._data.pop((name, key), None)
+        if not (key is self._key or key == self._key):  # the current key stays registered
+            self._resident.pop(key, None)
+        if self._disk is not None and self._disk.delete_state(encode_key(key)):
+            self._disk_keys -= 1
+            if self._disk_keys == 0:
+                self._disk = None
 
     def __len__(self) -> int:
-        return len(self._data)
+        n = len(self._data)
+        if self._disk is not None:
+            n += self._disk.num_state_entries()
+        return n
 
-    # raw access used by the handles
+    # raw access used by the handles (the fast path: one dict operation)
     def _get(self, name: str, default: Any = _MISSING) -> Any:
-        return self._data.get((name, self.current_key), default)
+        return self._data.get((name, self._key), default)
 
     def _set(self, name: str, value: Any) -> None:
-        self._data[(name, self.current_key)] = value
+        self._data[(name, self._key)] = value  # set_current_key registered the key
 
     def _del(self, name: str) -> None:
-        self._data.pop((name, self.current_key), None)
+        self._data.pop((name, self._key), None)
+
+    # ----------------------------------------------------------------- memory and disk
+
+    def memory_bytes(self) -> int:
+        """Estimated bytes of the state held in memory."""
+        return int(len(self._data) * self._entry_bytes + len(self._resident) * _KEY_OVERHEAD)
+
+    @property
+    def spilled(self) -> bool:
+        """True while some key's state is on disk."""
+        return self._disk is not None
+
+    def num_spilled_keys(self) -> int:
+        """Keys whose state is on disk."""
+        return self._disk_keys if self._disk is not None else 0
+
+    def maintain(self) -> None:
+        """Check the memory estimate against the limit (spilling when over); sample sizes."""
+        self._sample_due -= 1
+        if self._sample_due <= 0:
+            self._sample_due = _SAMPLE_EVERY
+            self._sample(self._key)
+        self._reserved_bytes = self._reserved() if self._reserved is not None else 0
+        self._enforce()
+
+    def _switch(self, key: Any) -> None:
+        """``set_current_key`` while something is on disk: LRU order, load, limit check."""
+        resident = self._resident
+        h = resident.pop(key, _MISSING)
+        if h is _MISSING:
+            self._load(key)
+            if key not in resident:
+                resident[key] = self._hash
+        else:  # most recently used
+            resident[key] = self._hash if self._hash is not None else h
+        self._enforce()
+
+    def _sample(self, key: Any) -> None:
+        """Measure the state of ``key``; fold it into the average entry size."""
+        data = self._data
+        n = size = 0
+        for name in self._kinds:
+            v = data.get((name, key), _MISSING)
+            if v is not _MISSING:
+                n += 1
+                size += deep_size(v)
+        if n:
+            self._fold_sample(size / n + _ENTRY_OVERHEAD)
+
+    def _fold_sample(self, entry_bytes: float) -> None:
+        self._samples += 1
+        weight = max(1.0 / self._samples, 1.0 / 32)
+        self._entry_bytes += (entry_bytes - self._entry_bytes) * weight
+
+    def _resample(self, count: int = 32) -> None:
+        """Re-estimate the entry size from the first ``count`` entries (after a restore)."""
+        sizes = [deep_size(v) for v in itertools.islice(self._data.values(), count)]
+        if sizes:
+            self._samples = 0
+            self._entry_bytes = float(_INITIAL_ENTRY_BYTES)
+            for s in sizes:
+                self._fold_sample(s + _ENTRY_OVERHEAD)
+
+    def _enforce(self) -> None:
+        """Spill least recently used keys while the estimate is over the limit."""
+        total = (len(self._data) * self._entry_bytes + len(self._resident) * _KEY_OVERHEAD
+                 + self._reserved_bytes)
+        if total > self.peak_memory_bytes:
+            self.peak_memory_bytes = int(total)
+        if total > self.memory_limit and self._resident:
+            self._evict(total - self.memory_limit * _SPILL_TO)
+
+    def _evict(self, nbytes: float) -> None:
+        """Move at least ``nbytes`` (estimated) of the least recently used keys to disk."""
+        resident = self._resident
+        data = self._data
+        per_key = len(data) * self._entry_bytes / len(resident) + _KEY_OVERHEAD
+        count = min(len(resident), int(nbytes / per_key) + 1)
+        names = list(self._kinds)
+        rows: list[StateRow] = []
+        current = self._key
+        # the current key stays: its handles may be in use (it is the most recent anyway)
+        victims = [k for k in itertools.islice(resident, count + 1)
+                   if not (k is current or k == current)][:count]
+        for key in victims:
+            entries = {}
+            for name in names:
+                v = data.get((name, key), _MISSING)
+                if v is not _MISSING:
+                    entries[name] = v
+            if entries:
+                rows.append((encode_key(key), resident[key], len(entries),
+                             dump_value(entries, f"keyed state of key {key!r}")))
+        if rows:
+            if self._disk is None:
+                self._disk = self._spill.store()
+            self._disk.put_states(rows)
+            self._disk_keys += len(rows)
+            self.spilled_keys += len(rows)
+            self._spill.count_spill()
+        for key in victims:  # only now that they are safely on disk
+            del resident[key]
+            for name in names:
+                data.pop((name, key), None)
+
+    def _load(self, key: Any) -> None:
+        """Move ``key``'s state from disk into memory (nothing when it has none there)."""
+        row = self._disk.take_state(encode_key(key))
+        if row is None:
+            return
+        h, blob = row
+        data = self._data
+        for name, v in pickle.loads(blob).items():
+            data[(name, key)] = v
+        self._resident[key] = self._hash if self._hash is not None else h
+        self.loaded_keys += 1
+        self._disk_keys -= 1
+        if self._disk_keys == 0:
+            self._disk = None
+
+    def _live_hashes(self) -> tuple[dict[Any, int | None], set[Any]]:
+        """(hashes of the keys in memory, the keys holding state); forgets keys whose state
+        was cleared, but the current one."""
+        live = {k for (_n, k) in self._data}
+        if len(live) < len(self._resident):
+            current = self._key
+            self._resident = {k: h for k, h in self._resident.items()
+                              if k in live or k is current or k == current}
+        return self._resident, live
+
+    def _reset(self) -> None:
+        self._data = {}
+        self._resident = {}
+        if self._disk is not None:
+            self._disk.clear_states()
+            self._disk = None
+        self._disk_keys = 0
+
+    def close(self) -> None:
+        """Forget all state (the operator deletes the spill file)."""
+        self._data = {}
+        self._resident = {}
+        self._disk = None
+        self._disk_keys = 0
+
+    # ----------------------------------------------------------------- snapshots
 
     def snapshot(self) -> dict[str, Any]:
-        """A deep, picklable copy of the whole store (entries serialized with cloudpickle)."""
-        try:
-            blob = cloudpickle.dumps(self._data)
-        except Exception as exc:
-            bad = next((name for (name, _k), v in self._data.items() if not _picklable(v)), "?")
-            raise PlanError(f"keyed state {bad!r} holds a value that cannot be pickled for a "
-                            f"checkpoint: {exc}") from exc
-        return {"version": 1, "data": blob, "kinds": dict(self._kinds)}
+        """A deep, picklable copy of the whole store, spilled keys included."""
+        hashes, live = self._live_hashes()
+        return {"version": 2, "data": _dump_entries(self._data), "kinds": dict(self._kinds),
+                "hashes": {k: h for k, h in hashes.items() if k in live},
+                "spilled": list(self._disk.state_rows()) if self._disk is not None else []}
 
-    def restore(self, snapshot: dict[str, Any]) -> None:
-        """Replace the contents with a ``snapshot()`` (in place: handles stay valid)."""
-        self._data = cloudpickle.loads(snapshot["data"])
-        self._kinds.update(snapshot["kinds"])
+    def restore(self, snapshot: dict[str, Any],
+                key_hashes: dict[Any, int] | None = None) -> None:
+        """Replace the contents with a ``snapshot()`` (in place: handles stay valid).
+
+        ``key_hashes`` gives key-group hashes for snapshots of version 1 (which hold none).
+        """
+        self.restore_many([snapshot], key_hashes)
 
     def state_keys(self) -> set[Any]:
         """Every key that holds some state."""
-        return {k for (_n, k) in self._data}
+        keys = {k for (_n, k) in self._data}
+        if self._disk is not None:
+            keys |= {decode_key(k) for k, _h, _n, _v in self._disk.state_rows()}
+        return keys
 
-    def snapshot_split(self, group_of: Callable[[Any], int]) -> dict[int, dict[str, Any]]:
-        """``snapshot()`` split by ``group_of(key)``: one snapshot per group holding state."""
+    def snapshot_groups(self, key_groups: int) -> dict[int, dict[str, Any]]:
+        """``snapshot()`` split by key group (hash mod ``key_groups``): one per group with state."""
+        hashes, _live = self._live_hashes()
+        group: dict[Any, int] = {}
         parts: dict[int, dict[tuple[str, Any], Any]] = {}
         for entry, value in self._data.items():
-            parts.setdefault(group_of(entry[1]), {})[entry] = value
+            key = entry[1]
+            g = group.get(key)
+            if g is None:
+                h = hashes.get(key)
+                if h is None:
+                    h = hashes[key] = python_key_hash(key)
+                g = group[key] = h % key_groups
+            parts.setdefault(g, {})[entry] = value
+        spilled: dict[int, list[StateRow]] = {}
+        if self._disk is not None:
+            for k, h, n, v in self._disk.state_rows():
+                if h is None:
+                    h = python_key_hash(decode_key(k))
+                spilled.setdefault(h % key_groups, []).append((k, h, n, v))
+        kinds = dict(self._kinds)
         out = {}
-        for g, data in parts.items():
-            try:
-                blob = cloudpickle.dumps(data)
-            except Exception as exc:
-                bad = next((n for (n, _k), v in data.items() if not _picklable(v)), "?")
-                raise PlanError(f"keyed state {bad!r} holds a value that cannot be pickled for "
-                                f"a checkpoint: {exc}") from exc
-            out[g] = {"version": 1, "data": blob, "kinds": dict(self._kinds)}
+        for g in sorted(set(parts) | set(spilled)):
+            data = parts.get(g, {})
+            out[g] = {"version": 2, "data": _dump_entries(data), "kinds": kinds,
+                      "hashes": {k: hashes[k] for k in {e[1] for e in data}},
+                      "spilled": spilled.get(g, [])}
         return out
 
-    def restore_many(self, snapshots: list[dict[str, Any]]) -> None:
-        """Replace the contents with the union of several snapshots (of disjoint keys)."""
-        self._data = {}
+    def restore_many(self, snapshots: list[dict[str, Any]],
+                     key_hashes: dict[Any, int] | None = None) -> None:
+        """Replace the contents with the union of several snapshots (of disjoint keys).
+
+        Spilled rows go straight back to disk; the rest is loaded, then spilled as needed.
+        """
+        self._reset()
         for snap in snapshots:
-            self._data.update(cloudpickle.loads(snap["data"]))
+            data = cloudpickle.loads(snap["data"])
             self._kinds.update(snap["kinds"])
+            hashes = snap.get("hashes") or key_hashes or {}
+            resident = self._resident
+            for (_n, k) in data:
+                if k not in resident:
+                    resident[k] = hashes.get(k)
+            self._data.update(data)
+            rows = snap.get("spilled")
+            if rows:
+                if self._disk is None:
+                    self._disk = self._spill.store()
+                self._disk.put_states(rows)
+                self._disk_keys += len(rows)
+            if data:
+                self._resample()
+                self._enforce()
+        # the current key is registered (and read back from disk if it is there)
+        self.set_current_key(self._key, self._hash)
+
+
+def _dump_entries(data: dict[tuple[str, Any], Any]) -> bytes:
+    try:
+        return cloudpickle.dumps(data)
+    except Exception as exc:
+        bad = next((name for (name, _k), v in data.items() if not _picklable(v)), "?")
+        raise PlanError(f"keyed state {bad!r} holds a value that cannot be pickled for a "
+                        f"checkpoint: {exc}") from exc
 
 
 def _picklable(v: Any) -> bool:
@@ -417,78 +715,229 @@ class MapState:
 
 # --------------------------------------------------------------------------- timers
 
+#: Rough in-memory bytes of one queued timer (heap tuple, index entry and their ints).
+TIMER_BYTES = 320
+
+_EVENT, _PROCESSING = 0, 1
+
 
 class _TimerQueue:
-    """A min-heap of (timestamp, seq, key) with lazy deletion; one timer per (key, timestamp)."""
+    """A min-heap of (timestamp, seq, key, hash) with lazy deletion; one timer per (key, ts).
 
-    def __init__(self) -> None:
-        self.heap: list[tuple[int, int, Any]] = []
+    Beyond ``max_memory`` entries the latest timers move to disk: everything on disk (or
+    in ``pending``, timers on their way there, written in batches) sorts at or after
+    ``bound`` (ts, seq) and everything in the heap before it, so the heap's smallest live
+    entry is the earliest timer whenever memory holds any; when the heap runs empty, the
+    earliest timers on disk are read back.
+    """
+
+    #: Timers bound for disk buffered before one batched write.
+    PENDING = 512
+
+    def __init__(self, kind: int, spill: SpillArea) -> None:
+        self.kind = kind
+        self.spill = spill
+        self.heap: list[tuple[int, int, Any, int | None]] = []
         self.live: dict[tuple[Any, int], int] = {}
+        self.max_memory = sys.maxsize
+        self.bound: tuple[int, int] | None = None
+        #: (key, ts) -> (seq, hash) of timers at or after ``bound`` not written yet
+        self.pending: dict[tuple[Any, int], tuple[int, int | None]] = {}
+        self.on_disk = 0
 
-    def add(self, key: Any, ts: int, seq: int) -> bool:
-        if (key, ts) in self.live:
-            return False
-        self.live[(key, ts)] = seq
-        heapq.heappush(self.heap, (ts, seq, key))
-        return True
+    def add(self, key: Any, ts: int, seq: int, h: int | None) -> None:
+        live = self.live
+        if (key, ts) in live:
+            return
+        bound = self.bound
+        if bound is not None and ts >= bound[0]:
+            pending = self.pending
+            if (key, ts) not in pending:
+                pending[(key, ts)] = (seq, h)
+                if len(pending) >= self.PENDING:
+                    self._flush()
+            return
+        live[(key, ts)] = seq
+        heap = self.heap
+        heapq.heappush(heap, (ts, seq, key, h))
+        if len(heap) > self.max_memory:
+            self._spill()
+
+    def _flush(self) -> None:
+        """Write the pending timers (those the disk has already are ignored)."""
+        if self.pending:
+            rows = [(ts, seq, encode_key(key), h) for (key, ts), (seq, h) in self.pending.items()]
+            self.on_disk += self.spill.store().add_timers(self.kind, rows)
+            self.pending = {}
 
     def remove(self, key: Any, ts: int) -> None:
-        self.live.pop((key, ts), None)
+        if self.live.pop((key, ts), None) is None:
+            if self.bound is not None and ts >= self.bound[0]:
+                self.pending.pop((key, ts), None)
+                if self.on_disk:
+                    self.on_disk -= self.spill.store().remove_timer(self.kind, encode_key(key),
+                                                                    ts)
+                if not self.on_disk and not self.pending:
+                    self.bound = None
+            return
         if len(self.heap) > 64 and len(self.heap) > 2 * len(self.live):
             self.heap = [e for e in self.heap if self.live.get((e[2], e[0])) == e[1]]
             heapq.heapify(self.heap)
 
-    def pop_due(self, limit: int) -> tuple[int, Any] | None:
-        while self.heap and self.heap[0][0] <= limit:
-            ts, seq, key = heapq.heappop(self.heap)
-            if self.live.get((key, ts)) == seq:
-                del self.live[(key, ts)]
-                return ts, key
-        return None
+    def pop_due(self, limit: int) -> tuple[int, Any, int | None] | None:
+        heap, live = self.heap, self.live
+        while True:
+            while heap and heap[0][0] <= limit:
+                ts, seq, key, h = heapq.heappop(heap)
+                if live.get((key, ts)) == seq:
+                    del live[(key, ts)]
+                    return ts, key, h
+            if live or self.bound is None or self.bound[0] > limit:
+                return None
+            self._refill()
+            heap, live = self.heap, self.live
 
-    def entries(self) -> list[tuple[int, int, Any]]:
-        return sorted((ts, seq, key) for (key, ts), seq in self.live.items())
+    def _live_sorted(self) -> list[tuple[int, int, Any, int | None]]:
+        live = self.live
+        return sorted(e for e in self.heap if live.get((e[2], e[0])) == e[1])
 
-    def load(self, entries: list[tuple[int, int, Any]]) -> None:
-        self.heap = [(int(ts), int(seq), key) for ts, seq, key in entries]
-        heapq.heapify(self.heap)
-        self.live = {(key, ts): seq for ts, seq, key in self.heap}
+    def _spill(self) -> None:
+        """Keep the earliest half of ``max_memory`` timers in memory, move the rest to disk."""
+        entries = self._live_sorted()
+        keep = self.max_memory // 2
+        move = entries[keep:]
+        if move:
+            self._flush()
+            self.on_disk += self.spill.store().add_timers(
+                self.kind, [(ts, seq, encode_key(key), h) for ts, seq, key, h in move])
+            self.bound = (move[0][0], move[0][1])
+            self.spill.count_spill()
+        self.heap = entries[:keep]  # sorted, so a heap
+        self.live = {(key, ts): seq for ts, seq, key, _h in self.heap}
+
+    def _refill(self) -> None:
+        """The heap is empty: read the earliest timers back from disk."""
+        self._flush()
+        store = self.spill.store()
+        rows = store.take_first_timers(self.kind, max(1, self.max_memory // 2))
+        self.on_disk -= len(rows)
+        self.heap = [(ts, seq, decode_key(k), h) for ts, seq, k, h in rows]
+        self.live = {(key, ts): seq for ts, seq, key, _h in self.heap}
+        self.bound = store.first_timer(self.kind) if self.on_disk else None
+
+    def entries(self) -> list[tuple[int, int, Any, int | None]]:
+        out = self._live_sorted()
+        self._flush()
+        if self.on_disk:
+            out += [(ts, seq, decode_key(k), h)
+                    for ts, seq, k, h in self.spill.store().timer_rows(self.kind)]
+        return out
+
+    def keys(self) -> set[Any]:
+        self._flush()
+        out = {k for (k, _ts) in self.live}
+        if self.on_disk:
+            out |= {decode_key(k) for _ts, _seq, k, _h in self.spill.store().timer_rows(self.kind)}
+        return out
+
+    def load(self, entries: list[tuple[int, int, Any, int | None]]) -> None:
+        self.clear()
+        entries = sorted((int(ts), int(seq), key, h) for ts, seq, key, h in entries)
+        if len(entries) > self.max_memory:
+            keep = self.max_memory // 2
+            move = entries[keep:]
+            self.on_disk = self.spill.store().add_timers(
+                self.kind, [(ts, seq, encode_key(key), h) for ts, seq, key, h in move])
+            self.bound = (move[0][0], move[0][1])
+            entries = entries[:keep]
+        self.heap = entries
+        self.live = {(key, ts): seq for ts, seq, key, _h in entries}
+
+    def clear(self) -> None:
+        if self.on_disk:
+            self.spill.store().clear_timers(self.kind)
+        self.heap, self.live, self.pending = [], {}, {}
+        self.bound, self.on_disk = None, 0
+
+    def memory_bytes(self) -> int:
+        return (len(self.heap) + len(self.pending)) * TIMER_BYTES
+
+    def reserved_bytes(self) -> int:
+        # a queue with timers on disk may read a batch back at any time: count its cap
+        if self.bound is not None:
+            return (max(len(self.heap), self.max_memory) + self.PENDING) * TIMER_BYTES
+        return len(self.heap) * TIMER_BYTES
 
     def __len__(self) -> int:
-        return len(self.live)
+        self._flush()  # pending timers may duplicate ones on disk
+        return len(self.live) + self.on_disk
 
 
 class TimerService:
-    """Event-time and processing-time timers of the current key (deduplicated per key and time)."""
+    """Event-time and processing-time timers of the current key (deduplicated per key and time).
 
-    def __init__(self, clock: Clock | None = None) -> None:
+    Each queue keeps its earliest timers in memory, at most ``memory_limit / 4`` bytes'
+    worth (``configure``); later ones wait on disk in the operator's ``SpillArea``.
+    """
+
+    def __init__(self, clock: Clock | None = None, spill: SpillArea | None = None,
+                 key_source: KeyedStateStore | None = None) -> None:
         self.clock = clock or WallClock()
-        self.current_key: Any = None
+        self._key: Any = None
+        self._hash: int | None = None
+        #: whose current key (and hash) timers are registered for: a store's, or our own
+        self._src: Any = key_source if key_source is not None else self
         self.watermark = MIN_TIME
-        self._event = _TimerQueue()
-        self._proc = _TimerQueue()
+        self._spill = spill if spill is not None else SpillArea()
+        self._event = _TimerQueue(_EVENT, self._spill)
+        self._proc = _TimerQueue(_PROCESSING, self._spill)
         self._seq = 0
 
-    def _next(self) -> int:
-        self._seq += 1
-        return self._seq
+    def configure(self, memory_limit: int) -> None:
+        """Let the timers take at most half of ``memory_limit`` bytes in memory."""
+        per_queue = max(0, int(memory_limit) // 4 // TIMER_BYTES)
+        for q in (self._event, self._proc):
+            q.max_memory = per_queue
+            if len(q.heap) > per_queue:
+                q._spill()
+
+    @property
+    def current_key(self) -> Any:
+        """The key timers are registered for."""
+        return self._src._key
+
+    @current_key.setter
+    def current_key(self, key: Any) -> None:
+        self.set_current_key(key)
+
+    def set_current_key(self, key: Any, key_hash: int | None = None) -> None:
+        """Scope registrations to ``key`` (``key_hash``: its key-group hash, when known)."""
+        if self._src is self:
+            self._key = key
+            self._hash = key_hash
+        else:
+            self._src.set_current_key(key, key_hash)
 
     # user-facing (scoped to the current key)
     def register_event_time_timer(self, timestamp: int) -> None:
         """Call ``on_timer`` once the watermark reaches ``timestamp`` (µs)."""
-        self._event.add(self.current_key, _as_time(timestamp), self._next())
+        src = self._src
+        self._seq += 1
+        self._event.add(src._key, _as_time(timestamp), self._seq, src._hash)
 
     def delete_event_time_timer(self, timestamp: int) -> None:
         """Cancel the current key's event-time timer at ``timestamp`` (no error when absent)."""
-        self._event.remove(self.current_key, _as_time(timestamp))
+        self._event.remove(self._src._key, _as_time(timestamp))
 
     def register_processing_time_timer(self, timestamp: int) -> None:
         """Call ``on_timer`` once the clock reaches ``timestamp`` (µs)."""
-        self._proc.add(self.current_key, _as_time(timestamp), self._next())
+        src = self._src
+        self._seq += 1
+        self._proc.add(src._key, _as_time(timestamp), self._seq, src._hash)
 
     def delete_processing_time_timer(self, timestamp: int) -> None:
         """Cancel the current key's processing-time timer at ``timestamp``."""
-        self._proc.remove(self.current_key, _as_time(timestamp))
+        self._proc.remove(self._src._key, _as_time(timestamp))
 
     def current_processing_time(self) -> int:
         """The clock's time (µs)."""
@@ -501,10 +950,20 @@ class TimerService:
     # operator-facing
     def pop_event_timer(self, watermark: int) -> tuple[int, Any] | None:
         """The earliest event-time timer with timestamp <= watermark, removed; None if none."""
-        return self._event.pop_due(watermark)
+        due = self._event.pop_due(watermark)
+        return None if due is None else (due[0], due[1])
 
     def pop_processing_timer(self, now: int) -> tuple[int, Any] | None:
         """The earliest processing-time timer with timestamp <= now, removed; None if none."""
+        due = self._proc.pop_due(now)
+        return None if due is None else (due[0], due[1])
+
+    def pop_due_event(self, watermark: int) -> tuple[int, Any, int | None] | None:
+        """Like ``pop_event_timer``, with the key's hash: (timestamp, key, hash)."""
+        return self._event.pop_due(watermark)
+
+    def pop_due_processing(self, now: int) -> tuple[int, Any, int | None] | None:
+        """Like ``pop_processing_timer``, with the key's hash: (timestamp, key, hash)."""
         return self._proc.pop_due(now)
 
     def num_event_timers(self) -> int:
@@ -515,39 +974,74 @@ class TimerService:
         """Pending processing-time timers."""
         return len(self._proc)
 
+    def memory_bytes(self) -> int:
+        """Estimated bytes of the timers held in memory."""
+        return self._event.memory_bytes() + self._proc.memory_bytes()
+
+    def reserved_bytes(self) -> int:
+        """Bytes to set aside for timers: what they hold, or their cap once they spilled."""
+        return self._event.reserved_bytes() + self._proc.reserved_bytes()
+
+    def num_spilled_timers(self) -> int:
+        """Timers waiting on disk (or about to be written there)."""
+        return (self._event.on_disk + len(self._event.pending) + self._proc.on_disk
+                + len(self._proc.pending))
+
     def snapshot(self) -> dict[str, Any]:
-        """Pending timers and the watermark (picklable)."""
-        return {"version": 1, "event": self._event.entries(), "processing": self._proc.entries(),
+        """Pending timers (on disk too) and the watermark (picklable)."""
+        return {"version": 2, "event": self._event.entries(), "processing": self._proc.entries(),
                 "seq": self._seq, "watermark": self.watermark}
 
-    def restore(self, snapshot: dict[str, Any]) -> None:
-        """Replace the timers with a ``snapshot()``."""
-        self._event.load(snapshot["event"])
-        self._proc.load(snapshot["processing"])
+    def restore(self, snapshot: dict[str, Any],
+                key_hashes: dict[Any, int] | None = None) -> None:
+        """Replace the timers with a ``snapshot()`` (``key_hashes``: hashes for version 1)."""
+        self._event.load(_with_hashes(snapshot["event"], key_hashes))
+        self._proc.load(_with_hashes(snapshot["processing"], key_hashes))
         self._seq = snapshot["seq"]
         self.watermark = snapshot["watermark"]
 
     def timer_keys(self) -> set[Any]:
         """Every key with a pending timer."""
-        return {k for (k, _ts) in self._event.live} | {k for (k, _ts) in self._proc.live}
+        return self._event.keys() | self._proc.keys()
 
-    def snapshot_split(self, group_of: Callable[[Any], int]) -> dict[int, dict[str, Any]]:
-        """``snapshot()`` split by ``group_of(key)``: one snapshot per group with timers."""
+    def snapshot_groups(self, key_groups: int) -> dict[int, dict[str, Any]]:
+        """``snapshot()`` split by key group (hash mod ``key_groups``): one per group with timers."""
         out: dict[int, dict[str, Any]] = {}
+        computed: dict[Any, int] = {}
         for kind, queue in (("event", self._event), ("processing", self._proc)):
             for entry in queue.entries():
-                g = group_of(entry[2])
-                snap = out.setdefault(g, {"version": 1, "event": [], "processing": [],
-                                          "seq": self._seq, "watermark": self.watermark})
+                h = entry[3]
+                if h is None:
+                    h = computed.get(entry[2])
+                    if h is None:
+                        h = computed[entry[2]] = python_key_hash(entry[2])
+                    entry = (*entry[:3], h)
+                snap = out.setdefault(h % key_groups, {
+                    "version": 2, "event": [], "processing": [], "seq": self._seq,
+                    "watermark": self.watermark})
                 snap[kind].append(entry)
         return out
 
-    def restore_many(self, snapshots: list[dict[str, Any]], watermark: int = MIN_TIME) -> None:
+    def restore_many(self, snapshots: list[dict[str, Any]], watermark: int = MIN_TIME,
+                     key_hashes: dict[Any, int] | None = None) -> None:
         """Replace the timers with the union of several snapshots (of disjoint keys)."""
-        self._event.load([e for s in snapshots for e in s["event"]])
-        self._proc.load([e for s in snapshots for e in s["processing"]])
+        self._event.load([e for s in snapshots for e in _with_hashes(s["event"], key_hashes)])
+        self._proc.load([e for s in snapshots
+                         for e in _with_hashes(s["processing"], key_hashes)])
         self._seq = max([self._seq, *(s["seq"] for s in snapshots)])
         self.watermark = max([watermark, *(s["watermark"] for s in snapshots)])
+
+    def close(self) -> None:
+        """Forget all timers (the operator deletes the spill file)."""
+        for q in (self._event, self._proc):
+            q.heap, q.live, q.pending, q.bound, q.on_disk = [], {}, {}, None, 0
+
+
+def _with_hashes(entries: list[tuple[Any, ...]],
+                 key_hashes: dict[Any, int] | None) -> list[tuple[int, int, Any, int | None]]:
+    """Timer entries as (ts, seq, key, hash); version-1 entries (ts, seq, key) get ``key_hashes``."""
+    hashes = key_hashes or {}
+    return [e if len(e) == 4 else (e[0], e[1], e[2], hashes.get(e[2])) for e in entries]
 
 
 def _as_time(ts: Any) -> int:

@@ -50,7 +50,13 @@ from millstream.plan.physical import (
 from millstream.runtime.arrowutil import batch_to_rows, concat_batches
 from millstream.runtime.checkpoint import CheckpointError, CheckpointStore
 from millstream.runtime.shuffle import HashPartitioner
-from millstream.runtime.stream_task import Output, StreamTask, TaskSpec, is_keyed_op
+from millstream.runtime.stream_task import (
+    Output,
+    StreamTask,
+    TaskSpec,
+    decode_batch,
+    is_keyed_op,
+)
 from millstream.runtime.streaming import (
     StreamingError,
     _check_streamable,
@@ -232,7 +238,8 @@ class ParallelStreamingJob:
         return list(getattr(hosts, "nodes", ())) if hosts is not None else []
 
     def metrics(self) -> dict[str, Any]:
-        """Epoch, watermark and its lag, records in/out per operator, checkpoints, restarts."""
+        """Epoch, watermark and its lag, records in/out and state size (at the last
+        checkpoint) per operator, checkpoint count/duration/size, restarts."""
         with self._lock:
             m = dict(self._metrics)
             tasks = dict(self._task_metrics)
@@ -240,9 +247,13 @@ class ParallelStreamingJob:
         ops: dict[str, dict[str, int]] = {}
         for tm in tasks.values():
             for name, (i, o) in tm.get("operators", {}).items():
-                agg = ops.setdefault(name, {"records_in": 0, "records_out": 0})
+                agg = ops.setdefault(name, {"records_in": 0, "records_out": 0,
+                                            "state_bytes": 0})
                 agg["records_in"] += i
                 agg["records_out"] += o
+            for name, size in tm.get("state_bytes", {}).items():
+                if name in ops:
+                    ops[name]["state_bytes"] += size
         sources = [c.index for c in self._chains if c.source is not None]
         sinks = [c.index for c in self._chains if c.stage.output_kind != "shuffle"]
         lag = None
@@ -581,7 +592,7 @@ class ParallelStreamingJob:
                         pending = None
                         last = time.monotonic()
                 elif kind == "out":
-                    out.setdefault(msg[2], []).append(msg[3])
+                    out.setdefault(msg[2], []).append(decode_batch(msg[3]))
                 elif kind == "side":
                     side.setdefault(msg[2], {}).setdefault(msg[3], []).extend(msg[4])
                 elif kind == "metrics":

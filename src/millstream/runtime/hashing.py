@@ -90,10 +90,14 @@ def hash_array(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
     n = len(arr)
     t = arr.type
     if pa.types.is_dictionary(t):
-        arr = arr.dictionary_decode()
-        t = arr.type
-    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or \
-            pa.types.is_large_binary(t):
+        return _hash_through_dictionary(arr)
+    if _is_binary_like(t) and n >= _DICT_MIN_ROWS:
+        # repeated keys (the common case) are hashed once each: encoding is a C++ hash
+        # table pass, far cheaper than hashing every row's bytes with numpy
+        encoded = pc.dictionary_encode(arr)
+        if len(encoded.dictionary) <= n // 2:
+            return _hash_through_dictionary(encoded)
+    if _is_binary_like(t):
         if pa.types.is_string(t) or pa.types.is_large_string(t):
             arr = arr.cast(pa.large_string()).view(pa.large_binary()) if pa.types.is_string(t) \
                 else arr.view(pa.large_binary())
@@ -123,6 +127,26 @@ def hash_array(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
             ((zlib.crc32(pickle.dumps(v, protocol=4)) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
              for v in values), dtype=np.uint64, count=n)
         out = _mix(out)
+    if arr.null_count:
+        valid = np.asarray(pc.is_valid(arr), dtype=bool)
+        out = np.where(valid, out, _NULL_HASH)
+    return out
+
+
+_DICT_MIN_ROWS = 256
+
+
+def _is_binary_like(t: pa.DataType) -> bool:
+    return (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
+            or pa.types.is_large_binary(t))
+
+
+def _hash_through_dictionary(arr: pa.DictionaryArray) -> np.ndarray:
+    """Hash a dictionary array by its dictionary's values (equal to hashing every row)."""
+    hashes = hash_array(arr.dictionary)
+    indices = arr.indices
+    idx = np.asarray(indices.fill_null(0) if indices.null_count else indices, dtype=np.int64)
+    out = hashes[idx] if len(hashes) else np.zeros(len(arr), dtype=np.uint64)
     if arr.null_count:
         valid = np.asarray(pc.is_valid(arr), dtype=bool)
         out = np.where(valid, out, _NULL_HASH)

@@ -105,6 +105,33 @@ class TaskSpec:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
+def encode_batch(batch: pa.RecordBatch) -> pa.Buffer:
+    """A batch as an Arrow IPC stream: only its own rows travel (a pickled slice would carry
+    its parent's whole buffers)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as w:
+        w.write_batch(batch)
+    return sink.getvalue()
+
+
+def decode_batch(data: Any) -> pa.RecordBatch:
+    """The batch of :func:`encode_batch` (zero-copy over ``data``)."""
+    return pa.ipc.open_stream(data).read_next_batch()
+
+
+def state_bytes(value: Any) -> int:
+    """Approximate size of a snapshot: its Arrow data and byte strings (the bulk of state)."""
+    if isinstance(value, (pa.Table, pa.RecordBatch)):
+        return int(value.nbytes)
+    if isinstance(value, (bytes, bytearray)):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(state_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(state_bytes(v) for v in value)
+    return 0
+
+
 def is_keyed_op(op: Operator) -> bool:
     """True for operators whose state is split by key group (keyed windows, process functions)."""
     return bool(getattr(op, "is_keyed", False)) and hasattr(op, "snapshot_by_key_group")
@@ -149,6 +176,7 @@ class StreamTask:
         self._idle_sent = False
         self._active_sent = False
         self._blobs: set[str] = set()  # shared blobs of this task's last checkpoint
+        self.state_sizes: dict[str, int] = {}  # per operator, at the last checkpoint
 
     # ------------------------------------------------------------------ setup
 
@@ -212,8 +240,16 @@ class StreamTask:
             self._count(self.ops[start - 1], 0, sum(b.num_rows for b in batches))
             self._run(batches, start)
 
+    def _mark_active(self) -> None:
+        """Tell the coordinator this epoch has something to checkpoint (it skips idle ones):
+        input read, output written, or the watermark moved."""
+        if not self._active_sent:
+            self._active_sent = True
+            self.ch.to_coordinator(("active", self.spec.index))
+
     def _output(self, batches: list[pa.RecordBatch]) -> None:
         out = self.spec.output
+        self._mark_active()
         for b in batches:
             if not b.num_rows:
                 continue
@@ -221,10 +257,11 @@ class StreamTask:
                 self._sink.write(b)
                 self.records_out += b.num_rows
             elif out.kind == "driver":
-                self.ch.to_coordinator(("out", self.spec.index, self.epoch, b))
+                self.ch.to_coordinator(("out", self.spec.index, self.epoch, encode_batch(b)))
                 self.records_out += b.num_rows
             elif len(out.consumers) == 1:
-                self.ch.send(out.consumers[0], ("data", self.spec.index, out.port, b))
+                self.ch.send(out.consumers[0], ("data", self.spec.index, out.port,
+                                                encode_batch(b)))
             else:
                 if out.owners is not None:
                     groups = key_hashes([b.column(k) for k in out.keys], b.num_rows) \
@@ -234,7 +271,8 @@ class StreamTask:
                     ids = out.partitioner.assign(b)
                 for i in np.unique(ids):
                     part = b.filter(pa.array(ids == i))
-                    self.ch.send(out.consumers[int(i)], ("data", self.spec.index, out.port, part))
+                    self.ch.send(out.consumers[int(i)], ("data", self.spec.index, out.port,
+                                                         encode_batch(part)))
 
     def _broadcast(self, msg: tuple) -> None:
         """Send a control record (watermark, end, barrier) to every consumer."""
@@ -261,6 +299,7 @@ class StreamTask:
         if wm <= self.watermark:
             return
         self.watermark = wm
+        self._mark_active()
         for k, op in enumerate(self.ops):
             self._emit(k + 1, list(op.on_watermark(wm)))
         self._broadcast(("wm", self.spec.index, wm, False))
@@ -279,6 +318,7 @@ class StreamTask:
         self.ch.to_coordinator(("metrics", self.spec.index, {
             "operators": {n: list(v) for n, v in self.stats.items()},
             "watermark": self.watermark, "records_in": self.records_in,
+            "state_bytes": dict(self.state_sizes),
             "records_out": self.records_out, "idle": self._idle_sent,
             "position": self.reader.position if self.reader is not None else None}))
 
@@ -299,15 +339,19 @@ class StreamTask:
         ops: dict[int, Any] = {}
         keyed: dict[int, dict[int, Any]] = {}
         used: set[str] = set()
+        sizes: dict[str, int] = {}
         for k, op in enumerate(self.ops):
             # large values become shared blobs; unchanged ones since the last checkpoint
             # travel as references only (incremental checkpoints)
             if self.spec.key_grouped and is_keyed_op(op):
-                keyed[k] = externalize(op.snapshot_by_key_group(self.spec.key_groups),
-                                       self._blobs, used)
+                snap = op.snapshot_by_key_group(self.spec.key_groups)
+                keyed[k] = externalize(snap, self._blobs, used)
             else:
-                ops[k] = externalize(op.snapshot(), self._blobs, used)
+                snap = op.snapshot()
+                ops[k] = externalize(snap, self._blobs, used)
+            sizes[op.name] = sizes.get(op.name, 0) + state_bytes(snap)
         self._blobs = used
+        self.state_sizes = sizes
         handle = self._sink.pre_commit(epoch) if self._sink is not None else None
         self._side_outputs()
         self.ch.to_coordinator(("ack", self.spec.index, epoch, {
@@ -412,9 +456,7 @@ class StreamTask:
                 if self._idle_sent:
                     self._idle_sent = False
                     self._broadcast(("wm", spec.index, self.watermark, False))
-                if not self._active_sent:  # the coordinator only checkpoints epochs with input
-                    self._active_sent = True
-                    self.ch.to_coordinator(("active", spec.index))
+                self._mark_active()
                 self._run([batch])
             self._tick()
             if self.reader.finished:
@@ -433,8 +475,9 @@ class StreamTask:
     def _handle(self, msg: tuple) -> None:
         kind, sender = msg[0], msg[1]
         if kind == "data":
-            self.records_in += msg[3].num_rows
-            self._run([msg[3]], 0, msg[2])
+            batch = decode_batch(msg[3])
+            self.records_in += batch.num_rows
+            self._run([batch], 0, msg[2])
         elif kind == "wm":
             self.sender_wm[sender] = max(self.sender_wm[sender], msg[2])
             if msg[3]:
