@@ -95,6 +95,38 @@ def externalize(value: Any, previous: set[str], used: set[str]) -> Any:
     return SharedBlob(sha, kind, None if sha in previous else data)
 
 
+def write_blobs(fs: pafs.FileSystem, root: str, blobs: list[SharedBlob]) -> int:
+    """Store the blobs that carry data under ``<root>/shared/`` (unless there already) and
+    drop their data; return the bytes written."""
+    written = 0
+    shared = msfs.join(root, SHARED)
+    if any(b.data is not None for b in blobs):
+        msfs.mkdirs(fs, shared)
+    for b in blobs:
+        if b.data is None:
+            continue
+        path = msfs.join(shared, b.sha)
+        if not msfs.exists(fs, path):
+            msfs.write_bytes(fs, path, b.data)
+            written += len(b.data)
+        b.data = None
+    return written
+
+
+class BlobStore:
+    """A task's side of a checkpoint location: it writes its own large state values, so
+    they never pass through the driver."""
+
+    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.fs, self.path = msfs.resolve(uri, **(storage_options or {}))
+
+    def put(self, value: Any) -> int:
+        """Write every blob with data inside ``value``; return the bytes written."""
+        blobs: list[SharedBlob] = []
+        _blobs(value, blobs)
+        return write_blobs(self.fs, self.path, blobs)
+
+
 def _blobs(value: Any, out: list[SharedBlob]) -> None:
     if isinstance(value, SharedBlob):
         out.append(value)
@@ -150,17 +182,7 @@ class CheckpointStore:
         return the checkpoint directory. ``last_size``: the bytes this checkpoint wrote."""
         blobs: list[SharedBlob] = []
         _blobs(state, blobs)
-        written = 0
-        shared = msfs.join(self.path, SHARED)
-        if blobs:
-            msfs.mkdirs(self.fs, shared)
-        for b in blobs:
-            if b.data is None:
-                continue
-            path = msfs.join(shared, b.sha)
-            if not msfs.exists(self.fs, path):
-                msfs.write_bytes(self.fs, path, b.data)
-                written += len(b.data)
+        written = write_blobs(self.fs, self.path, blobs)
         data = cloudpickle.dumps(_strip(state) if blobs else state)
         self.last_size = len(data) + written
         d = self._dir(epoch)

@@ -167,6 +167,8 @@ class ParallelStreamingJob:
         self._sink_commits_in_task = bool(getattr(self.sink, "commits_in_subtask", False))
         self.store = (CheckpointStore(checkpoint, storage_options) if checkpoint is not None
                       else None)
+        self._checkpoint_location = ((checkpoint, dict(storage_options or {}))
+                                     if checkpoint is not None else None)
         self.max_restarts = int(max_restarts)
         self.inbox_capacity = max(1, int(inbox_capacity))
         self._settings = {} if memory_limit is None else {"memory_budget": int(memory_limit)}
@@ -464,7 +466,7 @@ class ParallelStreamingJob:
                 key_grouped=c.key_grouped, key_groups=self.key_groups, source=source,
                 restore=restore.get(c.index, {}), watermark=wm, epoch=self.epoch,
                 max_batch_records=self.max_batch_records, poll_timeout_s=self.poll_timeout_s,
-                settings=dict(self._settings)))
+                settings=dict(self._settings), checkpoint=self._checkpoint_location))
         return specs
 
     # ------------------------------------------------------------------ running
@@ -525,8 +527,9 @@ class ParallelStreamingJob:
                 "side": committed_side,
             }
             self.store.write(e, state)
-            with self._lock:
-                self._metrics["last_checkpoint_bytes"] = self.store.last_size
+            with self._lock:  # the state file, and the blobs the tasks wrote themselves
+                self._metrics["last_checkpoint_bytes"] = self.store.last_size + sum(
+                    a.get("blob_bytes", 0) for a in acks.values())
         if driver_handle is not None:
             self.sink.commit(driver_handle)
         if self._sink_commits_in_task:

@@ -39,7 +39,7 @@ from millstream.ops.base import Operator, OperatorFactory
 from millstream.ops.state import WallClock, key_hashes
 from millstream.ops.watermark import EventTimeWatermark
 from millstream.ops.window import MAX_WATERMARK, MIN_WATERMARK
-from millstream.runtime.checkpoint import externalize
+from millstream.runtime.checkpoint import BlobStore, externalize
 from millstream.runtime.context import default_context
 
 _log = logging.getLogger(__name__)
@@ -102,6 +102,8 @@ class TaskSpec:
     epoch: int = 1
     max_batch_records: int = 10_000
     poll_timeout_s: float = 0.05
+    #: the checkpoint location (URI, storage options): the task writes its state blobs there
+    checkpoint: tuple[str, dict[str, Any]] | None = None
     settings: dict[str, Any] = field(default_factory=dict)
 
 
@@ -177,6 +179,7 @@ class StreamTask:
         self._active_sent = False
         self._blobs: set[str] = set()  # shared blobs of this task's last checkpoint
         self.state_sizes: dict[str, int] = {}  # per operator, at the last checkpoint
+        self._blob_store = BlobStore(*spec.checkpoint) if spec.checkpoint is not None else None
 
     # ------------------------------------------------------------------ setup
 
@@ -340,7 +343,8 @@ class StreamTask:
         keyed: dict[int, dict[int, Any]] = {}
         used: set[str] = set()
         sizes: dict[str, int] = {}
-        for k, op in enumerate(self.ops):
+        for k, op in enumerate(self.ops if self.spec.checkpoint is not None else ()):
+            # (no checkpoint location: epochs only commit the sink, nothing is snapshotted)
             # large values become shared blobs; unchanged ones since the last checkpoint
             # travel as references only (incremental checkpoints)
             if self.spec.key_grouped and is_keyed_op(op):
@@ -352,12 +356,16 @@ class StreamTask:
             sizes[op.name] = sizes.get(op.name, 0) + state_bytes(snap)
         self._blobs = used
         self.state_sizes = sizes
+        blob_bytes = 0
+        if self._blob_store is not None:  # large values go to storage from here, not via the driver
+            blob_bytes = self._blob_store.put(ops) + self._blob_store.put(keyed)
         handle = self._sink.pre_commit(epoch) if self._sink is not None else None
         self._side_outputs()
         self.ch.to_coordinator(("ack", self.spec.index, epoch, {
             "ops": ops, "keyed": keyed, "sink_handle": handle,
             "position": self.reader.position if self.reader is not None else None,
-            "watermark": self.watermark, "finished": self.finished}))
+            "watermark": self.watermark, "finished": self.finished,
+            "blob_bytes": blob_bytes}))
         self._report()
         self._broadcast(("barrier", self.spec.index, epoch, final))
         if self._sink is not None and getattr(self._sink, "commits_in_subtask", False):
