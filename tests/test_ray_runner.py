@@ -476,3 +476,41 @@ def test_streaming_job_restores_from_its_checkpoint_when_a_node_is_removed(ray_c
     m = job.metrics()
     assert m["restarts"] >= 1 and m["restored_from_epoch"] is not None
     assert Counter(_committed_ids(out)) == Counter(r["id"] for r in rows)  # exactly once
+
+
+def test_streaming_on_ray_checkpoints_to_s3_and_survives_a_killed_actor(tmp_path, monkeypatch):
+    """Checkpoints and the exactly-once sink on S3 (SeaweedFS), reached by every actor."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+    import ray
+    from services.seaweedfs import SeaweedS3
+
+    from millstream.runtime.streaming import FileStreamSink
+
+    (tmp_path / "seaweed").mkdir()
+    server = SeaweedS3.start_mini(tmp_path / "seaweed")
+    try:
+        for key, value in server.env().items():  # forwarded to the actors at their start
+            monkeypatch.setenv(key, value)
+        fs = server.filesystem()
+        bucket = f"raystream-{os.getpid()}"
+        fs.create_dir(bucket)
+        rows = [{"id": i, "k": f"k{i % 5}"} for i in range(4000)]
+        ds = (ms.from_items(rows, num_partitions=2).map_batches(_slow_ids)
+              .repartition(2, "k").select("id", "k"))
+        job = ds.start(checkpoint=f"s3://{bucket}/chk", checkpoint_interval="100ms",
+                       sink=FileStreamSink(f"s3://{bucket}/out"), parallelism=2,
+                       max_batch_records=40)
+        deadline = time.time() + 90
+        while job.metrics()["checkpoints"] < 2 and time.time() < deadline and job.is_active:
+            time.sleep(0.05)
+        assert job.is_active, "the job ended before an actor could be killed"
+        ray.kill(job._hosts.actors[-1], no_restart=True)
+        assert job.await_termination(180)
+        assert job.metrics()["restarts"] >= 1
+        files = [i.path for i in fs.get_file_info(pafs.FileSelector(f"{bucket}/out"))
+                 if i.type == pafs.FileType.File]
+        ids = [i for f in files for i in pq.read_table(f, filesystem=fs).column("id").to_pylist()]
+        assert Counter(ids) == Counter(r["id"] for r in rows)
+    finally:
+        server.stop()
