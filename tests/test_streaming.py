@@ -401,11 +401,12 @@ def test_sigkill_at_random_points_gives_every_record_exactly_once(broker, tmp_pa
     assert Counter(ids) == Counter(r["id"] for r in rows)  # every record, exactly once
 
 
-def test_metrics_report_operators_watermark_and_checkpoints(tmp_path):
+@pytest.mark.parametrize("executor", ["parallel", "inline"])
+def test_metrics_report_operators_watermark_and_checkpoints(executor, tmp_path):
     rows = [{"k": f"k{i % 3}", "ts": 1_000 * i} for i in range(300)]
     ds = (ms.from_items(rows, num_partitions=2).with_watermark("ts", "0s")
           .group_by("k").window(ms.tumbling("10s"), on="ts").agg(ms.count().alias("n")))
-    job = ds.start(checkpoint=str(tmp_path / "chk"), checkpoint_interval=0)
+    job = ds.start(checkpoint=str(tmp_path / "chk"), checkpoint_interval=0, executor=executor)
     assert job.await_termination(60)
     m = job.metrics()
     ops = m["operators"]
@@ -413,5 +414,6 @@ def test_metrics_report_operators_watermark_and_checkpoints(tmp_path):
     assert window["records_in"] == 300
     assert window["records_out"] == sum(r["n"] > 0 for r in job.sink.rows()) == 90
     assert m["checkpoints"] >= 1 and m["last_checkpoint_bytes"] > 0
+    assert all(v["state_bytes"] >= 0 for v in ops.values())
     assert m["last_checkpoint_seconds"] >= 0
     assert m["records_in"] == 300

@@ -107,7 +107,7 @@ def test_keyed_process_function_state_and_timers_move_with_key_groups(before, af
     _rescale(_process, _events(5), tmp_path, before, after, crash_epoch=9)
 
 
-def test_global_window_refuses_a_parallelism_change(tmp_path):
+def test_window_without_keys_refuses_a_parallelism_change(tmp_path):
     items = _events(11, n_items=10)
 
     def make(items):
@@ -120,7 +120,7 @@ def test_global_window_refuses_a_parallelism_change(tmp_path):
     with pytest.raises(SimulatedCrash):
         first.await_termination(30)
     again = make(items).start(checkpoint=chk, checkpoint_interval=0, parallelism=3)
-    with pytest.raises(CheckpointError, match="global window .*same parallelism \\(2\\)"):
+    with pytest.raises(CheckpointError, match="window without keys.*same parallelism \\(2\\)"):
         again.await_termination(30)
     # at the same parallelism it restores fine
     same = make(items).start(checkpoint=chk, checkpoint_interval=0, parallelism=2)

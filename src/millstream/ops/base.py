@@ -67,6 +67,12 @@ class Operator:
         return self.name
 
 
+def is_keyed_op(op: Operator) -> bool:
+    """True for operators whose state is split by key group (keyed windows, process functions,
+    joins), so it can be restored at another parallelism."""
+    return bool(getattr(op, "is_keyed", False)) and hasattr(op, "snapshot_by_key_group")
+
+
 class OperatorFactory:
     """A picklable recipe that builds a fresh operator instance per task."""
 

@@ -27,6 +27,7 @@ import json
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
@@ -161,6 +162,79 @@ def _resolve(value: Any, load: Any) -> Any:
     if isinstance(value, tuple) and type(value) is tuple:
         return tuple(_resolve(v, load) for v in value)
     return value
+
+
+@dataclass
+class RestoreTarget:
+    """One stage partition to restore: its chain key, operators and how its input arrives."""
+
+    key: tuple[int, int, int]  # (stage position, pipeline, partition)
+    ops: list[Any]  # operator instances (for names and flags)
+    key_grouped: bool  # fed by a keyed exchange: owns key groups
+    is_source: bool  # reads a source partition (its state is restored per partition)
+    n: int  # partitions of its pipeline
+
+
+def plan_restore(uri: str, epoch: int, state: dict[str, Any], targets: list[RestoreTarget], *,
+                 signature: list[Any], parallelism: int, key_groups_option: int | None
+                 ) -> tuple[int, dict[tuple[int, int, int], dict[int, tuple[str, Any]]]]:
+    """Check that a (version 2) checkpoint fits the job and say what each operator restores.
+
+    Returns the job's key groups (fixed by the checkpoint) and, per target and operator,
+    ``("keyed", [states of the key groups it owns])`` or ``("plain", snapshot)``. Raises
+    :class:`CheckpointError` for another pipeline, another number of key groups, moved
+    source partitions, or a rescaled restore of state not split by key group.
+    """
+    from millstream.ops.base import is_keyed_op
+    from millstream.ops.state import owned_key_groups
+    from millstream.ops.window import WindowAggregate
+
+    if state["signature"] != signature:
+        raise CheckpointError(
+            f"checkpoint {uri} epoch {epoch} was taken by a different pipeline; restore needs "
+            f"the same plan (the parallelism may differ)")
+    kg = int(state["key_groups"])
+    if key_groups_option is not None and key_groups_option != kg:
+        raise CheckpointError(
+            f"checkpoint {uri} epoch {epoch} has {kg} key groups; the number of key groups "
+            f"(max_parallelism) of a job cannot change (asked for {key_groups_option})")
+    old_p = state["parallelism"]
+    rescaled = old_p != parallelism or state["layout"] != [t.key for t in targets]
+    now_sources = {t.key for t in targets if t.is_source}
+    if set(state["positions"]) != now_sources:
+        raise CheckpointError(
+            f"checkpoint {uri} epoch {epoch} was taken at parallelism {old_p} with source "
+            f"partitions {sorted(state['positions'])}; the job now has {sorted(now_sources)} at "
+            f"parallelism {parallelism}: source positions cannot move between partitions, so "
+            f"restore with the same parallelism ({old_p}) or a source with fixed partitions")
+    where = (f"checkpoint {uri} epoch {epoch} was taken at parallelism {old_p}, the job now "
+             f"runs at {parallelism}")
+    out: dict[tuple[int, int, int], dict[int, tuple[str, Any]]] = {}
+    for t in targets:
+        data: dict[int, tuple[str, Any]] = {}
+        for k, op in enumerate(t.ops):
+            if t.key_grouped and is_keyed_op(op):
+                groups = state["keyed"].get((*t.key[:2], k), {})
+                owned = owned_key_groups(t.key[2], t.n, kg)
+                data[k] = ("keyed", [st for g in owned for st in groups.get(g, ())])
+                continue
+            if rescaled:
+                if isinstance(op, WindowAggregate) and not op.keys:
+                    raise CheckpointError(
+                        f"{where}: {op.name} is a window without keys; its state is not split "
+                        f"by key group, so the job can only be restored with the same "
+                        f"parallelism ({old_p})")
+                if not t.is_source and any(
+                        v is not None for (si, pi, _ci, kk), v in state["ops"].items()
+                        if (si, pi, kk) == (*t.key[:2], k)):
+                    raise CheckpointError(
+                        f"{where}: {op.name} keeps state that is not split by key group; the "
+                        f"job can only be restored with the same parallelism ({old_p})")
+            snap = state["ops"].get((*t.key, k))
+            if snap is not None:
+                data[k] = ("plain", snap)
+        out[t.key] = data
+    return kg, out
 
 
 class CheckpointStore:

@@ -36,8 +36,8 @@ import cloudpickle
 import pyarrow as pa
 
 from millstream.errors import PlanError
-from millstream.ops.state import DEFAULT_KEY_GROUPS, key_group_owners, owned_key_groups
-from millstream.ops.window import MAX_WATERMARK, MIN_WATERMARK, WindowAggregate, parse_duration
+from millstream.ops.state import DEFAULT_KEY_GROUPS, key_group_owners
+from millstream.ops.window import MAX_WATERMARK, MIN_WATERMARK, parse_duration
 from millstream.plan import logical as L
 from millstream.plan.optimizer import optimize
 from millstream.plan.physical import (
@@ -48,14 +48,18 @@ from millstream.plan.physical import (
     all_stages,
 )
 from millstream.runtime.arrowutil import batch_to_rows, concat_batches
-from millstream.runtime.checkpoint import CheckpointError, CheckpointStore
+from millstream.runtime.checkpoint import (
+    CheckpointError,
+    CheckpointStore,
+    RestoreTarget,
+    plan_restore,
+)
 from millstream.runtime.shuffle import HashPartitioner
 from millstream.runtime.stream_task import (
     Output,
     StreamTask,
     TaskSpec,
     decode_batch,
-    is_keyed_op,
 )
 from millstream.runtime.streaming import (
     StreamingError,
@@ -364,58 +368,15 @@ class ParallelStreamingJob:
 
     def _restore_data(self, epoch: int, state: dict[str, Any]) -> dict[int, dict[int, Any]]:
         """Per chain, per operator: what to restore (keyed state by owned key group)."""
-        uri = self.store.uri
         if state.get("version", 1) < 2 or "signature" not in state:
-            raise CheckpointError(f"checkpoint {uri} epoch {epoch} has an old format; restore it "
-                                  f"with executor='inline'")
-        if state["signature"] != self._signature():
-            raise CheckpointError(
-                f"checkpoint {uri} epoch {epoch} was taken by a different pipeline; restore "
-                f"needs the same plan (the parallelism may differ)")
-        kg = int(state["key_groups"])
-        if self._key_groups_option is not None and self._key_groups_option != kg:
-            raise CheckpointError(
-                f"checkpoint {uri} epoch {epoch} has {kg} key groups; the number of key groups "
-                f"(max_parallelism) of a job cannot change (asked for {self._key_groups_option})")
-        self.key_groups = kg
-        old_p = state["parallelism"]
-        rescaled = old_p != self.parallelism or state["layout"] != self._layout()
-        now_sources = {c.key for c in self._chains if c.source is not None}
-        if set(state["positions"]) != now_sources:
-            raise CheckpointError(
-                f"checkpoint {uri} epoch {epoch} was taken at parallelism {old_p} with source "
-                f"partitions {sorted(state['positions'])}; the job now has {sorted(now_sources)}"
-                f" at parallelism {self.parallelism}: source positions cannot move between "
-                f"partitions, so restore with the same parallelism ({old_p}) or a source with "
-                f"fixed partitions")
-        where = (f"checkpoint {uri} epoch {epoch} was taken at parallelism {old_p}, the job now "
-                 f"runs at {self.parallelism}")
-        out: dict[int, dict[int, Any]] = {}
-        for c in self._chains:
-            data: dict[int, Any] = {}
-            for k, op in enumerate(c.ops):
-                if c.key_grouped and is_keyed_op(op):
-                    groups = state["keyed"].get((*c.key[:2], k), {})
-                    owned = owned_key_groups(c.key[2], c.n, kg)
-                    data[k] = ("keyed", [st for g in owned for st in groups.get(g, ())])
-                    continue
-                if rescaled:
-                    if isinstance(op, WindowAggregate) and not op.keys:
-                        raise CheckpointError(
-                            f"{where}: {op.name} is a global window (no keys); its state is not "
-                            f"split by key group, so restore with the same parallelism "
-                            f"({old_p})")
-                    if c.source is None and any(
-                            v is not None for (si, pi, _ci, kk), v in state["ops"].items()
-                            if (si, pi, kk) == (*c.key[:2], k)):
-                        raise CheckpointError(
-                            f"{where}: {op.name} keeps state that is not split by key group; "
-                            f"restore with the same parallelism ({old_p})")
-                snap = state["ops"].get((*c.key, k))
-                if snap is not None:
-                    data[k] = ("plain", snap)
-            out[c.index] = data
-        return out
+            raise CheckpointError(f"checkpoint {self.store.uri} epoch {epoch} has an old format; "
+                                  f"restore it with executor='inline'")
+        targets = [RestoreTarget(c.key, c.ops, c.key_grouped, c.source is not None, c.n)
+                   for c in self._chains]
+        self.key_groups, plan = plan_restore(
+            self.store.uri, epoch, state, targets, signature=self._signature(),
+            parallelism=self.parallelism, key_groups_option=self._key_groups_option)
+        return {c.index: plan[c.key] for c in self._chains}
 
     def _specs(self) -> list[TaskSpec]:
         """Build every task's spec from the newest usable checkpoint (or from the start)."""

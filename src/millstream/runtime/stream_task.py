@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import numpy as np
 import pyarrow as pa
 
-from millstream.ops.base import Operator, OperatorFactory
+from millstream.ops.base import Operator, OperatorFactory, is_keyed_op
 from millstream.ops.state import WallClock, key_hashes
 from millstream.ops.watermark import EventTimeWatermark
 from millstream.ops.window import MAX_WATERMARK, MIN_WATERMARK
@@ -132,11 +132,6 @@ def state_bytes(value: Any) -> int:
     if isinstance(value, (list, tuple)):
         return sum(state_bytes(v) for v in value)
     return 0
-
-
-def is_keyed_op(op: Operator) -> bool:
-    """True for operators whose state is split by key group (keyed windows, process functions)."""
-    return bool(getattr(op, "is_keyed", False)) and hasattr(op, "snapshot_by_key_group")
 
 
 class _Stop(Exception):

@@ -69,7 +69,7 @@ import pyarrow.parquet as pq
 from millstream.errors import MillstreamError, PlanError, StorageError
 from millstream.io import fs as msfs
 from millstream.io.base import Source
-from millstream.ops.base import Operator, OperatorFactory
+from millstream.ops.base import Operator, OperatorFactory, is_keyed_op
 from millstream.ops.process import KeyedProcess
 from millstream.ops.state import (
     DEFAULT_KEY_GROUPS,
@@ -77,7 +77,6 @@ from millstream.ops.state import (
     WallClock,
     key_group_owners,
     key_hashes,
-    owned_key_groups,
 )
 from millstream.ops.watermark import EventTimeWatermark
 from millstream.ops.window import MAX_WATERMARK, MIN_WATERMARK, WindowAggregate, parse_duration
@@ -92,9 +91,15 @@ from millstream.plan.physical import (
     all_stages,
 )
 from millstream.runtime.arrowutil import batch_to_rows, concat_batches
-from millstream.runtime.checkpoint import CheckpointError, CheckpointStore
+from millstream.runtime.checkpoint import (
+    CheckpointError,
+    CheckpointStore,
+    RestoreTarget,
+    plan_restore,
+)
 from millstream.runtime.context import TaskContext, default_context
 from millstream.runtime.shuffle import HashPartitioner
+from millstream.runtime.stream_task import state_bytes
 
 _log = logging.getLogger(__name__)
 
@@ -574,9 +579,6 @@ def _keyed_exchange(stage: Stage) -> bool:
     return isinstance(part, HashPartitioner) and bool(part.keys)
 
 
-def _is_keyed_op(op: Operator) -> bool:
-    """True for operators whose state is split by key group (keyed windows, process functions)."""
-    return bool(getattr(op, "is_keyed", False)) and hasattr(op, "snapshot_by_key_group")
 
 
 class _SourcePart:
@@ -762,6 +764,8 @@ class StreamingJob:
         self._error: BaseException | None = None
         self._lock = threading.Lock()
         self._op_stats: dict[str, list[int]] = {}
+        #: approximate state size per operator at the last checkpoint (bytes)
+        self._state_sizes: dict[str, int] = {}
         self._metrics: dict[str, Any] = {"rounds": 0, "records_in": 0, "records_out": 0,
                                          "checkpoints": 0, "last_checkpoint_epoch": None,
                                          "restored_from_epoch": None}
@@ -803,14 +807,16 @@ class StreamingJob:
         return self._error
 
     def metrics(self) -> dict[str, Any]:
-        """Counters and state: epoch, watermark, records in/out, late records, checkpoints."""
+        """Epoch, watermark and its lag, records in/out and state size (at the last checkpoint)
+        per operator, late records, checkpoint count/duration/size."""
         with self._lock:
             m = dict(self._metrics)
         lag = None
         if MIN_WATERMARK < self.watermark < MAX_WATERMARK:
             lag = max(0.0, (self.clock.now() - self.watermark) / 1e6)
         with self._lock:
-            m["operators"] = {name: {"records_in": i, "records_out": o}
+            m["operators"] = {name: {"records_in": i, "records_out": o,
+                                     "state_bytes": self._state_sizes.get(name, 0)}
                               for name, (i, o) in self._op_stats.items()}
         m.update(epoch=self.epoch, watermark=self.watermark, watermark_lag_s=lag,
                  active=self.is_active,
@@ -933,62 +939,22 @@ class StreamingJob:
                     if snap is not None:
                         op.restore(snap)
             return
-        if state["signature"] != self._signature():
-            raise CheckpointError(
-                f"checkpoint {self.store.uri} epoch {epoch} was taken by a different pipeline; "
-                f"restore needs the same plan (the parallelism may differ)")
-        kg = int(state["key_groups"])
-        if self._key_groups_option is not None and self._key_groups_option != kg:
-            raise CheckpointError(
-                f"checkpoint {self.store.uri} epoch {epoch} has {kg} key groups; the number of "
-                f"key groups (max_parallelism) of a job cannot change (asked for "
-                f"{self._key_groups_option})")
+        targets = [RestoreTarget(c.key, c.ops, c.key_grouped, c.is_source, self._n_consumers(c))
+                   for c in self._chains]
+        kg, plan = plan_restore(self.store.uri, epoch, state, targets,
+                                signature=self._signature(), parallelism=self.parallelism,
+                                key_groups_option=self._key_groups_option)
         self._set_key_groups(kg)
-        old_p = state["parallelism"]
-        rescaled = old_p != self.parallelism or state["layout"] != self._layout()
-        now_sources = {p.chain.key for p in self._parts}
-        if set(state["positions"]) != now_sources:
-            raise CheckpointError(
-                f"checkpoint {self.store.uri} epoch {epoch} was taken at parallelism {old_p} "
-                f"with source partitions {sorted(state['positions'])}; the job now has "
-                f"{sorted(now_sources)} at parallelism {self.parallelism}: source positions "
-                f"cannot move between partitions, so restore with the same parallelism "
-                f"({old_p}) or a source with fixed partitions")
         for chain in self._chains:
-            for k, op in enumerate(chain.ops):
-                if chain.key_grouped and _is_keyed_op(op):
-                    groups = state["keyed"].get((*chain.key[:2], k), {})
-                    owned = owned_key_groups(chain.index, self._n_consumers(chain), kg)
-                    op.restore_key_groups([st for g in owned for st in groups.get(g, ())])
-                    continue
-                if rescaled:
-                    self._check_unkeyed(epoch, chain, k, op, state, old_p)
-                snap = state["ops"].get((*chain.key, k))
-                if snap is not None:
-                    op.restore(snap)
+            for k, (kind, data) in plan[chain.key].items():
+                if kind == "keyed":
+                    chain.ops[k].restore_key_groups(data)
+                else:
+                    chain.ops[k].restore(data)
 
     def _n_consumers(self, chain: _Chain) -> int:
         """How many chains share ``chain``'s stage pipeline (its parallelism)."""
         return sum(1 for c in self._chains if c.key[:2] == chain.key[:2])
-
-    def _check_unkeyed(self, epoch: int, chain: _Chain, k: int, op: Operator,
-                       state: dict[str, Any], old_p: int) -> None:
-        """Refuse a rescaled restore of state that is not split by key group."""
-        where = (f"checkpoint {self.store.uri} epoch {epoch} was taken at parallelism {old_p}, "
-                 f"the job now runs at {self.parallelism}")
-        if isinstance(op, WindowAggregate) and not op.keys:
-            raise CheckpointError(
-                f"{where}: {op.name} is a global window (no keys); its state is not split by "
-                f"key group, so the job can only be restored with the same parallelism "
-                f"({old_p})")
-        if chain.is_source:  # same source partitions (checked): restored per chain
-            return
-        held = [v for (si, pi, _ci, kk), v in state["ops"].items()
-                if (si, pi, kk) == (*chain.key[:2], k) and v is not None]
-        if held:
-            raise CheckpointError(
-                f"{where}: {op.name} keeps state that is not split by key group; the job can "
-                f"only be restored with the same parallelism ({old_p})")
 
     def _restore_or_init(self) -> None:
         # A sink that can re-commit a restored epoch (files: idempotent moves) restores the
@@ -1032,7 +998,7 @@ class StreamingJob:
         """Bring restored keyed operators that got no key group state to the job's watermark."""
         for chain in self._chains:
             for k, op in enumerate(chain.ops):
-                if chain.key_grouped and _is_keyed_op(op) and op.watermark < self.watermark \
+                if chain.key_grouped and is_keyed_op(op) and op.watermark < self.watermark \
                         and self.watermark < MAX_WATERMARK:
                     out = [b for b in op.on_watermark(self.watermark) if b.num_rows]
                     if out:
@@ -1187,14 +1153,19 @@ class StreamingJob:
         if self.store is not None:
             ops: dict[tuple[int, ...], Any] = {}
             keyed: dict[tuple[int, ...], dict[int, list[Any]]] = {}
+            sizes: dict[str, int] = {}
             for c in self._chains:
                 for k, op in enumerate(c.ops):
-                    if c.key_grouped and _is_keyed_op(op):
+                    if c.key_grouped and is_keyed_op(op):
                         groups = keyed.setdefault((*c.key[:2], k), {})
-                        for g, st in op.snapshot_by_key_group(self.key_groups).items():
+                        snap = op.snapshot_by_key_group(self.key_groups)
+                        for g, st in snap.items():
                             groups.setdefault(g, []).append(st)
                     else:
-                        ops[(*c.key, k)] = op.snapshot()
+                        snap = ops[(*c.key, k)] = op.snapshot()
+                    sizes[op.name] = sizes.get(op.name, 0) + state_bytes(snap)
+            with self._lock:
+                self._state_sizes = sizes
             state = {
                 "version": 2, "epoch": self.epoch, "signature": self._signature(),
                 "parallelism": self.parallelism, "layout": self._layout(),
