@@ -47,7 +47,6 @@ from millstream.plan.physical import (
     SourcePort,
     all_stages,
 )
-from millstream.runtime.arrowutil import batch_to_rows, concat_batches
 from millstream.runtime.checkpoint import (
     CheckpointError,
     CheckpointStore,
@@ -62,6 +61,7 @@ from millstream.runtime.stream_task import (
     decode_batch,
 )
 from millstream.runtime.streaming import (
+    JobHandle,
     StreamingError,
     _check_streamable,
     make_sink,
@@ -131,7 +131,7 @@ class _Chain:
         self.sender_ports: dict[int, int] = {}
 
 
-class ParallelStreamingJob:
+class ParallelStreamingJob(JobHandle):
     """A streaming job whose stage partitions run as long-lived tasks on the runner.
 
     Same controls as :class:`~millstream.runtime.streaming.StreamingJob`: ``start``,
@@ -209,30 +209,6 @@ class ParallelStreamingJob:
         self._thread.start()
         return self
 
-    def await_termination(self, timeout: float | None = None) -> bool:
-        """Wait until the job ends; re-raise its error. False when ``timeout`` passed first."""
-        ended = self._done.wait(timeout)
-        if ended and self._error is not None:
-            raise self._error
-        return ended
-
-    def stop(self, timeout: float | None = 60.0) -> None:
-        """Stop gracefully: a final checkpoint, its commit, then every task ends."""
-        self._stop.set()
-        if not self._done.wait(timeout):
-            raise StreamingError(f"streaming job {self.job_id} did not stop within {timeout}s")
-        if self._error is not None:
-            raise self._error
-
-    @property
-    def is_active(self) -> bool:
-        """True while the job runs."""
-        return self._thread.is_alive()
-
-    def exception(self) -> BaseException | None:
-        """The error the job died of, if any."""
-        return self._error
-
     def host_pids(self) -> list[int]:
         """Process ids of the task hosts (local runner; for tests and monitoring)."""
         hosts = self._hosts
@@ -273,16 +249,6 @@ class ParallelStreamingJob:
                             tasks.get(c.index, {}).get("position")
                             for c in self._chains if c.source is not None})
         return m
-
-    def late_records(self) -> list[dict[str, Any]]:
-        """Rows that arrived after their windows expired (the "late" side output)."""
-        return self.side_output("late")
-
-    def side_output(self, tag: str) -> list[dict[str, Any]]:
-        """Committed rows of side output ``tag``."""
-        with self._lock:
-            batches = list(self._side.get(tag, []))
-        return batch_to_rows(concat_batches(batches)) if batches else []
 
     # ------------------------------------------------------------------ plan
 

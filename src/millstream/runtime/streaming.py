@@ -710,7 +710,60 @@ def resolve_broadcast_tables(stages: list[Stage]) -> None:
                 pipe.ops[i] = OperatorFactory(f.cls, *f.args, **kwargs)
 
 
-class StreamingJob:
+class JobHandle:
+    """What both streaming executors' jobs offer: wait, stop, state, side outputs.
+
+    Subclasses set ``job_id``, ``_thread``, ``_stop``, ``_done``, ``_error``, ``_lock`` and
+    ``_side`` (committed side-output batches by tag).
+    """
+
+    job_id: str
+    _thread: threading.Thread
+    _stop: threading.Event
+    _done: threading.Event
+    _error: BaseException | None
+    _lock: threading.Lock
+    _side: dict[str, list[pa.RecordBatch]]
+
+    def await_termination(self, timeout: float | None = None) -> bool:
+        """Wait until the job ends (its sources ended, or stop()); re-raise its error.
+
+        Returns False when ``timeout`` seconds passed first.
+        """
+        ended = self._done.wait(timeout)
+        if ended and self._error is not None:
+            raise self._error
+        return ended
+
+    def stop(self, timeout: float | None = 60.0) -> None:
+        """Stop gracefully: take a final checkpoint, commit it, end (windows stay open)."""
+        self._stop.set()
+        if not self._done.wait(timeout):
+            raise StreamingError(f"streaming job {self.job_id} did not stop within {timeout}s")
+        if self._error is not None:
+            raise self._error
+
+    @property
+    def is_active(self) -> bool:
+        """True while the job runs."""
+        return self._thread.is_alive()
+
+    def exception(self) -> BaseException | None:
+        """The error the job died of, if any."""
+        return self._error
+
+    def late_records(self) -> list[dict[str, Any]]:
+        """Rows that arrived after their windows expired (the "late" side output)."""
+        return self.side_output("late")
+
+    def side_output(self, tag: str) -> list[dict[str, Any]]:
+        """Rows of side output ``tag`` ("late", "invalid", or a process function's tag)."""
+        with self._lock:
+            batches = list(self._side.get(tag, []))
+        return batch_to_rows(concat_batches(batches)) if batches else []
+
+
+class StreamingJob(JobHandle):
     """A running streaming pipeline; see the module docstring."""
 
     def __init__(self, node: L.Node, checkpoint: str | None = None,
@@ -779,33 +832,6 @@ class StreamingJob:
         self._thread.start()
         return self
 
-    def await_termination(self, timeout: float | None = None) -> bool:
-        """Wait until the job ends (its sources ended, or stop()); re-raise its error.
-
-        Returns False when ``timeout`` seconds passed first.
-        """
-        ended = self._done.wait(timeout)
-        if ended and self._error is not None:
-            raise self._error
-        return ended
-
-    def stop(self, timeout: float | None = 60.0) -> None:
-        """Stop gracefully: finish the current round, take a final checkpoint, commit, end."""
-        self._stop.set()
-        if not self._done.wait(timeout):
-            raise StreamingError(f"streaming job {self.job_id} did not stop within {timeout}s")
-        if self._error is not None:
-            raise self._error
-
-    @property
-    def is_active(self) -> bool:
-        """True while the job runs."""
-        return self._thread.is_alive()
-
-    def exception(self) -> BaseException | None:
-        """The error the job died of, if any."""
-        return self._error
-
     def metrics(self) -> dict[str, Any]:
         """Epoch, watermark and its lag, records in/out and state size (at the last checkpoint)
         per operator, late records, checkpoint count/duration/size."""
@@ -824,16 +850,6 @@ class StreamingJob:
                  positions={(p.source.__class__.__name__, p.partition):
                             (p.reader.position if p.reader else None) for p in self._parts})
         return m
-
-    def late_records(self) -> list[dict[str, Any]]:
-        """Rows that arrived after their windows expired (the "late" side output)."""
-        return self.side_output("late")
-
-    def side_output(self, tag: str) -> list[dict[str, Any]]:
-        """Rows of side output ``tag`` ("late", "invalid", or a process function's tag)."""
-        with self._lock:
-            batches = list(self._side.get(tag, []))
-        return batch_to_rows(concat_batches(batches)) if batches else []
 
     # ------------------------------------------------------------------ setup
 
