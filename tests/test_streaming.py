@@ -3,6 +3,7 @@ with state and timers across restores, exactly-once file output under crashes.""
 
 from __future__ import annotations
 
+import os
 import random
 from collections import Counter, defaultdict
 
@@ -417,3 +418,42 @@ def test_metrics_report_operators_watermark_and_checkpoints(executor, tmp_path):
     assert all(v["state_bytes"] >= 0 for v in ops.values())
     assert m["last_checkpoint_seconds"] >= 0
     assert m["records_in"] == 300
+
+
+@kafka
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_task_processes_killed_at_random_give_every_record_exactly_once(broker, tmp_path):
+    """Kafka -> keyed exchange -> files on the parallel executor; task processes (sources,
+    exchange consumers, sinks) SIGKILLed at random points; the job restores each time."""
+    import signal
+    import time
+
+    topic, rows = _produce(broker, 3000)
+    out, chk = tmp_path / "out", tmp_path / "chk"
+
+    def slow(batch):
+        time.sleep(0.01)
+        return batch
+
+    job = (ms.read_kafka(topic, broker.bootstrap_servers).select("id", "k", "ts")
+           .map_batches(slow).repartition(2, "k")
+           .start(checkpoint=str(chk), sink=FileStreamSink(str(out)), checkpoint_interval="30ms",
+                  stop_at_end=True, max_batch_records=10, parallelism=2, max_restarts=10))
+    rng = random.Random(7)
+    kills = 0
+    for _ in range(4):
+        before = job.metrics()["checkpoints"]
+        deadline = time.time() + 30
+        while job.is_active and time.time() < deadline and job.metrics()["checkpoints"] <= before:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.3))
+        pids = job.host_pids()
+        if not job.is_active or not pids:
+            break
+        os.kill(rng.choice(pids), signal.SIGKILL)
+        kills += 1
+    assert job.await_termination(180)
+    assert kills >= 2 and job.metrics()["restarts"] >= 2
+    ids = [r["id"] for r in _read_dir(out)]
+    assert Counter(ids) == Counter(r["id"] for r in rows)  # every record, exactly once
