@@ -261,3 +261,34 @@ def test_checkpoints_are_incremental_for_large_keyed_state(tmp_path):
     want = Counter(r["k"] for r in first)
     want["key-000007"] += 5
     assert counts == dict(want)
+
+
+@pytest.mark.parametrize("executor", ["parallel", "inline"])
+def test_keyed_state_larger_than_the_task_memory_limit(executor, tmp_path):
+    """20 000 keys of state under a 256 KB per-task budget: state spills, results exact."""
+    from millstream.ops.process import KeyedProcessFunction
+    from millstream.ops.state import ValueStateDescriptor
+
+    class Totals(KeyedProcessFunction):
+        def open(self, ctx):
+            self.total = ctx.get_state(ValueStateDescriptor("total", 0))
+            self.pad = ctx.get_state(ValueStateDescriptor("pad", ""))
+
+        def process_element(self, row, ctx):
+            self.total.update(self.total.value() + row["v"])
+            self.pad.update("x" * 64)  # some bytes per key
+            if row["last"]:
+                yield {"k": ctx.key, "total": self.total.value()}
+
+    n_keys = 20_000
+    rows = [{"k": f"key{i % n_keys}", "v": i, "last": i >= 2 * n_keys} for i in range(3 * n_keys)]
+    job = (ms.from_items(rows, num_partitions=1).group_by("k").process(Totals())  # key order
+           .start(executor=executor, memory_limit="256KB", parallelism=2,
+                  checkpoint=str(tmp_path / "chk"), checkpoint_interval="200ms"))
+    assert job.await_termination(120)
+    want = Counter()
+    for r in rows:
+        want[r["k"]] += r["v"]
+    assert {r["k"]: r["total"] for r in job.sink.rows()} == dict(want)
+    with pytest.raises(ms.PlanError, match="memory_limit"):
+        ms.from_items(rows[:3]).start(executor=executor, memory_limit="-1")

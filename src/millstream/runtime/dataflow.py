@@ -67,6 +67,7 @@ from millstream.runtime.streaming import (
     make_sink,
     resolve_broadcast_tables,
     stream_source_for,
+    task_budget,
 )
 
 _log = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ class ParallelStreamingJob(JobHandle):
                  max_batch_records: int = 10_000, poll_timeout: str | int = "50ms",
                  storage_options: dict[str, Any] | None = None, key_groups: int | None = None,
                  max_parallelism: int | None = None, max_restarts: int = 3,
-                 inbox_capacity: int = 8, memory_limit: int | None = None) -> None:
+                 inbox_capacity: int = 8, memory_limit: int | str | None = None) -> None:
         _check_streamable(node, stream_table_joins=True)
         if key_groups is not None and max_parallelism is not None and key_groups != max_parallelism:
             raise PlanError(f"key_groups ({key_groups}) and max_parallelism ({max_parallelism}) "
@@ -175,7 +176,7 @@ class ParallelStreamingJob(JobHandle):
                                      if checkpoint is not None else None)
         self.max_restarts = int(max_restarts)
         self.inbox_capacity = max(1, int(inbox_capacity))
-        self._settings = {} if memory_limit is None else {"memory_budget": int(memory_limit)}
+        self._settings = task_budget(memory_limit)
         planner = PhysicalPlanner(PlannerSettings(self.parallelism, 0, lambda _cid: None,
                                                   streaming=True))
         self._stages = all_stages(planner.plan(optimize(node), "blocks"))

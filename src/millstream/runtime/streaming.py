@@ -710,6 +710,17 @@ def resolve_broadcast_tables(stages: list[Stage]) -> None:
                 pipe.ops[i] = OperatorFactory(f.cls, *f.args, **kwargs)
 
 
+def task_budget(memory_limit: int | str | None) -> dict[str, int]:
+    """TaskContext settings for a per-task ``memory_limit`` (bytes or "64MB"; None: the
+    default 256 MiB): stateful operators keep half of it in memory and spill the rest."""
+    from millstream.runtime.session import _parse_size
+
+    size = _parse_size(memory_limit)
+    if size is not None and size < 0:
+        raise PlanError(f"memory_limit must be a positive size, got {memory_limit!r}")
+    return {} if size is None else {"memory_budget": int(size)}
+
+
 class JobHandle:
     """What both streaming executors' jobs offer: wait, stop, state, side outputs.
 
@@ -772,7 +783,8 @@ class StreamingJob(JobHandle):
                  max_batch_records: int = 10_000, poll_timeout: str | int = "50ms",
                  storage_options: dict[str, Any] | None = None,
                  fault: tuple[int, str] | None = None, key_groups: int | None = None,
-                 max_parallelism: int | None = None) -> None:
+                 max_parallelism: int | None = None,
+                 memory_limit: int | str | None = None) -> None:
         _check_streamable(node, stream_table_joins=True)
         if key_groups is not None and max_parallelism is not None and key_groups != max_parallelism:
             raise PlanError(f"key_groups ({key_groups}) and max_parallelism ({max_parallelism}) "
@@ -787,6 +799,7 @@ class StreamingJob(JobHandle):
         if fault is not None and fault[1] not in FAULT_POINTS:
             raise PlanError(f"fault point {fault[1]!r} is not one of {FAULT_POINTS}")
         self.job_id = uuid.uuid4().hex[:12]
+        self._budget = task_budget(memory_limit)
         self.parallelism = max(1, int(parallelism))
         self.clock = clock or WallClock()
         self.stop_at_end = stop_at_end
@@ -882,7 +895,8 @@ class StreamingJob(JobHandle):
                 chains = []
                 for ci, part in enumerate(n_parts):
                     ctx = default_context(job_id=self.job_id, stage_id=stage.id, partition=ci,
-                                          stage_name=f"{stage.id} ({stage.purpose})")
+                                          stage_name=f"{stage.id} ({stage.purpose})",
+                                          **self._budget)
                     ops = [f.create() for f in pipe.ops]
                     for op in ops:
                         timers = getattr(op, "timers", None)  # processing-time operators
