@@ -253,6 +253,38 @@ def test_idle_partition_does_not_hold_back_the_watermark(tmp_path):
     job.stop()
 
 
+def test_when_every_partition_is_idle_the_largest_watermark_counts(tmp_path):
+    """Partition 0 went quiet first (at 3 min of event time), partition 1 later (at 10 s):
+    once both are idle, the watermark is the larger one (Flink's rule), not held at 10 s."""
+    import time
+
+    clock = VirtualClock(0)
+    src = TestSource(partitions=2)
+    ds = (src.dataset().with_watermark("ts", "0s", idle_timeout="10s").group_by("k")
+          .window(ms.tumbling("1m")).agg(ms.count().alias("n")))
+    job = ds.start(sink=CollectingSink(), checkpoint_interval=0, clock=clock)
+
+    def wait_read(n):
+        deadline = time.time() + 10
+        while job.metrics()["records_in"] < n and time.time() < deadline:
+            time.sleep(0.01)
+
+    src.add([{"k": "a", "ts": t * 1_000, "v": 1} for t in (1, 70, 130, 180)], partition=0)
+    wait_read(4)
+    clock.advance(5_000_000)
+    src.add([{"k": "a", "ts": 10_000, "v": 1}], partition=1)
+    wait_read(5)
+    clock.advance(6_000_000)  # partition 0 idle (11 s), partition 1 not yet (6 s)
+    time.sleep(0.2)
+    assert job.sink.rows() == []  # watermark 10 s: no window closed
+    clock.advance(5_000_000)  # both idle
+    deadline = time.time() + 10
+    while len(job.sink.rows()) < 3 and time.time() < deadline:
+        time.sleep(0.02)
+    job.stop()
+    assert [r["n"] for r in job.sink.rows()] == [2, 1, 1]  # [0,1m) [1m,2m) [2m,3m)
+
+
 def test_generator_source_bounded_and_rate_limited(tmp_path):
     ds = (ms.from_generator(lambda i: {"k": i % 3, "ts": i * 1000, "v": 1}, count=300,
                             partitions=2)

@@ -62,6 +62,7 @@ from millstream.runtime.stream_task import (
 )
 from millstream.runtime.streaming import (
     JobHandle,
+    KafkaStreamSource,
     StreamingError,
     _check_streamable,
     make_sink,
@@ -374,6 +375,18 @@ class ParallelStreamingJob(JobHandle):
                 self._side = {}
         self.watermark = wm
         starts: dict[int, dict[Any, Any]] = {}
+        sources: dict[int, tuple[Any, dict[Any, Any]]] = {}
+        for c in self._chains:
+            if c.source is not None:
+                src, part = c.source
+                pos = positions[c.key] if c.key in positions else \
+                    starts.setdefault(id(src), src.start_positions())[part]
+                sources.setdefault(id(src), (src, {}))[1][part] = pos
+        for src, at in sources.values():
+            # a JSON topic's schema is inferred once here, from every partition's records,
+            # so each task needs no records of its own partition to know it
+            if isinstance(src, KafkaStreamSource):
+                src.source.data_schema(at)
         sink_index = {c.index: i for i, c in enumerate(
             c for c in self._chains if c.stage.output_kind != "shuffle")}
         specs = []
@@ -381,11 +394,7 @@ class ParallelStreamingJob(JobHandle):
             source = None
             if c.source is not None:
                 src, part = c.source
-                if c.key in positions:
-                    pos = positions[c.key]
-                else:
-                    pos = starts.setdefault(id(src), src.start_positions())[part]
-                source = (src, part, pos)
+                source = (src, part, sources[id(src)][1][part])
             specs.append(TaskSpec(
                 index=c.index, key=c.key, job_id=self.job_id, stage_id=c.stage.id,
                 stage_name=f"{c.stage.id} ({c.stage.purpose})", ops=list(c.pipe.ops),

@@ -469,11 +469,13 @@ class StreamTask:
                 self._source_watermark()
 
     def _input_watermark(self) -> int:
-        marks = [w for s, w in self.sender_wm.items()
-                 if s not in self.idle and s not in self.no_watermark]
-        if not marks:  # every sender idle: hold
-            return self.watermark
-        return min(marks)
+        counted = {s: w for s, w in self.sender_wm.items() if s not in self.no_watermark}
+        marks = [w for s, w in counted.items() if s not in self.idle]
+        if marks:
+            return min(marks)
+        # every sender idle: the largest watermark any of them reached (as Flink does), so
+        # a partition that went quiet first is not held back by one that went quiet later
+        return max([self.watermark, *counted.values()])
 
     def _handle(self, msg: tuple) -> None:
         kind, sender = msg[0], msg[1]

@@ -1124,6 +1124,7 @@ class StreamingJob(JobHandle):
     def _compute_watermark(self) -> int:
         now = self.clock.now()
         marks = []
+        idle_marks = []
         for p in self._parts:
             r = p.reader
             if not p.in_watermark:
@@ -1136,10 +1137,11 @@ class StreamingJob(JobHandle):
                 w = max(w, p.assigner.watermark())
                 idle = p.assigner.idle_timeout
                 if idle is not None and now - p.last_active >= idle:
+                    idle_marks.append(w)
                     continue
             marks.append(w)
-        if not marks:  # every partition idle: hold
-            return self.watermark
+        if not marks:  # every partition idle: the largest watermark any reached (Flink's rule)
+            return max([self.watermark, *idle_marks])
         return max(self.watermark, min(marks))
 
     def _round(self) -> int:
