@@ -93,11 +93,12 @@ def top_pages(counts: dict[tuple[str, int], int], k: int = 3) -> dict[int, list[
 
 
 def run(n: int, out_dir: str, checkpoint: str, partitions: int = 2,
-        max_batch_records: int = 10_000, timeout: float = 120.0) -> Any:
+        max_batch_records: int = 10_000, timeout: float = 120.0,
+        executor: str | None = None) -> Any:
     """Run the streaming job to Parquet files in ``out_dir``; return the finished job."""
     job = views_per_minute(clicks(n, partitions)).start(
         checkpoint=checkpoint, checkpoint_interval="1s", sink=out_dir,
-        max_batch_records=max_batch_records)
+        max_batch_records=max_batch_records, executor=executor)
     if not job.await_termination(timeout):
         job.stop()
         raise TimeoutError(f"the page view job did not end within {timeout}s")

@@ -47,6 +47,8 @@ _log = logging.getLogger(__name__)
 #: How often a task without input still ticks processing time and reports metrics (s).
 TICK_S = 0.05
 METRICS_EVERY_S = 0.25
+#: Watermarks go downstream at most this often (Flink's autoWatermarkInterval; 200 ms there).
+WATERMARK_EVERY_S = 0.02
 
 
 class Channels(Protocol):
@@ -172,6 +174,8 @@ class StreamTask:
         self.last_active = 0
         self._idle_sent = False
         self._active_sent = False
+        self._wm_sent = MIN_WATERMARK  # the watermark consumers last heard of
+        self._wm_sent_at = 0.0
         self._blobs: set[str] = set()  # shared blobs of this task's last checkpoint
         self.state_sizes: dict[str, int] = {}  # per operator, at the last checkpoint
         self._blob_store = BlobStore(*spec.checkpoint) if spec.checkpoint is not None else None
@@ -300,13 +304,24 @@ class StreamTask:
         self._mark_active()
         for k, op in enumerate(self.ops):
             self._emit(k + 1, list(op.on_watermark(wm)))
-        self._broadcast(("wm", self.spec.index, wm, False))
+        self._send_watermark(force=wm == MAX_WATERMARK)
+
+    def _send_watermark(self, force: bool = False) -> None:
+        """Tell consumers the watermark, at most every ``WATERMARK_EVERY_S`` (a message per
+        batch would cost as much as the batch); the end of input and barriers force it."""
+        if self._wm_sent >= self.watermark:
+            return
+        now = time.monotonic()
+        if force or now - self._wm_sent_at >= WATERMARK_EVERY_S:
+            self._wm_sent, self._wm_sent_at = self.watermark, now
+            self._broadcast(("wm", self.spec.index, self.watermark, False))
 
     def _tick(self) -> None:
         for k, op in enumerate(self.ops):
             fn = getattr(op, "advance_processing_time", None)
             if fn is not None:
                 self._emit(k + 1, list(fn()))
+        self._send_watermark()
         now = time.monotonic()
         if now - self._last_metrics >= METRICS_EVERY_S:
             self._report()
@@ -362,6 +377,7 @@ class StreamTask:
             "watermark": self.watermark, "finished": self.finished,
             "blob_bytes": blob_bytes}))
         self._report()
+        self._send_watermark(force=True)
         self._broadcast(("barrier", self.spec.index, epoch, final))
         if self._sink is not None and getattr(self._sink, "commits_in_subtask", False):
             self._await_commit(epoch, handle)
