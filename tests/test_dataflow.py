@@ -292,3 +292,18 @@ def test_keyed_state_larger_than_the_task_memory_limit(executor, tmp_path):
     assert {r["k"]: r["total"] for r in job.sink.rows()} == dict(want)
     with pytest.raises(ms.PlanError, match="memory_limit"):
         ms.from_items(rows[:3]).start(executor=executor, memory_limit="-1")
+
+
+def test_a_checkpoint_that_does_not_complete_in_time_fails_the_attempt(tmp_path):
+    def stuck(batch):
+        time.sleep(3)  # longer than the checkpoint timeout, every time
+        return batch
+
+    job = (ms.from_items(_rows(200), num_partitions=1).map_batches(stuck)
+           .start(checkpoint=str(tmp_path / "chk"), checkpoint_interval="10ms",
+                  checkpoint_timeout="500ms", max_restarts=1, parallelism=1,
+                  max_batch_records=50))
+    with pytest.raises(ms.errors.MillstreamError,
+                       match=r"checkpoint \d+ did not complete within 0.5s.*gave up after 1"):
+        job.await_termination(60)
+    assert job.metrics()["restarts"] == 1

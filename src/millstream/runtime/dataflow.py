@@ -138,7 +138,12 @@ class ParallelStreamingJob(JobHandle):
 
     Same controls as :class:`~millstream.runtime.streaming.StreamingJob`: ``start``,
     ``await_termination``, ``stop`` (final checkpoint), ``metrics``, ``late_records``,
-    ``side_output``. ``runner``: a runner object or None for the session's runner.
+    ``side_output``. Options beyond the inline executor's: ``runner`` (a runner object,
+    default the session's), ``max_restarts`` (restarts from the last checkpoint after a
+    lost task host or a checkpoint timeout), ``inbox_capacity`` (messages a task's inbox
+    holds before its producers wait), ``memory_limit`` (per task; keyed state spills beyond
+    half of it), ``checkpoint_timeout`` (a checkpoint not acknowledged by every task in this
+    time counts as a failure).
     """
 
     def __init__(self, node: L.Node, checkpoint: str | None = None,
@@ -147,7 +152,8 @@ class ParallelStreamingJob(JobHandle):
                  max_batch_records: int = 10_000, poll_timeout: str | int = "50ms",
                  storage_options: dict[str, Any] | None = None, key_groups: int | None = None,
                  max_parallelism: int | None = None, max_restarts: int = 3,
-                 inbox_capacity: int = 8, memory_limit: int | str | None = None) -> None:
+                 inbox_capacity: int = 8, memory_limit: int | str | None = None,
+                 checkpoint_timeout: str | int = "10m") -> None:
         _check_streamable(node, stream_table_joins=True)
         if key_groups is not None and max_parallelism is not None and key_groups != max_parallelism:
             raise PlanError(f"key_groups ({key_groups}) and max_parallelism ({max_parallelism}) "
@@ -168,6 +174,7 @@ class ParallelStreamingJob(JobHandle):
         self.max_batch_records = int(max_batch_records)
         self.poll_timeout_s = parse_duration(poll_timeout, "poll_timeout") / 1e6
         self.interval_s = parse_duration(checkpoint_interval, "checkpoint_interval") / 1e6
+        self.checkpoint_timeout_s = parse_duration(checkpoint_timeout, "checkpoint_timeout") / 1e6
         self.sink = make_sink(sink)
         self._parallel_sink = hasattr(self.sink, "for_subtask")
         self._sink_commits_in_task = bool(getattr(self.sink, "commits_in_subtask", False))
@@ -556,6 +563,15 @@ class ParallelStreamingJob(JobHandle):
                 c = self._chains[idx]
                 raise _HostLost(f"the host of task {c.key} (stage {c.stage.id}, partition "
                                 f"{c.key[2]}) died: {why}")
+            if pending is not None and \
+                    time.perf_counter() - pending["started"] > self.checkpoint_timeout_s:
+                # a task stuck (or a message lost): as Flink, a checkpoint that does not
+                # complete in time fails the attempt, which restarts from the last one
+                missing = sorted(self._chains[i].key for i in range(n)
+                                 if i not in pending["acks"])
+                raise _HostLost(f"checkpoint {pending['epoch']} did not complete within "
+                                f"{self.checkpoint_timeout_s:g}s (no acknowledgement from "
+                                f"tasks {missing[:8]})")
             if pending is None and not final_done:
                 if len(ended) == n_sources or self._stop.is_set():
                     pending = self._trigger(final=True)
