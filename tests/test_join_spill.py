@@ -1,0 +1,565 @@
+"""Stream joins whose buffered state spills to disk: the same rows (and window order) with
+a tiny limit, a zero limit and no limit, against the plain-Python oracles of
+``test_stream_joins``; snapshots and key-group restores that include spilled rows; spill
+files deleted by ``close()``; state far larger than the limit with memory kept near it."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pytest
+
+import millstream as ms
+from millstream.errors import PlanError
+from millstream.ops.state import key_hashes
+from millstream.ops.stream_join import IntervalJoin, JoinKeys, LatestJoin, WindowJoin, _Buffer
+from millstream.ops.window import Sliding, Tumbling
+from millstream.runtime.context import default_context
+from millstream.testing import CollectingSink, SimulatedCrash, TestSource
+
+try:  # tests/ is on sys.path under pytest's default import mode
+    import test_stream_joins as sj
+except ImportError:  # pragma: no cover
+    from tests import test_stream_joins as sj
+
+#: no limit, a limit below one batch (every batch spills), a limit of a few batches
+LIMITS = [None, 0, 1500]
+CSCHEMA = pa.schema([("kind", pa.string()), ("cur", pa.string()), ("amount", pa.int64()),
+                     ("rate", pa.int64()), ("ver", pa.int64()), ("gone", pa.bool_()),
+                     ("ts", pa.int64())])
+BIG_LEFT = sj._side(7, "lt", "x", n_items=40, per_item=12, keys="abcdefghij")
+BIG_RIGHT = sj._side(8, "rt", "y", n_items=40, per_item=12, keys="abcdefghij")
+
+
+# ----------------------------------------------------------------------------- drivers
+
+
+def _batch(rows: list[dict], schema: pa.Schema, keys: list[str]) -> pa.RecordBatch:
+    return next(iter(JoinKeys(keys).process(pa.RecordBatch.from_pylist(rows, schema=schema))))
+
+
+def _drive(op, left_items, right_items, delay_ms: int, lp: int = 2, rp: int = 2,
+           stop_round: int | None = None):
+    """Feed the operator round by round as ``sj._arrivals`` models a job (items dealt to
+    partitions; after each round the watermark moves to the minimum over the partitions);
+    returns the output batches and the last watermark. ``stop_round``: stop before it."""
+    parts = [(0, "lt", sj.LSCHEMA, p) for p in sj._parts(left_items, lp)] + \
+        [(1, "rt", sj.RSCHEMA, p) for p in sj._parts(right_items, rp)]
+    w, maxts, out, r = sj.MIN_WM, [None] * len(parts), [], 0
+    while stop_round is None or r < stop_round:
+        for i, (port, col, schema, items) in enumerate(parts):
+            if r < len(items):
+                out += op.process(_batch(items[r], schema, ["k"]), port)
+                for row in items[r]:
+                    if row[col] is not None:
+                        maxts[i] = row[col] if maxts[i] is None else max(maxts[i], row[col])
+        marks = [sj.MAX_WM if r >= len(items) else
+                 sj.MIN_WM if maxts[i] is None else (maxts[i] - delay_ms) * 1000
+                 for i, (_p, _c, _s, items) in enumerate(parts)]
+        if min(marks) == sj.MAX_WM:
+            break
+        if min(marks) > w:
+            w = min(marks)
+            out += op.on_watermark(w)
+        r += 1
+    return out, w
+
+
+def _rows(batches) -> list[dict]:
+    """The rows of output batches (columns an early batch lacked are None, as in a sink)."""
+    tables = [pa.Table.from_batches([b]) for b in batches if b.num_rows]
+    if not tables:
+        return []
+    return pa.concat_tables(tables, promote_options="permissive").to_pylist()
+
+
+def _late(op) -> list[dict]:
+    cols = {"left": sj.LSCHEMA.names, "right": sj.RSCHEMA.names}
+    return sj._sorted({c: r[c] for c in cols[r["join_side"]]}
+                   for b in op.take_side_output("late") for r in b.to_pylist())
+
+
+def _interval_op(how: str, limit: int | None, ctx=None) -> IntervalJoin:
+    op = IntervalJoin(["k"], ["k"], -4_000_000, 6_000_000, "lt", "rt", how=how,
+                      state_memory_limit=limit)
+    op.open(ctx or default_context())
+    return op
+
+
+def _window_op(window, how: str, limit: int | None, ctx=None) -> WindowJoin:
+    op = WindowJoin(["k"], ["k"], window, "lt", "rt", how=how, state_memory_limit=limit)
+    op.open(ctx or default_context())
+    return op
+
+
+def _latest_op(how: str, version, deleted, limit: int | None) -> LatestJoin:
+    op = LatestJoin(["cur"], ["cur"], how=how, version=version, deleted=deleted,
+                    state_memory_limit=limit)
+    op.open(default_context())
+    return op
+
+
+def _feed_changelog(op: LatestJoin, items) -> list[pa.RecordBatch]:
+    out = []
+    for rows in items:
+        kind = rows[0]["kind"]
+        if kind == "R":
+            cols = ["cur", "rate", "ver", "gone"]
+            schema = pa.schema([CSCHEMA.field(c) for c in cols])
+            out += op.process(_batch([{c: r[c] for c in cols} for r in rows], schema, ["cur"]), 1)
+        else:
+            cols = ["cur", "amount", "ts"]
+            schema = pa.schema([CSCHEMA.field(c) for c in cols])
+            out += op.process(_batch([{c: r[c] for c in cols} for r in rows], schema, ["cur"]), 0)
+    return out
+
+
+def _changelog(seed: int, n_items: int, n_keys: int):
+    """Items of all orders ("O") or all rate updates ("R") over ``n_keys`` currencies."""
+    rng = random.Random(seed)
+    curs = [f"c{i:03d}" for i in range(n_keys)] + [None]
+    items, n = [], 0
+    for i in range(n_items):
+        kind = "R" if i < 2 or rng.random() < 0.5 else "O"
+        rows = []
+        for _ in range(rng.randint(1, 12)):
+            rows.append({"kind": kind, "cur": rng.choice(curs), "amount": n,
+                         "rate": rng.randint(1, 99), "ver": rng.randint(0, 5),
+                         "gone": rng.random() < 0.15, "ts": i * 1000})
+            n += 1
+        items.append(rows)
+    return items
+
+
+def _snapshot_rows(table: pa.Table | None) -> list[tuple]:
+    """A snapshot table's rows (hidden and bookkeeping columns included), sorted."""
+    if table is None:
+        return []
+    return sorted(tuple(sorted((k, repr(v)) for k, v in r.items())) for r in table.to_pylist())
+
+
+# ----------------------------------------------------------------------------- interval
+
+
+@pytest.mark.parametrize("limit", LIMITS)
+@pytest.mark.parametrize("how", ["inner", "left", "right", "outer"])
+def test_interval_join_spilled_matches_the_oracle(how, limit, tmp_path):
+    for left, right in ((sj.LEFT, sj.RIGHT), (BIG_LEFT, BIG_RIGHT)):
+        op = _interval_op(how, limit, default_context(spill_dir=str(tmp_path)))
+        out, _w = _drive(op, left, right, 5000)
+        out += op.finish()
+        arrivals = sj._arrivals([("L", "lt", left, 2), ("R", "rt", right, 2)], 5000)
+        expected, late = sj._interval_oracle(arrivals, -4000, 6000, how)
+        assert sj._sorted(_rows(out)) == sj._sorted(expected)
+        assert _late(op) == sj._sorted(late)
+        stats = op.spill_stats()
+        assert (stats["spills"] > 0) == (limit is not None)
+        assert stats["runs"] == 0  # finish() dropped every run
+        op.close()
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("limit", [0, 1500])
+def test_interval_join_batch_mode_with_spilled_state(limit):
+    """No watermark (batch mode): every row is buffered until finish(), then outer rows."""
+    op = _interval_op("outer", limit)
+    out = []
+    for items, port, schema in ((BIG_LEFT, 0, sj.LSCHEMA), (BIG_RIGHT, 1, sj.RSCHEMA)):
+        for rows in items:
+            out += op.process(_batch(rows, schema, ["k"]), port)
+    out += op.finish()
+    everything = [("L", r, sj.MIN_WM) for it in BIG_LEFT for r in it] + \
+        [("R", r, sj.MIN_WM) for it in BIG_RIGHT for r in it]
+    assert sj._sorted(_rows(out)) == sj._sorted(sj._interval_oracle(everything, -4000, 6000, "outer")[0])
+    assert op.spill_stats()["spills"] > 0
+
+
+# ----------------------------------------------------------------------------- window
+
+
+@pytest.mark.parametrize("limit", LIMITS)
+@pytest.mark.parametrize("window,size,every", [(Tumbling(10_000_000), 10_000, None),
+                                               (Sliding(10_000_000, 5_000_000), 10_000, 5000)])
+@pytest.mark.parametrize("how", ["inner", "left", "outer"])
+def test_window_join_spilled_matches_the_oracle_in_the_same_order(window, size, every, how,
+                                                                   limit):
+    results = {}
+    for lim in (None, limit):
+        op = _window_op(window, how, lim)
+        out, _w = _drive(op, BIG_LEFT, BIG_RIGHT, 4000)
+        out += op.finish()
+        results[lim] = (_rows(out), _late(op), op.spill_stats())
+        op.close()
+    rows, late, stats = results[limit]
+    arrivals = sj._arrivals([("L", "lt", BIG_LEFT, 2), ("R", "rt", BIG_RIGHT, 2)], 4000)
+    expected, expected_late = sj._window_oracle(arrivals, size, every, how)
+    assert sj._sorted(rows) == sj._sorted(expected)
+    assert late == sj._sorted(expected_late)
+    assert (stats["spills"] > 0) == (limit is not None)
+    # the order the operator defines: by window end, then start
+    bounds = [(r["window_end"], r["window_start"]) for r in rows]
+    assert bounds == [(r["window_end"], r["window_start"]) for r in results[None][0]]
+
+
+def test_window_larger_than_the_work_budget_fires_by_hash_range(monkeypatch):
+    """One day-long window holds everything; with a tiny work budget it is joined in
+    several hash ranges, with the same rows as in memory."""
+    calls = []
+    gather = WindowJoin._gather
+
+    def spy(picks, unit):
+        calls.append(unit)
+        return gather(picks, unit)
+
+    monkeypatch.setattr(WindowJoin, "_gather", staticmethod(spy))
+    out = {}
+    for limit in (None, 2000):
+        op = _window_op(Tumbling(86_400_000_000), "outer", limit)
+        op.spill_work_min_bytes = 0
+        rows, _w = _drive(op, BIG_LEFT, BIG_RIGHT, 10**9)
+        rows += op.finish()
+        out[limit] = _rows(rows)
+        op.close()
+    assert sj._sorted(out[2000]) == sj._sorted(out[None]) and out[None]
+    assert len({u[2] for u in calls}) > 2  # several hash ranges of one window
+
+
+# ----------------------------------------------------------------------------- latest
+
+
+@pytest.mark.parametrize("limit", LIMITS)
+@pytest.mark.parametrize("how,version,deleted", [("inner", None, None), ("left", None, "gone"),
+                                                 ("left", "ver", "gone"), ("inner", "ver", None)])
+def test_join_latest_spilled_matches_the_oracle(how, version, deleted, limit):
+    for items in (_changelog(3, 150, 40), _changelog(4, 150, 400)):
+        op = _latest_op(how, version, deleted, limit)
+        out = _feed_changelog(op, items)
+        expected = sj._latest_oracle(items, how, version is not None, deleted is not None,
+                                  batch=False)
+        assert sj._sorted(_rows(out)) == sj._sorted(expected)
+        stats = op.spill_stats()
+        assert (stats["spills"] > 0) == (limit is not None)
+        if limit == 0:  # merging keeps the runs few
+            assert 0 < stats["runs"] <= int(np.log2(stats["spills"])) + 1
+        op.close()
+
+
+def test_a_deleted_key_hides_its_spilled_row():
+    """Without versions a delete forgets a key; while older rows are on disk, the delete
+    stays as a tombstone (in memory, then in a newer run) that hides them."""
+    op = _latest_op("left", None, "gone", 0)
+    rate = pa.schema([CSCHEMA.field(c) for c in ("cur", "rate", "ver", "gone")])
+    order = pa.schema([CSCHEMA.field(c) for c in ("cur", "amount", "ts")])
+
+    def upsert(rows):
+        op.process(_batch([{"ver": 0, "gone": False, **r} for r in rows], rate, ["cur"]), 1)
+
+    def rates(curs):
+        rows = [{"cur": c, "amount": i, "ts": 0} for i, c in enumerate(curs)]
+        return {r["cur"]: r["rate"] for r in _rows(op.process(_batch(rows, order, ["cur"]), 0))}
+
+    upsert([{"cur": f"c{i}", "rate": i} for i in range(10)])
+    assert op.spill_stats()["spilled_rows"] == 10
+    op.state_memory_limit = 1 << 20
+    upsert([{"cur": "c3", "rate": None, "gone": True}])  # a tombstone in memory
+    assert rates(["c3", "c4"]) == {"c3": None, "c4": 4}
+    op.state_memory_limit = 0
+    upsert([{"cur": "c5", "rate": 55}])  # tombstone and c5 go to a second run
+    assert op.spill_stats()["runs"] == 2
+    assert rates(["c3", "c4", "c5"]) == {"c3": None, "c4": 4, "c5": 55}
+    assert sj._sorted(op.snapshot()["sides"][1].select(["cur", "rate"]).to_pylist()) == \
+        sj._sorted([{"cur": f"c{i}", "rate": 55 if i == 5 else i} for i in range(10) if i != 3])
+    op.close()
+
+
+# ----------------------------------------------------------------------------- snapshots
+
+
+def _interval_factory(limit):
+    return _interval_op("outer", limit)
+
+
+def _window_factory(limit):
+    return _window_op(Sliding(10_000_000, 5_000_000), "outer", limit)
+
+
+@pytest.mark.parametrize("factory", [_interval_factory, _window_factory])
+def test_snapshots_include_spilled_rows_and_restore_at_another_parallelism(factory):
+    half = 12
+    plain, spilled = factory(None), factory(0)
+    first = [_drive(op, BIG_LEFT, BIG_RIGHT, 5000, stop_round=half)[0] for op in (plain, spilled)]
+    assert sj._sorted(_rows(first[0])) == sj._sorted(_rows(first[1]))
+    assert spilled.spill_stats()["runs"] > 0 and spilled.spill_stats()["memory_rows"] == 0
+    # the same state, with the bookkeeping columns (matched flags, window bounds, hashes)
+    for port in (0, 1):
+        assert _snapshot_rows(spilled.snapshot()["sides"][port]) == \
+            _snapshot_rows(plain.snapshot()["sides"][port])
+    groups = spilled.snapshot_by_key_group(8)
+    for g, st in groups.items():
+        for side in st["sides"]:
+            if side is not None:
+                h = np.asarray(side.column("__ms_h"))
+                assert ((h % np.uint64(8)) == g).all()
+    # the rest of the stream: uninterrupted, restored whole, restored in three parts
+    rest_items = ([it for i, it in enumerate(BIG_LEFT) if i // 2 >= half],
+                  [it for i, it in enumerate(BIG_RIGHT) if i // 2 >= half])
+    copy = factory(0)
+    copy.restore(spilled.snapshot())
+    parts = [factory(0) for _ in range(3)]
+    for i, op in enumerate(parts):
+        op.restore_key_groups([st for g, st in groups.items() if g % 3 == i])
+    assert all(op.spill_stats()["runs"] > 0 for op in parts)
+    results = []
+    for op in (plain, copy):
+        out = []
+        for items, port, schema in ((rest_items[0], 0, sj.LSCHEMA), (rest_items[1], 1, sj.RSCHEMA)):
+            for rows in items:
+                out += op.process(_batch(rows, schema, ["k"]), port)
+        out += op.on_watermark(plain.watermark + 20_000_000)
+        results.append(sj._sorted(_rows(out + list(op.finish()))))
+    split = []
+    for items, port, schema in ((rest_items[0], 0, sj.LSCHEMA), (rest_items[1], 1, sj.RSCHEMA)):
+        for rows in items:
+            b = _batch(rows, schema, ["k"])
+            g = key_hashes([b.column("__ms_jk0")], b.num_rows) % 8
+            for i, op in enumerate(parts):
+                split += op.process(b.filter(pa.array((g % 3) == i)), port)
+    for op in parts:
+        split += op.on_watermark(plain.watermark + 20_000_000)
+        split += op.finish()
+    assert results[0] == results[1] == sj._sorted(_rows(split))
+    assert results[0]
+    for op in (plain, spilled, copy, *parts):
+        op.close()
+
+
+@pytest.mark.parametrize("version", ["ver", None])
+def test_join_latest_snapshot_resolves_spilled_versions_and_restores_by_key_group(version):
+    """A snapshot holds the last row per key (no tombstones without versions), as without
+    spilling; restored in two parts by key group, each part joins its keys as before."""
+    items = _changelog(9, 200, 60)
+    half = len(items) // 2
+    plain = _latest_op("left", version, "gone", None)
+    spilled = _latest_op("left", version, "gone", 0)
+    for op in (plain, spilled):
+        _feed_changelog(op, items[:half])
+    assert spilled.spill_stats()["runs"] > 0
+    assert _snapshot_rows(spilled.snapshot()["sides"][1]) == \
+        _snapshot_rows(plain.snapshot()["sides"][1])
+    groups = spilled.snapshot_by_key_group(4)
+    parts = [_latest_op("left", version, "gone", 0) for _ in range(2)]
+    for i, op in enumerate(parts):
+        op.restore_key_groups([st for g, st in groups.items() if g % 2 == i])
+    # every part sees every order, and joins those of its own key groups
+    want = sj._sorted(_rows(_feed_changelog(plain, items[half:])))
+    got = []
+    for i, op in enumerate(parts):
+        for row in _rows(_feed_changelog(op, items[half:])):
+            if row["cur"] is not None and key_hashes([pa.array([row["cur"]])], 1)[0] % 4 % 2 == i:
+                got.append(row)
+    assert sj._sorted(got) == [r for r in want if r["cur"] is not None]
+    for op in (plain, spilled, *parts):
+        op.close()
+
+
+# ----------------------------------------------------------------------------- files, memory
+
+
+def test_close_deletes_the_spill_files(tmp_path):
+    ctx = default_context(spill_dir=str(tmp_path))
+    ops = [_interval_op("outer", 0, ctx), _window_op(Tumbling(10_000_000), "inner", 0, ctx)]
+    for op in ops:
+        _drive(op, BIG_LEFT, BIG_RIGHT, 10**6, stop_round=10)
+    latest = LatestJoin(["cur"], ["cur"], version="ver", state_memory_limit=0)
+    latest.open(ctx)
+    _feed_changelog(latest, _changelog(5, 60, 50))
+    assert len(os.listdir(tmp_path)) >= 3
+    for op in (*ops, latest):
+        assert op.spill_stats()["disk_bytes"] > 0
+        op.close()
+        assert op.spill_stats()["runs"] == 0
+    assert os.listdir(tmp_path) == []
+
+
+def test_state_limit_is_checked():
+    with pytest.raises(PlanError, match="state_memory_limit"):
+        IntervalJoin(["k"], ["k"], 0, 1, "lt", "rt", state_memory_limit=-1)
+
+
+def _bulk(n: int, seed: int, tcol: str, idcol: str, n_keys: int, batch: int):
+    rng = np.random.default_rng(seed)
+    i = np.arange(n)
+    t = i - rng.integers(0, 2000, n)  # epoch ms, up to 2 s out of order
+    table = pa.table({"k": rng.integers(0, n_keys, n), tcol: t, idcol: i,
+                      "pad": pa.array([f"{v:024d}" for v in i])})
+    keys = JoinKeys(["k"])
+    return table, [next(iter(keys.process(b))) for b in table.to_batches(max_chunksize=batch)]
+
+
+def _same_pairs(out: list[pa.RecordBatch], sql: str, **tables: pa.Table) -> int:
+    """Check that the (x, y) pairs of ``out`` are those of the DuckDB query over ``tables``
+    (with multiplicity); their number."""
+    con = duckdb.connect()
+    for name, table in tables.items():
+        con.register(name, table)
+    con.register("got", pa.Table.from_batches(out).select(["x", "y"]))
+    for a, b in ((sql, "SELECT x, y FROM got"), ("SELECT x, y FROM got", sql)):
+        assert con.sql(f"SELECT count(*) FROM (({a}) EXCEPT ALL ({b}))").fetchall() == [(0,)]
+    return con.sql("SELECT count(*) FROM got").fetchall()[0][0]
+
+
+def test_interval_join_state_far_larger_than_the_limit():
+    """About 9 MB of rows buffered (a two-minute interval over 120 000 rows a side) under a
+    256 KB limit: results equal DuckDB's, memory stays near the limit."""
+    n, bs, limit = 120_000, 2000, 256 << 10
+    lt, left = _bulk(n, 1, "lt", "x", 20_000, bs)
+    rt, right = _bulk(n, 2, "rt", "y", 20_000, bs)
+    op = IntervalJoin(["k"], ["k"], -60_000_000, 60_000_000, "lt", "rt",
+                      state_memory_limit=limit)
+    op.open(default_context())
+    out, held = [], 0
+    batch_bytes = max(b.nbytes for b in left + right)
+    for i, (lb, rb) in enumerate(zip(left, right)):
+        out += op.process(lb, 0)
+        out += op.process(rb, 1)
+        out += op.on_watermark(((i + 1) * bs - 2000) * 1000)
+        assert op.state_memory_bytes() <= limit
+        if i == 40:
+            held = sum(t.nbytes for t in op.snapshot()["sides"])
+            assert op.spill_stats()["runs"] <= 12
+    out += op.finish()
+    op.close()
+    assert held > 20 * limit
+    # between spills it holds up to the limit plus the batch it is adding
+    assert limit // 2 < op.peak_state_memory_bytes <= limit + 2 * batch_bytes
+    assert _same_pairs(out, "SELECT x, y FROM lt JOIN rt ON lt.k = rt.k AND rt.rt BETWEEN "
+                            "lt.lt - 60000 AND lt.lt + 60000", lt=lt, rt=rt) > 100_000
+
+
+def test_window_join_state_far_larger_than_the_limit():
+    """Minute windows of 60 000 rows a side (about 10 MB) under a 256 KB limit: a window
+    fires from disk in hash ranges of the work budget; results equal DuckDB's."""
+    n, bs, limit = 120_000, 2000, 256 << 10
+    lt, left = _bulk(n, 3, "lt", "x", 20_000, bs)
+    rt, right = _bulk(n, 4, "rt", "y", 20_000, bs)
+    op = WindowJoin(["k"], ["k"], Tumbling(60_000_000), "lt", "rt", state_memory_limit=limit)
+    op.open(default_context())
+    out, held = [], 0
+    for i, (lb, rb) in enumerate(zip(left, right)):
+        out += op.process(lb, 0)
+        out += op.process(rb, 1)
+        out += op.on_watermark(((i + 1) * bs - 2000) * 1000)
+        assert op.state_memory_bytes() <= limit
+        held = max(held, op.spill_stats()["spilled_rows"])
+    out += op.finish()
+    op.close()
+    assert held > 80_000
+    assert _same_pairs(out, "SELECT x, y FROM lt JOIN rt ON lt.k = rt.k AND "
+                            "floor(lt.lt / 60000) = floor(rt.rt / 60000)", lt=lt, rt=rt) > 10_000
+
+
+def test_join_latest_state_far_larger_than_the_limit():
+    """80 000 keys (about 7 MB of rows), each updated three times, under a 256 KB limit:
+    merged runs stay few, every key meets its last row."""
+    limit, n_keys = 256 << 10, 80_000
+    op = LatestJoin(["k"], ["k"], how="left", state_memory_limit=limit)
+    op.open(default_context())
+    keys = JoinKeys(["k"])
+    for rnd in range(3):
+        for s in range(0, n_keys, 2000):
+            k = np.arange(s, s + 2000)
+            b = pa.record_batch({"k": k, "v": k * 10 + rnd,
+                                 "pad": pa.array([f"{x:040d}" for x in k])})
+            op.process(next(iter(keys.process(b))), 1)
+            assert op.state_memory_bytes() <= limit
+    stats = op.spill_stats()
+    assert stats["spilled_rows"] >= n_keys * 0.9 and stats["runs"] <= 10
+    probe = pa.record_batch({"k": np.arange(0, n_keys + 10, 7)})
+    rows = _rows(op.process(next(iter(keys.process(probe))), 0))
+    assert sum(t.nbytes for t in op.snapshot()["sides"] if t is not None) > 20 * limit
+    op.close()
+    assert sorted((r["k"], r["v"]) for r in rows) == \
+        [(k, k * 10 + 2 if k < n_keys else None) for k in range(0, n_keys + 10, 7)]
+
+
+# ----------------------------------------------------------------------------- jobs
+
+
+def test_jobs_with_a_tiny_memory_limit_match_the_oracles(monkeypatch):
+    """memory_limit="1KB" per task (a join keeps 512 bytes in memory): the stream joins of
+    test_stream_joins give the oracles' rows, and their state went to disk."""
+    spills = []
+    spill = _Buffer.spill
+
+    def counting(self, *args, **kwargs):
+        spills.append(1)
+        return spill(self, *args, **kwargs)
+
+    monkeypatch.setattr(_Buffer, "spill", counting)
+    arrivals = sj._arrivals([("L", "lt", sj.LEFT, 2), ("R", "rt", sj.RIGHT, 3)], 5000)
+    expected, late = sj._interval_oracle(arrivals, -4000, 6000, "outer")
+    job = sj._interval("outer").start(checkpoint_interval=0, parallelism=2, memory_limit="1KB")
+    assert job.await_termination(60)
+    assert sj._sorted(job.sink.rows()) == sj._sorted(expected)
+    assert sj._late_rows(job) == sj._sorted(late)
+    assert spills
+    spills.clear()
+    arrivals = sj._arrivals([("L", "lt", sj.LEFT, 2), ("R", "rt", sj.RIGHT, 2)], 4000)
+    expected, late = sj._window_oracle(arrivals, 10_000, 5000, "outer")
+    job = sj._window_join(ms.sliding("10s", every="5s"), "outer").start(
+        checkpoint_interval=0, parallelism=2, memory_limit="1KB")
+    assert job.await_termination(60)
+    assert sj._sorted(job.sink.rows()) == sj._sorted(expected)
+    assert sj._late_rows(job) == sj._sorted(late)
+    assert spills
+    spills.clear()
+    items = _changelog(3, 100, 40)
+    src = TestSource(schema=CSCHEMA)
+    for rows in items:
+        src.add(rows)
+    src.close()
+    job = sj._latest_ds(src, "left", "ver", "gone").start(checkpoint_interval=0, parallelism=2,
+                                                          memory_limit="1KB")
+    assert job.await_termination(60)
+    assert sj._sorted(job.sink.rows()) == sj._sorted(
+        sj._latest_oracle(items, "left", True, True, batch=False))
+    assert spills
+
+
+def test_parallel_job_with_a_tiny_memory_limit_equals_batch():
+    """Worker processes with a 4 KB budget each: an outer interval join of in-order streams
+    (nothing late) gives the batch result and the plain-Python one."""
+    def side(col: str, ident: str):
+        return ms.from_generator(lambda i: {"k": i % 37, col: i * 10, ident: i}, count=3000,
+                                 partitions=2).with_watermark(col, "1m")
+
+    ds = side("lt", "x").interval_join(side("rt", "y"), on="k", between=("-1s", "500ms"),
+                                       how="outer")
+    job = ds.start(executor="parallel", checkpoint_interval=0, parallelism=2,
+                   memory_limit="4KB")
+    assert job.await_termination(120)
+    got = sorted((r["x"], r["y"]) for r in job.sink.rows())
+    want = [(x, y) for x in range(3000) for y in range(3000)
+            if x % 37 == y % 37 and -100 <= y - x <= 50]
+    assert got == sorted((x, y) for x, y in want)  # every row has a partner
+    assert got == sorted((r["x"], r["y"]) for r in ds.collect())
+
+
+def test_job_with_spilled_join_state_restores_at_another_parallelism(tmp_path):
+    plain = sj._interval("left").start(checkpoint_interval=0, parallelism=2)
+    assert plain.await_termination(60)
+    expected = sj._sorted(plain.sink.rows())
+    chk, sink = str(tmp_path / "chk"), CollectingSink()
+    first = sj._interval("left").start(checkpoint=chk, sink=sink, checkpoint_interval=0,
+                                    parallelism=2, memory_limit="1KB", _fault=(6, "after_checkpoint"))
+    with pytest.raises(SimulatedCrash):
+        first.await_termination(60)
+    second = sj._interval("left").start(checkpoint=chk, sink=sink, checkpoint_interval=0,
+                                     parallelism=3, memory_limit="1KB")
+    assert second.await_termination(60)
+    assert second.metrics()["restored_from_epoch"] is not None
+    assert sj._sorted(sink.rows()) == expected
