@@ -29,6 +29,7 @@ import logging
 import time
 import traceback
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -208,7 +209,7 @@ class StreamTask:
         if MIN_WATERMARK < wm < MAX_WATERMARK:  # keyed operators that got no state catch up
             for k, op in enumerate(self.ops):
                 if is_keyed_op(op) and op.watermark < wm:
-                    self._emit(k + 1, list(op.on_watermark(wm)))
+                    self._emit(k + 1, op.on_watermark(wm))
             if not self.spec.senders:
                 self.watermark = wm
 
@@ -235,12 +236,13 @@ class StreamTask:
             self._output(batches)
         self._side_outputs()
 
-    def _emit(self, start: int, batches: list[pa.RecordBatch]) -> None:
-        """Results an operator produced on its own (watermark, timer, finish) go on from it."""
-        batches = [b for b in batches if b.num_rows]
-        if batches:
-            self._count(self.ops[start - 1], 0, sum(b.num_rows for b in batches))
-            self._run(batches, start)
+    def _emit(self, start: int, batches: Iterable[pa.RecordBatch]) -> None:
+        """Results an operator produced on its own (watermark, timer, finish) go on from it,
+        a batch at a time (a large window firing is never held whole)."""
+        for b in batches:
+            if b.num_rows:
+                self._count(self.ops[start - 1], 0, b.num_rows)
+                self._run([b], start)
 
     def _mark_active(self) -> None:
         """Tell the coordinator this epoch has something to checkpoint (it skips idle ones):
@@ -303,7 +305,7 @@ class StreamTask:
         self.watermark = wm
         self._mark_active()
         for k, op in enumerate(self.ops):
-            self._emit(k + 1, list(op.on_watermark(wm)))
+            self._emit(k + 1, op.on_watermark(wm))
         self._send_watermark(force=wm == MAX_WATERMARK)
 
     def _send_watermark(self, force: bool = False) -> None:
@@ -320,7 +322,7 @@ class StreamTask:
         for k, op in enumerate(self.ops):
             fn = getattr(op, "advance_processing_time", None)
             if fn is not None:
-                self._emit(k + 1, list(fn()))
+                self._emit(k + 1, fn())
         self._send_watermark()
         now = time.monotonic()
         if now - self._last_metrics >= METRICS_EVERY_S:
@@ -341,7 +343,7 @@ class StreamTask:
             return
         self._advance(MAX_WATERMARK)
         for k, op in enumerate(self.ops):
-            self._emit(k + 1, list(op.finish()))
+            self._emit(k + 1, op.finish())
         self.finished = True
         self._broadcast(("end", self.spec.index))
 

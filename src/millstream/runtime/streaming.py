@@ -1097,11 +1097,11 @@ class StreamingJob(JobHandle):
                 else:
                     fn = getattr(op, "advance_processing_time", None)
                     out = fn() if fn is not None else ()
-                out = [b for b in out if b.num_rows]
-                if out:
-                    self._count(op, 0, sum(b.num_rows for b in out))
-                    self._run(chain, out, k + 1)
-                    self._dirty = True  # e.g. a processing-time firing: commit it
+                for b in out:  # a batch at a time: a large firing is never held whole
+                    if b.num_rows:
+                        self._count(op, 0, b.num_rows)
+                        self._run(chain, [b], k + 1)
+                        self._dirty = True  # e.g. a processing-time firing: commit it
 
     def _drain_side(self) -> None:
         with self._lock:
