@@ -42,6 +42,7 @@ from millstream.ops.watermark import EventTimeWatermark
 from millstream.ops.window import MAX_WATERMARK, MIN_WATERMARK
 from millstream.runtime.checkpoint import BlobStore, externalize
 from millstream.runtime.context import default_context
+from millstream.runtime.hashing import split_by_partition
 
 _log = logging.getLogger(__name__)
 
@@ -275,10 +276,10 @@ class StreamTask:
                     ids = out.owners[groups.astype(np.int64)]
                 else:
                     ids = out.partitioner.assign(b)
-                for i in np.unique(ids):
-                    part = b.filter(pa.array(ids == i))
-                    self.ch.send(out.consumers[int(i)], ("data", self.spec.index, out.port,
-                                                         encode_batch(part)))
+                for i, part in split_by_partition(b, np.asarray(ids, dtype=np.int64),
+                                                  len(out.consumers)):
+                    self.ch.send(out.consumers[i], ("data", self.spec.index, out.port,
+                                                    encode_batch(part)))
 
     def _broadcast(self, msg: tuple) -> None:
         """Send a control record (watermark, end, barrier) to every consumer."""

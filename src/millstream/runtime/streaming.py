@@ -98,6 +98,7 @@ from millstream.runtime.checkpoint import (
     plan_restore,
 )
 from millstream.runtime.context import TaskContext, default_context
+from millstream.runtime.hashing import split_by_partition
 from millstream.runtime.shuffle import HashPartitioner
 from millstream.runtime.stream_task import state_bytes
 
@@ -1083,8 +1084,8 @@ class StreamingJob(JobHandle):
                 ids = owners[groups.astype(np.int64)]
             else:
                 ids = stage.partitioner.assign(b)
-            for i in np.unique(ids):
-                self._run(consumers[int(i)], [b.filter(pa.array(ids == i))], 0, port)
+            for i, part in split_by_partition(b, np.asarray(ids, dtype=np.int64), len(consumers)):
+                self._run(consumers[i], [part], 0, port)
 
     def _each_op(self, call: str) -> None:
         """Call ``on_watermark``/``finish``/``advance_processing_time`` in plan order."""
