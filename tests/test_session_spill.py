@@ -11,16 +11,16 @@ import math
 import os
 import pickle
 import random
-from collections import defaultdict
 
 import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_windows import oracle_sessions
 
 import millstream as ms
 from millstream.ops.state import owned_key_groups
-from millstream.ops.window import MIN_WATERMARK, Session, WindowAggregate
+from millstream.ops.window import Session, WindowAggregate
 from millstream.runtime.context import default_context
 
 SCHEMA = pa.schema([("k", pa.string()), ("t", pa.int64()), ("v", pa.int64())])
@@ -93,38 +93,10 @@ def rows_of(run) -> list[dict]:
 
 
 def oracle(script, lateness_us: int):
-    """One event at a time: final aggregates per (key, start µs, end µs) and the late events."""
-    wm = MIN_WATERMARK
-    live: dict = defaultdict(list)  # key -> [[start, end, values]]
-    closed, late = [], []
-    for kind, arg in script:
-        if kind == "w":
-            wm = max(wm, arg)
-            for k, sessions in live.items():
-                for s in [s for s in sessions if s[1] + lateness_us <= wm]:
-                    sessions.remove(s)
-                    closed.append((k, s))
-            continue
-        for k, t, v in arg:
-            lo, hi = t * 1000, (t + GAP_MS) * 1000
-            sessions = live[k]
-            hit = [s for s in sessions if s[0] < hi and lo < s[1]]
-            if not hit and hi + lateness_us <= wm:
-                late.append((k, t, v))
-                continue
-            for s in hit:
-                sessions.remove(s)
-            sessions.append([min([lo] + [s[0] for s in hit]), max([hi] + [s[1] for s in hit]),
-                             [x for s in hit for x in s[2]] + [v]])
-    closed += [(k, s) for k, sessions in live.items() for s in sessions]
-    want = {}
-    for k, (lo, hi, vals) in closed:
-        nn = [x for x in vals if x is not None]
-        want[(k, lo, hi)] = {"s": sum(nn) if nn else None, "c": len(nn), "n": len(vals),
-                             "m": sum(nn) / len(nn) if nn else None,
-                             "lo": min(nn) if nn else None, "hi": max(nn) if nn else None,
-                             "d": len(set(nn)), "l": sorted(nn)}
-    return want, late
+    """One event at a time: final aggregates per (key, start µs, end µs) and the late events
+    (test_windows' session simulation; ``first`` is checked on its own here)."""
+    want, late = oracle_sessions(script, GAP_MS * 1000, lateness_us)
+    return {k: {n: v for n, v in w.items() if n != "f"} for k, w in want.items()}, late
 
 
 def resolve(rows) -> dict:

@@ -9,6 +9,7 @@ import threading
 
 import pyarrow as pa
 import pytest
+from test_streaming_rescale import CountWithTimeout as RescaleCountWithTimeout
 
 from millstream.errors import PlanError, UserCodeFailure
 from millstream.ops import process as process_module
@@ -308,28 +309,21 @@ def test_key_group_snapshot_of_a_spilled_operator_restores_at_another_parallelis
     assert sorted(got, key=key) == sorted(want, key=key)
 
 
-class CountWithTimeout(KeyedProcessFunction):
-    """Counts per key with padding; 30 s of event time after the last event, emits and clears."""
+class CountWithTimeout(RescaleCountWithTimeout):
+    """The rescale tests' count-with-timeout, with 100 bytes of list state per event."""
 
     def open(self, ctx):
-        self.count = ctx.get_state("count", 0)
-        self.last = ctx.get_state("last", None)
+        super().open(ctx)
         self.pad = ctx.get_list_state("pad")
 
     def process_element(self, row, ctx):
-        self.count.update(self.count.value() + 1)
         self.pad.add("x" * 100)
-        if self.last.value() is not None:
-            ctx.timer_service().delete_event_time_timer(self.last.value() + 30_000_000)
-        self.last.update(ctx.timestamp)
-        ctx.timer_service().register_event_time_timer(ctx.timestamp + 30_000_000)
+        super().process_element(row, ctx)
 
     def on_timer(self, timestamp, ctx):
-        n = self.count.value()
-        assert len(self.pad) == n
-        for state in (self.count, self.last, self.pad):
-            state.clear()
-        return {"k": ctx.key, "n": n, "at": timestamp}
+        assert len(self.pad) == self.count.value()
+        self.pad.clear()
+        return super().on_timer(timestamp, ctx)
 
 
 def test_streaming_job_with_spilled_state_crashes_and_restores_at_another_parallelism(

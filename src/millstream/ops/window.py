@@ -569,16 +569,9 @@ class WindowAggregate(Operator):
             return _EMPTY
         if self.watermark == MAX_WATERMARK:
             raise PlanError(f"{self.name}: process() called after finish()")
-        col = self._time_column(batch)
-        t, valid = event_time_micros(col, self.time_column)
-        if valid is not None:
-            bad = batch.filter(pa.array(~valid))
-            self._to_side("invalid", bad, "invalid_time_records")
-            self.invalid_records += bad.num_rows
-            batch = batch.filter(pa.array(valid))
-            t = t[valid]
-            if batch.num_rows == 0:
-                return _EMPTY
+        batch, t = self._valid_times(batch)
+        if batch.num_rows == 0:
+            return _EMPTY
         if self.window.merging:
             out = self._process_sessions(batch, t)
         else:
@@ -776,6 +769,18 @@ class WindowAggregate(Operator):
     def _expiry(self) -> int:
         """Windows with ``end <= this`` are expired (watermark minus allowed lateness)."""
         return max(self.watermark - self.allowed_lateness, MIN_WATERMARK)
+
+    def _valid_times(self, batch: pa.RecordBatch) -> tuple[pa.RecordBatch, np.ndarray]:
+        """The rows with an event time and their times (µs); rows without one go to the
+        "invalid" side output."""
+        t, valid = event_time_micros(self._time_column(batch), self.time_column)
+        if valid is not None:
+            bad = batch.filter(pa.array(~valid))
+            self._to_side("invalid", bad, "invalid_time_records")
+            self.invalid_records += bad.num_rows
+            batch = batch.filter(pa.array(valid))
+            t = t[valid]
+        return batch, t
 
     def _to_side(self, tag: str, rows: pa.RecordBatch, counter: str) -> None:
         self._side[tag].append(rows)
@@ -1412,15 +1417,9 @@ class GlobalWindowAggregate(WindowAggregate):
             raise PlanError(f"{self.name}: process() called after finish()")
         fet: np.ndarray | int = MAX_WATERMARK
         if self.every is not None:
-            t, valid = event_time_micros(self._time_column(batch), self.time_column)
-            if valid is not None:
-                bad = batch.filter(pa.array(~valid))
-                self._to_side("invalid", bad, "invalid_time_records")
-                self.invalid_records += bad.num_rows
-                batch = batch.filter(pa.array(valid))
-                t = t[valid]
-                if batch.num_rows == 0:
-                    return _EMPTY
+            batch, t = self._valid_times(batch)
+            if batch.num_rows == 0:
+                return _EMPTY
             fet = (np.floor_divide(t - self.offset, self.every) + 1) * self.every + self.offset
         else:
             self._check_keys(batch)

@@ -58,13 +58,14 @@ from millstream.runtime.stream_task import (
     Output,
     StreamTask,
     TaskSpec,
+    close_quietly,
     decode_batch,
 )
 from millstream.runtime.streaming import (
     JobHandle,
-    KafkaStreamSource,
     StreamingError,
     _check_streamable,
+    key_groups_option,
     make_sink,
     resolve_broadcast_tables,
     stream_source_for,
@@ -155,13 +156,7 @@ class ParallelStreamingJob(JobHandle):
                  inbox_capacity: int = 8, memory_limit: int | str | None = None,
                  checkpoint_timeout: str | int = "10m") -> None:
         _check_streamable(node, stream_table_joins=True)
-        if key_groups is not None and max_parallelism is not None and key_groups != max_parallelism:
-            raise PlanError(f"key_groups ({key_groups}) and max_parallelism ({max_parallelism}) "
-                            f"are the same setting; give one")
-        wanted = key_groups if key_groups is not None else max_parallelism
-        if wanted is not None and int(wanted) < 1:
-            raise PlanError(f"key_groups must be a positive number, got {wanted!r}")
-        self._key_groups_option = int(wanted) if wanted is not None else None
+        self._key_groups_option = key_groups_option(key_groups, max_parallelism)
         self.key_groups = self._key_groups_option or DEFAULT_KEY_GROUPS
         self.job_id = uuid.uuid4().hex[:12]
         self._runner = runner
@@ -390,10 +385,7 @@ class ParallelStreamingJob(JobHandle):
                     starts.setdefault(id(src), src.start_positions())[part]
                 sources.setdefault(id(src), (src, {}))[1][part] = pos
         for src, at in sources.values():
-            # a JSON topic's schema is inferred once here, from every partition's records,
-            # so each task needs no records of its own partition to know it
-            if isinstance(src, KafkaStreamSource):
-                src.source.data_schema(at)
+            src.prepare(at)  # e.g. a JSON topic's schema, once for all tasks
         sink_index = {c.index: i for i, c in enumerate(
             c for c in self._chains if c.stage.output_kind != "shuffle")}
         specs = []
@@ -607,12 +599,8 @@ class ParallelStreamingJob(JobHandle):
             _log.error("streaming job %s failed: %r", self.job_id, exc)
         finally:
             self._shutdown_hosts()
-            close = getattr(self.sink, "close", None)
-            if callable(close) and not self._parallel_sink:
-                try:
-                    close()
-                except Exception:  # noqa: BLE001
-                    _log.warning("closing the sink failed", exc_info=True)
+            if not self._parallel_sink:  # parallel sinks are closed by their tasks
+                close_quietly(self.sink, "the sink")
             self._done.set()
 
     def _shutdown_hosts(self) -> None:

@@ -127,6 +127,17 @@ def decode_batch(data: Any) -> pa.RecordBatch:
     return pa.ipc.open_stream(data).read_next_batch()
 
 
+def close_quietly(thing: Any, what: str) -> None:
+    """Call ``thing.close()`` if it has one; a failure is logged, never raised (closing
+    must not hide how a job or task ended)."""
+    close = getattr(thing, "close", None)
+    if callable(close):
+        try:
+            close()
+        except Exception:  # noqa: BLE001
+            _log.warning("closing %s failed", what, exc_info=True)
+
+
 def state_bytes(value: Any) -> int:
     """Approximate size of a snapshot: its Arrow data and byte strings (the bulk of state)."""
     if isinstance(value, (pa.Table, pa.RecordBatch)):
@@ -426,22 +437,10 @@ class StreamTask:
         self.ch.to_coordinator(("done", self.spec.index))
 
     def _close(self) -> None:
-        if self.reader is not None:
-            try:
-                self.reader.close()
-            except Exception:  # noqa: BLE001
-                _log.warning("closing a reader failed", exc_info=True)
+        close_quietly(self.reader, "a reader")
         for op in self.ops:
-            try:
-                op.close()
-            except Exception:  # noqa: BLE001
-                _log.warning("closing %s failed", op.name, exc_info=True)
-        close = getattr(self._sink, "close", None)
-        if callable(close):
-            try:
-                close()
-            except Exception:  # noqa: BLE001
-                _log.warning("closing the sink failed", exc_info=True)
+            close_quietly(op, op.name)
+        close_quietly(self._sink, "the sink")
 
     def _control(self, timeout: float = 0.0) -> None:
         msg = self.ch.recv_control(timeout)

@@ -100,7 +100,7 @@ from millstream.runtime.checkpoint import (
 from millstream.runtime.context import TaskContext, default_context
 from millstream.runtime.hashing import split_by_partition
 from millstream.runtime.shuffle import HashPartitioner
-from millstream.runtime.stream_task import state_bytes
+from millstream.runtime.stream_task import close_quietly, state_bytes
 
 _log = logging.getLogger(__name__)
 
@@ -157,6 +157,9 @@ class StreamSource:
     def open(self, partition: Any, position: Any, ctx: TaskContext) -> StreamReader:
         """A reader of ``partition`` at ``position``."""
         raise NotImplementedError
+
+    def prepare(self, positions: dict[Any, Any]) -> None:
+        """Driver-side work before the partitions are opened elsewhere (no-op by default)."""
 
 
 class _BoundedReader(StreamReader):
@@ -242,6 +245,11 @@ class KafkaStreamSource(StreamSource):
 
     def start_positions(self) -> dict[Any, Any]:
         return dict(self.source.start_offsets(self.partitions()))
+
+    def prepare(self, positions: dict[Any, Any]) -> None:
+        """A JSON topic's schema, inferred once from every partition's records, so each
+        reader needs no records of its own partition to know it."""
+        self.source.data_schema(positions)
 
     def open(self, partition: Any, position: Any, ctx: TaskContext) -> StreamReader:
         if self.source.format == "json" and self.source._schema is None:
@@ -711,6 +719,17 @@ def resolve_broadcast_tables(stages: list[Stage]) -> None:
                 pipe.ops[i] = OperatorFactory(f.cls, *f.args, **kwargs)
 
 
+def key_groups_option(key_groups: int | None, max_parallelism: int | None) -> int | None:
+    """The number of key groups a job asks for (the two names are one setting), or None."""
+    if key_groups is not None and max_parallelism is not None and key_groups != max_parallelism:
+        raise PlanError(f"key_groups ({key_groups}) and max_parallelism ({max_parallelism}) "
+                        f"are the same setting; give one")
+    wanted = key_groups if key_groups is not None else max_parallelism
+    if wanted is not None and int(wanted) < 1:
+        raise PlanError(f"key_groups must be a positive number, got {wanted!r}")
+    return int(wanted) if wanted is not None else None
+
+
 def task_budget(memory_limit: int | str | None) -> dict[str, int]:
     """TaskContext settings for a per-task ``memory_limit`` (bytes or "64MB"; None: the
     default 256 MiB): stateful operators keep half of it in memory and spill the rest."""
@@ -787,14 +806,8 @@ class StreamingJob(JobHandle):
                  max_parallelism: int | None = None,
                  memory_limit: int | str | None = None) -> None:
         _check_streamable(node, stream_table_joins=True)
-        if key_groups is not None and max_parallelism is not None and key_groups != max_parallelism:
-            raise PlanError(f"key_groups ({key_groups}) and max_parallelism ({max_parallelism}) "
-                            f"are the same setting; give one")
-        wanted = key_groups if key_groups is not None else max_parallelism
-        if wanted is not None and int(wanted) < 1:
-            raise PlanError(f"key_groups must be a positive number, got {wanted!r}")
         #: the key_groups the caller asked for (None: the checkpoint's, else the default)
-        self._key_groups_option = int(wanted) if wanted is not None else None
+        self._key_groups_option = key_groups_option(key_groups, max_parallelism)
         #: fixed number of key groups of keyed state (kept in checkpoints; max parallelism)
         self.key_groups = self._key_groups_option or DEFAULT_KEY_GROUPS
         if fault is not None and fault[1] not in FAULT_POINTS:
@@ -1252,21 +1265,9 @@ class StreamingJob(JobHandle):
             # a simulated crash leaves everything as a killed process would (no cleanup)
             if not isinstance(self._error, SimulatedCrash):
                 for p in self._parts:
-                    if p.reader is not None:
-                        try:
-                            p.reader.close()
-                        except Exception:  # noqa: BLE001 - closing must not hide the outcome
-                            _log.warning("closing a reader failed", exc_info=True)
+                    close_quietly(p.reader, "a reader")
                 for chain in self._chains:
                     for op in chain.ops:
-                        try:
-                            op.close()
-                        except Exception:  # noqa: BLE001
-                            _log.warning("closing %s failed", op.name, exc_info=True)
-                close_sink = getattr(self.sink, "close", None)
-                if callable(close_sink):  # e.g. a Kafka producer: flush, or abort an open epoch
-                    try:
-                        close_sink()
-                    except Exception:  # noqa: BLE001
-                        _log.warning("closing the sink failed", exc_info=True)
+                        close_quietly(op, op.name)
+                close_quietly(self.sink, "the sink")  # a Kafka producer: flush, or abort
             self._done.set()
