@@ -300,6 +300,7 @@ def test_keyed_state_larger_than_the_task_memory_limit(executor, tmp_path):
     for r in rows:
         want[r["k"]] += r["v"]
     assert {r["k"]: r["total"] for r in job.sink.rows()} == dict(want)
+    assert job.metrics()["counters"].get("millstream.state_spills", 0) > 0  # it did spill
     with pytest.raises(ms.PlanError, match="memory_limit"):
         ms.from_items(rows[:3]).start(executor=executor, memory_limit="-1")
 

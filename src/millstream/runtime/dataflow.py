@@ -225,12 +225,14 @@ class ParallelStreamingJob(JobHandle):
 
     def metrics(self) -> dict[str, Any]:
         """Epoch, watermark and its lag, records in/out and state size (at the last
-        checkpoint) per operator, checkpoint count/duration/size, restarts."""
+        checkpoint) per operator, task counters (e.g. ``millstream.state_spills``) of the
+        current run, checkpoint count/duration/size, restarts."""
         with self._lock:
             m = dict(self._metrics)
             tasks = dict(self._task_metrics)
             late = sum(b.num_rows for b in self._side.get("late", []))
         ops: dict[str, dict[str, int]] = {}
+        counters: dict[str, int] = {}
         for tm in tasks.values():
             for name, (i, o) in tm.get("operators", {}).items():
                 agg = ops.setdefault(name, {"records_in": 0, "records_out": 0,
@@ -240,6 +242,8 @@ class ParallelStreamingJob(JobHandle):
             for name, size in tm.get("state_bytes", {}).items():
                 if name in ops:
                     ops[name]["state_bytes"] += size
+            for name, value in tm.get("counters", {}).items():
+                counters[name] = counters.get(name, 0) + value
         sources = [c.index for c in self._chains if c.source is not None]
         sinks = [c.index for c in self._chains if c.stage.output_kind != "shuffle"]
         lag = None
@@ -247,6 +251,7 @@ class ParallelStreamingJob(JobHandle):
             lag = max(0.0, (time.time_ns() // 1000 - self.watermark) / 1e6)
         m.update(epoch=self.epoch, watermark=self.watermark, watermark_lag_s=lag,
                  active=self.is_active, operators=ops, late_records=late, tasks=len(self._chains),
+                 counters=counters,
                  records_in=sum(tasks.get(i, {}).get("records_in", 0) for i in sources),
                  records_out=sum(tasks.get(i, {}).get("records_out", 0) for i in sinks),
                  positions={(type(c.source[0]).__name__, c.source[1]):

@@ -138,6 +138,11 @@ def close_quietly(thing: Any, what: str) -> None:
             _log.warning("closing %s failed", what, exc_info=True)
 
 
+def counter_names(counters: dict[tuple[str, str], int]) -> dict[str, int]:
+    """Task counters as ``{"group.name": value}`` (e.g. ``millstream.state_spills``)."""
+    return {f"{group}.{name}": value for (group, name), value in counters.items()}
+
+
 def state_bytes(value: Any) -> int:
     """Approximate size of a snapshot: its Arrow data and byte strings (the bulk of state)."""
     if isinstance(value, (pa.Table, pa.RecordBatch)):
@@ -347,7 +352,7 @@ class StreamTask:
         self.ch.to_coordinator(("metrics", self.spec.index, {
             "operators": {n: list(v) for n, v in self.stats.items()},
             "watermark": self.watermark, "records_in": self.records_in,
-            "state_bytes": dict(self.state_sizes),
+            "state_bytes": dict(self.state_sizes), "counters": counter_names(self.ctx.counters),
             "records_out": self.records_out, "idle": self._idle_sent,
             "position": self.reader.position if self.reader is not None else None}))
 

@@ -100,7 +100,7 @@ from millstream.runtime.checkpoint import (
 from millstream.runtime.context import TaskContext, default_context
 from millstream.runtime.hashing import split_by_partition
 from millstream.runtime.shuffle import HashPartitioner
-from millstream.runtime.stream_task import close_quietly, state_bytes
+from millstream.runtime.stream_task import close_quietly, counter_names, state_bytes
 
 _log = logging.getLogger(__name__)
 
@@ -861,7 +861,8 @@ class StreamingJob(JobHandle):
 
     def metrics(self) -> dict[str, Any]:
         """Epoch, watermark and its lag, records in/out and state size (at the last checkpoint)
-        per operator, late records, checkpoint count/duration/size."""
+        per operator, task counters (e.g. ``millstream.state_spills``), late records,
+        checkpoint count/duration/size."""
         with self._lock:
             m = dict(self._metrics)
         lag = None
@@ -871,8 +872,12 @@ class StreamingJob(JobHandle):
             m["operators"] = {name: {"records_in": i, "records_out": o,
                                      "state_bytes": self._state_sizes.get(name, 0)}
                               for name, (i, o) in self._op_stats.items()}
+        counters: dict[str, int] = {}
+        for chain in self._chains:
+            for name, value in counter_names(chain.ctx.counters).items():
+                counters[name] = counters.get(name, 0) + value
         m.update(epoch=self.epoch, watermark=self.watermark, watermark_lag_s=lag,
-                 active=self.is_active,
+                 active=self.is_active, counters=counters,
                  late_records=sum(b.num_rows for b in self._side.get("late", [])),
                  positions={(p.source.__class__.__name__, p.partition):
                             (p.reader.position if p.reader else None) for p in self._parts})
