@@ -85,6 +85,40 @@ def test_a_killed_task_host_restarts_from_the_checkpoint_exactly_once(tmp_path):
     assert Counter(_read_ids(out)) == Counter(r["id"] for r in rows)
 
 
+def test_a_host_lost_while_restarting_is_one_more_restart(tmp_path, monkeypatch):
+    """A host that dies while the job starts again (a Ray actor placed on a node being
+    removed) is one more restart from the checkpoint, not a failed job."""
+    from millstream.errors import WorkerLostError
+    from millstream.runners.local import LocalRunner
+
+    real, calls = LocalRunner.start_stream_hosts, []
+
+    def flaky(self, payloads, inbox_capacity):
+        calls.append(len(payloads))
+        if len(calls) == 2:
+            raise WorkerLostError("a task host died while starting (injected by the test)")
+        return real(self, payloads, inbox_capacity)
+
+    monkeypatch.setattr(LocalRunner, "start_stream_hosts", flaky)
+    rows = _rows(3000)
+    out = tmp_path / "out"
+
+    def slow(batch):
+        time.sleep(0.01)
+        return batch
+
+    ds = ms.from_items(rows, num_partitions=2).map_batches(slow).select("id", "k")
+    job = ds.repartition(2, "k").start(checkpoint=str(tmp_path / "chk"),
+                                       checkpoint_interval="50ms", sink=FileStreamSink(str(out)),
+                                       parallelism=2, max_batch_records=40)
+    assert _wait(lambda: job.metrics()["checkpoints"] >= 2, 60)
+    assert job.is_active, "the job ended before a task could be killed"
+    os.kill(job.host_pids()[-1], signal.SIGKILL)
+    assert job.await_termination(120)
+    assert len(calls) == 3 and job.metrics()["restarts"] == 2
+    assert Counter(_read_ids(out)) == Counter(r["id"] for r in rows)
+
+
 def test_a_slow_consumer_slows_the_source_down(tmp_path):
     """Bounded inboxes: the source never runs far ahead of what the consumer took."""
     n = 12_000

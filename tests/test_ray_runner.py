@@ -163,7 +163,9 @@ def test_tasks_reading_cached_partitions_run_where_the_partitions_are():
     # the load of a full test run it sometimes has none), so allow a few tries; without
     # locality all three would rarely land on their block's nodes by chance.
     mismatches: list[str] = []
-    for _ in range(3):
+    for attempt in range(5):
+        if attempt:
+            time.sleep(1.0)  # let whatever held the CPUs finish
         rows = cached.map_batches(_tag_node).select("id", "node").collect()
         mismatches = []
         for i, block in enumerate(blocks):

@@ -35,7 +35,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from millstream.errors import FetchFailedError, RunnerError
+from millstream.errors import FetchFailedError, RunnerError, WorkerLostError
 from millstream.runners.base import Runner
 from millstream.runtime.progress import StageProgress
 from millstream.runtime.shuffle import (
@@ -719,6 +719,9 @@ class _ActorChannels:
         self.host.mailbox.put.remote(msg)
 
 
+_HOST_START_TIMEOUT_S = 120.0  # actors need no CPU; this only waits for worker processes
+
+
 class RayStreamHosts:
     """The actors hosting a streaming job's tasks (spread over nodes), and their mailbox."""
 
@@ -733,7 +736,15 @@ class RayStreamHosts:
         self.mailbox = ray.remote(num_cpus=0, max_restarts=0)(_Mailbox).remote()
         env = _forwarded_env()
         self.actors = [host_cls.remote(inbox_capacity, env) for _ in range(n)]
-        self.nodes = ray.get([a.wire.remote(self.actors, self.mailbox) for a in self.actors])
+        try:
+            self.nodes = ray.get([a.wire.remote(self.actors, self.mailbox)
+                                  for a in self.actors], timeout=_HOST_START_TIMEOUT_S)
+        except ray.exceptions.RayError as exc:
+            # an actor placed on a node that is going away (a removed node takes a while
+            # to be noticed): the coordinator restarts, as for a host lost while running
+            self.shutdown()
+            raise WorkerLostError(f"a streaming task's Ray actor died while starting: "
+                                  f"{_first_line(exc)}") from None
         self.runs = [a.run.remote(p) for a, p in zip(self.actors, payloads)]
         self._finished: set[int] = set()
         self._dead: dict[int, str] = {}

@@ -35,7 +35,7 @@ from typing import Any
 import cloudpickle
 import pyarrow as pa
 
-from millstream.errors import PlanError
+from millstream.errors import PlanError, WorkerLostError
 from millstream.ops.state import DEFAULT_KEY_GROUPS, key_group_owners
 from millstream.ops.window import MAX_WATERMARK, MIN_WATERMARK, parse_duration
 from millstream.plan import logical as L
@@ -416,7 +416,10 @@ class ParallelStreamingJob(JobHandle):
         specs = self._specs()
         runner = self._runner
         payloads = [cloudpickle.dumps(partial(run_stream_task, spec)) for spec in specs]
-        self._hosts = runner.start_stream_hosts(payloads, self.inbox_capacity)
+        try:
+            self._hosts = runner.start_stream_hosts(payloads, self.inbox_capacity)
+        except WorkerLostError as exc:
+            raise _HostLost(str(exc)) from None
 
     def _trigger(self, final: bool) -> dict[str, Any]:
         e = self.epoch
@@ -596,6 +599,9 @@ class ParallelStreamingJob(JobHandle):
                     _log.warning("streaming job %s: %s; restarting from the last checkpoint "
                                  "(restart %d of %d)", self.job_id, exc, self.restarts,
                                  self.max_restarts)
+                    # back off a little, so a cluster notices a lost node before the
+                    # tasks are placed again (0.5 s, 1 s, 2 s, ...)
+                    self._stop.wait(min(0.5 * 2 ** (self.restarts - 1), 5.0))
         except _TaskFailed as exc:
             self._error = exc.error()
             _log.error("streaming job %s failed: %s", self.job_id, exc.text)
