@@ -59,7 +59,10 @@ def test_windows_match_batch_and_tasks_run_in_other_processes(parallelism, tmp_p
     m = job.metrics()
     assert m["records_in"] == 3000 and m["checkpoints"] >= 1 and m["restarts"] == 0
     window = next(v for k, v in m["operators"].items() if k.startswith("WindowAggregate"))
-    assert window["records_in"] == 3000
+    combiner = [v for k, v in m["operators"].items() if k.startswith("WindowCombiner")]
+    # rows become partial window states before the exchange (far fewer reach the window)
+    assert sum(v["records_in"] for v in combiner) == 3000
+    assert 0 < window["records_in"] <= sum(v["records_out"] for v in combiner) < 3000
     assert window["state_bytes"] >= 0 and m["last_checkpoint_seconds"] is not None
 
 
@@ -288,7 +291,7 @@ def test_checkpoints_are_incremental_for_large_keyed_state(tmp_path):
     settle()
     before = blobs()
     full = sum(before.values())
-    window = next(v for k, v in job.metrics()["operators"].items() if k.startswith("Window"))
+    window = next(v for k, v in job.metrics()["operators"].items() if k.startswith("WindowAggregate"))
     assert window["state_bytes"] > 200_000  # 30 000 open windows
     write("b.json", [{"k": "key-000007", "ts": 2_000}] * 5)  # one key: one key group changes
     assert _wait(lambda: job.metrics()["records_in"] == 30_005)

@@ -198,6 +198,9 @@ class PlannerSettings:
     #: computed once and broadcast (``BroadcastTableJoin`` with ``table_node``; the streaming
     #: scheduler resolves it with ``runtime.streaming.resolve_broadcast_tables``)
     streaming: bool = False
+    #: combine tumbling/sliding window rows into partial states before the key exchange
+    #: (``ops.window.WindowCombiner``); ``MILLSTREAM_WINDOW_COMBINER=0`` turns it off
+    window_combiner: bool = True
 
 
 class PhysicalPlanner:
@@ -264,12 +267,42 @@ class PhysicalPlanner:
         from millstream.ops.window import WindowAggregate
 
         pipes = self.build(node.child)
+        if self._combines(node, pipes):
+            from millstream.ops.window import MIN_WATERMARK, WindowCombiner
+
+            for p in pipes:
+                p.add(OperatorFactory(WindowCombiner, node.window, list(node.keys),
+                                      list(node.specs), node.time_column,
+                                      node.allowed_lateness,
+                                      None if self.s.streaming else MIN_WATERMARK),
+                      "window combiner (partial window states)")
         n = self._n(pipes) if node.keys else 1
         stage = self._close(pipes, HashPartitioner(list(node.keys), n), "window key exchange")
         new = Pipeline([ShufflePort(stage)])
         new.add(OperatorFactory(WindowAggregate, node.window, list(node.keys), list(node.specs),
                                 node.time_column, node.allowed_lateness), node.label())
         return [new]
+
+    def _combines(self, node: L.WindowAggregate, pipes: list[Pipeline]) -> bool:
+        """Whether to combine window rows before the exchange: tumbling or sliding
+        windows only, and not where a source of the same task can be declared idle (the
+        window operator may then take a watermark ahead of that source's, and a combined
+        state could arrive late, where only raw rows can go to the late side output)."""
+        import os
+
+        from millstream.ops.watermark import EventTimeWatermark
+        from millstream.ops.window import GlobalWindow
+
+        if not self.s.window_combiner or os.environ.get("MILLSTREAM_WINDOW_COMBINER") == "0":
+            return False
+        if node.window.merging or isinstance(node.window, GlobalWindow):
+            return False
+        for p in pipes:
+            for f in p.ops:
+                if isinstance(f, OperatorFactory) and f.cls is EventTimeWatermark and \
+                        (f.args[2:3] or (f.kwargs.get("idle_timeout"),))[0] is not None:
+                    return False
+        return True
 
     def _build_KeyedProcess(self, node: L.KeyedProcess) -> list[Pipeline]:
         from millstream.ops.process import KeyedProcess

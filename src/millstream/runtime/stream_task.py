@@ -225,6 +225,10 @@ class StreamTask:
                                  None)
             self.last_active = self.clock.now()
         wm = self.spec.watermark
+        for op in self.ops:  # a window combiner starts at the job's (restored) watermark
+            start = getattr(op, "start_watermark", None)
+            if start is not None:
+                start(wm)
         if MIN_WATERMARK < wm < MAX_WATERMARK:  # keyed operators that got no state catch up
             for k, op in enumerate(self.ops):
                 if is_keyed_op(op) and op.watermark < wm:
