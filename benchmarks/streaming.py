@@ -10,7 +10,9 @@ Two pipelines over generated events ``(key: str, ts: epoch ms, value: int)`` kep
 Parquet file (``benchmarks/data/``): ``filter`` (stateless: ``value >= 500``) and ``window``
 (count per key and one-minute tumbling event-time window). Engines, each in its own
 subprocess: ``millstream`` (the file as a bounded stream through ``start()``, checkpoints
-every 10 s), ``millstream-batch`` (the same pipeline with ``collect()``/``to_arrow()``) and
+every 10 s; ``millstream-inline``: the in-process executor), ``millstream-batch`` (the same
+pipeline with ``collect()``/``to_arrow()``), ``millstream-ray`` (``start()`` on the Ray
+runner, a one-node Ray with its own temp dir; only when named in ``--engines``) and
 ``bytewax`` (the same pipelines as a Bytewax dataflow, one worker). Every result is checked
 against the answer computed from the file with pyarrow; the table shows wall time,
 events/s, events/s per core, peak RSS and ratios; JSON goes to ``benchmarks/results/``.
@@ -22,6 +24,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -48,10 +51,13 @@ from common import (  # noqa: E402
 START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z, on a minute boundary
 MINUTE_MS = 60_000
 FILTER_MIN = 500  # the filter keeps value >= 500 (about half)
-ENGINES = ("millstream", "millstream-inline", "millstream-batch", "bytewax")
+ENGINES = ("millstream", "millstream-inline", "millstream-batch", "millstream-ray", "bytewax")
+#: engines run when --engines is not given (millstream-ray starts a one-node Ray: ask for it)
+DEFAULT_ENGINES = ("millstream", "millstream-inline", "millstream-batch", "bytewax")
 PIPELINES = ("filter", "window")
 ENGINE_MODULES = {"millstream": "millstream", "millstream-inline": "millstream",
-                  "millstream-batch": "millstream", "bytewax": "bytewax"}
+                  "millstream-batch": "millstream", "millstream-ray": "ray",
+                  "bytewax": "bytewax"}
 # Cores an engine's pipeline runs on: Millstream's parallel streaming executor runs
 # --parallelism partitions of every stage as task processes (at most the machine's cores
 # busy); the inline executor runs every operator in one thread; Bytewax runs one worker;
@@ -206,6 +212,22 @@ def run_millstream(path: str, pipeline: str, parallelism: int,
     return checksum, details
 
 
+def run_millstream_ray(path: str, pipeline: str, parallelism: int) -> Result:
+    """Millstream streaming on the Ray runner: every task an actor of a one-node Ray that
+    this process starts (with ``parallelism`` CPUs; its own temp dir, see run_once)."""
+    import millstream as ms
+    from millstream.runners.ray import connect
+
+    t0 = time.perf_counter()
+    connect(num_cpus=parallelism, object_store_memory=512 << 20, include_dashboard=False)
+    ms.init(runner="ray", parallelism=parallelism, progress=False)
+    ms.range(1).count()  # the runner connects lazily: count its start as init
+    init = time.perf_counter() - t0
+    checksum, details = run_millstream(path, pipeline, parallelism)
+    details["init_s"] = init
+    return checksum, details
+
+
 def run_millstream_inline(path: str, pipeline: str, parallelism: int) -> Result:
     """Millstream streaming with the in-process executor (one thread)."""
     return run_millstream(path, pipeline, parallelism, executor="inline")
@@ -286,6 +308,7 @@ RUNNERS: dict[str, Callable[[str, str, int], Result]] = {
     "millstream": run_millstream,
     "millstream-inline": run_millstream_inline,
     "millstream-batch": run_millstream_batch,
+    "millstream-ray": run_millstream_ray,
     "bytewax": run_bytewax,
 }
 
@@ -323,8 +346,19 @@ def run_once(engine: str, pipeline: str, path: Path, args: argparse.Namespace,
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", engine, "--pipeline",
            pipeline, "--input", str(path), "--result-file", str(result_file),
            "--parallelism", str(args.parallelism)]
-    outcome, run = run_worker(cmd, result_file, timeout_s=args.timeout, log_path=log,
-                              with_pss=False)
+    env = cleanup = None
+    if engine == "millstream-ray":  # a Ray of its own, its processes killed by PID after
+        from ray_runner import _kill_leftovers, _ray_env
+
+        base = tempfile.mkdtemp(prefix="msbench-", dir="/tmp")  # short: Ray's socket paths
+        env = _ray_env(base)
+        env["MILLSTREAM_RAY_LOG_TO_DRIVER"] = "0"
+
+        def cleanup() -> None:
+            _kill_leftovers(base)
+            shutil.rmtree(base, ignore_errors=True)
+    outcome, run = run_worker(cmd, result_file, env=env, timeout_s=args.timeout, log_path=log,
+                              with_pss=False, cleanup=cleanup)
     if run.timed_out:
         outcome = {"error": f"timed out after {args.timeout:.0f} s"}
     elif run.returncode != 0 and "error" not in outcome:
@@ -438,7 +472,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keys", type=int, default=1_000)
     p.add_argument("--minutes", type=int, default=60, help="event-time span of the data")
     p.add_argument("--seed", type=int, default=20261126)
-    p.add_argument("--engines", default=",".join(ENGINES))
+    p.add_argument("--engines", default=",".join(DEFAULT_ENGINES),
+                   help=f"comma-separated, of {', '.join(ENGINES)}")
     p.add_argument("--pipelines", default=",".join(PIPELINES))
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--parallelism", type=int, default=os.cpu_count() or 1,

@@ -178,6 +178,57 @@ def test_tasks_reading_cached_partitions_run_where_the_partitions_are():
     cached.unpersist()
 
 
+class _FakeRay:
+    """Just enough of ``ray`` for an outbox: ``remote`` calls run at once, ``get`` unwraps."""
+
+    @staticmethod
+    def get(value):
+        return value
+
+
+class _SlowPeer:
+    """A peer whose inbox takes one push at a time, slowly; records what arrived."""
+
+    def __init__(self, delay: float = 0.01, fail_after: int | None = None) -> None:
+        self.calls: list[list] = []
+        self.delay = delay
+        self.fail_after = fail_after
+        self.push_many = self  # peer.push_many.remote(batch)
+
+    def remote(self, batch):
+        time.sleep(self.delay)
+        if self.fail_after is not None and len(self.calls) >= self.fail_after:
+            raise RuntimeError("the peer's actor died")
+        self.calls.append(list(batch))
+
+
+def test_outbox_keeps_order_batches_waiting_messages_and_bounds_the_queue():
+    from millstream.runners.ray import _Outbox
+
+    peer = _SlowPeer()
+    box = _Outbox(_FakeRay(), peer, capacity=4)
+    longest = 0
+    for i in range(200):
+        box.put(("data", 0, 0, i))
+        longest = max(longest, box.queue.qsize())
+    box.flush()
+    got = [m[3] for call in peer.calls for m in call]
+    assert got == list(range(200))  # every message, in order
+    assert len(peer.calls) < 100  # messages that queued up went together
+    assert longest <= 4  # the bound: a full outbox makes put() wait
+
+
+def test_outbox_surfaces_a_dead_peer():
+    from millstream.runners.ray import _Outbox
+
+    box = _Outbox(_FakeRay(), _SlowPeer(delay=0, fail_after=1), capacity=2)
+    with pytest.raises(RuntimeError, match="actor died"):
+        for i in range(100):
+            box.put(("data", 0, 0, i))
+            if i % 10 == 9:
+                box.flush()
+
+
 def test_dashboard_link_is_printed_once(capsys):
     from millstream.runners.ray import _announce_dashboard
 

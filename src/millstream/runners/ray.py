@@ -675,23 +675,96 @@ class _StreamHost:
     def push(self, msg: tuple) -> None:
         self.inbox.put(msg)
 
+    def push_many(self, msgs: list[tuple]) -> None:
+        """Several messages of one peer, in order (blocks while the inbox is full)."""
+        for msg in msgs:
+            self.inbox.put(msg)
+
     def control(self, msg: tuple) -> None:
         self.controls.put(msg)
 
     def run(self, payload: bytes) -> None:
         import cloudpickle
 
-        cloudpickle.loads(payload)(_ActorChannels(self))
+        channels = _ActorChannels(self)
+        cloudpickle.loads(payload)(channels)
+        channels.flush()  # what the task sent last (its end of input) reaches the peers
+
+
+class _Outbox:
+    """The messages a task sends one peer, pushed in order by one thread with one call in
+    flight: messages that queue up meanwhile travel together in the next call, so a task
+    does not wait a round trip per batch. Bounded: a full outbox blocks the task (the
+    backpressure of the peer's full inbox reaches it)."""
+
+    #: most messages, and bytes of batch data, in one push
+    max_messages = 64
+    max_bytes = 8 << 20
+
+    def __init__(self, ray: Any, peer: Any, capacity: int) -> None:
+        import queue
+
+        self._ray = ray
+        self.peer = peer
+        self.queue: Any = queue.Queue(maxsize=max(1, capacity))
+        self.error: BaseException | None = None
+        threading.Thread(target=self._loop, daemon=True, name="millstream-outbox").start()
+
+    def put(self, msg: tuple) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(msg)
+
+    def flush(self) -> None:
+        """Wait until every message put so far was delivered into the peer's inbox."""
+        self.queue.join()
+        if self.error is not None:
+            raise self.error
+
+    @staticmethod
+    def _size(msg: tuple) -> int:
+        """Bytes of batch data in a message (Arrow IPC buffers)."""
+        return sum(x.size for x in msg if isinstance(x, pa.Buffer))
+
+    def _loop(self) -> None:
+        import queue
+
+        while True:
+            batch = [self.queue.get()]
+            size = self._size(batch[0])
+            while len(batch) < self.max_messages and size < self.max_bytes:
+                try:
+                    batch.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+                size += self._size(batch[-1])
+            try:
+                if self.error is None:
+                    self._ray.get(self.peer.push_many.remote(batch))
+            except BaseException as exc:  # noqa: BLE001 - the peer died: the task learns it
+                self.error = exc
+            finally:
+                for _ in batch:
+                    self.queue.task_done()
 
 
 class _ActorChannels:
     """A streaming task's channels inside a :class:`_StreamHost` actor."""
+
+    #: messages queued per peer before ``send`` blocks
+    outbox_capacity = 8
 
     def __init__(self, host: _StreamHost) -> None:
         import ray
 
         self._ray = ray
         self.host = host
+        self._outboxes: dict[int, _Outbox] = {}
+
+    def flush(self) -> None:
+        """Wait until every message sent so far is in its peer's inbox."""
+        for box in self._outboxes.values():
+            box.flush()
 
     def recv(self, timeout: float) -> tuple | None:
         import queue
@@ -712,8 +785,12 @@ class _ActorChannels:
             return None
 
     def send(self, dest: int, msg: tuple) -> None:
-        # one message at a time per peer: keeps the order, and waits while its inbox is full
-        self._ray.get(self.host.peers[dest].push.remote(msg))
+        """Queue ``msg`` for peer ``dest`` (in order; blocks while its outbox is full)."""
+        box = self._outboxes.get(dest)
+        if box is None:
+            box = self._outboxes[dest] = _Outbox(self._ray, self.host.peers[dest],
+                                                 self.outbox_capacity)
+        box.put(msg)
 
     def to_coordinator(self, msg: tuple) -> None:
         self.host.mailbox.put.remote(msg)
