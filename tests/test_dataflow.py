@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -66,8 +67,9 @@ def test_windows_match_batch_and_tasks_run_in_other_processes(parallelism, tmp_p
     assert window["state_bytes"] >= 0 and m["last_checkpoint_seconds"] is not None
 
 
-def test_a_killed_task_host_restarts_from_the_checkpoint_exactly_once(tmp_path):
-    rows = _rows(4000)
+def _kill_a_task_mid_job(rows: list[dict], tmp_path) -> tuple[ParallelStreamingJob, Any]:
+    """Start a keyed job writing files; SIGKILL a task of its last stage after two
+    checkpoints; wait for the job to end. Returns the job and its output directory."""
     out = tmp_path / "out"
 
     def slow(batch):
@@ -80,9 +82,14 @@ def test_a_killed_task_host_restarts_from_the_checkpoint_exactly_once(tmp_path):
                                        parallelism=2, max_batch_records=40)
     assert _wait(lambda: job.metrics()["checkpoints"] >= 2, 60)
     assert job.is_active, "the job ended before a task could be killed"
-    victim = job.host_pids()[-1]  # a task of the last stage
-    os.kill(victim, signal.SIGKILL)
+    os.kill(job.host_pids()[-1], signal.SIGKILL)
     assert job.await_termination(120)
+    return job, out
+
+
+def test_a_killed_task_host_restarts_from_the_checkpoint_exactly_once(tmp_path):
+    rows = _rows(4000)
+    job, out = _kill_a_task_mid_job(rows, tmp_path)
     m = job.metrics()
     assert m["restarts"] == 1 and m["restored_from_epoch"] is not None
     assert Counter(_read_ids(out)) == Counter(r["id"] for r in rows)
@@ -104,20 +111,7 @@ def test_a_host_lost_while_restarting_is_one_more_restart(tmp_path, monkeypatch)
 
     monkeypatch.setattr(LocalRunner, "start_stream_hosts", flaky)
     rows = _rows(3000)
-    out = tmp_path / "out"
-
-    def slow(batch):
-        time.sleep(0.01)
-        return batch
-
-    ds = ms.from_items(rows, num_partitions=2).map_batches(slow).select("id", "k")
-    job = ds.repartition(2, "k").start(checkpoint=str(tmp_path / "chk"),
-                                       checkpoint_interval="50ms", sink=FileStreamSink(str(out)),
-                                       parallelism=2, max_batch_records=40)
-    assert _wait(lambda: job.metrics()["checkpoints"] >= 2, 60)
-    assert job.is_active, "the job ended before a task could be killed"
-    os.kill(job.host_pids()[-1], signal.SIGKILL)
-    assert job.await_termination(120)
+    job, out = _kill_a_task_mid_job(rows, tmp_path)
     assert len(calls) == 3 and job.metrics()["restarts"] == 2
     assert Counter(_read_ids(out)) == Counter(r["id"] for r in rows)
 
