@@ -20,6 +20,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
+from typing import Any
 
 import cloudpickle
 
@@ -397,16 +398,21 @@ def _stream_host_main(payload: bytes, index: int, inboxes: list, controls: list,
     _release_memory_promptly()
     threading.Thread(target=_exit_with_driver, args=(driver,), daemon=True).start()
     fn = cloudpickle.loads(payload)
-    channels = _QueueChannels(index, inboxes, controls, coordinator)
-    profile_dir = os.environ.get("MILLSTREAM_PROFILE_DIR")
-    if profile_dir:  # developer aid: a cProfile of every task
-        import cProfile
-
-        cProfile.runctx("fn(channels)", {"fn": fn, "channels": channels}, {},
-                        os.path.join(profile_dir, f"task-{index}.prof"))
-    else:
-        fn(channels)
+    run_stream_task_fn(fn, _QueueChannels(index, inboxes, controls, coordinator), index)
     # at exit, each queue's feeder thread flushes what this task sent (its final barrier)
+
+
+def run_stream_task_fn(fn: Any, channels: Any, index: int) -> None:
+    """Run a streaming task's callable; with ``MILLSTREAM_PROFILE_DIR`` set (a developer
+    aid), under cProfile, into ``task-<index>.prof`` there."""
+    profile_dir = os.environ.get("MILLSTREAM_PROFILE_DIR")
+    if not profile_dir:
+        fn(channels)
+        return
+    import cProfile
+
+    cProfile.runctx("fn(channels)", {"fn": fn, "channels": channels}, {},
+                    os.path.join(profile_dir, f"task-{index}.prof"))
 
 
 def _widen_pipe(q: mp.Queue) -> None:

@@ -643,8 +643,9 @@ class _Mailbox:
     def __init__(self) -> None:
         self.items: list[tuple] = []
 
-    def put(self, msg: tuple) -> None:
-        self.items.append(msg)
+    def push_many(self, msgs: list[tuple]) -> None:
+        """Several messages of one task, in order (what an :class:`_Outbox` sends)."""
+        self.items.extend(msgs)
 
     def drain(self) -> list[tuple]:
         out, self.items = self.items, []
@@ -683,11 +684,13 @@ class _StreamHost:
     def control(self, msg: tuple) -> None:
         self.controls.put(msg)
 
-    def run(self, payload: bytes) -> None:
+    def run(self, payload: bytes, index: int) -> None:
         import cloudpickle
 
+        from millstream.runners.local import run_stream_task_fn
+
         channels = _ActorChannels(self)
-        cloudpickle.loads(payload)(channels)
+        run_stream_task_fn(cloudpickle.loads(payload), channels, index)
         channels.flush()  # what the task sent last (its end of input) reaches the peers
 
 
@@ -753,6 +756,8 @@ class _ActorChannels:
 
     #: messages queued per peer before ``send`` blocks
     outbox_capacity = 8
+    #: messages queued for the coordinator's mailbox (not bounded by an inbox over there)
+    mailbox_capacity = 64
 
     def __init__(self, host: _StreamHost) -> None:
         import ray
@@ -760,10 +765,14 @@ class _ActorChannels:
         self._ray = ray
         self.host = host
         self._outboxes: dict[int, _Outbox] = {}
+        # one outbox for the coordinator too: its messages keep their order (rows of an
+        # epoch before the acknowledgement), and a call carries what queued up meanwhile
+        # (a call costs ~1.6 ms for a 400 KB batch; ten in one call, 0.13 ms each)
+        self._mailbox = _Outbox(ray, host.mailbox, self.mailbox_capacity)
 
     def flush(self) -> None:
-        """Wait until every message sent so far is in its peer's inbox."""
-        for box in self._outboxes.values():
+        """Wait until every message sent so far is in its peer's inbox (or the mailbox)."""
+        for box in [*self._outboxes.values(), self._mailbox]:
             box.flush()
 
     def recv(self, timeout: float) -> tuple | None:
@@ -793,7 +802,7 @@ class _ActorChannels:
         box.put(msg)
 
     def to_coordinator(self, msg: tuple) -> None:
-        self.host.mailbox.put.remote(msg)
+        self._mailbox.put(msg)
 
 
 _HOST_START_TIMEOUT_S = 120.0  # actors need no CPU; this only waits for worker processes
@@ -822,7 +831,7 @@ class RayStreamHosts:
             self.shutdown()
             raise WorkerLostError(f"a streaming task's Ray actor died while starting: "
                                   f"{_first_line(exc)}") from None
-        self.runs = [a.run.remote(p) for a, p in zip(self.actors, payloads)]
+        self.runs = [a.run.remote(p, i) for i, (a, p) in enumerate(zip(self.actors, payloads))]
         self._finished: set[int] = set()
         self._dead: dict[int, str] = {}
 
