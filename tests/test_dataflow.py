@@ -178,6 +178,41 @@ def test_stop_takes_a_final_checkpoint_and_a_restart_continues_exactly_once(tmp_
     assert set(first) <= set(ids)
 
 
+class _RetiringSink(FileStreamSink):
+    """A file sink that records which instances the coordinator retires."""
+
+    retired: list[list[int]] = []
+
+    def retire_instances(self, indices) -> None:
+        _RetiringSink.retired.append(list(indices))
+
+
+def test_a_restart_at_lower_parallelism_retires_the_extra_sink_instances(tmp_path):
+    import json
+
+    chk = tmp_path / "chk"
+    _RetiringSink.retired = []
+
+    def run(parallelism: int) -> None:
+        job = (ms.from_generator(lambda i: {"id": i, "k": i % 5, "ts": i}, rate=4000,
+                                 partitions=2)
+               .with_watermark("ts", "0s").group_by("k")
+               .window(ms.tumbling("1s"), on="ts").agg(ms.count().alias("n"))
+               .start(checkpoint=str(chk), checkpoint_interval="50ms",
+                      sink=_RetiringSink(str(tmp_path / "out")), parallelism=parallelism))
+        assert _wait(lambda: job.metrics()["checkpoints"] >= 2, 60)
+        job.stop()
+
+    run(3)
+    assert _RetiringSink.retired == []
+    assert json.loads((chk / "_job.json").read_text())["sink_instances"] == 3
+    run(2)  # instance 2 of the first run has no task any more
+    assert _RetiringSink.retired == [[2]]
+    run(2)
+    assert _RetiringSink.retired == [[2]]  # retired once
+    assert json.loads((chk / "_job.json").read_text())["sink_instances"] == 2
+
+
 def test_rescaled_restore_of_a_parallel_job(tmp_path):
     rows = _rows(2000, keys=17)
     src = tmp_path / "in"

@@ -337,6 +337,33 @@ def test_transactional_sink_commit_and_abort(broker, topic):
     assert set(values) <= {*committed, b"e3-a"}
 
 
+def test_retired_instances_fence_a_leftover_producer(broker, topic):
+    """After a restart at a lower parallelism, the coordinator retires the sink instances
+    no task owns any more: a producer of the earlier run still holding an open
+    transaction under one of those ids can no longer commit it."""
+    import confluent_kafka as ck
+
+    base = f"tx-{uuid.uuid4().hex[:8]}"
+    zombie = ck.Producer({"bootstrap.servers": broker.bootstrap_servers,
+                          "transactional.id": f"{base}-2", "enable.idempotence": True})
+    zombie.init_transactions(10)
+    zombie.begin_transaction()
+    zombie.produce(topic, b"from a process of the earlier run")
+    assert zombie.flush(10) == 0
+    KafkaSink(topic, broker.bootstrap_servers, format="raw",
+              transactional_id=base).retire_instances([2])
+    with pytest.raises(ck.KafkaException):
+        zombie.commit_transaction(3)
+    # the retired id is usable again by a later run that scales back up
+    later = KafkaSink(topic, broker.bootstrap_servers, format="raw",
+                      transactional_id=base).for_subtask(2)
+    later.begin(1)
+    later.write(pa.table({"value": [b"later"]}))
+    later.commit(later.pre_commit(1))
+    later.close()
+    assert b"later" in {r["value"] for r in read_back(broker, topic)}
+
+
 def test_sink_falls_back_to_idempotent_without_transactions(broker, topic, monkeypatch):
     import confluent_kafka
 

@@ -68,7 +68,9 @@ one open transaction). Recovery limit: librdkafka cannot resume another producer
 transaction, so a restarted sink (``open`` runs ``init_transactions``, which aborts
 whatever its transactional id left open) cannot finish a transaction that was
 pre-committed into a completed checkpoint but not yet committed when the process died;
-that epoch's records are lost unless the scheduler replays it.
+that epoch's records are lost unless the scheduler replays it. A job restarted at a lower
+parallelism has its coordinator call ``retire_instances`` for the instances no task owns
+any more: their ids' open transactions are aborted and leftover producers fenced.
 
 Options: keys Millstream knows (listed in ``SOURCE_OPTIONS`` and ``SINK_OPTIONS``) are
 taken out of ``options``; every other key is a librdkafka setting passed to the client
@@ -82,7 +84,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -1076,6 +1078,26 @@ class KafkaSink:
         options = {**self.settings, **self.client_options}
         return KafkaSink(self.topic, self.bootstrap_servers, self.format, self.key, tid,
                          options)
+
+    def retire_instances(self, indices: Iterable[int]) -> None:
+        """Close out parallel instances no task will own again (after a job restarts at a
+        lower parallelism): ``init_transactions`` under each one's transactional id aborts
+        its open transaction and fences any producer still using it. Nothing to do
+        without a transactional id; a broker without transactions is only logged."""
+        if not self.transactional_id:
+            return
+        ck = _ck()
+        for i in indices:
+            tid = f"{self.transactional_id}-{i}"
+            config = {**self._config(True), "transactional.id": tid}
+            try:
+                producer = ck.Producer(config)
+                producer.init_transactions(float(self.settings["init_timeout_s"]))
+                producer.flush(0)
+            except ck.KafkaException as exc:
+                _log.warning("KafkaSink %r: could not fence transactional id %r of an "
+                             "earlier run (%s)", self.topic, tid, exc)
+                return
 
     # -- producer ------------------------------------------------------------------------
 

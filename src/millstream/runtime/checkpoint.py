@@ -49,6 +49,7 @@ class CheckpointError(MillstreamError):
 
 
 SHARED = "shared"
+JOB_META = "_job.json"  # facts about the job across runs (e.g. the most sink instances)
 #: State values at least this large become shared blobs (incremental checkpoints).
 BLOB_MIN_BYTES = 64 << 10
 
@@ -321,6 +322,19 @@ class CheckpointStore:
                              d, exc)
                 return None
         return state
+
+    def job_meta(self) -> dict[str, Any]:
+        """Facts the job keeps across runs (``{}`` before the first write)."""
+        try:
+            return json.loads(msfs.read_bytes(self.fs, msfs.join(self.path, JOB_META)))
+        except (OSError, MillstreamError, ValueError):
+            return {}
+
+    def update_job_meta(self, **facts: Any) -> None:
+        """Set some job facts (one small JSON file, rewritten whole)."""
+        meta = {**self.job_meta(), **facts}
+        msfs.write_bytes(self.fs, msfs.join(self.path, JOB_META),
+                         json.dumps(meta, sort_keys=True).encode())
 
     def mark_committed(self, epoch: int) -> None:
         """Record that the sinks committed ``epoch`` (written after the commit succeeded)."""

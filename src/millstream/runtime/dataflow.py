@@ -393,6 +393,8 @@ class ParallelStreamingJob(JobHandle):
             src.prepare(at)  # e.g. a JSON topic's schema, once for all tasks
         sink_index = {c.index: i for i, c in enumerate(
             c for c in self._chains if c.stage.output_kind != "shuffle")}
+        if self._parallel_sink:
+            self._retire_sink_instances(len(sink_index))
         specs = []
         for c in self._chains:
             source = None
@@ -409,6 +411,25 @@ class ParallelStreamingJob(JobHandle):
                 max_batch_records=self.max_batch_records, poll_timeout_s=self.poll_timeout_s,
                 settings=dict(self._settings), checkpoint=self._checkpoint_location))
         return specs
+
+    def _retire_sink_instances(self, n: int) -> None:
+        """Before ``n`` sink instances start: if an earlier run of this job had more (it ran
+        at a higher parallelism), close out the ones no task will own again (a Kafka sink
+        aborts their open transactions and fences their producers, as Flink does), so a
+        leftover process of that run cannot commit, nor an open transaction hold
+        ``read_committed`` readers back until it times out. The most instances ever
+        started is kept with the checkpoints."""
+        if self.store is None:
+            return
+        before = int(self.store.job_meta().get("sink_instances", 0))
+        retire = getattr(self.sink, "retire_instances", None)
+        if before > n and retire is not None:
+            retire(range(n, before))
+            _log.info("streaming job %s: retired sink instances %d..%d of an earlier run",
+                      self.job_id, n, before - 1)
+        if before != n:
+            self.store.update_job_meta(sink_instances=n if retire is not None else
+                                       max(n, before))
 
     # ------------------------------------------------------------------ running
 
