@@ -1440,7 +1440,9 @@ class WindowCombiner(Operator):
         else:
             keep = safe[idx]
             take, ws, we = rows[idx[keep]], ws[keep], we[keep]
-        table = pa.Table.from_batches([batch]).take(pa.array(take))
+        table = pa.Table.from_batches([batch])
+        if idx is not None or n_safe < batch.num_rows:  # (all rows, once each: no copy)
+            table = table.take(pa.array(take))
         table = table.append_column(_WS, pa.array(ws, pa.int64()))
         table = table.append_column(_WE, pa.array(we, pa.int64()))
         states = self.core.partial(table)
