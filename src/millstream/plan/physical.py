@@ -297,12 +297,8 @@ class PhysicalPlanner:
             return False
         if node.window.merging or isinstance(node.window, GlobalWindow):
             return False
-        for p in pipes:
-            for f in p.ops:
-                if isinstance(f, OperatorFactory) and f.cls is EventTimeWatermark and \
-                        (f.args[2:3] or (f.kwargs.get("idle_timeout"),))[0] is not None:
-                    return False
-        return True
+        return not any(f.cls is EventTimeWatermark and f.create().idle_timeout is not None
+                       for p in pipes for f in p.ops if isinstance(f, OperatorFactory))
 
     def _build_KeyedProcess(self, node: L.KeyedProcess) -> list[Pipeline]:
         from millstream.ops.process import KeyedProcess
