@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 import subprocess
@@ -369,6 +370,38 @@ def test_keyed_state_larger_than_the_task_memory_limit(executor, tmp_path):
     assert job.metrics()["counters"].get("millstream.state_spills", 0) > 0  # it did spill
     with pytest.raises(ms.PlanError, match="memory_limit"):
         ms.from_items(rows[:3]).start(executor=executor, memory_limit="-1")
+
+
+def test_spilled_window_state_survives_checkpoints_and_a_killed_task(tmp_path):
+    """Window state far over the task budget spills; checkpoints take it a key group at a
+    time; a killed task restores from them; the windows are exact."""
+    rows = [{"k": f"key{i % 4_000}", "t": (i // 4_000) * 1_000, "v": i} for i in range(48_000)]
+
+    def slow(batch):
+        time.sleep(0.04)
+        return batch
+
+    pipeline = (ms.from_items(rows, num_partitions=2).map_batches(slow)
+                .with_watermark("t", "1h").group_by("k")  # every window open to the end
+                .window(ms.tumbling("1s"), on="t")
+                .agg(ms.sum("v").alias("s"), ms.collect_list("v").alias("l")))
+    job = pipeline.start(memory_limit="256KB", parallelism=2, max_batch_records=500,
+                         checkpoint=str(tmp_path / "chk"), checkpoint_interval="100ms")
+    assert _wait(lambda: job.metrics()["checkpoints"] >= 2
+                 and job.metrics()["counters"].get("millstream.state_spills", 0) > 0, 60)
+    assert job.is_active, "the job ended before a task could be killed"
+    os.kill(job.host_pids()[-1], signal.SIGKILL)  # a window task
+    assert job.await_termination(120)
+    assert job.metrics()["restarts"] == 1
+    epoch = datetime.datetime(1970, 1, 1)  # the int (ms) time column gives naive windows
+    got = {(r["k"], (r["window_start"] - epoch).total_seconds()): (r["s"], sorted(r["l"]))
+           for r in job.sink.rows()}
+    want: dict[tuple, tuple[int, list[int]]] = {}
+    for r in rows:
+        key = (r["k"], r["t"] // 1_000)
+        s, lst = want.get(key, (0, []))
+        want[key] = (s + r["v"], [*lst, r["v"]])
+    assert got == {k: (s, sorted(lst)) for k, (s, lst) in want.items()}
 
 
 def test_a_checkpoint_that_does_not_complete_in_time_fails_the_attempt(tmp_path):

@@ -735,6 +735,46 @@ def test_state_spilling_gives_identical_results(tmp_path, window, lateness):
         assert _canon(drive(factory(64 << 10), script, snapshot_at=cut)) == base, f"cut {cut}"
 
 
+@pytest.mark.parametrize("window", [Tumbling("1s"), Session("300ms")])
+def test_spilled_state_snapshots_one_key_group_at_a_time(tmp_path, window):
+    """With state on disk, a checkpoint takes key groups one at a time: the same groups as
+    the whole snapshot, while memory holds one window's and one group's state."""
+    import os
+
+    def make_op():
+        op = WindowAggregate(window, ["k"], [ms.sum("v").alias("s"), ms.collect_list("v")
+                                             .alias("l")], "t", state_memory_limit=64 << 10)
+        op.open(default_context(spill_dir=str(tmp_path)))
+        return op
+
+    events = [(f"k{i % 500}", (i // 500) * 1_000, i) for i in range(60_000)]
+    op = make_op()
+    for i in range(0, len(events), 2_000):
+        op.process(to_batch(events[i:i + 2_000]))
+    assert op._spilled or op._session_spills
+    whole = sum(t.nbytes for t in op._state_tables())
+    base, peak, groups = pa.total_allocated_bytes(), 0, {}
+    for g, snap in op.iter_key_group_snapshots(16):
+        peak = max(peak, pa.total_allocated_bytes() - base)
+        groups[g] = pickle.loads(pickle.dumps(snap))  # as it goes out: bytes, not memory
+        del snap
+    assert whole > 2 << 20 and peak < whole / 4, (whole, peak)
+    assert [f for f in os.listdir(tmp_path) if "snapshot-group" in f] == []
+    full = op.snapshot_by_key_group(16)
+    assert sorted(groups) == sorted(full)
+    for g, snap in full.items():
+        got = groups[g]
+        assert {k: v for k, v in got.items() if k != "state"} == \
+            {k: v for k, v in snap.items() if k != "state"}
+        assert (got["state"] is None) == (snap["state"] is None)
+        if snap["state"] is not None:
+            assert got["state"].equals(snap["state"])
+    # and a restore from them continues as the original
+    restored = make_op()
+    restored.restore_key_groups(list(groups.values()))
+    assert sorted(map(repr, rows_of(restored.finish()))) == sorted(map(repr, rows_of(op.finish())))
+
+
 def test_state_spilling_close_deletes_files_and_snapshot_includes_spilled(tmp_path):
     import os
 

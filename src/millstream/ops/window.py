@@ -97,7 +97,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -703,28 +703,85 @@ class WindowAggregate(Operator):
         full = self.snapshot()
         table: pa.Table | None = full["state"]
         groups: dict[int, dict[str, Any]] = {}
-        base = {"version": 1, "operator": "WindowAggregate", "watermark": self.watermark,
-                "tz": self._tz, "late_records": 0, "invalid_records": 0, "state": None,
-                "seq": self._seq, "side": {k: [] for k in self._side}}
         if table is not None and table.num_rows:
-            cols = [normalize_key(table.column(k)) for k in self.keys]
-            hashes = key_hashes(cols, table.num_rows)
+            table, hashes = self._canonical_order(table)
             gids = (hashes % np.uint64(key_groups)).astype(np.int64)
-            # a canonical row order (key hash, window start) inside each group, so a group
-            # whose state did not change snapshots to the same bytes (incremental checkpoints
-            # store it once)
-            starts = (table.column(_WS).to_numpy() if _WS in table.schema.names
-                      else np.zeros(table.num_rows, np.int64))
-            order = np.lexsort((starts, hashes))
-            table, gids = table.take(pa.array(order)), gids[order]
             for g, part in _split_by_value(table, gids):
-                groups[g] = {**base, "key_group": g, "state": part.combine_chunks(),
-                             "side": {k: [] for k in self._side}}
+                groups[g] = self._group_snapshot(g, part.combine_chunks())
         first = min(groups, default=0)
-        groups.setdefault(first, {**base, "key_group": first})
+        groups.setdefault(first, self._group_snapshot(first, None))
         groups[first].update(late_records=full["late_records"],
                              invalid_records=full["invalid_records"], side=full["side"])
         return groups
+
+    def iter_key_group_snapshots(self, key_groups: int) -> Iterator[tuple[int, dict[str, Any]]]:
+        """``snapshot_by_key_group`` one group at a time, in group order, with memory for
+        one window (or session file) and one group: when state has spilled, each window's
+        state is split by key group into per-group files on disk first, and each group is
+        read back only when its turn comes (the caller writes it out before the next)."""
+        if not (self._spilled or self._session_spills):
+            yield from sorted(self.snapshot_by_key_group(key_groups).items())
+            return
+        if not self.keys:
+            raise PlanError(f"{self.name}: a window without keys has no key groups; its state "
+                            f"can only be restored at the same parallelism")
+        files: dict[int, SpillFile] = {}
+        try:
+            for table in self._iter_state_tables():
+                if not table.num_rows:
+                    continue
+                hashes = key_hashes([normalize_key(table.column(k)) for k in self.keys],
+                                    table.num_rows)
+                gids = (hashes % np.uint64(key_groups)).astype(np.int64)
+                for g, part in _split_by_value(table, gids):
+                    sf = files.get(g)
+                    if sf is None:
+                        sf = files[g] = SpillFile(self._spill_context(), "snapshot-group")
+                    for b in part.to_batches():
+                        sf.write(b)
+            first = min(files, default=0)
+            for g in sorted({*files, first}):
+                sf = files.pop(g, None)
+                state = None
+                if sf is not None:
+                    state = self._canonical_order(pa.Table.from_batches(list(sf.read())))[0]
+                    sf.delete()
+                    state = state.combine_chunks()
+                snap = self._group_snapshot(g, state)
+                if g == first:
+                    snap.update(late_records=self.late_records,
+                                invalid_records=self.invalid_records,
+                                side={k: list(v) for k, v in self._side.items()})
+                yield g, snap
+        finally:
+            for sf in files.values():
+                sf.delete()
+
+    def _iter_state_tables(self) -> Iterator[pa.Table]:
+        """``_state_tables()`` one table at a time (one window, or one session file)."""
+        if self.window.merging:
+            yield from (t for t in self._buckets if t is not None)
+            for sp in self._session_spills:
+                yield from self._read_session_spills([sp], self._expiry())
+        else:
+            for end in sorted({*self._panes, *self._spilled}):
+                yield self._snapshot_pane(end)
+
+    def _canonical_order(self, table: pa.Table) -> tuple[pa.Table, np.ndarray]:
+        """Rows by (key hash, window start), and their key hashes: a group whose state did
+        not change snapshots to the same bytes (incremental checkpoints store it once)."""
+        hashes = key_hashes([normalize_key(table.column(k)) for k in self.keys],
+                            table.num_rows)
+        starts = (table.column(_WS).to_numpy() if _WS in table.schema.names
+                  else np.zeros(table.num_rows, np.int64))
+        order = np.lexsort((starts, hashes))
+        return table.take(pa.array(order)), hashes[order]
+
+    def _group_snapshot(self, group: int, state: pa.Table | None) -> dict[str, Any]:
+        """One key group's snapshot (counters and side output go with the first group)."""
+        return {"version": 1, "operator": "WindowAggregate", "watermark": self.watermark,
+                "tz": self._tz, "late_records": 0, "invalid_records": 0, "state": state,
+                "seq": self._seq, "side": {k: [] for k in self._side}, "key_group": group}
 
     def restore_key_groups(self, states: list[dict[str, Any]]) -> None:
         """Restore from ``snapshot_by_key_group`` states of the key groups this instance owns."""

@@ -378,10 +378,22 @@ class StreamTask:
         keyed: dict[int, dict[int, Any]] = {}
         used: set[str] = set()
         sizes: dict[str, int] = {}
+        blob_bytes = 0
         for k, op in enumerate(self.ops if self.spec.checkpoint is not None else ()):
             # (no checkpoint location: epochs only commit the sink, nothing is snapshotted)
             # large values become shared blobs; unchanged ones since the last checkpoint
             # travel as references only (incremental checkpoints)
+            groups = getattr(op, "iter_key_group_snapshots", None)
+            if self.spec.key_grouped and is_keyed_op(op) and groups is not None \
+                    and self._blob_store is not None:
+                # one key group at a time, written out before the next (state that spilled
+                # never has to fit in memory whole)
+                keyed[k] = {}
+                for g, snap in groups(self.spec.key_groups):
+                    keyed[k][g] = externalize(snap, self._blobs, used)
+                    blob_bytes += self._blob_store.put(keyed[k][g])
+                    sizes[op.name] = sizes.get(op.name, 0) + state_bytes(snap)
+                continue
             if self.spec.key_grouped and is_keyed_op(op):
                 snap = op.snapshot_by_key_group(self.spec.key_groups)
                 keyed[k] = externalize(snap, self._blobs, used)
@@ -391,9 +403,8 @@ class StreamTask:
             sizes[op.name] = sizes.get(op.name, 0) + state_bytes(snap)
         self._blobs = used
         self.state_sizes = sizes
-        blob_bytes = 0
         if self._blob_store is not None:  # large values go to storage from here, not via the driver
-            blob_bytes = self._blob_store.put(ops) + self._blob_store.put(keyed)
+            blob_bytes += self._blob_store.put(ops) + self._blob_store.put(keyed)
         handle = self._sink.pre_commit(epoch) if self._sink is not None else None
         self._side_outputs()
         self.ch.to_coordinator(("ack", self.spec.index, epoch, {
