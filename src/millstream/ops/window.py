@@ -406,8 +406,13 @@ def _concat(tables: list[pa.Table]) -> pa.Table:
     return pa.concat_tables(tables, promote_options="permissive")
 
 
-def _split_by_value(table: pa.Table, values: np.ndarray) -> Iterable[tuple[int, pa.Table]]:
-    """(value, rows) groups of a table by an int64 column, in ascending value order."""
+def _split_by_value(table: pa.Table, values: np.ndarray, copy: bool = False
+                    ) -> Iterable[tuple[int, pa.Table]]:
+    """(value, rows) groups of a table by an int64 column, in ascending value order.
+
+    The groups are slices of one reordered table, which they keep alive together; with
+    ``copy`` each is a table of its own (for groups kept apart for long, e.g. restored
+    state that spills piece by piece)."""
     if table.num_rows == 0:
         return
     order = np.argsort(values, kind="stable")
@@ -415,6 +420,10 @@ def _split_by_value(table: pa.Table, values: np.ndarray) -> Iterable[tuple[int, 
     bounds = np.flatnonzero(np.diff(sv)) + 1
     starts = np.concatenate([[0], bounds])
     ends = np.concatenate([bounds, [len(sv)]])
+    if copy:
+        for s, e in zip(starts, ends):
+            yield int(sv[s]), table.take(pa.array(order[s:e]))
+        return
     ordered = table.take(pa.array(order)) if len(starts) > 1 else table
     for s, e in zip(starts, ends):
         yield int(sv[s]), ordered.slice(int(s), int(e - s)) if len(starts) > 1 else ordered
@@ -671,6 +680,26 @@ class WindowAggregate(Operator):
             return
         self._load_state(table)
 
+    def _add_state(self, table: pa.Table) -> None:
+        """Add one key group's state table to what is restored already (the groups'
+        keys are disjoint); spill when over the limit."""
+        if self.window.merging:
+            self._load_state(table)
+            return
+        for end, part in _split_by_value(table, _col_numpy(table, _WE), copy=True):
+            if end in self._spilled:
+                self._spill_write(end, [part])
+            elif end in self._panes:
+                pane = self._panes[end]
+                pane.tables.append(part)
+                pane.rows += part.num_rows
+                if len(pane.tables) >= self.compact_tables:  # disjoint keys: concatenate
+                    pane.tables = [_concat(pane.tables)]
+            else:
+                self._panes[end] = _Pane([part])
+        self._spill_skip = 0  # measure now: groups can come in fast
+        self._maybe_spill()
+
     def _load_state(self, table: pa.Table) -> None:
         """Put a snapshot's state table (not empty) into the operator's structures."""
         if self.window.merging:
@@ -783,26 +812,51 @@ class WindowAggregate(Operator):
                 "tz": self._tz, "late_records": 0, "invalid_records": 0, "state": state,
                 "seq": self._seq, "side": {k: [] for k in self._side}, "key_group": group}
 
-    def restore_key_groups(self, states: list[dict[str, Any]]) -> None:
-        """Restore from ``snapshot_by_key_group`` states of the key groups this instance owns."""
+    #: ``restore_key_groups`` takes ``load``: the groups' state tables may still be blob
+    #: references, read one group at a time (spilling as they come in)
+    restores_key_groups_lazily = True
+
+    def restore_key_groups(self, states: list[dict[str, Any]], load: Any = None) -> None:
+        """Restore from ``snapshot_by_key_group`` states of the key groups this instance owns.
+
+        With ``load`` (a checkpoint blob reader), a group's state may be a blob reference:
+        each is read and put in place before the next, and spills over the memory limit
+        as usual, so a restore needs memory for one group, not the whole state."""
         for st in states:
             if not isinstance(st, dict) or st.get("operator") != "WindowAggregate" \
                     or "key_group" not in st:
                 raise PlanError(f"{self.name}: cannot restore from {type(st).__name__}: not a "
                                 f"WindowAggregate key-group snapshot")
+        if load is not None:
+            # side-output batches may be blobs too (small metadata is never a blob)
+            states = [{**st, "side": {k: [b if isinstance(b, pa.RecordBatch) else load(b)
+                                          for b in v] for k, v in st["side"].items()}}
+                      for st in states]
+            self.restore(self._merged_group_meta(states, None))
+            for st in states:
+                table = st["state"]
+                if table is not None and not isinstance(table, pa.Table):
+                    table = load(table)
+                if table is not None and table.num_rows:
+                    self._add_state(table)
+            return
         tables = [st["state"] for st in states if st["state"] is not None and st["state"].num_rows]
-        merged: dict[str, Any] = {
+        self.restore(self._merged_group_meta(states, _concat(tables) if tables else None))
+
+    def _merged_group_meta(self, states: list[dict[str, Any]], state: pa.Table | None
+                           ) -> dict[str, Any]:
+        """One ``snapshot()``-shaped dict from several key groups' snapshots."""
+        return {
             "version": 1, "operator": "WindowAggregate",
             "watermark": max([MIN_WATERMARK, *(st["watermark"] for st in states)]),
             "tz": next((st["tz"] for st in states if st["tz"] is not None), None),
             "late_records": sum(st["late_records"] for st in states),
             "invalid_records": sum(st["invalid_records"] for st in states),
-            "state": _concat(tables) if tables else None,
+            "state": state,
             "seq": max([0, *(st.get("seq", 0) for st in states)]),
             "side": {k: [b for st in states for b in st["side"].get(k, [])]
                      for k in self.side_outputs},
         }
-        self.restore(merged)
 
     def close(self) -> None:
         self._panes = {}
@@ -1531,6 +1585,9 @@ class ProcessingTimeService:
 class GlobalWindowAggregate(WindowAggregate):
     """Keyed aggregation in one global window per key, emitted by triggers (see the module
     docstring, "Global windows"). ``WindowAggregate(GlobalWindow(...), ...)`` builds one."""
+
+    #: its state (one row per key) is not spilled; it restores all owned groups at once
+    restores_key_groups_lazily = False
 
     def __init__(self, window: WindowAssigner, keys: list[str] | str | None, aggs: list[Any],
                  time_column: str | None = None,

@@ -128,6 +128,29 @@ class BlobStore:
         _blobs(value, blobs)
         return write_blobs(self.fs, self.path, blobs)
 
+    def load(self, blob: SharedBlob) -> Any:
+        """A blob's value, read from the store (its hash checked)."""
+        return load_blob(self.fs, self.path, blob)
+
+    def resolve(self, value: Any) -> Any:
+        """``value`` with every blob reference replaced by its value."""
+        return _resolve(value, self.load)
+
+
+def load_blob(fs: pafs.FileSystem, root: str, blob: SharedBlob) -> Any:
+    """Read a blob stored under ``<root>/shared/`` back into its value."""
+    path = msfs.join(root, SHARED, blob.sha)
+    data = msfs.read_bytes(fs, path)
+    if hashlib.sha256(data).hexdigest() != blob.sha:
+        raise CheckpointError(f"checkpoint blob {path} does not match its hash")
+    if blob.kind == "bytes":
+        return data
+    table = pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+    if blob.kind == "arrow-batch":
+        return table.combine_chunks().to_batches()[0] if table.num_rows else \
+            pa.RecordBatch.from_pylist([], schema=table.schema)
+    return table
+
 
 def _blobs(value: Any, out: list[SharedBlob]) -> None:
     if isinstance(value, SharedBlob):
@@ -279,17 +302,7 @@ class CheckpointStore:
         return d
 
     def _load_blob(self, blob: SharedBlob) -> Any:
-        path = msfs.join(self.path, SHARED, blob.sha)
-        data = msfs.read_bytes(self.fs, path)
-        if hashlib.sha256(data).hexdigest() != blob.sha:
-            raise CheckpointError(f"checkpoint blob {path} does not match its hash")
-        if blob.kind == "bytes":
-            return data
-        table = pa.ipc.open_stream(pa.py_buffer(data)).read_all()
-        if blob.kind == "arrow-batch":
-            return table.combine_chunks().to_batches()[0] if table.num_rows else \
-                pa.RecordBatch.from_pylist([], schema=table.schema)
-        return table
+        return load_blob(self.fs, self.path, blob)
 
     def epochs(self) -> list[int]:
         """Epochs that have a checkpoint directory (complete or not), ascending."""
@@ -302,8 +315,12 @@ class CheckpointStore:
                     continue
         return sorted(out)
 
-    def read(self, epoch: int) -> dict[str, Any] | None:
-        """The state of ``epoch`` if its checkpoint is complete and intact, else None."""
+    def read(self, epoch: int, keyed_as_blobs: bool = False) -> dict[str, Any] | None:
+        """The state of ``epoch`` if its checkpoint is complete and intact, else None.
+
+        ``keyed_as_blobs``: keyed state (``state["keyed"]``) keeps its blob references (the
+        blobs are only checked to exist): the tasks that restore it read their own key
+        groups, one at a time, so a large state never has to fit in the driver."""
         d = self._dir(epoch)
         try:
             manifest = json.loads(msfs.read_bytes(self.fs, msfs.join(d, COMPLETE)))
@@ -316,7 +333,17 @@ class CheckpointStore:
         state = cloudpickle.loads(data)
         if manifest.get("shared"):
             try:
-                state = _resolve(state, self._load_blob)
+                if keyed_as_blobs and "keyed" in state:
+                    kept: list[SharedBlob] = []
+                    _blobs(state["keyed"], kept)
+                    for blob in kept:
+                        path = msfs.join(self.path, SHARED, blob.sha)
+                        if not msfs.exists(self.fs, path):
+                            raise CheckpointError(f"checkpoint blob {path} is missing")
+                    state = {k: v if k == "keyed" else _resolve(v, self._load_blob)
+                             for k, v in state.items()}
+                else:
+                    state = _resolve(state, self._load_blob)
             except (OSError, MillstreamError) as exc:
                 _log.warning("checkpoint %s: a shared blob is missing or damaged (%s); ignored",
                              d, exc)
@@ -343,13 +370,15 @@ class CheckpointStore:
     def is_committed(self, epoch: int) -> bool:
         return msfs.exists(self.fs, msfs.join(self._dir(epoch), COMMITTED))
 
-    def latest(self, committed_only: bool = False) -> tuple[int, dict[str, Any]] | None:
+    def latest(self, committed_only: bool = False, keyed_as_blobs: bool = False
+               ) -> tuple[int, dict[str, Any]] | None:
         """The newest complete checkpoint as (epoch, state), or None; with
-        ``committed_only``, the newest whose sink commit is known to have happened."""
+        ``committed_only``, the newest whose sink commit is known to have happened
+        (``keyed_as_blobs``: see :meth:`read`)."""
         for epoch in reversed(self.epochs()):
             if committed_only and not self.is_committed(epoch):
                 continue
-            state = self.read(epoch)
+            state = self.read(epoch, keyed_as_blobs)
             if state is not None:
                 return epoch, state
         return None

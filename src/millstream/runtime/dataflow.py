@@ -356,7 +356,7 @@ class ParallelStreamingJob(JobHandle):
     def _specs(self) -> list[TaskSpec]:
         """Build every task's spec from the newest usable checkpoint (or from the start)."""
         recommit = getattr(self.sink, "recommit_on_restore", True)
-        latest = (self.store.latest(committed_only=not recommit)
+        latest = (self.store.latest(committed_only=not recommit, keyed_as_blobs=True)
                   if self.store is not None else None)
         restore: dict[int, dict[int, Any]] = {}
         positions: dict[Any, Any] = {}

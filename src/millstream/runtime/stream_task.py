@@ -208,10 +208,14 @@ class StreamTask:
             if timers is not None and hasattr(timers, "clock"):
                 timers.clock = self.clock
             op.open(self.ctx)
+        store = self._blob_store
         for k, (kind, data) in self.spec.restore.items():
             op = self.ops[k]
-            if kind == "keyed":
-                op.restore_key_groups(data)
+            if kind == "keyed":  # its blobs were left for this task to read (see read())
+                if getattr(op, "restores_key_groups_lazily", False) and store is not None:
+                    op.restore_key_groups(data, load=store.load)  # one group at a time
+                else:
+                    op.restore_key_groups(store.resolve(data) if store is not None else data)
             elif data is not None:
                 op.restore(data)
         if self._sink is not None:
