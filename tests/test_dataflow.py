@@ -68,9 +68,9 @@ def test_windows_match_batch_and_tasks_run_in_other_processes(parallelism, tmp_p
     assert window["state_bytes"] >= 0 and m["last_checkpoint_seconds"] is not None
 
 
-def _kill_a_task_mid_job(rows: list[dict], tmp_path) -> tuple[ParallelStreamingJob, Any]:
-    """Start a keyed job writing files; SIGKILL a task of its last stage after two
-    checkpoints; wait for the job to end. Returns the job and its output directory."""
+def _keyed_file_job(rows: list[dict], tmp_path) -> tuple[ParallelStreamingJob, Any]:
+    """Start a slow keyed job writing files (checkpoints every 50 ms); returns the job and
+    its output directory."""
     out = tmp_path / "out"
 
     def slow(batch):
@@ -81,6 +81,13 @@ def _kill_a_task_mid_job(rows: list[dict], tmp_path) -> tuple[ParallelStreamingJ
     job = ds.repartition(2, "k").start(checkpoint=str(tmp_path / "chk"),
                                        checkpoint_interval="50ms", sink=FileStreamSink(str(out)),
                                        parallelism=2, max_batch_records=40)
+    return job, out
+
+
+def _kill_a_task_mid_job(rows: list[dict], tmp_path) -> tuple[ParallelStreamingJob, Any]:
+    """Start a keyed job writing files; SIGKILL a task of its last stage after two
+    checkpoints; wait for the job to end. Returns the job and its output directory."""
+    job, out = _keyed_file_job(rows, tmp_path)
     assert _wait(lambda: job.metrics()["checkpoints"] >= 2, 60)
     assert job.is_active, "the job ended before a task could be killed"
     os.kill(job.host_pids()[-1], signal.SIGKILL)
@@ -114,6 +121,38 @@ def test_a_host_lost_while_restarting_is_one_more_restart(tmp_path, monkeypatch)
     rows = _rows(3000)
     job, out = _kill_a_task_mid_job(rows, tmp_path)
     assert len(calls) == 3 and job.metrics()["restarts"] == 2
+    assert Counter(_read_ids(out)) == Counter(r["id"] for r in rows)
+
+
+def test_a_task_that_lost_a_peer_restarts_the_job(tmp_path, monkeypatch):
+    """A task whose send failed because the peer's host is gone (a Ray actor on a lost
+    node) reports WorkerLostError: the coordinator restarts from the checkpoint instead of
+    failing the job with it."""
+    from millstream.errors import WorkerLostError
+    from millstream.runners.local import LocalRunner
+
+    real, injected = LocalRunner.start_stream_hosts, []
+
+    def hosts_whose_task_loses_a_peer(self, payloads, inbox_capacity):
+        hosts = real(self, payloads, inbox_capacity)
+        poll = hosts.poll
+
+        def poll_and_inject(timeout):
+            msgs = poll(timeout)
+            if not injected and any(m[0] == "ack" for m in msgs):
+                injected.append(1)  # what a task's failed send reports
+                msgs = [*msgs, ("error", 0, "WorkerLostError: a streaming task's peer was "
+                                "lost (injected)", "", WorkerLostError("peer lost"))]
+            return msgs
+
+        hosts.poll = poll_and_inject
+        return hosts
+
+    monkeypatch.setattr(LocalRunner, "start_stream_hosts", hosts_whose_task_loses_a_peer)
+    rows = _rows(3000)
+    job, out = _keyed_file_job(rows, tmp_path)
+    assert job.await_termination(120)
+    assert injected and job.metrics()["restarts"] == 1
     assert Counter(_read_ids(out)) == Counter(r["id"] for r in rows)
 
 

@@ -745,7 +745,9 @@ class _Outbox:
                 if self.error is None:
                     self._ray.get(self.peer.push_many.remote(batch))
             except BaseException as exc:  # noqa: BLE001 - the peer died: the task learns it
-                self.error = exc
+                # (as a lost host: the coordinator restarts the job, it does not fail it)
+                self.error = WorkerLostError(f"a streaming task's peer was lost: "
+                                             f"{_first_line(exc)}")
             finally:
                 for _ in batch:
                     self.queue.task_done()

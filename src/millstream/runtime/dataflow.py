@@ -573,6 +573,10 @@ class ParallelStreamingJob(JobHandle):
                 elif kind == "done":
                     done.add(idx)
                 elif kind == "error":
+                    if isinstance(msg[4], WorkerLostError):  # a peer's host died, not the task
+                        c = self._chains[idx]
+                        raise _HostLost(f"task {c.key} (stage {c.stage.id}) lost a peer: "
+                                        f"{msg[2]}")
                     raise _TaskFailed(self._chains[idx], msg[2], msg[3], msg[4])
             if final_done and len(done) == n:
                 return True
