@@ -291,6 +291,10 @@ def test_key_group_snapshot_of_a_spilled_operator_restores_at_another_parallelis
     got = _feed(op, first)
     assert op.spill_stats()["spilled_keys"] > 50 and op.spill_stats()["spilled_timers"] > 0
     snap = pickle.loads(pickle.dumps(op.snapshot_by_key_group(16)))
+    # spilled rows travel as one Arrow table per group (a checkpoint blob when large)
+    spilled = [st["store"]["spilled"] for st in snap.values()
+               if st["store"] is not None and len(st["store"]["spilled"])]
+    assert spilled and all(isinstance(t, pa.Table) for t in spilled)
     op.close()
     restored = []
     for i in range(after):
