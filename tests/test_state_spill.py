@@ -24,7 +24,7 @@ from millstream.ops.state import (
 )
 from millstream.ops.state_store import SpillArea, decode_key, deep_size, encode_key
 from millstream.runtime.arrowutil import batch_to_rows
-from millstream.runtime.checkpoint import CheckpointStore
+from millstream.runtime.checkpoint import BlobStore, CheckpointStore, externalize
 from millstream.runtime.context import default_context
 from millstream.runtime.streaming import SimulatedCrash
 from millstream.testing import CollectingSink, TestSource
@@ -269,7 +269,7 @@ def _feed(op, rows_: list[dict]) -> list[dict]:
 
 @pytest.mark.parametrize(("after", "limit_after"), [(3, 0), (1, 5_000), (2, None)])
 def test_key_group_snapshot_of_a_spilled_operator_restores_at_another_parallelism(
-        after, limit_after):
+        after, limit_after, tmp_path):
     rnd = random.Random(after)
     events, t = [], 0
     for _ in range(1500):
@@ -290,16 +290,35 @@ def test_key_group_snapshot_of_a_spilled_operator_restores_at_another_parallelis
     op = fresh(3_000)
     got = _feed(op, first)
     assert op.spill_stats()["spilled_keys"] > 50 and op.spill_stats()["spilled_timers"] > 0
-    snap = pickle.loads(pickle.dumps(op.snapshot_by_key_group(16)))
+    whole = pickle.loads(pickle.dumps(op.snapshot_by_key_group(16)))
+    # the way a parallel task checkpoints: one group at a time, each written out as blobs
+    store = BlobStore(str(tmp_path / "chk"))
+    snap = {}
+    for g, st in op.iter_key_group_snapshots(16):
+        snap[g] = externalize(pickle.loads(pickle.dumps(st)), set(), set())
+        store.put(snap[g])
+    assert list(snap) == sorted(snap) == sorted(whole)
+    resolved = {g: store.resolve(st) for g, st in snap.items()}
+    for g, st in whole.items():  # the same as the whole snapshot, group by group
+        mine = resolved[g]
+        assert {k: v for k, v in mine.items() if k != "store"} == \
+            {k: v for k, v in st.items() if k != "store"}
+        if st["store"] is not None:
+            assert mine["store"]["data"] == st["store"]["data"]
+            assert mine["store"]["hashes"] == st["store"]["hashes"]
+            assert (len(mine["store"]["spilled"]) == 0) == (len(st["store"]["spilled"]) == 0)
+            if len(st["store"]["spilled"]):
+                assert mine["store"]["spilled"].equals(st["store"]["spilled"])
     # spilled rows travel as one Arrow table per group (a checkpoint blob when large)
-    spilled = [st["store"]["spilled"] for st in snap.values()
+    spilled = [st["store"]["spilled"] for st in whole.values()
                if st["store"] is not None and len(st["store"]["spilled"])]
     assert spilled and all(isinstance(t, pa.Table) for t in spilled)
     op.close()
     restored = []
-    for i in range(after):
+    for i in range(after):  # each part reads its own groups' blobs, one group at a time
         part = fresh(limit_after)
-        part.restore_key_groups([snap[g] for g in owned_key_groups(i, after, 16) if g in snap])
+        part.restore_key_groups([snap[g] for g in owned_key_groups(i, after, 16) if g in snap],
+                                load=store.resolve)
         restored.append(part)
     for part, part_rows in zip(restored, _route(second, after, 16)):
         if part_rows:

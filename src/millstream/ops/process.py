@@ -26,7 +26,7 @@ deletes the file. ``("millstream", "state_spills")`` counts the moves to disk.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import cloudpickle
@@ -367,16 +367,57 @@ class KeyedProcess(Operator):
             groups[first]["side"] = cloudpickle.dumps(self._side)
         return groups
 
-    def restore_key_groups(self, states: list[dict[str, Any]]) -> None:
-        """Restore from ``snapshot_by_key_group`` states of the key groups this instance owns."""
+    def iter_key_group_snapshots(self, key_groups: int) -> Iterator[tuple[int, dict[str, Any]]]:
+        """``snapshot_by_key_group`` one group at a time, in group order: spilled keyed
+        state is split by group on disk first, so a checkpoint needs memory for one group's
+        spilled rows (plus the resident state and the timers), not for all of it. Side
+        output rows go with the first group."""
+        timers = self.timers.snapshot_groups(key_groups)
+        side = cloudpickle.dumps(self._side) if any(self._side.values()) else None
+        first = True
+        stores = self.store.iter_snapshot_groups(key_groups)
+        pending = sorted(timers)
+
+        def group(g: int, store: Any) -> dict[str, Any]:
+            nonlocal first
+            st = {"version": 2, "operator": "KeyedProcess", "key_group": g, "store": store,
+                  "timers": timers.get(g), "watermark": self.watermark,
+                  "side": side if first else None}
+            first = False
+            return st
+
+        for g, store in stores:
+            while pending and pending[0] < g:  # groups with timers but no state
+                t = pending.pop(0)
+                yield t, group(t, None)
+            if pending and pending[0] == g:
+                pending.pop(0)
+            yield g, group(g, store)
+        for t in pending:
+            yield t, group(t, None)
+        if first and side is not None:
+            yield 0, group(0, None)
+
+    #: ``restore_key_groups`` takes ``load``: blob references are read one group at a time
+    restores_key_groups_lazily = True
+
+    def restore_key_groups(self, states: list[dict[str, Any]], load: Any = None) -> None:
+        """Restore from ``snapshot_by_key_group`` states of the key groups this instance owns.
+
+        With ``load`` (resolves checkpoint blob references in a value), each group's keyed
+        state is read and put in place (spilling as it comes in) before the next."""
         for st in states:
             if not isinstance(st, dict) or st.get("operator") != "KeyedProcess" \
                     or "key_group" not in st:
                 raise PlanError(f"{self.name}: cannot restore from {type(st).__name__}: not a "
                                 f"KeyedProcess key-group snapshot")
+        if load is not None:  # the small parts at once, the keyed state group by group
+            states = [{**st, "timers": load(st["timers"]), "side": load(st.get("side"))}
+                      for st in states]
         hashes = {k: h for st in states for k, h in (st.get("key_hashes") or {}).items()}
-        self.store.restore_many([st["store"] for st in states if st["store"] is not None],
-                                hashes)
+        stores = (load(st["store"]) if load is not None else st["store"]
+                  for st in states if st["store"] is not None)
+        self.store.restore_many(stores, hashes)
         self.timers.restore_many([st["timers"] for st in states if st["timers"] is not None],
                                  max([MIN_TIME, *(st["watermark"] for st in states)]), hashes)
         self.watermark = max([MIN_TIME, *(st["watermark"] for st in states)])

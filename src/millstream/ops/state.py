@@ -493,6 +493,70 @@ class KeyedStateStore:
 
     def snapshot_groups(self, key_groups: int) -> dict[int, dict[str, Any]]:
         """``snapshot()`` split by key group (hash mod ``key_groups``): one per group with state."""
+        spilled: dict[int, list[StateRow]] = {}
+        if self._disk is not None:
+            for row in self._disk.state_rows():
+                g, row = self._spilled_group(row, key_groups)
+                spilled.setdefault(g, []).append(row)
+        parts, hashes = self._resident_groups(key_groups)
+        return {g: self._group_snapshot(parts.get(g, {}), hashes,
+                                        _rows_table(spilled[g]) if g in spilled else [])
+                for g in sorted(set(parts) | set(spilled))}
+
+    def iter_snapshot_groups(self, key_groups: int) -> Iterator[tuple[int, dict[str, Any]]]:
+        """``snapshot_groups`` one group at a time, in group order: the spilled rows are
+        first split by group into files on disk (a chunk of rows at a time), so memory
+        holds the resident state (bounded by the limit) and one group's spilled rows."""
+        if self._disk is None:
+            yield from sorted(self.snapshot_groups(key_groups).items())
+            return
+        from millstream.runtime.spill import SpillFile
+
+        ctx = self._spill.ctx if self._spill.ctx is not None else TaskContext()
+        files: dict[int, SpillFile] = {}
+
+        def flush(chunk: dict[int, list[StateRow]]) -> None:
+            for g, rows in chunk.items():
+                sf = files.get(g)
+                if sf is None:
+                    sf = files[g] = SpillFile(ctx, "snapshot-state-group")
+                for b in _rows_table(rows).to_batches():
+                    sf.write(b)
+
+        try:
+            chunk: dict[int, list[StateRow]] = {}
+            n = 0
+            for row in self._disk.state_rows():
+                g, row = self._spilled_group(row, key_groups)
+                chunk.setdefault(g, []).append(row)
+                n += 1
+                if n >= 10_000:
+                    flush(chunk)
+                    chunk, n = {}, 0
+            flush(chunk)
+            parts, hashes = self._resident_groups(key_groups)
+            for g in sorted(set(parts) | set(files)):
+                sf = files.pop(g, None)
+                spilled: Any = []
+                if sf is not None:
+                    spilled = pa.Table.from_batches(list(sf.read())).sort_by("k") \
+                        .combine_chunks()  # key order, as _rows_table gives
+                    sf.delete()
+                yield g, self._group_snapshot(parts.get(g, {}), hashes, spilled)
+        finally:
+            for sf in files.values():
+                sf.delete()
+
+    @staticmethod
+    def _spilled_group(row: StateRow, key_groups: int) -> tuple[int, StateRow]:
+        k, h, n, v = row
+        if h is None:
+            h = python_key_hash(decode_key(k))
+        return h % key_groups, (k, h, n, v)
+
+    def _resident_groups(self, key_groups: int
+                         ) -> tuple[dict[int, dict[tuple[str, Any], Any]], dict[Any, int | None]]:
+        """The state in memory by key group, and the keys' hashes."""
         hashes, _live = self._live_hashes()
         group: dict[Any, int] = {}
         parts: dict[int, dict[tuple[str, Any], Any]] = {}
@@ -505,29 +569,21 @@ class KeyedStateStore:
                     h = hashes[key] = python_key_hash(key)
                 g = group[key] = h % key_groups
             parts.setdefault(g, {})[entry] = value
-        spilled: dict[int, list[StateRow]] = {}
-        if self._disk is not None:
-            for k, h, n, v in self._disk.state_rows():
-                if h is None:
-                    h = python_key_hash(decode_key(k))
-                spilled.setdefault(h % key_groups, []).append((k, h, n, v))
-        kinds = dict(self._kinds)
-        out = {}
-        for g in sorted(set(parts) | set(spilled)):
-            data = parts.get(g, {})
-            out[g] = {"version": 2, "data": _dump_entries(data), "kinds": kinds,
-                      "hashes": {k: hashes[k] for k in {e[1] for e in data}},
-                      "spilled": _rows_table(spilled[g]) if g in spilled else []}
-        return out
+        return parts, hashes
 
-    def restore_many(self, snapshots: list[dict[str, Any]],
+    def _group_snapshot(self, data: dict[tuple[str, Any], Any], hashes: dict[Any, int | None],
+                        spilled: Any) -> dict[str, Any]:
+        return {"version": 2, "data": _dump_entries(data), "kinds": dict(self._kinds),
+                "hashes": {k: hashes[k] for k in {e[1] for e in data}}, "spilled": spilled}
+
+    def restore_many(self, snapshots: Iterable[dict[str, Any]],
                      key_hashes: dict[Any, int] | None = None) -> None:
         """Replace the contents with the union of several snapshots (of disjoint keys).
 
         Spilled rows go straight back to disk; the rest is loaded, then spilled as needed.
         """
         self._reset()
-        for snap in snapshots:
+        for snap in snapshots:  # (an iterator works: one snapshot in memory at a time)
             data = cloudpickle.loads(snap["data"])
             self._kinds.update(snap["kinds"])
             hashes = snap.get("hashes") or key_hashes or {}

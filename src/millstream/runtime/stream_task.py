@@ -213,7 +213,7 @@ class StreamTask:
             op = self.ops[k]
             if kind == "keyed":  # its blobs were left for this task to read (see read())
                 if getattr(op, "restores_key_groups_lazily", False) and store is not None:
-                    op.restore_key_groups(data, load=store.load)  # one group at a time
+                    op.restore_key_groups(data, load=store.resolve)  # a group at a time
                 else:
                     op.restore_key_groups(store.resolve(data) if store is not None else data)
             elif data is not None:
