@@ -18,6 +18,7 @@ from millstream.errors import PlanError
 from millstream.ops.state import key_hashes
 from millstream.ops.stream_join import IntervalJoin, JoinKeys, LatestJoin, WindowJoin, _Buffer
 from millstream.ops.window import Sliding, Tumbling
+from millstream.runtime.checkpoint import BlobStore, externalize
 from millstream.runtime.context import default_context
 from millstream.testing import CollectingSink, SimulatedCrash, TestSource
 
@@ -288,7 +289,7 @@ def _window_factory(limit):
 
 
 @pytest.mark.parametrize("factory", [_interval_factory, _window_factory])
-def test_snapshots_include_spilled_rows_and_restore_at_another_parallelism(factory):
+def test_snapshots_include_spilled_rows_and_restore_at_another_parallelism(factory, tmp_path):
     half = 12
     plain, spilled = factory(None), factory(0)
     first = [_drive(op, BIG_LEFT, BIG_RIGHT, 5000, stop_round=half)[0] for op in (plain, spilled)]
@@ -307,11 +308,25 @@ def test_snapshots_include_spilled_rows_and_restore_at_another_parallelism(facto
     # the rest of the stream: uninterrupted, restored whole, restored in three parts
     rest_items = ([it for i, it in enumerate(BIG_LEFT) if i // 2 >= half],
                   [it for i, it in enumerate(BIG_RIGHT) if i // 2 >= half])
+    # as a parallel task checkpoints: one group at a time, each written out as blobs
+    store = BlobStore(str(tmp_path / "chk"))
+    refs = {}
+    for g, st in spilled.iter_key_group_snapshots(8):
+        refs[g] = externalize(st, set(), set())
+        store.put(refs[g])
+    assert list(refs) == sorted(groups)
+    for g, st in groups.items():  # the same as the whole snapshot, group by group
+        mine = store.resolve(refs[g])
+        assert {k: v for k, v in mine.items() if k != "sides"} == \
+            {k: v for k, v in st.items() if k != "sides"}
+        for a, b in zip(mine["sides"], st["sides"]):
+            assert (a is None and b is None) or a.equals(b)
     copy = factory(0)
     copy.restore(spilled.snapshot())
     parts = [factory(0) for _ in range(3)]
-    for i, op in enumerate(parts):
-        op.restore_key_groups([st for g, st in groups.items() if g % 3 == i])
+    for i, op in enumerate(parts):  # two parts read their groups' blobs a group at a time
+        mine = [refs[g] if i else groups[g] for g in groups if g % 3 == i]
+        op.restore_key_groups(mine, load=store.resolve if i else None)
     assert all(op.spill_stats()["runs"] > 0 for op in parts)
     results = []
     for op in (plain, copy):

@@ -629,13 +629,42 @@ class _Buffer:
         return {g: ps[0] if len(ps) == 1 else _concat(ps).combine_chunks()
                 for g, ps in pieces.items()}
 
+    def group_files(self, key_groups: int, ctx: TaskContext) -> dict[int, SpillFile]:
+        """Every row (spilled and in memory), as ``snapshot_groups`` lays them out, in one
+        file on disk per key group: a run part (or the rows in memory) at a time."""
+        files: dict[int, SpillFile] = {}
+
+        def put(g: int, part: pa.Table | None) -> None:
+            if part is None or not part.num_rows:
+                return
+            sf = files.get(g)
+            if sf is None:
+                sf = files[g] = SpillFile(ctx, "snapshot-join-group")
+            for b in part.to_batches():
+                sf.write(b)
+
+        try:
+            for r in self.runs:
+                for t, h in r.snapshot_parts(self.fields):
+                    for g, part in _split_groups(t, h, key_groups):
+                        put(g, part)
+            for g, mask in self.groups(key_groups).items():
+                put(g, self.snapshot(mask))
+        except BaseException:
+            for sf in files.values():
+                sf.delete()
+            raise
+        return files
+
     def load(self, tables: list[pa.Table | None]) -> None:
         """Replace the contents with snapshot tables."""
         self.reset()
         tables = [t for t in tables if t is not None and t.num_rows]
-        if not tables:
-            return
-        t = _concat(tables)
+        if tables:
+            self.add_snapshot(_concat(tables))
+
+    def add_snapshot(self, t: pa.Table) -> None:
+        """Add the rows of a snapshot table to those held."""
         arrays = {f: np.asarray(t.column(_field_column(f)).combine_chunks(), _DTYPES[f])
                   for f in self.fields}
         self.append(t.drop_columns([_field_column(f) for f in self.fields]), **arrays)
@@ -1020,11 +1049,58 @@ class _KeyedJoin(Operator):
         groups[first]["counts"] = dict(self._counts)
         return groups
 
-    def restore_key_groups(self, states: list[dict[str, Any]]) -> None:
-        """Restore from the ``snapshot_by_key_group`` states of the groups this instance owns."""
+    def iter_key_group_snapshots(self, key_groups: int) -> Iterator[tuple[int, dict[str, Any]]]:
+        """``snapshot_by_key_group`` one group at a time, in group order: when rows have
+        spilled, both inputs' rows are first split by group into files on disk, so a
+        checkpoint needs memory for one group, not the whole state."""
+        if not any(b.runs for b in self._bufs):
+            yield from sorted(self.snapshot_by_key_group(key_groups).items())
+            return
+        files: list[dict[int, SpillFile]] = []
+        try:
+            for b in self._bufs:
+                files.append(b.group_files(key_groups, self._spill_context()))
+            first = min([*files[0], *files[1]], default=0)
+            for g in sorted({*files[0], *files[1], first}):
+                sides: list[pa.Table | None] = []
+                for port in (0, 1):
+                    sf = files[port].pop(g, None)
+                    sides.append(None if sf is None else
+                                 pa.Table.from_batches(list(sf.read())).combine_chunks())
+                    if sf is not None:
+                        sf.delete()
+                st = {**self._meta(), "key_group": g, "sides": sides,
+                      "side": {k: [] for k in self._side}, "counts": {k: 0 for k in self._counts}}
+                if g == first:
+                    st["side"] = {k: list(v) for k, v in self._side.items()}
+                    st["counts"] = dict(self._counts)
+                yield g, st
+        finally:
+            for fs in files:
+                for sf in fs.values():
+                    sf.delete()
+
+    #: ``restore_key_groups`` takes ``load``: blob references are read one group at a time
+    restores_key_groups_lazily = True
+
+    def restore_key_groups(self, states: list[dict[str, Any]], load: Any = None) -> None:
+        """Restore from the ``snapshot_by_key_group`` states of the groups this instance owns.
+
+        With ``load`` (resolves checkpoint blob references in a value), each group's rows
+        are read and put in place (spilling over the limit) before the next group's."""
         for st in states:
             self._check_snapshot(st, True)
-        self._restore(states)
+        if load is None:
+            self._restore(states)
+            return
+        meta = [{**st, "sides": [None, None], "side": load(st["side"])} for st in states]
+        self._restore(meta)
+        for st in states:
+            for port in (0, 1):
+                t = load(st["sides"][port])
+                if t is not None and t.num_rows:
+                    self._bufs[port].add_snapshot(t)
+            self._maybe_spill()
 
     def _check_snapshot(self, st: Any, keyed: bool) -> None:
         if not isinstance(st, dict) or st.get("operator") != self._kind or \
