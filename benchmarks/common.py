@@ -270,6 +270,39 @@ def engine_worker_main(fn: Callable[[str, int, int | None], tuple[dict[str, Any]
     return 0
 
 
+def own_ray() -> tuple[str, dict[str, str], Callable[[], list[int]]]:
+    """A Ray of a run's own: (its base dir, the worker's environment, cleanup).
+
+    The base is a short temp dir (Ray's socket paths) used as ``RAY_TMPDIR`` and, under
+    it, ``HOME`` (Ray writes its auth token there). ``cleanup()`` SIGKILLs every process
+    whose command line names the base (only this run's do; never ``ray stop``), removes
+    the dir and returns the PIDs it killed.
+    """
+    import tempfile
+
+    base = tempfile.mkdtemp(prefix="msbench-", dir="/tmp")
+    home = os.path.join(base, "home")
+    os.makedirs(home, exist_ok=True)
+    env = dict(os.environ)
+    env.update({"HOME": home, "RAY_TMPDIR": base, "RAY_USAGE_STATS_ENABLED": "0"})
+
+    def cleanup() -> list[int]:
+        import psutil
+
+        killed = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if any(base in part for part in p.info["cmdline"] or ()):
+                    os.kill(p.info["pid"], signal.SIGKILL)
+                    killed.append(p.info["pid"])
+            except (psutil.Error, OSError):
+                continue
+        shutil.rmtree(base, ignore_errors=True)
+        return killed
+
+    return base, env, cleanup
+
+
 def run_worker(
     cmd: Sequence[str],
     result_file: Path,

@@ -33,9 +33,7 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -52,6 +50,7 @@ from common import (  # noqa: E402
     environment_info,
     format_table,
     module_available,
+    own_ray,
     run_worker,
     warm_page_cache,
     write_results,
@@ -263,46 +262,21 @@ def worker_main(args: argparse.Namespace) -> int:
 # =========================================================================== harness
 
 
-def _ray_env(base: str) -> dict[str, str]:
-    """Ray of our own: temp dir (sessions, sockets, object spilling) and HOME (token file)."""
-    home = os.path.join(base, "home")
-    os.makedirs(home, exist_ok=True)
-    env = dict(os.environ)
-    env.update({"HOME": home, "RAY_TMPDIR": base, "RAY_USAGE_STATS_ENABLED": "0"})
-    return env
-
-
-def _kill_leftovers(base: str) -> list[int]:
-    """SIGKILL processes whose command line names our Ray temp dir (only ours have it)."""
-    import psutil
-
-    killed = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if any(base in part for part in p.info["cmdline"] or ()):
-                os.kill(p.info["pid"], signal.SIGKILL)
-                killed.append(p.info["pid"])
-        except (psutil.Error, OSError):
-            continue
-    return killed
-
-
 def run_once(engine: str, workload: str, data: Path, args: argparse.Namespace,
              log_path: Path) -> tuple[dict[str, Any], Any]:
     """One measured run of an engine on a workload."""
-    base = tempfile.mkdtemp(prefix="msbench-", dir="/tmp")  # short: Ray's socket paths
+    base, env, kill_ray = own_ray()
     result_file = Path(base) / "result.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", engine,
            "--workload", workload, "--input", str(data), "--result-file", str(result_file),
            "--parallelism", str(args.parallelism), "--object-store-mb", str(args.object_store_mb)]
 
     def cleanup() -> None:
-        left = _kill_leftovers(base)
+        left = kill_ray()
         if left:
             print(f"(killed {len(left)} leftover process(es) of this run)", end=" ", flush=True)
-        shutil.rmtree(base, ignore_errors=True)
 
-    outcome, run = run_worker(cmd, result_file, env=_ray_env(base), timeout_s=args.timeout,
+    outcome, run = run_worker(cmd, result_file, env=env, timeout_s=args.timeout,
                               log_path=log_path, with_pss=not args.no_pss, cleanup=cleanup)
     return check_outcome(outcome, run, args.timeout), run
 

@@ -24,7 +24,6 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -42,6 +41,7 @@ from common import (  # noqa: E402
     environment_info,
     format_table,
     module_available,
+    own_ray,
     run_worker,
     warm_page_cache,
     write_results,
@@ -348,15 +348,8 @@ def run_once(engine: str, pipeline: str, path: Path, args: argparse.Namespace,
            "--parallelism", str(args.parallelism)]
     env = cleanup = None
     if engine == "millstream-ray":  # a Ray of its own, its processes killed by PID after
-        from ray_runner import _kill_leftovers, _ray_env
-
-        base = tempfile.mkdtemp(prefix="msbench-", dir="/tmp")  # short: Ray's socket paths
-        env = _ray_env(base)
+        _base, env, cleanup = own_ray()
         env["MILLSTREAM_RAY_LOG_TO_DRIVER"] = "0"
-
-        def cleanup() -> None:
-            _kill_leftovers(base)
-            shutil.rmtree(base, ignore_errors=True)
     outcome, run = run_worker(cmd, result_file, env=env, timeout_s=args.timeout, log_path=log,
                               with_pss=False, cleanup=cleanup)
     if run.timed_out:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_dataflow import _read_ids, _wait
 
 import millstream as ms
 from millstream.errors import PlanError, StorageNotFoundError
@@ -32,22 +33,6 @@ def _write_json(directory: Path, name: str, ids: range, atomic: bool = True) -> 
         target.write_text(text)
 
 
-def _out_ids(out: Path) -> list[int]:
-    ids: list[int] = []
-    for f in sorted(out.glob("*.parquet")):
-        ids.extend(pq.read_table(f).column("id").to_pylist())
-    return ids
-
-
-def _wait(cond, timeout: float = 15.0) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
-
-
 def _watch(directory: Path, **options) -> ms.Dataset:
     return ms.read_json(str(directory), watch=True, poll_interval="20ms", **options)
 
@@ -61,15 +46,15 @@ def test_files_added_while_running_are_processed_exactly_once(tmp_path):
         checkpoint=str(tmp_path / "chk"), checkpoint_interval="20ms",
         sink=FileStreamSink(str(out)), max_batch_records=16)
     try:
-        assert _wait(lambda: len(_out_ids(out)) == 50)
+        assert _wait(lambda: len(_read_ids(out)) == 50)
         _write_json(src, "b.json", range(50, 120))
         (src / "sub").mkdir()
         _write_json(src / "sub", "c.json", range(120, 130))
         _write_json(src, ".hidden.json", range(2000, 2010))
-        assert _wait(lambda: len(_out_ids(out)) == 130)
+        assert _wait(lambda: len(_read_ids(out)) == 130)
     finally:
         job.stop()
-    assert Counter(_out_ids(out)) == Counter(range(130))
+    assert Counter(_read_ids(out)) == Counter(range(130))
     position = job.metrics()["positions"][("_Stream", 0)]
     assert position["done"] == ("a.json", "b.json", "sub/c.json")
     assert position["current"] is None
@@ -86,7 +71,7 @@ def test_crash_and_restore_keeps_exactly_once(point, tmp_path):
                       sink=FileStreamSink(str(out)), crash_epoch=6, point=point,
                       checkpoint_interval=0, max_batch_records=15, stop_at_end=True,
                       timeout=20)
-    assert Counter(_out_ids(out)) == Counter(range(200))
+    assert Counter(_read_ids(out)) == Counter(range(200))
 
 
 def test_files_added_between_crash_and_restart(tmp_path):
@@ -104,7 +89,7 @@ def test_files_added_between_crash_and_restart(tmp_path):
                       max_batch_records=25, stop_at_end=True)
     assert second.await_termination(20)
     assert second.metrics()["restored_from_epoch"] == 1
-    assert Counter(_out_ids(out)) == Counter(range(100))
+    assert Counter(_read_ids(out)) == Counter(range(100))
 
 
 def test_event_time_windows_match_the_batch_result(tmp_path):

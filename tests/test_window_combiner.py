@@ -160,7 +160,7 @@ def test_expired_combined_states_fail_loudly():
         op.process(states)
 
 
-def test_sessions_and_global_windows_do_not_combine():
+def test_sessions_do_not_combine():
     with pytest.raises(ms.PlanError, match="only tumbling and sliding"):
         WindowCombiner(Session("3s"), ["k"], [AggSpec("sum", "v", "s")], "t")
 

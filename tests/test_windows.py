@@ -785,9 +785,9 @@ def test_spilled_state_snapshots_one_key_group_at_a_time(tmp_path, window):
     base = pa.total_allocated_bytes()
     peak = [0]
 
-    def load(blob):
+    def load(value):
         peak[0] = max(peak[0], pa.total_allocated_bytes() - base)
-        return store.load(blob)
+        return store.resolve(value)
 
     lazy.restore_key_groups(refs, load=load)
     assert peak[0] < whole / 4, (whole, peak[0])

@@ -510,20 +510,10 @@ class KeyedStateStore:
         if self._disk is None:
             yield from sorted(self.snapshot_groups(key_groups).items())
             return
-        from millstream.runtime.spill import SpillFile
+        from millstream.runtime.spill import GroupFiles
 
         ctx = self._spill.ctx if self._spill.ctx is not None else TaskContext()
-        files: dict[int, SpillFile] = {}
-
-        def flush(chunk: dict[int, list[StateRow]]) -> None:
-            for g, rows in chunk.items():
-                sf = files.get(g)
-                if sf is None:
-                    sf = files[g] = SpillFile(ctx, "snapshot-state-group")
-                for b in _rows_table(rows).to_batches():
-                    sf.write(b)
-
-        try:
+        with GroupFiles(ctx, "snapshot-state-group") as files:
             chunk: dict[int, list[StateRow]] = {}
             n = 0
             for row in self._disk.state_rows():
@@ -531,21 +521,16 @@ class KeyedStateStore:
                 chunk.setdefault(g, []).append(row)
                 n += 1
                 if n >= 10_000:
-                    flush(chunk)
+                    for cg, rows in chunk.items():
+                        files.put(cg, _rows_table(rows))
                     chunk, n = {}, 0
-            flush(chunk)
+            for cg, rows in chunk.items():
+                files.put(cg, _rows_table(rows))
             parts, hashes = self._resident_groups(key_groups)
-            for g in sorted(set(parts) | set(files)):
-                sf = files.pop(g, None)
-                spilled: Any = []
-                if sf is not None:
-                    spilled = pa.Table.from_batches(list(sf.read())).sort_by("k") \
-                        .combine_chunks()  # key order, as _rows_table gives
-                    sf.delete()
-                yield g, self._group_snapshot(parts.get(g, {}), hashes, spilled)
-        finally:
-            for sf in files.values():
-                sf.delete()
+            for g in sorted(set(parts) | set(files.groups())):
+                spilled = files.take(g)  # key order, as _rows_table gives:
+                yield g, self._group_snapshot(parts.get(g, {}), hashes,
+                                              [] if spilled is None else spilled.sort_by("k"))
 
     @staticmethod
     def _spilled_group(row: StateRow, key_groups: int) -> tuple[int, StateRow]:

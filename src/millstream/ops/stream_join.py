@@ -118,7 +118,7 @@ from millstream.ops.state import key_hashes
 from millstream.ops.window import MAX_WATERMARK, MIN_WATERMARK, Sliding, Tumbling, WindowAssigner
 from millstream.runtime.arrowutil import event_time_micros, table_to_batches
 from millstream.runtime.context import TaskContext
-from millstream.runtime.spill import SpillFile
+from millstream.runtime.spill import GroupFiles, SpillFile
 
 _EMPTY: tuple[pa.RecordBatch, ...] = ()
 
@@ -620,41 +620,21 @@ class _Buffer:
     def snapshot_groups(self, key_groups: int) -> dict[int, pa.Table]:
         """``snapshot_all()`` split by key group (hash mod ``key_groups``)."""
         pieces: dict[int, list[pa.Table]] = {}
-        for r in self.runs:
-            for t, h in r.snapshot_parts(self.fields):
-                for g, part in _split_groups(t, h, key_groups):
-                    pieces.setdefault(g, []).append(part)
-        for g, mask in self.groups(key_groups).items():
-            pieces.setdefault(g, []).append(self.snapshot(mask))
+        for g, part in self.group_pieces(key_groups):
+            pieces.setdefault(g, []).append(part)
         return {g: ps[0] if len(ps) == 1 else _concat(ps).combine_chunks()
                 for g, ps in pieces.items()}
 
-    def group_files(self, key_groups: int, ctx: TaskContext) -> dict[int, SpillFile]:
-        """Every row (spilled and in memory), as ``snapshot_groups`` lays them out, in one
-        file on disk per key group: a run part (or the rows in memory) at a time."""
-        files: dict[int, SpillFile] = {}
-
-        def put(g: int, part: pa.Table | None) -> None:
-            if part is None or not part.num_rows:
-                return
-            sf = files.get(g)
-            if sf is None:
-                sf = files[g] = SpillFile(ctx, "snapshot-join-group")
-            for b in part.to_batches():
-                sf.write(b)
-
-        try:
-            for r in self.runs:
-                for t, h in r.snapshot_parts(self.fields):
-                    for g, part in _split_groups(t, h, key_groups):
-                        put(g, part)
-            for g, mask in self.groups(key_groups).items():
-                put(g, self.snapshot(mask))
-        except BaseException:
-            for sf in files.values():
-                sf.delete()
-            raise
-        return files
+    def group_pieces(self, key_groups: int) -> Iterator[tuple[int, pa.Table]]:
+        """Every row (spilled runs first, then memory) as ``snapshot()`` lays them out, in
+        pieces of one key group each: a run part (or the rows in memory) at a time."""
+        for r in self.runs:
+            for t, h in r.snapshot_parts(self.fields):
+                yield from _split_groups(t, h, key_groups)
+        for g, mask in self.groups(key_groups).items():
+            part = self.snapshot(mask)
+            if part is not None:
+                yield g, part
 
     def load(self, tables: list[pa.Table | None]) -> None:
         """Replace the contents with snapshot tables."""
@@ -1056,29 +1036,21 @@ class _KeyedJoin(Operator):
         if not any(b.runs for b in self._bufs):
             yield from sorted(self.snapshot_by_key_group(key_groups).items())
             return
-        files: list[dict[int, SpillFile]] = []
-        try:
-            for b in self._bufs:
-                files.append(b.group_files(key_groups, self._spill_context()))
-            first = min([*files[0], *files[1]], default=0)
-            for g in sorted({*files[0], *files[1], first}):
-                sides: list[pa.Table | None] = []
-                for port in (0, 1):
-                    sf = files[port].pop(g, None)
-                    sides.append(None if sf is None else
-                                 pa.Table.from_batches(list(sf.read())).combine_chunks())
-                    if sf is not None:
-                        sf.delete()
-                st = {**self._meta(), "key_group": g, "sides": sides,
+        ctx = self._spill_context()
+        with GroupFiles(ctx, "snapshot-join-group") as left, \
+                GroupFiles(ctx, "snapshot-join-group") as right:
+            files = (left, right)
+            for buf, gf in zip(self._bufs, files):
+                for g, part in buf.group_pieces(key_groups):
+                    gf.put(g, part)
+            first = min([*left.groups(), *right.groups()], default=0)
+            for g in sorted({*left.groups(), *right.groups(), first}):
+                st = {**self._meta(), "key_group": g, "sides": [gf.take(g) for gf in files],
                       "side": {k: [] for k in self._side}, "counts": {k: 0 for k in self._counts}}
                 if g == first:
                     st["side"] = {k: list(v) for k, v in self._side.items()}
                     st["counts"] = dict(self._counts)
                 yield g, st
-        finally:
-            for fs in files:
-                for sf in fs.values():
-                    sf.delete()
 
     #: ``restore_key_groups`` takes ``load``: blob references are read one group at a time
     restores_key_groups_lazily = True

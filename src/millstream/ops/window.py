@@ -111,7 +111,7 @@ from millstream.ops.state import Clock, WallClock, key_hashes
 from millstream.runtime.arrowutil import event_time_micros, normalize_key, table_to_batches
 from millstream.runtime.context import TaskContext
 from millstream.runtime.hashing import partition_ids
-from millstream.runtime.spill import SpillFile
+from millstream.runtime.spill import GroupFiles, SpillFile
 
 _EMPTY: tuple[pa.RecordBatch, ...] = ()
 
@@ -754,37 +754,26 @@ class WindowAggregate(Operator):
         if not self.keys:
             raise PlanError(f"{self.name}: a window without keys has no key groups; its state "
                             f"can only be restored at the same parallelism")
-        files: dict[int, SpillFile] = {}
-        try:
+        with GroupFiles(self._spill_context(), "snapshot-group") as files:
             for table in self._iter_state_tables():
                 if not table.num_rows:
                     continue
                 hashes = key_hashes([normalize_key(table.column(k)) for k in self.keys],
                                     table.num_rows)
-                gids = (hashes % np.uint64(key_groups)).astype(np.int64)
-                for g, part in _split_by_value(table, gids):
-                    sf = files.get(g)
-                    if sf is None:
-                        sf = files[g] = SpillFile(self._spill_context(), "snapshot-group")
-                    for b in part.to_batches():
-                        sf.write(b)
-            first = min(files, default=0)
-            for g in sorted({*files, first}):
-                sf = files.pop(g, None)
-                state = None
-                if sf is not None:
-                    state = self._canonical_order(pa.Table.from_batches(list(sf.read())))[0]
-                    sf.delete()
-                    state = state.combine_chunks()
+                for g, part in _split_by_value(table, (hashes % np.uint64(key_groups))
+                                               .astype(np.int64)):
+                    files.put(g, part)
+            first = min(files.groups(), default=0)
+            for g in sorted({*files.groups(), first}):
+                state = files.take(g)
+                if state is not None:
+                    state = self._canonical_order(state)[0].combine_chunks()
                 snap = self._group_snapshot(g, state)
                 if g == first:
                     snap.update(late_records=self.late_records,
                                 invalid_records=self.invalid_records,
                                 side={k: list(v) for k, v in self._side.items()})
                 yield g, snap
-        finally:
-            for sf in files.values():
-                sf.delete()
 
     def _iter_state_tables(self) -> Iterator[pa.Table]:
         """``_state_tables()`` one table at a time (one window, or one session file)."""
@@ -819,24 +808,19 @@ class WindowAggregate(Operator):
     def restore_key_groups(self, states: list[dict[str, Any]], load: Any = None) -> None:
         """Restore from ``snapshot_by_key_group`` states of the key groups this instance owns.
 
-        With ``load`` (a checkpoint blob reader), a group's state may be a blob reference:
-        each is read and put in place before the next, and spills over the memory limit
-        as usual, so a restore needs memory for one group, not the whole state."""
+        With ``load`` (resolves checkpoint blob references in a value, passes anything
+        else through), each group's state is read and put in place before the next, and
+        spills over the memory limit as usual: a restore needs memory for one group."""
         for st in states:
             if not isinstance(st, dict) or st.get("operator") != "WindowAggregate" \
                     or "key_group" not in st:
                 raise PlanError(f"{self.name}: cannot restore from {type(st).__name__}: not a "
                                 f"WindowAggregate key-group snapshot")
-        if load is not None:
-            # side-output batches may be blobs too (small metadata is never a blob)
-            states = [{**st, "side": {k: [b if isinstance(b, pa.RecordBatch) else load(b)
-                                          for b in v] for k, v in st["side"].items()}}
-                      for st in states]
+        if load is not None:  # side-output batches may be blobs too
+            states = [{**st, "side": load(st["side"])} for st in states]
             self.restore(self._merged_group_meta(states, None))
             for st in states:
-                table = st["state"]
-                if table is not None and not isinstance(table, pa.Table):
-                    table = load(table)
+                table = load(st["state"])
                 if table is not None and table.num_rows:
                     self._add_state(table)
             return

@@ -90,6 +90,53 @@ class SpillFile:
             pass
 
 
+class GroupFiles:
+    """Rows filed by group number (e.g. key group) in one spill file per group, then read
+    back a group at a time: a snapshot of state larger than memory splits it by group
+    with memory for one piece in and one group out. Use as a context manager (the files
+    left are deleted on exit)."""
+
+    def __init__(self, ctx: TaskContext, prefix: str = "groups") -> None:
+        self.ctx = ctx
+        self.prefix = prefix
+        self.files: dict[int, SpillFile] = {}
+
+    def put(self, group: int, table: pa.Table | None) -> None:
+        """Append rows to ``group``'s file."""
+        if table is None or table.num_rows == 0:
+            return
+        sf = self.files.get(group)
+        if sf is None:
+            sf = self.files[group] = SpillFile(self.ctx, self.prefix)
+        for b in table.to_batches():
+            sf.write(b)
+
+    def groups(self) -> list[int]:
+        """The groups that hold rows, ascending."""
+        return sorted(self.files)
+
+    def take(self, group: int) -> pa.Table | None:
+        """``group``'s rows as one table (None when it has none); its file is deleted."""
+        sf = self.files.pop(group, None)
+        if sf is None:
+            return None
+        try:
+            return pa.Table.from_batches(list(sf.read())).combine_chunks()
+        finally:
+            sf.delete()
+
+    def close(self) -> None:
+        for sf in self.files.values():
+            sf.delete()
+        self.files = {}
+
+    def __enter__(self) -> GroupFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class BucketSpiller:
     """Hash-partitions batches by key columns into ``num_buckets`` spill files.
 
