@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import millstream as ms
+from millstream.io.stream_sinks import CollectingSink, FileStreamSink
 from millstream.runtime.dataflow import ParallelStreamingJob
-from millstream.runtime.streaming import CollectingSink, FileStreamSink
 
 
 def _rows(n: int, keys: int = 5) -> list[dict]:

@@ -18,14 +18,14 @@ import pyarrow as pa
 import pytest
 
 import millstream as ms
-from millstream.api.expressions import col
+from millstream.core.context import TaskContext
+from millstream.core.hashing import hash_array, hash_columns, partition_ids
+from millstream.core.shuffle import read_block
+from millstream.expr.expressions import col
 from millstream.ops.aggregate import AggSpec, FinalAggregate, PartialAggregate
 from millstream.ops.join import HashJoin, join_tables
 from millstream.ops.sort import Sort
-from millstream.runtime.context import TaskContext
-from millstream.runtime.hashing import hash_array, hash_columns, partition_ids
 from millstream.runtime.session import get_session
-from millstream.runtime.shuffle import read_block
 
 # (source partitions, shuffle partitions)
 LAYOUTS = [(1, 1), (3, 2), (4, 5)]

@@ -20,15 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import millstream as ms
+from millstream.core.context import default_context
+from millstream.core.keygroups import owned_key_groups
+from millstream.core.time import MIN_WATERMARK, VirtualClock
 from millstream.errors import PlanError, SchemaError
-from millstream.ops.state import VirtualClock, owned_key_groups
-from millstream.ops.window import (
-    MIN_WATERMARK,
-    GlobalWindow,
-    GlobalWindowAggregate,
-    WindowAggregate,
-)
-from millstream.runtime.context import default_context
+from millstream.ops.window import GlobalWindow, GlobalWindowAggregate, WindowAggregate
 from millstream.testing import CollectingSink, TestSource, crash_and_restore
 
 SCHEMA = pa.schema([("k", pa.string()), ("t", pa.int64()), ("v", pa.int64())])
@@ -404,7 +400,7 @@ def test_snapshot_splits_by_key_group_and_restores_elsewhere():
     for p in range(2):
         for g in owned_key_groups(p, 2, 8):
             hashes[g] = p
-    from millstream.ops.state import key_hashes
+    from millstream.core.keygroups import key_hashes
 
     for i, (kind, arg) in enumerate(script[cut:], start=cut):
         for p, op in enumerate(parts):

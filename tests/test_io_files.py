@@ -12,17 +12,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from millstream.core.context import TaskContext
 from millstream.errors import BadRecordError, PlanError, StorageError, StorageNotFoundError
 from millstream.io import fs as msfs
 from millstream.io.csv import CsvSource
 from millstream.io.json import JsonSource
 from millstream.io.parquet import ParquetSource
 from millstream.io.text import TextSource
-from millstream.runtime.context import TaskContext
 
 
 class Pred:
-    """A stand-in for millstream.api.expressions.Expr."""
+    """A stand-in for millstream.expr.expressions.Expr."""
 
     def __init__(self, expr: pc.Expression | None, columns: set[str], fn=None):
         self._expr, self._columns, self._fn = expr, columns, fn

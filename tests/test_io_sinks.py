@@ -9,13 +9,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from millstream.core.context import TaskContext
 from millstream.errors import OutputExistsError, PlanError, SchemaError
 from millstream.io import fs as msfs
 from millstream.io.csv import CsvSource
 from millstream.io.json import JsonSource
 from millstream.io.parquet import ParquetSource
 from millstream.io.sinks import CsvSink, JsonSink, ParquetSink, encode_json_lines
-from millstream.runtime.context import TaskContext
 
 DATA = pa.table({
     "day": ["mon", "tue", "mon", None, "tue", "mon"],

@@ -14,12 +14,12 @@ import pyarrow as pa
 import pytest
 
 import millstream as ms
+from millstream.core.context import default_context
+from millstream.core.keygroups import key_hashes
 from millstream.errors import PlanError
-from millstream.ops.state import key_hashes
 from millstream.ops.stream_join import IntervalJoin, JoinKeys, LatestJoin, WindowJoin, _Buffer
 from millstream.ops.window import Sliding, Tumbling
 from millstream.runtime.checkpoint import BlobStore, externalize
-from millstream.runtime.context import default_context
 from millstream.testing import CollectingSink, SimulatedCrash, TestSource
 
 try:  # tests/ is on sys.path under pytest's default import mode

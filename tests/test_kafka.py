@@ -21,6 +21,7 @@ import pyarrow as pa
 import pytest
 
 import millstream as ms
+from millstream.core.context import TaskContext
 from millstream.errors import BadRecordError, PlanError
 from millstream.io.kafka import (  # no client import until a client is made
     KafkaClientError,
@@ -30,7 +31,6 @@ from millstream.io.kafka import (  # no client import until a client is made
     KafkaSource,
     KafkaStateError,
 )
-from millstream.runtime.context import TaskContext
 
 try:  # tests/ is on sys.path under pytest's default (prepend) import mode
     from services.kafka import TansuBroker, TansuNotFoundError, find_tansu

@@ -8,6 +8,9 @@ import random
 import pyarrow as pa
 import pytest
 
+from millstream.core.arrow import batch_to_rows
+from millstream.core.context import default_context
+from millstream.core.time import VirtualClock
 from millstream.errors import PlanError, SchemaError, UserCodeFailure
 from millstream.ops.process import KeyedProcess, KeyedProcessFunction
 from millstream.ops.state import (
@@ -16,10 +19,7 @@ from millstream.ops.state import (
     MapStateDescriptor,
     TimerService,
     ValueStateDescriptor,
-    VirtualClock,
 )
-from millstream.runtime.arrowutil import batch_to_rows
-from millstream.runtime.context import default_context
 
 SEC = 1_000_000
 

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 import millstream as ms
 from millstream.api.mapreduce import read_text_output
+from millstream.core.context import current_context
 from millstream.ops.mapreduce import (
     decode_key,
     decode_values,
@@ -29,7 +30,6 @@ from millstream.ops.mapreduce import (
     encode_values,
 )
 from millstream.runners.local import FAULT_ENV
-from millstream.runtime.context import current_context
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 EXAMPLE = os.path.join(ROOT, "examples", "mapreduce_wordcount.py")

@@ -295,7 +295,7 @@ def test_attempts_exhausted_reports_each_cause(monkeypatch):
 
 def _slow_first_attempt(row):
     """Partition 3's first attempt is a straggler."""
-    from millstream.runtime.context import current_context
+    from millstream.core.context import current_context
 
     ctx = current_context()
     if ctx.partition == 3 and ctx.attempt == 0:
@@ -374,7 +374,7 @@ def _node_gate(flag_dir: str, timeout: float = 60.0):
     opened: set[tuple[int, int, int]] = set()
 
     def gate() -> None:
-        from millstream.runtime.context import current_context
+        from millstream.core.context import current_context
 
         ctx = current_context()
         key = (ctx.stage_id, ctx.partition, ctx.attempt)
@@ -506,7 +506,7 @@ def test_streaming_windows_run_as_actors_on_several_nodes(tmp_path):
 @pytest.mark.slow
 def test_streaming_job_restores_from_its_checkpoint_when_a_node_is_removed(ray_cluster,
                                                                           tmp_path):
-    from millstream.runtime.streaming import FileStreamSink
+    from millstream.io.stream_sinks import FileStreamSink
 
     rows = [{"id": i, "k": f"k{i % 7}"} for i in range(6000)]
     out = tmp_path / "out"
@@ -540,7 +540,7 @@ def test_streaming_on_ray_checkpoints_to_s3_and_survives_a_killed_actor(tmp_path
     import ray
     from services.seaweedfs import SeaweedS3
 
-    from millstream.runtime.streaming import FileStreamSink
+    from millstream.io.stream_sinks import FileStreamSink
 
     (tmp_path / "seaweed").mkdir()
     server = SeaweedS3.start_mini(tmp_path / "seaweed")

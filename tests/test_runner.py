@@ -90,7 +90,7 @@ def test_env_snapshot_reaches_workers(monkeypatch):
 
 
 def _slow_first_attempt(row):
-    from millstream.runtime.context import current_context
+    from millstream.core.context import current_context
 
     ctx = current_context()
     if ctx.partition == 3 and ctx.attempt == 0:

@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 from test_windows import oracle_sessions
 
 import millstream as ms
-from millstream.ops.state import owned_key_groups
+from millstream.core.context import default_context
+from millstream.core.keygroups import owned_key_groups
 from millstream.ops.window import Session, WindowAggregate
-from millstream.runtime.context import default_context
 
 SCHEMA = pa.schema([("k", pa.string()), ("t", pa.int64()), ("v", pa.int64())])
 AGGS = ["s", "c", "n", "m", "lo", "hi", "d", "l"]
@@ -219,7 +219,7 @@ def test_key_group_snapshots_with_spilled_state_restore_elsewhere(tmp_path):
     owner = {g: p for p in range(3) for g in owned_key_groups(p, 3, 8)}
     for p, op in enumerate(parts):
         op.restore_key_groups([groups[g] for g in owned_key_groups(p, 3, 8) if g in groups])
-    from millstream.ops.state import key_hashes
+    from millstream.core.keygroups import key_hashes
 
     for kind, arg in script[cut:]:
         for p, op in enumerate(parts):

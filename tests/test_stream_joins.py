@@ -11,10 +11,10 @@ import pyarrow as pa
 import pytest
 
 import millstream as ms
+from millstream.core.context import default_context
+from millstream.core.keygroups import key_hashes
 from millstream.errors import PlanError, SchemaError
-from millstream.ops.state import key_hashes
 from millstream.ops.stream_join import IntervalJoin, JoinKeys
-from millstream.runtime.context import default_context
 from millstream.runtime.streaming import SimulatedCrash
 from millstream.testing import CollectingSink, TestSource, crash_and_restore
 

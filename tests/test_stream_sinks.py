@@ -9,15 +9,10 @@ import pyarrow as pa
 import pytest
 
 import millstream as ms
-from millstream.errors import PlanError
-from millstream.runtime.streaming import (
-    CallbackSink,
-    ConsoleSink,
-    SimulatedCrash,
-    StreamingError,
-    format_table,
-    make_sink,
-)
+from millstream.core.arrow import format_table
+from millstream.errors import PlanError, StreamingError
+from millstream.io.stream_sinks import CallbackSink, ConsoleSink, make_sink
+from millstream.runtime.streaming import SimulatedCrash
 from millstream.testing import TestSource
 
 SCHEMA = pa.schema([("k", pa.string()), ("ts", pa.int64()), ("v", pa.int64())])
@@ -171,12 +166,12 @@ def test_console_by_name_and_to_stdout(capsys):
 def test_format_table_layout():
     t = pa.table({"name": ["a" * 30, None], "n": [1, 22]})
     assert format_table(t, truncate=True).splitlines() == [
-        "+--------------------+--+",
-        "|                name| n|",
-        "+--------------------+--+",
-        "|aaaaaaaaaaaaaaaaa...| 1|",
-        "|                null|22|",
-        "+--------------------+--+",
+        "+--------------------+---+",
+        "|                name|  n|",
+        "+--------------------+---+",
+        "|aaaaaaaaaaaaaaaaa...|  1|",
+        "|                null| 22|",
+        "+--------------------+---+",
     ]
     assert "a" * 30 in format_table(t, truncate=False)
 

@@ -28,17 +28,11 @@ from test_windows import (
 )
 
 import millstream as ms
+from millstream.core.context import default_context
+from millstream.core.time import MIN_WATERMARK
 from millstream.errors import MillstreamError
 from millstream.ops.aggregate import AggSpec
-from millstream.ops.window import (
-    MIN_WATERMARK,
-    Session,
-    Sliding,
-    Tumbling,
-    WindowAggregate,
-    WindowCombiner,
-)
-from millstream.runtime.context import default_context
+from millstream.ops.window import Session, Sliding, Tumbling, WindowAggregate, WindowCombiner
 from millstream.runtime.stream_task import decode_batch, encode_batch
 
 FIXED = [w for w in WINDOWS if w[2] is not None]

@@ -18,17 +18,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import millstream as ms
+from millstream.core.context import default_context
+from millstream.core.time import MIN_WATERMARK
+from millstream.core.units import parse_duration
 from millstream.errors import PlanError, SchemaError
 from millstream.ops.aggregate import AggSpec
-from millstream.ops.window import (
-    MIN_WATERMARK,
-    Session,
-    Sliding,
-    Tumbling,
-    WindowAggregate,
-    parse_duration,
-)
-from millstream.runtime.context import default_context
+from millstream.ops.window import Session, Sliding, Tumbling, WindowAggregate
 
 SCHEMA = pa.schema([("k", pa.string()), ("t", pa.int64()), ("v", pa.int64())])
 AGG_NAMES = ["s", "c", "n", "m", "lo", "hi", "d", "f", "l"]

@@ -8,23 +8,8 @@
     counts.show()
 """
 
+import millstream.runners  # noqa: E402,F401,I001 - registers the local and Ray runners
 from millstream.api.dataset import Dataset, GroupedDataset
-from millstream.api.expressions import (
-    AggExpr,
-    Expr,
-    avg,
-    col,
-    collect_list,
-    count,
-    count_distinct,
-    first,
-    lit,
-    max,
-    mean,
-    min,
-    sum,
-    when,
-)
 from millstream.api.mapreduce import MapReduceJob, MRStep, mapreduce
 from millstream.api.readers import (
     from_arrow,
@@ -58,6 +43,22 @@ from millstream.errors import (
     StorageError,
     TaskError,
     UserFunctionError,
+)
+from millstream.expr.expressions import (
+    AggExpr,
+    Expr,
+    avg,
+    col,
+    collect_list,
+    count,
+    count_distinct,
+    first,
+    lit,
+    max,
+    mean,
+    min,
+    sum,
+    when,
 )
 from millstream.runtime.session import init, shutdown
 

@@ -97,6 +97,10 @@ class UserCodeFailure(MillstreamError):
         return (type(self), (self.operator, self.function, self.original, self.record))
 
 
+class StreamingError(MillstreamError):
+    """A streaming job failed (a sink function raised, a task could not be restarted, ...)."""
+
+
 class FetchFailedError(NonRetryableError):
     """A shuffle map output could not be read (lost with its worker or disk); recompute it."""
 

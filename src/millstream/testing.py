@@ -25,18 +25,13 @@ from typing import Any
 
 import pyarrow as pa
 
+from millstream.core.arrow import rows_to_batch
+from millstream.core.context import TaskContext
+from millstream.core.time import VirtualClock
 from millstream.errors import PlanError
-from millstream.io.base import Source, Split
-from millstream.ops.state import VirtualClock
-from millstream.runtime.arrowutil import rows_to_batch
-from millstream.runtime.context import TaskContext
-from millstream.runtime.streaming import (
-    CollectingSink,
-    SimulatedCrash,
-    StreamingJob,
-    StreamReader,
-    StreamSource,
-)
+from millstream.io.base import Source, Split, StreamReader, StreamSource
+from millstream.io.stream_sinks import CollectingSink
+from millstream.runtime.streaming import SimulatedCrash, StreamingJob
 
 __all__ = ["CollectingSink", "SimulatedCrash", "TestSource", "VirtualClock", "crash_and_restore",
            "to_micros"]
@@ -164,7 +159,9 @@ class TestSource(Source):
         self._lock = threading.Lock()
 
     # --------------------------------------------------------------- streaming
-    def stream_source(self, stop_at_end: bool = False) -> StreamSource:
+    bounded = False
+
+    def as_stream(self, target_splits: int, stop_at_end: bool = False) -> StreamSource:
         """The streaming view: one reader per partition, positions are item indexes."""
         return _TestStream(self)
 

@@ -6,24 +6,24 @@ it, cut it into stages and run them on the session's runner.
 
 from __future__ import annotations
 
-import builtins
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import pyarrow as pa
 
-from millstream.api.expressions import AggExpr, Expr, col, to_expr
+from millstream.core.arrow import batch_to_rows, concat_batches, format_table
+from millstream.core.shuffle import read_block
 from millstream.errors import FetchFailedError, PlanError
+from millstream.expr.expressions import AggExpr, Expr, col, to_expr
 from millstream.ops import narrow
 from millstream.ops.aggregate import AggSpec
 from millstream.ops.base import OperatorFactory
 from millstream.plan import logical as L
+from millstream.plan.compile import compile_plan
 from millstream.plan.optimizer import optimize
-from millstream.plan.physical import PhysicalPlanner, PlannerSettings, Stage, all_stages
-from millstream.runtime.arrowutil import batch_to_rows, concat_batches
+from millstream.plan.physical import PlannerSettings, Stage, all_stages
 from millstream.runtime.scheduler import Job
 from millstream.runtime.session import Settings, effective_settings, get_session
-from millstream.runtime.shuffle import read_block
 
 _HOW = ("inner", "left", "right", "outer", "full", "semi", "anti")
 
@@ -274,7 +274,7 @@ class Dataset:
         session.get_runner(settings)  # partition counts follow the runner (cluster CPUs on Ray)
         ps = PlannerSettings(settings.resolved_shuffle_partitions(), settings.broadcast_threshold,
                              session.cache.get)
-        return PhysicalPlanner(ps).plan(optimize(self._node), output_kind, sink)
+        return compile_plan(self._node, ps, output_kind, sink)
 
     def _blocks_job(self, options: dict[str, Any]) -> tuple[Job, list[Any]]:
         settings = effective_settings(options)
@@ -340,7 +340,7 @@ class Dataset:
 
     def count(self, **options: Any) -> int:
         """Number of rows."""
-        from millstream.api.expressions import count as count_all
+        from millstream.expr.expressions import count as count_all
 
         rows = self.agg(count_all().alias("count")).collect(**options)
         return int(rows[0]["count"]) if rows else 0
@@ -357,7 +357,7 @@ class Dataset:
     def show(self, n: int = 20, **options: Any) -> None:
         """Print the first ``n`` rows as a table."""
         table = self.limit(n).to_arrow(**options)
-        print(_format_table(table))
+        print(format_table(table, n))
 
     def explain(self, print_plan: bool = True) -> str:
         """The logical, optimized and physical plans (stages, shuffles, pushdowns)."""
@@ -482,7 +482,7 @@ class GroupedDataset:
 
     def count(self) -> Dataset:
         """Rows per group, in column ``count``."""
-        from millstream.api.expressions import count as count_all
+        from millstream.expr.expressions import count as count_all
 
         return self.agg(count_all().alias("count"))
 
@@ -502,21 +502,3 @@ def _partition_cols(partition_by: str | Sequence[str] | None) -> list[str] | Non
     if partition_by is None:
         return None
     return [partition_by] if isinstance(partition_by, str) else list(partition_by)
-
-
-def _format_table(table: pa.Table, width: int = 30) -> str:
-    names = table.schema.names
-    rows = batch_to_rows(table)
-
-    def fmt(v: Any) -> str:
-        s = "null" if v is None else str(v)
-        return s if len(s) <= width else s[: width - 3] + "..."
-
-    cells = [[fmt(r[n]) for n in names] for r in rows]
-    widths = [builtins.max([len(n)] + [len(c[i]) for c in cells]) for i, n in enumerate(names)]
-    sep = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
-    out = [sep, "| " + " | ".join(n.ljust(w) for n, w in zip(names, widths)) + " |", sep]
-    for c in cells:
-        out.append("| " + " | ".join(v.ljust(w) for v, w in zip(c, widths)) + " |")
-    out.append(sep)
-    return "\n".join(out)

@@ -32,18 +32,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from millstream.api.dataset import Dataset
+from millstream.core.arrow import PICKLED_KEY
+from millstream.core.context import TaskContext, current_context
+from millstream.core.shuffle import read_block
 from millstream.errors import PlanError, SchemaError, TaskError
 from millstream.io.sinks import FileSink, ParquetSink, json_fragments
 from millstream.ops.base import OperatorFactory
 from millstream.ops.mapreduce import KEY_COLUMN, PART_COLUMN, MapperOp, ReducerOp, column_values
 from millstream.plan import logical as L
-from millstream.plan.optimizer import optimize
-from millstream.plan.physical import PhysicalPlanner, PlannerSettings, Stage, all_stages
-from millstream.runtime.arrowutil import PICKLED_KEY
-from millstream.runtime.context import TaskContext, current_context
+from millstream.plan.compile import compile_plan
+from millstream.plan.physical import PlannerSettings, Stage, all_stages
 from millstream.runtime.scheduler import Job, JobStats
 from millstream.runtime.session import Settings, effective_settings, get_session
-from millstream.runtime.shuffle import read_block
 from millstream.runtime.task import ShuffleInput, Task
 
 Pair = tuple[Any, Any]
@@ -363,7 +363,7 @@ def _start_job(ds: Dataset, settings: Settings, output_kind: str, sink: Any = No
     session = get_session()
     ps = PlannerSettings(settings.resolved_shuffle_partitions(), settings.broadcast_threshold,
                          session.cache.get)
-    final = PhysicalPlanner(ps).plan(optimize(ds._node), output_kind, sink)
+    final = compile_plan(ds._node, ps, output_kind, sink)
     label_stages(final)
     return _JobRun(session, settings, final)
 

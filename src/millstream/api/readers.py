@@ -8,9 +8,9 @@ from typing import Any
 import pyarrow as pa
 
 from millstream.api.dataset import Dataset
+from millstream.core.arrow import rows_to_batch
 from millstream.io.memory import RangeSource, TableSource
 from millstream.plan.logical import Scan
-from millstream.runtime.arrowutil import rows_to_batch
 
 
 def _watch(fmt: str, uri: Any, options: dict[str, Any]) -> Dataset:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import datetime as _dt
 from typing import TYPE_CHECKING, Any
 
-from millstream.api.expressions import AggExpr
+from millstream.core.units import parse_duration
 from millstream.errors import PlanError
+from millstream.expr.expressions import AggExpr
 from millstream.ops.aggregate import AggSpec
 from millstream.ops.window import (
     CountTrigger,
@@ -25,7 +26,6 @@ from millstream.ops.window import (
     Trigger,
     Tumbling,
     WindowAssigner,
-    parse_duration,
 )
 from millstream.plan import logical as L
 
@@ -149,7 +149,7 @@ class WindowedDataset:
 
     def count(self) -> Dataset:
         """Rows per key and window, in column ``count``."""
-        from millstream.api.expressions import count
+        from millstream.expr.expressions import count
 
         return self.agg(count().alias("count"))
 

@@ -26,13 +26,14 @@ import datetime as _dt
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from millstream.core.units import parse_duration
 from millstream.errors import PlanError
-from millstream.ops.window import Sliding, Tumbling, WindowAssigner, parse_duration
+from millstream.ops.window import Sliding, Tumbling, WindowAssigner
 from millstream.plan import logical as L
 
 if TYPE_CHECKING:
     from millstream.api.dataset import Dataset
-    from millstream.runtime.streaming import CallbackSink, ConsoleSink
+    from millstream.io.stream_sinks import CallbackSink, ConsoleSink
 
 Duration = str | int | _dt.timedelta
 Keys = str | Sequence[str] | None
@@ -192,13 +193,13 @@ def sink(fn: Callable[..., Any], skip_empty: bool = True) -> CallbackSink:
     last checkpointed epoch may be delivered again with the same rows and epoch number:
     at-least-once, or exactly-once when ``fn`` is idempotent per epoch.
     """
-    from millstream.runtime.streaming import CallbackSink
+    from millstream.io.stream_sinks import CallbackSink
 
     return CallbackSink(fn, skip_empty=skip_empty)
 
 
 def console(num_rows: int = 20, truncate: bool = True, file: Any = None) -> ConsoleSink:
     """A streaming sink printing each committed epoch's rows as a table (debugging)."""
-    from millstream.runtime.streaming import ConsoleSink
+    from millstream.io.stream_sinks import ConsoleSink
 
     return ConsoleSink(num_rows=num_rows, truncate=truncate, file=file)

@@ -154,10 +154,10 @@ def cmd_mapreduce(args: argparse.Namespace) -> int:
 
 
 def _size(text: str) -> int:
-    from millstream.runtime.session import _parse_size
+    from millstream.core.units import parse_size
 
     try:
-        value = _parse_size(text)
+        value = parse_size(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 64MB)") from None
     if not value or value <= 0:

@@ -23,9 +23,9 @@ from typing import Any
 
 import pyarrow as pa
 
+from millstream.core.context import TaskContext
 from millstream.errors import BadRecordError, PlanError
 from millstream.io import fs as msfs
-from millstream.runtime.context import TaskContext
 
 #: Counter group and names.
 COUNTER_GROUP = "millstream"

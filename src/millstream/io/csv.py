@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from millstream.core.context import TaskContext
 from millstream.errors import BadRecordError, PlanError
 from millstream.io import fs as msfs
 from millstream.io.badrecords import BadRecordHandler, check_policy, parse_line_chunk
@@ -31,7 +32,6 @@ from millstream.io.text import (
     _check_encoding,
     count_nonempty_lines,
 )
-from millstream.runtime.context import TaskContext
 
 #: Bytes of the first file read on the driver to infer column names and types.
 DEFAULT_INFER_BYTES = 1 << 20

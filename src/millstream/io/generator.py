@@ -14,10 +14,10 @@ from typing import Any
 
 import pyarrow as pa
 
+from millstream.core.arrow import rows_to_batch
+from millstream.core.context import TaskContext
 from millstream.errors import PlanError, UserCodeFailure
-from millstream.io.base import Source, Split
-from millstream.runtime.arrowutil import rows_to_batch
-from millstream.runtime.context import TaskContext
+from millstream.io.base import Source, Split, StreamReader, StreamSource
 
 
 class GeneratorSource(Source):
@@ -76,9 +76,12 @@ class GeneratorSource(Source):
             pos += len(idx)
             yield self._rows(idx)
 
-    def stream_source(self, stop_at_end: bool = False) -> Any:
-        from millstream.runtime.streaming import StreamReader, StreamSource
+    @property
+    def bounded(self) -> bool:  # type: ignore[override]
+        """With ``count`` the rows end; without, the source is endless."""
+        return self.count is not None
 
+    def as_stream(self, target_splits: int, stop_at_end: bool = False) -> StreamSource:
         src = self
 
         class _Reader(StreamReader):

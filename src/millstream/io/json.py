@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pajson
 
+from millstream.core.context import TaskContext
 from millstream.errors import PlanError
 from millstream.io.badrecords import (
     BadRecordHandler,
@@ -33,7 +34,6 @@ from millstream.io.text import (
     compression_of,
     count_nonempty_lines,
 )
-from millstream.runtime.context import TaskContext
 
 
 def _as_text(column: pa.ChunkedArray) -> pa.Array:

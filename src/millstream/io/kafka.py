@@ -92,6 +92,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.json as pajson
 
+from millstream.core.context import TaskContext, current_context, default_context
 from millstream.errors import BadRecordError, MillstreamError, PlanError, SchemaError
 from millstream.io.badrecords import (
     BadRecordHandler,
@@ -99,11 +100,10 @@ from millstream.io.badrecords import (
     parse_with_recovery,
     snippet,
 )
-from millstream.io.base import Source, Split
-from millstream.runtime.context import TaskContext, current_context, default_context
+from millstream.io.base import Source, Split, StreamReader, StreamSource
 
 if TYPE_CHECKING:
-    from millstream.api.expressions import Expr
+    from millstream.expr.expressions import Expr
 
 _log = logging.getLogger(__name__)
 
@@ -376,6 +376,11 @@ class KafkaSource(Source):
     """A Kafka topic: readers per partition for streaming, bounded splits for batch."""
 
     name = "kafka"
+    bounded = False
+
+    def as_stream(self, target_splits: int, stop_at_end: bool = False) -> KafkaStreamSource:
+        """The topic in a streaming job: a reader per partition, positions are next offsets."""
+        return KafkaStreamSource(self, stop_at_end)
 
     def __init__(self, topic: str, bootstrap_servers: str | Sequence[str],
                  format: str = "json", start: str = "earliest", group_id: str | None = None,
@@ -1331,3 +1336,49 @@ class KafkaSink:
     def describe(self) -> str:
         return (f"kafka {self.topic} @ {self.bootstrap_servers} format={self.format} "
                 f"key={self.key} mode={self._mode or 'not opened'}")
+
+
+# ----------------------------------------------------------------------- streaming view
+
+
+class _KafkaReader(StreamReader):
+    def __init__(self, reader: Any, stop_at_end: bool) -> None:
+        self._reader = reader
+        self._stop_at_end = stop_at_end
+        self.position = reader.next_offset
+
+    def poll(self, max_records: int, timeout_s: float) -> pa.RecordBatch | None:
+        batch, self.position = self._reader.poll_batch(max_records, timeout_s)
+        self.finished = self._stop_at_end and self._reader.caught_up and batch is None
+        return batch
+
+    def close(self) -> None:
+        self._reader.close()
+
+
+class KafkaStreamSource(StreamSource):
+    """A Kafka topic: one reader per partition, positions are next offsets."""
+
+    def __init__(self, source: Any, stop_at_end: bool = False) -> None:
+        self.source = source
+        self.stop_at_end = stop_at_end
+        self._parts: list[int] | None = None
+
+    def partitions(self) -> list[Any]:
+        if self._parts is None:
+            self._parts = self.source.partitions()
+        return list(self._parts)
+
+    def start_positions(self) -> dict[Any, Any]:
+        return dict(self.source.start_offsets(self.partitions()))
+
+    def prepare(self, positions: dict[Any, Any]) -> None:
+        """A JSON topic's schema, inferred once from every partition's records, so each
+        reader needs no records of its own partition to know it."""
+        self.source.data_schema(positions)
+
+    def open(self, partition: Any, position: Any, ctx: TaskContext) -> StreamReader:
+        if self.source.format == "json" and self.source._schema is None:
+            self.source.data_schema({partition: int(position)})
+        return _KafkaReader(self.source.open_reader(int(partition), int(position), ctx),
+                            self.stop_at_end)

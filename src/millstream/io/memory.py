@@ -7,8 +7,8 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 
+from millstream.core.context import TaskContext
 from millstream.io.base import Source, Split
-from millstream.runtime.context import TaskContext
 
 
 class TableSource(Source):

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from millstream.core.context import TaskContext
 from millstream.errors import BadRecordError, PlanError, SchemaError, StorageError
 from millstream.io import fs as msfs
 from millstream.io.base import Source, Split
@@ -30,10 +31,9 @@ from millstream.io.text import (
     format_size,
     predicate_columns,
 )
-from millstream.runtime.context import TaskContext
 
 if TYPE_CHECKING:
-    from millstream.api.expressions import Expr
+    from millstream.expr.expressions import Expr
 
 #: Footers read in parallel while planning (object stores are latency bound).
 PLANNING_THREADS = 16

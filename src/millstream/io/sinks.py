@@ -36,10 +36,10 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from millstream.core.context import TaskContext
 from millstream.errors import OutputExistsError, PlanError, SchemaError, StorageError
 from millstream.io import fs as msfs
 from millstream.io.base import Sink
-from millstream.runtime.context import TaskContext
 
 MODES = ("error", "overwrite", "append")
 #: Name hive uses for a null partition value.

@@ -24,13 +24,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from millstream.core.context import TaskContext
 from millstream.errors import BadRecordError, PlanError, SchemaError
 from millstream.io import fs as msfs
 from millstream.io.base import Source, Split
-from millstream.runtime.context import TaskContext
 
 if TYPE_CHECKING:
-    from millstream.api.expressions import Expr
+    from millstream.expr.expressions import Expr
 
 #: Smallest split planned automatically (a split_size argument overrides it).
 DEFAULT_MIN_SPLIT_SIZE = 8 << 20

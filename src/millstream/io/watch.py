@@ -37,12 +37,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from millstream.core.context import TaskContext
+from millstream.core.units import parse_duration
 from millstream.errors import PlanError, StorageNotFoundError
 from millstream.io import fs as msfs
-from millstream.io.base import Source, Split
-from millstream.ops.window import parse_duration
-from millstream.runtime.context import TaskContext
-from millstream.runtime.streaming import StreamReader
+from millstream.io.base import Source, Split, StreamReader, StreamSource
 
 #: Formats a directory can be watched in.
 WATCH_FORMATS = ("json", "csv", "text", "parquet")
@@ -134,9 +133,10 @@ class WatchSource(Source):
             options["schema"] = schema
         return _file_source(self.format, self.file_uri(rel), options)
 
-    def stream_source(self, stop_at_end: bool = False) -> Any:
+    bounded = False
+
+    def as_stream(self, target_splits: int, stop_at_end: bool = False) -> Any:
         """The streaming view: one partition reading the settled new files in order."""
-        from millstream.runtime.streaming import StreamSource
 
         src = self
 

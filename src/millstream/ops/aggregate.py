@@ -18,15 +18,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from millstream.errors import PlanError, SchemaError
-from millstream.ops.base import Batches, Operator
-from millstream.runtime.arrowutil import (
+from millstream.core.arrow import (
     batch_nbytes,
     concat_batches,
+    empty_batch,
     normalize_key,
     table_to_batches,
 )
-from millstream.runtime.spill import BucketSpiller
+from millstream.core.spill import BucketSpiller
+from millstream.errors import PlanError, SchemaError
+from millstream.ops.base import Batches, Operator
 
 _EMPTY: tuple[pa.RecordBatch, ...] = ()
 _GKEY = "__millstream_group"
@@ -107,8 +108,6 @@ def drop_nulls_per_list(lists: pa.Array) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), values.filter(pa.array(keep)))
 
 
-def _empty_batch(schema: pa.Schema) -> pa.RecordBatch:
-    return pa.RecordBatch.from_arrays([pa.array([], f.type) for f in schema], schema=schema)
 
 
 def _kernel(func: str, arr_type: pa.DataType) -> str:
@@ -358,7 +357,7 @@ class PartialAggregate(Operator):
             out += table_to_batches(merged, self.ctx.batch_size if self.ctx else 65536)
         if not out and not self.emitted and self.input_schema is not None:
             # no rows: send typed, empty states so the reduce side knows the output schema
-            out = [_empty_batch(self.core.partial(self.input_schema.empty_table()).schema)]
+            out = [empty_batch(self.core.partial(self.input_schema.empty_table()).schema)]
         return out
 
 
@@ -417,7 +416,7 @@ class FinalAggregate(Operator):
                 if self.state_schema is not None:
                     # no groups: an empty result that still has the output columns and types
                     empty = self.core.finalize(self.core.merge(self.state_schema.empty_table()))
-                    return [_empty_batch(self._drop_gkey(empty).schema)]
+                    return [empty_batch(self._drop_gkey(empty).schema)]
                 return _EMPTY
             res = self.core.finalize(self.core.merge(concat_batches(self.buf)))
             self.buf = []

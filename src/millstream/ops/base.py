@@ -14,7 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from millstream.runtime.context import TaskContext
+from millstream.core.context import TaskContext
 
 Batches = Iterable[pa.RecordBatch]
 _EMPTY: tuple[pa.RecordBatch, ...] = ()

@@ -9,19 +9,16 @@ serves the shuffle hash join (both ports read shuffle slices) and the broadcast 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from millstream.core.arrow import batch_nbytes, concat_batches, normalize_key, table_to_batches
+from millstream.core.shuffle import read_block
+from millstream.core.spill import BucketSpiller
 from millstream.errors import PlanError, SchemaError
 from millstream.ops.base import Batches, Operator
-from millstream.runtime.arrowutil import (
-    batch_nbytes,
-    concat_batches,
-    normalize_key,
-    table_to_batches,
-)
-from millstream.runtime.spill import BucketSpiller
 
 _EMPTY: tuple[pa.RecordBatch, ...] = ()
 JOIN_TYPES = {
@@ -257,3 +254,53 @@ class HashJoin(Operator):
                 s.delete()
         self.rspill = self.lspill = None
 
+
+class BroadcastHashJoin(HashJoin):
+    """A hash join whose build side (the whole small dataset) is loaded at open()."""
+
+    num_inputs = 1
+    input_order = (0,)
+
+    def __init__(self, left_on: list[str], right_on: list[str], how: str, suffix: str,
+                 broadcast_stage: Any = None, blocks: list[Any] | None = None) -> None:
+        super().__init__(left_on, right_on, how, suffix, broadcast=True)
+        self.blocks = blocks
+
+    def open(self, ctx) -> None:
+        super().open(ctx)
+        for ref in self.blocks or []:
+            for b in read_block(ref):
+                HashJoin.process(self, b, 1)
+        HashJoin.end_input(self, 1)
+
+    def finish(self):
+        return HashJoin.finish(self)
+
+
+class BroadcastLeftHashJoin(Operator):
+    """Joins each chunk of the (large) right side against the whole small left side."""
+
+    def __init__(self, left_on: list[str], right_on: list[str], how: str, suffix: str,
+                 broadcast_stage: Any = None, blocks: list[Any] | None = None) -> None:
+        super().__init__(f"BroadcastLeftHashJoin({how}, left_on={left_on}, right_on={right_on})")
+        if how not in ("inner", "right"):
+            raise ValueError(f"a broadcast left side only serves inner and right joins, not {how}")
+        self.left_on, self.right_on, self.how, self.suffix = left_on, right_on, how, suffix
+        self.blocks = blocks
+        self.left: pa.Table | None = None
+
+    def open(self, ctx) -> None:
+        super().open(ctx)
+        self.left = concat_batches([b for ref in self.blocks or [] for b in read_block(ref)])
+
+    def process(self, batch: pa.RecordBatch, port: int = 0):
+
+        right = pa.Table.from_batches([batch])
+        left = self.left
+        if left is None or left.num_columns == 0:
+            left = pa.table({k: pa.array([], right.column(r).type)
+                             for k, r in zip(self.left_on, self.right_on)})
+        if batch.num_rows == 0:
+            return ()
+        out = join_tables(left, right, self.left_on, self.right_on, self.how, self.suffix)
+        return table_to_batches(out, self.ctx.batch_size if self.ctx else 65536) if out.num_rows else ()

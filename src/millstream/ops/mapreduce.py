@@ -29,12 +29,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from millstream.core.arrow import PICKLED_KEY, batch_to_rows, column_to_pylist
+from millstream.core.context import TaskContext
 from millstream.errors import PlanError, SchemaError, UserCodeFailure
 from millstream.ops.base import Batches, Operator
 from millstream.ops.narrow import function_name
 from millstream.ops.sort import Sort
-from millstream.runtime.arrowutil import PICKLED_KEY, batch_to_rows, column_to_pylist
-from millstream.runtime.context import TaskContext
 
 KEY_COLUMN = "__mr_key"
 PART_COLUMN = "__mr_part"
@@ -559,7 +559,7 @@ def _short(value: Any, limit: int = 200) -> str:
 
 def partition_representatives(n: int) -> np.ndarray:
     """For each partition p < n, an int64 value that hash partitioning sends to p."""
-    from millstream.runtime.hashing import partition_ids
+    from millstream.core.hashing import partition_ids
 
     reps = np.full(n, -1, dtype=np.int64)
     start, size = 0, max(64, 8 * n)

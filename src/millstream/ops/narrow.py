@@ -11,9 +11,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from millstream.core.arrow import batch_to_rows, rows_to_batch
 from millstream.errors import SchemaError, UserCodeFailure
 from millstream.ops.base import Batches, Operator
-from millstream.runtime.arrowutil import batch_to_rows, rows_to_batch
 
 _EMPTY: tuple[pa.RecordBatch, ...] = ()
 

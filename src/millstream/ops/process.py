@@ -32,14 +32,14 @@ from typing import Any
 import cloudpickle
 import pyarrow as pa
 
+from millstream.core.arrow import batch_to_rows, event_time_micros, rows_to_batch
+from millstream.core.keygroups import key_hashes
+from millstream.core.time import MAX_TIME, MIN_TIME, Clock
 from millstream.errors import PlanError, SchemaError, UserCodeFailure
 from millstream.ops.base import Batches, Operator
 from millstream.ops.narrow import _short, function_name
 from millstream.ops.state import (
     CHECK_EVERY,
-    MAX_TIME,
-    MIN_TIME,
-    Clock,
     KeyedStateStore,
     ListState,
     MapState,
@@ -47,10 +47,8 @@ from millstream.ops.state import (
     TimerService,
     ValueState,
     default_state_memory_limit,
-    key_hashes,
 )
 from millstream.ops.state_store import SpillArea
-from millstream.runtime.arrowutil import batch_to_rows, event_time_micros, rows_to_batch
 
 _EMPTY: tuple[pa.RecordBatch, ...] = ()
 

@@ -11,113 +11,14 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from millstream.errors import SchemaError
+from millstream.core.arrow import batch_nbytes, concat_batches, empty_batch, table_to_batches
+from millstream.core.sorting import check_sort_columns, order_indices
+from millstream.core.spill import SpillFile
 from millstream.ops.base import Batches, Operator
-from millstream.runtime.arrowutil import batch_nbytes, concat_batches, table_to_batches
-from millstream.runtime.spill import SpillFile
 
 _EMPTY: tuple[pa.RecordBatch, ...] = ()
 _MARK = "__millstream_mark"
-
-
-_PER_KEY_NULLS = tuple(int(x) for x in pa.__version__.split(".")[:1]) >= (25,)
-
-
-def _empty_batch(schema: pa.Schema) -> pa.RecordBatch:
-    return pa.RecordBatch.from_arrays([pa.array([], f.type) for f in schema], schema=schema)
-
-
-def sort_keys(by: list[str], descending: list[bool], nulls_last: bool | None = None) -> list[tuple]:
-    """pyarrow sort keys; nulls first when ascending and last when descending unless told."""
-    out = []
-    for c, d in zip(by, descending):
-        last = d if nulls_last is None else nulls_last
-        if _PER_KEY_NULLS:
-            out.append((c, "descending" if d else "ascending", "at_end" if last else "at_start"))
-        else:
-            out.append((c, "descending" if d else "ascending"))
-    return out
-
-
-def _sort_kwargs(descending: list[bool], nulls_last: bool | None) -> dict:
-    if _PER_KEY_NULLS:
-        return {}
-    last = (descending[0] if descending else False) if nulls_last is None else nulls_last
-    return {"null_placement": "at_end" if last else "at_start"}
-
-
-def order_indices(table: pa.Table | pa.RecordBatch, by: list[str], descending: list[bool],
-                  nulls_last: bool | None = None) -> pa.Array:
-    """Stable sort permutation of ``table`` by ``by``, with SQL's NaN order.
-
-    Arrow places NaN next to the nulls; SQL engines (DuckDB, Spark, Polars) order NaN above
-    every other number. A float key is therefore preceded by an ``is_nan`` key sorted the
-    same way, which moves NaN past the numbers and leaves the nulls where they were.
-    """
-    cols, names, keys, desc = [], [], [], []
-    for i, (c, d) in enumerate(zip(by, descending)):
-        arr = table.column(c)
-        if pa.types.is_floating(arr.type):
-            cols.append(pc.is_nan(arr))
-            names.append(f"__nan{i}")
-            desc.append(d)
-            keys.append(f"__nan{i}")
-        cols.append(arr)
-        names.append(f"__key{i}")
-        desc.append(d)
-        keys.append(f"__key{i}")
-    t = pa.table(cols, names=names)
-    if t.num_rows == 0:
-        return pa.array([], pa.uint64())
-    sk = sort_keys(keys, desc, nulls_last)
-    if not _PER_KEY_NULLS:
-        # pyarrow < 25 has one null placement for all keys: that of the first column
-        return pc.sort_indices(t, sort_keys=sk, **_sort_kwargs(descending, nulls_last))
-    return pc.sort_indices(t, sort_keys=sk)
-
-
-def _check(table: pa.Table | pa.RecordBatch, by: list[str]) -> None:
-    for c in by:
-        if c not in table.schema.names:
-            raise SchemaError(f"sort: no column {c!r}; columns are {table.schema.names}")
-
-
-def range_partition_ids(batch: pa.RecordBatch, boundaries: pa.Table, by: list[str],
-                        descending: list[bool], nulls_last: bool | None) -> np.ndarray:
-    """Partition of every row given sorted boundary rows: the number of boundaries <= row."""
-    n = batch.num_rows
-    if boundaries.num_rows == 0 or n == 0:
-        return np.zeros(n, dtype=np.int64)
-    _check(batch, by)
-    keys = pa.table([batch.column(c) for c in by], names=by)
-    bnd = boundaries.select(by)
-    try:
-        bnd = bnd.cast(keys.schema)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
-        keys = keys.cast(bnd.schema)
-    both = pa.concat_tables([bnd, keys])
-    mark = np.concatenate([np.ones(bnd.num_rows, dtype=np.int64), np.zeros(n, dtype=np.int64)])
-    order = np.asarray(order_indices(both, by, descending, nulls_last))
-    # boundaries come first in the concatenation and the sort is stable, so a row equal to
-    # a boundary sorts after it and goes to the upper partition
-    cum = np.cumsum(mark[order])
-    pid_sorted = cum  # boundaries seen up to and including this position
-    out = np.empty(bnd.num_rows + n, dtype=np.int64)
-    out[order] = pid_sorted
-    return out[bnd.num_rows:]
-
-
-def choose_boundaries(sample: pa.Table, by: list[str], descending: list[bool], nulls_last: bool | None,
-                      num_partitions: int) -> pa.Table:
-    """``num_partitions - 1`` boundary rows taken at even quantiles of a key sample."""
-    if sample.num_rows == 0 or num_partitions <= 1:
-        return sample.select(by).slice(0, 0)
-    s = sample.select(by)
-    s = s.take(order_indices(s, by, descending, nulls_last))
-    idx = [min(s.num_rows - 1, (i * s.num_rows) // num_partitions) for i in range(1, num_partitions)]
-    return s.take(pa.array(idx, type=pa.int64()))
 
 
 class SampleKeys(Operator):
@@ -136,7 +37,7 @@ class SampleKeys(Operator):
     def process(self, batch: pa.RecordBatch, port: int = 0) -> Batches:
         if batch.num_rows == 0:
             return _EMPTY
-        _check(batch, self.by)
+        check_sort_columns(batch, self.by)
         keys = pa.Table.from_batches([batch]).select(self.by)
         self.seen += batch.num_rows
         # keep each row with probability size/seen (approximate reservoir, vectorized)
@@ -172,7 +73,7 @@ class Sort(Operator):
         return max(4 << 20, (self.ctx.memory_budget if self.ctx else 64 << 20) // 2)
 
     def _sorted(self, table: pa.Table) -> pa.Table:
-        _check(table, self.by)
+        check_sort_columns(table, self.by)
         return table.take(order_indices(table, self.by, self.descending, self.nulls_last)) \
             if table.num_rows else table
 
@@ -205,7 +106,7 @@ class Sort(Operator):
             self.buf = []
             if t.num_rows == 0:
                 # no rows: still pass the schema on (a join or aggregate downstream needs it)
-                return [_empty_batch(t.schema)] if t.num_columns else _EMPTY
+                return [empty_batch(t.schema)] if t.num_columns else _EMPTY
             return table_to_batches(self._sorted(t), bs)
         if self.buf and any(b.num_rows for b in self.buf):
             self._spill_run()

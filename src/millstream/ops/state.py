@@ -22,7 +22,6 @@ import heapq
 import itertools
 import pickle
 import sys
-import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -30,6 +29,9 @@ import cloudpickle
 import numpy as np
 import pyarrow as pa
 
+from millstream.core.context import TaskContext
+from millstream.core.keygroups import python_key_hash
+from millstream.core.time import MIN_TIME, Clock, WallClock
 from millstream.errors import PlanError
 from millstream.ops.state_store import (
     SpillArea,
@@ -40,88 +42,8 @@ from millstream.ops.state_store import (
     dump_value,
     encode_key,
 )
-from millstream.runtime.context import TaskContext
-
-#: Watermark before any was seen / after the end of a bounded input (int64 microseconds).
-MIN_TIME = -(2**63)
-MAX_TIME = 2**63 - 1
 
 _MISSING = object()
-
-#: Key groups of a streaming job unless ``start(key_groups=...)`` says otherwise.
-DEFAULT_KEY_GROUPS = 128
-
-
-# --------------------------------------------------------------------------- key groups
-
-
-def key_hashes(columns: list[Any], num_rows: int) -> np.ndarray:
-    """The key-group hash (uint64) of every row's key columns, the same in every process."""
-    from millstream.runtime.hashing import hash_columns
-
-    return hash_columns(columns, num_rows)
-
-
-def key_group_owners(key_groups: int, parallelism: int) -> np.ndarray:
-    """Partition index owning each key group: ``g * parallelism // key_groups`` (contiguous)."""
-    return (np.arange(key_groups, dtype=np.int64) * parallelism) // key_groups
-
-
-def owned_key_groups(index: int, parallelism: int, key_groups: int) -> range:
-    """The key groups partition ``index`` of ``parallelism`` owns."""
-    return range((index * key_groups + parallelism - 1) // parallelism,
-                 ((index + 1) * key_groups + parallelism - 1) // parallelism)
-
-
-def python_key_hash(key: Any) -> int:
-    """Key-group hash of a Python key value (fallback when the key's Arrow row was not seen)."""
-    import pyarrow as pa
-
-    values = list(key) if isinstance(key, tuple) else [key]
-    return int(key_hashes([pa.array([v]) for v in values], 1)[0])
-
-
-# --------------------------------------------------------------------------- clocks
-
-
-class Clock:
-    """Source of processing time in int64 microseconds since the epoch."""
-
-    def now(self) -> int:
-        """Current processing time (µs)."""
-        raise NotImplementedError
-
-
-class WallClock(Clock):
-    """The machine's real-time clock."""
-
-    def now(self) -> int:
-        return time.time_ns() // 1000
-
-
-class VirtualClock(Clock):
-    """A clock that only moves when told to (tests, replays)."""
-
-    def __init__(self, start: int = 0) -> None:
-        self._now = int(start)
-
-    def now(self) -> int:
-        return self._now
-
-    def advance(self, micros: int) -> int:
-        """Move forward by ``micros`` (>= 0); returns the new time."""
-        if micros < 0:
-            raise ValueError(f"VirtualClock.advance: cannot go back in time ({micros} µs)")
-        self._now += int(micros)
-        return self._now
-
-    def set(self, micros: int) -> int:
-        """Jump to ``micros`` (not before the current time); returns it."""
-        if micros < self._now:
-            raise ValueError(f"VirtualClock.set: {micros} is before the current time {self._now}")
-        self._now = int(micros)
-        return self._now
-
 
 # --------------------------------------------------------------------------- descriptors
 
@@ -510,7 +432,7 @@ class KeyedStateStore:
         if self._disk is None:
             yield from sorted(self.snapshot_groups(key_groups).items())
             return
-        from millstream.runtime.spill import GroupFiles
+        from millstream.core.spill import GroupFiles
 
         ctx = self._spill.ctx if self._spill.ctx is not None else TaskContext()
         with GroupFiles(ctx, "snapshot-state-group") as files:

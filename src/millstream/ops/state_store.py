@@ -42,8 +42,8 @@ from typing import Any
 
 import cloudpickle
 
+from millstream.core.context import TaskContext
 from millstream.errors import PlanError, StorageError
-from millstream.runtime.context import TaskContext
 
 _U64 = 1 << 64
 _I63 = 1 << 63

@@ -14,7 +14,7 @@ an integer) raise a :class:`~millstream.errors.SchemaError`. A null key never ma
 
 Event time and lateness (interval and window joins)
 ---------------------------------------------------
-Event times are int64 microseconds (:func:`~millstream.runtime.arrowutil.event_time_micros`).
+Event times are int64 microseconds (:func:`~millstream.core.arrow.event_time_micros`).
 The operator's watermark ``W`` is the job's (the minimum over every source partition of
 both inputs). A row whose event time is null goes to the side output ``"invalid"``.
 
@@ -111,14 +111,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from millstream.core.arrow import event_time_micros, table_to_batches
+from millstream.core.context import TaskContext
+from millstream.core.keygroups import key_hashes
+from millstream.core.spill import GroupFiles, SpillFile
+from millstream.core.time import MAX_WATERMARK, MIN_WATERMARK
 from millstream.errors import PlanError, SchemaError
 from millstream.ops.base import Batches, Operator
 from millstream.ops.join import join_tables
-from millstream.ops.state import key_hashes
-from millstream.ops.window import MAX_WATERMARK, MIN_WATERMARK, Sliding, Tumbling, WindowAssigner
-from millstream.runtime.arrowutil import event_time_micros, table_to_batches
-from millstream.runtime.context import TaskContext
-from millstream.runtime.spill import GroupFiles, SpillFile
+from millstream.ops.window import Sliding, Tumbling, WindowAssigner
 
 _EMPTY: tuple[pa.RecordBatch, ...] = ()
 

@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from millstream.core.arrow import event_time_micros
 from millstream.errors import SchemaError
 from millstream.ops.base import Batches, Operator
-from millstream.runtime.arrowutil import event_time_micros
 
 #: Maximum event time before any event was seen (int64 µs).
 NO_EVENT_TIME = -(2**63)

@@ -5,7 +5,7 @@ Conventions
 -----------
 * Event time comes from a timestamp column (any unit, with or without a time zone), an
   integer column of epoch milliseconds, or a date column; inside, it is int64 microseconds
-  since the epoch (see :func:`millstream.runtime.arrowutil.event_time_micros`).
+  since the epoch (see :func:`millstream.core.arrow.event_time_micros`).
 * A watermark ``W`` (int64 microseconds) says "no more events with event time <= W are
   expected". A window ``[start, end)`` fires when ``end <= W``. It is *expired* when
   ``end + allowed_lateness <= W``: its state is dropped and an event that would only fall
@@ -96,7 +96,6 @@ per key and is not spilled.
 from __future__ import annotations
 
 import datetime as _dt
-import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -104,20 +103,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from millstream.core.arrow import event_time_micros, normalize_key, table_to_batches
+from millstream.core.context import TaskContext
+from millstream.core.hashing import partition_ids
+from millstream.core.keygroups import key_hashes
+from millstream.core.spill import GroupFiles, SpillFile
+from millstream.core.time import MAX_WATERMARK, MIN_WATERMARK, Clock, WallClock
+from millstream.core.units import format_duration, parse_duration
 from millstream.errors import MillstreamError, PlanError, SchemaError
 from millstream.ops.aggregate import AggSpec, _AggCore
 from millstream.ops.base import Batches, Operator
-from millstream.ops.state import Clock, WallClock, key_hashes
-from millstream.runtime.arrowutil import event_time_micros, normalize_key, table_to_batches
-from millstream.runtime.context import TaskContext
-from millstream.runtime.hashing import partition_ids
-from millstream.runtime.spill import GroupFiles, SpillFile
 
 _EMPTY: tuple[pa.RecordBatch, ...] = ()
-
-#: The watermark before any was seen, and the one that ends a bounded input.
-MIN_WATERMARK = -(2**63)
-MAX_WATERMARK = 2**63 - 1
 
 # Internal column names of the state tables.
 _WS = "__millstream_ws"
@@ -127,55 +124,6 @@ _ROW = "__millstream_row"
 #: time zone of the event-time column, or empty)
 _COMBINED = b"millstream.window_states"
 _RESERVED = ("window_start", "window_end", "is_update", "is_retraction")
-
-# --------------------------------------------------------------------------- durations
-
-_UNIT_MICROS = {
-    "us": 1, "µs": 1, "ms": 1_000, "s": 1_000_000, "sec": 1_000_000, "m": 60_000_000,
-    "min": 60_000_000, "h": 3_600_000_000, "hr": 3_600_000_000, "d": 86_400_000_000,
-    "w": 604_800_000_000,
-}
-_PART_RE = re.compile(r"\s*(\d+(?:\.\d*)?)\s*(us|µs|ms|sec|s|min|m|hr|h|d|w)\s*")
-
-
-def parse_duration(value: str | int | _dt.timedelta, what: str = "duration") -> int:
-    """A duration ("5s", "1m", "1h30m", "500ms", "2d", timedelta, or int µs) in microseconds."""
-    if isinstance(value, bool):
-        raise PlanError(f"{what}: expected a duration such as '5s', got {value!r}")
-    if isinstance(value, _dt.timedelta):
-        micros = (value.days * 86_400 + value.seconds) * 1_000_000 + value.microseconds
-    elif isinstance(value, (int, np.integer)):
-        micros = int(value)
-    elif isinstance(value, str):
-        text = value.strip().lower()
-        pos, micros, matched = 0, 0.0, False
-        while pos < len(text):
-            m = _PART_RE.match(text, pos)
-            if not m:
-                break
-            micros += float(m.group(1)) * _UNIT_MICROS[m.group(2)]
-            pos, matched = m.end(), True
-        if not matched or pos != len(text):
-            raise PlanError(f"{what}: cannot read the duration {value!r}; use e.g. '500ms', "
-                            f"'5s', '10m', '1h', '1h30m', '2d', '1w' (units us, ms, s, m, h, d, w)")
-        if micros != int(micros):
-            raise PlanError(f"{what}: {value!r} is not a whole number of microseconds")
-        micros = int(micros)
-    else:
-        raise PlanError(f"{what}: expected a duration string such as '5s', a datetime.timedelta "
-                        f"or an int of microseconds, got {type(value).__name__} {value!r}")
-    if micros < 0:
-        raise PlanError(f"{what}: must not be negative, got {value!r}")
-    return micros
-
-
-def _fmt_duration(micros: int) -> str:
-    for unit, k in (("d", 86_400_000_000), ("h", 3_600_000_000), ("m", 60_000_000),
-                    ("s", 1_000_000), ("ms", 1_000)):
-        if micros and micros % k == 0:
-            return f"{micros // k}{unit}"
-    return f"{micros}us"
-
 
 # --------------------------------------------------------------------------- assigners
 
@@ -210,8 +158,8 @@ class Tumbling(WindowAssigner):
         return None, start, start + self.size
 
     def describe(self) -> str:
-        off = f", offset={_fmt_duration(self.offset)}" if self.offset else ""
-        return f"Tumbling({_fmt_duration(self.size)}{off})"
+        off = f", offset={format_duration(self.offset)}" if self.offset else ""
+        return f"Tumbling({format_duration(self.size)}{off})"
 
 
 class Sliding(WindowAssigner):
@@ -240,8 +188,8 @@ class Sliding(WindowAssigner):
         return idx, s, s + self.size
 
     def describe(self) -> str:
-        off = f", offset={_fmt_duration(self.offset)}" if self.offset else ""
-        return f"Sliding({_fmt_duration(self.size)}, every={_fmt_duration(self.every)}{off})"
+        off = f", offset={format_duration(self.offset)}" if self.offset else ""
+        return f"Sliding({format_duration(self.size)}, every={format_duration(self.every)}{off})"
 
 
 class Session(WindowAssigner):
@@ -258,7 +206,7 @@ class Session(WindowAssigner):
         return None, t, t + self.gap
 
     def describe(self) -> str:
-        return f"Session(gap={_fmt_duration(self.gap)})"
+        return f"Session(gap={format_duration(self.gap)})"
 
 
 # --------------------------------------------------------------------------- triggers
@@ -305,7 +253,7 @@ class ProcessingTimeTrigger(Trigger):
                             f"{interval!r}")
 
     def describe(self) -> str:
-        return f"processing_time({_fmt_duration(self.interval)})"
+        return f"processing_time({format_duration(self.interval)})"
 
 
 class EventTimeTrigger(Trigger):
@@ -320,8 +268,8 @@ class EventTimeTrigger(Trigger):
         self.offset = parse_duration(offset, "event_time_trigger(offset)") % self.every
 
     def describe(self) -> str:
-        off = f", offset={_fmt_duration(self.offset)}" if self.offset else ""
-        return f"event_time({_fmt_duration(self.every)}{off})"
+        off = f", offset={format_duration(self.offset)}" if self.offset else ""
+        return f"event_time({format_duration(self.every)}{off})"
 
 
 class AnyTrigger(Trigger):
@@ -526,7 +474,7 @@ class WindowAggregate(Operator):
         super().__init__(name or (
             f"WindowAggregate({window.describe()}, keys={keys}, time={time_column!r}, aggs=["
             + ", ".join(f"{s.func}:{s.name}" for s in specs) + "]"
-            + (f", allowed_lateness={_fmt_duration(self.allowed_lateness)}"
+            + (f", allowed_lateness={format_duration(self.allowed_lateness)}"
                if self.allowed_lateness else "") + ")"))
         core_keys = [_WS, _WE, *keys]
         self.core = _AggCore(core_keys, specs)

@@ -12,21 +12,19 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow as pa
-
-from millstream.io.base import Source
-from millstream.ops.aggregate import FinalAggregate, PartialAggregate
-from millstream.ops.base import Operator, OperatorFactory
-from millstream.ops.join import HashJoin
-from millstream.ops.narrow import LocalLimit
-from millstream.ops.sort import SampleKeys, Sort
-from millstream.plan import logical as L
-from millstream.runtime.shuffle import (
+from millstream.core.shuffle import (
     HashPartitioner,
     Partitioner,
     RangePartitioner,
     RoundRobinPartitioner,
 )
+from millstream.io.base import Source
+from millstream.ops.aggregate import FinalAggregate, PartialAggregate
+from millstream.ops.base import OperatorFactory
+from millstream.ops.join import BroadcastHashJoin, BroadcastLeftHashJoin, HashJoin
+from millstream.ops.narrow import LocalLimit
+from millstream.ops.sort import SampleKeys, Sort
+from millstream.plan import logical as L
 
 
 # ----------------------------------------------------------------- ports
@@ -131,64 +129,6 @@ class Stage:
         return "\n".join(lines)
 
 
-class BroadcastHashJoin(HashJoin):
-    """A hash join whose build side (the whole small dataset) is loaded at open()."""
-
-    num_inputs = 1
-    input_order = (0,)
-
-    def __init__(self, left_on: list[str], right_on: list[str], how: str, suffix: str,
-                 broadcast_stage: Stage | None = None, blocks: list[Any] | None = None) -> None:
-        super().__init__(left_on, right_on, how, suffix, broadcast=True)
-        self.blocks = blocks
-
-    def open(self, ctx) -> None:
-        from millstream.runtime.shuffle import read_block
-
-        super().open(ctx)
-        for ref in self.blocks or []:
-            for b in read_block(ref):
-                HashJoin.process(self, b, 1)
-        HashJoin.end_input(self, 1)
-
-    def finish(self):
-        return HashJoin.finish(self)
-
-
-class BroadcastLeftHashJoin(Operator):
-    """Joins each chunk of the (large) right side against the whole small left side."""
-
-    def __init__(self, left_on: list[str], right_on: list[str], how: str, suffix: str,
-                 broadcast_stage: Stage | None = None, blocks: list[Any] | None = None) -> None:
-        super().__init__(f"BroadcastLeftHashJoin({how}, left_on={left_on}, right_on={right_on})")
-        if how not in ("inner", "right"):
-            raise ValueError(f"a broadcast left side only serves inner and right joins, not {how}")
-        self.left_on, self.right_on, self.how, self.suffix = left_on, right_on, how, suffix
-        self.blocks = blocks
-        self.left: pa.Table | None = None
-
-    def open(self, ctx) -> None:
-        from millstream.runtime.arrowutil import concat_batches
-        from millstream.runtime.shuffle import read_block
-
-        super().open(ctx)
-        self.left = concat_batches([b for ref in self.blocks or [] for b in read_block(ref)])
-
-    def process(self, batch: pa.RecordBatch, port: int = 0):
-        from millstream.ops.join import join_tables
-        from millstream.runtime.arrowutil import table_to_batches
-
-        right = pa.Table.from_batches([batch])
-        left = self.left
-        if left is None or left.num_columns == 0:
-            left = pa.table({k: pa.array([], right.column(r).type)
-                             for k, r in zip(self.left_on, self.right_on)})
-        if batch.num_rows == 0:
-            return ()
-        out = join_tables(left, right, self.left_on, self.right_on, self.how, self.suffix)
-        return table_to_batches(out, self.ctx.batch_size if self.ctx else 65536) if out.num_rows else ()
-
-
 @dataclass
 class PlannerSettings:
     shuffle_partitions: int
@@ -268,7 +208,8 @@ class PhysicalPlanner:
 
         pipes = self.build(node.child)
         if self._combines(node, pipes):
-            from millstream.ops.window import MIN_WATERMARK, WindowCombiner
+            from millstream.core.time import MIN_WATERMARK
+            from millstream.ops.window import WindowCombiner
 
             for p in pipes:
                 p.add(OperatorFactory(WindowCombiner, node.window, list(node.keys),

@@ -25,8 +25,8 @@ from typing import Any
 import cloudpickle
 
 from millstream.errors import RunnerError
-from millstream.runners.base import Runner
 from millstream.runtime.progress import StageProgress
+from millstream.runtime.runner import Runner
 from millstream.runtime.task import Task, TaskFailure, TaskResult, describe_failure, run_task
 
 FAULT_ENV = "MILLSTREAM_FAULT_INJECT"

@@ -35,10 +35,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from millstream.errors import FetchFailedError, RunnerError, WorkerLostError
-from millstream.runners.base import Runner
-from millstream.runtime.progress import StageProgress
-from millstream.runtime.shuffle import (
+from millstream.core.shuffle import (
     BlockRef,
     BlockWriter,
     MapOutput,
@@ -46,6 +43,9 @@ from millstream.runtime.shuffle import (
     ShuffleWriter,
     _stream_batches,
 )
+from millstream.errors import FetchFailedError, RunnerError, WorkerLostError
+from millstream.runtime.progress import StageProgress
+from millstream.runtime.runner import Runner
 from millstream.runtime.task import (
     BlockInput,
     ShuffleInput,

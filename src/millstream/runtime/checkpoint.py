@@ -209,8 +209,8 @@ def plan_restore(uri: str, epoch: int, state: dict[str, Any], targets: list[Rest
     :class:`CheckpointError` for another pipeline, another number of key groups, moved
     source partitions, or a rescaled restore of state not split by key group.
     """
+    from millstream.core.keygroups import owned_key_groups
     from millstream.ops.base import is_keyed_op
-    from millstream.ops.state import owned_key_groups
     from millstream.ops.window import WindowAggregate
 
     if state["signature"] != signature:

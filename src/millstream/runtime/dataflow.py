@@ -35,14 +35,15 @@ from typing import Any
 import cloudpickle
 import pyarrow as pa
 
-from millstream.errors import PlanError, WorkerLostError
-from millstream.ops.state import DEFAULT_KEY_GROUPS, key_group_owners
-from millstream.ops.window import MAX_WATERMARK, MIN_WATERMARK, parse_duration
+from millstream.core.keygroups import DEFAULT_KEY_GROUPS, key_group_owners
+from millstream.core.shuffle import HashPartitioner
+from millstream.core.time import MAX_WATERMARK, MIN_WATERMARK
+from millstream.core.units import parse_duration
+from millstream.errors import PlanError, StreamingError, WorkerLostError
+from millstream.io.stream_sinks import make_sink
 from millstream.plan import logical as L
-from millstream.plan.optimizer import optimize
+from millstream.plan.compile import compile_plan, streaming_settings
 from millstream.plan.physical import (
-    PhysicalPlanner,
-    PlannerSettings,
     ShufflePort,
     SourcePort,
     all_stages,
@@ -53,7 +54,6 @@ from millstream.runtime.checkpoint import (
     RestoreTarget,
     plan_restore,
 )
-from millstream.runtime.shuffle import HashPartitioner
 from millstream.runtime.stream_task import (
     Output,
     StreamTask,
@@ -63,12 +63,9 @@ from millstream.runtime.stream_task import (
 )
 from millstream.runtime.streaming import (
     JobHandle,
-    StreamingError,
     _check_streamable,
     key_groups_option,
-    make_sink,
     resolve_broadcast_tables,
-    stream_source_for,
     task_budget,
 )
 
@@ -85,7 +82,7 @@ def choose_executor(node: L.Node, executor: str | None, options: dict[str, Any])
     a virtual clock, fault points), else "parallel" (or ``$MILLSTREAM_STREAMING_EXECUTOR``)."""
     import os
 
-    from millstream.ops.state import WallClock
+    from millstream.core.time import WallClock
 
     if executor is not None:
         if executor not in EXECUTORS:
@@ -180,9 +177,7 @@ class ParallelStreamingJob(JobHandle):
         self.max_restarts = int(max_restarts)
         self.inbox_capacity = max(1, int(inbox_capacity))
         self._settings = task_budget(memory_limit)
-        planner = PhysicalPlanner(PlannerSettings(self.parallelism, 0, lambda _cid: None,
-                                                  streaming=True))
-        self._stages = all_stages(planner.plan(optimize(node), "blocks"))
+        self._stages = all_stages(compile_plan(node, streaming_settings(self.parallelism)))
         self.epoch = 1
         self.watermark = MIN_WATERMARK
         self.restarts = 0
@@ -282,8 +277,7 @@ class ParallelStreamingJob(JobHandle):
                     if len(pipe.ports) != 1:
                         raise PlanError("a pipeline reads one source")
                     port = pipe.ports[0]
-                    src = sources.setdefault(id(port.source), stream_source_for(
-                        port.source, self.parallelism, self.stop_at_end))
+                    src = sources.setdefault(id(port.source), port.source.as_stream(self.parallelism, self.stop_at_end))
                     if getattr(port.source, "in_process_only", False):
                         raise PlanError(f"{port.source.describe()} lives in this process (a test "
                                         f"source): run the job with executor='inline'")

@@ -14,6 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from millstream.core.shuffle import RangePartitioner, read_block
 from millstream.errors import FetchFailedError
 from millstream.ops.base import OperatorFactory
 from millstream.plan.physical import (
@@ -26,7 +27,6 @@ from millstream.plan.physical import (
 )
 from millstream.runtime.progress import StageProgress, progress_enabled
 from millstream.runtime.session import Session, Settings
-from millstream.runtime.shuffle import RangePartitioner, read_block
 from millstream.runtime.task import (
     BlockInput,
     ShuffleInput,
@@ -188,8 +188,8 @@ class Job:
         return runner.block_output(os.path.join(self.dir, "blocks"))
 
     def _boundaries(self, st: Stage, part: RangePartitioner) -> pa.Table:
-        from millstream.ops.sort import choose_boundaries
-        from millstream.runtime.arrowutil import concat_batches
+        from millstream.core.arrow import concat_batches
+        from millstream.core.sorting import choose_boundaries
 
         batches = [b for ref in (st.sample_stage.results or []) for b in read_block(ref) if b.num_rows]
         sample = concat_batches(batches) if batches else pa.table({c: pa.array([]) for c in part.by})

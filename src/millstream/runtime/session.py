@@ -11,25 +11,7 @@ import uuid
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from millstream.errors import RunnerError
-
-
-def _parse_size(value: int | str | None) -> int | None:
-    if value is None or isinstance(value, int):
-        return value
-    text = str(value).strip().upper().replace("IB", "").replace("B", "")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    if text and text[-1] in mult:
-        return int(float(text[:-1]) * mult[text[-1]])
-    return int(text)
-
-
-def _default_memory_limit() -> int:
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        total = 8 << 30
-    return max(256 << 20, total // 4)
+from millstream.core.units import default_memory_limit, parse_size
 
 
 @dataclass
@@ -61,7 +43,7 @@ class Settings:
         return os.cpu_count() or 1
 
     def resolved_memory_limit(self) -> int:
-        return _parse_size(self.memory_limit) or _default_memory_limit()
+        return parse_size(self.memory_limit) or default_memory_limit()
 
     def task_budget(self) -> int:
         """Bytes one task's buffering operators may hold (the limit shared by the workers)."""
@@ -108,32 +90,19 @@ class Session:
         return d
 
     def get_runner(self, settings: Settings) -> Any:
+        """The runner ``settings`` name, reused while its key (e.g. parallelism) is the same."""
+        from millstream.runtime.runner import runner_entry
+
         with self.lock:
-            # a Ray runner is keyed by its cluster only: per-action parallelism must not
-            # restart a Ray it started (and lose the cached objects)
-            want = (settings.runner, settings.address) if settings.runner == "ray" else \
-                (settings.runner, settings.resolved_parallelism(), settings.address)
+            entry = runner_entry(settings.runner)
+            want = (settings.runner, entry.key(settings))
             if self.runner_obj is not None and getattr(self, "_runner_key", None) == want:
                 self.configure_runner(settings)
                 return self.runner_obj
             if self.runner_obj is not None:
                 self.runner_obj.shutdown()
                 self.runner_obj = None
-            if settings.runner == "local":
-                from millstream.runners.local import LocalRunner
-
-                self.runner_obj = LocalRunner(settings.resolved_parallelism())
-            elif settings.runner == "ray":
-                try:
-                    import ray  # noqa: F401
-                except ImportError as exc:
-                    raise RunnerError("the Ray runner needs Ray: pip install 'millstream[ray]'") from exc
-                from millstream.runners.ray import RayRunner
-
-                self.runner_obj = RayRunner(settings.parallelism, address=settings.address,
-                                            max_task_attempts=settings.max_task_attempts)
-            else:
-                raise RunnerError(f"unknown runner {settings.runner!r}; use 'local' or 'ray'")
+            self.runner_obj = entry.factory(settings)
             self._runner_key = want
         self.configure_runner(settings)
         return self.runner_obj
@@ -183,12 +152,13 @@ def init(runner: str = "local", parallelism: int | None = None, memory_limit: in
     unknown = set(options) - _KNOWN
     if unknown:
         raise TypeError(f"init() got unknown option(s) {sorted(unknown)}; known: {sorted(_KNOWN)}")
-    if runner not in ("local", "ray"):
-        raise RunnerError(f"unknown runner {runner!r}; use 'local' or 'ray'")
+    from millstream.runtime.runner import runner_entry
+
+    runner_entry(runner)  # an unknown name fails here, listing the registered ones
     global _session
     if _session is not None:
         _session.shutdown()
-    st = Settings(runner=runner, parallelism=parallelism, memory_limit=_parse_size(memory_limit),
+    st = Settings(runner=runner, parallelism=parallelism, memory_limit=parse_size(memory_limit),
                   spill_dir=spill_dir, **options)
     if st.shuffle_compression not in (None, "lz4", "zstd"):
         raise ValueError(f"shuffle_compression must be 'lz4', 'zstd' or None, got {st.shuffle_compression!r}")
@@ -205,7 +175,7 @@ def effective_settings(overrides: dict[str, Any]) -> Settings:
     if unknown:
         raise TypeError(f"unknown execution option(s) {sorted(unknown)}; known: {sorted(_KNOWN)}")
     if "memory_limit" in overrides:
-        overrides = dict(overrides, memory_limit=_parse_size(overrides["memory_limit"]))
+        overrides = dict(overrides, memory_limit=parse_size(overrides["memory_limit"]))
     return replace(st, **overrides)
 
 

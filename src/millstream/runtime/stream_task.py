@@ -36,13 +36,13 @@ from typing import Any, Protocol
 import numpy as np
 import pyarrow as pa
 
+from millstream.core.context import default_context
+from millstream.core.hashing import split_by_partition
+from millstream.core.keygroups import key_hashes
+from millstream.core.time import MAX_WATERMARK, MIN_WATERMARK, WallClock
 from millstream.ops.base import Operator, OperatorFactory, is_keyed_op
-from millstream.ops.state import WallClock, key_hashes
 from millstream.ops.watermark import EventTimeWatermark
-from millstream.ops.window import MAX_WATERMARK, MIN_WATERMARK
 from millstream.runtime.checkpoint import BlobStore, externalize
-from millstream.runtime.context import default_context
-from millstream.runtime.hashing import split_by_partition
 
 _log = logging.getLogger(__name__)
 

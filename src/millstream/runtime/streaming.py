@@ -25,7 +25,7 @@ sticky long-lived worker tasks. What the design fixes is kept:
   checkpoint location restores the newest complete checkpoint, re-commits its sink
   handle (commits are idempotent), rewinds sources and continues with the next epoch.
 * **Key groups.** A keyed exchange hashes the key columns
-  (:func:`millstream.runtime.hashing.hash_columns`) into ``key_groups`` groups (default
+  (:func:`millstream.core.hashing.hash_columns`) into ``key_groups`` groups (default
   128, ``start(key_groups=...)`` or ``max_parallelism=...``; fixed by the first
   checkpoint) and sends group ``g`` to consumer chain ``g * parallelism // key_groups``.
   Keyed operators (windows with keys, process functions) checkpoint their state and
@@ -53,53 +53,44 @@ sticky long-lived worker tasks. What the design fixes is kept:
 
 from __future__ import annotations
 
-import inspect
 import logging
-import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from millstream.errors import MillstreamError, PlanError, StorageError
-from millstream.io import fs as msfs
-from millstream.io.base import Source
+from millstream.core.arrow import batch_to_rows, concat_batches
+from millstream.core.context import TaskContext, default_context
+from millstream.core.hashing import split_by_partition
+from millstream.core.keygroups import DEFAULT_KEY_GROUPS, key_group_owners, key_hashes
+from millstream.core.shuffle import HashPartitioner
+from millstream.core.time import MAX_WATERMARK, MIN_WATERMARK, Clock, WallClock
+from millstream.core.units import parse_duration
+from millstream.errors import MillstreamError, PlanError, StreamingError
+from millstream.io.base import StreamReader, StreamSource
+from millstream.io.stream_sinks import make_sink
 from millstream.ops.base import Operator, OperatorFactory, is_keyed_op
 from millstream.ops.process import KeyedProcess
-from millstream.ops.state import (
-    DEFAULT_KEY_GROUPS,
-    Clock,
-    WallClock,
-    key_group_owners,
-    key_hashes,
-)
 from millstream.ops.watermark import EventTimeWatermark
-from millstream.ops.window import MAX_WATERMARK, MIN_WATERMARK, WindowAggregate, parse_duration
+from millstream.ops.window import WindowAggregate
 from millstream.plan import logical as L
-from millstream.plan.optimizer import optimize
+from millstream.plan.compile import compile_plan, streaming_settings
 from millstream.plan.physical import (
-    PhysicalPlanner,
     PlannerSettings,
     ShufflePort,
     SourcePort,
     Stage,
     all_stages,
 )
-from millstream.runtime.arrowutil import batch_to_rows, concat_batches
 from millstream.runtime.checkpoint import (
     CheckpointError,
     CheckpointStore,
     RestoreTarget,
     plan_restore,
 )
-from millstream.runtime.context import TaskContext, default_context
-from millstream.runtime.hashing import split_by_partition
-from millstream.runtime.shuffle import HashPartitioner
 from millstream.runtime.stream_task import close_quietly, counter_names, state_bytes
 
 _log = logging.getLogger(__name__)
@@ -117,448 +108,6 @@ FAULT_POINTS = ("during_epoch", "before_checkpoint", "after_checkpoint", "after_
 
 class SimulatedCrash(MillstreamError):
     """Raised inside a streaming job by fault injection (tests): the job dies at that point."""
-
-
-class StreamingError(MillstreamError):
-    """A streaming job failed."""
-
-
-# =============================================================================== sources
-
-
-class StreamReader:
-    """Reads one source partition from a position; ``position`` is what a checkpoint stores."""
-
-    position: Any = None
-    #: An explicit watermark of this partition (µs), or None when the source has none.
-    watermark: int | None = None
-    #: True once a bounded partition has delivered everything.
-    finished: bool = False
-
-    def poll(self, max_records: int, timeout_s: float) -> pa.RecordBatch | None:
-        """The next rows (None when nothing is available now)."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """Release the reader's resources."""
-
-
-class StreamSource:
-    """Partitions, initial positions and readers of one source in a streaming job."""
-
-    def partitions(self) -> list[Any]:
-        """Stable partition ids."""
-        raise NotImplementedError
-
-    def start_positions(self) -> dict[Any, Any]:
-        """Where a job without a checkpoint starts, per partition."""
-        raise NotImplementedError
-
-    def open(self, partition: Any, position: Any, ctx: TaskContext) -> StreamReader:
-        """A reader of ``partition`` at ``position``."""
-        raise NotImplementedError
-
-    def prepare(self, positions: dict[Any, Any]) -> None:
-        """Driver-side work before the partitions are opened elsewhere (no-op by default)."""
-
-
-class _BoundedReader(StreamReader):
-    """A batch split read as a stream; the position is the number of rows delivered."""
-
-    def __init__(self, batches: Iterator[pa.RecordBatch], position: int) -> None:
-        self._it = batches
-        self._rest: pa.RecordBatch | None = None
-        self.position = 0
-        skip = int(position)
-        while skip > 0:
-            b = next(self._it, None)
-            if b is None:
-                break
-            if b.num_rows > skip:
-                self._rest = b.slice(skip)
-                self.position += skip
-                break
-            skip -= b.num_rows
-            self.position += b.num_rows
-
-    def poll(self, max_records: int, timeout_s: float) -> pa.RecordBatch | None:
-        while True:
-            b = self._rest if self._rest is not None else next(self._it, None)
-            self._rest = None
-            if b is None:
-                self.finished = True
-                return None
-            if not b.num_rows:
-                continue
-            if max_records and b.num_rows > max_records:
-                self._rest = b.slice(max_records)
-                b = b.slice(0, max_records)
-            self.position += b.num_rows
-            return b
-
-
-class BoundedStreamSource(StreamSource):
-    """Any batch :class:`Source` (files, in-memory data) as a stream that ends."""
-
-    def __init__(self, source: Source, target_splits: int) -> None:
-        self.source = source
-        self.splits = source.plan_splits(target_splits)
-
-    def partitions(self) -> list[Any]:
-        return list(range(len(self.splits)))
-
-    def start_positions(self) -> dict[Any, Any]:
-        return {p: 0 for p in self.partitions()}
-
-    def open(self, partition: Any, position: Any, ctx: TaskContext) -> StreamReader:
-        return _BoundedReader(iter(self.source.read_split(self.splits[partition], ctx)),
-                              int(position))
-
-
-class _KafkaReader(StreamReader):
-    def __init__(self, reader: Any, stop_at_end: bool) -> None:
-        self._reader = reader
-        self._stop_at_end = stop_at_end
-        self.position = reader.next_offset
-
-    def poll(self, max_records: int, timeout_s: float) -> pa.RecordBatch | None:
-        batch, self.position = self._reader.poll_batch(max_records, timeout_s)
-        self.finished = self._stop_at_end and self._reader.caught_up and batch is None
-        return batch
-
-    def close(self) -> None:
-        self._reader.close()
-
-
-class KafkaStreamSource(StreamSource):
-    """A Kafka topic: one reader per partition, positions are next offsets."""
-
-    def __init__(self, source: Any, stop_at_end: bool = False) -> None:
-        self.source = source
-        self.stop_at_end = stop_at_end
-        self._parts: list[int] | None = None
-
-    def partitions(self) -> list[Any]:
-        if self._parts is None:
-            self._parts = self.source.partitions()
-        return list(self._parts)
-
-    def start_positions(self) -> dict[Any, Any]:
-        return dict(self.source.start_offsets(self.partitions()))
-
-    def prepare(self, positions: dict[Any, Any]) -> None:
-        """A JSON topic's schema, inferred once from every partition's records, so each
-        reader needs no records of its own partition to know it."""
-        self.source.data_schema(positions)
-
-    def open(self, partition: Any, position: Any, ctx: TaskContext) -> StreamReader:
-        if self.source.format == "json" and self.source._schema is None:
-            self.source.data_schema({partition: int(position)})
-        return _KafkaReader(self.source.open_reader(int(partition), int(position), ctx),
-                            self.stop_at_end)
-
-
-def stream_source_for(source: Source, target_splits: int, stop_at_end: bool) -> StreamSource:
-    """The streaming view of a plan's source."""
-    native = getattr(source, "stream_source", None)
-    if native is not None:
-        return native(stop_at_end=stop_at_end)
-    from millstream.io.kafka import KafkaSource
-
-    if isinstance(source, KafkaSource):
-        return KafkaStreamSource(source, stop_at_end)
-    return BoundedStreamSource(source, target_splits)
-
-
-# =============================================================================== sinks
-
-
-class CollectingSink:
-    """Keeps the rows of committed epochs in memory (tests); commits are idempotent per epoch."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pending: list[pa.RecordBatch] = []
-        self._committed: dict[int, pa.Table] = {}
-
-    def begin(self, epoch: int) -> None:
-        """Start collecting ``epoch``; drops what an unfinished earlier attempt wrote."""
-        self._pending = []
-
-    def write(self, batch: pa.RecordBatch | pa.Table) -> None:
-        """Buffer rows of the current epoch."""
-        batches = batch.to_batches() if isinstance(batch, pa.Table) else [batch]
-        self._pending.extend(b for b in batches if b.num_rows)
-
-    def pre_commit(self, epoch: int) -> dict[str, Any]:
-        """The epoch's rows as the handle (so a re-commit after a restart has them)."""
-        handle = {"epoch": epoch, "table": concat_batches(self._pending) if self._pending else None}
-        self._pending = []
-        return handle
-
-    def commit(self, handle: dict[str, Any]) -> None:
-        """Make the epoch's rows visible (once)."""
-        with self._lock:
-            if handle["epoch"] not in self._committed and handle["table"] is not None:
-                self._committed[handle["epoch"]] = handle["table"]
-            self._committed.setdefault(handle["epoch"], pa.table({}))
-
-    def abort(self, handle: dict[str, Any] | None = None) -> None:
-        """Drop the pending rows."""
-        self._pending = []
-
-    def to_arrow(self) -> pa.Table:
-        """Committed rows in epoch order."""
-        with self._lock:
-            tables = [t for _, t in sorted(self._committed.items()) if t.num_rows]
-        if not tables:
-            return pa.table({})
-        return pa.concat_tables(tables, promote_options="permissive")
-
-    def rows(self) -> list[dict[str, Any]]:
-        """Committed rows as dicts, in epoch order."""
-        return batch_to_rows(self.to_arrow())
-
-    def committed_epochs(self) -> list[int]:
-        """Epochs committed so far."""
-        with self._lock:
-            return sorted(self._committed)
-
-
-class FileStreamSink:
-    """Parquet or JSON-lines files under ``uri``, exactly once per epoch (two-phase commit).
-
-    Files of epoch ``e`` are written to ``<uri>/_staging/epoch-<e>/`` and moved into
-    ``<uri>/`` by ``commit`` (a file already moved is skipped, so a repeated commit after
-    a crash is harmless). Readers skip ``_``-prefixed names, so staging stays invisible.
-    """
-
-    def __init__(self, uri: str, format: str = "parquet",
-                 storage_options: dict[str, Any] | None = None) -> None:
-        if format not in ("parquet", "json"):
-            raise PlanError(f"FileStreamSink: format must be 'parquet' or 'json', got {format!r}")
-        self.uri = uri
-        self.format = format
-        self.storage_options = storage_options or {}
-        self.fs, self.path = msfs.resolve(uri, **self.storage_options)
-        self._epoch: int | None = None
-        self._files: list[str] = []
-        #: parallel instance index (its own staging directory), None for a single instance
-        self.subtask: int | None = None
-
-    def for_subtask(self, index: int) -> FileStreamSink:
-        """A copy for parallel sink instance ``index`` (file names are unique per instance;
-        the coordinator commits every instance's handle)."""
-        sub = FileStreamSink(self.uri, self.format, self.storage_options)
-        sub.subtask = int(index)
-        return sub
-
-    def _staging(self, epoch: int, subtask: int | None = None) -> str:
-        d = msfs.join(self.path, "_staging", f"epoch-{epoch:010d}")
-        return d if subtask is None else msfs.join(d, f"task-{subtask:05d}")
-
-    def begin(self, epoch: int) -> None:
-        """Start epoch ``epoch``; removes files an unfinished earlier attempt staged for it."""
-        msfs.delete_dir(self.fs, self._staging(epoch, self.subtask))
-        msfs.mkdirs(self.fs, self._staging(epoch, self.subtask))
-        self._epoch, self._files = epoch, []
-
-    def write(self, batch: pa.RecordBatch | pa.Table) -> None:
-        """Stage one file with these rows."""
-        if self._epoch is None:
-            raise StorageError("FileStreamSink.write before begin()")
-        if batch.num_rows == 0:
-            return
-        table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
-        ext = "parquet" if self.format == "parquet" else "json"
-        name = f"part-e{self._epoch:010d}-{len(self._files):05d}-{uuid.uuid4().hex[:6]}.{ext}"
-        path = msfs.join(self._staging(self._epoch, self.subtask), name)
-        if self.format == "parquet":
-            with msfs.open_output_stream(self.fs, path) as out:
-                pq.write_table(table, out, compression="zstd")
-        else:
-            from millstream.io.sinks import encode_json_lines
-
-            msfs.write_bytes(self.fs, path, encode_json_lines(table).to_pybytes())
-        self._files.append(name)
-
-    def pre_commit(self, epoch: int) -> dict[str, Any]:
-        """The handle of the staged epoch: its file names."""
-        return {"epoch": epoch, "files": list(self._files), "subtask": self.subtask}
-
-    def commit(self, handle: dict[str, Any]) -> None:
-        """Move the epoch's staged files into the target (idempotent)."""
-        staging = self._staging(handle["epoch"], handle.get("subtask"))
-        for name in handle["files"]:
-            src, dst = msfs.join(staging, name), msfs.join(self.path, name)
-            if msfs.exists(self.fs, src):
-                msfs.move(self.fs, src, dst)
-            elif not msfs.exists(self.fs, dst):
-                raise StorageError(f"FileStreamSink: committing epoch {handle['epoch']}: the "
-                                   f"staged file {src} is missing and {dst} does not exist")
-        msfs.delete_dir(self.fs, staging)
-        if handle.get("subtask") is not None:  # the epoch directory, once every task's is gone
-            parent = self._staging(handle["epoch"])
-            try:
-                if not msfs.list_dir(self.fs, parent):
-                    msfs.delete_dir(self.fs, parent)
-            except (OSError, StorageError):
-                pass
-
-    def abort(self, handle: dict[str, Any] | None = None) -> None:
-        """Remove the staged files of the current epoch."""
-        if self._epoch is not None:
-            msfs.delete_dir(self.fs, self._staging(self._epoch, self.subtask))
-
-
-def _positional_arity(fn: Callable[..., Any]) -> int:
-    """How many positional arguments ``fn`` accepts (2 for ``*args``)."""
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return 1
-    n = 0
-    for p in params:
-        if p.kind == p.VAR_POSITIONAL:
-            return 2
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
-            n += 1
-    return n
-
-
-class CallbackSink:
-    """Calls ``fn(table)`` or ``fn(table, epoch)`` once per committed epoch, in the driver.
-
-    ``table`` is a ``pyarrow.Table`` of the epoch's rows (Spark's ``foreachBatch``). The
-    call happens in ``commit``, after the epoch's checkpoint is complete, so nothing is
-    delivered that a restart would roll back. The rows travel in the checkpoint (as the
-    pre-commit handle): after a crash before or during the call, the restarted job calls
-    ``fn`` again with the same rows and epoch; a crash after it but before the commit is
-    recorded repeats it too. So delivery is at-least-once; an ``fn`` idempotent per
-    epoch (e.g. overwrite the output of epoch ``e``) makes it exactly-once. Epochs
-    without rows are skipped unless ``skip_empty=False``. A raising ``fn`` fails the job.
-    """
-
-    def __init__(self, fn: Callable[..., Any], skip_empty: bool = True) -> None:
-        if not callable(fn):
-            raise PlanError(f"ms.sink(fn) needs a function of the epoch's rows, got {fn!r}")
-        self.fn = fn
-        self.skip_empty = skip_empty
-        self._with_epoch = _positional_arity(fn) >= 2
-        self._pending: list[pa.RecordBatch] = []
-        self._schema: pa.Schema | None = None
-        #: the newest epoch delivered by this instance (a re-commit of it is skipped)
-        self._delivered: int | None = None
-
-    def begin(self, epoch: int) -> None:
-        """Start ``epoch``; drops what an unfinished earlier attempt wrote."""
-        self._pending = []
-
-    def write(self, batch: pa.RecordBatch | pa.Table) -> None:
-        """Buffer rows of the current epoch."""
-        batches = batch.to_batches() if isinstance(batch, pa.Table) else [batch]
-        for b in batches:
-            if self._schema is None:
-                self._schema = b.schema
-            if b.num_rows:
-                self._pending.append(b)
-
-    def pre_commit(self, epoch: int) -> dict[str, Any]:
-        """The epoch's rows as the handle (a re-commit after a restart delivers them)."""
-        table = concat_batches(self._pending) if self._pending else None
-        self._pending = []
-        return {"epoch": epoch, "table": table,
-                "schema": None if self._schema is None else self._schema}
-
-    def commit(self, handle: dict[str, Any]) -> None:
-        """Call the function with the epoch's rows (once per epoch in this process)."""
-        epoch = handle["epoch"]
-        if self._delivered is not None and epoch <= self._delivered:
-            return
-        table = handle["table"]
-        if table is None:
-            if self.skip_empty:
-                self._delivered = epoch
-                return
-            schema = handle.get("schema")
-            table = schema.empty_table() if schema is not None else pa.table({})
-        try:
-            if self._with_epoch:
-                self.fn(table, epoch)
-            else:
-                self.fn(table)
-        except Exception as exc:
-            raise StreamingError(f"the sink function {getattr(self.fn, '__name__', self.fn)!r} "
-                                 f"failed on epoch {epoch} ({table.num_rows} rows): "
-                                 f"{type(exc).__name__}: {exc}; a restart from the checkpoint "
-                                 f"delivers this epoch again") from exc
-        self._delivered = epoch
-
-    def abort(self, handle: dict[str, Any] | None = None) -> None:
-        """Drop the pending rows."""
-        self._pending = []
-
-
-def format_table(table: pa.Table, num_rows: int = 20, truncate: bool = True) -> str:
-    """A text table of the first ``num_rows`` rows (Spark's ``show`` layout)."""
-    names = table.column_names
-    rows = batch_to_rows(table.slice(0, num_rows))
-
-    def cell(v: Any) -> str:
-        text = "null" if v is None else str(v)
-        return text[:17] + "..." if truncate and len(text) > 20 else text
-
-    cells = [[cell(r.get(n)) for n in names] for r in rows]
-    widths = [max([len(n), *(len(c[i]) for c in cells)]) for i, n in enumerate(names)]
-    sep = "+" + "+".join("-" * w for w in widths) + "+"
-    lines = [sep, "|" + "|".join(n.rjust(w) for n, w in zip(names, widths)) + "|", sep]
-    lines += ["|" + "|".join(v.rjust(w) for v, w in zip(c, widths)) + "|" for c in cells]
-    lines.append(sep)
-    if table.num_rows > num_rows:
-        lines.append(f"only showing top {num_rows} rows")
-    return "\n".join(lines)
-
-
-class ConsoleSink(CallbackSink):
-    """Prints the rows of each committed epoch as a table (Spark's console sink; debugging)."""
-
-    def __init__(self, num_rows: int = 20, truncate: bool = True, file: Any = None) -> None:
-        if num_rows < 1:
-            raise PlanError(f"console sink: num_rows must be >= 1, got {num_rows}")
-        self.num_rows = int(num_rows)
-        self.truncate = truncate
-        self.file = file
-        super().__init__(self._print)
-
-    def _print(self, table: pa.Table, epoch: int) -> None:
-        bar = "-" * 43
-        print(f"{bar}\nEpoch: {epoch}\n{bar}\n"
-              f"{format_table(table, self.num_rows, self.truncate)}\n",
-              file=self.file if self.file is not None else sys.stdout, flush=True)
-
-
-def make_sink(sink: Any) -> Any:
-    """A streaming sink from what the user passed.
-
-    None: collect in memory; "console": print; another string: a Parquet directory; a
-    function: called with each committed epoch's rows (:class:`CallbackSink`); or an
-    object with ``begin``/``write``/``pre_commit``/``commit``.
-    """
-    if sink is None:
-        return CollectingSink()
-    if isinstance(sink, str):
-        if sink == "console":
-            return ConsoleSink()
-        return FileStreamSink(sink)
-    protocol = ("begin", "write", "pre_commit", "commit")
-    missing = [m for m in protocol if not hasattr(sink, m)]
-    if len(missing) == len(protocol) and callable(sink):
-        return CallbackSink(sink)
-    if missing:
-        raise PlanError(f"sink {sink!r} cannot be used by a streaming job: it lacks {missing} "
-                        f"(use a path, 'console', a function of each epoch's rows "
-                        f"(ms.sink(fn)), FileStreamSink, CollectingSink or KafkaSink)")
-    return sink
 
 
 # =============================================================================== the job
@@ -607,29 +156,10 @@ class _SourcePart:
         self.in_watermark = True
 
 
-def is_bounded_source(source: Source) -> bool:
-    """True when ``source`` ends by itself in a streaming job (files, in-memory data).
-
-    A source may say so with a ``bounded`` attribute; Kafka topics, watched directories,
-    test sources and generators without ``count`` are streams.
-    """
-    flag = getattr(source, "bounded", None)
-    if isinstance(flag, bool):
-        return flag
-    from millstream.io.generator import GeneratorSource
-    from millstream.io.kafka import KafkaSource
-
-    if isinstance(source, KafkaSource):
-        return False
-    if isinstance(source, GeneratorSource):
-        return source.count is not None
-    return getattr(source, "stream_source", None) is None
-
-
 def _unbounded_scans(node: L.Node) -> list[str]:
     """Descriptions of the stream sources below ``node``."""
     if isinstance(node, L.Scan):
-        return [] if is_bounded_source(node.source) else [node.source.describe()]
+        return [] if node.source.bounded else [node.source.describe()]
     return [d for c in node.children for d in _unbounded_scans(c)]
 
 
@@ -677,16 +207,16 @@ def _check_streamable(node: L.Node, stream_table_joins: bool = False) -> None:
 
 def compute_bounded(node: L.Node) -> pa.Table:
     """Run the bounded plan ``node`` as a batch job on the session's runner; its rows."""
+    from millstream.core.shuffle import read_block
     from millstream.runtime.scheduler import Job
     from millstream.runtime.session import effective_settings, get_session
-    from millstream.runtime.shuffle import read_block
 
     settings = effective_settings({})
     session = get_session()
     session.get_runner(settings)
     ps = PlannerSettings(settings.resolved_shuffle_partitions(), settings.broadcast_threshold,
                          session.cache.get)
-    job = Job(session, settings, PhysicalPlanner(ps).plan(optimize(node), "blocks"))
+    job = Job(session, settings, compile_plan(node, ps, "blocks"))
     try:
         batches = [b for ref in job.run() for b in read_block(ref)]
         table = concat_batches(batches)
@@ -733,9 +263,9 @@ def key_groups_option(key_groups: int | None, max_parallelism: int | None) -> in
 def task_budget(memory_limit: int | str | None) -> dict[str, int]:
     """TaskContext settings for a per-task ``memory_limit`` (bytes or "64MB"; None: the
     default 256 MiB): stateful operators keep half of it in memory and spill the rest."""
-    from millstream.runtime.session import _parse_size
+    from millstream.core.units import parse_size
 
-    size = _parse_size(memory_limit)
+    size = parse_size(memory_limit)
     if size is not None and size < 0:
         raise PlanError(f"memory_limit must be a positive size, got {memory_limit!r}")
     return {} if size is None else {"memory_budget": int(size)}
@@ -824,9 +354,7 @@ class StreamingJob(JobHandle):
         self.store = (CheckpointStore(checkpoint, storage_options) if checkpoint is not None
                       else None)
         self._fault = fault
-        planner = PhysicalPlanner(PlannerSettings(self.parallelism, 0, lambda _cid: None,
-                                                  streaming=True))
-        self._final = planner.plan(optimize(node), "blocks")
+        self._final = compile_plan(node, streaming_settings(self.parallelism))
         self._stages = all_stages(self._final)
         self._chains: list[_Chain] = []
         self._consumers: dict[int, list[_Chain]] = {}
@@ -901,8 +429,7 @@ class StreamingJob(JobHandle):
                                     f"{[p.describe() for p in pipe.ports]}")
                 port = pipe.ports[0]
                 if isinstance(port, SourcePort):
-                    src = sources.setdefault(id(port.source), stream_source_for(
-                        port.source, self.parallelism, self.stop_at_end))
+                    src = sources.setdefault(id(port.source), port.source.as_stream(self.parallelism, self.stop_at_end))
                     n_parts = src.partitions()
                 else:
                     src = None

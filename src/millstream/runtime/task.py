@@ -17,11 +17,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from millstream.io.base import Sink, Source, Split
-from millstream.ops.base import OperatorFactory
-from millstream.ops.narrow import LocalLimit
-from millstream.runtime.context import TaskContext, set_current_context
-from millstream.runtime.shuffle import (
+from millstream.core.context import TaskContext, set_current_context
+from millstream.core.shuffle import (
     BlockRef,
     BlockWriter,
     MapOutput,
@@ -30,6 +27,9 @@ from millstream.runtime.shuffle import (
     read_block,
     read_shuffle_partition,
 )
+from millstream.io.base import Sink, Source, Split
+from millstream.ops.base import OperatorFactory
+from millstream.ops.narrow import LocalLimit
 
 
 # ---------------------------------------------------------------- inputs

@@ -7,9 +7,9 @@ from collections.abc import Iterator
 
 import pyarrow as pa
 
-from millstream.runtime.arrowutil import cast_batch, unify_schemas
-from millstream.runtime.context import TaskContext
-from millstream.runtime.hashing import partition_ids, split_by_partition
+from millstream.core.arrow import cast_batch, unify_schemas
+from millstream.core.context import TaskContext
+from millstream.core.hashing import partition_ids, split_by_partition
 
 
 def ipc_options(compression: str | None) -> pa.ipc.IpcWriteOptions:

@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from millstream.core.arrow import empty_batch
 from millstream.errors import PlanError, SchemaError
 
 __all__ = [
@@ -181,8 +182,6 @@ def _null_to_bool(x: Datum) -> Datum:
     return x.cast(pa.bool_()) if pa.types.is_null(x.type) else x
 
 
-def _empty_batch(schema: pa.Schema) -> pa.RecordBatch:
-    return pa.RecordBatch.from_arrays([pa.array([], type=f.type) for f in schema], schema=schema)
 
 
 # --------------------------------------------------------------------------- Expr
@@ -219,7 +218,7 @@ class Expr:
 
     def output_type(self, schema: pa.Schema) -> pa.DataType:
         """The Arrow type this expression produces on input of the given schema."""
-        return self.evaluate(_empty_batch(schema)).type
+        return self.evaluate(empty_batch(schema)).type
 
     # ---- internals, overridden by subclasses
 

@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from millstream.core.arrow import batch_nbytes, cast_batch, unify_schemas
+from millstream.core.context import TaskContext
+from millstream.core.hashing import partition_ids, split_by_partition
+from millstream.core.spill import SpillFile, ipc_options
 from millstream.errors import FetchFailedError
-from millstream.runtime.arrowutil import batch_nbytes, cast_batch, unify_schemas
-from millstream.runtime.context import TaskContext
-from millstream.runtime.hashing import partition_ids, split_by_partition
-from millstream.runtime.spill import SpillFile, ipc_options
 
 _MAGIC = b"MSSHUF01"
 
@@ -93,7 +93,7 @@ class RangePartitioner(Partitioner):
     boundaries: pa.Table | None = None
 
     def assign(self, batch: pa.RecordBatch) -> np.ndarray:
-        from millstream.ops.sort import range_partition_ids
+        from millstream.core.sorting import range_partition_ids
 
         if self.boundaries is None:
             raise RuntimeError("range partitioner used before its boundaries were sampled")

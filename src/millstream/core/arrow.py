@@ -15,6 +15,11 @@ import pyarrow as pa
 PICKLED_KEY = b"millstream.pickled"
 
 
+def empty_batch(schema: pa.Schema) -> pa.RecordBatch:
+    """A record batch with ``schema`` and no rows."""
+    return pa.RecordBatch.from_arrays([pa.array([], type=f.type) for f in schema], schema=schema)
+
+
 def batch_nbytes(batch: pa.RecordBatch | pa.Table) -> int:
     """Bytes held by a batch's buffers (cheap; counts shared buffers once per column)."""
     try:
@@ -225,3 +230,24 @@ def event_time_micros(arr: pa.Array | pa.ChunkedArray, column: str
         raise SchemaError(f"event time column {column!r} has type {t}; expected a timestamp, "
                           f"a date, or an integer of epoch milliseconds")
     return np.ascontiguousarray(vals, dtype=np.int64), valid
+
+
+def format_table(table: pa.Table, num_rows: int = 20, truncate: bool = True) -> str:
+    """A text table of the first ``num_rows`` rows (Spark's ``show`` layout: columns at
+    least 3 wide, values right-aligned, cut to 20 characters unless ``truncate=False``)."""
+    names = table.column_names
+    rows = batch_to_rows(table.slice(0, num_rows))
+
+    def cell(v: Any) -> str:
+        text = "null" if v is None else str(v)
+        return text[:17] + "..." if truncate and len(text) > 20 else text
+
+    cells = [[cell(r.get(n)) for n in names] for r in rows]
+    widths = [max([3, len(n), *(len(c[i]) for c in cells)]) for i, n in enumerate(names)]
+    sep = "+" + "+".join("-" * w for w in widths) + "+"
+    lines = [sep, "|" + "|".join(n.rjust(w) for n, w in zip(names, widths)) + "|", sep]
+    lines += ["|" + "|".join(v.rjust(w) for v, w in zip(c, widths)) + "|" for c in cells]
+    lines.append(sep)
+    if table.num_rows > num_rows:
+        lines.append(f"only showing top {num_rows} rows")
+    return "\n".join(lines)

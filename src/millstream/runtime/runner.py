@@ -1,11 +1,17 @@
-"""The runner interface: schedule tasks, move their results, recover failures. Nothing else."""
+"""The runner interface: schedule tasks, move their results, recover failures. Nothing else.
+
+Runners live in the layer above (``millstream.runners``) and register themselves here by
+name (:func:`register_runner`), so the session finds them without importing them.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from typing import Any
 
-from millstream.errors import MillstreamError, TaskError, UserFunctionError
+from millstream.errors import MillstreamError, RunnerError, TaskError, UserFunctionError
 from millstream.runtime.progress import StageProgress
 from millstream.runtime.task import Task, TaskFailure, TaskResult
 
@@ -94,3 +100,40 @@ class Runner(ABC):
         if isinstance(failure.exception, BaseException):
             err.__cause__ = failure.exception
         return err
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class RunnerEntry:
+    """How to make a runner from the session's settings, and when an existing one can be kept
+    (``key``: settings that give the same key reuse the running runner)."""
+
+    factory: Callable[[Any], Runner]
+    key: Callable[[Any], Hashable]
+
+
+_REGISTRY: dict[str, RunnerEntry] = {}
+
+
+def register_runner(name: str, factory: Callable[[Any], Runner],
+                    key: Callable[[Any], Hashable] | None = None) -> None:
+    """Make ``ms.init(runner=name)`` use ``factory(settings)``; ``key(settings)`` (default: the
+    parallelism and address) decides when a running runner of that name can be reused."""
+    _REGISTRY[name] = RunnerEntry(
+        factory, key or (lambda s: (s.resolved_parallelism(), s.address)))
+
+
+def runner_names() -> list[str]:
+    """Names of the registered runners."""
+    return sorted(_REGISTRY)
+
+
+def runner_entry(name: str) -> RunnerEntry:
+    """The registered runner ``name``; a :class:`RunnerError` listing the others if unknown."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise RunnerError(f"unknown runner {name!r}; use one of {', '.join(runner_names())}"
+                          ) from None

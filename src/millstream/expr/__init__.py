@@ -1,0 +1,1 @@
+"""Expressions, functions, aggregate specs and their compilation to Arrow (above ``core``)."""

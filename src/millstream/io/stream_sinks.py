@@ -1,0 +1,295 @@
+"""Streaming sinks (the :class:`~millstream.io.base.StreamSink` protocol): files exactly once
+per epoch, rows collected in memory, a function per committed epoch, the console.
+
+:class:`FileStreamSink` stages each epoch's files and moves them into the target at
+commit (one staging directory per parallel instance); :class:`CollectingSink` keeps
+committed rows in memory (tests); :class:`CallbackSink` (``ms.sink(fn)``) calls ``fn``
+with each committed epoch's rows and :class:`ConsoleSink` (``ms.console()``) prints them;
+these last three run in the driver (they have no ``for_subtask``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from millstream.core.arrow import batch_to_rows, concat_batches, format_table
+from millstream.errors import PlanError, StorageError, StreamingError
+from millstream.io import fs as msfs
+
+
+class CollectingSink:
+    """Keeps the rows of committed epochs in memory (tests); commits are idempotent per epoch."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: list[pa.RecordBatch] = []
+        self._committed: dict[int, pa.Table] = {}
+
+    def begin(self, epoch: int) -> None:
+        """Start collecting ``epoch``; drops what an unfinished earlier attempt wrote."""
+        self._pending = []
+
+    def write(self, batch: pa.RecordBatch | pa.Table) -> None:
+        """Buffer rows of the current epoch."""
+        batches = batch.to_batches() if isinstance(batch, pa.Table) else [batch]
+        self._pending.extend(b for b in batches if b.num_rows)
+
+    def pre_commit(self, epoch: int) -> dict[str, Any]:
+        """The epoch's rows as the handle (so a re-commit after a restart has them)."""
+        handle = {"epoch": epoch, "table": concat_batches(self._pending) if self._pending else None}
+        self._pending = []
+        return handle
+
+    def commit(self, handle: dict[str, Any]) -> None:
+        """Make the epoch's rows visible (once)."""
+        with self._lock:
+            if handle["epoch"] not in self._committed and handle["table"] is not None:
+                self._committed[handle["epoch"]] = handle["table"]
+            self._committed.setdefault(handle["epoch"], pa.table({}))
+
+    def abort(self, handle: dict[str, Any] | None = None) -> None:
+        """Drop the pending rows."""
+        self._pending = []
+
+    def to_arrow(self) -> pa.Table:
+        """Committed rows in epoch order."""
+        with self._lock:
+            tables = [t for _, t in sorted(self._committed.items()) if t.num_rows]
+        if not tables:
+            return pa.table({})
+        return pa.concat_tables(tables, promote_options="permissive")
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Committed rows as dicts, in epoch order."""
+        return batch_to_rows(self.to_arrow())
+
+    def committed_epochs(self) -> list[int]:
+        """Epochs committed so far."""
+        with self._lock:
+            return sorted(self._committed)
+
+
+class FileStreamSink:
+    """Parquet or JSON-lines files under ``uri``, exactly once per epoch (two-phase commit).
+
+    Files of epoch ``e`` are written to ``<uri>/_staging/epoch-<e>/`` and moved into
+    ``<uri>/`` by ``commit`` (a file already moved is skipped, so a repeated commit after
+    a crash is harmless). Readers skip ``_``-prefixed names, so staging stays invisible.
+    """
+
+    def __init__(self, uri: str, format: str = "parquet",
+                 storage_options: dict[str, Any] | None = None) -> None:
+        if format not in ("parquet", "json"):
+            raise PlanError(f"FileStreamSink: format must be 'parquet' or 'json', got {format!r}")
+        self.uri = uri
+        self.format = format
+        self.storage_options = storage_options or {}
+        self.fs, self.path = msfs.resolve(uri, **self.storage_options)
+        self._epoch: int | None = None
+        self._files: list[str] = []
+        #: parallel instance index (its own staging directory), None for a single instance
+        self.subtask: int | None = None
+
+    def for_subtask(self, index: int) -> FileStreamSink:
+        """A copy for parallel sink instance ``index`` (file names are unique per instance;
+        the coordinator commits every instance's handle)."""
+        sub = FileStreamSink(self.uri, self.format, self.storage_options)
+        sub.subtask = int(index)
+        return sub
+
+    def _staging(self, epoch: int, subtask: int | None = None) -> str:
+        d = msfs.join(self.path, "_staging", f"epoch-{epoch:010d}")
+        return d if subtask is None else msfs.join(d, f"task-{subtask:05d}")
+
+    def begin(self, epoch: int) -> None:
+        """Start epoch ``epoch``; removes files an unfinished earlier attempt staged for it."""
+        msfs.delete_dir(self.fs, self._staging(epoch, self.subtask))
+        msfs.mkdirs(self.fs, self._staging(epoch, self.subtask))
+        self._epoch, self._files = epoch, []
+
+    def write(self, batch: pa.RecordBatch | pa.Table) -> None:
+        """Stage one file with these rows."""
+        if self._epoch is None:
+            raise StorageError("FileStreamSink.write before begin()")
+        if batch.num_rows == 0:
+            return
+        table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+        ext = "parquet" if self.format == "parquet" else "json"
+        name = f"part-e{self._epoch:010d}-{len(self._files):05d}-{uuid.uuid4().hex[:6]}.{ext}"
+        path = msfs.join(self._staging(self._epoch, self.subtask), name)
+        if self.format == "parquet":
+            with msfs.open_output_stream(self.fs, path) as out:
+                pq.write_table(table, out, compression="zstd")
+        else:
+            from millstream.io.sinks import encode_json_lines
+
+            msfs.write_bytes(self.fs, path, encode_json_lines(table).to_pybytes())
+        self._files.append(name)
+
+    def pre_commit(self, epoch: int) -> dict[str, Any]:
+        """The handle of the staged epoch: its file names."""
+        return {"epoch": epoch, "files": list(self._files), "subtask": self.subtask}
+
+    def commit(self, handle: dict[str, Any]) -> None:
+        """Move the epoch's staged files into the target (idempotent)."""
+        staging = self._staging(handle["epoch"], handle.get("subtask"))
+        for name in handle["files"]:
+            src, dst = msfs.join(staging, name), msfs.join(self.path, name)
+            if msfs.exists(self.fs, src):
+                msfs.move(self.fs, src, dst)
+            elif not msfs.exists(self.fs, dst):
+                raise StorageError(f"FileStreamSink: committing epoch {handle['epoch']}: the "
+                                   f"staged file {src} is missing and {dst} does not exist")
+        msfs.delete_dir(self.fs, staging)
+        if handle.get("subtask") is not None:  # the epoch directory, once every task's is gone
+            parent = self._staging(handle["epoch"])
+            try:
+                if not msfs.list_dir(self.fs, parent):
+                    msfs.delete_dir(self.fs, parent)
+            except (OSError, StorageError):
+                pass
+
+    def abort(self, handle: dict[str, Any] | None = None) -> None:
+        """Remove the staged files of the current epoch."""
+        if self._epoch is not None:
+            msfs.delete_dir(self.fs, self._staging(self._epoch, self.subtask))
+
+
+def _positional_arity(fn: Callable[..., Any]) -> int:
+    """How many positional arguments ``fn`` accepts (2 for ``*args``)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return 1
+    n = 0
+    for p in params:
+        if p.kind == p.VAR_POSITIONAL:
+            return 2
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            n += 1
+    return n
+
+
+class CallbackSink:
+    """Calls ``fn(table)`` or ``fn(table, epoch)`` once per committed epoch, in the driver.
+
+    ``table`` is a ``pyarrow.Table`` of the epoch's rows (Spark's ``foreachBatch``). The
+    call happens in ``commit``, after the epoch's checkpoint is complete, so nothing is
+    delivered that a restart would roll back. The rows travel in the checkpoint (as the
+    pre-commit handle): after a crash before or during the call, the restarted job calls
+    ``fn`` again with the same rows and epoch; a crash after it but before the commit is
+    recorded repeats it too. So delivery is at-least-once; an ``fn`` idempotent per
+    epoch (e.g. overwrite the output of epoch ``e``) makes it exactly-once. Epochs
+    without rows are skipped unless ``skip_empty=False``. A raising ``fn`` fails the job.
+    """
+
+    def __init__(self, fn: Callable[..., Any], skip_empty: bool = True) -> None:
+        if not callable(fn):
+            raise PlanError(f"ms.sink(fn) needs a function of the epoch's rows, got {fn!r}")
+        self.fn = fn
+        self.skip_empty = skip_empty
+        self._with_epoch = _positional_arity(fn) >= 2
+        self._pending: list[pa.RecordBatch] = []
+        self._schema: pa.Schema | None = None
+        #: the newest epoch delivered by this instance (a re-commit of it is skipped)
+        self._delivered: int | None = None
+
+    def begin(self, epoch: int) -> None:
+        """Start ``epoch``; drops what an unfinished earlier attempt wrote."""
+        self._pending = []
+
+    def write(self, batch: pa.RecordBatch | pa.Table) -> None:
+        """Buffer rows of the current epoch."""
+        batches = batch.to_batches() if isinstance(batch, pa.Table) else [batch]
+        for b in batches:
+            if self._schema is None:
+                self._schema = b.schema
+            if b.num_rows:
+                self._pending.append(b)
+
+    def pre_commit(self, epoch: int) -> dict[str, Any]:
+        """The epoch's rows as the handle (a re-commit after a restart delivers them)."""
+        table = concat_batches(self._pending) if self._pending else None
+        self._pending = []
+        return {"epoch": epoch, "table": table,
+                "schema": None if self._schema is None else self._schema}
+
+    def commit(self, handle: dict[str, Any]) -> None:
+        """Call the function with the epoch's rows (once per epoch in this process)."""
+        epoch = handle["epoch"]
+        if self._delivered is not None and epoch <= self._delivered:
+            return
+        table = handle["table"]
+        if table is None:
+            if self.skip_empty:
+                self._delivered = epoch
+                return
+            schema = handle.get("schema")
+            table = schema.empty_table() if schema is not None else pa.table({})
+        try:
+            if self._with_epoch:
+                self.fn(table, epoch)
+            else:
+                self.fn(table)
+        except Exception as exc:
+            raise StreamingError(f"the sink function {getattr(self.fn, '__name__', self.fn)!r} "
+                                 f"failed on epoch {epoch} ({table.num_rows} rows): "
+                                 f"{type(exc).__name__}: {exc}; a restart from the checkpoint "
+                                 f"delivers this epoch again") from exc
+        self._delivered = epoch
+
+    def abort(self, handle: dict[str, Any] | None = None) -> None:
+        """Drop the pending rows."""
+        self._pending = []
+
+
+class ConsoleSink(CallbackSink):
+    """Prints the rows of each committed epoch as a table (Spark's console sink; debugging)."""
+
+    def __init__(self, num_rows: int = 20, truncate: bool = True, file: Any = None) -> None:
+        if num_rows < 1:
+            raise PlanError(f"console sink: num_rows must be >= 1, got {num_rows}")
+        self.num_rows = int(num_rows)
+        self.truncate = truncate
+        self.file = file
+        super().__init__(self._print)
+
+    def _print(self, table: pa.Table, epoch: int) -> None:
+        bar = "-" * 43
+        print(f"{bar}\nEpoch: {epoch}\n{bar}\n"
+              f"{format_table(table, self.num_rows, self.truncate)}\n",
+              file=self.file if self.file is not None else sys.stdout, flush=True)
+
+
+def make_sink(sink: Any) -> Any:
+    """A streaming sink from what the user passed.
+
+    None: collect in memory; "console": print; another string: a Parquet directory; a
+    function: called with each committed epoch's rows (:class:`CallbackSink`); or an
+    object with ``begin``/``write``/``pre_commit``/``commit``.
+    """
+    if sink is None:
+        return CollectingSink()
+    if isinstance(sink, str):
+        if sink == "console":
+            return ConsoleSink()
+        return FileStreamSink(sink)
+    protocol = ("begin", "write", "pre_commit", "commit")
+    missing = [m for m in protocol if not hasattr(sink, m)]
+    if len(missing) == len(protocol) and callable(sink):
+        return CallbackSink(sink)
+    if missing:
+        raise PlanError(f"sink {sink!r} cannot be used by a streaming job: it lacks {missing} "
+                        f"(use a path, 'console', a function of each epoch's rows "
+                        f"(ms.sink(fn)), FileStreamSink, CollectingSink or KafkaSink)")
+    return sink
+
+

@@ -1,0 +1,25 @@
+"""The one compile step: a logical plan -> optimizer rules -> a physical plan of stages.
+
+Every action (batch jobs, ``explain``, streaming jobs on either executor, MapReduce) goes
+through :func:`compile_plan`, so they all see the same optimized plan.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from millstream.plan.logical import Node
+from millstream.plan.optimizer import optimize
+from millstream.plan.physical import PhysicalPlanner, PlannerSettings, Stage
+
+
+def compile_plan(node: Node, settings: PlannerSettings, output_kind: str = "blocks",
+                 sink: Any = None) -> Stage:
+    """The final stage of ``node``'s physical plan (its dependencies hang below it)."""
+    return PhysicalPlanner(settings).plan(optimize(node), output_kind, sink)
+
+
+def streaming_settings(parallelism: int) -> PlannerSettings:
+    """Planner settings of a streaming job: ``parallelism`` partitions per exchange, no
+    broadcast of streams, no cache, bounded sides of stream-table joins broadcast."""
+    return PlannerSettings(parallelism, 0, lambda _cid: None, streaming=True)
