@@ -73,12 +73,16 @@ class TestSource(Source):
     def __init__(self, schema: pa.Schema | None = None, partitions: int = 1) -> None:
         if partitions < 1:
             raise PlanError(f"TestSource: partitions must be >= 1, got {partitions}")
-        self.schema = schema
+        self.row_schema = schema
         self.num_partitions = int(partitions)
         self._items: list[list[tuple[pa.RecordBatch | None, int | None]]] = [
             [] for _ in range(self.num_partitions)]
         self._closed = False
         self._lock = threading.Lock()
+
+    def schema(self) -> pa.Schema | None:
+        """The schema given to the source (None: each batch's own)."""
+        return self.row_schema
 
     def _check(self, partition: int) -> None:
         if self._closed:
@@ -91,7 +95,7 @@ class TestSource(Source):
             partition: int = 0) -> TestSource:
         """Append rows (dicts, an Arrow table or batch); then, optionally, a watermark (µs)."""
         self._check(partition)
-        batch = _as_batch(rows, self.schema)
+        batch = _as_batch(rows, self.row_schema)
         wm = None if watermark is None else to_micros(watermark)
         with self._lock:
             self._items[partition].append((batch, wm))

@@ -74,6 +74,12 @@ class Source(ABC):
         """A cheap estimate of the data size (file sizes, in-memory size), or None."""
         return None
 
+    def schema(self) -> pa.Schema | None:
+        """The schema of the rows read (after a pushed projection), when the source knows
+        it cheaply (a file footer, an in-memory table, a given or already inferred schema);
+        None otherwise. Must not read the data."""
+        return None
+
     def describe(self) -> str:
         """One line for explain(): the source, its location and what was pushed into it."""
         return self.name

@@ -40,7 +40,7 @@ class GeneratorSource(Source):
         self.rate = rate
         self.count = count
         self.num_partitions = int(partitions)
-        self.schema = schema
+        self.row_schema = schema
 
     def _indices(self, partition: int, start: int, n: int) -> list[int]:
         out = []
@@ -58,7 +58,7 @@ class GeneratorSource(Source):
             except Exception as exc:
                 raise UserCodeFailure("from_generator", getattr(self.fn, "__name__", "fn"), exc,
                                       f"index {i}") from exc
-        return rows_to_batch(rows, self.schema)
+        return rows_to_batch(rows, self.row_schema)
 
     def plan_splits(self, target_splits: int) -> list[Split]:
         if self.count is None:
@@ -75,6 +75,10 @@ class GeneratorSource(Source):
                 return
             pos += len(idx)
             yield self._rows(idx)
+
+    def schema(self) -> pa.Schema | None:
+        """The schema given to the source (None: inferred from the rows made)."""
+        return self.row_schema
 
     @property
     def bounded(self) -> bool:  # type: ignore[override]

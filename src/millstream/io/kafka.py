@@ -672,6 +672,13 @@ class KafkaSource(Source):
             schema = pa.schema([schema.field(c) for c in self.columns])
         return schema
 
+    def schema(self) -> pa.Schema | None:
+        """The output schema when known without reading the topic (raw format, or JSON with
+        a given or already inferred schema), else None."""
+        if self.format == "json" and self._schema is None:
+            return None
+        return self.output_schema()
+
     # -- streaming -----------------------------------------------------------------------
 
     def open_reader(self, partition: int, start_offset: int,

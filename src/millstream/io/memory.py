@@ -68,6 +68,12 @@ class TableSource(Source):
     def estimated_size_bytes(self) -> int | None:
         return self.table.nbytes
 
+    def schema(self) -> pa.Schema:
+        """The table's schema (only the pushed columns, when a projection was pushed)."""
+        schema = self.table.schema
+        return schema if self.columns is None else pa.schema([schema.field(c)
+                                                              for c in self.columns])
+
     def describe(self) -> str:
         cols = f" columns={self.columns}" if self.columns is not None else ""
         return f"{self.label} ({self.table.num_rows} rows){cols}"
@@ -106,6 +112,10 @@ class RangeSource(Source):
 
     def estimated_size_bytes(self) -> int | None:
         return self._count() * 8
+
+    def schema(self) -> pa.Schema:
+        """One column ``id: int64``."""
+        return pa.schema([("id", pa.int64())])
 
     def describe(self) -> str:
         return f"range({self.start}, {self.end}, {self.step})"
