@@ -51,6 +51,12 @@ class TaskError(MillstreamError):
     function raised.
     """
 
+    #: What the failed task read ("input split ...", "reduce partition 3"); set by the
+    #: batch scheduler.
+    task_input: str | None = None
+    #: How many tasks the failed task's stage had; set by the batch scheduler.
+    stage_tasks: int | None = None
+
     def __init__(self, message: str, *, stage: str | None = None, partition: int | None = None,
                  operator: str | None = None, attempts: list[str] | None = None,
                  user_traceback: str | None = None, cause_type: str | None = None):

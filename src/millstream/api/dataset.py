@@ -1,7 +1,9 @@
 """The Dataset API: lazy, immutable, partitioned data with Spark/Polars-style operations.
 
-Transformations build a logical plan; actions (collect, count, write_*, ...) optimize
-it, cut it into stages and run them on the session's runner.
+Transformations build a typed logical plan (``plan/logical``), whose ``schema`` a Dataset
+knows without running it; actions (collect, count, write_*, ...) hand the plan to the
+runtime (``runtime/actions.py``), which compiles it into stages and runs them on the
+session's runner.
 """
 
 from __future__ import annotations
@@ -11,20 +13,17 @@ from typing import Any
 
 import pyarrow as pa
 
-from millstream.core.arrow import batch_to_rows, concat_batches, format_table
-from millstream.core.shuffle import read_block
-from millstream.errors import FetchFailedError, PlanError
+from millstream.api import stream, stream_join
+from millstream.core.arrow import batch_to_rows, format_table
+from millstream.errors import PlanError, SchemaError
 from millstream.expr.expressions import AggExpr, Expr, col, to_expr
-from millstream.ops import narrow
 from millstream.ops.aggregate import AggSpec
-from millstream.ops.base import OperatorFactory
 from millstream.plan import logical as L
-from millstream.plan.compile import compile_plan
-from millstream.plan.optimizer import optimize
-from millstream.plan.physical import PlannerSettings, Stage, all_stages
-from millstream.runtime.scheduler import Job
-from millstream.runtime.session import Settings, effective_settings, get_session
+from millstream.runtime import actions
+from millstream.runtime.session import effective_settings, get_session
 
+#: Rows a plan whose schema a Python function hides runs on to learn its columns.
+SCHEMA_SAMPLE_ROWS = 1000
 _HOW = ("inner", "left", "right", "outer", "full", "semi", "anti")
 
 
@@ -59,53 +58,77 @@ class Dataset:
 
     def __init__(self, node: L.Node) -> None:
         self._node = node
+        self._sampled_schema: pa.Schema | None = None
 
     def __repr__(self) -> str:
         return f"Dataset({self._node.label()})"
 
-    # --------------------------------------------------------- narrow
-    def _narrow(self, factory: OperatorFactory, kind: str, payload: Any = None) -> Dataset:
-        text = factory.describe() if kind not in ("project", "with_columns", "filter") else None
-        node = L.Narrow(self._node, factory, kind, payload, text or factory.describe())
-        return Dataset(node)
+    # --------------------------------------------------------- schema
+    @property
+    def schema(self) -> pa.Schema:
+        """The columns and types of the rows, known from the plan without running it;
+        where a Python function hides them (``map``, ``map_batches``, ...), from running
+        the plan on its first rows once. A column the plan reads but does not find raises
+        a SchemaError naming it."""
+        known = self._node.checked_schema()
+        if known is not None:
+            return known
+        if self._sampled_schema is None:
+            streams = _unbounded_scans(self._node)
+            if streams:
+                raise SchemaError(f"{self._node.label()}: the columns of the stream(s) "
+                                  f"{streams} are only known once it runs; give the source a "
+                                  f"schema (schema=...) or the process function an "
+                                  f"output_schema")
+            sample = L.Limit(self._node, SCHEMA_SAMPLE_ROWS)
+            self._sampled_schema = actions.to_table(sample, effective_settings({})).schema
+        return self._sampled_schema
 
+    @property
+    def columns(self) -> list[str]:
+        """The column names (see :attr:`schema`)."""
+        return list(self.schema.names)
+
+    # --------------------------------------------------------- narrow
     def map(self, fn: Callable[[dict], Any]) -> Dataset:
         """Apply ``fn`` to every row (a dict); it returns a dict (or a value, kept in column ``value``)."""
-        return self._narrow(OperatorFactory(narrow.MapRows, fn), "map")
+        return Dataset(L.Map(self._node, fn))
 
     def flat_map(self, fn: Callable[[dict], Iterable[Any]]) -> Dataset:
         """Apply ``fn`` to every row; it returns an iterable of zero or more output rows."""
-        return self._narrow(OperatorFactory(narrow.FlatMapRows, fn), "flat_map")
+        return Dataset(L.FlatMap(self._node, fn))
 
     def filter(self, predicate: Expr | Callable[[dict], bool]) -> Dataset:
         """Keep rows where a boolean expression is true (fast) or a Python predicate returns true."""
         if isinstance(predicate, Expr):
-            return self._narrow(OperatorFactory(narrow.FilterExpr, predicate), "filter", predicate)
+            return Dataset(L.Filter(self._node, predicate))
         if isinstance(predicate, str):
             raise PlanError("filter() takes an expression such as ms.col('x') > 0 or a function of a row, "
                             f"not the string {predicate!r}")
         if not callable(predicate):
             raise PlanError(f"filter() needs an expression or a callable, got {type(predicate).__name__}")
-        return self._narrow(OperatorFactory(narrow.FilterRows, predicate), "filter_fn")
+        return Dataset(L.FilterRows(self._node, predicate))
 
     where = filter
 
     def map_batches(self, fn: Callable[..., Any], batch_format: str = "pyarrow",
                     **fn_kwargs: Any) -> Dataset:
         """Apply a vectorized function to whole batches (pyarrow Table, pandas or polars DataFrame)."""
-        return self._narrow(OperatorFactory(narrow.MapBatches, fn, batch_format, fn_kwargs), "map_batches")
+        if batch_format not in ("pyarrow", "pandas", "polars", "numpy"):
+            raise ValueError(f"batch_format must be 'pyarrow', 'pandas', 'polars' or 'numpy', "
+                             f"got {batch_format!r}")
+        return Dataset(L.MapBatches(self._node, fn, batch_format, tuple(fn_kwargs.items())))
 
     def select(self, *exprs: Any, **named: Any) -> Dataset:
         """Keep only these columns or expressions (names, ``ms.col(...)``, computed with ``.alias``)."""
         es = _exprs(exprs, named)
         if not es:
             raise PlanError("select() needs at least one column or expression")
-        return self._narrow(OperatorFactory(narrow.Project, es), "project", es)
+        return Dataset(L.Project(self._node, tuple(es)))
 
     def with_columns(self, *exprs: Any, **named: Any) -> Dataset:
         """Add or replace columns computed from expressions; other columns are kept."""
-        es = _exprs(exprs, named)
-        return self._narrow(OperatorFactory(narrow.WithColumns, es), "with_columns", es)
+        return Dataset(L.WithColumns(self._node, tuple(_exprs(exprs, named))))
 
     def with_column(self, name: str, expr: Any) -> Dataset:
         """Add or replace one column (Spark's ``withColumn``)."""
@@ -113,15 +136,15 @@ class Dataset:
 
     def drop(self, *columns: str) -> Dataset:
         """Remove columns."""
-        return self._narrow(OperatorFactory(narrow.Drop, _names(columns)), "drop")
+        return Dataset(L.Drop(self._node, tuple(_names(columns))))
 
     def rename(self, mapping: dict[str, str]) -> Dataset:
         """Rename columns ``{old: new}``."""
-        return self._narrow(OperatorFactory(narrow.Rename, dict(mapping)), "rename")
+        return Dataset(L.Rename(self._node, tuple(dict(mapping).items())))
 
     def explode(self, column: str) -> Dataset:
         """One row per element of a list column; rows with empty or null lists disappear."""
-        return self._narrow(OperatorFactory(narrow.Explode, column), "explode")
+        return Dataset(L.Explode(self._node, column))
 
     # --------------------------------------------------------- wide
     def group_by(self, *keys: Any) -> GroupedDataset:
@@ -162,7 +185,8 @@ class Dataset:
         if len(lk) != len(rk) or not lk:
             raise PlanError(f"join: left keys {lk} and right keys {rk} must be non-empty and as many")
         how = "outer" if how == "full" else how
-        return Dataset(L.Join(self._node, other._node, lk, rk, how, suffix, broadcast))
+        return Dataset(L.Join(self._node, other._node, tuple(lk), tuple(rk), how, suffix,
+                              broadcast))
 
     def sort(self, by: str | Sequence[str], descending: bool | Sequence[bool] = False,
              nulls_last: bool | None = None) -> Dataset:
@@ -173,7 +197,7 @@ class Dataset:
         desc = [bool(descending)] * len(cols) if isinstance(descending, bool) else [bool(d) for d in descending]
         if len(desc) != len(cols):
             raise PlanError(f"sort: {len(cols)} column(s) but {len(desc)} descending flag(s)")
-        return Dataset(L.Sort(self._node, cols, desc, nulls_last))
+        return Dataset(L.Sort(self._node, tuple(cols), tuple(desc), nulls_last))
 
     order_by = sort
 
@@ -195,7 +219,7 @@ class Dataset:
         """Redistribute into ``n`` partitions, by hash of ``by`` columns or round-robin."""
         if n < 1:
             raise PlanError(f"repartition needs n >= 1, got {n}")
-        keys = None if by is None else ([by] if isinstance(by, str) else list(by))
+        keys = None if by is None else ((by,) if isinstance(by, str) else tuple(by))
         return Dataset(L.Repartition(self._node, int(n), keys))
 
     def cache(self) -> Dataset:
@@ -215,14 +239,11 @@ class Dataset:
     # --------------------------------------------------------- event time / streaming
     def with_watermark(self, column: str, delay: Any = "5s", idle_timeout: Any = None) -> Dataset:
         """Declare ``column`` the event time; watermark = max event time - ``delay``."""
-        from millstream.api import stream
+        return Dataset(stream.with_watermark(self._node, column, delay, idle_timeout))
 
-        return stream.with_watermark(self, column, delay, idle_timeout)
-
-    def window(self, window: Any, on: str | None = None, allowed_lateness: Any = None) -> Any:
+    def window(self, window: Any, on: str | None = None,
+               allowed_lateness: Any = None) -> stream.WindowedDataset:
         """Event-time windows over all rows; follow with ``.agg(...)``."""
-        from millstream.api import stream
-
         return stream.window(self, window, on, allowed_lateness)
 
     def interval_join(self, other: Dataset, on: str | Sequence[str] | None = None,
@@ -232,11 +253,10 @@ class Dataset:
                       right_time: str | None = None, how: str = "inner",
                       suffix: str = "_right") -> Dataset:
         """Stream-stream join: equal keys and ``left.t + lower <= right.t <= left.t + upper``."""
-        from millstream.api import stream_join
-
-        return stream_join.interval_join(self, other, on, between, left_on=left_on,
-                                         right_on=right_on, left_time=left_time,
-                                         right_time=right_time, how=how, suffix=suffix)
+        _check_dataset(other, "interval_join")
+        return Dataset(stream_join.interval_join(
+            self._node, other._node, on, between, left_on=left_on, right_on=right_on,
+            left_time=left_time, right_time=right_time, how=how, suffix=suffix))
 
     def window_join(self, other: Dataset, on: str | Sequence[str] | None = None,
                     window: Any = None, *, left_on: str | Sequence[str] | None = None,
@@ -244,11 +264,10 @@ class Dataset:
                     right_time: str | None = None, how: str = "inner",
                     suffix: str = "_right") -> Dataset:
         """Stream-stream join of rows with equal keys in the same event-time window."""
-        from millstream.api import stream_join
-
-        return stream_join.window_join(self, other, on, window, left_on=left_on,
-                                       right_on=right_on, left_time=left_time,
-                                       right_time=right_time, how=how, suffix=suffix)
+        _check_dataset(other, "window_join")
+        return Dataset(stream_join.window_join(
+            self._node, other._node, on, window, left_on=left_on, right_on=right_on,
+            left_time=left_time, right_time=right_time, how=how, suffix=suffix))
 
     def join_latest(self, changelog: Dataset, on: str | Sequence[str] | None = None, *,
                     left_on: str | Sequence[str] | None = None,
@@ -256,71 +275,24 @@ class Dataset:
                     version: str | None = None, deleted: str | None = None,
                     suffix: str = "_right") -> Dataset:
         """Join each row with the latest row of its key in a changelog stream seen so far."""
-        from millstream.api import stream_join
-
-        return stream_join.join_latest(self, changelog, on, left_on=left_on, right_on=right_on,
-                                       how=how, version=version, deleted=deleted, suffix=suffix)
+        _check_dataset(changelog, "join_latest")
+        return Dataset(stream_join.join_latest(
+            self._node, changelog._node, on, left_on=left_on, right_on=right_on, how=how,
+            version=version, deleted=deleted, suffix=suffix))
 
     def start(self, checkpoint: str | None = None, checkpoint_interval: Any = "10s",
               sink: Any = None, **options: Any) -> Any:
         """Run as a streaming job; returns a StreamingJob (await_termination, stop, metrics)."""
-        from millstream.api import stream
-
-        return stream.start(self, checkpoint, checkpoint_interval, sink, **options)
+        return stream.start(self._node, checkpoint, checkpoint_interval, sink, **options)
 
     # --------------------------------------------------------- execution
-    def _plan(self, settings: Settings, output_kind: str = "blocks", sink: Any = None) -> Stage:
-        session = get_session()
-        session.get_runner(settings)  # partition counts follow the runner (cluster CPUs on Ray)
-        ps = PlannerSettings(settings.resolved_shuffle_partitions(), settings.broadcast_threshold,
-                             session.cache.get)
-        return compile_plan(self._node, ps, output_kind, sink)
-
-    def _blocks_job(self, options: dict[str, Any]) -> tuple[Job, list[Any]]:
-        settings = effective_settings(options)
-        for attempt in range(settings.max_task_attempts):
-            job = Job(get_session(), settings, self._plan(settings))
-            try:
-                return job, job.run()
-            except FetchFailedError:
-                job.cleanup()
-                # cached partitions lost with a node or disk: forget them and re-plan, so
-                # they are recomputed from their lineage
-                if not _drop_lost_cache_entries() or attempt + 1 >= settings.max_task_attempts:
-                    raise
-            except BaseException:
-                job.cleanup()
-                raise
-        raise AssertionError("unreachable")
-
     def iter_batches(self, **options: Any) -> Iterator[pa.RecordBatch]:
         """Run the pipeline and stream the result as record batches, partition by partition."""
-        job, blocks = self._blocks_job(options)
-        try:
-            for ref in blocks:
-                for b in read_block(ref):
-                    if b.num_rows:
-                        yield b
-        finally:
-            job.cleanup()
+        yield from actions.iter_batches(self._node, effective_settings(options))
 
     def to_arrow(self, **options: Any) -> pa.Table:
         """Run the pipeline and return the result as one Arrow table."""
-        attempts = effective_settings(options).max_task_attempts
-        for attempt in range(attempts):
-            job, blocks = self._blocks_job(options)
-            try:
-                batches = [b for ref in blocks for b in read_block(ref)]
-                table = concat_batches(batches)
-                # detach from the memory-mapped files before they are deleted
-                return table.combine_chunks() if table.num_rows else table
-            except FetchFailedError:
-                # results lost between the last stage and reading them: run the job again
-                if attempt + 1 >= attempts:
-                    raise
-            finally:
-                job.cleanup()
-        raise AssertionError("unreachable")
+        return actions.to_table(self._node, effective_settings(options))
 
     def collect(self, **options: Any) -> list[dict[str, Any]]:
         """Run the pipeline and return all rows as Python dicts."""
@@ -361,30 +333,14 @@ class Dataset:
 
     def explain(self, print_plan: bool = True) -> str:
         """The logical, optimized and physical plans (stages, shuffles, pushdowns)."""
-        settings = effective_settings({})
-        opt = optimize(self._node)
-        final = self._plan(settings)
-        parts = ["== Logical plan ==", self._node.tree(), "", "== Optimized plan ==", opt.tree(), "",
-                 "== Physical plan =="]
-        parts += [s.describe() for s in all_stages(final)]
-        text = "\n".join(parts)
+        text = actions.explain(self._node, effective_settings({}))
         if print_plan:
             print(text)
         return text
 
     # --------------------------------------------------------- sinks
     def _write(self, sink: Any, options: dict[str, Any]) -> None:
-        settings = effective_settings(options)
-        job = Job(get_session(), settings, self._plan(settings, "sink", sink))
-        sink.prepare(job.job_id)
-        try:
-            messages = job.run()
-            sink.commit(list(messages))
-        except BaseException:
-            sink.abort()
-            raise
-        finally:
-            job.cleanup()
+        actions.write(self._node, sink, effective_settings(options))
 
     def write_parquet(self, uri: str, partition_by: str | Sequence[str] | None = None,
                       mode: str = "error", compression: str = "zstd",
@@ -455,7 +411,7 @@ class GroupedDataset:
                 raise PlanError(f"group_by keys must be column names or expressions, got {k!r}")
         if computed:
             ds = ds.with_columns(*computed)
-        specs = [AggSpec(a.func, a.arg, a.name) for a in items]
+        specs = tuple(AggSpec(a.func, a.arg, a.name) for a in items)
         names = out_names + [s.name for s in specs]
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
@@ -463,22 +419,20 @@ class GroupedDataset:
                             "use .alias(...) to name the aggregates")
         if not specs and not key_names:
             raise PlanError("agg() needs at least one aggregate")
-        out = Dataset(L.Aggregate(ds._node, key_names, specs))
+        out = Dataset(L.Aggregate(ds._node, tuple(key_names), specs))
         renames = {t: o for t, o in zip(key_names, out_names) if t != o}
         return out.rename(renames) if renames else out
 
-    def window(self, window: Any, on: str | None = None, allowed_lateness: Any = None) -> Any:
+    def window(self, window: Any, on: str | None = None,
+               allowed_lateness: Any = None) -> stream.WindowedDataset:
         """Event-time windows per key; follow with ``.agg(...)``."""
-        from millstream.api import stream
-
         return stream.window(self._ds, window, on, allowed_lateness, keys=self._keys)
 
-    def process(self, fn: Any, time_column: str | None = None, output_schema: Any = None,
-                on_timer: Any = None) -> Dataset:
+    def process(self, fn: Any, time_column: str | None = None,
+                output_schema: pa.Schema | None = None, on_timer: Any = None) -> Dataset:
         """Run a keyed process function (state, timers, side outputs) for each key."""
-        from millstream.api import stream
-
-        return stream.process(self, fn, time_column, output_schema, on_timer)
+        return Dataset(stream.process(self._ds._node, self._keys, fn, time_column,
+                                      output_schema, on_timer))
 
     def count(self) -> Dataset:
         """Rows per group, in column ``count``."""
@@ -487,15 +441,16 @@ class GroupedDataset:
         return self.agg(count_all().alias("count"))
 
 
-def _drop_lost_cache_entries() -> bool:
-    """Forget cached datasets any of whose partitions are gone; True when one was dropped."""
-    from millstream.runtime.scheduler import _is_lost
+def _check_dataset(other: Any, what: str) -> None:
+    if not isinstance(other, Dataset):
+        raise PlanError(f"{what} needs a Dataset to join with, got {type(other).__name__}")
 
-    cache = get_session().cache
-    lost = [cid for cid, blocks in list(cache.entries.items()) if any(_is_lost(b) for b in blocks)]
-    for cid in lost:
-        cache.drop(cid)
-    return bool(lost)
+
+def _unbounded_scans(node: L.Node) -> list[str]:
+    """Descriptions of the stream sources below ``node``."""
+    if isinstance(node, L.Scan):
+        return [] if node.source.bounded else [node.source.describe()]
+    return [d for c in node.children for d in _unbounded_scans(c)]
 
 
 def _partition_cols(partition_by: str | Sequence[str] | None) -> list[str] | None:

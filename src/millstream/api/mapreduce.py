@@ -37,14 +37,12 @@ from millstream.core.context import TaskContext, current_context
 from millstream.core.shuffle import read_block
 from millstream.errors import PlanError, SchemaError, TaskError
 from millstream.io.sinks import FileSink, ParquetSink, json_fragments
-from millstream.ops.base import OperatorFactory
-from millstream.ops.mapreduce import KEY_COLUMN, PART_COLUMN, MapperOp, ReducerOp, column_values
+from millstream.ops.mapreduce import column_values
+from millstream.ops.narrow import function_name
 from millstream.plan import logical as L
-from millstream.plan.compile import compile_plan
-from millstream.plan.physical import PlannerSettings, Stage, all_stages
-from millstream.runtime.scheduler import Job, JobStats
-from millstream.runtime.session import Settings, effective_settings, get_session
-from millstream.runtime.task import ShuffleInput, Task
+from millstream.runtime import actions
+from millstream.runtime.scheduler import JobStats
+from millstream.runtime.session import Settings, effective_settings
 
 Pair = tuple[Any, Any]
 _HOOKS = ("mapper_init", "mapper_final", "combiner_init", "combiner_final", "reducer_init",
@@ -101,8 +99,6 @@ class MRStep:
             raise PlanError(f"MRStep num_reducers must be an int >= 1, got {num_reducers!r}")
 
     def __repr__(self) -> str:
-        from millstream.ops.narrow import function_name
-
         parts = [f"{n}={function_name(getattr(self, n))}" for n in _FUNCS
                  if getattr(self, n) is not None]
         if self.num_reducers is not None:
@@ -283,19 +279,11 @@ def input_dataset(input: Any, split_size: int | None = None) -> Dataset:
                      split_size=split_size)
 
 
-class MapReduceDataset(Dataset):
-    """The Dataset of a MapReduce job's output; its own actions name stages after steps."""
-
-    def _plan(self, settings: Settings, output_kind: str = "blocks", sink: Any = None) -> Stage:
-        final = super()._plan(settings, output_kind, sink)
-        label_stages(final)
-        return final
-
-
 def build_job_dataset(source: Dataset, job: MapReduceJob | None, steps: Sequence[MRStep],
                       label: str, num_reducers: int | None, settings: Settings,
                       strict_types: bool = False) -> Dataset:
-    """Plan the steps onto the engine: mapper (+combiner) ops, hash shuffles, reducer ops."""
+    """The steps as logical MapReduce steps over ``source`` (the planner makes each one
+    mapper (+combiner) operators, a hash shuffle by key and reducer operators)."""
     import cloudpickle
 
     if num_reducers is not None and (not isinstance(num_reducers, int) or num_reducers < 1):
@@ -305,71 +293,30 @@ def build_job_dataset(source: Dataset, job: MapReduceJob | None, steps: Sequence
     except Exception as exc:
         raise PlanError(f"MapReduce job {label} cannot be shipped to the workers (pickling "
                         f"failed): {type(exc).__name__}: {exc}") from exc
-    ds = source
+    node = source._node
     for i, st in enumerate(steps):
         last = i == len(steps) - 1
-        strict = strict_types and last
-        if st.reducer is None:
-            out = "final" if last else "exact"
-            ds = ds._narrow(OperatorFactory(MapperOp, payload, i, label, out, 1, strict), "flat_map")
-            continue
-        n = (num_reducers or st.num_reducers or (job.num_reducers if job is not None else None)
-             or settings.resolved_shuffle_partitions())
-        if not isinstance(n, int) or n < 1:
-            raise PlanError(f"{label}: num_reducers must be an int >= 1, got {n!r}")
-        ds = ds._narrow(OperatorFactory(MapperOp, payload, i, label, "shuffle", n), "flat_map")
-        by = PART_COLUMN if st.partitioner is not None else KEY_COLUMN
-        ds = Dataset(L.Repartition(ds._node, n, [by]))
-        ds = ds._narrow(OperatorFactory(ReducerOp, payload, i, label, "final" if last else "exact",
-                                        n, strict), "flat_map")
-    return MapReduceDataset(ds._node)
+        n = None
+        if st.reducer is not None:
+            n = (num_reducers or st.num_reducers or (job.num_reducers if job is not None else None)
+                 or settings.resolved_shuffle_partitions())
+            if not isinstance(n, int) or n < 1:
+                raise PlanError(f"{label}: num_reducers must be an int >= 1, got {n!r}")
+        node = L.MapReduceStep(node, payload, i, label, n, st.partitioner is not None, last,
+                               strict_types and last, _functions(st))
+    return Dataset(node)
 
 
-def label_stages(final: Stage) -> None:
-    """Name the stages of a MapReduce plan after their steps ("step 1 map", ...)."""
-    for st in all_stages(final):
-        parts: list[str] = []
-        for pipe in st.pipelines:
-            for f in pipe.ops:
-                if f.cls is MapperOp or f.cls is ReducerOp:
-                    role = "map" if f.cls is MapperOp else "reduce"
-                    text = f"step {f.args[1] + 1} {role}"
-                    if text not in parts:
-                        parts.append(text)
-        if parts:
-            st.purpose = " + ".join(parts)
+def _functions(step: MRStep) -> str:
+    """The step's functions for explain(): ``mapper=..., combiner=..., reducer=...``."""
+    names = [f"{n}={function_name(getattr(step, n))}" for n in ("mapper", "combiner", "reducer")
+             if getattr(step, n) is not None]
+    return ", ".join(names) or "identity mapper"
 
 
-class _JobRun(Job):
-    """A scheduler Job that remembers what each task reads, for failure messages."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.task_info: dict[tuple[str, int], tuple[str, int]] = {}
-
-    def _tasks(self, st: Stage) -> list[Task]:
-        tasks = super()._tasks(st)
-        for t in tasks:
-            specs = [spec for port in t.inputs for spec in port]
-            if specs and all(isinstance(s, ShuffleInput) for s in specs):
-                what = f"reduce partition {t.partition}"
-            else:
-                what = "input split " + "; ".join(s.describe() for s in specs)
-            self.task_info[(t.stage_name, t.partition)] = (what, len(tasks))
-        return tasks
-
-
-def _start_job(ds: Dataset, settings: Settings, output_kind: str, sink: Any = None) -> _JobRun:
-    session = get_session()
-    ps = PlannerSettings(settings.resolved_shuffle_partitions(), settings.broadcast_threshold,
-                         session.cache.get)
-    final = compile_plan(ds._node, ps, output_kind, sink)
-    label_stages(final)
-    return _JobRun(session, settings, final)
-
-
-def _explain_failure(err: TaskError, run: _JobRun, label: str) -> TaskError:
-    what, ntasks = run.task_info.get((err.stage or "", err.partition or 0), ("", 0))
+def _explain_failure(err: TaskError, label: str) -> TaskError:
+    """The failure of a job's task, saying which step, task and input split failed."""
+    what, ntasks = err.task_input or "", err.stage_tasks or 0
     where = err.operator if err.operator and label in err.operator else err.stage
     head = (f"MapReduce job {label} failed: {where}, task {err.partition}"
             + (f" of {ntasks}" if ntasks else "") + (f", {what}" if what else "")
@@ -378,59 +325,53 @@ def _explain_failure(err: TaskError, run: _JobRun, label: str) -> TaskError:
                     operator=err.operator, attempts=list(err.attempts),
                     user_traceback=err.user_traceback, cause_type=err.cause_type)
     new.job = label  # type: ignore[attr-defined]
-    new.task_input = what  # type: ignore[attr-defined]
+    new.task_input = what
+    new.stage_tasks = err.stage_tasks
     return new
 
 
-def _run_job(run: _JobRun, label: str) -> list[Any]:
-    try:
-        return run.run()
-    except TaskError as err:
-        raise _explain_failure(err, run, label) from err.__cause__
+def _recorder(job: MapReduceJob | None) -> actions.StatsCallback | None:
+    """Hands a run's statistics and counters to ``job`` (also when the run failed)."""
+    if job is None:
+        return None
+
+    def record(stats: JobStats) -> None:
+        job.stats = stats
+        job.counters = dict(stats.counters)
+
+    return record
 
 
-def _record(run: _JobRun, job: MapReduceJob | None) -> None:
-    if job is not None:
-        job.stats = run.stats
-        job.counters = dict(run.stats.counters)
+def _pairs(blocks: list[Any]) -> list[Pair]:
+    out: list[Pair] = []
+    for ref in blocks:
+        for b in read_block(ref):
+            if b.num_rows == 0:
+                continue
+            names = b.schema.names
+            ki, vi = names.index("key"), names.index("value")
+            keys = column_values(b.column(ki), b.schema.field(ki))
+            values = column_values(b.column(vi), b.schema.field(vi))
+            out.extend(zip(keys, values))
+    return out
 
 
 def collect_pairs(ds: Dataset, settings: Settings, label: str,
                   job: MapReduceJob | None = None) -> list[Pair]:
     """Run a job Dataset and return its (key, value) pairs (counters go to ``job``)."""
-    run = _start_job(ds, settings, "blocks")
     try:
-        blocks = _run_job(run, label)
-        out: list[Pair] = []
-        for ref in blocks:
-            for b in read_block(ref):
-                if b.num_rows == 0:
-                    continue
-                names = b.schema.names
-                ki, vi = names.index("key"), names.index("value")
-                keys = column_values(b.column(ki), b.schema.field(ki))
-                values = column_values(b.column(vi), b.schema.field(vi))
-                out.extend(zip(keys, values))
-        return out
-    finally:
-        _record(run, job)
-        run.cleanup()
+        return actions.run_blocks(ds._node, settings, _pairs, _recorder(job))
+    except TaskError as err:
+        raise _explain_failure(err, label) from err.__cause__
 
 
 def write_output(ds: Dataset, sink: FileSink, settings: Settings, label: str,
                  job: MapReduceJob | None = None) -> None:
     """Run a job Dataset into a sink, committed all at once (nothing is left on failure)."""
-    run = _start_job(ds, settings, "sink", sink)
-    sink.prepare(run.job_id)
     try:
-        messages = _run_job(run, label)
-        sink.commit(list(messages))
-    except BaseException:
-        sink.abort()
-        raise
-    finally:
-        _record(run, job)
-        run.cleanup()
+        actions.write(ds._node, sink, settings, _recorder(job))
+    except TaskError as err:
+        raise _explain_failure(err, label) from err.__cause__
 
 
 # ----------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ from __future__ import annotations
 import datetime as _dt
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
+
 from millstream.core.units import parse_duration
 from millstream.errors import PlanError
 from millstream.expr.expressions import AggExpr
@@ -30,7 +32,7 @@ from millstream.ops.window import (
 from millstream.plan import logical as L
 
 if TYPE_CHECKING:
-    from millstream.api.dataset import Dataset, GroupedDataset
+    from millstream.api.dataset import Dataset
 
 Duration = str | int | _dt.timedelta
 
@@ -93,18 +95,16 @@ def watermark_column(node: L.Node) -> str | None:
         node = node.children[0]
 
 
-def with_watermark(ds: Dataset, column: str, delay: Duration = "5s",
-                   idle_timeout: Duration | None = None) -> Dataset:
+def with_watermark(node: L.Node, column: str, delay: Duration = "5s",
+                   idle_timeout: Duration | None = None) -> L.WithWatermark:
     """Declare ``column`` the event time; watermark = max event time seen - ``delay``."""
-    from millstream.api.dataset import Dataset
-
     if not isinstance(column, str):
         raise PlanError(f"with_watermark: column must be a column name, got {column!r}")
     idle = None if idle_timeout is None else parse_duration(idle_timeout, "idle_timeout")
-    return Dataset(L.WithWatermark(ds._node, column, parse_duration(delay, "delay"), idle))
+    return L.WithWatermark(node, column, parse_duration(delay, "delay"), idle)
 
 
-def _specs(aggs: tuple[Any, ...], named: dict[str, Any]) -> list[AggSpec]:
+def _specs(aggs: tuple[Any, ...], named: dict[str, Any]) -> tuple[AggSpec, ...]:
     items: list[AggExpr] = []
     for a in aggs:
         items.extend(a if isinstance(a, (list, tuple)) else [a])
@@ -117,21 +117,21 @@ def _specs(aggs: tuple[Any, ...], named: dict[str, Any]) -> list[AggSpec]:
             raise PlanError(f"window(...).agg() takes aggregates such as ms.sum('x'), got {a!r}")
     if not items:
         raise PlanError("window(...).agg() needs at least one aggregate")
-    return [AggSpec(a.func, a.arg, a.name) for a in items]
+    return tuple(AggSpec(a.func, a.arg, a.name) for a in items)
 
 
-def _string_keys(keys: list[Any], what: str) -> list[str]:
+def _string_keys(keys: list[Any], what: str) -> tuple[str, ...]:
     if not all(isinstance(k, str) for k in keys):
         raise PlanError(f"{what} needs group_by keys that are column names, got {keys!r}; add "
                         f"computed keys with with_columns(...) first")
-    return list(keys)
+    return tuple(keys)
 
 
 class WindowedDataset:
     """``window(...)`` of a Dataset or a grouped Dataset; ``agg(...)`` makes the result."""
 
-    def __init__(self, ds: Dataset, keys: list[str], window: WindowAssigner, on: str | None,
-                 allowed_lateness: int) -> None:
+    def __init__(self, ds: Dataset, keys: tuple[str, ...], window: WindowAssigner,
+                 on: str | None, allowed_lateness: int) -> None:
         self._ds = ds
         self._keys = keys
         self._window = window
@@ -141,11 +141,9 @@ class WindowedDataset:
     def agg(self, *aggs: Any, **named: Any) -> Dataset:
         """One row per key and window: ``window_start``, ``window_end``, keys, aggregates
         (global windows: one row per key and firing, keys and aggregates)."""
-        from millstream.api.dataset import Dataset
-
         specs = _specs(aggs, named)
-        return Dataset(L.WindowAggregate(self._ds._node, self._window, self._keys, specs,
-                                         self._on, self._lateness))
+        return type(self._ds)(L.WindowAggregate(self._ds._node, self._window, self._keys,
+                                                specs, self._on, self._lateness))
 
     def count(self) -> Dataset:
         """Rows per key and window, in column ``count``."""
@@ -184,22 +182,19 @@ def window(ds: Dataset, assigner: WindowAssigner, on: str | None = None,
     return WindowedDataset(ds, _string_keys(keys or [], "window()"), assigner, on, lateness)
 
 
-def process(grouped: GroupedDataset, fn: Any, time_column: str | None = None,
-            output_schema: Any = None, on_timer: Any = None) -> Dataset:
+def process(node: L.Node, keys: list[Any], fn: Any, time_column: str | None = None,
+            output_schema: pa.Schema | None = None, on_timer: Any = None) -> L.KeyedProcess:
     """Run a keyed process function (``KeyedProcessFunction`` or ``fn(row, ctx)``) per key."""
-    from millstream.api.dataset import Dataset
-
-    keys = _string_keys(grouped._keys, "process()")
-    if not keys:
+    names = _string_keys(keys, "process()")
+    if not names:
         raise PlanError("process() needs group_by(...) keys")
-    ds = grouped._ds
-    time_column = time_column or watermark_column(ds._node)
-    return Dataset(L.KeyedProcess(ds._node, fn, keys, time_column, output_schema, on_timer))
+    time_column = time_column or watermark_column(node)
+    return L.KeyedProcess(node, fn, names, time_column, output_schema, on_timer)
 
 
-def start(ds: Dataset, checkpoint: str | None = None, checkpoint_interval: Duration = "10s",
+def start(node: L.Node, checkpoint: str | None = None, checkpoint_interval: Duration = "10s",
           sink: Any = None, executor: str | None = None, **options: Any) -> Any:
-    """Run ``ds`` as a streaming job.
+    """Run the plan ``node`` as a streaming job.
 
     ``executor="parallel"`` (the default) runs every stage partition as a long-lived task
     on the session's runner (worker processes, or Ray actors), see
@@ -211,11 +206,11 @@ def start(ds: Dataset, checkpoint: str | None = None, checkpoint_interval: Durat
     from millstream.runtime.dataflow import ParallelStreamingJob, choose_executor
     from millstream.runtime.streaming import StreamingJob
 
-    chosen = choose_executor(ds._node, executor, options)
+    chosen = choose_executor(node, executor, options)
     if chosen == "inline":
         fault = options.pop("_fault", None)
-        return StreamingJob(ds._node, checkpoint, checkpoint_interval, sink, fault=fault,
+        return StreamingJob(node, checkpoint, checkpoint_interval, sink, fault=fault,
                             **options).start()
     options.pop("clock", None)  # a wall clock (anything else chose "inline")
-    return ParallelStreamingJob(ds._node, checkpoint, checkpoint_interval, sink,
+    return ParallelStreamingJob(node, checkpoint, checkpoint_interval, sink,
                                 **options).start()

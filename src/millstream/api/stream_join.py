@@ -26,13 +26,13 @@ import datetime as _dt
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from millstream.api.stream import watermark_column
 from millstream.core.units import parse_duration
 from millstream.errors import PlanError
 from millstream.ops.window import Sliding, Tumbling, WindowAssigner
 from millstream.plan import logical as L
 
 if TYPE_CHECKING:
-    from millstream.api.dataset import Dataset
     from millstream.io.stream_sinks import CallbackSink, ConsoleSink
 
 Duration = str | int | _dt.timedelta
@@ -52,9 +52,10 @@ def signed_duration(value: Duration, what: str) -> int:
     return parse_duration(value, what)
 
 
-def _join_keys(on: Keys, left_on: Keys, right_on: Keys, what: str) -> tuple[list[str], list[str]]:
-    def names(v: Any) -> list[str]:
-        out = [v] if isinstance(v, str) else list(v)
+def _join_keys(on: Keys, left_on: Keys, right_on: Keys, what: str
+               ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    def names(v: Any) -> tuple[str, ...]:
+        out = (v,) if isinstance(v, str) else tuple(v)
         if not all(isinstance(k, str) for k in out):
             raise PlanError(f"{what}: keys must be column names, got {v!r}")
         return out
@@ -68,17 +69,15 @@ def _join_keys(on: Keys, left_on: Keys, right_on: Keys, what: str) -> tuple[list
             raise PlanError(f"{what} needs on= (same key names) or both left_on= and right_on=")
         lk, rk = names(left_on), names(right_on)
     if len(lk) != len(rk) or not lk:
-        raise PlanError(f"{what}: left keys {lk} and right keys {rk} must be non-empty and as "
-                        f"many")
+        raise PlanError(f"{what}: left keys {list(lk)} and right keys {list(rk)} must be "
+                        f"non-empty and as many")
     return lk, rk
 
 
-def _times(left: Dataset, right: Dataset, left_time: str | None, right_time: str | None,
+def _times(left: L.Node, right: L.Node, left_time: str | None, right_time: str | None,
            what: str) -> tuple[str, str]:
-    from millstream.api.stream import watermark_column
-
-    lt = left_time or watermark_column(left._node)
-    rt = right_time or watermark_column(right._node)
+    lt = left_time or watermark_column(left)
+    rt = right_time or watermark_column(right)
     for side, t, arg in (("left", lt, "left_time"), ("right", rt, "right_time")):
         if t is None:
             raise PlanError(f"{what}: the {side} input has no event-time column; give "
@@ -94,18 +93,11 @@ def _how(how: str, allowed: tuple[str, ...], what: str) -> str:
     return "outer" if how == "full" else how
 
 
-def _dataset(other: Any, what: str) -> None:
-    from millstream.api.dataset import Dataset
-
-    if not isinstance(other, Dataset):
-        raise PlanError(f"{what} needs a Dataset to join with, got {type(other).__name__}")
-
-
-def interval_join(left: Dataset, right: Dataset, on: Keys = None,
+def interval_join(left: L.Node, right: L.Node, on: Keys = None,
                   between: tuple[Duration, Duration] | None = None, *, left_on: Keys = None,
                   right_on: Keys = None, left_time: str | None = None,
                   right_time: str | None = None, how: str = "inner",
-                  suffix: str = "_right") -> Dataset:
+                  suffix: str = "_right") -> L.IntervalJoin:
     """Join rows with equal keys whose right time lies in [left time + lower, left time + upper].
 
     ``between=(lower, upper)``: durations, negative allowed ("-5m", "0s"), bounds
@@ -116,10 +108,7 @@ def interval_join(left: Dataset, right: Dataset, on: Keys = None,
     supported and the output has all columns of both inputs (same-named keys once,
     other name clashes get ``suffix``).
     """
-    from millstream.api.dataset import Dataset
-
     what = "interval_join"
-    _dataset(right, what)
     lk, rk = _join_keys(on, left_on, right_on, what)
     if not isinstance(between, (tuple, list)) or len(between) != 2:
         raise PlanError(f"{what}: between=(lower, upper) is required, e.g. between=('-5m', "
@@ -129,15 +118,15 @@ def interval_join(left: Dataset, right: Dataset, on: Keys = None,
     if lower > upper:
         raise PlanError(f"{what}: between=(lower, upper) needs lower <= upper, got {between!r}")
     lt, rt = _times(left, right, left_time, right_time, what)
-    return Dataset(L.IntervalJoin(left._node, right._node, lk, rk, lower, upper, lt, rt,
-                                  _how(how, _STREAM_HOW, what), suffix))
+    return L.IntervalJoin(left, right, lk, rk, lower, upper, lt, rt,
+                          _how(how, _STREAM_HOW, what), suffix)
 
 
-def window_join(left: Dataset, right: Dataset, on: Keys = None,
+def window_join(left: L.Node, right: L.Node, on: Keys = None,
                 window: WindowAssigner | None = None, *, left_on: Keys = None,
                 right_on: Keys = None, left_time: str | None = None,
                 right_time: str | None = None, how: str = "inner",
-                suffix: str = "_right") -> Dataset:
+                suffix: str = "_right") -> L.WindowJoin:
     """Join rows with equal keys in the same tumbling or sliding event-time window.
 
     A window's pairs are emitted when the watermark passes the window's end, with
@@ -145,23 +134,20 @@ def window_join(left: Dataset, right: Dataset, on: Keys = None,
     (Flink's window join is inner only; its coGroup gives the outer forms). Rows whose
     windows all closed before they arrived go to the "late" side output.
     """
-    from millstream.api.dataset import Dataset
-
     what = "window_join"
-    _dataset(right, what)
     lk, rk = _join_keys(on, left_on, right_on, what)
     if not isinstance(window, (Tumbling, Sliding)):
         raise PlanError(f"{what}: window= needs ms.tumbling(...) or ms.sliding(...), got "
                         f"{window!r}; session and global windows are not supported (use "
                         f"interval_join(...))")
     lt, rt = _times(left, right, left_time, right_time, what)
-    return Dataset(L.WindowJoin(left._node, right._node, lk, rk, window, lt, rt,
-                                _how(how, _STREAM_HOW, what), suffix))
+    return L.WindowJoin(left, right, lk, rk, window, lt, rt, _how(how, _STREAM_HOW, what),
+                        suffix)
 
 
-def join_latest(left: Dataset, changelog: Dataset, on: Keys = None, *, left_on: Keys = None,
+def join_latest(left: L.Node, changelog: L.Node, on: Keys = None, *, left_on: Keys = None,
                 right_on: Keys = None, how: str = "inner", version: str | None = None,
-                deleted: str | None = None, suffix: str = "_right") -> Dataset:
+                deleted: str | None = None, suffix: str = "_right") -> L.LatestJoin:
     """Join each left row with the latest row of its key in ``changelog`` seen so far.
 
     Processing-time semantics (Flink's temporal join on a processing-time attribute):
@@ -173,16 +159,13 @@ def join_latest(left: Dataset, changelog: Dataset, on: Keys = None, *, left_on: 
     value deletes the key. The changelog's event time does not hold back the job's
     watermark. The right state keeps one row per key, for the life of the job.
     """
-    from millstream.api.dataset import Dataset
-
     what = "join_latest"
-    _dataset(changelog, what)
     lk, rk = _join_keys(on, left_on, right_on, what)
     for arg, v in (("version", version), ("deleted", deleted)):
         if v is not None and not isinstance(v, str):
             raise PlanError(f"{what}: {arg}= must be a column name, got {v!r}")
-    return Dataset(L.LatestJoin(left._node, changelog._node, lk, rk,
-                                _how(how, ("inner", "left"), what), suffix, version, deleted))
+    return L.LatestJoin(left, changelog, lk, rk, _how(how, ("inner", "left"), what), suffix,
+                        version, deleted)
 
 
 def sink(fn: Callable[..., Any], skip_empty: bool = True) -> CallbackSink:

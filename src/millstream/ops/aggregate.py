@@ -302,6 +302,19 @@ class _AggCore:
         return pa.table(arrays, names=names)
 
 
+def aggregate_result_schema(input_schema: pa.Schema, keys: list[str],
+                            specs: list[AggSpec]) -> pa.Schema:
+    """The columns the partial and final steps produce (keys, then one per aggregate) from
+    rows of ``input_schema``: the state algebra run on no rows, so the types are exactly
+    those of the operators' output."""
+    missing = [k for k in keys if input_schema.get_field_index(k) < 0]
+    if missing:
+        raise SchemaError(f"aggregate: no key column(s) {missing}; columns are "
+                          f"{input_schema.names}")
+    core = _AggCore(keys, specs)
+    return core.finalize(core.merge(core.partial(input_schema.empty_table()))).schema
+
+
 class PartialAggregate(Operator):
     """Map-side combiner: raw rows -> per-key states, flushed when they outgrow memory."""
 

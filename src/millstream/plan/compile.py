@@ -10,13 +10,24 @@ from typing import Any
 
 from millstream.plan.logical import Node
 from millstream.plan.optimizer import optimize
-from millstream.plan.physical import PhysicalPlanner, PlannerSettings, Stage
+from millstream.plan.physical import PhysicalPlanner, PlannerSettings
+from millstream.plan.stages import Stage, all_stages
 
 
 def compile_plan(node: Node, settings: PlannerSettings, output_kind: str = "blocks",
                  sink: Any = None) -> Stage:
     """The final stage of ``node``'s physical plan (its dependencies hang below it)."""
     return PhysicalPlanner(settings).plan(optimize(node), output_kind, sink)
+
+
+def explain_plan(node: Node, settings: PlannerSettings) -> str:
+    """The logical, optimized and physical plans of ``node`` as text (``explain()``)."""
+    optimized = optimize(node)
+    final = PhysicalPlanner(settings).plan(optimized)
+    parts = ["== Logical plan ==", node.tree(), "", "== Optimized plan ==", optimized.tree(),
+             "", "== Physical plan =="]
+    parts += [s.describe() for s in all_stages(final)]
+    return "\n".join(parts)
 
 
 def streaming_settings(parallelism: int) -> PlannerSettings:

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from millstream.plan.logical import Aggregate, Narrow, Node, Scan, Sort
-
-_EXPR_KINDS = ("project", "with_columns", "filter")
+from millstream.plan.logical import Aggregate, Drop, Filter, Node, Project, Scan, Sort, WithColumns
 
 
 def optimize(node: Node) -> Node:
@@ -20,17 +18,19 @@ def optimize(node: Node) -> Node:
 
 
 def _push_filters(node: Node) -> Node:
-    node = node.with_children(tuple(_push_filters(c) for c in node.children))
+    return node.transform_up(_push_filter)
+
+
+def _push_filter(node: Node) -> Node:
+    """A filter moved below a with_columns it does not depend on, and into a scan."""
     # a filter that does not read the columns a with_columns produces can run before it
     # (and may then reach the scan)
-    if isinstance(node, Narrow) and node.kind == "filter" and isinstance(node.child, Narrow) \
-            and node.child.kind == "with_columns":
-        produced = {e.output_name for e in node.child.payload}
-        if not (set(node.payload.columns()) & produced):
-            below = _push_filters(replace(node, child=node.child.child))
+    if isinstance(node, Filter) and isinstance(node.child, WithColumns):
+        if not (node.predicate.columns() & node.child.produced()):
+            below = _push_filter(replace(node, child=node.child.child))
             return replace(node.child, child=below)
-    if isinstance(node, Narrow) and node.kind == "filter" and isinstance(node.child, Scan):
-        expr = node.payload
+    if isinstance(node, Filter) and isinstance(node.child, Scan):
+        expr = node.predicate
         if expr.to_arrow() is None:
             return node
         src = node.child.source
@@ -42,40 +42,26 @@ def _push_filters(node: Node) -> Node:
     return node
 
 
-def _referenced(exprs) -> set[str]:
-    cols: set[str] = set()
-    for e in exprs:
-        cols |= set(e.columns())
-    return cols
-
-
 def _push_projection(node: Node, required: set[str] | None) -> Node:
+    """Push down the set of columns the nodes above need (None: all of them)."""
     if isinstance(node, Scan):
         if required is None:
             return node
         new_src, applied, _ = node.source.with_pushdown(sorted(required), None)
         return Scan(new_src) if applied else node
-    if isinstance(node, Narrow) and node.kind in _EXPR_KINDS:
-        if node.kind == "project":
-            child_req = _referenced(node.payload) or None
-        elif node.kind == "filter":
-            child_req = None if required is None else required | _referenced([node.payload])
-        else:  # with_columns
-            if required is None:
-                child_req = None
-            else:
-                produced = {e.output_name for e in node.payload}
-                child_req = (required - produced) | _referenced(node.payload)
-        return node.with_children((_push_projection(node.child, child_req),))
-    if isinstance(node, Narrow) and node.kind == "drop":
-        return node.with_children((_push_projection(node.child, None),))
-    if isinstance(node, Aggregate):
-        req = set(node.keys)
-        for s in node.specs:
-            if s.arg is not None:
-                req |= set(s.arg.columns())
-        return node.with_children((_push_projection(node.child, req or None),))
-    if isinstance(node, Sort):
+    if isinstance(node, Project):
+        child_req: set[str] | None = set(node.references() or ()) or None
+    elif isinstance(node, Filter):
+        child_req = None if required is None else required | set(node.references() or ())
+    elif isinstance(node, WithColumns):
+        child_req = None if required is None else \
+            (required - node.produced()) | set(node.references() or ())
+    elif isinstance(node, Aggregate):
+        child_req = set(node.references() or ()) or None
+    elif isinstance(node, Sort):
         child_req = None if required is None else required | set(node.by)
-        return node.with_children((_push_projection(node.child, child_req),))
-    return node.with_children(tuple(_push_projection(c, None) for c in node.children))
+    elif isinstance(node, Drop):
+        child_req = None
+    else:
+        return node.with_children(tuple(_push_projection(c, None) for c in node.children))
+    return node.with_children((_push_projection(node.child, child_req),))

@@ -43,7 +43,7 @@ from millstream.errors import PlanError, StreamingError, WorkerLostError
 from millstream.io.stream_sinks import make_sink
 from millstream.plan import logical as L
 from millstream.plan.compile import compile_plan, streaming_settings
-from millstream.plan.physical import (
+from millstream.plan.stages import (
     ShufflePort,
     SourcePort,
     all_stages,

@@ -15,9 +15,9 @@ from typing import Any
 import pyarrow as pa
 
 from millstream.core.shuffle import RangePartitioner, read_block
-from millstream.errors import FetchFailedError
+from millstream.errors import FetchFailedError, TaskError
 from millstream.ops.base import OperatorFactory
-from millstream.plan.physical import (
+from millstream.plan.stages import (
     BlocksPort,
     Pipeline,
     ShufflePort,
@@ -46,13 +46,22 @@ class JobStats:
     seconds: float = 0.0
 
 
-def _is_lost(handle: Any) -> bool:
+def is_lost_output(handle: Any) -> bool:
     """Whether an output handle's data is gone (its own check, or a missing local file)."""
     check = getattr(handle, "is_lost", None)
     if callable(check):
         return bool(check())
     path = getattr(handle, "path", None)
     return path is not None and not os.path.exists(path)
+
+
+def _describe_failed_task(err: TaskError, tasks: list[Task]) -> None:
+    """Tell a task failure what the failed task read and how many tasks its stage had."""
+    for t in tasks:
+        if t.stage_name == err.stage and t.partition == err.partition:
+            err.task_input = t.input_description()
+            err.stage_tasks = len(tasks)
+            return
 
 
 class Job:
@@ -101,7 +110,11 @@ class Job:
                 tasks = self._tasks(st)  # may read inputs (sort samples) that can be lost too
                 name = f"stage {st.id} {st.purpose}".strip()
                 progress = StageProgress(name, len(tasks), progress_enabled(self.settings.progress))
-                results = runner.run_tasks(tasks, progress)
+                try:
+                    results = runner.run_tasks(tasks, progress)
+                except TaskError as err:
+                    _describe_failed_task(err, tasks)
+                    raise
                 self.stage_tasks[st.id] = tasks
                 return results, tasks
             except FetchFailedError as exc:
@@ -118,7 +131,7 @@ class Job:
         (a loss can reach several stages back). Counters of the first successful attempts
         stay; recomputations only add ``recomputed_map_tasks``."""
         for dep in st.deps:
-            lost = [i for i, out in enumerate(dep.results or []) if _is_lost(out)]
+            lost = [i for i, out in enumerate(dep.results or []) if is_lost_output(out)]
             if not lost:
                 continue
             tasks = self.stage_tasks.get(dep.id)

@@ -78,8 +78,7 @@ from millstream.ops.watermark import EventTimeWatermark
 from millstream.ops.window import WindowAggregate
 from millstream.plan import logical as L
 from millstream.plan.compile import compile_plan, streaming_settings
-from millstream.plan.physical import (
-    PlannerSettings,
+from millstream.plan.stages import (
     ShufflePort,
     SourcePort,
     Stage,
@@ -98,8 +97,9 @@ _log = logging.getLogger(__name__)
 #: Logical nodes a streaming job can run (the others need all their input first). A
 #: ``Join`` runs when its right side is bounded (a stream-table join, see
 #: :func:`_check_stream_table_join`).
-_STREAMABLE = (L.Scan, L.Narrow, L.WithWatermark, L.WindowAggregate, L.KeyedProcess, L.Union,
-               L.Repartition, L.IntervalJoin, L.WindowJoin, L.LatestJoin)
+_STREAMABLE = (L.Scan, *L.NARROW_NODES, L.WithWatermark, L.WindowAggregate, L.KeyedProcess,
+               L.Union, L.Repartition, L.IntervalJoin, L.WindowJoin, L.LatestJoin,
+               L.MapReduceStep)
 #: Join types a stream-table join can decide batch by batch.
 _STREAM_TABLE_HOW = ("inner", "left", "semi", "anti")
 #: Points where ``fault=(epoch, point)`` raises :class:`SimulatedCrash`.
@@ -207,22 +207,10 @@ def _check_streamable(node: L.Node, stream_table_joins: bool = False) -> None:
 
 def compute_bounded(node: L.Node) -> pa.Table:
     """Run the bounded plan ``node`` as a batch job on the session's runner; its rows."""
-    from millstream.core.shuffle import read_block
-    from millstream.runtime.scheduler import Job
-    from millstream.runtime.session import effective_settings, get_session
+    from millstream.runtime.actions import to_table
+    from millstream.runtime.session import effective_settings
 
-    settings = effective_settings({})
-    session = get_session()
-    session.get_runner(settings)
-    ps = PlannerSettings(settings.resolved_shuffle_partitions(), settings.broadcast_threshold,
-                         session.cache.get)
-    job = Job(session, settings, compile_plan(node, ps, "blocks"))
-    try:
-        batches = [b for ref in job.run() for b in read_block(ref)]
-        table = concat_batches(batches)
-        return table.combine_chunks() if table.num_rows else table
-    finally:
-        job.cleanup()
+    return to_table(node, effective_settings({}))
 
 
 def resolve_broadcast_tables(stages: list[Stage]) -> None:

@@ -123,6 +123,14 @@ class Task:
         ins = "; ".join(", ".join(i.describe() for i in port) for port in self.inputs)
         return f"stage {self.stage_name} partition {self.partition} ({ins})"
 
+    def input_description(self) -> str:
+        """What the task reads, for failure messages: "reduce partition N" when it reads
+        shuffle partitions only, else "input split " and its splits or blocks."""
+        specs = [spec for port in self.inputs for spec in port]
+        if specs and all(isinstance(s, ShuffleInput) for s in specs):
+            return f"reduce partition {self.partition}"
+        return "input split " + "; ".join(s.describe() for s in specs)
+
 
 @dataclass
 class TaskResult:

@@ -1,0 +1,348 @@
+"""Row, expression and relational nodes: map/filter-style per-batch operations, group-by,
+joins, sorts, unions, limits, exchanges, caches, and MapReduce steps."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pyarrow as pa
+
+from millstream.expr.expressions import Expr
+from millstream.ops.aggregate import AggSpec
+from millstream.ops.narrow import function_name
+from millstream.plan import schema as S
+from millstream.plan.logical.base import Node, SameColumns, Unary, agg_text, spec_refs
+
+_ids = itertools.count(1)
+
+
+# ---------------------------------------------------------------------- row functions
+@dataclass(frozen=True, eq=False)
+class Map(Unary):
+    """``fn(row) -> row`` (a dict; any other value lands in column ``value``)."""
+
+    fn: Callable[[dict], Any]
+
+    def label(self) -> str:
+        return f"Map({function_name(self.fn)})"
+
+
+@dataclass(frozen=True, eq=False)
+class FlatMap(Unary):
+    """``fn(row) -> iterable of rows``."""
+
+    fn: Callable[[dict], Iterable[Any]]
+
+    def label(self) -> str:
+        return f"FlatMap({function_name(self.fn)})"
+
+
+@dataclass(frozen=True, eq=False)
+class FilterRows(SameColumns, Unary):
+    """Rows for which the Python predicate ``fn(row)`` is true."""
+
+    fn: Callable[[dict], Any]
+
+    def label(self) -> str:
+        return f"Filter({function_name(self.fn)})"
+
+
+@dataclass(frozen=True, eq=False)
+class MapBatches(Unary):
+    """A vectorized ``fn(batch, **fn_kwargs)`` over whole batches in ``batch_format``."""
+
+    fn: Callable[..., Any]
+    batch_format: str = "pyarrow"
+    fn_kwargs: tuple[tuple[str, Any], ...] = ()
+
+    def label(self) -> str:
+        return f"MapBatches({function_name(self.fn)}, {self.batch_format})"
+
+
+# ---------------------------------------------------------------------- expressions
+@dataclass(frozen=True, eq=False)
+class Filter(SameColumns, Unary):
+    """Rows where the boolean expression is true (null counts as false)."""
+
+    predicate: Expr
+
+    def label(self) -> str:
+        return f"Filter({self.predicate!r})"
+
+    def references(self) -> frozenset[str] | None:
+        return frozenset(self.predicate.columns())
+
+    def check(self, schema: pa.Schema) -> None:
+        S.filter_schema(schema, self.predicate, self.label())
+
+
+def _expr_refs(exprs: Iterable[Expr]) -> frozenset[str]:
+    out: set[str] = set()
+    for e in exprs:
+        out |= e.columns()
+    return frozenset(out)
+
+
+@dataclass(frozen=True, eq=False)
+class Project(Unary):
+    """Exactly the columns the expressions compute (``select``)."""
+
+    exprs: tuple[Expr, ...]
+
+    def label(self) -> str:
+        return "Project(" + ", ".join(repr(e) for e in self.exprs) + ")"
+
+    def references(self) -> frozenset[str] | None:
+        return _expr_refs(self.exprs)
+
+    def compute_schema(self) -> pa.Schema | None:
+        schema = self.input_schema()
+        return None if schema is None else S.project_schema(schema, self.exprs, self.label())
+
+
+@dataclass(frozen=True, eq=False)
+class WithColumns(Unary):
+    """Columns added or replaced by expressions (all read the input); the others kept."""
+
+    exprs: tuple[Expr, ...]
+
+    def label(self) -> str:
+        return "WithColumns(" + ", ".join(repr(e) for e in self.exprs) + ")"
+
+    def references(self) -> frozenset[str] | None:
+        return _expr_refs(self.exprs)
+
+    def produced(self) -> frozenset[str]:
+        """Names of the columns the expressions write."""
+        return frozenset(e.output_name for e in self.exprs)
+
+    def compute_schema(self) -> pa.Schema | None:
+        schema = self.input_schema()
+        return None if schema is None else S.with_columns_schema(schema, self.exprs,
+                                                                self.label())
+
+
+@dataclass(frozen=True, eq=False)
+class Drop(Unary):
+    """The input without ``columns`` (names that are not there are ignored)."""
+
+    columns: tuple[str, ...]
+
+    def label(self) -> str:
+        return f"Drop({', '.join(self.columns)})"
+
+    def references(self) -> frozenset[str] | None:
+        return frozenset()
+
+    def compute_schema(self) -> pa.Schema | None:
+        schema = self.input_schema()
+        if schema is None:
+            return None
+        return pa.schema([f for f in schema if f.name not in self.columns])
+
+
+@dataclass(frozen=True, eq=False)
+class Rename(Unary):
+    """Columns renamed by ``mapping`` pairs ``(old, new)`` (absent names are ignored)."""
+
+    mapping: tuple[tuple[str, str], ...]
+
+    def label(self) -> str:
+        return f"Rename({dict(self.mapping)})"
+
+    def references(self) -> frozenset[str] | None:
+        return frozenset()
+
+    def compute_schema(self) -> pa.Schema | None:
+        schema = self.input_schema()
+        if schema is None:
+            return None
+        names = dict(self.mapping)
+        return pa.schema([f.with_name(names.get(f.name, f.name)) for f in schema])
+
+
+@dataclass(frozen=True, eq=False)
+class Explode(Unary):
+    """One row per element of list ``column`` (empty and null lists give no row)."""
+
+    column: str
+
+    def label(self) -> str:
+        return f"Explode({self.column})"
+
+    def references(self) -> frozenset[str] | None:
+        return frozenset([self.column])
+
+    def compute_schema(self) -> pa.Schema | None:
+        schema = self.input_schema()
+        return None if schema is None else S.explode_schema(schema, self.column, self.label())
+
+
+#: Per-batch nodes (fused into the task of their input by the physical planner).
+NARROW_NODES: tuple[type[Node], ...] = (Map, FlatMap, FilterRows, MapBatches, Filter, Project,
+                                        WithColumns, Drop, Rename, Explode)
+
+
+# ---------------------------------------------------------------------- relational
+
+@dataclass(frozen=True, eq=False)
+class Aggregate(Unary):
+    """One row per distinct ``keys`` (one row in all without keys) with the aggregates."""
+
+    keys: tuple[str, ...]
+    specs: tuple[AggSpec, ...]
+
+    def label(self) -> str:
+        return f"Aggregate keys={list(self.keys)} [{agg_text(self.specs)}]"
+
+    def references(self) -> frozenset[str] | None:
+        return spec_refs(self.keys, self.specs)
+
+    def compute_schema(self) -> pa.Schema | None:
+        schema = self.input_schema()
+        return None if schema is None else S.aggregate_schema(schema, self.keys, self.specs,
+                                                             self.label())
+
+
+@dataclass(frozen=True, eq=False)
+class Distinct(Unary):
+    """Remove duplicate rows."""
+
+    def compute_schema(self) -> pa.Schema | None:
+        schema = self.input_schema()
+        return None if schema is None else S.aggregate_schema(schema, schema.names, (),
+                                                             self.label())
+
+
+@dataclass(frozen=True, eq=False)
+class Join(Node):
+    """Equi-join (inner, left, right, outer, semi, anti); null keys never match."""
+
+    left: Node
+    right: Node
+    left_on: tuple[str, ...]
+    right_on: tuple[str, ...]
+    how: str
+    suffix: str = "_right"
+    #: force (True) or forbid (False) broadcasting the right side; None: by size
+    broadcast: bool | None = None
+
+    @property
+    def children(self) -> tuple[Node, ...]:
+        return (self.left, self.right)
+
+    def with_children(self, children: tuple[Node, ...]) -> Node:
+        return replace(self, left=children[0], right=children[1])
+
+    def label(self) -> str:
+        return f"Join {self.how} left_on={list(self.left_on)} right_on={list(self.right_on)}"
+
+    def compute_schema(self) -> pa.Schema | None:
+        left, right = self.left.checked_schema(), self.right.checked_schema()
+        if left is None or right is None:
+            return None
+        return S.join_schema(left, right, self.left_on, self.right_on, self.how, self.suffix,
+                             self.label())
+
+
+@dataclass(frozen=True, eq=False)
+class Sort(SameColumns, Unary):
+    """Global order by columns (nulls first ascending, last descending, unless told)."""
+
+    by: tuple[str, ...]
+    descending: tuple[bool, ...]
+    nulls_last: bool | None = None
+
+    def label(self) -> str:
+        return "Sort " + ", ".join(c + (" desc" if d else "") for c, d in zip(self.by, self.descending))
+
+    def references(self) -> frozenset[str] | None:
+        return frozenset(self.by)
+
+
+@dataclass(frozen=True, eq=False)
+class Union(Node):
+    """All rows of the inputs (UNION ALL), columns matched by name."""
+
+    inputs: tuple[Node, ...]
+
+    @property
+    def children(self) -> tuple[Node, ...]:
+        return self.inputs
+
+    def with_children(self, children: tuple[Node, ...]) -> Node:
+        return replace(self, inputs=tuple(children))
+
+    def compute_schema(self) -> pa.Schema | None:
+        schemas = [c.checked_schema() for c in self.inputs]
+        if any(s is None for s in schemas):
+            return None
+        return S.union_schema(schemas)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, eq=False)
+class Limit(SameColumns, Unary):
+    """The first ``n`` rows."""
+
+    n: int
+
+    def label(self) -> str:
+        return f"Limit {self.n}"
+
+    def references(self) -> frozenset[str] | None:
+        return frozenset()
+
+
+@dataclass(frozen=True, eq=False)
+class Repartition(SameColumns, Unary):
+    """``n`` partitions, by hash of ``by`` or round-robin."""
+
+    n: int
+    by: tuple[str, ...] | None = None
+
+    def label(self) -> str:
+        return f"Repartition {self.n}" + (f" by {list(self.by)}" if self.by else " (round-robin)")
+
+    def references(self) -> frozenset[str] | None:
+        return frozenset(self.by or ())
+
+
+@dataclass(frozen=True, eq=False)
+class Cache(SameColumns, Unary):
+    """The input, materialized on first use and reused by later actions."""
+
+    cache_id: int = field(default_factory=lambda: next(_ids))
+
+    def label(self) -> str:
+        return f"Cache #{self.cache_id}"
+
+    def references(self) -> frozenset[str] | None:
+        return frozenset()
+
+
+# ---------------------------------------------------------------------- MapReduce
+@dataclass(frozen=True, eq=False)
+class MapReduceStep(Unary):
+    """One step of a MapReduce job over ``key``/``value`` pairs: the mapper (and combiner),
+    then, unless the step is map-only (``num_reducers`` None), a hash shuffle by key (or
+    by the step's partitioner) into ``num_reducers`` partitions and the reducer.
+
+    ``payload`` is the cloudpickled ``(job, steps)`` the operators load; ``functions``
+    names the step's functions for explain().
+    """
+
+    payload: bytes
+    step: int
+    job: str
+    num_reducers: int | None
+    partitioned: bool = False
+    last: bool = True
+    strict_types: bool = False
+    functions: str = ""
+
+    def label(self) -> str:
+        shuffle = "map only" if self.num_reducers is None else f"reducers={self.num_reducers}"
+        return f"MapReduce {self.job} step {self.step + 1} ({self.functions}) {shuffle}"

@@ -1,0 +1,137 @@
+"""The physical plan's data structures: stages of pipelines fed by ports.
+
+A :class:`Stage` is a set of :class:`Pipeline` s whose tasks run in parallel and end in
+one kind of output (a shuffle write, materialized blocks, or a sink). A pipeline's ports
+say what its tasks read: source splits (:class:`SourcePort`), one reduce partition of a
+stage's shuffle output (:class:`ShufflePort`), or materialized blocks (:class:`BlocksPort`).
+The physical planner (``plan/physical.py``) builds them; the schedulers run them.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from millstream.core.shuffle import Partitioner, RangePartitioner
+from millstream.io.base import Source
+from millstream.ops.base import OperatorFactory
+
+
+# ----------------------------------------------------------------- ports
+@dataclass
+class SourcePort:
+    """Tasks = the source's splits."""
+
+    source: Source
+
+    def describe(self) -> str:
+        return f"scan {self.source.describe()}"
+
+
+@dataclass
+class ShufflePort:
+    """Task i reads reduce partition i of the stage's map outputs."""
+
+    stage: Stage
+
+    def describe(self) -> str:
+        return f"shuffle read from stage {self.stage.id}"
+
+
+@dataclass
+class BlocksPort:
+    """Task i reads block i of a materialized stage or cached dataset."""
+
+    stage: Stage | None = None
+    blocks: list[Any] | None = None
+    label: str = ""
+
+    def describe(self) -> str:
+        if self.blocks is not None:
+            return self.label or f"{len(self.blocks)} cached block(s)"
+        return f"blocks of stage {self.stage.id}"
+
+
+@dataclass
+class Pipeline:
+    """Tasks sharing a fused operator chain; ``ports`` feed the first operator."""
+
+    ports: list[Any]
+    ops: list[OperatorFactory] = field(default_factory=list)
+    descriptions: list[str] = field(default_factory=list)
+
+    def copy(self) -> Pipeline:
+        return Pipeline(list(self.ports), list(self.ops), list(self.descriptions))
+
+    def add(self, factory: OperatorFactory, text: str) -> None:
+        self.ops.append(factory)
+        self.descriptions.append(text)
+
+
+_stage_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Stage:
+    """A set of pipelines whose tasks run in parallel, ending in one kind of output."""
+
+    pipelines: list[Pipeline]
+    output_kind: str  # "shuffle" | "blocks" | "sink"
+    partitioner: Partitioner | None = None
+    sink: Any = None
+    cache_id: int | None = None
+    purpose: str = ""
+    id: int = field(default_factory=lambda: next(_stage_ids))
+    # filled in by the scheduler
+    results: list[Any] | None = None
+
+    @property
+    def deps(self) -> list[Stage]:
+        out: list[Stage] = []
+        for p in self.pipelines:
+            for port in p.ports:
+                st = getattr(port, "stage", None)
+                if st is not None and st not in out:
+                    out.append(st)
+            for f in p.ops:
+                st = f.kwargs.get("broadcast_stage") if isinstance(f.kwargs, dict) else None
+                if st is not None and st not in out:
+                    out.append(st)
+        if isinstance(self.partitioner, RangePartitioner) and self.sample_stage is not None:
+            out.append(self.sample_stage)
+        return out
+
+    sample_stage: Stage | None = None
+
+    def describe(self) -> str:
+        lines = [f"Stage {self.id}" + (f" ({self.purpose})" if self.purpose else "") + ":"]
+        for i, p in enumerate(self.pipelines):
+            prefix = f"  pipeline {i}: " if len(self.pipelines) > 1 else "  "
+            lines.append(prefix + " + ".join(port.describe() for port in p.ports))
+            for d in p.descriptions:
+                lines.append("    -> " + d)
+        if self.output_kind == "shuffle":
+            lines.append(f"  => shuffle write, {self.partitioner.describe()}")
+        elif self.output_kind == "sink":
+            lines.append(f"  => write {self.sink.describe()}")
+        else:
+            lines.append("  => materialize" + (f" (cache #{self.cache_id})" if self.cache_id else ""))
+        return "\n".join(lines)
+
+
+def all_stages(final: Stage) -> list[Stage]:
+    """Stages in an order where every stage comes after the stages it depends on."""
+    order: list[Stage] = []
+    seen: set[int] = set()
+
+    def visit(s: Stage) -> None:
+        if s.id in seen:
+            return
+        seen.add(s.id)
+        for d in s.deps:
+            visit(d)
+        order.append(s)
+
+    visit(final)
+    return order

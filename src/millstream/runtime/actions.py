@@ -1,0 +1,145 @@
+"""Batch actions: run a logical plan as a job and hand back its output.
+
+The Dataset API and MapReduce call these instead of driving the scheduler themselves:
+each compiles the plan with the session's settings (``plan/compile.py``), runs the job on
+the batch scheduler and removes its files afterwards. A job that finds cached partitions
+lost (with a node or a disk) forgets them and runs again, recomputing them from their
+lineage; result blocks lost before they were read make the job run again. A sink is
+prepared, written by the tasks and committed all at once, or aborted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import pyarrow as pa
+
+from millstream.core.arrow import concat_batches
+from millstream.core.shuffle import read_block
+from millstream.errors import FetchFailedError
+from millstream.io.base import Sink
+from millstream.plan.compile import compile_plan, explain_plan
+from millstream.plan.logical import Node
+from millstream.plan.physical import PlannerSettings
+from millstream.plan.stages import Stage
+from millstream.runtime.scheduler import Job, JobStats, is_lost_output
+from millstream.runtime.session import Session, Settings, get_session
+
+T = TypeVar("T")
+#: Called with the statistics of every job an action ran (also a failed one).
+StatsCallback = Callable[[JobStats], None]
+
+
+def planner_settings(settings: Settings) -> PlannerSettings:
+    """What the physical planner needs of the session: partition counts (they follow the
+    runner, e.g. a Ray cluster's CPUs), the broadcast threshold and the cache."""
+    session = get_session()
+    session.get_runner(settings)
+    return PlannerSettings(settings.resolved_shuffle_partitions(), settings.broadcast_threshold,
+                           session.cache.get)
+
+
+def compile_job(node: Node, settings: Settings, output_kind: str = "blocks",
+                sink: Sink | None = None) -> Stage:
+    """The final stage of ``node``'s physical plan for this session."""
+    return compile_plan(node, planner_settings(settings), output_kind, sink)
+
+
+def explain(node: Node, settings: Settings) -> str:
+    """The logical, optimized and physical plans of ``node`` as text."""
+    return explain_plan(node, planner_settings(settings))
+
+
+def drop_lost_cache_entries(session: Session) -> bool:
+    """Forget cached datasets any of whose partitions are gone; True when one was dropped."""
+    cache = session.cache
+    lost = [cid for cid, blocks in list(cache.entries.items())
+            if any(is_lost_output(b) for b in blocks)]
+    for cid in lost:
+        cache.drop(cid)
+    return bool(lost)
+
+
+def _run(node: Node, settings: Settings, on_stats: StatsCallback | None
+         ) -> tuple[Job, list[Any]]:
+    """A finished job of ``node`` and its result blocks (the caller cleans the job up)."""
+    session = get_session()
+    for attempt in range(settings.max_task_attempts):
+        job = Job(session, settings, compile_job(node, settings))
+        try:
+            return job, job.run()
+        except FetchFailedError:
+            job.cleanup()
+            # cached partitions lost with a node or disk: forget them and re-plan, so
+            # they are recomputed from their lineage
+            if not drop_lost_cache_entries(session) or attempt + 1 >= settings.max_task_attempts:
+                raise
+        except BaseException:
+            job.cleanup()
+            raise
+        finally:
+            if on_stats is not None:
+                on_stats(job.stats)
+    raise AssertionError("unreachable")
+
+
+def run_blocks(node: Node, settings: Settings, consume: Callable[[list[Any]], T],
+               on_stats: StatsCallback | None = None) -> T:
+    """Run ``node`` and return ``consume(result blocks)``, called before the job's files
+    are removed; when blocks were lost before ``consume`` read them, the job runs again."""
+    attempts = settings.max_task_attempts
+    for attempt in range(attempts):
+        job, blocks = _run(node, settings, on_stats)
+        try:
+            return consume(blocks)
+        except FetchFailedError:
+            # results lost between the last stage and reading them: run the job again
+            if attempt + 1 >= attempts:
+                raise
+        finally:
+            job.cleanup()
+    raise AssertionError("unreachable")
+
+
+def read_table(blocks: list[Any]) -> pa.Table:
+    """The rows of result blocks as one table, detached from the blocks' files."""
+    table = concat_batches([b for ref in blocks for b in read_block(ref)])
+    # detach from the memory-mapped files before they are deleted
+    return table.combine_chunks() if table.num_rows else table
+
+
+def to_table(node: Node, settings: Settings, on_stats: StatsCallback | None = None
+             ) -> pa.Table:
+    """Run ``node``; all its rows as one Arrow table."""
+    return run_blocks(node, settings, read_table, on_stats)
+
+
+def iter_batches(node: Node, settings: Settings) -> Iterator[pa.RecordBatch]:
+    """Run ``node``; stream its non-empty batches, partition by partition."""
+    job, blocks = _run(node, settings, None)
+    try:
+        for ref in blocks:
+            for b in read_block(ref):
+                if b.num_rows:
+                    yield b
+    finally:
+        job.cleanup()
+
+
+def write(node: Node, sink: Sink, settings: Settings,
+          on_stats: StatsCallback | None = None) -> None:
+    """Run ``node`` into ``sink``: prepared, written by the tasks, committed all at once
+    (aborted on failure, so nothing is left behind)."""
+    job = Job(get_session(), settings, compile_job(node, settings, "sink", sink))
+    sink.prepare(job.job_id)
+    try:
+        messages = job.run()
+        sink.commit(list(messages))
+    except BaseException:
+        sink.abort()
+        raise
+    finally:
+        if on_stats is not None:
+            on_stats(job.stats)
+        job.cleanup()
