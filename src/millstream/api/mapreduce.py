@@ -38,7 +38,10 @@ from millstream.core.shuffle import read_block
 from millstream.errors import PlanError, SchemaError, TaskError
 from millstream.io.sinks import FileSink, ParquetSink, json_fragments
 from millstream.ops.base import OperatorFactory
-from millstream.ops.mapreduce import KEY_COLUMN, PART_COLUMN, MapperOp, ReducerOp, column_values
+from millstream.ops.mapreduce.mapper import MapperOp
+from millstream.ops.mapreduce.reducer import ReducerOp
+from millstream.ops.mapreduce.step import KEY_COLUMN, PART_COLUMN
+from millstream.ops.mapreduce.values import column_values
 from millstream.plan import logical as L
 from millstream.plan.compile import compile_plan
 from millstream.plan.physical import PlannerSettings, Stage, all_stages
