@@ -382,8 +382,8 @@ def test_checkpoints_are_incremental_for_large_keyed_state(tmp_path):
 @pytest.mark.parametrize("executor", ["parallel", "inline"])
 def test_keyed_state_larger_than_the_task_memory_limit(executor, tmp_path):
     """20 000 keys of state under a 256 KB per-task budget: state spills, results exact."""
-    from millstream.ops.process import KeyedProcessFunction
-    from millstream.ops.state import ValueStateDescriptor
+    from millstream.ops.state.descriptors import ValueStateDescriptor
+    from millstream.ops.state.process import KeyedProcessFunction
 
     class Totals(KeyedProcessFunction):
         def open(self, ctx):

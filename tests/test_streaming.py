@@ -13,7 +13,7 @@ import pytest
 import millstream as ms
 from millstream.core.time import VirtualClock
 from millstream.io.stream_sinks import FileStreamSink
-from millstream.ops.process import KeyedProcessFunction
+from millstream.ops.state.process import KeyedProcessFunction
 from millstream.runtime.checkpoint import CheckpointStore
 from millstream.runtime.streaming import FAULT_POINTS
 from millstream.testing import CollectingSink, TestSource, crash_and_restore

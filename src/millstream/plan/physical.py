@@ -242,7 +242,7 @@ class PhysicalPlanner:
                        for p in pipes for f in p.ops if isinstance(f, OperatorFactory))
 
     def _build_KeyedProcess(self, node: L.KeyedProcess) -> list[Pipeline]:
-        from millstream.ops.process import KeyedProcess
+        from millstream.ops.state.process import KeyedProcess
 
         pipes = self.build(node.child)
         stage = self._close(pipes, HashPartitioner(list(node.keys), self._n(pipes)),

@@ -73,7 +73,7 @@ from millstream.errors import MillstreamError, PlanError, StreamingError
 from millstream.io.base import StreamReader, StreamSource
 from millstream.io.stream_sinks import make_sink
 from millstream.ops.base import Operator, OperatorFactory, is_keyed_op
-from millstream.ops.process import KeyedProcess
+from millstream.ops.state.process import KeyedProcess
 from millstream.ops.watermark import EventTimeWatermark
 from millstream.ops.window import WindowAggregate
 from millstream.plan import logical as L

@@ -20,8 +20,9 @@ user's function object are not (keep what must survive a failure in keyed state)
 Keyed state and timers are bounded by ``state_memory_limit`` bytes (default: half the
 task's ``memory_budget``): beyond it, the least recently used keys' state and the latest
 timers move to a sqlite file in the task's spill directory and come back when needed
-(``ops.state`` and ``ops.state_store`` say how). Results do not change; ``close()``
-deletes the file. ``("millstream", "state_spills")`` counts the moves to disk.
+(``ops.state.store``, ``ops.state.timers`` and ``ops.state.spill_store`` say how).
+Results do not change; ``close()`` deletes the file. ``("millstream", "state_spills")``
+counts the moves to disk.
 """
 
 from __future__ import annotations
@@ -38,17 +39,11 @@ from millstream.core.time import MAX_TIME, MIN_TIME, Clock
 from millstream.errors import PlanError, SchemaError, UserCodeFailure
 from millstream.ops.base import Batches, Operator
 from millstream.ops.narrow import _short, function_name
-from millstream.ops.state import (
-    CHECK_EVERY,
-    KeyedStateStore,
-    ListState,
-    MapState,
-    StateDescriptor,
-    TimerService,
-    ValueState,
-    default_state_memory_limit,
-)
-from millstream.ops.state_store import SpillArea
+from millstream.ops.state.descriptors import StateDescriptor
+from millstream.ops.state.handles import ListState, MapState, ValueState
+from millstream.ops.state.spill_store import SpillArea
+from millstream.ops.state.store import CHECK_EVERY, KeyedStateStore, default_state_memory_limit
+from millstream.ops.state.timers import TimerService
 
 _EMPTY: tuple[pa.RecordBatch, ...] = ()
 
@@ -352,16 +347,11 @@ class KeyedProcess(Operator):
         """
         stores = self.store.snapshot_groups(key_groups)
         timers = self.timers.snapshot_groups(key_groups)
-        groups: dict[int, dict[str, Any]] = {}
-        for g in sorted(set(stores) | set(timers)):
-            groups[g] = {"version": 2, "operator": "KeyedProcess", "key_group": g,
-                         "store": stores.get(g), "timers": timers.get(g),
-                         "watermark": self.watermark, "side": None}
+        groups = {g: self._group_state(g, stores.get(g), timers.get(g), None)
+                  for g in sorted(set(stores) | set(timers))}
         if any(self._side.values()):
             first = min(groups, default=0)
-            groups.setdefault(first, {"version": 2, "operator": "KeyedProcess",
-                                      "key_group": first, "store": None, "timers": None,
-                                      "watermark": self.watermark})
+            groups.setdefault(first, self._group_state(first, None, None, None))
             groups[first]["side"] = cloudpickle.dumps(self._side)
         return groups
 
@@ -378,9 +368,7 @@ class KeyedProcess(Operator):
 
         def group(g: int, store: Any) -> dict[str, Any]:
             nonlocal first
-            st = {"version": 2, "operator": "KeyedProcess", "key_group": g, "store": store,
-                  "timers": timers.get(g), "watermark": self.watermark,
-                  "side": side if first else None}
+            st = self._group_state(g, store, timers.get(g), side if first else None)
             first = False
             return st
 
@@ -395,6 +383,12 @@ class KeyedProcess(Operator):
             yield t, group(t, None)
         if first and side is not None:
             yield 0, group(0, None)
+
+    def _group_state(self, g: int, store: Any, timers: Any, side: bytes | None
+                     ) -> dict[str, Any]:
+        """One key group's snapshot: its keyed state, timers, the watermark, side outputs."""
+        return {"version": 2, "operator": "KeyedProcess", "key_group": g, "store": store,
+                "timers": timers, "watermark": self.watermark, "side": side}
 
     #: ``restore_key_groups`` takes ``load``: blob references are read one group at a time
     restores_key_groups_lazily = True

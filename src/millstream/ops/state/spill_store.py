@@ -1,10 +1,11 @@
 """The local on-disk store behind keyed state and timers that outgrow the memory budget.
 
-Keyed state (``ops.state.KeyedStateStore``) keeps the state of recently used keys in
+Keyed state (``ops.state.store.KeyedStateStore``) keeps the state of recently used keys in
 Python dicts; when its estimated size passes the operator's memory limit, the least
 recently used keys move here, one row per key, and come back (row deleted) the next time
 their key is processed. Timer queues keep their earliest timers in a heap and move the
-latest ones here, reading them back in timestamp order as time advances.
+latest ones here (``ops.state.timers``), reading them back in timestamp order as time
+advances.
 
 Why sqlite3 (stdlib) rather than our own segment files:
 

@@ -1,39 +1,29 @@
-"""Keyed state for user process functions, and timers.
+"""The keyed state of one operator instance: in memory up to a limit, then spilled to disk.
 
-``KeyedStateStore`` holds the state of one operator instance in one Python dict keyed
-by ``(state name, key)``; the ``ValueState``, ``ListState`` and ``MapState`` handles read
-and write the entry of the store's *current key*, which the operator sets before calling
-user code (so a handle taken in ``open()`` follows the key of each element, as in Flink).
-Beyond its memory limit, the least recently used keys' state moves to a local sqlite file
-(``ops.state_store``) and comes back when its key is processed again.
-
-``TimerService`` keeps event-time timers (fire when the watermark reaches their
-timestamp) and processing-time timers (fire when the clock reaches it), at most one per
-(key, timestamp) and kind; beyond its share of the limit, the latest timers wait on disk.
-The clock is injectable: ``WallClock`` by default, ``VirtualClock`` in tests. Store and
-timers snapshot to picklable values (spilled state included) and restore in place, so
-handles stay valid across a restore.
+``KeyedStateStore`` holds the state in one Python dict keyed by ``(state name, key)``; the
+handles (``ops.state.handles``) read and write the entry of the store's *current key*.
+Beyond its memory limit, the least recently used keys' state moves to a local sqlite
+file (``ops.state.spill_store``) and comes back when its key is processed again. The
+store snapshots to picklable values (spilled state included, whole or split by key
+group) and restores in place, so handles stay valid across a restore.
 """
 
 from __future__ import annotations
 
-import copy
-import heapq
 import itertools
 import pickle
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import cloudpickle
-import numpy as np
 import pyarrow as pa
 
 from millstream.core.context import TaskContext
 from millstream.core.keygroups import python_key_hash
-from millstream.core.time import MIN_TIME, Clock, WallClock
 from millstream.errors import PlanError
-from millstream.ops.state_store import (
+from millstream.ops.state.descriptors import StateDescriptor
+from millstream.ops.state.handles import MISSING, ListState, MapState, ValueState
+from millstream.ops.state.spill_store import (
     SpillArea,
     StateRow,
     StateSpillStore,
@@ -42,52 +32,6 @@ from millstream.ops.state_store import (
     dump_value,
     encode_key,
 )
-
-_MISSING = object()
-
-# --------------------------------------------------------------------------- descriptors
-
-
-class StateDescriptor:
-    """Names a piece of keyed state and its kind ("value", "list" or "map")."""
-
-    kind = "value"
-
-    def __init__(self, name: str, default: Any = None) -> None:
-        if not isinstance(name, str) or not name:
-            raise PlanError(f"state name must be a non-empty string, got {name!r}")
-        self.name = name
-        self.default = default
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.name!r})"
-
-
-class ValueStateDescriptor(StateDescriptor):
-    """A single value per key (``default`` when unset)."""
-
-    kind = "value"
-
-
-class ListStateDescriptor(StateDescriptor):
-    """A list of values per key."""
-
-    kind = "list"
-
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-
-
-class MapStateDescriptor(StateDescriptor):
-    """A dict per key."""
-
-    kind = "map"
-
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-
-
-# --------------------------------------------------------------------------- store and handles
 
 #: Elements (or timers) between two ``maintain()`` calls of an operator.
 CHECK_EVERY = 128
@@ -119,9 +63,9 @@ class KeyedStateStore:
     operator calls it every ``CHECK_EVERY`` elements) compares the estimate plus
     ``reserved()`` (the timers' bytes) with ``memory_limit``; when over, the least recently
     used keys move to the operator's ``SpillArea`` (a sqlite file, see
-    ``ops.state_store``), one pickled row per key, until the estimate is back at 80% of the
-    limit. While something is on disk, every key switch keeps the LRU order, checks the
-    limit, and moves a key's row back from disk when its key is not in memory; once the
+    ``ops.state.spill_store``), one pickled row per key, until the estimate is back at 80%
+    of the limit. While something is on disk, every key switch keeps the LRU order, checks
+    the limit, and moves a key's row back from disk when its key is not in memory; once the
     disk holds nothing, the fast path returns. A key is in memory or on disk, never both;
     snapshots include both. (So a key's values come back from disk as copies: keep no
     reference to one key's state objects while processing another key.)
@@ -236,7 +180,7 @@ class KeyedStateStore:
         return n
 
     # raw access used by the handles (the fast path: one dict operation)
-    def _get(self, name: str, default: Any = _MISSING) -> Any:
+    def _get(self, name: str, default: Any = MISSING) -> Any:
         return self._data.get((name, self._key), default)
 
     def _set(self, name: str, value: Any) -> None:
@@ -272,8 +216,8 @@ class KeyedStateStore:
     def _switch(self, key: Any) -> None:
         """``set_current_key`` while something is on disk: LRU order, load, limit check."""
         resident = self._resident
-        h = resident.pop(key, _MISSING)
-        if h is _MISSING:
+        h = resident.pop(key, MISSING)
+        if h is MISSING:
             self._load(key)
             if key not in resident:
                 resident[key] = self._hash
@@ -286,8 +230,8 @@ class KeyedStateStore:
         data = self._data
         n = size = 0
         for name in self._kinds:
-            v = data.get((name, key), _MISSING)
-            if v is not _MISSING:
+            v = data.get((name, key), MISSING)
+            if v is not MISSING:
                 n += 1
                 size += deep_size(v)
         if n:
@@ -331,8 +275,8 @@ class KeyedStateStore:
         for key in victims:
             entries = {}
             for name in names:
-                v = data.get((name, key), _MISSING)
-                if v is not _MISSING:
+                v = data.get((name, key), MISSING)
+                if v is not MISSING:
                     entries[name] = v
             if entries:
                 rows.append((encode_key(key), resident[key], len(entries),
@@ -546,491 +490,3 @@ def _picklable(v: Any) -> bool:
         return True
     except Exception:
         return False
-
-
-class ValueState:
-    """One value for the current key."""
-
-    def __init__(self, store: KeyedStateStore, name: str, default: Any = None) -> None:
-        self._store = store
-        self.name = name
-        self.default = default
-
-    def value(self) -> Any:
-        """The value, or (a copy of) the default when unset."""
-        v = self._store._get(self.name)
-        return copy.deepcopy(self.default) if v is _MISSING else v
-
-    get = value
-
-    def update(self, value: Any) -> None:
-        """Set the value (``None`` clears it)."""
-        if value is None:
-            self._store._del(self.name)
-        else:
-            self._store._set(self.name, value)
-
-    set = update
-
-    def clear(self) -> None:
-        """Forget the value of the current key."""
-        self._store._del(self.name)
-
-
-class ListState:
-    """A list of values for the current key."""
-
-    def __init__(self, store: KeyedStateStore, name: str) -> None:
-        self._store = store
-        self.name = name
-
-    def _list(self) -> list[Any]:
-        return self._store._get(self.name, None) or []
-
-    def get(self) -> list[Any]:
-        """A copy of the list (empty when unset)."""
-        return list(self._list())
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self.get())
-
-    def __len__(self) -> int:
-        return len(self._list())
-
-    def add(self, value: Any) -> None:
-        """Append one value."""
-        cur = self._store._get(self.name, None)
-        if cur is None:
-            self._store._set(self.name, [value])
-        else:
-            cur.append(value)
-
-    def add_all(self, values: Iterable[Any]) -> None:
-        """Append values."""
-        values = list(values)
-        if values:
-            cur = self._store._get(self.name, None)
-            if cur is None:
-                self._store._set(self.name, values)
-            else:
-                cur.extend(values)
-
-    def update(self, values: Iterable[Any]) -> None:
-        """Replace the list (an empty one clears it)."""
-        values = list(values)
-        if values:
-            self._store._set(self.name, values)
-        else:
-            self._store._del(self.name)
-
-    def clear(self) -> None:
-        """Forget the list of the current key."""
-        self._store._del(self.name)
-
-
-class MapState:
-    """A dict for the current key."""
-
-    def __init__(self, store: KeyedStateStore, name: str) -> None:
-        self._store = store
-        self.name = name
-
-    def _map(self, create: bool = False) -> dict[Any, Any]:
-        cur = self._store._get(self.name, None)
-        if cur is None:
-            cur = {}
-            if create:
-                self._store._set(self.name, cur)
-        return cur
-
-    def get(self, key: Any, default: Any = None) -> Any:
-        """The value under ``key`` or ``default``."""
-        return self._map().get(key, default)
-
-    def put(self, key: Any, value: Any) -> None:
-        """Set ``key`` to ``value``."""
-        self._map(create=True)[key] = value
-
-    def put_all(self, mapping: dict[Any, Any]) -> None:
-        """Set several entries."""
-        if mapping:
-            self._map(create=True).update(mapping)
-
-    def remove(self, key: Any) -> None:
-        """Delete ``key`` (no error when absent)."""
-        m = self._map()
-        m.pop(key, None)
-        if not m:
-            self._store._del(self.name)
-
-    def contains(self, key: Any) -> bool:
-        """True when ``key`` is present."""
-        return key in self._map()
-
-    __contains__ = contains
-
-    def keys(self) -> list[Any]:
-        """The map's keys."""
-        return list(self._map().keys())
-
-    def values(self) -> list[Any]:
-        """The map's values."""
-        return list(self._map().values())
-
-    def items(self) -> list[tuple[Any, Any]]:
-        """The map's (key, value) pairs."""
-        return list(self._map().items())
-
-    def is_empty(self) -> bool:
-        """True when the current key has no entries."""
-        return not self._map()
-
-    def __len__(self) -> int:
-        return len(self._map())
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self.keys())
-
-    def clear(self) -> None:
-        """Forget the map of the current key."""
-        self._store._del(self.name)
-
-
-# --------------------------------------------------------------------------- timers
-
-#: Rough in-memory bytes of one queued timer (heap tuple, index entry and their ints).
-TIMER_BYTES = 320
-
-_EVENT, _PROCESSING = 0, 1
-
-
-class _TimerQueue:
-    """A min-heap of (timestamp, seq, key, hash) with lazy deletion; one timer per (key, ts).
-
-    Beyond ``max_memory`` entries the latest timers move to disk: everything on disk (or
-    in ``pending``, timers on their way there, written in batches) sorts at or after
-    ``bound`` (ts, seq) and everything in the heap before it, so the heap's smallest live
-    entry is the earliest timer whenever memory holds any; when the heap runs empty, the
-    earliest timers on disk are read back.
-    """
-
-    #: Timers bound for disk buffered before one batched write.
-    PENDING = 512
-
-    def __init__(self, kind: int, spill: SpillArea) -> None:
-        self.kind = kind
-        self.spill = spill
-        self.heap: list[tuple[int, int, Any, int | None]] = []
-        self.live: dict[tuple[Any, int], int] = {}
-        self.max_memory = sys.maxsize
-        self.bound: tuple[int, int] | None = None
-        #: (key, ts) -> (seq, hash) of timers at or after ``bound`` not written yet
-        self.pending: dict[tuple[Any, int], tuple[int, int | None]] = {}
-        self.on_disk = 0
-
-    def add(self, key: Any, ts: int, seq: int, h: int | None) -> None:
-        live = self.live
-        if (key, ts) in live:
-            return
-        bound = self.bound
-        if bound is not None and ts >= bound[0]:
-            pending = self.pending
-            if (key, ts) not in pending:
-                pending[(key, ts)] = (seq, h)
-                if len(pending) >= self.PENDING:
-                    self._flush()
-            return
-        live[(key, ts)] = seq
-        heap = self.heap
-        heapq.heappush(heap, (ts, seq, key, h))
-        if len(heap) > self.max_memory:
-            self._spill()
-
-    def _flush(self) -> None:
-        """Write the pending timers (those the disk has already are ignored)."""
-        if self.pending:
-            rows = [(ts, seq, encode_key(key), h) for (key, ts), (seq, h) in self.pending.items()]
-            self.on_disk += self.spill.store().add_timers(self.kind, rows)
-            self.pending = {}
-
-    def remove(self, key: Any, ts: int) -> None:
-        if self.live.pop((key, ts), None) is None:
-            if self.bound is not None and ts >= self.bound[0]:
-                self.pending.pop((key, ts), None)
-                if self.on_disk:
-                    self.on_disk -= self.spill.store().remove_timer(self.kind, encode_key(key),
-                                                                    ts)
-                if not self.on_disk and not self.pending:
-                    self.bound = None
-            return
-        if len(self.heap) > 64 and len(self.heap) > 2 * len(self.live):
-            self.heap = [e for e in self.heap if self.live.get((e[2], e[0])) == e[1]]
-            heapq.heapify(self.heap)
-
-    def pop_due(self, limit: int) -> tuple[int, Any, int | None] | None:
-        heap, live = self.heap, self.live
-        while True:
-            while heap and heap[0][0] <= limit:
-                ts, seq, key, h = heapq.heappop(heap)
-                if live.get((key, ts)) == seq:
-                    del live[(key, ts)]
-                    return ts, key, h
-            if live or self.bound is None or self.bound[0] > limit:
-                return None
-            self._refill()
-            heap, live = self.heap, self.live
-
-    def _live_sorted(self) -> list[tuple[int, int, Any, int | None]]:
-        live = self.live
-        return sorted(e for e in self.heap if live.get((e[2], e[0])) == e[1])
-
-    def _spill(self) -> None:
-        """Keep the earliest half of ``max_memory`` timers in memory, move the rest to disk."""
-        entries = self._live_sorted()
-        keep = self.max_memory // 2
-        move = entries[keep:]
-        if move:
-            self._flush()
-            self.on_disk += self.spill.store().add_timers(
-                self.kind, [(ts, seq, encode_key(key), h) for ts, seq, key, h in move])
-            self.bound = (move[0][0], move[0][1])
-            self.spill.count_spill()
-        self.heap = entries[:keep]  # sorted, so a heap
-        self.live = {(key, ts): seq for ts, seq, key, _h in self.heap}
-
-    def _refill(self) -> None:
-        """The heap is empty: read the earliest timers back from disk."""
-        self._flush()
-        store = self.spill.store()
-        rows = store.take_first_timers(self.kind, max(1, self.max_memory // 2))
-        self.on_disk -= len(rows)
-        self.heap = [(ts, seq, decode_key(k), h) for ts, seq, k, h in rows]
-        self.live = {(key, ts): seq for ts, seq, key, _h in self.heap}
-        self.bound = store.first_timer(self.kind) if self.on_disk else None
-
-    def entries(self) -> list[tuple[int, int, Any, int | None]]:
-        out = self._live_sorted()
-        self._flush()
-        if self.on_disk:
-            out += [(ts, seq, decode_key(k), h)
-                    for ts, seq, k, h in self.spill.store().timer_rows(self.kind)]
-        return out
-
-    def keys(self) -> set[Any]:
-        self._flush()
-        out = {k for (k, _ts) in self.live}
-        if self.on_disk:
-            out |= {decode_key(k) for _ts, _seq, k, _h in self.spill.store().timer_rows(self.kind)}
-        return out
-
-    def load(self, entries: list[tuple[int, int, Any, int | None]]) -> None:
-        self.clear()
-        entries = sorted((int(ts), int(seq), key, h) for ts, seq, key, h in entries)
-        if len(entries) > self.max_memory:
-            keep = self.max_memory // 2
-            move = entries[keep:]
-            self.on_disk = self.spill.store().add_timers(
-                self.kind, [(ts, seq, encode_key(key), h) for ts, seq, key, h in move])
-            self.bound = (move[0][0], move[0][1])
-            entries = entries[:keep]
-        self.heap = entries
-        self.live = {(key, ts): seq for ts, seq, key, _h in entries}
-
-    def clear(self) -> None:
-        if self.on_disk:
-            self.spill.store().clear_timers(self.kind)
-        self.heap, self.live, self.pending = [], {}, {}
-        self.bound, self.on_disk = None, 0
-
-    def memory_bytes(self) -> int:
-        return (len(self.heap) + len(self.pending)) * TIMER_BYTES
-
-    def reserved_bytes(self) -> int:
-        # a queue with timers on disk may read a batch back at any time: count its cap
-        if self.bound is not None:
-            return (max(len(self.heap), self.max_memory) + self.PENDING) * TIMER_BYTES
-        return len(self.heap) * TIMER_BYTES
-
-    def __len__(self) -> int:
-        self._flush()  # pending timers may duplicate ones on disk
-        return len(self.live) + self.on_disk
-
-
-class TimerService:
-    """Event-time and processing-time timers of the current key (deduplicated per key and time).
-
-    Each queue keeps its earliest timers in memory, at most ``memory_limit / 4`` bytes'
-    worth (``configure``); later ones wait on disk in the operator's ``SpillArea``.
-    """
-
-    def __init__(self, clock: Clock | None = None, spill: SpillArea | None = None,
-                 key_source: KeyedStateStore | None = None) -> None:
-        self.clock = clock or WallClock()
-        self._key: Any = None
-        self._hash: int | None = None
-        #: whose current key (and hash) timers are registered for: a store's, or our own
-        self._src: Any = key_source if key_source is not None else self
-        self.watermark = MIN_TIME
-        self._spill = spill if spill is not None else SpillArea()
-        self._event = _TimerQueue(_EVENT, self._spill)
-        self._proc = _TimerQueue(_PROCESSING, self._spill)
-        self._seq = 0
-
-    def configure(self, memory_limit: int) -> None:
-        """Let the timers take at most half of ``memory_limit`` bytes in memory."""
-        per_queue = max(0, int(memory_limit) // 4 // TIMER_BYTES)
-        for q in (self._event, self._proc):
-            q.max_memory = per_queue
-            if len(q.heap) > per_queue:
-                q._spill()
-
-    @property
-    def current_key(self) -> Any:
-        """The key timers are registered for."""
-        return self._src._key
-
-    @current_key.setter
-    def current_key(self, key: Any) -> None:
-        self.set_current_key(key)
-
-    def set_current_key(self, key: Any, key_hash: int | None = None) -> None:
-        """Scope registrations to ``key`` (``key_hash``: its key-group hash, when known)."""
-        if self._src is self:
-            self._key = key
-            self._hash = key_hash
-        else:
-            self._src.set_current_key(key, key_hash)
-
-    # user-facing (scoped to the current key)
-    def register_event_time_timer(self, timestamp: int) -> None:
-        """Call ``on_timer`` once the watermark reaches ``timestamp`` (µs)."""
-        src = self._src
-        self._seq += 1
-        self._event.add(src._key, _as_time(timestamp), self._seq, src._hash)
-
-    def delete_event_time_timer(self, timestamp: int) -> None:
-        """Cancel the current key's event-time timer at ``timestamp`` (no error when absent)."""
-        self._event.remove(self._src._key, _as_time(timestamp))
-
-    def register_processing_time_timer(self, timestamp: int) -> None:
-        """Call ``on_timer`` once the clock reaches ``timestamp`` (µs)."""
-        src = self._src
-        self._seq += 1
-        self._proc.add(src._key, _as_time(timestamp), self._seq, src._hash)
-
-    def delete_processing_time_timer(self, timestamp: int) -> None:
-        """Cancel the current key's processing-time timer at ``timestamp``."""
-        self._proc.remove(self._src._key, _as_time(timestamp))
-
-    def current_processing_time(self) -> int:
-        """The clock's time (µs)."""
-        return self.clock.now()
-
-    def current_watermark(self) -> int:
-        """The operator's current watermark (µs)."""
-        return self.watermark
-
-    # operator-facing
-    def pop_event_timer(self, watermark: int) -> tuple[int, Any] | None:
-        """The earliest event-time timer with timestamp <= watermark, removed; None if none."""
-        due = self._event.pop_due(watermark)
-        return None if due is None else (due[0], due[1])
-
-    def pop_processing_timer(self, now: int) -> tuple[int, Any] | None:
-        """The earliest processing-time timer with timestamp <= now, removed; None if none."""
-        due = self._proc.pop_due(now)
-        return None if due is None else (due[0], due[1])
-
-    def pop_due_event(self, watermark: int) -> tuple[int, Any, int | None] | None:
-        """Like ``pop_event_timer``, with the key's hash: (timestamp, key, hash)."""
-        return self._event.pop_due(watermark)
-
-    def pop_due_processing(self, now: int) -> tuple[int, Any, int | None] | None:
-        """Like ``pop_processing_timer``, with the key's hash: (timestamp, key, hash)."""
-        return self._proc.pop_due(now)
-
-    def num_event_timers(self) -> int:
-        """Pending event-time timers."""
-        return len(self._event)
-
-    def num_processing_timers(self) -> int:
-        """Pending processing-time timers."""
-        return len(self._proc)
-
-    def memory_bytes(self) -> int:
-        """Estimated bytes of the timers held in memory."""
-        return self._event.memory_bytes() + self._proc.memory_bytes()
-
-    def reserved_bytes(self) -> int:
-        """Bytes to set aside for timers: what they hold, or their cap once they spilled."""
-        return self._event.reserved_bytes() + self._proc.reserved_bytes()
-
-    def num_spilled_timers(self) -> int:
-        """Timers waiting on disk (or about to be written there)."""
-        return (self._event.on_disk + len(self._event.pending) + self._proc.on_disk
-                + len(self._proc.pending))
-
-    def snapshot(self) -> dict[str, Any]:
-        """Pending timers (on disk too) and the watermark (picklable)."""
-        return {"version": 2, "event": self._event.entries(), "processing": self._proc.entries(),
-                "seq": self._seq, "watermark": self.watermark}
-
-    def restore(self, snapshot: dict[str, Any],
-                key_hashes: dict[Any, int] | None = None) -> None:
-        """Replace the timers with a ``snapshot()`` (``key_hashes``: hashes for version 1)."""
-        self._event.load(_with_hashes(snapshot["event"], key_hashes))
-        self._proc.load(_with_hashes(snapshot["processing"], key_hashes))
-        self._seq = snapshot["seq"]
-        self.watermark = snapshot["watermark"]
-
-    def timer_keys(self) -> set[Any]:
-        """Every key with a pending timer."""
-        return self._event.keys() | self._proc.keys()
-
-    def snapshot_groups(self, key_groups: int) -> dict[int, dict[str, Any]]:
-        """``snapshot()`` split by key group (hash mod ``key_groups``): one per group with timers."""
-        out: dict[int, dict[str, Any]] = {}
-        computed: dict[Any, int] = {}
-        for kind, queue in (("event", self._event), ("processing", self._proc)):
-            for entry in queue.entries():
-                h = entry[3]
-                if h is None:
-                    h = computed.get(entry[2])
-                    if h is None:
-                        h = computed[entry[2]] = python_key_hash(entry[2])
-                    entry = (*entry[:3], h)
-                snap = out.setdefault(h % key_groups, {
-                    "version": 2, "event": [], "processing": [], "seq": self._seq,
-                    "watermark": self.watermark})
-                snap[kind].append(entry)
-        return out
-
-    def restore_many(self, snapshots: list[dict[str, Any]], watermark: int = MIN_TIME,
-                     key_hashes: dict[Any, int] | None = None) -> None:
-        """Replace the timers with the union of several snapshots (of disjoint keys)."""
-        self._event.load([e for s in snapshots for e in _with_hashes(s["event"], key_hashes)])
-        self._proc.load([e for s in snapshots
-                         for e in _with_hashes(s["processing"], key_hashes)])
-        self._seq = max([self._seq, *(s["seq"] for s in snapshots)])
-        self.watermark = max([watermark, *(s["watermark"] for s in snapshots)])
-
-    def close(self) -> None:
-        """Forget all timers (the operator deletes the spill file)."""
-        for q in (self._event, self._proc):
-            q.heap, q.live, q.pending, q.bound, q.on_disk = [], {}, {}, None, 0
-
-
-def _with_hashes(entries: list[tuple[Any, ...]],
-                 key_hashes: dict[Any, int] | None) -> list[tuple[int, int, Any, int | None]]:
-    """Timer entries as (ts, seq, key, hash); version-1 entries (ts, seq, key) get ``key_hashes``."""
-    hashes = key_hashes or {}
-    return [e if len(e) == 4 else (e[0], e[1], e[2], hashes.get(e[2])) for e in entries]
-
-
-def _as_time(ts: Any) -> int:
-    if isinstance(ts, np.integer):
-        return int(ts)
-    if isinstance(ts, bool) or not isinstance(ts, int):
-        raise PlanError(f"timer timestamps are int microseconds since the epoch, got "
-                        f"{type(ts).__name__} {ts!r}")
-    return ts
