@@ -22,7 +22,7 @@ from millstream.io.text import TextSource
 
 
 class Pred:
-    """A stand-in for millstream.expr.expressions.Expr."""
+    """A stand-in for millstream.expr.nodes.Expr."""
 
     def __init__(self, expr: pc.Expression | None, columns: set[str], fn=None):
         self._expr, self._columns, self._fn = expr, columns, fn

@@ -31,7 +31,7 @@ import millstream as ms
 from millstream.core.context import default_context
 from millstream.core.time import MIN_WATERMARK
 from millstream.errors import MillstreamError
-from millstream.ops.aggregate import AggSpec
+from millstream.expr.aggregates import AggSpec
 from millstream.ops.window import Session, Sliding, Tumbling, WindowAggregate, WindowCombiner
 from millstream.runtime.stream_task import decode_batch, encode_batch
 

@@ -22,7 +22,7 @@ from millstream.core.context import default_context
 from millstream.core.time import MIN_WATERMARK
 from millstream.core.units import parse_duration
 from millstream.errors import PlanError, SchemaError
-from millstream.ops.aggregate import AggSpec
+from millstream.expr.aggregates import AggSpec
 from millstream.ops.window import Session, Sliding, Tumbling, WindowAggregate
 
 SCHEMA = pa.schema([("k", pa.string()), ("t", pa.int64()), ("v", pa.int64())])

@@ -14,9 +14,9 @@ import pyarrow as pa
 from millstream.core.arrow import batch_to_rows, concat_batches, format_table
 from millstream.core.shuffle import read_block
 from millstream.errors import FetchFailedError, PlanError
-from millstream.expr.expressions import AggExpr, Expr, col, to_expr
+from millstream.expr.aggregates import AggExpr, AggSpec
+from millstream.expr.nodes import Expr, col, to_expr
 from millstream.ops import narrow
-from millstream.ops.aggregate import AggSpec
 from millstream.ops.base import OperatorFactory
 from millstream.plan import logical as L
 from millstream.plan.compile import compile_plan
@@ -340,7 +340,7 @@ class Dataset:
 
     def count(self, **options: Any) -> int:
         """Number of rows."""
-        from millstream.expr.expressions import count as count_all
+        from millstream.expr.nodes import count as count_all
 
         rows = self.agg(count_all().alias("count")).collect(**options)
         return int(rows[0]["count"]) if rows else 0
@@ -482,7 +482,7 @@ class GroupedDataset:
 
     def count(self) -> Dataset:
         """Rows per group, in column ``count``."""
-        from millstream.expr.expressions import count as count_all
+        from millstream.expr.nodes import count as count_all
 
         return self.agg(count_all().alias("count"))
 

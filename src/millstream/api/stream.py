@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from millstream.core.units import parse_duration
 from millstream.errors import PlanError
-from millstream.expr.expressions import AggExpr
-from millstream.ops.aggregate import AggSpec
+from millstream.expr.aggregates import AggExpr, AggSpec
 from millstream.ops.window import (
     CountTrigger,
     EventTimeTrigger,
@@ -149,7 +148,7 @@ class WindowedDataset:
 
     def count(self) -> Dataset:
         """Rows per key and window, in column ``count``."""
-        from millstream.expr.expressions import count
+        from millstream.expr.nodes import count
 
         return self.agg(count().alias("count"))
 

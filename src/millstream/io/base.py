@@ -25,7 +25,7 @@ import pyarrow as pa
 
 if TYPE_CHECKING:
     from millstream.core.context import TaskContext
-    from millstream.expr.expressions import Expr
+    from millstream.expr.nodes import Expr
 
 
 @dataclass(frozen=True)

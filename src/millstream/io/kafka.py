@@ -103,7 +103,7 @@ from millstream.io.badrecords import (
 from millstream.io.base import Source, Split, StreamReader, StreamSource
 
 if TYPE_CHECKING:
-    from millstream.expr.expressions import Expr
+    from millstream.expr.nodes import Expr
 
 _log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from millstream.io.text import (
 )
 
 if TYPE_CHECKING:
-    from millstream.expr.expressions import Expr
+    from millstream.expr.nodes import Expr
 
 #: Footers read in parallel while planning (object stores are latency bound).
 PLANNING_THREADS = 16

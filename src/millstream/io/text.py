@@ -30,7 +30,7 @@ from millstream.io import fs as msfs
 from millstream.io.base import Source, Split
 
 if TYPE_CHECKING:
-    from millstream.expr.expressions import Expr
+    from millstream.expr.nodes import Expr
 
 #: Smallest split planned automatically (a split_size argument overrides it).
 DEFAULT_MIN_SPLIT_SIZE = 8 << 20

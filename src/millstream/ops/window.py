@@ -111,7 +111,8 @@ from millstream.core.spill import GroupFiles, SpillFile
 from millstream.core.time import MAX_WATERMARK, MIN_WATERMARK, Clock, WallClock
 from millstream.core.units import format_duration, parse_duration
 from millstream.errors import MillstreamError, PlanError, SchemaError
-from millstream.ops.aggregate import AggSpec, _AggCore
+from millstream.expr.aggregates import AggSpec
+from millstream.ops.aggregate import _AggCore
 from millstream.ops.base import Batches, Operator
 
 _EMPTY: tuple[pa.RecordBatch, ...] = ()
