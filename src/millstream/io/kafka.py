@@ -25,7 +25,7 @@ field null in the whole sample is read as text) and for ``format="raw"`` ``key``
 milliseconds, UTC, null when the record has none) and, for JSON, ``_key`` (binary).
 A JSON record with a null value (a tombstone) gives a row whose data fields are null.
 
-Bad JSON follows ``on_bad_records`` as for files (:mod:`millstream.io.badrecords`):
+Bad JSON follows ``on_bad_records`` as for files (:mod:`millstream.io.files.badrecords`):
 ``"error"`` raises :class:`~millstream.errors.BadRecordError` naming the topic, partition
 and offset; ``"skip"`` drops and counts it; a directory URI dead-letters it as
 ``{"path": "kafka://<topic>/<partition>", "line": null, "offset": <kafka offset>,
@@ -94,13 +94,13 @@ import pyarrow.json as pajson
 
 from millstream.core.context import TaskContext, current_context, default_context
 from millstream.errors import BadRecordError, MillstreamError, PlanError, SchemaError
-from millstream.io.badrecords import (
+from millstream.io.base import Source, Split, StreamReader, StreamSource
+from millstream.io.files.badrecords import (
     BadRecordHandler,
     check_policy,
     parse_with_recovery,
     snippet,
 )
-from millstream.io.base import Source, Split, StreamReader, StreamSource
 
 if TYPE_CHECKING:
     from millstream.expr.expressions import Expr
@@ -237,7 +237,7 @@ def _as_text(array: pa.Array | pa.ChunkedArray) -> pa.Array:
         return array.cast(pa.string())
     if pa.types.is_null(array.type):
         return pa.nulls(len(array), pa.string())
-    from millstream.io.sinks import json_fragments
+    from millstream.io.files.json_encoding import json_fragments
 
     text = json_fragments(array)
     return pa.array([None if v is None else t for v, t in
@@ -337,7 +337,7 @@ def _infer_data_schema(values: Sequence[bytes]) -> tuple[pa.Schema | None, tuple
     irreconcilable clash keeps the first type seen). A field null in the whole sample is
     typed string and read as text ("late").
     """
-    from millstream.io.csv import merge_inferred
+    from millstream.io.files.csv import merge_inferred
 
     lines = [line for line in (_normalize_value(v)[0] for v in values if v is not None)
              if line is not None]
@@ -1024,7 +1024,7 @@ def _key_bytes(array: pa.Array) -> list[bytes | None]:
         return array.to_pylist()
     if pa.types.is_string(t) or pa.types.is_large_string(t):
         return [None if v is None else v.encode() for v in array.to_pylist()]
-    from millstream.io.sinks import json_fragments
+    from millstream.io.files.json_encoding import json_fragments
 
     text = json_fragments(array).to_pylist()
     valid = array.is_valid().to_pylist()
@@ -1206,7 +1206,7 @@ class KafkaSink:
 
     def _values(self, batch: pa.RecordBatch | pa.Table) -> list[bytes | None]:
         if self.format == "json":
-            from millstream.io.sinks import encode_json_lines
+            from millstream.io.files.json_encoding import encode_json_lines
 
             lines = encode_json_lines(batch).to_pybytes().split(b"\n")
             return lines[:-1]
