@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import millstream as ms
-from millstream.io.stream_sinks import CollectingSink, FileStreamSink
+from millstream.io.files.stream_sink import FileStreamSink
+from millstream.io.stream_sinks import CollectingSink
 from millstream.runtime.dataflow import ParallelStreamingJob
 
 

@@ -338,7 +338,7 @@ def test_dropped_shuffle_output_is_recomputed(monkeypatch):
 
 # ------------------------------------------------------------------ data never via the driver
 def test_driver_never_reads_input_or_shuffle_data(tmp_path, monkeypatch):
-    from millstream.io.text import TextSource
+    from millstream.io.files.text import TextSource
     from millstream.runners.ray import RayMapOutput
 
     path = str(tmp_path / "corpus.txt")
@@ -506,7 +506,7 @@ def test_streaming_windows_run_as_actors_on_several_nodes(tmp_path):
 @pytest.mark.slow
 def test_streaming_job_restores_from_its_checkpoint_when_a_node_is_removed(ray_cluster,
                                                                           tmp_path):
-    from millstream.io.stream_sinks import FileStreamSink
+    from millstream.io.files.stream_sink import FileStreamSink
 
     rows = [{"id": i, "k": f"k{i % 7}"} for i in range(6000)]
     out = tmp_path / "out"
@@ -540,7 +540,7 @@ def test_streaming_on_ray_checkpoints_to_s3_and_survives_a_killed_actor(tmp_path
     import ray
     from services.seaweedfs import SeaweedS3
 
-    from millstream.io.stream_sinks import FileStreamSink
+    from millstream.io.files.stream_sink import FileStreamSink
 
     (tmp_path / "seaweed").mkdir()
     server = SeaweedS3.start_mini(tmp_path / "seaweed")

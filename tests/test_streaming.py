@@ -12,7 +12,7 @@ import pytest
 
 import millstream as ms
 from millstream.core.time import VirtualClock
-from millstream.io.stream_sinks import FileStreamSink
+from millstream.io.files.stream_sink import FileStreamSink
 from millstream.ops.state.process import KeyedProcessFunction
 from millstream.runtime.checkpoint import CheckpointStore
 from millstream.runtime.streaming import FAULT_POINTS
@@ -387,7 +387,7 @@ _KILL_SCRIPT = r'''
 import sys
 import time
 import millstream as ms
-from millstream.io.stream_sinks import FileStreamSink
+from millstream.io.files.stream_sink import FileStreamSink
 topic, servers, out, chk = sys.argv[1:5]
 def slow(batch):
     time.sleep(0.01)

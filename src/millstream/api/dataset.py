@@ -393,7 +393,7 @@ class Dataset:
 
         ``mode``: "error" (the target must not hold data), "overwrite" or "append".
         """
-        from millstream.io.sinks import ParquetSink
+        from millstream.io.files.sinks import ParquetSink
 
         self._write(ParquetSink(uri, partition_by=_partition_cols(partition_by), mode=mode,
                                 compression=compression, storage_options=storage_options), options)
@@ -401,7 +401,7 @@ class Dataset:
     def write_csv(self, uri: str, mode: str = "error", partition_by: str | Sequence[str] | None = None,
                   storage_options: dict[str, Any] | None = None, **options: Any) -> None:
         """Write CSV files (with header) under ``uri``, committed atomically."""
-        from millstream.io.sinks import CsvSink
+        from millstream.io.files.sinks import CsvSink
 
         self._write(CsvSink(uri, partition_by=_partition_cols(partition_by), mode=mode,
                             storage_options=storage_options), options)
@@ -409,7 +409,7 @@ class Dataset:
     def write_json(self, uri: str, mode: str = "error", partition_by: str | Sequence[str] | None = None,
                    storage_options: dict[str, Any] | None = None, **options: Any) -> None:
         """Write JSON-lines files under ``uri``, committed atomically."""
-        from millstream.io.sinks import JsonSink
+        from millstream.io.files.sinks import JsonSink
 
         self._write(JsonSink(uri, partition_by=_partition_cols(partition_by), mode=mode,
                              storage_options=storage_options), options)

@@ -36,7 +36,8 @@ from millstream.core.arrow import PICKLED_KEY
 from millstream.core.context import TaskContext, current_context
 from millstream.core.shuffle import read_block
 from millstream.errors import PlanError, SchemaError, TaskError
-from millstream.io.sinks import FileSink, ParquetSink, json_fragments
+from millstream.io.files.json_encoding import json_fragments
+from millstream.io.files.sinks import FileSink, ParquetSink
 from millstream.ops.base import OperatorFactory
 from millstream.ops.mapreduce.mapper import MapperOp
 from millstream.ops.mapreduce.reducer import ReducerOp

@@ -24,13 +24,8 @@ from millstream.core.context import TaskContext
 from millstream.errors import BadRecordError, PlanError, SchemaError, StorageError
 from millstream.io import fs as msfs
 from millstream.io.base import Source, Split
-from millstream.io.text import (
-    DEFAULT_MIN_SPLIT_SIZE,
-    arrow_expression,
-    check_columns,
-    format_size,
-    predicate_columns,
-)
+from millstream.io.files.pushdown import arrow_expression, check_columns, predicate_columns
+from millstream.io.files.ranges import DEFAULT_MIN_SPLIT_SIZE, format_size
 
 if TYPE_CHECKING:
     from millstream.expr.nodes import Expr

@@ -248,7 +248,7 @@ def parse_line_chunk(chunk: Any, reader: Any, parse: Callable[[pa.Buffer], pa.Ta
                      hint: Callable[[str, str], str] | None = None,
                      prescreen: Callable[[bytes], bool] | None = None,
                      encoding: str = "utf-8") -> list[pa.Table]:
-    """Parse one :class:`~millstream.io.text.LineChunk`, routing its bad lines to ``handler``.
+    """Parse one :class:`~millstream.io.files.lines.LineChunk`, routing its bad lines to ``handler``.
 
     Line numbers and byte offsets of bad lines are computed only when there are any.
     """

@@ -50,18 +50,18 @@ WATCH_FORMATS = ("json", "csv", "text", "parquet")
 def _file_source(fmt: str, uri: str, options: dict[str, Any]) -> Source:
     """The batch source of one file of format ``fmt``."""
     if fmt == "json":
-        from millstream.io.json import JsonSource
+        from millstream.io.files.json import JsonSource
 
         return JsonSource(uri, **options)
     if fmt == "csv":
-        from millstream.io.csv import CsvSource
+        from millstream.io.files.csv import CsvSource
 
         return CsvSource(uri, **options)
     if fmt == "text":
-        from millstream.io.text import TextSource
+        from millstream.io.files.text import TextSource
 
         return TextSource(uri, **options)
-    from millstream.io.parquet import ParquetSource
+    from millstream.io.files.parquet import ParquetSource
 
     return ParquetSource(uri, **options)
 

@@ -4,7 +4,7 @@ Every split parses with one schema fixed on the driver (``schema=`` or inferred 
 first block of the first file), so all splits agree on column types. Fields missing from
 a record are null; fields not in the schema are ignored (pass ``schema=`` when fields
 first appear late in the data). A line that is not a JSON object, or whose values do
-not fit the schema, is a bad record (see :mod:`millstream.io.badrecords`).
+not fit the schema, is a bad record (see :mod:`millstream.io.files.badrecords`).
 """
 
 from __future__ import annotations
@@ -19,21 +19,16 @@ import pyarrow.json as pajson
 
 from millstream.core.context import TaskContext
 from millstream.errors import PlanError
-from millstream.io.badrecords import (
+from millstream.io.files.badrecords import (
     BadRecordHandler,
     check_policy,
     parse_line_chunk,
     parse_with_recovery,
 )
-from millstream.io.csv import DEFAULT_INFER_BYTES, fast_nonempty_lines, merge_inferred
-from millstream.io.text import (
-    FileRange,
-    LineFileSource,
-    LineReader,
-    LineSplitInfo,
-    compression_of,
-    count_nonempty_lines,
-)
+from millstream.io.files.csv import DEFAULT_INFER_BYTES, fast_nonempty_lines, merge_inferred
+from millstream.io.files.line_source import LineFileSource
+from millstream.io.files.lines import LineReader, count_nonempty_lines
+from millstream.io.files.ranges import FileRange, LineSplitInfo, compression_of
 
 
 def _as_text(column: pa.ChunkedArray) -> pa.Array:
@@ -43,7 +38,7 @@ def _as_text(column: pa.ChunkedArray) -> pa.Array:
         return array.cast(pa.string())
     if pa.types.is_null(array.type):
         return pa.nulls(len(array), pa.string())
-    from millstream.io.sinks import json_fragments
+    from millstream.io.files.json_encoding import json_fragments
     return pc.if_else(array.is_null(), pa.scalar(None, pa.string()), json_fragments(array))
 
 

@@ -21,17 +21,11 @@ import pyarrow.csv as pacsv
 from millstream.core.context import TaskContext
 from millstream.errors import BadRecordError, PlanError
 from millstream.io import fs as msfs
-from millstream.io.badrecords import BadRecordHandler, check_policy, parse_line_chunk
 from millstream.io.base import Split
-from millstream.io.text import (
-    FileRange,
-    LineChunk,
-    LineFileSource,
-    LineReader,
-    LineSplitInfo,
-    _check_encoding,
-    count_nonempty_lines,
-)
+from millstream.io.files.badrecords import BadRecordHandler, check_policy, parse_line_chunk
+from millstream.io.files.line_source import LineFileSource
+from millstream.io.files.lines import LineChunk, LineReader, _check_encoding, count_nonempty_lines
+from millstream.io.files.ranges import FileRange, LineSplitInfo, compression_of
 
 #: Bytes of the first file read on the driver to infer column names and types.
 DEFAULT_INFER_BYTES = 1 << 20
@@ -166,7 +160,7 @@ class CsvSource(LineFileSource):
                                       read_options=self._read_options(names),
                                       parse_options=self._parse_options(),
                                       convert_options=self._convert_options(None, None))
-            from millstream.io.badrecords import parse_with_recovery
+            from millstream.io.files.badrecords import parse_with_recovery
             tables = parse_with_recovery(data, parse, lambda lo, hi, why: None,
                                          expected_rows=fast_nonempty_lines)
             schemas = [t.schema for t in tables if t.num_rows]
@@ -330,7 +324,6 @@ def merge_inferred(schemas: list[pa.Schema], conflict: str = "string") -> pa.Sch
 
 
 def _compressed(entry: msfs.FileEntry) -> str | None:
-    from millstream.io.text import compression_of
     return compression_of(entry.path)
 
 
