@@ -15,8 +15,7 @@ from typing import TYPE_CHECKING, Any
 from millstream.core.units import parse_duration
 from millstream.errors import PlanError
 from millstream.expr.expressions import AggExpr
-from millstream.ops.aggregate import AggSpec
-from millstream.ops.window import (
+from millstream.expr.windows import (
     CountTrigger,
     EventTimeTrigger,
     GlobalWindow,
@@ -27,6 +26,7 @@ from millstream.ops.window import (
     Tumbling,
     WindowAssigner,
 )
+from millstream.ops.aggregate import AggSpec
 from millstream.plan import logical as L
 
 if TYPE_CHECKING:
