@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from millstream.core.units import parse_duration
 from millstream.errors import PlanError
 from millstream.expr.aggregates import AggExpr, AggSpec
-from millstream.ops.window import (
+from millstream.expr.windows import (
     CountTrigger,
     EventTimeTrigger,
     GlobalWindow,

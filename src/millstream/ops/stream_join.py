@@ -117,9 +117,9 @@ from millstream.core.keygroups import key_hashes
 from millstream.core.spill import GroupFiles, SpillFile
 from millstream.core.time import MAX_WATERMARK, MIN_WATERMARK
 from millstream.errors import PlanError, SchemaError
+from millstream.expr.windows import Sliding, Tumbling, WindowAssigner
 from millstream.ops.base import Batches, Operator
 from millstream.ops.join import join_tables
-from millstream.ops.window import Sliding, Tumbling, WindowAssigner
 
 _EMPTY: tuple[pa.RecordBatch, ...] = ()
 

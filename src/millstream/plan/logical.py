@@ -170,7 +170,7 @@ class WithWatermark(Unary):
 class WindowAggregate(Unary):
     """Keyed event-time window aggregation (``ops.window.WindowAggregate``)."""
 
-    window: Any  # ops.window.WindowAssigner
+    window: Any  # expr.windows.WindowAssigner
     keys: list[str]
     specs: list[Any]  # AggSpec
     time_column: str | None
@@ -244,7 +244,7 @@ class WindowJoin(_TwoInputs, Node):
     right: Node
     left_on: list[str]
     right_on: list[str]
-    window: Any  # ops.window.WindowAssigner
+    window: Any  # expr.windows.WindowAssigner
     left_time: str
     right_time: str
     how: str = "inner"

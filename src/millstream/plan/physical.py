@@ -204,7 +204,8 @@ class PhysicalPlanner:
         return pipes
 
     def _build_WindowAggregate(self, node: L.WindowAggregate) -> list[Pipeline]:
-        from millstream.ops.window import WindowAggregate
+        from millstream.expr.windows import GlobalWindow
+        from millstream.ops.window import GlobalWindowAggregate, WindowAggregate
 
         pipes = self.build(node.child)
         if self._combines(node, pipes):
@@ -220,7 +221,8 @@ class PhysicalPlanner:
         n = self._n(pipes) if node.keys else 1
         stage = self._close(pipes, HashPartitioner(list(node.keys), n), "window key exchange")
         new = Pipeline([ShufflePort(stage)])
-        new.add(OperatorFactory(WindowAggregate, node.window, list(node.keys), list(node.specs),
+        op = GlobalWindowAggregate if isinstance(node.window, GlobalWindow) else WindowAggregate
+        new.add(OperatorFactory(op, node.window, list(node.keys), list(node.specs),
                                 node.time_column, node.allowed_lateness), node.label())
         return [new]
 
@@ -231,8 +233,8 @@ class PhysicalPlanner:
         state could arrive late, where only raw rows can go to the late side output)."""
         import os
 
+        from millstream.expr.windows import GlobalWindow
         from millstream.ops.watermark import EventTimeWatermark
-        from millstream.ops.window import GlobalWindow
 
         if not self.s.window_combiner or os.environ.get("MILLSTREAM_WINDOW_COMBINER") == "0":
             return False
