@@ -33,7 +33,7 @@ from millstream.core.time import MIN_WATERMARK
 from millstream.errors import MillstreamError
 from millstream.ops.aggregate import AggSpec
 from millstream.ops.window import Session, Sliding, Tumbling, WindowAggregate, WindowCombiner
-from millstream.runtime.stream_task import decode_batch, encode_batch
+from millstream.runtime.streaming.wire import decode_batch, encode_batch
 
 FIXED = [w for w in WINDOWS if w[2] is not None]
 
