@@ -586,8 +586,8 @@ def test_count_trigger_survives_crash_and_restore(epoch, point, tmp_path):
 
 @pytest.mark.parametrize(("before", "after"), [(2, 3), (3, 1)])
 def test_count_trigger_state_moves_with_key_groups(before, after, tmp_path):
+    from millstream.errors import SimulatedCrash
     from millstream.runtime.checkpoint import CheckpointStore
-    from millstream.runtime.streaming import SimulatedCrash
 
     items = _items(8, n_items=16, keys="abcdefghij")
 

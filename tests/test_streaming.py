@@ -15,7 +15,7 @@ from millstream.core.time import VirtualClock
 from millstream.io.files.stream_sink import FileStreamSink
 from millstream.ops.state.process import KeyedProcessFunction
 from millstream.runtime.checkpoint import CheckpointStore
-from millstream.runtime.streaming import FAULT_POINTS
+from millstream.runtime.streaming.epochs import FAULT_POINTS
 from millstream.testing import CollectingSink, TestSource, crash_and_restore
 
 MIN = 60_000  # one minute in ms (event times are epoch ms ints)

@@ -34,7 +34,7 @@ from millstream.errors import MillstreamError
 from millstream.expr.aggregates import AggSpec
 from millstream.expr.windows import Session, Sliding, Tumbling
 from millstream.ops.window import WindowAggregate, WindowCombiner
-from millstream.runtime.stream_task import decode_batch, encode_batch
+from millstream.runtime.streaming.wire import decode_batch, encode_batch
 
 FIXED = [w for w in WINDOWS if w[2] is not None]
 

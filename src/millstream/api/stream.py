@@ -198,23 +198,17 @@ def process(grouped: GroupedDataset, fn: Any, time_column: str | None = None,
 
 def start(ds: Dataset, checkpoint: str | None = None, checkpoint_interval: Duration = "10s",
           sink: Any = None, executor: str | None = None, **options: Any) -> Any:
-    """Run ``ds`` as a streaming job.
+    """Run ``ds`` as a streaming job (:class:`~millstream.runtime.streaming.job.StreamingJob`).
 
     ``executor="parallel"`` (the default) runs every stage partition as a long-lived task
-    on the session's runner (worker processes, or Ray actors), see
-    :class:`~millstream.runtime.dataflow.ParallelStreamingJob`; ``executor="inline"`` runs
-    the whole pipeline in this process, round by round and deterministically (test sources,
-    virtual clocks and fault points need it, and pick it by themselves), see
-    :class:`~millstream.runtime.streaming.StreamingJob`.
+    on the session's runner (worker processes, or Ray actors); ``executor="inline"`` runs
+    the same tasks in this process, round by round and deterministically (test sources,
+    virtual clocks and fault points need it, and pick it by themselves).
     """
-    from millstream.runtime.dataflow import ParallelStreamingJob, choose_executor
-    from millstream.runtime.streaming import StreamingJob
+    from millstream.runtime.streaming.job import StreamingJob
+    from millstream.runtime.streaming.layout import choose_executor
 
     chosen = choose_executor(ds._node, executor, options)
-    if chosen == "inline":
-        fault = options.pop("_fault", None)
-        return StreamingJob(ds._node, checkpoint, checkpoint_interval, sink, fault=fault,
-                            **options).start()
-    options.pop("clock", None)  # a wall clock (anything else chose "inline")
-    return ParallelStreamingJob(ds._node, checkpoint, checkpoint_interval, sink,
-                                **options).start()
+    fault = options.pop("_fault", None)
+    return StreamingJob(ds._node, checkpoint, checkpoint_interval, sink, executor=chosen,
+                        fault=fault, **options).start()

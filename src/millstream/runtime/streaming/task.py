@@ -1,9 +1,11 @@
 """A long-lived streaming task: one stage partition's operator chain, fed by channels.
 
-The parallel streaming executor (:mod:`millstream.runtime.dataflow`) runs one
-:class:`StreamTask` per stage partition for the life of a job, each in a host the runner
-provides (a process on the local runner, an actor on Ray). A task owns its operator
-instances and so their keyed state. It talks through a :class:`Channels` object:
+A streaming job (:mod:`millstream.runtime.streaming.job`) runs one :class:`StreamTask` per
+stage partition for the life of the job. Where it runs is the hosts' business: all tasks
+stepped in turn in the driver (:mod:`~millstream.runtime.streaming.inline`), or each in a
+host the runner provides (a process on the local runner, an actor on Ray), looping on
+:meth:`StreamTask.run`. A task owns its operator instances and so their keyed state. It
+talks through a :class:`Channels` object:
 
 * its **inbox** (bounded: a producer blocks while it is full, which is the backpressure
   that slows a source down to the pace of the slowest consumer) carries, per sender,
@@ -21,6 +23,9 @@ a sender delivered barrier ``e``, that sender's later messages wait in a local b
 until every sender delivered ``e``; then the task snapshots, acknowledges, forwards the
 barrier and replays the buffer. Watermarks are per sender; a task's watermark is the
 minimum over senders that are neither idle nor ended.
+
+Messages carry ``pyarrow.RecordBatch`` objects; hosts in other processes encode them on
+the way (:mod:`~millstream.runtime.streaming.wire`).
 """
 
 from __future__ import annotations
@@ -39,15 +44,16 @@ import pyarrow as pa
 from millstream.core.context import default_context
 from millstream.core.hashing import split_by_partition
 from millstream.core.keygroups import key_hashes
-from millstream.core.time import MAX_WATERMARK, MIN_WATERMARK, WallClock
+from millstream.core.time import MAX_WATERMARK, MIN_WATERMARK, Clock, WallClock
 from millstream.ops.base import Operator, OperatorFactory, is_keyed_op
 from millstream.ops.watermark import EventTimeWatermark
 from millstream.runtime.checkpoint import BlobStore, externalize
 
 _log = logging.getLogger(__name__)
 
-#: How often a task without input still ticks processing time and reports metrics (s).
+#: How long a task without input waits for a message before it ticks processing time (s).
 TICK_S = 0.05
+#: Metrics go to the coordinator at most this often (s).
 METRICS_EVERY_S = 0.25
 #: Rows of queued input messages processed as one batch by an inner task.
 COALESCE_ROWS = 65_536
@@ -84,6 +90,20 @@ class Output:
     key_groups: int = 0
     sink: Any = None  # kind "sink": this task's sink instance (for_subtask copy)
 
+    def route(self, batch: pa.RecordBatch) -> list[tuple[int, pa.RecordBatch]]:
+        """(consumer task, rows) pairs of one batch: by key group, by the partitioner, or all
+        to the one consumer."""
+        if len(self.consumers) == 1:
+            return [(self.consumers[0], batch)]
+        if self.owners is not None:
+            groups = key_hashes([batch.column(k) for k in self.keys], batch.num_rows) \
+                % np.uint64(self.key_groups)
+            ids = self.owners[groups.astype(np.int64)]
+        else:
+            ids = self.partitioner.assign(batch)
+        return [(self.consumers[i], part) for i, part in
+                split_by_partition(batch, np.asarray(ids, dtype=np.int64), len(self.consumers))]
+
 
 @dataclass
 class TaskSpec:
@@ -111,20 +131,13 @@ class TaskSpec:
     #: the checkpoint location (URI, storage options): the task writes its state blobs there
     checkpoint: tuple[str, dict[str, Any]] | None = None
     settings: dict[str, Any] = field(default_factory=dict)
-
-
-def encode_batch(batch: pa.RecordBatch) -> pa.Buffer:
-    """A batch as an Arrow IPC stream: only its own rows travel (a pickled slice would carry
-    its parent's whole buffers)."""
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, batch.schema) as w:
-        w.write_batch(batch)
-    return sink.getvalue()
-
-
-def decode_batch(data: Any) -> pa.RecordBatch:
-    """The batch of :func:`encode_batch` (zero-copy over ``data``)."""
-    return pa.ipc.open_stream(data).read_next_batch()
+    #: how often watermarks go downstream (s); 0: whenever they move (deterministic)
+    watermark_interval_s: float = WATERMARK_EVERY_S
+    #: processing time (None: the machine's clock)
+    clock: Clock | None = None
+    #: window combiners start (combine rows before the exchange); off, they pass rows on
+    #: (in-process exchanges are cheap: a group-by per batch would only cost)
+    combine: bool = True
 
 
 def close_quietly(thing: Any, what: str) -> None:
@@ -156,17 +169,21 @@ def state_bytes(value: Any) -> int:
     return 0
 
 
-class _Stop(Exception):
-    """The task has ended (final checkpoint done)."""
+def failure_message(index: int, exc: BaseException, in_process: bool = False) -> tuple:
+    """The coordinator message of a task that raised ``exc``: the exception itself when it
+    stays in this process or survives pickling (the driver re-raises it), else None."""
+    return ("error", index, f"{type(exc).__name__}: {exc}", traceback.format_exc(),
+            exc if in_process else _picklable(exc))
 
 
 class StreamTask:
-    """Runs one :class:`TaskSpec` until its final barrier (or its host is killed)."""
+    """Runs one :class:`TaskSpec`: :meth:`run` until its final barrier (a host of its own),
+    or :meth:`open` then :meth:`step` calls (hosts that run many tasks in one thread)."""
 
-    def __init__(self, spec: TaskSpec, channels: Channels) -> None:
+    def __init__(self, spec: TaskSpec, channels: Channels, clock: Clock | None = None) -> None:
         self.spec = spec
         self.ch = channels
-        self.clock = WallClock()
+        self.clock = clock or spec.clock or WallClock()
         self.ctx = default_context(job_id=spec.job_id, stage_id=spec.stage_id,
                                    partition=spec.key[2], stage_name=spec.stage_name,
                                    **spec.settings)
@@ -179,6 +196,8 @@ class StreamTask:
         self.blocked: set[int] = set()
         self.buffer: deque[tuple] = deque()
         self.finished = False
+        #: the final barrier was handled: the task has nothing more to do
+        self.stopped = False
         # senders on input ports the first operator leaves out of its watermark (a
         # changelog side of a latest-value join)
         ports = getattr(self.ops[0], "watermark_inputs", None) if self.ops else None
@@ -194,15 +213,21 @@ class StreamTask:
         self.last_active = 0
         self._idle_sent = False
         self._active_sent = False
+        self._read_sent = False
         self._wm_sent = MIN_WATERMARK  # the watermark consumers last heard of
         self._wm_sent_at = 0.0
         self._blobs: set[str] = set()  # shared blobs of this task's last checkpoint
         self.state_sizes: dict[str, int] = {}  # per operator, at the last checkpoint
         self._blob_store = BlobStore(*spec.checkpoint) if spec.checkpoint is not None else None
+        #: a message read while gathering data messages, handled next
+        self._ahead: tuple | None = None
+        #: (epoch, sink handle, final) while waiting for the coordinator's commit
+        self._awaiting_commit: tuple[int, Any, bool] | None = None
 
     # ------------------------------------------------------------------ setup
 
-    def _open(self) -> None:
+    def open(self) -> None:
+        """Open the operators, restore their state, open the sink and the source reader."""
         for op in self.ops:
             timers = getattr(op, "timers", None)
             if timers is not None and hasattr(timers, "clock"):
@@ -231,7 +256,7 @@ class StreamTask:
         wm = self.spec.watermark
         for op in self.ops:  # a window combiner starts at the job's (restored) watermark
             start = getattr(op, "start_watermark", None)
-            if start is not None:
+            if start is not None and self.spec.combine:
                 start(wm)
         if MIN_WATERMARK < wm < MAX_WATERMARK:  # keyed operators that got no state catch up
             for k, op in enumerate(self.ops):
@@ -239,6 +264,13 @@ class StreamTask:
                     self._emit(k + 1, op.on_watermark(wm))
             if not self.spec.senders:
                 self.watermark = wm
+
+    def close(self) -> None:
+        """Release the reader, the operators' resources and the sink."""
+        close_quietly(self.reader, "a reader")
+        for op in self.ops:
+            close_quietly(op, op.name)
+        close_quietly(self._sink, "the sink")
 
     # ------------------------------------------------------------------ data flow
 
@@ -271,12 +303,16 @@ class StreamTask:
                 self._count(self.ops[start - 1], 0, b.num_rows)
                 self._run([b], start)
 
-    def _mark_active(self) -> None:
+    def _mark_active(self, read: bool = False) -> None:
         """Tell the coordinator this epoch has something to checkpoint (it skips idle ones):
-        input read, output written, or the watermark moved."""
-        if not self._active_sent:
+        input read, output written, or the watermark moved; and, once, that a source read
+        rows in it (``read``)."""
+        if read and not self._read_sent:
+            self._read_sent = self._active_sent = True
+            self.ch.to_coordinator(("active", self.spec.index, self.epoch, True))
+        elif not self._active_sent:
             self._active_sent = True
-            self.ch.to_coordinator(("active", self.spec.index))
+            self.ch.to_coordinator(("active", self.spec.index, self.epoch, False))
 
     def _output(self, batches: list[pa.RecordBatch]) -> None:
         out = self.spec.output
@@ -288,22 +324,11 @@ class StreamTask:
                 self._sink.write(b)
                 self.records_out += b.num_rows
             elif out.kind == "driver":
-                self.ch.to_coordinator(("out", self.spec.index, self.epoch, encode_batch(b)))
+                self.ch.to_coordinator(("out", self.spec.index, self.epoch, b))
                 self.records_out += b.num_rows
-            elif len(out.consumers) == 1:
-                self.ch.send(out.consumers[0], ("data", self.spec.index, out.port,
-                                                encode_batch(b)))
             else:
-                if out.owners is not None:
-                    groups = key_hashes([b.column(k) for k in out.keys], b.num_rows) \
-                        % np.uint64(out.key_groups)
-                    ids = out.owners[groups.astype(np.int64)]
-                else:
-                    ids = out.partitioner.assign(b)
-                for i, part in split_by_partition(b, np.asarray(ids, dtype=np.int64),
-                                                  len(out.consumers)):
-                    self.ch.send(out.consumers[i], ("data", self.spec.index, out.port,
-                                                    encode_batch(part)))
+                for dest, part in out.route(b):
+                    self.ch.send(dest, ("data", self.spec.index, out.port, part))
 
     def _broadcast(self, msg: tuple) -> None:
         """Send a control record (watermark, end, barrier) to every consumer."""
@@ -336,12 +361,12 @@ class StreamTask:
         self._send_watermark(force=wm == MAX_WATERMARK)
 
     def _send_watermark(self, force: bool = False) -> None:
-        """Tell consumers the watermark, at most every ``WATERMARK_EVERY_S`` (a message per
-        batch would cost as much as the batch); the end of input and barriers force it."""
+        """Tell consumers the watermark, at most every ``watermark_interval_s`` (a message
+        per batch would cost as much as the batch); the end of input and barriers force it."""
         if self._wm_sent >= self.watermark:
             return
         now = time.monotonic()
-        if force or now - self._wm_sent_at >= WATERMARK_EVERY_S:
+        if force or now - self._wm_sent_at >= self.spec.watermark_interval_s:
             self._wm_sent, self._wm_sent_at = self.watermark, now
             self._broadcast(("wm", self.spec.index, self.watermark, False))
 
@@ -420,60 +445,88 @@ class StreamTask:
         self._send_watermark(force=True)
         self._broadcast(("barrier", self.spec.index, epoch, final))
         if self._sink is not None and getattr(self._sink, "commits_in_subtask", False):
-            self._await_commit(epoch, handle)
+            # the sink commits here once the coordinator has the complete checkpoint
+            self._awaiting_commit = (epoch, handle, final)
+            return
+        self._epoch_done(epoch, final)
+
+    def _epoch_done(self, epoch: int, final: bool) -> None:
         self.epoch = epoch + 1
-        self._active_sent = False
+        self._active_sent = self._read_sent = False
         if final:
-            raise _Stop
+            self.stopped = True
+            return
         if self._sink is not None:
             self._sink.begin(self.epoch)
 
-    def _await_commit(self, epoch: int, handle: Any) -> None:
-        while True:
-            msg = self.ch.recv_control(1.0)
-            if msg is None:
-                continue
-            if msg[0] == "commit" and msg[1] == epoch:
+    def _commit_step(self, wait: float) -> bool:
+        """While the sink's commit is pending, only the coordinator's commit (or shutdown)
+        counts; True once the commit is done."""
+        msg = self.ch.recv_control(wait)
+        while msg is not None:
+            if msg[0] == "commit" and msg[1] == self._awaiting_commit[0]:
+                epoch, handle, final = self._awaiting_commit
+                self._awaiting_commit = None
                 self._sink.commit(handle)
                 self.ch.to_coordinator(("committed", self.spec.index, epoch))
-                return
+                self._epoch_done(epoch, final)
+                if not self.stopped:
+                    self._replay()
+                return True
             if msg[0] == "shutdown":
-                raise _Stop
+                self.stopped = True
+                return True
+            msg = self.ch.recv_control(0.0)
+        return False
 
     # ------------------------------------------------------------------ loops
 
     def run(self) -> None:
-        """Run until the final checkpoint; report errors to the coordinator."""
+        """Run until the final checkpoint (a host of its own); errors go to the coordinator."""
         try:
-            self._open()
-            if self.spec.source is not None:
-                self._run_source()
-            else:
-                self._run_inner()
-        except _Stop:
-            pass
+            self.open()
+            while not self.stopped:
+                self.step(TICK_S)
         except BaseException as exc:  # noqa: BLE001 - the coordinator decides what happens
-            self.ch.to_coordinator(("error", self.spec.index, f"{type(exc).__name__}: {exc}",
-                                    traceback.format_exc(), _picklable(exc)))
+            self.ch.to_coordinator(failure_message(self.spec.index, exc))
             return
         finally:
-            self._close()
+            self.close()
         self.ch.to_coordinator(("done", self.spec.index))
 
-    def _close(self) -> None:
-        close_quietly(self.reader, "a reader")
-        for op in self.ops:
-            close_quietly(op, op.name)
-        close_quietly(self._sink, "the sink")
+    def step(self, wait: float = 0.0) -> bool:
+        """Do what is ready: control messages, then one poll of the source (a source task)
+        or one run of queued input (an inner task); wait up to ``wait`` seconds for input.
+        True when something was done."""
+        if self._awaiting_commit is not None:
+            return self._commit_step(wait)
+        did = self._control()
+        if self.stopped or self._awaiting_commit is not None:
+            return True
+        if self.spec.source is not None:
+            return self._source_step(wait) or did
+        return self._inner_step(wait) or did
 
-    def _control(self, timeout: float = 0.0) -> None:
+    def control_step(self) -> bool:
+        """Only the coordinator's messages (barriers, commits), no input; True if any."""
+        if self._awaiting_commit is not None:
+            return self._commit_step(0.0)
+        return self._control()
+
+    def _control(self, timeout: float = 0.0) -> bool:
         msg = self.ch.recv_control(timeout)
+        did = False
         while msg is not None:
+            did = True
             if msg[0] == "barrier":
                 self._snapshot(msg[1], msg[2])
+                if self.stopped or self._awaiting_commit is not None:
+                    return True
             elif msg[0] == "shutdown":
-                raise _Stop
+                self.stopped = True
+                return True
             msg = self.ch.recv_control(0.0)
+        return did
 
     def _source_watermark(self) -> None:
         r = self.reader
@@ -489,28 +542,43 @@ class StreamTask:
                 self._broadcast(("wm", self.spec.index, self.watermark, is_idle))
         self._advance(w)
 
-    def _run_source(self) -> None:
+    def _source_step(self, wait: float) -> bool:
+        did = self.poll_source(wait)
+        return self.source_watermark() or did
+
+    def poll_source(self, wait: float = 0.0) -> bool:
+        """Read one batch of the source and push it through (no watermark yet); True when
+        rows were read."""
         spec = self.spec
-        while True:
-            self._control()
-            if self.finished:
-                self._control(TICK_S)
-                continue
-            batch = self.reader.poll(spec.max_batch_records, spec.poll_timeout_s)
-            if batch is not None and batch.num_rows:
-                self.records_in += batch.num_rows
-                self.last_active = self.clock.now()
-                if self._idle_sent:
-                    self._idle_sent = False
-                    self._broadcast(("wm", spec.index, self.watermark, False))
-                self._mark_active()
-                self._run([batch])
-            self._tick()
-            if self.reader.finished:
-                self._finish()
-                self.ch.to_coordinator(("ended", spec.index))
-            else:
-                self._source_watermark()
+        if self.finished:
+            if wait:
+                return self._control(wait)
+            return False
+        batch = self.reader.poll(spec.max_batch_records, spec.poll_timeout_s)
+        did = False
+        if batch is not None and batch.num_rows:
+            did = True
+            self.records_in += batch.num_rows
+            self.last_active = self.clock.now()
+            if self._idle_sent:
+                self._idle_sent = False
+                self._broadcast(("wm", spec.index, self.watermark, False))
+            self._mark_active(read=True)
+            self._run([batch])
+        self._tick()
+        return did
+
+    def source_watermark(self) -> bool:
+        """After a read: the source's watermark moves (or its end is announced); True at
+        the end of input."""
+        if self.finished or self.stopped or self._awaiting_commit is not None:
+            return False
+        if self.reader.finished:
+            self._finish()
+            self.ch.to_coordinator(("ended", self.spec.index))
+            return True
+        self._source_watermark()
+        return False
 
     def _input_watermark(self) -> int:
         counted = {s: w for s, w in self.sender_wm.items() if s not in self.no_watermark}
@@ -524,7 +592,7 @@ class StreamTask:
     def _handle(self, msg: tuple) -> None:
         kind, sender = msg[0], msg[1]
         if kind == "data":
-            self._data([decode_batch(msg[3])], msg[2])
+            self._data([msg[3]], msg[2])
         elif kind == "wm":
             self.sender_wm[sender] = max(self.sender_wm[sender], msg[2])
             if msg[3]:
@@ -545,15 +613,20 @@ class StreamTask:
             if len(self.blocked) == len(self.sender_wm):
                 self.blocked.clear()
                 self._snapshot(msg[2], msg[3])
-                pending, self.buffer = self.buffer, deque()
-                while pending:  # messages that arrived behind the barrier, in order
-                    m = pending.popleft()
-                    if m[1] in self.blocked:
-                        self.buffer.append(m)
-                    else:
-                        self._handle(m)
+                if not self.stopped and self._awaiting_commit is None:
+                    self._replay()
         else:  # pragma: no cover - protocol error
             raise RuntimeError(f"unknown stream message {kind!r}")
+
+    def _replay(self) -> None:
+        """Messages that arrived behind a barrier, in order, now that it is aligned."""
+        pending, self.buffer = self.buffer, deque()
+        while pending:
+            m = pending.popleft()
+            if m[1] in self.blocked or self.stopped or self._awaiting_commit is not None:
+                self.buffer.append(m)
+            else:
+                self._handle(m)
 
     def _data(self, batches: list[pa.RecordBatch], port: int) -> None:
         """Input rows on ``port``: one batch through the operators (merged when several)."""
@@ -566,34 +639,34 @@ class StreamTask:
                 pass
         self._run(batches, 0, port)
 
-    def _run_inner(self) -> None:
-        ahead: tuple | None = None  # a message read while gathering data messages
-        while True:
-            self._control()
-            msg, ahead = (ahead, None) if ahead is not None else (self.ch.recv(TICK_S), None)
-            if msg is None:
-                pass
-            elif msg[1] in self.blocked:
-                self.buffer.append(msg)
-            elif msg[0] == "data":
-                # data messages waiting in the inbox go through the operators together (up
-                # to COALESCE_ROWS): per-call costs (a group-by per batch) are paid once;
-                # per-sender order holds, and a watermark or barrier ends the run
-                batches, port = [decode_batch(msg[3])], msg[2]
-                rows = batches[0].num_rows
-                while rows < COALESCE_ROWS:
-                    nxt = self.ch.recv(0.0)
-                    if nxt is None:
-                        break
-                    if nxt[0] != "data" or nxt[2] != port or nxt[1] in self.blocked:
-                        ahead = nxt
-                        break
-                    batches.append(decode_batch(nxt[3]))
-                    rows += batches[-1].num_rows
-                self._data(batches, port)
-            else:
-                self._handle(msg)
+    def _inner_step(self, wait: float) -> bool:
+        msg, self._ahead = (self._ahead, None) if self._ahead is not None \
+            else (self.ch.recv(wait), None)
+        if msg is None:
             self._tick()
+            return False
+        if msg[1] in self.blocked:
+            self.buffer.append(msg)
+        elif msg[0] == "data":
+            # data messages waiting in the inbox go through the operators together (up
+            # to COALESCE_ROWS): per-call costs (a group-by per batch) are paid once;
+            # per-sender order holds, and a watermark or barrier ends the run
+            batches, port = [msg[3]], msg[2]
+            rows = batches[0].num_rows
+            while rows < COALESCE_ROWS:
+                nxt = self.ch.recv(0.0)
+                if nxt is None:
+                    break
+                if nxt[0] != "data" or nxt[2] != port or nxt[1] in self.blocked:
+                    self._ahead = nxt
+                    break
+                batches.append(nxt[3])
+                rows += batches[-1].num_rows
+            self._data(batches, port)
+        else:
+            self._handle(msg)
+        self._tick()
+        return True
 
 
 def _picklable(exc: BaseException) -> BaseException | None:
