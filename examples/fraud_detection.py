@@ -23,7 +23,7 @@ from collections import defaultdict, deque
 from typing import Any
 
 import millstream as ms
-from millstream.ops.process import KeyedProcessFunction, ProcessContext
+from millstream.ops.state.process import KeyedProcessFunction, ProcessContext
 from millstream.testing import CollectingSink
 
 START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z

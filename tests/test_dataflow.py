@@ -15,8 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import millstream as ms
-from millstream.io.stream_sinks import CollectingSink, FileStreamSink
-from millstream.runtime.dataflow import ParallelStreamingJob
+from millstream.io.files.stream_sink import FileStreamSink
+from millstream.io.stream_sinks import CollectingSink
+from millstream.runtime.streaming.job import StreamingJob
 
 
 def _rows(n: int, keys: int = 5) -> list[dict]:
@@ -52,7 +53,7 @@ def test_windows_match_batch_and_tasks_run_in_other_processes(parallelism, tmp_p
     pipeline = _windows(ms.from_items(rows, num_partitions=2))
     job = pipeline.start(checkpoint=str(tmp_path / "chk"), checkpoint_interval="50ms",
                          parallelism=parallelism, max_batch_records=200)
-    assert isinstance(job, ParallelStreamingJob)
+    assert job.executor == "parallel"
     pids = []
     assert _wait(lambda: bool(pids.extend(job.host_pids()) or pids), 30)
     assert job.await_termination(60)
@@ -68,7 +69,7 @@ def test_windows_match_batch_and_tasks_run_in_other_processes(parallelism, tmp_p
     assert window["state_bytes"] >= 0 and m["last_checkpoint_seconds"] is not None
 
 
-def _keyed_file_job(rows: list[dict], tmp_path) -> tuple[ParallelStreamingJob, Any]:
+def _keyed_file_job(rows: list[dict], tmp_path) -> tuple[StreamingJob, Any]:
     """Start a slow keyed job writing files (checkpoints every 50 ms); returns the job and
     its output directory."""
     out = tmp_path / "out"
@@ -84,7 +85,7 @@ def _keyed_file_job(rows: list[dict], tmp_path) -> tuple[ParallelStreamingJob, A
     return job, out
 
 
-def _kill_a_task_mid_job(rows: list[dict], tmp_path) -> tuple[ParallelStreamingJob, Any]:
+def _kill_a_task_mid_job(rows: list[dict], tmp_path) -> tuple[StreamingJob, Any]:
     """Start a keyed job writing files; SIGKILL a task of its last stage after two
     checkpoints; wait for the job to end. Returns the job and its output directory."""
     job, out = _keyed_file_job(rows, tmp_path)
@@ -317,12 +318,12 @@ def test_executor_choice_and_errors():
 
     src = TestSource().close()
     job = src.dataset().start()
-    assert not isinstance(job, ParallelStreamingJob)  # a test source runs in this process
+    assert job.executor == "inline"  # a test source runs in this process
     job.await_termination(30)
     with pytest.raises(ms.PlanError, match="executor must be one of"):
         ms.from_items([{"a": 1}]).start(executor="threads")
     with pytest.raises(ms.PlanError, match="executor='inline'"):
-        ParallelStreamingJob(src.dataset()._node, sink=CollectingSink())._build()
+        StreamingJob(src.dataset()._node, sink=CollectingSink(), executor="parallel")
 
 
 def test_checkpoints_are_incremental_for_large_keyed_state(tmp_path):
@@ -382,8 +383,8 @@ def test_checkpoints_are_incremental_for_large_keyed_state(tmp_path):
 @pytest.mark.parametrize("executor", ["parallel", "inline"])
 def test_keyed_state_larger_than_the_task_memory_limit(executor, tmp_path):
     """20 000 keys of state under a 256 KB per-task budget: state spills, results exact."""
-    from millstream.ops.process import KeyedProcessFunction
-    from millstream.ops.state import ValueStateDescriptor
+    from millstream.ops.state.descriptors import ValueStateDescriptor
+    from millstream.ops.state.process import KeyedProcessFunction
 
     class Totals(KeyedProcessFunction):
         def open(self, ctx):

@@ -21,8 +21,9 @@ import millstream as ms
 from millstream.core.context import TaskContext
 from millstream.core.hashing import hash_array, hash_columns, partition_ids
 from millstream.core.shuffle import read_block
-from millstream.expr.expressions import col
-from millstream.ops.aggregate import AggSpec, FinalAggregate, PartialAggregate
+from millstream.expr.aggregates import AggSpec
+from millstream.expr.nodes import col
+from millstream.ops.aggregate import FinalAggregate, PartialAggregate
 from millstream.ops.join import HashJoin, join_tables
 from millstream.ops.sort import Sort
 from millstream.runtime.session import get_session

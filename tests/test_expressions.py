@@ -11,9 +11,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
+from millstream import expr as E
 from millstream.errors import PlanError, SchemaError
-from millstream.expr import expressions as E
-from millstream.expr.expressions import AggExpr, Expr, col, lit, to_expr, when
+from millstream.expr.aggregates import AggExpr
+from millstream.expr.conditional import when
+from millstream.expr.nodes import Expr, col, lit, to_expr
 
 INTS = [3, -7, None, 0, 12, -1]
 INTS2 = [2, 2, 5, None, -5, 0]

@@ -24,7 +24,8 @@ from millstream.core.context import default_context
 from millstream.core.keygroups import owned_key_groups
 from millstream.core.time import MIN_WATERMARK, VirtualClock
 from millstream.errors import PlanError, SchemaError
-from millstream.ops.window import GlobalWindow, GlobalWindowAggregate, WindowAggregate
+from millstream.expr.windows import GlobalWindow
+from millstream.ops.window import GlobalWindowAggregate, WindowAggregate
 from millstream.testing import CollectingSink, TestSource, crash_and_restore
 
 SCHEMA = pa.schema([("k", pa.string()), ("t", pa.int64()), ("v", pa.int64())])
@@ -61,7 +62,7 @@ def trigger_of(count=None, interval=None, every=None):
 
 def make(count=None, interval=None, every=None, accumulate=False, keys=("k",), clock=None):
     window = ms.global_window(trigger_of(count, interval, every), accumulate=accumulate)
-    op = WindowAggregate(window, list(keys), all_aggs(), "t")
+    op = GlobalWindowAggregate(window, list(keys), all_aggs(), "t")
     op.set_clock(clock or VirtualClock(0))
     op.open(default_context())
     return op
@@ -438,9 +439,10 @@ def test_errors_are_clear():
     with pytest.raises(PlanError, match="True or False"):
         ms.global_window(accumulate="yes")
     with pytest.raises(PlanError, match="allowed_lateness does not apply"):
-        WindowAggregate(ms.global_window(), ["k"], all_aggs(), "t", allowed_lateness="1s")
+        GlobalWindowAggregate(ms.global_window(), ["k"], all_aggs(), "t", allowed_lateness="1s")
     with pytest.raises(PlanError, match="event_time_trigger needs the event time"):
-        WindowAggregate(ms.global_window(ms.event_time_trigger("1s")), ["k"], all_aggs(), None)
+        GlobalWindowAggregate(ms.global_window(ms.event_time_trigger("1s")), ["k"], all_aggs(),
+                              None)
     with pytest.raises(PlanError, match="a global window has no time bounds"):
         GlobalWindow().assign(None)
     op = make(count=2)
@@ -458,7 +460,7 @@ def test_errors_are_clear():
 def test_operator_type_describe_and_pickling():
     window = ms.global_window(ms.count_trigger(10) | ms.processing_time_trigger("30s"),
                               accumulate=True)
-    op = WindowAggregate(window, ["k"], [ms.count().alias("n")], None)
+    op = GlobalWindowAggregate(window, ["k"], [ms.count().alias("n")], None)
     assert isinstance(op, GlobalWindowAggregate) and isinstance(op, WindowAggregate)
     assert "count(10) | processing_time(30s)" in op.describe() and "accumulating" in op.describe()
     assert repr(window.trigger) == "count(10) | processing_time(30s)"
@@ -467,6 +469,8 @@ def test_operator_type_describe_and_pickling():
                                                                            True)
     with pytest.raises(PlanError, match="must be a GlobalWindow"):
         GlobalWindowAggregate(ms.tumbling("1m"), ["k"], [ms.count().alias("n")], "t")
+    with pytest.raises(PlanError, match="is a global window; GlobalWindowAggregate runs those"):
+        WindowAggregate(window, ["k"], [ms.count().alias("n")], "t")
 
 
 # --------------------------------------------------------------------------- API, batch, streaming
@@ -582,8 +586,8 @@ def test_count_trigger_survives_crash_and_restore(epoch, point, tmp_path):
 
 @pytest.mark.parametrize(("before", "after"), [(2, 3), (3, 1)])
 def test_count_trigger_state_moves_with_key_groups(before, after, tmp_path):
+    from millstream.errors import SimulatedCrash
     from millstream.runtime.checkpoint import CheckpointStore
-    from millstream.runtime.streaming import SimulatedCrash
 
     items = _items(8, n_items=16, keys="abcdefghij")
 

@@ -15,14 +15,14 @@ import pytest
 from millstream.core.context import TaskContext
 from millstream.errors import BadRecordError, PlanError, StorageError, StorageNotFoundError
 from millstream.io import fs as msfs
-from millstream.io.csv import CsvSource
-from millstream.io.json import JsonSource
-from millstream.io.parquet import ParquetSource
-from millstream.io.text import TextSource
+from millstream.io.files.csv import CsvSource
+from millstream.io.files.json import JsonSource
+from millstream.io.files.parquet import ParquetSource
+from millstream.io.files.text import TextSource
 
 
 class Pred:
-    """A stand-in for millstream.expr.expressions.Expr."""
+    """A stand-in for millstream.expr.nodes.Expr."""
 
     def __init__(self, expr: pc.Expression | None, columns: set[str], fn=None):
         self._expr, self._columns, self._fn = expr, columns, fn
@@ -528,8 +528,8 @@ def test_parquet_single_file_glob_and_errors(parquet_dir, tmp_path):
 def test_bad_line_search_does_not_trust_the_prescreen():
     import pyarrow.csv as pacsv
 
-    from millstream.io.badrecords import parse_with_recovery
-    from millstream.io.csv import fast_nonempty_lines
+    from millstream.io.files.badrecords import parse_with_recovery
+    from millstream.io.files.csv import fast_nonempty_lines
 
     data = b"".join(b"%d,x\n" % i if i % 7 else b"%d\n" % i for i in range(1, 60))
     options = pacsv.ReadOptions(column_names=["a", "b"])
@@ -573,7 +573,7 @@ def test_parquet_source_pickles_after_planning(parquet_dir):
 
 
 def test_parquet_scan_resumes_after_transient_error(fast_retries):
-    from millstream.io.parquet import _resumable
+    from millstream.io.files.parquet import _resumable
 
     fs, _ = msfs.resolve("memory://resume/x")
     batches = [pa.record_batch({"a": list(range(i * 3, i * 3 + 3))}) for i in range(4)]

@@ -12,10 +12,11 @@ import pytest
 from millstream.core.context import TaskContext
 from millstream.errors import OutputExistsError, PlanError, SchemaError
 from millstream.io import fs as msfs
-from millstream.io.csv import CsvSource
-from millstream.io.json import JsonSource
-from millstream.io.parquet import ParquetSource
-from millstream.io.sinks import CsvSink, JsonSink, ParquetSink, encode_json_lines
+from millstream.io.files.csv import CsvSource
+from millstream.io.files.json import JsonSource
+from millstream.io.files.json_encoding import encode_json_lines
+from millstream.io.files.parquet import ParquetSource
+from millstream.io.files.sinks import CsvSink, JsonSink, ParquetSink
 
 DATA = pa.table({
     "day": ["mon", "tue", "mon", None, "tue", "mon"],

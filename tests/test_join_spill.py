@@ -17,8 +17,9 @@ import millstream as ms
 from millstream.core.context import default_context
 from millstream.core.keygroups import key_hashes
 from millstream.errors import PlanError
-from millstream.ops.stream_join import IntervalJoin, JoinKeys, LatestJoin, WindowJoin, _Buffer
-from millstream.ops.window import Sliding, Tumbling
+from millstream.expr.windows import Sliding, Tumbling
+from millstream.ops.stream_join import IntervalJoin, JoinKeys, LatestJoin, WindowJoin
+from millstream.ops.stream_join.buffer import _Buffer
 from millstream.runtime.checkpoint import BlobStore, externalize
 from millstream.testing import CollectingSink, SimulatedCrash, TestSource
 

@@ -466,7 +466,7 @@ def test_unknown_topic_and_bad_options(broker):
 
 
 def test_missing_client_library_names_the_extra(monkeypatch):
-    import millstream.io.kafka as mk
+    import millstream.io.kafka.client as mk
 
     monkeypatch.setitem(sys.modules, "confluent_kafka", None)
     with pytest.raises(KafkaNotInstalledError, match=r"pip install 'millstream\[kafka\]'"):

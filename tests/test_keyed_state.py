@@ -12,14 +12,14 @@ from millstream.core.arrow import batch_to_rows
 from millstream.core.context import default_context
 from millstream.core.time import VirtualClock
 from millstream.errors import PlanError, SchemaError, UserCodeFailure
-from millstream.ops.process import KeyedProcess, KeyedProcessFunction
-from millstream.ops.state import (
-    KeyedStateStore,
+from millstream.ops.state.descriptors import (
     ListStateDescriptor,
     MapStateDescriptor,
-    TimerService,
     ValueStateDescriptor,
 )
+from millstream.ops.state.process import KeyedProcess, KeyedProcessFunction
+from millstream.ops.state.store import KeyedStateStore
+from millstream.ops.state.timers import TimerService
 
 SEC = 1_000_000
 
@@ -483,7 +483,7 @@ def test_fraud_detection_example():
 def test_function_instance_is_not_shared_between_parallel_operators():
     """State handles kept on ``self`` in open() stay per operator instance in streaming."""
     import millstream as ms
-    from millstream.ops.process import KeyedProcessFunction as KPF
+    from millstream.ops.state.process import KeyedProcessFunction as KPF
 
     class Count(KPF):
         def open(self, ctx):

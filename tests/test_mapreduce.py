@@ -22,13 +22,8 @@ from hypothesis import strategies as st
 import millstream as ms
 from millstream.api.mapreduce import read_text_output
 from millstream.core.context import current_context
-from millstream.ops.mapreduce import (
-    decode_key,
-    decode_values,
-    encode_key,
-    encode_keys,
-    encode_values,
-)
+from millstream.ops.mapreduce.keys import decode_key, encode_key, encode_keys
+from millstream.ops.mapreduce.values import decode_values, encode_values
 from millstream.runners.local import FAULT_ENV
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import millstream as ms
-from millstream.expr.expressions import col
+from millstream.expr.nodes import col
 
 # MILLSTREAM_PROPERTY_EXAMPLES=500 for a longer bug hunt
 EXAMPLES = int(os.environ.get("MILLSTREAM_PROPERTY_EXAMPLES", "25"))

@@ -422,7 +422,7 @@ def test_streaming_job_checkpoints_to_s3_and_restarts_exactly_once(mini, fs, mon
     import time
     from collections import Counter
 
-    from millstream.io.stream_sinks import FileStreamSink
+    from millstream.io.files.stream_sink import FileStreamSink
 
     bucket = _unique("stream")
     fs.create_dir(bucket)

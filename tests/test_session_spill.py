@@ -21,7 +21,8 @@ from test_windows import oracle_sessions
 import millstream as ms
 from millstream.core.context import default_context
 from millstream.core.keygroups import owned_key_groups
-from millstream.ops.window import Session, WindowAggregate
+from millstream.expr.windows import Session
+from millstream.ops.window import WindowAggregate
 
 SCHEMA = pa.schema([("k", pa.string()), ("t", pa.int64()), ("v", pa.int64())])
 AGGS = ["s", "c", "n", "m", "lo", "hi", "d", "l"]
@@ -170,7 +171,7 @@ def test_every_session_on_disk_after_every_step(tmp_path):
     op = runs.factory(0)()
     for kind, arg in script[:9]:
         step(op, kind, arg)
-        assert all(t is None for t in op._buckets) and op._session_spills
+        assert all(t is None for t in op._store.buckets) and op._store.spills
     op.close()
     assert drive(runs.factory(0), script) == base
     assert os.listdir(tmp_path) == []
@@ -188,9 +189,9 @@ def test_snapshots_include_spilled_sessions(tmp_path, lateness):
     for kind, arg in script[:10]:
         step(plain, kind, arg)
         step(spilling, kind, arg)
-    assert spilling._session_spills
+    assert spilling._store.spills
     files = sorted(os.listdir(tmp_path))
-    distinct = plain._score.state_cols[6][0]  # count_distinct: a set, in any order
+    distinct = plain._store._score.state_cols[6][0]  # count_distinct: a set, in any order
 
     def sessions(op):
         rows = op.snapshot()["state"].to_pylist()
@@ -212,7 +213,7 @@ def test_key_group_snapshots_with_spilled_state_restore_elsewhere(tmp_path):
     got = []
     for kind, arg in script[:cut]:
         got += map(repr, step(whole, kind, arg))
-    assert whole._session_spills
+    assert whole._store.spills
     groups = whole.snapshot_by_key_group(8)
     whole.close()
     parts = [runs.factory(2 << 10)() for _ in range(3)]
@@ -254,7 +255,7 @@ def test_first_and_collect_list_follow_first_arrivals_even_from_disk(tmp_path):
         op.open(default_context(spill_dir=str(tmp_path)))
         for kind, arg in script:
             step(op, kind, arg)
-        assert bool(op._session_spills) == (limit == 0)
+        assert bool(op._store.spills) == (limit == 0)
         rows = [r for b in op.finish() for r in b.to_pylist()]
         assert [(r["f"], r["l"]) for r in rows] == [(1, [1, 2, 3])], limit
         op.close()

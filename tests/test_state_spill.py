@@ -15,13 +15,13 @@ from millstream.core.arrow import batch_to_rows
 from millstream.core.context import default_context
 from millstream.core.keygroups import key_group_owners, key_hashes, owned_key_groups
 from millstream.core.time import VirtualClock
-from millstream.errors import PlanError, UserCodeFailure
-from millstream.ops import process as process_module
-from millstream.ops.process import KeyedProcess, KeyedProcessFunction
-from millstream.ops.state import KeyedStateStore, TimerService
-from millstream.ops.state_store import SpillArea, decode_key, deep_size, encode_key
+from millstream.errors import PlanError, SimulatedCrash, UserCodeFailure
+from millstream.ops.state import process as process_module
+from millstream.ops.state.process import KeyedProcess, KeyedProcessFunction
+from millstream.ops.state.spill_store import SpillArea, decode_key, deep_size, encode_key
+from millstream.ops.state.store import KeyedStateStore
+from millstream.ops.state.timers import TimerService
 from millstream.runtime.checkpoint import BlobStore, CheckpointStore, externalize
-from millstream.runtime.streaming import SimulatedCrash
 from millstream.testing import CollectingSink, TestSource
 
 SEC = 1_000_000

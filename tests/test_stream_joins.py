@@ -13,9 +13,8 @@ import pytest
 import millstream as ms
 from millstream.core.context import default_context
 from millstream.core.keygroups import key_hashes
-from millstream.errors import PlanError, SchemaError
+from millstream.errors import PlanError, SchemaError, SimulatedCrash
 from millstream.ops.stream_join import IntervalJoin, JoinKeys
-from millstream.runtime.streaming import SimulatedCrash
 from millstream.testing import CollectingSink, TestSource, crash_and_restore
 
 MIN_WM = -(2**63)

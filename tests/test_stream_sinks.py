@@ -10,9 +10,8 @@ import pytest
 
 import millstream as ms
 from millstream.core.arrow import format_table
-from millstream.errors import PlanError, StreamingError
+from millstream.errors import PlanError, SimulatedCrash, StreamingError
 from millstream.io.stream_sinks import CallbackSink, ConsoleSink, make_sink
-from millstream.runtime.streaming import SimulatedCrash
 from millstream.testing import TestSource
 
 SCHEMA = pa.schema([("k", pa.string()), ("ts", pa.int64()), ("v", pa.int64())])

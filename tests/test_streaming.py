@@ -12,10 +12,10 @@ import pytest
 
 import millstream as ms
 from millstream.core.time import VirtualClock
-from millstream.io.stream_sinks import FileStreamSink
-from millstream.ops.process import KeyedProcessFunction
+from millstream.io.files.stream_sink import FileStreamSink
+from millstream.ops.state.process import KeyedProcessFunction
 from millstream.runtime.checkpoint import CheckpointStore
-from millstream.runtime.streaming import FAULT_POINTS
+from millstream.runtime.streaming.epochs import FAULT_POINTS
 from millstream.testing import CollectingSink, TestSource, crash_and_restore
 
 MIN = 60_000  # one minute in ms (event times are epoch ms ints)
@@ -387,7 +387,7 @@ _KILL_SCRIPT = r'''
 import sys
 import time
 import millstream as ms
-from millstream.io.stream_sinks import FileStreamSink
+from millstream.io.files.stream_sink import FileStreamSink
 topic, servers, out, chk = sys.argv[1:5]
 def slow(batch):
     time.sleep(0.01)

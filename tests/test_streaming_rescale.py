@@ -10,10 +10,11 @@ import pytest
 import millstream as ms
 from millstream.core.context import default_context
 from millstream.core.keygroups import key_group_owners, owned_key_groups
-from millstream.ops.process import KeyedProcess, KeyedProcessFunction
-from millstream.ops.window import Tumbling, WindowAggregate
+from millstream.errors import SimulatedCrash
+from millstream.expr.windows import Tumbling
+from millstream.ops.state.process import KeyedProcess, KeyedProcessFunction
+from millstream.ops.window import WindowAggregate
 from millstream.runtime.checkpoint import CheckpointError, CheckpointStore
-from millstream.runtime.streaming import SimulatedCrash
 from millstream.testing import CollectingSink, TestSource
 
 

@@ -15,10 +15,9 @@ import pytest
 from test_dataflow import _read_ids, _wait
 
 import millstream as ms
-from millstream.errors import PlanError, StorageNotFoundError
-from millstream.io.stream_sinks import FileStreamSink
-from millstream.io.watch import WatchSource
-from millstream.runtime.streaming import SimulatedCrash
+from millstream.errors import PlanError, SimulatedCrash, StorageNotFoundError
+from millstream.io.files.stream_sink import FileStreamSink
+from millstream.io.files.watch import WatchSource
 from millstream.testing import CollectingSink, crash_and_restore
 
 

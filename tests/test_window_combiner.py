@@ -31,9 +31,10 @@ import millstream as ms
 from millstream.core.context import default_context
 from millstream.core.time import MIN_WATERMARK
 from millstream.errors import MillstreamError
-from millstream.ops.aggregate import AggSpec
-from millstream.ops.window import Session, Sliding, Tumbling, WindowAggregate, WindowCombiner
-from millstream.runtime.stream_task import decode_batch, encode_batch
+from millstream.expr.aggregates import AggSpec
+from millstream.expr.windows import Session, Sliding, Tumbling
+from millstream.ops.window import WindowAggregate, WindowCombiner
+from millstream.runtime.streaming.wire import decode_batch, encode_batch
 
 FIXED = [w for w in WINDOWS if w[2] is not None]
 

@@ -22,8 +22,9 @@ from millstream.core.context import default_context
 from millstream.core.time import MIN_WATERMARK
 from millstream.core.units import parse_duration
 from millstream.errors import PlanError, SchemaError
-from millstream.ops.aggregate import AggSpec
-from millstream.ops.window import Session, Sliding, Tumbling, WindowAggregate
+from millstream.expr.aggregates import AggSpec
+from millstream.expr.windows import Session, Sliding, Tumbling
+from millstream.ops.window import WindowAggregate
 
 SCHEMA = pa.schema([("k", pa.string()), ("t", pa.int64()), ("v", pa.int64())])
 AGG_NAMES = ["s", "c", "n", "m", "lo", "hi", "d", "f", "l"]
@@ -544,7 +545,7 @@ def test_pane_compaction_keeps_results():
     events = [("a" if i % 3 else "b", (i * 37) % 9_000, i % 5) for i in range(40)]
     for i in range(0, 40, 2):
         op.process(to_batch(events[i:i + 2]))
-    assert all(len(p.tables) < 3 for p in op._panes.values())
+    assert all(len(p.tables) < 3 for p in op._store.panes.values())
     want, _ = oracle_fixed([("b", events)], tumbling_windows(10_000_000), 0)
     assert_matches(resolve([(None, r) for r in rows_of(op.finish())]), want)
 
@@ -746,8 +747,8 @@ def test_spilled_state_snapshots_one_key_group_at_a_time(tmp_path, window):
     op = make_op()
     for i in range(0, len(events), 2_000):
         op.process(to_batch(events[i:i + 2_000]))
-    assert op._spilled or op._session_spills
-    whole = sum(t.nbytes for t in op._state_tables())
+    assert op._store.has_spills()
+    whole = sum(t.nbytes for t in op._store.state_tables())
     base, peak, groups = pa.total_allocated_bytes(), 0, {}
     for g, snap in op.iter_key_group_snapshots(16):
         peak = max(peak, pa.total_allocated_bytes() - base)
@@ -786,7 +787,7 @@ def test_spilled_state_snapshots_one_key_group_at_a_time(tmp_path, window):
 
     lazy.restore_key_groups(refs, load=load)
     assert peak[0] < whole / 4, (whole, peak[0])
-    assert lazy._spilled or lazy._session_spills  # it spilled while restoring
+    assert lazy._store.has_spills()  # it spilled while restoring
     want = sorted(map(repr, rows_of(op.finish())))
     assert sorted(map(repr, rows_of(restored.finish()))) == want
     assert sorted(map(repr, rows_of(lazy.finish()))) == want
@@ -804,11 +805,11 @@ def test_state_spilling_close_deletes_files_and_snapshot_includes_spilled(tmp_pa
     op = make_op()
     for i in range(0, len(events), 500):
         op.process(to_batch(events[i:i + 500]))
-    assert op._spilled and os.listdir(tmp_path)
+    assert op._store.spilled and os.listdir(tmp_path)
     assert op.ctx.counters[("millstream", "state_spills")] > 0
     snap = pickle.loads(pickle.dumps(op.snapshot()))
     assert snap["state"].num_rows == len({(k, t // 1_000) for k, t, _ in events}) == 4000
-    assert op._spilled and os.listdir(tmp_path)  # the snapshot left spilled state on disk
+    assert op._store.spilled and os.listdir(tmp_path)  # the snapshot left spilled state on disk
     restored = make_op()
     restored.restore(snap)
     assert sorted(map(repr, rows_of(restored.finish()))) == \

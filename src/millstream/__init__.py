@@ -44,8 +44,9 @@ from millstream.errors import (
     TaskError,
     UserFunctionError,
 )
-from millstream.expr.expressions import (
-    AggExpr,
+from millstream.expr.aggregates import AggExpr
+from millstream.expr.conditional import when
+from millstream.expr.nodes import (
     Expr,
     avg,
     col,
@@ -58,7 +59,6 @@ from millstream.expr.expressions import (
     mean,
     min,
     sum,
-    when,
 )
 from millstream.runtime.session import init, shutdown
 

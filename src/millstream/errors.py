@@ -107,6 +107,11 @@ class StreamingError(MillstreamError):
     """A streaming job failed (a sink function raised, a task could not be restarted, ...)."""
 
 
+class SimulatedCrash(MillstreamError):
+    """Raised inside a streaming job by fault injection (tests): the job dies at that point,
+    cleaning nothing up, as a killed driver would."""
+
+
 class FetchFailedError(NonRetryableError):
     """A shuffle map output could not be read (lost with its worker or disk); recompute it."""
 

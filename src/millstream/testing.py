@@ -19,7 +19,11 @@ every ``add`` is an epoch of its own (deterministic crash points).
 from __future__ import annotations
 
 import datetime as _dt
+import os
+import shutil
+import tempfile
 import threading
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,10 +32,10 @@ import pyarrow as pa
 from millstream.core.arrow import rows_to_batch
 from millstream.core.context import TaskContext
 from millstream.core.time import VirtualClock
-from millstream.errors import PlanError
+from millstream.errors import PlanError, SimulatedCrash
 from millstream.io.base import Source, Split, StreamReader, StreamSource
 from millstream.io.stream_sinks import CollectingSink
-from millstream.runtime.streaming import SimulatedCrash, StreamingJob
+from millstream.runtime.streaming.job import StreamingJob
 
 __all__ = ["CollectingSink", "SimulatedCrash", "TestSource", "VirtualClock", "crash_and_restore",
            "to_micros"]
@@ -67,8 +71,9 @@ class TestSource(Source):
 
     __test__ = False  # not a pytest test class
     name = "test"
-    #: fed by the test at run time: a streaming job runs it in this process (executor inline)
-    in_process_only = True
+    #: a streaming job runs it on the inline executor unless told otherwise (deterministic
+    #: rounds); with ``executor="parallel"`` its tasks read the items from a shared directory
+    prefers_inline = True
 
     def __init__(self, schema: pa.Schema | None = None, partitions: int = 1) -> None:
         if partitions < 1:
@@ -79,6 +84,10 @@ class TestSource(Source):
             [] for _ in range(self.num_partitions)]
         self._closed = False
         self._lock = threading.Lock()
+        #: once pickled for a streaming task, items are also files here (other processes)
+        self._dir: str | None = None
+        #: this copy reads its items from ``_dir`` (it was sent to another process)
+        self._remote = False
 
     def schema(self) -> pa.Schema | None:
         """The schema given to the source (None: each batch's own)."""
@@ -99,6 +108,7 @@ class TestSource(Source):
         wm = None if watermark is None else to_micros(watermark)
         with self._lock:
             self._items[partition].append((batch, wm))
+            self._write_item(partition, len(self._items[partition]) - 1)
         return self
 
     def advance_watermark(self, watermark: int | _dt.datetime,
@@ -110,17 +120,70 @@ class TestSource(Source):
             self._check(p)
             with self._lock:
                 self._items[p].append((None, wm))
+                self._write_item(p, len(self._items[p]) - 1)
         return self
 
     def close(self) -> TestSource:
         """End the stream: a streaming job finishes (watermark +infinity) once all is read."""
-        self._closed = True
+        with self._lock:
+            self._closed = True
+            if self._dir is not None:
+                open(os.path.join(self._dir, "closed"), "w").close()
         return self
 
     @property
     def closed(self) -> bool:
         """True after ``close()``."""
+        if self._remote:
+            return os.path.exists(os.path.join(self._dir, "closed"))
         return self._closed
+
+    # ------------------------------------------------------ items shared across processes
+    def _item_path(self, partition: int, index: int) -> str:
+        return os.path.join(self._dir, f"p{partition}-{index:09d}.arrow")
+
+    def _write_item(self, partition: int, index: int) -> None:
+        """Write item ``index`` of ``partition`` for other processes (once shared); a file
+        appears whole (written aside, then renamed)."""
+        if self._dir is None:
+            return
+        batch, wm = self._items[partition][index]
+        if batch is None:
+            batch = pa.RecordBatch.from_pylist([])
+        meta = {b"watermark": b"" if wm is None else str(wm).encode(),
+                b"has_rows": b"1" if self._items[partition][index][0] is not None else b"0"}
+        schema = batch.schema.with_metadata(meta)
+        tmp = self._item_path(partition, index) + ".tmp"
+        with pa.OSFile(tmp, "wb") as f, pa.ipc.new_file(f, schema) as w:
+            w.write_batch(batch.replace_schema_metadata(meta))
+        os.replace(tmp, self._item_path(partition, index))
+
+    def _share(self) -> None:
+        """Start writing items to a directory other processes read (on first pickling)."""
+        if self._dir is not None:
+            return
+        self._dir = tempfile.mkdtemp(prefix="millstream-testsource-")
+        weakref.finalize(self, shutil.rmtree, self._dir, True)
+        for p, items in enumerate(self._items):
+            for i in range(len(items)):
+                self._write_item(p, i)
+        if self._closed:
+            open(os.path.join(self._dir, "closed"), "w").close()
+
+    def _load(self, partition: int, upto: int | None = None) -> None:
+        """Read the items other processes' ``add`` calls wrote (a remote copy)."""
+        items = self._items[partition]
+        while upto is None or len(items) <= upto:
+            path = self._item_path(partition, len(items))
+            if not os.path.exists(path):
+                return
+            with pa.memory_map(path) as f:
+                reader = pa.ipc.open_file(f)
+                batch = reader.get_batch(0)
+                meta = reader.schema.metadata or {}
+            wm = int(meta[b"watermark"]) if meta.get(b"watermark") else None
+            has_rows = meta.get(b"has_rows", b"1") == b"1"
+            items.append((batch.replace_schema_metadata(None) if has_rows else None, wm))
 
     def dataset(self) -> Any:
         """A Dataset reading this source."""
@@ -153,9 +216,13 @@ class TestSource(Source):
         yield from pa.ipc.open_stream(split.info)
 
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
+        with self._lock:
+            self._share()
+            state = dict(self.__dict__)
         state["_lock"] = None
-        state["_items"] = [[] for _ in range(self.num_partitions)]  # splits carry the data
+        # batch splits carry their data; streaming copies read the shared directory
+        state["_items"] = [[] for _ in range(self.num_partitions)]
+        state["_remote"] = True
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -172,10 +239,14 @@ class TestSource(Source):
     def _item(self, partition: int, index: int) -> tuple[pa.RecordBatch | None, int | None] | None:
         with self._lock:
             items = self._items[partition]
+            if self._remote and index >= len(items):
+                self._load(partition, index)
             return items[index] if index < len(items) else None
 
     def _length(self, partition: int) -> int:
         with self._lock:
+            if self._remote:
+                self._load(partition)
             return len(self._items[partition])
 
     def describe(self) -> str:

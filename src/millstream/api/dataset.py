@@ -16,8 +16,8 @@ import pyarrow as pa
 from millstream.api import stream, stream_join
 from millstream.core.arrow import batch_to_rows, format_table
 from millstream.errors import PlanError, SchemaError
-from millstream.expr.expressions import AggExpr, Expr, col, to_expr
-from millstream.ops.aggregate import AggSpec
+from millstream.expr.aggregates import AggExpr, AggSpec
+from millstream.expr.nodes import Expr, col, to_expr
 from millstream.plan import logical as L
 from millstream.runtime import actions
 from millstream.runtime.session import effective_settings, get_session
@@ -312,7 +312,7 @@ class Dataset:
 
     def count(self, **options: Any) -> int:
         """Number of rows."""
-        from millstream.expr.expressions import count as count_all
+        from millstream.expr.nodes import count as count_all
 
         rows = self.agg(count_all().alias("count")).collect(**options)
         return int(rows[0]["count"]) if rows else 0
@@ -349,7 +349,7 @@ class Dataset:
 
         ``mode``: "error" (the target must not hold data), "overwrite" or "append".
         """
-        from millstream.io.sinks import ParquetSink
+        from millstream.io.files.sinks import ParquetSink
 
         self._write(ParquetSink(uri, partition_by=_partition_cols(partition_by), mode=mode,
                                 compression=compression, storage_options=storage_options), options)
@@ -357,7 +357,7 @@ class Dataset:
     def write_csv(self, uri: str, mode: str = "error", partition_by: str | Sequence[str] | None = None,
                   storage_options: dict[str, Any] | None = None, **options: Any) -> None:
         """Write CSV files (with header) under ``uri``, committed atomically."""
-        from millstream.io.sinks import CsvSink
+        from millstream.io.files.sinks import CsvSink
 
         self._write(CsvSink(uri, partition_by=_partition_cols(partition_by), mode=mode,
                             storage_options=storage_options), options)
@@ -365,7 +365,7 @@ class Dataset:
     def write_json(self, uri: str, mode: str = "error", partition_by: str | Sequence[str] | None = None,
                    storage_options: dict[str, Any] | None = None, **options: Any) -> None:
         """Write JSON-lines files under ``uri``, committed atomically."""
-        from millstream.io.sinks import JsonSink
+        from millstream.io.files.sinks import JsonSink
 
         self._write(JsonSink(uri, partition_by=_partition_cols(partition_by), mode=mode,
                              storage_options=storage_options), options)
@@ -436,7 +436,7 @@ class GroupedDataset:
 
     def count(self) -> Dataset:
         """Rows per group, in column ``count``."""
-        from millstream.expr.expressions import count as count_all
+        from millstream.expr.nodes import count as count_all
 
         return self.agg(count_all().alias("count"))
 

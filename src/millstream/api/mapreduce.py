@@ -36,8 +36,9 @@ from millstream.core.arrow import PICKLED_KEY
 from millstream.core.context import TaskContext, current_context
 from millstream.core.shuffle import read_block
 from millstream.errors import PlanError, SchemaError, TaskError
-from millstream.io.sinks import FileSink, ParquetSink, json_fragments
-from millstream.ops.mapreduce import column_values
+from millstream.io.files.json_encoding import json_fragments
+from millstream.io.files.sinks import FileSink, ParquetSink
+from millstream.ops.mapreduce.values import column_values
 from millstream.ops.narrow import function_name
 from millstream.plan import logical as L
 from millstream.runtime import actions

@@ -15,7 +15,7 @@ from millstream.plan.logical import Scan
 
 def _watch(fmt: str, uri: Any, options: dict[str, Any]) -> Dataset:
     """An unbounded Dataset of the new files of directory ``uri`` (``watch=True``)."""
-    from millstream.io.watch import WatchSource
+    from millstream.io.files.watch import WatchSource
 
     poll_interval = options.pop("poll_interval", "1s")
     return Dataset(Scan(WatchSource(fmt, uri, options, poll_interval)))
@@ -23,7 +23,7 @@ def _watch(fmt: str, uri: Any, options: dict[str, Any]) -> Dataset:
 
 def read_text(uri: str | list[str], **options: Any) -> Dataset:
     """One row per line (column ``text``); big files are split at line boundaries and read in parallel."""
-    from millstream.io.text import TextSource
+    from millstream.io.files.text import TextSource
 
     if options.pop("watch", False):
         return _watch("text", uri, options)
@@ -32,7 +32,7 @@ def read_text(uri: str | list[str], **options: Any) -> Dataset:
 
 def read_csv(uri: str | list[str], **options: Any) -> Dataset:
     """CSV files (header, delimiter, schema, on_bad_records="error" | "skip" | dead-letter URI)."""
-    from millstream.io.csv import CsvSource
+    from millstream.io.files.csv import CsvSource
 
     if options.pop("watch", False):
         return _watch("csv", uri, options)
@@ -43,8 +43,8 @@ def read_json(uri: str | list[str], **options: Any) -> Dataset:
     """JSON-lines files (schema, on_bad_records="error" | "skip" | dead-letter URI).
 
     ``watch=True`` (also for read_csv/read_text/read_parquet; ``poll_interval="1s"``): an
-    unbounded source of the new files of a directory, see :mod:`millstream.io.watch`."""
-    from millstream.io.json import JsonSource
+    unbounded source of the new files of a directory, see :mod:`millstream.io.files.watch`."""
+    from millstream.io.files.json import JsonSource
 
     if options.pop("watch", False):
         return _watch("json", uri, options)
@@ -53,7 +53,7 @@ def read_json(uri: str | list[str], **options: Any) -> Dataset:
 
 def read_parquet(uri: str | list[str], columns: list[str] | None = None, **options: Any) -> Dataset:
     """Parquet files or hive-partitioned directories; columns and filters are pushed into the scan."""
-    from millstream.io.parquet import ParquetSource
+    from millstream.io.files.parquet import ParquetSource
 
     if options.pop("watch", False):
         return _watch("parquet", uri, {**options, "columns": columns})

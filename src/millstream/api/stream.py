@@ -16,9 +16,8 @@ import pyarrow as pa
 
 from millstream.core.units import parse_duration
 from millstream.errors import PlanError
-from millstream.expr.expressions import AggExpr
-from millstream.ops.aggregate import AggSpec
-from millstream.ops.window import (
+from millstream.expr.aggregates import AggExpr, AggSpec
+from millstream.expr.windows import (
     CountTrigger,
     EventTimeTrigger,
     GlobalWindow,
@@ -147,7 +146,7 @@ class WindowedDataset:
 
     def count(self) -> Dataset:
         """Rows per key and window, in column ``count``."""
-        from millstream.expr.expressions import count
+        from millstream.expr.nodes import count
 
         return self.agg(count().alias("count"))
 
@@ -197,20 +196,14 @@ def start(node: L.Node, checkpoint: str | None = None, checkpoint_interval: Dura
     """Run the plan ``node`` as a streaming job.
 
     ``executor="parallel"`` (the default) runs every stage partition as a long-lived task
-    on the session's runner (worker processes, or Ray actors), see
-    :class:`~millstream.runtime.dataflow.ParallelStreamingJob`; ``executor="inline"`` runs
-    the whole pipeline in this process, round by round and deterministically (test sources,
-    virtual clocks and fault points need it, and pick it by themselves), see
-    :class:`~millstream.runtime.streaming.StreamingJob`.
+    on the session's runner (worker processes, or Ray actors); ``executor="inline"`` runs
+    the same tasks in this process, round by round and deterministically (test sources,
+    virtual clocks and fault points need it, and pick it by themselves).
     """
-    from millstream.runtime.dataflow import ParallelStreamingJob, choose_executor
-    from millstream.runtime.streaming import StreamingJob
+    from millstream.runtime.streaming.job import StreamingJob
+    from millstream.runtime.streaming.layout import choose_executor
 
     chosen = choose_executor(node, executor, options)
-    if chosen == "inline":
-        fault = options.pop("_fault", None)
-        return StreamingJob(node, checkpoint, checkpoint_interval, sink, fault=fault,
-                            **options).start()
-    options.pop("clock", None)  # a wall clock (anything else chose "inline")
-    return ParallelStreamingJob(node, checkpoint, checkpoint_interval, sink,
-                                **options).start()
+    fault = options.pop("_fault", None)
+    return StreamingJob(node, checkpoint, checkpoint_interval, sink, executor=chosen,
+                        fault=fault, **options).start()

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from millstream.api.stream import watermark_column
 from millstream.core.units import parse_duration
 from millstream.errors import PlanError
-from millstream.ops.window import Sliding, Tumbling, WindowAssigner
+from millstream.expr.windows import Sliding, Tumbling, WindowAssigner
 from millstream.plan import logical as L
 
 if TYPE_CHECKING:

@@ -1,1 +1,70 @@
-"""Expressions, functions, aggregate specs and their compilation to Arrow (above ``core``)."""
+"""Column expressions compiled to ``pyarrow.compute``, and aggregate specs (above ``core``).
+
+Build expressions with :func:`col`, :func:`lit`, operators and methods, e.g.
+``(col("price") * col("qty")).alias("total")`` or ``col("name").str.lower()``, then
+evaluate them on a record batch with :meth:`Expr.evaluate`, or translate them into a
+``pyarrow.compute.Expression`` with :meth:`Expr.to_arrow` for filter pushdown.
+
+Conventions:
+
+- Nulls follow SQL/Arrow: arithmetic and comparisons with null give null; ``&`` and
+  ``|`` use Kleene logic; ``when`` treats a null condition as false.
+- Inside operators and methods a plain Python value is a literal (``col("s") == "x"``
+  compares with the string ``"x"``); pass ``col(...)`` to refer to a column. Only
+  :func:`to_expr`, :func:`when`'s condition and the aggregate constructors read a
+  ``str`` as a column name.
+- Every expression is an immutable tree of plain objects that pickles with ``pickle``
+  and ``cloudpickle``; operations are stored by name, never as functions.
+
+Modules, lowest first: ``types`` (parse_type, datum helpers), ``registry`` (the table of
+named operations), ``functions``, ``strings`` and ``datetime`` (the registered operations,
+and the ``.str`` and ``.dt`` namespaces), ``aggregates`` (AggExpr, AggSpec), ``nodes``
+(Expr, Column, Literal, Alias, the operation node; col, lit, sum, mean, ...) and
+``conditional`` (when/otherwise).
+"""
+
+from millstream.expr.aggregates import AggExpr, AggSpec
+from millstream.expr.conditional import When, when
+from millstream.expr.nodes import (
+    Alias,
+    Column,
+    Expr,
+    Literal,
+    avg,
+    col,
+    collect_list,
+    count,
+    count_distinct,
+    first,
+    lit,
+    max,
+    mean,
+    min,
+    sum,
+    to_expr,
+)
+from millstream.expr.types import parse_type
+
+__all__ = [
+    "AggExpr",
+    "AggSpec",
+    "Alias",
+    "Column",
+    "Expr",
+    "Literal",
+    "When",
+    "avg",
+    "col",
+    "collect_list",
+    "count",
+    "count_distinct",
+    "first",
+    "lit",
+    "max",
+    "mean",
+    "min",
+    "parse_type",
+    "sum",
+    "to_expr",
+    "when",
+]

@@ -25,7 +25,7 @@ import pyarrow as pa
 
 if TYPE_CHECKING:
     from millstream.core.context import TaskContext
-    from millstream.expr.expressions import Expr
+    from millstream.expr.nodes import Expr
 
 
 @dataclass(frozen=True)
@@ -87,8 +87,11 @@ class Source(ABC):
     #: Whether the input ends by itself (files, in-memory data). Streams (Kafka topics,
     #: watched directories, endless generators) say False and override ``as_stream``.
     bounded: bool = True
-    #: True when a streaming job must run in this process (a source fed by a test).
+    #: True when a streaming job must run in this process (its data lives here).
     in_process_only: bool = False
+    #: True when a streaming job should run on the inline executor unless told otherwise
+    #: (a source fed by a test, whose rounds make results deterministic).
+    prefers_inline: bool = False
 
     def as_stream(self, target_splits: int, stop_at_end: bool = False) -> StreamSource:
         """This source in a streaming job: by default its splits, read once, as partitions

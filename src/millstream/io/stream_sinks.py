@@ -1,11 +1,12 @@
-"""Streaming sinks (the :class:`~millstream.io.base.StreamSink` protocol): files exactly once
-per epoch, rows collected in memory, a function per committed epoch, the console.
+"""Streaming sinks (the :class:`~millstream.io.base.StreamSink` protocol) that are not
+connectors: rows collected in memory, a function per committed epoch, the console, and
+:func:`make_sink`, which turns what the user passed into a sink.
 
-:class:`FileStreamSink` stages each epoch's files and moves them into the target at
-commit (one staging directory per parallel instance); :class:`CollectingSink` keeps
-committed rows in memory (tests); :class:`CallbackSink` (``ms.sink(fn)``) calls ``fn``
-with each committed epoch's rows and :class:`ConsoleSink` (``ms.console()``) prints them;
-these last three run in the driver (they have no ``for_subtask``).
+:class:`CollectingSink` keeps committed rows in memory (tests); :class:`CallbackSink`
+(``ms.sink(fn)``) calls ``fn`` with each committed epoch's rows and :class:`ConsoleSink`
+(``ms.console()``) prints them; these three run in the driver (they have no
+``for_subtask``). The streaming file sink is
+:class:`~millstream.io.files.stream_sink.FileStreamSink`.
 """
 
 from __future__ import annotations
@@ -13,16 +14,14 @@ from __future__ import annotations
 import inspect
 import sys
 import threading
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from millstream.core.arrow import batch_to_rows, concat_batches, format_table
-from millstream.errors import PlanError, StorageError, StreamingError
-from millstream.io import fs as msfs
+from millstream.errors import PlanError, StreamingError
+from millstream.io.files.stream_sink import FileStreamSink
 
 
 class CollectingSink:
@@ -77,90 +76,6 @@ class CollectingSink:
             return sorted(self._committed)
 
 
-class FileStreamSink:
-    """Parquet or JSON-lines files under ``uri``, exactly once per epoch (two-phase commit).
-
-    Files of epoch ``e`` are written to ``<uri>/_staging/epoch-<e>/`` and moved into
-    ``<uri>/`` by ``commit`` (a file already moved is skipped, so a repeated commit after
-    a crash is harmless). Readers skip ``_``-prefixed names, so staging stays invisible.
-    """
-
-    def __init__(self, uri: str, format: str = "parquet",
-                 storage_options: dict[str, Any] | None = None) -> None:
-        if format not in ("parquet", "json"):
-            raise PlanError(f"FileStreamSink: format must be 'parquet' or 'json', got {format!r}")
-        self.uri = uri
-        self.format = format
-        self.storage_options = storage_options or {}
-        self.fs, self.path = msfs.resolve(uri, **self.storage_options)
-        self._epoch: int | None = None
-        self._files: list[str] = []
-        #: parallel instance index (its own staging directory), None for a single instance
-        self.subtask: int | None = None
-
-    def for_subtask(self, index: int) -> FileStreamSink:
-        """A copy for parallel sink instance ``index`` (file names are unique per instance;
-        the coordinator commits every instance's handle)."""
-        sub = FileStreamSink(self.uri, self.format, self.storage_options)
-        sub.subtask = int(index)
-        return sub
-
-    def _staging(self, epoch: int, subtask: int | None = None) -> str:
-        d = msfs.join(self.path, "_staging", f"epoch-{epoch:010d}")
-        return d if subtask is None else msfs.join(d, f"task-{subtask:05d}")
-
-    def begin(self, epoch: int) -> None:
-        """Start epoch ``epoch``; removes files an unfinished earlier attempt staged for it."""
-        msfs.delete_dir(self.fs, self._staging(epoch, self.subtask))
-        msfs.mkdirs(self.fs, self._staging(epoch, self.subtask))
-        self._epoch, self._files = epoch, []
-
-    def write(self, batch: pa.RecordBatch | pa.Table) -> None:
-        """Stage one file with these rows."""
-        if self._epoch is None:
-            raise StorageError("FileStreamSink.write before begin()")
-        if batch.num_rows == 0:
-            return
-        table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
-        ext = "parquet" if self.format == "parquet" else "json"
-        name = f"part-e{self._epoch:010d}-{len(self._files):05d}-{uuid.uuid4().hex[:6]}.{ext}"
-        path = msfs.join(self._staging(self._epoch, self.subtask), name)
-        if self.format == "parquet":
-            with msfs.open_output_stream(self.fs, path) as out:
-                pq.write_table(table, out, compression="zstd")
-        else:
-            from millstream.io.sinks import encode_json_lines
-
-            msfs.write_bytes(self.fs, path, encode_json_lines(table).to_pybytes())
-        self._files.append(name)
-
-    def pre_commit(self, epoch: int) -> dict[str, Any]:
-        """The handle of the staged epoch: its file names."""
-        return {"epoch": epoch, "files": list(self._files), "subtask": self.subtask}
-
-    def commit(self, handle: dict[str, Any]) -> None:
-        """Move the epoch's staged files into the target (idempotent)."""
-        staging = self._staging(handle["epoch"], handle.get("subtask"))
-        for name in handle["files"]:
-            src, dst = msfs.join(staging, name), msfs.join(self.path, name)
-            if msfs.exists(self.fs, src):
-                msfs.move(self.fs, src, dst)
-            elif not msfs.exists(self.fs, dst):
-                raise StorageError(f"FileStreamSink: committing epoch {handle['epoch']}: the "
-                                   f"staged file {src} is missing and {dst} does not exist")
-        msfs.delete_dir(self.fs, staging)
-        if handle.get("subtask") is not None:  # the epoch directory, once every task's is gone
-            parent = self._staging(handle["epoch"])
-            try:
-                if not msfs.list_dir(self.fs, parent):
-                    msfs.delete_dir(self.fs, parent)
-            except (OSError, StorageError):
-                pass
-
-    def abort(self, handle: dict[str, Any] | None = None) -> None:
-        """Remove the staged files of the current epoch."""
-        if self._epoch is not None:
-            msfs.delete_dir(self.fs, self._staging(self._epoch, self.subtask))
 
 
 def _positional_arity(fn: Callable[..., Any]) -> int:

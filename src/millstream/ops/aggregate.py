@@ -11,8 +11,6 @@ step spills states to hash buckets on disk and merges bucket by bucket (grace ha
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -26,28 +24,14 @@ from millstream.core.arrow import (
     table_to_batches,
 )
 from millstream.core.spill import BucketSpiller
-from millstream.errors import PlanError, SchemaError
+from millstream.errors import SchemaError
+from millstream.expr.aggregates import AggSpec
 from millstream.ops.base import Batches, Operator
 
 _EMPTY: tuple[pa.RecordBatch, ...] = ()
 _GKEY = "__millstream_group"
-SUPPORTED = ("sum", "mean", "min", "max", "count", "count_all", "count_distinct", "first",
-             "collect_list")
 # Number of state columns each aggregate keeps.
 _NSTATE = {"mean": 2}
-
-
-@dataclass
-class AggSpec:
-    """A resolved aggregate: function, input (an expression, or None for count(*)), output name."""
-
-    func: str
-    arg: Any  # Expr or None
-    name: str
-
-    def __post_init__(self) -> None:
-        if self.func not in SUPPORTED:
-            raise PlanError(f"unknown aggregate {self.func!r}; supported: {', '.join(SUPPORTED)}")
 
 
 def _state_names(i: int, spec: AggSpec) -> list[str]:

@@ -21,6 +21,7 @@ from millstream.core.shuffle import (
     RoundRobinPartitioner,
 )
 from millstream.core.time import MIN_WATERMARK
+from millstream.expr.windows import GlobalWindow
 from millstream.ops import narrow
 from millstream.ops.aggregate import (
     DistinctFinal,
@@ -30,9 +31,11 @@ from millstream.ops.aggregate import (
 )
 from millstream.ops.base import OperatorFactory
 from millstream.ops.join import BroadcastHashJoin, BroadcastLeftHashJoin, HashJoin
-from millstream.ops.mapreduce import KEY_COLUMN, PART_COLUMN, MapperOp, ReducerOp
-from millstream.ops.process import KeyedProcess
+from millstream.ops.mapreduce.mapper import MapperOp
+from millstream.ops.mapreduce.reducer import ReducerOp
+from millstream.ops.mapreduce.step import KEY_COLUMN, PART_COLUMN
 from millstream.ops.sort import SampleKeys, Sort
+from millstream.ops.state.process import KeyedProcess
 from millstream.ops.stream_join import (
     BroadcastTableJoin,
     IntervalJoin,
@@ -42,7 +45,7 @@ from millstream.ops.stream_join import (
     join_key_names,
 )
 from millstream.ops.watermark import EventTimeWatermark
-from millstream.ops.window import GlobalWindow, WindowAggregate, WindowCombiner
+from millstream.ops.window import GlobalWindowAggregate, WindowAggregate, WindowCombiner
 from millstream.plan import logical as L
 from millstream.plan.stages import BlocksPort, Pipeline, ShufflePort, SourcePort, Stage, all_stages
 
@@ -163,7 +166,8 @@ class PhysicalPlanner:
         n = self._n(pipes) if keys else 1
         stage = self._close(pipes, HashPartitioner(list(keys), n), "window key exchange")
         new = Pipeline([ShufflePort(stage)])
-        new.add(OperatorFactory(WindowAggregate, node.window, keys, specs, node.time_column,
+        op = GlobalWindowAggregate if isinstance(node.window, GlobalWindow) else WindowAggregate
+        new.add(OperatorFactory(op, node.window, keys, specs, node.time_column,
                                 node.allowed_lateness), node.label())
         return [new]
 

@@ -14,8 +14,9 @@ import pyarrow as pa
 
 from millstream.core.arrow import unify_schemas
 from millstream.errors import SchemaError
-from millstream.expr.expressions import Expr
-from millstream.ops.aggregate import AggSpec, aggregate_result_schema
+from millstream.expr.aggregates import AggSpec
+from millstream.expr.nodes import Expr
+from millstream.ops.aggregate import aggregate_result_schema
 from millstream.ops.join import join_tables
 
 #: Columns a window result starts with (window aggregates and window joins).

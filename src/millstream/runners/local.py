@@ -27,6 +27,7 @@ import cloudpickle
 from millstream.errors import RunnerError
 from millstream.runtime.progress import StageProgress
 from millstream.runtime.runner import Runner
+from millstream.runtime.streaming.wire import from_wire, to_wire
 from millstream.runtime.task import Task, TaskFailure, TaskResult, describe_failure, run_task
 
 FAULT_ENV = "MILLSTREAM_FAULT_INJECT"
@@ -146,7 +147,7 @@ class LocalRunner(Runner):
             # pyarrow imports pandas (when installed) on its first to_numpy(): import it once in
             # the fork server rather than in every worker
             self._mp.set_forkserver_preload([
-                "millstream.runtime.task", "millstream.runtime.stream_task", "pyarrow",
+                "millstream.runtime.task", "millstream.runtime.streaming.task", "pyarrow",
                 "cloudpickle", "pandas"])
         except ValueError:  # pragma: no cover - platforms without forkserver
             self._mp = mp.get_context("spawn")
@@ -347,7 +348,8 @@ class LocalRunner(Runner):
 
 # ------------------------------------------------------------------ streaming task hosts
 class _QueueChannels:
-    """A streaming task's channels over multiprocessing queues (see ``stream_task.Channels``)."""
+    """A streaming task's channels over multiprocessing queues (see
+    ``millstream.runtime.streaming.task.Channels``); batches travel as Arrow IPC."""
 
     def __init__(self, index: int, inboxes: list, controls: list, coordinator: mp.Queue) -> None:
         self.index = index
@@ -357,7 +359,7 @@ class _QueueChannels:
 
     def recv(self, timeout: float) -> tuple | None:
         try:
-            return self.inboxes[self.index].get(timeout=timeout)
+            return from_wire(self.inboxes[self.index].get(timeout=timeout))
         except queue.Empty:
             return None
 
@@ -370,10 +372,10 @@ class _QueueChannels:
             return None
 
     def send(self, dest: int, msg: tuple) -> None:
-        self.inboxes[dest].put(msg)
+        self.inboxes[dest].put(to_wire(msg))
 
     def to_coordinator(self, msg: tuple) -> None:
-        self.coordinator.put(msg)
+        self.coordinator.put(to_wire(msg))
 
 
 def _exit_with_driver(driver: int) -> None:
@@ -465,9 +467,9 @@ class LocalStreamHosts:
         """Messages from the tasks (waits up to ``timeout`` for the first)."""
         out = []
         try:
-            out.append(self.coordinator.get(timeout=timeout))
+            out.append(from_wire(self.coordinator.get(timeout=timeout)))
             while True:
-                out.append(self.coordinator.get_nowait())
+                out.append(from_wire(self.coordinator.get_nowait()))
         except queue.Empty:
             pass
         return out

@@ -46,6 +46,7 @@ from millstream.core.shuffle import (
 from millstream.errors import FetchFailedError, RunnerError, WorkerLostError
 from millstream.runtime.progress import StageProgress
 from millstream.runtime.runner import Runner
+from millstream.runtime.streaming.wire import from_wire, to_wire, wire_bytes
 from millstream.runtime.task import (
     BlockInput,
     ShuffleInput,
@@ -727,7 +728,7 @@ class _Outbox:
     @staticmethod
     def _size(msg: tuple) -> int:
         """Bytes of batch data in a message (Arrow IPC buffers)."""
-        return sum(x.size for x in msg if isinstance(x, pa.Buffer))
+        return wire_bytes(msg)
 
     def _loop(self) -> None:
         import queue
@@ -781,7 +782,7 @@ class _ActorChannels:
         import queue
 
         try:
-            return self.host.inbox.get(timeout=timeout)
+            return from_wire(self.host.inbox.get(timeout=timeout))
         except queue.Empty:
             return None
 
@@ -801,10 +802,10 @@ class _ActorChannels:
         if box is None:
             box = self._outboxes[dest] = _Outbox(self._ray, self.host.peers[dest],
                                                  self.outbox_capacity)
-        box.put(msg)
+        box.put(to_wire(msg))
 
     def to_coordinator(self, msg: tuple) -> None:
-        self._mailbox.put(msg)
+        self._mailbox.put(to_wire(msg))
 
 
 _HOST_START_TIMEOUT_S = 120.0  # actors need no CPU; this only waits for worker processes
@@ -850,7 +851,7 @@ class RayStreamHosts:
             return []
         if not out:
             time.sleep(timeout)
-        return out
+        return [from_wire(m) for m in out]
 
     def dead(self) -> list[tuple[int, str]]:
         """Tasks whose actor died (its node was lost, its process killed)."""

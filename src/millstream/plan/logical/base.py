@@ -9,8 +9,8 @@ from functools import cached_property
 import pyarrow as pa
 
 from millstream.errors import SchemaError
+from millstream.expr.aggregates import AggSpec
 from millstream.io.base import Source
-from millstream.ops.aggregate import AggSpec
 from millstream.plan import schema as S
 
 

@@ -9,9 +9,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from millstream.ops.aggregate import AggSpec
-from millstream.ops.process import KeyedProcessFunction
-from millstream.ops.window import GlobalWindow, WindowAssigner
+from millstream.expr.aggregates import AggSpec
+from millstream.expr.windows import GlobalWindow, WindowAssigner
+from millstream.ops.state.process import KeyedProcessFunction
 from millstream.plan import schema as S
 from millstream.plan.logical.base import Node, SameColumns, Unary, agg_text, spec_refs
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from millstream.expr.expressions import Expr
-from millstream.ops.aggregate import AggSpec
+from millstream.expr.aggregates import AggSpec
+from millstream.expr.nodes import Expr
 from millstream.ops.narrow import function_name
 from millstream.plan import schema as S
 from millstream.plan.logical.base import Node, SameColumns, Unary, agg_text, spec_refs

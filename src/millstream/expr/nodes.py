@@ -1,0 +1,481 @@
+"""The expression tree: the :class:`Expr` base with its operators and methods, the nodes
+:class:`Column`, :class:`Literal`, :class:`Alias` and ``_Func`` (a registered operation
+applied to arguments), and the constructors :func:`col`, :func:`lit`, :func:`to_expr` and the
+aggregates :func:`sum`, :func:`mean`, :func:`count` ...
+
+The aggregate constructors live here rather than in ``expr.aggregates`` because they turn a
+column name into a :class:`Column`, and ``expr.aggregates`` sits below this module (``Expr``
+mixes in its aggregate methods).
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Iterable
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from millstream.core.arrow import empty_batch
+from millstream.errors import PlanError, SchemaError
+from millstream.expr import functions as _functions  # noqa: F401 - registers the operations
+from millstream.expr.aggregates import AggExpr, AggregateMethods
+from millstream.expr.datetime import _DtNamespace
+from millstream.expr.registry import _OPS
+from millstream.expr.strings import _StrNamespace
+from millstream.expr.types import _NULL_BOOL, Datum, _broadcast, _fmt, _null_to_bool, _q, parse_type
+
+
+class Expr(AggregateMethods):
+    """A column expression: a lazily evaluated, picklable tree compiled to pyarrow.compute.
+
+    The aggregate methods (``col("x").sum()`` ...) come from :class:`AggregateMethods`.
+    """
+
+    # Make numpy scalars on the left (np.int64(1) + col("a")) defer to our reflected operators.
+    __array_ufunc__ = None
+
+    # ---- the interface the engine relies on
+
+    def evaluate(self, batch: pa.RecordBatch) -> pa.Array:
+        """Evaluate on a record batch; always returns an array of length batch.num_rows."""
+        return _broadcast(self._eval(batch), batch.num_rows)
+
+    @property
+    def output_name(self) -> str:
+        """Alias if set, a column's name, a function's first column input name, else "literal"."""
+        name = self._name_hint()
+        return "literal" if name is None else name
+
+    def columns(self) -> set[str]:
+        """Names of all columns this expression reads."""
+        out: set[str] = set()
+        for child in self._children():
+            out |= child.columns()
+        return out
+
+    def to_arrow(self) -> pc.Expression | None:
+        """The same expression as a pyarrow.compute.Expression, or None when it cannot be expressed."""
+        return None
+
+    def output_type(self, schema: pa.Schema) -> pa.DataType:
+        """The Arrow type this expression produces on input of the given schema."""
+        return self.evaluate(empty_batch(schema)).type
+
+    # ---- internals, overridden by subclasses
+
+    def _eval(self, batch: pa.RecordBatch) -> Datum:
+        raise NotImplementedError
+
+    def _name_hint(self) -> str | None:
+        for child in self._children():
+            name = child._name_hint()
+            if name is not None:
+                return name
+        return None
+
+    def _children(self) -> tuple[Expr, ...]:
+        return ()
+
+    def _apply(self, op: str, /, *args: Any, **params: Any) -> Expr:
+        """The registered operation op on this expression and args (plain values become literals)."""
+        return _Func(op, (self, *(_lit_or_expr(a) for a in args)), params)
+
+    # ---- Python protocol
+
+    __hash__ = object.__hash__
+
+    def __bool__(self) -> bool:
+        raise TypeError(
+            "the truth value of an Expr is ambiguous: use & | ~ instead of and/or/not, "
+            "and .between(lo, hi) or .is_in([...]) instead of chained comparisons"
+        )
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}>"
+
+    # ---- naming and casting
+
+    def alias(self, name: str) -> Expr:
+        """Rename the output of this expression."""
+        if not isinstance(name, builtins.str):
+            raise PlanError(f"alias name must be a str, got {name!r}")
+        return Alias(self, name)
+
+    def cast(self, dtype: pa.DataType | str | type) -> Expr:
+        """Cast to another type (pa.DataType or a name such as "int64", "string", "timestamp[us]")."""
+        return _Func("cast", (self,), {"dtype": parse_type(dtype)})
+
+    # ---- null handling and membership
+
+    def is_null(self) -> Expr:
+        """True where the value is null (NaN is not null)."""
+        return _Func("is_null", (self,))
+
+    def is_not_null(self) -> Expr:
+        """True where the value is not null."""
+        return _Func("is_not_null", (self,))
+
+    def fill_null(self, value: Any) -> Expr:
+        """Replace nulls with a value (a literal, or an Expr)."""
+        return _Func("fill_null", (self, _lit_or_expr(value)))
+
+    def is_in(self, values: Iterable[Any]) -> Expr:
+        """True where the value is one of ``values``; null input gives null."""
+        if isinstance(values, (builtins.str, bytes)):
+            raise PlanError("is_in expects a collection of values, not a single string")
+        if isinstance(values, (pa.Array, pa.ChunkedArray)):
+            vals = values.to_pylist()
+        else:
+            vals = list(values)
+        if builtins.any(isinstance(v, Expr) for v in vals):
+            raise PlanError("is_in accepts literal values only, not expressions")
+        return _Func("is_in", (self,), {"values": vals})
+
+    def between(self, lower: Any, upper: Any) -> Expr:
+        """True where lower <= value <= upper (both ends inclusive)."""
+        return (self >= lower) & (self <= upper)
+
+    # ---- numeric
+
+    def abs(self) -> Expr:
+        """Absolute value."""
+        return _Func("abs", (self,))
+
+    def round(self, ndigits: int = 0) -> Expr:
+        """Round to ndigits decimals, halves to even (like Python's round)."""
+        return _Func("round", (self,), {"ndigits": int(ndigits)})
+
+    # ---- operators
+
+    def __add__(self, other: Any) -> Expr:
+        return _Func("add", (self, _lit_or_expr(other)))
+
+    def __radd__(self, other: Any) -> Expr:
+        return _Func("add", (_lit_or_expr(other), self))
+
+    def __sub__(self, other: Any) -> Expr:
+        return _Func("sub", (self, _lit_or_expr(other)))
+
+    def __rsub__(self, other: Any) -> Expr:
+        return _Func("sub", (_lit_or_expr(other), self))
+
+    def __mul__(self, other: Any) -> Expr:
+        return _Func("mul", (self, _lit_or_expr(other)))
+
+    def __rmul__(self, other: Any) -> Expr:
+        return _Func("mul", (_lit_or_expr(other), self))
+
+    def __truediv__(self, other: Any) -> Expr:
+        return _Func("truediv", (self, _lit_or_expr(other)))
+
+    def __rtruediv__(self, other: Any) -> Expr:
+        return _Func("truediv", (_lit_or_expr(other), self))
+
+    def __floordiv__(self, other: Any) -> Expr:
+        return _Func("floordiv", (self, _lit_or_expr(other)))
+
+    def __rfloordiv__(self, other: Any) -> Expr:
+        return _Func("floordiv", (_lit_or_expr(other), self))
+
+    def __mod__(self, other: Any) -> Expr:
+        return _Func("mod", (self, _lit_or_expr(other)))
+
+    def __rmod__(self, other: Any) -> Expr:
+        return _Func("mod", (_lit_or_expr(other), self))
+
+    def __pow__(self, other: Any) -> Expr:
+        return _Func("pow", (self, _lit_or_expr(other)))
+
+    def __rpow__(self, other: Any) -> Expr:
+        return _Func("pow", (_lit_or_expr(other), self))
+
+    def __neg__(self) -> Expr:
+        return _Func("neg", (self,))
+
+    def __pos__(self) -> Expr:
+        return self
+
+    def __abs__(self) -> Expr:
+        return self.abs()
+
+    def __eq__(self, other: Any) -> Expr:  # type: ignore[override]
+        return _Func("eq", (self, _lit_or_expr(other)))
+
+    def __ne__(self, other: Any) -> Expr:  # type: ignore[override]
+        return _Func("ne", (self, _lit_or_expr(other)))
+
+    def __lt__(self, other: Any) -> Expr:
+        return _Func("lt", (self, _lit_or_expr(other)))
+
+    def __le__(self, other: Any) -> Expr:
+        return _Func("le", (self, _lit_or_expr(other)))
+
+    def __gt__(self, other: Any) -> Expr:
+        return _Func("gt", (self, _lit_or_expr(other)))
+
+    def __ge__(self, other: Any) -> Expr:
+        return _Func("ge", (self, _lit_or_expr(other)))
+
+    def __and__(self, other: Any) -> Expr:
+        return _Func("and", (self, _lit_or_expr(other)))
+
+    def __rand__(self, other: Any) -> Expr:
+        return _Func("and", (_lit_or_expr(other), self))
+
+    def __or__(self, other: Any) -> Expr:
+        return _Func("or", (self, _lit_or_expr(other)))
+
+    def __ror__(self, other: Any) -> Expr:
+        return _Func("or", (_lit_or_expr(other), self))
+
+    def __xor__(self, other: Any) -> Expr:
+        return _Func("xor", (self, _lit_or_expr(other)))
+
+    def __rxor__(self, other: Any) -> Expr:
+        return _Func("xor", (_lit_or_expr(other), self))
+
+    def __invert__(self) -> Expr:
+        return _Func("not", (self,))
+
+    # ---- namespaces (defined last so the names do not shadow builtins in this class body)
+
+    @property
+    def str(self) -> _StrNamespace:
+        """String functions."""
+        return _StrNamespace(self)
+
+    @property
+    def dt(self) -> _DtNamespace:
+        """Date and time functions."""
+        return _DtNamespace(self)
+
+
+class Column(Expr):
+    """A reference to an input column by name."""
+
+    def __init__(self, name: str):
+        if not isinstance(name, builtins.str):
+            raise PlanError(f"column name must be a str, got {name!r}")
+        self.name = name
+
+    def _eval(self, batch: pa.RecordBatch) -> Datum:
+        idx = batch.schema.get_field_index(self.name)
+        if idx < 0:
+            names = batch.schema.names
+            if names.count(self.name) > 1:
+                raise SchemaError(f"column {self.name!r} is ambiguous: the input has it {names.count(self.name)} times")
+            raise SchemaError(f"column {self.name!r} not found; available columns: {names}")
+        return batch.column(idx)
+
+    def _name_hint(self) -> str | None:
+        return self.name
+
+    def columns(self) -> set[str]:
+        """Names of all columns this expression reads."""
+        return {self.name}
+
+    def to_arrow(self) -> pc.Expression | None:
+        """The same expression as a pyarrow.compute.Expression."""
+        return pc.field(self.name)
+
+    def __repr__(self) -> str:
+        return f"col({_q(self.name)})"
+
+
+class Literal(Expr):
+    """A constant value, broadcast to the length of the batch."""
+
+    def __init__(self, value: Any, dtype: pa.DataType | str | type | None = None):
+        self.dtype = None if dtype is None else parse_type(dtype)
+        if isinstance(value, pa.Scalar):
+            scalar = value.cast(self.dtype) if self.dtype is not None else value
+        else:
+            try:
+                scalar = pa.scalar(value, type=self.dtype)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError) as e:
+                raise PlanError(f"cannot make an Arrow literal of {value!r}: {e}") from e
+        self.scalar: pa.Scalar = scalar
+
+    @property
+    def value(self) -> Any:
+        """The literal as a Python value."""
+        return self.scalar.as_py()
+
+    def _eval(self, batch: pa.RecordBatch) -> Datum:
+        return self.scalar
+
+    def to_arrow(self) -> pc.Expression | None:
+        """The same expression as a pyarrow.compute.Expression."""
+        return pc.scalar(self.scalar)
+
+    def __repr__(self) -> str:
+        try:
+            shown = _fmt(self.scalar.as_py())
+        except Exception:  # some scalars have no Python value
+            shown = _q(builtins.str(self.scalar))
+        if self.dtype is not None:
+            return f"lit({shown}, {_fmt(self.dtype)})"
+        return f"lit({shown})"
+
+
+class Alias(Expr):
+    """An expression with a new output name."""
+
+    def __init__(self, child: Expr, name: str):
+        self.child = child
+        self.name = name
+
+    def _eval(self, batch: pa.RecordBatch) -> Datum:
+        return self.child._eval(batch)
+
+    def _name_hint(self) -> str | None:
+        return self.name
+
+    def _children(self) -> tuple[Expr, ...]:
+        return (self.child,)
+
+    def to_arrow(self) -> pc.Expression | None:
+        """The same expression as a pyarrow.compute.Expression (names do not matter there)."""
+        return self.child.to_arrow()
+
+    def __repr__(self) -> str:
+        return f"{self.child!r}.alias({_q(self.name)})"
+
+
+class _Func(Expr):
+    """A named operation applied to argument expressions, with plain-data parameters."""
+
+    def __init__(self, op: str, args: tuple[Expr, ...], params: dict[str, Any] | None = None):
+        if op not in _OPS:
+            raise PlanError(f"unknown expression operation {op!r}")
+        self.op = op
+        self.args = tuple(args)
+        self.params = dict(params or {})
+
+    def _children(self) -> tuple[Expr, ...]:
+        return self.args
+
+    def _eval(self, batch: pa.RecordBatch) -> Datum:
+        spec = _OPS[self.op]
+        vals = [a._eval(batch) for a in self.args]
+        if self.op.startswith("str_"):
+            # a column that is None in every row has Arrow's null type: treat it as strings
+            vals = [v.cast(pa.string()) if pa.types.is_null(v.type) else v for v in vals]
+        if spec.bool_args:
+            vals = [_null_to_bool(v) for v in vals]
+        try:
+            return spec.eval(vals, self.params, batch.num_rows)
+        except (pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+            types = ", ".join(builtins.str(v.type) for v in vals)
+            raise SchemaError(f"cannot evaluate {self!r} on input types ({types}): {e}") from e
+
+    def to_arrow(self) -> pc.Expression | None:
+        """The same expression as a pyarrow.compute.Expression, or None when it cannot be expressed."""
+        spec = _OPS[self.op]
+        if spec.arrow is None:
+            return None
+        args = []
+        for a in self.args:
+            if spec.bool_args and isinstance(a, Literal) and pa.types.is_null(a.scalar.type):
+                args.append(pc.scalar(_NULL_BOOL))
+                continue
+            e = a.to_arrow()
+            if e is None:
+                return None
+            args.append(e)
+        return spec.arrow(args, self.params)
+
+    def __repr__(self) -> str:
+        spec = _OPS[self.op]
+        if spec.kind == "bin":
+            return f"({self.args[0]!r} {spec.sym} {self.args[1]!r})"
+        if spec.kind == "prefix":
+            return f"{spec.sym}{self.args[0]!r}"
+        parts = [repr(a) for a in self.args[1:]]
+        parts += [_fmt(self.params[k]) for k in spec.pos]
+        parts += [f"{k}={_fmt(self.params[k])}" for k, d in spec.default.items()
+                  if k in self.params and self.params[k] != d]
+        return f"{self.args[0]!r}.{spec.sym}({', '.join(parts)})"
+
+
+def _lit_or_expr(x: Any) -> Expr:
+    """An Expr stays itself; anything else (str included) becomes a literal."""
+    return x if isinstance(x, Expr) else Literal(x)
+
+
+# ---- constructors
+
+
+def col(name: str) -> Expr:
+    """A reference to the column called name."""
+    return Column(name)
+
+
+def lit(value: Any, dtype: pa.DataType | str | type | None = None) -> Expr:
+    """A literal value (optionally of the given type), broadcast to every row."""
+    return Literal(value, dtype)
+
+
+def to_expr(x: Any) -> Expr:
+    """An Expr as is, a str as a column reference, anything else as a literal."""
+    if isinstance(x, Expr):
+        return x
+    if isinstance(x, builtins.str):
+        return Column(x)
+    return Literal(x)
+
+
+# ---- aggregate constructors
+
+
+def _agg(func: str, c: str | Expr) -> AggExpr:
+    if not isinstance(c, (builtins.str, Expr)):
+        raise PlanError(f"{func}() expects a column name or an Expr, got {c!r}")
+    return AggExpr(func, to_expr(c))
+
+
+def sum(c: str | Expr) -> AggExpr:
+    """Sum of the non-null values of a column."""
+    return _agg("sum", c)
+
+
+def mean(c: str | Expr) -> AggExpr:
+    """Mean of the non-null values of a column."""
+    return _agg("mean", c)
+
+
+avg = mean
+
+
+def min(c: str | Expr) -> AggExpr:
+    """Smallest non-null value of a column."""
+    return _agg("min", c)
+
+
+def max(c: str | Expr) -> AggExpr:
+    """Largest non-null value of a column."""
+    return _agg("max", c)
+
+
+def count(c: str | Expr | None = None) -> AggExpr:
+    """Number of non-null values of a column; count() or count("*") counts rows."""
+    if c is None or (isinstance(c, builtins.str) and c == "*"):
+        return AggExpr("count_all", None)
+    return _agg("count", c)
+
+
+def count_distinct(c: str | Expr) -> AggExpr:
+    """Number of distinct non-null values of a column."""
+    return _agg("count_distinct", c)
+
+
+def first(c: str | Expr) -> AggExpr:
+    """First value of a column in each group."""
+    return _agg("first", c)
+
+
+def collect_list(c: str | Expr) -> AggExpr:
+    """All values of a column in each group, as a list."""
+    return _agg("collect_list", c)

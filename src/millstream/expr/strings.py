@@ -1,0 +1,178 @@
+"""String operations: the kernels registered as ``str_*`` operations and the ``.str``
+namespace of an expression (``col("s").str.lower()``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from millstream.errors import PlanError
+from millstream.expr.registry import _register
+from millstream.expr.types import Datum, _broadcast
+
+if TYPE_CHECKING:
+    from millstream.expr.nodes import Expr
+
+
+def _split_whitespace(x: Datum, n: int) -> pa.Array:
+    """Split on runs of whitespace and drop empty parts, like Python's str.split()."""
+    # Arrow collapses inner runs of whitespace but keeps empty parts at the edges: trim first,
+    # so only blank strings still yield [""] (fast path when there are none).
+    trimmed = pc.utf8_trim_whitespace(_broadcast(x, n))
+    blank = pc.equal(trimmed, "")
+    if not pc.any(blank).as_py():
+        return pc.utf8_split_whitespace(trimmed)
+    lists = pc.utf8_split_whitespace(trimmed)
+    flat = lists.flatten()
+    keep = pc.greater(pc.utf8_length(flat), 0)
+    parents = pc.list_parent_indices(lists).filter(keep).to_numpy(zero_copy_only=False)
+    counts = np.bincount(parents.astype(np.int64), minlength=len(lists))
+    offsets = np.zeros(len(lists) + 1, dtype=np.int32)
+    np.cumsum(counts, out=offsets[1:])
+    mask = pc.is_null(lists) if lists.null_count else None
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), flat.filter(keep), mask=mask)
+
+
+def _split(v: list[Datum], p: dict[str, Any], n: int) -> Datum:
+    if p["by"] is None:
+        return _split_whitespace(v[0], n)
+    return pc.split_pattern(v[0], pattern=p["by"])
+
+
+def _split_arrow(e: list[pc.Expression], p: dict[str, Any]) -> pc.Expression | None:
+    if p["by"] is None:
+        return None
+    return pc.split_pattern(e[0], pattern=p["by"])
+
+
+def _strip(kind: str) -> tuple[Callable[..., Datum], Callable[..., pc.Expression]]:
+    ws = getattr(pc, f"utf8_{kind}_whitespace")
+    chars = getattr(pc, f"utf8_{kind}")
+
+    def ev(v: list[Datum], p: dict[str, Any], n: int) -> Datum:
+        c = p["chars"]
+        return ws(v[0]) if c is None else chars(v[0], characters=c)
+
+    def ar(e: list[pc.Expression], p: dict[str, Any]) -> pc.Expression:
+        c = p["chars"]
+        return ws(e[0]) if c is None else chars(e[0], characters=c)
+
+    return ev, ar
+
+
+def _as_string(x: Datum) -> Datum:
+    t = x.type
+    return x if pa.types.is_string(t) or pa.types.is_large_string(t) else x.cast(pa.string())
+
+
+_register("str_lower", "method", "str.lower", lambda v, p, n: pc.utf8_lower(v[0]),
+          lambda e, p: pc.utf8_lower(e[0]))
+_register("str_upper", "method", "str.upper", lambda v, p, n: pc.utf8_upper(v[0]),
+          lambda e, p: pc.utf8_upper(e[0]))
+_register("str_strip", "method", "str.strip", *_strip("trim"), default={"chars": None})
+_register("str_lstrip", "method", "str.lstrip", *_strip("ltrim"), default={"chars": None})
+_register("str_rstrip", "method", "str.rstrip", *_strip("rtrim"), default={"chars": None})
+_register("str_len", "method", "str.len", lambda v, p, n: pc.utf8_length(v[0]).cast(pa.int64()),
+          lambda e, p: pc.utf8_length(e[0]).cast(pa.int64()))
+_register("str_contains", "method", "str.contains",
+          lambda v, p, n: (pc.match_substring_regex if p["regex"] else pc.match_substring)(
+              v[0], pattern=p["pattern"]),
+          lambda e, p: (pc.match_substring_regex if p["regex"] else pc.match_substring)(
+              e[0], pattern=p["pattern"]),
+          pos=("pattern",), default={"regex": False})
+_register("str_starts_with", "method", "str.starts_with",
+          lambda v, p, n: pc.starts_with(v[0], pattern=p["prefix"]),
+          lambda e, p: pc.starts_with(e[0], pattern=p["prefix"]), pos=("prefix",))
+_register("str_ends_with", "method", "str.ends_with",
+          lambda v, p, n: pc.ends_with(v[0], pattern=p["suffix"]),
+          lambda e, p: pc.ends_with(e[0], pattern=p["suffix"]), pos=("suffix",))
+_register("str_replace", "method", "str.replace",
+          lambda v, p, n: (pc.replace_substring_regex if p["regex"] else pc.replace_substring)(
+              v[0], pattern=p["pattern"], replacement=p["replacement"], max_replacements=p["n"]),
+          lambda e, p: (pc.replace_substring_regex if p["regex"] else pc.replace_substring)(
+              e[0], pattern=p["pattern"], replacement=p["replacement"], max_replacements=p["n"]),
+          pos=("pattern", "replacement"), default={"regex": False, "n": None})
+_register("str_split", "method", "str.split", _split, _split_arrow, default={"by": None})
+_register("str_slice", "method", "str.slice",
+          lambda v, p, n: pc.utf8_slice_codeunits(v[0], start=p["start"], stop=p["stop"]),
+          lambda e, p: pc.utf8_slice_codeunits(e[0], start=p["start"], stop=p["stop"]),
+          pos=("start",), default={"length": None})
+_register("str_concat", "method", "str.concat",
+          lambda v, p, n: pc.binary_join_element_wise(*[_as_string(x) for x in v], ""),
+          lambda e, p: pc.binary_join_element_wise(*[x.cast(pa.string()) for x in e],
+                                                   pc.scalar("")))
+
+
+class _StrNamespace:
+    """String functions of an expression: ``col("s").str.lower()``."""
+
+    def __init__(self, expr: Expr):
+        self._expr = expr
+
+    def _f(self, op: str, *args: Any, **params: Any) -> Expr:
+        return self._expr._apply(op, *args, **params)
+
+    def lower(self) -> Expr:
+        """Lowercase."""
+        return self._f("str_lower")
+
+    def upper(self) -> Expr:
+        """Uppercase."""
+        return self._f("str_upper")
+
+    def strip(self, chars: str | None = None) -> Expr:
+        """Remove leading and trailing whitespace (or the given characters)."""
+        return self._f("str_strip", chars=chars)
+
+    def lstrip(self, chars: str | None = None) -> Expr:
+        """Remove leading whitespace (or the given characters)."""
+        return self._f("str_lstrip", chars=chars)
+
+    def rstrip(self, chars: str | None = None) -> Expr:
+        """Remove trailing whitespace (or the given characters)."""
+        return self._f("str_rstrip", chars=chars)
+
+    def len(self) -> Expr:
+        """Length in characters (code points), as int64."""
+        return self._f("str_len")
+
+    def contains(self, pattern: str, regex: bool = False) -> Expr:
+        """True where the string contains pattern (a substring, or an RE2 regex if regex=True)."""
+        return self._f("str_contains", pattern=pattern, regex=bool(regex))
+
+    def starts_with(self, prefix: str) -> Expr:
+        """True where the string starts with prefix."""
+        return self._f("str_starts_with", prefix=prefix)
+
+    def ends_with(self, suffix: str) -> Expr:
+        """True where the string ends with suffix."""
+        return self._f("str_ends_with", suffix=suffix)
+
+    def replace(self, pattern: str, replacement: str, regex: bool = False,
+                n: int | None = None) -> Expr:
+        """Replace all (or the first n) occurrences of pattern; RE2 regex with \\1 groups if regex=True."""
+        return self._f("str_replace", pattern=pattern, replacement=replacement,
+                       regex=bool(regex), n=n)
+
+    def split(self, by: str | None = None) -> Expr:
+        """Split into list<string>: on a separator, or like str.split() on whitespace when by is None."""
+        if by is not None and by == "":
+            raise PlanError("str.split: empty separator")
+        return self._f("str_split", by=by)
+
+    def slice(self, start: int, length: int | None = None) -> Expr:
+        """Substring of length characters from start (negative start counts from the end)."""
+        if length is not None and length < 0:
+            raise PlanError(f"str.slice: length must be >= 0, got {length}")
+        stop = None if length is None else start + length
+        if start < 0 and stop is not None and stop >= 0:
+            stop = None
+        return self._f("str_slice", start=int(start), stop=stop, length=length)
+
+    def concat(self, *others: Any) -> Expr:
+        """Concatenate with other strings (Exprs or literals); null if any part is null."""
+        return self._f("str_concat", *others)

@@ -1,0 +1,365 @@
+"""Parquet files and directories: row-group splits, projection and predicate pushdown.
+
+Planning (driver) lists the files, reads their footers (in parallel threads), prunes
+hive partitions and row groups whose statistics cannot match the filter, and packs the
+remaining row groups into splits of about total size / target. Reading (worker) scans
+just the listed row groups of each file with ``pyarrow.dataset``, reading only the
+projected columns and applying the filter exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from millstream.core.context import TaskContext
+from millstream.errors import BadRecordError, PlanError, SchemaError, StorageError
+from millstream.io import fs as msfs
+from millstream.io.base import Source, Split
+from millstream.io.files.pushdown import arrow_expression, check_columns, predicate_columns
+from millstream.io.files.ranges import DEFAULT_MIN_SPLIT_SIZE, format_size
+
+if TYPE_CHECKING:
+    from millstream.expr.nodes import Expr
+
+#: Footers read in parallel while planning (object stores are latency bound).
+PLANNING_THREADS = 16
+
+
+@dataclass(frozen=True)
+class RowGroupPiece:
+    """Some row groups of one file (``row_groups`` None: the whole file)."""
+
+    path: str
+    row_groups: tuple[int, ...] | None
+    partition_expression: pc.Expression | None
+    size_bytes: int
+    num_rows: int
+
+
+@dataclass(frozen=True)
+class ParquetSplitInfo:
+    """What a parquet split reads, with the dataset schema every task must produce."""
+
+    fs_uri: str
+    pieces: tuple[RowGroupPiece, ...]
+    schema: pa.Schema
+
+
+class ParquetSource(Source):
+    """Parquet files, a directory of them (with hive partitions), or a glob."""
+
+    name = "parquet"
+
+    def __init__(self, uri: str | Sequence[str], columns: Sequence[str] | None = None,
+                 filter: Any = None, *, partitioning: str | pa.Schema | None = "hive",
+                 schema: pa.Schema | None = None, split_size: int | None = None,
+                 storage_options: dict[str, Any] | None = None):
+        self.uri = uri
+        self.columns: list[str] | None = list(columns) if columns is not None else None
+        self.predicate: Any = None
+        self._post_filters: list[Any] = []
+        self.partitioning = partitioning
+        self.user_schema = schema
+        self.split_size = split_size
+        self.storage_options = dict(storage_options or {})
+        self._filter: pc.Expression | None = None
+        if filter is not None:
+            expr = arrow_expression(filter)
+            if expr is not None:
+                self._filter = expr
+            elif hasattr(filter, "evaluate"):
+                self._post_filters.append(filter)
+            else:
+                raise PlanError(f"parquet filter must be an expression, got {filter!r}")
+        self._files: list[msfs.FileEntry] | None = None
+        self._dataset: ds.Dataset | None = None
+        # (files kept, row groups kept, row groups in kept files), known after planning
+        self._plan_stats: tuple[int, int, int] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_dataset"] = None  # rebuilt on demand; splits carry what workers need
+        return state
+
+    # -- metadata -------------------------------------------------------------------------
+
+    def files(self) -> list[msfs.FileEntry]:
+        """The parquet files (listed once; empty files are left out)."""
+        if self._files is None:
+            self._files = [f for f in msfs.expand_all(self.uri, **self.storage_options)
+                           if f.size > 0]
+        return self._files
+
+    def _fs_uri(self) -> str:
+        return self.uri if isinstance(self.uri, str) else next(iter(self.uri))
+
+    def _fs(self) -> Any:
+        return msfs.resolve(self._fs_uri(), **self.storage_options)[0]
+
+    def dataset(self) -> ds.Dataset:
+        """The ``pyarrow.dataset`` over the listed files (built once, driver side)."""
+        if self._dataset is None:
+            files = self.files()
+            if not files and self.user_schema is None:
+                raise PlanError(f"parquet {self.uri}: no data files, so no schema is known; "
+                                f"pass schema=...")
+            partitioning: Any = None
+            base = None
+            if self.partitioning is not None:
+                base = msfs.hive_base(self.uri, **self.storage_options)
+                if base is not None:
+                    if isinstance(self.partitioning, pa.Schema):
+                        partitioning = ds.partitioning(self.partitioning, flavor="hive")
+                    elif self.partitioning == "hive":
+                        partitioning = ds.HivePartitioning.discover(infer_dictionary=False)
+                    else:
+                        raise PlanError(f"partitioning must be 'hive', a schema or None, "
+                                        f"got {self.partitioning!r}")
+            fs = self._fs()
+            kwargs: dict[str, Any] = {}
+            if partitioning is not None:
+                kwargs.update(partitioning=partitioning, partition_base_dir=base)
+            self._dataset = msfs.call(
+                fs, lambda: ds.dataset([f.path for f in files], schema=self.user_schema,
+                                       format="parquet", filesystem=fs, **kwargs),
+                f"reading parquet metadata of {self.uri}")
+        return self._dataset
+
+    def full_schema(self) -> pa.Schema:
+        """Columns of the files plus hive partition columns."""
+        return self.dataset().schema
+
+    def schema(self) -> pa.Schema:
+        """The schema of the rows read (after projection)."""
+        full = self.full_schema()
+        if self.columns is None:
+            return full
+        check_columns(self.columns, full, f"parquet {self.uri}")
+        return pa.schema([full.field(c) for c in self.columns])
+
+    def arrow_filter(self) -> pc.Expression | None:
+        """The filter applied by the scan (constructor filter AND pushed predicate)."""
+        pushed = arrow_expression(self.predicate)
+        if self._filter is None:
+            return pushed
+        return self._filter if pushed is None else (self._filter & pushed)
+
+    # -- planning -------------------------------------------------------------------------
+
+    def plan_splits(self, target_splits: int) -> list[Split]:
+        """Row-group splits, after partition and statistics pruning."""
+        dataset = self.dataset()
+        schema = dataset.schema
+        if self.columns is not None:
+            check_columns(self.columns, schema, f"parquet {self.uri}")
+        expr = self.arrow_filter()
+        fs = self._fs()
+        sizes = {f.path: f.size for f in self.files()}
+        fragments = list(dataset.get_fragments(filter=expr) if expr is not None
+                         else dataset.get_fragments())
+
+        def inspect(fragment: Any) -> tuple[list[RowGroupPiece], int]:
+            def load() -> tuple[list[RowGroupPiece], int]:
+                fragment.ensure_complete_metadata()
+                groups = fragment.row_groups
+                total_bytes = sum(g.total_byte_size for g in groups) or 1
+                file_size = sizes.get(fragment.path, total_bytes)
+                keep = groups
+                if expr is not None:
+                    subset = fragment.subset(filter=expr, schema=schema)
+                    keep = subset.row_groups
+                pieces = [RowGroupPiece(fragment.path, (g.id,), fragment.partition_expression,
+                                        max(1, file_size * g.total_byte_size // total_bytes),
+                                        g.num_rows) for g in keep]
+                return pieces, len(groups)
+            try:
+                return msfs.call(fs, load, f"reading the footer of {fragment.path}")
+            except pa.ArrowInvalid as exc:
+                where = msfs.describe_path(fs, fragment.path)
+                raise BadRecordError(f"{where} is not a readable Parquet file: {exc}",
+                                     path=where) from exc
+
+        with ThreadPoolExecutor(max_workers=min(PLANNING_THREADS, max(1, len(fragments)))) as ex:
+            inspected = list(ex.map(inspect, fragments))
+        pieces = [p for ps, _ in inspected for p in ps]
+        total_groups = sum(n for _, n in inspected)
+        self._plan_stats = (len(fragments), len(pieces), total_groups)
+        total = sum(p.size_bytes for p in pieces)
+        if self.split_size is not None:
+            size = int(self.split_size)
+        else:
+            size = max(DEFAULT_MIN_SPLIT_SIZE, math.ceil(total / max(1, target_splits)))
+        fs_uri = self._fs_uri()
+        splits: list[Split] = []
+        group: list[RowGroupPiece] = []
+        group_bytes = 0
+
+        def flush() -> None:
+            nonlocal group, group_bytes
+            if not group:
+                return
+            merged = _merge_pieces(group)
+            paths = sorted({p.path for p in merged})
+            desc = (f"{msfs.describe_path(fs, paths[0])} row groups "
+                    f"{','.join(str(i) for i in merged[0].row_groups or ())}"
+                    if len(paths) == 1 else f"{len(paths)} files, {len(group)} row groups")
+            splits.append(Split(len(splits), ParquetSplitInfo(fs_uri, tuple(merged), schema),
+                                group_bytes, desc))
+            group, group_bytes = [], 0
+
+        for piece in pieces:
+            if group and group_bytes + piece.size_bytes > size:
+                flush()
+            group.append(piece)
+            group_bytes += piece.size_bytes
+        flush()
+        return splits
+
+    # -- reading --------------------------------------------------------------------------
+
+    def read_split(self, split: Split, ctx: TaskContext) -> Iterator[pa.RecordBatch]:
+        """Scan the split's row groups: projected columns, filter applied."""
+        info: ParquetSplitInfo = split.info
+        fs = msfs.resolve(info.fs_uri, **self.storage_options)[0]
+        expr = self.arrow_filter()
+        columns = self.columns
+        scan_columns = columns
+        if self._post_filters and columns is not None:
+            extra = set().union(*(predicate_columns(f) or set(info.schema.names)
+                                  for f in self._post_filters))
+            scan_columns = columns + sorted(c for c in extra if c not in columns)
+        fmt = ds.ParquetFileFormat()
+        batch_size = max(1, ctx.batch_size)
+        for piece in info.pieces:
+            def scan(piece: RowGroupPiece = piece) -> Iterator[pa.RecordBatch]:
+                fragment = fmt.make_fragment(
+                    piece.path, filesystem=fs, partition_expression=piece.partition_expression,
+                    row_groups=list(piece.row_groups) if piece.row_groups is not None else None)
+                scanner = ds.Scanner.from_fragment(fragment, schema=info.schema,
+                                                   columns=scan_columns, filter=expr,
+                                                   batch_size=batch_size)
+                return iter(scanner.to_batches())
+            for batch in _resumable(fs, scan, f"reading {msfs.describe_path(fs, piece.path)}"):
+                for f in self._post_filters:
+                    batch = batch.filter(f.evaluate(batch))
+                if scan_columns is not columns and columns is not None:
+                    batch = batch.select(columns)
+                if batch.num_rows:
+                    yield batch
+
+    # -- optimizer hooks ------------------------------------------------------------------
+
+    def with_pushdown(self, columns: list[str] | None, predicate: Expr | None
+                      ) -> tuple[Source, bool, bool]:
+        """Projection always; a predicate with an Arrow form prunes and filters exactly."""
+        full = self.full_schema()
+        if columns is not None:
+            check_columns(columns, full, f"parquet {self.uri}")
+        new = copy.copy(self)
+        new._post_filters = list(self._post_filters)
+        new._plan_stats = None
+        if columns is not None:
+            new.columns = list(columns)
+        applied = False
+        expr = arrow_expression(predicate)
+        if expr is not None:
+            cols = predicate_columns(predicate)
+            if cols is not None:
+                missing = sorted(c for c in cols if full.get_field_index(c) == -1)
+                if missing:
+                    raise SchemaError(f"parquet {self.uri}: filter uses unknown column(s) "
+                                      f"{missing}; available: {full.names}")
+            pushed = arrow_expression(self.predicate)
+            new.predicate = expr if pushed is None else (pushed & expr)
+            applied = True
+        return new, columns is not None, applied
+
+    def estimated_size_bytes(self) -> int | None:
+        """Sum of file sizes, scaled down by the share of columns projected."""
+        total = sum(f.size for f in self.files())
+        if self.columns is not None and self._dataset is not None:
+            n = len(self._dataset.schema)
+            if n:
+                total = total * max(1, len(self.columns)) // n
+        return total
+
+    def describe(self) -> str:
+        """e.g. ``parquet s3://b/x (12 files, 40 row groups) columns=[a,b] filter=(a > 3)``."""
+        uri = self.uri if isinstance(self.uri, str) else ", ".join(self.uri)
+        try:
+            files = self.files()
+            detail = f"{len(files)} files"
+            if self._plan_stats is not None:
+                kept_files, selected, total = self._plan_stats
+                if kept_files < len(files):
+                    detail += f" ({kept_files} after partition pruning)"
+                detail += (f", {total} row groups" if selected == total
+                           else f", {selected} of {total} row groups")
+            else:
+                detail += f", {format_size(sum(f.size for f in files))}"
+            text = f"parquet {uri} ({detail})"
+        except (OSError, PlanError):
+            text = f"parquet {uri}"
+        if self.columns is not None:
+            text += f" columns=[{','.join(self.columns)}]"
+        expr = self.arrow_filter()
+        if expr is not None:
+            text += f" filter={expr}"
+        if self._post_filters:
+            text += f" post_filter={len(self._post_filters)} expression(s)"
+        return text
+
+
+def _merge_pieces(pieces: list[RowGroupPiece]) -> list[RowGroupPiece]:
+    """Merge consecutive pieces of the same file into one multi-row-group piece."""
+    out: list[RowGroupPiece] = []
+    for p in pieces:
+        last = out[-1] if out else None
+        if last is not None and last.path == p.path and last.row_groups is not None \
+                and p.row_groups is not None:
+            out[-1] = RowGroupPiece(p.path, last.row_groups + p.row_groups,
+                                    p.partition_expression, last.size_bytes + p.size_bytes,
+                                    last.num_rows + p.num_rows)
+        else:
+            out.append(p)
+    return out
+
+
+def _resumable(fs: Any, make: Any, what: str) -> Iterator[pa.RecordBatch]:
+    """Iterate ``make()``; after a transient storage error, rescan and skip rows already given.
+
+    A scan of one fragment yields rows in file order, so skipping the first N rows
+    resumes exactly where the failed scan stopped.
+    """
+    done = 0
+    attempt = 0
+    while True:
+        skip = done
+        try:
+            for batch in make():
+                if skip:
+                    if batch.num_rows <= skip:
+                        skip -= batch.num_rows
+                        continue
+                    batch = batch.slice(skip)
+                    skip = 0
+                done += batch.num_rows
+                yield batch
+            return
+        except Exception as exc:
+            if msfs.is_local(fs) or not msfs.is_transient(exc):
+                raise
+            attempt += 1
+            if attempt >= msfs.RETRY_ATTEMPTS:
+                raise StorageError(f"{what} failed after {attempt} attempts (transient storage "
+                                   f"errors); last error: {type(exc).__name__}: {exc}") from exc
+            msfs.backoff(attempt)
