@@ -13,10 +13,10 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+from faults import HeldRows, wait_for
 
 import millstream as ms
 from millstream.io.files.stream_sink import FileStreamSink
-from millstream.io.stream_sinks import CollectingSink
 from millstream.runtime.streaming.job import StreamingJob
 
 
@@ -69,29 +69,27 @@ def test_windows_match_batch_and_tasks_run_in_other_processes(parallelism, tmp_p
     assert window["state_bytes"] >= 0 and m["last_checkpoint_seconds"] is not None
 
 
-def _keyed_file_job(rows: list[dict], tmp_path) -> tuple[StreamingJob, Any]:
-    """Start a slow keyed job writing files (checkpoints every 50 ms); returns the job and
-    its output directory."""
+def _keyed_file_job(rows: list[dict], tmp_path) -> tuple[StreamingJob, Any, HeldRows]:
+    """Start a keyed job writing files (checkpoints every 50 ms) on the first half of
+    ``rows``; returns the job, its output directory and the source (``release()`` feeds
+    the rest and ends it)."""
     out = tmp_path / "out"
-
-    def slow(batch):
-        time.sleep(0.01)
-        return batch
-
-    ds = ms.from_items(rows, num_partitions=2).map_batches(slow).select("id", "k")
-    job = ds.repartition(2, "k").start(checkpoint=str(tmp_path / "chk"),
+    held = HeldRows(rows, partitions=2, chunk=40)
+    ds = held.dataset().select("id", "k")
+    job = ds.repartition(2, "k").start(checkpoint=str(tmp_path / "chk"), executor="parallel",
                                        checkpoint_interval="50ms", sink=FileStreamSink(str(out)),
-                                       parallelism=2, max_batch_records=40)
-    return job, out
+                                       parallelism=2)
+    return job, out, held
 
 
 def _kill_a_task_mid_job(rows: list[dict], tmp_path) -> tuple[StreamingJob, Any]:
     """Start a keyed job writing files; SIGKILL a task of its last stage after two
-    checkpoints; wait for the job to end. Returns the job and its output directory."""
-    job, out = _keyed_file_job(rows, tmp_path)
-    assert _wait(lambda: job.metrics()["checkpoints"] >= 2, 60)
-    assert job.is_active, "the job ended before a task could be killed"
+    checkpoints (the job cannot have ended: half its input is held back); then feed the
+    rest and wait for the job to end. Returns the job and its output directory."""
+    job, out, held = _keyed_file_job(rows, tmp_path)
+    wait_for(lambda: job.metrics()["checkpoints"] >= 2, 60, "two checkpoints")
     os.kill(job.host_pids()[-1], signal.SIGKILL)
+    held.release()
     assert job.await_termination(120)
     return job, out
 
@@ -151,7 +149,9 @@ def test_a_task_that_lost_a_peer_restarts_the_job(tmp_path, monkeypatch):
 
     monkeypatch.setattr(LocalRunner, "start_stream_hosts", hosts_whose_task_loses_a_peer)
     rows = _rows(3000)
-    job, out = _keyed_file_job(rows, tmp_path)
+    job, out, held = _keyed_file_job(rows, tmp_path)
+    wait_for(lambda: injected, 60, "the injected peer loss")
+    held.release()
     assert job.await_termination(120)
     assert injected and job.metrics()["restarts"] == 1
     assert Counter(_read_ids(out)) == Counter(r["id"] for r in rows)
@@ -322,8 +322,8 @@ def test_executor_choice_and_errors():
     job.await_termination(30)
     with pytest.raises(ms.PlanError, match="executor must be one of"):
         ms.from_items([{"a": 1}]).start(executor="threads")
-    with pytest.raises(ms.PlanError, match="executor='inline'"):
-        StreamingJob(src.dataset()._node, sink=CollectingSink(), executor="parallel")
+    job = src.dataset().start(executor="parallel")  # it also runs on worker processes
+    assert job.executor == "parallel" and job.await_termination(30)
 
 
 def test_checkpoints_are_incremental_for_large_keyed_state(tmp_path):

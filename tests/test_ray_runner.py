@@ -17,6 +17,7 @@ from collections import Counter
 
 import pyarrow as pa
 import pytest
+from faults import HeldRows, wait_for
 from runners_fixture import RAY_PARALLELISM, ray_missing, shared_ray_cluster, use_runner
 
 import millstream as ms
@@ -509,19 +510,18 @@ def test_streaming_job_restores_from_its_checkpoint_when_a_node_is_removed(ray_c
 
     rows = [{"id": i, "k": f"k{i % 7}"} for i in range(6000)]
     out = tmp_path / "out"
-    ds = (ms.from_items(rows, num_partitions=3).map_batches(_slow_ids)
-          .repartition(3, "k").select("id", "k"))
+    held = HeldRows(rows, partitions=3, chunk=50)
+    ds = held.dataset().repartition(3, "k").select("id", "k")
     job = ds.start(checkpoint=str(tmp_path / "chk"), checkpoint_interval="100ms",
-                   sink=FileStreamSink(str(out)), parallelism=3, max_batch_records=50)
+                   sink=FileStreamSink(str(out)), parallelism=3, executor="parallel")
     removed = None
     try:
-        deadline = time.time() + 90
-        while job.metrics()["checkpoints"] < 2 and time.time() < deadline and job.is_active:
-            time.sleep(0.05)
-        assert job.is_active, "the job ended before a node could be removed"
+        # half the input is held back: the job cannot end before the node is removed
+        wait_for(lambda: job.metrics()["checkpoints"] >= 2, 90, "two checkpoints")
         hosting = set(job.host_nodes())
         removed = next(n for n in ray_cluster.workers() if n.node_id in hosting)
         ray_cluster.remove_worker(removed)
+        held.release()
         assert job.await_termination(180)
     finally:
         if removed is not None:
@@ -550,16 +550,15 @@ def test_streaming_on_ray_checkpoints_to_s3_and_survives_a_killed_actor(tmp_path
         bucket = f"raystream-{os.getpid()}"
         fs.create_dir(bucket)
         rows = [{"id": i, "k": f"k{i % 5}"} for i in range(4000)]
-        ds = (ms.from_items(rows, num_partitions=2).map_batches(_slow_ids)
-              .repartition(2, "k").select("id", "k"))
+        held = HeldRows(rows, partitions=2, chunk=40)
+        ds = held.dataset().repartition(2, "k").select("id", "k")
         job = ds.start(checkpoint=f"s3://{bucket}/chk", checkpoint_interval="100ms",
                        sink=FileStreamSink(f"s3://{bucket}/out"), parallelism=2,
-                       max_batch_records=40)
-        deadline = time.time() + 90
-        while job.metrics()["checkpoints"] < 2 and time.time() < deadline and job.is_active:
-            time.sleep(0.05)
-        assert job.is_active, "the job ended before an actor could be killed"
+                       executor="parallel")
+        # half the input is held back: the job cannot end before the actor is killed
+        wait_for(lambda: job.metrics()["checkpoints"] >= 2, 90, "two checkpoints on S3")
         ray.kill(job._hosts.actors[-1], no_restart=True)
+        held.release()
         assert job.await_termination(180)
         assert job.metrics()["restarts"] >= 1
         files = [i.path for i in fs.get_file_info(pafs.FileSelector(f"{bucket}/out"))

@@ -419,29 +419,26 @@ def test_word_count_survives_losing_a_volume_server_mid_job(cluster, tmp_path, m
 def test_streaming_job_checkpoints_to_s3_and_restarts_exactly_once(mini, fs, monkeypatch):
     """Checkpoints and the exactly-once file sink on S3; a task process killed mid-job."""
     import signal
-    import time
     from collections import Counter
+
+    from faults import HeldRows, wait_for
 
     from millstream.io.files.stream_sink import FileStreamSink
 
     bucket = _unique("stream")
     fs.create_dir(bucket)
     rows = [{"id": i, "k": f"k{i % 5}"} for i in range(6000)]
-
-    def slow(batch):
-        time.sleep(0.02)
-        return batch
+    held = HeldRows(rows, partitions=2, chunk=40)
 
     with engine_on(mini, monkeypatch):
-        ds = ms.from_items(rows, num_partitions=2).map_batches(slow).repartition(2, "k")
+        ds = held.dataset().repartition(2, "k")
         job = ds.start(checkpoint=f"s3://{bucket}/chk", checkpoint_interval="100ms",
                        sink=FileStreamSink(f"s3://{bucket}/out"), parallelism=2,
-                       max_batch_records=40)
-        deadline = time.time() + 60
-        while job.metrics()["checkpoints"] < 2 and time.time() < deadline:
-            time.sleep(0.05)
-        assert job.is_active, "the job ended before a task could be killed"
+                       executor="parallel")
+        # half the input is held back: the job cannot end before the kill
+        wait_for(lambda: job.metrics()["checkpoints"] >= 2, 60, "two checkpoints on S3")
         os.kill(job.host_pids()[-1], signal.SIGKILL)
+        held.release()
         assert job.await_termination(120)
         assert job.metrics()["restarts"] == 1
         files = [i.path for i in fs.get_file_info(pafs.FileSelector(f"{bucket}/out"))

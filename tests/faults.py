@@ -1,0 +1,53 @@
+"""Helpers for fault tests: inject a fault at a state the test waits for, never at a time it
+hopes for.
+
+:class:`HeldRows` feeds a streaming job from a test source in two parts: the job cannot
+end before :meth:`HeldRows.release`, so a fault injected between the two (after the
+job reached the state the test waits for) always lands in the middle of the job, however
+slow or busy the machine is.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from millstream.testing import TestSource
+
+
+class HeldRows:
+    """``rows`` as a test source of ``partitions`` partitions, in items of ``chunk`` rows; the
+    first ``held_back`` fraction is there at once, the rest comes with :meth:`release`."""
+
+    def __init__(self, rows: list[dict[str, Any]], partitions: int = 2, chunk: int = 40,
+                 held_back: float = 0.5) -> None:
+        self.src = TestSource(partitions=partitions)
+        items = [rows[i:i + chunk] for i in range(0, len(rows), chunk)]
+        cut = int(len(items) * (1 - held_back))
+        self._rest = items[cut:]
+        self.partitions = partitions
+        for n, item in enumerate(items[:cut]):
+            self.src.add(item, partition=n % partitions)
+        self._next = cut
+
+    def dataset(self) -> Any:
+        """The rows as a Dataset (start it with ``executor="parallel"`` or "inline")."""
+        return self.src.dataset()
+
+    def release(self) -> None:
+        """Feed the rest of the rows and end the stream."""
+        for item in self._rest:
+            self.src.add(item, partition=self._next % self.partitions)
+            self._next += 1
+        self._rest = []
+        self.src.close()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 60.0, what: str = "") -> None:
+    """Wait until ``predicate()`` holds; fail the test naming ``what`` otherwise."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(0.02)
