@@ -204,7 +204,7 @@ class _SlowPeer:
 
 
 def test_outbox_keeps_order_batches_waiting_messages_and_bounds_the_queue():
-    from millstream.runners.ray import _Outbox
+    from millstream.runners.ray.stream_hosts import _Outbox
 
     peer = _SlowPeer()
     box = _Outbox(_FakeRay(), peer, capacity=4)
@@ -221,7 +221,7 @@ def test_outbox_keeps_order_batches_waiting_messages_and_bounds_the_queue():
 
 def test_outbox_surfaces_a_dead_peer():
     from millstream.errors import WorkerLostError
-    from millstream.runners.ray import _Outbox
+    from millstream.runners.ray.stream_hosts import _Outbox
 
     box = _Outbox(_FakeRay(), _SlowPeer(delay=0, fail_after=1), capacity=2)
     # a lost host for the coordinator (it restarts the job), naming the cause
@@ -233,7 +233,7 @@ def test_outbox_surfaces_a_dead_peer():
 
 
 def test_dashboard_link_is_printed_once(capsys):
-    from millstream.runners.ray import _announce_dashboard
+    from millstream.runners.ray.connect import _announce_dashboard
 
     _announce_dashboard("http://127.0.0.1:8265")
     _announce_dashboard("http://127.0.0.1:8265")

@@ -16,12 +16,8 @@ from collections import deque
 from typing import Any
 
 from millstream.core.time import Clock
-from millstream.runtime.streaming.task import (
-    StreamTask,
-    TaskSpec,
-    close_quietly,
-    failure_message,
-)
+from millstream.runtime.streaming.spec import TaskSpec, close_quietly, failure_message
+from millstream.runtime.streaming.task import StreamTask
 
 
 class _InlineChannels:

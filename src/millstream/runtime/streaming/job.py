@@ -59,7 +59,8 @@ from millstream.runtime.streaming.layout import (
     scans,
     task_budget,
 )
-from millstream.runtime.streaming.task import StreamTask, TaskSpec, close_quietly
+from millstream.runtime.streaming.spec import TaskSpec, close_quietly
+from millstream.runtime.streaming.task import StreamTask
 
 _log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from millstream.errors import PlanError
 from millstream.ops.base import OperatorFactory
 from millstream.plan import logical as L
 from millstream.plan.stages import ShufflePort, SourcePort, Stage
-from millstream.runtime.streaming.task import Output
+from millstream.runtime.streaming.spec import Output
 
 _log = logging.getLogger(__name__)
 
