@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from millstream.plan.logical import Node
-from millstream.plan.optimizer import optimize
+from millstream.plan.optimizer import optimize, optimize_traced
 from millstream.plan.physical import PhysicalPlanner, PlannerSettings
 from millstream.plan.stages import Stage, all_stages
 
@@ -17,15 +17,16 @@ from millstream.plan.stages import Stage, all_stages
 def compile_plan(node: Node, settings: PlannerSettings, output_kind: str = "blocks",
                  sink: Any = None) -> Stage:
     """The final stage of ``node``'s physical plan (its dependencies hang below it)."""
-    return PhysicalPlanner(settings).plan(optimize(node), output_kind, sink)
+    return PhysicalPlanner(settings).plan(optimize(node, settings), output_kind, sink)
 
 
 def explain_plan(node: Node, settings: PlannerSettings) -> str:
     """The logical, optimized and physical plans of ``node`` as text (``explain()``)."""
-    optimized = optimize(node)
+    optimized, fired = optimize_traced(node, settings)
     final = PhysicalPlanner(settings).plan(optimized)
     parts = ["== Logical plan ==", node.tree(), "", "== Optimized plan ==", optimized.tree(),
-             "", "== Physical plan =="]
+             "", "== Rules applied ==", ", ".join(fired) if fired else "(none)", "",
+             "== Physical plan =="]
     parts += [s.describe() for s in all_stages(final)]
     return "\n".join(parts)
 

@@ -1,67 +1,44 @@
-"""Rule-based optimizer: push filters and projections into scans.
+"""The optimizer: the rules of :mod:`millstream.plan.rules`, applied to a fixed point.
 
-Operator fusion (narrow chains run in one task) and map-side partial aggregation are
-done by the physical planner, which builds stages.
+``optimize(node)`` returns the optimized plan; :func:`optimize_traced` also returns the
+names of the rules that changed it, in the order they fired (``explain()`` shows them).
+``disabled`` leaves rules out by name (``"all"``: none run), which tests use to check that
+results do not depend on the optimizer.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Iterable
+from typing import Any
 
-from millstream.plan.logical import Aggregate, Drop, Filter, Node, Project, Scan, Sort, WithColumns
+from millstream.plan.logical import Node
+from millstream.plan.rules import RULES, Rule, RuleContext
 
-
-def optimize(node: Node) -> Node:
-    """Return an equivalent plan with filters and projections pushed into scans."""
-    node = _push_filters(node)
-    return _push_projection(node, None)
-
-
-def _push_filters(node: Node) -> Node:
-    return node.transform_up(_push_filter)
+#: Passes over the rules before the driver gives up on reaching a fixed point.
+MAX_PASSES = 10
 
 
-def _push_filter(node: Node) -> Node:
-    """A filter moved below a with_columns it does not depend on, and into a scan."""
-    # a filter that does not read the columns a with_columns produces can run before it
-    # (and may then reach the scan)
-    if isinstance(node, Filter) and isinstance(node.child, WithColumns):
-        if not (node.predicate.columns() & node.child.produced()):
-            below = _push_filter(replace(node, child=node.child.child))
-            return replace(node.child, child=below)
-    if isinstance(node, Filter) and isinstance(node.child, Scan):
-        expr = node.predicate
-        if expr.to_arrow() is None:
-            return node
-        src = node.child.source
-        new_src, _cols, fully = src.with_pushdown(None, expr)
-        if new_src is src:
-            return node
-        scan = Scan(new_src)
-        return scan if fully else replace(node, child=scan)
-    return node
+def optimize_traced(node: Node, settings: Any = None, disabled: Iterable[str] = (),
+                    rules: tuple[Rule, ...] | None = None) -> tuple[Node, list[str]]:
+    """The optimized plan of ``node`` and the rules that fired (in order, repeats kept once
+    per pass in which they changed the plan)."""
+    off = set(disabled)
+    active = [r for r in (rules if rules is not None else RULES)
+              if "all" not in off and r.name not in off]
+    ctx = RuleContext(settings)
+    fired: list[str] = []
+    for _ in range(MAX_PASSES):
+        changed = False
+        for rule in active:
+            new = rule.apply(node, ctx)
+            if new is not node:
+                fired.append(rule.name)
+                node, changed = new, True
+        if not changed:
+            break
+    return node, fired
 
 
-def _push_projection(node: Node, required: set[str] | None) -> Node:
-    """Push down the set of columns the nodes above need (None: all of them)."""
-    if isinstance(node, Scan):
-        if required is None:
-            return node
-        new_src, applied, _ = node.source.with_pushdown(sorted(required), None)
-        return Scan(new_src) if applied else node
-    if isinstance(node, Project):
-        child_req: set[str] | None = set(node.references() or ()) or None
-    elif isinstance(node, Filter):
-        child_req = None if required is None else required | set(node.references() or ())
-    elif isinstance(node, WithColumns):
-        child_req = None if required is None else \
-            (required - node.produced()) | set(node.references() or ())
-    elif isinstance(node, Aggregate):
-        child_req = set(node.references() or ()) or None
-    elif isinstance(node, Sort):
-        child_req = None if required is None else required | set(node.by)
-    elif isinstance(node, Drop):
-        child_req = None
-    else:
-        return node.with_children(tuple(_push_projection(c, None) for c in node.children))
-    return node.with_children((_push_projection(node.child, child_req),))
+def optimize(node: Node, settings: Any = None, disabled: Iterable[str] = ()) -> Node:
+    """An equivalent plan of ``node``, optimized."""
+    return optimize_traced(node, settings, disabled)[0]

@@ -1,0 +1,19 @@
+"""Optimizer rules, one per module, applied by :mod:`millstream.plan.optimizer` to a fixed
+point.
+
+A rule is a :class:`Rule`: a name (what ``explain()`` lists when it fired) and
+``apply(node, ctx)``, which returns an equivalent plan (the same object when it does not
+apply). Rules are listed in :data:`RULES` in the order one pass applies them; the driver
+repeats passes until no rule changes the plan (or a pass limit is reached).
+"""
+
+from __future__ import annotations
+
+from millstream.plan.rules.base import Rule, RuleContext
+from millstream.plan.rules.pushdown import FilterIntoScan, ProjectionIntoScan
+
+#: The rules of one optimizer pass, in order. A rule that needs the plan's final shape
+#: (projection pruning into scans) comes last.
+RULES: tuple[Rule, ...] = (FilterIntoScan(), ProjectionIntoScan())
+
+__all__ = ["RULES", "Rule", "RuleContext"]
