@@ -331,13 +331,15 @@ class LocalRunner(Runner):
             self.workers.remove(w)
         self.workers.append(self._spawn())
 
-    def shutdown(self) -> None:
+    def shutdown(self, wait: bool = True) -> None:
+        """Ask idle workers to exit (busy ones are killed after 3 s, or at once when not
+        ``wait``)."""
         for w in self.workers:
             try:
                 w.conn.send_bytes(b"")
             except Exception:  # noqa: BLE001
                 pass
-        deadline = time.monotonic() + 3
+        deadline = time.monotonic() + (3 if wait else 0.05)
         for w in self.workers:
             w.process.join(timeout=max(0.0, deadline - time.monotonic()))
             if w.process.is_alive():

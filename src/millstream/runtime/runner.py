@@ -28,8 +28,8 @@ class Runner(ABC):
         """Run all tasks; return their results in task order or raise TaskError."""
 
     @abstractmethod
-    def shutdown(self) -> None:
-        """Stop workers and release resources."""
+    def shutdown(self, wait: bool = True) -> None:
+        """Stop workers and release resources (``wait=False``: kill busy workers at once)."""
 
     def _attempt_failed(self, idx: int, cause: str, failure: Any, still_running: bool,
                         causes: list[list[str]], pending: Any, next_attempt: list[int],

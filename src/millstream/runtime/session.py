@@ -12,6 +12,11 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from millstream.core.units import default_memory_limit, parse_size
+from millstream.runtime.scratch import (
+    install_termination_cleanup,
+    remove_stale,
+    stop_helper_processes,
+)
 
 
 @dataclass
@@ -68,9 +73,13 @@ class Session:
     last_job_stats: Any = None
 
     def scratch(self) -> str:
+        """This process's scratch directory (``millstream-<pid>-*`` in the spill directory):
+        every temporary file of its jobs lives below it. Created on first use, after the
+        scratch of processes that no longer exist is removed."""
         if self.workdir is None:
             base = self.settings.spill_dir or tempfile.gettempdir()
             os.makedirs(base, exist_ok=True)
+            remove_stale({base, tempfile.gettempdir(), "/dev/shm"})
             self.workdir = tempfile.mkdtemp(prefix=f"millstream-{os.getpid()}-", dir=base)
         return self.workdir
 
@@ -118,10 +127,12 @@ class Session:
     def new_job_id(self) -> str:
         return uuid.uuid4().hex[:12]
 
-    def shutdown(self) -> None:
+    def shutdown(self, wait: bool = True) -> None:
+        """Stop the runner's workers and delete this process's scratch (``wait=False``: kill
+        busy workers at once, e.g. on SIGTERM)."""
         with self.lock:
             if self.runner_obj is not None:
-                self.runner_obj.shutdown()
+                self.runner_obj.shutdown(wait=wait)
                 self.runner_obj = None
             if self.cache_manager is not None:
                 self.cache_manager.clear()
@@ -139,7 +150,14 @@ def get_session() -> Session:
     global _session
     if _session is None:
         _session = Session()
+        install_termination_cleanup(_terminate)
     return _session
+
+
+def _terminate() -> None:
+    """SIGTERM: kill the workers and remove the scratch before the process dies."""
+    if _session is not None:
+        _session.shutdown(wait=False)
 
 
 def init(runner: str = "local", parallelism: int | None = None, memory_limit: int | str | None = None,
@@ -163,6 +181,7 @@ def init(runner: str = "local", parallelism: int | None = None, memory_limit: in
     if st.shuffle_compression not in (None, "lz4", "zstd"):
         raise ValueError(f"shuffle_compression must be 'lz4', 'zstd' or None, got {st.shuffle_compression!r}")
     _session = Session(settings=st)
+    install_termination_cleanup(_terminate)
     return _session
 
 
@@ -185,4 +204,9 @@ def shutdown() -> None:
         _session.shutdown()
 
 
-atexit.register(shutdown)
+def _at_exit() -> None:
+    shutdown()
+    stop_helper_processes()
+
+
+atexit.register(_at_exit)

@@ -335,7 +335,7 @@ class RayRunner(Runner):
         task's channels), spread over the cluster's nodes."""
         return RayStreamHosts(self._ray, payloads, inbox_capacity)
 
-    def shutdown(self) -> None:
+    def shutdown(self, wait: bool = True) -> None:
         """Disconnect from Ray (stopping the local Ray) if this runner connected; never stop a
         cluster it merely joined, nor a connection it found."""
         if self._owns_connection and self._ray.is_initialized():

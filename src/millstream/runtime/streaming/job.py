@@ -28,6 +28,8 @@ job: replaying the same input would raise again; ``await_termination`` re-raises
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import threading
 import time
 import uuid
@@ -147,6 +149,7 @@ class StreamingJob:
                                          "last_checkpoint_seconds": None,
                                          "last_checkpoint_bytes": None}
         self._hosts: Any = None
+        self._scratch: str | None = None
         self._layout: Layout | None = None
         self._epochs: Epochs | None = None
         self._thread = threading.Thread(target=self._main, daemon=True,
@@ -279,6 +282,7 @@ class StreamingJob:
         if self._parallel_sink:
             epochs.retire_sink_instances(len(sink_index))
         inline = self.executor == "inline"
+        run_dir = self._run_dir()
         specs = []
         for c in layout.chains:
             source = None
@@ -297,10 +301,21 @@ class StreamingJob:
                 epoch=restored.epoch, max_batch_records=self.max_batch_records,
                 poll_timeout_s=(self.poll_timeout_s / max(1, len(layout.sources))
                                 if inline else self.poll_timeout_s),
-                settings=dict(self._settings), checkpoint=self._checkpoint_location,
+                settings={**self._settings,
+                          "spill_dir": os.path.join(run_dir, f"task-{c.index:04d}")},
+                checkpoint=self._checkpoint_location,
                 watermark_interval_s=0.0 if inline else 0.02, combine=not inline,
                 clock=None if isinstance(self.clock, WallClock) else self.clock))
         return specs
+
+    def _run_dir(self) -> str:
+        """Where this run's tasks spill (under the session's scratch; a run killed by a lost
+        host leaves files here, removed when the job ends or restarts)."""
+        from millstream.runtime.session import get_session
+
+        if self._scratch is None:
+            self._scratch = get_session().job_dir(f"stream-{self.job_id}")
+        return os.path.join(self._scratch, f"run-{self.restarts}")
 
     def _launch(self) -> None:
         """Restore (or start) every task in its host."""
@@ -462,6 +477,7 @@ class StreamingJob:
                     break
                 except _HostLost as exc:
                     self._shutdown_hosts()
+                    shutil.rmtree(self._run_dir(), ignore_errors=True)  # a dead task's spills
                     if self.store is None or self.restarts >= self.max_restarts:
                         raise StreamingError(
                             f"streaming job {self.job_id}: {exc}; "
@@ -489,6 +505,8 @@ class StreamingJob:
             self._shutdown_hosts(crashed)
             if not self._parallel_sink and not crashed:  # parallel sinks close in their tasks
                 close_quietly(self.sink, "the sink")
+            if self._scratch is not None:
+                shutil.rmtree(self._scratch, ignore_errors=True)
             self._done.set()
 
     def _shutdown_hosts(self, crashed: bool = False) -> None:
