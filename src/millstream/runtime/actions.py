@@ -36,8 +36,9 @@ def planner_settings(settings: Settings) -> PlannerSettings:
     runner, e.g. a Ray cluster's CPUs), the broadcast threshold and the cache."""
     session = get_session()
     session.get_runner(settings)
+    runner = settings.runner
     return PlannerSettings(settings.resolved_shuffle_partitions(), settings.broadcast_threshold,
-                           session.cache.get)
+                           lambda cache_id: session.cache.get(cache_id, runner))
 
 
 def compile_job(node: Node, settings: Settings, output_kind: str = "blocks",

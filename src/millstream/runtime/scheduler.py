@@ -82,8 +82,10 @@ class Job:
         for st in all_stages(self.final):
             if st.results is not None:
                 continue
-            if st.cache_id is not None and st.cache_id in self.session.cache:
-                st.results = self.session.cache.get(st.cache_id)
+            cached = (self.session.cache.get(st.cache_id, self.settings.runner)
+                      if st.cache_id is not None else None)
+            if cached is not None:
+                st.results = cached
                 continue
             t0 = time.perf_counter()
             results, tasks = self._run_stage(st, runner)
@@ -97,7 +99,7 @@ class Job:
                 "bytes_out": sum(r.bytes_out for r in results), "seconds": time.perf_counter() - t0,
             })
             if st.cache_id is not None:
-                self.session.cache.put(st.cache_id, st.results)
+                self.session.cache.put(st.cache_id, st.results, self.settings.runner)
         self.stats.seconds = time.perf_counter() - start
         self.session.last_job_stats = self.stats
         return self.final.results or []
@@ -152,7 +154,8 @@ class Job:
 
     def cleanup(self) -> None:
         """Free this job's shuffle and temporary outputs (cached datasets stay)."""
-        runner = self.session.runner_obj
+        held = self.session.runners.get(self.settings.runner)
+        runner = held[1] if held is not None else None
         if runner is not None:
             for st in all_stages(self.final):
                 if st.cache_id is None and st.results and st.output_kind != "sink":

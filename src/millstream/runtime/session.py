@@ -66,7 +66,10 @@ class Session:
     """Process-wide state: one runner, one scratch directory, the cache catalog."""
 
     settings: Settings = field(default_factory=Settings)
+    #: the runner the last action used (of ``runners``)
     runner_obj: Any = None
+    #: runner name -> (key, runner): every runner this session started and still holds
+    runners: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     cache_manager: Any = None
     workdir: str | None = None
     lock: threading.RLock = field(default_factory=threading.RLock)
@@ -99,22 +102,28 @@ class Session:
         return d
 
     def get_runner(self, settings: Settings) -> Any:
-        """The runner ``settings`` name, reused while its key (e.g. parallelism) is the same."""
+        """The runner ``settings`` name, reused while its key (e.g. parallelism) is the same.
+
+        The session keeps one runner per name, so an action on another runner does not
+        stop this one: a Ray connection and the objects it holds (cached datasets) outlive
+        a per-action switch to the local runner and back.
+        """
         from millstream.runtime.runner import runner_entry
 
         with self.lock:
             entry = runner_entry(settings.runner)
-            want = (settings.runner, entry.key(settings))
-            if self.runner_obj is not None and getattr(self, "_runner_key", None) == want:
-                self.configure_runner(settings)
-                return self.runner_obj
-            if self.runner_obj is not None:
-                self.runner_obj.shutdown()
-                self.runner_obj = None
-            self.runner_obj = entry.factory(settings)
-            self._runner_key = want
+            key = entry.key(settings)
+            held = self.runners.get(settings.runner)
+            if held is not None and held[0] == key:
+                runner = held[1]
+            else:
+                if held is not None:
+                    held[1].shutdown()
+                runner = entry.factory(settings)
+                self.runners[settings.runner] = (key, runner)
+            self.runner_obj = runner
         self.configure_runner(settings)
-        return self.runner_obj
+        return runner
 
     def configure_runner(self, settings: Settings) -> None:
         """Apply per-job retry and speculation settings to the (reused) runner."""
@@ -131,9 +140,10 @@ class Session:
         """Stop the runner's workers and delete this process's scratch (``wait=False``: kill
         busy workers at once, e.g. on SIGTERM)."""
         with self.lock:
-            if self.runner_obj is not None:
-                self.runner_obj.shutdown(wait=wait)
-                self.runner_obj = None
+            for _key, runner in self.runners.values():
+                runner.shutdown(wait=wait)
+            self.runners = {}
+            self.runner_obj = None
             if self.cache_manager is not None:
                 self.cache_manager.clear()
                 self.cache_manager = None
