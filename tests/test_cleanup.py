@@ -18,6 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+import millstream as ms
+
 SRC = str(Path(__file__).resolve().parent.parent / "src")
 
 
@@ -197,3 +199,17 @@ def test_a_programs_own_sigterm_handler_is_kept(tmp_path, handler):
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 3 and "MINE" in out
     assert _ours(tmp_path / "tmp", proc.pid) == []  # exit handlers still clean up
+
+
+def test_a_small_job_runs_in_the_driver_without_starting_workers():
+    from millstream.runtime.session import get_session
+
+    ms.shutdown()
+    assert ms.range(10).count() == 10
+    assert ms.from_items([{"k": i % 3, "v": i} for i in range(100)]).group_by("k") \
+        .agg(ms.sum("v").alias("s")).sort("k").collect() == \
+        [{"k": 0, "s": 1683}, {"k": 1, "s": 1617}, {"k": 2, "s": 1650}]
+    assert get_session().runner_obj.worker_pids() == []
+    # a larger input (or driver_input_limit=0) goes to the workers
+    assert ms.range(10).count(driver_input_limit=0) == 10
+    assert len(get_session().runner_obj.worker_pids()) >= 1

@@ -613,7 +613,7 @@ def test_reducer_streams_a_key_with_more_values_than_memory():
     n = 5_000_000
     ms.init(parallelism=2, memory_limit="16MB", progress=False)
     try:
-        ms.range(4, num_partitions=2).collect()  # start the workers, measure them idle
+        ms.range(4, num_partitions=2).collect(driver_input_limit=0)  # start the workers
         pids = get_session().runner_obj.worker_pids()
         idle = {p: _anon_rss(p) for p in pids}
         peak = dict(idle)

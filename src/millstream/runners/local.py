@@ -127,6 +127,7 @@ class LocalRunner(Runner):
     """Runs tasks on ``parallelism`` worker processes of this machine."""
 
     name = "local"
+    runs_small_jobs_here = True
 
     def __init__(self, parallelism: int, max_task_attempts: int = 4, speculation: bool = True,
                  speculation_multiplier: float = 4.0, speculation_quantile: float = 0.75,

@@ -10,6 +10,7 @@ prepared, written by the tasks and committed all at once, or aborted.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -19,6 +20,7 @@ from millstream.core.arrow import concat_batches
 from millstream.core.shuffle import read_block
 from millstream.errors import FetchFailedError
 from millstream.io.base import Sink
+from millstream.plan import logical as L
 from millstream.plan.compile import compile_plan, explain_plan
 from millstream.plan.logical import Node
 from millstream.plan.physical import PlannerSettings
@@ -62,12 +64,43 @@ def drop_lost_cache_entries(session: Session) -> bool:
     return bool(lost)
 
 
+def input_bytes(node: Node, cache_lookup: Callable[[int], list[Any] | None]) -> int | None:
+    """The estimated bytes a plan reads (its sources and cached datasets), None if unknown."""
+    if isinstance(node, L.Scan):
+        return node.source.estimated_size_bytes()
+    if isinstance(node, L.Cache):
+        blocks = cache_lookup(node.cache_id)
+        if blocks is not None:
+            return sum(getattr(b, "nbytes", 0) for b in blocks)
+    total = 0
+    for child in node.children:
+        size = input_bytes(child, cache_lookup)
+        if size is None:
+            return None
+        total += size
+    return total
+
+
+def runs_in_driver(node: Node, settings: Settings) -> bool:
+    """Whether a job is small enough to run in this process (see
+    ``Settings.driver_input_limit``); never while tests inject faults into workers."""
+    if settings.driver_input_limit <= 0 or os.environ.get("MILLSTREAM_FAULT_INJECT"):
+        return False
+    runner = get_session().get_runner(settings)
+    if not getattr(runner, "runs_small_jobs_here", False):
+        return False
+    cache = get_session().cache
+    size = input_bytes(node, lambda cid: cache.get(cid, settings.runner))
+    return size is not None and size <= settings.driver_input_limit
+
+
 def _run(node: Node, settings: Settings, on_stats: StatsCallback | None
          ) -> tuple[Job, list[Any]]:
     """A finished job of ``node`` and its result blocks (the caller cleans the job up)."""
     session = get_session()
+    here = runs_in_driver(node, settings)
     for attempt in range(settings.max_task_attempts):
-        job = Job(session, settings, compile_job(node, settings))
+        job = Job(session, settings, compile_job(node, settings), in_driver=here)
         try:
             return job, job.run()
         except FetchFailedError:
@@ -132,7 +165,8 @@ def write(node: Node, sink: Sink, settings: Settings,
           on_stats: StatsCallback | None = None) -> None:
     """Run ``node`` into ``sink``: prepared, written by the tasks, committed all at once
     (aborted on failure, so nothing is left behind)."""
-    job = Job(get_session(), settings, compile_job(node, settings, "sink", sink))
+    job = Job(get_session(), settings, compile_job(node, settings, "sink", sink),
+              in_driver=runs_in_driver(node, settings))
     sink.prepare(job.job_id)
     try:
         messages = job.run()

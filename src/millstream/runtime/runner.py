@@ -27,6 +27,39 @@ class Runner(ABC):
     def run_tasks(self, tasks: list[Task], progress: StageProgress) -> list[TaskResult]:
         """Run all tasks; return their results in task order or raise TaskError."""
 
+    #: Whether a small job (see ``Settings.driver_input_limit``) may run in the driver
+    #: process instead of on the runner's workers (a runner whose workers share this
+    #: machine's storage: the local one).
+    runs_small_jobs_here: bool = False
+
+    def run_tasks_here(self, tasks: list[Task], progress: StageProgress) -> list[TaskResult]:
+        """Run tasks one after another in this process, with the same retries and errors as
+        on workers (a small job: starting workers would cost more than the work)."""
+        from collections import deque
+
+        from millstream.runtime.task import describe_failure, run_task
+
+        n = len(tasks)
+        results: list[TaskResult | None] = [None] * n
+        causes: list[list[str]] = [[] for _ in range(n)]
+        next_attempt = [1] * n
+        pending: deque[tuple[int, int]] = deque((i, 0) for i in range(n))
+        while pending:
+            idx, attempt = pending.popleft()
+            task = tasks[idx]
+            task.attempt = attempt
+            try:
+                result = run_task(task)
+            except Exception as exc:  # noqa: BLE001 - reported as a worker would report it
+                failure = describe_failure(exc)
+                self._attempt_failed(idx, f"attempt {attempt}: {failure.error_type}: "
+                                          f"{failure.message}", failure, False, causes,
+                                     pending, next_attempt, tasks, progress)
+                continue
+            results[idx] = result
+            progress.task_done(result.rows_out, result.bytes_out)
+        return results  # type: ignore[return-value]
+
     @abstractmethod
     def shutdown(self, wait: bool = True) -> None:
         """Stop workers and release resources (``wait=False``: kill busy workers at once)."""

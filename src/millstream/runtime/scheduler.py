@@ -67,7 +67,8 @@ def _describe_failed_task(err: TaskError, tasks: list[Task]) -> None:
 class Job:
     """One action's execution; ``cleanup()`` removes its shuffle files and temporary blocks."""
 
-    def __init__(self, session: Session, settings: Settings, final: Stage) -> None:
+    def __init__(self, session: Session, settings: Settings, final: Stage,
+                 in_driver: bool = False) -> None:
         self.session = session
         self.settings = settings
         self.final = final
@@ -75,6 +76,8 @@ class Job:
         self.dir = session.job_dir(self.job_id)
         self.stats = JobStats(self.job_id)
         self.stage_tasks: dict[int, list[Task]] = {}
+        #: run the tasks in this process (a small job) instead of on the runner's workers
+        self.in_driver = in_driver
 
     def run(self) -> list[Any]:
         start = time.perf_counter()
@@ -113,7 +116,8 @@ class Job:
                 name = f"stage {st.id} {st.purpose}".strip()
                 progress = StageProgress(name, len(tasks), progress_enabled(self.settings.progress))
                 try:
-                    results = runner.run_tasks(tasks, progress)
+                    results = (runner.run_tasks_here(tasks, progress) if self.in_driver
+                               else runner.run_tasks(tasks, progress))
                 except TaskError as err:
                     _describe_failed_task(err, tasks)
                     raise
@@ -144,7 +148,8 @@ class Job:
             progress = StageProgress(f"stage {dep.id} recompute", len(redo),
                                      progress_enabled(self.settings.progress))
             try:
-                again = runner.run_tasks(redo, progress)
+                again = (runner.run_tasks_here(redo, progress) if self.in_driver
+                         else runner.run_tasks(redo, progress))
             finally:
                 progress.close()
             for i, r in zip(lost, again):

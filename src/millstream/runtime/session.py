@@ -38,6 +38,9 @@ class Settings:
     speculation_min_seconds: float = 5.0
     progress: bool | None = None
     address: str | None = None
+    #: a job whose estimated input is at most this many bytes runs in the driver process,
+    #: without starting workers (0: always on workers)
+    driver_input_limit: int = 16 << 20
 
     def resolved_parallelism(self) -> int:
         """Workers to plan for: as set, else the runner's (cluster CPUs on Ray), else local CPUs."""
