@@ -24,6 +24,7 @@ from typing import Any
 
 import cloudpickle
 
+from millstream.core import pickling
 from millstream.errors import RunnerError
 from millstream.runtime.progress import StageProgress
 from millstream.runtime.runner import Runner
@@ -214,7 +215,11 @@ class LocalRunner(Runner):
         n = len(tasks)
         if n == 0:
             return []
-        payloads = [cloudpickle.dumps(t) for t in tasks]
+        try:
+            payloads = [pickling.dumps(t) for t in tasks]
+        except Exception:
+            self.check_shippable(tasks)  # names the function and what it captures
+            raise
         results: list[TaskResult | None] = [None] * n
         causes: list[list[str]] = [[] for _ in range(n)]
         next_attempt = [1] * n

@@ -10,6 +10,8 @@ prepared, written by the tasks and committed all at once, or aborted.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -18,13 +20,14 @@ import pyarrow as pa
 
 from millstream.core.arrow import concat_batches
 from millstream.core.shuffle import read_block
-from millstream.errors import FetchFailedError
+from millstream.errors import FetchFailedError, MillstreamError
 from millstream.io.base import Sink
 from millstream.plan import logical as L
 from millstream.plan.compile import compile_plan, explain_plan
 from millstream.plan.logical import Node
 from millstream.plan.physical import PlannerSettings
 from millstream.plan.stages import Stage
+from millstream.runtime.runner import debugging
 from millstream.runtime.scheduler import Job, JobStats, is_lost_output
 from millstream.runtime.session import Session, Settings, get_session
 
@@ -118,6 +121,36 @@ def _run(node: Node, settings: Settings, on_stats: StatsCallback | None
     raise AssertionError("unreachable")
 
 
+def user_facing(fn: Callable[..., T]) -> Callable[..., T]:
+    """An action's errors reach the user with the user's own frames and the action's only:
+    Millstream's internal frames between them are left out (``MILLSTREAM_DEBUG=1`` keeps
+    them); the error's message already says where and what failed."""
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def stream(*args: Any, **kwargs: Any) -> Any:
+            try:
+                yield from fn(*args, **kwargs)
+            except MillstreamError as exc:
+                if debugging():
+                    raise
+                raise exc.with_traceback(None) from None
+
+        return stream  # type: ignore[return-value]
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except MillstreamError as exc:
+            if debugging():
+                raise
+            raise exc.with_traceback(None) from None
+
+    return call
+
+
+@user_facing
 def run_blocks(node: Node, settings: Settings, consume: Callable[[list[Any]], T],
                on_stats: StatsCallback | None = None) -> T:
     """Run ``node`` and return ``consume(result blocks)``, called before the job's files
@@ -149,6 +182,7 @@ def to_table(node: Node, settings: Settings, on_stats: StatsCallback | None = No
     return run_blocks(node, settings, read_table, on_stats)
 
 
+@user_facing
 def iter_batches(node: Node, settings: Settings) -> Iterator[pa.RecordBatch]:
     """Run ``node``; stream its non-empty batches, partition by partition."""
     job, blocks = _run(node, settings, None)
@@ -161,6 +195,7 @@ def iter_batches(node: Node, settings: Settings) -> Iterator[pa.RecordBatch]:
         job.cleanup()
 
 
+@user_facing
 def write(node: Node, sink: Sink, settings: Settings,
           on_stats: StatsCallback | None = None) -> None:
     """Run ``node`` into ``sink``: prepared, written by the tasks, committed all at once

@@ -192,7 +192,11 @@ class RayRunner(Runner):
         node = self._preferred_node(task) if self.locality else None
         if node is not None:
             fn = fn.options(scheduling_strategy=_near(node))
-        meta, data = fn.remote(task, attempt, env)
+        try:
+            meta, data = fn.remote(task, attempt, env)
+        except Exception:
+            self.check_shippable([task])  # names the function and what it captures
+            raise
         return meta, data
 
     def _cancel(self, refs: list[Any]) -> None:

@@ -36,14 +36,20 @@ import uuid
 from functools import partial
 from typing import Any
 
-import cloudpickle
 import pyarrow as pa
 
+from millstream.core import pickling
 from millstream.core.arrow import batch_to_rows, concat_batches
 from millstream.core.keygroups import DEFAULT_KEY_GROUPS
 from millstream.core.time import MAX_WATERMARK, MIN_WATERMARK, Clock, WallClock
 from millstream.core.units import parse_duration
-from millstream.errors import PlanError, SimulatedCrash, StreamingError, WorkerLostError
+from millstream.errors import (
+    PlanError,
+    SimulatedCrash,
+    StreamingError,
+    UserFunctionError,
+    WorkerLostError,
+)
 from millstream.io.stream_sinks import make_sink
 from millstream.plan import logical as L
 from millstream.plan.compile import compile_plan, streaming_settings
@@ -331,7 +337,13 @@ class StreamingJob:
         if self.executor == "inline":
             self._hosts = InlineHosts(specs, self.clock)
             return
-        payloads = [cloudpickle.dumps(partial(run_stream_task, spec)) for spec in specs]
+        try:
+            payloads = [pickling.dumps(partial(run_stream_task, spec)) for spec in specs]
+        except Exception:
+            from millstream.runtime.runner import Runner
+
+            Runner.check_shippable([spec for spec in specs])  # names what cannot be sent
+            raise
         try:
             self._hosts = self._runner.start_stream_hosts(payloads, self.inbox_capacity)
         except WorkerLostError as exc:
@@ -437,7 +449,8 @@ class StreamingJob:
                         c = chains[idx]
                         raise _HostLost(f"task {c.key} (stage {c.stage.id}) lost a peer: "
                                         f"{msg[2]}")
-                    raise _TaskFailed(chains[idx], msg[2], msg[3], msg[4])
+                    raise _TaskFailed(chains[idx], msg[2], msg[3], msg[4],
+                                      msg[5] if len(msg) > 5 else None)
             if final_done and len(done) == n:
                 return
             dead = hosts.dead()
@@ -530,16 +543,33 @@ class _HostLost(Exception):
 class _TaskFailed(Exception):
     """A task raised; carries its error for the driver."""
 
-    def __init__(self, chain: Chain, text: str, tb: str, exc: BaseException | None) -> None:
+    def __init__(self, chain: Chain, text: str, tb: str, exc: BaseException | None,
+                 user_tb: str | None = None) -> None:
         super().__init__(text)
         self.chain = chain
         self.text = text
         self.tb = tb
         self.exc = exc
+        self.user_tb = user_tb
 
     def error(self) -> BaseException:
         c = self.chain
         where = f"stage {c.stage.id} ({c.stage.purpose}), partition {c.key[2]}"
+        if self.user_tb is not None:  # a user function raised: ms.UserFunctionError, as in batch
+            from millstream.core.pickling import restore_code_locations
+            from millstream.runtime.runner import debugging
+
+            user_tb = restore_code_locations(self.user_tb, [(f.args, f.kwargs)
+                                                            for f in c.pipe.ops])
+            err = UserFunctionError(
+                f"{self.text.split(': ', 1)[-1]}\n  in streaming task {where}\n\n{user_tb}",
+                stage=f"{c.stage.id} ({c.stage.purpose})", partition=c.key[2],
+                operator=getattr(self.exc, "operator", None), user_traceback=user_tb,
+                cause_type=type(getattr(self.exc, "original", None)).__name__)
+            err.original = getattr(self.exc, "original", self.exc)  # type: ignore[attr-defined]
+            if debugging():
+                err.add_note(f"task traceback:\n{self.tb}")
+            return err
         if self.exc is not None:
             try:
                 self.exc.add_note(f"in streaming task {where}; task traceback:\n{self.tb}")
