@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from millstream.core.arrow import without_view_types
 from millstream.core.context import TaskContext
 from millstream.errors import BadRecordError, PlanError, SchemaError, StorageError
 from millstream.io import fs as msfs
@@ -132,6 +133,13 @@ class ParquetSource(Source):
                 fs, lambda: ds.dataset([f.path for f in files], schema=self.user_schema,
                                        format="parquet", filesystem=fs, **kwargs),
                 f"reading parquet metadata of {self.uri}")
+            plain = without_view_types(self._dataset.schema) if self.user_schema is None \
+                else None
+            if plain is not None:  # string_view columns are read as string
+                self._dataset = msfs.call(
+                    fs, lambda: ds.dataset([f.path for f in files], schema=plain,
+                                           format="parquet", filesystem=fs, **kwargs),
+                    f"reading parquet metadata of {self.uri}")
         return self._dataset
 
     def full_schema(self) -> pa.Schema:
