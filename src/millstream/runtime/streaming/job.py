@@ -67,16 +67,10 @@ from millstream.runtime.streaming.layout import (
     scans,
     task_budget,
 )
+from millstream.runtime.streaming.slot import SlotSpec, run_slot
 from millstream.runtime.streaming.spec import TaskSpec, close_quietly
-from millstream.runtime.streaming.task import StreamTask
 
 _log = logging.getLogger(__name__)
-
-
-def run_stream_task(spec: TaskSpec, channels: Any) -> None:
-    """What a host of its own runs: one task until its final barrier (module-level, so it
-    pickles)."""
-    StreamTask(spec, channels).run()
 
 
 class StreamingJob:
@@ -155,6 +149,7 @@ class StreamingJob:
                                          "last_checkpoint_seconds": None,
                                          "last_checkpoint_bytes": None}
         self._hosts: Any = None
+        self._route: dict[int, int] = {}  # task index -> the slot (host) it runs in
         self._scratch: str | None = None
         self._layout: Layout | None = None
         self._epochs: Epochs | None = None
@@ -335,24 +330,43 @@ class StreamingJob:
                 self._metrics["restored_from_epoch"] = restored.from_epoch
         specs = self._specs(restored)
         if self.executor == "inline":
+            self._route = {s.index: 0 for s in specs}
             self._hosts = InlineHosts(specs, self.clock)
             return
+        # task slots: slot i hosts partition i (mod the slots) of every stage
+        nslots = max(1, min(self.parallelism, len(specs)))
+        self._route = {s.index: s.key[2] % nslots for s in specs}
+        slots = [SlotSpec(i, [s for s in specs if self._route[s.index] == i], self._route,
+                          capacity=self.inbox_capacity) for i in range(nslots)]
+        slots = [s for s in slots if s.tasks]
+        if len(slots) != nslots:  # (a slot without tasks: renumber)
+            renumber = {s.index: i for i, s in enumerate(slots)}
+            self._route = {t: renumber[sl] for t, sl in self._route.items()}
+            slots = [SlotSpec(i, s.tasks, self._route, capacity=self.inbox_capacity)
+                     for i, s in enumerate(slots)]
         try:
-            payloads = [pickling.dumps(partial(run_stream_task, spec)) for spec in specs]
+            payloads = [pickling.dumps(partial(run_slot, slot)) for slot in slots]
         except Exception:
             from millstream.runtime.runner import Runner
 
-            Runner.check_shippable([spec for spec in specs])  # names what cannot be sent
+            Runner.check_shippable(specs)  # names what cannot be sent
             raise
         try:
             self._hosts = self._runner.start_stream_hosts(payloads, self.inbox_capacity)
         except WorkerLostError as exc:
             raise _HostLost(str(exc)) from None
 
+    def _send_control(self, task: int, msg: tuple) -> None:
+        """A coordinator message to task ``task`` (through its slot's host)."""
+        if self.executor == "inline":
+            self._hosts.send_control(task, msg)
+        else:
+            self._hosts.send_control(self._route[task], (task, *msg))
+
     def _trigger(self, final: bool) -> dict[str, Any]:
         e = self.epoch
         for c in self._layout.sources:
-            self._hosts.send_control(c.index, ("barrier", e, final))
+            self._send_control(c.index, ("barrier", e, final))
         return {"epoch": e, "final": final, "acks": {}, "started": time.perf_counter(),
                 "committing": None}
 
@@ -372,7 +386,7 @@ class StreamingJob:
         if self._epochs.commits_in_task:
             sinks = [c.index for c in self._layout.sinks]
             for i in sinks:
-                self._hosts.send_control(i, ("commit", e))
+                self._send_control(i, ("commit", e))
             pending["committing"] = set(sinks)
         self.watermark = wm
         with self._lock:
@@ -455,12 +469,12 @@ class StreamingJob:
                 return
             dead = hosts.dead()
             if dead:
-                idx, why = dead[0]
+                slot, why = dead[0]
                 if final_done:  # exited after the end anyway
                     return
-                c = chains[idx]
-                raise _HostLost(f"the host of task {c.key} (stage {c.stage.id}, partition "
-                                f"{c.key[2]}) died: {why}")
+                c = next(c for c in chains if self._route.get(c.index) == slot)
+                raise _HostLost(f"the host of task slot {slot} (with task {c.key}, stage "
+                                f"{c.stage.id}, partition {c.key[2]}) died: {why}")
             if pending is not None and \
                     time.perf_counter() - pending["started"] > self.checkpoint_timeout_s:
                 # a task stuck (or a message lost): as Flink, a checkpoint that does not

@@ -1,11 +1,11 @@
 """A long-lived streaming task: one stage partition's operator chain, fed by channels.
 
 A streaming job (:mod:`millstream.runtime.streaming.job`) runs one :class:`StreamTask` per
-stage partition for the life of the job. Where it runs is the hosts' business: all tasks
-stepped in turn in the driver (:mod:`~millstream.runtime.streaming.inline`), or each in a
-host the runner provides (a process on the local runner, an actor on Ray), looping on
-:meth:`StreamTask.run`. A task owns its operator instances and so their keyed state. It
-talks through a :class:`Channels` object:
+stage partition for the life of the job, stepped by the task slot that holds it
+(:mod:`~millstream.runtime.streaming.slot`: all tasks in one slot in the driver for the
+inline executor, a slot per worker process or Ray actor for the parallel one). A task
+owns its operator instances and so their keyed state. It talks through a
+:class:`Channels` object:
 
 * its **inbox** (bounded: a producer blocks while it is full, which is the backpressure
   that slows a source down to the pace of the slowest consumer) carries, per sender,
@@ -48,14 +48,11 @@ from millstream.runtime.streaming.spec import (
     TaskSpec,
     close_quietly,
     counter_names,
-    failure_message,
     state_bytes,
 )
 
 _log = logging.getLogger(__name__)
 
-#: How long a task without input waits for a message before it ticks processing time (s).
-TICK_S = 0.05
 #: Metrics go to the coordinator at most this often (s).
 METRICS_EVERY_S = 0.25
 #: Rows of queued input messages processed as one batch by an inner task.
@@ -63,8 +60,9 @@ COALESCE_ROWS = 65_536
 
 
 class StreamTask:
-    """Runs one :class:`TaskSpec`: :meth:`run` until its final barrier (a host of its own),
-    or :meth:`open` then :meth:`step` calls (hosts that run many tasks in one thread)."""
+    """Runs one :class:`TaskSpec`: :meth:`open`, then :meth:`step` calls from its slot
+    (:mod:`~millstream.runtime.streaming.slot`) until it is ``stopped`` by its final
+    barrier, then :meth:`close`."""
 
     def __init__(self, spec: TaskSpec, channels: Channels, clock: Clock | None = None) -> None:
         self.spec = spec
@@ -366,19 +364,6 @@ class StreamTask:
         return False
 
     # ------------------------------------------------------------------ loops
-
-    def run(self) -> None:
-        """Run until the final checkpoint (a host of its own); errors go to the coordinator."""
-        try:
-            self.open()
-            while not self.stopped:
-                self.step(TICK_S)
-        except BaseException as exc:  # noqa: BLE001 - the coordinator decides what happens
-            self.ch.to_coordinator(failure_message(self.spec.index, exc))
-            return
-        finally:
-            self.close()
-        self.ch.to_coordinator(("done", self.spec.index))
 
     def step(self, wait: float = 0.0) -> bool:
         """Do what is ready: control messages, then one poll of the source (a source task)
