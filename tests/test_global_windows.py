@@ -605,7 +605,8 @@ def test_count_trigger_state_moves_with_key_groups(before, after, tmp_path):
     second = make_ds().start(checkpoint=chk, sink=sink, checkpoint_interval=0,
                              parallelism=after)
     assert second.await_termination(30)
-    assert second.metrics()["restored_from_epoch"] == 7
+    # (a collecting sink resumes from the newest checkpoint whose commit is known)
+    assert second.metrics()["restored_from_epoch"] == 6
     assert _sequences(sink.rows()) == want
 
 

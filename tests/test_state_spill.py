@@ -390,7 +390,8 @@ def test_streaming_job_with_spilled_state_crashes_and_restores_at_another_parall
     assert any(st["store"] and st["store"]["spilled"] for g in groups.values() for st in g)
     second = make().start(checkpoint=chk, sink=sink, checkpoint_interval=0, parallelism=3)
     assert second.await_termination(30)
-    assert second.metrics()["restored_from_epoch"] == 6
+    # (a collecting sink resumes from the newest checkpoint whose commit is known)
+    assert second.metrics()["restored_from_epoch"] == 5
     assert sorted(tuple(sorted(r.items())) for r in sink.rows()) == expected
 
 

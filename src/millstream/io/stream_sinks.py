@@ -25,11 +25,19 @@ from millstream.io.files.stream_sink import FileStreamSink
 
 
 class CollectingSink:
-    """Keeps the rows of committed epochs in memory (tests); commits are idempotent per epoch."""
+    """Keeps the rows of committed epochs in memory (tests); commits are idempotent per epoch.
+
+    The rows of an epoch wait here between its pre-commit and its commit; they are not in
+    the checkpoint (``recommit_on_restore = False``: a restart resumes from the newest
+    checkpoint whose commit is known and replays the epochs after it).
+    """
+
+    recommit_on_restore = False
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pending: list[pa.RecordBatch] = []
+        self._staged: dict[int, pa.Table | None] = {}
         self._committed: dict[int, pa.Table] = {}
 
     def begin(self, epoch: int) -> None:
@@ -42,17 +50,19 @@ class CollectingSink:
         self._pending.extend(b for b in batches if b.num_rows)
 
     def pre_commit(self, epoch: int) -> dict[str, Any]:
-        """The epoch's rows as the handle (so a re-commit after a restart has them)."""
-        handle = {"epoch": epoch, "table": concat_batches(self._pending) if self._pending else None}
+        """Hold the epoch's rows until its commit; the handle names the epoch only."""
+        self._staged[epoch] = concat_batches(self._pending) if self._pending else None
         self._pending = []
-        return handle
+        return {"epoch": epoch}
 
     def commit(self, handle: dict[str, Any]) -> None:
         """Make the epoch's rows visible (once)."""
+        epoch = handle["epoch"]
+        table = self._staged.pop(epoch, None)
         with self._lock:
-            if handle["epoch"] not in self._committed and handle["table"] is not None:
-                self._committed[handle["epoch"]] = handle["table"]
-            self._committed.setdefault(handle["epoch"], pa.table({}))
+            if epoch not in self._committed and table is not None:
+                self._committed[epoch] = table
+            self._committed.setdefault(epoch, pa.table({}))
 
     def abort(self, handle: dict[str, Any] | None = None) -> None:
         """Drop the pending rows."""
@@ -98,13 +108,18 @@ class CallbackSink:
 
     ``table`` is a ``pyarrow.Table`` of the epoch's rows (Spark's ``foreachBatch``). The
     call happens in ``commit``, after the epoch's checkpoint is complete, so nothing is
-    delivered that a restart would roll back. The rows travel in the checkpoint (as the
-    pre-commit handle): after a crash before or during the call, the restarted job calls
-    ``fn`` again with the same rows and epoch; a crash after it but before the commit is
-    recorded repeats it too. So delivery is at-least-once; an ``fn`` idempotent per
-    epoch (e.g. overwrite the output of epoch ``e``) makes it exactly-once. Epochs
-    without rows are skipped unless ``skip_empty=False``. A raising ``fn`` fails the job.
+    delivered that a restart would roll back. The rows wait in memory between the
+    pre-commit and the call, not in the checkpoint: after a crash before or during the
+    call, the restarted job resumes from the newest checkpoint whose commit is known
+    (``recommit_on_restore = False``) and replays the epochs after it, so ``fn`` gets those
+    epochs again (same epoch numbers and rows, for a deterministic source); a crash after
+    the call but before the commit is recorded repeats it too. So delivery is
+    at-least-once; an ``fn`` idempotent per epoch (e.g. overwrite the output of epoch ``e``)
+    makes it exactly-once. Epochs without rows are skipped unless ``skip_empty=False``. A
+    raising ``fn`` fails the job.
     """
+
+    recommit_on_restore = False
 
     def __init__(self, fn: Callable[..., Any], skip_empty: bool = True) -> None:
         if not callable(fn):
@@ -113,6 +128,7 @@ class CallbackSink:
         self.skip_empty = skip_empty
         self._with_epoch = _positional_arity(fn) >= 2
         self._pending: list[pa.RecordBatch] = []
+        self._staged: dict[int, pa.Table | None] = {}
         self._schema: pa.Schema | None = None
         #: the newest epoch delivered by this instance (a re-commit of it is skipped)
         self._delivered: int | None = None
@@ -131,24 +147,22 @@ class CallbackSink:
                 self._pending.append(b)
 
     def pre_commit(self, epoch: int) -> dict[str, Any]:
-        """The epoch's rows as the handle (a re-commit after a restart delivers them)."""
-        table = concat_batches(self._pending) if self._pending else None
+        """Hold the epoch's rows until its commit; the handle names the epoch only."""
+        self._staged[epoch] = concat_batches(self._pending) if self._pending else None
         self._pending = []
-        return {"epoch": epoch, "table": table,
-                "schema": None if self._schema is None else self._schema}
+        return {"epoch": epoch}
 
     def commit(self, handle: dict[str, Any]) -> None:
         """Call the function with the epoch's rows (once per epoch in this process)."""
         epoch = handle["epoch"]
+        table = self._staged.pop(epoch, None)
         if self._delivered is not None and epoch <= self._delivered:
             return
-        table = handle["table"]
         if table is None:
             if self.skip_empty:
                 self._delivered = epoch
                 return
-            schema = handle.get("schema")
-            table = schema.empty_table() if schema is not None else pa.table({})
+            table = self._schema.empty_table() if self._schema is not None else pa.table({})
         try:
             if self._with_epoch:
                 self.fn(table, epoch)
