@@ -39,6 +39,7 @@ from millstream.plan.logical.relational import (
     Rename,
     Repartition,
     Sort,
+    TopK,
     Union,
     WithColumns,
 )
@@ -47,6 +48,6 @@ __all__ = [
     "NARROW_NODES", "Aggregate", "Cache", "Distinct", "Drop", "Explode", "Filter", "FilterRows",
     "FlatMap", "IntervalJoin", "Join", "KeyedProcess", "LatestJoin", "Limit", "Map",
     "MapBatches", "MapReduceStep", "Node", "Project", "Rename", "Repartition", "SameColumns",
-    "Scan", "Sort", "Union", "Unary", "WindowAggregate", "WindowJoin", "WithColumns",
+    "Scan", "Sort", "TopK", "Union", "Unary", "WindowAggregate", "WindowJoin", "WithColumns",
     "WithWatermark",
 ]
