@@ -627,3 +627,27 @@ def test_after_a_python_function_checks_wait_for_the_job():
     ds = mapped.select("nope")  # the columns are unknown here: nothing is guessed
     with pytest.raises(SchemaError, match="nope"):
         ds.collect()
+
+
+# ------------------------------------------------------------------------------- fixed point
+
+def test_optimized_plans_are_a_fixed_point():
+    from millstream.plan.physical import PlannerSettings
+
+    settings_ = PlannerSettings(4, 10 << 20, lambda _cid: None)
+    q3 = (cust().join(orders(), left_on="c_id", right_on="o_cust")
+          .join(lines(), left_on="o_id", right_on="l_order")
+          .filter((col("c_nation") == 1) & (col("l_flag") == "A") & (col("o_id") == col("l_qty")))
+          .group_by("o_id").agg(ms.sum("l_price").alias("rev")).sort("rev").limit(3))
+    plans = [
+        q3,
+        orders().join(lines(), left_on="o_id", right_on="l_order", how="outer")
+        .filter((col("o_price") > 1) & (col("l_qty") > 1)).select("o_id", "l_qty"),
+        orders().sort("o_id").union(orders()).limit(5).select("o_id"),
+        orders().filter(lit(False)).union(orders().filter(col("o_id") == col("o_id"))),
+    ]
+    for ds in plans:
+        node, rules = optimize_traced(ds._node, settings_)
+        assert rules, ds._node.tree()
+        again, more = optimize_traced(node, settings_)
+        assert more == [] and again is node, (more, node.tree())

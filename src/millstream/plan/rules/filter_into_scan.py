@@ -17,11 +17,12 @@ class FilterIntoScan(Rule):
     name = "filter_into_scan"
 
     def apply(self, node: Node, ctx: RuleContext) -> Node:
-        pushed: set[tuple[int, str]] = ctx.facts.setdefault(_PUSHED, set())
+        # (source id, predicate) -> the source (held, so its id stays its own)
+        pushed: dict[tuple[int, str], object] = ctx.facts.setdefault(_PUSHED, {})
         return node.transform_up(lambda n: _into_scan(n, pushed))
 
 
-def _into_scan(node: Node, pushed: set[tuple[int, str]]) -> Node:
+def _into_scan(node: Node, pushed: dict[tuple[int, str], object]) -> Node:
     if not (isinstance(node, Filter) and isinstance(node.child, Scan)):
         return node
     src = node.child.source
@@ -35,7 +36,7 @@ def _into_scan(node: Node, pushed: set[tuple[int, str]]) -> Node:
     new_src, _cols, fully = src.with_pushdown(None, expr)
     if new_src is src:
         return node
-    pushed.add((id(new_src), repr(expr)))
+    pushed[(id(new_src), repr(expr))] = new_src
     scan = Scan(new_src)
     rest = [p for p in parts if p.to_arrow() is None] if fully else parts
     return Filter(scan, conjoin(rest)) if rest else scan
