@@ -845,7 +845,7 @@ def test_explain_mentions_stages_and_pushdown():
     text = (ds.select("k", "i", x=col("f") * 2).filter(col("x") > 0).group_by("k")
             .agg(ms.sum("i")).sort("k").explain(print_plan=False))
     for part in ("== Logical plan ==", "== Optimized plan ==", "== Physical plan ==", "Stage",
-                 "partial aggregate", "shuffle write", "hash(k)", "range(k)", "columns=['f', 'i', 'k']"):
+                 "partial aggregate", "shuffle write", "hash(k)", "range(k)", "columns=['k', 'i', 'f']"):
         assert part in text, part
     assert text.count("Stage ") >= 3
 

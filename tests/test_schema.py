@@ -220,18 +220,21 @@ def test_python_functions_hide_the_schema_until_a_sample_runs():
 def test_missing_columns_raise_a_schema_error_naming_them():
     d = base()
     cases = {
-        "nope": d.select("k", "nope"),
-        "missing_key": d.group_by("missing_key").agg(ms.sum("v")),
-        "gone": d.filter(ms.col("gone") > 1).select("k"),
-        "absent": d.join(other(), left_on="absent", right_on="k"),
-        "when_col": d.with_watermark("t").group_by("k").window(ms.tumbling("1m"), on="when_col")
-                     .agg(ms.sum("v")),
-        "zz": d.sort("zz"),
+        "nope": lambda: d.select("k", "nope"),
+        "missing_key": lambda: d.group_by("missing_key").agg(ms.sum("v")),
+        "gone": lambda: d.filter(ms.col("gone") > 1).select("k"),
+        "absent": lambda: d.join(other(), left_on="absent", right_on="k"),
+        "when_col": lambda: d.with_watermark("t").group_by("k")
+                             .window(ms.tumbling("1m"), on="when_col").agg(ms.sum("v")),
+        "zz": lambda: d.sort("zz"),
     }
-    for name, ds in cases.items():
-        with pytest.raises(SchemaError, match=name):
-            ds.schema  # noqa: B018
-        assert ds._node.schema is None  # the property itself never raises
+    for name, build in cases.items():
+        with pytest.raises(SchemaError, match=name):  # when the transformation is built
+            build()
+    node = L.Project(d._node, (ms.col("nope"),))
+    assert node.schema is None  # the property itself never raises
+    with pytest.raises(SchemaError, match="nope"):
+        node.checked_schema()
 
 
 def test_unbounded_source_without_schema_is_not_run():

@@ -14,6 +14,7 @@ from typing import Any
 import pyarrow as pa
 
 from millstream.api import analytic, stream, stream_join
+from millstream.api.checks import check_aggregates, check_keys, check_node
 from millstream.core.arrow import batch_to_rows, format_table
 from millstream.errors import PlanError, SchemaError
 from millstream.expr.aggregates import AggExpr, AggSpec
@@ -59,9 +60,16 @@ def _exprs(items: Sequence[Any], named: dict[str, Any]) -> list[Expr]:
 
 
 class Dataset:
-    """A lazy, partitioned collection of rows; see the module docstring."""
+    """A lazy, partitioned collection of rows; see the module docstring.
+
+    Every transformation is checked when it is built: a column that is not there, a type
+    an expression or aggregate cannot take, a non-boolean filter raise a SchemaError at
+    the user's call (not when a job runs). Where a Python function hides the columns
+    (``map``, ``map_batches``, ...) the checks after it wait for the job.
+    """
 
     def __init__(self, node: L.Node) -> None:
+        check_node(node)
         self._node = node
         self._sampled_schema: pa.Schema | None = None
 
@@ -156,7 +164,11 @@ class Dataset:
     # --------------------------------------------------------- wide
     def group_by(self, *keys: Any) -> GroupedDataset:
         """Group rows by key columns or expressions; follow with ``.agg(...)``."""
-        return GroupedDataset(self, list(keys))
+        flat: list[Any] = []
+        for k in keys:
+            flat.extend(k if isinstance(k, (list, tuple)) else [k])
+        check_keys(self._node, flat)
+        return GroupedDataset(self, flat)
 
     groupby = group_by
 
@@ -338,9 +350,11 @@ class Dataset:
         table = self.limit(n).to_arrow(**options)
         print(format_table(table, n))
 
-    def explain(self, print_plan: bool = True) -> str:
-        """The logical, optimized and physical plans (stages, shuffles, pushdowns)."""
-        text = actions.explain(self._node, effective_settings({}))
+    def explain(self, print_plan: bool = True, **options: Any) -> str:
+        """The logical, optimized and physical plans (stages, shuffles, pushdowns) and the
+        optimizer rules that fired; ``optimizer=False`` or ``disabled_rules=[...]`` show
+        the plan without (some of) them."""
+        text = actions.explain(self._node, effective_settings(options))
         if print_plan:
             print(text)
         return text
@@ -426,6 +440,7 @@ class GroupedDataset:
                             "use .alias(...) to name the aggregates")
         if not specs and not key_names:
             raise PlanError("agg() needs at least one aggregate")
+        check_aggregates(ds._node, key_names, specs)
         out = Dataset(L.Aggregate(ds._node, tuple(key_names), specs))
         renames = {t: o for t, o in zip(key_names, out_names) if t != o}
         return out.rename(renames) if renames else out
@@ -464,3 +479,4 @@ def _partition_cols(partition_by: str | Sequence[str] | None) -> list[str] | Non
     if partition_by is None:
         return None
     return [partition_by] if isinstance(partition_by, str) else list(partition_by)
+

@@ -74,6 +74,13 @@ class Source(ABC):
         """A cheap estimate of the data size (file sizes, in-memory size), or None."""
         return None
 
+    def with_limit(self, n: int) -> Source:
+        """A source whose rows begin with the first ``n`` rows of this one, in split order,
+        and that reads less to give them (fewer splits or rows); ``self`` when it cannot
+        stop early or already reads no more. The optimizer pushes ``limit(n)`` here (the
+        limit itself stays above the scan)."""
+        return self
+
     def schema(self) -> pa.Schema | None:
         """The schema of the rows read (after a pushed projection), when the source knows
         it cheaply (a file footer, an in-memory table, a given or already inferred schema);

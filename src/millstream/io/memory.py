@@ -70,6 +70,14 @@ class TableSource(Source):
     def estimated_size_bytes(self) -> int | None:
         return self.table.nbytes
 
+    def with_limit(self, n: int) -> Source:
+        """The first ``n`` rows of the table only."""
+        if self.table.num_rows <= n:
+            return self
+        new = TableSource(self.table.slice(0, n), self.num_partitions, self.label)
+        new.columns = self.columns
+        return new
+
     def schema(self) -> pa.Schema:
         """The table's schema (only the pushed columns, when a projection was pushed)."""
         schema = self.table.schema
@@ -114,6 +122,12 @@ class RangeSource(Source):
 
     def estimated_size_bytes(self) -> int | None:
         return self._count() * 8
+
+    def with_limit(self, n: int) -> Source:
+        """The first ``n`` integers only."""
+        if self._count() <= n:
+            return self
+        return RangeSource(self.start, self.start + n * self.step, self.step, self.num_partitions)
 
     def schema(self) -> pa.Schema:
         """One column ``id: int64``."""

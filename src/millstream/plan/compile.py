@@ -6,6 +6,7 @@ through :func:`compile_plan`, so they all see the same optimized plan.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from millstream.plan.logical import Node
@@ -15,14 +16,17 @@ from millstream.plan.stages import Stage, all_stages
 
 
 def compile_plan(node: Node, settings: PlannerSettings, output_kind: str = "blocks",
-                 sink: Any = None) -> Stage:
-    """The final stage of ``node``'s physical plan (its dependencies hang below it)."""
-    return PhysicalPlanner(settings).plan(optimize(node, settings), output_kind, sink)
+                 sink: Any = None, disabled_rules: Iterable[str] = ()) -> Stage:
+    """The final stage of ``node``'s physical plan (its dependencies hang below it);
+    ``disabled_rules`` names optimizer rules not to run (``"all"``: none)."""
+    return PhysicalPlanner(settings).plan(optimize(node, settings, disabled_rules),
+                                          output_kind, sink)
 
 
-def explain_plan(node: Node, settings: PlannerSettings) -> str:
+def explain_plan(node: Node, settings: PlannerSettings,
+                 disabled_rules: Iterable[str] = ()) -> str:
     """The logical, optimized and physical plans of ``node`` as text (``explain()``)."""
-    optimized, fired = optimize_traced(node, settings)
+    optimized, fired = optimize_traced(node, settings, disabled_rules)
     final = PhysicalPlanner(settings).plan(optimized)
     parts = ["== Logical plan ==", node.tree(), "", "== Optimized plan ==", optimized.tree(),
              "", "== Rules applied ==", ", ".join(fired) if fired else "(none)", "",

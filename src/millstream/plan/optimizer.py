@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from millstream.errors import PlanError
 from millstream.plan.logical import Node
 from millstream.plan.rules import RULES, Rule, RuleContext
 
@@ -23,8 +24,12 @@ def optimize_traced(node: Node, settings: Any = None, disabled: Iterable[str] = 
     """The optimized plan of ``node`` and the rules that fired (in order, repeats kept once
     per pass in which they changed the plan)."""
     off = set(disabled)
-    active = [r for r in (rules if rules is not None else RULES)
-              if "all" not in off and r.name not in off]
+    pool = rules if rules is not None else RULES
+    unknown = off - {r.name for r in pool} - {"all"}
+    if unknown:
+        raise PlanError(f"unknown optimizer rule(s) {sorted(unknown)}; the rules are "
+                        f"{[r.name for r in pool]} (or 'all')")
+    active = [r for r in pool if "all" not in off and r.name not in off]
     ctx = RuleContext(settings)
     fired: list[str] = []
     for _ in range(MAX_PASSES):

@@ -46,6 +46,7 @@ from millstream.ops.stream_join import (
     WindowJoin,
     join_key_names,
 )
+from millstream.ops.topk import TopK
 from millstream.ops.watermark import EventTimeWatermark
 from millstream.ops.window import GlobalWindowAggregate, WindowAggregate, WindowCombiner
 from millstream.plan import logical as L
@@ -258,6 +259,17 @@ class PhysicalPlanner:
                 p.add(OperatorFactory(AnalyticWindow, list(node.partition_by), group, order),
                       f"Window partition_by={list(node.partition_by)} [{text}]")
         return pipes
+
+    def _build_TopK(self, node: L.TopK) -> list[Pipeline]:
+        """A top-k per task, then one task's top-k of those (no sort, no sample)."""
+        pipes = self.build(node.child)
+        args = (list(node.by), list(node.descending), node.n, node.nulls_last)
+        for p in pipes:
+            p.add(OperatorFactory(TopK, *args), f"partial top-{node.n}")
+        stage = self._close(pipes, RoundRobinPartitioner(1), "top-k")
+        new = Pipeline([ShufflePort(stage)])
+        new.add(OperatorFactory(TopK, *args), node.label())
+        return [new]
 
     def _build_Cache(self, node: L.Cache) -> list[Pipeline]:
         blocks = self.s.cache_lookup(node.cache_id)

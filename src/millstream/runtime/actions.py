@@ -49,12 +49,13 @@ def planner_settings(settings: Settings) -> PlannerSettings:
 def compile_job(node: Node, settings: Settings, output_kind: str = "blocks",
                 sink: Sink | None = None) -> Stage:
     """The final stage of ``node``'s physical plan for this session."""
-    return compile_plan(node, planner_settings(settings), output_kind, sink)
+    return compile_plan(node, planner_settings(settings), output_kind, sink,
+                        settings.rules_off())
 
 
 def explain(node: Node, settings: Settings) -> str:
     """The logical, optimized and physical plans of ``node`` as text."""
-    return explain_plan(node, planner_settings(settings))
+    return explain_plan(node, planner_settings(settings), settings.rules_off())
 
 
 def drop_lost_cache_entries(session: Session) -> bool:

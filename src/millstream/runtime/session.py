@@ -41,6 +41,19 @@ class Settings:
     #: a job whose estimated input is at most this many bytes runs in the driver process,
     #: without starting workers (0: always on workers)
     driver_input_limit: int = 16 << 20
+    #: run the optimizer rules (False: the plan runs as written; tests compare the two)
+    optimizer: bool = True
+    #: optimizer rules left out, by name (``explain()`` lists the names of those that fired)
+    disabled_rules: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.disabled_rules, str):
+            self.disabled_rules = (self.disabled_rules,)
+        self.disabled_rules = tuple(self.disabled_rules)
+
+    def rules_off(self) -> tuple[str, ...]:
+        """The optimizer rules not to run (``("all",)`` with ``optimizer=False``)."""
+        return ("all",) if not self.optimizer else self.disabled_rules
 
     def resolved_parallelism(self) -> int:
         """Workers to plan for: as set, else the runner's (cluster CPUs on Ray), else local CPUs."""
@@ -178,7 +191,9 @@ def init(runner: str = "local", parallelism: int | None = None, memory_limit: in
     """Configure execution: runner, worker count, memory limit (bytes or "2GB"), spill dir.
 
     Further options: shuffle_partitions, shuffle_compression ("lz4", "zstd", None),
-    broadcast_threshold, batch_size, max_task_attempts, progress (True/False/None=auto).
+    broadcast_threshold, batch_size, max_task_attempts, progress (True/False/None=auto),
+    optimizer (False: plans run as written), disabled_rules (optimizer rules to skip, by
+    name).
     """
     unknown = set(options) - _KNOWN
     if unknown:

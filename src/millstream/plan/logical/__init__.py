@@ -40,6 +40,7 @@ from millstream.plan.logical.relational import (
     Rename,
     Repartition,
     Sort,
+    TopK,
     Union,
     WithColumns,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "NARROW_NODES", "Aggregate", "Cache", "Distinct", "Drop", "Explode", "Filter", "FilterRows",
     "FlatMap", "IntervalJoin", "Join", "KeyedProcess", "LatestJoin", "Limit", "Map",
     "MapBatches", "MapReduceStep", "Node", "Project", "Rename", "Repartition", "SameColumns",
-    "Scan", "Sort", "Union", "Unary", "Window", "WindowAggregate", "WindowJoin", "WithColumns",
+    "Scan", "Sort", "TopK", "Union", "Unary", "Window", "WindowAggregate", "WindowJoin",
+    "WithColumns",
     "WithWatermark",
 ]

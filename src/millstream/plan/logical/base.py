@@ -93,7 +93,9 @@ class Scan(Node):
         return f"Scan {self.source.describe()}"
 
     def compute_schema(self) -> pa.Schema | None:
-        return self.source.schema()  # a source that fails here fails again when it runs
+        schema = self.source.schema()  # a source that fails here fails again when it runs
+        # no column at all (``from_items([])``) says nothing about the columns rows will have
+        return schema if schema is None or len(schema) else None
 
 
 @dataclass(frozen=True, eq=False)

@@ -297,6 +297,24 @@ class Limit(SameColumns, Unary):
 
 
 @dataclass(frozen=True, eq=False)
+class TopK(SameColumns, Unary):
+    """The first ``n`` rows in the order of a sort by ``by`` (``sort(...).limit(n)``),
+    found per partition and merged, without sorting everything."""
+
+    by: tuple[str, ...]
+    descending: tuple[bool, ...]
+    n: int
+    nulls_last: bool | None = None
+
+    def label(self) -> str:
+        return f"TopK {self.n} by " + ", ".join(c + (" desc" if d else "")
+                                              for c, d in zip(self.by, self.descending))
+
+    def references(self) -> frozenset[str] | None:
+        return frozenset(self.by)
+
+
+@dataclass(frozen=True, eq=False)
 class Repartition(SameColumns, Unary):
     """``n`` partitions, by hash of ``by`` or round-robin."""
 

@@ -5,15 +5,40 @@ A rule is a :class:`Rule`: a name (what ``explain()`` lists when it fired) and
 ``apply(node, ctx)``, which returns an equivalent plan (the same object when it does not
 apply). Rules are listed in :data:`RULES` in the order one pass applies them; the driver
 repeats passes until no rule changes the plan (or a pass limit is reached).
+
+Helpers shared by the rules: ``exprs`` (expressions: conjuncts, substitution, folding,
+null rejection), ``common`` (nodes: rebuilding, empty relations, where a join's columns
+come from) and ``columns`` (which input columns a node needs).
 """
 
 from __future__ import annotations
 
 from millstream.plan.rules.base import Rule, RuleContext
-from millstream.plan.rules.pushdown import FilterIntoScan, ProjectionIntoScan
+from millstream.plan.rules.filter_into_scan import FilterIntoScan
+from millstream.plan.rules.join_keys import InferJoinKeys
+from millstream.plan.rules.limit_pushdown import LimitPushdown
+from millstream.plan.rules.outer_join import OuterJoinToInner
+from millstream.plan.rules.predicate_pushdown import PredicatePushdown
+from millstream.plan.rules.projection_into_scan import ProjectionIntoScan
+from millstream.plan.rules.projection_pruning import ProjectionPruning
+from millstream.plan.rules.simplify import ConstantFolding
+from millstream.plan.rules.topk import SortLimitToTopK
 
-#: The rules of one optimizer pass, in order. A rule that needs the plan's final shape
-#: (projection pruning into scans) comes last.
-RULES: tuple[Rule, ...] = (FilterIntoScan(), ProjectionIntoScan())
+#: The rules of one optimizer pass, in order: expressions are simplified first (a filter
+#: that is always true or false goes before anything moves it); filters then move down,
+#: narrow the outer joins they reject the nulls of and become join keys, and what reaches a
+#: scan goes into it; limits move down and a sort under a limit becomes a top-k; last, the
+#: columns nobody reads are pruned, down to the scans (which needs the plan's final shape).
+RULES: tuple[Rule, ...] = (
+    ConstantFolding(),
+    PredicatePushdown(),
+    OuterJoinToInner(),
+    InferJoinKeys(),
+    FilterIntoScan(),
+    LimitPushdown(),
+    SortLimitToTopK(),
+    ProjectionPruning(),
+    ProjectionIntoScan(),
+)
 
 __all__ = ["RULES", "Rule", "RuleContext"]

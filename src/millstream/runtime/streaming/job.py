@@ -132,7 +132,11 @@ class StreamingJob:
         self.max_restarts = int(max_restarts)
         self.inbox_capacity = max(1, int(inbox_capacity))
         self._settings = task_budget(memory_limit)
-        self._stages = all_stages(compile_plan(node, streaming_settings(self.parallelism)))
+        from millstream.runtime.session import get_session
+
+        self._stages = all_stages(compile_plan(node, streaming_settings(self.parallelism),
+                                               disabled_rules=get_session().settings
+                                               .rules_off()))
         self.epoch = 1
         self.watermark = MIN_WATERMARK
         self.restarts = 0

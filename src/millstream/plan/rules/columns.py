@@ -1,0 +1,100 @@
+"""Which input columns a node needs, given the output columns the plan above it needs.
+
+``required`` is a set of column names, or None for "all of them" (the plan's result, or
+the input of a node that reads whole rows: a Python function, ``distinct``, a cache). An
+empty set means rows are needed but no column (``count()``). The projection rules walk
+the plan top-down with these sets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from millstream.plan.logical import (
+    Aggregate,
+    Drop,
+    Explode,
+    Filter,
+    Join,
+    Limit,
+    Node,
+    Project,
+    Rename,
+    Repartition,
+    Sort,
+    TopK,
+    Union,
+    WindowAggregate,
+    WithColumns,
+    WithWatermark,
+)
+from millstream.plan.rules.common import LEFT, RIGHT, join_columns
+
+Required = frozenset[str] | None
+
+
+def _with(required: Required, extra: Iterable[str]) -> Required:
+    return None if required is None else required | frozenset(extra)
+
+
+def child_requirements(node: Node, required: Required) -> tuple[Required, ...]:
+    """The columns each input of ``node`` must provide so that ``node`` gives ``required``
+    of its output (None: all columns)."""
+    n = len(node.children)
+    refs = node.references()
+    if isinstance(node, Project):
+        return (frozenset(refs or ()),)
+    if isinstance(node, (Filter, Sort, TopK, Repartition, Explode, WithWatermark, Limit)):
+        return (_with(required, refs or ()),)
+    if isinstance(node, WithColumns):
+        if required is None:
+            return (None,)  # (a replaced column keeps its input's position: keep them all)
+        return (frozenset((required - node.produced()) | (refs or frozenset())),)
+    if isinstance(node, Drop):
+        if required is None:
+            schema = node.child.schema
+            if schema is None:
+                return (None,)
+            return (frozenset(c for c in schema.names if c not in node.columns),)
+        return (required,)
+    if isinstance(node, Rename):
+        if required is None:
+            return (None,)
+        schema = node.child.schema
+        if schema is None:
+            return (None,)
+        mapping = dict(node.mapping)
+        back = {mapping.get(c, c): c for c in schema.names}
+        return (frozenset(back.get(c, c) for c in required),)
+    if isinstance(node, (Aggregate, WindowAggregate)):
+        return (frozenset(refs or ()),)
+    if isinstance(node, Union):
+        return tuple(required for _ in node.inputs)
+    if isinstance(node, Join):
+        return join_requirements(node, required)
+    return tuple(None for _ in range(n))
+
+
+def join_requirements(join: Join, required: Required) -> tuple[Required, Required]:
+    """The columns each side of ``join`` must provide: its keys, the columns of
+    ``required`` it shows, and a same-named partner of a shown right column (which keeps
+    the right one's suffixed name)."""
+    if getattr(join, "condition", None) is not None:
+        return None, None  # a residual condition reads columns by name: leave the sides whole
+    left_keys, right_keys = frozenset(join.left_on), frozenset(join.right_on)
+    semi = join.how in ("semi", "anti")
+    if required is None:
+        return None, (right_keys if semi and right_keys else None)
+    info = join_columns(join)
+    if info is None:
+        return None, None
+    sides: tuple[set[str], set[str]] = (set(left_keys), set(right_keys))
+    for name in required:
+        origin = info.origin.get(name)
+        if origin is None:
+            return None, None  # not a column of this join: leave it to fail where it does
+        side, col = origin
+        sides[side].add(col)
+        if side == RIGHT and col != name:  # suffixed: the left column of that name stays
+            sides[LEFT].add(col)
+    return frozenset(sides[LEFT]), frozenset(sides[RIGHT])
