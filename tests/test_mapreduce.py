@@ -589,7 +589,7 @@ def test_user_error_in_reducer_names_step_key_and_traceback(corpus):
     assert "BadReducer step 1 reduce" in text and "reduce partition" in text
     assert "failed on all 2 attempt(s)" in text
     assert "BadReducer.reducer" in err.user_traceback or "reducer" in err.user_traceback
-    assert isinstance(err.__cause__, ValueError)
+    assert isinstance(err.original, ValueError)  # (chained as __cause__ with MILLSTREAM_DEBUG=1)
 
 
 # ----------------------------------------------------------------------------------- memory

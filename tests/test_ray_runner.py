@@ -263,7 +263,7 @@ def test_user_function_error_reads_as_on_the_local_runner():
     assert ray_err.attempts == local.attempts and len(ray_err.attempts) == 2
     assert (ray_err.stage, ray_err.partition, ray_err.operator) == \
         (local.stage, local.partition, local.operator)
-    assert isinstance(ray_err.__cause__, ValueError)
+    assert isinstance(ray_err.original, ValueError)
     with pytest.raises(ms.SchemaError, match="nope"):
         ms.range(10).select(ms.col("nope")).collect()
 

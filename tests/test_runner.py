@@ -29,7 +29,7 @@ def test_user_function_error_names_operator_partition_and_user_traceback():
     assert err.user_traceback.index("_boom") < err.user_traceback.index("ValueError")
     assert "millstream/ops" not in err.user_traceback  # the user's frames, not ours
     assert len(err.attempts) == 2
-    assert isinstance(err.__cause__, ValueError)
+    assert isinstance(err.original, ValueError)
 
 
 def test_schema_error_is_not_retried():

@@ -127,4 +127,4 @@ def test_user_function_error(runner):
     with pytest.raises(ms.UserFunctionError) as info:
         _ds().map(boom).collect(max_task_attempts=2)
     assert "no 1234" in str(info.value) and len(info.value.attempts) == 2
-    assert isinstance(info.value.__cause__, KeyError)
+    assert isinstance(info.value.original, KeyError)
