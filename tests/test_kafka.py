@@ -238,6 +238,18 @@ def test_bad_json_raises_naming_topic_partition_offset(broker, topic):
     assert err.topic == topic and err.partition == 1
     assert f"kafka topic {topic!r} partition 1 offset {offsets[1]}" in str(err)
     assert '{"id": 2, "name": ' in str(err)
+    # the hint is what works: a keyword of read_kafka (options= as well)
+    assert 'read_kafka(..., on_bad_records="skip")' in str(err)
+    assert "options={" not in str(err)
+    ends = {0: 0, 1: offsets[-1] + 1, 2: 0}
+    for options in ({"on_bad_records": "skip"}, {"options": {"on_bad_records": "skip"}}):
+        rows = ms.read_kafka(topic, broker.bootstrap_servers, schema=schema, end_offsets=ends,
+                             **options).collect()
+        assert sorted(r["id"] for r in rows) == [1, 6, 7]
+    misspelt = KafkaSource(topic, broker.bootstrap_servers, options={"on_bad_record": "skip"})
+    with pytest.raises(PlanError, match=r"Did you mean Millstream's 'on_bad_records'\? Pass it "
+                                        r"as a keyword: read_kafka\(\.\.\., on_bad_records="):
+        misspelt.partitions()
 
 
 def test_bad_json_skip_and_dead_letter(broker, topic, tmp_path):
@@ -264,6 +276,44 @@ def test_bad_json_skip_and_dead_letter(broker, topic, tmp_path):
     assert {r["path"] for r in records} == {f"kafka://{topic}/0"}
     assert records[0]["record"] == '{"id": 2, "name": '
     assert all(r["reason"] for r in records)
+
+
+def test_streaming_dead_letters_are_committed_with_checkpoints_exactly_once(broker, topic,
+                                                                           tmp_path):
+    values = [json.dumps({"id": i}).encode() if i % 10 != 3 else b'{"id": %d, broken' % i
+              for i in range(400)]
+    offsets = [o for _, o in broker.produce(topic, values, partition=0)]
+    bad = {offsets[i] for i in range(400) if i % 10 == 3}
+    dead = tmp_path / "dead"
+
+    def slow(table):
+        time.sleep(0.02)
+        return table
+
+    def start():
+        return (ms.read_kafka(topic, broker.bootstrap_servers, on_bad_records=str(dead),
+                              schema=pa.schema([("id", pa.int64())]))
+                .select("id").map_batches(slow)
+                .start(checkpoint=str(tmp_path / "chk"), checkpoint_interval="30ms",
+                       max_batch_records=20))
+
+    def letters() -> list[dict[str, Any]]:
+        return [json.loads(line) for f in sorted(dead.glob("*.jsonl"))
+                for line in f.read_text().splitlines()]
+
+    first = start()
+    deadline = time.monotonic() + 30
+    while first.metrics()["records_in"] < 100 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    first.stop()
+    assert 0 < len(letters()) < len(bad)
+    second = start()
+    deadline = time.monotonic() + 30
+    while len(letters()) < len(bad) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    second.stop()
+    assert Counter(r["offset"] for r in letters()) == Counter(bad)
 
 
 # ----------------------------------------------------------------------------------------
