@@ -192,11 +192,15 @@ def test_a_task_error_fails_the_job_with_the_users_exception(tmp_path):
             raise ValueError("bad row 123")
         return row
 
-    job = ms.from_items(_rows(500)).map(bad).start(parallelism=2)
-    with pytest.raises(ms.errors.UserCodeFailure, match="bad row 123") as info:
-        job.await_termination(60)
-    assert isinstance(info.value.original, ValueError) and "'id': 123" in str(info.value)
-    assert "streaming task stage" in "".join(getattr(info.value, "__notes__", []))
+    for executor in ("parallel", "inline"):
+        job = ms.from_items(_rows(500)).map(bad).start(parallelism=2, executor=executor)
+        with pytest.raises(ms.UserFunctionError, match="bad row 123") as info:
+            job.await_termination(60)
+        assert isinstance(info.value.original, ValueError) and "'id': 123" in str(info.value)
+        assert "in streaming task stage" in str(info.value)
+        # the user's own frame, with its file and line (not cloudpickle's <dynamic-code>)
+        assert f'File "{__file__}"' in info.value.user_traceback
+        assert 'raise ValueError("bad row 123")' in info.value.user_traceback
 
 
 def test_stop_takes_a_final_checkpoint_and_a_restart_continues_exactly_once(tmp_path):

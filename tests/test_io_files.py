@@ -602,3 +602,20 @@ def test_csv_and_json_gzip(tmp_path):
         f.write("".join(json.dumps({"a": i}) + "\n" for i in range(1000)) + "{bad\n")
     with pytest.raises(BadRecordError, match=r"a\.jsonl\.gz, line 1001"):
         read_all(JsonSource(json_path))
+
+
+def test_string_view_columns_read_as_strings(tmp_path):
+    """Files and frames with string_view columns (Polars, tpchgen) sort, group and join."""
+    t = pa.table({"k": pa.array(["b", "a", "b", None], pa.string_view()),
+                  "v": [1, 2, 3, 4]})
+    pq.write_table(t, tmp_path / "v.parquet")
+    import millstream as ms
+
+    for ds in (ms.read_parquet(str(tmp_path / "v.parquet")), ms.from_arrow(t)):
+        assert ds.schema.field("k").type == pa.string()
+        assert ds.sort("k").collect()[1:] == [{"k": "a", "v": 2}, {"k": "b", "v": 1},
+                                              {"k": "b", "v": 3}]
+        assert sorted(ds.group_by("k").agg(ms.sum("v").alias("s")).collect(),
+                      key=lambda r: (r["k"] is None, r["k"] or "")) == \
+            [{"k": "a", "s": 2}, {"k": "b", "s": 4}, {"k": None, "s": 4}]
+        assert ds.join(ds.select("k"), on="k").count() == 5

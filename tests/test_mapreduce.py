@@ -613,7 +613,7 @@ def test_reducer_streams_a_key_with_more_values_than_memory():
     n = 5_000_000
     ms.init(parallelism=2, memory_limit="16MB", progress=False)
     try:
-        ms.range(4, num_partitions=2).collect()  # start the workers, measure them idle
+        ms.range(4, num_partitions=2).collect(driver_input_limit=0)  # start the workers
         pids = get_session().runner_obj.worker_pids()
         idle = {p: _anon_rss(p) for p in pids}
         peak = dict(idle)
@@ -689,3 +689,19 @@ def test_cli_errors(corpus, tmp_path):
                 str(tmp_path / "x"))
     assert proc.returncode == 1 and "Job failed" in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_version_module_entry_and_output_modes(corpus, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "millstream", "--version"], capture_output=True,
+                          text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0 and proc.stdout.startswith("millstream ")
+    out = tmp_path / "counts"
+    first = _cli("mapreduce", f"{EXAMPLE}:WordCount", corpus, "-o", str(out), "--parallelism", "2")
+    assert first.returncode == 0, first.stderr
+    again = _cli("mapreduce", f"{EXAMPLE}:WordCount", corpus, "-o", str(out))
+    assert again.returncode == 1
+    assert "--mode overwrite" in again.stderr and 'mode="' not in again.stderr  # CLI spelling
+    n = len(read_text_output(str(out)))
+    more = _cli("mapreduce", f"{EXAMPLE}:WordCount", corpus, "-o", str(out), "--mode", "append")
+    assert more.returncode == 0, more.stderr
+    assert len(read_text_output(str(out))) == 2 * n

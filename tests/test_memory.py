@@ -45,7 +45,7 @@ def test_wordcount_five_times_memory_limit(tmp_path):
     ms.init(parallelism=2, memory_limit=limit, progress=False, shuffle_partitions=4)
     try:
         # start the workers and measure their idle footprint
-        ms.range(4, num_partitions=2).collect()
+        ms.range(4, num_partitions=2).collect(driver_input_limit=0)
         runner = get_session().runner_obj
         procs = [psutil.Process(p) for p in runner.worker_pids()]
         idle = {p.pid: _anon_rss(p.pid) for p in procs}

@@ -107,7 +107,7 @@ def test_speculative_backup_attempt_wins():
     ms.shutdown()
     ds = ms.range(400, num_partitions=4).map(_slow_first_attempt)
     rows = ds.collect(speculation=True, speculation_multiplier=2.0, speculation_min_seconds=0.5,
-                      speculation_quantile=0.5)
+                      speculation_quantile=0.5, driver_input_limit=0)  # (workers, not here)
     assert sorted(r["id"] for r in rows) == list(range(400))
     assert get_session().runner_obj.speculative_attempts == 1
 

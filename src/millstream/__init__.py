@@ -46,6 +46,21 @@ from millstream.errors import (
     UserFunctionError,
 )
 from millstream.expr.aggregates import AggExpr
+from millstream.expr.analytic import (
+    cume_dist,
+    dense_rank,
+    first_value,
+    lag,
+    last_value,
+    lead,
+    nth_value,
+    ntile,
+    percent_rank,
+    range_between,
+    rank,
+    row_number,
+    rows,
+)
 from millstream.expr.conditional import when
 from millstream.expr.nodes import (
     Expr,
@@ -89,4 +104,7 @@ __all__ = [
     "avg", "col", "collect_list", "console", "count", "count_distinct", "count_trigger", "dead_letter", "event_time_trigger", "first", "from_arrow", "from_generator", "from_items",
     "from_pandas", "from_polars", "global_window", "init", "last_job_stats", "lit", "mapreduce", "max", "mean", "min", "processing_time_trigger", "range",
     "read_csv", "read_json", "read_kafka", "read_parquet", "read_text", "session", "shutdown", "sink", "sliding", "sum", "tumbling", "when",
+    # analytic window functions (expr.analytic)
+    "cume_dist", "dense_rank", "first_value", "lag", "last_value", "lead", "nth_value", "ntile",
+    "percent_rank", "range_between", "rank", "row_number", "rows",
 ]

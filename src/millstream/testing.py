@@ -162,7 +162,9 @@ class TestSource(Source):
         """Start writing items to a directory other processes read (on first pickling)."""
         if self._dir is not None:
             return
-        self._dir = tempfile.mkdtemp(prefix="millstream-testsource-")
+        from millstream.runtime.session import get_session
+
+        self._dir = tempfile.mkdtemp(prefix="testsource-", dir=get_session().scratch())
         weakref.finalize(self, shutil.rmtree, self._dir, True)
         for p, items in enumerate(self._items):
             for i in range(len(items)):

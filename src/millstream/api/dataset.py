@@ -13,10 +13,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from millstream.api import stream, stream_join
+from millstream.api import analytic, stream, stream_join
 from millstream.core.arrow import batch_to_rows, format_table
 from millstream.errors import PlanError, SchemaError
 from millstream.expr.aggregates import AggExpr, AggSpec
+from millstream.expr.analytic import AnalyticFunction
 from millstream.expr.nodes import Expr, col, to_expr
 from millstream.plan import logical as L
 from millstream.runtime import actions
@@ -45,7 +46,11 @@ def _exprs(items: Sequence[Any], named: dict[str, Any]) -> list[Expr]:
         if isinstance(it, (list, tuple)):
             exprs.extend(_exprs(it, {}))
         elif isinstance(it, AggExpr):
-            raise PlanError(f"{it!r} is an aggregate; use it inside group_by(...).agg(...)")
+            raise PlanError(f"{it!r} is an aggregate; use it inside group_by(...).agg(...), "
+                            f"or over a window with .over(...)")
+        elif isinstance(it, AnalyticFunction):
+            raise PlanError(f"{it!r} is a window function: give it a window with "
+                            f".over(partition_by=..., order_by=...)")
         else:
             exprs.append(col(it) if isinstance(it, str) else to_expr(it))
     for name, e in named.items():
@@ -101,7 +106,7 @@ class Dataset:
     def filter(self, predicate: Expr | Callable[[dict], bool]) -> Dataset:
         """Keep rows where a boolean expression is true (fast) or a Python predicate returns true."""
         if isinstance(predicate, Expr):
-            return Dataset(L.Filter(self._node, predicate))
+            return Dataset(analytic.filter_rows(self._node, predicate))
         if isinstance(predicate, str):
             raise PlanError("filter() takes an expression such as ms.col('x') > 0 or a function of a row, "
                             f"not the string {predicate!r}")
@@ -124,11 +129,13 @@ class Dataset:
         es = _exprs(exprs, named)
         if not es:
             raise PlanError("select() needs at least one column or expression")
-        return Dataset(L.Project(self._node, tuple(es)))
+        return Dataset(analytic.select(self._node, es))
 
     def with_columns(self, *exprs: Any, **named: Any) -> Dataset:
-        """Add or replace columns computed from expressions; other columns are kept."""
-        return Dataset(L.WithColumns(self._node, tuple(_exprs(exprs, named))))
+        """Add or replace columns computed from expressions; other columns are kept.
+        Window functions (``ms.row_number().over(...)``, ``ms.sum("v").over(...)``) are
+        computed by a shuffle by their partition keys and a sort (see ``expr.analytic``)."""
+        return Dataset(analytic.with_columns(self._node, _exprs(exprs, named)))
 
     def with_column(self, name: str, expr: Any) -> Dataset:
         """Add or replace one column (Spark's ``withColumn``)."""

@@ -108,7 +108,7 @@ def _format_stages(stats: Any) -> str:
 def cmd_mapreduce(args: argparse.Namespace) -> int:
     """Run a MapReduceJob over text input and write its output."""
     import millstream as ms
-    from millstream.errors import MillstreamError
+    from millstream.errors import MillstreamError, OutputExistsError
 
     cls = load_job_class(args.job)
     options: dict[str, Any] = {"runner": args.runner}
@@ -139,6 +139,9 @@ def cmd_mapreduce(args: argparse.Namespace) -> int:
         job.run(args.input if len(args.input) > 1 else args.input[0], args.output,
                 format=args.format, mode=args.mode, num_reducers=args.reducers,
                 split_size=args.split_size)
+    except OutputExistsError as exc:
+        print(f"Job failed: {cli_spelling(str(exc))}", file=err)
+        return EXIT_FAILED
     except MillstreamError as exc:
         print(f"Job failed: {exc}", file=err)
         if job.counters:
@@ -151,6 +154,27 @@ def cmd_mapreduce(args: argparse.Namespace) -> int:
     print(f"Job succeeded in {time.perf_counter() - t0:.2f}s; output in {args.output}", file=err)
     print(format_counters(job.counters), file=err, flush=True)
     return EXIT_OK
+
+
+def cli_spelling(message: str) -> str:
+    """An error's hint in the command line's words (``--mode overwrite``, not Python's
+    ``mode="overwrite"``)."""
+    for mode in ("overwrite", "append", "error"):
+        message = message.replace(f'mode="{mode}"', f"--mode {mode}").replace(
+            f"mode='{mode}'", f"--mode {mode}")
+    return message
+
+
+def version() -> str:
+    """The installed package's version (without importing the engine)."""
+    try:
+        from importlib.metadata import version as dist_version
+
+        return dist_version("millstream")
+    except Exception:  # noqa: BLE001 - not installed: the source tree's
+        from millstream import __version__
+
+        return __version__
 
 
 def _size(text: str) -> int:
@@ -178,6 +202,7 @@ def _positive(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``millstream`` command."""
     parser = argparse.ArgumentParser(prog="millstream", description="Millstream data engine.")
+    parser.add_argument("--version", action="version", version=f"millstream {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     mr = sub.add_parser("mapreduce", help="run a MapReduceJob over text files",
                         description="Run a MapReduceJob (path/to/job.py:ClassName) over text "
@@ -191,8 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Ray cluster address (HOST:PORT or 'auto'); default: start a local Ray")
     mr.add_argument("--format", choices=("text", "parquet"), default="text",
                     help="text: json(key)<TAB>json(value) lines; parquet: key/value columns")
-    mr.add_argument("--mode", choices=("error", "overwrite"), default="error",
-                    help="what to do when the output exists")
+    mr.add_argument("--mode", choices=("error", "overwrite", "append"), default="error",
+                    help="when the output exists: fail (default), replace it, or add to it")
     mr.add_argument("--parallelism", type=_positive, default=None, help="worker processes")
     mr.add_argument("--memory-limit", default=None, help="e.g. 2GB (shared by the workers)")
     mr.add_argument("--max-task-attempts", type=_positive, default=None)

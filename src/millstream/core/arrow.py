@@ -15,6 +15,23 @@ import pyarrow as pa
 PICKLED_KEY = b"millstream.pickled"
 
 
+def without_view_types(schema: pa.Schema) -> pa.Schema | None:
+    """``schema`` with ``string_view``/``binary_view`` columns as ``string``/``binary`` (what the
+    engine's kernels take: Arrow cannot ``take`` or sort views everywhere yet), or None when
+    it has none."""
+    def plain(t: pa.DataType) -> pa.DataType:
+        if pa.types.is_string_view(t):
+            return pa.string()
+        if pa.types.is_binary_view(t):
+            return pa.binary()
+        return t
+
+    fields = [f.with_type(plain(f.type)) for f in schema]
+    if all(a.type.equals(b.type) for a, b in zip(fields, schema)):
+        return None
+    return pa.schema(fields, metadata=schema.metadata)
+
+
 def empty_batch(schema: pa.Schema) -> pa.RecordBatch:
     """A record batch with ``schema`` and no rows."""
     return pa.RecordBatch.from_arrays([pa.array([], type=f.type) for f in schema], schema=schema)

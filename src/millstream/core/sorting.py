@@ -44,6 +44,10 @@ def order_indices(table: pa.Table | pa.RecordBatch, by: list[str], descending: l
     cols, names, keys, desc = [], [], [], []
     for i, (c, d) in enumerate(zip(by, descending)):
         arr = table.column(c)
+        if pa.types.is_string_view(arr.type) or pa.types.is_binary_view(arr.type):
+            # Arrow cannot sort view types (Parquet files may hold them); the large types sort
+            arr = arr.cast(pa.large_string() if pa.types.is_string_view(arr.type)
+                           else pa.large_binary())
         if pa.types.is_floating(arr.type):
             cols.append(pc.is_nan(arr))
             names.append(f"__nan{i}")

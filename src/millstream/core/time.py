@@ -78,7 +78,7 @@ class VirtualClock(Clock):
     def _share(self) -> str:
         """The shared file holding the time (created on first use, removed with this clock)."""
         if self._path is None:
-            fd, path = tempfile.mkstemp(prefix="millstream-clock-")
+            fd, path = tempfile.mkstemp(prefix=f"millstream-{os.getpid()}-clock-")
             os.write(fd, struct.pack("<q", self._now))
             os.close(fd)
             self._path = path

@@ -19,11 +19,31 @@ Conventions:
 Modules, lowest first: ``types`` (parse_type, datum helpers), ``registry`` (the table of
 named operations), ``functions``, ``strings`` and ``datetime`` (the registered operations,
 and the ``.str`` and ``.dt`` namespaces), ``aggregates`` (AggExpr, AggSpec), ``nodes``
-(Expr, Column, Literal, Alias, the operation node; col, lit, sum, mean, ...) and
-``conditional`` (when/otherwise).
+(Expr, Column, Literal, Alias, the operation node; col, lit, sum, mean, ...),
+``conditional`` (when/otherwise) and ``analytic`` (window functions: ``row_number()``,
+``lag(...)``, ``sum(...).over(...)``, frames).
 """
 
 from millstream.expr.aggregates import AggExpr, AggSpec
+from millstream.expr.analytic import (
+    AnalyticFunction,
+    Frame,
+    WindowExpr,
+    WindowFunction,
+    cume_dist,
+    dense_rank,
+    first_value,
+    lag,
+    last_value,
+    lead,
+    nth_value,
+    ntile,
+    percent_rank,
+    range_between,
+    rank,
+    row_number,
+    rows,
+)
 from millstream.expr.conditional import When, when
 from millstream.expr.nodes import (
     Alias,
@@ -49,6 +69,10 @@ __all__ = [
     "AggExpr",
     "AggSpec",
     "Alias",
+    "AnalyticFunction",
+    "Frame",
+    "WindowExpr",
+    "WindowFunction",
     "Column",
     "Expr",
     "Literal",
@@ -58,12 +82,25 @@ __all__ = [
     "collect_list",
     "count",
     "count_distinct",
+    "cume_dist",
+    "dense_rank",
     "first",
+    "first_value",
+    "lag",
+    "last_value",
+    "lead",
     "lit",
     "max",
     "mean",
     "min",
+    "nth_value",
+    "ntile",
     "parse_type",
+    "percent_rank",
+    "range_between",
+    "rank",
+    "row_number",
+    "rows",
     "sum",
     "to_expr",
     "when",

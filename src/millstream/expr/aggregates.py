@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,17 @@ class AggSpec:
     def __post_init__(self) -> None:
         if self.func not in SUPPORTED:
             raise PlanError(f"unknown aggregate {self.func!r}; supported: {', '.join(SUPPORTED)}")
+
+
+#: builds ``AggExpr.over``'s window expression; ``expr.analytic`` (which sits above this
+#: module) registers it when the package loads
+_window_constructor: Callable[..., Any] | None = None
+
+
+def register_window_constructor(fn: Callable[..., Any]) -> None:
+    """Called by ``expr.analytic``: ``fn(agg, partition_by, order_by, **options)``."""
+    global _window_constructor
+    _window_constructor = fn
 
 
 class AggregateMethods:
@@ -104,6 +116,14 @@ class AggExpr:
     def columns(self) -> set[str]:
         """Names of the columns the aggregate reads."""
         return set() if self.arg is None else self.arg.columns()
+
+    def over(self, partition_by: Any = None, order_by: Any = None, **options: Any) -> Expr:
+        """This aggregate over a window of rows around each row (SQL's ``OVER (...)``):
+        ``ms.sum("v").over(partition_by="k", order_by="t", frame=ms.rows(-2, 0))``; see
+        :mod:`millstream.expr.analytic`."""
+        if _window_constructor is None:  # pragma: no cover - the package loads it
+            raise PlanError("window functions are not loaded: import millstream.expr.analytic")
+        return _window_constructor(self, partition_by, order_by, **options)
 
     def __repr__(self) -> str:
         s = "count()" if self.arg is None else f"{self.arg!r}.{self.func}()"

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 
+from millstream.core.arrow import without_view_types
 from millstream.core.context import TaskContext
 from millstream.io.base import Source, Split
 
@@ -17,7 +18,8 @@ class TableSource(Source):
     name = "memory"
 
     def __init__(self, table: pa.Table, num_partitions: int | None = None, label: str = "memory") -> None:
-        self.table = table
+        plain = without_view_types(table.schema)  # (polars frames come as string_view)
+        self.table = table.cast(plain) if plain is not None else table
         self.num_partitions = num_partitions
         self.label = label
         self.columns: list[str] | None = None

@@ -21,6 +21,7 @@ from millstream.core.shuffle import (
     RoundRobinPartitioner,
 )
 from millstream.core.time import MIN_WATERMARK
+from millstream.errors import PlanError
 from millstream.expr.windows import GlobalWindow
 from millstream.ops import narrow
 from millstream.ops.aggregate import (
@@ -29,6 +30,7 @@ from millstream.ops.aggregate import (
     FinalAggregate,
     PartialAggregate,
 )
+from millstream.ops.analytic import AnalyticWindow
 from millstream.ops.base import OperatorFactory
 from millstream.ops.join import BroadcastHashJoin, BroadcastLeftHashJoin, HashJoin
 from millstream.ops.mapreduce.mapper import MapperOp
@@ -232,6 +234,31 @@ class PhysicalPlanner:
                 node.label())
         return [new]
 
+    def _build_Window(self, node: L.Window) -> list[Pipeline]:
+        """A hash shuffle by the partition keys (one partition without keys), then one
+        sorting operator per order of the functions. A Window over one with the same
+        partition keys (through per-batch nodes that keep them) reuses its shuffle."""
+        if self.s.streaming:
+            raise PlanError(f"{node.label()}: window functions over partitions cannot run in a "
+                            f"streaming job in this version (they need the whole partition)")
+        pipes = self.build(node.child)
+        if window_partitioning(node.child) != node.partition_by:
+            keys = list(node.partition_by)
+            part = HashPartitioner(keys, self._n(pipes)) if keys else RoundRobinPartitioner(1)
+            stage = self._close(pipes, part, "window partition exchange")
+            pipes = [Pipeline([ShufflePort(stage)])]
+        groups = node.sort_groups()
+        # the operators append columns group by group; the last puts them in the node's order
+        grouped = [f.name for g in groups for f in g] != [f.name for f in node.functions]
+        schema = node.schema if grouped else None
+        for i, group in enumerate(groups):
+            order = schema.names if schema is not None and i == len(groups) - 1 else None
+            text = ", ".join(f.describe() for f in group)
+            for p in pipes:
+                p.add(OperatorFactory(AnalyticWindow, list(node.partition_by), group, order),
+                      f"Window partition_by={list(node.partition_by)} [{text}]")
+        return pipes
+
     def _build_Cache(self, node: L.Cache) -> list[Pipeline]:
         blocks = self.s.cache_lookup(node.cache_id)
         if blocks is not None:
@@ -357,6 +384,19 @@ def label_mapreduce_stages(final: Stage) -> None:
                         parts.append(text)
         if parts:
             st.purpose = " + ".join(parts)
+
+
+def window_partitioning(node: L.Node) -> tuple[str, ...] | None:
+    """The partition keys of a Window below ``node`` whose partitioning still holds (per-batch
+    nodes that keep the key columns in between), else None."""
+    if isinstance(node, L.Window):
+        return node.partition_by
+    if isinstance(node, (L.Filter, L.WithColumns, L.Drop)):
+        keys = window_partitioning(node.child)
+        touched = node.produced() if isinstance(node, L.WithColumns) else \
+            set(node.columns) if isinstance(node, L.Drop) else set()
+        return keys if keys is not None and not set(keys) & touched else None
+    return None
 
 
 #: Nodes whose output is at most their input's (for size estimates).

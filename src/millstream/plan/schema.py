@@ -15,8 +15,10 @@ import pyarrow as pa
 from millstream.core.arrow import unify_schemas
 from millstream.errors import SchemaError
 from millstream.expr.aggregates import AggSpec
+from millstream.expr.analytic import WindowFunction
 from millstream.expr.nodes import Expr
 from millstream.ops.aggregate import aggregate_result_schema
+from millstream.ops.analytic import window_field
 from millstream.ops.join import join_tables
 
 #: Columns a window result starts with (window aggregates and window joins).
@@ -50,6 +52,26 @@ def with_columns_schema(schema: pa.Schema, exprs: Sequence[Expr], what: str) -> 
     names = list(schema.names)
     for e in exprs:
         f = expr_field(e, schema, what)
+        if f.name in names:
+            fields[names.index(f.name)] = f
+        else:
+            names.append(f.name)
+            fields.append(f)
+    return pa.schema(fields)
+
+
+def window_schema(schema: pa.Schema, partition_by: Sequence[str],
+                  functions: Sequence[WindowFunction], what: str) -> pa.Schema:
+    """Window functions (``Window``): as ``with_columns``, one column per function, typed
+    as ``ops.analytic`` computes it (aggregates as the group-by types them)."""
+    require(schema, partition_by, what)
+    fields = list(schema)
+    names = list(schema.names)
+    for fn in functions:
+        try:
+            f = window_field(fn, schema)
+        except SchemaError as exc:
+            raise SchemaError(f"{what}: {fn.describe()}: {exc}") from None
         if f.name in names:
             fields[names.index(f.name)] = f
         else:

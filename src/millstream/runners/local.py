@@ -24,6 +24,7 @@ from typing import Any
 
 import cloudpickle
 
+from millstream.core import pickling
 from millstream.errors import RunnerError
 from millstream.runtime.progress import StageProgress
 from millstream.runtime.runner import Runner
@@ -127,6 +128,7 @@ class LocalRunner(Runner):
     """Runs tasks on ``parallelism`` worker processes of this machine."""
 
     name = "local"
+    runs_small_jobs_here = True
 
     def __init__(self, parallelism: int, max_task_attempts: int = 4, speculation: bool = True,
                  speculation_multiplier: float = 4.0, speculation_quantile: float = 0.75,
@@ -213,7 +215,11 @@ class LocalRunner(Runner):
         n = len(tasks)
         if n == 0:
             return []
-        payloads = [cloudpickle.dumps(t) for t in tasks]
+        try:
+            payloads = [pickling.dumps(t) for t in tasks]
+        except Exception:
+            self.check_shippable(tasks)  # names the function and what it captures
+            raise
         results: list[TaskResult | None] = [None] * n
         causes: list[list[str]] = [[] for _ in range(n)]
         next_attempt = [1] * n
@@ -331,13 +337,15 @@ class LocalRunner(Runner):
             self.workers.remove(w)
         self.workers.append(self._spawn())
 
-    def shutdown(self) -> None:
+    def shutdown(self, wait: bool = True) -> None:
+        """Ask idle workers to exit (busy ones are killed after 3 s, or at once when not
+        ``wait``)."""
         for w in self.workers:
             try:
                 w.conn.send_bytes(b"")
             except Exception:  # noqa: BLE001
                 pass
-        deadline = time.monotonic() + 3
+        deadline = time.monotonic() + (3 if wait else 0.05)
         for w in self.workers:
             w.process.join(timeout=max(0.0, deadline - time.monotonic()))
             if w.process.is_alive():

@@ -10,6 +10,9 @@ prepared, written by the tasks and committed all at once, or aborted.
 
 from __future__ import annotations
 
+import functools
+import inspect
+import os
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -17,12 +20,14 @@ import pyarrow as pa
 
 from millstream.core.arrow import concat_batches
 from millstream.core.shuffle import read_block
-from millstream.errors import FetchFailedError
+from millstream.errors import FetchFailedError, MillstreamError
 from millstream.io.base import Sink
+from millstream.plan import logical as L
 from millstream.plan.compile import compile_plan, explain_plan
 from millstream.plan.logical import Node
 from millstream.plan.physical import PlannerSettings
 from millstream.plan.stages import Stage
+from millstream.runtime.runner import debugging
 from millstream.runtime.scheduler import Job, JobStats, is_lost_output
 from millstream.runtime.session import Session, Settings, get_session
 
@@ -36,8 +41,9 @@ def planner_settings(settings: Settings) -> PlannerSettings:
     runner, e.g. a Ray cluster's CPUs), the broadcast threshold and the cache."""
     session = get_session()
     session.get_runner(settings)
+    runner = settings.runner
     return PlannerSettings(settings.resolved_shuffle_partitions(), settings.broadcast_threshold,
-                           session.cache.get)
+                           lambda cache_id: session.cache.get(cache_id, runner))
 
 
 def compile_job(node: Node, settings: Settings, output_kind: str = "blocks",
@@ -61,12 +67,43 @@ def drop_lost_cache_entries(session: Session) -> bool:
     return bool(lost)
 
 
+def input_bytes(node: Node, cache_lookup: Callable[[int], list[Any] | None]) -> int | None:
+    """The estimated bytes a plan reads (its sources and cached datasets), None if unknown."""
+    if isinstance(node, L.Scan):
+        return node.source.estimated_size_bytes()
+    if isinstance(node, L.Cache):
+        blocks = cache_lookup(node.cache_id)
+        if blocks is not None:
+            return sum(getattr(b, "nbytes", 0) for b in blocks)
+    total = 0
+    for child in node.children:
+        size = input_bytes(child, cache_lookup)
+        if size is None:
+            return None
+        total += size
+    return total
+
+
+def runs_in_driver(node: Node, settings: Settings) -> bool:
+    """Whether a job is small enough to run in this process (see
+    ``Settings.driver_input_limit``); never while tests inject faults into workers."""
+    if settings.driver_input_limit <= 0 or os.environ.get("MILLSTREAM_FAULT_INJECT"):
+        return False
+    runner = get_session().get_runner(settings)
+    if not getattr(runner, "runs_small_jobs_here", False):
+        return False
+    cache = get_session().cache
+    size = input_bytes(node, lambda cid: cache.get(cid, settings.runner))
+    return size is not None and size <= settings.driver_input_limit
+
+
 def _run(node: Node, settings: Settings, on_stats: StatsCallback | None
          ) -> tuple[Job, list[Any]]:
     """A finished job of ``node`` and its result blocks (the caller cleans the job up)."""
     session = get_session()
+    here = runs_in_driver(node, settings)
     for attempt in range(settings.max_task_attempts):
-        job = Job(session, settings, compile_job(node, settings))
+        job = Job(session, settings, compile_job(node, settings), in_driver=here)
         try:
             return job, job.run()
         except FetchFailedError:
@@ -84,6 +121,36 @@ def _run(node: Node, settings: Settings, on_stats: StatsCallback | None
     raise AssertionError("unreachable")
 
 
+def user_facing(fn: Callable[..., T]) -> Callable[..., T]:
+    """An action's errors reach the user with the user's own frames and the action's only:
+    Millstream's internal frames between them are left out (``MILLSTREAM_DEBUG=1`` keeps
+    them); the error's message already says where and what failed."""
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def stream(*args: Any, **kwargs: Any) -> Any:
+            try:
+                yield from fn(*args, **kwargs)
+            except MillstreamError as exc:
+                if debugging():
+                    raise
+                raise exc.with_traceback(None) from None
+
+        return stream  # type: ignore[return-value]
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except MillstreamError as exc:
+            if debugging():
+                raise
+            raise exc.with_traceback(None) from None
+
+    return call
+
+
+@user_facing
 def run_blocks(node: Node, settings: Settings, consume: Callable[[list[Any]], T],
                on_stats: StatsCallback | None = None) -> T:
     """Run ``node`` and return ``consume(result blocks)``, called before the job's files
@@ -115,6 +182,7 @@ def to_table(node: Node, settings: Settings, on_stats: StatsCallback | None = No
     return run_blocks(node, settings, read_table, on_stats)
 
 
+@user_facing
 def iter_batches(node: Node, settings: Settings) -> Iterator[pa.RecordBatch]:
     """Run ``node``; stream its non-empty batches, partition by partition."""
     job, blocks = _run(node, settings, None)
@@ -127,11 +195,13 @@ def iter_batches(node: Node, settings: Settings) -> Iterator[pa.RecordBatch]:
         job.cleanup()
 
 
+@user_facing
 def write(node: Node, sink: Sink, settings: Settings,
           on_stats: StatsCallback | None = None) -> None:
     """Run ``node`` into ``sink``: prepared, written by the tasks, committed all at once
     (aborted on failure, so nothing is left behind)."""
-    job = Job(get_session(), settings, compile_job(node, settings, "sink", sink))
+    job = Job(get_session(), settings, compile_job(node, settings, "sink", sink),
+              in_driver=runs_in_driver(node, settings))
     sink.prepare(job.job_id)
     try:
         messages = job.run()

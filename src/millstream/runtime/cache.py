@@ -1,5 +1,9 @@
 """The cache catalog: materialized partitions of ``Dataset.cache()``.
 
+Entries belong to the runner that computed them (local files for the local runner, Ray
+objects for Ray): an action on another runner does not see them and computes (and caches)
+the dataset anew, so local workers never reach into a Ray object store.
+
 Cached partitions are Arrow IPC files that tasks memory-map. They are written to shared
 memory (``/dev/shm``) while the cached total stays within the cache's memory budget;
 beyond it, the least recently used cached datasets are moved to the spill directory on
@@ -31,13 +35,18 @@ class CacheManager:
         base = _shm_base()
         self.memory_dir = tempfile.mkdtemp(prefix=f"millstream-cache-{os.getpid()}-", dir=base) if base else None
         self.entries: OrderedDict[int, list[Any]] = OrderedDict()
+        #: cache id -> the name of the runner whose outputs the blocks are
+        self.owners: dict[int, str | None] = {}
         self.spilled_datasets = 0
 
-    def get(self, cache_id: int) -> list[Any] | None:
-        """The blocks of a cached dataset (and mark it recently used), or None."""
+    def get(self, cache_id: int, runner: str | None = None) -> list[Any] | None:
+        """The blocks of a cached dataset (and mark it recently used), or None; with
+        ``runner``, None also when another runner computed them."""
         blocks = self.entries.get(cache_id)
-        if blocks is not None:
-            self.entries.move_to_end(cache_id)
+        if blocks is None or (runner is not None and self.owners.get(cache_id) not in
+                              (None, runner)):
+            return None
+        self.entries.move_to_end(cache_id)
         return blocks
 
     def __getitem__(self, cache_id: int) -> list[Any]:
@@ -53,7 +62,7 @@ class CacheManager:
         if self.memory_dir is None:
             return 0
         return sum(b.nbytes for blocks in self.entries.values() for b in blocks
-                   if b.path.startswith(self.memory_dir))
+                   if (getattr(b, "path", None) or "").startswith(self.memory_dir))
 
     def directory_for(self, cache_id: int, job_id: str) -> str:
         """Where a new cached dataset is written: memory if there is room, else disk."""
@@ -63,9 +72,13 @@ class CacheManager:
         os.makedirs(d, exist_ok=True)
         return d
 
-    def put(self, cache_id: int, blocks: list[Any]) -> None:
-        """Register a materialized dataset, then spill LRU datasets while memory is over budget."""
+    def put(self, cache_id: int, blocks: list[Any], runner: str | None = None) -> None:
+        """Register a materialized dataset (computed by ``runner``; it replaces what another
+        runner cached), then spill LRU datasets while memory is over budget."""
+        if cache_id in self.entries:
+            self.drop(cache_id)
         self.entries[cache_id] = blocks
+        self.owners[cache_id] = runner
         self.entries.move_to_end(cache_id)
         while self.memory_dir is not None and self.memory_used() > self.memory_budget:
             victim = next((cid for cid, bl in self.entries.items()
@@ -88,6 +101,7 @@ class CacheManager:
     def drop(self, cache_id: int) -> None:
         """Forget a cached dataset and delete its files."""
         blocks = self.entries.pop(cache_id, None) or []
+        self.owners.pop(cache_id, None)
         dirs = {os.path.dirname(b.path) for b in blocks}
         for b in blocks:
             try:

@@ -67,7 +67,8 @@ def _describe_failed_task(err: TaskError, tasks: list[Task]) -> None:
 class Job:
     """One action's execution; ``cleanup()`` removes its shuffle files and temporary blocks."""
 
-    def __init__(self, session: Session, settings: Settings, final: Stage) -> None:
+    def __init__(self, session: Session, settings: Settings, final: Stage,
+                 in_driver: bool = False) -> None:
         self.session = session
         self.settings = settings
         self.final = final
@@ -75,6 +76,8 @@ class Job:
         self.dir = session.job_dir(self.job_id)
         self.stats = JobStats(self.job_id)
         self.stage_tasks: dict[int, list[Task]] = {}
+        #: run the tasks in this process (a small job) instead of on the runner's workers
+        self.in_driver = in_driver
 
     def run(self) -> list[Any]:
         start = time.perf_counter()
@@ -82,8 +85,10 @@ class Job:
         for st in all_stages(self.final):
             if st.results is not None:
                 continue
-            if st.cache_id is not None and st.cache_id in self.session.cache:
-                st.results = self.session.cache.get(st.cache_id)
+            cached = (self.session.cache.get(st.cache_id, self.settings.runner)
+                      if st.cache_id is not None else None)
+            if cached is not None:
+                st.results = cached
                 continue
             t0 = time.perf_counter()
             results, tasks = self._run_stage(st, runner)
@@ -97,7 +102,7 @@ class Job:
                 "bytes_out": sum(r.bytes_out for r in results), "seconds": time.perf_counter() - t0,
             })
             if st.cache_id is not None:
-                self.session.cache.put(st.cache_id, st.results)
+                self.session.cache.put(st.cache_id, st.results, self.settings.runner)
         self.stats.seconds = time.perf_counter() - start
         self.session.last_job_stats = self.stats
         return self.final.results or []
@@ -111,7 +116,8 @@ class Job:
                 name = f"stage {st.id} {st.purpose}".strip()
                 progress = StageProgress(name, len(tasks), progress_enabled(self.settings.progress))
                 try:
-                    results = runner.run_tasks(tasks, progress)
+                    results = (runner.run_tasks_here(tasks, progress) if self.in_driver
+                               else runner.run_tasks(tasks, progress))
                 except TaskError as err:
                     _describe_failed_task(err, tasks)
                     raise
@@ -142,7 +148,8 @@ class Job:
             progress = StageProgress(f"stage {dep.id} recompute", len(redo),
                                      progress_enabled(self.settings.progress))
             try:
-                again = runner.run_tasks(redo, progress)
+                again = (runner.run_tasks_here(redo, progress) if self.in_driver
+                         else runner.run_tasks(redo, progress))
             finally:
                 progress.close()
             for i, r in zip(lost, again):
@@ -152,7 +159,8 @@ class Job:
 
     def cleanup(self) -> None:
         """Free this job's shuffle and temporary outputs (cached datasets stay)."""
-        runner = self.session.runner_obj
+        held = self.session.runners.get(self.settings.runner)
+        runner = held[1] if held is not None else None
         if runner is not None:
             for st in all_stages(self.final):
                 if st.cache_id is None and st.results and st.output_kind != "sink":

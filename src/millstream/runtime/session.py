@@ -12,6 +12,11 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from millstream.core.units import default_memory_limit, parse_size
+from millstream.runtime.scratch import (
+    install_termination_cleanup,
+    remove_stale,
+    stop_helper_processes,
+)
 
 
 @dataclass
@@ -33,6 +38,9 @@ class Settings:
     speculation_min_seconds: float = 5.0
     progress: bool | None = None
     address: str | None = None
+    #: a job whose estimated input is at most this many bytes runs in the driver process,
+    #: without starting workers (0: always on workers)
+    driver_input_limit: int = 16 << 20
 
     def resolved_parallelism(self) -> int:
         """Workers to plan for: as set, else the runner's (cluster CPUs on Ray), else local CPUs."""
@@ -61,16 +69,23 @@ class Session:
     """Process-wide state: one runner, one scratch directory, the cache catalog."""
 
     settings: Settings = field(default_factory=Settings)
+    #: the runner the last action used (of ``runners``)
     runner_obj: Any = None
+    #: runner name -> (key, runner): every runner this session started and still holds
+    runners: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     cache_manager: Any = None
     workdir: str | None = None
     lock: threading.RLock = field(default_factory=threading.RLock)
     last_job_stats: Any = None
 
     def scratch(self) -> str:
+        """This process's scratch directory (``millstream-<pid>-*`` in the spill directory):
+        every temporary file of its jobs lives below it. Created on first use, after the
+        scratch of processes that no longer exist is removed."""
         if self.workdir is None:
             base = self.settings.spill_dir or tempfile.gettempdir()
             os.makedirs(base, exist_ok=True)
+            remove_stale({base, tempfile.gettempdir(), "/dev/shm"})
             self.workdir = tempfile.mkdtemp(prefix=f"millstream-{os.getpid()}-", dir=base)
         return self.workdir
 
@@ -90,22 +105,28 @@ class Session:
         return d
 
     def get_runner(self, settings: Settings) -> Any:
-        """The runner ``settings`` name, reused while its key (e.g. parallelism) is the same."""
+        """The runner ``settings`` name, reused while its key (e.g. parallelism) is the same.
+
+        The session keeps one runner per name, so an action on another runner does not
+        stop this one: a Ray connection and the objects it holds (cached datasets) outlive
+        a per-action switch to the local runner and back.
+        """
         from millstream.runtime.runner import runner_entry
 
         with self.lock:
             entry = runner_entry(settings.runner)
-            want = (settings.runner, entry.key(settings))
-            if self.runner_obj is not None and getattr(self, "_runner_key", None) == want:
-                self.configure_runner(settings)
-                return self.runner_obj
-            if self.runner_obj is not None:
-                self.runner_obj.shutdown()
-                self.runner_obj = None
-            self.runner_obj = entry.factory(settings)
-            self._runner_key = want
+            key = entry.key(settings)
+            held = self.runners.get(settings.runner)
+            if held is not None and held[0] == key:
+                runner = held[1]
+            else:
+                if held is not None:
+                    held[1].shutdown()
+                runner = entry.factory(settings)
+                self.runners[settings.runner] = (key, runner)
+            self.runner_obj = runner
         self.configure_runner(settings)
-        return self.runner_obj
+        return runner
 
     def configure_runner(self, settings: Settings) -> None:
         """Apply per-job retry and speculation settings to the (reused) runner."""
@@ -118,11 +139,14 @@ class Session:
     def new_job_id(self) -> str:
         return uuid.uuid4().hex[:12]
 
-    def shutdown(self) -> None:
+    def shutdown(self, wait: bool = True) -> None:
+        """Stop the runner's workers and delete this process's scratch (``wait=False``: kill
+        busy workers at once, e.g. on SIGTERM)."""
         with self.lock:
-            if self.runner_obj is not None:
-                self.runner_obj.shutdown()
-                self.runner_obj = None
+            for _key, runner in self.runners.values():
+                runner.shutdown(wait=wait)
+            self.runners = {}
+            self.runner_obj = None
             if self.cache_manager is not None:
                 self.cache_manager.clear()
                 self.cache_manager = None
@@ -139,7 +163,14 @@ def get_session() -> Session:
     global _session
     if _session is None:
         _session = Session()
+        install_termination_cleanup(_terminate)
     return _session
+
+
+def _terminate() -> None:
+    """SIGTERM: kill the workers and remove the scratch before the process dies."""
+    if _session is not None:
+        _session.shutdown(wait=False)
 
 
 def init(runner: str = "local", parallelism: int | None = None, memory_limit: int | str | None = None,
@@ -163,6 +194,7 @@ def init(runner: str = "local", parallelism: int | None = None, memory_limit: in
     if st.shuffle_compression not in (None, "lz4", "zstd"):
         raise ValueError(f"shuffle_compression must be 'lz4', 'zstd' or None, got {st.shuffle_compression!r}")
     _session = Session(settings=st)
+    install_termination_cleanup(_terminate)
     return _session
 
 
@@ -185,4 +217,9 @@ def shutdown() -> None:
         _session.shutdown()
 
 
-atexit.register(shutdown)
+def _at_exit() -> None:
+    shutdown()
+    stop_helper_processes()
+
+
+atexit.register(_at_exit)

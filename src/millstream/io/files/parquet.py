@@ -38,6 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from millstream.core.arrow import without_view_types
 from millstream.core.context import TaskContext
 from millstream.errors import BadRecordError, PlanError, SchemaError, StorageError
 from millstream.io import fs as msfs
@@ -170,6 +171,9 @@ class ParquetSource(Source):
                 extra = [f for f in dataset.schema
                          if f.name in parts and unified.get_field_index(f.name) == -1]
                 dataset = build(pa.schema(list(unified) + extra))
+            plain = without_view_types(dataset.schema) if self.user_schema is None else None
+            if plain is not None:  # string_view columns are read as string
+                dataset = build(plain)
             self._dataset = dataset
         return self._dataset
 
@@ -527,9 +531,16 @@ def _stringish(t: pa.DataType) -> bool:
             or pa.types.is_string_view(t))
 
 
+def _binaryish(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return (pa.types.is_binary(t) or pa.types.is_large_binary(t)
+            or pa.types.is_binary_view(t))
+
+
 def _converts(got: pa.DataType, want: pa.DataType) -> bool:
     """Whether a file's column of type ``got`` reads without loss as ``want``."""
-    if _stringish(got) and _stringish(want):
+    if (_stringish(got) and _stringish(want)) or (_binaryish(got) and _binaryish(want)):
         return True
     if pa.types.is_dictionary(got):
         got = got.value_type

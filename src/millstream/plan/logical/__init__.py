@@ -8,9 +8,10 @@ function hides it). The physical planner (``plan/physical.py``) picks the operat
 
 ``base`` holds the node base classes and the scan, ``relational`` the row, expression and
 relational nodes (and MapReduce steps), ``event_time`` watermarks, windows, process
-functions and stream joins.
+functions and stream joins, ``analytic`` the window functions over partitions.
 """
 
+from millstream.plan.logical.analytic import Window
 from millstream.plan.logical.base import Node, SameColumns, Scan, Unary
 from millstream.plan.logical.event_time import (
     IntervalJoin,
@@ -47,6 +48,6 @@ __all__ = [
     "NARROW_NODES", "Aggregate", "Cache", "Distinct", "Drop", "Explode", "Filter", "FilterRows",
     "FlatMap", "IntervalJoin", "Join", "KeyedProcess", "LatestJoin", "Limit", "Map",
     "MapBatches", "MapReduceStep", "Node", "Project", "Rename", "Repartition", "SameColumns",
-    "Scan", "Sort", "Union", "Unary", "WindowAggregate", "WindowJoin", "WithColumns",
+    "Scan", "Sort", "Union", "Unary", "Window", "WindowAggregate", "WindowJoin", "WithColumns",
     "WithWatermark",
 ]

@@ -108,12 +108,38 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
         if object_store_memory is not None:
             options["object_store_memory"] = object_store_memory
     else:
+        _probe(address)
         options["address"] = address
     options.update(init_options)
     context = ray.init(**options)
     url = getattr(context, "dashboard_url", None)
     _announce_dashboard((url if "://" in url else f"http://{url}") if url else dashboard_url())
     return True
+
+
+#: How long to wait for a cluster's address to answer before giving up (s).
+PROBE_TIMEOUT_S = 10.0
+
+
+def _probe(address: str) -> None:
+    """Fail fast, with a clear error, when nothing listens at a cluster ``address``
+    (``ray.init`` retries for minutes). "auto" and addresses without a port are Ray's to
+    resolve."""
+    import socket
+
+    target = address.split("://", 1)[-1]
+    host, sep, port = target.rpartition(":")
+    if address == "auto" or not sep or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=PROBE_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        raise RunnerError(
+            f"cannot reach a Ray cluster at {address!r}: {exc.strerror or exc}; start one "
+            f"with `ray start --head` (its address is printed), give the head's "
+            f"host:port, or use ms.init(runner='ray') without an address to start Ray on "
+            f"this machine") from None
 
 
 def _set_env(values: dict[str, str | None]) -> dict[str, str | None]:

@@ -52,6 +52,8 @@ def _object_lost(ref: Any, node_id: str, size: int) -> bool:
     """
     if ref is None:
         return True
+    if not import_ray().is_initialized():  # the Ray session that held it is gone
+        return True
     if ref.hex() in _LOST_OBJECTS:
         return True
     return size >= _INLINE_LIMIT and bool(node_id) and node_id in _dead_nodes()
@@ -62,9 +64,15 @@ def _fetch(ref: Any, what: str, stage_id: int | None = None, map_index: int | No
     ray = import_ray()
     if ref is None:
         raise FetchFailedError(f"{what} was released", stage_id=stage_id, map_index=map_index)
+    if not ray.is_initialized():
+        # never connect a process to Ray just to read an object: a process outside the Ray
+        # session that made it (a local worker) cannot have it, so it is lost for us
+        raise FetchFailedError(f"{what} lives in a Ray object store this process is not "
+                               f"connected to", stage_id=stage_id, map_index=map_index)
     try:
         return ray.get(ref)
-    except ray.exceptions.ObjectLostError as exc:
+    except (ray.exceptions.ObjectLostError, ray.exceptions.ReferenceCountingAssertionError,
+            ray.exceptions.ObjectFetchTimedOutError) as exc:
         _LOST_OBJECTS.add(ref.hex())
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         err = FetchFailedError(f"{what} is gone (Ray object {ref.hex()}): {type(exc).__name__}: "

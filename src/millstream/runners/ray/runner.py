@@ -192,7 +192,11 @@ class RayRunner(Runner):
         node = self._preferred_node(task) if self.locality else None
         if node is not None:
             fn = fn.options(scheduling_strategy=_near(node))
-        meta, data = fn.remote(task, attempt, env)
+        try:
+            meta, data = fn.remote(task, attempt, env)
+        except Exception:
+            self.check_shippable([task])  # names the function and what it captures
+            raise
         return meta, data
 
     def _cancel(self, refs: list[Any]) -> None:
@@ -335,7 +339,7 @@ class RayRunner(Runner):
         task's channels), spread over the cluster's nodes."""
         return RayStreamHosts(self._ray, payloads, inbox_capacity)
 
-    def shutdown(self) -> None:
+    def shutdown(self, wait: bool = True) -> None:
         """Disconnect from Ray (stopping the local Ray) if this runner connected; never stop a
         cluster it merely joined, nor a connection it found."""
         if self._owns_connection and self._ray.is_initialized():

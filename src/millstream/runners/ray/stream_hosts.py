@@ -214,10 +214,15 @@ class RayStreamHosts:
         self.runs = [a.run.remote(p, i) for i, (a, p) in enumerate(zip(self.actors, payloads))]
         self._finished: set[int] = set()
         self._dead: dict[int, str] = {}
+        self._controls: list[Any] = []  # control calls in flight
 
     def send_control(self, index: int, msg: tuple) -> None:
         """Put a coordinator message into task ``index``'s control queue."""
-        self.actors[index].control.remote(msg)
+        self._controls.append(self.actors[index].control.remote(msg))
+        if len(self._controls) > 256:  # keep the list short: settle the delivered ones
+            done, self._controls = self._ray.wait(self._controls, num_returns=len(
+                self._controls), timeout=0)
+            self._settle(done)
 
     def poll(self, timeout: float) -> list[tuple]:
         """Messages from the tasks (sleeps ``timeout`` when there are none)."""
@@ -247,10 +252,27 @@ class RayStreamHosts:
         out = sorted(self._dead.items())
         return [(max(i, 0), why) for i, why in out]
 
+    def _settle(self, refs: list[Any]) -> None:
+        """Take the outcome of finished calls, so Ray does not report the errors of calls to
+        actors that died (and were recovered from) as unhandled."""
+        for ref in refs:
+            try:
+                self._ray.get(ref, timeout=0)
+            except Exception:  # noqa: BLE001 - the job already dealt with a dead actor
+                pass
+
     def shutdown(self) -> None:
-        """Kill every actor of the job (finished ones are gone already)."""
+        """Kill every actor of the job (finished ones are gone already), then settle the
+        outcome of every call made to them."""
         for a in [*self.actors, self.mailbox]:
             try:
                 self._ray.kill(a, no_restart=True)
             except Exception:  # noqa: BLE001
                 pass
+        refs = [*self.runs, *self._controls]
+        self._controls = []
+        try:
+            done, _ = self._ray.wait(refs, num_returns=len(refs), timeout=10)
+        except Exception:  # noqa: BLE001
+            return
+        self._settle(done)

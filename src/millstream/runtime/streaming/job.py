@@ -28,20 +28,28 @@ job: replaying the same input would raise again; ``await_termination`` re-raises
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import threading
 import time
 import uuid
 from functools import partial
 from typing import Any
 
-import cloudpickle
 import pyarrow as pa
 
+from millstream.core import pickling
 from millstream.core.arrow import batch_to_rows, concat_batches
 from millstream.core.keygroups import DEFAULT_KEY_GROUPS
 from millstream.core.time import MAX_WATERMARK, MIN_WATERMARK, Clock, WallClock
 from millstream.core.units import parse_duration
-from millstream.errors import PlanError, SimulatedCrash, StreamingError, WorkerLostError
+from millstream.errors import (
+    PlanError,
+    SimulatedCrash,
+    StreamingError,
+    UserFunctionError,
+    WorkerLostError,
+)
 from millstream.io.stream_sinks import make_sink
 from millstream.plan import logical as L
 from millstream.plan.compile import compile_plan, streaming_settings
@@ -147,6 +155,7 @@ class StreamingJob:
                                          "last_checkpoint_seconds": None,
                                          "last_checkpoint_bytes": None}
         self._hosts: Any = None
+        self._scratch: str | None = None
         self._layout: Layout | None = None
         self._epochs: Epochs | None = None
         self._thread = threading.Thread(target=self._main, daemon=True,
@@ -279,6 +288,7 @@ class StreamingJob:
         if self._parallel_sink:
             epochs.retire_sink_instances(len(sink_index))
         inline = self.executor == "inline"
+        run_dir = self._run_dir()
         specs = []
         for c in layout.chains:
             source = None
@@ -297,10 +307,21 @@ class StreamingJob:
                 epoch=restored.epoch, max_batch_records=self.max_batch_records,
                 poll_timeout_s=(self.poll_timeout_s / max(1, len(layout.sources))
                                 if inline else self.poll_timeout_s),
-                settings=dict(self._settings), checkpoint=self._checkpoint_location,
+                settings={**self._settings,
+                          "spill_dir": os.path.join(run_dir, f"task-{c.index:04d}")},
+                checkpoint=self._checkpoint_location,
                 watermark_interval_s=0.0 if inline else 0.02, combine=not inline,
                 clock=None if isinstance(self.clock, WallClock) else self.clock))
         return specs
+
+    def _run_dir(self) -> str:
+        """Where this run's tasks spill (under the session's scratch; a run killed by a lost
+        host leaves files here, removed when the job ends or restarts)."""
+        from millstream.runtime.session import get_session
+
+        if self._scratch is None:
+            self._scratch = get_session().job_dir(f"stream-{self.job_id}")
+        return os.path.join(self._scratch, f"run-{self.restarts}")
 
     def _launch(self) -> None:
         """Restore (or start) every task in its host."""
@@ -316,7 +337,13 @@ class StreamingJob:
         if self.executor == "inline":
             self._hosts = InlineHosts(specs, self.clock)
             return
-        payloads = [cloudpickle.dumps(partial(run_stream_task, spec)) for spec in specs]
+        try:
+            payloads = [pickling.dumps(partial(run_stream_task, spec)) for spec in specs]
+        except Exception:
+            from millstream.runtime.runner import Runner
+
+            Runner.check_shippable([spec for spec in specs])  # names what cannot be sent
+            raise
         try:
             self._hosts = self._runner.start_stream_hosts(payloads, self.inbox_capacity)
         except WorkerLostError as exc:
@@ -422,7 +449,8 @@ class StreamingJob:
                         c = chains[idx]
                         raise _HostLost(f"task {c.key} (stage {c.stage.id}) lost a peer: "
                                         f"{msg[2]}")
-                    raise _TaskFailed(chains[idx], msg[2], msg[3], msg[4])
+                    raise _TaskFailed(chains[idx], msg[2], msg[3], msg[4],
+                                      msg[5] if len(msg) > 5 else None)
             if final_done and len(done) == n:
                 return
             dead = hosts.dead()
@@ -462,6 +490,7 @@ class StreamingJob:
                     break
                 except _HostLost as exc:
                     self._shutdown_hosts()
+                    shutil.rmtree(self._run_dir(), ignore_errors=True)  # a dead task's spills
                     if self.store is None or self.restarts >= self.max_restarts:
                         raise StreamingError(
                             f"streaming job {self.job_id}: {exc}; "
@@ -489,6 +518,8 @@ class StreamingJob:
             self._shutdown_hosts(crashed)
             if not self._parallel_sink and not crashed:  # parallel sinks close in their tasks
                 close_quietly(self.sink, "the sink")
+            if self._scratch is not None:
+                shutil.rmtree(self._scratch, ignore_errors=True)
             self._done.set()
 
     def _shutdown_hosts(self, crashed: bool = False) -> None:
@@ -512,16 +543,33 @@ class _HostLost(Exception):
 class _TaskFailed(Exception):
     """A task raised; carries its error for the driver."""
 
-    def __init__(self, chain: Chain, text: str, tb: str, exc: BaseException | None) -> None:
+    def __init__(self, chain: Chain, text: str, tb: str, exc: BaseException | None,
+                 user_tb: str | None = None) -> None:
         super().__init__(text)
         self.chain = chain
         self.text = text
         self.tb = tb
         self.exc = exc
+        self.user_tb = user_tb
 
     def error(self) -> BaseException:
         c = self.chain
         where = f"stage {c.stage.id} ({c.stage.purpose}), partition {c.key[2]}"
+        if self.user_tb is not None:  # a user function raised: ms.UserFunctionError, as in batch
+            from millstream.core.pickling import restore_code_locations
+            from millstream.runtime.runner import debugging
+
+            user_tb = restore_code_locations(self.user_tb, [(f.args, f.kwargs)
+                                                            for f in c.pipe.ops])
+            err = UserFunctionError(
+                f"{self.text.split(': ', 1)[-1]}\n  in streaming task {where}\n\n{user_tb}",
+                stage=f"{c.stage.id} ({c.stage.purpose})", partition=c.key[2],
+                operator=getattr(self.exc, "operator", None), user_traceback=user_tb,
+                cause_type=type(getattr(self.exc, "original", None)).__name__)
+            err.original = getattr(self.exc, "original", self.exc)  # type: ignore[attr-defined]
+            if debugging():
+                err.add_note(f"task traceback:\n{self.tb}")
+            return err
         if self.exc is not None:
             try:
                 self.exc.add_note(f"in streaming task {where}; task traceback:\n{self.tb}")

@@ -132,10 +132,18 @@ def state_bytes(value: Any) -> int:
 
 
 def failure_message(index: int, exc: BaseException, in_process: bool = False) -> tuple:
-    """The coordinator message of a task that raised ``exc``: the exception itself when it
-    stays in this process or survives pickling (the driver re-raises it), else None."""
+    """The coordinator message of a task that raised ``exc``: its text, traceback, the
+    exception itself when it stays in this process or survives pickling (the driver
+    re-raises it), else None, and a user function's own traceback (or None)."""
+    from millstream.errors import UserCodeFailure
+
+    user_tb = None
+    if isinstance(exc, UserCodeFailure):
+        from millstream.runtime.task import describe_failure
+
+        user_tb = describe_failure(exc).user_traceback
     return ("error", index, f"{type(exc).__name__}: {exc}", traceback.format_exc(),
-            exc if in_process else _picklable(exc))
+            exc if in_process else _picklable(exc), user_tb)
 
 
 def _picklable(exc: BaseException) -> BaseException | None:
