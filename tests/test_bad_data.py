@@ -164,6 +164,9 @@ def test_a_directory_of_mixed_formats_is_refused_naming_the_other_files(tmp_path
     (d / "part-00000").write_text("x,y\n9,10\n")
     assert ms.read_csv(str(d / "[ac]*")).count() == 3
     assert ms.read_csv(str(d / "part-*")).count() == 1
+    job = ms.read_csv(str(d), watch=True, poll_interval="10ms").start(checkpoint_interval=0)
+    with pytest.raises(PlanError, match=r"watch=True\): .*b\.parquet"):
+        job.await_termination(20)
 
 
 def test_truncated_or_foreign_parquet_is_a_storage_error_at_planning(tmp_path):

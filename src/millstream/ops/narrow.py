@@ -226,8 +226,10 @@ class MapBatches(Operator):
         try:
             out = _to_record_batch(result)
         except BadBatchResult as exc:
-            err = BadBatchResult(f"{exc} (for a batch of {batch.num_rows} rows; accepted: "
-                                 f"{BATCH_RESULTS})")
+            code = getattr(self.fn, "__code__", None)
+            where = f", defined at {code.co_filename}:{code.co_firstlineno}" if code else ""
+            err = BadBatchResult(f"{exc} (for a batch of {batch.num_rows} rows{where}; "
+                                 f"accepted: {BATCH_RESULTS})")
             raise BadReturnValue(self.name, function_name(self.fn), err) from None
         # drop empty batches, but keep one when all are empty: it carries the schema
         return [b for b in out if b.num_rows] or out[:1] or _EMPTY

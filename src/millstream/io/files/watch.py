@@ -7,7 +7,9 @@ lists ``dir`` by URI (:mod:`millstream.io.fs`, so ``s3://`` works too) every
 Semantics (streaming only; a batch ``collect()`` of a watch source is refused):
 
 * **Which files.** Files below ``dir`` (recursively) whose path parts do not start with
-  ``_`` or ``.``. A file is read once, when it is *settled*: it is non-empty and its
+  ``_`` or ``.``. A file whose extension names a format the reader cannot read
+  (``x.parquet`` in a watched JSON directory) stops the job with an error naming it, as
+  a batch read of the directory does (:mod:`millstream.io.files.formats`). A file is read once, when it is *settled*: it is non-empty and its
   size and modification time were the same in two consecutive listings (at least
   ``poll_interval`` apart). A writer that is still appending is therefore not read
   early as long as it writes more often than ``poll_interval``; the safest protocol is
@@ -48,6 +50,7 @@ from millstream.errors import PlanError, StorageNotFoundError
 from millstream.io import fs as msfs
 from millstream.io.base import Source, Split, StreamReader, StreamSource
 from millstream.io.files.dead_letters import DeadLetter, StagedDeadLetters, check_policy
+from millstream.io.files.formats import READS, format_of
 
 #: Formats a directory can be watched in.
 WATCH_FORMATS = ("json", "csv", "text", "parquet")
@@ -127,6 +130,13 @@ class WatchSource(Source):
                 continue
             mtime = entry.mtime_ns if entry.mtime_ns is not None else 0
             out[rel] = (entry.size or 0, mtime)
+        foreign = [rel for rel in out if (f := format_of(rel)) is not None
+                   and f not in READS[self.format]]
+        if foreign:
+            raise PlanError(f"read_{self.format}({self.uri!r}, watch=True): the directory holds "
+                            f"files of another format: {', '.join(sorted(foreign)[:5])}; a "
+                            f"reader reads one format (move them out, or watch another "
+                            f"directory)")
         return out
 
     def file_uri(self, rel: str) -> str:
