@@ -238,6 +238,18 @@ def test_bad_json_raises_naming_topic_partition_offset(broker, topic):
     assert err.topic == topic and err.partition == 1
     assert f"kafka topic {topic!r} partition 1 offset {offsets[1]}" in str(err)
     assert '{"id": 2, "name": ' in str(err)
+    # the hint is what works: a keyword of read_kafka (options= as well)
+    assert 'read_kafka(..., on_bad_records="skip")' in str(err)
+    assert "options={" not in str(err)
+    ends = {0: 0, 1: offsets[-1] + 1, 2: 0}
+    for options in ({"on_bad_records": "skip"}, {"options": {"on_bad_records": "skip"}}):
+        rows = ms.read_kafka(topic, broker.bootstrap_servers, schema=schema, end_offsets=ends,
+                             **options).collect()
+        assert sorted(r["id"] for r in rows) == [1, 6, 7]
+    misspelt = KafkaSource(topic, broker.bootstrap_servers, options={"on_bad_record": "skip"})
+    with pytest.raises(PlanError, match=r"Did you mean Millstream's 'on_bad_records'\? Pass it "
+                                        r"as a keyword: read_kafka\(\.\.\., on_bad_records="):
+        misspelt.partitions()
 
 
 def test_bad_json_skip_and_dead_letter(broker, topic, tmp_path):
@@ -264,6 +276,28 @@ def test_bad_json_skip_and_dead_letter(broker, topic, tmp_path):
     assert {r["path"] for r in records} == {f"kafka://{topic}/0"}
     assert records[0]["record"] == '{"id": 2, "name": '
     assert all(r["reason"] for r in records)
+
+
+@pytest.mark.parametrize("point", ["during_epoch", "after_checkpoint"])
+def test_streaming_dead_letters_are_committed_with_checkpoints_exactly_once(point, broker, topic,
+                                                                           tmp_path):
+    from millstream.io.files.stream_sink import FileStreamSink
+    from millstream.testing import crash_and_restore
+
+    pad = "." * 400  # dead letters long enough that the crashed run wrote some out
+    values = [json.dumps({"id": i}).encode() if i % 10 != 3
+              else f'{{"id": {i}, broken{pad}'.encode() for i in range(600)]
+    offsets = [o for _, o in broker.produce(topic, values, partition=0)]
+    bad = {offsets[i] for i in range(600) if i % 10 == 3}
+    dead = tmp_path / "dead"
+    ds = ms.read_kafka(topic, broker.bootstrap_servers, on_bad_records=str(dead),
+                       schema=pa.schema([("id", pa.int64())])).select("id")
+    crash_and_restore(ds, checkpoint=str(tmp_path / "chk"), sink=FileStreamSink(str(tmp_path / "out")),
+                      crash_epoch=10, point=point, checkpoint_interval=0, max_batch_records=40,
+                      stop_at_end=True, executor="inline", timeout=60)
+    letters = [json.loads(line) for f in sorted(dead.glob("*.jsonl"))
+               for line in f.read_text().splitlines()]
+    assert Counter(r["offset"] for r in letters) == Counter(bad)
 
 
 # ----------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import millstream.runners  # noqa: E402,F401,I001 - registers the local and Ray 
 from millstream.api.dataset import Dataset, GroupedDataset
 from millstream.api.mapreduce import MapReduceJob, MRStep, mapreduce
 from millstream.api.readers import (
+    dead_letter,
     from_arrow,
     from_generator,
     from_items,
@@ -100,7 +101,7 @@ __all__ = [
     "AggExpr", "BadRecordError", "Dataset", "Expr", "GroupedDataset", "MRStep", "MapReduceJob",
     "MillstreamError",
     "OutputExistsError", "PlanError", "SchemaError", "StorageError", "TaskError", "UserFunctionError",
-    "avg", "col", "collect_list", "console", "count", "count_distinct", "count_trigger", "event_time_trigger", "first", "from_arrow", "from_generator", "from_items",
+    "avg", "col", "collect_list", "console", "count", "count_distinct", "count_trigger", "dead_letter", "event_time_trigger", "first", "from_arrow", "from_generator", "from_items",
     "from_pandas", "from_polars", "global_window", "init", "last_job_stats", "lit", "mapreduce", "max", "mean", "min", "processing_time_trigger", "range",
     "read_csv", "read_json", "read_kafka", "read_parquet", "read_text", "session", "shutdown", "sink", "sliding", "sum", "tumbling", "when",
     # analytic window functions (expr.analytic)

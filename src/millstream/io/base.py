@@ -11,7 +11,10 @@ positions, a :class:`StreamReader` per partition whose ``position`` a checkpoint
 a bounded source becomes a stream that ends (:class:`BoundedStreamSource`). A streaming
 sink follows :class:`StreamSink`: ``begin(epoch)``, ``write(batch)``, ``pre_commit(epoch)
 -> handle`` at a checkpoint, ``commit(handle)`` once the checkpoint is complete (two-phase
-commit, idempotent per handle), ``abort``.
+commit, idempotent per handle), ``abort``. A reader that writes something of its own (dead
+letters) follows the same protocol: ``begin(epoch)``, and ``pre_commit(epoch)`` at the
+barrier returns a handle that travels with the checkpoint and whose ``commit()`` the
+coordinator calls once the checkpoint is complete.
 """
 
 from __future__ import annotations
@@ -105,6 +108,15 @@ class Source(ABC):
         that end (``stop_at_end``: an unbounded source ends once it has caught up)."""
         return BoundedStreamSource(self, target_splits)
 
+    def with_staged_dead_letters(self, ctx: TaskContext, skip: int = 0
+                                 ) -> tuple[Source, Any] | None:
+        """For a streaming reader: a copy of this source whose dead letters go to the
+        returned output, which stages them per epoch (``begin``, ``pre_commit``, ``count``
+        of records reported, the first ``skip`` dropped; see
+        :class:`~millstream.io.files.dead_letters.StagedDeadLetters`). None when this
+        source writes no dead letters."""
+        return None
+
 
 class Sink(ABC):
     """A bounded output committed atomically."""
@@ -154,6 +166,16 @@ class StreamReader:
     def close(self) -> None:
         """Release the reader's resources."""
 
+    def begin(self, epoch: int) -> None:
+        """Epoch ``epoch`` starts (called after ``open`` and after each checkpoint)."""
+
+    def pre_commit(self, epoch: int) -> Any:
+        """At epoch ``epoch``'s barrier, with ``position``: make what the reader itself
+        wrote in the epoch (dead letters) durable but invisible. Returns a picklable handle
+        whose ``commit()`` (idempotent) the coordinator calls once the checkpoint is
+        complete, or None."""
+        return None
+
 
 class StreamSource:
     """Partitions, initial positions and readers of one source in a streaming job."""
@@ -175,23 +197,30 @@ class StreamSource:
 
 
 class _BoundedReader(StreamReader):
-    """A batch split read as a stream; the position is the number of rows delivered."""
+    """A batch split read as a stream; the position is the number of rows delivered, and
+    with staged dead letters ``(rows, dead letters reported)``."""
 
-    def __init__(self, batches: Iterator[pa.RecordBatch], position: int) -> None:
+    def __init__(self, batches: Iterator[pa.RecordBatch], position: Any,
+                 dead_letters: Any = None) -> None:
         self._it = batches
         self._rest: pa.RecordBatch | None = None
-        self.position = 0
-        skip = int(position)
+        self._dead = dead_letters
+        self._rows = 0
+        skip = int(position[0]) if isinstance(position, (tuple, list)) else int(position)
         while skip > 0:
             b = next(self._it, None)
             if b is None:
                 break
             if b.num_rows > skip:
                 self._rest = b.slice(skip)
-                self.position += skip
+                self._rows += skip
                 break
             skip -= b.num_rows
-            self.position += b.num_rows
+            self._rows += b.num_rows
+
+    @property  # type: ignore[override]
+    def position(self) -> Any:
+        return self._rows if self._dead is None else (self._rows, self._dead.count)
 
     def poll(self, max_records: int, timeout_s: float) -> pa.RecordBatch | None:
         while True:
@@ -205,8 +234,19 @@ class _BoundedReader(StreamReader):
             if max_records and b.num_rows > max_records:
                 self._rest = b.slice(max_records)
                 b = b.slice(0, max_records)
-            self.position += b.num_rows
+            self._rows += b.num_rows
             return b
+
+    def begin(self, epoch: int) -> None:
+        if self._dead is not None:
+            self._dead.begin(epoch)
+
+    def pre_commit(self, epoch: int) -> Any:
+        return self._dead.pre_commit(epoch) if self._dead is not None else None
+
+    def close(self) -> None:
+        if self._dead is not None:
+            self._dead.close()
 
 
 class BoundedStreamSource(StreamSource):
@@ -223,8 +263,13 @@ class BoundedStreamSource(StreamSource):
         return {p: 0 for p in self.partitions()}
 
     def open(self, partition: Any, position: Any, ctx: TaskContext) -> StreamReader:
-        return _BoundedReader(iter(self.source.read_split(self.splits[partition], ctx)),
-                              int(position))
+        source, dead = self.source, None
+        staged = source.with_staged_dead_letters(
+            ctx, skip=position[1] if isinstance(position, (tuple, list)) else 0)
+        if staged is not None:
+            source, dead = staged
+        return _BoundedReader(iter(source.read_split(self.splits[partition], ctx)), position,
+                              dead)
 
 
 @runtime_checkable

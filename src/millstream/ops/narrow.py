@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from millstream.core.arrow import batch_to_rows, rows_to_batch
-from millstream.errors import SchemaError, UserCodeFailure
+from millstream.errors import NonRetryableError, SchemaError, UserCodeFailure
 from millstream.ops.base import Batches, Operator
 
 _EMPTY: tuple[pa.RecordBatch, ...] = ()
@@ -103,26 +103,93 @@ class FilterRows(MapRows):
         return (batch.filter(pa.array(mask, type=pa.bool_())),)
 
 
-def _to_record_batch(result: Any, fmt: str) -> list[pa.RecordBatch]:
-    if result is None:
-        return []
+#: What a ``map_batches`` function may return, for messages.
+BATCH_RESULTS = ("a pyarrow Table/RecordBatch, a pandas/polars DataFrame, a dict of "
+                 "equal-length columns, or a list of dict rows")
+
+
+class BadBatchResult(TypeError):
+    """A ``map_batches`` function returned something that is not a table."""
+
+
+class BadReturnValue(UserCodeFailure, NonRetryableError):
+    """A user function returned a value of the wrong kind: it would on every attempt."""
+
+    def __init__(self, operator: str, function: str, original: BaseException,
+                 record: str | None = None):
+        super().__init__(operator, function, original, record)
+        self.args = (f"{function} in operator {operator} {original}",)
+
+
+def _describe(value: Any) -> str:
+    kind = type(value)
+    name = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+    return f"{name} {_short(value, 80)}"
+
+
+def _is_column(value: Any) -> bool:
+    """A sized, one-dimensional run of values (not a string, not a scalar)."""
+    if isinstance(value, (pa.Array, pa.ChunkedArray, list, tuple, range)):
+        return True
+    ndim = getattr(value, "ndim", None)
+    if ndim is not None:  # numpy arrays, pandas and polars Series
+        return ndim == 1
+    return False
+
+
+def _column_result(result: dict) -> list[pa.RecordBatch]:
+    columns: dict[str, Any] = {}
+    for name, values in result.items():
+        if not isinstance(name, str):
+            raise BadBatchResult(f"returned a dict with key {name!r}: the keys of a dict of columns are "
+                                 f"names (strings)")
+        if not _is_column(values):
+            raise BadBatchResult(f"returned a dict whose column {name!r} is a "
+                                 f"{_describe(values)}, not a list or array of values")
+        columns[name] = values if isinstance(values, (pa.Array, pa.ChunkedArray)) \
+            else (values if getattr(values, "ndim", None) == 1 else list(values))
+    lengths = {name: len(v) for name, v in columns.items()}
+    if len(set(lengths.values())) > 1:
+        raise BadBatchResult("returned columns of different lengths: "
+                             + ", ".join(f"{n}: {k}" for n, k in lengths.items()))
+    try:
+        return pa.Table.from_pydict(columns).to_batches()
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as exc:
+        raise BadBatchResult(f"returned columns that do not convert to Arrow: {exc}") from None
+
+
+def _to_record_batch(result: Any) -> list[pa.RecordBatch]:
+    """The batches of a ``map_batches`` result; :class:`BadBatchResult` if it is no table."""
     if isinstance(result, pa.RecordBatch):
         return [result]
     if isinstance(result, pa.Table):
-        return result.to_batches()
+        return result.to_batches() or [pa.RecordBatch.from_pylist([], schema=result.schema)]
     mod = type(result).__module__
-    if mod.startswith("pandas"):
-        return pa.Table.from_pandas(result, preserve_index=False).to_batches()
-    if mod.startswith("polars"):
-        return result.to_arrow().to_batches()
+    kind = type(result).__name__
+    if mod.startswith(("pandas", "polars")):
+        if kind == "DataFrame":
+            table = (pa.Table.from_pandas(result, preserve_index=False) if mod.startswith("pandas")
+                     else result.to_arrow())
+            return table.to_batches() or [pa.RecordBatch.from_pylist([], schema=table.schema)]
+        if kind == "Series":
+            raise BadBatchResult(f"returned a {mod.split('.')[0]} Series; return a DataFrame "
+                                 f"(series.to_frame()) or a dict of columns")
+        if kind == "LazyFrame":
+            raise BadBatchResult("returned a polars LazyFrame; return lazy_frame.collect()")
     if isinstance(result, dict):
-        return pa.Table.from_pydict({k: (list(v) if not isinstance(v, (pa.Array, pa.ChunkedArray))
-                                         else v) for k, v in result.items()}).to_batches()
+        return _column_result(result)
     if isinstance(result, list):
-        return [rows_to_batch(result)] if result else []
-    raise TypeError(f"map_batches function must return a pyarrow Table/RecordBatch, a pandas or "
-                    f"polars DataFrame, a dict of columns or a list of rows; got "
-                    f"{type(result).__name__}")
+        if all(isinstance(row, dict) for row in result):
+            return [rows_to_batch(result)] if result else []
+        bad = next(row for row in result if not isinstance(row, dict))
+        raise BadBatchResult(
+            f"returned a list of {len(result)} values that are not all rows (dicts), e.g. "
+            f"{_describe(bad)}: a list is read as rows. Return a dict of columns "
+            f"({{'value': [...]}}) for a table, or use flat_map for rows made from each row")
+    if result is None:
+        raise BadBatchResult("returned None (a missing return?); to drop a batch, return an "
+                             "empty table such as batch.slice(0, 0)")
+    raise BadBatchResult(f"returned a {_describe(result)}")
 
 
 class MapBatches(Operator):
@@ -156,7 +223,14 @@ class MapBatches(Operator):
         except Exception as exc:
             raise UserCodeFailure(self.name, function_name(self.fn), exc,
                                   f"<batch of {batch.num_rows} rows>") from exc
-        out = _to_record_batch(result, fmt)
+        try:
+            out = _to_record_batch(result)
+        except BadBatchResult as exc:
+            code = getattr(self.fn, "__code__", None)
+            where = f", defined at {code.co_filename}:{code.co_firstlineno}" if code else ""
+            err = BadBatchResult(f"{exc} (for a batch of {batch.num_rows} rows{where}; "
+                                 f"accepted: {BATCH_RESULTS})")
+            raise BadReturnValue(self.name, function_name(self.fn), err) from None
         # drop empty batches, but keep one when all are empty: it carries the schema
         return [b for b in out if b.num_rows] or out[:1] or _EMPTY
 

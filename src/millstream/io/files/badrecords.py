@@ -2,30 +2,31 @@
 
 Sources parse blocks of many lines at once with pyarrow. Only when a block fails to
 parse does :func:`parse_with_recovery` bisect it, line-aligned, down to the offending
-lines, which go to a :class:`BadRecordHandler`:
+lines, which go to a :class:`BadRecordHandler`, which follows the ``on_bad_records``
+policy (see :mod:`millstream.io.files.dead_letters`):
 
-* ``on_bad_records="error"`` (default): raise :class:`BadRecordError` naming the file,
-  the 1-based line number within the file, the byte offset and the record;
+* ``"error"`` (default): raise :class:`BadRecordError` naming the file, the 1-based line
+  number within the file, the byte offset and the record;
 * ``"skip"``: drop the line and count it (counter ``millstream/bad_records_skipped``);
-* any other string is a directory URI: each bad line is written as a JSON object
-  ``{"path", "line", "offset", "reason", "record"}`` to
-  ``<uri>/bad-s{stage}-p{partition}-a{attempt}.jsonl`` (one file per task attempt) and
-  counted (``millstream/bad_records_dead_lettered``).
+* a dead-letter directory: write the line with the reason as a JSON object ``{"path",
+  "line", "offset", "reason", "record"}`` (one file per batch task attempt; staged per
+  epoch and committed with the checkpoint in a streaming job) and count it (counter
+  ``millstream/bad_records_dead_lettered``).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from millstream.core.context import TaskContext
-from millstream.errors import BadRecordError, PlanError
-from millstream.io import fs as msfs
+from millstream.errors import BadRecordError
+from millstream.io.files.dead_letters import DeadLetterFile, check_policy
+from millstream.io.files.decoding import decode_chunk
 
 #: Counter group and names.
 COUNTER_GROUP = "millstream"
@@ -35,32 +36,28 @@ DEAD_LETTERED = "bad_records_dead_lettered"
 _SNIPPET = 200
 
 
-def check_policy(on_bad_records: Any) -> str:
-    """Validate an ``on_bad_records`` argument: "error", "skip" or a dead-letter URI."""
-    if not isinstance(on_bad_records, str) or not on_bad_records:
-        raise PlanError(
-            f"on_bad_records must be 'error', 'skip' or a dead-letter URI, got {on_bad_records!r}")
-    return on_bad_records
-
-
 def snippet(record: str, limit: int = _SNIPPET) -> str:
     """The start of a record, for messages."""
     return record if len(record) <= limit else record[:limit] + f"... ({len(record)} chars)"
 
 
 class BadRecordHandler:
-    """Routes the bad records found by one task attempt according to the policy."""
+    """Routes the bad records found by one task attempt according to the policy.
 
-    def __init__(self, policy: str, ctx: TaskContext, fmt: str,
-                 storage_options: dict[str, Any] | None = None):
+    Dead letters go to ``output`` when given (a streaming reader's
+    :class:`~millstream.io.files.dead_letters.StagedDeadLetters`, which its owner closes),
+    else to a :class:`~millstream.io.files.dead_letters.DeadLetterFile` of this attempt.
+    """
+
+    def __init__(self, policy: Any, ctx: TaskContext, fmt: str,
+                 storage_options: dict[str, Any] | None = None, output: Any = None):
         self.policy = check_policy(policy)
         self.ctx = ctx
         self.fmt = fmt
         self.storage_options = storage_options or {}
         self.count = 0
-        self._file: Any = None
-        self._local_tmp: str | None = None
-        self._target: tuple[Any, str] | None = None
+        self._output = output
+        self._own_output = False
 
     @property
     def raises(self) -> bool:
@@ -69,7 +66,7 @@ class BadRecordHandler:
 
     def report(self, *, path: str, line: int | None, offset: int | None, reason: str,
                record: str) -> None:
-        """Handle one bad record: raise, count, or write it to the dead-letter file."""
+        """Handle one bad record: raise, count, or write it to the dead-letter output."""
         where = f"{path}"
         if line is not None:
             where += f", line {line}"
@@ -80,46 +77,24 @@ class BadRecordHandler:
                 f"malformed {self.fmt} record in {where}: {reason}\n"
                 f"  record: {snippet(record)!r}\n"
                 f"  To skip malformed records pass on_bad_records=\"skip\" (they are counted), "
-                f"or on_bad_records=\"<directory URI>\" to write each one to a dead-letter file.",
+                f"or on_bad_records=\"./<directory>\" (a path or URI) to write each one to a "
+                f"dead-letter file.",
                 path=path, line=line, offset=offset, record=record)
         self.count += 1
         if self.policy == "skip":
             self.ctx.increment_counter(COUNTER_GROUP, SKIPPED)
             return
-        self._write({"path": path, "line": line, "offset": offset, "reason": reason,
-                     "record": record})
+        if self._output is None:
+            self._output = DeadLetterFile(self.policy, self.ctx, self.storage_options)
+            self._own_output = True
+        self._output.write({"path": path, "line": line, "offset": offset, "reason": reason,
+                            "record": record})
         self.ctx.increment_counter(COUNTER_GROUP, DEAD_LETTERED)
 
-    def _open(self) -> None:
-        fs, base = msfs.resolve(self.policy, **self.storage_options)
-        name = (f"bad-s{self.ctx.stage_id}-p{self.ctx.partition}-a{self.ctx.attempt}.jsonl")
-        path = msfs.join(base, name)
-        self._target = (fs, path)
-        if msfs.is_local(fs):
-            os.makedirs(base, exist_ok=True)
-            self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115
-        else:
-            self._local_tmp = self.ctx.scratch_path("deadletter", ".jsonl")
-            self._file = open(self._local_tmp, "w", encoding="utf-8")  # noqa: SIM115
-
-    def _write(self, obj: dict[str, Any]) -> None:
-        if self._file is None:
-            self._open()
-        self._file.write(json.dumps(obj, ensure_ascii=False) + "\n")
-
     def close(self) -> None:
-        """Flush the dead-letter file (uploading it to an object store)."""
-        if self._file is None:
-            return
-        self._file.close()
-        self._file = None
-        if self._local_tmp is not None and self._target is not None:
-            fs, path = self._target
-            try:
-                msfs.upload_file(self._local_tmp, fs, path)
-            finally:
-                os.unlink(self._local_tmp)
-                self._local_tmp = None
+        """Flush the dead-letter file of this attempt (uploading it to an object store)."""
+        if self._own_output and self._output is not None:
+            self._output.close()
 
     def __enter__(self) -> BadRecordHandler:
         return self
@@ -247,12 +222,25 @@ def parse_line_chunk(chunk: Any, reader: Any, parse: Callable[[pa.Buffer], pa.Ta
                      validate: Callable[[pa.Table, bytes, int, int], str | None] | None = None,
                      hint: Callable[[str, str], str] | None = None,
                      prescreen: Callable[[bytes], bool] | None = None,
-                     encoding: str = "utf-8") -> list[pa.Table]:
+                     encoding: str = "utf-8", encoding_errors: str = "strict") -> list[pa.Table]:
     """Parse one :class:`~millstream.io.files.lines.LineChunk`, routing its bad lines to ``handler``.
 
-    Line numbers and byte offsets of bad lines are computed only when there are any.
+    The chunk is first transcoded to UTF-8 (:func:`~millstream.io.files.decoding.decode_chunk`):
+    lines that do not decode are bad records too. Line numbers and byte offsets (in the
+    file as it is, before transcoding) are computed only when there are bad lines.
     """
-    data: bytes = chunk.data
+    decoded = decode_chunk(chunk.data, encoding, encoding_errors)
+    data: bytes = decoded.data
+    origin = decoded.origin
+    path = reader.frange.uri
+    for lo, hi, reason in decoded.bad:
+        index = int(np.searchsorted(origin, lo)) if origin is not None else \
+            chunk.data.count(b"\n", 0, lo)
+        record = chunk.data[lo:hi].rstrip(b"\r\n").decode(encoding, errors="replace")
+        handler.report(path=path, line=reader.line_number(chunk, index),
+                       offset=chunk.offset + lo, reason=reason, record=record)
+    if decoded.bad and not data.strip():
+        return []
     cursor = [0, 0]  # (position, newlines before it): bad lines arrive in order
 
     def on_bad(lo: int, hi: int, reason: str) -> None:
@@ -266,13 +254,14 @@ def parse_line_chunk(chunk: Any, reader: Any, parse: Callable[[pa.Buffer], pa.Ta
             record = record[:-1]
         if record.endswith(b"\r"):
             record = record[:-1]
-        text = record.decode(encoding, errors="replace")
+        text = record.decode("utf-8", errors="replace")
         if text and reason.endswith(": " + text):  # pyarrow appends the row; we report it apart
             reason = reason[:-len(text) - 2]
         if hint is not None:
             reason = hint(reason, text)
-        handler.report(path=reader.frange.uri, line=reader.line_number(chunk, index),
-                       offset=chunk.offset + lo, reason=reason, record=text)
+        offset = int(origin[index]) if origin is not None and index < len(origin) else lo
+        handler.report(path=path, line=reader.line_number(chunk, index),
+                       offset=chunk.offset + offset, reason=reason, record=text)
 
     return parse_with_recovery(data, parse, on_bad, expected_rows=expected_rows,
                                validate=validate, prescreen=prescreen)

@@ -3,8 +3,12 @@
 Every split parses with one schema fixed on the driver (``schema=`` or inferred from the
 first block of the first file), so all splits agree on column types. Fields missing from
 a record are null; fields not in the schema are ignored (pass ``schema=`` when fields
-first appear late in the data). A line that is not a JSON object, or whose values do
-not fit the schema, is a bad record (see :mod:`millstream.io.files.badrecords`).
+first appear late in the data, or ``union_by_name=True`` when they differ between files:
+the schema is then inferred from the start of every file and unified by name, see
+:mod:`millstream.io.files.union`). A line that is not a JSON object, or whose values do
+not fit the schema, is a bad record (see :mod:`millstream.io.files.badrecords`), and so is
+a line that does not decode as ``encoding`` (UTF-8 by default; ``encoding_errors=`` says
+what to do instead, see :mod:`millstream.io.files.decoding`).
 """
 
 from __future__ import annotations
@@ -21,14 +25,16 @@ from millstream.core.context import TaskContext
 from millstream.errors import PlanError
 from millstream.io.files.badrecords import (
     BadRecordHandler,
-    check_policy,
     parse_line_chunk,
     parse_with_recovery,
 )
 from millstream.io.files.csv import DEFAULT_INFER_BYTES, fast_nonempty_lines, merge_inferred
+from millstream.io.files.dead_letters import check_policy
+from millstream.io.files.decoding import check_encoding, check_encoding_errors, decode_chunk
 from millstream.io.files.line_source import LineFileSource
 from millstream.io.files.lines import LineReader, count_nonempty_lines
 from millstream.io.files.ranges import FileRange, LineSplitInfo, compression_of
+from millstream.io.files.union import in_threads, unify_by_name
 
 
 def _as_text(column: pa.ChunkedArray) -> pa.Array:
@@ -82,13 +88,18 @@ class JsonSource(LineFileSource):
                  on_bad_records: str = "error", *, columns: Sequence[str] | None = None,
                  split_size: int | None = None, block_size: int | None = None,
                  infer_bytes: int = DEFAULT_INFER_BYTES,
+                 encoding: str = "utf-8", encoding_errors: str = "strict",
+                 union_by_name: bool = False,
                  partitioning: str | None = "hive",
                  storage_options: dict[str, Any] | None = None):
         super().__init__(uri, split_size=split_size, block_size=block_size,
                          partitioning=partitioning, storage_options=storage_options)
         self.user_schema = schema
         self.on_bad_records = check_policy(on_bad_records)
+        self.encoding = check_encoding(encoding)
+        self.encoding_errors = check_encoding_errors(encoding_errors)
         self.infer_bytes = int(infer_bytes)
+        self.union_by_name = bool(union_by_name)
         self._schema: pa.Schema | None = schema
         self._inferred_from: str | None = None
         # Fields null in the whole inference sample: read as text, whatever they hold.
@@ -102,54 +113,87 @@ class JsonSource(LineFileSource):
             self._schema = self._infer_schema()
         return self._schema
 
-    def _infer_schema(self) -> pa.Schema:
-        """Infer from up to ``infer_bytes`` of complete lines, taken from the first files.
+    def _sample(self, entry: Any, nbytes: int) -> bytes:
+        """Up to ``nbytes`` of a file's first complete lines, as UTF-8."""
+        codec = compression_of(entry.path)
+        frange = FileRange(entry.uri, entry.path, 0, None if codec else entry.size,
+                           entry.size, codec)
+        chunks = LineReader(frange, self.storage_options, max(1, nbytes), strip_bom=True).chunks()
+        chunk = next(chunks, None)
+        chunks.close()
+        return (decode_chunk(chunk.data, self.encoding, self.encoding_errors).data
+                if chunk is not None else b"")
 
-        A field that is null everywhere in the sample is typed string; its values are
-        kept as text (numbers, booleans and nested values as their JSON text).
-        """
-        samples: list[bytes] = []
-        budget = self.infer_bytes
-        used: list[str] = []
-        for entry in self.files():
-            if budget <= 0:
-                break
-            if entry.size == 0:
-                continue
-            codec = compression_of(entry.path)
-            frange = FileRange(entry.uri, entry.path, 0, None if codec else entry.size,
-                               entry.size, codec)
-            chunks = LineReader(frange, self.storage_options, max(1, budget),
-                                strip_bom=True).chunks()
-            chunk = next(chunks, None)
-            chunks.close()
-            if chunk is not None and count_nonempty_lines(chunk.data):
-                samples.append(chunk.data)
-                used.append(entry.uri)
-                budget -= len(chunk.data)
-        data = b"".join(samples)
-        if not used:
-            raise PlanError(f"json {self.uri}: no records, so no schema can be inferred; "
-                            f"pass schema=...")
-        self._inferred_from = (f"the first {len(data)} bytes of {used[0]}" if len(used) == 1
-                               else f"{len(data)} bytes from the first {len(used)} files")
+    @staticmethod
+    def _sample_schema(data: bytes) -> pa.Schema | None:
+        """The schema inferred from a sample's valid lines (None when there are none)."""
         tables = parse_with_recovery(data, lambda buf: _read_json(buf, None),
                                      lambda lo, hi, why: None,
                                      expected_rows=fast_nonempty_lines)
         schemas = [t.schema for t in tables if t.num_rows]
         if not schemas:
-            raise PlanError(f"json {self.uri}: no valid JSON object in {self._inferred_from}; "
-                            f"pass schema=...")
-        schema = schemas[0] if len(schemas) == 1 else merge_inferred(schemas, conflict="first")
+            return None
+        return schemas[0] if len(schemas) == 1 else merge_inferred(schemas, conflict="first")
+
+    def _infer_schema(self) -> pa.Schema:
+        """Infer from up to ``infer_bytes`` of complete lines, taken from the first files
+        (with ``union_by_name``, from the start of every file, unified by name).
+
+        A field that is null everywhere in the sample is typed string; its values are
+        kept as text (numbers, booleans and nested values as their JSON text).
+        """
+        if self.union_by_name:
+            schema = self._infer_union()
+        else:
+            samples: list[bytes] = []
+            budget = self.infer_bytes
+            used: list[str] = []
+            for entry in self.files():
+                if budget <= 0:
+                    break
+                if entry.size == 0:
+                    continue
+                data = self._sample(entry, budget)
+                if count_nonempty_lines(data):
+                    samples.append(data)
+                    used.append(entry.uri)
+                    budget -= len(data)
+            data = b"".join(samples)
+            if not used:
+                raise PlanError(f"json {self.uri}: no records, so no schema can be inferred; "
+                                f"pass schema=...")
+            self._inferred_from = (f"the first {len(data)} bytes of {used[0]}" if len(used) == 1
+                                   else f"{len(data)} bytes from the first {len(used)} files")
+            found = self._sample_schema(data)
+            if found is None:
+                raise PlanError(f"json {self.uri}: no valid JSON object in "
+                                f"{self._inferred_from}; pass schema=...")
+            schema = found
         self._late = tuple(f.name for f in schema if pa.types.is_null(f.type))
         return pa.schema([pa.field(f.name, pa.string()) if f.name in self._late else f
                           for f in schema])
+
+    def _infer_union(self) -> pa.Schema:
+        """``union_by_name``: each file's first records, their schemas unified by name."""
+        files = [f for f in self.files() if f.size > 0]
+        per_file = min(self.infer_bytes,
+                       max(64 << 10, self.infer_bytes // max(1, len(files))))
+        samples = in_threads(lambda f: self._sample(f, per_file), files)
+        named = [(f.uri, sc) for f, data in zip(files, samples)
+                 if (sc := self._sample_schema(data)) is not None]
+        if not named:
+            raise PlanError(f"json {self.uri}: no valid JSON object at the start of any file; "
+                            f"pass schema=...")
+        self._inferred_from = (f"the first {per_file} bytes of each of {len(files)} files "
+                               f"(union_by_name)")
+        return unify_by_name(f"json {self.uri}", named)
 
     def _split_extra(self) -> tuple[tuple[str, Any], ...]:
         return (("_inferred_from", self._inferred_from), ("_late", self._late))
 
     def _handler(self, ctx: TaskContext) -> BadRecordHandler:
-        return BadRecordHandler(self.on_bad_records, ctx, "JSON", self.storage_options)
+        return BadRecordHandler(self.on_bad_records, ctx, "JSON", self.storage_options,
+                                output=self.dead_letters)
 
     def _hint(self, reason: str, record: str) -> str:
         if self._inferred_from and ("changed from" in reason or "convert" in reason.lower()):
@@ -185,4 +229,5 @@ class JsonSource(LineFileSource):
                 continue
             yield from parse_line_chunk(chunk, reader, parse, handler,
                                         expected_rows=fast_nonempty_lines, hint=self._hint,
-                                        prescreen=_not_an_object)
+                                        prescreen=_not_an_object, encoding=self.encoding,
+                                        encoding_errors=self.encoding_errors)

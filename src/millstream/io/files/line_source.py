@@ -14,6 +14,8 @@ from millstream.core.context import TaskContext
 from millstream.errors import PlanError
 from millstream.io import fs as msfs
 from millstream.io.base import Source, Split
+from millstream.io.files.dead_letters import DeadLetter, StagedDeadLetters
+from millstream.io.files.formats import list_files
 from millstream.io.files.lines import DEFAULT_BLOCK_SIZE
 from millstream.io.files.pushdown import arrow_expression, check_columns, predicate_columns
 from millstream.io.files.ranges import (
@@ -64,6 +66,9 @@ class LineFileSource(Source):
         self.columns: list[str] | None = None
         self.predicate: Expr | None = None
         self._files: list[msfs.FileEntry] | None = None
+        #: Where dead letters go instead of a file per task attempt (a streaming reader's
+        #: staged output, see ``with_staged_dead_letters``).
+        self.dead_letters: Any = None
         self._partitions: tuple[pa.Schema, dict[str, tuple[Any, ...]]] | None = None
 
     # -- subclasses -----------------------------------------------------------------------
@@ -85,6 +90,17 @@ class LineFileSource(Source):
     def _split_extra(self) -> tuple[tuple[str, Any], ...]:
         """Planning facts the workers need (attribute name, value); see ``read_split``."""
         return ()
+
+    def with_staged_dead_letters(self, ctx: TaskContext, skip: int = 0
+                                 ) -> tuple[Source, Any] | None:
+        """A copy writing its dead letters to a per-epoch staged output (streaming)."""
+        policy = getattr(self, "on_bad_records", None)
+        if not isinstance(policy, DeadLetter):
+            return None
+        output = StagedDeadLetters(policy, ctx, self.storage_options, skip=skip)
+        new = copy.copy(self)
+        new.dead_letters = output
+        return new, output
 
     # -- schema ---------------------------------------------------------------------------
 
@@ -130,7 +146,7 @@ class LineFileSource(Source):
     def files(self) -> list[msfs.FileEntry]:
         """The data files of this source (listed once, then cached)."""
         if self._files is None:
-            self._files = msfs.expand_all(self.uri, **self.storage_options)
+            self._files = list_files(self.uri, self.name, self.storage_options)
         return self._files
 
     def plan_splits(self, target_splits: int) -> list[Split]:

@@ -8,7 +8,6 @@ finish its last line. Every line is read exactly once whatever the split size.
 
 from __future__ import annotations
 
-import codecs
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from millstream.errors import BadRecordError, PlanError
+from millstream.errors import BadRecordError
 from millstream.io import fs as msfs
 from millstream.io.files.ranges import FileRange
 
@@ -268,15 +267,4 @@ def split_lines(data: bytes) -> tuple[pa.Array, np.ndarray]:
     array = pa.Array.from_buffers(pa.binary(), n,
                                   [None, pa.py_buffer(offsets), pa.py_buffer(payload)])
     return array, starts
-
-
-def _check_encoding(encoding: str) -> str:
-    try:
-        name = codecs.lookup(encoding).name
-    except LookupError as exc:
-        raise PlanError(f"unknown encoding {encoding!r}") from exc
-    if "\n".encode(name) != b"\n" or "\r".encode(name) != b"\r":
-        raise PlanError(f"encoding {encoding!r} is not ASCII-compatible; only encodings where "
-                        f"a newline is the byte 0x0A are supported (convert the file to UTF-8)")
-    return name
 

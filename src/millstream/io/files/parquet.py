@@ -5,12 +5,29 @@ hive partitions and row groups whose statistics cannot match the filter, and pac
 remaining row groups into splits of about total size / target. Reading (worker) scans
 just the listed row groups of each file with ``pyarrow.dataset``, reading only the
 projected columns and applying the filter exactly.
+
+Files and schemas, checked at planning, where the footers show them:
+
+* a directory or glob that holds files of another format (``a.csv``) is refused, naming
+  them (see :mod:`millstream.io.files.formats`); a file that is not Parquet or is
+  truncated is a :class:`~millstream.errors.StorageError` naming it;
+* the dataset's schema is the first file's (plus hive partition columns). Every file
+  must have the columns read, with the same types (or narrower ones that widen without
+  loss, int32 into int64); a column only in some files, or a type that differs, is a
+  :class:`~millstream.errors.SchemaError` naming the files and the column;
+* ``union_by_name=True`` (DuckDB's option) reads drifting schemas instead: columns are
+  matched by name over every file's footer, a column missing from a file is null there,
+  types are widened to a common one (int64 and double give double); a type conflict
+  that cannot be widened (int64 and string) is a SchemaError naming the files;
+* ``schema=`` fixes the schema: files missing one of its columns give nulls, other
+  columns are ignored, and types must convert.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import re
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,14 +36,17 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from millstream.core.arrow import without_view_types
 from millstream.core.context import TaskContext
 from millstream.errors import BadRecordError, PlanError, SchemaError, StorageError
 from millstream.io import fs as msfs
 from millstream.io.base import Source, Split
+from millstream.io.files.formats import list_files
 from millstream.io.files.pushdown import arrow_expression, check_columns, predicate_columns
 from millstream.io.files.ranges import DEFAULT_MIN_SPLIT_SIZE, format_size
+from millstream.io.files.union import in_threads, unify_by_name, widen
 
 if TYPE_CHECKING:
     from millstream.expr.nodes import Expr
@@ -62,9 +82,11 @@ class ParquetSource(Source):
 
     def __init__(self, uri: str | Sequence[str], columns: Sequence[str] | None = None,
                  filter: Any = None, *, partitioning: str | pa.Schema | None = "hive",
-                 schema: pa.Schema | None = None, split_size: int | None = None,
+                 schema: pa.Schema | None = None, union_by_name: bool = False,
+                 split_size: int | None = None,
                  storage_options: dict[str, Any] | None = None):
         self.uri = uri
+        self.union_by_name = bool(union_by_name)
         self.columns: list[str] | None = list(columns) if columns is not None else None
         self.predicate: Any = None
         self._post_filters: list[Any] = []
@@ -96,7 +118,7 @@ class ParquetSource(Source):
     def files(self) -> list[msfs.FileEntry]:
         """The parquet files (listed once; empty files are left out)."""
         if self._files is None:
-            self._files = [f for f in msfs.expand_all(self.uri, **self.storage_options)
+            self._files = [f for f in list_files(self.uri, "parquet", self.storage_options)
                            if f.size > 0]
         return self._files
 
@@ -129,18 +151,108 @@ class ParquetSource(Source):
             kwargs: dict[str, Any] = {}
             if partitioning is not None:
                 kwargs.update(partitioning=partitioning, partition_base_dir=base)
-            self._dataset = msfs.call(
-                fs, lambda: ds.dataset([f.path for f in files], schema=self.user_schema,
-                                       format="parquet", filesystem=fs, **kwargs),
-                f"reading parquet metadata of {self.uri}")
-            plain = without_view_types(self._dataset.schema) if self.user_schema is None \
-                else None
+            paths = [f.path for f in files]
+
+            def build(schema: pa.Schema | None) -> ds.Dataset:
+                try:
+                    return msfs.call(
+                        fs, lambda: ds.dataset(paths, schema=schema, format="parquet",
+                                               filesystem=fs, **kwargs),
+                        f"reading parquet metadata of {self.uri}")
+                except (pa.ArrowInvalid, OSError) as exc:
+                    if isinstance(exc, StorageError):
+                        raise
+                    raise self._unreadable(fs, files, exc) from exc
+
+            dataset = build(self.user_schema)
+            if self.union_by_name and self.user_schema is None and len(files) > 1:
+                unified = self._unified_schema(fs, files)
+                parts = _partition_names(dataset)
+                extra = [f for f in dataset.schema
+                         if f.name in parts and unified.get_field_index(f.name) == -1]
+                dataset = build(pa.schema(list(unified) + extra))
+            plain = without_view_types(dataset.schema) if self.user_schema is None else None
             if plain is not None:  # string_view columns are read as string
-                self._dataset = msfs.call(
-                    fs, lambda: ds.dataset([f.path for f in files], schema=plain,
-                                           format="parquet", filesystem=fs, **kwargs),
-                    f"reading parquet metadata of {self.uri}")
+                dataset = build(plain)
+            self._dataset = dataset
         return self._dataset
+
+    # -- file and schema checks -----------------------------------------------------------
+
+    def _unreadable(self, fs: Any, files: list[msfs.FileEntry], exc: BaseException
+                    ) -> StorageError:
+        """The error for a file pyarrow could not open as Parquet, naming it."""
+        match = re.search(r"from '([^']+)'", str(exc))
+        bad = next((f for f in files if match and f.path == match.group(1)), None)
+        if bad is None:  # find it
+            for f in files:
+                try:
+                    msfs.call(fs, lambda f=f: pq.read_schema(f.path, filesystem=fs),
+                              f"reading the footer of {f.uri}")
+                except (pa.ArrowInvalid, OSError):
+                    bad = f
+                    break
+        return _not_parquet(bad.uri if bad else str(self.uri), bad.size if bad else None, exc)
+
+    def _unified_schema(self, fs: Any, files: list[msfs.FileEntry]) -> pa.Schema:
+        """``union_by_name``: every file's columns by name, types widened."""
+        def footer(f: msfs.FileEntry) -> pa.Schema:
+            try:
+                return msfs.call(fs, lambda: pq.read_schema(f.path, filesystem=fs),
+                                 f"reading the footer of {f.uri}")
+            except (pa.ArrowInvalid, OSError) as exc:
+                if isinstance(exc, StorageError):
+                    raise
+                raise _not_parquet(f.uri, f.size, exc) from exc
+
+        schemas = in_threads(footer, files)
+        return unify_by_name(f"parquet {self.uri}",
+                             [(f.uri, sc.remove_metadata()) for f, sc in zip(files, schemas)])
+
+    def _check_file_schemas(self, schema: pa.Schema, physical: dict[str, pa.Schema],
+                            files: list[msfs.FileEntry]) -> None:
+        """Every file has the columns read, in types that convert (see module doc)."""
+        part_names = _partition_names(self.dataset())
+        if self.columns is None:
+            names = [n for n in schema.names if n not in part_names]
+        else:
+            names = [c for c in self.columns if c not in part_names]
+            for expr in (self.predicate, *self._post_filters):
+                names += sorted((predicate_columns(expr) or set()) - set(names) - part_names)
+            if self._filter is not None:
+                names += sorted(c for c in schema.names if c not in names and
+                                c not in part_names and re.search(rf"\b{re.escape(c)}\b",
+                                                                  str(self._filter)))
+        uri_of = {f.path: f.uri for f in files}
+        lenient = self.user_schema is not None or self.union_by_name
+        problems: list[str] = []
+        first = files[0].uri if files else "the first file"
+        for path, file_schema in physical.items():
+            where = uri_of.get(path, path)
+            for name in names:
+                i = file_schema.get_field_index(name)
+                if i == -1:
+                    if not lenient and schema.get_field_index(name) != -1:
+                        problems.append(f"column {name!r} is missing from {where}")
+                    continue
+                want = schema.field(name).type
+                got = file_schema.field(i).type
+                if got != want and not _converts(got, want):
+                    problems.append(f"column {name!r} is {got} in {where} but {want} in "
+                                    f"{'the schema given' if self.user_schema is not None else 'the dataset'}")
+            if self.columns is None and not lenient:
+                extra = [n for n in file_schema.names if schema.get_field_index(n) == -1]
+                problems += [f"column {n!r} of {where} is not in {first}" for n in extra]
+        if problems:
+            shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more"
+                                              if len(problems) > 6 else "")
+            advice = ("pass schema=... with types every file converts to"
+                      if lenient else
+                      f"The dataset's schema is that of {first}. Pass union_by_name=True to "
+                      f"read the files by column name (missing columns as nulls, types "
+                      f"widened), or schema=...")
+            raise SchemaError(f"parquet {self.uri}: the files' schemas differ: {shown}. "
+                              f"{advice}")
 
     def full_schema(self) -> pa.Schema:
         """Columns of the files plus hive partition columns."""
@@ -175,8 +287,8 @@ class ParquetSource(Source):
         fragments = list(dataset.get_fragments(filter=expr) if expr is not None
                          else dataset.get_fragments())
 
-        def inspect(fragment: Any) -> tuple[list[RowGroupPiece], int]:
-            def load() -> tuple[list[RowGroupPiece], int]:
+        def inspect(fragment: Any) -> tuple[list[RowGroupPiece], int, pa.Schema]:
+            def load() -> tuple[list[RowGroupPiece], int, pa.Schema]:
                 fragment.ensure_complete_metadata()
                 groups = fragment.row_groups
                 total_bytes = sum(g.total_byte_size for g in groups) or 1
@@ -188,18 +300,21 @@ class ParquetSource(Source):
                 pieces = [RowGroupPiece(fragment.path, (g.id,), fragment.partition_expression,
                                         max(1, file_size * g.total_byte_size // total_bytes),
                                         g.num_rows) for g in keep]
-                return pieces, len(groups)
+                return pieces, len(groups), fragment.physical_schema
             try:
                 return msfs.call(fs, load, f"reading the footer of {fragment.path}")
-            except pa.ArrowInvalid as exc:
+            except (pa.ArrowInvalid, OSError) as exc:
+                if isinstance(exc, StorageError):
+                    raise
                 where = msfs.describe_path(fs, fragment.path)
-                raise BadRecordError(f"{where} is not a readable Parquet file: {exc}",
-                                     path=where) from exc
+                raise _not_parquet(where, sizes.get(fragment.path), exc) from exc
 
         with ThreadPoolExecutor(max_workers=min(PLANNING_THREADS, max(1, len(fragments)))) as ex:
             inspected = list(ex.map(inspect, fragments))
-        pieces = [p for ps, _ in inspected for p in ps]
-        total_groups = sum(n for _, n in inspected)
+        self._check_file_schemas(schema, {f.path: s for f, (_, _, s) in
+                                          zip(fragments, inspected)}, self.files())
+        pieces = [p for ps, _, _ in inspected for p in ps]
+        total_groups = sum(n for _, n, _ in inspected)
         self._plan_stats = (len(fragments), len(pieces), total_groups)
         total = sum(p.size_bytes for p in pieces)
         if self.split_size is not None:
@@ -256,7 +371,9 @@ class ParquetSource(Source):
                                                    columns=scan_columns, filter=expr,
                                                    batch_size=batch_size)
                 return iter(scanner.to_batches())
-            for batch in _resumable(fs, scan, f"reading {msfs.describe_path(fs, piece.path)}"):
+            for batch in _scan_errors(_resumable(fs, scan, f"reading "
+                                                     f"{msfs.describe_path(fs, piece.path)}"),
+                                      fs, piece):
                 for f in self._post_filters:
                     batch = batch.filter(f.evaluate(batch))
                 if scan_columns is not columns and columns is not None:
@@ -371,3 +488,65 @@ def _resumable(fs: Any, make: Any, what: str) -> Iterator[pa.RecordBatch]:
                 raise StorageError(f"{what} failed after {attempt} attempts (transient storage "
                                    f"errors); last error: {type(exc).__name__}: {exc}") from exc
             msfs.backoff(attempt)
+
+
+def _scan_errors(batches: Iterator[pa.RecordBatch], fs: Any, piece: RowGroupPiece
+                 ) -> Iterator[pa.RecordBatch]:
+    """Batches of one piece; a file that does not decode is a BadRecordError naming it
+    (not retried: it fails the same way every time)."""
+    try:
+        yield from batches
+    except pa.ArrowInvalid as exc:
+        where = msfs.describe_path(fs, piece.path)
+        groups = (f" (row groups {','.join(map(str, piece.row_groups))})"
+                  if piece.row_groups is not None else "")
+        raise BadRecordError(f"cannot read Parquet file {where}{groups}: {exc}",
+                             path=where) from exc
+
+
+def _not_parquet(where: str, size: int | None, exc: BaseException) -> StorageError:
+    """The error for a file that cannot be opened as Parquet."""
+    text = str(exc)
+    if "magic bytes" in text:
+        reason = ("no Parquet footer (the 'PAR1' magic bytes) at its end: the file is "
+                  "truncated, or is not Parquet")
+    else:
+        reason = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    sized = f" ({size} bytes)" if size is not None else ""
+    return StorageError(f"{where}{sized} is not a readable Parquet file: {reason}")
+
+
+def _partition_names(dataset: ds.Dataset) -> set[str]:
+    """The hive partition columns of a dataset (from its fragments, without I/O)."""
+    names: set[str] = set()
+    for fragment in dataset.get_fragments():
+        names.update(ds.get_partition_keys(fragment.partition_expression))
+    return names
+
+
+def _stringish(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return (pa.types.is_string(t) or pa.types.is_large_string(t)
+            or pa.types.is_string_view(t))
+
+
+def _binaryish(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return (pa.types.is_binary(t) or pa.types.is_large_binary(t)
+            or pa.types.is_binary_view(t))
+
+
+def _converts(got: pa.DataType, want: pa.DataType) -> bool:
+    """Whether a file's column of type ``got`` reads without loss as ``want``."""
+    if (_stringish(got) and _stringish(want)) or (_binaryish(got) and _binaryish(want)):
+        return True
+    if pa.types.is_dictionary(got):
+        got = got.value_type
+        if got == want:
+            return True
+    try:
+        return widen(got, want) == want
+    except (pa.ArrowTypeError, pa.ArrowInvalid):
+        return False

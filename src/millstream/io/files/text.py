@@ -1,5 +1,6 @@
 """Text files as a source: one row per line (column ``text``), split into byte ranges
-read in parallel (see :mod:`millstream.io.files.ranges`)."""
+read in parallel (see :mod:`millstream.io.files.ranges`); lines are decoded from
+``encoding`` under ``encoding_errors`` (see :mod:`millstream.io.files.decoding`)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,10 @@ import numpy as np
 import pyarrow as pa
 
 from millstream.core.context import TaskContext
-from millstream.errors import BadRecordError, PlanError
+from millstream.errors import BadRecordError
+from millstream.io.files.decoding import check_encoding, check_encoding_errors, decode_chunk
 from millstream.io.files.line_source import LineFileSource
-from millstream.io.files.lines import (
-    LineChunk,
-    LineReader,
-    _check_encoding,
-    line_bounds,
-    split_lines,
-)
+from millstream.io.files.lines import LineChunk, LineReader, line_bounds, split_lines
 from millstream.io.files.ranges import FileRange, LineSplitInfo
 
 
@@ -34,11 +30,8 @@ class TextSource(LineFileSource):
                  storage_options: dict[str, Any] | None = None):
         super().__init__(uri, split_size=split_size, block_size=block_size,
                          partitioning=partitioning, storage_options=storage_options)
-        self.encoding = _check_encoding(encoding)
-        if encoding_errors not in ("strict", "replace"):
-            raise PlanError(f"encoding_errors must be 'strict' or 'replace', "
-                            f"got {encoding_errors!r}")
-        self.encoding_errors = encoding_errors
+        self.encoding = check_encoding(encoding)
+        self.encoding_errors = check_encoding_errors(encoding_errors)
         self.with_offsets = with_offsets
 
     def data_schema(self) -> pa.Schema:
@@ -50,38 +43,26 @@ class TextSource(LineFileSource):
 
     def _decode(self, reader: LineReader, chunk: LineChunk) -> tuple[pa.Array, np.ndarray]:
         data = chunk.data
-        if self.encoding == "utf-8" and self.encoding_errors == "strict":
+        if self.encoding == "utf-8":
             lines, starts = split_lines(data)
             try:
                 return lines.cast(pa.string()), starts
             except pa.ArrowInvalid:
-                self._raise_bad_encoding(reader, chunk)
-        try:
-            utf8 = data.decode(self.encoding, errors=self.encoding_errors).encode("utf-8")
-        except UnicodeDecodeError:
-            self._raise_bad_encoding(reader, chunk)
-        lines, _ = split_lines(utf8)
+                pass
+        decoded = decode_chunk(data, self.encoding, self.encoding_errors)
+        if decoded.bad:
+            lo, hi, reason = decoded.bad[0]
+            uri = reader.frange.uri
+            index = data.count(b"\n", 0, lo)
+            number = reader.line_number(chunk, index)
+            offset = chunk.offset + lo
+            raise BadRecordError(
+                f"cannot decode line {number} of {uri} (byte offset {offset}): {reason}",
+                path=uri, line=number, offset=offset,
+                record=data[lo:hi].rstrip(b"\r\n").decode(self.encoding, errors="replace"))
+        lines, _ = split_lines(decoded.data)
         starts, _ = line_bounds(data)
         return lines.cast(pa.string()), starts
-
-    def _raise_bad_encoding(self, reader: LineReader, chunk: LineChunk) -> None:
-        pos = 0
-        for i, line in enumerate(chunk.data.split(b"\n")):
-            try:
-                line.decode(self.encoding)
-            except UnicodeDecodeError as exc:
-                uri = reader.frange.uri
-                number = reader.line_number(chunk, i)
-                offset = chunk.offset + pos
-                raise BadRecordError(
-                    f"cannot decode line {number} of {uri} (byte offset {offset}) as "
-                    f"{self.encoding}: {exc.reason} at byte {exc.start} of the line; pass "
-                    f"encoding=... or encoding_errors=\"replace\"",
-                    path=uri, line=number, offset=offset,
-                    record=line.decode(self.encoding, errors="replace")) from None
-            pos += len(line) + 1
-        raise BadRecordError(f"cannot decode {reader.frange.uri} as {self.encoding}",
-                             path=reader.frange.uri, offset=chunk.offset)
 
     def _read_range(self, frange: FileRange, info: LineSplitInfo, ctx: TaskContext,
                     needed: list[str] | None, handler: Any) -> Iterator[pa.Table]:

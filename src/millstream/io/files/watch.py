@@ -7,7 +7,9 @@ lists ``dir`` by URI (:mod:`millstream.io.fs`, so ``s3://`` works too) every
 Semantics (streaming only; a batch ``collect()`` of a watch source is refused):
 
 * **Which files.** Files below ``dir`` (recursively) whose path parts do not start with
-  ``_`` or ``.``. A file is read once, when it is *settled*: it is non-empty and its
+  ``_`` or ``.``. A file whose extension names a format the reader cannot read
+  (``x.parquet`` in a watched JSON directory) stops the job with an error naming it, as
+  a batch read of the directory does (:mod:`millstream.io.files.formats`). A file is read once, when it is *settled*: it is non-empty and its
   size and modification time were the same in two consecutive listings (at least
   ``poll_interval`` apart). A writer that is still appending is therefore not read
   early as long as it writes more often than ``poll_interval``; the safest protocol is
@@ -16,11 +18,16 @@ Semantics (streaming only; a batch ``collect()`` of a watch source is refused):
 * **Order.** Settled files are read one after the other (one source partition) in
   order of modification time, then path.
 * **Position** (what a checkpoint stores): the set of files fully read, the file being
-  read and how many of its rows were delivered, and the schema fixed by the first file
+  read and how many of its rows were delivered (and, with a dead-letter directory, how
+  many of its bad records were reported), and the schema fixed by the first file
   (JSON and CSV infer it once, from the first file, unless ``schema=`` is given, so
   every file is parsed with the same types). After a restore the file in progress is
-  re-read from its start and its first rows skipped, so with a two-phase sink every row
-  is delivered exactly once.
+  re-read from its start and its first rows (and bad records) skipped, so with a
+  two-phase sink every row is delivered exactly once.
+* **Bad records** follow ``on_bad_records`` (JSON and CSV). Dead letters are staged per
+  epoch and committed with the checkpoint, like the sink's output, so each one is
+  written exactly once across stops, crashes and restores (see
+  :mod:`millstream.io.files.dead_letters`).
 * **Event time** comes from the data (``with_watermark``); the source has no watermark
   of its own.
 * **End.** The source never ends, except with ``start(..., stop_at_end=True)``: then it
@@ -42,6 +49,8 @@ from millstream.core.units import parse_duration
 from millstream.errors import PlanError, StorageNotFoundError
 from millstream.io import fs as msfs
 from millstream.io.base import Source, Split, StreamReader, StreamSource
+from millstream.io.files.dead_letters import DeadLetter, StagedDeadLetters, check_policy
+from millstream.io.files.formats import READS, format_of
 
 #: Formats a directory can be watched in.
 WATCH_FORMATS = ("json", "csv", "text", "parquet")
@@ -85,6 +94,8 @@ class WatchSource(Source):
         self.uri = uri
         self.options = dict(options or {})
         self.options.setdefault("partitioning", None)
+        if "on_bad_records" in self.options:  # a bad policy fails now, not in the job
+            self.options["on_bad_records"] = check_policy(self.options["on_bad_records"])
         self.poll_interval_s = parse_duration(poll_interval, "poll_interval") / 1e6
         self._fs, self._path = fs, path.rstrip("/") or path
 
@@ -119,6 +130,13 @@ class WatchSource(Source):
                 continue
             mtime = entry.mtime_ns if entry.mtime_ns is not None else 0
             out[rel] = (entry.size or 0, mtime)
+        foreign = [rel for rel in out if (f := format_of(rel)) is not None
+                   and f not in READS[self.format]]
+        if foreign:
+            raise PlanError(f"read_{self.format}({self.uri!r}, watch=True): the directory holds "
+                            f"files of another format: {', '.join(sorted(foreign)[:5])}; a "
+                            f"reader reads one format (move them out, or watch another "
+                            f"directory)")
         return out
 
     def file_uri(self, rel: str) -> str:
@@ -172,20 +190,44 @@ class _WatchReader(StreamReader):
         self._next_listing = 0.0
         self.watermark = None
         self.finished = False
+        policy = src.options.get("on_bad_records")
+        self._dead = (StagedDeadLetters(policy, ctx, src.options.get("storage_options"))
+                      if isinstance(policy, DeadLetter) else None)
         src.list_files()  # fails early on a missing directory or a file
         if current is not None:
-            self._start_file(current[0], int(current[1]))
+            self._start_file(current[0], int(current[1]),
+                             int(current[2]) if len(current) > 2 else 0)
 
     @property
     def position(self) -> dict[str, Any]:  # type: ignore[override]
         """Files fully read, the file in progress with rows delivered, the fixed schema."""
-        current = (self._current, self._rows) if self._current is not None else None
+        current: tuple[Any, ...] | None = None
+        if self._current is not None:
+            current = (self._current, self._rows)
+            if self._dead is not None:
+                current += (self._dead.count,)
         return {"done": tuple(sorted(self._done)), "current": current, "schema": self._schema}
 
-    def _start_file(self, rel: str, skip: int) -> None:
+    def begin(self, epoch: int) -> None:
+        """Dead letters from here on belong to ``epoch``."""
+        if self._dead is not None:
+            self._dead.begin(epoch)
+
+    def pre_commit(self, epoch: int) -> Any:
+        """The epoch's staged dead letters (committed with the checkpoint), or None."""
+        return self._dead.pre_commit(epoch) if self._dead is not None else None
+
+    def close(self) -> None:
+        if self._dead is not None:
+            self._dead.close()
+
+    def _start_file(self, rel: str, skip: int, skip_bad: int = 0) -> None:
         source = self._src.open_file(rel, self._schema)
         if self._schema is None and self._src.format in ("json", "csv"):
             self._schema = source.data_schema()  # type: ignore[attr-defined]
+        if self._dead is not None:
+            self._dead.reset(skip_bad)  # the file's bad records before the position: committed
+            source.dead_letters = self._dead  # type: ignore[attr-defined]
         self._current, self._rows = rel, 0
         self._batches = self._read(source)
         while self._rows < skip:

@@ -8,6 +8,7 @@ taken out of ``options``; every other key is a librdkafka setting passed to the 
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from typing import Any
 
@@ -69,3 +70,19 @@ def _split_options(options: Mapping[str, Any] | None, known: Mapping[str, Any]
             client[k] = v
     return ours, client
 
+
+def unknown_setting_hint(exc: BaseException, client_options: Mapping[str, Any],
+                         known: Mapping[str, Any]) -> str:
+    """For librdkafka's "No such configuration property": which key it was, and how
+    Millstream's own options are passed (keywords of ``read_kafka``, as ``options``)."""
+    if "No such configuration property" not in str(exc):
+        return ""
+    names = [k for k in client_options if k in str(exc)] or list(client_options)
+    close = [m for k in names for m in difflib.get_close_matches(k, list(known), n=1)]
+    hint = ("; every option that is not one of Millstream's own "
+            f"({', '.join(sorted(known))}) goes to librdkafka, whose settings are names "
+            "like 'security.protocol'")
+    if close:
+        hint += (f". Did you mean Millstream's {close[0]!r}? Pass it as a keyword: "
+                 f"read_kafka(..., {close[0]}=...)")
+    return hint

@@ -35,7 +35,8 @@ class KafkaPartitionReader:
     """
 
     def __init__(self, source: KafkaSource, partition: int, start_offset: int, *,
-                 end_offset: int | None = None, ctx: TaskContext | None = None):
+                 end_offset: int | None = None, ctx: TaskContext | None = None,
+                 dead_letters: Any = None):
         if not isinstance(start_offset, int) or start_offset < 0:
             raise PlanError(f"kafka {source.topic}[{partition}]: start_offset must be a "
                             f"concrete offset >= 0 (see KafkaSource.start_offsets()), got "
@@ -49,6 +50,8 @@ class KafkaPartitionReader:
         self.ctx = ctx or current_context() or default_context(partition=self.partition,
                                                                 stage_name="kafka-reader")
         self._handler: BadRecordHandler | None = None
+        #: a streaming reader's staged dead-letter output (else a file per task attempt)
+        self._dead_letters = dead_letters
         ck = _ck()
         self._eof_code = ck.KafkaError._PARTITION_EOF
         self._consumer = source._consumer()
@@ -197,15 +200,17 @@ class KafkaPartitionReader:
                 exc = BadRecordError(
                     f"malformed JSON record in {where}: {reason}\n"
                     f"  record: {snippet(text)!r}\n"
-                    f"  To skip malformed records pass options={{'on_bad_records': 'skip'}} "
-                    f"(they are counted), or a directory URI to dead-letter each one.",
+                    f"  To skip malformed records pass read_kafka(..., on_bad_records=\"skip\") "
+                    f"(they are counted), or on_bad_records=\"./<directory>\" (a path or URI) "
+                    f"to write each one to a dead-letter file.",
                     path=f"kafka://{self.topic}/{self.partition}", offset=msg.offset(),
                     record=text)
                 exc.topic = self.topic  # type: ignore[attr-defined]
                 exc.partition = self.partition  # type: ignore[attr-defined]
                 raise exc
             if self._handler is None:
-                self._handler = BadRecordHandler(policy, self.ctx, "JSON")
+                self._handler = BadRecordHandler(policy, self.ctx, "JSON",
+                                                 output=self._dead_letters)
             self._handler.report(path=f"kafka://{self.topic}/{self.partition}", line=None,
                                  offset=msg.offset(), reason=reason, record=text)
 

@@ -55,7 +55,7 @@ import pyarrow as pa
 from millstream.core.context import TaskContext
 from millstream.errors import PlanError, SchemaError
 from millstream.io.base import Source, Split
-from millstream.io.files.badrecords import check_policy
+from millstream.io.files.dead_letters import check_policy
 from millstream.io.kafka.client import (
     KafkaClientError,
     KafkaEndNotReachedError,
@@ -71,6 +71,7 @@ from millstream.io.kafka.options import (
     SOURCE_OPTIONS,
     STARTS,
     _split_options,
+    unknown_setting_hint,
 )
 from millstream.io.kafka.reader import KafkaPartitionReader
 from millstream.io.kafka.stream import KafkaStreamSource
@@ -187,7 +188,9 @@ class KafkaSource(Source):
         try:
             return ck.Consumer(self.consumer_config(**overrides))
         except (ck.KafkaException, ValueError, TypeError) as exc:
-            raise PlanError(f"kafka topic {self.topic!r}: bad consumer settings: {exc}") from exc
+            raise PlanError(f"kafka topic {self.topic!r}: bad consumer settings: {exc}"
+                            f"{unknown_setting_hint(exc, self.client_options, SOURCE_OPTIONS)}"
+                            ) from exc
 
     @property
     def _timeout(self) -> float:
@@ -411,9 +414,12 @@ class KafkaSource(Source):
         return self.output_schema()
 
     def open_reader(self, partition: int, start_offset: int,
-                    ctx: TaskContext | None = None) -> KafkaPartitionReader:
-        """A reader of one partition from ``start_offset`` (a concrete offset, >= 0)."""
-        return KafkaPartitionReader(self, partition, start_offset, ctx=ctx)
+                    ctx: TaskContext | None = None,
+                    dead_letters: Any = None) -> KafkaPartitionReader:
+        """A reader of one partition from ``start_offset`` (a concrete offset, >= 0);
+        ``dead_letters``: where its dead letters go (a streaming reader's staged output)."""
+        return KafkaPartitionReader(self, partition, start_offset, ctx=ctx,
+                                    dead_letters=dead_letters)
 
     def commit_offsets(self, offsets: Mapping[int, int]) -> None:
         """Commit next-offsets per partition for ``group_id`` (e.g. after a checkpoint).

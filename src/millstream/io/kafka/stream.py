@@ -9,12 +9,18 @@ import pyarrow as pa
 
 from millstream.core.context import TaskContext
 from millstream.io.base import StreamReader, StreamSource
+from millstream.io.files.dead_letters import DeadLetter, StagedDeadLetters
 
 
 class _KafkaReader(StreamReader):
-    def __init__(self, reader: Any, stop_at_end: bool) -> None:
+    """One partition; bad records go to ``dead_letters`` (staged per epoch) when given.
+    A bad record's offset is below the position once it is reported, so replaying from
+    a checkpointed position never reports a committed one again."""
+
+    def __init__(self, reader: Any, stop_at_end: bool, dead_letters: Any = None) -> None:
         self._reader = reader
         self._stop_at_end = stop_at_end
+        self._dead = dead_letters
         self.position = reader.next_offset
 
     def poll(self, max_records: int, timeout_s: float) -> pa.RecordBatch | None:
@@ -22,8 +28,19 @@ class _KafkaReader(StreamReader):
         self.finished = self._stop_at_end and self._reader.caught_up and batch is None
         return batch
 
+    def begin(self, epoch: int) -> None:
+        if self._dead is not None:
+            self._dead.begin(epoch)
+
+    def pre_commit(self, epoch: int) -> Any:
+        return self._dead.pre_commit(epoch) if self._dead is not None else None
+
     def close(self) -> None:
-        self._reader.close()
+        try:
+            self._reader.close()
+        finally:
+            if self._dead is not None:
+                self._dead.close()
 
 
 class KafkaStreamSource(StreamSource):
@@ -50,5 +67,9 @@ class KafkaStreamSource(StreamSource):
     def open(self, partition: Any, position: Any, ctx: TaskContext) -> StreamReader:
         if self.source.format == "json" and self.source._schema is None:
             self.source.data_schema({partition: int(position)})
-        return _KafkaReader(self.source.open_reader(int(partition), int(position), ctx),
-                            self.stop_at_end)
+        dead = None
+        if isinstance(self.source.on_bad_records, DeadLetter):
+            dead = StagedDeadLetters(self.source.on_bad_records, ctx)
+        return _KafkaReader(self.source.open_reader(int(partition), int(position), ctx,
+                                                    dead_letters=dead),
+                            self.stop_at_end, dead)

@@ -3,10 +3,11 @@ and completing an epoch once every task acknowledged its barrier.
 
 Completing epoch ``e``: the driver-side sink (collecting, ``ms.sink(fn)``, console) gets
 the rows the tasks sent for ``e`` and pre-commits; the checkpoint (operator snapshots,
-keyed ones per key group, source positions, the watermark, sink handles, side outputs)
-is written with ``_COMPLETE``; then the sinks commit: driver-side and file sinks here,
-sinks that commit in their own task (Kafka transactions) when told to; then
-``_COMMITTED``. Fault points (``fault=(epoch, point)``, tests) raise
+keyed ones per key group, source positions, the watermark, sink handles, the source
+readers' handles, side outputs) is written with ``_COMPLETE``; then the sinks commit:
+driver-side and file sinks here, sinks that commit in their own task (Kafka
+transactions) when told to; then ``_COMMITTED``, and the source readers' handles (their
+dead letters) commit. A restore commits the restored checkpoint's handles again. Fault points (``fault=(epoch, point)``, tests) raise
 :class:`~millstream.errors.SimulatedCrash` at the named moment.
 """
 
@@ -70,6 +71,8 @@ class Epochs:
         self.parallel_sink = parallel_sink
         self.commits_in_task = bool(getattr(sink, "commits_in_subtask", False))
         self.fault = fault
+        #: per epoch completed and not yet committed: the source readers' handles
+        self._source_handles: dict[int, list[Any]] = {}
 
     def maybe_fail(self, epoch: int, point: str) -> None:
         """Raise the simulated crash of fault injection at ``point`` of ``epoch``."""
@@ -87,6 +90,7 @@ class Epochs:
         the newest checkpoint whose commit is known, and the epochs after it are replayed.
         """
         recommit = getattr(self.sink, "recommit_on_restore", True)
+        self._source_handles.clear()  # an earlier run's: in the checkpoint, or never to commit
         latest = (self.store.latest(committed_only=not recommit, keyed_as_blobs=True)
                   if self.store is not None else None)
         if latest is None:
@@ -106,6 +110,8 @@ class Epochs:
                 self.sink.commit(state["sink_handle"])
             for h in state.get("sink_handles", ()):
                 self.sink.commit(h)
+        for h in state.get("source_handles", ()):
+            h.commit()
         _log.info("streaming job %s restored from checkpoint epoch %d", self.job_id, epoch)
         return Restored(epoch + 1, state["watermark"], epoch, state["positions"],
                         {c.index: plan[c.key] for c in chains},
@@ -147,6 +153,9 @@ class Epochs:
             driver_handle = self.sink.pre_commit(epoch)
         handles = [acks[c.index]["sink_handle"] for c in self.layout.sinks
                    if self.parallel_sink]
+        source_handles = [h for c in self.layout.sources
+                          if (h := acks[c.index].get("source_handle")) is not None]
+        self._source_handles[epoch] = source_handles
         source_wms = [acks[c.index]["watermark"] for c in self.layout.sources]
         wm = max(watermark, min(source_wms)) if source_wms else watermark
         self.maybe_fail(epoch, "before_checkpoint")
@@ -170,6 +179,7 @@ class Epochs:
                 "ops": ops, "keyed": keyed, "watermark": wm,
                 "sink_handle": driver_handle,
                 "sink_handles": [] if self.commits_in_task else handles,
+                "source_handles": source_handles,
                 "side": committed_side,
             }
             self.store.write(epoch, state)
@@ -188,7 +198,10 @@ class Epochs:
                 self.sink.commit(h)
 
     def committed(self, epoch: int) -> None:
-        """Every sink committed ``epoch``: record it."""
+        """Every sink committed ``epoch``: record it, then commit the source readers'
+        handles (a crash in between: the restore of this checkpoint commits them)."""
         if self.store is not None:
             self.store.mark_committed(epoch)
+        for h in self._source_handles.pop(epoch, ()):
+            h.commit()
         self.maybe_fail(epoch, "after_commit")

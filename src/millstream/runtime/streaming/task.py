@@ -134,6 +134,7 @@ class StreamTask:
         if self.spec.source is not None:
             src, partition, position = self.spec.source
             self.reader = src.open(partition, position, self.ctx)
+            self._reader_begin()
             self.assigner = next((op for op in self.ops if isinstance(op, EventTimeWatermark)),
                                  None)
             self.last_active = self.clock.now()
@@ -319,9 +320,12 @@ class StreamTask:
         if self._blob_store is not None:  # large values go to storage from here, not via the driver
             blob_bytes += self._blob_store.put(ops) + self._blob_store.put(keyed)
         handle = self._sink.pre_commit(epoch) if self._sink is not None else None
+        # what the reader wrote itself (dead letters) is committed with the checkpoint too
+        pre_commit = getattr(self.reader, "pre_commit", None)
+        source_handle = pre_commit(epoch) if pre_commit is not None else None
         self._side_outputs()
         self.ch.to_coordinator(("ack", self.spec.index, epoch, {
-            "ops": ops, "keyed": keyed, "sink_handle": handle,
+            "ops": ops, "keyed": keyed, "sink_handle": handle, "source_handle": source_handle,
             "position": self.reader.position if self.reader is not None else None,
             "watermark": self.watermark, "finished": self.finished,
             "blob_bytes": blob_bytes}))
@@ -342,6 +346,12 @@ class StreamTask:
             return
         if self._sink is not None:
             self._sink.begin(self.epoch)
+        self._reader_begin()
+
+    def _reader_begin(self) -> None:
+        begin = getattr(self.reader, "begin", None)
+        if begin is not None:
+            begin(self.epoch)
 
     def _commit_step(self, wait: float) -> bool:
         """While the sink's commit is pending, only the coordinator's commit (or shutdown)
