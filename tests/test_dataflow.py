@@ -461,3 +461,24 @@ def test_a_checkpoint_that_does_not_complete_in_time_fails_the_attempt(tmp_path)
                        match=r"checkpoint \d+ did not complete within 0.5s.*gave up after 1"):
         job.await_termination(60)
     assert job.metrics()["restarts"] == 1
+
+
+def test_generators_may_make_whole_batches_and_the_task_budget_follows_the_machine():
+    import pyarrow as pa
+
+    from millstream.runtime.session import get_session
+
+    def batch(i):
+        return pa.record_batch({"id": list(range(i * 100, i * 100 + 100))})
+
+    ds = ms.from_generator(batch, count=20, partitions=2)
+    assert ds.count() == 2000  # count counts batches
+    for executor in ("inline", "parallel"):
+        job = ds.filter(ms.col("id") % 2 == 0).start(executor=executor, parallelism=2)
+        assert job.await_termination(60)
+        assert sorted(r["id"] for r in job.sink.rows()) == list(range(0, 2000, 2))
+    # no memory_limit: the session's limit shared by the job's tasks (not a fixed 256 MiB)
+    from millstream.runtime.streaming.layout import task_budget
+
+    limit = get_session().settings.resolved_memory_limit()
+    assert task_budget(None, 4)["memory_budget"] == max(64 << 20, limit // 4)

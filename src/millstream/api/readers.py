@@ -134,7 +134,12 @@ def read_kafka(topic: str, bootstrap_servers: str, format: str = "json", start: 
 
 def from_generator(fn: Any, rate: float | None = None, count: int | None = None,
                    partitions: int = 1, schema: pa.Schema | None = None) -> Dataset:
-    """Rows ``fn(0), fn(1), ...``: endless (streaming) unless ``count``; ``rate`` rows/second."""
+    """Rows ``fn(0), fn(1), ...``: endless (streaming) unless ``count``; ``rate`` rows/second.
+
+    ``fn(i)`` returns a row (a dict), or, the fast path, a whole batch (an Arrow record batch
+    or table, a pandas or Polars DataFrame, a dict of columns): then ``i`` and ``count``
+    count batches.
+    """
     from millstream.io.generator import GeneratorSource
 
     return Dataset(Scan(GeneratorSource(fn, rate=rate, count=count, partitions=partitions,

@@ -1,9 +1,12 @@
-"""A source of rows made by a Python function of the row index, optionally rate-limited.
+"""A source of rows made by a Python function of an index, optionally rate-limited.
 
-``fn(i)`` returns the row (a dict) of index ``i``; partition ``p`` of ``P`` makes the
-indices ``p, p + P, p + 2P, ...``. The position of a partition is how many rows it has
-made, so a restored streaming job continues exactly where its checkpoint was taken.
-With ``count`` the source is bounded (and can run in batch mode); without, it is endless.
+``fn(i)`` returns the row (a dict) of index ``i`` — or, the fast path, a whole batch: an
+Arrow record batch or table, a pandas or Polars DataFrame, or a dict of columns; then
+``i`` counts batches. Partition ``p`` of ``P`` makes the indices ``p, p + P, p + 2P, ...``.
+The position of a partition is how many indices it has made, so a restored streaming job
+continues exactly where its checkpoint was taken. With ``count`` (rows, or batches) the
+source is bounded (and can run in batch mode); without, it is endless. ``rate`` is rows
+per second for all partitions together.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class GeneratorSource(Source):
         self.count = count
         self.num_partitions = int(partitions)
         self.row_schema = schema
+        self._makes_batches: bool | None = None
 
     def _indices(self, partition: int, start: int, n: int) -> list[int]:
         out = []
@@ -50,15 +54,28 @@ class GeneratorSource(Source):
             i += self.num_partitions
         return out
 
+    def _call(self, i: int) -> Any:
+        try:
+            return self.fn(i)
+        except Exception as exc:
+            raise UserCodeFailure("from_generator", getattr(self.fn, "__name__", "fn"), exc,
+                                  f"index {i}") from exc
+
     def _rows(self, indices: list[int]) -> pa.RecordBatch:
-        rows = []
-        for i in indices:
-            try:
-                rows.append(self.fn(i))
-            except Exception as exc:
-                raise UserCodeFailure("from_generator", getattr(self.fn, "__name__", "fn"), exc,
-                                      f"index {i}") from exc
-        return rows_to_batch(rows, self.row_schema)
+        """The rows (or the batches, when ``fn`` makes batches) of ``indices``."""
+        made = [self._call(i) for i in indices]
+        if made and _batch_like(made[0]):
+            batches = [_as_batch(m, self.row_schema, i) for m, i in zip(made, indices)]
+            if len(batches) == 1:
+                return batches[0]
+            return pa.Table.from_batches(batches).combine_chunks().to_batches()[0]
+        return rows_to_batch(made, self.row_schema)
+
+    def makes_batches(self) -> bool:
+        """Whether ``fn`` returns whole batches (asked once, on index 0)."""
+        if self._makes_batches is None:
+            self._makes_batches = _batch_like(self._call(0)) if self.count != 0 else False
+        return self._makes_batches
 
     def plan_splits(self, target_splits: int) -> list[Split]:
         if self.count is None:
@@ -69,8 +86,9 @@ class GeneratorSource(Source):
 
     def read_split(self, split: Split, ctx: TaskContext) -> Iterator[pa.RecordBatch]:
         pos = 0
+        step = 1 if self.makes_batches() else ctx.batch_size
         while True:
-            idx = self._indices(split.info, pos, ctx.batch_size)
+            idx = self._indices(split.info, pos, step)
             if not idx:
                 return
             pos += len(idx)
@@ -96,19 +114,23 @@ class GeneratorSource(Source):
                 self._made = 0
 
             def poll(self, max_records: int, timeout_s: float) -> pa.RecordBatch | None:
-                n = max_records
+                batches = src.makes_batches()
+                n = 1 if batches else max_records
                 if src.rate is not None:
                     per = src.rate / src.num_partitions
-                    n = min(n, int((time.monotonic() - self._t0) * per) - self._made)
-                    if n <= 0:
+                    allowed = int((time.monotonic() - self._t0) * per) - self._made
+                    if allowed <= 0:
                         return None
+                    if not batches:
+                        n = min(n, allowed)
                 idx = src._indices(self.partition, self.position, n)
                 if not idx:
                     self.finished = src.count is not None
                     return None
+                out = src._rows(idx)
                 self.position += len(idx)
-                self._made += len(idx)
-                return src._rows(idx)
+                self._made += out.num_rows
+                return out
 
         class _Stream(StreamSource):
             def partitions(self) -> list[Any]:
@@ -126,3 +148,44 @@ class GeneratorSource(Source):
         rate = f", rate={self.rate}/s" if self.rate else ""
         count = f", count={self.count}" if self.count is not None else ""
         return f"generator({getattr(self.fn, '__name__', 'fn')}{rate}{count})"
+
+
+def _batch_like(value: Any) -> bool:
+    """Whether a generated value is a whole batch (not one row)."""
+    if isinstance(value, (pa.RecordBatch, pa.Table)):
+        return True
+    module = type(value).__module__.split(".")[0]
+    if module in ("pandas", "polars") and hasattr(value, "columns"):
+        return True
+    return isinstance(value, dict) and bool(value) and all(
+        isinstance(v, (list, tuple, pa.Array, pa.ChunkedArray)) or type(v).__module__ ==
+        "numpy" and getattr(v, "ndim", 0) == 1 for v in value.values())
+
+
+def _as_batch(value: Any, schema: pa.Schema | None, index: int) -> pa.RecordBatch:
+    """A generated batch as one Arrow record batch (of ``schema`` when given)."""
+    if isinstance(value, pa.RecordBatch):
+        batch = value
+    elif isinstance(value, pa.Table):
+        batch = value.combine_chunks().to_batches()[0] if value.num_rows else \
+            pa.RecordBatch.from_pylist([], schema=value.schema)
+    elif isinstance(value, dict):
+        batch = pa.RecordBatch.from_pydict(value)
+    elif type(value).__module__.split(".")[0] == "polars":
+        table = value.to_arrow()
+        batch = table.combine_chunks().to_batches()[0] if table.num_rows else \
+            pa.RecordBatch.from_pylist([], schema=table.schema)
+    else:  # pandas
+        batch = pa.RecordBatch.from_pandas(value, preserve_index=False)
+    from millstream.core.arrow import without_view_types
+
+    plain = without_view_types(batch.schema)
+    if plain is not None:
+        batch = batch.cast(plain)
+    if schema is not None and not batch.schema.equals(schema):
+        try:
+            batch = batch.select(schema.names).cast(schema)
+        except (KeyError, pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise PlanError(f"from_generator: batch {index} does not fit the schema given "
+                            f"({exc}); columns are {batch.schema.names}") from exc
+    return batch

@@ -131,7 +131,8 @@ class StreamingJob:
         self._fault = check_fault(fault)
         self.max_restarts = int(max_restarts)
         self.inbox_capacity = max(1, int(inbox_capacity))
-        self._settings = task_budget(memory_limit)
+        self._memory_limit = memory_limit
+        task_budget(memory_limit)  # a bad size fails here
         from millstream.runtime.session import get_session
 
         self._stages = all_stages(compile_plan(node, streaming_settings(self.parallelism),
@@ -306,7 +307,7 @@ class StreamingJob:
                 epoch=restored.epoch, max_batch_records=self.max_batch_records,
                 poll_timeout_s=(self.poll_timeout_s / max(1, len(layout.sources))
                                 if inline else self.poll_timeout_s),
-                settings={**self._settings,
+                settings={**task_budget(self._memory_limit, len(layout.chains)),
                           "spill_dir": os.path.join(run_dir, f"task-{c.index:04d}")},
                 checkpoint=self._checkpoint_location,
                 watermark_interval_s=0.0 if inline else 0.02, combine=not inline,

@@ -118,13 +118,18 @@ def key_groups_option(key_groups: int | None, max_parallelism: int | None) -> in
     return int(wanted) if wanted is not None else None
 
 
-def task_budget(memory_limit: int | str | None) -> dict[str, int]:
-    """TaskContext settings for a per-task ``memory_limit`` (bytes or "64MB"; None: the
-    default 256 MiB): stateful operators keep half of it in memory and spill the rest."""
+def task_budget(memory_limit: int | str | None, tasks: int = 1) -> dict[str, int]:
+    """TaskContext settings for a per-task ``memory_limit`` (bytes or "64MB"); None: the
+    session's memory limit (a quarter of the machine's memory unless set) shared by the
+    job's ``tasks``. Stateful operators keep half of it in memory and spill the rest."""
     size = parse_size(memory_limit)
     if size is not None and size < 0:
         raise PlanError(f"memory_limit must be a positive size, got {memory_limit!r}")
-    return {} if size is None else {"memory_budget": int(size)}
+    if size is None:
+        from millstream.runtime.session import get_session
+
+        size = max(64 << 20, get_session().settings.resolved_memory_limit() // max(1, tasks))
+    return {"memory_budget": int(size)}
 
 
 # ----------------------------------------------------------------------------- bounded sides
