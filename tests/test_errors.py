@@ -70,3 +70,27 @@ def test_the_printed_error_starts_with_the_users_call_and_skips_internal_frames(
                            env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin",
                                 "MILLSTREAM_DEBUG": "1"}, timeout=120)
     assert len([ln for ln in debug.stderr.splitlines() if "/millstream/" in ln]) > len(internal)
+
+
+def test_drop_and_rename_of_missing_columns_fail_at_once_as_in_polars():
+    ds = ms.from_items([{"a": 1, "b": 2}])
+    with pytest.raises(ms.SchemaError, match=r"drop\(\).*no column\(s\) \['nope'\]"):
+        ds.drop("nope")
+    with pytest.raises(ms.SchemaError, match=r"rename\(\).*\['bb'\].*did you mean 'b'"):
+        ds.rename({"bb": "c"})
+    assert ds.drop("nope", "b", strict=False).collect() == [{"a": 1}]  # Spark's way, if asked
+    assert ds.rename({"bb": "c", "b": "c"}, strict=False).collect() == [{"a": 1, "c": 2}]
+    # after a Python function the columns are known only when the job runs
+    mapped = ds.map(lambda r: {"x": r["a"]})
+    with pytest.raises(ms.SchemaError, match="no column"):
+        mapped.drop("a").collect(max_task_attempts=1)
+
+
+def test_map_returning_a_generator_points_to_flat_map():
+    def split(row):
+        yield from ({"w": w} for w in row["text"].split())
+
+    with pytest.raises(ms.UserFunctionError, match="use flat_map") as info:
+        ms.from_items([{"text": "a b"}]).map(split).collect()
+    assert len(info.value.attempts) <= 1  # not retried: it would fail again
+    assert ms.from_items([{"text": "a b"}]).flat_map(split).collect() == [{"w": "a"}, {"w": "b"}]

@@ -48,7 +48,9 @@ class TaskError(MillstreamError):
 
     ``stage``, ``partition`` and ``operator`` say where; ``attempts`` holds one cause
     per attempt; ``user_traceback`` is the user's own code's traceback when a user
-    function raised.
+    function raised; ``original`` is the exception itself when it reached the driver
+    (chained as ``__cause__`` only with ``MILLSTREAM_DEBUG=1``, so its internal frames do
+    not bury the message).
     """
 
     #: What the failed task read ("input split ...", "reduce partition 3"); set by the
@@ -59,7 +61,8 @@ class TaskError(MillstreamError):
 
     def __init__(self, message: str, *, stage: str | None = None, partition: int | None = None,
                  operator: str | None = None, attempts: list[str] | None = None,
-                 user_traceback: str | None = None, cause_type: str | None = None):
+                 user_traceback: str | None = None, cause_type: str | None = None,
+                 original: BaseException | None = None):
         super().__init__(message)
         self.stage = stage
         self.partition = partition
@@ -67,6 +70,7 @@ class TaskError(MillstreamError):
         self.attempts = attempts or []
         self.user_traceback = user_traceback
         self.cause_type = cause_type
+        self.original = original
 
 
 class UserFunctionError(TaskError):

@@ -134,7 +134,7 @@ def with_columns(child: L.Node, exprs: Sequence[Expr]) -> L.Node:
                 and direct.appended_order() == names:
             return direct.build(child)
     node, subst, private = _private(child, found, exprs)
-    return L.Drop(L.WithColumns(node, tuple(subst)), private)
+    return L.Drop(L.WithColumns(node, tuple(subst)), private, strict=False)
 
 
 def select(child: L.Node, exprs: Sequence[Expr]) -> L.Node:
@@ -154,4 +154,4 @@ def filter_rows(child: L.Node, predicate: Expr) -> L.Node:
     if not any(found):
         return L.Filter(child, predicate)
     node, subst, private = _private(child, found, [predicate])
-    return L.Drop(L.Filter(node, subst[0]), private)
+    return L.Drop(L.Filter(node, subst[0]), private, strict=False)

@@ -149,13 +149,15 @@ class Dataset:
         """Add or replace one column (Spark's ``withColumn``)."""
         return self.with_columns(**{name: expr})
 
-    def drop(self, *columns: str) -> Dataset:
-        """Remove columns."""
-        return Dataset(L.Drop(self._node, tuple(_names(columns))))
+    def drop(self, *columns: str, strict: bool = True) -> Dataset:
+        """Remove columns; a name that is not a column is a SchemaError (as in Polars)
+        unless ``strict=False`` (Spark's ``drop`` ignores it)."""
+        return Dataset(L.Drop(self._node, tuple(_names(columns)), strict))
 
-    def rename(self, mapping: dict[str, str]) -> Dataset:
-        """Rename columns ``{old: new}``."""
-        return Dataset(L.Rename(self._node, tuple(dict(mapping).items())))
+    def rename(self, mapping: dict[str, str], strict: bool = True) -> Dataset:
+        """Rename columns ``{old: new}``; an old name that is not a column is a SchemaError
+        unless ``strict=False``."""
+        return Dataset(L.Rename(self._node, tuple(dict(mapping).items()), strict))
 
     def explode(self, column: str) -> Dataset:
         """One row per element of a list column; rows with empty or null lists disappear."""

@@ -324,7 +324,8 @@ def _explain_failure(err: TaskError, label: str) -> TaskError:
             + f", after {len(err.attempts)} attempt(s)")
     new = type(err)(f"{head}\n{err}", stage=err.stage, partition=err.partition,
                     operator=err.operator, attempts=list(err.attempts),
-                    user_traceback=err.user_traceback, cause_type=err.cause_type)
+                    user_traceback=err.user_traceback, cause_type=err.cause_type,
+                    original=err.original)
     new.job = label  # type: ignore[attr-defined]
     new.task_input = what
     new.stage_tasks = err.stage_tasks

@@ -5,7 +5,8 @@ They keep no state across batches, so a chain of them is fused into one task.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -51,6 +52,11 @@ class MapRows(Operator):
             raise UserCodeFailure(self.name, function_name(fn), exc, _short(row)) from exc
         if not out:
             return _EMPTY
+        if isinstance(out[0], (types.GeneratorType, Iterator)) and not isinstance(out[0], dict):
+            raise BadReturnValue(self.name, function_name(fn), TypeError(
+                f"returned a generator for the row {_short(rows[0])}: map makes one row per "
+                f"input row; to make zero or more rows per input row, use flat_map(...) with "
+                f"the same function"), _short(rows[0]))
         return (rows_to_batch(out),)
 
 
@@ -296,11 +302,14 @@ class FilterExpr(Operator):
 class Drop(Operator):
     """``drop(*columns)``."""
 
-    def __init__(self, columns: list[str]) -> None:
+    def __init__(self, columns: list[str], strict: bool = False) -> None:
         super().__init__(f"Drop({', '.join(columns)})")
         self.columns = columns
+        self.strict = strict
 
     def process(self, batch: pa.RecordBatch, port: int = 0) -> Batches:
+        if self.strict:
+            _require(self.name, self.columns, batch.schema)
         keep = [i for i, n in enumerate(batch.schema.names) if n not in self.columns]
         return (batch.select(keep),)
 
@@ -308,11 +317,14 @@ class Drop(Operator):
 class Rename(Operator):
     """``rename({old: new})``."""
 
-    def __init__(self, mapping: dict[str, str]) -> None:
+    def __init__(self, mapping: dict[str, str], strict: bool = False) -> None:
         super().__init__(f"Rename({mapping})")
         self.mapping = mapping
+        self.strict = strict
 
     def process(self, batch: pa.RecordBatch, port: int = 0) -> Batches:
+        if self.strict:
+            _require(self.name, list(self.mapping), batch.schema)
         names = [self.mapping.get(n, n) for n in batch.schema.names]
         return (batch.rename_columns(names),)
 
@@ -368,3 +380,10 @@ class LocalLimit(Operator):
         """True when no more input is needed (lets the task stop reading early)."""
         return self.seen >= self.n
 
+
+def _require(operator: str, names: list[str], schema: pa.Schema) -> None:
+    """A SchemaError when rows lack columns ``operator`` names (strict drop and rename, where
+    the columns were not known when the plan was built)."""
+    missing = [n for n in names if schema.get_field_index(n) < 0]
+    if missing:
+        raise SchemaError(f"{operator}: no column(s) {missing}; columns are {schema.names}")

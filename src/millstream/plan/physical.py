@@ -88,9 +88,9 @@ def narrow_factory(node: L.Node) -> OperatorFactory:
     if isinstance(node, L.WithColumns):
         return OperatorFactory(narrow.WithColumns, list(node.exprs))
     if isinstance(node, L.Drop):
-        return OperatorFactory(narrow.Drop, list(node.columns))
+        return OperatorFactory(narrow.Drop, list(node.columns), node.strict)
     if isinstance(node, L.Rename):
-        return OperatorFactory(narrow.Rename, dict(node.mapping))
+        return OperatorFactory(narrow.Rename, dict(node.mapping), node.strict)
     if isinstance(node, L.Explode):
         return OperatorFactory(narrow.Explode, node.column)
     raise TypeError(f"{type(node).__name__} is not a per-batch node")

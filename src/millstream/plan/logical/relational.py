@@ -10,6 +10,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from millstream.errors import SchemaError
 from millstream.expr.aggregates import AggSpec
 from millstream.expr.nodes import Expr
 from millstream.ops.narrow import function_name
@@ -127,9 +128,11 @@ class WithColumns(Unary):
 
 @dataclass(frozen=True, eq=False)
 class Drop(Unary):
-    """The input without ``columns`` (names that are not there are ignored)."""
+    """The input without ``columns``; a name that is not there is a SchemaError unless not
+    ``strict`` (then it is ignored)."""
 
     columns: tuple[str, ...]
+    strict: bool = True
 
     def label(self) -> str:
         return f"Drop({', '.join(self.columns)})"
@@ -141,14 +144,18 @@ class Drop(Unary):
         schema = self.input_schema()
         if schema is None:
             return None
+        if self.strict:
+            _no_such_columns("drop", self.columns, schema)
         return pa.schema([f for f in schema if f.name not in self.columns])
 
 
 @dataclass(frozen=True, eq=False)
 class Rename(Unary):
-    """Columns renamed by ``mapping`` pairs ``(old, new)`` (absent names are ignored)."""
+    """Columns renamed by ``mapping`` pairs ``(old, new)``; an old name that is not there is
+    a SchemaError unless not ``strict`` (then it is ignored)."""
 
     mapping: tuple[tuple[str, str], ...]
+    strict: bool = True
 
     def label(self) -> str:
         return f"Rename({dict(self.mapping)})"
@@ -160,6 +167,8 @@ class Rename(Unary):
         schema = self.input_schema()
         if schema is None:
             return None
+        if self.strict:
+            _no_such_columns("rename", [old for old, _ in self.mapping], schema)
         names = dict(self.mapping)
         return pa.schema([f.with_name(names.get(f.name, f.name)) for f in schema])
 
@@ -364,3 +373,21 @@ class MapReduceStep(Unary):
     def label(self) -> str:
         shuffle = "map only" if self.num_reducers is None else f"reducers={self.num_reducers}"
         return f"MapReduce {self.job} step {self.step + 1} ({self.functions}) {shuffle}"
+
+
+def _no_such_columns(call: str, names: Any, schema: pa.Schema) -> None:
+    """A SchemaError naming the columns ``call`` names that ``schema`` lacks (with the
+    closest existing ones), as Polars does; none: nothing."""
+    missing = [n for n in names if schema.get_field_index(n) < 0]
+    if not missing:
+        return
+    import difflib
+
+    hints = []
+    for n in missing:
+        close = difflib.get_close_matches(n, schema.names, n=1)
+        if close:
+            hints.append(f"did you mean {close[0]!r} for {n!r}?")
+    raise SchemaError(f"{call}: no column(s) {missing}; columns are {schema.names}"
+                      + ("; " + " ".join(hints) if hints else "")
+                      + f" (pass strict=False to {call} only the columns that exist)")

@@ -138,7 +138,14 @@ def column_pair(e: Expr) -> tuple[str, str, str] | None:
     return None
 
 
-_ONE_ROW = pa.RecordBatch.from_arrays([pa.array([0], pa.int8())], names=["__one"])
+_ONE_ROW: list[pa.RecordBatch] = []  # made on first use (building Arrow data at import
+# time makes pyarrow import pandas: a second of start-up)
+
+
+def _one_row() -> pa.RecordBatch:
+    if not _ONE_ROW:
+        _ONE_ROW.append(pa.RecordBatch.from_arrays([pa.array([0], pa.int8())], names=["__one"]))
+    return _ONE_ROW[0]
 
 
 def fold(e: Expr) -> Literal | None:
@@ -147,7 +154,7 @@ def fold(e: Expr) -> Literal | None:
     if not is_row_local(e) or e.columns():
         return None
     try:
-        value = strip_alias(e).evaluate(_ONE_ROW)
+        value = strip_alias(e).evaluate(_one_row())
     except Exception:  # noqa: BLE001 - an error stays where the user put it: at run time
         return None
     if len(value) != 1:
@@ -180,7 +187,7 @@ def rejects_nulls(e: Expr, schema: pa.Schema, columns: Iterable[str]) -> bool:
         return False
     arrays = [pa.nulls(1, f.type) for f in fields]
     batch = (pa.RecordBatch.from_arrays(arrays, names=[f.name for f in fields]) if fields
-             else _ONE_ROW)
+             else _one_row())
     try:
         value = e.evaluate(batch)
     except Exception:  # noqa: BLE001 - not decidable here: keep the join as it is

@@ -33,8 +33,14 @@ from millstream.plan.rules.exprs import (
     transform,
 )
 
-_TRUE = Literal(True)
-_FALSE = Literal(False)
+_BOOLS: dict[bool, Literal] = {}  # made on first use (pa.scalar at import time makes
+# pyarrow import pandas)
+
+
+def _lit(value: bool) -> Literal:
+    if value not in _BOOLS:
+        _BOOLS[value] = Literal(value)
+    return _BOOLS[value]
 
 
 class ConstantFolding(Rule):
@@ -79,7 +85,7 @@ def _filter(node: Filter, is_stream: bool) -> Node:
         if truth is False:
             if not is_stream and bounded(node.child) and schema is not None:
                 return empty_relation(schema)
-            kept = [_FALSE]
+            kept = [_lit(False)]
             break
         kept.append(p)
     if not kept:
@@ -102,7 +108,7 @@ def _filter_conjunct(p: Expr, schema: pa.Schema | None) -> Expr:
     if pa.types.is_floating(t) or pa.types.is_nested(t):
         return p
     if pair[0] == "ne":
-        return _FALSE
+        return _lit(False)
     return _Func("is_not_null", (Column(pair[1]),))
 
 
@@ -154,8 +160,8 @@ def _logic(e: Expr, op: str, args: tuple[Expr, ...], schema: pa.Schema | None) -
         if truth is None or not _is_bool(other, schema):
             continue
         if op == "and":
-            return other if truth else _FALSE   # x & true = x;  x & false = false
-        return _TRUE if truth else other        # x | true = true;  x | false = x
+            return other if truth else _lit(False)   # x & true = x;  x & false = false
+        return _lit(True) if truth else other        # x | true = true;  x | false = x
     return e
 
 
