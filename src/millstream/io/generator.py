@@ -17,7 +17,7 @@ import pyarrow as pa
 from millstream.core.arrow import rows_to_batch
 from millstream.core.context import TaskContext
 from millstream.errors import PlanError, UserCodeFailure
-from millstream.io.base import Source, Split, StreamReader, StreamSource
+from millstream.io.base import Source, SourceStatistics, Split, StreamReader, StreamSource
 
 
 class GeneratorSource(Source):
@@ -79,6 +79,15 @@ class GeneratorSource(Source):
     def schema(self) -> pa.Schema | None:
         """The schema given to the source (None: inferred from the rows made)."""
         return self.row_schema
+
+    def statistics(self) -> SourceStatistics | None:
+        """The row count of a bounded generator (nothing is known of the columns)."""
+        return None if self.count is None else SourceStatistics(self.count, {})
+
+    def fingerprint(self) -> Any:
+        """Equal for generators of the same function, rate, count and partitions."""
+        return ("generator", id(self.fn), self.rate, self.count, self.num_partitions,
+                str(self.row_schema))
 
     @property
     def bounded(self) -> bool:  # type: ignore[override]

@@ -23,7 +23,7 @@ import pyarrow.dataset as ds
 from millstream.core.context import TaskContext
 from millstream.errors import BadRecordError, PlanError, SchemaError, StorageError
 from millstream.io import fs as msfs
-from millstream.io.base import Source, Split
+from millstream.io.base import ColumnStatistics, Source, SourceStatistics, Split
 from millstream.io.files.pushdown import arrow_expression, check_columns, predicate_columns
 from millstream.io.files.ranges import DEFAULT_MIN_SPLIT_SIZE, format_size
 
@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 
 #: Footers read in parallel while planning (object stores are latency bound).
 PLANNING_THREADS = 16
+#: Footers read for statistics at most (more files: a spread sample, scaled up).
+STATISTICS_FILES = 64
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class ParquetSource(Source):
     """Parquet files, a directory of them (with hive partitions), or a glob."""
 
     name = "parquet"
+    rereads_cheaply = True
 
     def __init__(self, uri: str | Sequence[str], columns: Sequence[str] | None = None,
                  filter: Any = None, *, partitioning: str | pa.Schema | None = "hive",
@@ -82,6 +85,10 @@ class ParquetSource(Source):
                 raise PlanError(f"parquet filter must be an expression, got {filter!r}")
         self._files: list[msfs.FileEntry] | None = None
         self._dataset: ds.Dataset | None = None
+        #: filters pushed in as expressions (the statistics do not reflect them yet)
+        self._pushed: tuple[Any, ...] = ()
+        #: statistics read from the footers, shared by the copies pushdown makes
+        self._stats_box: dict[str, SourceStatistics | None] = {}
         # (files kept, row groups kept, row groups in kept files), known after planning
         self._plan_stats: tuple[int, int, int] | None = None
 
@@ -280,6 +287,7 @@ class ParquetSource(Source):
                                       f"{missing}; available: {full.names}")
             pushed = arrow_expression(self.predicate)
             new.predicate = expr if pushed is None else (pushed & expr)
+            new._pushed = (*self._pushed, predicate)
             applied = True
         return new, columns is not None, applied
 
@@ -291,6 +299,31 @@ class ParquetSource(Source):
             if n:
                 total = total * max(1, len(self.columns)) // n
         return total
+
+    def statistics(self) -> SourceStatistics | None:
+        """Row count and column min/max/null counts/sizes from the footers (read once per
+        source and its pushdown copies; at most ``STATISTICS_FILES`` footers, scaled up)."""
+        if "all" not in self._stats_box:
+            try:
+                self._stats_box["all"] = _footer_statistics(self)
+            except (OSError, PlanError, pa.ArrowException):
+                self._stats_box["all"] = None
+        base = self._stats_box["all"]
+        if base is None:
+            return None
+        cols = base.columns
+        if self.columns is not None:
+            cols = {c: cols[c] for c in self.columns if c in cols}
+        predicates = tuple(self._pushed) + tuple(self._post_filters)
+        return SourceStatistics(base.num_rows, cols, predicates)
+
+    def fingerprint(self) -> Any:
+        """Equal for sources reading the same files, columns and filters."""
+        uri = self.uri if isinstance(self.uri, str) else tuple(self.uri)
+        return ("parquet", uri, None if self.columns is None else tuple(self.columns),
+                str(self.arrow_filter()), tuple(id(f) for f in self._post_filters),
+                str(self.partitioning), str(self.user_schema), self.split_size,
+                tuple(sorted((k, repr(v)) for k, v in self.storage_options.items())))
 
     def describe(self) -> str:
         """e.g. ``parquet s3://b/x (12 files, 40 row groups) columns=[a,b] filter=(a > 3)``."""
@@ -317,6 +350,89 @@ class ParquetSource(Source):
         if self._post_filters:
             text += f" post_filter={len(self._post_filters)} expression(s)"
         return text
+
+
+def _footer_statistics(source: ParquetSource) -> SourceStatistics:
+    """Statistics of a parquet source's files from their footers (row groups' row counts,
+    column min/max, null counts and uncompressed sizes)."""
+    fragments = list(source.dataset().get_fragments())
+    if not fragments:
+        return SourceStatistics(0, {})
+    step = max(1, math.ceil(len(fragments) / STATISTICS_FILES))
+    sample = fragments[::step]
+    fs = source._fs()
+
+    def footer(fragment: Any) -> Any:
+        def load() -> Any:
+            fragment.ensure_complete_metadata()
+            return fragment.metadata
+        return msfs.call(fs, load, f"reading the footer of {fragment.path}")
+
+    with ThreadPoolExecutor(max_workers=min(PLANNING_THREADS, len(sample))) as ex:
+        metas = list(ex.map(footer, sample))
+    rows = 0
+    acc: dict[str, dict[str, Any]] = {}
+    for md in metas:
+        rows += md.num_rows
+        for i in range(md.num_row_groups):
+            rg = md.row_group(i)
+            for j in range(rg.num_columns):
+                cc = rg.column(j)
+                name = cc.path_in_schema
+                if "." in name:
+                    continue  # a nested field
+                a = acc.setdefault(name, {"min": None, "max": None, "nulls": 0, "bytes": 0,
+                                          "ok": True, "distinct": None, "groups": 0,
+                                          "dict": 0})
+                a["bytes"] += cc.total_uncompressed_size
+                a["groups"] += 1
+                st = cc.statistics
+                if a["dict"] is not None:
+                    d = _dictionary_values(cc, st)
+                    a["dict"] = None if d is None else max(a["dict"], d)
+                if st is None or not st.has_min_max:
+                    a["ok"] = False
+                    continue
+                try:
+                    a["min"] = st.min if a["min"] is None else min(a["min"], st.min)
+                    a["max"] = st.max if a["max"] is None else max(a["max"], st.max)
+                except TypeError:
+                    a["ok"] = False
+                a["nulls"] = None if a["nulls"] is None or st.null_count is None \
+                    else a["nulls"] + st.null_count
+                if st.has_distinct_count:
+                    a["distinct"] = st.distinct_count
+    scale = len(fragments) / len(sample)
+    columns = {}
+    for name, a in acc.items():
+        distinct = a["distinct"] if a["groups"] == 1 and scale == 1 else a["dict"]
+        columns[name] = ColumnStatistics(
+            a["min"] if a["ok"] else None, a["max"] if a["ok"] else None,
+            None if a["nulls"] is None else int(a["nulls"] * scale), distinct,
+            int(a["bytes"] * scale))
+    return SourceStatistics(int(rows * scale), columns)
+
+
+#: Dictionary pages up to this size (bytes, as stored) tell a string column's distinct
+#: count; larger ones may have overflowed into plain pages, or be compressed much.
+SMALL_DICTIONARY = 32 << 10
+
+
+def _dictionary_values(cc: Any, st: Any) -> int | None:
+    """About how many values a string column chunk's small dictionary page holds (its
+    size over the value size guessed from min/max), or None when that is not known."""
+    if cc.physical_type != "BYTE_ARRAY" or not cc.has_dictionary_page:
+        return None
+    start, data = cc.dictionary_page_offset, cc.data_page_offset
+    if start is None or data is None or not 0 < data - start <= SMALL_DICTIONARY:
+        return None
+    if st is None or not st.has_min_max:
+        return None
+    try:
+        avg = (len(st.min) + len(st.max)) / 2
+    except TypeError:
+        return None
+    return max(1, int((data - start - 16) / (avg + 4)))
 
 
 def _merge_pieces(pieces: list[RowGroupPiece]) -> list[RowGroupPiece]:
