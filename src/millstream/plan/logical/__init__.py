@@ -38,6 +38,7 @@ from millstream.plan.logical.relational import (
     Project,
     Rename,
     Repartition,
+    Shared,
     Sort,
     Union,
     WithColumns,
@@ -47,6 +48,6 @@ __all__ = [
     "NARROW_NODES", "Aggregate", "Cache", "Distinct", "Drop", "Explode", "Filter", "FilterRows",
     "FlatMap", "IntervalJoin", "Join", "KeyedProcess", "LatestJoin", "Limit", "Map",
     "MapBatches", "MapReduceStep", "Node", "Project", "Rename", "Repartition", "SameColumns",
-    "Scan", "Sort", "Union", "Unary", "WindowAggregate", "WindowJoin", "WithColumns",
+    "Scan", "Shared", "Sort", "Union", "Unary", "WindowAggregate", "WindowJoin", "WithColumns",
     "WithWatermark",
 ]

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from millstream.plan.rules.base import Rule, RuleContext
 from millstream.plan.rules.pushdown import FilterIntoScan, ProjectionIntoScan
+from millstream.plan.rules.reuse import ReuseSubplans
 
-#: The rules of one optimizer pass, in order. A rule that needs the plan's final shape
-#: (projection pruning into scans) comes last.
-RULES: tuple[Rule, ...] = (FilterIntoScan(), ProjectionIntoScan())
+#: The rules of one optimizer pass, in order. Rules that need the plan's final shape
+#: (projection pruning into scans, then sharing what is still equal) come last.
+RULES: tuple[Rule, ...] = (FilterIntoScan(), ProjectionIntoScan(), ReuseSubplans())
 
 __all__ = ["RULES", "Rule", "RuleContext"]
