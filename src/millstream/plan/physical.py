@@ -47,6 +47,7 @@ from millstream.ops.stream_join import (
 from millstream.ops.watermark import EventTimeWatermark
 from millstream.ops.window import GlobalWindowAggregate, WindowAggregate, WindowCombiner
 from millstream.plan import logical as L
+from millstream.plan.estimates import describe
 from millstream.plan.fingerprint import Fingerprints
 from millstream.plan.stages import (
     AdaptiveJoin,
@@ -57,7 +58,7 @@ from millstream.plan.stages import (
     Stage,
     all_stages,
 )
-from millstream.plan.stats import Estimator, describe
+from millstream.plan.stats import Estimator
 
 
 @dataclass

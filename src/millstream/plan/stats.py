@@ -14,193 +14,26 @@ estimate (None), and neither has anything above it that needs its rows.
 
 from __future__ import annotations
 
-import datetime as _dt
-import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
-from decimal import Decimal
+from dataclasses import replace
 from typing import Any
 
 import pyarrow as pa
 
 from millstream.expr.nodes import Alias, Column, Expr, Literal
-from millstream.io.base import ColumnStatistics
 from millstream.plan import logical as L
+from millstream.plan.estimates import (
+    ColumnStats,
+    Estimate,
+    column_from_statistics,
+    row_width,
+    scaled_ndv,
+    type_width,
+)
+from millstream.plan.selectivity import filtered
 
-#: Selectivity of ``col == value`` when the column's distinct count is unknown.
-DEFAULT_EQ_SELECTIVITY = 0.1
-#: Selectivity of a range comparison without min/max statistics.
-DEFAULT_RANGE_SELECTIVITY = 1 / 3
-#: Selectivity of any other predicate (string matching, functions of columns).
-DEFAULT_SELECTIVITY = 0.25
-#: Share of nulls assumed when a column's null count is unknown.
-DEFAULT_NULL_FRACTION = 0.05
 #: Share of left rows an anti join keeps at least (its estimate is a difference).
 MIN_ANTI_FRACTION = 0.1
-
-_COMPARISONS = {"eq", "ne", "lt", "le", "gt", "ge"}
-_FLIPPED = {"lt": "gt", "le": "ge", "gt": "lt", "ge": "le", "eq": "eq", "ne": "ne"}
-
-
-@dataclass(frozen=True)
-class ColumnStats:
-    """What is known of one column of a node's output (None: unknown)."""
-
-    #: distinct non-null values
-    ndv: float | None = None
-    min: Any = None
-    max: Any = None
-    null_fraction: float | None = None
-    #: average bytes a value takes in memory
-    width: float = 8.0
-    #: distinct values and rows where the column was read (its domain, for joins)
-    base_ndv: float | None = None
-    base_rows: float | None = None
-    #: the NDV is only an upper bound (from the rows or a value range), not a count
-    ndv_upper: bool = True
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """Expected output of a node: rows, row width, and per-column statistics (in output
-    order; empty when the columns are unknown, e.g. after a Python ``map``)."""
-
-    rows: float
-    width: float
-    columns: dict[str, ColumnStats] = field(default_factory=dict)
-
-    @property
-    def bytes(self) -> float:
-        """Rows times the average row width."""
-        return self.rows * self.width
-
-    def ndv(self, name: str) -> float | None:
-        """The distinct count of a column, capped by the rows (None when unknown)."""
-        c = self.columns.get(name)
-        if c is None or c.ndv is None:
-            return None
-        return max(1.0, min(c.ndv, self.rows)) if self.rows >= 1 else c.ndv
-
-
-def type_width(t: pa.DataType) -> float:
-    """Average in-memory bytes of a value of type ``t`` (a guess for variable widths)."""
-    if pa.types.is_boolean(t):
-        return 1.0
-    if pa.types.is_null(t):
-        return 0.0
-    if pa.types.is_dictionary(t):
-        return type_width(t.index_type) + 4.0
-    if pa.types.is_string(t) or pa.types.is_binary(t):
-        return 4.0 + 16.0
-    if pa.types.is_large_string(t) or pa.types.is_large_binary(t):
-        return 8.0 + 16.0
-    if str(t) in ("string_view", "binary_view"):
-        return 20.0
-    if pa.types.is_list(t) or pa.types.is_large_list(t):
-        return 8.0 + 3 * type_width(t.value_type)
-    if pa.types.is_struct(t):
-        return sum(type_width(t.field(i).type) for i in range(t.num_fields)) or 8.0
-    try:
-        return max(1.0, t.bit_width / 8)
-    except ValueError:
-        return 16.0
-
-
-def _offset_width(t: pa.DataType) -> float:
-    """The fixed part of a variable-width value (offsets or a view)."""
-    if str(t) in ("string_view", "binary_view"):
-        return 16.0
-    if pa.types.is_large_string(t) or pa.types.is_large_binary(t):
-        return 8.0
-    return 4.0
-
-
-def _is_var_width(t: pa.DataType) -> bool:
-    return (pa.types.is_string(t) or pa.types.is_binary(t) or pa.types.is_large_string(t)
-            or pa.types.is_large_binary(t) or str(t) in ("string_view", "binary_view"))
-
-
-def _num(x: Any) -> float | None:
-    """A value as a number on a line (dates as days, times as seconds), else None."""
-    if isinstance(x, bool):
-        return float(x)
-    if isinstance(x, (int, float, Decimal)):
-        return float(x)
-    if isinstance(x, _dt.datetime):
-        return x.timestamp() if x.tzinfo is not None else \
-            x.replace(tzinfo=_dt.timezone.utc).timestamp()
-    if isinstance(x, _dt.date):
-        return float(x.toordinal())
-    if isinstance(x, _dt.timedelta):
-        return x.total_seconds()
-    return None
-
-
-def _domain_size(lo: Any, hi: Any, t: pa.DataType | None) -> float | None:
-    """How many distinct values fit between ``lo`` and ``hi`` (integers and dates)."""
-    if lo is None or hi is None:
-        return None
-    if lo == hi:
-        return 1.0
-    if isinstance(lo, bool):
-        return 2.0
-    if isinstance(lo, int) and isinstance(hi, int):
-        return float(hi - lo + 1)
-    if isinstance(lo, _dt.date) and not isinstance(lo, _dt.datetime) \
-            and isinstance(hi, _dt.date) and not isinstance(hi, _dt.datetime):
-        return float((hi - lo).days + 1)
-    if t is not None and pa.types.is_decimal(t):
-        a, b = _num(lo), _num(hi)
-        if a is not None and b is not None:
-            return (b - a) * 10 ** t.scale + 1
-    return None
-
-
-def column_from_statistics(cs: ColumnStatistics | None, t: pa.DataType | None,
-                           rows: float) -> ColumnStats:
-    """A column's stats from a source's statistics (NDV from the distinct count, else
-    bounded by the rows and, for integers and dates, by max - min + 1)."""
-    width = type_width(t) if t is not None else 8.0
-    if cs is None:
-        return ColumnStats(width=width, base_rows=rows)
-    nulls = cs.null_count
-    nf = None if nulls is None or rows <= 0 else min(1.0, nulls / rows)
-    nonnull = rows * (1 - (nf or 0.0))
-    ndv: float | None = None
-    upper = cs.distinct_count is None
-    if cs.distinct_count is not None:
-        ndv = float(cs.distinct_count)
-    else:
-        dom = _domain_size(cs.min, cs.max, t)
-        if dom is not None:
-            ndv = max(1.0, min(dom, nonnull))
-    if t is not None and _is_var_width(t):
-        avg = None
-        if isinstance(cs.min, (str, bytes)) and isinstance(cs.max, (str, bytes)):
-            avg = (len(cs.min) + len(cs.max)) / 2
-        per_row = cs.data_bytes / rows if cs.data_bytes and rows > 0 else None
-        width = _offset_width(t) + max(avg or 0.0, per_row or 0.0, 1.0)
-    elif t is None and cs.data_bytes and rows > 0:
-        width = cs.data_bytes / rows
-    return ColumnStats(ndv, cs.min, cs.max, nf, width, ndv, rows, upper)
-
-
-def _scaled_ndv(ndv: float | None, rows: float, new_rows: float) -> float | None:
-    """Distinct values left when ``new_rows`` of ``rows`` are kept at random."""
-    if ndv is None:
-        return None
-    if rows <= 0 or ndv <= 0:
-        return ndv
-    keep = min(1.0, max(0.0, new_rows / rows))
-    if keep >= 1.0:
-        return ndv
-    per_value = rows / ndv
-    left = ndv * (1 - (1 - keep) ** per_value)
-    return max(min(left, new_rows), 1.0 if new_rows >= 1 else 0.0)
-
-
-def _row_width(columns: dict[str, ColumnStats], default: float) -> float:
-    return sum(c.width for c in columns.values()) if columns else default
 
 
 class Estimator:
@@ -241,7 +74,7 @@ class Estimator:
             if size is None or schema is None:
                 return None
             cols = {f.name: ColumnStats(width=type_width(f.type)) for f in schema}
-            width = _row_width(cols, 8.0) or 8.0
+            width = row_width(cols, 8.0) or 8.0
             return Estimate(max(1.0, size / width), width, cols)
         rows = float(st.num_rows)
         names = schema.names if schema is not None else list(st.columns)
@@ -249,10 +82,10 @@ class Estimator:
         for name in names:
             t = schema.field(name).type if schema is not None else None
             cols[name] = column_from_statistics(st.columns.get(name), t, rows)
-        est = Estimate(rows, _row_width(cols, 8.0), cols)
+        est = Estimate(rows, row_width(cols, 8.0), cols)
         for pred in st.predicates:
             if isinstance(pred, Expr):
-                est = self.filtered(est, pred)
+                est = filtered(est, pred)
         return est
 
     def _est_Cache(self, node: L.Cache) -> Estimate | None:
@@ -280,11 +113,11 @@ class Estimator:
         if schema is None:
             return Estimate(child.rows, child.width, {})
         cols = {f.name: ColumnStats(width=type_width(f.type)) for f in schema}
-        return Estimate(child.rows, _row_width(cols, child.width), cols)
+        return Estimate(child.rows, row_width(cols, child.width), cols)
 
     def _est_Filter(self, node: L.Filter) -> Estimate | None:
         child = self.estimate(node.child)
-        return None if child is None else self.filtered(child, node.predicate)
+        return None if child is None else filtered(child, node.predicate)
 
     def _expr_column(self, e: Expr, child: Estimate, t: pa.DataType | None) -> ColumnStats:
         inner = e.child if isinstance(e, Alias) else e
@@ -304,7 +137,7 @@ class Estimator:
         for i, e in enumerate(node.exprs):
             t = schema.field(i).type if schema is not None else None
             cols[e.output_name] = self._expr_column(e, child, t)
-        return Estimate(child.rows, _row_width(cols, 8.0), cols)
+        return Estimate(child.rows, row_width(cols, 8.0), cols)
 
     def _est_WithColumns(self, node: L.WithColumns) -> Estimate | None:
         child = self.estimate(node.child)
@@ -317,14 +150,14 @@ class Estimator:
                 and schema.get_field_index(e.output_name) >= 0 else None
             cols[e.output_name] = self._expr_column(e, child, t)
         extra = 0.0 if child.columns else sum(c.width for n, c in cols.items())
-        return Estimate(child.rows, _row_width(cols, child.width + extra), cols)
+        return Estimate(child.rows, row_width(cols, child.width + extra), cols)
 
     def _est_Drop(self, node: L.Drop) -> Estimate | None:
         child = self.estimate(node.child)
         if child is None:
             return None
         cols = {n: c for n, c in child.columns.items() if n not in node.columns}
-        return Estimate(child.rows, _row_width(cols, child.width), cols)
+        return Estimate(child.rows, row_width(cols, child.width), cols)
 
     def _est_Rename(self, node: L.Rename) -> Estimate | None:
         child = self.estimate(node.child)
@@ -339,7 +172,7 @@ class Estimator:
         if child is None:
             return None
         rows = min(float(node.n), child.rows)
-        return Estimate(rows, child.width, {n: replace(c, ndv=_scaled_ndv(c.ndv, child.rows, rows))
+        return Estimate(rows, child.width, {n: replace(c, ndv=scaled_ndv(c.ndv, child.rows, rows))
                                             for n, c in child.columns.items()})
 
     # ---------------------------------------------------------------- relational
@@ -371,7 +204,7 @@ class Estimator:
             t = schema.field(s.name).type if schema is not None \
                 and schema.get_field_index(s.name) >= 0 else None
             cols[s.name] = ColumnStats(width=type_width(t) if t is not None else 8.0)
-        return Estimate(groups, _row_width(cols, 8.0), cols)
+        return Estimate(groups, row_width(cols, 8.0), cols)
 
     def _est_Distinct(self, node: L.Distinct) -> Estimate | None:
         child = self.estimate(node.child)
@@ -460,12 +293,12 @@ class Estimator:
             rows = inner
         cols = self._join_columns(node, le, re, rows, key_ndv)
         width = le.width if how in ("semi", "anti") else \
-            _row_width(cols, le.width + re.width) if le.columns and re.columns \
+            row_width(cols, le.width + re.width) if le.columns and re.columns \
             else le.width + re.width
         est = Estimate(max(rows, 1.0) if le.rows >= 1 and re.rows >= 1 else rows, width, cols)
         condition = getattr(node, "condition", None)
         if isinstance(condition, Expr) and how not in ("left", "right", "outer", "full"):
-            est = self.filtered(est, condition)
+            est = filtered(est, condition)
         return est
 
     def _join_columns(self, node: L.Join, le: Estimate, re: Estimate, rows: float,
@@ -494,134 +327,6 @@ class Estimator:
             cols[name] = fit(c, n in right_keys)
         return cols
 
-    # ---------------------------------------------------------------- predicates
-    def filtered(self, est: Estimate, predicate: Expr) -> Estimate:
-        """``est`` after rows failing ``predicate`` are dropped: conjuncts one by one
-        (each narrowing what the next one sees: ``a >= 1 & a <= 5`` is one range)."""
-        for conjunct in _conjuncts(predicate):
-            est = self._apply(est, conjunct)
-        return est
-
-    def _apply(self, est: Estimate, pred: Expr) -> Estimate:
-        sel, col, stats = self._conjunct(est, pred)
-        rows = est.rows * sel
-        if est.rows >= 1:
-            rows = max(rows, 1.0)
-        cols = {}
-        for n, c in est.columns.items():
-            if n == col and stats is not None:
-                cols[n] = stats
-            else:
-                ndv = _scaled_ndv(c.ndv, est.rows, rows)
-                cols[n] = c if ndv == c.ndv else replace(c, ndv=ndv)
-        return Estimate(rows, est.width, cols)
-
-    def selectivity(self, est: Estimate, pred: Expr) -> float:
-        """The share of rows of ``est`` for which ``pred`` holds (0..1)."""
-        out = 1.0
-        for conjunct in _conjuncts(pred):
-            sel, col, stats = self._conjunct(est, conjunct)
-            out *= sel
-            est = self._apply(est, conjunct) if col is not None else est
-        return out
-
-    def _conjunct(self, est: Estimate, pred: Expr) -> tuple[float, str | None, ColumnStats | None]:
-        """(selectivity, the column it constrains, that column's stats after it)."""
-        op = getattr(pred, "op", None)
-        args = getattr(pred, "args", ())
-        if isinstance(pred, Literal):
-            return (1.0 if pred.value is True else 0.0), None, None
-        if op == "and":
-            return self.selectivity(est, pred), None, None
-        if op == "or":
-            a, b = (self.selectivity(est, x) for x in args)
-            return min(1.0, a + b - a * b), None, None
-        if op == "not":
-            return max(0.0, 1.0 - self.selectivity(est, args[0])), None, None
-        if op in ("is_null", "is_not_null") and isinstance(args[0], Column):
-            c = est.columns.get(args[0].name)
-            nf = c.null_fraction if c is not None and c.null_fraction is not None \
-                else DEFAULT_NULL_FRACTION
-            return (nf if op == "is_null" else 1 - nf), None, None
-        if op == "is_in" and isinstance(args[0], Column):
-            values = pred.params.get("values") or []  # type: ignore[attr-defined]
-            eq = self._eq_selectivity(est, args[0].name)
-            return min(1.0, eq * max(1, len(values))), None, None
-        if op in _COMPARISONS and len(args) == 2:
-            a, b = args
-            if isinstance(a, Literal) and isinstance(b, Column):
-                a, b, op = b, a, _FLIPPED[op]
-            if isinstance(a, Column) and isinstance(b, Literal):
-                return self._compare(est, a.name, op, b.value)
-            if isinstance(a, Column) and isinstance(b, Column):
-                if op == "eq":
-                    da, db = est.ndv(a.name), est.ndv(b.name)
-                    known = [d for d in (da, db) if d is not None]
-                    return (1.0 / max(known) if known else DEFAULT_EQ_SELECTIVITY), None, None
-                if op == "ne":
-                    return 1.0 - DEFAULT_EQ_SELECTIVITY, None, None
-                return DEFAULT_RANGE_SELECTIVITY, None, None
-            return (DEFAULT_EQ_SELECTIVITY if op == "eq" else DEFAULT_RANGE_SELECTIVITY), None, None
-        return DEFAULT_SELECTIVITY, None, None
-
-    def _eq_selectivity(self, est: Estimate, name: str) -> float:
-        d = est.ndv(name)
-        c = est.columns.get(name)
-        nonnull = 1 - (c.null_fraction or 0.0) if c is not None else 1.0
-        return nonnull / d if d else DEFAULT_EQ_SELECTIVITY
-
-    def _compare(self, est: Estimate, name: str, op: str, value: Any
-                 ) -> tuple[float, str | None, ColumnStats | None]:
-        c = est.columns.get(name)
-        if value is None:
-            return 0.0, None, None  # a comparison with null is never true
-        lo = hi = None
-        if c is not None and c.min is not None and c.max is not None:
-            lo, hi = c.min, c.max
-        nonnull = 1 - (c.null_fraction or 0.0) if c is not None else 1.0
-        try:
-            outside = lo is not None and (value < lo or value > hi)
-        except TypeError:
-            outside, lo, hi = False, None, None
-        if op == "eq":
-            if outside:
-                return 0.0, name, c
-            sel = self._eq_selectivity(est, name)
-            if c is None:
-                return sel, None, None
-            return sel, name, replace(c, ndv=1.0, min=value, max=value, null_fraction=0.0)
-        if op == "ne":
-            return (nonnull if outside else nonnull - self._eq_selectivity(est, name)), None, None
-        if lo is None:
-            return DEFAULT_RANGE_SELECTIVITY, None, None
-        x, a, b = _num(value), _num(lo), _num(hi)
-        if x is None or a is None or b is None:
-            return DEFAULT_RANGE_SELECTIVITY, None, None
-        if b <= a:
-            keep = {"lt": x > a, "le": x >= a, "gt": x < a, "ge": x <= a}[op]
-            return (nonnull if keep else 0.0), None, None
-        frac = (x - a) / (b - a)
-        frac = min(1.0, max(0.0, frac if op in ("lt", "le") else 1 - frac))
-        sel = nonnull * frac
-        assert c is not None
-        if op in ("lt", "le"):
-            new = replace(c, max=value if value < hi else hi, null_fraction=0.0)
-        else:
-            new = replace(c, min=value if value > lo else lo, null_fraction=0.0)
-        if c.ndv is not None:
-            new = replace(new, ndv=max(1.0, c.ndv * frac))
-        return sel, name, new
-
-
-def _conjuncts(pred: Expr) -> list[Expr]:
-    """``a & b & c`` as ``[a, b, c]``."""
-    if getattr(pred, "op", None) == "and":
-        out: list[Expr] = []
-        for a in pred.args:  # type: ignore[attr-defined]
-            out.extend(_conjuncts(a))
-        return out
-    return [pred]
-
 
 def estimator(settings: Any = None, facts: dict[str, Any] | None = None) -> Estimator:
     """The estimator of one optimization (kept in a rule context's ``facts``, so rules and
@@ -638,19 +343,3 @@ def estimate(node: L.Node, cache_lookup: Callable[[int], list[Any] | None] | Non
              ) -> Estimate | None:
     """The estimate of ``node`` (a fresh estimator; rules share one with :func:`estimator`)."""
     return Estimator(cache_lookup).estimate(node)
-
-
-def describe(est: Estimate | None) -> str:
-    """An estimate for explain(): ``~1.2M rows, 40 MB``."""
-    if est is None:
-        return "size unknown"
-    return f"~{_short(est.rows)} rows, {_short(est.bytes)}B"
-
-
-def _short(x: float) -> str:
-    if not math.isfinite(x):
-        return "?"
-    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= div:
-            return f"{x / div:.1f}{unit}"
-    return f"{x:.0f}"

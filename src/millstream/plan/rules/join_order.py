@@ -21,7 +21,8 @@ from itertools import combinations
 from millstream.expr.nodes import Column, Expr, col
 from millstream.plan import logical as L
 from millstream.plan.rules.base import Rule, RuleContext
-from millstream.plan.stats import Estimator, _conjuncts, estimator
+from millstream.plan.selectivity import conjuncts
+from millstream.plan.stats import Estimator, estimator
 
 #: Chains of at most this many inputs are ordered exactly (dynamic programming).
 DP_LIMIT = 7
@@ -148,7 +149,7 @@ class _Orderer:
                 owners.setdefault(name, set()).add(i)
         filters: list[Expr] = []
         for f in ch.filters:
-            for c in _conjuncts(f):
+            for c in conjuncts(f):
                 a, b = getattr(c, "args", (None, None))[:2] if getattr(c, "op", None) == "eq" \
                     else (None, None)
                 if type(a) is Column and type(b) is Column and a.name != b.name \
