@@ -126,10 +126,9 @@ class Job:
         return self.final.results or []
 
     def _store(self, st: Stage, values: list[Any]) -> None:
-        """A stage's task results (a sampled stage's samples apart)."""
+        """A stage's task results (and a sampled stage's key samples)."""
         if st.sample_by is not None:
-            st.samples = [v.sample for v in values]
-            values = [v.value for v in values]
+            st.samples = [getattr(v, "key_sample", None) for v in values]
         st.results = values
 
     # -------------------------------------------------------------- order, adaptivity
@@ -256,10 +255,7 @@ class Job:
             finally:
                 progress.close()
             for i, r in zip(lost, again):
-                value = r.value
-                if dep.sample_by is not None:
-                    value = value.value  # the sample of the first attempt stays
-                dep.results[i] = value
+                dep.results[i] = r.value  # (a sort input's first sample stays)
             key = ("millstream", "recomputed_map_tasks")
             self.stats.counters[key] = self.stats.counters.get(key, 0) + len(lost)
 

@@ -111,22 +111,16 @@ class BlockOutput:
 
 
 @dataclass
-class SampledValue:
-    """What a sampled output returns: the wrapped output's value and the key sample."""
-
-    value: Any
-    sample: pa.Table | None
-
-
-@dataclass
 class SampledOutput:
     """Another output whose rows' sort keys are sampled on their way to it: a global
-    sort's input is written once, and its sample gives the range boundaries."""
+    sort's input is written once, and its sample gives the range boundaries. The sample
+    (a table, or None without rows) rides on the output's handle as ``key_sample``, so
+    runners pass the handle on as they would the plain output's."""
 
     inner: Any
     by: list[str]
 
-    def write(self, batches: Iterator[pa.RecordBatch], ctx: TaskContext) -> SampledValue:
+    def write(self, batches: Iterator[pa.RecordBatch], ctx: TaskContext) -> Any:
         sampler = SampleKeys(list(self.by))
         sampler.open(ctx)
 
@@ -138,7 +132,8 @@ class SampledOutput:
         value = self.inner.write(tap(), ctx)
         kept = [b for b in sampler.finish() if b.num_rows]
         sampler.close()
-        return SampledValue(value, pa.Table.from_batches(kept) if kept else None)
+        value.key_sample = pa.Table.from_batches(kept) if kept else None
+        return value
 
 
 @dataclass
