@@ -192,3 +192,19 @@ def test_tpch_q5_written_as_sql_joins_small_tables_first():
     li_join = next(j for j in joins if isinstance(j.left, L.Scan)
                    and "lineitem" in j.left.source.describe())
     assert "orders" in L.Node.tree(li_join.right) and "region" in L.Node.tree(li_join.right)
+
+
+def test_streaming_plans_keep_their_order():
+    """A stream joined with two tables: the stream stays the left (probe) side."""
+    from millstream.plan.compile import streaming_settings
+
+    table = ms.from_arrow(pa.table({"k": list(range(100)), "a": list(range(100))}))
+    small = ms.from_arrow(pa.table({"a": [1], "tag": ["one"]}))
+    schema = pa.schema([("k", pa.int64()), ("v", pa.int64())])
+    bounded = ms.from_generator(lambda i: {"k": i % 100, "v": i}, count=100_000, schema=schema)
+    q = bounded.join(table, on="k").join(small, on="a")
+    assert "join_order" in optimize_traced(q._node)[1]  # as a batch job: reordered
+    assert optimize(q._node, streaming_settings(2)).tree() == q._node.tree()
+    endless = ms.from_generator(lambda i: {"k": i % 100, "v": i}, schema=schema)
+    q = endless.join(table, on="k").join(small, on="a")
+    assert optimize(q._node).tree() == q._node.tree()

@@ -38,7 +38,15 @@ class JoinOrder(Rule):
     name = "join_order"
 
     def apply(self, node: L.Node, ctx: RuleContext) -> L.Node:
+        if getattr(ctx.settings, "streaming", False) or _reads_a_stream(node):
+            return node  # a stream-table join keeps its stream on the left
         return _Orderer(estimator(ctx.settings, ctx.facts)).visit(node)
+
+
+def _reads_a_stream(node: L.Node) -> bool:
+    if isinstance(node, L.Scan):
+        return not node.source.bounded
+    return any(_reads_a_stream(c) for c in node.children)
 
 
 def _joinable(node: L.Node) -> bool:
