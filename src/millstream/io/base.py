@@ -32,6 +32,30 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class ColumnStatistics:
+    """What a source knows of one column without reading it (Parquet footers, an in-memory
+    table): Python ``min``/``max`` of the non-null values, ``null_count``,
+    ``distinct_count`` and the ``data_bytes`` the column takes (uncompressed), each None
+    when unknown. The optimizer's estimates (``plan/stats.py``) read them."""
+
+    min: Any = None
+    max: Any = None
+    null_count: int | None = None
+    distinct_count: int | None = None
+    data_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class SourceStatistics:
+    """A source's row count and column statistics, before ``predicates`` (filters pushed
+    into the source that the counts do not reflect yet: the estimates apply them)."""
+
+    num_rows: int
+    columns: dict[str, ColumnStatistics]
+    predicates: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True)
 class Split:
     """One unit of input read by one task: a file, a byte range, a row group set, a slice.
 
@@ -84,6 +108,16 @@ class Source(ABC):
         limit itself stays above the scan)."""
         return self
 
+    def statistics(self) -> SourceStatistics | None:
+        """Row count and column statistics known without reading the data (file footers,
+        an in-memory table), or None. Driver side; may read metadata, never the rows."""
+        return None
+
+    def fingerprint(self) -> Any:
+        """A hashable value equal for two sources that read the same rows, so the
+        optimizer runs a sub-plan read twice once. By default the object's identity."""
+        return ("source", id(self))
+
     def schema(self) -> pa.Schema | None:
         """The schema of the rows read (after a pushed projection), when the source knows
         it cheaply (a file footer, an in-memory table, a given or already inferred schema);
@@ -94,6 +128,10 @@ class Source(ABC):
         """One line for explain(): the source, its location and what was pushed into it."""
         return self.name
 
+    #: Whether reading the input again costs about what reading it once did (files with
+    #: a columnar layout, in-memory data): the planner then re-reads it rather than
+    #: materializing it for a second consumer.
+    rereads_cheaply: bool = False
     #: Whether the input ends by itself (files, in-memory data). Streams (Kafka topics,
     #: watched directories, endless generators) say False and override ``as_stream``.
     bounded: bool = True

@@ -20,7 +20,7 @@ import pyarrow as pa
 from millstream.core.arrow import rows_to_batch
 from millstream.core.context import TaskContext
 from millstream.errors import PlanError, UserCodeFailure
-from millstream.io.base import Source, Split, StreamReader, StreamSource
+from millstream.io.base import Source, SourceStatistics, Split, StreamReader, StreamSource
 
 
 class GeneratorSource(Source):
@@ -71,11 +71,25 @@ class GeneratorSource(Source):
             return pa.Table.from_batches(batches).combine_chunks().to_batches()[0]
         return rows_to_batch(made, self.row_schema)
 
-    def makes_batches(self) -> bool:
-        """Whether ``fn`` returns whole batches (asked once, on index 0)."""
+    def _make(self, partition: int, position: int, n: int) -> tuple[pa.RecordBatch | None, int]:
+        """The next output of ``partition`` from ``position``: a batch of up to ``n`` rows
+        (row mode) or one made batch (batch mode), and how many indices it used. Whether
+        ``fn`` makes rows or batches is learnt from its first value (no extra call)."""
         if self._makes_batches is None:
-            self._makes_batches = _batch_like(self._call(0)) if self.count != 0 else False
-        return self._makes_batches
+            first = self._indices(partition, position, 1)
+            if not first:
+                return None, 0
+            value = self._call(first[0])
+            self._makes_batches = _batch_like(value)
+            if self._makes_batches:
+                return _as_batch(value, self.row_schema, first[0]), 1
+            rest = self._indices(partition, position + 1, n - 1) if n > 1 else []
+            rows = [value] + [self._call(i) for i in rest]
+            return rows_to_batch(rows, self.row_schema), 1 + len(rest)
+        idx = self._indices(partition, position, 1 if self._makes_batches else n)
+        if not idx:
+            return None, 0
+        return self._rows(idx), len(idx)
 
     def plan_splits(self, target_splits: int) -> list[Split]:
         if self.count is None:
@@ -86,17 +100,25 @@ class GeneratorSource(Source):
 
     def read_split(self, split: Split, ctx: TaskContext) -> Iterator[pa.RecordBatch]:
         pos = 0
-        step = 1 if self.makes_batches() else ctx.batch_size
         while True:
-            idx = self._indices(split.info, pos, step)
-            if not idx:
+            batch, used = self._make(split.info, pos, ctx.batch_size)
+            if batch is None:
                 return
-            pos += len(idx)
-            yield self._rows(idx)
+            pos += used
+            yield batch
 
     def schema(self) -> pa.Schema | None:
         """The schema given to the source (None: inferred from the rows made)."""
         return self.row_schema
+
+    def statistics(self) -> SourceStatistics | None:
+        """The row count of a bounded generator (nothing is known of the columns)."""
+        return None if self.count is None else SourceStatistics(self.count, {})
+
+    def fingerprint(self) -> Any:
+        """Equal for generators of the same function, rate, count and partitions."""
+        return ("generator", id(self.fn), self.rate, self.count, self.num_partitions,
+                str(self.row_schema))
 
     @property
     def bounded(self) -> bool:  # type: ignore[override]
@@ -114,21 +136,18 @@ class GeneratorSource(Source):
                 self._made = 0
 
             def poll(self, max_records: int, timeout_s: float) -> pa.RecordBatch | None:
-                batches = src.makes_batches()
-                n = 1 if batches else max_records
+                n = max_records
                 if src.rate is not None:
                     per = src.rate / src.num_partitions
                     allowed = int((time.monotonic() - self._t0) * per) - self._made
                     if allowed <= 0:
                         return None
-                    if not batches:
-                        n = min(n, allowed)
-                idx = src._indices(self.partition, self.position, n)
-                if not idx:
+                    n = min(n, allowed)  # (a made batch may go beyond it, once)
+                out, used = src._make(self.partition, self.position, n)
+                if out is None:
                     self.finished = src.count is not None
                     return None
-                out = src._rows(idx)
-                self.position += len(idx)
+                self.position += used
                 self._made += out.num_rows
                 return out
 

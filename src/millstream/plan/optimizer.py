@@ -23,6 +23,7 @@ def optimize_traced(node: Node, settings: Any = None, disabled: Iterable[str] = 
                     rules: tuple[Rule, ...] | None = None) -> tuple[Node, list[str]]:
     """The optimized plan of ``node`` and the rules that fired (in order, repeats kept once
     per pass in which they changed the plan)."""
+    node = node.transform_up(_checked_renames)
     off = set(disabled)
     pool = rules if rules is not None else RULES
     unknown = off - {r.name for r in pool} - {"all"}
@@ -47,3 +48,17 @@ def optimize_traced(node: Node, settings: Any = None, disabled: Iterable[str] = 
 def optimize(node: Node, settings: Any = None, disabled: Iterable[str] = ()) -> Node:
     """An equivalent plan of ``node``, optimized."""
     return optimize_traced(node, settings, disabled)[0]
+
+
+def _checked_renames(node: Node) -> Node:
+    """A strict drop or rename whose input columns are known was checked when it was built:
+    it becomes lenient, so rules may prune the columns it names below it (a drop of a
+    column no one reads any more). After a Python function it stays strict (checked when
+    the rows come)."""
+    from dataclasses import replace
+
+    from millstream.plan.logical import Drop, Rename
+
+    if isinstance(node, (Drop, Rename)) and node.strict and node.child.schema is not None:
+        return replace(node, strict=False)
+    return node

@@ -36,7 +36,7 @@ from millstream.ops.join import BroadcastHashJoin, BroadcastLeftHashJoin, HashJo
 from millstream.ops.mapreduce.mapper import MapperOp
 from millstream.ops.mapreduce.reducer import ReducerOp
 from millstream.ops.mapreduce.step import KEY_COLUMN, PART_COLUMN
-from millstream.ops.sort import SampleKeys, Sort
+from millstream.ops.sort import Sort
 from millstream.ops.state.process import KeyedProcess
 from millstream.ops.stream_join import (
     BroadcastTableJoin,
@@ -50,7 +50,18 @@ from millstream.ops.topk import TopK
 from millstream.ops.watermark import EventTimeWatermark
 from millstream.ops.window import GlobalWindowAggregate, WindowAggregate, WindowCombiner
 from millstream.plan import logical as L
-from millstream.plan.stages import BlocksPort, Pipeline, ShufflePort, SourcePort, Stage, all_stages
+from millstream.plan.estimates import describe
+from millstream.plan.fingerprint import Fingerprints
+from millstream.plan.stages import (
+    AdaptiveJoin,
+    BlocksPort,
+    Pipeline,
+    ShufflePort,
+    SourcePort,
+    Stage,
+    all_stages,
+)
+from millstream.plan.stats import Estimator
 
 
 @dataclass
@@ -96,15 +107,43 @@ def narrow_factory(node: L.Node) -> OperatorFactory:
     raise TypeError(f"{type(node).__name__} is not a per-batch node")
 
 
+#: Per-batch operators cheap enough to run again rather than materialize their output.
+_CHEAP_OPS = (narrow.FilterExpr, narrow.Project, narrow.WithColumns, narrow.Drop, narrow.Rename)
+
+
+def cheap_to_rerun(pipes: list[Pipeline]) -> bool:
+    """Whether running ``pipes`` again costs about what reading a materialized copy would:
+    they read sources that re-read cheaply (or cached blocks) through expression
+    operators only (no shuffle input, no Python function, no join)."""
+    for p in pipes:
+        for port in p.ports:
+            if isinstance(port, SourcePort):
+                if not port.source.rereads_cheaply:
+                    return False
+            elif not (isinstance(port, BlocksPort) and (port.blocks is not None or (
+                    port.stage is not None and port.stage.cache_id is not None))):
+                return False
+        if any(not (isinstance(f, OperatorFactory) and f.cls in _CHEAP_OPS) for f in p.ops):
+            return False
+    return True
+
+
 class PhysicalPlanner:
     """Turns an optimized logical plan into stages."""
 
     def __init__(self, settings: PlannerSettings) -> None:
         self.s = settings
         self.cache_stages: dict[int, Stage] = {}
+        self.estimator = Estimator(settings.cache_lookup)
+        self._fps = Fingerprints()
+        #: shared sub-plans: consumers per fingerprint, and the stage each runs in (None:
+        #: re-run by each consumer)
+        self._shared_uses: dict[int, int] = {}
+        self.shared_stages: dict[int, Stage | None] = {}
 
     def plan(self, root: L.Node, output_kind: str = "blocks", sink: Any = None) -> Stage:
         """The final stage of ``root`` (ending in ``output_kind``), its inputs below it."""
+        self._shared_uses = self._count_shared(root)
         pipes = self.build(root)
         final = Stage(pipes, output_kind, sink=sink,
                       purpose="result" if output_kind == "blocks" else "write")
@@ -112,6 +151,26 @@ class PhysicalPlanner:
             st.id = i
         label_mapreduce_stages(final)
         return final
+
+    def _count_shared(self, root: L.Node) -> dict[int, int]:
+        """How often the planner will reach each shared sub-plan (a streaming join's
+        bounded right side runs as a job of its own and does not count)."""
+        uses: dict[int, int] = {}
+
+        def visit(n: L.Node) -> None:
+            if isinstance(n, L.Shared):
+                key = self._fps.of(n)
+                uses[key] = uses.get(key, 0) + 1
+                if uses[key] > 1:
+                    return
+            children = n.children
+            if self.s.streaming and isinstance(n, L.Join):
+                children = (n.left,)
+            for c in children:
+                visit(c)
+
+        visit(root)
+        return uses
 
     # -------------------------------------------------------------- helpers
     def _close(self, pipes: list[Pipeline], partitioner: Partitioner, purpose: str) -> Stage:
@@ -221,15 +280,17 @@ class PhysicalPlanner:
         return [new]
 
     def _build_Sort(self, node: L.Sort) -> list[Pipeline]:
+        """A global sort reads its input once: the input is materialized while its sort
+        keys are sampled, then range-partitioned by boundaries from the sample, and each
+        partition sorted."""
         pipes = self.build(node.child)
-        sample_pipes = [p.copy() for p in pipes]
-        for p in sample_pipes:
-            p.add(OperatorFactory(SampleKeys, list(node.by)), "sample sort keys")
-        sample_stage = Stage(sample_pipes, "blocks", purpose="sort sample")
+        source = Stage(pipes, "blocks", purpose="sort input")
+        source.sample_by = list(node.by)
         part = RangePartitioner(list(node.by), list(node.descending), node.nulls_last,
                                 self._n(pipes))
-        stage = self._close(pipes, part, "sort range partition")
-        stage.sample_stage = sample_stage
+        stage = self._close([Pipeline([BlocksPort(stage=source)])], part,
+                            "sort range partition")
+        stage.sample_stage = source
         new = Pipeline([ShufflePort(stage)])
         new.add(OperatorFactory(Sort, list(node.by), list(node.descending), node.nulls_last),
                 node.label())
@@ -271,6 +332,31 @@ class PhysicalPlanner:
         new.add(OperatorFactory(TopK, *args), node.label())
         return [new]
 
+    def _build_Shared(self, node: L.Shared) -> list[Pipeline]:
+        """A sub-plan several consumers read runs once: batch materializes it (unless
+        re-running it is as cheap), streaming forwards its rows to every consumer."""
+        key = self._fps.of(node)
+        if self._shared_uses.get(key, 0) < 2:
+            return self.build(node.child)
+        if key not in self.shared_stages:
+            pipes = self.build(node.child)
+            uses = self._shared_uses[key]
+            what = f"shared sub-plan #{node.shared_id}, {uses} consumers"
+            if self.s.streaming:
+                stage = Stage(pipes, "shuffle", partitioner=RoundRobinPartitioner(
+                    self.s.shuffle_partitions), purpose=what, forward=True)
+            elif cheap_to_rerun(pipes):
+                self.shared_stages[key] = None
+                return pipes
+            else:
+                stage = Stage(pipes, "blocks", purpose=what)
+            self.shared_stages[key] = stage
+        stage = self.shared_stages[key]
+        if stage is None:
+            return self.build(node.child)
+        port = ShufflePort(stage) if self.s.streaming else BlocksPort(stage=stage)
+        return [Pipeline([port])]
+
     def _build_Cache(self, node: L.Cache) -> list[Pipeline]:
         blocks = self.s.cache_lookup(node.cache_id)
         if blocks is not None:
@@ -292,30 +378,35 @@ class PhysicalPlanner:
                       node.label() + " (stream-table: bounded right side broadcast)")
             return left
         thr = self.s.broadcast_threshold
+        est_l = self.estimator.estimate(node.left)
+        est_r = self.estimator.estimate(node.right)
+        bytes_l = None if est_l is None else est_l.bytes
+        bytes_r = None if est_r is None else est_r.bytes
+        can_right = node.how in ("inner", "left", "semi", "anti")
+        can_left = node.how in ("inner", "right")
         if node.broadcast is None:
-            est_r = estimate_size(node.right, self.s.cache_lookup)
-            est_l = estimate_size(node.left, self.s.cache_lookup)
-            small_right = est_r is not None and est_r <= thr
-            small_left = est_l is not None and est_l <= thr and not small_right
+            small_right = can_right and bytes_r is not None and bytes_r <= thr
+            small_left = can_left and bytes_l is not None and bytes_l <= thr
+            if small_right and small_left and bytes_l < bytes_r:  # type: ignore[operator]
+                small_right = False
         else:
-            small_right, small_left = node.broadcast, False
-        if small_right and node.how in ("inner", "left", "semi", "anti"):
+            small_right, small_left = node.broadcast and can_right, False
+        sizes = f"estimated left {describe(est_l)}, right {describe(est_r)}"
+        if small_right:
             left = self.build(node.left)
             small = Stage(self.build(node.right), "blocks", purpose="broadcast side of join")
             for p in left:
-                p.add(OperatorFactory(BroadcastHashJoin, list(lk), list(rk), node.how,
-                                      node.suffix, broadcast_stage=small),
-                      node.label() + " (broadcast)")
+                p.add(self._join_factory(node, BroadcastHashJoin, small),
+                      node.label() + f" (broadcast; {sizes})")
             return left
-        if small_left and node.how in ("inner", "right"):
+        if small_left:
             # the small LEFT side goes to every task of the right side; each right chunk is
             # joined against it (only inner and right joins can be decided chunk by chunk)
             small = Stage(self.build(node.left), "blocks", purpose="broadcast left side of join")
             right = self.build(node.right)
             for p in right:
-                p.add(OperatorFactory(BroadcastLeftHashJoin, list(lk), list(rk), node.how,
-                                      node.suffix, broadcast_stage=small),
-                      node.label() + " (broadcast left)")
+                p.add(self._join_factory(node, BroadcastLeftHashJoin, small),
+                      node.label() + f" (broadcast left; {sizes})")
             return right
         left = self.build(node.left)
         right = self.build(node.right)
@@ -323,9 +414,25 @@ class PhysicalPlanner:
         ls = self._close(left, HashPartitioner(list(lk), n), "join left side")
         rs = self._close(right, HashPartitioner(list(rk), n), "join right side")
         new = Pipeline([ShufflePort(ls), ShufflePort(rs)])
-        new.add(OperatorFactory(HashJoin, list(lk), list(rk), node.how, node.suffix),
-                node.label() + " (shuffle hash)")
+        text = node.label() + f" (shuffle hash; {sizes}"
+        if node.broadcast is None and (can_left or can_right):
+            new.adaptive = AdaptiveJoin(
+                ls, rs, thr,
+                self._join_factory(node, BroadcastHashJoin, rs) if can_right else None,
+                self._join_factory(node, BroadcastLeftHashJoin, ls) if can_left else None,
+                bytes_l, bytes_r, node.label())
+            text += "; adaptive: may switch to broadcast"
+        new.add(self._join_factory(node, HashJoin), text + ")")
         return [new]
+
+    def _join_factory(self, node: L.Join, cls: type, broadcast: Stage | None = None
+                      ) -> OperatorFactory:
+        """The operator of ``node``: a shuffle hash join, or a broadcast join whose small
+        side is the output of ``broadcast``."""
+        args = (list(node.left_on), list(node.right_on), node.how, node.suffix)
+        if broadcast is None:
+            return OperatorFactory(cls, *args)
+        return OperatorFactory(cls, *args, broadcast_stage=broadcast)
 
     def _keyed_two_inputs(self, node: L.IntervalJoin | L.WindowJoin | L.LatestJoin,
                           factory: OperatorFactory, what: str) -> list[Pipeline]:
@@ -408,22 +515,4 @@ def window_partitioning(node: L.Node) -> tuple[str, ...] | None:
         touched = node.produced() if isinstance(node, L.WithColumns) else \
             set(node.columns) if isinstance(node, L.Drop) else set()
         return keys if keys is not None and not set(keys) & touched else None
-    return None
-
-
-#: Nodes whose output is at most their input's (for size estimates).
-_SHRINKING = (L.Filter, L.FilterRows, L.Project, L.Drop, L.Rename, L.Limit)
-
-
-def estimate_size(node: L.Node, cache_lookup: Callable[[int], list[Any] | None]) -> int | None:
-    """Bytes a node is expected to produce, when cheaply known (scans, caches, narrow ops)."""
-    if isinstance(node, L.Scan):
-        return node.source.estimated_size_bytes()
-    if isinstance(node, L.Cache):
-        blocks = cache_lookup(node.cache_id)
-        if blocks is not None:
-            return sum(b.nbytes for b in blocks)
-        return estimate_size(node.child, cache_lookup)
-    if isinstance(node, _SHRINKING):
-        return estimate_size(node.children[0], cache_lookup)
     return None

@@ -54,15 +54,40 @@ class BlocksPort:
 
 
 @dataclass
+class AdaptiveJoin:
+    """A shuffle join the batch scheduler may turn into a broadcast join at run time
+    (adaptive execution): when one side's map stage has run and its measured output is
+    at most ``threshold`` bytes, the other side is not shuffled but joined, task by task,
+    against that side's whole output (``broadcast_right``/``broadcast_left``: the join
+    operator to use then, None where the join type cannot broadcast that side). The
+    join operator is the first of the pipeline that holds this."""
+
+    left: Stage
+    right: Stage
+    threshold: int
+    broadcast_right: OperatorFactory | None
+    broadcast_left: OperatorFactory | None
+    #: estimated bytes of each side (None: unknown): the smaller side's map stage runs first
+    left_bytes: float | None = None
+    right_bytes: float | None = None
+    label: str = "join"
+    #: what the scheduler decided (for the job's statistics)
+    decision: str | None = None
+
+
+@dataclass
 class Pipeline:
     """Tasks sharing a fused operator chain; ``ports`` feed the first operator."""
 
     ports: list[Any]
     ops: list[OperatorFactory] = field(default_factory=list)
     descriptions: list[str] = field(default_factory=list)
+    #: a shuffle join (the first operator) that may become a broadcast join at run time
+    adaptive: AdaptiveJoin | None = None
 
     def copy(self) -> Pipeline:
-        return Pipeline(list(self.ports), list(self.ops), list(self.descriptions))
+        return Pipeline(list(self.ports), list(self.ops), list(self.descriptions),
+                        self.adaptive)
 
     def add(self, factory: OperatorFactory, text: str) -> None:
         self.ops.append(factory)
@@ -83,8 +108,15 @@ class Stage:
     cache_id: int | None = None
     purpose: str = ""
     id: int = field(default_factory=lambda: next(_stage_ids))
+    #: streaming only: task i feeds task i of every consumer pipeline (a shared sub-plan
+    #: read by several consumers, each partition's rows to all of them, order kept)
+    forward: bool = False
+    #: sort keys sampled while the stage's output is written (its blocks then feed a
+    #: range shuffle whose boundaries come from ``samples``)
+    sample_by: list[str] | None = None
     # filled in by the scheduler
     results: list[Any] | None = None
+    samples: list[Any] | None = None
 
     @property
     def deps(self) -> list[Stage]:
@@ -98,7 +130,8 @@ class Stage:
                 st = f.kwargs.get("broadcast_stage") if isinstance(f.kwargs, dict) else None
                 if st is not None and st not in out:
                     out.append(st)
-        if isinstance(self.partitioner, RangePartitioner) and self.sample_stage is not None:
+        if isinstance(self.partitioner, RangePartitioner) and self.sample_stage is not None \
+                and self.sample_stage not in out:
             out.append(self.sample_stage)
         return out
 
@@ -111,12 +144,15 @@ class Stage:
             lines.append(prefix + " + ".join(port.describe() for port in p.ports))
             for d in p.descriptions:
                 lines.append("    -> " + d)
-        if self.output_kind == "shuffle":
+        if self.forward:
+            lines.append("  => forward to every consumer (shared sub-plan)")
+        elif self.output_kind == "shuffle":
             lines.append(f"  => shuffle write, {self.partitioner.describe()}")
         elif self.output_kind == "sink":
             lines.append(f"  => write {self.sink.describe()}")
         else:
-            lines.append("  => materialize" + (f" (cache #{self.cache_id})" if self.cache_id else ""))
+            lines.append("  => materialize" + (f" (cache #{self.cache_id})" if self.cache_id else "")
+                         + (f", sampling {', '.join(self.sample_by)}" if self.sample_by else ""))
         return "\n".join(lines)
 
 

@@ -18,6 +18,7 @@ from millstream.core.shuffle import RangePartitioner, read_block
 from millstream.errors import FetchFailedError, TaskError
 from millstream.ops.base import OperatorFactory
 from millstream.plan.stages import (
+    AdaptiveJoin,
     BlocksPort,
     Pipeline,
     ShufflePort,
@@ -29,7 +30,9 @@ from millstream.runtime.progress import StageProgress, progress_enabled
 from millstream.runtime.session import Session, Settings
 from millstream.runtime.task import (
     BlockInput,
+    SampledOutput,
     ShuffleInput,
+    ShuffleOutputBlock,
     SinkOutput,
     SourceInput,
     Task,
@@ -44,6 +47,15 @@ class JobStats:
     stages: list[dict[str, Any]] = field(default_factory=list)
     counters: dict[tuple[str, str], int] = field(default_factory=dict)
     seconds: float = 0.0
+    #: what adaptive execution decided ("adaptive: switched to broadcast: ...")
+    notes: list[str] = field(default_factory=list)
+    #: the physical plan as it ran (after adaptive changes)
+    plan: str = ""
+
+    def explain(self) -> str:
+        """The executed plan, with what adaptive execution changed."""
+        notes = "\n".join(self.notes) if self.notes else "(no adaptive changes)"
+        return f"== Executed plan ==\n{self.plan}\n\n== Adaptive execution ==\n{notes}"
 
 
 def is_lost_output(handle: Any) -> bool:
@@ -78,34 +90,131 @@ class Job:
         self.stage_tasks: dict[int, list[Task]] = {}
         #: run the tasks in this process (a small job) instead of on the runner's workers
         self.in_driver = in_driver
+        #: bytes each stage that ran produced (adaptive execution reads them)
+        self.measured: dict[int, int] = {}
 
     def run(self) -> list[Any]:
         start = time.perf_counter()
         runner = self.session.get_runner(self.settings)
-        for st in all_stages(self.final):
-            if st.results is not None:
-                continue
-            cached = (self.session.cache.get(st.cache_id, self.settings.runner)
-                      if st.cache_id is not None else None)
-            if cached is not None:
-                st.results = cached
-                continue
-            t0 = time.perf_counter()
-            results, tasks = self._run_stage(st, runner)
-            st.results = [r.value for r in results]
-            for r in results:
-                for k, v in r.counters.items():
-                    self.stats.counters[k] = self.stats.counters.get(k, 0) + v
-            self.stats.stages.append({
-                "stage": st.id, "purpose": st.purpose, "tasks": len(tasks),
-                "rows_in": sum(r.rows_in for r in results), "rows_out": sum(r.rows_out for r in results),
-                "bytes_out": sum(r.bytes_out for r in results), "seconds": time.perf_counter() - t0,
-            })
-            if st.cache_id is not None:
-                self.session.cache.put(st.cache_id, st.results, self.settings.runner)
+        try:
+            while True:
+                st = self._next_stage()
+                if st is None:
+                    break
+                cached = (self.session.cache.get(st.cache_id, self.settings.runner)
+                          if st.cache_id is not None else None)
+                if cached is not None:
+                    st.results = cached
+                    continue
+                if self._adapt(st):
+                    continue  # the plan changed: ``st`` may no longer run
+                t0 = time.perf_counter()
+                results, tasks = self._run_stage(st, runner)
+                self._store(st, [r.value for r in results])
+                for r in results:
+                    for k, v in r.counters.items():
+                        self.stats.counters[k] = self.stats.counters.get(k, 0) + v
+                self.stats.stages.append({
+                    "stage": st.id, "purpose": st.purpose, "tasks": len(tasks),
+                    "rows_in": sum(r.rows_in for r in results),
+                    "rows_out": sum(r.rows_out for r in results),
+                    "bytes_out": sum(r.bytes_out for r in results),
+                    "seconds": time.perf_counter() - t0,
+                })
+                self.measured[st.id] = sum(r.bytes_out for r in results)
+                if st.cache_id is not None:
+                    self.session.cache.put(st.cache_id, st.results, self.settings.runner)
+        finally:
+            self.stats.plan = "\n".join(s.describe() for s in all_stages(self.final))
         self.stats.seconds = time.perf_counter() - start
         self.session.last_job_stats = self.stats
         return self.final.results or []
+
+    def _store(self, st: Stage, values: list[Any]) -> None:
+        """A stage's task results (and a sampled stage's key samples)."""
+        if st.sample_by is not None:
+            st.samples = [getattr(v, "key_sample", None) for v in values]
+        st.results = values
+
+    # -------------------------------------------------------------- order, adaptivity
+    def _next_stage(self) -> Stage | None:
+        """The next stage to run: the first whose inputs are all there, unless it is a
+        side of a shuffle join whose other side is estimated smaller (that side runs
+        first: if it turns out small, this one need not be shuffled)."""
+        pending = [s for s in all_stages(self.final) if s.results is None]
+        if not pending:
+            return None
+        ready = [s for s in pending if all(d.results is not None for d in s.deps)
+                 or (s.cache_id is not None and s.cache_id in self.session.cache)]
+        if not ready:
+            raise RuntimeError(f"no stage can run; waiting: {[s.id for s in pending]}")
+        for s in ready:
+            if not self._other_side_first(s):
+                return s
+        return ready[0]
+
+    def _adaptive_joins(self) -> list[tuple[Stage, int, Pipeline, AdaptiveJoin]]:
+        """(stage, pipeline index, pipeline, its adaptive join) of undecided joins."""
+        out = []
+        for st in all_stages(self.final):
+            for i, p in enumerate(st.pipelines):
+                if p.adaptive is not None and p.adaptive.decision is None:
+                    out.append((st, i, p, p.adaptive))
+        return out
+
+    def _other_side_first(self, st: Stage) -> bool:
+        for _, _, _, aj in self._adaptive_joins():
+            if st is aj.left:
+                other, ok, mine, theirs = aj.right, aj.broadcast_right, aj.left_bytes, aj.right_bytes
+            elif st is aj.right:
+                other, ok, mine, theirs = aj.left, aj.broadcast_left, aj.right_bytes, aj.left_bytes
+            else:
+                continue
+            if ok is None or other.results is not None or theirs is None:
+                continue
+            if mine is None or theirs < mine:
+                return True
+        return False
+
+    def _consumers(self, st: Stage) -> int:
+        n = 0
+        for s in all_stages(self.final):
+            n += sum(1 for d in s.deps if d is st)
+        return n
+
+    def _adapt(self, st: Stage) -> bool:
+        """Before a join side's map stage runs: when the join's other side has run and its
+        output is small, turn the join into a broadcast join fed by ``st``'s pipelines
+        (``st`` itself then never runs). True when the plan changed."""
+        for consumer, idx, pipe, aj in self._adaptive_joins():
+            if st is aj.left:
+                done, factory, side = aj.right, aj.broadcast_right, "right"
+            elif st is aj.right:
+                done, factory, side = aj.left, aj.broadcast_left, "left"
+            else:
+                continue
+            if done.results is None:
+                continue
+            measured = self.measured.get(done.id)
+            if factory is None or measured is None or measured > aj.threshold \
+                    or self._consumers(st) != 1:
+                aj.decision = "kept the shuffle join"
+                continue
+            what = (f"adaptive: switched to broadcast ({side} side measured "
+                    f"{_size(measured)} <= threshold {_size(aj.threshold)})")
+            new: list[Pipeline] = []
+            for q in st.pipelines:
+                q2 = q.copy()
+                q2.add(factory, f"{aj.label} ({what})")
+                q2.ops.extend(pipe.ops[1:])
+                q2.descriptions.extend(pipe.descriptions[1:])
+                new.append(q2)
+            consumer.pipelines[idx:idx + 1] = new
+            aj.decision = what
+            self.stats.notes.append(f"{what}: {aj.label}; stage {st.id} ({st.purpose}) "
+                                    f"not shuffled, stage {consumer.id} joins its input")
+            return True
+        return False
 
     def _run_stage(self, st: Stage, runner: Any) -> tuple[list[Any], list[Task]]:
         """Run a stage; when an input map output was lost, recompute it and run again."""
@@ -153,7 +262,7 @@ class Job:
             finally:
                 progress.close()
             for i, r in zip(lost, again):
-                dep.results[i] = r.value
+                dep.results[i] = r.value  # (a sort input's first sample stays)
             key = ("millstream", "recomputed_map_tasks")
             self.stats.counters[key] = self.stats.counters.get(key, 0) + len(lost)
 
@@ -179,7 +288,11 @@ class Job:
             return f
         kwargs = dict(f.kwargs)
         kwargs.pop("broadcast_stage")
-        kwargs["blocks"] = list(bst.results or [])
+        blocks = list(bst.results or [])
+        if bst.output_kind == "shuffle":  # a shuffle side turned broadcast at run time
+            n = bst.partitioner.num_partitions
+            blocks = [ShuffleOutputBlock(out, n) for out in blocks]
+        kwargs["blocks"] = blocks
         return OperatorFactory(f.cls, *f.args, **kwargs)
 
     def _port_inputs(self, port: Any) -> list[list[Any]]:
@@ -204,15 +317,23 @@ class Job:
         if st.output_kind == "sink":
             return SinkOutput(st.sink)
         if st.cache_id is not None:
-            return runner.block_output(self.session.cache.directory_for(st.cache_id, self.job_id),
-                                       cached=True)
-        return runner.block_output(os.path.join(self.dir, "blocks"))
+            out = runner.block_output(self.session.cache.directory_for(st.cache_id, self.job_id),
+                                      cached=True)
+        else:
+            out = runner.block_output(os.path.join(self.dir, "blocks"))
+        return SampledOutput(out, list(st.sample_by)) if st.sample_by is not None else out
 
     def _boundaries(self, st: Stage, part: RangePartitioner) -> pa.Table:
         from millstream.core.arrow import concat_batches
         from millstream.core.sorting import choose_boundaries
 
-        batches = [b for ref in (st.sample_stage.results or []) for b in read_block(ref) if b.num_rows]
+        source = st.sample_stage
+        if source is not None and source.samples is not None:
+            batches = [b for t in source.samples if t is not None for b in t.to_batches()
+                       if b.num_rows]
+        else:
+            batches = [b for ref in (source.results if source is not None else None) or []
+                       for b in read_block(ref) if b.num_rows]
         sample = concat_batches(batches) if batches else pa.table({c: pa.array([]) for c in part.by})
         return choose_boundaries(sample, part.by, part.descending, part.nulls_last, part.num_partitions)
 
@@ -235,3 +356,11 @@ class Job:
         return [Task(st.id, st.purpose or f"stage {st.id}", offset + i,
                      [port[i] for port in per_port], ops, output, self.job_id, 0, settings)
                 for i in range(ntasks)]
+
+
+def _size(n: float) -> str:
+    """Bytes for people: ``1.2 MB``."""
+    for unit, div in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{int(n)} B"

@@ -30,6 +30,7 @@ from millstream.core.shuffle import (
 from millstream.io.base import Sink, Source, Split
 from millstream.ops.base import OperatorFactory
 from millstream.ops.narrow import LocalLimit
+from millstream.ops.sort import SampleKeys
 
 
 # ---------------------------------------------------------------- inputs
@@ -75,6 +76,19 @@ class BlockInput:
         return f"{len(self.blocks)} block(s)"
 
 
+@dataclass
+class ShuffleOutputBlock:
+    """Every partition of one map task's shuffle output, read as one block: the side of a
+    shuffle join that adaptive execution turned into the broadcast side."""
+
+    output: Any
+    num_partitions: int
+
+    def read(self) -> Iterator[pa.RecordBatch]:
+        for p in range(self.num_partitions):
+            yield from read_shuffle_partition([self.output], p)
+
+
 # ---------------------------------------------------------------- outputs
 @dataclass
 class ShuffleOutput:
@@ -94,6 +108,32 @@ class BlockOutput:
     def write(self, batches: Iterator[pa.RecordBatch], ctx: TaskContext) -> BlockRef:
         path = os.path.join(self.directory, f"block-s{ctx.stage_id}-p{ctx.partition}-a{ctx.attempt}.arrow")
         return BlockWriter(ctx, path, self.compression).write_all(batches)
+
+
+@dataclass
+class SampledOutput:
+    """Another output whose rows' sort keys are sampled on their way to it: a global
+    sort's input is written once, and its sample gives the range boundaries. The sample
+    (a table, or None without rows) rides on the output's handle as ``key_sample``, so
+    runners pass the handle on as they would the plain output's."""
+
+    inner: Any
+    by: list[str]
+
+    def write(self, batches: Iterator[pa.RecordBatch], ctx: TaskContext) -> Any:
+        sampler = SampleKeys(list(self.by))
+        sampler.open(ctx)
+
+        def tap() -> Iterator[pa.RecordBatch]:
+            for b in batches:
+                sampler.process(b)
+                yield b
+
+        value = self.inner.write(tap(), ctx)
+        kept = [b for b in sampler.finish() if b.num_rows]
+        sampler.close()
+        value.key_sample = pa.Table.from_batches(kept) if kept else None
+        return value
 
 
 @dataclass

@@ -42,8 +42,9 @@ from millstream.core.arrow import without_view_types
 from millstream.core.context import TaskContext
 from millstream.errors import BadRecordError, PlanError, SchemaError, StorageError
 from millstream.io import fs as msfs
-from millstream.io.base import Source, Split
+from millstream.io.base import Source, SourceStatistics, Split
 from millstream.io.files.formats import list_files
+from millstream.io.files.parquet_stats import footer_statistics
 from millstream.io.files.pushdown import arrow_expression, check_columns, predicate_columns
 from millstream.io.files.ranges import DEFAULT_MIN_SPLIT_SIZE, format_size
 from millstream.io.files.union import in_threads, unify_by_name, widen
@@ -79,6 +80,7 @@ class ParquetSource(Source):
     """Parquet files, a directory of them (with hive partitions), or a glob."""
 
     name = "parquet"
+    rereads_cheaply = True
 
     def __init__(self, uri: str | Sequence[str], columns: Sequence[str] | None = None,
                  filter: Any = None, *, partitioning: str | pa.Schema | None = "hive",
@@ -105,6 +107,10 @@ class ParquetSource(Source):
                 raise PlanError(f"parquet filter must be an expression, got {filter!r}")
         self._files: list[msfs.FileEntry] | None = None
         self._dataset: ds.Dataset | None = None
+        #: filters pushed in as expressions (the statistics do not reflect them yet)
+        self._pushed: tuple[Any, ...] = ()
+        #: statistics read from the footers, shared by the copies pushdown makes
+        self._stats_box: dict[str, SourceStatistics | None] = {}
         # (files kept, row groups kept, row groups in kept files), known after planning
         self._plan_stats: tuple[int, int, int] | None = None
 
@@ -405,6 +411,7 @@ class ParquetSource(Source):
                                       f"{missing}; available: {full.names}")
             pushed = arrow_expression(self.predicate)
             new.predicate = expr if pushed is None else (pushed & expr)
+            new._pushed = (*self._pushed, predicate)
             applied = True
         return new, columns is not None, applied
 
@@ -416,6 +423,31 @@ class ParquetSource(Source):
             if n:
                 total = total * max(1, len(self.columns)) // n
         return total
+
+    def statistics(self) -> SourceStatistics | None:
+        """Row count and column min/max/null counts/sizes from the footers (read once per
+        source and its pushdown copies; at most ``STATISTICS_FILES`` footers, scaled up)."""
+        if "all" not in self._stats_box:
+            try:
+                self._stats_box["all"] = footer_statistics(self)
+            except (OSError, PlanError, pa.ArrowException):
+                self._stats_box["all"] = None
+        base = self._stats_box["all"]
+        if base is None:
+            return None
+        cols = base.columns
+        if self.columns is not None:
+            cols = {c: cols[c] for c in self.columns if c in cols}
+        predicates = tuple(self._pushed) + tuple(self._post_filters)
+        return SourceStatistics(base.num_rows, cols, predicates)
+
+    def fingerprint(self) -> Any:
+        """Equal for sources reading the same files, columns and filters."""
+        uri = self.uri if isinstance(self.uri, str) else tuple(self.uri)
+        return ("parquet", uri, None if self.columns is None else tuple(self.columns),
+                str(self.arrow_filter()), tuple(id(f) for f in self._post_filters),
+                str(self.partitioning), str(self.user_schema), self.split_size,
+                tuple(sorted((k, repr(v)) for k, v in self.storage_options.items())))
 
     def describe(self) -> str:
         """e.g. ``parquet s3://b/x (12 files, 40 row groups) columns=[a,b] filter=(a > 3)``."""

@@ -39,6 +39,7 @@ from millstream.plan.logical.relational import (
     Project,
     Rename,
     Repartition,
+    Shared,
     Sort,
     TopK,
     Union,
@@ -49,7 +50,7 @@ __all__ = [
     "NARROW_NODES", "Aggregate", "Cache", "Distinct", "Drop", "Explode", "Filter", "FilterRows",
     "FlatMap", "IntervalJoin", "Join", "KeyedProcess", "LatestJoin", "Limit", "Map",
     "MapBatches", "MapReduceStep", "Node", "Project", "Rename", "Repartition", "SameColumns",
-    "Scan", "Sort", "TopK", "Union", "Unary", "Window", "WindowAggregate", "WindowJoin",
-    "WithColumns",
+    "Scan", "Shared", "Sort", "TopK", "Union", "Unary", "Window", "WindowAggregate",
+    "WindowJoin", "WithColumns",
     "WithWatermark",
 ]

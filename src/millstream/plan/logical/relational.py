@@ -350,6 +350,23 @@ class Cache(SameColumns, Unary):
         return frozenset()
 
 
+@dataclass(frozen=True, eq=False)
+class Shared(Unary):
+    """A sub-plan the query uses more than once: the reuse rule (``plan/rules/reuse.py``)
+    puts this same node at every place it is used, and the planner runs it once per
+    action, each consumer reading its output (batch: materialized blocks; streaming: its
+    rows go to every consumer)."""
+
+    shared_id: int = 0
+    uses: int = 2
+
+    def label(self) -> str:
+        return f"Shared #{self.shared_id} (used {self.uses} times)"
+
+    def compute_schema(self) -> pa.Schema | None:
+        return self.input_schema()
+
+
 # ---------------------------------------------------------------------- MapReduce
 @dataclass(frozen=True, eq=False)
 class MapReduceStep(Unary):
@@ -388,6 +405,6 @@ def _no_such_columns(call: str, names: Any, schema: pa.Schema) -> None:
         close = difflib.get_close_matches(n, schema.names, n=1)
         if close:
             hints.append(f"did you mean {close[0]!r} for {n!r}?")
-    raise SchemaError(f"{call}: no column(s) {missing}; columns are {schema.names}"
+    raise SchemaError(f"no column(s) {missing}; columns are {schema.names}"
                       + ("; " + " ".join(hints) if hints else "")
                       + f" (pass strict=False to {call} only the columns that exist)")

@@ -16,27 +16,34 @@ from __future__ import annotations
 from millstream.plan.rules.base import Rule, RuleContext
 from millstream.plan.rules.filter_into_scan import FilterIntoScan
 from millstream.plan.rules.join_keys import InferJoinKeys
+from millstream.plan.rules.join_order import JoinOrder
 from millstream.plan.rules.limit_pushdown import LimitPushdown
 from millstream.plan.rules.outer_join import OuterJoinToInner
 from millstream.plan.rules.predicate_pushdown import PredicatePushdown
 from millstream.plan.rules.projection_into_scan import ProjectionIntoScan
 from millstream.plan.rules.projection_pruning import ProjectionPruning
+from millstream.plan.rules.reuse import ReuseSubplans
 from millstream.plan.rules.simplify import ConstantFolding
 from millstream.plan.rules.topk import SortLimitToTopK
 
 #: The rules of one optimizer pass, in order: expressions are simplified first (a filter
 #: that is always true or false goes before anything moves it); filters then move down,
 #: narrow the outer joins they reject the nulls of and become join keys, and what reaches a
-#: scan goes into it; limits move down and a sort under a limit becomes a top-k; last, the
-#: columns nobody reads are pruned, down to the scans (which needs the plan's final shape).
+#: scan goes into it; chains of inner joins are ordered from the estimates (which see the
+#: filters where they now run); limits move down and a sort under a limit becomes a top-k;
+#: sub-plans used more than once are shared (computed once; before the pruning, which
+#: would make their uses differ); last, the columns nobody reads are pruned, down to the
+#: scans (which needs the plan's final shape).
 RULES: tuple[Rule, ...] = (
     ConstantFolding(),
     PredicatePushdown(),
     OuterJoinToInner(),
     InferJoinKeys(),
     FilterIntoScan(),
+    JoinOrder(),
     LimitPushdown(),
     SortLimitToTopK(),
+    ReuseSubplans(),
     ProjectionPruning(),
     ProjectionIntoScan(),
 )

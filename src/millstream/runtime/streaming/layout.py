@@ -32,7 +32,7 @@ _log = logging.getLogger(__name__)
 #: ``Join`` runs when its right side is bounded (a stream-table join).
 _STREAMABLE = (L.Scan, *L.NARROW_NODES, L.WithWatermark, L.WindowAggregate, L.KeyedProcess,
                L.Union, L.Repartition, L.IntervalJoin, L.WindowJoin, L.LatestJoin,
-               L.MapReduceStep)
+               L.MapReduceStep, L.Shared)
 #: Join types a stream-table join can decide batch by batch.
 _STREAM_TABLE_HOW = ("inner", "left", "semi", "anti")
 
@@ -205,8 +205,9 @@ class Layout:
         self.stages = stages
         chains: list[Chain] = []
         by_stage: dict[int, list[Chain]] = {}
-        #: exchange stage id -> (consumer chains, their input port)
-        self.consumers: dict[int, tuple[list[Chain], int]] = {}
+        #: exchange stage id -> [(consumer chains, their input port)] (several: a shared
+        #: sub-plan's forward stage)
+        self.consumers: dict[int, list[tuple[list[Chain], int]]] = {}
         sources: dict[int, Any] = {}
         for si, stage in enumerate(stages):
             if stage.output_kind == "shuffle" and stage.partitioner is None:
@@ -226,7 +227,8 @@ class Layout:
                                                                                 stop_at_end)
                     parts = src.partitions()
                 else:
-                    counts = {p.stage.partitioner.num_partitions for p in pipe.ports}
+                    counts = {len(by_stage[p.stage.id]) if p.stage.forward
+                              else p.stage.partitioner.num_partitions for p in pipe.ports}
                     if len(counts) != 1:
                         raise PlanError(f"stage {stage.id}: its input exchanges disagree on the "
                                         f"number of partitions {sorted(counts)}")
@@ -243,14 +245,18 @@ class Layout:
                 by_stage.setdefault(stage.id, []).extend(mine)
                 for j, port in enumerate(pipe.ports):
                     if isinstance(port, ShufflePort):
-                        self.consumers[port.stage.id] = (mine, j)
+                        self.consumers.setdefault(port.stage.id, []).append((mine, j))
         for c in chains:
             for j, port in enumerate(c.pipe.ports):
                 if isinstance(port, ShufflePort):
-                    c.senders.extend(p.index for p in by_stage[port.stage.id])
-                    c.sender_ports.update({p.index: j for p in by_stage[port.stage.id]})
+                    senders = by_stage[port.stage.id]
+                    if port.stage.forward:  # one sender: the same-numbered upstream chain
+                        senders = [senders[c.key[2]]]
+                    c.senders.extend(p.index for p in senders)
+                    c.sender_ports.update({p.index: j for p in senders})
                     if keyed_exchange(port.stage):
                         c.key_grouped = True
+        self.by_stage = by_stage
         self.chains = chains
 
     @property
@@ -276,14 +282,23 @@ class Layout:
         stage = chain.stage
         if chain.is_sink:
             return Output("sink", sink=sink) if sink is not None else Output("driver")
-        consumers, port = self.consumers[stage.id]
-        out = Output("exchange", [c.index for c in consumers], port, stage.partitioner)
-        if keyed_exchange(stage) and len(consumers) > 1:
-            if len(consumers) > key_groups:
-                raise PlanError(f"parallelism {len(consumers)} of stage {stage.id} exceeds the "
-                                f"job's {key_groups} key groups (its maximum parallelism); "
-                                f"start it with key_groups >= {len(consumers)}")
-            out.keys = list(stage.partitioner.keys)
-            out.owners = key_group_owners(key_groups, len(consumers))
-            out.key_groups = key_groups
-        return out
+        routes = []
+        for consumers, port in self.consumers[stage.id]:
+            if stage.forward:  # the same-numbered chain of each consumer pipeline
+                k = self.by_stage[stage.id].index(chain)
+                routes.append(Output("exchange", [consumers[k].index], port))
+                continue
+            out = Output("exchange", [c.index for c in consumers], port, stage.partitioner)
+            if keyed_exchange(stage) and len(consumers) > 1:
+                if len(consumers) > key_groups:
+                    raise PlanError(f"parallelism {len(consumers)} of stage {stage.id} exceeds "
+                                    f"the job's {key_groups} key groups (its maximum "
+                                    f"parallelism); start it with key_groups >= "
+                                    f"{len(consumers)}")
+                out.keys = list(stage.partitioner.keys)
+                out.owners = key_group_owners(key_groups, len(consumers))
+                out.key_groups = key_groups
+            routes.append(out)
+        first = routes[0]
+        first.more = routes[1:]
+        return first

@@ -51,6 +51,12 @@ class Output:
     owners: Any = None  # keyed exchange: key group -> consumer partition (np.ndarray)
     key_groups: int = 0
     sink: Any = None  # kind "sink": this task's sink instance (for_subtask copy)
+    #: further exchanges fed the same rows (a shared sub-plan read by several consumers)
+    more: list[Output] = field(default_factory=list)
+
+    def routes(self) -> list[Output]:
+        """This exchange and the further ones."""
+        return [self, *self.more]
 
     def route(self, batch: pa.RecordBatch) -> list[tuple[int, pa.RecordBatch]]:
         """(consumer task, rows) pairs of one batch: by key group, by the partitioner, or all

@@ -212,14 +212,16 @@ class StreamTask:
                 self.ch.to_coordinator(("out", self.spec.index, self.epoch, b))
                 self.records_out += b.num_rows
             else:
-                for dest, part in out.route(b):
-                    self.ch.send(dest, ("data", self.spec.index, out.port, part))
+                for route in out.routes():
+                    for dest, part in route.route(b):
+                        self.ch.send(dest, ("data", self.spec.index, route.port, part))
 
     def _broadcast(self, msg: tuple) -> None:
         """Send a control record (watermark, end, barrier) to every consumer."""
         if self.spec.output.kind == "exchange":
-            for c in self.spec.output.consumers:
-                self.ch.send(c, msg)
+            for route in self.spec.output.routes():
+                for c in route.consumers:
+                    self.ch.send(c, msg)
 
     def _side_outputs(self) -> None:
         for op in self.ops:
