@@ -1,6 +1,6 @@
 """Shared fixtures for the test suite: the engine session, the ``runner`` fixture (every
-runner), the ``executor`` fixture (both streaming executors) and ``feed`` (test sources
-fed alike to both executors, see ``streams.py``).
+runner), the ``executor`` fixture (both streaming executors), ``feed`` (test sources fed
+alike to both executors, see ``streams.py``) and ``broker`` (a Kafka broker per module).
 
 ``executor`` is parametrized over "inline" and "parallel"; a test marked
 ``@pytest.mark.ray_streaming`` also runs as "parallel-ray" (the parallel executor on the
@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 import pytest
 from runners_fixture import runner, use_runner  # noqa: F401 - the fixture, for every module
+from services.kafka import TansuBroker, kafka_missing
 from streams import Feed
 
 import millstream as ms
@@ -89,6 +90,18 @@ def executor(request: pytest.FixtureRequest) -> Iterator[str]:
     finally:
         if dataclasses.asdict(get_session().settings) != saved:
             ms.init(**saved)
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory) -> Iterator[TansuBroker]:
+    """A Kafka-compatible broker (Tansu) on loopback for the module's tests (each uses
+    topics of its own); the test is skipped where there is none."""
+    missing = kafka_missing()
+    if missing:
+        pytest.skip(f"no Kafka broker: {missing}")
+    server = TansuBroker.start(tmp_path_factory.mktemp("kafka"))
+    yield server
+    server.stop()
 
 
 @pytest.fixture

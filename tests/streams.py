@@ -249,3 +249,21 @@ class CountWithTimeout(KeyedProcessFunction):
         self.count.clear()
         self.last.clear()
         return {"k": ctx.key, "n": n, "at": timestamp}
+
+
+def read_ids(out: Any) -> list[int]:
+    """The ``id`` column of every Parquet file a file sink committed under ``out``."""
+    import pyarrow.parquet as pq
+
+    files = sorted(Path(out).glob("*.parquet"))
+    return [i for f in files for i in pq.read_table(f).column("id").to_pylist()]
+
+
+def wait_until(cond: Any, timeout: float = 30.0) -> bool:
+    """Wait until ``cond()`` holds (True), or ``timeout`` seconds passed (its last value)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()

@@ -11,8 +11,9 @@ import time
 from collections import Counter
 from typing import Any
 
-import pyarrow.parquet as pq
 import pytest
+from streams import read_ids as _read_ids
+from streams import wait_until as _wait
 
 import millstream as ms
 from millstream.io.files.stream_sink import FileStreamSink
@@ -33,18 +34,6 @@ def _key(rows):
     return sorted((r["k"], r["window_start"], r["n"], r["s"]) for r in rows)
 
 
-def _read_ids(out) -> list[int]:
-    files = sorted(p for p in out.glob("*.parquet"))
-    return [i for f in files for i in pq.read_table(f).column("id").to_pylist()]
-
-
-def _wait(cond, timeout: float = 30.0) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
 
 
 @pytest.mark.parametrize("parallelism", [1, 3])
@@ -318,12 +307,21 @@ def test_executor_choice_and_errors():
 
     src = TestSource().close()
     job = src.dataset().start()
-    assert job.executor == "inline"  # a test source runs in this process
+    assert job.executor == "inline"  # a test source prefers this process (deterministic)
     job.await_termination(30)
+    job = src.dataset().start(executor="parallel")  # and runs in task processes when asked
+    assert job.executor == "parallel" and job.await_termination(30)
     with pytest.raises(ms.PlanError, match="executor must be one of"):
         ms.from_items([{"a": 1}]).start(executor="threads")
+
+    class InProcess(TestSource):
+        """A source that can only be read in this process."""
+
+        in_process_only = True
+
     with pytest.raises(ms.PlanError, match="executor='inline'"):
-        StreamingJob(src.dataset()._node, sink=CollectingSink(), executor="parallel")
+        StreamingJob(InProcess().close().dataset()._node, sink=CollectingSink(),
+                     executor="parallel")
 
 
 def test_checkpoints_are_incremental_for_large_keyed_state(tmp_path):

@@ -20,6 +20,7 @@ from oracles import (
     sorted_rows,
     tumbling_windows,
 )
+from services.kafka import kafka_missing
 from streams import CountWithTimeout, events, filled_source
 
 import millstream as ms
@@ -279,33 +280,7 @@ def test_unsupported_streaming_plans_fail_clearly():
 
 # ------------------------------------------------------------------------------ Kafka
 
-def _kafka_missing() -> str | None:
-    try:
-        import confluent_kafka  # noqa: F401
-
-        try:
-            from services.kafka import TansuNotFoundError, find_tansu
-        except ImportError:  # pragma: no cover
-            from tests.services.kafka import TansuNotFoundError, find_tansu
-        find_tansu()
-    except (ImportError, TansuNotFoundError) as exc:
-        return str(exc)
-    return None
-
-
-_KAFKA_MISSING = _kafka_missing()
-kafka = pytest.mark.skipif(_KAFKA_MISSING is not None, reason=f"no Kafka: {_KAFKA_MISSING}")
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory):
-    try:
-        from services.kafka import TansuBroker
-    except ImportError:  # pragma: no cover
-        from tests.services.kafka import TansuBroker
-    server = TansuBroker.start(tmp_path_factory.mktemp("kafka"))
-    yield server
-    server.stop()
+kafka = pytest.mark.skipif(kafka_missing() is not None, reason=f"no Kafka: {kafka_missing()}")
 
 
 def _produce(broker, n: int, partitions: int = 3) -> tuple[str, list[dict]]:
