@@ -1,4 +1,5 @@
-"""The parallel streaming executor: tasks in worker processes, backpressure, restarts."""
+"""The parallel streaming executor: tasks in worker processes, backpressure, restarts
+(and, where a test is about the job rather than its processes, the inline executor too)."""
 
 from __future__ import annotations
 
@@ -175,26 +176,26 @@ def test_a_slow_consumer_slows_the_source_down(tmp_path):
     assert max(lags) <= 3_000, lags
 
 
-def test_a_task_error_fails_the_job_with_the_users_exception(tmp_path):
+def test_a_task_error_fails_the_job_with_the_users_exception(executor, tmp_path):
     def bad(row):
         if row["id"] == 123:
             raise ValueError("bad row 123")
         return row
 
-    job = ms.from_items(_rows(500)).map(bad).start(parallelism=2)
+    job = ms.from_items(_rows(500)).map(bad).start(parallelism=2, executor=executor)
     with pytest.raises(ms.errors.UserCodeFailure, match="bad row 123") as info:
         job.await_termination(60)
     assert isinstance(info.value.original, ValueError) and "'id': 123" in str(info.value)
     assert "streaming task stage" in "".join(getattr(info.value, "__notes__", []))
 
 
-def test_stop_takes_a_final_checkpoint_and_a_restart_continues_exactly_once(tmp_path):
+def test_stop_takes_a_final_checkpoint_and_a_restart_continues_exactly_once(executor, tmp_path):
     out, chk = tmp_path / "out", tmp_path / "chk"
 
     def start():
         return (ms.from_generator(lambda i: {"id": i}, rate=4000, partitions=2)
                 .start(checkpoint=str(chk), checkpoint_interval="50ms",
-                       sink=FileStreamSink(str(out)), parallelism=2))
+                       sink=FileStreamSink(str(out)), parallelism=2, executor=executor))
 
     job = start()
     assert _wait(lambda: len(_read_ids(out)) > 200)
@@ -217,7 +218,7 @@ class _RetiringSink(FileStreamSink):
         _RetiringSink.retired.append(list(indices))
 
 
-def test_a_restart_at_lower_parallelism_retires_the_extra_sink_instances(tmp_path):
+def test_a_restart_at_lower_parallelism_retires_the_extra_sink_instances(executor, tmp_path):
     import json
 
     chk = tmp_path / "chk"
@@ -229,7 +230,8 @@ def test_a_restart_at_lower_parallelism_retires_the_extra_sink_instances(tmp_pat
                .with_watermark("ts", "0s").group_by("k")
                .window(ms.tumbling("1s"), on="ts").agg(ms.count().alias("n"))
                .start(checkpoint=str(chk), checkpoint_interval="50ms",
-                      sink=_RetiringSink(str(tmp_path / "out")), parallelism=parallelism))
+                      sink=_RetiringSink(str(tmp_path / "out")), parallelism=parallelism,
+                      executor=executor))
         assert _wait(lambda: job.metrics()["checkpoints"] >= 2, 60)
         job.stop()
 
@@ -243,7 +245,7 @@ def test_a_restart_at_lower_parallelism_retires_the_extra_sink_instances(tmp_pat
     assert json.loads((chk / "_job.json").read_text())["sink_instances"] == 2
 
 
-def test_rescaled_restore_of_a_parallel_job(tmp_path):
+def test_rescaled_restore_of_a_job(executor, tmp_path):
     rows = _rows(2000, keys=17)
     src = tmp_path / "in"
     src.mkdir()
@@ -252,14 +254,15 @@ def test_rescaled_restore_of_a_parallel_job(tmp_path):
     (src / "a.json").write_text("".join(json.dumps(r) + "\n" for r in rows[:1000]))
     chk = tmp_path / "chk"
     pipeline = _windows(ms.read_json(str(src), watch=True))
-    job = pipeline.start(checkpoint=str(chk), checkpoint_interval="50ms", parallelism=2)
+    job = pipeline.start(checkpoint=str(chk), checkpoint_interval="50ms", parallelism=2,
+                         executor=executor)
     assert _wait(lambda: job.metrics()["records_in"] == 1000)
     assert _wait(lambda: job.metrics()["checkpoints"] >= 1)
     job.stop()
     first = job.sink.rows()
     (src / "b.json").write_text("".join(json.dumps(r) + "\n" for r in rows[1000:]))
     job2 = pipeline.start(checkpoint=str(chk), checkpoint_interval="50ms", parallelism=3,
-                          stop_at_end=True)
+                          stop_at_end=True, executor=executor)
     assert _wait(lambda: job2.metrics()["records_in"] >= 1000)
     job2.stop()
     # windows closed in the first run, plus the rest: together the batch result except the
@@ -378,7 +381,6 @@ def test_checkpoints_are_incremental_for_large_keyed_state(tmp_path):
     assert counts == dict(want)
 
 
-@pytest.mark.parametrize("executor", ["parallel", "inline"])
 def test_keyed_state_larger_than_the_task_memory_limit(executor, tmp_path):
     """20 000 keys of state under a 256 KB per-task budget: state spills, results exact."""
     from millstream.ops.state.descriptors import ValueStateDescriptor
