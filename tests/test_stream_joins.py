@@ -403,6 +403,7 @@ def test_interval_join_operator_snapshots_split_by_key_group_and_merge_back():
     assert rows(out + rest[0])  # something was joined
 
 
+@pytest.mark.ray_streaming
 def test_stream_table_join_on_both_executors(executor):
     stream = ms.from_generator(lambda i: {"k": i % 3, "i": i}, count=10)
     table = ms.from_items([{"k": 0, "p": 1}, {"k": 0, "p": 2}, {"k": 1, "p": 5}])

@@ -77,6 +77,7 @@ def test_one_argument_function_and_plain_callable_as_sink(feed):
     assert sorted(v for t in tables for v in t.column("v").to_pylist()) == _expected(items)
 
 
+@pytest.mark.ray_streaming
 def test_restart_after_complete_checkpoint_redelivers_that_epoch_with_the_same_rows(feed,
                                                                                     tmp_path):
     items = _items(5)

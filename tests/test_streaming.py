@@ -377,6 +377,7 @@ def test_sigkill_at_random_points_gives_every_record_exactly_once(broker, tmp_pa
     assert Counter(ids) == Counter(r["id"] for r in rows)  # every record, exactly once
 
 
+@pytest.mark.ray_streaming
 def test_metrics_report_operators_watermark_and_checkpoints(executor, tmp_path):
     rows = [{"k": f"k{i % 3}", "ts": 1_000 * i} for i in range(300)]
     ds = (ms.from_items(rows, num_partitions=2).with_watermark("ts", "0s")
