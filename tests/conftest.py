@@ -57,9 +57,20 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize("executor", params, indirect=True)
 
 
+#: Tests of these markers share a service the test session starts (one Ray cluster, a
+#: Kafka broker or an S3 server per module): under pytest-xdist (``--dist loadgroup``)
+#: each kind runs on one worker, so that no second cluster starts; the first that applies.
+SERVICE_GROUPS = ("ray", "s3", "kafka")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Apply ``executor_gap`` markers to the parameters they name."""
+    """Apply ``executor_gap`` markers to the parameters they name; put service tests in
+    their xdist group."""
     for item in items:
+        group = next((g for g in SERVICE_GROUPS if item.get_closest_marker(g)), None)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
         params = getattr(getattr(item, "callspec", None), "params", {})
         executor = params.get("executor")
         if executor is None:
