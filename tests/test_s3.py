@@ -417,31 +417,35 @@ def test_word_count_survives_losing_a_volume_server_mid_job(cluster, tmp_path, m
 
 
 def test_streaming_job_checkpoints_to_s3_and_restarts_exactly_once(mini, fs, monkeypatch):
-    """Checkpoints and the exactly-once file sink on S3; a task process killed mid-job."""
+    """Checkpoints and the exactly-once file sink on S3; a task process killed mid-job (the
+    test source stays open until then, so the kill always lands in a running job)."""
     import signal
     import time
     from collections import Counter
 
     from millstream.io.files.stream_sink import FileStreamSink
+    from millstream.testing import TestSource
 
     bucket = _unique("stream")
     fs.create_dir(bucket)
     rows = [{"id": i, "k": f"k{i % 5}"} for i in range(6000)]
-
-    def slow(batch):
-        time.sleep(0.02)
-        return batch
+    src = TestSource(partitions=2)
+    for n, i in enumerate(range(0, 3000, 40)):
+        src.add(rows[i:i + 40], partition=n % 2)
 
     with engine_on(mini, monkeypatch):
-        ds = ms.from_items(rows, num_partitions=2).map_batches(slow).repartition(2, "k")
+        ds = src.dataset().map_batches(lambda b: b).repartition(2, "k")
         job = ds.start(checkpoint=f"s3://{bucket}/chk", checkpoint_interval="100ms",
                        sink=FileStreamSink(f"s3://{bucket}/out"), parallelism=2,
-                       max_batch_records=40)
+                       executor="parallel")
         deadline = time.time() + 60
         while job.metrics()["checkpoints"] < 2 and time.time() < deadline:
             time.sleep(0.05)
-        assert job.is_active, "the job ended before a task could be killed"
+        assert job.metrics()["checkpoints"] >= 2 and job.is_active
         os.kill(job.host_pids()[-1], signal.SIGKILL)
+        for n, i in enumerate(range(3000, 6000, 40)):
+            src.add(rows[i:i + 40], partition=n % 2)
+        src.close()
         assert job.await_termination(120)
         assert job.metrics()["restarts"] == 1
         files = [i.path for i in fs.get_file_info(pafs.FileSelector(f"{bucket}/out"))
