@@ -178,11 +178,11 @@ def as_tuples(rows: list[dict[str, Any]]) -> list[tuple[str, int, str, int, int]
 
 def run_windows(n: int, out_dir: str, checkpoint: str, threshold: int = THRESHOLD_CENTS,
                 partitions: int = 2, max_batch_records: int = 10_000,
-                timeout: float = 120.0) -> Any:
+                timeout: float = 120.0, executor: str | None = None) -> Any:
     """The window alerts as a streaming job writing Parquet to ``out_dir``; the ended job."""
     job = spending_alerts(transactions(n, partitions), threshold).start(
         checkpoint=checkpoint, checkpoint_interval="1s", sink=out_dir,
-        max_batch_records=max_batch_records)
+        max_batch_records=max_batch_records, executor=executor)
     if not job.await_termination(timeout):
         job.stop()
         raise TimeoutError(f"the spending job did not end within {timeout}s")
@@ -190,11 +190,12 @@ def run_windows(n: int, out_dir: str, checkpoint: str, threshold: int = THRESHOL
 
 
 def run_patterns(n: int, checkpoint: str, burst_n: int = BURST_N,
-                 max_batch_records: int = 10_000, timeout: float = 120.0) -> Any:
+                 max_batch_records: int = 10_000, timeout: float = 120.0,
+                 executor: str | None = None) -> Any:
     """The process-function alerts as a streaming job into a ``CollectingSink``."""
     job = pattern_alerts(transactions(n), burst_n).start(
         checkpoint=checkpoint, checkpoint_interval="1s", sink=CollectingSink(),
-        max_batch_records=max_batch_records)
+        max_batch_records=max_batch_records, executor=executor)
     if not job.await_termination(timeout):
         job.stop()
         raise TimeoutError(f"the pattern job did not end within {timeout}s")

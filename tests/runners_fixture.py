@@ -1,8 +1,8 @@
 """Run runner-independent tests on every runner: the ``runner`` fixture and a test Ray cluster.
 
-``runner`` is parametrized over ``["local", "ray"]``: a test that takes it runs once per
-runner with the session's engine set to that runner (and its settings restored after).
-Import it into ``conftest.py`` (``from runners_fixture import runner``) or a test module.
+``runner`` is parametrized over ``["local", "ray"]`` (the "ray" case marked ``ray``): a
+test that takes it runs once per runner with the session's engine set to that runner (and
+its settings restored after). ``conftest.py`` imports it for every test module.
 
 The Ray side is a real cluster of a head and two worker nodes on this machine
 (``ray.cluster_utils.Cluster``), started once per test session on first use and stopped
@@ -248,7 +248,7 @@ def use_runner(name: str, config: pytest.Config) -> dict[str, Any]:
     return saved
 
 
-@pytest.fixture(params=["local", "ray"])
+@pytest.fixture(params=["local", pytest.param("ray", marks=pytest.mark.ray)])
 def runner(request: pytest.FixtureRequest) -> Iterator[str]:
     """The name of the runner this test runs on; the engine session is set to it."""
     saved = use_runner(request.param, request.config)

@@ -1,4 +1,5 @@
-"""The parallel streaming executor: tasks in worker processes, backpressure, restarts."""
+"""The parallel streaming executor: tasks in worker processes, backpressure, restarts
+(and, where a test is about the job rather than its processes, the inline executor too)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import time
 from collections import Counter
 from typing import Any
 
-import pyarrow.parquet as pq
 import pytest
 from faults import HeldRows, wait_for
+from streams import read_ids as _read_ids
+from streams import wait_until as _wait
 
 import millstream as ms
 from millstream.io.files.stream_sink import FileStreamSink
@@ -33,18 +35,6 @@ def _key(rows):
     return sorted((r["k"], r["window_start"], r["n"], r["s"]) for r in rows)
 
 
-def _read_ids(out) -> list[int]:
-    files = sorted(p for p in out.glob("*.parquet"))
-    return [i for f in files for i in pq.read_table(f).column("id").to_pylist()]
-
-
-def _wait(cond, timeout: float = 30.0) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
 
 
 @pytest.mark.parametrize("parallelism", [1, 3])
@@ -186,30 +176,29 @@ def test_a_slow_consumer_slows_the_source_down(tmp_path):
     assert max(lags) <= 3_000, lags
 
 
-def test_a_task_error_fails_the_job_with_the_users_exception(tmp_path):
+def test_a_task_error_fails_the_job_with_the_users_exception(executor, tmp_path):
     def bad(row):
         if row["id"] == 123:
             raise ValueError("bad row 123")
         return row
 
-    for executor in ("parallel", "inline"):
-        job = ms.from_items(_rows(500)).map(bad).start(parallelism=2, executor=executor)
-        with pytest.raises(ms.UserFunctionError, match="bad row 123") as info:
-            job.await_termination(60)
-        assert isinstance(info.value.original, ValueError) and "'id': 123" in str(info.value)
-        assert "in streaming task stage" in str(info.value)
-        # the user's own frame, with its file and line (not cloudpickle's <dynamic-code>)
-        assert f'File "{__file__}"' in info.value.user_traceback
-        assert 'raise ValueError("bad row 123")' in info.value.user_traceback
+    job = ms.from_items(_rows(500)).map(bad).start(parallelism=2, executor=executor)
+    with pytest.raises(ms.UserFunctionError, match="bad row 123") as info:
+        job.await_termination(60)
+    assert isinstance(info.value.original, ValueError) and "'id': 123" in str(info.value)
+    assert "in streaming task stage" in str(info.value)
+    # the user's own frame, with its file and line (not cloudpickle's <dynamic-code>)
+    assert f'File "{__file__}"' in info.value.user_traceback
+    assert 'raise ValueError("bad row 123")' in info.value.user_traceback
 
 
-def test_stop_takes_a_final_checkpoint_and_a_restart_continues_exactly_once(tmp_path):
+def test_stop_takes_a_final_checkpoint_and_a_restart_continues_exactly_once(executor, tmp_path):
     out, chk = tmp_path / "out", tmp_path / "chk"
 
     def start():
         return (ms.from_generator(lambda i: {"id": i}, rate=4000, partitions=2)
                 .start(checkpoint=str(chk), checkpoint_interval="50ms",
-                       sink=FileStreamSink(str(out)), parallelism=2))
+                       sink=FileStreamSink(str(out)), parallelism=2, executor=executor))
 
     job = start()
     assert _wait(lambda: len(_read_ids(out)) > 200)
@@ -232,7 +221,7 @@ class _RetiringSink(FileStreamSink):
         _RetiringSink.retired.append(list(indices))
 
 
-def test_a_restart_at_lower_parallelism_retires_the_extra_sink_instances(tmp_path):
+def test_a_restart_at_lower_parallelism_retires_the_extra_sink_instances(executor, tmp_path):
     import json
 
     chk = tmp_path / "chk"
@@ -244,7 +233,8 @@ def test_a_restart_at_lower_parallelism_retires_the_extra_sink_instances(tmp_pat
                .with_watermark("ts", "0s").group_by("k")
                .window(ms.tumbling("1s"), on="ts").agg(ms.count().alias("n"))
                .start(checkpoint=str(chk), checkpoint_interval="50ms",
-                      sink=_RetiringSink(str(tmp_path / "out")), parallelism=parallelism))
+                      sink=_RetiringSink(str(tmp_path / "out")), parallelism=parallelism,
+                      executor=executor))
         assert _wait(lambda: job.metrics()["checkpoints"] >= 2, 60)
         job.stop()
 
@@ -258,7 +248,7 @@ def test_a_restart_at_lower_parallelism_retires_the_extra_sink_instances(tmp_pat
     assert json.loads((chk / "_job.json").read_text())["sink_instances"] == 2
 
 
-def test_rescaled_restore_of_a_parallel_job(tmp_path):
+def test_rescaled_restore_of_a_job(executor, tmp_path):
     rows = _rows(2000, keys=17)
     src = tmp_path / "in"
     src.mkdir()
@@ -267,14 +257,15 @@ def test_rescaled_restore_of_a_parallel_job(tmp_path):
     (src / "a.json").write_text("".join(json.dumps(r) + "\n" for r in rows[:1000]))
     chk = tmp_path / "chk"
     pipeline = _windows(ms.read_json(str(src), watch=True))
-    job = pipeline.start(checkpoint=str(chk), checkpoint_interval="50ms", parallelism=2)
+    job = pipeline.start(checkpoint=str(chk), checkpoint_interval="50ms", parallelism=2,
+                         executor=executor)
     assert _wait(lambda: job.metrics()["records_in"] == 1000)
     assert _wait(lambda: job.metrics()["checkpoints"] >= 1)
     job.stop()
     first = job.sink.rows()
     (src / "b.json").write_text("".join(json.dumps(r) + "\n" for r in rows[1000:]))
     job2 = pipeline.start(checkpoint=str(chk), checkpoint_interval="50ms", parallelism=3,
-                          stop_at_end=True)
+                          stop_at_end=True, executor=executor)
     assert _wait(lambda: job2.metrics()["records_in"] >= 1000)
     job2.stop()
     # windows closed in the first run, plus the rest: together the batch result except the
@@ -322,12 +313,21 @@ def test_executor_choice_and_errors():
 
     src = TestSource().close()
     job = src.dataset().start()
-    assert job.executor == "inline"  # a test source runs in this process
+    assert job.executor == "inline"  # a test source prefers this process (deterministic)
     job.await_termination(30)
+    job = src.dataset().start(executor="parallel")  # and runs in task processes when asked
+    assert job.executor == "parallel" and job.await_termination(30)
     with pytest.raises(ms.PlanError, match="executor must be one of"):
         ms.from_items([{"a": 1}]).start(executor="threads")
-    job = src.dataset().start(executor="parallel")  # it also runs on worker processes
-    assert job.executor == "parallel" and job.await_termination(30)
+
+    class InProcess(TestSource):
+        """A source that can only be read in this process."""
+
+        in_process_only = True
+
+    with pytest.raises(ms.PlanError, match="executor='inline'"):
+        StreamingJob(InProcess().close().dataset()._node, sink=CollectingSink(),
+                     executor="parallel")
 
 
 def test_checkpoints_are_incremental_for_large_keyed_state(tmp_path):
@@ -384,7 +384,6 @@ def test_checkpoints_are_incremental_for_large_keyed_state(tmp_path):
     assert counts == dict(want)
 
 
-@pytest.mark.parametrize("executor", ["parallel", "inline"])
 def test_keyed_state_larger_than_the_task_memory_limit(executor, tmp_path):
     """20 000 keys of state under a 256 KB per-task budget: state spills, results exact."""
     from millstream.ops.state.descriptors import ValueStateDescriptor

@@ -7,7 +7,6 @@ seen not to depend on it. The session (two workers) comes from ``conftest.py``.
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import tempfile
@@ -16,6 +15,8 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pytest
+from oracles import duckdb_rows as sql
+from oracles import ordered, same_rows
 
 import millstream as ms
 from millstream.core.context import TaskContext
@@ -60,56 +61,6 @@ def make_rows(n: int, seed: int, skew: bool = False) -> list[dict]:
 ROWS = make_rows(300, seed=1)
 TABLE = pa.Table.from_pylist(ROWS)
 SKEWED = make_rows(2000, seed=2, skew=True)
-
-
-def sql(query: str, **tables: pa.Table) -> list[dict]:
-    """Run a DuckDB query over Arrow tables; rows as dicts."""
-    con = duckdb.connect()
-    try:
-        for name, t in tables.items():
-            con.register(name, t)
-        cur = con.execute(query)
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, r)) for r in cur.fetchall()]
-    finally:
-        con.close()
-
-
-def norm(v):
-    """A comparable, hashable form of a value (floats rounded; lists and dicts recursed)."""
-    if isinstance(v, bool) or v is None:
-        return v
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "NaN"
-        return float(f"{v:.9g}")
-    if isinstance(v, (list, tuple)):
-        return tuple(norm(x) for x in v)
-    if isinstance(v, dict):
-        return tuple(sorted((k, norm(x)) for k, x in v.items()))
-    return v
-
-
-def bag(rows: list[dict]) -> list:
-    """Rows as a sorted list of normalized tuples (order-insensitive comparison)."""
-    return sorted((norm(r) for r in rows), key=repr)
-
-
-def same_rows(got: list[dict], want: list[dict]) -> None:
-    assert len(got) == len(want), f"{len(got)} rows, expected {len(want)}"
-    g, w = bag(got), bag(want)
-    if g != w:
-        diff = [(a, b) for a, b in zip(g, w) if a != b][:3]
-        raise AssertionError(f"rows differ, first differences (got, want): {diff}")
-
-
-def ordered(got: list[dict], want: list[dict], cols: list[str]) -> None:
-    g = [tuple(norm(r[c]) for c in cols) for r in got]
-    w = [tuple(norm(r[c]) for c in cols) for r in want]
-    assert len(g) == len(w)
-    if g != w:
-        i = next(i for i, (a, b) in enumerate(zip(g, w)) if a != b)
-        raise AssertionError(f"order differs at row {i}: got {g[i - 2:i + 3]}, want {w[i - 2:i + 3]}")
 
 
 def result_tasks() -> int:
@@ -228,7 +179,7 @@ def _polars_fn(df):
 
 
 @pytest.mark.parametrize("fmt,fn", [("pyarrow", _arrow_fn), ("pandas", _pandas_fn), ("polars", _polars_fn)])
-def test_map_batches(fmt, fn):
+def test_map_batches(runner, fmt, fn):
     got = ms.from_items(ROWS, num_partitions=3).map_batches(fn, batch_format=fmt).collect()
     want = [dict(r, z=r["id"] * 2) for r in ROWS if r["id"] > 10]
     if fmt == "pandas":
@@ -285,7 +236,7 @@ def test_select_keyword_names_drop_rename():
     same_rows(got, [{"id": r["id"], "k": r["k"], "text": r["s"], "i": r["i"]} for r in ROWS])
 
 
-def test_explode():
+def test_explode(runner):
     rows = [{"id": i, "l": (None if i % 5 == 0 else [j if j % 4 else None for j in range(i % 4)]),
              "s": STRINGS[i % len(STRINGS)]} for i in range(60)]
     got = ms.from_items(rows, num_partitions=3).explode("l").collect()
@@ -331,7 +282,7 @@ def test_group_by_matches_sql(keys, layout):
     same_rows(_sort_lists(got), want)
 
 
-def test_group_by_skewed_key():
+def test_group_by_skewed_key(runner):
     t = pa.Table.from_pylist(SKEWED)
     for shuffle in (1, 3, 8):
         got = ms.from_items(SKEWED, num_partitions=4).group_by("k").agg(*_aggs()).collect(
@@ -339,7 +290,7 @@ def test_group_by_skewed_key():
         same_rows(_sort_lists(got), sql(AGG_SQL.format(keys="k"), t=t))
 
 
-def test_group_by_named_aggregates_and_expression_argument():
+def test_group_by_named_aggregates_and_expression_argument(runner):
     ds = ms.from_items(ROWS, num_partitions=3)
     got = ds.group_by("k").agg(total=ms.sum(col("i") * 2), avg_id=ms.avg("id")).collect()
     same_rows(got, sql("SELECT k, sum(i * 2) AS total, avg(id) AS avg_id FROM t GROUP BY k", t=TABLE))
@@ -365,7 +316,7 @@ def test_group_by_without_aggregates_is_distinct_keys():
     same_rows(got, sql("SELECT DISTINCT k, b FROM t", t=TABLE))
 
 
-def test_first_is_a_value_of_its_group():
+def test_first_is_a_value_of_its_group(runner):
     got = ms.from_items(SKEWED, num_partitions=4).group_by("k").agg(
         ms.first("s").alias("fs"), ms.first("id").alias("fid")).collect(shuffle_partitions=3)
     groups: dict = {}
@@ -397,7 +348,7 @@ def test_global_agg_non_empty(parts):
 
 
 @pytest.mark.parametrize("source", ["filtered", "empty_items", "empty_arrow"])
-def test_global_agg_on_empty_input(source):
+def test_global_agg_on_empty_input(runner, source):
     if source == "filtered":
         ds = ms.from_items(ROWS, num_partitions=3).filter(col("id") < 0)
     elif source == "empty_items":
@@ -421,7 +372,7 @@ def test_group_by_on_empty_input_has_no_rows():
     assert ds.group_by("k").agg(ms.sum("i")).collect() == []
 
 
-def test_aggregate_after_aggregate():
+def test_aggregate_after_aggregate(runner):
     got = (ms.from_items(ROWS, num_partitions=3).group_by("k", "s").agg(ms.count().alias("n"))
            .group_by("k").agg(ms.sum("n").alias("total"), ms.count().alias("groups"))
            .collect(shuffle_partitions=3))
@@ -476,7 +427,7 @@ def test_join_full_is_outer():
 @pytest.mark.parametrize("how", HOWS)
 @pytest.mark.parametrize("broadcast,shuffle", [(True, 3), (False, 3), (False, 8)],
                          ids=["broadcast", "shuffle3", "shuffle8"])
-def test_join_left_on_right_on(how, broadcast, shuffle):
+def test_join_left_on_right_on(runner, how, broadcast, shuffle):
     right_rows = [{"rk": r["k"], "rid": r["rid"], "v": r["v"], "k": -1} for r in RIGHT_ROWS]
     rt = pa.Table.from_pylist(right_rows)
     got = ms.from_items(LEFT_ROWS, num_partitions=3).join(
@@ -493,7 +444,7 @@ def test_join_left_on_right_on(how, broadcast, shuffle):
 
 
 @pytest.mark.parametrize("how", ["inner", "left", "outer", "anti"])
-def test_join_on_two_keys(how):
+def test_join_on_two_keys(runner, how):
     left = [{"a": i % 3, "b": STRINGS[i % 4], "x": i} for i in range(40)]
     right = [{"a": i % 4, "b": STRINGS[i % 3], "y": i} for i in range(30)]
     lt, rt = pa.Table.from_pylist(left), pa.Table.from_pylist(right)
@@ -519,7 +470,7 @@ def test_join_custom_suffix_and_int_float_keys():
 @pytest.mark.parametrize("broadcast", [True, False], ids=["broadcast", "shuffle"])
 @pytest.mark.parametrize("how", HOWS)
 @pytest.mark.parametrize("empty", ["left", "right", "both"])
-def test_join_with_empty_side(how, broadcast, empty):
+def test_join_with_empty_side(runner, how, broadcast, empty):
     lt = LT.slice(0, 0) if empty in ("left", "both") else LT
     rt = RT.slice(0, 0) if empty in ("right", "both") else RT
     # empty by a filter (the schema travels with the empty result)
@@ -533,7 +484,7 @@ def test_join_with_empty_side(how, broadcast, empty):
     same_rows(got, sql(_join_sql(how), l=lt, r=rt))
 
 
-def test_join_skewed_keys():
+def test_join_skewed_keys(runner):
     left = [{"k": r["k"], "id": r["id"]} for r in SKEWED]
     right = [{"k": k, "tag": f"t{j}"} for j, k in enumerate([0, 0, 0, 1, 2, None, 9])]
     lt, rt = pa.Table.from_pylist(left), pa.Table.from_pylist(right)
@@ -554,7 +505,7 @@ def test_join_default_broadcast_and_explain():
     assert "shuffle hash" in text and "join left side" in text and "join right side" in text
 
 
-def test_join_then_aggregate():
+def test_join_then_aggregate(runner):
     got = (ms.from_items(LEFT_ROWS, num_partitions=3).join(ms.from_items(RIGHT_ROWS), on="k", how="left",
                                                             broadcast=False)
            .group_by("k").agg(ms.count().alias("n"), ms.sum("w").alias("sw")).collect(shuffle_partitions=2))
@@ -598,7 +549,7 @@ def test_sort_matches_sql(by, desc, nulls_last, layout):
     assert result_tasks() == shuffle
 
 
-def test_sort_is_globally_ordered_across_partitions():
+def test_sort_is_globally_ordered_across_partitions(runner):
     n = 20000
     rng = np.random.default_rng(5)
     t = pa.table({"x": rng.integers(-10**6, 10**6, n), "y": rng.random(n)})
@@ -612,7 +563,7 @@ def test_sort_is_globally_ordered_across_partitions():
     assert all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:]))
 
 
-def test_sort_skewed_key_and_strings():
+def test_sort_skewed_key_and_strings(runner):
     t = pa.Table.from_pylist(SKEWED)
     got = ms.from_items(SKEWED, num_partitions=4).sort(["k", "s", "id"], descending=[False, True, True]).collect(
         shuffle_partitions=4)
@@ -620,7 +571,7 @@ def test_sort_skewed_key_and_strings():
             ["k", "s", "id"])
 
 
-def test_sort_empty_and_all_null():
+def test_sort_empty_and_all_null(runner):
     ds = ms.from_items(ROWS, num_partitions=2)
     assert ds.filter(col("id") < 0).sort("k").collect(shuffle_partitions=3) == []
     rows = [{"a": None, "id": i} for i in range(20)]
@@ -641,7 +592,7 @@ def test_order_by_alias_and_after_aggregate():
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
-def test_distinct(layout):
+def test_distinct(runner, layout):
     parts, shuffle = layout
     ds = ms.from_items(ROWS, num_partitions=parts)
     same_rows(ds.select("k", "b").distinct().collect(shuffle_partitions=shuffle),
@@ -667,7 +618,7 @@ def test_union():
     same_rows(got, [{"x": 1.0, "y": "a", "z": None}, {"x": 2.5, "y": "b", "z": True}])
 
 
-def test_union_then_group_by():
+def test_union_then_group_by(runner):
     a = ms.from_items(ROWS, num_partitions=2)
     got = a.union(a.filter(col("k") == 1)).group_by("k").agg(ms.count().alias("n")).collect(shuffle_partitions=3)
     want = sql("SELECT k, count(*) AS n FROM (SELECT k FROM t UNION ALL SELECT k FROM t WHERE k = 1) GROUP BY k",
@@ -689,7 +640,7 @@ def test_limit(parts):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
-def test_sort_then_limit_is_top_n(layout):
+def test_sort_then_limit_is_top_n(runner, layout):
     parts, shuffle = layout
     ds = ms.from_items(ROWS, num_partitions=parts)
     got = ds.sort(["f", "id"], descending=[True, False]).limit(25).collect(shuffle_partitions=shuffle)
@@ -699,7 +650,7 @@ def test_sort_then_limit_is_top_n(layout):
         sorted(ROWS, key=lambda r: -r["id"])[:3]
 
 
-def test_limit_after_union_and_group_by():
+def test_limit_after_union_and_group_by(runner):
     a = ms.from_items(ROWS, num_partitions=2)
     assert len(a.union(a, a).limit(650).collect()) == 650
     assert len(a.group_by("s").agg(ms.count()).limit(3).collect()) == 3
@@ -726,7 +677,7 @@ def _partitions(ds: ms.Dataset, **options) -> list[list[dict]]:
 
 
 @pytest.mark.parametrize("n", [2, 5])
-def test_repartition_by_key(n):
+def test_repartition_by_key(runner, n):
     parts = _partitions(ms.from_items(SKEWED, num_partitions=3).repartition(n, by="k"))
     assert len(parts) == n
     same_rows([r for p in parts for r in p], SKEWED)
@@ -742,7 +693,7 @@ def test_repartition_by_key(n):
             assert seen.setdefault((r["k"], r["b"]), i) == i
 
 
-def test_repartition_then_group_by_and_sort():
+def test_repartition_then_group_by_and_sort(runner):
     ds = ms.from_items(ROWS, num_partitions=1).repartition(4)
     same_rows(ds.group_by("k").agg(ms.sum("i").alias("si")).collect(shuffle_partitions=3),
               sql("SELECT k, sum(i) AS si FROM t GROUP BY k", t=TABLE))
@@ -757,7 +708,7 @@ def _counting_map(directory: str):
     return fn
 
 
-def test_cache_reuses_materialized_partitions(tmp_path):
+def test_cache_reuses_materialized_partitions(runner, tmp_path):
     calls = tmp_path / "calls"
     calls.mkdir()
     cached = ms.from_items(ROWS, num_partitions=3).map(_counting_map(str(calls))).cache()
@@ -779,7 +730,7 @@ def test_cache_reuses_materialized_partitions(tmp_path):
     assert cached.cache() is cached
 
 
-def test_cache_used_twice_in_one_job(tmp_path):
+def test_cache_used_twice_in_one_job(runner, tmp_path):
     calls = tmp_path / "calls"
     calls.mkdir()
     cached = ms.from_items(ROWS, num_partitions=2).map(_counting_map(str(calls))).cache()
@@ -792,7 +743,7 @@ def test_cache_used_twice_in_one_job(tmp_path):
 # ----------------------------------------------------------------------------- actions
 
 
-def test_count_take_first():
+def test_count_take_first(runner):
     ds = ms.from_items(ROWS, num_partitions=3)
     assert ds.count() == len(ROWS)
     assert ds.count(shuffle_partitions=1) == len(ROWS)
@@ -813,7 +764,7 @@ def test_show(capsys):
     assert "null" in out or ROWS[0]["s"] in out
 
 
-def test_iter_batches_and_to_arrow():
+def test_iter_batches_and_to_arrow(runner):
     ds = ms.from_items(ROWS, num_partitions=4)
     batches = list(ds.iter_batches())
     assert batches and all(isinstance(b, pa.RecordBatch) and b.num_rows for b in batches)
@@ -869,7 +820,7 @@ def big():
     return pa.table({"k": k, "v": rng.integers(-1000, 1000, SPILL_N), "s": s})
 
 
-def test_group_by_spills_under_tiny_memory_limit(big):
+def test_group_by_spills_under_tiny_memory_limit(runner, big):
     got = (ms.from_arrow(big, num_partitions=2).group_by("k")
            .agg(ms.sum("v").alias("sv"), ms.count().alias("n"), ms.count_distinct("s").alias("cd"),
                 ms.mean("v").alias("m"), ms.max("s").alias("mx"))
@@ -884,7 +835,7 @@ def test_group_by_spills_under_tiny_memory_limit(big):
     assert np.allclose(g.column("m").to_numpy(), w.column("m").to_numpy())
 
 
-def test_join_spills_under_tiny_memory_limit(big):
+def test_join_spills_under_tiny_memory_limit(runner, big):
     rng = np.random.default_rng(12)
     rtab = pa.table({"k": np.arange(0, 150_000), "w": rng.integers(0, 10, 150_000),
                       "t": pa.array([f"t{i}" for i in range(150_000)])})
@@ -903,7 +854,7 @@ def test_join_spills_under_tiny_memory_limit(big):
         assert summary == tuple(int(x) for x in want)
 
 
-def test_sort_spills_under_tiny_memory_limit(big):
+def test_sort_spills_under_tiny_memory_limit(runner, big):
     got = ms.from_arrow(big, num_partitions=2).sort(["s", "v", "k"], descending=[True, False, False]).to_arrow(
         memory_limit="16MB", shuffle_partitions=3)
     assert spills() > 0
@@ -990,7 +941,7 @@ def test_join_operator_grace_hash(tiny_ctx, how):
 # ----------------------------------------------------------------------------- key normalization
 
 
-def test_negative_zero_groups_and_joins_with_zero():
+def test_negative_zero_groups_and_joins_with_zero(runner):
     rows = [{"x": v, "id": i} for i, v in enumerate([0.0, -0.0, float("nan"), 1.0, None, float("nan"), -0.0])]
     ds = ms.from_items(rows, num_partitions=3)
     got = {("nan" if r["x"] != r["x"] else r["x"]): r["n"]
@@ -1028,7 +979,7 @@ def _empty(parts: int = 2) -> ms.Dataset:
     return ms.from_arrow(pa.Table.from_pylist([], schema=SCHEMA), num_partitions=parts)
 
 
-def test_empty_results_keep_schema():
+def test_empty_results_keep_schema(runner):
     assert _empty().group_by("k").agg(ms.sum("v").alias("sv"), ms.collect_list("s").alias("l"),
                                       ms.mean("v").alias("m")).to_arrow().schema == pa.schema(
         [("k", pa.int64()), ("sv", pa.int64()), ("l", pa.list_(pa.string())), ("m", pa.float64())])
@@ -1061,7 +1012,7 @@ def test_empty_group_by_then_outer_join_names_columns_right():
         assert got == [{"k": 1, "v": None, "s": None, "x": None, "r": 5, "v_right": 7}]
 
 
-def test_aggregates_of_all_null_columns():
+def test_aggregates_of_all_null_columns(runner):
     # the second aggregate reads null-typed columns: Arrow's hash_distinct crashed the worker
     # (SIGSEGV) and hash_first has no kernel for them
     g = _empty().agg(ms.sum("v").alias("a"), ms.min("s").alias("b"), ms.first("s").alias("f"))
@@ -1088,7 +1039,7 @@ def _float_rows(n=400, seed=9):
 @pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("desc,nulls_last", [([False, False], None), ([True, False], None),
                                              ([False, True], True), ([True, True], False)])
-def test_sort_orders_nan_like_sql(layout, desc, nulls_last):
+def test_sort_orders_nan_like_sql(runner, layout, desc, nulls_last):
     """NaN sorts above every number (DuckDB, Spark, Polars); nulls go where they are told."""
     parts, shuffle = layout
     rows = _float_rows()
@@ -1113,7 +1064,7 @@ def test_sort_operator_external_merge_with_nan(tiny_ctx):
 # ----------------------------------------------------------------------------- hashing
 
 
-def test_hash_is_by_value_whatever_the_layout():
+def test_hash_is_by_value_whatever_the_layout(runner):
     rnd = random.Random(8)
     words = [None if rnd.random() < 0.05 else "".join(rnd.choice("abcäö日x ") for _ in range(rnd.randrange(0, 40)))
              for _ in range(30000)]  # > 128 KiB of text: the chunked path
@@ -1156,7 +1107,7 @@ def test_join_and_distinct_on_long_string_keys():
 NULL_ROWS = [{"k": None, "v": None, "s": None, "i": i} for i in range(6)]
 
 
-def test_null_typed_columns_through_wide_operators():
+def test_null_typed_columns_through_wide_operators(runner):
     ds = ms.from_items(NULL_ROWS, num_partitions=2)  # k, v, s are all None: Arrow's null type
     assert ds.filter(col("v") > 3).collect() == []
     assert [r["i"] for r in ds.sort(["v", "i"]).collect(shuffle_partitions=2)] == list(range(6))

@@ -14,10 +14,13 @@ import pickle
 import random
 from collections import defaultdict
 
+import oracles
 import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from oracles import AGG_NAMES, all_aggs
+from window_cases import to_batch
 
 import millstream as ms
 from millstream.core.context import default_context
@@ -26,27 +29,15 @@ from millstream.core.time import MIN_WATERMARK, VirtualClock
 from millstream.errors import PlanError, SchemaError
 from millstream.expr.windows import GlobalWindow
 from millstream.ops.window import GlobalWindowAggregate, WindowAggregate
-from millstream.testing import CollectingSink, TestSource, crash_and_restore
+from millstream.testing import CollectingSink, TestSource
 
-SCHEMA = pa.schema([("k", pa.string()), ("t", pa.int64()), ("v", pa.int64())])
-AGGS = ["s", "c", "n", "m", "lo", "hi", "d", "f", "l"]
+AGGS = AGG_NAMES
 NEVER = float("inf")
-
-
-def all_aggs() -> list:
-    return [ms.sum("v").alias("s"), ms.count("v").alias("c"), ms.count().alias("n"),
-            ms.mean("v").alias("m"), ms.min("v").alias("lo"), ms.max("v").alias("hi"),
-            ms.count_distinct("v").alias("d"), ms.first("v").alias("f"),
-            ms.collect_list("v").alias("l")]
 
 
 def agg_oracle(vals: list) -> dict:
     """The aggregates of values in arrival order (``first`` and ``collect_list`` keep it)."""
-    nn = [v for v in vals if v is not None]
-    return {"s": sum(nn) if nn else None, "c": len(nn), "n": len(vals),
-            "m": sum(nn) / len(nn) if nn else None, "lo": min(nn) if nn else None,
-            "hi": max(nn) if nn else None, "d": len(set(nn)), "f": nn[0] if nn else None,
-            "l": nn}
+    return oracles.agg_oracle(vals, sort_list=False)
 
 
 def trigger_of(count=None, interval=None, every=None):
@@ -66,11 +57,6 @@ def make(count=None, interval=None, every=None, accumulate=False, keys=("k",), c
     op.set_clock(clock or VirtualClock(0))
     op.open(default_context())
     return op
-
-
-def to_batch(events) -> pa.RecordBatch:
-    return pa.RecordBatch.from_pylist([{"k": k, "t": t, "v": v} for k, t, v in events],
-                                      schema=SCHEMA)
 
 
 def drive(factory, script, snapshot_at: int | None = None):
@@ -488,10 +474,14 @@ def _items(seed: int, n_items: int = 14, per_item: int = 9, keys: str = "abcde")
     return items
 
 
-def _source(items, partitions: int = 1, watermarks: bool = False) -> TestSource:
+def _source(items, partitions: int = 1, watermarks: bool = False, f=None) -> TestSource:
+    """The items as a test source (dealt round-robin to its partitions); ``watermarks``:
+    each item carries the watermark of its largest time; ``f``: from that feed."""
+    items = [(rows, max(r["ts"] for r in rows) * 1000 if watermarks else None) for rows in items]
+    if f is not None:
+        return f.source(items, partitions=partitions)
     src = TestSource(partitions=partitions)
-    for i, rows in enumerate(items):
-        wm = max(r["ts"] for r in rows) * 1000 if watermarks else None
+    for i, (rows, wm) in enumerate(items):
         src.add(rows, watermark=wm, partition=i % partitions)
     src.close()
     return src
@@ -539,18 +529,19 @@ def _count_oracle(items, count, accumulate):
 
 @pytest.mark.parametrize("accumulate", [False, True])
 @pytest.mark.parametrize("parallelism", [1, 3])
-def test_count_trigger_same_in_batch_and_streaming(accumulate, parallelism):
+def test_count_trigger_same_in_batch_and_streaming(accumulate, parallelism, executor):
     items = _items(3)
     want = _count_oracle(items, 4, accumulate)
     batch = _count_pipeline(_source(items), 4, accumulate).collect()
     assert _sequences(batch) == want
-    job = _count_pipeline(_source(items), 4, accumulate).start(checkpoint_interval=0,
-                                                               parallelism=parallelism)
+    # one partition: each key's rows arrive in order on both executors
+    job = _count_pipeline(_source(items), 4, accumulate).start(
+        checkpoint_interval=0, parallelism=parallelism, executor=executor)
     assert job.await_termination(30)
     assert _sequences(job.sink.rows()) == want
 
 
-def test_count_trigger_with_interleaved_partitions_keeps_pane_sizes_and_totals():
+def test_count_trigger_with_interleaved_partitions_keeps_pane_sizes_and_totals(executor):
     # which elements share a pane follows arrival order, which differs between batch and
     # streaming when partitions interleave; pane sizes and per-key totals do not
     items = _items(4, n_items=16)
@@ -561,7 +552,8 @@ def test_count_trigger_with_interleaved_partitions_keeps_pane_sizes_and_totals()
             totals[r["k"]] += r["v"]
             counts[r["k"]] += 1
     batch = _count_pipeline(_source(items, partitions=2), 5).collect()
-    job = _count_pipeline(_source(items, partitions=2), 5).start(checkpoint_interval=0)
+    job = _count_pipeline(_source(items, partitions=2), 5).start(checkpoint_interval=0,
+                                                                 executor=executor)
     assert job.await_termination(30)
     for rows in (batch, job.sink.rows()):
         seqs = _sequences(rows)
@@ -572,52 +564,52 @@ def test_count_trigger_with_interleaved_partitions_keeps_pane_sizes_and_totals()
 
 
 @pytest.mark.parametrize("epoch,point", [(3, "after_checkpoint"), (6, "during_epoch")])
-def test_count_trigger_survives_crash_and_restore(epoch, point, tmp_path):
+def test_count_trigger_survives_crash_and_restore(epoch, point, feed, tmp_path):
     items = _items(6, n_items=14)
     want = _count_oracle(items, 3, True)
-    sink = CollectingSink()
-    job = crash_and_restore(_count_pipeline(_source(items, partitions=2), 3, True),
-                            checkpoint=str(tmp_path / "chk"), sink=sink, crash_epoch=epoch,
-                            point=point, checkpoint_interval=0)
+    sink, f = CollectingSink(), feed()
+    job = f.crash_and_restore(_count_pipeline(_source(items, partitions=2, f=f), 3, True),
+                              checkpoint=str(tmp_path / "chk"), sink=sink, crash_epoch=epoch,
+                              point=point, checkpoint_interval=0)
     assert job.metrics()["restored_from_epoch"] is not None
-    # a round reads partition 0 then 1: items arrive in order, as the oracle takes them
+    # a round reads partition 0 then 1 (inline), or the paced feed adds the items in turn
+    # (parallel): items arrive in order, as the oracle takes them
     assert _sequences(sink.rows()) == want
 
 
 @pytest.mark.parametrize(("before", "after"), [(2, 3), (3, 1)])
-def test_count_trigger_state_moves_with_key_groups(before, after, tmp_path):
+def test_count_trigger_state_moves_with_key_groups(before, after, feed, tmp_path):
     from millstream.errors import SimulatedCrash
     from millstream.runtime.checkpoint import CheckpointStore
 
     items = _items(8, n_items=16, keys="abcdefghij")
-
-    def make_ds():
-        return _count_pipeline(_source(items, partitions=2), 4, accumulate=True)
-
+    f = feed()
+    ds = _count_pipeline(_source(items, partitions=2, f=f), 4, accumulate=True)
     want = _count_oracle(items, 4, True)
     chk, sink = str(tmp_path / "chk"), CollectingSink()
-    first = make_ds().start(checkpoint=chk, sink=sink, checkpoint_interval=0,
-                            parallelism=before, _fault=(7, "after_checkpoint"))
+    first = f.start(ds, checkpoint=chk, sink=sink, checkpoint_interval=0, parallelism=before,
+                    _fault=(7, "after_checkpoint"))
     with pytest.raises(SimulatedCrash):
         first.await_termination(30)
     (groups,) = CheckpointStore(chk).latest()[1]["keyed"].values()
     assert len(groups) > 2
-    second = make_ds().start(checkpoint=chk, sink=sink, checkpoint_interval=0,
-                             parallelism=after)
+    second = f.start(ds, checkpoint=chk, sink=sink, checkpoint_interval=0, parallelism=after)
     assert second.await_termination(30)
     # (a collecting sink resumes from the newest checkpoint whose commit is known)
     assert second.metrics()["restored_from_epoch"] == 6
     assert _sequences(sink.rows()) == want
 
 
-def test_event_time_trigger_in_a_streaming_job_matches_the_oracle():
+def test_event_time_trigger_in_a_streaming_job_matches_the_oracle(feed):
     items = _items(9, n_items=12)
-    ds = (_source(items, watermarks=True).dataset().group_by("k")
+    f = feed()
+    ds = (_source(items, watermarks=True, f=f).dataset().group_by("k")
           .window(ms.global_window(ms.event_time_trigger("10s")), on="ts")
           .agg(ms.sum("v").alias("s"), ms.count().alias("n"), ms.collect_list("v").alias("l")))
-    job = ds.start(checkpoint_interval=0)
+    job = f.start(ds, checkpoint_interval=0)
     assert job.await_termination(30)
-    # one round per item: its rows, then its watermark
+    # one round per item (inline) or one paced item at a time (parallel): its rows, then
+    # its watermark
     pend: dict = defaultdict(list)
     fet: dict = {}
     want: dict = defaultdict(list)
@@ -645,7 +637,7 @@ def test_event_time_trigger_in_a_streaming_job_matches_the_oracle():
         {k: [[x for pane in v for x in pane]] for k, v in want.items()}
 
 
-def test_processing_time_trigger_in_a_streaming_job():
+def test_processing_time_trigger_in_a_streaming_job(executor):
     import time
 
     def wait_for(cond, what):
@@ -659,9 +651,17 @@ def test_processing_time_trigger_in_a_streaming_job():
     ds = (src.dataset().group_by("k")
           .window(ms.global_window(ms.processing_time_trigger("10s")))
           .agg(ms.sum("v").alias("s")))
-    job = ds.start(checkpoint_interval=0, clock=clock)
+    job = ds.start(checkpoint_interval=0, clock=clock, executor=executor)
     src.add([{"k": "a", "v": 1}, {"k": "b", "v": 2}, {"k": "a", "v": 3}])
-    wait_for(lambda: job.metrics()["records_in"] == 3, "the rows to be read")
+
+    def window_rows_in() -> int:
+        ops = job.metrics()["operators"]
+        return sum(v["records_in"] for k, v in ops.items() if k.startswith("WindowAggregate"))
+
+    # the window operator (not only the source) has the rows: their panes are due at the
+    # first 10 s boundary of processing time after 0 (on the parallel executor it runs in
+    # a task of its own, which could otherwise see them only after the clock moved)
+    wait_for(lambda: window_rows_in() == 3, "the rows to reach the window")
     assert job.sink.rows() == []
     clock.set(10_000_000)
     wait_for(lambda: len(job.sink.rows()) == 2, "the first firing")

@@ -1,17 +1,17 @@
 """Stream joins whose buffered state spills to disk: the same rows (and window order) with
-a tiny limit, a zero limit and no limit, against the plain-Python oracles of
-``test_stream_joins``; snapshots and key-group restores that include spilled rows; spill
-files deleted by ``close()``; state far larger than the limit with memory kept near it."""
+a tiny limit, a zero limit and no limit, against the plain-Python oracles; snapshots and
+key-group restores that include spilled rows; spill files deleted by ``close()``; state far
+larger than the limit with memory kept near it; jobs on both executors."""
 
 from __future__ import annotations
 
 import os
-import random
 
-import duckdb
+import join_cases as jc
 import numpy as np
 import pyarrow as pa
 import pytest
+from oracles import arrivals, assert_same_as_duckdb, schedule_steps, sorted_rows
 
 import millstream as ms
 from millstream.core.context import default_context
@@ -19,22 +19,14 @@ from millstream.core.keygroups import key_hashes
 from millstream.errors import PlanError
 from millstream.expr.windows import Sliding, Tumbling
 from millstream.ops.stream_join import IntervalJoin, JoinKeys, LatestJoin, WindowJoin
-from millstream.ops.stream_join.buffer import _Buffer
 from millstream.runtime.checkpoint import BlobStore, externalize
-from millstream.testing import CollectingSink, SimulatedCrash, TestSource
-
-try:  # tests/ is on sys.path under pytest's default import mode
-    import test_stream_joins as sj
-except ImportError:  # pragma: no cover
-    from tests import test_stream_joins as sj
+from millstream.testing import CollectingSink, SimulatedCrash
 
 #: no limit, a limit below one batch (every batch spills), a limit of a few batches
 LIMITS = [None, 0, 1500]
-CSCHEMA = pa.schema([("kind", pa.string()), ("cur", pa.string()), ("amount", pa.int64()),
-                     ("rate", pa.int64()), ("ver", pa.int64()), ("gone", pa.bool_()),
-                     ("ts", pa.int64())])
-BIG_LEFT = sj._side(7, "lt", "x", n_items=40, per_item=12, keys="abcdefghij")
-BIG_RIGHT = sj._side(8, "rt", "y", n_items=40, per_item=12, keys="abcdefghij")
+CSCHEMA = jc.CSCHEMA
+BIG_LEFT = jc.side(7, "lt", "x", n_items=40, per_item=12, keys="abcdefghij")
+BIG_RIGHT = jc.side(8, "rt", "y", n_items=40, per_item=12, keys="abcdefghij")
 
 
 # ----------------------------------------------------------------------------- drivers
@@ -44,30 +36,34 @@ def _batch(rows: list[dict], schema: pa.Schema, keys: list[str]) -> pa.RecordBat
     return next(iter(JoinKeys(keys).process(pa.RecordBatch.from_pylist(rows, schema=schema))))
 
 
+def _parts(left_items, right_items, delay_ms: int, lp: int = 2, rp: int = 2):
+    """The two inputs dealt round-robin to partitions, as ``oracles.arrivals`` takes them."""
+    return [("L", "lt", delay_ms, [(it, None) for it in left_items[p::lp]]) for p in range(lp)] + \
+        [("R", "rt", delay_ms, [(it, None) for it in right_items[p::rp]]) for p in range(rp)]
+
+
+def _arrivals(left_items, right_items, delay_ms: int, lp: int = 2, rp: int = 2):
+    return arrivals(_parts(left_items, right_items, delay_ms, lp, rp), "rounds")
+
+
 def _drive(op, left_items, right_items, delay_ms: int, lp: int = 2, rp: int = 2,
            stop_round: int | None = None):
-    """Feed the operator round by round as ``sj._arrivals`` models a job (items dealt to
-    partitions; after each round the watermark moves to the minimum over the partitions);
-    returns the output batches and the last watermark. ``stop_round``: stop before it."""
-    parts = [(0, "lt", sj.LSCHEMA, p) for p in sj._parts(left_items, lp)] + \
-        [(1, "rt", sj.RSCHEMA, p) for p in sj._parts(right_items, rp)]
-    w, maxts, out, r = sj.MIN_WM, [None] * len(parts), [], 0
-    while stop_round is None or r < stop_round:
-        for i, (port, col, schema, items) in enumerate(parts):
-            if r < len(items):
-                out += op.process(_batch(items[r], schema, ["k"]), port)
-                for row in items[r]:
-                    if row[col] is not None:
-                        maxts[i] = row[col] if maxts[i] is None else max(maxts[i], row[col])
-        marks = [sj.MAX_WM if r >= len(items) else
-                 sj.MIN_WM if maxts[i] is None else (maxts[i] - delay_ms) * 1000
-                 for i, (_p, _c, _s, items) in enumerate(parts)]
-        if min(marks) == sj.MAX_WM:
+    """Feed the operator as a job's inline rounds go (``oracles.schedule_steps``: items
+    dealt to partitions; after each round the watermark moves to the minimum over the
+    partitions); returns the output batches and the last watermark. ``stop_round``: stop
+    before it."""
+    parts = _parts(left_items, right_items, delay_ms, lp, rp)
+    inputs = {"L": (0, jc.LSCHEMA), "R": (1, jc.RSCHEMA)}
+    out, w = [], -(2**63)
+    for step in schedule_steps(parts, "rounds"):
+        if stop_round is not None and step[-1] >= stop_round:
             break
-        if min(marks) > w:
-            w = min(marks)
+        if step[0] == "wm":
+            w = step[1]
             out += op.on_watermark(w)
-        r += 1
+        else:
+            port, schema = inputs[parts[step[1]][0]]
+            out += op.process(_batch(step[2], schema, ["k"]), port)
     return out, w
 
 
@@ -80,9 +76,9 @@ def _rows(batches) -> list[dict]:
 
 
 def _late(op) -> list[dict]:
-    cols = {"left": sj.LSCHEMA.names, "right": sj.RSCHEMA.names}
-    return sj._sorted({c: r[c] for c in cols[r["join_side"]]}
-                   for b in op.take_side_output("late") for r in b.to_pylist())
+    cols = {"left": jc.LSCHEMA.names, "right": jc.RSCHEMA.names}
+    return sorted_rows({c: r[c] for c in cols[r["join_side"]]}
+                       for b in op.take_side_output("late") for r in b.to_pylist())
 
 
 def _interval_op(how: str, limit: int | None, ctx=None) -> IntervalJoin:
@@ -122,19 +118,7 @@ def _feed_changelog(op: LatestJoin, items) -> list[pa.RecordBatch]:
 
 def _changelog(seed: int, n_items: int, n_keys: int):
     """Items of all orders ("O") or all rate updates ("R") over ``n_keys`` currencies."""
-    rng = random.Random(seed)
-    curs = [f"c{i:03d}" for i in range(n_keys)] + [None]
-    items, n = [], 0
-    for i in range(n_items):
-        kind = "R" if i < 2 or rng.random() < 0.5 else "O"
-        rows = []
-        for _ in range(rng.randint(1, 12)):
-            rows.append({"kind": kind, "cur": rng.choice(curs), "amount": n,
-                         "rate": rng.randint(1, 99), "ver": rng.randint(0, 5),
-                         "gone": rng.random() < 0.15, "ts": i * 1000})
-            n += 1
-        items.append(rows)
-    return items
+    return jc.changelog_items(seed, n_items, n_keys, per_item=(1, 12), rates=0.5)
 
 
 def _snapshot_rows(table: pa.Table | None) -> list[tuple]:
@@ -150,14 +134,13 @@ def _snapshot_rows(table: pa.Table | None) -> list[tuple]:
 @pytest.mark.parametrize("limit", LIMITS)
 @pytest.mark.parametrize("how", ["inner", "left", "right", "outer"])
 def test_interval_join_spilled_matches_the_oracle(how, limit, tmp_path):
-    for left, right in ((sj.LEFT, sj.RIGHT), (BIG_LEFT, BIG_RIGHT)):
+    for left, right in ((jc.LEFT, jc.RIGHT), (BIG_LEFT, BIG_RIGHT)):
         op = _interval_op(how, limit, default_context(spill_dir=str(tmp_path)))
         out, _w = _drive(op, left, right, 5000)
         out += op.finish()
-        arrivals = sj._arrivals([("L", "lt", left, 2), ("R", "rt", right, 2)], 5000)
-        expected, late = sj._interval_oracle(arrivals, -4000, 6000, how)
-        assert sj._sorted(_rows(out)) == sj._sorted(expected)
-        assert _late(op) == sj._sorted(late)
+        expected, late = jc.interval_oracle(_arrivals(left, right, 5000), -4000, 6000, how)
+        assert sorted_rows(_rows(out)) == sorted_rows(expected)
+        assert _late(op) == sorted_rows(late)
         stats = op.spill_stats()
         assert (stats["spills"] > 0) == (limit is not None)
         assert stats["runs"] == 0  # finish() dropped every run
@@ -170,13 +153,12 @@ def test_interval_join_batch_mode_with_spilled_state(limit):
     """No watermark (batch mode): every row is buffered until finish(), then outer rows."""
     op = _interval_op("outer", limit)
     out = []
-    for items, port, schema in ((BIG_LEFT, 0, sj.LSCHEMA), (BIG_RIGHT, 1, sj.RSCHEMA)):
+    for items, port, schema in ((BIG_LEFT, 0, jc.LSCHEMA), (BIG_RIGHT, 1, jc.RSCHEMA)):
         for rows in items:
             out += op.process(_batch(rows, schema, ["k"]), port)
     out += op.finish()
-    everything = [("L", r, sj.MIN_WM) for it in BIG_LEFT for r in it] + \
-        [("R", r, sj.MIN_WM) for it in BIG_RIGHT for r in it]
-    assert sj._sorted(_rows(out)) == sj._sorted(sj._interval_oracle(everything, -4000, 6000, "outer")[0])
+    assert sorted_rows(_rows(out)) == sorted_rows(
+        jc.interval_oracle(jc.everything(BIG_LEFT, BIG_RIGHT), -4000, 6000, "outer")[0])
     assert op.spill_stats()["spills"] > 0
 
 
@@ -197,10 +179,10 @@ def test_window_join_spilled_matches_the_oracle_in_the_same_order(window, size, 
         results[lim] = (_rows(out), _late(op), op.spill_stats())
         op.close()
     rows, late, stats = results[limit]
-    arrivals = sj._arrivals([("L", "lt", BIG_LEFT, 2), ("R", "rt", BIG_RIGHT, 2)], 4000)
-    expected, expected_late = sj._window_oracle(arrivals, size, every, how)
-    assert sj._sorted(rows) == sj._sorted(expected)
-    assert late == sj._sorted(expected_late)
+    expected, expected_late = jc.window_oracle(_arrivals(BIG_LEFT, BIG_RIGHT, 4000), size,
+                                               every, how)
+    assert sorted_rows(rows) == sorted_rows(expected)
+    assert late == sorted_rows(expected_late)
     assert (stats["spills"] > 0) == (limit is not None)
     # the order the operator defines: by window end, then start
     bounds = [(r["window_end"], r["window_start"]) for r in rows]
@@ -226,7 +208,7 @@ def test_window_larger_than_the_work_budget_fires_by_hash_range(monkeypatch):
         rows += op.finish()
         out[limit] = _rows(rows)
         op.close()
-    assert sj._sorted(out[2000]) == sj._sorted(out[None]) and out[None]
+    assert sorted_rows(out[2000]) == sorted_rows(out[None]) and out[None]
     assert len({u[2] for u in calls}) > 2  # several hash ranges of one window
 
 
@@ -240,9 +222,8 @@ def test_join_latest_spilled_matches_the_oracle(how, version, deleted, limit):
     for items in (_changelog(3, 150, 40), _changelog(4, 150, 400)):
         op = _latest_op(how, version, deleted, limit)
         out = _feed_changelog(op, items)
-        expected = sj._latest_oracle(items, how, version is not None, deleted is not None,
-                                  batch=False)
-        assert sj._sorted(_rows(out)) == sj._sorted(expected)
+        expected = jc.latest_oracle(items, how, version, deleted, batch=False)
+        assert sorted_rows(_rows(out)) == sorted_rows(expected)
         stats = op.spill_stats()
         assert (stats["spills"] > 0) == (limit is not None)
         if limit == 0:  # merging keeps the runs few
@@ -273,8 +254,8 @@ def test_a_deleted_key_hides_its_spilled_row():
     upsert([{"cur": "c5", "rate": 55}])  # tombstone and c5 go to a second run
     assert op.spill_stats()["runs"] == 2
     assert rates(["c3", "c4", "c5"]) == {"c3": None, "c4": 4, "c5": 55}
-    assert sj._sorted(op.snapshot()["sides"][1].select(["cur", "rate"]).to_pylist()) == \
-        sj._sorted([{"cur": f"c{i}", "rate": 55 if i == 5 else i} for i in range(10) if i != 3])
+    assert sorted_rows(op.snapshot()["sides"][1].select(["cur", "rate"]).to_pylist()) == \
+        sorted_rows([{"cur": f"c{i}", "rate": 55 if i == 5 else i} for i in range(10) if i != 3])
     op.close()
 
 
@@ -294,7 +275,7 @@ def test_snapshots_include_spilled_rows_and_restore_at_another_parallelism(facto
     half = 12
     plain, spilled = factory(None), factory(0)
     first = [_drive(op, BIG_LEFT, BIG_RIGHT, 5000, stop_round=half)[0] for op in (plain, spilled)]
-    assert sj._sorted(_rows(first[0])) == sj._sorted(_rows(first[1]))
+    assert sorted_rows(_rows(first[0])) == sorted_rows(_rows(first[1]))
     assert spilled.spill_stats()["runs"] > 0 and spilled.spill_stats()["memory_rows"] == 0
     # the same state, with the bookkeeping columns (matched flags, window bounds, hashes)
     for port in (0, 1):
@@ -332,13 +313,13 @@ def test_snapshots_include_spilled_rows_and_restore_at_another_parallelism(facto
     results = []
     for op in (plain, copy):
         out = []
-        for items, port, schema in ((rest_items[0], 0, sj.LSCHEMA), (rest_items[1], 1, sj.RSCHEMA)):
+        for items, port, schema in ((rest_items[0], 0, jc.LSCHEMA), (rest_items[1], 1, jc.RSCHEMA)):
             for rows in items:
                 out += op.process(_batch(rows, schema, ["k"]), port)
         out += op.on_watermark(plain.watermark + 20_000_000)
-        results.append(sj._sorted(_rows(out + list(op.finish()))))
+        results.append(sorted_rows(_rows(out + list(op.finish()))))
     split = []
-    for items, port, schema in ((rest_items[0], 0, sj.LSCHEMA), (rest_items[1], 1, sj.RSCHEMA)):
+    for items, port, schema in ((rest_items[0], 0, jc.LSCHEMA), (rest_items[1], 1, jc.RSCHEMA)):
         for rows in items:
             b = _batch(rows, schema, ["k"])
             g = key_hashes([b.column("__ms_jk0")], b.num_rows) % 8
@@ -347,7 +328,7 @@ def test_snapshots_include_spilled_rows_and_restore_at_another_parallelism(facto
     for op in parts:
         split += op.on_watermark(plain.watermark + 20_000_000)
         split += op.finish()
-    assert results[0] == results[1] == sj._sorted(_rows(split))
+    assert results[0] == results[1] == sorted_rows(_rows(split))
     assert results[0]
     for op in (plain, spilled, copy, *parts):
         op.close()
@@ -371,13 +352,13 @@ def test_join_latest_snapshot_resolves_spilled_versions_and_restores_by_key_grou
     for i, op in enumerate(parts):
         op.restore_key_groups([st for g, st in groups.items() if g % 2 == i])
     # every part sees every order, and joins those of its own key groups
-    want = sj._sorted(_rows(_feed_changelog(plain, items[half:])))
+    want = sorted_rows(_rows(_feed_changelog(plain, items[half:])))
     got = []
     for i, op in enumerate(parts):
         for row in _rows(_feed_changelog(op, items[half:])):
             if row["cur"] is not None and key_hashes([pa.array([row["cur"]])], 1)[0] % 4 % 2 == i:
                 got.append(row)
-    assert sj._sorted(got) == [r for r in want if r["cur"] is not None]
+    assert sorted_rows(got) == [r for r in want if r["cur"] is not None]
     for op in (plain, spilled, *parts):
         op.close()
 
@@ -419,13 +400,8 @@ def _bulk(n: int, seed: int, tcol: str, idcol: str, n_keys: int, batch: int):
 def _same_pairs(out: list[pa.RecordBatch], sql: str, **tables: pa.Table) -> int:
     """Check that the (x, y) pairs of ``out`` are those of the DuckDB query over ``tables``
     (with multiplicity); their number."""
-    con = duckdb.connect()
-    for name, table in tables.items():
-        con.register(name, table)
-    con.register("got", pa.Table.from_batches(out).select(["x", "y"]))
-    for a, b in ((sql, "SELECT x, y FROM got"), ("SELECT x, y FROM got", sql)):
-        assert con.sql(f"SELECT count(*) FROM (({a}) EXCEPT ALL ({b}))").fetchall() == [(0,)]
-    return con.sql("SELECT count(*) FROM got").fetchall()[0][0]
+    got = pa.Table.from_batches(out).select(["x", "y"])
+    return assert_same_as_duckdb(got, sql, exact=True, **tables)
 
 
 def test_interval_join_state_far_larger_than_the_limit():
@@ -505,57 +481,48 @@ def test_join_latest_state_far_larger_than_the_limit():
 # ----------------------------------------------------------------------------- jobs
 
 
-def test_jobs_with_a_tiny_memory_limit_match_the_oracles(monkeypatch):
+def test_jobs_with_a_tiny_memory_limit_match_the_oracles(feed):
     """memory_limit="1KB" per task (a join keeps 512 bytes in memory): the stream joins of
     test_stream_joins give the oracles' rows, and their state went to disk."""
-    spills = []
-    spill = _Buffer.spill
+    def spills(job) -> int:
+        return job.metrics()["counters"].get("millstream.state_spills", 0)
 
-    def counting(self, *args, **kwargs):
-        spills.append(1)
-        return spill(self, *args, **kwargs)
-
-    monkeypatch.setattr(_Buffer, "spill", counting)
-    arrivals = sj._arrivals([("L", "lt", sj.LEFT, 2), ("R", "rt", sj.RIGHT, 3)], 5000)
-    expected, late = sj._interval_oracle(arrivals, -4000, 6000, "outer")
-    job = sj._interval("outer").start(checkpoint_interval=0, parallelism=2, memory_limit="1KB")
+    f = feed()
+    job = f.start(jc.interval(f, "outer"), checkpoint_interval=0, parallelism=2,
+                  memory_limit="1KB")
     assert job.await_termination(60)
-    assert sj._sorted(job.sink.rows()) == sj._sorted(expected)
-    assert sj._late_rows(job) == sj._sorted(late)
-    assert spills
-    spills.clear()
-    arrivals = sj._arrivals([("L", "lt", sj.LEFT, 2), ("R", "rt", sj.RIGHT, 2)], 4000)
-    expected, late = sj._window_oracle(arrivals, 10_000, 5000, "outer")
-    job = sj._window_join(ms.sliding("10s", every="5s"), "outer").start(
-        checkpoint_interval=0, parallelism=2, memory_limit="1KB")
+    expected, late = jc.interval_oracle(f.arrivals(), -4000, 6000, "outer")
+    assert sorted_rows(job.sink.rows()) == sorted_rows(expected)
+    assert jc.late_rows(job) == sorted_rows(late)
+    assert spills(job)
+    f = feed()
+    job = f.start(jc.window_join(f, ms.sliding("10s", every="5s"), "outer"),
+                  checkpoint_interval=0, parallelism=2, memory_limit="1KB")
     assert job.await_termination(60)
-    assert sj._sorted(job.sink.rows()) == sj._sorted(expected)
-    assert sj._late_rows(job) == sj._sorted(late)
-    assert spills
-    spills.clear()
+    expected, late = jc.window_oracle(f.arrivals(), 10_000, 5000, "outer")
+    assert sorted_rows(job.sink.rows()) == sorted_rows(expected)
+    assert jc.late_rows(job) == sorted_rows(late)
+    assert spills(job)
     items = _changelog(3, 100, 40)
-    src = TestSource(schema=CSCHEMA)
-    for rows in items:
-        src.add(rows)
-    src.close()
-    job = sj._latest_ds(src, "left", "ver", "gone").start(checkpoint_interval=0, parallelism=2,
-                                                          memory_limit="1KB")
+    f = feed()
+    job = f.start(jc.latest_ds(f.source(items, CSCHEMA), "left", "ver", "gone"),
+                  checkpoint_interval=0, parallelism=2, memory_limit="1KB")
     assert job.await_termination(60)
-    assert sj._sorted(job.sink.rows()) == sj._sorted(
-        sj._latest_oracle(items, "left", True, True, batch=False))
-    assert spills
+    assert sorted_rows(job.sink.rows()) == sorted_rows(
+        jc.latest_oracle(items, "left", "ver", "gone", batch=False))
+    assert spills(job)
 
 
-def test_parallel_job_with_a_tiny_memory_limit_equals_batch():
-    """Worker processes with a 4 KB budget each: an outer interval join of in-order streams
-    (nothing late) gives the batch result and the plain-Python one."""
+def test_job_with_a_tiny_memory_limit_equals_batch(executor):
+    """A 4 KB budget per task: an outer interval join of in-order streams (nothing late)
+    gives the batch result and the plain-Python one."""
     def side(col: str, ident: str):
         return ms.from_generator(lambda i: {"k": i % 37, col: i * 10, ident: i}, count=3000,
                                  partitions=2).with_watermark(col, "1m")
 
     ds = side("lt", "x").interval_join(side("rt", "y"), on="k", between=("-1s", "500ms"),
                                        how="outer")
-    job = ds.start(executor="parallel", checkpoint_interval=0, parallelism=2,
+    job = ds.start(executor=executor, checkpoint_interval=0, parallelism=2,
                    memory_limit="4KB")
     assert job.await_termination(120)
     got = sorted((r["x"], r["y"]) for r in job.sink.rows())
@@ -565,17 +532,19 @@ def test_parallel_job_with_a_tiny_memory_limit_equals_batch():
     assert got == sorted((r["x"], r["y"]) for r in ds.collect())
 
 
-def test_job_with_spilled_join_state_restores_at_another_parallelism(tmp_path):
-    plain = sj._interval("left").start(checkpoint_interval=0, parallelism=2)
+def test_job_with_spilled_join_state_restores_at_another_parallelism(feed, tmp_path):
+    f = feed()
+    plain = f.start(jc.interval(f, "left"), checkpoint_interval=0, parallelism=2)
     assert plain.await_termination(60)
-    expected = sj._sorted(plain.sink.rows())
-    chk, sink = str(tmp_path / "chk"), CollectingSink()
-    first = sj._interval("left").start(checkpoint=chk, sink=sink, checkpoint_interval=0,
-                                    parallelism=2, memory_limit="1KB", _fault=(6, "after_checkpoint"))
+    expected = sorted_rows(plain.sink.rows())
+    chk, sink, f = str(tmp_path / "chk"), CollectingSink(), feed()
+    ds = jc.interval(f, "left")
+    first = f.start(ds, checkpoint=chk, sink=sink, checkpoint_interval=0, parallelism=2,
+                    memory_limit="1KB", _fault=(6, "after_checkpoint"))
     with pytest.raises(SimulatedCrash):
         first.await_termination(60)
-    second = sj._interval("left").start(checkpoint=chk, sink=sink, checkpoint_interval=0,
-                                     parallelism=3, memory_limit="1KB")
+    second = f.start(ds, checkpoint=chk, sink=sink, checkpoint_interval=0, parallelism=3,
+                     memory_limit="1KB")
     assert second.await_termination(60)
     assert second.metrics()["restored_from_epoch"] is not None
-    assert sj._sorted(sink.rows()) == expected
+    assert sorted_rows(sink.rows()) == expected

@@ -33,24 +33,11 @@ from millstream.io.kafka import (  # no client import until a client is made
 )
 
 try:  # tests/ is on sys.path under pytest's default (prepend) import mode
-    from services.kafka import TansuBroker, TansuNotFoundError, find_tansu
+    from services.kafka import TansuBroker, kafka_missing
 except ImportError:  # pragma: no cover - tests/ imported as a package
-    from tests.services.kafka import TansuBroker, TansuNotFoundError, find_tansu
+    from tests.services.kafka import TansuBroker, kafka_missing
 
-
-def _missing() -> str | None:
-    try:
-        import confluent_kafka  # noqa: F401
-    except ImportError:
-        return "confluent-kafka is not installed (pip install 'millstream[kafka]')"
-    try:
-        find_tansu()
-    except TansuNotFoundError as exc:
-        return str(exc)
-    return None
-
-
-_MISSING = _missing()
+_MISSING = kafka_missing()
 
 pytestmark = [
     pytest.mark.kafka,
@@ -59,15 +46,8 @@ pytestmark = [
 
 
 # ----------------------------------------------------------------------------------------
-# Fixtures and helpers
+# Fixtures and helpers (the module's broker: ``broker`` in conftest.py)
 # ----------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory):
-    server = TansuBroker.start(tmp_path_factory.mktemp("kafka"))
-    yield server
-    server.stop()
-
 
 @pytest.fixture
 def topic(broker):

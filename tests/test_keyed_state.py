@@ -480,7 +480,7 @@ def test_fraud_detection_example():
     assert len(op.store) == 0  # every list pruned at the end of input
 
 
-def test_function_instance_is_not_shared_between_parallel_operators():
+def test_function_instance_is_not_shared_between_parallel_operators(executor):
     """State handles kept on ``self`` in open() stay per operator instance in streaming."""
     import millstream as ms
     from millstream.ops.state.process import KeyedProcessFunction as KPF
@@ -497,6 +497,6 @@ def test_function_instance_is_not_shared_between_parallel_operators():
           .with_watermark("ts", "0s").group_by("k").process(Count()))
     want = sorted((k, n) for k in "abcd" for n in (1, 2))
     assert sorted((r["k"], r["n"]) for r in ds.collect()) == want
-    job = ds.start(checkpoint_interval=0)
-    job.await_termination(30)
+    job = ds.start(checkpoint_interval=0, executor=executor)
+    assert job.await_termination(30)
     assert sorted((r["k"], r["n"]) for r in job.sink.rows()) == want

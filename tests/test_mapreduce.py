@@ -312,7 +312,7 @@ def test_exact_values_come_back_as_they_went_in():
 
 # ----------------------------------------------------------------------------------- jobs vs Python
 
-def test_wordcount_matches_python_with_counters(corpus):
+def test_wordcount_matches_python_with_counters(runner, corpus):
     job = WordCount()
     got = dict(job.run(corpus, split_size=40_000, num_reducers=3))
     want = _py_wordcount(corpus)
@@ -346,7 +346,7 @@ def test_text_input_keys_are_path_and_byte_offset(corpus):
         assert offset == 0 or data[offset - 1:offset] == b"\n"
 
 
-def test_inverted_index_matches_python(tmp_path):
+def test_inverted_index_matches_python(runner, tmp_path):
     paths = [_write_corpus(tmp_path / f"doc{i}.txt", 300 + 100 * i, seed=i) for i in range(4)]
     got = dict(InvertedIndex().run(paths, num_reducers=2))
     want: dict[str, set[str]] = collections.defaultdict(set)
@@ -358,7 +358,7 @@ def test_inverted_index_matches_python(tmp_path):
     assert got == {w: sorted(files) for w, files in want.items()}
 
 
-def test_two_step_top_words_matches_python(corpus):
+def test_two_step_top_words_matches_python(runner, corpus):
     job = TopWords()
     got = job.run(corpus, split_size=40_000)
     counts = _py_wordcount(corpus)
@@ -382,7 +382,7 @@ def test_example_top_words_matches_python(tmp_path):
     assert got == [(w, c) for c, w in heapq.nlargest(10, ((c, w) for w, c in counts.items()))]
 
 
-def test_functional_form_feeds_the_dataset_api_and_back():
+def test_functional_form_feeds_the_dataset_api_and_back(runner):
     docs = ms.from_items([{"doc": i, "text": " ".join(VOCAB[j] for j in range(i % 7 + 1))}
                           for i in range(200)], num_partitions=3)
     counts = ms.mapreduce(docs, lambda _k, row: ((w, 1) for w in row["text"].split()),
@@ -401,7 +401,7 @@ def test_functional_form_feeds_the_dataset_api_and_back():
     assert got == dict(lens)
 
 
-def test_map_only_step_and_identity_mapper():
+def test_map_only_step_and_identity_mapper(runner):
     ds = ms.range(1000, num_partitions=4)
     evens = ms.mapreduce(ds, lambda _k, i: [(i, i * i)] if i % 2 == 0 else [], None)
     assert sorted((r["key"], r["value"]) for r in evens.collect()) == \
@@ -412,7 +412,7 @@ def test_map_only_step_and_identity_mapper():
         [(k, sum(range(k, 100, 5))) for k in range(5)]
 
 
-def test_keys_arrive_sorted_and_grouped_in_every_reducer_partition():
+def test_keys_arrive_sorted_and_grouped_in_every_reducer_partition(runner):
     job = OrderRecorder()
     n = 23 * 40
     out = job.run(ms.range(n, num_partitions=4), num_reducers=3)
@@ -429,7 +429,7 @@ def test_keys_arrive_sorted_and_grouped_in_every_reducer_partition():
         assert groups[encode_key(k)] == list(range(i, n, len(MIXED_KEYS)))
 
 
-def test_hooks_run_once_per_task():
+def test_hooks_run_once_per_task(runner):
     job = Hooks()
     out = dict(job.run(ms.from_items([{"t": str(i)} for i in range(500)], num_partitions=4),
                        num_reducers=3))
@@ -440,7 +440,7 @@ def test_hooks_run_once_per_task():
     assert out == {"line": 500, "lines seen by map tasks": 500, "combiner_final": 4}
 
 
-def test_partitioner_decides_the_reducer():
+def test_partitioner_decides_the_reducer(runner):
     job = FirstLetter()
     words = ["apple", "banana", "cherry", "avocado", "blueberry", "date", "elder", "fig"]
     out = job.run(ms.from_items([{"t": " ".join(words[i % 8:]) } for i in range(64)],
@@ -466,7 +466,7 @@ def test_bad_pairs_and_partitions_get_precise_errors():
 
 # ----------------------------------------------------------------------------------- output
 
-def test_text_and_parquet_output_committed_atomically(corpus, tmp_path):
+def test_text_and_parquet_output_committed_atomically(runner, corpus, tmp_path):
     want = dict(_py_wordcount(corpus))
     out = tmp_path / "text"
     WordCount().run(corpus, str(out), num_reducers=2)
@@ -493,7 +493,7 @@ def _int_then_str(key: int, values: Iterator[int]) -> Iterable[tuple[int, Any]]:
     yield key, key if key < 1024 else str(key)
 
 
-def test_output_value_types_changing_between_batches(tmp_path):
+def test_output_value_types_changing_between_batches(runner, tmp_path):
     pairs = ms.from_items([{"key": i, "value": i} for i in range(2048)])
     ds = ms.mapreduce(pairs, None, _int_then_str, num_reducers=1)
     want = [(i, i if i < 1024 else str(i)) for i in range(2048)]
@@ -580,7 +580,7 @@ def test_exhausted_attempts_fail_precisely_and_leave_no_output(corpus, tmp_path,
     assert [p.name for p in tmp_path.iterdir()] == []  # no staging left behind
 
 
-def test_user_error_in_reducer_names_step_key_and_traceback(corpus):
+def test_user_error_in_reducer_names_step_key_and_traceback(runner, corpus):
     with pytest.raises(ms.UserFunctionError) as info:
         BadReducer().run(corpus, num_reducers=2, max_task_attempts=2)
     err = info.value

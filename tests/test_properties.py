@@ -13,6 +13,7 @@ import os
 import pyarrow as pa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from oracles import equi_join, sort_rows
 
 import millstream as ms
 from millstream.expr.nodes import col
@@ -21,6 +22,10 @@ from millstream.expr.nodes import col
 EXAMPLES = int(os.environ.get("MILLSTREAM_PROPERTY_EXAMPLES", "25"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+#: for tests that take the ``runner`` fixture (it only picks the runner, the same for every
+#: example, so a function-scoped fixture is fine here)
+RUNNER_SETTINGS = settings(SETTINGS, suppress_health_check=[
+    HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
 
 ints = st.one_of(st.none(), st.integers(-20, 20))
 keys = st.one_of(st.none(), st.integers(0, 4))
@@ -64,57 +69,17 @@ def and3(x, y):
     return None if x is None or y is None else True
 
 
-def py_sort(rows: list[dict], by: list[str], desc: list[bool], nulls_last: bool | None = None) -> list[dict]:
-    out = list(rows)
-    for c, d in reversed(list(zip(by, desc))):  # stable sorts, least significant key first
-        last = d if nulls_last is None else nulls_last
-        nulls = [r for r in out if r[c] is None]
-        # (reverse=True keeps equal elements in order: the sort stays stable)
-        vals = sorted((r for r in out if r[c] is not None), key=lambda r: r[c], reverse=d)
-        out = vals + nulls if last else nulls + vals
-    return out
-
-
-def py_join(left: list[dict], right: list[dict], left_cols: list[str], right_cols: list[str], how: str,
-            on: str = "k", suffix: str = "_right") -> tuple[list[dict], list[str]]:
-    matches = {i: [j for j, r in enumerate(right) if lr[on] is not None and r[on] == lr[on]]
-               for i, lr in enumerate(left)}
-    if how == "semi":
-        return [dict(lr) for i, lr in enumerate(left) if matches[i]], list(left_cols)
-    if how == "anti":
-        return [dict(lr) for i, lr in enumerate(left) if not matches[i]], list(left_cols)
-    rnames = [(c, c + suffix if c in left_cols else c) for c in right_cols if c != on]
-    out_cols = list(left_cols) + [n for _, n in rnames]
-    out = []
-    used = set()
-    for i, lr in enumerate(left):
-        if matches[i]:
-            for j in matches[i]:
-                used.add(j)
-                out.append({**lr, **{n: right[j][c] for c, n in rnames}})
-        elif how in ("left", "outer"):
-            out.append({**lr, **{n: None for _, n in rnames}})
-    if how in ("right", "outer"):
-        for j, r in enumerate(right):
-            if j not in used:
-                row = {c: None for c in left_cols}
-                row[on] = r[on]
-                row.update({n: r[c] for c, n in rnames})
-                out.append(row)
-    return out, out_cols
-
-
 # ----------------------------------------------------------------------------- joins
 
 
-@SETTINGS
+@RUNNER_SETTINGS
 @given(left=left_rows, right=right_rows, how=st.sampled_from(["inner", "left", "right", "outer", "semi", "anti"]),
        broadcast=st.sampled_from([True, False, None]), lay=layout)
-def test_join_matches_python(left, right, how, broadcast, lay):
+def test_join_matches_python(runner, left, right, how, broadcast, lay):
     parts, shuffle = lay
     got = dataset(left, SCHEMA, parts).join(dataset(right, RSCHEMA, max(1, 5 - parts)), on="k", how=how,
                                             broadcast=broadcast).collect(shuffle_partitions=shuffle)
-    want, cols = py_join(left, right, ["k", "v", "s"], ["k", "r", "v"], how)
+    want, cols = equi_join(left, right, ["k", "v", "s"], ["k", "r", "v"], how)
     assert canon(got) == canon(want)
     if got:
         assert list(got[0]) == cols
@@ -131,7 +96,7 @@ def test_sort_matches_python(rows, by, data, nulls_last, lay):
     desc = data.draw(st.lists(st.booleans(), min_size=len(by), max_size=len(by)))
     got = dataset(rows, SCHEMA, parts).sort(by, descending=desc, nulls_last=nulls_last).collect(
         shuffle_partitions=shuffle)
-    want = py_sort(rows, by, desc, nulls_last)
+    want = sort_rows(rows, by, desc, nulls_last)
     assert [tuple(r[c] for c in by) for r in got] == [tuple(r[c] for c in by) for r in want]
     assert canon(got) == canon(rows)
 
@@ -293,7 +258,7 @@ class Pipeline:
         bc = draw(st.sampled_from([True, False]))
         rparts = draw(st.integers(1, 3))
         left_cols = list(self.cols)
-        out, cols = py_join(self.rows, self.right, left_cols, ["k", "r", "v"], how)
+        out, cols = equi_join(self.rows, self.right, left_cols, ["k", "r", "v"], how)
         if len(set(cols)) != len(cols):
             return
         self.rows = out
@@ -322,7 +287,7 @@ class Pipeline:
     def sort(self, draw):
         by = draw(st.lists(st.sampled_from(list(self.cols)), min_size=1, max_size=2, unique=True))
         desc = draw(st.lists(st.booleans(), min_size=len(by), max_size=len(by)))
-        self.rows = py_sort(self.rows, by, desc)
+        self.rows = sort_rows(self.rows, by, desc)
         self.add(f"sort({by}, {desc})", lambda ds, b=by, d=desc: ds.sort(b, descending=d))
         self.sorted_by = (by, desc)
 
@@ -336,7 +301,7 @@ class Pipeline:
         by = list(self.cols)
         desc = draw(st.lists(st.booleans(), min_size=len(by), max_size=len(by)))
         n = draw(st.integers(0, 12))
-        self.rows = py_sort(self.rows, by, desc)[:n]
+        self.rows = sort_rows(self.rows, by, desc)[:n]
         self.add(f"sort({by}, {desc}).limit({n})", lambda ds, b=by, d=desc, n=n: ds.sort(b, descending=d).limit(n))
         self.sorted_by = (by, desc)
 
@@ -357,9 +322,9 @@ STEPS = ["filter", "filter_fn", "with_columns", "select", "group_by", "join", "d
          "top_n", "map_rows"]
 
 
-@SETTINGS
+@RUNNER_SETTINGS
 @given(rows=left_rows, right=right_rows, data=st.data(), lay=layout)
-def test_random_pipeline_matches_python(rows, right, data, lay):
+def test_random_pipeline_matches_python(runner, rows, right, data, lay):
     parts, shuffle = lay
     p = Pipeline(rows, right)
     for step in data.draw(st.lists(st.sampled_from(STEPS), min_size=1, max_size=5), label="steps"):
@@ -393,7 +358,7 @@ def test_same_result_at_every_layout(rows, right):
               .sort(["k", "s"], descending=[False, True]))
         results.append(ds.collect(shuffle_partitions=shuffle))
     assert all(r == results[0] for r in results[1:])
-    want, _ = py_join(rows, right, ["k", "v", "s"], ["k", "r", "v"], "left")
+    want, _ = equi_join(rows, right, ["k", "v", "s"], ["k", "r", "v"], "left")
     groups: dict = {}
     for r in want:
         groups.setdefault((r["k"], r["s"]), []).append(r)

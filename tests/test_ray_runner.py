@@ -23,7 +23,8 @@ from runners_fixture import RAY_PARALLELISM, ray_missing, shared_ray_cluster, us
 import millstream as ms
 from millstream.runtime.session import Session, Settings, get_session
 
-pytestmark = pytest.mark.skipif(ray_missing() is not None, reason=ray_missing() or "")
+pytestmark = [pytest.mark.ray,
+              pytest.mark.skipif(ray_missing() is not None, reason=ray_missing() or "")]
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,11 @@
 """Runner-independent Dataset and MapReduce behaviour, run on every runner.
 
 One suite, not a copy per runner: every test takes the ``runner`` fixture (parametrized
-over ``["local", "ray"]`` in ``runners_fixture.py``) and checks its result against plain
-Python on the same data.
+over ``["local", "ray"]`` in ``runners_fixture.py``, given to every module by
+``conftest.py``) and checks its result against plain Python on the same data. The
+Dataset-operation, join, sort, cache and MapReduce suites (``test_dataset_ops``,
+``test_mapreduce``, ``test_properties``) run a representative part of themselves on both
+runners the same way.
 """
 
 from __future__ import annotations
@@ -13,13 +16,9 @@ from collections import Counter
 
 import pyarrow.parquet as pq
 import pytest
-import runners_fixture
 
 import millstream as ms
 from millstream.runtime.session import get_session
-
-#: The fixture parametrized over the runners (a no-op once conftest.py imports it too).
-runner = runners_fixture.runner
 
 RNG = random.Random(7)
 ROWS = [{"id": i, "k": RNG.choice([None, 0, 1, 2, 3, 4]), "s": RNG.choice(["a", "b", "ß", "日本", None]),

@@ -417,7 +417,8 @@ def test_word_count_survives_losing_a_volume_server_mid_job(cluster, tmp_path, m
 
 
 def test_streaming_job_checkpoints_to_s3_and_restarts_exactly_once(mini, fs, monkeypatch):
-    """Checkpoints and the exactly-once file sink on S3; a task process killed mid-job."""
+    """Checkpoints and the exactly-once file sink on S3; a task process killed mid-job (the
+    test source stays open until then, so the kill always lands in a running job)."""
     import signal
     from collections import Counter
 

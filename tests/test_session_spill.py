@@ -12,29 +12,20 @@ import os
 import pickle
 import random
 
-import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_windows import oracle_sessions
+from oracles import all_aggs, oracle_sessions
+from window_cases import to_batch
 
-import millstream as ms
 from millstream.core.context import default_context
 from millstream.core.keygroups import owned_key_groups
 from millstream.expr.windows import Session
 from millstream.ops.window import WindowAggregate
 
-SCHEMA = pa.schema([("k", pa.string()), ("t", pa.int64()), ("v", pa.int64())])
 AGGS = ["s", "c", "n", "m", "lo", "hi", "d", "l"]
 GAP_MS = 3_000
 SPILLS = ("millstream", "state_spills")
-
-
-def all_aggs() -> list:
-    return [ms.sum("v").alias("s"), ms.count("v").alias("c"), ms.count().alias("n"),
-            ms.mean("v").alias("m"), ms.min("v").alias("lo"), ms.max("v").alias("hi"),
-            ms.count_distinct("v").alias("d"), ms.first("v").alias("f"),
-            ms.collect_list("v").alias("l")]
 
 
 class Runs:
@@ -58,11 +49,6 @@ class Runs:
 
     def spills(self) -> int:
         return sum(c.counters.get(SPILLS, 0) for c in self.ctxs)
-
-
-def to_batch(events) -> pa.RecordBatch:
-    return pa.RecordBatch.from_pylist([{"k": k, "t": t, "v": v} for k, t, v in events],
-                                      schema=SCHEMA)
 
 
 def step(op: WindowAggregate, kind: str, arg) -> list[dict]:
@@ -95,7 +81,7 @@ def rows_of(run) -> list[dict]:
 
 def oracle(script, lateness_us: int):
     """One event at a time: final aggregates per (key, start µs, end µs) and the late events
-    (test_windows' session simulation; ``first`` is checked on its own here)."""
+    (``oracles.oracle_sessions``; ``first`` is checked on its own here)."""
     want, late = oracle_sessions(script, GAP_MS * 1000, lateness_us)
     return {k: {n: v for n, v in w.items() if n != "f"} for k, w in want.items()}, late
 

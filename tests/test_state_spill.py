@@ -9,20 +9,19 @@ import threading
 
 import pyarrow as pa
 import pytest
-from test_streaming_rescale import CountWithTimeout as RescaleCountWithTimeout
+from streams import CountWithTimeout as BaseCountWithTimeout
 
 from millstream.core.arrow import batch_to_rows
 from millstream.core.context import default_context
 from millstream.core.keygroups import key_group_owners, key_hashes, owned_key_groups
 from millstream.core.time import VirtualClock
 from millstream.errors import PlanError, SimulatedCrash, UserCodeFailure
-from millstream.ops.state import process as process_module
 from millstream.ops.state.process import KeyedProcess, KeyedProcessFunction
-from millstream.ops.state.spill_store import SpillArea, decode_key, deep_size, encode_key
+from millstream.ops.state.spill_store import decode_key, deep_size, encode_key
 from millstream.ops.state.store import KeyedStateStore
 from millstream.ops.state.timers import TimerService
 from millstream.runtime.checkpoint import BlobStore, CheckpointStore, externalize
-from millstream.testing import CollectingSink, TestSource
+from millstream.testing import CollectingSink
 
 SEC = 1_000_000
 
@@ -327,8 +326,8 @@ def test_key_group_snapshot_of_a_spilled_operator_restores_at_another_parallelis
     assert sorted(got, key=key) == sorted(want, key=key)
 
 
-class CountWithTimeout(RescaleCountWithTimeout):
-    """The rescale tests' count-with-timeout, with 100 bytes of list state per event."""
+class CountWithTimeout(BaseCountWithTimeout):
+    """``streams.CountWithTimeout``, with 100 bytes of list state per event."""
 
     def open(self, ctx):
         super().open(ctx)
@@ -345,7 +344,7 @@ class CountWithTimeout(RescaleCountWithTimeout):
 
 
 def test_streaming_job_with_spilled_state_crashes_and_restores_at_another_parallelism(
-        tmp_path, monkeypatch):
+        feed, tmp_path):
     rng = random.Random(9)
     items, t = [], 0
     for _ in range(16):
@@ -355,40 +354,30 @@ def test_streaming_job_with_spilled_state_crashes_and_restores_at_another_parall
             batch.append({"k": f"u{rng.randint(0, 299)}", "ts": max(0, t - rng.randint(0, 5000))})
         items.append(batch)
 
-    def make():
-        src = TestSource(partitions=2)
-        for i, batch in enumerate(items):
-            src.add(batch, partition=i % 2)
-        src.close()
-        return (src.dataset().with_watermark("ts", "5s").group_by("k")
+    def make(f):
+        return (f.source(items, partitions=2).dataset().with_watermark("ts", "5s").group_by("k")
                 .process(CountWithTimeout))
 
-    plain = make().start(checkpoint_interval=0, parallelism=2)
+    f = feed()
+    plain = f.start(make(f), checkpoint_interval=0, parallelism=2)
     assert plain.await_termination(30)
     expected = sorted(tuple(sorted(r.items())) for r in plain.sink.rows())
     assert expected
 
-    spills = []
-    lock = threading.Lock()
-    real = SpillArea.count_spill
-
-    def counting(self):
-        with lock:
-            spills.append(1)
-        real(self)
-
-    monkeypatch.setattr(SpillArea, "count_spill", counting)
-    monkeypatch.setattr(process_module, "default_state_memory_limit", lambda ctx: 4_000)
-    chk, sink = str(tmp_path / "chk"), CollectingSink()
-    first = make().start(checkpoint=chk, sink=sink, checkpoint_interval=0, parallelism=2,
-                         _fault=(6, "after_checkpoint"))
+    # 8 KB per task: keyed state keeps 4 KB in memory (a hundred keys and more spill)
+    chk, sink, f = str(tmp_path / "chk"), CollectingSink(), feed()
+    ds = make(f)
+    first = f.start(ds, checkpoint=chk, sink=sink, checkpoint_interval=0, parallelism=2,
+                    memory_limit=8_000, _fault=(6, "after_checkpoint"))
     with pytest.raises(SimulatedCrash):
         first.await_termination(30)
-    assert spills, "the job's keyed state should have spilled"
+    assert first.metrics()["counters"].get("millstream.state_spills"), \
+        "the job's keyed state should have spilled"
     state = CheckpointStore(chk).latest()[1]
     (groups,) = state["keyed"].values()
     assert any(st["store"] and st["store"]["spilled"] for g in groups.values() for st in g)
-    second = make().start(checkpoint=chk, sink=sink, checkpoint_interval=0, parallelism=3)
+    second = f.start(ds, checkpoint=chk, sink=sink, checkpoint_interval=0, parallelism=3,
+                     memory_limit=8_000)
     assert second.await_termination(30)
     # (a collecting sink resumes from the newest checkpoint whose commit is known)
     assert second.metrics()["restored_from_epoch"] == 5

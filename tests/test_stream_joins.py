@@ -1,244 +1,93 @@
-"""Stream joins (interval, window, latest value, stream-table) against plain-Python oracles,
-in streaming and batch mode, across restores at another parallelism."""
+"""Stream joins (interval, window, latest value, stream-table) on both executors against
+plain-Python oracles, in streaming and batch mode, across restores at another parallelism."""
 
 from __future__ import annotations
 
 import datetime as dt
-import random
 import time
 
 import pyarrow as pa
 import pytest
+from join_cases import (
+    CSCHEMA,
+    LEFT,
+    LSCHEMA,
+    RIGHT,
+    RSCHEMA,
+    changelog_items,
+    everything,
+    interval,
+    interval_oracle,
+    late_rows,
+    latest_ds,
+    latest_oracle,
+    side,
+    window_join,
+    window_oracle,
+)
+from oracles import sorted_rows
+from streams import filled_source
 
 import millstream as ms
 from millstream.core.context import default_context
 from millstream.core.keygroups import key_hashes
 from millstream.errors import PlanError, SchemaError, SimulatedCrash
 from millstream.ops.stream_join import IntervalJoin, JoinKeys
-from millstream.testing import CollectingSink, TestSource, crash_and_restore
-
-MIN_WM = -(2**63)
-MAX_WM = 2**63 - 1
-LSCHEMA = pa.schema([("k", pa.string()), ("lt", pa.int64()), ("x", pa.int64())])
-RSCHEMA = pa.schema([("k", pa.string()), ("rt", pa.int64()), ("y", pa.int64())])
-EPOCH = dt.datetime(1970, 1, 1)
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def _side(seed: int, col: str, ident: str, n_items: int, per_item: int, keys: str = "abcd"):
-    """Items of rows with out-of-order and some very late event times (epoch ms; whole
-    seconds, so that times often fall exactly on a watermark or an interval bound)."""
-    rng = random.Random(seed)
-    items, t, n = [], 0, 0
-    for _ in range(n_items):
-        rows = []
-        for _ in range(per_item):
-            t += rng.randint(0, 3) * 1000
-            jitter = rng.choice([0, 0, 0, rng.randint(0, 8) * 1000, rng.randint(0, 60) * 1000])
-            k = rng.choice(keys) if rng.random() > 0.05 else None
-            rows.append({"k": k, col: max(0, t - jitter), ident: n})
-            n += 1
-        items.append(rows)
-    return items
-
-
-def _parts(items, partitions: int):
-    """Items dealt round-robin to partitions (what _source does)."""
-    return [items[p::partitions] for p in range(partitions)]
-
-
-def _source(items, schema, partitions: int, close: bool = True) -> TestSource:
-    src = TestSource(schema=schema, partitions=partitions)
-    for i, rows in enumerate(items):
-        src.add(rows, partition=i % partitions)
-    if close:
-        src.close()
-    return src
-
-
-def _arrivals(sides, delay_ms: int):
-    """Plain Python model of the job's rounds: every row with the watermark (µs) in effect
-    when it was processed. ``sides``: [(side, time column, items, partitions)]."""
-    parts = [(side, col, p) for side, col, items, n in sides for p in _parts(items, n)]
-    w, maxts, out, r = MIN_WM, [None] * len(parts), [], 0
-    while True:
-        for i, (side, col, items) in enumerate(parts):
-            if r < len(items):
-                for row in items[r]:
-                    out.append((side, row, w))
-                    if row[col] is not None:
-                        maxts[i] = row[col] if maxts[i] is None else max(maxts[i], row[col])
-        marks = []
-        for i, (_s, _c, items) in enumerate(parts):
-            if r >= len(items):
-                marks.append(MAX_WM)
-            else:
-                marks.append(MIN_WM if maxts[i] is None else (maxts[i] - delay_ms) * 1000)
-        if min(marks) == MAX_WM:
-            return out
-        w = max(w, min(marks))
-        r += 1
-
-
-def _key(row: dict) -> tuple:
-    return tuple(sorted((k, str(v)) for k, v in row.items()))
-
-
-def _sorted(rows):
-    return sorted((_norm(r) for r in rows), key=_key)
-
-
-def _norm(row: dict) -> dict:
-    out = {}
-    for k, v in row.items():
-        out[k] = (v - EPOCH) // dt.timedelta(microseconds=1) if isinstance(v, dt.datetime) else v
-    return out
-
-
-def _pair(left: dict | None, right: dict | None) -> dict:
-    """An output row of on="k" (the key once, coalesced), left columns, right columns."""
-    left = left or {"k": None, "lt": None, "x": None}
-    right = right or {"k": None, "rt": None, "y": None}
-    return {"k": left["k"] if left["k"] is not None else right["k"], "lt": left["lt"],
-            "x": left["x"], "rt": right["rt"], "y": right["y"]}
-
-
-# ----------------------------------------------------------------------------- oracles
-
-
-def _interval_oracle(arrivals, lower_ms: int, upper_ms: int, how: str):
-    """Rows not late (time >= watermark on arrival) join when keys are equal and
-    l.t + lower <= r.t <= l.t + upper; the late ones are the side output."""
-    left = [r for s, r, w in arrivals if s == "L" and r["lt"] * 1000 >= w]
-    right = [r for s, r, w in arrivals if s == "R" and r["rt"] * 1000 >= w]
-    late = [r for s, r, w in arrivals if r["lt" if s == "L" else "rt"] * 1000 < w]
-    out, lm, rm = [], set(), set()
-    for a in left:
-        for b in right:
-            if a["k"] is not None and a["k"] == b["k"] and \
-                    a["lt"] + lower_ms <= b["rt"] <= a["lt"] + upper_ms:
-                out.append(_pair(a, b))
-                lm.add(a["x"])
-                rm.add(b["y"])
-    if how in ("left", "outer"):
-        out += [_pair(a, None) for a in left if a["x"] not in lm]
-    if how in ("right", "outer"):
-        out += [_pair(None, b) for b in right if b["y"] not in rm]
-    return out, late
-
-
-def _windows_of(t_ms: int, size_ms: int, every_ms: int | None):
-    if every_ms is None:
-        s = t_ms // size_ms * size_ms
-        return [(s, s + size_ms)]
-    s = t_ms // every_ms * every_ms
-    out = []
-    while s + size_ms > t_ms:
-        out.append((s, s + size_ms))
-        s -= every_ms
-    return out
-
-
-def _window_oracle(arrivals, size_ms: int, every_ms: int | None, how: str):
-    """Each row lands in its windows whose end is after the watermark on arrival (a row
-    with none is late); pairs of a key and window join when the window closes."""
-    entries = {"L": [], "R": []}
-    late = []
-    for side, row, w in arrivals:
-        t = row["lt" if side == "L" else "rt"]
-        alive = [win for win in _windows_of(t, size_ms, every_ms) if win[1] * 1000 > w]
-        if not alive:
-            late.append(row)
-        entries[side] += [(win, row) for win in alive]
-    out, lm, rm = [], set(), set()
-
-    def with_window(win, row):
-        return {"window_start": win[0] * 1000, "window_end": win[1] * 1000, **row}
-
-    for wl, a in entries["L"]:
-        for wr, b in entries["R"]:
-            if wl == wr and a["k"] is not None and a["k"] == b["k"]:
-                out.append(with_window(wl, _pair(a, b)))
-                lm.add((wl, a["x"]))
-                rm.add((wr, b["y"]))
-    if how in ("left", "outer"):
-        out += [with_window(w, _pair(a, None)) for w, a in entries["L"] if (w, a["x"]) not in lm]
-    if how in ("right", "outer"):
-        out += [with_window(w, _pair(None, b)) for w, b in entries["R"] if (w, b["y"]) not in rm]
-    return out, late
-
-
-def _late_rows(job):
-    """Late rows of both inputs (one side output: each row keeps its own input's columns)."""
-    cols = {"left": LSCHEMA.names, "right": RSCHEMA.names}
-    return _sorted({c: r[c] for c in cols[r["join_side"]]} for r in job.late_records())
-
+from millstream.testing import CollectingSink, TestSource
 
 # ----------------------------------------------------------------------------- interval join
 
-LEFT = _side(1, "lt", "x", n_items=16, per_item=6)
-RIGHT = _side(2, "rt", "y", n_items=16, per_item=6)
-
-
-def _interval(how: str, delay: str = "5s", lp: int = 2, rp: int = 3):
-    left = _source(LEFT, LSCHEMA, lp).dataset().with_watermark("lt", delay)
-    right = _source(RIGHT, RSCHEMA, rp).dataset().with_watermark("rt", delay)
-    return left.interval_join(right, on="k", between=("-4s", "6s"), how=how)
-
 
 @pytest.mark.parametrize("how", ["inner", "left", "right", "outer"])
-def test_interval_join_matches_oracle_streaming_and_batch(how):
-    arrivals = _arrivals([("L", "lt", LEFT, 2), ("R", "rt", RIGHT, 3)], 5000)
-    expected, late = _interval_oracle(arrivals, -4000, 6000, how)
-    assert late, "the data should contain late rows"
-    job = _interval(how).start(checkpoint_interval=0, parallelism=3)
+def test_interval_join_matches_oracle_streaming_and_batch(how, feed):
+    f = feed()
+    job = f.start(interval(f, how), checkpoint_interval=0, parallelism=3)
     assert job.await_termination(30)
-    assert _sorted(job.sink.rows()) == _sorted(expected)
-    assert _late_rows(job) == _sorted(late)
+    expected, late = interval_oracle(f.arrivals(), -4000, 6000, how)
+    assert late, "the data should contain late rows"
+    assert sorted_rows(job.sink.rows()) == sorted_rows(expected)
+    assert late_rows(job) == sorted_rows(late)
     assert {r["join_side"] for r in job.late_records()} == {"left", "right"}
     # batch mode: nothing is late, every row takes part
-    everything = [(s, r, MIN_WM) for s, r, _w in arrivals]
-    assert _sorted(_interval(how).collect()) == _sorted(_interval_oracle(everything, -4000, 6000,
-                                                                         how)[0])
+    assert sorted_rows(interval(None, how).collect()) == \
+        sorted_rows(interval_oracle(everything(), -4000, 6000, how)[0])
 
 
-def test_interval_join_streaming_equals_batch_when_nothing_is_late():
-    ds = _interval("outer", delay="10m")
-    job = ds.start(checkpoint_interval=0, parallelism=2)
+def test_interval_join_streaming_equals_batch_when_nothing_is_late(executor):
+    ds = interval(None, "outer", delay="10m")
+    job = ds.start(checkpoint_interval=0, parallelism=2, executor=executor)
     assert job.await_termination(30)
     assert job.late_records() == []
-    assert _sorted(job.sink.rows()) == _sorted(ds.collect())
+    assert sorted_rows(job.sink.rows()) == sorted_rows(ds.collect())
 
 
-def test_interval_join_restores_at_another_parallelism(tmp_path):
-    plain = _interval("left").start(checkpoint_interval=0, parallelism=2)
+@pytest.mark.parametrize("before,after,epoch,point", [(2, 3, 5, "after_checkpoint"),
+                                                      (3, 1, 8, "during_epoch")])
+def test_interval_join_restores_at_another_parallelism(before, after, epoch, point, feed,
+                                                       tmp_path):
+    f = feed()
+    plain = f.start(interval(f, "left"), checkpoint_interval=0, parallelism=before)
     assert plain.await_termination(30)
-    expected = _sorted(plain.sink.rows())
-    for before, after, epoch, point in [(2, 3, 5, "after_checkpoint"), (3, 1, 8, "during_epoch")]:
-        chk, sink = str(tmp_path / f"chk-{before}-{after}"), CollectingSink()
-        first = _interval("left").start(checkpoint=chk, sink=sink, checkpoint_interval=0,
-                                        parallelism=before, _fault=(epoch, point))
-        with pytest.raises(SimulatedCrash):
-            first.await_termination(30)
-        second = _interval("left").start(checkpoint=chk, sink=sink, checkpoint_interval=0,
-                                         parallelism=after)
-        assert second.await_termination(30)
-        assert second.metrics()["restored_from_epoch"] is not None
-        assert _sorted(sink.rows()) == expected, (before, after)
-        assert _late_rows(second) == _late_rows(plain)
+    expected = sorted_rows(plain.sink.rows())
+    assert expected == sorted_rows(interval_oracle(f.arrivals(), -4000, 6000, "left")[0])
+    chk, sink, f = str(tmp_path / "chk"), CollectingSink(), feed()
+    ds = interval(f, "left")
+    first = f.start(ds, checkpoint=chk, sink=sink, checkpoint_interval=0,
+                    parallelism=before, _fault=(epoch, point))
+    with pytest.raises(SimulatedCrash):
+        first.await_termination(30)
+    second = f.start(ds, checkpoint=chk, sink=sink, checkpoint_interval=0, parallelism=after)
+    assert second.await_termination(30)
+    assert second.metrics()["restored_from_epoch"] is not None
+    assert sorted_rows(sink.rows()) == expected
+    assert late_rows(second) == late_rows(plain)
 
 
-def _rounds(left_items, right_items):
-    """One partition per input, no disorder allowed (delay 0): each item is one round."""
-    left, right = TestSource(schema=LSCHEMA), TestSource(schema=RSCHEMA)
-    for rows in left_items:
-        left.add(rows)
-    for rows in right_items:
-        right.add(rows)
-    left.close()
-    right.close()
+def _rounds(f, left_items, right_items):
+    """One partition per input, no disorder allowed (delay 0): each item is one round
+    (inline) or one step of a paced feed (parallel)."""
+    left = f.source(left_items, LSCHEMA, 1, "L", "lt", 0)
+    right = f.source(right_items, RSCHEMA, 1, "R", "rt", 0)
     return (left.dataset().with_watermark("lt", "0s"), right.dataset().with_watermark("rt", "0s"))
 
 
@@ -247,7 +96,7 @@ def _ids(rows, *cols):
     return sorted(tuple(-1 if r[c] is None else r[c] for c in cols) for r in rows)
 
 
-def test_interval_join_bounds_lateness_and_clean_up_at_the_exact_edges():
+def test_interval_join_bounds_lateness_and_clean_up_at_the_exact_edges(feed):
     s = 1000
     left_items = [[{"k": "a", "lt": 10 * s, "x": 1}],
                   [{"k": "c", "lt": 15 * s, "x": 2}],
@@ -257,33 +106,46 @@ def test_interval_join_bounds_lateness_and_clean_up_at_the_exact_edges():
                     {"k": "c", "rt": 15 * s, "y": 3}],                  # = l2 + lower; wm -> 15 s
                    [{"k": "a", "rt": 15 * s, "y": 4},                   # time = watermark: on time
                     {"k": "a", "rt": 15 * s - 1, "y": 5}]]              # 1 ms behind: late
-    left, right = _rounds(left_items, right_items)
+    f = feed()
+    left, right = _rounds(f, left_items, right_items)
     ds = left.interval_join(right, on="k", between=("0s", "5s"), how="outer")
-    job = ds.start(checkpoint_interval=0)
+    job = f.start(ds, checkpoint_interval=0)
     assert job.await_termination(30)
-    # l1 (a, 10 s) is kept while 10 s + 5 s >= watermark 15 s, so y=4 still meets it
-    assert _ids(job.sink.rows(), "x", "y") == [(-1, 1), (1, 2), (1, 4), (2, 3), (3, -1)]
-    assert [(r["y"], r["join_side"]) for r in job.late_records()] == [(5, "right")]
+    expected, late = interval_oracle(f.arrivals(), 0, 5000, "outer")
+    assert _ids(job.sink.rows(), "x", "y") == _ids(expected, "x", "y")
+    assert [(r["y"], r["join_side"]) for r in job.late_records()] == \
+        [(r["y"], "right") for r in late]
+    if f.schedule == "rounds":  # the edges, worked out by hand for rounds
+        # l1 (a, 10 s) is kept while 10 s + 5 s >= watermark 15 s, so y=4 still meets it
+        assert _ids(expected, "x", "y") == [(-1, 1), (1, 2), (1, 4), (2, 3), (3, -1)]
+        assert [r["y"] for r in late] == [5]
+    # batch mode (the sources ended with the job): nothing is late
     assert _ids(ds.collect(), "x", "y") == [(-1, 1), (1, 2), (1, 4), (1, 5), (2, 3), (3, -1)]
 
 
-def test_window_join_window_closes_exactly_at_the_watermark():
+def test_window_join_window_closes_exactly_at_the_watermark(feed):
     s = 1000
     left_items = [[{"k": "a", "lt": 5 * s, "x": 1}], [{"k": "a", "lt": 10 * s, "x": 2}]]
     right_items = [[{"k": "z", "rt": 10 * s, "y": 1}],                  # watermark -> 5 s
                    [{"k": "a", "rt": 9 * s, "y": 2}],                   # wm 10 s: [0, 10) fires
                    [{"k": "a", "rt": 10 * s - 500, "y": 3},             # [0, 10) closed: late
                     {"k": "a", "rt": 10 * s, "y": 4}]]                  # [10, 20): joins x=2
-    left, right = _rounds(left_items, right_items)
+    f = feed()
+    left, right = _rounds(f, left_items, right_items)
     ds = left.window_join(right, on="k", window=ms.tumbling("10s"), how="outer")
-    job = ds.start(checkpoint_interval=0)
+    job = f.start(ds, checkpoint_interval=0)
     assert job.await_termination(30)
+    expected, late = window_oracle(f.arrivals(), 10_000, None, "outer")
     rows = [{**r, "w": r["window_start"].second} for r in job.sink.rows()]
-    assert _ids(rows, "w", "x", "y") == [(0, 1, 2), (10, -1, 1), (10, 2, 4)]
-    assert [r["y"] for r in job.late_records()] == [3]
+    want = [{**r, "w": r["window_start"] // 1_000_000} for r in expected]
+    assert _ids(rows, "w", "x", "y") == _ids(want, "w", "x", "y")
+    assert [r["y"] for r in job.late_records()] == [r["y"] for r in late]
+    if f.schedule == "rounds":  # worked out by hand for rounds
+        assert _ids(want, "w", "x", "y") == [(0, 1, 2), (10, -1, 1), (10, 2, 4)]
+        assert [r["y"] for r in late] == [3]
 
 
-def test_interval_join_invalid_times_and_explicit_time_columns():
+def test_interval_join_invalid_times_and_explicit_time_columns(executor):
     left = TestSource(schema=pa.schema([("id", pa.int64()), ("when", pa.int64())]))
     left.add([{"id": 1, "when": 10_000}, {"id": 2, "when": None}, {"id": 3, "when": 20_000}])
     left.close()
@@ -292,18 +154,18 @@ def test_interval_join_invalid_times_and_explicit_time_columns():
     right.close()
     ds = left.dataset().interval_join(right.dataset(), left_on="id", right_on="key",
                                       between=(-1_000_000, "10s"), left_time="when", right_time="at")
-    job = ds.start(checkpoint_interval=0)
+    job = ds.start(checkpoint_interval=0, executor=executor)
     assert job.await_termination(30)
-    assert _sorted(job.sink.rows()) == _sorted([
+    assert sorted_rows(job.sink.rows()) == sorted_rows([
         {"id": 1, "when": 10_000, "key": 1, "at": 9_000},
         {"id": 3, "when": 20_000, "key": 3, "at": 30_000}])
     assert [r["id"] for r in job.side_output("invalid")] == [2]
-    assert _sorted(ds.collect()) == _sorted(job.sink.rows())
+    assert sorted_rows(ds.collect()) == sorted_rows(job.sink.rows())
 
 
 def test_interval_join_arguments_are_checked():
-    left = _source(LEFT, LSCHEMA, 1).dataset()
-    right = _source(RIGHT, RSCHEMA, 1).dataset().with_watermark("rt", "1s")
+    left = filled_source(LEFT, 1, LSCHEMA).dataset()
+    right = filled_source(RIGHT, 1, RSCHEMA).dataset().with_watermark("rt", "1s")
     with pytest.raises(PlanError, match="left_time"):
         left.interval_join(right, on="k", between=("0s", "1s"))
     with pytest.raises(PlanError, match="lower <= upper"):
@@ -342,18 +204,18 @@ def _typed(ltype: pa.DataType, rtype: pa.DataType, lvals, rvals):
      [dt.datetime(2024, 1, 1, 0, 0, i) for i in range(10, 30)]),
     (pa.string(), pa.large_string(), [str(i) for i in range(20)], [str(i) for i in range(10, 30)]),
 ])
-def test_keys_of_different_types_meet_in_one_key_group(ltype, rtype, lvals, rvals):
+def test_keys_of_different_types_meet_in_one_key_group(ltype, rtype, lvals, rvals, executor):
     ds = _typed(ltype, rtype, lvals, rvals)
-    job = ds.start(checkpoint_interval=0, parallelism=4)
+    job = ds.start(checkpoint_interval=0, parallelism=4, executor=executor)
     assert job.await_termination(30)
     rows = job.sink.rows()
     assert sorted((r["x"], r["y"]) for r in rows) == [(i, i - 10) for i in range(10, 20)]
     assert sorted((r["x"], r["y"]) for r in ds.collect()) == [(i, i - 10) for i in range(10, 20)]
 
 
-def test_incomparable_key_types_raise_a_schema_error():
+def test_incomparable_key_types_raise_a_schema_error(executor):
     ds = _typed(pa.string(), pa.int64(), ["1", "2"], [1, 2])
-    job = ds.start(checkpoint_interval=0, parallelism=1)
+    job = ds.start(checkpoint_interval=0, parallelism=1, executor=executor)
     with pytest.raises(SchemaError, match="cast one side"):
         job.await_termination(30)
 
@@ -361,137 +223,68 @@ def test_incomparable_key_types_raise_a_schema_error():
 # ----------------------------------------------------------------------------- window join
 
 
-def _window_join(window, how: str, delay: str = "4s"):
-    left = _source(LEFT, LSCHEMA, 2).dataset().with_watermark("lt", delay)
-    right = _source(RIGHT, RSCHEMA, 2).dataset().with_watermark("rt", delay)
-    return left.window_join(right, on="k", window=window, how=how)
-
-
 @pytest.mark.parametrize("window,size,every", [(ms.tumbling("10s"), 10_000, None),
                                                (ms.sliding("10s", every="5s"), 10_000, 5000)])
 @pytest.mark.parametrize("how", ["inner", "left", "outer"])
-def test_window_join_matches_oracle_streaming_and_batch(window, size, every, how):
-    arrivals = _arrivals([("L", "lt", LEFT, 2), ("R", "rt", RIGHT, 2)], 4000)
-    expected, late = _window_oracle(arrivals, size, every, how)
-    assert late and expected
-    job = _window_join(window, how).start(checkpoint_interval=0, parallelism=2)
+def test_window_join_matches_oracle_streaming_and_batch(window, size, every, how, feed):
+    f = feed()
+    job = f.start(window_join(f, window, how), checkpoint_interval=0, parallelism=2)
     assert job.await_termination(30)
-    assert _sorted(job.sink.rows()) == _sorted(expected)
-    assert _late_rows(job) == _sorted(late)
-    everything = [(s, r, MIN_WM) for s, r, _w in arrivals]
-    assert _sorted(_window_join(window, how).collect()) == \
-        _sorted(_window_oracle(everything, size, every, how)[0])
+    expected, late = window_oracle(f.arrivals(), size, every, how)
+    assert late and expected
+    assert sorted_rows(job.sink.rows()) == sorted_rows(expected)
+    assert late_rows(job) == sorted_rows(late)
+    assert sorted_rows(window_join(None, window, how).collect()) == \
+        sorted_rows(window_oracle(everything(), size, every, how)[0])
 
 
-def test_window_join_restores_at_another_parallelism(tmp_path):
+def test_window_join_restores_at_another_parallelism(feed, tmp_path):
     window = ms.tumbling("10s")
-    plain = _window_join(window, "outer").start(checkpoint_interval=0, parallelism=3)
+    f = feed()
+    plain = f.start(window_join(f, window, "outer"), checkpoint_interval=0, parallelism=3)
     assert plain.await_termination(30)
-    expected = _sorted(plain.sink.rows())
-    chk, sink = str(tmp_path / "chk"), CollectingSink()
-    first = _window_join(window, "outer").start(checkpoint=chk, sink=sink, checkpoint_interval=0,
-                                                parallelism=3, _fault=(6, "before_checkpoint"))
+    expected = sorted_rows(plain.sink.rows())
+    chk, sink, f = str(tmp_path / "chk"), CollectingSink(), feed()
+    ds = window_join(f, window, "outer")
+    first = f.start(ds, checkpoint=chk, sink=sink, checkpoint_interval=0, parallelism=3,
+                    _fault=(6, "before_checkpoint"))
     with pytest.raises(SimulatedCrash):
         first.await_termination(30)
-    second = _window_join(window, "outer").start(checkpoint=chk, sink=sink,
-                                                 checkpoint_interval=0, parallelism=2)
+    second = f.start(ds, checkpoint=chk, sink=sink, checkpoint_interval=0, parallelism=2)
     assert second.await_termination(30)
-    assert _sorted(sink.rows()) == expected
+    assert sorted_rows(sink.rows()) == expected
 
 
 # ----------------------------------------------------------------------------- join_latest
 
 
-def _changelog_items(seed: int, n_items: int = 30):
-    """One stream of items, each all orders ("O") or all rate updates ("R")."""
-    rng = random.Random(seed)
-    items, n = [], 0
-    for i in range(n_items):
-        kind = "R" if i < 2 or rng.random() < 0.4 else "O"
-        rows = []
-        for _ in range(rng.randint(1, 4)):
-            cur = rng.choice(["eur", "usd", "gbp", None])
-            rows.append({"kind": kind, "cur": cur, "amount": n, "rate": rng.randint(1, 99),
-                         "ver": rng.randint(0, 5), "gone": rng.random() < 0.15, "ts": i * 1000})
-            n += 1
-        items.append(rows)
-    return items
-
-
-def _latest_ds(src: TestSource, how: str, version: str | None = None, deleted: str | None = None):
-    base = src.dataset()
-    orders = base.filter(ms.col("kind") == "O").select("cur", "amount", "ts")
-    rates = base.filter(ms.col("kind") == "R").select("cur", "rate", "ver", "gone")
-    return orders.join_latest(rates, on="cur", how=how, version=version, deleted=deleted)
-
-
-def _latest_oracle(items, how: str, version: bool, deleted: bool, batch: bool):
-    table: dict = {}
-    updates = [r for rows in items for r in rows if r["kind"] == "R"]
-
-    def apply(r):
-        if r["cur"] is None:
-            return
-        held = table.get(r["cur"])
-        if version and held is not None and r["ver"] < held["ver"]:
-            return
-        table[r["cur"]] = r
-
-    out = []
-
-    def look(o):
-        hit = table.get(o["cur"]) if o["cur"] is not None else None
-        if hit is not None and deleted and hit["gone"]:
-            hit = None
-        if hit is not None:
-            out.append({**o, "rate": hit["rate"], "ver": hit["ver"], "gone": hit["gone"]})
-        elif how == "left":
-            out.append({**o, "rate": None, "ver": None, "gone": None})
-
-    if batch:
-        for r in updates:
-            apply(r)
-    for rows in items:
-        for r in rows:
-            if r["kind"] == "R" and not batch:
-                apply(r)
-            elif r["kind"] == "O":
-                look({"cur": r["cur"], "amount": r["amount"], "ts": r["ts"]})
-    return out
-
-
 @pytest.mark.parametrize("how,version,deleted", [("inner", None, None), ("left", None, "gone"),
                                                  ("left", "ver", "gone"), ("inner", "ver", None)])
-def test_join_latest_matches_oracle(how, version, deleted, tmp_path):
-    items = _changelog_items(11)
-    src = TestSource(schema=pa.schema([("kind", pa.string()), ("cur", pa.string()),
-                                       ("amount", pa.int64()), ("rate", pa.int64()),
-                                       ("ver", pa.int64()), ("gone", pa.bool_()),
-                                       ("ts", pa.int64())]))
-    for rows in items:
-        src.add(rows)
-    src.close()
-    ds = _latest_ds(src, how, version, deleted)
+def test_join_latest_matches_oracle(how, version, deleted, feed, tmp_path):
+    items = changelog_items(11)
+    f = feed()
+    ds = latest_ds(f.source(items, CSCHEMA), how, version, deleted)
     # one source read by both inputs: an item's orders see the updates of earlier items
-    job = ds.start(checkpoint_interval=0, parallelism=2)
+    job = f.start(ds, checkpoint_interval=0, parallelism=2)
     assert job.await_termination(30)
-    expected = _latest_oracle(items, how, version is not None, deleted is not None, batch=False)
-    assert _sorted(job.sink.rows()) == _sorted(expected)
+    expected = latest_oracle(items, how, version, deleted, batch=False)
+    assert sorted_rows(job.sink.rows()) == sorted_rows(expected)
     # batch mode reads the whole changelog first: every order meets the last version
-    assert _sorted(ds.collect()) == _sorted(
-        _latest_oracle(items, how, version is not None, deleted is not None, batch=True))
+    assert sorted_rows(ds.collect()) == sorted_rows(
+        latest_oracle(items, how, version, deleted, batch=True))
     # restored at another parallelism, the state (one row per key) carries over
-    sink, chk = CollectingSink(), str(tmp_path / "chk")
-    first = ds.start(checkpoint=chk, sink=sink, checkpoint_interval=0, parallelism=2,
-                     _fault=(9, "after_checkpoint"))
+    sink, chk, f = CollectingSink(), str(tmp_path / "chk"), feed()
+    ds = latest_ds(f.source(items, CSCHEMA), how, version, deleted)
+    first = f.start(ds, checkpoint=chk, sink=sink, checkpoint_interval=0, parallelism=2,
+                    _fault=(9, "after_checkpoint"))
     with pytest.raises(SimulatedCrash):
         first.await_termination(30)
-    second = ds.start(checkpoint=chk, sink=sink, checkpoint_interval=0, parallelism=3)
+    second = f.start(ds, checkpoint=chk, sink=sink, checkpoint_interval=0, parallelism=3)
     assert second.await_termination(30)
-    assert _sorted(sink.rows()) == _sorted(expected)
+    assert sorted_rows(sink.rows()) == sorted_rows(expected)
 
 
-def test_changelog_side_does_not_hold_back_the_watermark():
+def test_changelog_side_does_not_hold_back_the_watermark(executor):
     orders = TestSource(schema=pa.schema([("cur", pa.string()), ("ts", pa.int64())]))
     for i in range(6):
         orders.add([{"cur": "eur", "ts": i * 30_000}])
@@ -501,7 +294,7 @@ def test_changelog_side_does_not_hold_back_the_watermark():
     ds = (orders.dataset().with_watermark("ts", "0s")
           .join_latest(rates.dataset(), on="cur", how="left")
           .window(ms.tumbling("1m"), on="ts").agg(ms.count().alias("n")))
-    job = ds.start(checkpoint_interval=0)
+    job = ds.start(checkpoint_interval=0, executor=executor)
     deadline = time.time() + 20
     while sum(r["n"] for r in job.sink.rows()) < 6 and time.time() < deadline:
         time.sleep(0.02)
@@ -518,13 +311,14 @@ def _prices():
 
 
 @pytest.mark.parametrize("how", ["inner", "left", "semi", "anti"])
-def test_stream_joined_with_a_bounded_table(how, tmp_path):
-    items = _side(5, "lt", "x", n_items=10, per_item=5, keys="abde")
+def test_stream_joined_with_a_bounded_table(how, feed, tmp_path):
+    items = side(5, "lt", "x", n_items=10, per_item=5, keys="abde")
     # the table side is any batch computation: here an aggregate
     table = _prices().group_by("k").agg(ms.sum("p").alias("p"))
     prices = {"a": 3, "b": 5, "c": 7}
-    ds = _source(items, LSCHEMA, 2).dataset().join(table, on="k", how=how)
-    job = ds.start(checkpoint=str(tmp_path / "chk"), checkpoint_interval=0, parallelism=2)
+    f = feed(paced=False)
+    ds = f.source(items, LSCHEMA, 2).dataset().join(table, on="k", how=how)
+    job = f.start(ds, checkpoint=str(tmp_path / "chk"), checkpoint_interval=0, parallelism=2)
     assert job.await_termination(30)
     rows = [r for it in items for r in it]
     if how == "inner":
@@ -535,18 +329,19 @@ def test_stream_joined_with_a_bounded_table(how, tmp_path):
         expected = [r for r in rows if r["k"] in prices]
     else:
         expected = [r for r in rows if r["k"] not in prices]
-    assert _sorted(job.sink.rows()) == _sorted(expected)
-    assert _sorted(ds.collect()) == _sorted(expected)
+    assert sorted_rows(job.sink.rows()) == sorted_rows(expected)
+    assert sorted_rows(ds.collect()) == sorted_rows(expected)
     if how == "left":  # a restarted job computes the table again and continues
-        sink = CollectingSink()
-        job = crash_and_restore(ds, checkpoint=str(tmp_path / "chk2"), sink=sink,
-                                crash_epoch=4, point="after_checkpoint", checkpoint_interval=0)
-        assert _sorted(sink.rows()) == _sorted(expected)
+        sink, f = CollectingSink(), feed()  # paced: epoch 4 comes before the end
+        ds = f.source(items, LSCHEMA, 2).dataset().join(table, on="k", how=how)
+        f.crash_and_restore(ds, checkpoint=str(tmp_path / "chk2"), sink=sink, crash_epoch=4,
+                            point="after_checkpoint", checkpoint_interval=0)
+        assert sorted_rows(sink.rows()) == sorted_rows(expected)
 
 
 def test_stream_table_join_refuses_unbounded_right_sides_and_outer_joins():
-    stream = _source(LEFT, LSCHEMA, 1).dataset()
-    other = _source(RIGHT, RSCHEMA, 1, close=False).dataset()
+    stream = filled_source(LEFT, 1, LSCHEMA).dataset()
+    other = filled_source(RIGHT, 1, RSCHEMA, close=False).dataset()
     with pytest.raises(PlanError, match="interval_join"):
         stream.join(other, on="k").start(checkpoint_interval=0)
     with pytest.raises(PlanError, match="needs the end of the stream"):
@@ -573,7 +368,7 @@ def test_interval_join_operator_snapshots_split_by_key_group_and_merge_back():
         return out
 
     def rows(batches):
-        return _sorted(r for b in batches for r in b.to_pylist())
+        return sorted_rows(r for b in batches for r in b.to_pylist())
 
     half = len(LEFT) // 2
     whole = make()
@@ -608,7 +403,7 @@ def test_interval_join_operator_snapshots_split_by_key_group_and_merge_back():
     assert rows(out + rest[0])  # something was joined
 
 
-@pytest.mark.parametrize("executor", ["inline", "parallel"])
+@pytest.mark.ray_streaming
 def test_stream_table_join_on_both_executors(executor):
     stream = ms.from_generator(lambda i: {"k": i % 3, "i": i}, count=10)
     table = ms.from_items([{"k": 0, "p": 1}, {"k": 0, "p": 2}, {"k": 1, "p": 5}])

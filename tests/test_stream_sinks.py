@@ -12,7 +12,6 @@ import millstream as ms
 from millstream.core.arrow import format_table
 from millstream.errors import PlanError, SimulatedCrash, StreamingError
 from millstream.io.stream_sinks import CallbackSink, ConsoleSink, make_sink
-from millstream.testing import TestSource
 
 SCHEMA = pa.schema([("k", pa.string()), ("ts", pa.int64()), ("v", pa.int64())])
 
@@ -29,12 +28,10 @@ def _items(seed: int = 3, n_items: int = 12, per_item: int = 5):
     return items
 
 
-def _ds(items):
-    src = TestSource(schema=SCHEMA)
-    for rows in items:
-        src.add(rows)
-    src.close()
-    return src.dataset().filter(ms.col("v") % 3 != 0)
+def _ds(f, items):
+    """The items from the feed ``f`` (paced on the parallel executor: an epoch per item, as
+    inline rounds give), rows with v % 3 == 0 left out."""
+    return f.source(items, SCHEMA).dataset().filter(ms.col("v") % 3 != 0)
 
 
 def _expected(items):
@@ -59,10 +56,10 @@ class Recorder:
         return sorted(v for _e, vs in self.calls for v in vs)
 
 
-def test_sink_function_gets_each_committed_epoch_once_in_order():
+def test_sink_function_gets_each_committed_epoch_once_in_order(feed):
     items = _items()
-    rec = Recorder()
-    job = _ds(items).start(sink=ms.sink(rec), checkpoint_interval=0)
+    rec, f = Recorder(), feed()
+    job = f.start(_ds(f, items), sink=ms.sink(rec), checkpoint_interval=0)
     assert job.await_termination(30)
     epochs = [e for e, _ in rec.calls]
     assert epochs == sorted(set(epochs)) and len(epochs) > 1
@@ -70,28 +67,31 @@ def test_sink_function_gets_each_committed_epoch_once_in_order():
     assert rec.values() == _expected(items)
 
 
-def test_one_argument_function_and_plain_callable_as_sink():
+def test_one_argument_function_and_plain_callable_as_sink(feed):
     items = _items(4)
     tables: list[pa.Table] = []
-    job = _ds(items).start(sink=tables.append, checkpoint_interval=0)
+    f = feed(paced=False)
+    job = f.start(_ds(f, items), sink=tables.append, checkpoint_interval=0)
     assert job.await_termination(30)
     assert isinstance(job.sink, CallbackSink)
     assert sorted(v for t in tables for v in t.column("v").to_pylist()) == _expected(items)
 
 
-def test_restart_after_a_recorded_commit_continues_with_the_next_epoch(tmp_path):
+@pytest.mark.ray_streaming
+def test_restart_after_a_recorded_commit_continues_with_the_next_epoch(feed, tmp_path):
     """The epoch's commit (the call) was recorded before the crash: the restarted job goes on
     with the next epoch, and nothing was delivered twice; the rows never went into the
     checkpoint."""
     items = _items(5)
-    chk = str(tmp_path / "chk")
+    chk, f = str(tmp_path / "chk"), feed()
+    ds = _ds(f, items)
     first_rec = Recorder()
-    first = _ds(items).start(sink=ms.sink(first_rec), checkpoint=chk, checkpoint_interval=0,
-                             _fault=(4, "after_commit"))
+    first = f.start(ds, sink=ms.sink(first_rec), checkpoint=chk, checkpoint_interval=0,
+                    _fault=(4, "after_commit"))
     with pytest.raises(SimulatedCrash):
         first.await_termination(30)
     second_rec = Recorder()  # a new process
-    second = _ds(items).start(sink=ms.sink(second_rec), checkpoint=chk, checkpoint_interval=0)
+    second = f.start(ds, sink=ms.sink(second_rec), checkpoint=chk, checkpoint_interval=0)
     assert second.await_termination(30)
     assert [e for e, _ in first_rec.calls][-1] == 4
     assert second_rec.calls[0][0] == 5  # epoch 4's commit was recorded: not again
@@ -101,28 +101,30 @@ def test_restart_after_a_recorded_commit_continues_with_the_next_epoch(tmp_path)
 
 
 @pytest.mark.parametrize("point", ["before_checkpoint", "after_checkpoint"])
-def test_crash_before_the_call_loses_nothing(point, tmp_path):
+def test_crash_before_the_call_loses_nothing(point, feed, tmp_path):
     items = _items(6)
     rec = Recorder()
     sink = ms.sink(rec)  # the same sink object across the restart (one process)
-    chk = str(tmp_path / "chk")
-    first = _ds(items).start(sink=sink, checkpoint=chk, checkpoint_interval=0, _fault=(5, point))
+    chk, f = str(tmp_path / "chk"), feed()
+    ds = _ds(f, items)
+    first = f.start(ds, sink=sink, checkpoint=chk, checkpoint_interval=0, _fault=(5, point))
     with pytest.raises(SimulatedCrash):
         first.await_termination(30)
-    second = _ds(items).start(sink=sink, checkpoint=chk, checkpoint_interval=0)
+    second = f.start(ds, sink=sink, checkpoint=chk, checkpoint_interval=0)
     assert second.await_termination(30)
     assert rec.values() == _expected(items)  # exactly once here: no epoch called twice
     assert len({e for e, _ in rec.calls}) == len(rec.calls)
 
 
-def test_a_failing_function_fails_the_job_and_the_restart_delivers_the_epoch(tmp_path):
+def test_a_failing_function_fails_the_job_and_the_restart_delivers_the_epoch(feed, tmp_path):
     items = _items(7)
-    chk = str(tmp_path / "chk")
+    chk, f = str(tmp_path / "chk"), feed()
+    ds = _ds(f, items)
     rec = Recorder(fail_on_epoch=3)
-    job = _ds(items).start(sink=ms.sink(rec), checkpoint=chk, checkpoint_interval=0)
+    job = f.start(ds, sink=ms.sink(rec), checkpoint=chk, checkpoint_interval=0)
     with pytest.raises(StreamingError, match="epoch 3.*downstream is down"):
         job.await_termination(30)
-    job2 = _ds(items).start(sink=ms.sink(rec), checkpoint=chk, checkpoint_interval=0)
+    job2 = f.start(ds, sink=ms.sink(rec), checkpoint=chk, checkpoint_interval=0)
     assert job2.await_termination(30)
     assert rec.values() == _expected(items)
 
@@ -141,11 +143,11 @@ def test_skip_empty_false_calls_for_epochs_without_rows():
     assert calls == [(1, 0), (2, 2)]
 
 
-def test_console_sink_prints_committed_rows():
+def test_console_sink_prints_committed_rows(feed):
     items = _items(8, n_items=3, per_item=30)
-    out = io.StringIO()
-    job = _ds(items).select("k", "v").start(sink=ms.console(num_rows=5, file=out),
-                                            checkpoint_interval=0)
+    out, f = io.StringIO(), feed()
+    job = f.start(_ds(f, items).select("k", "v"), sink=ms.console(num_rows=5, file=out),
+                  checkpoint_interval=0)
     assert job.await_termination(30)
     text = out.getvalue()
     assert text.count("Epoch: ") == 3
@@ -158,8 +160,9 @@ def test_console_sink_prints_committed_rows():
     assert cells[1:] == [[r["k"], str(r["v"])] for r in first]
 
 
-def test_console_by_name_and_to_stdout(capsys):
-    job = _ds(_items(9, n_items=2)).start(sink="console", checkpoint_interval=0)
+def test_console_by_name_and_to_stdout(feed, capsys):
+    f = feed()
+    job = f.start(_ds(f, _items(9, n_items=2)), sink="console", checkpoint_interval=0)
     assert job.await_termination(30)
     assert isinstance(job.sink, ConsoleSink)
     assert "Epoch: 1" in capsys.readouterr().out

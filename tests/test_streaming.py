@@ -1,79 +1,40 @@
-"""The streaming runtime: windows vs a Python oracle, batch == streaming, process functions
-with state and timers across restores, exactly-once file output under crashes."""
+"""The streaming runtime on both executors: windows vs a Python oracle, batch == streaming,
+process functions with state and timers across restores, exactly-once file output under
+crashes."""
 
 from __future__ import annotations
 
 import os
 import random
+import time
 from collections import Counter, defaultdict
 
 import pyarrow.parquet as pq
 import pytest
+from oracles import (
+    arrivals,
+    arrivals_script,
+    micros,
+    oracle_fixed,
+    row_key,
+    sorted_rows,
+    tumbling_windows,
+)
+from services.kafka import kafka_missing
+from streams import CountWithTimeout, events, filled_source
 
 import millstream as ms
 from millstream.core.time import VirtualClock
 from millstream.io.files.stream_sink import FileStreamSink
-from millstream.ops.state.process import KeyedProcessFunction
 from millstream.runtime.checkpoint import CheckpointStore
 from millstream.runtime.streaming.epochs import FAULT_POINTS
-from millstream.testing import CollectingSink, TestSource, crash_and_restore
+from millstream.testing import CollectingSink, TestSource
 
 MIN = 60_000  # one minute in ms (event times are epoch ms ints)
 
 
 def _events(seed: int, n_items: int = 30, per_item: int = 8, keys: str = "abc"):
-    rng = random.Random(seed)
-    items, t = [], 0
-    for _ in range(n_items):
-        rows = []
-        for _ in range(per_item):
-            t += rng.randint(0, 4000)
-            jitter = rng.choice([0, 0, 0, rng.randint(0, 20_000), rng.randint(0, 200_000)])
-            rows.append({"k": rng.choice(keys), "ts": max(0, t - jitter), "v": rng.randint(1, 9)})
-        items.append(rows)
-    return items
-
-
-def _source(items, close: bool = True, partitions: int = 1) -> TestSource:
-    src = TestSource(partitions=partitions)
-    for i, rows in enumerate(items):
-        src.add(rows, partition=i % partitions)
-    if close:
-        src.close()
-    return src
-
-
-def _key(row: dict) -> tuple:
-    return tuple(sorted((k, str(v)) for k, v in row.items()))
-
-
-def _tumbling_oracle(items, size_ms: int, delay_ms: int):
-    """Plain Python: one item per round, watermark = max ts - delay after each round."""
-    wm = None
-    sums: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
-    late = []
-    max_ts = None
-    for rows in items:
-        for r in rows:
-            start = r["ts"] // size_ms * size_ms
-            if wm is not None and (start + size_ms) * 1000 <= wm:
-                late.append(r)
-                continue
-            acc = sums[(r["k"], start)]
-            acc[0] += r["v"]
-            acc[1] += 1
-        max_ts = max([max_ts or 0] + [r["ts"] for r in rows])
-        wm = max(wm or -(2**63), (max_ts - delay_ms) * 1000)
-    out = {(k, s * 1000): (v[0], v[1]) for (k, s), v in sums.items()}
-    return out, late
-
-
-def _windows(rows) -> dict:
-    import datetime as dt
-
-    epoch = dt.datetime(1970, 1, 1)
-    return {(r["k"], (r["window_start"] - epoch) // dt.timedelta(microseconds=1)): (r["s"], r["n"])
-            for r in rows}
+    return events(seed, n_items, per_item, keys)
 
 
 def _tumbling(ds, delay="10s"):
@@ -81,92 +42,80 @@ def _tumbling(ds, delay="10s"):
             .agg(ms.sum("v").alias("s"), ms.count().alias("n")))
 
 
+def _tumbling_oracle(arrivals):
+    """{(k, window start µs): (sum, count)} and the late rows of a 1-minute tumbling window
+    over ``arrivals`` (rows with the watermark each meets)."""
+    script = arrivals_script(arrivals, "k", "ts", "v")
+    contents, late = oracle_fixed(script, tumbling_windows(MIN * 1000), 0)
+    return ({(k, ws): (a["s"], a["n"]) for (k, ws, _we), a in contents.items()},
+            [{"k": k, "ts": t, "v": v} for k, t, v in late])
+
+
+def _windows(rows) -> dict:
+    return {(r["k"], micros(r["window_start"])): (r["s"], r["n"]) for r in rows}
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_tumbling_window_matches_oracle_with_out_of_order_and_late(seed, tmp_path):
+def test_tumbling_window_matches_oracle_with_out_of_order_and_late(seed, feed, tmp_path):
     items = _events(seed)
-    job = _tumbling(_source(items).dataset()).start(checkpoint=str(tmp_path / "chk"),
-                                                    checkpoint_interval=0)
+    f = feed()
+    job = f.start(_tumbling(f.source(items, time_column="ts", delay_ms=10_000).dataset()),
+                  checkpoint=str(tmp_path / "chk"), checkpoint_interval=0)
     assert job.await_termination(30)
-    expected, late = _tumbling_oracle(items, MIN, 10_000)
+    expected, late = _tumbling_oracle(f.arrivals())
     rows = job.sink.rows()
     assert len(rows) == len(expected)  # each window emitted exactly once
     assert _windows(rows) == expected
-    assert sorted(map(_key, job.late_records())) == sorted(map(_key, late))
+    assert sorted(map(row_key, job.late_records())) == sorted(map(row_key, late))
     assert late, "the data should contain late events"
     assert job.metrics()["late_records"] == len(late)
 
 
-def _sorted(rows):
-    return sorted(rows, key=_key)
-
-
 @pytest.mark.parametrize("window", [ms.tumbling("1m"), ms.sliding("2m", every="30s"),
                                     ms.session(gap="5s")])
-def test_bounded_pipeline_same_in_batch_and_streaming(window, tmp_path):
+def test_bounded_pipeline_same_in_batch_and_streaming(window, executor, tmp_path):
     items = _events(7, n_items=12)
     # a delay larger than any disorder: nothing is late, so both modes must agree
-    ds = (_source(items, partitions=2).dataset().with_watermark("ts", "10m")
+    ds = (filled_source(items, partitions=2).dataset().with_watermark("ts", "10m")
           .group_by("k").window(window).agg(ms.sum("v").alias("s"), ms.count().alias("n")))
     batch = ds.collect()
-    job = ds.start(checkpoint=str(tmp_path / "chk"), checkpoint_interval=0)
+    job = ds.start(checkpoint=str(tmp_path / "chk"), checkpoint_interval=0, executor=executor)
     assert job.await_termination(30)
     assert job.late_records() == []
-    assert _sorted(job.sink.rows()) == _sorted(batch)
+    assert sorted_rows(job.sink.rows()) == sorted_rows(batch)
     assert batch
 
 
-def test_unkeyed_window_and_stateless_stages(tmp_path):
+def test_unkeyed_window_and_stateless_stages(executor):
     items = _events(11, n_items=10)
-    ds = (_source(items).dataset().filter(ms.col("v") > 2).with_watermark("ts", "10m")
+    ds = (filled_source(items).dataset().filter(ms.col("v") > 2).with_watermark("ts", "10m")
           .window(ms.tumbling("1m")).agg(ms.sum("v").alias("s")))
-    job = ds.start(checkpoint_interval=0)
+    job = ds.start(checkpoint_interval=0, executor=executor)
     assert job.await_termination(30)
-    assert _sorted(job.sink.rows()) == _sorted(ds.collect())
-
-
-class CountWithTimeout(KeyedProcessFunction):
-    """Counts per key; 30 s of event time after the last event, emits the count and clears."""
-
-    def open(self, ctx):
-        self.count = ctx.get_state("count", 0)
-        self.last = ctx.get_state("last", None)
-
-    def process_element(self, row, ctx):
-        self.count.update(self.count.value() + 1)
-        if self.last.value() is not None:
-            ctx.timer_service().delete_event_time_timer(self.last.value() + 30_000_000)
-        self.last.update(ctx.timestamp)
-        ctx.timer_service().register_event_time_timer(ctx.timestamp + 30_000_000)
-        if row["v"] == 9:
-            ctx.output("nines", row)
-
-    def on_timer(self, timestamp, ctx):
-        n = self.count.value()
-        self.count.clear()
-        self.last.clear()
-        return {"k": ctx.key, "n": n, "at": timestamp}
+    assert sorted_rows(job.sink.rows()) == sorted_rows(ds.collect())
 
 
 def _process_ds(src):
     return src.dataset().with_watermark("ts", "5s").group_by("k").process(CountWithTimeout)
 
 
-def test_keyed_process_state_and_timers_survive_restore(tmp_path):
+@pytest.mark.parametrize("epoch,point", [(6, "during_epoch"), (9, "after_checkpoint"),
+                                         (13, "before_checkpoint")])
+def test_keyed_process_state_and_timers_survive_restore(epoch, point, feed, tmp_path):
     items = _events(5, n_items=20, keys="abcd")
-    plain = _process_ds(_source(items)).start(checkpoint_interval=0)
+    f = feed()
+    plain = f.start(_process_ds(f.source(items)), checkpoint_interval=0)
     assert plain.await_termination(30)
-    expected = _sorted(plain.sink.rows())
+    expected = sorted_rows(plain.sink.rows())
     assert expected and plain.side_output("nines")
-    for epoch, point in [(6, "during_epoch"), (9, "after_checkpoint"), (13, "before_checkpoint")]:
-        sink = CollectingSink()
-        job = crash_and_restore(_process_ds(_source(items)),
-                                checkpoint=str(tmp_path / f"chk-{epoch}"), sink=sink,
-                                crash_epoch=epoch, point=point, checkpoint_interval=0)
-        assert job.metrics()["restored_from_epoch"] is not None
-        assert _sorted(sink.rows()) == expected, (epoch, point)
-        assert _sorted(job.side_output("nines")) == _sorted(plain.side_output("nines"))
+    sink, f = CollectingSink(), feed()
+    job = f.crash_and_restore(_process_ds(f.source(items)), checkpoint=str(tmp_path / "chk"),
+                              sink=sink, crash_epoch=epoch, point=point, checkpoint_interval=0)
+    assert job.metrics()["restored_from_epoch"] is not None
+    assert sorted_rows(sink.rows()) == expected
+    assert sorted_rows(job.side_output("nines")) == sorted_rows(plain.side_output("nines"))
     # batch mode runs it too: timers fire only at the end of input, so one count per key
-    batch = _process_ds(_source(items)).collect()
+    batch = _process_ds(filled_source(items)).collect()
     assert Counter(r["k"] for r in batch) == Counter("abcd")
     assert sum(r["n"] for r in batch) == sum(r["n"] for r in expected) == sum(map(len, items))
 
@@ -181,43 +130,67 @@ def _read_dir(path) -> list[dict]:
 
 @pytest.mark.parametrize("point", FAULT_POINTS)
 @pytest.mark.parametrize("epoch", [2, 7])
-def test_crash_after_epoch_gives_exactly_the_uninterrupted_file_output(point, epoch, tmp_path):
+def test_crash_after_epoch_gives_exactly_the_uninterrupted_file_output(point, epoch, feed,
+                                                                       tmp_path):
     items = _events(3, n_items=12)
     ref_dir = tmp_path / "ref"
-    ref = _tumbling(_source(items).dataset()).start(sink=str(ref_dir), checkpoint_interval=0)
+    f = feed()
+    ref = f.start(_tumbling(f.source(items).dataset()), sink=str(ref_dir), checkpoint_interval=0)
     assert ref.await_termination(30)
-    expected = _sorted(_read_dir(ref_dir))
+    expected = sorted_rows(_read_dir(ref_dir))
     assert expected
-    out = tmp_path / "out"
-    crash_and_restore(_tumbling(_source(items).dataset()), checkpoint=str(tmp_path / "chk"),
-                      sink=FileStreamSink(str(out)), crash_epoch=epoch, point=point,
-                      checkpoint_interval=0)
-    assert _sorted(_read_dir(out)) == expected
+    out, f = tmp_path / "out", feed()
+    f.crash_and_restore(_tumbling(f.source(items).dataset()), checkpoint=str(tmp_path / "chk"),
+                        sink=FileStreamSink(str(out)), crash_epoch=epoch, point=point,
+                        checkpoint_interval=0)
+    assert sorted_rows(_read_dir(out)) == expected
     assert not list((out / "_staging").glob("*/*")), "no staged leftovers after the end"
     # and the Dataset API reads the committed output, skipping staging
     assert len(ms.read_parquet(str(out)).collect()) == len(expected)
 
 
-def test_stop_takes_a_final_checkpoint_and_restart_continues(tmp_path):
-    items = _events(9, n_items=10)
-    src = _source(items[:5], close=False)
-    chk, sink = str(tmp_path / "chk"), CollectingSink()
-    job = _tumbling(src.dataset()).start(checkpoint=chk, sink=sink, checkpoint_interval="1h")
-    import time
-
-    deadline = time.time() + 20
-    while job.metrics()["positions"].get(("_TestStream", 0)) != 5 and time.time() < deadline:
+def _wait(cond, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.01)
+
+
+def test_stop_takes_a_final_checkpoint_and_restart_continues(executor, tmp_path):
+    items = _events(9, n_items=10)
+    src = filled_source(items[:5], close=False)
+    chk, sink = str(tmp_path / "chk"), CollectingSink()
+    job = _tumbling(src.dataset()).start(checkpoint=chk, sink=sink, checkpoint_interval="1h",
+                                         executor=executor)
+    _wait(lambda: job.metrics()["positions"].get(("_TestStream", 0)) == 5, "5 items read")
     job.stop()
     assert not job.is_active
     assert CheckpointStore(chk).latest()[1]["positions"] == {(0, 0, 0): 5}
     for rows in items[5:]:
         src.add(rows)
     src.close()
-    job2 = _tumbling(src.dataset()).start(checkpoint=chk, sink=sink, checkpoint_interval=0)
+    job2 = _tumbling(src.dataset()).start(checkpoint=chk, sink=sink, checkpoint_interval=0,
+                                          executor=executor)
     assert job2.await_termination(30)
-    expected, _ = _tumbling_oracle(items, MIN, 10_000)
+    # every row is in its window's one row or reported late (the restarted job holds the
+    # late rows the first one committed); which rows are late depends on when the parallel
+    # executor's tasks see the watermark move, so the oracle takes the job's late rows
+    late = Counter(map(row_key, job2.late_records()))
+    assert sum(late.values()) == job2.metrics()["late_records"]
+    on_time = []
+    for r in (r for rows in items for r in rows):
+        if late[row_key(r)]:
+            late[row_key(r)] -= 1
+        else:
+            on_time.append(r)
+    assert not +late, "late rows that are not in the input"
+    expected, _ = _tumbling_oracle([(0, r, -(2**63)) for r in on_time])
     assert _windows(sink.rows()) == expected
+    if executor == "inline":  # rounds: exactly the rows the plain-Python model finds late
+        everything, model_late = _tumbling_oracle(
+            arrivals([(0, "ts", 10_000, [(rows, None) for rows in items])], "rounds"))
+        assert _windows(sink.rows()) == everything
+        assert sorted(map(row_key, job2.late_records())) == sorted(map(row_key, model_late))
 
 
 def test_incomplete_or_corrupt_checkpoints_are_ignored(tmp_path):
@@ -232,43 +205,37 @@ def test_incomplete_or_corrupt_checkpoints_are_ignored(tmp_path):
     assert store.latest() == (1, {"x": 1})
 
 
-def test_idle_partition_does_not_hold_back_the_watermark(tmp_path):
+def test_idle_partition_does_not_hold_back_the_watermark(executor):
     clock = VirtualClock(0)
     src = TestSource(partitions=2)
     src.add([{"k": "a", "ts": 1_000, "v": 1}], partition=1)  # partition 1 then goes quiet
     src.add([{"k": "a", "ts": 1_000, "v": 1}], partition=0)
     ds = (src.dataset().with_watermark("ts", "0s", idle_timeout="10s").group_by("k")
           .window(ms.tumbling("1m")).agg(ms.count().alias("n")))
-    job = ds.start(sink=CollectingSink(), checkpoint_interval=0, clock=clock)
-    import time
-
+    job = ds.start(sink=CollectingSink(), checkpoint_interval=0, clock=clock, executor=executor)
+    _wait(lambda: job.metrics()["records_in"] == 2, "the first rows to be read")
     src.add([{"k": "a", "ts": 120_000, "v": 1}], partition=0)
+    _wait(lambda: job.metrics()["records_in"] == 3, "the third row to be read")
     time.sleep(0.3)
     assert job.sink.rows() == []  # partition 1 is not idle yet: window [0, 1m) stays open
     clock.advance(11_000_000)
     src.add([{"k": "a", "ts": 121_000, "v": 1}], partition=0)
-    deadline = time.time() + 10
-    while not job.sink.rows() and time.time() < deadline:
-        time.sleep(0.02)
+    _wait(lambda: job.sink.rows(), "the window [0, 1m) to fire")
     assert [r["n"] for r in job.sink.rows()] == [2]
     job.stop()
 
 
-def test_when_every_partition_is_idle_the_largest_watermark_counts(tmp_path):
+def test_when_every_partition_is_idle_the_largest_watermark_counts(executor):
     """Partition 0 went quiet first (at 3 min of event time), partition 1 later (at 10 s):
     once both are idle, the watermark is the larger one (Flink's rule), not held at 10 s."""
-    import time
-
     clock = VirtualClock(0)
     src = TestSource(partitions=2)
     ds = (src.dataset().with_watermark("ts", "0s", idle_timeout="10s").group_by("k")
           .window(ms.tumbling("1m")).agg(ms.count().alias("n")))
-    job = ds.start(sink=CollectingSink(), checkpoint_interval=0, clock=clock)
+    job = ds.start(sink=CollectingSink(), checkpoint_interval=0, clock=clock, executor=executor)
 
     def wait_read(n):
-        deadline = time.time() + 10
-        while job.metrics()["records_in"] < n and time.time() < deadline:
-            time.sleep(0.01)
+        _wait(lambda: job.metrics()["records_in"] >= n, f"{n} rows to be read")
 
     src.add([{"k": "a", "ts": t * 1_000, "v": 1} for t in (1, 70, 130, 180)], partition=0)
     wait_read(4)
@@ -279,66 +246,41 @@ def test_when_every_partition_is_idle_the_largest_watermark_counts(tmp_path):
     time.sleep(0.2)
     assert job.sink.rows() == []  # watermark 10 s: no window closed
     clock.advance(5_000_000)  # both idle
-    deadline = time.time() + 10
-    while len(job.sink.rows()) < 3 and time.time() < deadline:
-        time.sleep(0.02)
+    _wait(lambda: len(job.sink.rows()) >= 3, "three windows to fire")
     job.stop()
     assert [r["n"] for r in job.sink.rows()] == [2, 1, 1]  # [0,1m) [1m,2m) [2m,3m)
 
 
-def test_generator_source_bounded_and_rate_limited(tmp_path):
+def test_generator_source_bounded_and_rate_limited(executor, tmp_path):
     ds = (ms.from_generator(lambda i: {"k": i % 3, "ts": i * 1000, "v": 1}, count=300,
                             partitions=2)
           .with_watermark("ts", "1m").group_by("k").window(ms.tumbling("1m"))
           .agg(ms.sum("v").alias("s")))
-    job = ds.start(checkpoint=str(tmp_path / "chk"), checkpoint_interval=0, max_batch_records=50)
+    job = ds.start(checkpoint=str(tmp_path / "chk"), checkpoint_interval=0, max_batch_records=50,
+                   executor=executor)
     assert job.await_termination(30)
-    assert _sorted(job.sink.rows()) == _sorted(ds.collect())
+    assert sorted_rows(job.sink.rows()) == sorted_rows(ds.collect())
     assert sum(r["s"] for r in job.sink.rows()) == 300
-    live = ms.from_generator(lambda i: {"i": i}, rate=200).start(checkpoint_interval="50ms")
-    import time
-
-    time.sleep(0.5)
+    started = time.monotonic()
+    live = ms.from_generator(lambda i: {"i": i}, rate=200).start(checkpoint_interval="50ms",
+                                                                 executor=executor)
+    _wait(lambda: len(live.sink.rows()) >= 20, "20 generated rows")
     live.stop()
+    elapsed = time.monotonic() - started
     got = [r["i"] for r in live.sink.rows()]
-    assert got == list(range(len(got))) and 20 <= len(got) <= 200
+    # in order, none missing, and no faster than 200 rows/s (a burst of one second at most)
+    assert got == list(range(len(got))) and 20 <= len(got) <= 200 * (elapsed + 1)
 
 
 def test_unsupported_streaming_plans_fail_clearly():
-    src = _source(_events(1, n_items=2))
+    src = filled_source(_events(1, n_items=2))
     with pytest.raises(ms.PlanError, match="window"):
         src.dataset().group_by("k").agg(ms.count()).start()
 
 
 # ------------------------------------------------------------------------------ Kafka
 
-def _kafka_missing() -> str | None:
-    try:
-        import confluent_kafka  # noqa: F401
-
-        try:
-            from services.kafka import TansuNotFoundError, find_tansu
-        except ImportError:  # pragma: no cover
-            from tests.services.kafka import TansuNotFoundError, find_tansu
-        find_tansu()
-    except (ImportError, TansuNotFoundError) as exc:
-        return str(exc)
-    return None
-
-
-_KAFKA_MISSING = _kafka_missing()
-kafka = pytest.mark.skipif(_KAFKA_MISSING is not None, reason=f"no Kafka: {_KAFKA_MISSING}")
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory):
-    try:
-        from services.kafka import TansuBroker
-    except ImportError:  # pragma: no cover
-        from tests.services.kafka import TansuBroker
-    server = TansuBroker.start(tmp_path_factory.mktemp("kafka"))
-    yield server
-    server.stop()
+kafka = pytest.mark.skipif(kafka_missing() is not None, reason=f"no Kafka: {kafka_missing()}")
 
 
 def _produce(broker, n: int, partitions: int = 3) -> tuple[str, list[dict]]:
@@ -435,7 +377,7 @@ def test_sigkill_at_random_points_gives_every_record_exactly_once(broker, tmp_pa
     assert Counter(ids) == Counter(r["id"] for r in rows)  # every record, exactly once
 
 
-@pytest.mark.parametrize("executor", ["parallel", "inline"])
+@pytest.mark.ray_streaming
 def test_metrics_report_operators_watermark_and_checkpoints(executor, tmp_path):
     rows = [{"k": f"k{i % 3}", "ts": 1_000 * i} for i in range(300)]
     ds = (ms.from_items(rows, num_partitions=2).with_watermark("ts", "0s")

@@ -2,145 +2,115 @@
 
 from __future__ import annotations
 
-import random
-
 import pyarrow as pa
 import pytest
+from oracles import sorted_rows
+from streams import CountWithTimeout, events, filled_source
 
 import millstream as ms
 from millstream.core.context import default_context
 from millstream.core.keygroups import key_group_owners, owned_key_groups
 from millstream.errors import SimulatedCrash
 from millstream.expr.windows import Tumbling
-from millstream.ops.state.process import KeyedProcess, KeyedProcessFunction
+from millstream.ops.state.process import KeyedProcess
 from millstream.ops.window import WindowAggregate
 from millstream.runtime.checkpoint import CheckpointError, CheckpointStore
-from millstream.testing import CollectingSink, TestSource
+from millstream.testing import CollectingSink
 
 
 def _events(seed: int, n_items: int = 24, per_item: int = 10, keys: str = "abcdefghij"):
-    rng = random.Random(seed)
-    items, t = [], 0
-    for _ in range(n_items):
-        rows = []
-        for _ in range(per_item):
-            t += rng.randint(0, 4000)
-            jitter = rng.choice([0, 0, 0, rng.randint(0, 20_000), rng.randint(0, 200_000)])
-            rows.append({"k": rng.choice(keys), "ts": max(0, t - jitter), "v": rng.randint(1, 9)})
-        items.append(rows)
-    return items
+    return events(seed, n_items, per_item, keys)
 
 
-def _source(items, partitions: int = 2) -> TestSource:
-    src = TestSource(partitions=partitions)
-    for i, rows in enumerate(items):
-        src.add(rows, partition=i % partitions)
-    src.close()
-    return src
+def _source(items, f=None, partitions: int = 2):
+    """The items in a test source of ``partitions``: from the feed ``f``, or filled."""
+    return f.source(items, partitions=partitions) if f is not None else \
+        filled_source(items, partitions)
 
 
-def _sorted(rows):
-    return sorted(rows, key=lambda r: tuple(sorted((k, str(v)) for k, v in r.items())))
-
-
-def _tumbling(items):
-    return (_source(items).dataset().with_watermark("ts", "10s").group_by("k")
+def _tumbling(items, f=None):
+    return (_source(items, f).dataset().with_watermark("ts", "10s").group_by("k")
             .window(ms.tumbling("1m")).agg(ms.sum("v").alias("s"), ms.count().alias("n")))
 
 
-class CountWithTimeout(KeyedProcessFunction):
-    """Counts per key; 30 s of event time after the last event, emits the count and clears."""
-
-    def open(self, ctx):
-        self.count = ctx.get_state("count", 0)
-        self.last = ctx.get_state("last", None)
-
-    def process_element(self, row, ctx):
-        self.count.update(self.count.value() + 1)
-        if self.last.value() is not None:
-            ctx.timer_service().delete_event_time_timer(self.last.value() + 30_000_000)
-        self.last.update(ctx.timestamp)
-        ctx.timer_service().register_event_time_timer(ctx.timestamp + 30_000_000)
-
-    def on_timer(self, timestamp, ctx):
-        n = self.count.value()
-        self.count.clear()
-        self.last.clear()
-        return {"k": ctx.key, "n": n, "at": timestamp}
-
-
-def _process(items):
-    return (_source(items).dataset().with_watermark("ts", "5s").group_by("k")
+def _process(items, f=None):
+    return (_source(items, f).dataset().with_watermark("ts", "5s").group_by("k")
             .process(CountWithTimeout))
 
 
-def _rescale(make, items, tmp_path, before: int, after: int, crash_epoch: int):
+def _rescale(make, items, feed, tmp_path, before: int, after: int, crash_epoch: int):
     """Run uninterrupted; then crash at ``before`` after ``crash_epoch`` and restore at ``after``."""
-    plain = make(items).start(checkpoint_interval=0, parallelism=before)
+    f = feed()
+    plain = f.start(make(items, f), checkpoint_interval=0, parallelism=before)
     assert plain.await_termination(30)
-    expected = _sorted(plain.sink.rows())
+    expected = sorted_rows(plain.sink.rows())
     assert expected
-    chk, sink = str(tmp_path / "chk"), CollectingSink()
-    first = make(items).start(checkpoint=chk, sink=sink, checkpoint_interval=0,
-                              parallelism=before, _fault=(crash_epoch, "after_checkpoint"))
+    chk, sink, f = str(tmp_path / "chk"), CollectingSink(), feed()
+    ds = make(items, f)
+    first = f.start(ds, checkpoint=chk, sink=sink, checkpoint_interval=0, parallelism=before,
+                    _fault=(crash_epoch, "after_checkpoint"))
     with pytest.raises(SimulatedCrash):
         first.await_termination(30)
     state = CheckpointStore(chk).latest()[1]
     assert state["parallelism"] == before and state["key_groups"] == 128
     (groups,) = state["keyed"].values()
     assert len(groups) > 2, "the checkpoint should hold state of several key groups"
-    second = make(items).start(checkpoint=chk, sink=sink, checkpoint_interval=0,
-                               parallelism=after)
+    second = f.start(ds, checkpoint=chk, sink=sink, checkpoint_interval=0, parallelism=after)
     assert second.await_termination(30)
     # (a collecting sink resumes from the newest checkpoint whose commit is known)
     assert second.metrics()["restored_from_epoch"] == crash_epoch - 1
-    assert _sorted(sink.rows()) == expected
+    assert sorted_rows(sink.rows()) == expected
     return second
 
 
 @pytest.mark.parametrize(("before", "after"), [(2, 3), (4, 1), (3, 2)])
-def test_keyed_tumbling_window_restored_at_another_parallelism(before, after, tmp_path):
-    job = _rescale(_tumbling, _events(3), tmp_path, before, after, crash_epoch=7)
+def test_keyed_tumbling_window_restored_at_another_parallelism(before, after, feed, tmp_path):
+    job = _rescale(_tumbling, _events(3), feed, tmp_path, before, after, crash_epoch=7)
     assert job.late_records(), "the data should contain late events"
 
 
 @pytest.mark.parametrize(("before", "after"), [(2, 3), (4, 1)])
-def test_keyed_process_function_state_and_timers_move_with_key_groups(before, after, tmp_path):
-    _rescale(_process, _events(5), tmp_path, before, after, crash_epoch=9)
+def test_keyed_process_function_state_and_timers_move_with_key_groups(before, after, feed,
+                                                                     tmp_path):
+    _rescale(_process, _events(5), feed, tmp_path, before, after, crash_epoch=9)
 
 
-def test_window_without_keys_refuses_a_parallelism_change(tmp_path):
+def test_window_without_keys_refuses_a_parallelism_change(feed, tmp_path):
     items = _events(11, n_items=10)
 
-    def make(items):
-        return (_source(items).dataset().with_watermark("ts", "10s")
+    def make(items, f):
+        return (_source(items, f).dataset().with_watermark("ts", "10s")
                 .window(ms.tumbling("1m")).agg(ms.sum("v").alias("s")))
 
-    chk = str(tmp_path / "chk")
-    first = make(items).start(checkpoint=chk, checkpoint_interval=0, parallelism=2,
-                              _fault=(4, "after_checkpoint"))
+    chk, f = str(tmp_path / "chk"), feed()
+    ds = make(items, f)
+    first = f.start(ds, checkpoint=chk, checkpoint_interval=0, parallelism=2,
+                    _fault=(4, "after_checkpoint"))
     with pytest.raises(SimulatedCrash):
         first.await_termination(30)
-    again = make(items).start(checkpoint=chk, checkpoint_interval=0, parallelism=3)
+    again = f.start(ds, checkpoint=chk, checkpoint_interval=0, parallelism=3)
     with pytest.raises(CheckpointError, match="window without keys.*same parallelism \\(2\\)"):
         again.await_termination(30)
     # at the same parallelism it restores fine
-    same = make(items).start(checkpoint=chk, checkpoint_interval=0, parallelism=2)
+    same = f.start(ds, checkpoint=chk, checkpoint_interval=0, parallelism=2)
     assert same.await_termination(30)
     assert same.metrics()["restored_from_epoch"] == 3  # the newest committed one
 
 
-def test_a_different_pipeline_or_key_groups_is_refused(tmp_path):
+def test_a_different_pipeline_or_key_groups_is_refused(feed, tmp_path):
     items = _events(2, n_items=10)
-    chk = str(tmp_path / "chk")
-    first = _tumbling(items).start(checkpoint=chk, checkpoint_interval=0, parallelism=2,
-                                   _fault=(3, "after_checkpoint"))
+    chk, f = str(tmp_path / "chk"), feed()
+    first = f.start(_tumbling(items, f), checkpoint=chk, checkpoint_interval=0, parallelism=2,
+                    _fault=(3, "after_checkpoint"))
     with pytest.raises(SimulatedCrash):
         first.await_termination(30)
-    other = _process(items).start(checkpoint=chk, checkpoint_interval=0, parallelism=2)
+    # refused when they restore, before they read anything
+    other = _process(items).start(checkpoint=chk, checkpoint_interval=0, parallelism=2,
+                                  executor=f.executor)
     with pytest.raises(CheckpointError, match="different pipeline"):
         other.await_termination(30)
-    kg = _tumbling(items).start(checkpoint=chk, checkpoint_interval=0, key_groups=64)
+    kg = _tumbling(items).start(checkpoint=chk, checkpoint_interval=0, key_groups=64,
+                                executor=f.executor)
     with pytest.raises(CheckpointError, match="128 key groups"):
         kg.await_termination(30)
 
@@ -171,7 +141,7 @@ def test_operators_split_and_merge_state_by_key_group():
         op.restore_key_groups([groups[g] for g in owned_key_groups(i, 3, 16) if g in groups])
     got = [r for op in parts for b in op.finish() for r in b.to_pylist()]
     want = [r for b in whole.finish() for r in b.to_pylist()]
-    assert _sorted(got) == _sorted(want)
+    assert sorted_rows(got) == sorted_rows(want)
 
     def proc():
         op = KeyedProcess(CountWithTimeout, "k", time_column="ts")
@@ -187,21 +157,22 @@ def test_operators_split_and_merge_state_by_key_group():
     assert sum(op.timers.num_event_timers() for op in parts_p) == 13
     got = [r for op in parts_p for b in op.finish() for r in b.to_pylist()]
     want = [r for b in whole_p.finish() for r in b.to_pylist()]
-    assert _sorted(got) == _sorted(want) and len(want) == 13
+    assert sorted_rows(got) == sorted_rows(want) and len(want) == 13
 
 
-def test_changed_source_partitions_are_refused(tmp_path):
+def test_changed_source_partitions_are_refused(feed, tmp_path):
     items = _events(4, n_items=12)
 
-    def make(partitions):
-        return (_source(items, partitions).dataset().with_watermark("ts", "10s").group_by("k")
-                .window(ms.tumbling("1m")).agg(ms.sum("v").alias("s")))
+    def make(partitions, f=None):
+        return (_source(items, f, partitions).dataset().with_watermark("ts", "10s")
+                .group_by("k").window(ms.tumbling("1m")).agg(ms.sum("v").alias("s")))
 
-    chk = str(tmp_path / "chk")
-    first = make(2).start(checkpoint=chk, checkpoint_interval=0, parallelism=2,
-                          _fault=(3, "after_checkpoint"))
+    chk, f = str(tmp_path / "chk"), feed()
+    first = f.start(make(2, f), checkpoint=chk, checkpoint_interval=0, parallelism=2,
+                    _fault=(3, "after_checkpoint"))
     with pytest.raises(SimulatedCrash):
         first.await_termination(30)
-    again = make(3).start(checkpoint=chk, checkpoint_interval=0, parallelism=3)
+    again = make(3).start(checkpoint=chk, checkpoint_interval=0, parallelism=3,
+                          executor=f.executor)
     with pytest.raises(CheckpointError, match="source partitions"):
         again.await_termination(30)

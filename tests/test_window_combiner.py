@@ -14,15 +14,15 @@ import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_windows import (
+from oracles import oracle_fixed
+from window_cases import (
     WINDOWS,
-    _script,
     assert_matches,
     check_emission_timing,
     make,
-    oracle_fixed,
     resolve,
     rows_of,
+    script_of,
     steps_st,
     to_batch,
 )
@@ -45,7 +45,7 @@ def combiner_for(window, lateness, watermark=None) -> WindowCombiner:
 
 
 def drive_combined(window_factory, script, lateness, snapshot_at=None):
-    """Like ``test_windows.drive``, with a combiner in front of the window operator; its
+    """Like ``window_cases.drive``, with a combiner in front of the window operator; its
     batches cross an Arrow IPC round trip, as between tasks."""
     comb = combiner_for(window_factory(), lateness)
     comb.start_watermark(MIN_WATERMARK)  # as a task of the parallel executor does
@@ -79,7 +79,7 @@ def drive_combined(window_factory, script, lateness, snapshot_at=None):
        cut=st.integers(0, 20))
 def test_combined_windows_match_the_oracle(steps, which, lateness, cut):
     name, assigner, windows_of = which
-    script = _script(steps)
+    script = script_of(steps)
     want, want_late = oracle_fixed(script, windows_of, lateness)
     # arrival order inside a sliding window can change when only some of its rows combine
     skip = ("f",) if name == "sliding" else ()
@@ -190,7 +190,6 @@ def test_plans_combine_before_the_window_exchange_unless_a_source_can_go_idle():
     assert "window combiner" not in sessions.explain(print_plan=False)
 
 
-@pytest.mark.parametrize("executor", ["parallel", "inline"])
 def test_streaming_results_equal_batch_and_the_parallel_executor_ships_fewer_rows(executor, tmp_path):
     items = _events(6000)
     want = _canonical(_pipeline(items).collect())
@@ -218,9 +217,9 @@ def test_the_combiner_can_be_turned_off(monkeypatch):
     assert _canonical(_pipeline(items).collect()) == combined
 
 
-def test_parallel_job_with_late_rows_stopped_and_restarted_counts_every_row_once(tmp_path):
+def test_job_with_late_rows_stopped_and_restarted_counts_every_row_once(executor, tmp_path):
     """Out-of-order rows, allowed lateness (updates) and a stop/restart in the middle, on
-    the parallel executor (which combines): each row is counted in its window's final
+    both executors (the parallel one combines): each row is counted in its window's final
     row or reported late, exactly once."""
     import random
     import time
@@ -242,7 +241,7 @@ def test_parallel_job_with_late_rows_stopped_and_restarted_counts_every_row_once
 
     def start():
         return pipeline.start(checkpoint=str(tmp_path / "chk"), checkpoint_interval="50ms",
-                              parallelism=2, max_batch_records=100)
+                              parallelism=2, max_batch_records=100, executor=executor)
 
     job = start()
     deadline = time.time() + 60

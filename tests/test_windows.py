@@ -8,197 +8,35 @@ applying "a later row supersedes an earlier one for the same key and window", mu
 from __future__ import annotations
 
 import datetime as dt
-import math
 import pickle
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from oracles import all_aggs, oracle_fixed, oracle_sessions, sliding_windows, tumbling_windows
+from window_cases import (
+    SCHEMA,
+    WINDOWS,
+    assert_matches,
+    check_emission_timing,
+    drive,
+    make,
+    rebatch,
+    resolve,
+    rows_of,
+    script_of,
+    steps_st,
+    to_batch,
+)
 
 import millstream as ms
 from millstream.core.context import default_context
-from millstream.core.time import MIN_WATERMARK
 from millstream.core.units import parse_duration
 from millstream.errors import PlanError, SchemaError
 from millstream.expr.aggregates import AggSpec
 from millstream.expr.windows import Session, Sliding, Tumbling
 from millstream.ops.window import WindowAggregate
-
-SCHEMA = pa.schema([("k", pa.string()), ("t", pa.int64()), ("v", pa.int64())])
-AGG_NAMES = ["s", "c", "n", "m", "lo", "hi", "d", "f", "l"]
-
-
-def all_aggs() -> list:
-    return [ms.sum("v").alias("s"), ms.count("v").alias("c"), ms.count().alias("n"),
-            ms.mean("v").alias("m"), ms.min("v").alias("lo"), ms.max("v").alias("hi"),
-            ms.count_distinct("v").alias("d"), ms.first("v").alias("f"),
-            ms.collect_list("v").alias("l")]
-
-
-def make(window, keys=("k",), lateness=0, aggs=None) -> WindowAggregate:
-    op = WindowAggregate(window, list(keys), aggs or all_aggs(), "t", allowed_lateness=lateness)
-    op.open(default_context())
-    return op
-
-
-def to_batch(events) -> pa.RecordBatch:
-    return pa.RecordBatch.from_pylist([{"k": k, "t": t, "v": v} for k, t, v in events],
-                                      schema=SCHEMA)
-
-
-def rows_of(batches) -> list[dict]:
-    out = []
-    for b in batches:
-        t = pa.Table.from_batches([b])
-        for name in ("window_start", "window_end"):
-            i = t.schema.get_field_index(name)
-            t = t.set_column(i, name, pc.cast(t.column(name), pa.int64()))
-        out.extend(t.to_pylist())
-    return out
-
-
-def drive(op_factory, script, snapshot_at: int | None = None):
-    """Run a script of ("b", events) / ("w", watermark_us) steps; returns emissions and late rows.
-
-    Emissions are (watermark at emission or None for finish(), row). With ``snapshot_at``,
-    the operator is snapshotted (and pickled) before that step and replaced by a restored one.
-    """
-    op = op_factory()
-    emitted: list[tuple[int | None, dict]] = []
-    late: list[tuple] = []
-    for i, (kind, arg) in enumerate(script):
-        if snapshot_at == i:
-            state = pickle.loads(pickle.dumps(op.snapshot()))
-            op = op_factory()
-            op.restore(state)
-        out = op.process(to_batch(arg)) if kind == "b" else op.on_watermark(arg)
-        emitted += [(op.watermark, r) for r in rows_of(out)]
-        late += [(r["k"], r["t"], r["v"]) for b in op.take_side_output("late")
-                 for r in b.to_pylist()]
-    emitted += [(None, r) for r in rows_of(op.finish())]
-    late += [(r["k"], r["t"], r["v"]) for b in op.take_side_output("late") for r in b.to_pylist()]
-    return emitted, late
-
-
-def agg_oracle(vals: list) -> dict:
-    nn = [v for v in vals if v is not None]
-    return {"s": sum(nn) if nn else None, "c": len(nn), "n": len(vals),
-            "m": sum(nn) / len(nn) if nn else None, "lo": min(nn) if nn else None,
-            "hi": max(nn) if nn else None, "d": len(set(nn)), "f": nn[0] if nn else None,
-            "l": sorted(nn)}
-
-
-def tumbling_windows(size_us: int, offset_us: int = 0):
-    def f(t_us: int) -> list[tuple[int, int]]:
-        s = (t_us - offset_us) // size_us * size_us + offset_us
-        return [(s, s + size_us)]
-    return f
-
-
-def sliding_windows(size_us: int, every_us: int):
-    def f(t_us: int) -> list[tuple[int, int]]:
-        last = t_us // every_us * every_us
-        out = []
-        s = last
-        while s + size_us > t_us:
-            out.append((s, s + size_us))
-            s -= every_us
-        return out
-    return f
-
-
-def oracle_fixed(script, windows_of, lateness_us: int):
-    """Per-event simulation of fixed windows: final contents per (key, ws, we) and late events."""
-    wm = MIN_WATERMARK
-    contents: dict[tuple, list] = {}
-    late = []
-    for kind, arg in script:
-        if kind == "w":
-            wm = max(wm, arg)
-            continue
-        for k, t, v in arg:
-            alive = [w for w in windows_of(t * 1000) if w[1] + lateness_us > wm]
-            if not alive:
-                late.append((k, t, v))
-            for ws, we in alive:
-                contents.setdefault((k, ws, we), []).append(v)
-    return {key: agg_oracle(vals) for key, vals in contents.items()}, late
-
-
-def oracle_sessions(script, gap_us: int, lateness_us: int):
-    """Per-event simulation of session windows (strict overlap merges)."""
-    wm = MIN_WATERMARK
-    live: dict = {}  # key -> list of [start, end, values]
-    closed = []
-    late = []
-    for kind, arg in script:
-        if kind == "w":
-            wm = max(wm, arg)
-            for k, sessions in live.items():
-                for s in [s for s in sessions if s[1] + lateness_us <= wm]:
-                    sessions.remove(s)
-                    closed.append((k, s))
-            continue
-        for k, t, v in arg:
-            lo, hi = t * 1000, t * 1000 + gap_us
-            sessions = live.setdefault(k, [])
-            hit = [s for s in sessions if s[0] < hi and lo < s[1]]
-            if not hit and hi + lateness_us <= wm:
-                late.append((k, t, v))
-                continue
-            merged = [min([lo] + [s[0] for s in hit]), max([hi] + [s[1] for s in hit]),
-                      [x for s in hit for x in s[2]] + [v]]
-            for s in hit:
-                sessions.remove(s)
-            sessions.append(merged)
-    for k, sessions in live.items():
-        closed += [(k, s) for s in sessions]
-    return {(k, s[0], s[1]): agg_oracle(s[2]) for k, s in closed}, late
-
-
-def resolve(emitted) -> dict:
-    """Apply the update rules: upsert by key and window; a retraction row deletes its window.
-
-    Also checks the flags: ``is_update`` exactly when a row for that key and window is held;
-    without allowed lateness no window is emitted twice.
-    """
-    res: dict[tuple, dict] = {}
-    for _, r in emitted:
-        key = (r["k"], r["window_start"], r["window_end"])
-        if r.get("is_retraction"):
-            assert key in res, f"retraction of a window never emitted: {r}"
-            del res[key]
-            continue
-        if "is_update" in r:
-            assert r["is_update"] == (key in res), r
-        else:
-            assert key not in res, f"window emitted twice without allowed lateness: {r}"
-        res[key] = r
-    return res
-
-
-def assert_matches(resolved: dict, expected: dict, skip: tuple = ()) -> None:
-    assert set(resolved) == set(expected), (sorted(resolved, key=repr), sorted(expected, key=repr))
-    for key, want in expected.items():
-        got = dict(resolved[key])
-        got["l"] = sorted(got["l"])
-        for name in AGG_NAMES:
-            if name in skip:
-                continue
-            if name == "m" and want[name] is not None:
-                assert math.isclose(got[name], want[name]), (key, name, got[name], want[name])
-            else:
-                assert got[name] == want[name], (key, name, got[name], want[name])
-
-
-def check_emission_timing(emitted) -> None:
-    """Nothing fires before the watermark passes its end."""
-    for wm, r in emitted:
-        if wm is not None:
-            assert r["window_end"] <= wm, (wm, r)
-
 
 # --------------------------------------------------------------------------- durations
 
@@ -604,52 +442,12 @@ def test_bounded_sliding_equals_batch_group_by():
 # --------------------------------------------------------------------------- properties
 
 
-# event times are drawn relative to the current watermark (ms), so that many events are
-# near the watermark: on time, late but allowed, or late
-events_st = st.tuples(st.sampled_from(["a", "b", None]), st.integers(-9_000, 12_000),
-                      st.one_of(st.none(), st.integers(-5, 20)))
-steps_st = st.lists(st.one_of(st.tuples(st.just("b"), st.lists(events_st, min_size=1, max_size=6)),
-                              st.tuples(st.just("w"), st.integers(0, 9_000))),
-                    min_size=1, max_size=14)
-
-
-def _script(steps) -> list:
-    """Watermark increments (ms) -> increasing watermarks (µs); event times relative to them."""
-    out, wm = [], 0
-    for kind, arg in steps:
-        if kind == "w":
-            wm += arg
-            out.append(("w", wm * 1000))
-        else:
-            out.append((kind, [(k, wm + dt_, v) for k, dt_, v in arg]))
-    return out
-
-
-def _rebatch(script, size: int) -> list:
-    """The same events and watermark positions, cut into batches of ``size`` events."""
-    out, pending = [], []
-    for kind, arg in script:
-        if kind == "w":
-            out += [("b", pending[i:i + size]) for i in range(0, len(pending), size)]
-            pending = []
-            out.append((kind, arg))
-        else:
-            pending += arg
-    out += [("b", pending[i:i + size]) for i in range(0, len(pending), size)]
-    return out
-
-
-WINDOWS = [("tumbling", lambda: Tumbling("5s"), tumbling_windows(5_000_000)),
-           ("sliding", lambda: Sliding("6s", "2s"), sliding_windows(6_000_000, 2_000_000)),
-           ("session", lambda: Session("3s"), None)]
-
-
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(steps=steps_st, which=st.sampled_from(WINDOWS), lateness=st.sampled_from([0, 2_500_000]),
        cut=st.integers(0, 20), size=st.integers(1, 5))
 def test_random_streams_match_the_oracle(steps, which, lateness, cut, size):
     _, assigner, windows_of = which
-    script = _script(steps)
+    script = script_of(steps)
     sessions = windows_of is None
 
     def factory():
@@ -659,8 +457,8 @@ def test_random_streams_match_the_oracle(steps, which, lateness, cut, size):
         want, want_late = oracle_sessions(script, 3_000_000, lateness)
     else:
         want, want_late = oracle_fixed(script, windows_of, lateness)
-    runs = [drive(factory, script), drive(factory, _rebatch(script, size)),
-            drive(factory, _rebatch(script, 1000)), drive(factory, script, snapshot_at=cut)]
+    runs = [drive(factory, script), drive(factory, rebatch(script, size)),
+            drive(factory, rebatch(script, 1000)), drive(factory, script, snapshot_at=cut)]
     for emitted, late in runs:
         check_emission_timing(emitted)
         assert_matches(resolve(emitted), want, skip=("f",) if sessions else ())

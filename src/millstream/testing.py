@@ -23,6 +23,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -36,6 +37,9 @@ from millstream.errors import PlanError, SimulatedCrash
 from millstream.io.base import Source, Split, StreamReader, StreamSource
 from millstream.io.stream_sinks import CollectingSink
 from millstream.runtime.streaming.job import StreamingJob
+
+#: How long a test source read in another process waits for an item before it returns.
+_REMOTE_WAIT_S = 0.01
 
 __all__ = ["CollectingSink", "SimulatedCrash", "TestSource", "VirtualClock", "crash_and_restore",
            "to_micros"]
@@ -275,11 +279,23 @@ class _TestReader(StreamReader):
         return batch
 
     def poll(self, max_records: int, timeout_s: float) -> pa.RecordBatch | None:
+        deadline = None
         while True:
             if self.src._item(self.partition, self.position) is None:
                 self.finished = self.src.closed and \
                     self.position >= self.src._length(self.partition)
-                return None
+                if self.finished or not self.src._remote or timeout_s <= 0:
+                    return None
+                # in a task process of its own (the parallel executor): wait a little for
+                # the test to add an item instead of spinning; briefly, so that barriers
+                # waiting behind this poll are not held up
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + min(timeout_s, _REMOTE_WAIT_S)
+                if now >= deadline:
+                    return None
+                time.sleep(0.001)
+                continue
             batch = self._take()
             if batch is not None and batch.num_rows:
                 return batch

