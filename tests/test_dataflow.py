@@ -19,6 +19,7 @@ from streams import wait_until as _wait
 
 import millstream as ms
 from millstream.io.files.stream_sink import FileStreamSink
+from millstream.io.stream_sinks import CollectingSink
 from millstream.runtime.streaming.job import StreamingJob
 
 
