@@ -124,6 +124,28 @@ def _describe_exit(code: int | None) -> str:
     return f"worker process exited with code {code}"
 
 
+def _short_socket_dir() -> None:
+    """Give multiprocessing a short temporary directory when ``TMPDIR`` is long.
+
+    The fork server listens on a Unix socket under that directory, and socket paths are
+    limited to 107 bytes: a deep ``TMPDIR`` (a CI's per-test directory) would fail the first
+    job with "AF_UNIX path too long"."""
+    import shutil
+    import tempfile
+    from multiprocessing import process, util
+
+    config = process.current_process()._config  # noqa: SLF001
+    if config.get("tempdir") is not None or len(tempfile.gettempdir()) <= 60:
+        return
+    for base in ("/tmp", "/var/tmp", "/dev/shm"):
+        if os.path.isdir(base) and os.access(base, os.W_OK):
+            path = tempfile.mkdtemp(prefix="pymp-", dir=base)
+            util.Finalize(None, shutil.rmtree, args=[path], kwargs={"ignore_errors": True},
+                          exitpriority=-100)
+            config["tempdir"] = path
+            return
+
+
 class LocalRunner(Runner):
     """Runs tasks on ``parallelism`` worker processes of this machine."""
 
@@ -145,6 +167,7 @@ class LocalRunner(Runner):
         self.speculation_min_seconds = speculation_min_seconds
         self.speculative_attempts = 0
         try:
+            _short_socket_dir()
             self._mp = mp.get_context("forkserver")
             # pyarrow imports pandas (when installed) on its first to_numpy(): import it once in
             # the fork server rather than in every worker
