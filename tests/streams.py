@@ -30,6 +30,8 @@ import oracles
 
 from millstream.io import fs as msfs
 from millstream.ops.state.process import KeyedProcessFunction
+from millstream.plan.compile import streaming_settings
+from millstream.plan.optimizer import optimize
 from millstream.runtime.checkpoint import COMPLETE, CheckpointStore
 from millstream.runtime.streaming.layout import scans
 from millstream.testing import TestSource
@@ -142,8 +144,11 @@ class Feed:
             self._close()
             return
         # a source read by several branches of the plan has a source task per branch (and
-        # partition); an item is covered once every one of them read it
-        readers = Counter(id(s.source) for s in scans(ds._node))
+        # partition); an item is covered once every one of them read it. The optimized plan
+        # says how many: a scan the branches share (one node object) is read once.
+        planned = optimize(ds._node, streaming_settings(options.get("parallelism") or 1))
+        unique = {id(s): s for s in scans(planned)}.values()
+        readers = Counter(id(s.source) for s in unique)
         self._thread = threading.Thread(target=self._pace, args=(options["checkpoint"], readers),
                                         daemon=True, name="test-feed")
         self._thread.start()
