@@ -33,7 +33,7 @@ from millstream.expr.windows import Sliding, Tumbling, WindowAssigner
 from millstream.plan import logical as L
 
 if TYPE_CHECKING:
-    from millstream.io.stream_sinks import CallbackSink, ConsoleSink
+    from millstream.io.stream_sinks import ConsoleSink
 
 Duration = str | int | _dt.timedelta
 Keys = str | Sequence[str] | None
@@ -168,16 +168,25 @@ def join_latest(left: L.Node, changelog: L.Node, on: Keys = None, *, left_on: Ke
                         version, deleted)
 
 
-def sink(fn: Callable[..., Any], skip_empty: bool = True) -> CallbackSink:
-    """A streaming sink calling ``fn(table)`` or ``fn(table, epoch)`` once per committed epoch.
+def sink(fn: Callable[..., Any], skip_empty: bool = True, delivery: str = "committed") -> Any:
+    """A streaming sink calling ``fn`` with the job's rows, as one ``pyarrow.Table``.
 
-    ``fn`` runs in the driver after the epoch's checkpoint is complete, with the epoch's
-    rows as one ``pyarrow.Table`` (like Spark's ``foreachBatch``). After a restart the
-    last checkpointed epoch may be delivered again with the same rows and epoch number:
-    at-least-once, or exactly-once when ``fn`` is idempotent per epoch.
+    ``delivery="committed"`` (the default): ``fn(table)`` or ``fn(table, epoch)`` once per
+    committed epoch, in the driver, after the epoch's checkpoint is complete (like Spark's
+    ``foreachBatch``); after a restart an epoch may be delivered again with the same rows
+    and epoch number: at-least-once, or exactly-once when ``fn`` is idempotent per epoch.
+    ``delivery="immediate"``: ``fn(table)`` with every output batch as soon as it is made,
+    in the task that made it (a worker process on the parallel executor): the lowest
+    latency, at-least-once (rows replayed after a restart come again).
     """
-    from millstream.io.stream_sinks import CallbackSink
+    from millstream.errors import PlanError
+    from millstream.io.stream_sinks import CallbackSink, ImmediateSink
 
+    if delivery == "immediate":
+        return ImmediateSink(fn)
+    if delivery != "committed":
+        raise PlanError(f"ms.sink: delivery must be 'committed' or 'immediate', got "
+                        f"{delivery!r}")
     return CallbackSink(fn, skip_empty=skip_empty)
 
 

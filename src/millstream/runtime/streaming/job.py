@@ -85,7 +85,9 @@ class StreamingJob:
     keyed state spills beyond half of it), ``checkpoint_timeout`` (a checkpoint not
     acknowledged by every task in this time counts as a failure), ``key_groups`` (the
     maximum parallelism of keyed state, fixed by the first checkpoint),
-    ``max_batch_records`` and ``poll_timeout`` (source reads), ``stop_at_end`` (an unbounded
+    ``max_batch_records`` and ``poll_timeout`` (source reads), ``max_batch_delay`` (how long
+    rows may wait in a source read, a watermark in a task, or an idle slot before going on:
+    lower trades throughput for latency; default 20 ms), ``stop_at_end`` (an unbounded
     source ends once caught up).
     """
 
@@ -94,6 +96,7 @@ class StreamingJob:
                  executor: str = "parallel", parallelism: int | None = None,
                  runner: Any = None, clock: Clock | None = None, stop_at_end: bool = False,
                  max_batch_records: int = 10_000, poll_timeout: str | int = "50ms",
+                 max_batch_delay: str | int = "20ms",
                  storage_options: dict[str, Any] | None = None, key_groups: int | None = None,
                  max_parallelism: int | None = None, max_restarts: int = 3,
                  inbox_capacity: int = 8, memory_limit: int | str | None = None,
@@ -119,7 +122,9 @@ class StreamingJob:
         self.clock = clock or WallClock()
         self.stop_at_end = stop_at_end
         self.max_batch_records = int(max_batch_records)
-        self.poll_timeout_s = parse_duration(poll_timeout, "poll_timeout") / 1e6
+        self.max_batch_delay_s = parse_duration(max_batch_delay, "max_batch_delay") / 1e6
+        self.poll_timeout_s = min(parse_duration(poll_timeout, "poll_timeout") / 1e6,
+                                  max(self.max_batch_delay_s, 0.001))
         self.interval_s = parse_duration(checkpoint_interval, "checkpoint_interval") / 1e6
         self.checkpoint_timeout_s = parse_duration(checkpoint_timeout, "checkpoint_timeout") / 1e6
         self.sink = make_sink(sink)
@@ -310,7 +315,8 @@ class StreamingJob:
                 settings={**task_budget(self._memory_limit, len(layout.chains)),
                           "spill_dir": os.path.join(run_dir, f"task-{c.index:04d}")},
                 checkpoint=self._checkpoint_location,
-                watermark_interval_s=0.0 if inline else 0.02, combine=not inline,
+                watermark_interval_s=0.0 if inline else min(0.02, self.max_batch_delay_s),
+                combine=not inline,
                 clock=None if isinstance(self.clock, WallClock) else self.clock))
         return specs
 
@@ -336,19 +342,21 @@ class StreamingJob:
         specs = self._specs(restored)
         if self.executor == "inline":
             self._route = {s.index: 0 for s in specs}
-            self._hosts = InlineHosts(specs, self.clock)
+            self._hosts = InlineHosts(specs, self.clock,
+                                      idle_sleep_s=min(0.01, self.max_batch_delay_s))
             return
         # task slots: slot i hosts partition i (mod the slots) of every stage
         nslots = max(1, min(self.parallelism, len(specs)))
         self._route = {s.index: s.key[2] % nslots for s in specs}
         slots = [SlotSpec(i, [s for s in specs if self._route[s.index] == i], self._route,
-                          capacity=self.inbox_capacity) for i in range(nslots)]
+                          capacity=self.inbox_capacity, idle_wait_s=self.max_batch_delay_s)
+                 for i in range(nslots)]
         slots = [s for s in slots if s.tasks]
         if len(slots) != nslots:  # (a slot without tasks: renumber)
             renumber = {s.index: i for i, s in enumerate(slots)}
             self._route = {t: renumber[sl] for t, sl in self._route.items()}
-            slots = [SlotSpec(i, s.tasks, self._route, capacity=self.inbox_capacity)
-                     for i, s in enumerate(slots)]
+            slots = [SlotSpec(i, s.tasks, self._route, capacity=self.inbox_capacity,
+                              idle_wait_s=self.max_batch_delay_s) for i, s in enumerate(slots)]
         try:
             payloads = [pickling.dumps(partial(run_slot, slot)) for slot in slots]
         except Exception:
