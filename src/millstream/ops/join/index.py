@@ -1,0 +1,161 @@
+"""The build side of a join, indexed once: rows grouped by key code, so that each probe
+batch finds its matching build rows with numpy lookups (no re-hashing of the build side).
+
+Codes come from :class:`~millstream.ops.join.keys.KeyEncoder`. A dense range of exact
+codes (the usual integer keys) is looked up directly in an offsets table; any other codes
+in an open-addressing hash table (linear probing, vectorized over the probe rows). A join
+without keys (a cross join, a nested loop over a condition) is one group holding every
+build row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from millstream.ops.join.keys import KeyEncoder
+
+#: A direct offsets table is used while it has at most this many slots per build row
+#: (or ``_DIRECT_MIN`` slots): 4 bytes a slot.
+_DIRECT_PER_ROW = 4
+_DIRECT_MIN = 1 << 16
+
+
+class JoinIndex:
+    """Build rows grouped by the code of their key; built once, probed many times."""
+
+    def __init__(self, key_cols: Sequence[pa.Array], num_rows: int) -> None:
+        self.num_rows = num_rows
+        self.encoder: KeyEncoder | None = None
+        self.direct = False
+        if not key_cols:  # no keys: every build row matches every probe row
+            self.order = np.arange(num_rows, dtype=np.int64)
+            return
+        enc = self.encoder = KeyEncoder(key_cols)
+        codes = enc.build_codes
+        rows = (np.flatnonzero(enc.build_valid) if enc.build_valid is not None
+                else np.arange(num_rows, dtype=np.int64))
+        if enc.build_valid is not None:
+            codes = codes[rows]
+        sort = np.argsort(codes, kind="stable")
+        self.order = rows[sort]  # build rows by code (input order within a code)
+        codes = codes[sort]
+        if enc.exact and enc.span <= max(_DIRECT_PER_ROW * len(rows), _DIRECT_MIN):
+            self.direct = True
+            idx = np.int32 if len(rows) < 2**31 else np.int64
+            self.offsets = np.zeros(enc.span + 1, dtype=idx)
+            np.cumsum(np.bincount(codes, minlength=enc.span), out=self.offsets[1:])
+        else:
+            starts = np.flatnonzero(np.diff(codes)) + 1
+            starts = np.concatenate([np.zeros(min(1, len(codes)), np.int64), starts])
+            self.first = starts
+            self.counts = np.diff(np.append(starts, len(codes))).astype(np.int64)
+            self.table = _HashTable(codes[starts])
+
+    def lookup(self, probe_cols: Sequence[pa.Array], n: int
+               ) -> tuple[np.ndarray, np.ndarray, list[list[np.ndarray]] | None]:
+        """For each of ``n`` probe rows: how many build rows match and where they start in
+        :attr:`order`, and the probe key atoms (for :meth:`KeyEncoder.verify`)."""
+        enc = self.encoder
+        if enc is None:
+            return (np.full(n, len(self.order), dtype=np.int64), np.zeros(n, dtype=np.int64),
+                    None)
+        code, valid, probe_atoms = enc.encode(probe_cols)
+        if self.direct:
+            ok = (code >= 0) & (code < enc.span)
+            if valid is not None:
+                ok &= valid
+            pos = np.where(ok, code, 0) if not ok.all() else code
+            first = self.offsets[pos].astype(np.int64)
+            count = self.offsets[pos + 1] - first
+            if not ok.all():
+                count[~ok] = 0
+            return count, first, probe_atoms
+        i = self.table.find(code, valid)
+        hit = i >= 0
+        i[~hit] = 0
+        count = np.where(hit, self.counts[i] if len(self.counts) else 0, 0)
+        return count, self.first[i] if len(self.first) else np.zeros(n, np.int64), probe_atoms
+
+
+class _HashTable:
+    """Distinct int64 codes -> their position, by open addressing with linear probing;
+    inserts and lookups run as numpy rounds over all pending codes at once."""
+
+    def __init__(self, codes: np.ndarray) -> None:
+        cap = 16
+        while cap < 2 * len(codes):
+            cap *= 2
+        self.mask = np.uint64(cap - 1)
+        # one row per slot: (position of the code or -1, the code), read with one gather
+        self.slots = np.full((cap, 2), -1, dtype=np.int64)
+        pending = np.arange(len(codes), dtype=np.int64)
+        slot = self._home(codes)
+        while len(pending):
+            free = self.slots[slot, 0] < 0
+            cand, at = pending[free], slot[free]
+            self.slots[at, 0] = cand  # of codes racing for one slot, one wins
+            won = self.slots[at, 0] == cand
+            self.slots[at[won], 1] = codes[cand[won]]
+            pending = np.concatenate([pending[~free], cand[~won]])
+            slot = (np.concatenate([slot[~free], at[~won]]) + 1) & np.int64(cap - 1)
+
+    def _home(self, codes: np.ndarray) -> np.ndarray:
+        h = codes.view(np.uint64)
+        with np.errstate(over="ignore"):
+            h = (h ^ (h >> np.uint64(31))) * np.uint64(0x9E3779B97F4A7C15)
+            h = h ^ (h >> np.uint64(29))
+        return (h & self.mask).astype(np.int64)
+
+    def find(self, codes: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
+        """Positions of ``codes`` (-1 where absent or not ``valid``)."""
+        out = np.full(len(codes), -1, dtype=np.int64)
+        active = np.arange(len(codes), dtype=np.int64) if valid is None else np.flatnonzero(valid)
+        want = codes[active]
+        slot = self._home(want)
+        mask = np.int64(self.mask)
+        while len(active):
+            got = self.slots[slot]
+            empty = got[:, 0] < 0
+            hit = ~empty & (got[:, 1] == want)
+            out[active[hit]] = got[hit, 0]
+            more = ~(empty | hit)
+            active, want, slot = active[more], want[more], (slot[more] + 1) & mask
+        return out
+
+
+def pair_chunks(count: np.ndarray, first: np.ndarray, order: np.ndarray, max_pairs: int
+                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Candidate pairs (probe rows, build rows) of a lookup, at most ``max_pairs`` at a
+    time (a row with many matches is split across chunks), probe rows ascending."""
+    total = int(count.sum())
+    if total == 0:
+        return
+    n = len(count)
+    if total <= max_pairs:
+        pi = np.repeat(np.arange(n, dtype=np.int64), count)
+        excl = np.cumsum(count) - count
+        bpos = np.arange(total, dtype=np.int64) + np.repeat(first - excl, count)
+        yield pi, order[bpos]
+        return
+    cum = np.cumsum(count)
+    excl = cum - count
+    t0 = 0
+    while t0 < total:
+        t1 = min(total, t0 + max_pairs)
+        r0 = int(np.searchsorted(cum, t0, side="right"))
+        r1 = int(np.searchsorted(cum, t1 - 1, side="right")) + 1
+        lc = count[r0:r1].copy()
+        lf = first[r0:r1].copy()
+        skip = t0 - int(excl[r0])
+        lc[-1] = t1 - int(excl[r1 - 1])  # the last row ends at t1
+        lc[0] -= skip  # the first row starts at t0
+        lf[0] += skip
+        m = t1 - t0
+        pi = np.repeat(np.arange(r0, r1, dtype=np.int64), lc)
+        lexcl = np.cumsum(lc) - lc
+        bpos = np.arange(m, dtype=np.int64) + np.repeat(lf - lexcl, lc)
+        yield pi, order[bpos]
+        t0 = t1
