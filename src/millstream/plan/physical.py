@@ -244,49 +244,91 @@ class PhysicalPlanner:
         return [Pipeline([BlocksPort(stage=self.cache_stages[node.cache_id])])]
 
     def _build_Join(self, node: L.Join) -> list[Pipeline]:
-        lk, rk = list(node.left_on), list(node.right_on)
+        lk, rk, cond = list(node.left_on), list(node.right_on), node.condition
         if self.s.streaming:
             left = self.build(node.left)
             for p in left:
                 p.add(OperatorFactory(BroadcastTableJoin, list(lk), list(rk), node.how,
-                                      node.suffix, table_node=node.right),
+                                      node.suffix, table_node=node.right, condition=cond),
                       node.label() + " (stream-table: bounded right side broadcast)")
             return left
-        thr = self.s.broadcast_threshold
-        if node.broadcast is None:
-            est_r = estimate_size(node.right, self.s.cache_lookup)
-            est_l = estimate_size(node.left, self.s.cache_lookup)
-            small_right = est_r is not None and est_r <= thr
-            small_left = est_l is not None and est_l <= thr and not small_right
-        else:
-            small_right, small_left = node.broadcast, False
-        if small_right and node.how in ("inner", "left", "semi", "anti"):
+        strategy = self._join_strategy(node)
+        loop = "" if lk else " nested loop"
+        if strategy == "right":
             left = self.build(node.left)
             small = Stage(self.build(node.right), "blocks", purpose="broadcast side of join")
             for p in left:
                 p.add(OperatorFactory(BroadcastHashJoin, list(lk), list(rk), node.how,
-                                      node.suffix, broadcast_stage=small),
-                      node.label() + " (broadcast)")
+                                      node.suffix, broadcast_stage=small, condition=cond),
+                      node.label() + f" (broadcast{loop})")
             return left
-        if small_left and node.how in ("inner", "right"):
+        if strategy == "left":
             # the small LEFT side goes to every task of the right side; each right chunk is
             # joined against it (only inner and right joins can be decided chunk by chunk)
             small = Stage(self.build(node.left), "blocks", purpose="broadcast left side of join")
             right = self.build(node.right)
             for p in right:
                 p.add(OperatorFactory(BroadcastLeftHashJoin, list(lk), list(rk), node.how,
-                                      node.suffix, broadcast_stage=small),
-                      node.label() + " (broadcast left)")
+                                      node.suffix, broadcast_stage=small, condition=cond),
+                      node.label() + f" (broadcast left{loop})")
             return right
         left = self.build(node.left)
         right = self.build(node.right)
-        n = self.s.shuffle_partitions
-        ls = self._close(left, HashPartitioner(list(lk), n), "join left side")
-        rs = self._close(right, HashPartitioner(list(rk), n), "join right side")
+        if strategy == "single":
+            # no keys to partition by, and a join type that needs all of both sides in one
+            # task (outer, or a side that must not be broadcast)
+            ls = self._close(left, RoundRobinPartitioner(1), "join left side (one partition)")
+            rs = self._close(right, RoundRobinPartitioner(1), "join right side (one partition)")
+            label = node.label() + " (nested loop, one partition)"
+        else:
+            n = self.s.shuffle_partitions
+            ls = self._close(left, HashPartitioner(list(lk), n), "join left side")
+            rs = self._close(right, HashPartitioner(list(rk), n), "join right side")
+            label = node.label() + " (shuffle hash)"
         new = Pipeline([ShufflePort(ls), ShufflePort(rs)])
-        new.add(OperatorFactory(HashJoin, list(lk), list(rk), node.how, node.suffix),
-                node.label() + " (shuffle hash)")
+        new.add(OperatorFactory(HashJoin, list(lk), list(rk), node.how, node.suffix,
+                                condition=cond), label)
         return [new]
+
+    def _join_strategy(self, node: L.Join) -> str:
+        """How a batch join runs: "right" (broadcast the right side), "left" (broadcast the
+        left side), "shuffle" (hash-partition both by key) or "single" (both sides in one
+        task: a join without keys that no broadcast can serve).
+
+        A side is broadcast when its estimated size is within ``broadcast_threshold``
+        (``node.broadcast`` forces or forbids the right side) and the join type lets each
+        task decide alone: a broadcast right side serves inner, left, semi and anti joins,
+        a broadcast left side inner and right joins. Without keys there is no shuffle:
+        the smaller side the join type allows is broadcast.
+        """
+        right_ok = node.how in ("inner", "left", "semi", "anti")
+        left_ok = node.how in ("inner", "right")
+        est_r = est_l = None
+        if node.broadcast is None:
+            est_r = estimate_size(node.right, self.s.cache_lookup)
+            est_l = estimate_size(node.left, self.s.cache_lookup)
+        if node.left_on:
+            thr = self.s.broadcast_threshold
+            if node.broadcast is None:
+                small_right = est_r is not None and est_r <= thr
+                small_left = est_l is not None and est_l <= thr and not small_right
+            else:
+                small_right, small_left = node.broadcast, False
+            if small_right and right_ok:
+                return "right"
+            if small_left and left_ok:
+                return "left"
+            return "shuffle"
+        if node.broadcast is True and right_ok:
+            return "right"
+        if node.broadcast is False:
+            return "left" if left_ok else "single"
+        if right_ok and left_ok:
+            left_smaller = est_l is not None and (est_r is None or est_l < est_r)
+            return "left" if left_smaller else "right"
+        if right_ok:
+            return "right"
+        return "left" if left_ok else "single"
 
     def _keyed_two_inputs(self, node: L.IntervalJoin | L.WindowJoin | L.LatestJoin,
                           factory: OperatorFactory, what: str) -> list[Pipeline]:
