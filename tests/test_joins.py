@@ -143,6 +143,31 @@ def test_shuffle_join_builds_one_index_per_task(how):
     assert pairs(got, how) == duck(_pairs_sql(how, ["k"], None), l=left, r=right)
 
 
+@settings(max_examples=80, deadline=None)
+@given(data=st.data(), span=st.sampled_from([3, 1000, 10**6, 2**40, 2**62]),
+       ncols=st.integers(1, 3), nb=st.integers(0, 60), npr=st.integers(0, 60))
+def test_join_index_finds_exactly_the_equal_keys(data, span, ncols, nb, npr):
+    """Direct tables (small ranges), hash tables (wide ranges, several columns, mixed
+    radix overflowing into hashes): every lookup equals a Python dict's."""
+    value = st.one_of(st.none(), st.integers(-span, span))
+    brows = [tuple(data.draw(value) for _ in range(ncols)) for _ in range(nb)]
+    prows = [tuple(data.draw(st.one_of(value, st.sampled_from(brows or [(0,) * ncols]).map(
+        lambda r, i=i: r[i]))) for i in range(ncols)) for _ in range(npr)]
+    cols = [pa.array([r[i] for r in brows], pa.int64()) for i in range(ncols)]
+    index = JoinIndex(cols, nb)
+    pcols = [pa.array([r[i] for r in prows], pa.int64()) for i in range(ncols)]
+    count, first, atoms = index.lookup(pcols, npr)
+    got = set()
+    for pi, bi in pair_chunks(count, first, index.order, 7):
+        keep = index.encoder.verify(pcols, atoms, pi, bi)
+        if keep is not None:
+            pi, bi = pi[keep], bi[keep]
+        got |= set(zip(pi.tolist(), bi.tolist()))
+    want = {(i, j) for i, p in enumerate(prows) for j, b in enumerate(brows)
+            if None not in p and p == b}
+    assert got == want
+
+
 def test_pair_chunks_split_rows_with_many_matches():
     rng = np.random.default_rng(3)
     count = rng.integers(0, 9, 50)

@@ -17,10 +17,10 @@ import pyarrow as pa
 
 from millstream.ops.join.keys import KeyEncoder
 
-#: A direct offsets table is used while it has at most this many slots per build row
-#: (or ``_DIRECT_MIN`` slots): 4 bytes a slot.
-_DIRECT_PER_ROW = 4
-_DIRECT_MIN = 1 << 16
+#: A direct offsets table (4 bytes a slot) is used while it has at most this many slots
+#: per build row, or at most ``_DIRECT_MIN`` slots.
+_DIRECT_PER_ROW = 16
+_DIRECT_MIN = 1 << 21
 
 
 class JoinIndex:
@@ -39,14 +39,16 @@ class JoinIndex:
                 else np.arange(num_rows, dtype=np.int64))
         if enc.build_valid is not None:
             codes = codes[rows]
-        sort = np.argsort(codes, kind="stable")
-        self.order = rows[sort]  # build rows by code (input order within a code)
+        self.direct = enc.exact and enc.span <= max(_DIRECT_PER_ROW * len(rows), _DIRECT_MIN)
+        if self.direct and enc.span < 2**31:
+            codes = codes.astype(np.int32)  # sorts several times faster than int64
+        sort = np.argsort(codes)
+        self.order = rows[sort]  # build rows by code
         codes = codes[sort]
-        if enc.exact and enc.span <= max(_DIRECT_PER_ROW * len(rows), _DIRECT_MIN):
-            self.direct = True
+        if self.direct:
             idx = np.int32 if len(rows) < 2**31 else np.int64
             self.offsets = np.zeros(enc.span + 1, dtype=idx)
-            np.cumsum(np.bincount(codes, minlength=enc.span), out=self.offsets[1:])
+            self.offsets[1:] = np.cumsum(np.bincount(codes, minlength=enc.span), dtype=idx)
         else:
             starts = np.flatnonzero(np.diff(codes)) + 1
             starts = np.concatenate([np.zeros(min(1, len(codes)), np.int64), starts])
@@ -89,40 +91,48 @@ class _HashTable:
         while cap < 2 * len(codes):
             cap *= 2
         self.mask = np.uint64(cap - 1)
-        # one row per slot: (position of the code or -1, the code), read with one gather
-        self.slots = np.full((cap, 2), -1, dtype=np.int64)
+        self.pos = np.full(cap, -1, dtype=np.int64)  # position of the code in a slot, or -1
+        self.code = np.zeros(cap, dtype=np.int64)  # the code in a slot
         pending = np.arange(len(codes), dtype=np.int64)
         slot = self._home(codes)
+        step = np.int64(cap - 1)
         while len(pending):
-            free = self.slots[slot, 0] < 0
+            free = self.pos[slot] < 0
             cand, at = pending[free], slot[free]
-            self.slots[at, 0] = cand  # of codes racing for one slot, one wins
-            won = self.slots[at, 0] == cand
-            self.slots[at[won], 1] = codes[cand[won]]
+            self.pos[at] = cand  # of codes racing for one slot, one wins
+            won = self.pos[at] == cand
+            self.code[at[won]] = codes[cand[won]]
             pending = np.concatenate([pending[~free], cand[~won]])
-            slot = (np.concatenate([slot[~free], at[~won]]) + 1) & np.int64(cap - 1)
+            slot = (np.concatenate([slot[~free], at[~won]]) + 1) & step
 
     def _home(self, codes: np.ndarray) -> np.ndarray:
         h = codes.view(np.uint64)
         with np.errstate(over="ignore"):
             h = (h ^ (h >> np.uint64(31))) * np.uint64(0x9E3779B97F4A7C15)
             h = h ^ (h >> np.uint64(29))
-        return (h & self.mask).astype(np.int64)
+        return (h & self.mask).view(np.int64)
 
     def find(self, codes: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
         """Positions of ``codes`` (-1 where absent or not ``valid``)."""
-        out = np.full(len(codes), -1, dtype=np.int64)
-        active = np.arange(len(codes), dtype=np.int64) if valid is None else np.flatnonzero(valid)
-        want = codes[active]
-        slot = self._home(want)
-        mask = np.int64(self.mask)
+        slot = self._home(codes)
+        pos = self.pos[slot]
+        # most rows are settled by their home slot: a hit, or an empty slot (a miss)
+        hit = (pos >= 0) & (self.code[slot] == codes)
+        out = np.where(hit, pos, -1)
+        more = (pos >= 0) & ~hit
+        if valid is not None:
+            out[~valid] = -1
+            more &= valid
+        active = np.flatnonzero(more)
+        slot = slot[active]
+        step = np.int64(self.mask)
         while len(active):
-            got = self.slots[slot]
-            empty = got[:, 0] < 0
-            hit = ~empty & (got[:, 1] == want)
-            out[active[hit]] = got[hit, 0]
-            more = ~(empty | hit)
-            active, want, slot = active[more], want[more], (slot[more] + 1) & mask
+            slot = (slot + 1) & step
+            pos = self.pos[slot]
+            hit = (pos >= 0) & (self.code[slot] == codes[active])
+            out[active[hit]] = pos[hit]
+            more = (pos >= 0) & ~hit
+            active, slot = active[more], slot[more]
         return out
 
 
