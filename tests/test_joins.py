@@ -156,16 +156,34 @@ def test_join_index_finds_exactly_the_equal_keys(data, span, ncols, nb, npr):
     cols = [pa.array([r[i] for r in brows], pa.int64()) for i in range(ncols)]
     index = JoinIndex(cols, nb)
     pcols = [pa.array([r[i] for r in prows], pa.int64()) for i in range(ncols)]
-    count, first, atoms = index.lookup(pcols, npr)
+    count, first, check = index.lookup(pcols, npr)
     got = set()
     for pi, bi in pair_chunks(count, first, index.order, 7):
-        keep = index.encoder.verify(pcols, atoms, pi, bi)
-        if keep is not None:
+        if check is not None:
+            keep = check(pi, bi)
             pi, bi = pi[keep], bi[keep]
         got |= set(zip(pi.tolist(), bi.tolist()))
     want = {(i, j) for i, p in enumerate(prows) for j, b in enumerate(brows)
             if None not in p and p == b}
     assert got == want
+
+
+@pytest.mark.parametrize("build", [["a", "bb", "ccc", "bb", None], ["a", "b", "cc", "b", "dd"]],
+                         ids=["distinct-hashes", "colliding-build-keys"])
+@pytest.mark.parametrize("how", HOWS)
+def test_hash_collisions_never_join(build, how, monkeypatch):
+    """With a hash that collides (a string's length), equal hashes of different keys are
+    told apart: per probe row when the build keys' hashes are distinct, per pair when two
+    build keys collide."""
+    from millstream.ops.join import keys as join_keys
+
+    monkeypatch.setattr(join_keys, "hash_array", lambda arr: np.asarray(
+        pa.compute.binary_length(arr).fill_null(0), dtype=np.uint64))
+    probe = ["a", "x", "bb", "yy", "zzz", None, "b", "dd"]
+    left = pa.table({"s": probe, "lid": range(len(probe))})
+    right = pa.table({"s": build, "rid": range(len(build))})
+    got = join_tables(left, right, ["s"], ["s"], how)
+    assert pairs(got, how) == duck(_pairs_sql(how, ["s"], None), l=left, r=right)
 
 
 def test_pair_chunks_split_rows_with_many_matches():

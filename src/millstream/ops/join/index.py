@@ -10,12 +10,15 @@ build row.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from millstream.ops.join.keys import KeyEncoder
+
+#: Which candidate pairs (probe rows, build rows) have equal keys.
+PairCheck = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 #: A direct offsets table (4 bytes a slot) is used while it has at most this many slots
 #: per build row, or at most ``_DIRECT_MIN`` slots.
@@ -30,6 +33,7 @@ class JoinIndex:
         self.num_rows = num_rows
         self.encoder: KeyEncoder | None = None
         self.direct = False
+        self.pure = True  # all build rows of a code have equal keys
         if not key_cols:  # no keys: every build row matches every probe row
             self.order = np.arange(num_rows, dtype=np.int64)
             return
@@ -55,11 +59,19 @@ class JoinIndex:
             self.first = starts
             self.counts = np.diff(np.append(starts, len(codes))).astype(np.int64)
             self.table = _HashTable(codes[starts])
+            if not enc.exact and len(codes):
+                # hashed codes: when every build row of a code has the same key (no two
+                # build keys collide), a probe row is checked once, against one of them
+                rep = np.repeat(self.order[starts], self.counts)
+                self.pure = bool(enc.verify(enc.build_cols, enc.build_atoms, self.order,
+                                            rep).all())
 
     def lookup(self, probe_cols: Sequence[pa.Array], n: int
-               ) -> tuple[np.ndarray, np.ndarray, list[list[np.ndarray]] | None]:
+               ) -> tuple[np.ndarray, np.ndarray, PairCheck | None]:
         """For each of ``n`` probe rows: how many build rows match and where they start in
-        :attr:`order`, and the probe key atoms (for :meth:`KeyEncoder.verify`)."""
+        :attr:`order`; and None when all those candidates have equal keys, else a function
+        telling which candidate pairs (probe rows, build rows) do (after a hash collision
+        between two build keys)."""
         enc = self.encoder
         if enc is None:
             return (np.full(n, len(self.order), dtype=np.int64), np.zeros(n, dtype=np.int64),
@@ -74,12 +86,21 @@ class JoinIndex:
             count = self.offsets[pos + 1] - first
             if not ok.all():
                 count[~ok] = 0
-            return count, first, probe_atoms
+            return count, first, None
         i = self.table.find(code, valid)
         hit = i >= 0
         i[~hit] = 0
         count = np.where(hit, self.counts[i] if len(self.counts) else 0, 0)
-        return count, self.first[i] if len(self.first) else np.zeros(n, np.int64), probe_atoms
+        first = self.first[i] if len(self.first) else np.zeros(n, np.int64)
+        if enc.exact:
+            return count, first, None
+        if not self.pure:
+            return count, first, lambda pi, bi: enc.verify(probe_cols, probe_atoms, pi, bi)
+        rows = np.flatnonzero(count)
+        if len(rows):
+            same = enc.verify(probe_cols, probe_atoms, rows, self.order[first[rows]])
+            count[rows[~same]] = 0
+        return count, first, None
 
 
 class _HashTable:

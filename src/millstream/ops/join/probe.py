@@ -250,17 +250,15 @@ class JoinProbe:
         lay = self.layout(batch.schema)
         index = self._index(lay.key_types)
         pcols = [key_column(batch.column(k), t) for k, t in zip(self.probe_on, lay.key_types)]
-        count, first, atoms = index.lookup(pcols, n)
-        enc = index.encoder
-        exact = enc is None or enc.exact
+        count, first, check = index.lookup(pcols, n)
         semi = self.how in ("semi", "anti")
-        if semi and exact and self.condition is None:
+        if semi and check is None and self.condition is None:
             hit = count > 0
         else:
             hit = np.zeros(n, dtype=bool) if (semi or self.keep_probe) else None
             for pi, bi in pair_chunks(count, first, index.order, self._pair_limit(batch)):
-                keep = None if exact else enc.verify(pcols, atoms, pi, bi)
-                if keep is not None:
+                if check is not None:
+                    keep = check(pi, bi)
                     pi, bi = pi[keep], bi[keep]
                 if self.condition is not None and len(pi):
                     ok = self._condition(lay, batch, pi, bi)
