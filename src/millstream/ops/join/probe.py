@@ -115,14 +115,14 @@ def _view_base(t: pa.DataType) -> pa.DataType | None:
 
 def _take(col: pa.Array | pa.ChunkedArray, idx: np.ndarray | None, n: int,
           t: pa.DataType | None = None) -> pa.Array:
-    """Rows ``idx`` of a column (all null when ``idx`` is None), as one array of type ``t``."""
+    """Rows ``idx`` of a column (all null when ``idx`` is None), as one array of type ``t``
+    (None: the column's type, a view column's as its gatherable type)."""
     if idx is None:
         return pa.nulls(n, t or col.type)
     base = _view_base(col.type)
     if base is not None:
-        out = col.cast(base).take(pa.array(idx, type=pa.int64())).cast(col.type)
-    else:
-        out = col.take(pa.array(idx, type=pa.int64()))
+        col = col.cast(base)
+    out = col.take(pa.array(idx, type=pa.int64()))
     if isinstance(out, pa.ChunkedArray):
         out = out.combine_chunks() if out.num_chunks != 1 else out.chunk(0)
     if t is not None and not out.type.equals(t):
@@ -131,9 +131,12 @@ def _take(col: pa.Array | pa.ChunkedArray, idx: np.ndarray | None, n: int,
 
 
 def _columns(table: pa.Table) -> dict[str, pa.Array | pa.ChunkedArray]:
+    """The build side's columns, view columns as their gatherable type (cast once)."""
     out: dict[str, pa.Array | pa.ChunkedArray] = {}
     for name, col in zip(table.column_names, table.columns):
-        out[name] = col.chunk(0) if col.num_chunks == 1 else col
+        col = col.chunk(0) if col.num_chunks == 1 else col
+        base = _view_base(col.type)
+        out[name] = col if base is None else col.cast(base)
     return out
 
 
@@ -192,11 +195,6 @@ class JoinProbe:
             if self.on_build is not None:
                 self.on_build()
         return index
-
-    @property
-    def builds(self) -> int:
-        """How many indexes of the build side were built (one per type of probe keys)."""
-        return len(self._indexes)
 
     # ------------------------------------------------------------------ layout
     def _key_schema(self, keys: Sequence[str], other: Sequence[str],
@@ -274,7 +272,7 @@ class JoinProbe:
             if len(rows) == n:
                 yield pa.Table.from_batches([batch])
             elif len(rows):
-                yield pa.Table.from_arrays([_take(c, rows, len(rows)) for c in batch.columns],
+                yield pa.Table.from_arrays([_take(c, rows, len(rows), c.type) for c in batch.columns],
                                            schema=batch.schema)
         elif self.keep_probe:
             rows = np.flatnonzero(~hit)
