@@ -1,8 +1,9 @@
 """Output schemas of logical nodes: the column rules the physical operators follow.
 
 The logical nodes (``plan/logical.py``) derive their schema bottom-up with these helpers;
-each rule mirrors what its operator produces (where possible by running the operator's own
-code on no rows: aggregates, joins), so ``Dataset.schema`` equals the schema of the result.
+each rule mirrors what its operator produces (where possible with the operator's own code:
+aggregates run on no rows, joins use the operators' ``JoinLayout``), so ``Dataset.schema``
+equals the schema of the result.
 A missing column raises a :class:`~millstream.errors.SchemaError` naming it.
 """
 

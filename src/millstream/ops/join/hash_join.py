@@ -96,15 +96,14 @@ class HashJoin(Operator):
     input_order = (1, 0)
 
     def __init__(self, left_on: list[str], right_on: list[str], how: str = "inner",
-                 suffix: str = "_right", broadcast: bool = False, condition: Any = None,
-                 kind: str | None = None) -> None:
+                 suffix: str = "_right", broadcast: bool = False, condition: Any = None
+                 ) -> None:
         how = check_how(how)
         if len(left_on) != len(right_on):
             raise PlanError("join needs as many left keys as right keys")
-        if kind is None:
-            kind = "BroadcastHashJoin" if broadcast else "ShuffleHashJoin"
-            if not left_on:
-                kind = "BroadcastNestedLoopJoin" if broadcast else "NestedLoopJoin"
+        kind = "BroadcastHashJoin" if broadcast else "ShuffleHashJoin"
+        if not left_on:
+            kind = "BroadcastNestedLoopJoin" if broadcast else "NestedLoopJoin"
         text = f"{kind}({how}, left_on={left_on}, right_on={right_on}"
         super().__init__(text + (f", condition={condition!r})" if condition is not None else ")"))
         self.left_on, self.right_on, self.how, self.suffix = left_on, right_on, how, suffix

@@ -5,8 +5,8 @@ Each key column becomes one or more int64 "atoms": integers, booleans and tempor
 are their integer values, floats their bits (``-0.0`` as ``0.0``, one NaN), decimals their
 unscaled words; strings, binaries and other types a 64-bit hash. Exact atoms combine into
 one code by mixed radix over the build side's value ranges (an exact code: equal codes are
-equal keys); otherwise the atoms are hashed together and the caller verifies candidate
-pairs (:meth:`KeyEncoder.verify`). Nulls never match (SQL semantics).
+equal keys); otherwise the atoms are hashed together and equal codes are confirmed by
+comparing the keys (:meth:`KeyEncoder.verify`). Nulls never match (SQL semantics).
 """
 
 from __future__ import annotations
