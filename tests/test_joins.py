@@ -116,14 +116,14 @@ def _run(op, inputs: dict[int, list[pa.RecordBatch]], ctx: TaskContext) -> pa.Ta
 
 @pytest.mark.parametrize("how", HOWS)
 def test_hash_join_indexes_the_build_side_once_per_task(how, tmp_path, monkeypatch):
-    """200 probe batches, one index of the build side (the old operator hashed the whole
+    """100 probe batches, one index of the build side (the old operator hashed the whole
     build side again for every probe batch)."""
     monkeypatch.setattr(join_probe, "JoinIndex", _CountingIndex)
     _CountingIndex.built = 0
-    left, right = tables(seed=5, nl=4000, nr=3000)
+    left, right = tables(seed=5, nl=2000, nr=1000)
     ctx = TaskContext(spill_dir=str(tmp_path))
     got = _run(HashJoin(["k", "s"], ["k", "s"], how),
-               {1: right.to_batches(max_chunksize=300), 0: left.to_batches(max_chunksize=20)},
+               {1: right.to_batches(max_chunksize=100), 0: left.to_batches(max_chunksize=20)},
                ctx)
     assert _CountingIndex.built == 1
     assert ctx.counters[BUILDS_COUNTER] == 1
@@ -462,7 +462,7 @@ def test_keys_of_different_types_meet(name, how, tmp_path):
 
 @pytest.mark.parametrize("how", HOWS)
 def test_grace_hash_join_with_a_condition(how, tmp_path):
-    left, right = tables(seed=12, nl=3000, nr=2000)
+    left, right = tables(seed=12, nl=1200, nr=800)
     ctx = TaskContext(spill_dir=str(tmp_path), batch_size=500)
     op = HashJoin(["k"], ["k"], how, condition=col("x") <= col("y"))
     op._limit = lambda: 1 << 12
