@@ -56,13 +56,12 @@ class JoinIndex:
         else:
             starts = np.flatnonzero(np.diff(codes)) + 1
             starts = np.concatenate([np.zeros(min(1, len(codes)), np.int64), starts])
-            self.first = starts
-            self.counts = np.diff(np.append(starts, len(codes))).astype(np.int64)
-            self.table = _HashTable(codes[starts])
+            counts = np.diff(np.append(starts, len(codes))).astype(np.int64)
+            self.table = _HashTable(codes[starts], starts, counts)
             if not enc.exact and len(codes):
                 # hashed codes: when every build row of a code has the same key (no two
                 # build keys collide), a probe row is checked once, against one of them
-                rep = np.repeat(self.order[starts], self.counts)
+                rep = np.repeat(self.order[starts], counts)
                 self.pure = bool(enc.verify(enc.build_cols, enc.build_atoms, self.order,
                                             rep).all())
 
@@ -87,11 +86,7 @@ class JoinIndex:
             if not ok.all():
                 count[~ok] = 0
             return count, first, None
-        i = self.table.find(code, valid)
-        hit = i >= 0
-        i[~hit] = 0
-        count = np.where(hit, self.counts[i] if len(self.counts) else 0, 0)
-        first = self.first[i] if len(self.first) else np.zeros(n, np.int64)
+        count, first = self.table.find(code, valid)
         if enc.exact:
             return count, first, None
         if not self.pure:
@@ -104,27 +99,30 @@ class JoinIndex:
 
 
 class _HashTable:
-    """Distinct int64 codes -> their position, by open addressing with linear probing;
-    inserts and lookups run as numpy rounds over all pending codes at once."""
+    """Distinct int64 codes -> (count, first) of their build rows, by open addressing with
+    linear probing. Built without a probing loop: codes sorted by home slot take the
+    first free slot from their home on (a running maximum), the table grown past its end
+    instead of wrapping, with an empty slot last; lookups probe all rows at once, in
+    numpy rounds (most rows settle at their home slot)."""
 
-    def __init__(self, codes: np.ndarray) -> None:
+    def __init__(self, codes: np.ndarray, first: np.ndarray, counts: np.ndarray) -> None:
+        n = len(codes)
         cap = 16
-        while cap < 2 * len(codes):
+        while cap < 2 * n:
             cap *= 2
         self.mask = np.uint64(cap - 1)
-        self.pos = np.full(cap, -1, dtype=np.int64)  # position of the code in a slot, or -1
-        self.code = np.zeros(cap, dtype=np.int64)  # the code in a slot
-        pending = np.arange(len(codes), dtype=np.int64)
-        slot = self._home(codes)
-        step = np.int64(cap - 1)
-        while len(pending):
-            free = self.pos[slot] < 0
-            cand, at = pending[free], slot[free]
-            self.pos[at] = cand  # of codes racing for one slot, one wins
-            won = self.pos[at] == cand
-            self.code[at[won]] = codes[cand[won]]
-            pending = np.concatenate([pending[~free], cand[~won]])
-            slot = (np.concatenate([slot[~free], at[~won]]) + 1) & step
+        home = self._home(codes)
+        by_home = np.argsort(home.astype(np.int32) if cap < 2**31 else home)
+        rank = np.arange(n, dtype=np.int64)
+        slot = np.maximum.accumulate(home[by_home] - rank) + rank if n else rank
+        size = max(cap, int(slot[-1]) + 2) if n else cap
+        #: per slot: the number of build rows of its code (0: empty), the code, the first row
+        self.count = np.zeros(size, dtype=np.int64)
+        self.code = np.zeros(size, dtype=np.int64)
+        self.first = np.zeros(size, dtype=np.int64)
+        self.count[slot] = counts[by_home]
+        self.code[slot] = codes[by_home]
+        self.first[slot] = first[by_home]
 
     def _home(self, codes: np.ndarray) -> np.ndarray:
         h = codes.view(np.uint64)
@@ -133,28 +131,27 @@ class _HashTable:
             h = h ^ (h >> np.uint64(29))
         return (h & self.mask).view(np.int64)
 
-    def find(self, codes: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
-        """Positions of ``codes`` (-1 where absent or not ``valid``)."""
+    def find(self, codes: np.ndarray, valid: np.ndarray | None
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """(count, first) of each code's build rows ((0, 0) where absent or not valid)."""
         slot = self._home(codes)
-        pos = self.pos[slot]
-        # most rows are settled by their home slot: a hit, or an empty slot (a miss)
-        hit = (pos >= 0) & (self.code[slot] == codes)
-        out = np.where(hit, pos, -1)
-        more = (pos >= 0) & ~hit
+        count = self.count[slot]
+        hit = (count > 0) & (self.code[slot] == codes)
+        more = (count > 0) & ~hit
         if valid is not None:
-            out[~valid] = -1
+            hit &= valid
             more &= valid
+        found = np.where(hit, slot, len(self.count) - 1)  # the last slot is empty
         active = np.flatnonzero(more)
         slot = slot[active]
-        step = np.int64(self.mask)
         while len(active):
-            slot = (slot + 1) & step
-            pos = self.pos[slot]
-            hit = (pos >= 0) & (self.code[slot] == codes[active])
-            out[active[hit]] = pos[hit]
-            more = (pos >= 0) & ~hit
+            slot += 1
+            count = self.count[slot]
+            hit = (count > 0) & (self.code[slot] == codes[active])
+            found[active[hit]] = slot[hit]
+            more = (count > 0) & ~hit
             active, slot = active[more], slot[more]
-        return out
+        return self.count[found], self.first[found]
 
 
 def pair_chunks(count: np.ndarray, first: np.ndarray, order: np.ndarray, max_pairs: int
