@@ -177,13 +177,30 @@ def test_hash_collisions_never_join(build, how, monkeypatch):
     build keys collide."""
     from millstream.ops.join import keys as join_keys
 
-    monkeypatch.setattr(join_keys, "hash_array", lambda arr: np.asarray(
+    monkeypatch.setattr(join_keys, "hash_bytes", lambda arr: np.asarray(
         pa.compute.binary_length(arr).fill_null(0), dtype=np.uint64))
     probe = ["a", "x", "bb", "yy", "zzz", None, "b", "dd"]
     left = pa.table({"s": probe, "lid": range(len(probe))})
     right = pa.table({"s": build, "rid": range(len(build))})
     got = join_tables(left, right, ["s"], ["s"], how)
     assert pairs(got, how) == duck(_pairs_sql(how, ["s"], None), l=left, r=right)
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=st.lists(st.one_of(st.none(), st.text(max_size=20), st.binary(max_size=20)
+                                 .map(lambda b: b.decode("latin-1"))), max_size=40),
+       cut=st.integers(0, 5))
+def test_string_key_hashes_depend_on_the_value_only(values, cut):
+    from millstream.ops.join.keys import hash_bytes
+
+    arr = pa.array(values + values, pa.large_string())
+    h = hash_bytes(arr)
+    n = len(values)
+    assert np.array_equal(h[:n], h[n:])
+    assert np.array_equal(hash_bytes(arr.slice(min(cut, n))), h[min(cut, n):])
+    seen: dict[str | None, int] = {}
+    for v, x in zip(values, h[:n].tolist()):
+        assert seen.setdefault(v if v else "", x) == x  # null hashes as ""
 
 
 def test_pair_chunks_split_rows_with_many_matches():

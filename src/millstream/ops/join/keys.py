@@ -113,9 +113,43 @@ def atoms(arr: pa.Array) -> tuple[list[np.ndarray], bool]:
         if t.byte_width not in (16, 32):  # decimal32/decimal64
             arr = arr.cast(pa.decimal128(t.precision, t.scale))
         return _fixed_words(arr, arr.type.byte_width), True
-    if pa.types.is_large_string(t):
-        arr = arr.view(pa.large_binary())
+    if pa.types.is_large_string(t) or pa.types.is_large_binary(t):
+        return [hash_bytes(arr).view(np.int64)], False
     return [hash_array(arr).view(np.int64)], False
+
+
+def hash_bytes(arr: pa.Array) -> np.ndarray:
+    """64-bit hashes of large_string or large_binary values, read 8 bytes at a time (a
+    numpy round per 8 bytes of the longest value, over the values that long); nulls hash
+    as empty values. Only equal within one process's use: build and probe alike."""
+    n = len(arr)
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64, count=n + 1,
+                            offset=arr.offset * 8)
+    start = offsets[:-1]
+    lengths = offsets[1:] - start
+    h = _mix(lengths.astype(np.uint64) ^ _M2)
+    data = arr.buffers()[2]
+    if data is None or not data.size or not n:
+        return h
+    raw = np.frombuffer(data, dtype=np.uint8)
+    padded = np.zeros(len(raw) + 8, dtype=np.uint8)  # whole words past the last value
+    padded[:len(raw)] = raw
+    # words[i]: the 8 bytes from byte i on (little-endian), an overlapping strided view
+    words = np.ndarray(shape=(len(raw),), dtype="<u8", buffer=padded.data, strides=(1,))
+    active = np.flatnonzero(lengths > 0)
+    k = 0
+    with np.errstate(over="ignore"):
+        while len(active):
+            w = words[start[active] + k]
+            rest = lengths[active] - k
+            short = rest < 8
+            if short.any():  # keep only the value's own bytes of its last word
+                drop = ((8 - rest[short]) * 8).astype(np.uint64)
+                w[short] = (w[short] << drop) >> drop
+            h[active] = _mix(h[active] * _M1 + w)
+            k += 8
+            active = active[lengths[active] > k]
+    return h
 
 
 def _valid(cols: Sequence[pa.Array]) -> np.ndarray | None:
