@@ -129,11 +129,15 @@ def hash_bytes(arr: pa.Array) -> np.ndarray:
     lengths = offsets[1:] - start
     h = _mix(lengths.astype(np.uint64) ^ _M2)
     data = arr.buffers()[2]
-    if data is None or not data.size or not n:
+    lo, hi = (int(offsets[0]), int(offsets[-1])) if n else (0, 0)
+    if data is None or hi == lo:
         return h
-    raw = np.frombuffer(data, dtype=np.uint8)
-    padded = np.zeros(len(raw) + 8, dtype=np.uint8)  # whole words past the last value
+    # only this slice's bytes (a batch may be a slice of a far larger array), padded with
+    # a whole word past the last value
+    raw = np.frombuffer(data, dtype=np.uint8, count=hi - lo, offset=lo)
+    padded = np.zeros(len(raw) + 8, dtype=np.uint8)
     padded[:len(raw)] = raw
+    start = start - lo
     # words[i]: the 8 bytes from byte i on (little-endian), an overlapping strided view
     words = np.ndarray(shape=(len(raw),), dtype="<u8", buffer=padded.data, strides=(1,))
     active = np.flatnonzero(lengths > 0)
