@@ -26,7 +26,7 @@ from millstream.runtime.session import effective_settings, get_session
 
 #: Rows a plan whose schema a Python function hides runs on to learn its columns.
 SCHEMA_SAMPLE_ROWS = 1000
-_HOW = ("inner", "left", "right", "outer", "full", "semi", "anti")
+_HOW = ("inner", "left", "right", "outer", "full", "semi", "anti", "cross")
 
 
 def _names(cols: Iterable[Any]) -> list[str]:
@@ -180,8 +180,21 @@ class Dataset:
 
     def join(self, other: Dataset, on: str | Sequence[str] | None = None, how: str = "inner", *,
              left_on: str | Sequence[str] | None = None, right_on: str | Sequence[str] | None = None,
-             suffix: str = "_right", broadcast: bool | None = None) -> Dataset:
-        """Equi-join with ``other`` (inner, left, right, outer, semi, anti); null keys never match.
+             suffix: str = "_right", broadcast: bool | None = None,
+             condition: Expr | None = None) -> Dataset:
+        """Join with ``other`` (inner, left, right, outer/full, semi, anti, cross).
+
+        Rows match on equal keys (``on=`` names on both sides, or ``left_on=``/``right_on=``;
+        null keys never match) and, with ``condition=``, where that boolean expression is
+        true for the pair: SQL's ``ON l.k = r.k AND <condition>``. An outer join emits a row
+        no pair satisfies null-extended; semi and anti joins keep the left rows that have
+        (or have no) such pair, as ``EXISTS``/``NOT EXISTS``. A join with a condition and no
+        keys (ranges, ``!=``) compares every pair (a nested loop over the broadcast side);
+        ``how="cross"`` (or :meth:`cross_join`) gives every pair.
+
+        The condition names columns as the inner join outputs them: the left side's names,
+        the right side's names, a right column whose name the left side has too with
+        ``suffix`` (``ms.col("x") != ms.col("x_right")``), a same-named key once.
 
         A side small enough (``broadcast_threshold``) is broadcast; otherwise both sides are
         shuffled by key. ``broadcast=True/False`` forces the choice for the right side.
@@ -194,20 +207,41 @@ class Dataset:
             raise PlanError(f"join() needs a Dataset, got {type(other).__name__}")
         if how not in _HOW:
             raise PlanError(f"join how={how!r} is not one of {', '.join(_HOW)}")
+        if condition is not None and not isinstance(condition, Expr):
+            raise PlanError(f"join condition must be an expression such as "
+                            f"ms.col('a') < ms.col('b'), got {condition!r}")
+        if how == "cross":
+            if on is not None or left_on is not None or right_on is not None \
+                    or condition is not None:
+                raise PlanError("a cross join pairs every row with every row: give no on=, "
+                                "left_on=, right_on= or condition= (use how='inner' with a "
+                                "condition to keep only some pairs)")
+            return Dataset(L.Join(self._node, other._node, (), (), "inner", suffix, broadcast))
         if on is not None:
             if left_on is not None or right_on is not None:
                 raise PlanError("join: give either on= or left_on=/right_on=, not both")
             lk = rk = [on] if isinstance(on, str) else list(on)
+        elif left_on is None and right_on is None and condition is not None:
+            lk = rk = []  # a join on the condition alone
         else:
             if left_on is None or right_on is None:
-                raise PlanError("join needs on= (same key names) or both left_on= and right_on=")
+                raise PlanError("join needs on= (same key names), both left_on= and "
+                                "right_on=, or a condition= (how='cross' for every pair)")
             lk = [left_on] if isinstance(left_on, str) else list(left_on)
             rk = [right_on] if isinstance(right_on, str) else list(right_on)
-        if len(lk) != len(rk) or not lk:
+        if len(lk) != len(rk) or (not lk and condition is None):
             raise PlanError(f"join: left keys {lk} and right keys {rk} must be non-empty and as many")
         how = "outer" if how == "full" else how
         return Dataset(L.Join(self._node, other._node, tuple(lk), tuple(rk), how, suffix,
-                              broadcast))
+                              broadcast, condition))
+
+    def cross_join(self, other: Dataset, *, suffix: str = "_right",
+                   broadcast: bool | None = None) -> Dataset:
+        """Every row of this dataset paired with every row of ``other`` (the cartesian
+        product; Spark's ``crossJoin``, Polars' ``how="cross"``). The smaller side is
+        broadcast to every partition of the other; right columns whose names the left side
+        has get ``suffix``."""
+        return self.join(other, how="cross", suffix=suffix, broadcast=broadcast)
 
     def sort(self, by: str | Sequence[str], descending: bool | Sequence[bool] = False,
              nulls_last: bool | None = None) -> Dataset:

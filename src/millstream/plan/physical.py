@@ -369,55 +369,56 @@ class PhysicalPlanner:
         return [Pipeline([BlocksPort(stage=self.cache_stages[node.cache_id])])]
 
     def _build_Join(self, node: L.Join) -> list[Pipeline]:
-        lk, rk = list(node.left_on), list(node.right_on)
+        lk, rk, cond = list(node.left_on), list(node.right_on), node.condition
         if self.s.streaming:
             left = self.build(node.left)
             for p in left:
                 p.add(OperatorFactory(BroadcastTableJoin, list(lk), list(rk), node.how,
-                                      node.suffix, table_node=node.right),
+                                      node.suffix, table_node=node.right, condition=cond),
                       node.label() + " (stream-table: bounded right side broadcast)")
             return left
-        thr = self.s.broadcast_threshold
-        est_l = self.estimator.estimate(node.left)
-        est_r = self.estimator.estimate(node.right)
-        bytes_l = None if est_l is None else est_l.bytes
-        bytes_r = None if est_r is None else est_r.bytes
-        can_right = node.how in ("inner", "left", "semi", "anti")
-        can_left = node.how in ("inner", "right")
-        if node.broadcast is None:
-            small_right = can_right and bytes_r is not None and bytes_r <= thr
-            small_left = can_left and bytes_l is not None and bytes_l <= thr
-            if small_right and small_left and bytes_l < bytes_r:  # type: ignore[operator]
-                small_right = False
-        else:
-            small_right, small_left = node.broadcast and can_right, False
+        strategy, est_l, est_r = self._join_strategy(node)
+        loop = "" if lk else " nested loop"
         sizes = f"estimated left {describe(est_l)}, right {describe(est_r)}"
-        if small_right:
+        if strategy == "right":
             left = self.build(node.left)
             small = Stage(self.build(node.right), "blocks", purpose="broadcast side of join")
             for p in left:
                 p.add(self._join_factory(node, BroadcastHashJoin, small),
-                      node.label() + f" (broadcast; {sizes})")
+                      node.label() + f" (broadcast{loop}; {sizes})")
             return left
-        if small_left:
+        if strategy == "left":
             # the small LEFT side goes to every task of the right side; each right chunk is
             # joined against it (only inner and right joins can be decided chunk by chunk)
             small = Stage(self.build(node.left), "blocks", purpose="broadcast left side of join")
             right = self.build(node.right)
             for p in right:
                 p.add(self._join_factory(node, BroadcastLeftHashJoin, small),
-                      node.label() + f" (broadcast left; {sizes})")
+                      node.label() + f" (broadcast left{loop}; {sizes})")
             return right
         left = self.build(node.left)
         right = self.build(node.right)
+        if strategy == "single":
+            # no keys to partition by, and a join type that needs all of both sides in one
+            # task (outer, or a side that must not be broadcast)
+            ls = self._close(left, RoundRobinPartitioner(1), "join left side (one partition)")
+            rs = self._close(right, RoundRobinPartitioner(1), "join right side (one partition)")
+            new = Pipeline([ShufflePort(ls), ShufflePort(rs)])
+            new.add(self._join_factory(node, HashJoin),
+                    node.label() + f" (nested loop, one partition; {sizes})")
+            return [new]
         n = self.s.shuffle_partitions
         ls = self._close(left, HashPartitioner(list(lk), n), "join left side")
         rs = self._close(right, HashPartitioner(list(rk), n), "join right side")
         new = Pipeline([ShufflePort(ls), ShufflePort(rs)])
         text = node.label() + f" (shuffle hash; {sizes}"
+        can_right = node.how in ("inner", "left", "semi", "anti")
+        can_left = node.how in ("inner", "right")
         if node.broadcast is None and (can_left or can_right):
+            bytes_l = None if est_l is None else est_l.bytes
+            bytes_r = None if est_r is None else est_r.bytes
             new.adaptive = AdaptiveJoin(
-                ls, rs, thr,
+                ls, rs, self.s.broadcast_threshold,
                 self._join_factory(node, BroadcastHashJoin, rs) if can_right else None,
                 self._join_factory(node, BroadcastLeftHashJoin, ls) if can_left else None,
                 bytes_l, bytes_r, node.label())
@@ -431,8 +432,50 @@ class PhysicalPlanner:
         side is the output of ``broadcast``."""
         args = (list(node.left_on), list(node.right_on), node.how, node.suffix)
         if broadcast is None:
-            return OperatorFactory(cls, *args)
-        return OperatorFactory(cls, *args, broadcast_stage=broadcast)
+            return OperatorFactory(cls, *args, condition=node.condition)
+        return OperatorFactory(cls, *args, broadcast_stage=broadcast, condition=node.condition)
+
+    def _join_strategy(self, node: L.Join) -> tuple[str, Any, Any]:
+        """How a batch join runs, with the sides' estimates: "right" (broadcast the right
+        side), "left" (broadcast the left side), "shuffle" (hash-partition both by key) or
+        "single" (both sides in one task: a join without keys that no broadcast can serve).
+
+        A side is broadcast when its estimated size is within ``broadcast_threshold``
+        (``node.broadcast`` forces or forbids the right side) and the join type lets each
+        task decide alone: a broadcast right side serves inner, left, semi and anti joins,
+        a broadcast left side inner and right joins. Without keys there is no shuffle:
+        the smaller side the join type allows is broadcast.
+        """
+        right_ok = node.how in ("inner", "left", "semi", "anti")
+        left_ok = node.how in ("inner", "right")
+        est_l = self.estimator.estimate(node.left)
+        est_r = self.estimator.estimate(node.right)
+        bytes_l = None if est_l is None else est_l.bytes
+        bytes_r = None if est_r is None else est_r.bytes
+        if node.left_on:
+            thr = self.s.broadcast_threshold
+            if node.broadcast is None:
+                small_right = right_ok and bytes_r is not None and bytes_r <= thr
+                small_left = left_ok and bytes_l is not None and bytes_l <= thr
+                if small_right and small_left and bytes_l < bytes_r:  # type: ignore[operator]
+                    small_right = False
+            else:
+                small_right, small_left = node.broadcast and right_ok, False
+            if small_right:
+                return "right", est_l, est_r
+            if small_left:
+                return "left", est_l, est_r
+            return "shuffle", est_l, est_r
+        if node.broadcast is True and right_ok:
+            return "right", est_l, est_r
+        if node.broadcast is False:
+            return ("left" if left_ok else "single"), est_l, est_r
+        if right_ok and left_ok:
+            left_smaller = bytes_l is not None and (bytes_r is None or bytes_l < bytes_r)
+            return ("left" if left_smaller else "right"), est_l, est_r
+        if right_ok:
+            return "right", est_l, est_r
+        return ("left" if left_ok else "single"), est_l, est_r
 
     def _keyed_two_inputs(self, node: L.IntervalJoin | L.WindowJoin | L.LatestJoin,
                           factory: OperatorFactory, what: str) -> list[Pipeline]:

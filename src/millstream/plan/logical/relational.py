@@ -228,7 +228,13 @@ class Distinct(Unary):
 
 @dataclass(frozen=True, eq=False)
 class Join(Node):
-    """Equi-join (inner, left, right, outer, semi, anti); null keys never match."""
+    """Join (inner, left, right, outer, semi, anti) on equal keys (null keys never match)
+    and/or a residual ``condition`` on the candidate pairs; without keys every pair of rows
+    is a candidate (a cross join when there is no condition either).
+
+    ``condition`` names columns as the inner join outputs them: left names, right names,
+    a right name the left side has too with ``suffix``, a same-named key (``on=``) once.
+    """
 
     left: Node
     right: Node
@@ -238,6 +244,7 @@ class Join(Node):
     suffix: str = "_right"
     #: force (True) or forbid (False) broadcasting the right side; None: by size
     broadcast: bool | None = None
+    condition: Expr | None = None
 
     @property
     def children(self) -> tuple[Node, ...]:
@@ -246,15 +253,27 @@ class Join(Node):
     def with_children(self, children: tuple[Node, ...]) -> Node:
         return replace(self, left=children[0], right=children[1])
 
+    @property
+    def is_cross(self) -> bool:
+        """A cross join: every pair of rows (no keys, no condition, inner)."""
+        return not self.left_on and self.condition is None and self.how == "inner"
+
     def label(self) -> str:
-        return f"Join {self.how} left_on={list(self.left_on)} right_on={list(self.right_on)}"
+        if self.is_cross:
+            return "Join cross"
+        text = f"Join {self.how}"
+        if self.left_on:
+            text += f" left_on={list(self.left_on)} right_on={list(self.right_on)}"
+        if self.condition is not None:
+            text += f" condition={self.condition!r}"
+        return text
 
     def compute_schema(self) -> pa.Schema | None:
         left, right = self.left.checked_schema(), self.right.checked_schema()
         if left is None or right is None:
             return None
         return S.join_schema(left, right, self.left_on, self.right_on, self.how, self.suffix,
-                             self.label())
+                             self.label(), self.condition)
 
 
 @dataclass(frozen=True, eq=False)
