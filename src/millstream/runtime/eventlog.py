@@ -44,7 +44,7 @@ class EventLogWriter:
         storage.mkdirs(self.fs, self.base)
         self.local = storage.is_local(self.fs)
         self._lock = threading.Lock()
-        self._pending: dict[str, list[str]] = {}  # job -> lines not yet written
+        self._pending: dict[str, list[Event]] = {}  # job -> events not yet written
         self._whole: dict[str, list[str]] = {}  # object stores: every line of the job
         self._ended: set[str] = set()
         self._last_metrics: dict[str, float] = {}
@@ -70,9 +70,8 @@ class EventLogWriter:
             if ev["ts"] - last < METRICS_EVERY_S:
                 return
             self._last_metrics[job] = ev["ts"]
-        line = json.dumps(ev, default=str, separators=(",", ":"))
-        with self._lock:
-            self._pending.setdefault(job, []).append(line)
+        with self._lock:  # encoded by the writer thread, off the job's path
+            self._pending.setdefault(job, []).append(ev)
             if kind in END_EVENTS:
                 self._ended.add(job)
 
@@ -85,8 +84,9 @@ class EventLogWriter:
         with self._lock:
             pending, self._pending = self._pending, {}
             ended, self._ended = self._ended, set()
-        for job, lines in pending.items():
+        for job, events in pending.items():
             try:
+                lines = [json.dumps(ev, default=str, separators=(",", ":")) for ev in events]
                 self._write(job, lines, force or job in ended)
             except Exception:  # noqa: BLE001 - the log must never fail a job
                 _log.warning("writing the event log of job %s to %s failed", job, self.uri,

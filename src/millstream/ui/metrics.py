@@ -9,6 +9,7 @@ OpenTelemetry collector can scrape this endpoint with its Prometheus receiver.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -74,7 +75,7 @@ class _Collector:
                                            for a in st["attempts"].values())}
                 for k, fam in fams.items():
                     fam.add_metric([j["id"]], values[k])
-                seconds.add_metric([j["id"]], j.get("seconds") or 0.0)
+                seconds.add_metric([j["id"]], (j["end"] or time.time()) - j["start"])
                 for name, v in (j.get("counters") or {}).items():
                     job_counters.add_metric([j["id"], name], v)
             yield from fams.values()

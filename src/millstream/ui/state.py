@@ -112,8 +112,8 @@ class DashboardState:
 
     def _on_stage_progress(self, ev: dict[str, Any]) -> None:
         stage = self._stage(self._job(ev, "batch"), ev["stage"])
-        if stage["start"] is None or stage["status"] in ("pending", "failed"):
-            stage["start"] = stage["start"] or ev["ts"]
+        if stage["start"] is None:
+            stage["start"] = ev["ts"]
         if stage["status"] == "pending":
             stage["status"] = "running"
         for k in ("total", "done", "running", "rows_read", "bytes_read", "rows_out",
