@@ -242,7 +242,7 @@ class DashboardState:
                      rows_out=job.get("rows_out"), bytes_out=job.get("bytes_out"),
                      stages=len(job["stages"]), tasks=sum(st["total"] for st in stages),
                      tasks_done=sum(st["done"] for st in stages))
-            if job["status"] == "running":
+            if job["status"] != "succeeded":  # what was read so far
                 s["rows_in"] = sum(st["rows_read"] for st in stages
                                    if any(p["kind"] in ("source", "cache")
                                           for pipe in st.get("pipelines", [])

@@ -415,18 +415,21 @@ function streamJob(job) {
       h("td", {class: "num", text: secs(st.lag_s)}),
       h("td", {class: "num", text: pct(st.backpressure)})))))));
   out.push(h("h2", {text: "Checkpoints"}));
-  out.push(job.checkpoints.length ? h("table", {id: "checkpoints"},
-    h("thead", {}, h("tr", {}, ["Epoch", "Status", "When", "Duration", "Size", "Incremental",
-      "Alignment", "Note"].map((t, i) => h("th", {class: i >= 3 && i <= 6 ? "num" : null, text: t})))),
-    h("tbody", {}, job.checkpoints.map(c => h("tr", {class: "checkpoint", "data-status": c.status,
-                                                     "data-epoch": c.epoch},
-      h("td", {text: c.epoch}), h("td", {}, badge(c.status)), h("td", {text: clock(c.ts)}),
-      h("td", {class: "num", text: secs(c.seconds)}), h("td", {class: "num", text: bytes(c.bytes)}),
-      h("td", {class: "num", text: bytes(c.incremental_bytes)}),
-      h("td", {class: "num", text: secs(c.alignment_s)}),
-      h("td", {class: "small", text: (c.final ? "final. " : "") + firstLine(c.error)})))))
+  const ckHead = () => h("thead", {}, h("tr", {}, ["Epoch", "Status", "When", "Duration", "Size",
+    "Incremental", "Alignment", "Note"].map((t, i) => h("th", {class: i >= 3 && i <= 6 ? "num" : null, text: t}))));
+  const ckRow = c => h("tr", {class: "checkpoint", "data-status": c.status, "data-epoch": c.epoch},
+    h("td", {text: c.epoch}), h("td", {}, badge(c.status)), h("td", {text: clock(c.ts)}),
+    h("td", {class: "num", text: secs(c.seconds)}), h("td", {class: "num", text: bytes(c.bytes)}),
+    h("td", {class: "num", text: bytes(c.incremental_bytes)}),
+    h("td", {class: "num", text: secs(c.alignment_s)}),
+    h("td", {class: "small", text: (c.final ? "final. " : "") + firstLine(c.error)}));
+  const recent = job.checkpoints.slice(0, 10), older = job.checkpoints.slice(10);
+  out.push(job.checkpoints.length ? h("table", {id: "checkpoints"}, ckHead(), h("tbody", {}, recent.map(ckRow)))
     : h("p", {class: "muted", text: job.checkpoint_location ? "No checkpoint yet." :
                                      "No checkpoint location: epochs only commit the sink."}));
+  if (older.length) out.push(h("details", {"data-key": "older-checkpoints"},
+    h("summary", {text: `${older.length} older checkpoints`}),
+    h("table", {}, ckHead(), h("tbody", {}, older.map(ckRow)))));
   out.push(h("h2", {text: "Restarts"}));
   out.push(job.restarts.length ? h("table", {id: "restarts"}, h("tbody", {}, job.restarts.map(r =>
     h("tr", {}, h("td", {text: "#" + r.restart}), h("td", {text: clock(r.ts)}), h("td", {text: r.cause})))))
