@@ -272,7 +272,9 @@ class DashboardState:
         stages = []
         for sid in job["stage_order"]:
             st = job["stages"][sid]
-            attempts = sorted(st["attempts"].values(), key=lambda a: (a["start"] or 0))
+            # copies: the JSON is written outside the lock while events keep coming
+            attempts = sorted((dict(a) for a in st["attempts"].values()),
+                              key=lambda a: (a["start"] or 0))
             view = {k: v for k, v in st.items() if k != "attempts"}
             view["attempts"] = attempts
             view["skew"] = skew(attempts)
