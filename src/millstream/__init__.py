@@ -77,6 +77,7 @@ from millstream.expr.nodes import (
     sum,
 )
 from millstream.runtime.session import init, shutdown
+from millstream.ui import ui_url  # registers the dashboard with the session
 
 __version__ = "0.1.0"
 
@@ -103,7 +104,7 @@ __all__ = [
     "OutputExistsError", "PlanError", "SchemaError", "StorageError", "TaskError", "UserFunctionError",
     "avg", "col", "collect_list", "console", "count", "count_distinct", "count_trigger", "dead_letter", "event_time_trigger", "first", "from_arrow", "from_generator", "from_items",
     "from_pandas", "from_polars", "global_window", "init", "last_job_stats", "lit", "mapreduce", "max", "mean", "min", "processing_time_trigger", "range",
-    "read_csv", "read_json", "read_kafka", "read_parquet", "read_text", "session", "shutdown", "sink", "sliding", "sum", "tumbling", "when",
+    "read_csv", "read_json", "read_kafka", "read_parquet", "read_text", "session", "shutdown", "sink", "sliding", "sum", "tumbling", "ui_url", "when",
     # analytic window functions (expr.analytic)
     "cume_dist", "dense_rank", "first_value", "lag", "last_value", "lead", "nth_value", "ntile",
     "percent_rank", "range_between", "rank", "row_number", "rows",

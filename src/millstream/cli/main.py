@@ -4,7 +4,11 @@
               [--runner local|ray] [--address HOST:PORT] [--format text|parquet] [--mode error|overwrite]
               [--parallelism N] [--memory-limit 2GB] [--max-task-attempts 4]
 
-Progress and the job's counters go to stderr; the output is committed atomically.
+    millstream ui --history DIR [--host 127.0.0.1] [--port 18080]
+
+Progress and the job's counters go to stderr; the output is committed atomically. ``ui``
+serves the dashboard's pages for the jobs whose event logs are in DIR (a path or storage
+URI that ``ms.init(event_log_dir=...)`` wrote), until interrupted.
 """
 
 from __future__ import annotations
@@ -156,6 +160,38 @@ def cmd_mapreduce(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    """Serve the dashboard over the event logs in ``--history`` until interrupted."""
+    import signal
+    import threading
+
+    try:
+        from millstream.ui.history import serve_history
+    except ImportError as exc:  # pragma: no cover - the package itself is broken
+        print(f"millstream ui: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        server, loader = serve_history(args.history, args.host, args.port)
+    except ImportError:
+        print("millstream ui: the dashboard needs its server library: "
+              "pip install 'millstream[ui]'", file=sys.stderr)
+        return EXIT_FAILED
+    except (FileNotFoundError, OSError) as exc:
+        print(f"millstream ui: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"millstream: history server for {args.history} at {server.url}", flush=True)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    try:
+        done.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        loader.stop()
+        server.stop()
+    return EXIT_OK
+
+
 def cli_spelling(message: str) -> str:
     """An error's hint in the command line's words (``--mode overwrite``, not Python's
     ``mode="overwrite"``)."""
@@ -226,6 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
     mr.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                     help="live progress bars (default: when stderr is a terminal)")
     mr.set_defaults(func=cmd_mapreduce)
+    ui = sub.add_parser("ui", help="serve the dashboard for finished jobs (history server)",
+                        description="Serve the dashboard's pages for the jobs whose event logs "
+                                    "(ms.init(event_log_dir=...)) are in DIR.")
+    ui.add_argument("--history", required=True, metavar="DIR",
+                    help="the event log directory (a path or storage URI)")
+    ui.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (not loopback: a token is required)")
+    ui.add_argument("--port", type=int, default=18080, help="port (0: a free one)")
+    ui.set_defaults(func=cmd_ui)
     return parser
 
 

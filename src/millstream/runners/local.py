@@ -19,6 +19,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from functools import partial
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -89,7 +90,7 @@ def _worker_main(conn: Connection, env: dict[str, str]) -> None:
             task: Task = cloudpickle.loads(payload)
             task.attempt = attempt
             _maybe_inject_fault(task)
-            result = run_task(task)
+            result = run_task(task, partial(_send_progress, conn))
             out = ("ok", result)
         except BaseException as exc:  # noqa: BLE001 - everything is reported to the driver
             out = ("err", describe_failure(exc))
@@ -101,6 +102,15 @@ def _worker_main(conn: Connection, env: dict[str, str]) -> None:
             conn.send_bytes(data)
         except (BrokenPipeError, OSError):
             return
+
+
+def _send_progress(conn: Connection, rows: int, nbytes: int) -> None:
+    """Tell the driver what the running task has read so far (it keeps waiting for the
+    outcome after this message)."""
+    try:
+        conn.send_bytes(pickle.dumps(("progress", rows, nbytes)))
+    except (BrokenPipeError, OSError):
+        pass
 
 
 @dataclass
@@ -254,11 +264,11 @@ class LocalRunner(Runner):
         self._ensure_workers(min(self.parallelism, n))
         try:
             while remaining:
-                self._assign(pending, payloads, running)
+                self._assign(pending, payloads, running, progress)
                 if not pending:
                     self._maybe_speculate(n, remaining, durations, running, speculated, pending,
                                           next_attempt)
-                    self._assign(pending, payloads, running)
+                    self._assign(pending, payloads, running, progress)
                 busy = [w for w in self.workers if w.busy is not None]
                 if not busy:
                     self._ensure_workers(min(self.parallelism, remaining))
@@ -275,6 +285,9 @@ class LocalRunner(Runner):
                             outcome = cloudpickle.loads(w.conn.recv_bytes())
                         except (EOFError, OSError):
                             outcome = None
+                        if outcome is not None and outcome[0] == "progress":
+                            progress.task_progress(idx, attempt, outcome[1], outcome[2])
+                            continue
                     if outcome is None and not (w.process.sentinel in ready or not w.process.is_alive()):
                         continue
                     w.busy = None
@@ -290,9 +303,12 @@ class LocalRunner(Runner):
                             results[idx] = outcome[1]
                             remaining -= 1
                             durations.append(time.monotonic() - w.started)
-                            progress.task_done(outcome[1].rows_out, outcome[1].bytes_out)
+                            progress.task_done(idx, attempt, outcome[1])
                             # the first attempt to finish wins; cancel its backups
                             for other in running.pop(idx, []):
+                                if other.busy is not None:
+                                    progress.task_killed(idx, other.busy[1],
+                                                         "another attempt finished first")
                                 self._replace(other)
                         continue
                     else:
@@ -301,7 +317,7 @@ class LocalRunner(Runner):
                     if results[idx] is not None:
                         continue
                     self._attempt_failed(idx, cause, failure, bool(running.get(idx)), causes,
-                                         pending, next_attempt, tasks, progress)
+                                         pending, next_attempt, tasks, progress, attempt)
         except BaseException:
             # stop whatever still runs for this stage; the workers are replaced lazily
             for w in list(self.workers):
@@ -312,7 +328,7 @@ class LocalRunner(Runner):
         return results  # type: ignore[return-value]
 
     def _assign(self, pending: deque[tuple[int, int]], payloads: list[bytes],
-                running: dict[int, list[_Worker]]) -> None:
+                running: dict[int, list[_Worker]], progress: StageProgress) -> None:
         for w in self.workers:
             if not pending:
                 return
@@ -326,6 +342,8 @@ class LocalRunner(Runner):
                 continue
             w.busy = (idx, attempt)
             w.started = time.monotonic()
+            progress.task_started(idx, attempt, f"pid {w.process.pid}",
+                                  speculative=bool(running.get(idx)))
             running.setdefault(idx, []).append(w)
 
     def _maybe_speculate(self, n: int, remaining: int, durations: list[float],
@@ -387,6 +405,8 @@ class _QueueChannels:
         self.inboxes = inboxes
         self.controls = controls
         self.coordinator = coordinator
+        #: seconds spent waiting for room in full inboxes (backpressure)
+        self.blocked_s = 0.0
 
     def recv(self, timeout: float) -> tuple | None:
         try:
@@ -403,7 +423,10 @@ class _QueueChannels:
             return None
 
     def send(self, dest: int, msg: tuple) -> None:
-        self.inboxes[dest].put(to_wire(msg))
+        data = to_wire(msg)
+        start = time.perf_counter()
+        self.inboxes[dest].put(data)  # blocks while the inbox is full
+        self.blocked_s += time.perf_counter() - start
 
     def to_coordinator(self, msg: tuple) -> None:
         self.coordinator.put(to_wire(msg))

@@ -55,6 +55,15 @@ from millstream.plan import logical as L
 from millstream.plan.compile import compile_plan, streaming_settings
 from millstream.plan.stages import all_stages
 from millstream.runtime.checkpoint import CheckpointStore
+from millstream.runtime.display import watch
+from millstream.runtime.events import BUS, call_site, error_text, publish
+from millstream.runtime.job_events import (
+    checkpoint_event,
+    stream_ended,
+    stream_metrics,
+    stream_started,
+)
+from millstream.runtime.progress import progress_enabled
 from millstream.runtime.streaming.epochs import Epochs, Restored, check_fault
 from millstream.runtime.streaming.inline import InlineHosts
 from millstream.runtime.streaming.layout import (
@@ -71,6 +80,9 @@ from millstream.runtime.streaming.slot import SlotSpec, run_slot
 from millstream.runtime.streaming.spec import TaskSpec, close_quietly
 
 _log = logging.getLogger(__name__)
+
+#: metrics snapshots go to the event bus about this often, while anybody listens (s)
+METRICS_EVERY_S = 1.0
 
 
 class StreamingJob:
@@ -165,17 +177,22 @@ class StreamingJob:
         self._epochs: Epochs | None = None
         self._thread = threading.Thread(target=self._main, daemon=True,
                                         name=f"millstream-stream-{self.job_id}")
+        #: what the dashboard calls the job (where the user's code started it)
+        self.name = (call_site() if BUS.active else "") or f"stream {self.job_id}"
+        self._unwatch: Any = None
 
     # ------------------------------------------------------------------ control
 
     def start(self) -> StreamingJob:
         """Start the coordinator thread (``Dataset.start`` does this)."""
+        from millstream.runtime.session import get_session
+
+        s = get_session()
         if self._runner is None and self.executor == "parallel":
             # connect here, in the caller's thread (Ray wants the main one)
-            from millstream.runtime.session import get_session
-
-            s = get_session()
             self._runner = s.get_runner(s.settings)
+        if progress_enabled(s.settings.progress):
+            self._unwatch = watch(self.job_id)
         self._thread.start()
         return self
 
@@ -417,6 +434,8 @@ class StreamingJob:
             self._metrics["last_checkpoint_seconds"] = round(
                 time.perf_counter() - pending["started"], 6)
         self.epoch = e + 1
+        if BUS.active:
+            checkpoint_event(self, pending, "completed")
 
     def _run_once(self) -> None:
         """Run the tasks until the job ends; raise _HostLost when a host dies."""
@@ -432,7 +451,11 @@ class StreamingJob:
         active: set[int] = set()  # epochs in which something happened
         last = time.monotonic()
         final_done = False
+        published = 0.0  # when metrics were last published (when anybody listens)
         while True:
+            if BUS.active and time.monotonic() - published >= METRICS_EVERY_S:
+                published = time.monotonic()
+                stream_metrics(self)
             for msg in hosts.poll(0.02):
                 kind, idx = msg[0], msg[1]
                 if kind == "ack":
@@ -442,7 +465,7 @@ class StreamingJob:
                                              f"{pending and pending['epoch']}")
                     pending["acks"][idx] = msg[3]
                     if len(pending["acks"]) == n:
-                        self._complete(pending, out)
+                        self._complete_or_report(pending, out)
                         if not pending["committing"]:
                             final_done = pending["final"]
                             pending = None
@@ -493,20 +516,35 @@ class StreamingJob:
                 # a task stuck (or a message lost): as Flink, a checkpoint that does not
                 # complete in time fails the attempt, which restarts from the last one
                 missing = sorted(chains[i].key for i in range(n) if i not in pending["acks"])
-                raise _HostLost(f"checkpoint {pending['epoch']} did not complete within "
-                                f"{self.checkpoint_timeout_s:g}s (no acknowledgement from "
-                                f"tasks {missing[:8]})")
+                why = (f"checkpoint {pending['epoch']} did not complete within "
+                       f"{self.checkpoint_timeout_s:g}s (no acknowledgement from "
+                       f"tasks {missing[:8]})")
+                if BUS.active:
+                    checkpoint_event(self, pending, "failed", why)
+                raise _HostLost(why)
             if pending is None and not final_done:
                 if len(ended) == n_sources or self._stop.is_set():
                     pending = self._trigger(final=True)
                 elif self.epoch in active and time.monotonic() - last >= self.interval_s:
                     pending = self._trigger(final=False)
 
+    def _complete_or_report(self, pending: dict[str, Any],
+                            out: dict[int, list[pa.RecordBatch]]) -> None:
+        """:meth:`_complete`; a checkpoint that fails there is reported as failed."""
+        try:
+            self._complete(pending, out)
+        except BaseException as exc:
+            if BUS.active:
+                checkpoint_event(self, pending, "failed", error_text(exc))
+            raise
+
     def _main(self) -> None:
         crashed = False
         try:
             resolve_broadcast_tables(self._stages)  # bounded sides of stream-table joins, once
             self._layout = Layout(self._stages, self.parallelism, self.stop_at_end)
+            if BUS.active:
+                stream_started(self)
             self._epochs = Epochs(self.job_id, self.store, self.sink, self._layout,
                                   self.parallelism,
                                   self._key_groups_option or DEFAULT_KEY_GROUPS,
@@ -526,6 +564,7 @@ class StreamingJob:
                     self.restarts += 1
                     with self._lock:
                         self._metrics["restarts"] = self.restarts
+                    publish("restart", job=self.job_id, restart=self.restarts, cause=str(exc))
                     _log.warning("streaming job %s: %s; restarting from the last checkpoint "
                                  "(restart %d of %d)", self.job_id, exc, self.restarts,
                                  self.max_restarts)
@@ -547,6 +586,10 @@ class StreamingJob:
                 close_quietly(self.sink, "the sink")
             if self._scratch is not None:
                 shutil.rmtree(self._scratch, ignore_errors=True)
+            if BUS.active and self._layout is not None:
+                stream_ended(self, self._error)
+            if self._unwatch is not None:
+                self._unwatch()
             self._done.set()
 
     def _shutdown_hosts(self, crashed: bool = False) -> None:
