@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import pyarrow as pa
 
@@ -44,6 +44,8 @@ class FlatMap(Unary):
 class FilterRows(SameColumns, Unary):
     """Rows for which the Python predicate ``fn(row)`` is true."""
 
+    accepts_updates: ClassVar[bool] = True  # (each row keeps its change kind)
+
     fn: Callable[[dict], Any]
 
     def label(self) -> str:
@@ -66,6 +68,8 @@ class MapBatches(Unary):
 @dataclass(frozen=True, eq=False)
 class Filter(SameColumns, Unary):
     """Rows where the boolean expression is true (null counts as false)."""
+
+    accepts_updates: ClassVar[bool] = True  # (each row keeps its change kind)
 
     predicate: Expr
 
@@ -90,6 +94,8 @@ def _expr_refs(exprs: Iterable[Expr]) -> frozenset[str]:
 class Project(Unary):
     """Exactly the columns the expressions compute (``select``)."""
 
+    accepts_updates: ClassVar[bool] = True  # (each row keeps its change kind)
+
     exprs: tuple[Expr, ...]
 
     def label(self) -> str:
@@ -106,6 +112,8 @@ class Project(Unary):
 @dataclass(frozen=True, eq=False)
 class WithColumns(Unary):
     """Columns added or replaced by expressions (all read the input); the others kept."""
+
+    accepts_updates: ClassVar[bool] = True  # (each row keeps its change kind)
 
     exprs: tuple[Expr, ...]
 
@@ -129,6 +137,8 @@ class WithColumns(Unary):
 class Drop(Unary):
     """The input without ``columns`` (names that are not there are ignored)."""
 
+    accepts_updates: ClassVar[bool] = True  # (each row keeps its change kind)
+
     columns: tuple[str, ...]
 
     def label(self) -> str:
@@ -147,6 +157,8 @@ class Drop(Unary):
 @dataclass(frozen=True, eq=False)
 class Rename(Unary):
     """Columns renamed by ``mapping`` pairs ``(old, new)`` (absent names are ignored)."""
+
+    accepts_updates: ClassVar[bool] = True  # (each row keeps its change kind)
 
     mapping: tuple[tuple[str, str], ...]
 
@@ -167,6 +179,8 @@ class Rename(Unary):
 @dataclass(frozen=True, eq=False)
 class Explode(Unary):
     """One row per element of list ``column`` (empty and null lists give no row)."""
+
+    accepts_updates: ClassVar[bool] = True  # (each row keeps its change kind)
 
     column: str
 
@@ -191,6 +205,10 @@ NARROW_NODES: tuple[type[Node], ...] = (Map, FlatMap, FilterRows, MapBatches, Fi
 @dataclass(frozen=True, eq=False)
 class Aggregate(Unary):
     """One row per distinct ``keys`` (one row in all without keys) with the aggregates."""
+
+    #: in a streaming job: a result per key, updated as rows come (a changelog)
+    accepts_updates: ClassVar[bool] = True
+    produces_updates: ClassVar[bool] = True
 
     keys: tuple[str, ...]
     specs: tuple[AggSpec, ...]
@@ -267,6 +285,8 @@ class Sort(SameColumns, Unary):
 class Union(Node):
     """All rows of the inputs (UNION ALL), columns matched by name."""
 
+    accepts_updates: ClassVar[bool] = True  # (each row keeps its change kind)
+
     inputs: tuple[Node, ...]
 
     @property
@@ -317,6 +337,8 @@ class TopK(SameColumns, Unary):
 @dataclass(frozen=True, eq=False)
 class Repartition(SameColumns, Unary):
     """``n`` partitions, by hash of ``by`` or round-robin."""
+
+    accepts_updates: ClassVar[bool] = True  # (each row keeps its change kind)
 
     n: int
     by: tuple[str, ...] | None = None

@@ -1,0 +1,154 @@
+"""The non-windowed streaming aggregate: ``group_by(...).agg(...)`` on an unbounded stream,
+a result per key that is updated as rows come (Flink's group aggregate).
+
+Per input batch (mini-batch, as Flink's): the rows of every key in the batch are taken in
+at once, so several changes of one key within a batch give one change of its result: a
+new key's first result is an insert (+I); a changed result is a pair, the previous row
+as an update-before (-U) and the new one as an update-after (+U); a key whose rows were
+all taken back is deleted (-D, its last result); an unchanged result emits nothing. The
+input may itself be a changelog (a retraction takes its row back out of the aggregates;
+see :mod:`~millstream.ops.changelog.accumulators` for what each aggregate keeps per key).
+A retraction for a key with no state is ignored (nothing was counted).
+
+State: one entry per key (its row count and the accumulators) in a
+:class:`~millstream.ops.state.store.KeyedStateStore`, spilling to local disk beyond the
+memory limit and checkpointed by key group (restore at another parallelism).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from millstream.core.changelog import (
+    CHANGE,
+    DELETE,
+    INSERT,
+    UPDATE_AFTER,
+    UPDATE_BEFORE,
+    is_retraction,
+    kinds,
+    signs,
+)
+from millstream.errors import MillstreamError, PlanError
+from millstream.expr.aggregates import AggSpec
+from millstream.ops.aggregate import aggregate_result_schema
+from millstream.ops.base import Batches
+from millstream.ops.changelog.accumulators import make_accumulator
+from millstream.ops.changelog.keyed import (
+    KeyedChangeOperator,
+    build_batch,
+    group_rows,
+    merge_schema,
+)
+from millstream.ops.state.store import CHECK_EVERY
+
+_EMPTY: tuple[pa.RecordBatch, ...] = ()
+
+
+class ChangelogAggregate(KeyedChangeOperator):
+    """A continuously updated aggregate per key of ``keys`` (see the module docstring).
+
+    ``retracting``: the input may take rows back (it is a changelog); on an append-only
+    input min/max and first/last keep one value per key instead of their value lists.
+    """
+
+    kind = "ChangelogAggregate"
+    accepts_updates = True
+    emits_updates = True
+
+    def __init__(self, keys: list[str], specs: list[AggSpec], retracting: bool = True,
+                 name: str | None = None, state_memory_limit: int | None = None) -> None:
+        text = ", ".join(f"{s.func}:{s.name}" for s in specs)
+        super().__init__(keys, name or f"ChangelogAggregate(keys={list(keys)}, aggs=[{text}]"
+                         + (", retracting" if retracting else "") + ")", state_memory_limit)
+        self.specs = list(specs)
+        self.retracting = retracting
+        self._accs = [make_accumulator(s, retracting) for s in self.specs]
+        self._state = self.store.value_state("acc")
+        self._schema: pa.Schema | None = None
+        self._out: pa.Schema | None = None
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"schema": self._schema}
+
+    def _restore_extra(self, states: list[dict[str, Any]]) -> None:
+        schemas = [st.get("schema") for st in states if st.get("schema") is not None]
+        self._schema = schemas[0] if schemas else self._schema
+        self._out = None
+
+    def _output_schema(self) -> pa.Schema:
+        if self._out is None:
+            try:
+                self._out = aggregate_result_schema(self._schema, self.keys, self.specs)
+            except PlanError:
+                raise
+            except Exception as exc:
+                raise PlanError(f"{self.name}: cannot type the result of input columns "
+                                f"{self._schema}: {exc}") from exc
+        return self._out
+
+    def process(self, batch: pa.RecordBatch, port: int = 0) -> Batches:
+        if batch.num_rows == 0:
+            return _EMPTY
+        schema = merge_schema(self._schema, batch)
+        if self._schema is None or not schema.equals(self._schema):
+            self._schema, self._out = schema, None
+        k = kinds(batch)
+        if not self.retracting and CHANGE in batch.schema.names and is_retraction(k).any():
+            raise MillstreamError(f"{self.name}: planned for an append-only input, but "
+                                  f"retractions arrived (please report this)")
+        sg = signs(k)
+        groups = group_rows(batch, self.keys)
+        n = len(groups)
+        row_delta = np.bincount(groups.gids, weights=sg, minlength=n).astype(np.int64)
+        contributions = [a.prepare(batch, sg, groups) for a in self._accs]
+        out: list[tuple] = []
+        out_kinds: list[int] = []
+        store, state_handle, accs = self.store, self._state, self._accs
+        single = len(self.keys) == 1
+        for i, key in enumerate(groups.keys):
+            store.set_current_key(key, groups.hashes[i])
+            state = state_handle.value()
+            delta = int(row_delta[i])
+            if state is None:
+                if delta <= 0:  # nothing held for the key: a retraction of it is moot
+                    continue
+                old = None
+                state = [0, *(a.initial() for a in accs)]
+            else:
+                old = self._result(key, state, single)
+            state[0] += delta
+            for j, a in enumerate(accs):
+                c = contributions[j][i]
+                if c is not None:
+                    state[j + 1] = a.apply(state[j + 1], c)
+            if state[0] <= 0:
+                state_handle.clear()
+                if old is not None:
+                    out.append(old)
+                    out_kinds.append(DELETE)
+            else:
+                state_handle.update(state)
+                new = self._result(key, state, single)
+                if old is None:
+                    out.append(new)
+                    out_kinds.append(INSERT)
+                elif new != old:
+                    out += (old, new)
+                    out_kinds += (UPDATE_BEFORE, UPDATE_AFTER)
+            if i % CHECK_EVERY == CHECK_EVERY - 1:
+                store.maintain()
+        store.maintain()
+        if not out:
+            return _EMPTY
+        return (build_batch(self._output_schema(), out, out_kinds),)
+
+    def _result(self, key: Any, state: list[Any], single: bool) -> tuple:
+        rows = state[0]
+        values = tuple(a.result(state[j + 1], rows) for j, a in enumerate(self._accs))
+        if single:
+            return (key, *values)
+        return (*key, *values)
