@@ -133,7 +133,13 @@ def _data(table: pa.Table) -> pa.Table:
     return data
 
 
+#: stands for NaN in row keys (a float NaN equals nothing, not even itself)
+_NAN_KEY = ("NaN",)
+
+
 def _hashable(v: object) -> object:
+    if isinstance(v, float) and v != v:
+        return _NAN_KEY
     if isinstance(v, list):
         return tuple(_hashable(x) for x in v)
     if isinstance(v, dict):

@@ -7,7 +7,7 @@ recognized too; the rank stays in ``rn``. Batch plans keep the window function.
 
 from __future__ import annotations
 
-from millstream.expr.nodes import Column, Literal, _Func
+from millstream.expr.nodes import Alias, Column, Literal, _Func
 from millstream.plan import logical as L
 
 #: comparisons ``rn OP n`` that keep ranks 1..n', with n' from n
@@ -18,6 +18,8 @@ _FLIPPED = {"ge": "le", "gt": "lt", "eq": "eq"}
 
 def _limit(predicate: object, rank: str) -> int | None:
     """The ``n`` of a predicate keeping ranks 1..n of column ``rank``, else None."""
+    while isinstance(predicate, Alias):
+        predicate = predicate.child
     if not isinstance(predicate, _Func) or len(predicate.args) != 2:
         return None
     op, (a, b) = predicate.op, predicate.args

@@ -144,7 +144,9 @@ class Count(Accumulator):
 
 
 class Sum(Accumulator):
-    """``sum`` (and ``mean``, with ``average``): the sum and count of non-null values."""
+    """``sum`` (and ``mean``, with ``average``): the sum and count of non-null values; for
+    floats also the counts of NaN, +inf and -inf (kept out of the running sum, so taking
+    one back leaves the exact sum of the rest)."""
 
     def __init__(self, spec: AggSpec, retracting: bool, average: bool = False) -> None:
         super().__init__(spec, retracting)
@@ -162,31 +164,58 @@ class Sum(Accumulator):
                     or pa.types.is_null(t)):
                 raise SchemaError(f"mean({self.spec.name}): column type {t} is not numeric")
             arr = arr.cast(pa.float64())
-        elif pa.types.is_unsigned_integer(t) or pa.types.is_boolean(t):
-            arr = arr.cast(pa.int64())
-        elif pa.types.is_null(t):
+        elif pa.types.is_unsigned_integer(t) or pa.types.is_boolean(t) or pa.types.is_null(t):
             arr = arr.cast(pa.int64())
         valid = np.ones(len(arr), dtype=bool) if arr.null_count == 0 else \
             np.asarray(arr.is_valid(), dtype=bool)
-        counts = np.bincount(groups.gids[valid], weights=signs[valid], minlength=len(groups))
+        n = len(groups)
+        gids = groups.gids
+        counts = np.bincount(gids[valid], weights=signs[valid], minlength=n)
+        if pa.types.is_floating(arr.type):
+            return self._floats(arr, valid, signs, gids, counts)
         if (signs < 0).any():
             arr = pc.if_else(pa.array(signs > 0), arr, pc.negate(arr))
-        gid = pa.array(groups.gids)
-        sums = pa.table({"g": gid, "v": arr}).group_by("g", use_threads=False) \
+        sums = pa.table({"g": pa.array(gids), "v": arr}).group_by("g", use_threads=False) \
             .aggregate([("v", "sum")])
-        per = _per_group(sums.column("v_sum").to_pylist(), sums.column("g").to_pylist(),
-                         len(groups))
-        return [None if (not c and (s is None or s == 0)) else (s or 0, int(c))
-                for s, c in zip(per, counts)]
+        per = _per_group(sums.column("v_sum").to_pylist(), sums.column("g").to_pylist(), n)
+        return [None if (not c and not s) else [s or 0, int(c)] for s, c in zip(per, counts)]
+
+    @staticmethod
+    def _floats(arr: pa.Array, valid: np.ndarray, signs: np.ndarray, gids: np.ndarray,
+                counts: np.ndarray) -> list[Any]:
+        vals = np.asarray(arr.cast(pa.float64()).fill_null(0.0), dtype=np.float64)
+        n = len(counts)
+        special = []
+        finite = np.isfinite(vals)
+        for mask in (np.isnan(vals), vals == np.inf, vals == -np.inf):
+            m = mask & valid
+            special.append(np.bincount(gids[m], weights=signs[m], minlength=n))
+        w = np.where(finite & valid, vals, 0.0) * signs
+        sums = np.bincount(gids, weights=w, minlength=n)
+        out: list[Any] = []
+        for g in range(n):
+            part = [float(sums[g]), int(counts[g]), *(int(x[g]) for x in special)]
+            out.append(part if any(part) else None)
+        return out
 
     def apply(self, acc: Any, contribution: Any) -> Any:
-        s, n = acc[0] + contribution[0], acc[1] + contribution[1]
-        return [s if n > 0 else 0, max(n, 0)]
+        if len(contribution) > len(acc):
+            acc = [*acc, 0, 0, 0]
+        new = [a + c for a, c in zip(acc, contribution)]
+        if new[1] <= 0:  # nothing left: start again from an exact zero
+            return [0] * len(new)
+        return new
 
     def result(self, acc: Any, rows: int) -> Any:
-        s, n = acc
+        s, n = acc[0], acc[1]
         if n <= 0:
             return None
+        if len(acc) > 2:
+            nan, pinf, ninf = acc[2:5]
+            if nan > 0 or (pinf > 0 and ninf > 0):
+                return float("nan")
+            if pinf > 0 or ninf > 0:
+                return float("inf") if pinf > 0 else float("-inf")
         return s / n if self.average else s
 
 

@@ -13,7 +13,8 @@ engine's sorts).
 
 State per group: on an append-only input only its top ``n`` rows (a row below them can
 never come back); on a changelog input (``retracting``) every row of the group, sorted,
-so a retracted top row is replaced by the next one. Spilled and checkpointed by key group.
+so a retracted top row is replaced by the next one (a retraction takes back the latest
+held copy of its row, as the aggregates do). Spilled and checkpointed by key group.
 In batch mode (``final=True``) the top ``n`` of every group are emitted at the end.
 """
 
@@ -218,15 +219,17 @@ class TopN(KeyedChangeOperator):
 
     @staticmethod
     def _find(entries: list[tuple], key: tuple, row: tuple) -> int:
+        """The latest held copy of ``row`` (sort key ``key``), or -1."""
         i = bisect.bisect_left(entries, (key,))
+        found = -1
         while i < len(entries) and entries[i][0] == key:
             if entries[i][2] == row:
-                return i
+                found = i
             i += 1
-        return -1
+        return found
 
     def _remove(self, entries: list[tuple], row: tuple) -> None:
-        """Take one copy of ``row`` out of the group (nothing when it is not there)."""
+        """Take the latest copy of ``row`` out of the group (nothing when it has none)."""
         i = self._find(entries, self._key(row), row)
         if i >= 0:
             del entries[i]
