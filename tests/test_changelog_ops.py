@@ -478,7 +478,7 @@ def test_top_n_of_appends_keeps_only_n_rows_per_group_and_spills():
     again.store.set_current_key("g1")
     assert len(again._state.value()[1]) <= 3
     want = []
-    for k, rows in rows_all.items():
+    for rows in rows_all.values():
         top = sorted(rows, key=lambda r: (-r["v"], r["w"]))[:3]  # (stable: arrival ties)
         want += [{**r, "r": i + 1} for i, r in enumerate(top)]
     assert _canon(_final(outputs, ["k", "r"])) == _canon(want)
