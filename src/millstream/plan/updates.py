@@ -45,13 +45,19 @@ def _hint(node: L.Node) -> str:
     return _TO_ROWS
 
 
+def _streamed(node: L.Node) -> tuple[L.Node, ...]:
+    """The inputs of ``node`` that run as streams (a stream-table join's bounded right
+    side runs as a batch job, whose results are final)."""
+    return (node.left,) if isinstance(node, L.Join) else node.children
+
+
 def check_updates(node: L.Node) -> None:
     """Raise a PlanError where a node of a streaming plan gets updates it cannot take."""
-    for c in node.children:
+    for c in _streamed(node):
         check_updates(c)
     if node.accepts_updates:
         return
-    for c in node.children:
+    for c in _streamed(node):
         src = origin(c)
         if src is not None:
             raise PlanError(f"{node.label()} cannot take the updates (-U/+U/-D rows) that "
