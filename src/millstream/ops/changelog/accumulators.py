@@ -78,10 +78,15 @@ def evaluate(spec: AggSpec, batch: pa.RecordBatch) -> pa.Array:
     return arr
 
 
-def _per_group(values: list[Any], gids: list[int], n_groups: int) -> list[Any]:
+def _per_group(table: pa.Table, column: str, n_groups: int) -> list[Any]:
+    """Values of ``column`` of a grouping by ``g``, as a list indexed by group."""
+    values = table.column(column).to_pylist()
+    g = np.asarray(table.column("g"), dtype=np.int64)
+    if len(g) == n_groups and (g == np.arange(n_groups)).all():
+        return values  # (groups come out in first-appearance order: usually this)
     out: list[Any] = [None] * n_groups
-    for g, v in zip(gids, values):
-        out[g] = v
+    for i, v in zip(g.tolist(), values):
+        out[i] = v
     return out
 
 
@@ -134,7 +139,7 @@ class Count(Accumulator):
         valid = np.ones(len(arr), dtype=bool) if arr.null_count == 0 else \
             np.asarray(arr.is_valid(), dtype=bool)
         net = np.bincount(groups.gids[valid], weights=signs[valid], minlength=len(groups))
-        return [int(x) if x else None for x in net]
+        return [x or None for x in net.astype(np.int64).tolist()]
 
     def apply(self, acc: Any, contribution: Any) -> Any:
         return acc + contribution
@@ -177,8 +182,9 @@ class Sum(Accumulator):
             arr = pc.if_else(pa.array(signs > 0), arr, pc.negate(arr))
         sums = pa.table({"g": pa.array(gids), "v": arr}).group_by("g", use_threads=False) \
             .aggregate([("v", "sum")])
-        per = _per_group(sums.column("v_sum").to_pylist(), sums.column("g").to_pylist(), n)
-        return [None if (not c and not s) else [s or 0, int(c)] for s, c in zip(per, counts)]
+        per = _per_group(sums, "v_sum", n)
+        return [None if (not c and not s) else (s or 0, c)
+                for s, c in zip(per, counts.astype(np.int64).tolist())]
 
     @staticmethod
     def _floats(arr: pa.Array, valid: np.ndarray, signs: np.ndarray, gids: np.ndarray,
@@ -199,10 +205,17 @@ class Sum(Accumulator):
         return out
 
     def apply(self, acc: Any, contribution: Any) -> Any:
-        if len(contribution) > len(acc):
+        if len(contribution) == 2:
+            n = acc[1] + contribution[1]
+            if n <= 0:  # nothing left: start again from an exact zero
+                return [0] * len(acc)
+            acc[0] += contribution[0]
+            acc[1] = n
+            return acc
+        if len(acc) < 5:
             acc = [*acc, 0, 0, 0]
         new = [a + c for a, c in zip(acc, contribution)]
-        if new[1] <= 0:  # nothing left: start again from an exact zero
+        if new[1] <= 0:
             return [0] * len(new)
         return new
 
@@ -237,8 +250,7 @@ class Extreme(Accumulator):
         if not self.retracting:
             t = pa.table({"g": gid, "v": arr}).group_by("g", use_threads=False) \
                 .aggregate([("v", self.spec.func)])
-            return _per_group(t.column(f"v_{self.spec.func}").to_pylist(),
-                              t.column("g").to_pylist(), len(groups))
+            return _per_group(t, f"v_{self.spec.func}", len(groups))
         keep = pc.is_valid(arr)
         if pa.types.is_floating(arr.type):
             keep = pc.and_(keep, pc.invert(pc.is_nan(arr)))
@@ -311,8 +323,7 @@ class Ordered(Accumulator):
             kernel = "min" if pa.types.is_null(arr.type) else func
             t = pa.table({"g": pa.array(groups.gids), "v": arr}) \
                 .group_by("g", use_threads=False).aggregate([("v", kernel)])
-            return _per_group(t.column(f"v_{kernel}").to_pylist(), t.column("g").to_pylist(),
-                              len(groups))
+            return _per_group(t, f"v_{kernel}", len(groups))
         values = arr.to_pylist()
         out: list[Any] = [None] * len(groups)
         for g in range(len(groups)):

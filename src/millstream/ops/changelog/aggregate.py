@@ -10,7 +10,7 @@ input may itself be a changelog (a retraction takes its row back out of the aggr
 see :mod:`~millstream.ops.changelog.accumulators` for what each aggregate keeps per key).
 A retraction for a key with no state is ignored (nothing was counted).
 
-State: one entry per key (its row count and the accumulators) in a
+State: one entry per key (its row count, the accumulators and its last result) in a
 :class:`~millstream.ops.state.store.KeyedStateStore`, spilling to local disk beyond the
 memory limit and checkpointed by key group (restore at another parallelism).
 """
@@ -103,52 +103,57 @@ class ChangelogAggregate(KeyedChangeOperator):
         sg = signs(k)
         groups = group_rows(batch, self.keys)
         n = len(groups)
-        row_delta = np.bincount(groups.gids, weights=sg, minlength=n).astype(np.int64)
-        contributions = [a.prepare(batch, sg, groups) for a in self._accs]
+        row_delta = np.bincount(groups.gids, weights=sg, minlength=n).astype(np.int64).tolist()
+        accs = self._accs
+        active = [(j + 1, accs[j].apply, c) for j, c in
+                  enumerate(a.prepare(batch, sg, groups) for a in accs)
+                  if any(x is not None for x in c)]
+        results = [(j + 1, a.result) for j, a in enumerate(accs)]
+        last = len(accs) + 1  # the state's slot of the last emitted result
         out: list[tuple] = []
         out_kinds: list[int] = []
-        store, state_handle, accs = self.store, self._state, self._accs
+        store, state_handle = self.store, self._state
+        set_key, hashes = store.set_current_key, groups.hashes
         single = len(self.keys) == 1
+        check = CHECK_EVERY
         for i, key in enumerate(groups.keys):
-            store.set_current_key(key, groups.hashes[i])
+            set_key(key, hashes[i])
             state = state_handle.value()
-            delta = int(row_delta[i])
+            delta = row_delta[i]
             if state is None:
                 if delta <= 0:  # nothing held for the key: a retraction of it is moot
                     continue
                 old = None
-                state = [0, *(a.initial() for a in accs)]
+                state = [0, *(a.initial() for a in accs), None]
+                state_handle.update(state)
             else:
-                old = self._result(key, state, single)
-            state[0] += delta
-            for j, a in enumerate(accs):
-                c = contributions[j][i]
+                old = state[last]
+            rows = state[0] = state[0] + delta
+            for j, apply, contribution in active:
+                c = contribution[i]
                 if c is not None:
-                    state[j + 1] = a.apply(state[j + 1], c)
-            if state[0] <= 0:
+                    state[j] = apply(state[j], c)
+            kv = (key,) if single else key
+            if rows <= 0:
                 state_handle.clear()
                 if old is not None:
-                    out.append(old)
+                    out.append(kv + old)
                     out_kinds.append(DELETE)
             else:
-                state_handle.update(state)
-                new = self._result(key, state, single)
+                new = tuple([result(state[j], rows) for j, result in results])
                 if old is None:
-                    out.append(new)
+                    out.append(kv + new)
                     out_kinds.append(INSERT)
                 elif new != old:
-                    out += (old, new)
+                    out += (kv + old, kv + new)
                     out_kinds += (UPDATE_BEFORE, UPDATE_AFTER)
-            if i % CHECK_EVERY == CHECK_EVERY - 1:
+                state[last] = new
+            check -= 1
+            if not check:
+                check = CHECK_EVERY
                 store.maintain()
         store.maintain()
         if not out:
             return _EMPTY
         return (build_batch(self._output_schema(), out, out_kinds),)
 
-    def _result(self, key: Any, state: list[Any], single: bool) -> tuple:
-        rows = state[0]
-        values = tuple(a.result(state[j + 1], rows) for j, a in enumerate(self._accs))
-        if single:
-            return (key, *values)
-        return (*key, *values)

@@ -66,8 +66,17 @@ def _hashable(v: Any) -> Any:
     return v
 
 
+def _plain(t: pa.DataType) -> bool:
+    """A key type whose values group as they hash (one column: dictionary encoding)."""
+    return not (pa.types.is_floating(t) or pa.types.is_dictionary(t) or pa.types.is_nested(t)
+                or pa.types.is_null(t))
+
+
 def group_rows(batch: pa.RecordBatch, keys: list[str]) -> KeyedRows:
-    """``batch``'s rows grouped by the ``keys`` columns (nulls are one key, as in grouping)."""
+    """``batch``'s rows grouped by the ``keys`` columns (nulls are one key, as in grouping).
+
+    Each key's key-group hash is that of its values in the batch (as the keyed exchange
+    routes them), computed once per distinct key."""
     n = batch.num_rows
     if not keys:
         return KeyedRows([()], [0], np.array([0, n], dtype=np.int64),
@@ -75,28 +84,40 @@ def group_rows(batch: pa.RecordBatch, keys: list[str]) -> KeyedRows:
     missing = [k for k in keys if k not in batch.schema.names]
     if missing:
         raise SchemaError(f"no key column(s) {missing}; columns are {batch.schema.names}")
-    names = [f"__k{i}" for i in range(len(keys))]
-    table = pa.table([*(normalize_key(batch.column(k)) for k in keys),
-                      pa.array(np.arange(n, dtype=np.int64))], names=[*names, "__row"])
-    grouped = table.group_by(names, use_threads=False).aggregate([("__row", "list")])
-    lists = grouped.column("__row_list").combine_chunks()
-    offsets = np.asarray(lists.offsets, dtype=np.int64)
-    offsets = offsets - offsets[0]
-    rows = np.asarray(pc.list_flatten(lists), dtype=np.int64)
-    gids = np.empty(n, dtype=np.int64)
-    gids[rows] = np.repeat(np.arange(len(lists), dtype=np.int64), np.diff(offsets))
-    values = [grouped.column(name).to_pylist() for name in names]
-    if len(keys) == 1:
-        key_list = values[0]
+    if len(keys) == 1 and _plain(batch.schema.field(keys[0]).type):
+        enc = pc.dictionary_encode(batch.column(keys[0]), null_encoding="encode")
+        gids = np.asarray(enc.indices, dtype=np.int64)
+        key_list = enc.dictionary.to_pylist()
+        hashes = key_hashes([enc.dictionary], len(enc.dictionary)).tolist()
     else:
-        key_list = list(zip(*values))
-    try:
-        for k in key_list[:1]:
-            hash(k)
-    except TypeError:
+        names = [f"__k{i}" for i in range(len(keys))]
+        table = pa.table([*(normalize_key(batch.column(k)) for k in keys),
+                          pa.array(np.arange(n, dtype=np.int64))], names=[*names, "__row"])
+        grouped = table.group_by(names, use_threads=False).aggregate([("__row", "list")])
+        lists = grouped.column("__row_list").combine_chunks()
+        sizes = np.diff(np.asarray(lists.offsets, dtype=np.int64))
+        gids = np.empty(n, dtype=np.int64)
+        gids[np.asarray(pc.list_flatten(lists), dtype=np.int64)] = np.repeat(
+            np.arange(len(lists), dtype=np.int64), sizes)
+        values = [grouped.column(name).to_pylist() for name in names]
+        key_list = values[0] if len(keys) == 1 else list(zip(*values))
+        first = pc.list_element(lists, 0)
+        hashes = key_hashes([batch.column(k).take(first) for k in keys], len(lists)).tolist()
+    if key_list and not _is_hashable(key_list[0]):
         key_list = [_hashable(k) for k in key_list]
-    hashes = key_hashes([batch.column(k) for k in keys], n)
-    return KeyedRows(key_list, hashes[rows[offsets[:-1]]].tolist(), offsets, rows, gids)
+    counts = np.bincount(gids, minlength=len(key_list))
+    offsets = np.zeros(len(key_list) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    rows = np.argsort(gids, kind="stable").astype(np.int64)
+    return KeyedRows(key_list, hashes, offsets, rows, gids)
+
+
+def _is_hashable(v: Any) -> bool:
+    try:
+        hash(v)
+        return True
+    except TypeError:
+        return False
 
 
 def data_schema(batch: pa.RecordBatch | pa.Schema) -> pa.Schema:

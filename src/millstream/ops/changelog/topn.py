@@ -145,7 +145,12 @@ class TopN(KeyedChangeOperator):
         self._out = pa.schema(fields)
 
     def _key(self, row: tuple) -> tuple:
-        return tuple(_component(row[i], d, nl) for i, d, nl in self._order)
+        """The sort key of a row (in output order; see :func:`_component`)."""
+        order = self._order
+        if len(order) == 1:
+            i, d, nl = order[0]
+            return (_component(row[i], d, nl),)
+        return tuple([_component(row[i], d, nl) for i, d, nl in order])
 
     # ----------------------------------------------------------------- rows
 
@@ -166,38 +171,51 @@ class TopN(KeyedChangeOperator):
             chosen = np.arange(data.num_rows, dtype=np.int64)
         else:  # only a batch's own top n of a group can enter the group's top n
             chosen = self._batch_top(data, groups)
-        tuples = dict(zip(chosen.tolist(), row_tuples(data.take(pa.array(chosen)))))
+        chosen_rows = chosen.tolist()
+        tuples = dict(zip(chosen_rows, row_tuples(data.take(pa.array(chosen)))))
+        # the rows to take in, per group, in arrival order (others cannot matter)
+        wanted = [[] for _ in range(len(groups))]
+        gids = groups.gids.tolist()
+        retract_list = retract.tolist()
+        for r in chosen_rows:
+            wanted[gids[r]].append(r)
         out: list[tuple] = []
         out_kinds: list[int] = []
         store, handle, n = self.store, self._state, self.n
+        set_key, hashes, sort_key = store.set_current_key, groups.hashes, self._key
+        append_only, final = not self.retracting, self.final
+        check = CHECK_EVERY
         for i, key in enumerate(groups.keys):
-            store.set_current_key(key, groups.hashes[i])
+            set_key(key, hashes[i])
             st = handle.value()
             if st is None:
                 st = [0, []]
+                handle.update(st)
             entries = st[1]
             old = [e[2] for e in entries[:n]]
-            for r in groups.rows_of(i).tolist():
-                row = tuples.get(r)
-                if row is None:
-                    continue
-                if retract[r]:
+            for r in wanted[i]:
+                row = tuples[r]
+                if retract_list[r]:
                     self._remove(entries, row)
                     continue
-                entry = (self._key(row), st[0], row)
+                entry = (sort_key(row), st[0], row)
                 st[0] += 1
-                if not self.retracting and len(entries) >= n and entry >= entries[n - 1]:
-                    continue
-                bisect.insort(entries, entry)
-                if not self.retracting and len(entries) > n:
+                if append_only and len(entries) >= n:
+                    if entry >= entries[n - 1]:
+                        continue
+                    bisect.insort(entries, entry)
                     entries.pop()
-            if entries:
-                handle.update(st)
-            else:
+                else:
+                    bisect.insort(entries, entry)
+            if not entries:
                 handle.clear()
-            if not self.final:
-                self._diff(old, [e[2] for e in entries[:n]], out, out_kinds)
-            if i % CHECK_EVERY == CHECK_EVERY - 1:
+            if not final:
+                new = [e[2] for e in entries[:n]]
+                if new != old:
+                    self._diff(old, new, out, out_kinds)
+            check -= 1
+            if not check:
+                check = CHECK_EVERY
                 store.maintain()
         store.maintain()
         if not out:
