@@ -407,11 +407,35 @@ def test_steps_that_cannot_take_updates_are_refused():
          .window(ms.tumbling("1m"), on="ts").agg(ms.count())).start()
     with pytest.raises(PlanError, match="Deduplicate .* cannot take the updates"):
         _updating().drop_duplicates("k").start()
+    with pytest.raises(PlanError, match="Repartition .* cannot take .*reorder"):
+        _updating().repartition(2, "s").start()
     # filters, selects and renames keep each row's kind: fine
     job = (_updating().filter(ms.col("s") > 0).select("k", total="s")
            .rename({"k": "key"}).start(checkpoint_interval=0))
     assert job.await_termination(60)
     assert "change" in job.sink.to_arrow().schema.names
+
+
+def test_operators_and_nodes_agree_on_updates():
+    """Per-row nodes that take updates have operators that keep the kinds, and the other
+    way round; the changelog operators declare what they take and give."""
+    from millstream.ops.changelog import ChangelogAggregate, Deduplicate, TopN
+    from millstream.plan import logical as L
+    from millstream.plan.physical import narrow_factory
+
+    child = _source(_events(13, n_items=1)).dataset()._node
+    nodes = [L.Map(child, len), L.FlatMap(child, list), L.FilterRows(child, bool),
+             L.MapBatches(child, len), L.Filter(child, ms.col("v") > 1),
+             L.Project(child, (ms.col("k"),)), L.WithColumns(child, (ms.lit(1).alias("x"),)),
+             L.Drop(child, ("v",)), L.Rename(child, (("v", "w"),)),
+             L.Explode(L.WithColumns(child, (ms.col("k").str.split().alias("l"),)), "l")]
+    for node in nodes:
+        assert node.accepts_updates == narrow_factory(node).cls.accepts_updates, node.label()
+    assert ChangelogAggregate.accepts_updates and ChangelogAggregate.emits_updates
+    assert TopN.accepts_updates and TopN.emits_updates
+    assert not Deduplicate.accepts_updates
+    assert Deduplicate(["k"], "last").emits_updates and not Deduplicate(["k"]).emits_updates
+    assert L.Aggregate(child, ("k",), ()).emits_updates and not child.emits_updates
 
 
 class _UpsertSink(CollectingSink):

@@ -42,6 +42,10 @@ def _hint(node: L.Node) -> str:
                 "(group_by(...).agg(...) takes updates), or " + _TO_ROWS)
     if isinstance(node, (L.Distinct, L.Deduplicate)):
         return "deduplicate before the updating step, or " + _TO_ROWS
+    if isinstance(node, L.Repartition):
+        return ("an exchange by other columns could reorder the changes of one result row "
+                "(its -U and +U taking different paths); repartition before the updating "
+                "step, or " + _TO_ROWS)
     return _TO_ROWS
 
 
@@ -73,7 +77,7 @@ def upsert_key(node: L.Node) -> tuple[str, ...] | None:
         return tuple(node.subset)
     if isinstance(node, L.TopN):
         return (*node.per, node.rank_column) if node.rank_column else None
-    if isinstance(node, (L.Filter, L.FilterRows, L.WithWatermark, L.Repartition)):
+    if isinstance(node, (L.Filter, L.FilterRows, L.WithWatermark)):
         return upsert_key(node.child)
     if isinstance(node, (L.WithColumns, L.Drop)):
         key = upsert_key(node.child)

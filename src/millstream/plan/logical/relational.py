@@ -338,8 +338,6 @@ class TopK(SameColumns, Unary):
 class Repartition(SameColumns, Unary):
     """``n`` partitions, by hash of ``by`` or round-robin."""
 
-    accepts_updates: ClassVar[bool] = True  # (each row keeps its change kind)
-
     n: int
     by: tuple[str, ...] | None = None
 
