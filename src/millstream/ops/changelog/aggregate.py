@@ -80,12 +80,11 @@ class ChangelogAggregate(KeyedChangeOperator):
         self._out = None
 
     def _output_schema(self) -> pa.Schema:
+        """The result's columns, typed as the batch aggregate types them."""
         if self._out is None:
             try:
                 self._out = aggregate_result_schema(self._schema, self.keys, self.specs)
-            except PlanError:
-                raise
-            except Exception as exc:
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
                 raise PlanError(f"{self.name}: cannot type the result of input columns "
                                 f"{self._schema}: {exc}") from exc
         return self._out
