@@ -6,7 +6,8 @@ connectors: rows collected in memory, a function per committed epoch, the consol
 (``ms.sink(fn)``) calls ``fn`` with each committed epoch's rows and :class:`ConsoleSink`
 (``ms.console()``) prints them; these three run in the driver (they have no
 ``for_subtask``) and take updating results: each row's change kind is in the column
-``change`` ("+I", "-U", "+U", "-D"; the column is absent while a result is append-only). The streaming file sink is
+``change`` ("+I", "-U", "+U", "-D"; the column is absent while a result is
+append-only). The streaming file sink is
 :class:`~millstream.io.files.stream_sink.FileStreamSink`.
 """
 
