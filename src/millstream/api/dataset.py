@@ -310,7 +310,8 @@ class Dataset:
         on a stream a key's new row updates its result (-U/+U). ``within`` ("1h", µs or a
         timedelta) bounds a stream's state: a key is forgotten ``within`` after its kept
         row, by event time if the stream has a watermark (``with_watermark``), else by
-        processing time; a later row of it then counts as new.
+        processing time; a later row of it then counts as new (a bounded input in batch
+        mode keeps every key).
         """
         return Dataset(changelog.drop_duplicates(self._node, subset, keep, within))
 
