@@ -158,6 +158,7 @@ def test_global_aggregate_and_last_on_a_stream():
     assert job.await_termination(60)
     want = [{"k": k, "last": r["last"]} for k, r in _per_key(items).items()]
     assert _canon(job.sink.final_rows(["k"])) == _canon(want)
+    assert _canon(last.collect()) == _canon(want)  # batch: the last non-null value too
 
 
 def test_aggregate_of_a_changelog_input():
