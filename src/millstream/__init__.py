@@ -9,6 +9,7 @@
 """
 
 import millstream.runners  # noqa: E402,F401,I001 - registers the local and Ray runners
+from millstream.api.changelog import file_sink
 from millstream.api.dataset import Dataset, GroupedDataset
 from millstream.api.mapreduce import MapReduceJob, MRStep, mapreduce
 from millstream.api.readers import (
@@ -70,6 +71,7 @@ from millstream.expr.nodes import (
     count,
     count_distinct,
     first,
+    last,
     lit,
     max,
     mean,
@@ -102,8 +104,8 @@ __all__ = [
     "AggExpr", "BadRecordError", "Dataset", "Expr", "GroupedDataset", "MRStep", "MapReduceJob",
     "MillstreamError",
     "OutputExistsError", "PlanError", "SchemaError", "StorageError", "TaskError", "UserFunctionError",
-    "avg", "col", "collect_list", "console", "count", "count_distinct", "count_trigger", "dead_letter", "event_time_trigger", "first", "from_arrow", "from_generator", "from_items",
-    "from_pandas", "from_polars", "global_window", "init", "last_job_stats", "lit", "mapreduce", "max", "mean", "min", "processing_time_trigger", "range",
+    "avg", "col", "collect_list", "console", "count", "count_distinct", "count_trigger", "dead_letter", "event_time_trigger", "file_sink", "first", "from_arrow", "from_generator", "from_items",
+    "from_pandas", "from_polars", "global_window", "init", "last", "last_job_stats", "lit", "mapreduce", "max", "mean", "min", "processing_time_trigger", "range",
     "read_csv", "read_json", "read_kafka", "read_parquet", "read_text", "session", "shutdown", "sink", "sliding", "sum", "tumbling", "ui_url", "when",
     # analytic window functions (expr.analytic)
     "cume_dist", "dense_rank", "first_value", "lag", "last_value", "lead", "nth_value", "ntile",

@@ -13,7 +13,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from millstream.api import analytic, stream, stream_join
+from millstream.api import analytic, changelog, stream, stream_join
 from millstream.api.checks import check_aggregates, check_keys, check_node
 from millstream.core.arrow import batch_to_rows, format_table
 from millstream.errors import PlanError, SchemaError
@@ -334,6 +334,44 @@ class Dataset:
         return Dataset(stream_join.join_latest(
             self._node, changelog._node, on, left_on=left_on, right_on=right_on, how=how,
             version=version, deleted=deleted, suffix=suffix))
+
+    # --------------------------------------------------------- updates (changelog)
+    def drop_duplicates(self, subset: str | Sequence[str] | None = None, keep: str = "first",
+                        within: Any = None) -> Dataset:
+        """One row per distinct ``subset`` columns (all columns by default), as pandas'
+        ``drop_duplicates`` and Spark's ``dropDuplicates``.
+
+        ``keep="first"`` keeps each key's first row (in arrival order); on a stream it
+        passes first rows on as they come (append-only). ``keep="last"`` keeps the latest:
+        on a stream a key's new row updates its result (-U/+U). ``within`` ("1h", µs or a
+        timedelta) bounds a stream's state: a key is forgotten ``within`` after its kept
+        row, by event time if the stream has a watermark (``with_watermark``), else by
+        processing time; a later row of it then counts as new (a bounded input in batch
+        mode keeps every key).
+        """
+        return Dataset(changelog.drop_duplicates(self._node, subset, keep, within))
+
+    def top_n(self, n: int, by: str | Sequence[str], per: str | Sequence[str] | None = None,
+              descending: bool | Sequence[bool] = False, rank: str | None = None,
+              nulls_last: bool | None = None) -> Dataset:
+        """The first ``n`` rows of each group of ``per`` (of all rows without) in the order
+        of ``by`` (SQL's ``ROW_NUMBER() OVER (PARTITION BY per ORDER BY by) <= n``), with
+        their rank (1..n) in column ``rank`` if named. On a stream the result is updated
+        as rows come: -U/+U per rank that changes hands (or -D/+I without a rank column).
+        Ties keep arrival order."""
+        return Dataset(changelog.top_n(self._node, n, by, per, descending, rank, nulls_last))
+
+    def to_changelog(self, column: str = "change") -> Dataset:
+        """The changes of an updating stream as plain rows: each row's kind ("+I", "-U",
+        "+U", "-D") in ``column``; any step (a Python ``map``, a window, any sink) takes
+        them. Rows of an append-only input are "+I"."""
+        return Dataset(changelog.to_changelog(self._node, column))
+
+    def from_changelog(self, column: str = "change") -> Dataset:
+        """Rows that are changes: ``column`` ("+I", "-U", "+U", "-D") says what each is. An
+        aggregate over them takes retractions back; in batch mode the dataset is the rows
+        the changes leave."""
+        return Dataset(changelog.from_changelog(self._node, column))
 
     def start(self, checkpoint: str | None = None, checkpoint_interval: Any = "10s",
               sink: Any = None, **options: Any) -> Any:

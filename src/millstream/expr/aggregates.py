@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 #: the aggregate functions, in the order error messages list them
 SUPPORTED = ("sum", "mean", "min", "max", "count", "count_all", "count_distinct", "first",
-             "collect_list")
+             "last", "collect_list")
 AGG_FUNCS = frozenset(SUPPORTED)
 
 
@@ -84,6 +84,10 @@ class AggregateMethods:
     def first(self) -> AggExpr:
         """First value of the group."""
         return AggExpr("first", self)
+
+    def last(self) -> AggExpr:
+        """Last non-null value of the group (in arrival order)."""
+        return AggExpr("last", self)
 
     def collect_list(self) -> AggExpr:
         """All values of the group as a list."""

@@ -476,6 +476,11 @@ def first(c: str | Expr) -> AggExpr:
     return _agg("first", c)
 
 
+def last(c: str | Expr) -> AggExpr:
+    """Last non-null value of a column in each group (in arrival order)."""
+    return _agg("last", c)
+
+
 def collect_list(c: str | Expr) -> AggExpr:
     """All values of a column in each group, as a list."""
     return _agg("collect_list", c)

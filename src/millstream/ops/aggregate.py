@@ -95,8 +95,8 @@ def drop_nulls_per_list(lists: pa.Array) -> pa.Array:
 
 
 def _kernel(func: str, arr_type: pa.DataType) -> str:
-    # Arrow has no hash_first for the null type (all values null); min gives the same null
-    return "min" if func == "first" and pa.types.is_null(arr_type) else func
+    # Arrow has no hash_first/hash_last for the null type (all values null); min gives the same null
+    return "min" if func in ("first", "last") and pa.types.is_null(arr_type) else func
 
 
 def _group(table: pa.Table, keys: list[str], aggs: list[tuple]) -> pa.Table:
@@ -150,7 +150,7 @@ class _AggCore:
             elif f == "mean":
                 aggs += [(arg, "sum"), (arg, "count")]
                 out_names += [(f"{arg}_sum", st[0]), (f"{arg}_count", st[1])]
-            elif f in ("min", "max", "first"):
+            elif f in ("min", "max", "first", "last"):
                 k = _kernel(f, arr.type)
                 aggs.append((arg, k))
                 out_names.append((f"{arg}_{k}", st[0]))
@@ -214,7 +214,7 @@ class _AggCore:
                 if f in ("sum", "count", "count_all", "mean"):
                     aggs.append((sname, "sum"))
                     out_names.append((f"{sname}_sum", sname))
-                elif f in ("min", "max", "first"):
+                elif f in ("min", "max", "first", "last"):
                     k = _kernel(f, states.schema.field(sname).type)
                     aggs.append((sname, k))
                     out_names.append((f"{sname}_{k}", sname))

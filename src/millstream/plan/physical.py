@@ -22,6 +22,7 @@ from millstream.core.shuffle import (
 )
 from millstream.core.time import MIN_WATERMARK
 from millstream.errors import PlanError
+from millstream.expr.aggregates import AggSpec
 from millstream.expr.windows import GlobalWindow
 from millstream.ops import narrow
 from millstream.ops.aggregate import (
@@ -32,6 +33,16 @@ from millstream.ops.aggregate import (
 )
 from millstream.ops.analytic import AnalyticWindow
 from millstream.ops.base import OperatorFactory
+from millstream.ops.changelog import (
+    ChangelogAggregate,
+    ChangeSigns,
+    Deduplicate,
+    ExpandNet,
+    FromChangelog,
+    ToChangelog,
+    TopN,
+)
+from millstream.ops.changelog.convert import NET
 from millstream.ops.join import BroadcastHashJoin, BroadcastLeftHashJoin, HashJoin
 from millstream.ops.mapreduce.mapper import MapperOp
 from millstream.ops.mapreduce.reducer import ReducerOp
@@ -201,6 +212,12 @@ class PhysicalPlanner:
     def _build_Aggregate(self, node: L.Aggregate) -> list[Pipeline]:
         pipes = self.build(node.child)
         keys, specs = list(node.keys), list(node.specs)
+        if self.s.streaming:  # a result per key, updated as rows come (a changelog)
+            new = self._keyed(pipes, keys, "group-by key exchange")
+            new.add(OperatorFactory(ChangelogAggregate, keys, specs,
+                                    node.child.emits_updates),
+                    node.label() + " (continuous, emits updates)")
+            return [new]
         for p in pipes:
             p.add(OperatorFactory(PartialAggregate, keys, specs), "partial aggregate (combiner)")
         n = self._n(pipes) if keys else 1
@@ -255,7 +272,62 @@ class PhysicalPlanner:
                 node.label())
         return [new]
 
+    def _keyed(self, pipes: list[Pipeline], keys: list[str], purpose: str) -> Pipeline:
+        """A pipeline reading ``pipes``' rows exchanged by ``keys`` (all to one partition
+        without keys)."""
+        n = self._n(pipes) if keys else 1
+        stage = self._close(pipes, HashPartitioner(list(keys), n), purpose)
+        return Pipeline([ShufflePort(stage)])
+
+    def _build_Deduplicate(self, node: L.Deduplicate) -> list[Pipeline]:
+        new = self._keyed(self.build(node.child), list(node.subset), "deduplication exchange")
+        new.add(OperatorFactory(Deduplicate, list(node.subset), node.keep, node.within,
+                                node.time_column, not self.s.streaming), node.label())
+        return [new]
+
+    def _build_TopN(self, node: L.TopN) -> list[Pipeline]:
+        new = self._keyed(self.build(node.child), list(node.per), "top-n exchange")
+        new.add(OperatorFactory(TopN, node.n, list(node.by), list(node.descending),
+                                list(node.per), node.rank_column, node.nulls_last,
+                                self.s.streaming and node.child.emits_updates,
+                                not self.s.streaming), node.label())
+        return [new]
+
+    def _build_ToChangelog(self, node: L.ToChangelog) -> list[Pipeline]:
+        pipes = self.build(node.child)
+        for p in pipes:
+            p.add(OperatorFactory(ToChangelog, node.column), node.label())
+        return pipes
+
+    def _build_FromChangelog(self, node: L.FromChangelog) -> list[Pipeline]:
+        """Streaming: the change column becomes the rows' kinds. Batch: the rows the
+        changelog leaves (net copies of each distinct row, by a grouping by all columns)."""
+        pipes = self.build(node.child)
+        if self.s.streaming:
+            for p in pipes:
+                p.add(OperatorFactory(FromChangelog, node.column), node.label())
+            return pipes
+        schema = node.schema
+        if schema is None:
+            raise PlanError(f"{node.label()}: reading a changelog in batch mode needs its "
+                            f"columns known (give the source a schema)")
+        keys, specs = list(schema.names), [AggSpec("sum", NET, NET)]
+        for p in pipes:
+            p.add(OperatorFactory(ChangeSigns, node.column), "change kinds as +1/-1 copies")
+            p.add(OperatorFactory(PartialAggregate, keys, specs), "partial net copies")
+        stage = self._close(pipes, HashPartitioner(keys, self._n(pipes)), "changelog rows")
+        new = Pipeline([ShufflePort(stage)])
+        new.add(OperatorFactory(FinalAggregate, keys, specs), "net copies per row")
+        new.add(OperatorFactory(ExpandNet), node.label() + " (the rows it leaves)")
+        return [new]
+
     def _build_Distinct(self, node: L.Distinct) -> list[Pipeline]:
+        if self.s.streaming:  # the first of each row: deduplication by every column
+            schema = node.child.schema
+            if schema is None:
+                raise PlanError(f"{node.label()}: distinct() on a stream needs its columns "
+                                f"known; use drop_duplicates(subset=[...])")
+            return self._build_Deduplicate(L.Deduplicate(node.child, tuple(schema.names)))
         pipes = self.build(node.child)
         for p in pipes:
             p.add(OperatorFactory(DistinctPartial), "partial distinct")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import pyarrow as pa
 
@@ -45,6 +45,8 @@ class FlatMap(Unary):
 class FilterRows(SameColumns, Unary):
     """Rows for which the Python predicate ``fn(row)`` is true."""
 
+    accepts_updates: ClassVar[bool] = True  # (each row keeps its change kind)
+
     fn: Callable[[dict], Any]
 
     def label(self) -> str:
@@ -67,6 +69,8 @@ class MapBatches(Unary):
 @dataclass(frozen=True, eq=False)
 class Filter(SameColumns, Unary):
     """Rows where the boolean expression is true (null counts as false)."""
+
+    accepts_updates: ClassVar[bool] = True  # (each row keeps its change kind)
 
     predicate: Expr
 
@@ -91,6 +95,8 @@ def _expr_refs(exprs: Iterable[Expr]) -> frozenset[str]:
 class Project(Unary):
     """Exactly the columns the expressions compute (``select``)."""
 
+    accepts_updates: ClassVar[bool] = True  # (each row keeps its change kind)
+
     exprs: tuple[Expr, ...]
 
     def label(self) -> str:
@@ -107,6 +113,8 @@ class Project(Unary):
 @dataclass(frozen=True, eq=False)
 class WithColumns(Unary):
     """Columns added or replaced by expressions (all read the input); the others kept."""
+
+    accepts_updates: ClassVar[bool] = True  # (each row keeps its change kind)
 
     exprs: tuple[Expr, ...]
 
@@ -131,6 +139,8 @@ class Drop(Unary):
     """The input without ``columns``; a name that is not there is a SchemaError unless not
     ``strict`` (then it is ignored)."""
 
+    accepts_updates: ClassVar[bool] = True  # (each row keeps its change kind)
+
     columns: tuple[str, ...]
     strict: bool = True
 
@@ -153,6 +163,8 @@ class Drop(Unary):
 class Rename(Unary):
     """Columns renamed by ``mapping`` pairs ``(old, new)``; an old name that is not there is
     a SchemaError unless not ``strict`` (then it is ignored)."""
+
+    accepts_updates: ClassVar[bool] = True  # (each row keeps its change kind)
 
     mapping: tuple[tuple[str, str], ...]
     strict: bool = True
@@ -177,6 +189,8 @@ class Rename(Unary):
 class Explode(Unary):
     """One row per element of list ``column`` (empty and null lists give no row)."""
 
+    accepts_updates: ClassVar[bool] = True  # (each row keeps its change kind)
+
     column: str
 
     def label(self) -> str:
@@ -200,6 +214,10 @@ NARROW_NODES: tuple[type[Node], ...] = (Map, FlatMap, FilterRows, MapBatches, Fi
 @dataclass(frozen=True, eq=False)
 class Aggregate(Unary):
     """One row per distinct ``keys`` (one row in all without keys) with the aggregates."""
+
+    #: in a streaming job: a result per key, updated as rows come (a changelog)
+    accepts_updates: ClassVar[bool] = True
+    produces_updates: ClassVar[bool] = True
 
     keys: tuple[str, ...]
     specs: tuple[AggSpec, ...]
@@ -294,6 +312,8 @@ class Sort(SameColumns, Unary):
 @dataclass(frozen=True, eq=False)
 class Union(Node):
     """All rows of the inputs (UNION ALL), columns matched by name."""
+
+    accepts_updates: ClassVar[bool] = True  # (each row keeps its change kind)
 
     inputs: tuple[Node, ...]
 

@@ -53,7 +53,9 @@ from millstream.errors import (
 from millstream.io.stream_sinks import make_sink
 from millstream.plan import logical as L
 from millstream.plan.compile import compile_plan, streaming_settings
+from millstream.plan.rank_filter import rank_filters_to_top_n
 from millstream.plan.stages import all_stages
+from millstream.plan.updates import check_sink, check_updates
 from millstream.runtime.checkpoint import CheckpointStore
 from millstream.runtime.display import watch
 from millstream.runtime.events import BUS, call_site, error_text, publish
@@ -116,7 +118,9 @@ class StreamingJob:
                  fault: tuple[int, str] | None = None) -> None:
         if executor not in EXECUTORS:
             raise StreamingError(f"executor must be one of {EXECUTORS}, got {executor!r}")
+        node = rank_filters_to_top_n(node)
         check_streamable(node)
+        check_updates(node)
         if executor == "parallel":
             local = [s.source.describe() for s in scans(node) if s.source.in_process_only]
             if local:
@@ -140,6 +144,7 @@ class StreamingJob:
         self.interval_s = parse_duration(checkpoint_interval, "checkpoint_interval") / 1e6
         self.checkpoint_timeout_s = parse_duration(checkpoint_timeout, "checkpoint_timeout") / 1e6
         self.sink = make_sink(sink)
+        check_sink(node, self.sink)
         self._parallel_sink = hasattr(self.sink, "for_subtask")
         self.store = (CheckpointStore(checkpoint, storage_options) if checkpoint is not None
                       else None)
