@@ -104,6 +104,7 @@ class FromClause:
     sel: exp.Select
     outer: Scope | None
     env: Env
+    deferred: list[exp.Expr]
 
     def translator(self, clause: str, rel: Relation | None = None, holder=None,
                    **kw) -> Translator:  # pragma: no cover - the builder's
@@ -126,6 +127,13 @@ class FromClause:
             if not (kind or side or method) and j.args.get("on") is None \
                     and not j.args.get("using"):
                 components.append(right)  # a comma: joined with the WHERE conditions
+                continue
+            if not side and kind in ("", "INNER") and not method and j.args.get("on") \
+                    is not None and is_unbounded(components[-1].node) \
+                    and is_unbounded(right.node):
+                # two streams: the time bounds of their join may be in WHERE
+                self.deferred.extend(conjuncts(j.args["on"]))
+                components.append(right)
                 continue
             components[-1] = self.explicit_join(components[-1], right, j, kind, side, method)
         return components
@@ -165,6 +173,8 @@ class FromClause:
 
         if kind in ("ASOF", "POSITIONAL", "ARRAY") or method == "ASOF":
             raise self.p.error(f"{kind or method} JOIN is not supported", j)
+        if not (is_unbounded(left.node) and is_unbounded(right.node)):
+            left, right = self.plain(left), self.plain(right)
         how = {"LEFT": "left", "RIGHT": "right", "FULL": "outer"}.get(side, "inner")
         if kind == "SEMI":
             how = "semi"
@@ -183,6 +193,15 @@ class FromClause:
             return self.using_join(left, right, using, how, j)
         on = conjuncts(j.args.get("on"))
         return self.join_on(left, right, on, how, j)
+
+    def plain(self, rel: Relation) -> Relation:
+        """A windowing function's relation with its window columns computed (for a join
+        that is not a window join)."""
+        from millstream.sql.streaming import materialize
+
+        if rel.window is not None and not rel.window.materialized:
+            return materialize(self, rel)  # type: ignore[arg-type]
+        return rel
 
     def using_join(self, left: Relation, right: Relation, names: list[str], how: str,
                    j: exp.Join) -> Relation:
@@ -323,6 +342,8 @@ class FromClause:
         while pending:
             pick, pairs = None, []
             for idx, comp in enumerate(pending):
+                if not (is_unbounded(joined.node) and is_unbounded(comp.node)):
+                    joined, comp = self.plain(joined), self.plain(comp)
                 comp = pending[idx] = J.distinct_from(joined, comp)
                 pairs = []
                 for c in rest:

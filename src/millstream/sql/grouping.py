@@ -10,6 +10,7 @@ computed once when sub-plans are reused), the keys a set leaves out null, in a U
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -22,7 +23,7 @@ from millstream.expr.nodes import Column, Expr, Literal
 from millstream.plan import logical as L
 from millstream.sql.aggregates import AggCall, agg_call
 from millstream.sql.exprs import contains_aggregate, is_aggregate, walk_level
-from millstream.sql.scope import Field, Relation
+from millstream.sql.scope import Field, Relation, WindowInfo
 
 if TYPE_CHECKING:
     from millstream.sql.select import SelectBuilder
@@ -126,8 +127,10 @@ def _aggregate_calls(b: SelectBuilder) -> list[exp.Expr]:
     return found
 
 
-def aggregate(b: SelectBuilder, group: exp.Group | None) -> tuple[Relation, Hook]:
-    """The grouped relation of ``b``'s query and the hook that reads it."""
+def aggregate(b: SelectBuilder, group: exp.Group | None, window: WindowInfo | None = None
+              ) -> tuple[Relation, Hook]:
+    """The grouped relation of ``b``'s query and the hook that reads it (``window``: a
+    windowing function's relation grouped by its window bounds: a window aggregate)."""
     rel = b.rel
     pre = b.translator("GROUP BY", rel)
     pre.subquery = None
@@ -170,10 +173,18 @@ def aggregate(b: SelectBuilder, group: exp.Group | None) -> tuple[Relation, Hook
     if computed:
         node = L.WithColumns(node, tuple(computed))
     all_keys = list(dict.fromkeys(keys)) + [n for n, _ in carried]
+    if window is not None and (sets is not None or any(c.distinct for c, _ in specs)):
+        raise b.p.error("GROUPING SETS and aggregates of DISTINCT values are not supported "
+                        "in a window aggregation", group)
     node, specs = _distinct_aggregates(b, node, all_keys, specs, group)
     groupings: dict[int, str] = {}
-    if sets is None:
-        out: L.Node = L.Aggregate(node, tuple(all_keys), tuple(c.spec(n) for c, n in specs))
+    if window is not None:
+        from millstream.sql.streaming import window_aggregate
+
+        out: L.Node = window_aggregate(b, node, window, all_keys,
+                                       tuple(c.spec(n) for c, n in specs))
+    elif sets is None:
+        out = L.Aggregate(node, tuple(all_keys), tuple(c.spec(n) for c, n in specs))
     else:
         if carried:
             raise b.p.error("GROUPING SETS/ROLLUP/CUBE in a correlated subquery is not "
@@ -188,7 +199,8 @@ def aggregate(b: SelectBuilder, group: exp.Group | None) -> tuple[Relation, Hook
     if posts:
         out = L.WithColumns(out, tuple(posts))
     fields = _post_fields(b, group_exprs, keys)
-    post_rel = Relation(out, fields + [Field(n, None, n, hidden=True) for _, n in carried])
+    post_rel = Relation(out, fields + [Field(n, None, n, hidden=True) for _, n in carried],
+                        dataclasses.replace(window, materialized=True) if window else None)
     hook = _hook(b, pre, key_of, by_id, groupings)
     return post_rel, hook
 

@@ -96,17 +96,48 @@ def dialect_of(dialect: str | None) -> sqlglot.Dialect:
     return _dialect(dialect)
 
 
+_WINDOW_TVFS = ("TUMBLE", "HOP", "CUMULATE", "SESSION")
+
+
 def _flink_table_args(tokens: list) -> list:
     """Tokens without the ``TABLE`` keyword of Flink's table arguments (``f(TABLE t, ...)``,
-    ``DATA => TABLE t``): a ``TABLE`` after ``(``, ``,`` or ``=>`` and before a name."""
-    out = []
+    ``DATA => TABLE t``: a ``TABLE`` after ``(``, ``,`` or ``=>`` and before a name), and
+    without SESSION's ``PARTITION BY`` (the GROUP BY keys partition the sessions); the
+    windowing functions' names read as names (SESSION is a keyword in some dialects)."""
+    out: list = []
     after = {TokenType.L_PAREN, TokenType.COMMA, TokenType.FARROW}
     names = {TokenType.VAR, TokenType.IDENTIFIER}
-    for i, tok in enumerate(tokens):
+    i, n = 0, len(tokens)
+    while i < n:
+        tok = tokens[i]
+        nxt = tokens[i + 1] if i + 1 < n else None
+        if tok.text.upper() in _WINDOW_TVFS and nxt is not None \
+                and nxt.token_type == TokenType.L_PAREN and tok.token_type not in names:
+            tok.token_type = TokenType.VAR
         if tok.token_type == TokenType.TABLE and out and out[-1].token_type in after \
-                and i + 1 < len(tokens) and tokens[i + 1].token_type in names:
+                and nxt is not None and nxt.token_type in names:
+            out.append(nxt)
+            i += 2
+            if i + 1 < n and tokens[i].token_type == TokenType.PARTITION_BY:
+                i += 1
+            elif i + 2 < n and tokens[i].text.upper() == "PARTITION" \
+                    and tokens[i + 1].text.upper() == "BY":
+                i += 2
+            else:
+                continue
+            if i < n and tokens[i].token_type == TokenType.L_PAREN:
+                depth = 0
+                while i < n:
+                    depth += {TokenType.L_PAREN: 1, TokenType.R_PAREN: -1}.get(
+                        tokens[i].token_type, 0)
+                    i += 1
+                    if depth == 0:
+                        break
+            else:
+                i += 1
             continue
         out.append(tok)
+        i += 1
     return out
 
 

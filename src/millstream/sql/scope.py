@@ -43,6 +43,8 @@ class WindowInfo:
     kind: str
     params: dict[str, int]
     columns: dict[str, str] = field(default_factory=dict)
+    #: the window columns exist in the node (after a window aggregate or per-row windows)
+    materialized: bool = False
 
 
 @dataclass

@@ -65,6 +65,8 @@ class SelectBuilder(FromClause):
         self.correlation = correlation
         self.only_carried = only_carried
         self.rel: Relation = one_row()
+        #: ON conditions of inner joins of two streams, decided with the WHERE clause's
+        self.deferred: list[exp.Expr] = []
 
     @property
     def env(self):
@@ -102,14 +104,18 @@ class SelectBuilder(FromClause):
         components = self.from_items()
         if self.correlation is not None:
             where = self.correlation.split(self, components, where)
+        where = where + self.deferred
         self.rel, where = self.join_components(components, where)
-        self.rel = self.apply_where(where)
         group = sel.args.get("group")
+        by_window = streaming.groups_by_window(self, group)
+        window = self.rel.window
+        if window is not None and not window.materialized and not by_window:
+            self.rel = streaming.materialize(self, self.rel)
+        self.rel = self.apply_where(where)
         aggregated = group is not None or sel.args.get("having") is not None or any(
             contains_aggregate(e, self.env) for e in sel.expressions)
-        window_group = streaming.window_grouping(self, group) if group is not None else None
-        if window_group is not None:
-            post, hook = window_group
+        if by_window:
+            post, hook = grouping.aggregate(self, group, window=self.rel.window)
         elif aggregated:
             if is_unbounded(self.rel.node):
                 raise streaming.unwindowed_aggregate_error(self, group or sel)
@@ -218,7 +224,9 @@ class SelectBuilder(FromClause):
         out_fields = [Field(n, None, n) for n in visible]
         carried_names = {c.output_name for c in carried}
         out_fields += [Field(c, None, c, hidden=True) for c in carried_names]
-        result = Relation(node, out_fields, None)
+        from millstream.sql.streaming import carried_window
+
+        result = Relation(node, out_fields, carried_window(rel, exprs, names))
         if sort_keys:
             result = sort_by(result, sort_keys)
         result = apply_limit(self.p, sel, result, sort_keys)
