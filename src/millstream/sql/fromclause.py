@@ -139,13 +139,13 @@ class FromClause:
         return components
 
     def from_item(self, item: exp.Expr) -> Relation:
-        from millstream.sql import streaming
+        from millstream.sql import windowing
 
         alias = item.args.get("alias")
         alias_name = alias.name if alias is not None and alias.name else None
         if isinstance(item, exp.Table):
             if isinstance(item.this, exp.Func):
-                rel = streaming.table_function(self, item.this)
+                rel = windowing.table_function(self, item.this)
                 name = alias_name
             else:
                 if item.args.get("db") or item.args.get("catalog"):
@@ -197,7 +197,7 @@ class FromClause:
     def plain(self, rel: Relation) -> Relation:
         """A windowing function's relation with its window columns computed (for a join
         that is not a window join)."""
-        from millstream.sql.streaming import materialize
+        from millstream.sql.windowing import materialize
 
         if rel.window is not None and not rel.window.materialized:
             return materialize(self, rel)  # type: ignore[arg-type]

@@ -41,7 +41,7 @@ def _group_items(b: SelectBuilder, group: exp.Group | None
     texts: dict[str, int] = {}
 
     def index(e: exp.Expr) -> int:
-        e = _resolve_item(b, e)
+        e = b.resolve_group_item(e)
         key = e.sql()
         if key not in texts:
             texts[key] = len(exprs)
@@ -87,23 +87,6 @@ def _group_items(b: SelectBuilder, group: exp.Group | None
             members += [i for i in part if i not in members]
         sets.append(members)
     return exprs, sets
-
-
-def _resolve_item(b: SelectBuilder, e: exp.Expr) -> exp.Expr:
-    """A GROUP BY item: an ordinal or a select list alias stands for that select item."""
-    items = b.sel.expressions
-    if isinstance(e, exp.Literal) and not e.is_string:
-        k = int(e.this)
-        if not 1 <= k <= len(items):
-            raise b.p.error(f"GROUP BY {k}: the select list has {len(items)} items", e)
-        item = items[k - 1]
-        return item.this if isinstance(item, exp.Alias) else item
-    if isinstance(e, exp.Column) and not e.table:
-        if not b.scope().candidates(None, e.name):
-            for item in items:
-                if isinstance(item, exp.Alias) and item.alias.lower() == e.name.lower():
-                    return item.this
-    return e
 
 
 def _aggregate_calls(b: SelectBuilder) -> list[exp.Expr]:
@@ -179,7 +162,7 @@ def aggregate(b: SelectBuilder, group: exp.Group | None, window: WindowInfo | No
     node, specs = _distinct_aggregates(b, node, all_keys, specs, group)
     groupings: dict[int, str] = {}
     if window is not None:
-        from millstream.sql.streaming import window_aggregate
+        from millstream.sql.windowing import window_aggregate
 
         out: L.Node = window_aggregate(b, node, window, all_keys,
                                        tuple(c.spec(n) for c, n in specs))
@@ -290,7 +273,7 @@ def _grouping_sets(b: SelectBuilder, node: L.Node, keys: list[str],
 
 
 def _group_index(b: SelectBuilder, arg: exp.Expr, group_exprs: list[exp.Expr]) -> int:
-    text = _resolve_item(b, arg).sql()
+    text = b.resolve_group_item(arg).sql()
     for i, g in enumerate(group_exprs):
         if g.sql() == text:
             return i

@@ -69,7 +69,12 @@ def renamed_apart(left: Relation, right: Relation) -> tuple[Relation, dict[str, 
     node = L.Rename(right.node, tuple(mapping.items()))
     fields = [dataclasses.replace(f, internal=mapping.get(f.internal, f.internal))
               for f in right.fields]
-    return Relation(node, fields, right.window), mapping
+    window = right.window
+    if window is not None:
+        window = dataclasses.replace(
+            window, time_column=mapping.get(window.time_column, window.time_column),
+            columns={role: mapping.get(c, c) for role, c in window.columns.items()})
+    return Relation(node, fields, window), mapping
 
 
 def renamed_exprs(exprs: list[Expr], mapping: dict[str, str]) -> list[Expr]:

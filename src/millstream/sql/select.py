@@ -90,7 +90,7 @@ class SelectBuilder(FromClause):
 
     # ------------------------------------------------------------------ the clauses
     def build(self) -> Relation:
-        from millstream.sql import grouping, streaming
+        from millstream.sql import grouping, streaming, windowing
 
         sel = self.sel
         for key in ("into", "distribute", "cluster", "sort", "connect", "prewhere"):
@@ -107,10 +107,10 @@ class SelectBuilder(FromClause):
         where = where + self.deferred
         self.rel, where = self.join_components(components, where)
         group = sel.args.get("group")
-        by_window = streaming.groups_by_window(self, group)
+        by_window = windowing.groups_by_window(self, group)
         window = self.rel.window
         if window is not None and not window.materialized and not by_window:
-            self.rel = streaming.materialize(self, self.rel)
+            self.rel = windowing.materialize(self, self.rel)
         self.rel = self.apply_where(where)
         aggregated = group is not None or sel.args.get("having") is not None or any(
             contains_aggregate(e, self.env) for e in sel.expressions)
@@ -130,6 +130,22 @@ class SelectBuilder(FromClause):
             cond = tr.build(sel.args["having"].this)
             post = Relation(L.Filter(holder.rel.node, cond), holder.rel.fields, post.window)
         return self.finish(post, hook)
+
+    def resolve_group_item(self, e: exp.Expr) -> exp.Expr:
+        """A GROUP BY item: an ordinal or a select list alias stands for that select item."""
+        items = self.sel.expressions
+        if isinstance(e, exp.Literal) and not e.is_string:
+            k = int(e.this)
+            if not 1 <= k <= len(items):
+                raise self.p.error(f"GROUP BY {k}: the select list has {len(items)} items", e)
+            item = items[k - 1]
+            return item.this if isinstance(item, exp.Alias) else item
+        if isinstance(e, exp.Column) and not e.table:
+            if not self.scope().candidates(None, e.name):
+                for item in items:
+                    if isinstance(item, exp.Alias) and item.alias.lower() == e.name.lower():
+                        return item.this
+        return e
 
     # ------------------------------------------------------------------ WHERE
     def apply_where(self, where: list[exp.Expr]) -> Relation:
@@ -224,7 +240,7 @@ class SelectBuilder(FromClause):
         out_fields = [Field(n, None, n) for n in visible]
         carried_names = {c.output_name for c in carried}
         out_fields += [Field(c, None, c, hidden=True) for c in carried_names]
-        from millstream.sql.streaming import carried_window
+        from millstream.sql.windowing import carried_window
 
         result = Relation(node, out_fields, carried_window(rel, exprs, names))
         if sort_keys:
