@@ -226,7 +226,14 @@ class SelectBuilder(FromClause):
                 raise unsupported_on_stream(self, "ORDER BY", order)
             sort_keys = self.order_items(order.expressions, items, names, exprs, tr, hidden)
         rel = holder.rel  # with the joins of subqueries in the select list
-        node = analytic.select(rel.node, [*exprs, *hidden])
+        if is_unbounded(rel.node):  # window Top-N: keyed state, not the batch Window node
+            from millstream.sql.topn import lower_stream_windows
+
+            base, lowered, _ = lower_stream_windows(self, rel, [*exprs, *hidden])
+            exprs, hidden = lowered[:len(exprs)], lowered[len(exprs):]
+            node = L.Project(base, tuple([*exprs, *hidden]))
+        else:
+            node = analytic.select(rel.node, [*exprs, *hidden])
         if qualify is not None:
             node = L.Drop(L.Filter(node, Column(qname)), (qname,))
             hidden = [h for h in hidden if h.output_name != qname]
