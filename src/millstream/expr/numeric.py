@@ -116,9 +116,12 @@ _register("num_mod", "bin", "mod", lambda v, p, n: _trunc_divmod("mod", v[0], v[
 
 
 def _to_integer(v: list[Datum], p: dict[str, Any], n: int) -> Datum:
-    """SQL's cast to an integer type: floats and decimals round half away from zero."""
+    """SQL's cast to an integer type: floats round half to even (as C's rint: DuckDB,
+    Postgres), decimals half away from zero."""
     x, t = v[0], p["dtype"]
-    if pa.types.is_floating(x.type) or pa.types.is_decimal(x.type):
+    if pa.types.is_floating(x.type):
+        x = pc.round(x, round_mode="half_to_even")
+    elif pa.types.is_decimal(x.type):
         x = pc.round(x, round_mode="half_towards_infinity")
     return x.cast(t)
 

@@ -61,6 +61,8 @@ def is_aggregate(node: exp.Expr, env: Env | None = None) -> bool:
         return is_aggregate(node.this, env)
     if isinstance(node, exp.WithinGroup):
         return True
+    if isinstance(node, exp.Grouping):  # which grouping set a row is of: not an aggregate
+        return False
     if isinstance(node, exp.AggFunc):
         return not isinstance(node.parent, exp.Window) or node.parent.this is not node
     if isinstance(node, exp.Anonymous) and env is not None:

@@ -208,6 +208,7 @@ class FromClause:
         """``JOIN ... USING (names)`` (and NATURAL JOIN): the right keys answer only to
         their qualified names; after a right or full join an unqualified key is the
         coalesced pair."""
+        right = J.distinct_from(left, right)
         ls, rs = Scope(left), Scope(right)
         lk, rk = [], []
         for n in names:

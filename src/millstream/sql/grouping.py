@@ -98,16 +98,35 @@ def _aggregate_calls(b: SelectBuilder) -> list[exp.Expr]:
             roots.append(sel.args[key].this)
     if sel.args.get("order") is not None:
         roots.extend(o.this for o in sel.args["order"].expressions)
-    found = []
-    for root in roots:
-        for node in walk_level(root):
-            if is_aggregate(node, b.env):
-                for inner in walk_level(node):
-                    if inner is not node and is_aggregate(inner, b.env):
-                        raise b.p.error("an aggregate function cannot hold another "
-                                        "aggregate", inner)
-                found.append(node)
+    found: list[exp.Expr] = []
+    stack = list(reversed(roots))
+    while stack:
+        node = stack.pop()
+        if is_aggregate(node, b.env):
+            found.append(node)
+            inner = node
+            while isinstance(inner, (exp.Filter, exp.IgnoreNulls, exp.RespectNulls,
+                                     exp.WithinGroup)):
+                inner = inner.this
+            for sub in walk_level(node):
+                if sub is not node and sub is not inner and is_aggregate(sub, b.env) \
+                        and not _wraps(sub, inner):
+                    raise b.p.error("an aggregate function cannot hold another aggregate",
+                                    sub)
+            continue
+        for child in node.iter_expressions():
+            if not isinstance(child, (exp.Select, exp.Subquery, exp.SetOperation)):
+                stack.append(child)
     return found
+
+
+def _wraps(node: exp.Expr, inner: exp.Expr) -> bool:
+    """Whether ``node`` is one of the wrappers (FILTER, IGNORE NULLS) around ``inner``."""
+    while isinstance(node, (exp.Filter, exp.IgnoreNulls, exp.RespectNulls, exp.WithinGroup)):
+        if node.this is inner:
+            return True
+        node = node.this
+    return False
 
 
 def aggregate(b: SelectBuilder, group: exp.Group | None, window: WindowInfo | None = None

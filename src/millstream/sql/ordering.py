@@ -11,7 +11,7 @@ from sqlglot import exp
 
 from millstream.api import analytic
 from millstream.expr.analytic import row_number
-from millstream.expr.nodes import Column, Literal
+from millstream.expr.nodes import Column, Expr, Literal
 from millstream.plan import logical as L
 from millstream.sql.fromclause import is_unbounded
 from millstream.sql.scope import NotFound, Relation, Scope
@@ -20,26 +20,39 @@ if TYPE_CHECKING:
     from millstream.sql.planner import Planner
 
 
-def sort_by(rel: Relation, keys: list[tuple[str, bool, bool]]) -> Relation:
-    """``rel`` sorted by columns with per-key direction and null placement (the engine's
-    one null setting, or ``is null`` keys when the keys differ)."""
+def order_spec(keys: list[tuple[str, bool, bool]]
+               ) -> tuple[list[Expr], list[str], list[bool], bool | None]:
+    """Sort keys (column, descending, nulls first) in the engine's terms: flag columns to
+    add (``is null`` keys, when the keys' null placements differ), the columns to sort by,
+    their directions, and the one null setting."""
     names = [k[0] for k in keys]
     desc = [k[1] for k in keys]
     first = [k[2] for k in keys]
     if all(not f for f in first):
-        return rel.with_node(L.Sort(rel.node, tuple(names), tuple(desc), True))
+        return [], names, desc, True
     if all(first):
-        return rel.with_node(L.Sort(rel.node, tuple(names), tuple(desc), False))
+        return [], names, desc, False
     if all(f == (not d) for f, d in zip(first, desc)):
-        return rel.with_node(L.Sort(rel.node, tuple(names), tuple(desc), None))
-    flags, by, directions = [], [], []
+        return [], names, desc, None
+    flags: list[Expr] = []
+    by: list[str] = []
+    directions: list[bool] = []
     for i, (n, d, f) in enumerate(keys):
         flag = f"__sql_null{i}_{n}"
         flags.append(Column(n).is_null().alias(flag))
         by += [flag, n]
-        directions += [f, d]
-    node = L.Sort(L.WithColumns(rel.node, tuple(flags)), tuple(by), tuple(directions), None)
-    return rel.with_node(L.Drop(node, tuple(f.output_name for f in flags)))
+        directions += [f, d]  # nulls first: the true flag sorts first when descending
+    return flags, by, directions, None
+
+
+def sort_by(rel: Relation, keys: list[tuple[str, bool, bool]]) -> Relation:
+    """``rel`` sorted by columns with per-key direction and null placement."""
+    flags, by, directions, nulls_last = order_spec(keys)
+    node = L.WithColumns(rel.node, tuple(flags)) if flags else rel.node
+    node = L.Sort(node, tuple(by), tuple(directions), nulls_last)
+    if flags:
+        node = L.Drop(node, tuple(f.output_name for f in flags))
+    return rel.with_node(node)
 
 
 def sort_relation(p: Planner, rel: Relation, ordered: list[exp.Ordered]) -> Relation:
@@ -92,9 +105,13 @@ def apply_limit(p: Planner, q: exp.Expr, rel: Relation,
     if offset:
         rn = p.fresh("rownum")
         keys = sort_keys or []
-        fn = row_number().over(order_by=[k[0] for k in keys] or None,
-                               descending=[k[1] for k in keys] if keys else False)
-        node = analytic.with_columns(rel.node, [fn.alias(rn)])
+        flags, by, directions, nulls_last = order_spec(keys)
+        base = L.WithColumns(rel.node, tuple(flags)) if flags else rel.node
+        fn = row_number().over(order_by=by or None, descending=directions if by else False,
+                               nulls_last=nulls_last)
+        node = analytic.with_columns(base, [fn.alias(rn)])
+        if flags:
+            node = L.Drop(node, tuple(f.output_name for f in flags))
         cond = Column(rn) > Literal(offset)
         if limit is not None:
             cond = cond & (Column(rn) <= Literal(offset + limit))

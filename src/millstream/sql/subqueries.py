@@ -252,36 +252,49 @@ class SubqueryHandler:
         if not negated:
             self._set(self._join(sub, lkeys, rkeys, "semi", cond, node))
             return
-        # NOT IN: false for a null left value, and for every row when the subquery has a null
+        # NOT IN: unknown (so no row) for a null left value unless the subquery is empty,
+        # and for every row when the subquery has a null
         nullable = [v for v in values if _nullable(sub, v.internal)]
-        if nullable and not corr.empty:
-            raise self.p.error("NOT IN over a correlated subquery whose values may be null is "
-                               "not supported; use NOT EXISTS", node)
+        lhs_nullable = any(_nullable_expr(k, self.holder.rel) for k in lkeys[:len(lhs)])
+        if (nullable or lhs_nullable) and not corr.empty:
+            raise self.p.error("NOT IN over a correlated subquery, with values that may be "
+                               "null, is not supported; use NOT EXISTS", node)
         rel = self._join(sub, lkeys, rkeys, "anti", cond, node)
-        not_null = None
-        for k in lkeys[:len(lhs)]:
-            term = k.is_not_null()
-            not_null = term if not_null is None else (not_null & term)
-        self._set(Relation(L.Filter(rel.node, not_null), rel.fields, rel.window))
-        if nullable:
-            self._set(self._no_nulls(sub, nullable, node))
+        self._set(rel)
+        if not (nullable or lhs_nullable):
+            return
+        rows_col, nulls_col = self._counts(sub, nullable, node)
+        rel = self.holder.rel
+        keep = Column(nulls_col).fill_null(0) == Literal(0)
+        if lhs_nullable:
+            not_null = None
+            for k in lkeys[:len(lhs)]:
+                term = k.is_not_null()
+                not_null = term if not_null is None else (not_null & term)
+            keep = keep & (not_null | (Column(rows_col).fill_null(0) == Literal(0)))
+        self._set(Relation(L.Filter(rel.node, keep), rel.fields, rel.window))
 
-    def _no_nulls(self, sub: Relation, nullable: list[Field], node: exp.Expr) -> Relation:
-        """The current relation kept only when the subquery's values have no null."""
+    def _counts(self, sub: Relation, nullable: list[Field], node: exp.Expr) -> tuple[str, str]:
+        """The subquery's row count and count of rows with a null value, joined into the
+        current relation as two columns (their names)."""
         from millstream.expr.aggregates import AggSpec
 
-        flag = self.p.fresh("nulls")
+        n_rows, n_nulls = self.p.fresh("rows"), self.p.fresh("nulls")
         is_null = None
         for v in nullable:
             term = Column(v.internal).is_null()
             is_null = term if is_null is None else (is_null | term)
-        counted = L.Aggregate(L.Filter(sub.node, is_null), (), (AggSpec("count_all", None,
-                                                                        flag),))
-        rel = self._join(Relation(counted, [Field(flag, None, flag)]), [], [], "left", None,
-                         node)
-        name = rel.fields[-1].internal
-        return Relation(L.Filter(rel.node, Column(name).fill_null(0) == Literal(0)),
-                        rel.fields, rel.window)
+        specs = [AggSpec("count_all", None, n_rows)]
+        specs.append(AggSpec("count", When(((is_null, Literal(1)),)), n_nulls)
+                     if is_null is not None else AggSpec("count_all", None, n_nulls))
+        counted: L.Node = L.Aggregate(sub.node, (), tuple(specs))
+        if is_null is None:  # no nullable value: no null row
+            counted = L.WithColumns(counted, (Literal(0).alias(n_nulls),))
+        rel = self._join(Relation(counted, [Field(n_rows, None, n_rows),
+                                            Field(n_nulls, None, n_nulls)]), [], [], "left",
+                         None, node)
+        self._set(rel)
+        return rel.fields[-2].internal, rel.fields[-1].internal
 
     def _lhs(self, node: exp.In) -> list[exp.Expr]:
         x = _strip(node.this)
@@ -364,42 +377,41 @@ class SubqueryHandler:
         rkeys: list[Expr] = [Column(v.internal) for v in values]
         lkeys, rkeys = _coerced(tr, lkeys, rkeys, sub)
         nullable = [v for v in values if _nullable(sub, v.internal)]
-        if nullable and not corr.empty:
-            raise self.p.error("IN inside OR or an expression over a correlated subquery "
-                               "whose values may be null is not supported", node)
-        has_null = None
-        if nullable:
-            rel = self._no_nulls_flag(sub, nullable, node)
-            has_null = Column(rel) > Literal(0)
+        lhs_nullable = any(_nullable_expr(k, self.holder.rel) for k in lkeys)
+        if (nullable or lhs_nullable) and not corr.empty:
+            raise self.p.error("IN inside OR or an expression, over a correlated subquery "
+                               "with values that may be null, is not supported", node)
+        unknown = None
+        if nullable or lhs_nullable:
+            rows_col, nulls_col = self._counts(sub, nullable, node)
+            any_null = None
+            for k in lkeys:
+                term = k.is_null()
+                any_null = term if any_null is None else (any_null | term)
+            unknown = Column(nulls_col).fill_null(0) > Literal(0)
+            if any_null is not None:
+                unknown = unknown | (any_null & (Column(rows_col).fill_null(0) > Literal(0)))
         hit = self._mark(sub, lkeys + self._keys(corr),
                          rkeys + self._carried_columns(sub, corr), node)
-        any_null = None
-        for k in lkeys:
-            term = k.is_null()
-            any_null = term if any_null is None else (any_null | term)
-        unknown = any_null if has_null is None else (any_null | has_null)
+        if unknown is None:
+            return hit
         return When(((hit, Literal(True)), (unknown, Literal(None))), Literal(False))
-
-    def _no_nulls_flag(self, sub: Relation, nullable: list[Field], node: exp.Expr) -> str:
-        from millstream.expr.aggregates import AggSpec
-
-        flag = self.p.fresh("nulls")
-        is_null = None
-        for v in nullable:
-            term = Column(v.internal).is_null()
-            is_null = term if is_null is None else (is_null | term)
-        counted = L.Aggregate(L.Filter(sub.node, is_null), (), (AggSpec("count_all", None,
-                                                                        flag),))
-        rel = self._join(Relation(counted, [Field(flag, None, flag)]), [], [], "left", None,
-                         node)
-        self._set(rel)
-        return rel.fields[-1].internal
 
 
 def _renamed(rel: Relation, sub: Relation, field: Field) -> str:
     """The name ``field`` of ``sub`` has in the joined relation ``rel``."""
     idx = sub.fields.index(field)
     return rel.fields[len(rel.fields) - len(sub.fields) + idx].internal
+
+
+def _nullable_expr(e: Expr, rel: Relation) -> bool:
+    """Whether an expression over ``rel`` may be null (unknown: yes)."""
+    schema = rel.node.schema
+    if type(e) is Column and schema is not None and schema.get_field_index(e.name) >= 0:  # type: ignore[attr-defined]
+        return schema.field(e.name).nullable  # type: ignore[attr-defined]
+    if type(e) is Literal:
+        return not e.scalar.is_valid  # type: ignore[attr-defined]
+    return True
 
 
 def _nullable(rel: Relation, column: str) -> bool:
