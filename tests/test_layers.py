@@ -31,7 +31,7 @@ LAYERS = {
     "runtime": 5,
     "runners": 6,
     "api": 7,
-    "sql": 7,
+    "sql": 7.2,  # millstream.sql: SQL over the API (builds Datasets; the API never imports it)
     "cli": 8,
     "ui": 7.2,  # the dashboard, on top of the API; ms.ui_url and the CLI use it
     "testing": 7.4,  # millstream.testing: the streaming test kit, on top of the API

@@ -42,6 +42,7 @@ from millstream.errors import (
     OutputExistsError,
     PlanError,
     SchemaError,
+    SQLError,
     StorageError,
     TaskError,
     UserFunctionError,
@@ -79,6 +80,7 @@ from millstream.expr.nodes import (
     sum,
 )
 from millstream.runtime.session import init, shutdown
+from millstream.sql import register, register_function, sql, unregister, unregister_function
 from millstream.ui import ui_url  # registers the dashboard with the session
 
 __version__ = "0.1.0"
@@ -110,4 +112,6 @@ __all__ = [
     # analytic window functions (expr.analytic)
     "cume_dist", "dense_rank", "first_value", "lag", "last_value", "lead", "nth_value", "ntile",
     "percent_rank", "range_between", "rank", "row_number", "rows",
+    # SQL (millstream.sql)
+    "SQLError", "register", "register_function", "sql", "unregister", "unregister_function",
 ]

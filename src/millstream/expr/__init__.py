@@ -20,10 +20,12 @@ Modules, lowest first: ``types`` (parse_type, datum helpers), ``registry`` (the 
 named operations), ``functions``, ``strings`` and ``datetime`` (the registered operations,
 and the ``.str`` and ``.dt`` namespaces), ``aggregates`` (AggExpr, AggSpec), ``nodes``
 (Expr, Column, Literal, Alias, the operation node; col, lit, sum, mean, ...),
-``conditional`` (when/otherwise) and ``analytic`` (window functions: ``row_number()``,
+``conditional`` (when/otherwise), ``numeric``, ``text`` and ``temporal`` (more operations
+with SQL's meaning: rounding, LIKE, interval arithmetic, EXTRACT ...) and ``analytic`` (window functions: ``row_number()``,
 ``lag(...)``, ``sum(...).over(...)``, frames).
 """
 
+from millstream.expr import numeric, temporal, text  # noqa: F401 - register their operations
 from millstream.expr.aggregates import AggExpr, AggSpec
 from millstream.expr.analytic import (
     AnalyticFunction,
