@@ -19,12 +19,16 @@ import pyarrow.compute as pc
 
 from millstream.core.arrow import empty_batch
 from millstream.errors import PlanError, SchemaError
+from millstream.expr import decimals
 from millstream.expr import functions as _functions  # noqa: F401 - registers the operations
 from millstream.expr.aggregates import AggExpr, AggregateMethods
 from millstream.expr.datetime import _DtNamespace
 from millstream.expr.registry import _OPS
 from millstream.expr.strings import _StrNamespace
 from millstream.expr.types import _NULL_BOOL, Datum, _broadcast, _fmt, _null_to_bool, _q, parse_type
+
+#: operations whose integer literals take a decimal type next to a decimal operand
+_DECIMAL_AWARE = frozenset({"add", "sub", "mul", "eq", "ne", "lt", "le", "gt", "ge"})
 
 
 class Expr(AggregateMethods):
@@ -55,8 +59,12 @@ class Expr(AggregateMethods):
             out |= child.columns()
         return out
 
-    def to_arrow(self) -> pc.Expression | None:
-        """The same expression as a pyarrow.compute.Expression, or None when it cannot be expressed."""
+    def to_arrow(self, schema: pa.Schema | None = None) -> pc.Expression | None:
+        """The same expression as a pyarrow.compute.Expression, or None when it cannot be
+        expressed. With the input's ``schema``, literals are typed as the evaluation types
+        them (an integer against a decimal column becomes a narrow decimal: Arrow's own
+        binding of such a comparison fails in scans), and decimal arithmetic that must be
+        capped is left out (None)."""
         return None
 
     def output_type(self, schema: pa.Schema) -> pa.DataType:
@@ -276,7 +284,7 @@ class Column(Expr):
         """Names of all columns this expression reads."""
         return {self.name}
 
-    def to_arrow(self) -> pc.Expression | None:
+    def to_arrow(self, schema: pa.Schema | None = None) -> pc.Expression | None:
         """The same expression as a pyarrow.compute.Expression."""
         return pc.field(self.name)
 
@@ -306,7 +314,7 @@ class Literal(Expr):
     def _eval(self, batch: pa.RecordBatch) -> Datum:
         return self.scalar
 
-    def to_arrow(self) -> pc.Expression | None:
+    def to_arrow(self, schema: pa.Schema | None = None) -> pc.Expression | None:
         """The same expression as a pyarrow.compute.Expression."""
         return pc.scalar(self.scalar)
 
@@ -336,9 +344,9 @@ class Alias(Expr):
     def _children(self) -> tuple[Expr, ...]:
         return (self.child,)
 
-    def to_arrow(self) -> pc.Expression | None:
+    def to_arrow(self, schema: pa.Schema | None = None) -> pc.Expression | None:
         """The same expression as a pyarrow.compute.Expression (names do not matter there)."""
-        return self.child.to_arrow()
+        return self.child.to_arrow(schema)
 
     def __repr__(self) -> str:
         return f"{self.child!r}.alias({_q(self.name)})"
@@ -371,21 +379,42 @@ class _Func(Expr):
             types = ", ".join(builtins.str(v.type) for v in vals)
             raise SchemaError(f"cannot evaluate {self!r} on input types ({types}): {e}") from e
 
-    def to_arrow(self) -> pc.Expression | None:
-        """The same expression as a pyarrow.compute.Expression, or None when it cannot be expressed."""
+    def to_arrow(self, schema: pa.Schema | None = None) -> pc.Expression | None:
+        """The same expression as a pyarrow.compute.Expression, or None when it cannot be
+        expressed (see :meth:`Expr.to_arrow` for ``schema``)."""
         spec = _OPS[self.op]
         if spec.arrow is None:
             return None
+        typed: dict[int, pa.Scalar] = {}
+        if schema is not None and self.op in _DECIMAL_AWARE:
+            try:
+                types = [a.output_type(schema) for a in self.args]
+            except (PlanError, SchemaError, pa.ArrowException):
+                return None
+            if builtins.any(pa.types.is_decimal(t) for t in types):
+                if self.op in ("add", "sub", "mul") and builtins.all(
+                        pa.types.is_decimal(t) or pa.types.is_integer(t) for t in types) \
+                        and decimals.needs_cap(self.op, *types):
+                    return None  # Arrow would overflow the precision; we round and cap
+                for i, a in enumerate(self.args):
+                    if isinstance(a, Literal) and pa.types.is_integer(a.scalar.type):
+                        typed[i] = decimals.as_decimal(a.scalar)
+        params = self.params
+        if schema is not None and self.op == "is_in":
+            try:
+                params = {**params, "value_type": self.args[0].output_type(schema)}
+            except (PlanError, SchemaError, pa.ArrowException):
+                return None
         args = []
-        for a in self.args:
+        for i, a in enumerate(self.args):
             if spec.bool_args and isinstance(a, Literal) and pa.types.is_null(a.scalar.type):
                 args.append(pc.scalar(_NULL_BOOL))
                 continue
-            e = a.to_arrow()
+            e = pc.scalar(typed[i]) if i in typed else a.to_arrow(schema)
             if e is None:
                 return None
             args.append(e)
-        return spec.arrow(args, self.params)
+        return spec.arrow(args, params)
 
     def __repr__(self) -> str:
         spec = _OPS[self.op]

@@ -71,11 +71,13 @@ class ParquetSource(Source):
         self.user_schema = schema
         self.split_size = split_size
         self.storage_options = dict(storage_options or {})
-        self._filter: pc.Expression | None = None
+        #: the constructor's filter with an Arrow form (an Expr, typed against the files'
+        #: schema when the scan is planned, or an Arrow expression)
+        self._filter: Any = None
         if filter is not None:
             expr = arrow_expression(filter)
             if expr is not None:
-                self._filter = expr
+                self._filter = filter
             elif hasattr(filter, "evaluate"):
                 self._post_filters.append(filter)
             else:
@@ -146,12 +148,20 @@ class ParquetSource(Source):
         check_columns(self.columns, full, f"parquet {self.uri}")
         return pa.schema([full.field(c) for c in self.columns])
 
-    def arrow_filter(self) -> pc.Expression | None:
-        """The filter applied by the scan (constructor filter AND pushed predicate)."""
+    def arrow_filter(self, schema: pa.Schema | None = None) -> pc.Expression | None:
+        """The filter applied by the scan (constructor filter AND pushed predicate), with
+        literals typed against ``schema`` (the files' columns) when given."""
         pushed = arrow_expression(self.predicate)
-        if self._filter is None:
-            return pushed
-        return self._filter if pushed is None else (self._filter & pushed)
+        own = arrow_expression(self._filter, schema)
+        if own is None:
+            return pushed  # (a constructor filter without a typed Arrow form: post-filter)
+        return own if pushed is None else (own & pushed)
+
+    def _row_filters(self, schema: pa.Schema) -> list[Any]:
+        """The filters applied to scanned batches: those without an Arrow form."""
+        if self._filter is not None and arrow_expression(self._filter, schema) is None:
+            return [*self._post_filters, self._filter]
+        return self._post_filters
 
     # -- planning -------------------------------------------------------------------------
 
@@ -161,7 +171,7 @@ class ParquetSource(Source):
         schema = dataset.schema
         if self.columns is not None:
             check_columns(self.columns, schema, f"parquet {self.uri}")
-        expr = self.arrow_filter()
+        expr = self.arrow_filter(schema)
         fs = self._fs()
         sizes = {f.path: f.size for f in self.files()}
         fragments = list(dataset.get_fragments(filter=expr) if expr is not None
@@ -175,8 +185,12 @@ class ParquetSource(Source):
                 file_size = sizes.get(fragment.path, total_bytes)
                 keep = groups
                 if expr is not None:
-                    subset = fragment.subset(filter=expr, schema=schema)
-                    keep = subset.row_groups
+                    try:
+                        keep = fragment.subset(filter=expr, schema=schema).row_groups
+                    except (pa.ArrowInvalid, pa.ArrowNotImplementedError,
+                            pa.ArrowTypeError) as exc:
+                        raise SchemaError(f"parquet {self.uri}: cannot apply the filter {expr} "
+                                          f"to the row groups' statistics: {exc}") from exc
                 pieces = [RowGroupPiece(fragment.path, (g.id,), fragment.partition_expression,
                                         max(1, file_size * g.total_byte_size // total_bytes),
                                         g.num_rows) for g in keep]
@@ -230,12 +244,13 @@ class ParquetSource(Source):
         """Scan the split's row groups: projected columns, filter applied."""
         info: ParquetSplitInfo = split.info
         fs = msfs.resolve(info.fs_uri, **self.storage_options)[0]
-        expr = self.arrow_filter()
+        expr = self.arrow_filter(info.schema)
         columns = self.columns
         scan_columns = columns
-        if self._post_filters and columns is not None:
+        row_filters = self._row_filters(info.schema)
+        if row_filters and columns is not None:
             extra = set().union(*(predicate_columns(f) or set(info.schema.names)
-                                  for f in self._post_filters))
+                                  for f in row_filters))
             scan_columns = columns + sorted(c for c in extra if c not in columns)
         fmt = ds.ParquetFileFormat()
         batch_size = max(1, ctx.batch_size)
@@ -249,7 +264,7 @@ class ParquetSource(Source):
                                                    batch_size=batch_size)
                 return iter(scanner.to_batches())
             for batch in _resumable(fs, scan, f"reading {msfs.describe_path(fs, piece.path)}"):
-                for f in self._post_filters:
+                for f in row_filters:
                     batch = batch.filter(f.evaluate(batch))
                 if scan_columns is not columns and columns is not None:
                     batch = batch.select(columns)
@@ -270,7 +285,7 @@ class ParquetSource(Source):
         if columns is not None:
             new.columns = list(columns)
         applied = False
-        expr = arrow_expression(predicate)
+        expr = arrow_expression(predicate, full)
         if expr is not None:
             cols = predicate_columns(predicate)
             if cols is not None:
