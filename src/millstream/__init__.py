@@ -44,22 +44,28 @@ from millstream.errors import (
     TaskError,
     UserFunctionError,
 )
-from millstream.expr.aggregates import AggExpr
-from millstream.expr.conditional import when
-from millstream.expr.nodes import (
-    Expr,
+from millstream.expr.agg_functions import (
+    any_value,
+    approx_count_distinct,
+    approx_quantile,
     avg,
-    col,
     collect_list,
     count,
     count_distinct,
     first,
-    lit,
     max,
     mean,
+    median,
     min,
+    quantile,
+    std,
+    stddev,
     sum,
+    var,
+    variance,
 )
+from millstream.expr.conditional import when
+from millstream.expr.nodes import AggExpr, Expr, col, lit
 from millstream.runtime.session import init, shutdown
 
 __version__ = "0.1.0"
@@ -85,7 +91,8 @@ __all__ = [
     "AggExpr", "BadRecordError", "Dataset", "Expr", "GroupedDataset", "MRStep", "MapReduceJob",
     "MillstreamError",
     "OutputExistsError", "PlanError", "SchemaError", "StorageError", "TaskError", "UserFunctionError",
+    "any_value", "approx_count_distinct", "approx_quantile",
     "avg", "col", "collect_list", "console", "count", "count_distinct", "count_trigger", "event_time_trigger", "first", "from_arrow", "from_generator", "from_items",
-    "from_pandas", "from_polars", "global_window", "init", "last_job_stats", "lit", "mapreduce", "max", "mean", "min", "processing_time_trigger", "range",
-    "read_csv", "read_json", "read_kafka", "read_parquet", "read_text", "session", "shutdown", "sink", "sliding", "sum", "tumbling", "when",
+    "from_pandas", "from_polars", "global_window", "init", "last_job_stats", "lit", "mapreduce", "max", "mean", "median", "min", "processing_time_trigger", "quantile", "range",
+    "read_csv", "read_json", "read_kafka", "read_parquet", "read_text", "session", "shutdown", "sink", "sliding", "std", "stddev", "sum", "tumbling", "var", "variance", "when",
 ]

@@ -16,33 +16,38 @@ Conventions:
 - Every expression is an immutable tree of plain objects that pickles with ``pickle``
   and ``cloudpickle``; operations are stored by name, never as functions.
 
-Modules, lowest first: ``types`` (parse_type, datum helpers), ``registry`` (the table of
-named operations), ``functions``, ``strings`` and ``datetime`` (the registered operations,
-and the ``.str`` and ``.dt`` namespaces), ``aggregates`` (AggExpr, AggSpec), ``nodes``
-(Expr, Column, Literal, Alias, the operation node; col, lit, sum, mean, ...) and
-``conditional`` (when/otherwise).
+Modules, lowest first: ``types`` (parse_type, datum helpers), ``decimals`` (the decimal
+typing rules of arithmetic), ``registry`` (the table of named operations), ``functions``,
+``strings`` and ``datetime`` (the registered operations, and the ``.str`` and ``.dt``
+namespaces), ``aggregates`` (the aggregate functions' names and parameters, AggSpec),
+``nodes`` (Expr, Column, Literal, Alias, the operation node, AggExpr; col, lit),
+``conditional`` (when/otherwise) and ``agg_functions`` (sum, mean, std, quantile, ...; the
+planning of ``agg(...)`` items that are expressions over aggregates).
 """
 
-from millstream.expr.aggregates import AggExpr, AggSpec
-from millstream.expr.conditional import When, when
-from millstream.expr.nodes import (
-    Alias,
-    Column,
-    Expr,
-    Literal,
+from millstream.expr.agg_functions import (
+    any_value,
+    approx_count_distinct,
+    approx_quantile,
     avg,
-    col,
     collect_list,
     count,
     count_distinct,
     first,
-    lit,
     max,
     mean,
+    median,
     min,
+    quantile,
+    std,
+    stddev,
     sum,
-    to_expr,
+    var,
+    variance,
 )
+from millstream.expr.aggregates import AggSpec
+from millstream.expr.conditional import When, when
+from millstream.expr.nodes import AggExpr, Alias, Column, Expr, Literal, col, lit, to_expr
 from millstream.expr.types import parse_type
 
 __all__ = [
@@ -53,6 +58,9 @@ __all__ = [
     "Expr",
     "Literal",
     "When",
+    "any_value",
+    "approx_count_distinct",
+    "approx_quantile",
     "avg",
     "col",
     "collect_list",
@@ -62,9 +70,15 @@ __all__ = [
     "lit",
     "max",
     "mean",
+    "median",
     "min",
     "parse_type",
+    "quantile",
+    "std",
+    "stddev",
     "sum",
     "to_expr",
+    "var",
+    "variance",
     "when",
 ]

@@ -1,11 +1,9 @@
 """The expression tree: the :class:`Expr` base with its operators and methods, the nodes
-:class:`Column`, :class:`Literal`, :class:`Alias` and ``_Func`` (a registered operation
-applied to arguments), and the constructors :func:`col`, :func:`lit`, :func:`to_expr` and the
-aggregates :func:`sum`, :func:`mean`, :func:`count` ...
+:class:`Column`, :class:`Literal`, :class:`Alias`, ``_Func`` (a registered operation
+applied to arguments) and :class:`AggExpr` (an aggregate over the rows of a group), and the
+constructors :func:`col`, :func:`lit` and :func:`to_expr`.
 
-The aggregate constructors live here rather than in ``expr.aggregates`` because they turn a
-column name into a :class:`Column`, and ``expr.aggregates`` sits below this module (``Expr``
-mixes in its aggregate methods).
+The aggregate constructors (``ms.sum``, ``ms.std`` ...) are in ``expr.agg_functions``.
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ from millstream.core.arrow import empty_batch
 from millstream.errors import PlanError, SchemaError
 from millstream.expr import decimals
 from millstream.expr import functions as _functions  # noqa: F401 - registers the operations
-from millstream.expr.aggregates import AggExpr, AggregateMethods
+from millstream.expr.aggregates import AGG_FUNCS, SUPPORTED, check_params, params_text
 from millstream.expr.datetime import _DtNamespace
 from millstream.expr.registry import _OPS
 from millstream.expr.strings import _StrNamespace
@@ -31,10 +29,11 @@ from millstream.expr.types import _NULL_BOOL, Datum, _broadcast, _fmt, _null_to_
 _DECIMAL_AWARE = frozenset({"add", "sub", "mul", "eq", "ne", "lt", "le", "gt", "ge"})
 
 
-class Expr(AggregateMethods):
+class Expr:
     """A column expression: a lazily evaluated, picklable tree compiled to pyarrow.compute.
 
-    The aggregate methods (``col("x").sum()`` ...) come from :class:`AggregateMethods`.
+    The aggregate methods (``col("x").sum()``, ``col("x").std()`` ...) make :class:`AggExpr`
+    nodes, computed by ``group_by(...).agg(...)`` and ``window(...).agg(...)``.
     """
 
     # Make numpy scalars on the left (np.int64(1) + col("a")) defer to our reflected operators.
@@ -247,6 +246,70 @@ class Expr(AggregateMethods):
     def __invert__(self) -> Expr:
         return _Func("not", (self,))
 
+    # ---- aggregates (descriptors: group_by(...).agg(...) computes them)
+
+    def sum(self) -> AggExpr:
+        """Sum of non-null values."""
+        return AggExpr("sum", self)
+
+    def mean(self) -> AggExpr:
+        """Mean of non-null values."""
+        return AggExpr("mean", self)
+
+    def min(self) -> AggExpr:
+        """Smallest non-null value."""
+        return AggExpr("min", self)
+
+    def max(self) -> AggExpr:
+        """Largest non-null value."""
+        return AggExpr("max", self)
+
+    def count(self) -> AggExpr:
+        """Number of non-null values."""
+        return AggExpr("count", self)
+
+    def count_distinct(self) -> AggExpr:
+        """Number of distinct non-null values."""
+        return AggExpr("count_distinct", self)
+
+    def first(self) -> AggExpr:
+        """First non-null value of the group."""
+        return AggExpr("first", self)
+
+    def collect_list(self) -> AggExpr:
+        """All values of the group as a list."""
+        return AggExpr("collect_list", self)
+
+    def any_value(self) -> AggExpr:
+        """Some non-null value of the group (null only when all are null); the cheapest pick."""
+        return AggExpr("any_value", self)
+
+    def std(self, ddof: int = 1) -> AggExpr:
+        """Standard deviation of non-null values (sample with ddof=1, population with ddof=0)."""
+        return AggExpr("std", self, params={"ddof": ddof})
+
+    def var(self, ddof: int = 1) -> AggExpr:
+        """Variance of non-null values (sample with ddof=1, population with ddof=0)."""
+        return AggExpr("var", self, params={"ddof": ddof})
+
+    def median(self) -> AggExpr:
+        """Exact median of non-null values, interpolated (``quantile(0.5)``)."""
+        return AggExpr("median", self)
+
+    def quantile(self, q: float, interpolation: str = "linear") -> AggExpr:
+        """Exact q-quantile of non-null values; ``interpolation="linear"`` is DuckDB's
+        ``quantile_cont``, "discrete" its ``quantile_disc`` (SQL's ``percentile_disc``);
+        also numpy's "lower", "higher", "midpoint", "nearest"."""
+        return AggExpr("quantile", self, params={"q": q, "interpolation": interpolation})
+
+    def approx_count_distinct(self) -> AggExpr:
+        """Estimated number of distinct non-null values (HyperLogLog, about 1.6% error)."""
+        return AggExpr("approx_count_distinct", self)
+
+    def approx_quantile(self, q: float) -> AggExpr:
+        """Estimated q-quantile of non-null values (a t-digest; rank error about 0.5%)."""
+        return AggExpr("approx_quantile", self, params={"q": q})
+
     # ---- namespaces (defined last so the names do not shadow builtins in this class body)
 
     @property
@@ -456,55 +519,70 @@ def to_expr(x: Any) -> Expr:
     return Literal(x)
 
 
-# ---- aggregate constructors
+
+class AggExpr(Expr):
+    """An aggregate over the rows of a group: ``func`` applied to ``arg`` (None for count(*)),
+    with the function's parameters and an output name.
+
+    ``group_by(...).agg(...)`` and ``window(...).agg(...)`` compute it; there it may also be
+    part of a larger expression (``(ms.sum("a") / ms.sum("b")).alias("ratio")``), which is
+    computed from the aggregates' results. Evaluated on rows, it raises PlanError.
+    """
+
+    def __init__(self, func: str, arg: Expr | None, name: str | None = None,
+                 params: dict[str, Any] | None = None):
+        if func not in AGG_FUNCS:
+            raise PlanError(f"unknown aggregate {func!r}; expected one of {list(SUPPORTED)}")
+        if (arg is None) != (func == "count_all"):
+            raise PlanError("count_all takes no argument; every other aggregate takes one")
+        if arg is not None and not isinstance(arg, Expr):
+            raise PlanError(f"aggregate argument must be an Expr, got {arg!r}")
+        if arg is not None and contains_aggregate(arg):
+            raise PlanError(f"{func}(): the argument {arg!r} is itself an aggregate; "
+                            "aggregates do not nest")
+        self.func = func
+        self.arg = arg
+        self.params = check_params(func, params)
+        self.name = name if name is not None else self.default_name
+
+    @property
+    def default_name(self) -> str:
+        """The name used without alias: the input's output_name, or "count" for count_all."""
+        return "count" if self.arg is None else self.arg.output_name
+
+    def alias(self, name: str) -> AggExpr:
+        """The same aggregate with another output name."""
+        if not isinstance(name, builtins.str):
+            raise PlanError(f"alias name must be a str, got {name!r}")
+        return AggExpr(self.func, self.arg, name, self.params)
+
+    def columns(self) -> set[str]:
+        """Names of the columns the aggregate reads."""
+        return set() if self.arg is None else self.arg.columns()
+
+    def key(self) -> tuple[Any, ...]:
+        """What makes two aggregates compute the same values (the output name aside)."""
+        return (self.func, repr(self.arg), tuple(sorted(self.params.items())))
+
+    def _name_hint(self) -> str | None:
+        return self.name
+
+    def _eval(self, batch: pa.RecordBatch) -> Datum:
+        raise PlanError(f"{self!r} is an aggregate: compute it with group_by(...).agg(...) or "
+                        "window(...).agg(...)")
+
+    def __repr__(self) -> str:
+        if self.arg is None:
+            s = "count()"
+        else:
+            s = f"{self.arg!r}.{self.func}({params_text(self.func, self.params)})"
+        if self.name != self.default_name:
+            s += f".alias({_q(self.name)})"
+        return s
 
 
-def _agg(func: str, c: str | Expr) -> AggExpr:
-    if not isinstance(c, (builtins.str, Expr)):
-        raise PlanError(f"{func}() expects a column name or an Expr, got {c!r}")
-    return AggExpr(func, to_expr(c))
-
-
-def sum(c: str | Expr) -> AggExpr:
-    """Sum of the non-null values of a column."""
-    return _agg("sum", c)
-
-
-def mean(c: str | Expr) -> AggExpr:
-    """Mean of the non-null values of a column."""
-    return _agg("mean", c)
-
-
-avg = mean
-
-
-def min(c: str | Expr) -> AggExpr:
-    """Smallest non-null value of a column."""
-    return _agg("min", c)
-
-
-def max(c: str | Expr) -> AggExpr:
-    """Largest non-null value of a column."""
-    return _agg("max", c)
-
-
-def count(c: str | Expr | None = None) -> AggExpr:
-    """Number of non-null values of a column; count() or count("*") counts rows."""
-    if c is None or (isinstance(c, builtins.str) and c == "*"):
-        return AggExpr("count_all", None)
-    return _agg("count", c)
-
-
-def count_distinct(c: str | Expr) -> AggExpr:
-    """Number of distinct non-null values of a column."""
-    return _agg("count_distinct", c)
-
-
-def first(c: str | Expr) -> AggExpr:
-    """First value of a column in each group."""
-    return _agg("first", c)
-
-
-def collect_list(c: str | Expr) -> AggExpr:
-    """All values of a column in each group, as a list."""
-    return _agg("collect_list", c)
+def contains_aggregate(e: Expr) -> bool:
+    """True when the expression has an aggregate (an :class:`AggExpr`) anywhere in it."""
+    if isinstance(e, AggExpr):
+        return True
+    return builtins.any(contains_aggregate(c) for c in e._children())

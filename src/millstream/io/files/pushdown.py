@@ -24,7 +24,12 @@ def arrow_expression(predicate: Any, schema: pa.Schema | None = None) -> pc.Expr
     to_arrow = getattr(predicate, "to_arrow", None)
     if to_arrow is None:
         return None
-    return to_arrow(schema) if schema is not None else to_arrow()
+    if schema is not None:
+        try:
+            return to_arrow(schema)
+        except TypeError:  # a predicate whose to_arrow() takes no schema
+            pass
+    return to_arrow()
 
 
 def predicate_columns(predicate: Any) -> set[str] | None:
