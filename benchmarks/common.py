@@ -72,6 +72,9 @@ class ProcessRun:
     max_processes: int
     timed_out: bool
     stderr_tail: str
+    #: user + system CPU seconds of the process tree (sampled: a process's last 50 ms
+    #: before it exits can be missed)
+    cpu_s: float | None = None
 
 
 def _tree(proc: Any) -> list[Any]:
@@ -84,14 +87,22 @@ def _tree(proc: Any) -> list[Any]:
         return [proc]
 
 
-def _sample(procs: Sequence[Any], with_pss: bool) -> tuple[int, int | None, int]:
-    """Sum RSS (and PSS when asked) over a process tree; return (rss, pss, live count)."""
+def _sample(procs: Sequence[Any], with_pss: bool, cpu: dict[int, float] | None = None
+            ) -> tuple[int, int | None, int]:
+    """Sum RSS (and PSS when asked) over a process tree; return (rss, pss, live count).
+    With ``cpu``, record each process's CPU seconds so far in it (by pid)."""
     import psutil
 
     rss = 0
     pss: int | None = 0 if with_pss else None
     live = 0
     for p in procs:
+        if cpu is not None:
+            try:
+                t = p.cpu_times()
+                cpu[p.pid] = max(cpu.get(p.pid, 0.0), t.user + t.system)
+            except psutil.Error:
+                pass
         try:
             if with_pss:
                 info = p.memory_full_info()
@@ -141,12 +152,13 @@ def run_measured(
     peak_rss = 0
     peak_pss: int | None = 0 if with_pss else None
     max_procs = 1
+    cpu: dict[int, float] = {}
     stop = threading.Event()
 
     def sampler() -> None:
         nonlocal peak_rss, peak_pss, max_procs
         while not stop.is_set():
-            rss, pss, live = _sample(_tree(ps_proc), with_pss)
+            rss, pss, live = _sample(_tree(ps_proc), with_pss, cpu)
             peak_rss = max(peak_rss, rss)
             if pss is None:
                 peak_pss = None
@@ -185,6 +197,7 @@ def run_measured(
         max_processes=max_procs,
         timed_out=timed_out,
         stderr_tail=tail,
+        cpu_s=sum(cpu.values()) if cpu else None,
     )
 
 

@@ -26,10 +26,16 @@ from millstream.core.arrow import (
 from millstream.core.spill import BucketSpiller
 from millstream.errors import SchemaError
 from millstream.expr.aggregates import AggSpec
+from millstream.expr.nodes import Column
 from millstream.ops.agg_states import STATE_AGGS
 from millstream.ops.base import Batches, Operator
 
 _EMPTY: tuple[pa.RecordBatch, ...] = ()
+#: rows the combiner buffers before grouping them: while a partial's groups are fewer than
+#: 1/MANY_GROUPS of its rows, and after (see PartialAggregate.row_cap)
+SMALL_ROW_CAP = 1 << 20
+LARGE_ROW_CAP = 8 << 20
+MANY_GROUPS = 16
 _GKEY = "__millstream_group"
 _ROW = "__row"
 # Number of state columns each aggregate keeps (StateAggs say theirs).
@@ -40,6 +46,10 @@ def _state_names(i: int, spec: AggSpec) -> list[str]:
     impl = STATE_AGGS.get(spec.func)
     n = len(impl.states) if impl is not None else _NSTATE.get(spec.func, 1)
     return [f"__s{i}_{k}" for k in range(n)]
+
+
+def _contiguous(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
 
 
 def _row_segments(rows: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
@@ -146,12 +156,15 @@ class _AggCore:
             st = self.state_cols[i]
             arr = None
             if spec.func != "count_all":
-                try:
-                    arr = spec.arg.evaluate(table)  # type: ignore[union-attr]
-                except AttributeError:
-                    arr = table.column(spec.arg)
-                if isinstance(arr, pa.ChunkedArray):
-                    arr = arr.combine_chunks()
+                if isinstance(spec.arg, Column) and spec.arg.name in table.column_names:
+                    arr = table.column(spec.arg.name)  # as it is: Arrow groups chunks
+                else:
+                    try:
+                        arr = spec.arg.evaluate(table)  # type: ignore[union-attr]
+                    except AttributeError:
+                        arr = table.column(spec.arg)
+                    if isinstance(arr, pa.ChunkedArray):
+                        arr = arr.combine_chunks()
                 if spec.func == "count_distinct":
                     arr = normalize_key(arr)  # -0.0 and 0.0 are one value
                 if spec.func == "mean":
@@ -224,7 +237,7 @@ class _AggCore:
             flat, offsets = _row_segments(grouped.column(f"{_ROW}_list"))
             for i in segments:
                 spec = self.specs[i]
-                values = cols[f"__a{i}"].take(flat)
+                values = _contiguous(cols[f"__a{i}"].take(flat))
                 states = STATE_AGGS[spec.func].partial(values, offsets, spec)
                 extra.update(zip(self.state_cols[i], states))
         return self._ordered(out, extra)
@@ -303,7 +316,8 @@ class _AggCore:
                 flat, offsets = _row_segments(rows)
                 for i in segments:
                     spec = self.specs[i]
-                    taken = [states.column(n).take(flat) for n in self.state_cols[i]]
+                    taken = [_contiguous(states.column(n).take(flat))
+                             for n in self.state_cols[i]]
                     new = STATE_AGGS[spec.func].merge(taken, offsets, spec)
                     extra.update(zip(self.state_cols[i], new))
             merged = merged.drop([_ROW])
@@ -386,6 +400,12 @@ class PartialAggregate(Operator):
         self.state_bytes = 0
         self.input_schema: pa.Schema | None = None
         self.emitted = False
+        self.raw_rows = 0
+        #: rows buffered before they are aggregated: small while the groups are few (the
+        #: states are then tiny and the buffer is what costs memory), large once a partial
+        #: keeps many groups (Arrow groups one big input faster than many pieces whose
+        #: states must then be merged: 5M rows in 1M pieces cost 1.6x one pass)
+        self.row_cap = SMALL_ROW_CAP
 
     def _limit(self) -> int:
         return max(4 << 20, (self.ctx.memory_budget if self.ctx else 64 << 20) // 3)
@@ -397,7 +417,8 @@ class PartialAggregate(Operator):
             return _EMPTY
         self.raw.append(batch)
         self.raw_bytes += batch_nbytes(batch)
-        if self.raw_bytes >= self._limit() or sum(b.num_rows for b in self.raw) >= 1 << 20:
+        self.raw_rows += batch.num_rows
+        if self.raw_bytes >= self._limit() or self.raw_rows >= self.row_cap:
             return self._aggregate_raw()
         return _EMPTY
 
@@ -405,8 +426,10 @@ class PartialAggregate(Operator):
         if not self.raw:
             return _EMPTY
         table = concat_batches(self.raw)
-        self.raw, self.raw_bytes = [], 0
+        self.raw, self.raw_bytes, self.raw_rows = [], 0, 0
         st = self.core.partial(table)
+        if st.num_rows * MANY_GROUPS > table.num_rows:
+            self.row_cap = LARGE_ROW_CAP
         self.states.append(st)
         self.state_bytes += st.nbytes
         if self.state_bytes >= self._limit():

@@ -213,6 +213,8 @@ class FilterExpr(Operator):
         mask = _evaluate(self.expr, batch, self.name)
         if not pa.types.is_boolean(mask.type):
             raise SchemaError(f"{self.name}: the filter expression must be boolean, got {mask.type}")
+        if not mask.null_count and mask.true_count == len(mask):
+            return (batch,)  # every row passes: no copy
         out = batch.filter(mask, null_selection_behavior="drop")
         # an empty result still carries the schema, so a join or aggregate downstream knows
         # the columns of an empty side

