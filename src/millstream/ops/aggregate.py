@@ -257,9 +257,7 @@ class _AggCore:
     def _count_by_one_key(self, table: pa.Table) -> pa.Table | None:
         """Row counts per value of one key with a hash kernel instead of an Acero plan
         (word count's shape): about 1.6x faster and a third of the memory per call."""
-        key = normalize_key(table.column(self.keys[0]))
-        if isinstance(key, pa.ChunkedArray):
-            key = key.combine_chunks()
+        key = normalize_key(table.column(self.keys[0]))  # (chunks and all: no copy)
         if pa.types.is_nested(key.type) or pa.types.is_dictionary(key.type):
             return None
         vc = pc.value_counts(key)

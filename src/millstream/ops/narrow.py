@@ -260,14 +260,13 @@ class Explode(Operator):
         lists = batch.column(idx)
         if not (pa.types.is_list(lists.type) or pa.types.is_large_list(lists.type)):
             raise SchemaError(f"{self.name}: column {self.column!r} is {lists.type}, not a list")
-        parents = pc.list_parent_indices(lists)
         values = pc.list_flatten(lists)
         if len(values) == 0:
             schema = batch.schema.set(idx, pa.field(self.column, lists.type.value_type))
             return (pa.RecordBatch.from_pylist([], schema=schema),)
         if batch.num_columns == 1:
             return (pa.RecordBatch.from_arrays([values], names=[self.column]),)
-        taken = batch.take(parents)
+        taken = batch.take(pc.list_parent_indices(lists))
         arrays = list(taken.columns)
         arrays[idx] = values
         return (pa.RecordBatch.from_arrays(arrays, names=batch.schema.names),)
