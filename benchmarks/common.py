@@ -442,6 +442,7 @@ class EngineResult:
     compute_s: list[float] = field(default_factory=list)
     peak_rss_mb: list[float] = field(default_factory=list)
     peak_pss_mb: list[float] = field(default_factory=list)
+    cpu_s: list[float] = field(default_factory=list)
     max_processes: int = 0
     checksum: dict[str, Any] | None = None
     details: dict[str, Any] = field(default_factory=dict)
@@ -464,6 +465,8 @@ class EngineResult:
         self.peak_rss_mb.append(run.peak_rss_mb)
         if run.peak_pss_mb is not None:
             self.peak_pss_mb.append(run.peak_pss_mb)
+        if run.cpu_s is not None:
+            self.cpu_s.append(run.cpu_s)
         self.max_processes = max(self.max_processes, run.max_processes)
 
     def to_json(self) -> dict[str, Any]:
@@ -473,6 +476,7 @@ class EngineResult:
         data["best_compute_s"] = self.best_compute
         data["max_peak_rss_mb"] = max(self.peak_rss_mb) if self.peak_rss_mb else None
         data["max_peak_pss_mb"] = max(self.peak_pss_mb) if self.peak_pss_mb else None
+        data["min_cpu_s"] = min(self.cpu_s) if self.cpu_s else None
         return data
 
 
