@@ -399,11 +399,12 @@ class PartialAggregate(Operator):
         self.input_schema: pa.Schema | None = None
         self.emitted = False
         self.raw_rows = 0
-        #: rows buffered before they are aggregated: small while the groups are few (the
-        #: states are then tiny and the buffer is what costs memory), large once a partial
-        #: keeps many groups (Arrow groups one big input faster than many pieces whose
-        #: states must then be merged: 5M rows in 1M pieces cost 1.6x one pass)
-        self.row_cap = SMALL_ROW_CAP
+        #: rows buffered before they are aggregated: the first batch alone (a probe), then
+        #: few while the groups are few (the states are then tiny and the buffer is what
+        #: costs memory), many once a partial keeps many groups (Arrow groups one big input
+        #: faster than many pieces whose states must then be merged: 5M rows in 1M pieces
+        #: cost 1.6x one pass, and 1M rows with 1e5 string keys as much as 4M)
+        self.row_cap = 1
 
     def _limit(self) -> int:
         return max(4 << 20, (self.ctx.memory_budget if self.ctx else 64 << 20) // 3)
@@ -426,8 +427,9 @@ class PartialAggregate(Operator):
         table = concat_batches(self.raw)
         self.raw, self.raw_bytes, self.raw_rows = [], 0, 0
         st = self.core.partial(table)
-        if st.num_rows * MANY_GROUPS > table.num_rows:
-            self.row_cap = LARGE_ROW_CAP
+        if self.row_cap < SMALL_ROW_CAP or st.num_rows * MANY_GROUPS > table.num_rows:
+            self.row_cap = LARGE_ROW_CAP if st.num_rows * MANY_GROUPS > table.num_rows \
+                else SMALL_ROW_CAP
         self.states.append(st)
         self.state_bytes += st.nbytes
         if self.state_bytes >= self._limit():
