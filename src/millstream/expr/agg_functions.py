@@ -163,7 +163,8 @@ def plan_aggregates(items: list[Any], keys: list[str], what: str = "agg()",
     projection: list[Expr] = [Column(k) for k in keys]
     for it in items:
         if isinstance(it, AggExpr):
-            projection.append(Column(by_key[it.key()]).alias(it.name))
+            ref = Column(by_key[it.key()])
+            projection.append(ref if ref.name == it.name else ref.alias(it.name))
             continue
         if not contains_aggregate(it):
             outside = sorted(it.columns() - set(keys) - set(renames))
@@ -176,7 +177,8 @@ def plan_aggregates(items: list[Any], keys: list[str], what: str = "agg()",
         if outside:
             raise SchemaError(f"{what}: {it!r} reads column(s) {outside} outside an aggregate; "
                               f"only the group keys {list(renames) or keys} can be read there")
-        projection.append(rewritten.alias(it.output_name))
+        named = isinstance(rewritten, Alias) and rewritten.name == it.output_name
+        projection.append(rewritten if named else rewritten.alias(it.output_name))
     return AggPlan(tuple(specs), tuple(projection))
 
 
