@@ -115,7 +115,8 @@ def arith(op: str, a: Datum, b: Datum) -> Datum:
     p2, s2 = adjust(p, s, cap)
     target = pa.decimal256(p2, s2) if wide else pa.decimal128(p2, s2)
     # the declared types overflow the cap, the values seldom do: type each operand by the
-    # digits its values have, and compute in 128 bits when that fits (10x faster than 256)
+    # digits its values have, and compute in 128 bits when that fits (about 2x faster than
+    # 256 bits on TPC-H's charge, price * (1 - discount) * (1 + tax))
     na, nb = _narrowed(a), _narrowed(b)
     if raw_type(op, na.type, nb.type)[0] <= cap:
         out = fn(na, nb)
