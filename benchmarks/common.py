@@ -72,6 +72,9 @@ class ProcessRun:
     max_processes: int
     timed_out: bool
     stderr_tail: str
+    #: user + system CPU seconds of the process tree (sampled: a process's last 50 ms
+    #: before it exits can be missed)
+    cpu_s: float | None = None
 
 
 def _tree(proc: Any) -> list[Any]:
@@ -84,14 +87,22 @@ def _tree(proc: Any) -> list[Any]:
         return [proc]
 
 
-def _sample(procs: Sequence[Any], with_pss: bool) -> tuple[int, int | None, int]:
-    """Sum RSS (and PSS when asked) over a process tree; return (rss, pss, live count)."""
+def _sample(procs: Sequence[Any], with_pss: bool, cpu: dict[int, float] | None = None
+            ) -> tuple[int, int | None, int]:
+    """Sum RSS (and PSS when asked) over a process tree; return (rss, pss, live count).
+    With ``cpu``, record each process's CPU seconds so far in it (by pid)."""
     import psutil
 
     rss = 0
     pss: int | None = 0 if with_pss else None
     live = 0
     for p in procs:
+        if cpu is not None:
+            try:
+                t = p.cpu_times()
+                cpu[p.pid] = max(cpu.get(p.pid, 0.0), t.user + t.system)
+            except psutil.Error:
+                pass
         try:
             if with_pss:
                 info = p.memory_full_info()
@@ -141,12 +152,13 @@ def run_measured(
     peak_rss = 0
     peak_pss: int | None = 0 if with_pss else None
     max_procs = 1
+    cpu: dict[int, float] = {}
     stop = threading.Event()
 
     def sampler() -> None:
         nonlocal peak_rss, peak_pss, max_procs
         while not stop.is_set():
-            rss, pss, live = _sample(_tree(ps_proc), with_pss)
+            rss, pss, live = _sample(_tree(ps_proc), with_pss, cpu)
             peak_rss = max(peak_rss, rss)
             if pss is None:
                 peak_pss = None
@@ -185,6 +197,7 @@ def run_measured(
         max_processes=max_procs,
         timed_out=timed_out,
         stderr_tail=tail,
+        cpu_s=sum(cpu.values()) if cpu else None,
     )
 
 
@@ -429,6 +442,7 @@ class EngineResult:
     compute_s: list[float] = field(default_factory=list)
     peak_rss_mb: list[float] = field(default_factory=list)
     peak_pss_mb: list[float] = field(default_factory=list)
+    cpu_s: list[float] = field(default_factory=list)
     max_processes: int = 0
     checksum: dict[str, Any] | None = None
     details: dict[str, Any] = field(default_factory=dict)
@@ -451,6 +465,8 @@ class EngineResult:
         self.peak_rss_mb.append(run.peak_rss_mb)
         if run.peak_pss_mb is not None:
             self.peak_pss_mb.append(run.peak_pss_mb)
+        if run.cpu_s is not None:
+            self.cpu_s.append(run.cpu_s)
         self.max_processes = max(self.max_processes, run.max_processes)
 
     def to_json(self) -> dict[str, Any]:
@@ -460,6 +476,7 @@ class EngineResult:
         data["best_compute_s"] = self.best_compute
         data["max_peak_rss_mb"] = max(self.peak_rss_mb) if self.peak_rss_mb else None
         data["max_peak_pss_mb"] = max(self.peak_pss_mb) if self.peak_pss_mb else None
+        data["min_cpu_s"] = min(self.cpu_s) if self.cpu_s else None
         return data
 
 

@@ -17,9 +17,9 @@ from millstream.api import analytic, changelog, stream, stream_join
 from millstream.api.checks import check_aggregates, check_keys, check_node
 from millstream.core.arrow import batch_to_rows, format_table
 from millstream.errors import PlanError, SchemaError
-from millstream.expr.aggregates import AggExpr, AggSpec
+from millstream.expr.agg_functions import plan_aggregates
 from millstream.expr.analytic import AnalyticFunction
-from millstream.expr.nodes import Expr, col, to_expr
+from millstream.expr.nodes import Expr, col, contains_aggregate, to_expr
 from millstream.plan import logical as L
 from millstream.runtime import actions
 from millstream.runtime.session import effective_settings, get_session
@@ -46,9 +46,6 @@ def _exprs(items: Sequence[Any], named: dict[str, Any]) -> list[Expr]:
     for it in items:
         if isinstance(it, (list, tuple)):
             exprs.extend(_exprs(it, {}))
-        elif isinstance(it, AggExpr):
-            raise PlanError(f"{it!r} is an aggregate; use it inside group_by(...).agg(...), "
-                            f"or over a window with .over(...)")
         elif isinstance(it, AnalyticFunction):
             raise PlanError(f"{it!r} is a window function: give it a window with "
                             f".over(partition_by=..., order_by=...)")
@@ -56,6 +53,10 @@ def _exprs(items: Sequence[Any], named: dict[str, Any]) -> list[Expr]:
             exprs.append(col(it) if isinstance(it, str) else to_expr(it))
     for name, e in named.items():
         exprs.append(to_expr(e).alias(name) if not isinstance(e, str) else col(e).alias(name))
+    for e in exprs:
+        if contains_aggregate(e):
+            raise PlanError(f"{e!r} is or holds an aggregate; use it inside "
+                            f"group_by(...).agg(...), or over a window with .over(...)")
     return exprs
 
 
@@ -174,8 +175,8 @@ class Dataset:
 
     groupby = group_by
 
-    def agg(self, *aggs: AggExpr, **named: AggExpr) -> Dataset:
-        """Aggregate the whole dataset into one row."""
+    def agg(self, *aggs: Expr, **named: Expr) -> Dataset:
+        """Aggregate the whole dataset into one row (aggregates, or expressions over them)."""
         return GroupedDataset(self, []).agg(*aggs, **named)
 
     def join(self, other: Dataset, on: str | Sequence[str] | None = None, how: str = "inner", *,
@@ -405,7 +406,7 @@ class Dataset:
 
     def count(self, **options: Any) -> int:
         """Number of rows."""
-        from millstream.expr.nodes import count as count_all
+        from millstream.expr.agg_functions import count as count_all
 
         rows = self.agg(count_all().alias("count")).collect(**options)
         return int(rows[0]["count"]) if rows else 0
@@ -473,21 +474,27 @@ class GroupedDataset:
         self._ds = ds
         self._keys = keys
 
-    def agg(self, *aggs: AggExpr, **named: AggExpr) -> Dataset:
-        """Aggregate each group: ``agg(ms.sum("x"), ms.count().alias("n"), avg=ms.mean("y"))``."""
-        items: list[AggExpr] = []
+    def agg(self, *aggs: Expr, **named: Expr) -> Dataset:
+        """Aggregate each group: ``agg(ms.sum("x"), ms.count().alias("n"), avg=ms.mean("y"))``.
+
+        An item may also be an expression over aggregates, literals and the group keys,
+        ``(ms.sum("a") / ms.sum("b")).alias("ratio")``: the aggregates are computed (each
+        distinct one once), then the expressions from their results.
+        """
+        items: list[Any] = []
         for a in aggs:
             if isinstance(a, (list, tuple)):
                 items.extend(a)
             else:
                 items.append(a)
         for name, a in named.items():
-            if not isinstance(a, AggExpr):
+            if not isinstance(a, Expr) or not contains_aggregate(a):
                 raise PlanError(f"agg({name}=...) needs an aggregate such as ms.sum('x'), got {a!r}")
             items.append(a.alias(name))
         for a in items:
-            if not isinstance(a, AggExpr):
-                raise PlanError(f"agg() takes aggregates such as ms.sum('x') or ms.count(), got {a!r}")
+            if not isinstance(a, Expr) or not contains_aggregate(a):
+                raise PlanError(f"agg() takes aggregates such as ms.sum('x') or ms.count(), or "
+                                f"expressions over them, got {a!r}")
         ds = self._ds
         key_names: list[str] = []   # names the aggregation groups by
         out_names: list[str] = []   # names the keys have in the result
@@ -506,17 +513,20 @@ class GroupedDataset:
                 raise PlanError(f"group_by keys must be column names or expressions, got {k!r}")
         if computed:
             ds = ds.with_columns(*computed)
-        specs = tuple(AggSpec(a.func, a.arg, a.name) for a in items)
-        names = out_names + [s.name for s in specs]
+        renames = {t: o for t, o in zip(key_names, out_names) if t != o}
+        names = out_names + [it.output_name for it in items]
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
             raise PlanError(f"group_by/agg output has duplicate column name(s) {sorted(dupes)}; "
                             "use .alias(...) to name the aggregates")
-        if not specs and not key_names:
+        plan = plan_aggregates(items, key_names, "group_by(...).agg()",
+                               {o: t for t, o in renames.items()})
+        if not plan.specs and not key_names:
             raise PlanError("agg() needs at least one aggregate")
-        check_aggregates(ds._node, key_names, specs)
-        out = Dataset(L.Aggregate(ds._node, tuple(key_names), specs))
-        renames = {t: o for t, o in zip(key_names, out_names) if t != o}
+        check_aggregates(ds._node, key_names, plan.specs)
+        out = Dataset(L.Aggregate(ds._node, tuple(key_names), plan.specs))
+        if plan.projection is not None:
+            out = Dataset(L.Project(out._node, plan.projection))
         return out.rename(renames) if renames else out
 
     def window(self, window: Any, on: str | None = None,
@@ -532,7 +542,7 @@ class GroupedDataset:
 
     def count(self) -> Dataset:
         """Rows per group, in column ``count``."""
-        from millstream.expr.nodes import count as count_all
+        from millstream.expr.agg_functions import count as count_all
 
         return self.agg(count_all().alias("count"))
 

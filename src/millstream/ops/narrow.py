@@ -307,6 +307,8 @@ class FilterExpr(Operator):
         mask = _evaluate(self.expr, batch, self.name)
         if not pa.types.is_boolean(mask.type):
             raise SchemaError(f"{self.name}: the filter expression must be boolean, got {mask.type}")
+        if not mask.null_count and mask.true_count == len(mask):
+            return (batch,)  # every row passes: no copy
         out = batch.filter(mask, null_selection_behavior="drop")
         # an empty result still carries the schema, so a join or aggregate downstream knows
         # the columns of an empty side
@@ -364,14 +366,13 @@ class Explode(Operator):
         lists = batch.column(idx)
         if not (pa.types.is_list(lists.type) or pa.types.is_large_list(lists.type)):
             raise SchemaError(f"{self.name}: column {self.column!r} is {lists.type}, not a list")
-        parents = pc.list_parent_indices(lists)
         values = pc.list_flatten(lists)
         if len(values) == 0:
             schema = batch.schema.set(idx, pa.field(self.column, lists.type.value_type))
             return (pa.RecordBatch.from_pylist([], schema=schema),)
         if batch.num_columns == 1:
             return (pa.RecordBatch.from_arrays([values], names=[self.column]),)
-        taken = batch.take(parents)
+        taken = batch.take(pc.list_parent_indices(lists))
         arrays = list(taken.columns)
         arrays[idx] = values
         return (pa.RecordBatch.from_arrays(arrays, names=batch.schema.names),)
