@@ -22,7 +22,6 @@ import pyarrow.parquet as pq
 import pytest
 
 import millstream as ms
-from millstream.sql.joins import JOIN_CONDITIONS
 
 duckdb = pytest.importorskip("duckdb")
 
@@ -30,7 +29,6 @@ QUERIES = Path(__file__).resolve().parent.parent / "benchmarks" / "tpch_queries"
 TABLES = ("customer", "lineitem", "nation", "orders", "part", "partsupp", "region",
           "supplier")
 #: what a query needs of the engine beyond this build, when it lacks it
-NEEDS = {"q21": None if JOIN_CONDITIONS else "residual join conditions (EXISTS with <>)"}
 
 
 def _tpchgen() -> str | None:
@@ -99,19 +97,11 @@ def run_query(name: str, data: Path) -> None:
 
 @pytest.mark.parametrize("name", [f"q{i:02d}" for i in range(1, 23)])
 def test_tpch_query_double(tpch, name):
-    if NEEDS.get(name):
-        pytest.skip(f"{name} needs {NEEDS[name]}, which this build of the engine lacks")
     run_query(name, tpch["double"])
 
 
 @pytest.mark.parametrize("name", [f"q{i:02d}" for i in range(1, 23)])
 def test_tpch_query_decimal(tpch, name):
-    try:
-        import millstream.expr.decimals  # noqa: F401 - the decimal rules of issue 10
-    except ImportError:
-        pytest.skip("decimal arithmetic rules (precision capped at 38) are not in this build")
-    if NEEDS.get(name):
-        pytest.skip(f"{name} needs {NEEDS[name]}, which this build of the engine lacks")
     run_query(name, tpch["decimal"])
 
 

@@ -15,14 +15,12 @@ import dataclasses
 from collections.abc import Callable
 
 from millstream.errors import SQLError
-from millstream.expr.nodes import Column, Expr, Literal
+from millstream.expr.nodes import Column, Expr
 from millstream.plan import logical as L
 from millstream.plan.rules.exprs import conjoin, rename_columns
 from millstream.sql.scope import Field, Relation
 
 #: The engine's Join node takes a residual ``condition`` and joins without keys.
-JOIN_CONDITIONS = "condition" in {f.name for f in dataclasses.fields(L.Join)}
-_CROSS_KEY = "__sql_cross_key"
 
 
 def fresh_name(base: str, taken: set[str]) -> str:
@@ -126,43 +124,11 @@ def join(left: Relation, right: Relation, left_keys: list[Expr], right_keys: lis
     if how not in ("semi", "anti"):  # (a semi or anti join outputs the left side only)
         computed += [n for n, k in zip(rk, right_keys) if type(k) is not Column]
     fields = list(left.fields) if how in ("semi", "anti") else [*left.fields, *right.fields]
-    if JOIN_CONDITIONS:
-        node: L.Node = L.Join(left.node, right.node, tuple(lk), tuple(rk), how,
-                              condition=condition)  # type: ignore[call-arg]
-    else:
-        node = _join_without_conditions(left, right, lk, rk, how, condition, error)
+    node: L.Node = L.Join(left.node, right.node, tuple(lk), tuple(rk), how,
+                          condition=condition)
     if computed:
         node = L.Drop(node, tuple(computed))
     return Relation(node, fields)
-
-
-def _join_without_conditions(left: Relation, right: Relation, lk: list[str], rk: list[str],
-                             how: str, condition: Expr | None,
-                             error: Callable[[str], SQLError] | None) -> L.Node:
-    def fail(what: str) -> SQLError:
-        message = (f"{what} needs residual join conditions (the Join node's condition, "
-                   f"from the joins of the query-core work), which this build of Millstream "
-                   f"does not have")
-        return error(message) if error is not None else SQLError(message)
-
-    if condition is not None and how != "inner":
-        raise fail(f"a {how} join with a condition other than equal keys")
-    lnode, rnode = left.node, right.node
-    if not lk:
-        if how not in ("inner", "left"):
-            raise fail(f"a {how} join without equal keys")
-        # TODO(issue 10, joins): a cross join on a constant key (one partition) until the
-        # Join node joins without keys
-        lnode = L.WithColumns(lnode, (Literal(1).alias(_CROSS_KEY),))
-        rnode = L.WithColumns(rnode, (Literal(1).alias(_CROSS_KEY + "_r"),))
-        lk, rk = [_CROSS_KEY], [_CROSS_KEY + "_r"]
-        node: L.Node = L.Join(lnode, rnode, (_CROSS_KEY,), (_CROSS_KEY + "_r",), how)
-        node = L.Drop(node, (_CROSS_KEY, _CROSS_KEY + "_r"))
-    else:
-        node = L.Join(lnode, rnode, tuple(lk), tuple(rk), how)
-    if condition is not None:  # an inner join: the condition filters the pairs
-        node = L.Filter(node, condition)
-    return node
 
 
 def cross(left: Relation, right: Relation, how: str = "inner") -> Relation:
