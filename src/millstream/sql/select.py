@@ -90,7 +90,7 @@ class SelectBuilder(FromClause):
 
     # ------------------------------------------------------------------ the clauses
     def build(self) -> Relation:
-        from millstream.sql import grouping, streaming, windowing
+        from millstream.sql import grouping, windowing
 
         sel = self.sel
         for key in ("into", "distribute", "cluster", "sort", "connect", "prewhere"):
@@ -117,8 +117,7 @@ class SelectBuilder(FromClause):
         if by_window:
             post, hook = grouping.aggregate(self, group, window=self.rel.window)
         elif aggregated:
-            if is_unbounded(self.rel.node):
-                raise streaming.unwindowed_aggregate_error(self, group or sel)
+            # on a stream: a continuously updated result per group (a changelog stream)
             post, hook = grouping.aggregate(self, group)
         else:
             post, hook = self.rel, None

@@ -33,12 +33,6 @@ _CHANGELOG = ("changelog streams (updates and retractions, the streaming-v2 work
 
 
 # ---------------------------------------------------------------------- errors
-def unwindowed_aggregate_error(b: SelectBuilder, node: exp.Expr) -> SQLError:
-    return b.p.error("a GROUP BY over a stream without a window emits updates as rows "
-                     "arrive, which needs " + _CHANGELOG + "; group by window_start, "
-                     "window_end of TUMBLE/HOP/CUMULATE/SESSION", node)
-
-
 def stream_join_error(b: SelectBuilder, node: exp.Expr) -> SQLError:
     return b.p.error("a regular join of two streams keeps both sides forever and emits "
                      "updates, which needs " + _CHANGELOG + "; join within a time bound "
