@@ -146,10 +146,12 @@ def read_postgres(dsn: str, query_or_table: str, partition_column: str | None = 
     it is read once (e.g. the reference side of a stream-table join)."""
     from millstream.io.postgres import PostgresSource
 
-    return Dataset(Scan(PostgresSource(dsn, query_or_table, partition_column=partition_column,
-                                       num_partitions=num_partitions, lower_bound=lower_bound,
-                                       upper_bound=upper_bound, fetch_size=fetch_size,
-                                       connect_timeout=connect_timeout)))
+    source = PostgresSource(dsn, query_or_table, partition_column=partition_column,
+                            num_partitions=num_partitions, lower_bound=lower_bound,
+                            upper_bound=upper_bound, fetch_size=fetch_size,
+                            connect_timeout=connect_timeout)
+    source.full_schema()  # a server that cannot be reached, a bad query: an error here
+    return Dataset(Scan(source))
 
 
 def from_generator(fn: Any, rate: float | None = None, count: int | None = None,

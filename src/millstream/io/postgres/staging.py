@@ -83,15 +83,22 @@ def resolve(cur: Any, table: str) -> Target | None:
     staging = f"{ident(nsp)}.{ident(_staging_name(rel))}"
     target = Target(table, f"{ident(nsp)}.{ident(rel)}", staging,
                     tuple(c for c, _ in cols), uniques)
-    # the staging table follows the target's columns (all nullable, no defaults)
-    cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (staging,))
-    spec = [f"{ident(c)} {t}" for c, t in cols] + \
-        [f"{ident(m)} {t}" for m, t in zip(META, _META_TYPES)]
-    cur.execute(f"CREATE TABLE IF NOT EXISTS {staging} ({', '.join(spec)})")
-    for s in spec:
-        cur.execute(f"ALTER TABLE {staging} ADD COLUMN IF NOT EXISTS {s}")
-    cur.execute(f"CREATE INDEX IF NOT EXISTS {ident(_staging_name(rel)[:50] + '_run')} "
-                f"ON {staging} (_ms_run, _ms_part, _ms_epoch)")
+    # the staging table follows the target's columns (all nullable, no defaults); only
+    # when it lacks some (ALTER TABLE would wait for every open staging transaction)
+    spec = {c: t for c, t in cols}
+    spec.update(zip(META, _META_TYPES))
+    cur.execute("SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) AND "
+                "attnum > 0 AND NOT attisdropped", (staging,))
+    have = {r[0] for r in cur.fetchall()}
+    if not have:
+        cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (staging,))
+        columns = ", ".join(f"{ident(c)} {t}" for c, t in spec.items())
+        cur.execute(f"CREATE TABLE IF NOT EXISTS {staging} ({columns})")
+        cur.execute(f"CREATE INDEX IF NOT EXISTS {ident(_staging_name(rel)[:50] + '_run')} "
+                    f"ON {staging} (_ms_run, _ms_part, _ms_epoch)")
+    for c, t in spec.items():
+        if have and c not in have:
+            cur.execute(f"ALTER TABLE {staging} ADD COLUMN IF NOT EXISTS {ident(c)} {t}")
     return target
 
 
