@@ -122,7 +122,7 @@ class PostgresServer:
         log = base / "server.log"
         try:
             out = subprocess.run([initdb, "-D", str(data), "-U", USER, "--auth=trust",
-                                  "-E", "UTF8", "--no-sync", "--no-instructions"],
+                                  "-E", "UTF8", "--no-sync"],
                                  capture_output=True, text=True, timeout=timeout, **kwargs)
         except subprocess.TimeoutExpired as exc:
             shutil.rmtree(base, ignore_errors=True)
