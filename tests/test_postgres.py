@@ -108,6 +108,14 @@ def test_a_query_with_pruning_and_filters_pushed(postgres):
     assert set(got[0]) == {"id", "k"}
 
 
+def test_a_limit_reads_less(postgres):
+    _table(postgres, "src_limit")
+    ds = ms.read_postgres(postgres.dsn, "src_limit", partition_column="id", num_partitions=4)
+    assert "limit=5" in ds.limit(5).explain(print_plan=False)
+    rows = ds.limit(5).collect()
+    assert len(rows) == 5 and len({r["id"] for r in rows}) == 5
+
+
 def test_pushed_filters_leave_the_same_rows_as_arrow(postgres):
     """Random conjunctions of comparisons, null tests and is_in, with and without the
     optimizer (no pushdown): the same rows."""

@@ -67,6 +67,7 @@ class PostgresSource(Source):
         self.columns: list[str] | None = None
         self.where: str | None = None       # pushed filter, SQL with %s marks
         self.params: list[Any] = []
+        self.limit: int | None = None       # rows per split at most (a pushed limit)
         self._full: pa.Schema | None = None
         self._text: frozenset[str] = frozenset()
 
@@ -207,6 +208,8 @@ class PostgresSource(Source):
         sql = f"SELECT {self._select_list()} FROM {self.relation}"
         if conds:
             sql += " WHERE " + " AND ".join(conds)
+        if self.limit is not None:
+            sql += f" LIMIT {int(self.limit)}"
         pg = psycopg()
         conn = connect(self.dsn, connect_timeout=self.connect_timeout)
         try:
@@ -225,16 +228,21 @@ class PostgresSource(Source):
         finally:
             conn.close()
 
-    # ------------------------------------------------------------------ the rest
+    def with_limit(self, n: int) -> Source:
+        """Each split reads at most ``n`` rows (``LIMIT n``)."""
+        if self.limit is not None and self.limit <= n:
+            return self
+        new = copy.copy(self)
+        new.limit = max(0, int(n))
+        return new
 
-    def estimated_size_bytes(self) -> int | None:
-        return None
+    # ------------------------------------------------------------------ the rest
 
     def fingerprint(self) -> Any:
         return ("postgres", self.dsn, self.query_or_table, self.partition_column,
                 self.num_partitions, repr(self.lower_bound), repr(self.upper_bound),
                 tuple(self.columns) if self.columns is not None else None, self.where,
-                repr(self.params))
+                repr(self.params), self.limit)
 
     def _short(self) -> str:
         text = " ".join(self.query_or_table.split())
@@ -248,6 +256,8 @@ class PostgresSource(Source):
             parts.append(f"columns={self.columns}")
         if self.where:
             parts.append(f"where={self.where}")
+        if self.limit is not None:
+            parts.append(f"limit={self.limit}")
         return " ".join(parts)
 
 
