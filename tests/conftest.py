@@ -1,6 +1,6 @@
 """Shared fixtures for the test suite: the engine session, the ``runner`` fixture (every
 runner), the ``executor`` fixture (both streaming executors), ``feed`` (test sources fed
-alike to both executors, see ``streams.py``) and ``broker`` (a Kafka broker per module).
+alike to both executors, see ``streams.py``) ``broker`` (a Kafka broker per module) and ``postgres`` (a PostgreSQL server per module).
 
 ``executor`` is parametrized over "inline" and "parallel"; a test marked
 ``@pytest.mark.ray_streaming`` also runs as "parallel-ray" (the parallel executor on the
@@ -22,6 +22,7 @@ from collections.abc import Iterator
 import pytest
 from runners_fixture import runner, use_runner  # noqa: F401 - the fixture, for every module
 from services.kafka import TansuBroker, kafka_missing
+from services.postgres import PostgresServer, postgres_missing
 from streams import Feed
 
 import millstream as ms
@@ -60,7 +61,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 #: Tests of these markers share a service the test session starts (one Ray cluster, a
 #: Kafka broker or an S3 server per module): under pytest-xdist (``--dist loadgroup``)
 #: each kind runs on one worker, so that no second cluster starts; the first that applies.
-SERVICE_GROUPS = ("ray", "s3", "kafka")
+SERVICE_GROUPS = ("ray", "s3", "kafka", "postgres")
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
@@ -111,6 +112,18 @@ def broker(tmp_path_factory) -> Iterator[TansuBroker]:
     if missing:
         pytest.skip(f"no Kafka broker: {missing}")
     server = TansuBroker.start(tmp_path_factory.mktemp("kafka"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server on loopback (a fresh cluster in a temporary directory) for the
+    module's tests (each uses tables of its own); skipped where there is none."""
+    missing = postgres_missing()
+    if missing:
+        pytest.skip(f"no PostgreSQL server: {missing}")
+    server = PostgresServer.start()
     yield server
     server.stop()
 

@@ -9,7 +9,7 @@
 """
 
 import millstream.runners  # noqa: E402,F401,I001 - registers the local and Ray runners
-from millstream.api.changelog import file_sink
+from millstream.api.changelog import file_sink, postgres_sink
 from millstream.api.dataset import Dataset, GroupedDataset
 from millstream.api.mapreduce import MapReduceJob, MRStep, mapreduce
 from millstream.api.readers import (
@@ -24,6 +24,7 @@ from millstream.api.readers import (
     read_json,
     read_kafka,
     read_parquet,
+    read_postgres,
     read_text,
 )
 from millstream.api.stream import (
@@ -114,8 +115,8 @@ __all__ = [
     "OutputExistsError", "PlanError", "SchemaError", "StorageError", "TaskError", "UserFunctionError",
     "any_value", "approx_count_distinct", "approx_quantile",
     "avg", "col", "collect_list", "console", "count", "count_distinct", "count_trigger", "dead_letter", "event_time_trigger", "file_sink", "first", "from_arrow", "from_generator", "from_items",
-    "from_pandas", "from_polars", "global_window", "init", "last", "last_job_stats", "lit", "mapreduce", "max", "mean", "median", "min", "processing_time_trigger", "quantile", "range",
-    "read_csv", "read_json", "read_kafka", "read_parquet", "read_text", "session", "shutdown", "sink", "sliding", "std", "stddev", "sum", "tumbling", "ui_url", "var", "variance", "when",
+    "from_pandas", "from_polars", "global_window", "init", "last", "last_job_stats", "lit", "mapreduce", "max", "mean", "median", "min", "postgres_sink", "processing_time_trigger", "quantile", "range",
+    "read_csv", "read_json", "read_kafka", "read_parquet", "read_postgres", "read_text", "session", "shutdown", "sink", "sliding", "std", "stddev", "sum", "tumbling", "ui_url", "var", "variance", "when",
     # analytic window functions (expr.analytic)
     "cume_dist", "dense_rank", "first_value", "lag", "last_value", "lead", "nth_value", "ntile",
     "percent_rank", "range_between", "rank", "row_number", "rows",

@@ -1,6 +1,6 @@
 """Continuous queries with updates in the Dataset API: deduplication, top-N per group, the
-conversions between updates and rows with a ``change`` column, and the file sink that
-writes changes.
+conversions between updates and rows with a ``change`` column, and the sinks that take
+changes (files with a change column, PostgreSQL upserts).
 
 On a stream, ``group_by(...).agg(...)`` (without a window), ``drop_duplicates(keep=
 "last")`` and ``top_n`` emit updates: each result row carries a change kind, shown to
@@ -92,3 +92,21 @@ def file_sink(uri: str, format: str = "parquet", changelog: bool = False,
     from millstream.io.files.stream_sink import FileStreamSink
 
     return FileStreamSink(uri, format, storage_options, changelog=changelog)
+
+
+def postgres_sink(dsn: str, table: str, key: str | Sequence[str] | None = None,
+                  mode: str | None = None, create_table: bool = False,
+                  connect_timeout: float = 5) -> Any:
+    """A streaming sink into the PostgreSQL table ``table`` (``dsn``: a libpq connection
+    string or URI), exactly once with the checkpoints (rows staged per epoch, moved into
+    the table in one transaction when the checkpoint completes).
+
+    ``mode="upsert"`` (the default when ``key`` is given; Flink's JDBC sink with a primary
+    key): one row per ``key``, ``INSERT ... ON CONFLICT (key) DO UPDATE`` for inserts and
+    updates, ``DELETE`` for deletes; the table needs a primary key or unique index on
+    exactly ``key``. ``mode="append"``: every row inserted; updating results are refused.
+    ``create_table=True`` creates a missing table from the result's columns."""
+    from millstream.io.postgres import PostgresSink
+
+    return PostgresSink(dsn, table, key=key, mode=mode, create_table=create_table,
+                        connect_timeout=connect_timeout)

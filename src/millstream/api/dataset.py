@@ -466,6 +466,20 @@ class Dataset:
         self._write(JsonSink(uri, partition_by=_partition_cols(partition_by), mode=mode,
                              storage_options=storage_options), options)
 
+    def write_postgres(self, dsn: str, table: str, mode: str = "append",
+                       key: str | Sequence[str] | None = None, create_table: bool = True,
+                       **options: Any) -> None:
+        """Write the rows into the PostgreSQL table ``table`` all at once: the tasks stage
+        their rows, one transaction moves them in. ``mode``: "append", "overwrite"
+        (the table's rows replaced, in the same transaction) or "upsert" (``INSERT ... ON
+        CONFLICT (key) DO UPDATE``; the table needs a unique key on ``key``). A missing
+        table is created from the rows' columns (primary key ``key`` when upserting)
+        unless ``create_table=False``."""
+        from millstream.io.postgres import PostgresBatchSink
+
+        self._write(PostgresBatchSink(dsn, table, mode=mode, key=key,
+                                      create_table=create_table), options)
+
 
 class GroupedDataset:
     """The result of ``group_by``; ``agg`` turns it back into a Dataset."""

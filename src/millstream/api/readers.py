@@ -132,6 +132,28 @@ def read_kafka(topic: str, bootstrap_servers: str, format: str = "json", start: 
                                     group_id=group_id, schema=schema, options=options or None)))
 
 
+def read_postgres(dsn: str, query_or_table: str, partition_column: str | None = None,
+                  num_partitions: int | None = None, lower_bound: Any = None,
+                  upper_bound: Any = None, fetch_size: int = 10_000,
+                  connect_timeout: float = 5) -> Dataset:
+    """A PostgreSQL table, view or query (``dsn``: a libpq connection string or URI), read
+    in parallel as Spark's JDBC reader does: with ``partition_column`` (numeric, date or
+    timestamp), ``num_partitions`` ranges between ``lower_bound`` and ``upper_bound``
+    (from the column's min and max when not given; rows outside them go to the first and
+    last range, nulls to the first), each read by a task with a server-side cursor. The
+    schema comes from the server when the Dataset is made; the columns used and the
+    filters that translate to SQL are pushed into the query. Bounded: in a streaming job
+    it is read once (e.g. the reference side of a stream-table join)."""
+    from millstream.io.postgres import PostgresSource
+
+    source = PostgresSource(dsn, query_or_table, partition_column=partition_column,
+                            num_partitions=num_partitions, lower_bound=lower_bound,
+                            upper_bound=upper_bound, fetch_size=fetch_size,
+                            connect_timeout=connect_timeout)
+    source.full_schema()  # a server that cannot be reached, a bad query: an error here
+    return Dataset(Scan(source))
+
+
 def from_generator(fn: Any, rate: float | None = None, count: int | None = None,
                    partitions: int = 1, schema: pa.Schema | None = None) -> Dataset:
     """Rows ``fn(0), fn(1), ...``: endless (streaming) unless ``count``; ``rate`` rows/second.

@@ -9,7 +9,8 @@ schema, bounded batch splits), :mod:`~millstream.io.kafka.reader`
 :mod:`~millstream.io.kafka.json_values` (JSON values to Arrow, schema inference, bad
 records found apart), :mod:`~millstream.io.kafka.stream` (:class:`KafkaStreamSource`:
 the topic in a streaming job), :mod:`~millstream.io.kafka.sink` (:class:`KafkaSink`:
-transactional or idempotent, two-phase per epoch), :mod:`~millstream.io.kafka.options`
+transactional or idempotent, two-phase per epoch; appends, upserts with tombstones, or
+every change with its kind), :mod:`~millstream.io.kafka.options`
 (Millstream's options and the librdkafka defaults) and :mod:`~millstream.io.kafka.client`
 (the lazy client import and the errors).
 

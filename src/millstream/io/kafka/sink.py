@@ -30,6 +30,18 @@ from typing import Any
 
 import pyarrow as pa
 
+from millstream.core.changelog import (
+    APPEND,
+    CHANGE,
+    DELETE,
+    RETRACT,
+    UPSERT,
+    VISIBLE,
+    kinds,
+    to_visible,
+    upserts,
+    without_kinds,
+)
 from millstream.errors import PlanError, SchemaError
 from millstream.io.kafka.client import KafkaClientError, KafkaStateError, _ck, _client_error
 from millstream.io.kafka.options import _PRODUCER_DEFAULTS, FORMATS, SINK_OPTIONS, _split_options
@@ -75,12 +87,21 @@ class KafkaSink:
     their JSON text); records with a key go to the partition the Java client would choose
     (murmur2). Delivery (``sink.mode``): ``"transactional"`` = exactly-once with
     ``read_committed`` consumers; ``"idempotent"`` = at-least-once; see the module doc.
+
+    Updating results (``changelog``): ``"upsert"`` (Flink's upsert-kafka) takes results
+    keyed by ``key`` (one column or several): each key's last change per write is one
+    record whose key is the key (several columns: a JSON object of them) and whose value
+    is the row, or a tombstone (null value) when the key's row was deleted; compacted
+    topics keep the latest row per key. ``"retract"`` takes every change and writes each
+    as a record with its kind in the value's ``"change"`` field ("+I", "-U", "+U", "-D").
+    Without ``changelog`` the sink takes appends only.
     """
 
     def __init__(self, topic: str, bootstrap_servers: str | Sequence[str],
-                 format: str = "json", key: str | None = None,
+                 format: str = "json", key: str | Sequence[str] | None = None,
                  transactional_id: str | None = None,
-                 options: Mapping[str, Any] | None = None):
+                 options: Mapping[str, Any] | None = None,
+                 changelog: str | None = None):
         if not isinstance(topic, str) or not topic:
             raise PlanError(f"KafkaSink: topic must be a non-empty string, got {topic!r}")
         if format not in FORMATS:
@@ -89,7 +110,18 @@ class KafkaSink:
         self.bootstrap_servers = (bootstrap_servers if isinstance(bootstrap_servers, str)
                                   else ",".join(bootstrap_servers))
         self.format = format
+        if changelog not in (None, UPSERT, RETRACT):
+            raise PlanError(f"KafkaSink: changelog must be None, 'upsert' or 'retract', got "
+                            f"{changelog!r}")
+        keys = (key,) if isinstance(key, str) else tuple(key or ())
+        if changelog == UPSERT and not keys:
+            raise PlanError("KafkaSink: changelog='upsert' needs the key column(s): key=...")
+        if changelog == RETRACT and format != "json":
+            raise PlanError("KafkaSink: changelog='retract' writes the change kind into JSON "
+                            "values: format='json'")
         self.key = key
+        self.keys = keys
+        self.changelog = changelog
         self.transactional_id = transactional_id
         self.settings, self.client_options = _split_options(options, SINK_OPTIONS)
         #: Why transactions are not used although a transactional_id was given.
@@ -115,7 +147,17 @@ class KafkaSink:
         tid = None if self.transactional_id is None else f"{self.transactional_id}-{index}"
         options = {**self.settings, **self.client_options}
         return KafkaSink(self.topic, self.bootstrap_servers, self.format, self.key, tid,
-                         options)
+                         options, changelog=self.changelog)
+
+    @property
+    def changelog_mode(self) -> str:
+        """What it takes: upserts by ``key``, every change, or appends only."""
+        return self.changelog or APPEND
+
+    @property
+    def upsert_keys(self) -> tuple[str, ...]:
+        """The key columns of upsert mode."""
+        return self.keys
 
     def retire_instances(self, indices: Iterable[int]) -> None:
         """Close out parallel instances no task will own again (after a job restarts at a
@@ -211,10 +253,13 @@ class KafkaSink:
         """Send the rows of ``batch`` (asynchronously); returns the number of rows."""
         if self._epoch is None:
             raise KafkaStateError(f"KafkaSink {self.topic!r}: write() before begin()")
-        n = batch.num_rows
-        if n == 0:
+        if batch.num_rows == 0:
             return 0
+        batch, deleted = self._changes(batch)
+        n = batch.num_rows
         values = self._values(batch)
+        for i in deleted:
+            values[i] = None  # a tombstone
         keys = self._keys(batch)
         producer = self._producer
         for i in range(n):
@@ -237,6 +282,30 @@ class KafkaSink:
         if err is not None and len(self._errors) < 20:
             self._errors.append(str(err))
 
+    def _changes(self, batch: pa.RecordBatch | pa.Table
+                 ) -> tuple[pa.RecordBatch | pa.Table, list[int]]:
+        """The rows to send and which of them are tombstones, by ``changelog``."""
+        if self.changelog == UPSERT:
+            missing = [k for k in self.keys if k not in batch.schema.names]
+            if missing:
+                raise SchemaError(f"KafkaSink {self.topic!r}: key column(s) {missing} not in "
+                                  f"{batch.schema.names}")
+            view = upserts(batch, list(self.keys))
+            gone = [i for i, k in enumerate(kinds(view)) if k == DELETE]
+            return without_kinds(view), gone
+        if self.changelog == RETRACT:
+            if CHANGE in batch.schema.names:
+                return to_visible(batch), []
+            return batch.append_column(VISIBLE, pa.array(["+I"] * batch.num_rows,
+                                                         pa.string())), []
+        if CHANGE in batch.schema.names:
+            if (kinds(batch) != 0).any():
+                raise PlanError(f"KafkaSink {self.topic!r} takes appends only, but got updates "
+                                f"(-U/+U/-D rows); write with changelog='upsert' and key=..., "
+                                f"or changelog='retract'")
+            batch = without_kinds(batch)
+        return batch, []
+
     def _values(self, batch: pa.RecordBatch | pa.Table) -> list[bytes | None]:
         if self.format == "json":
             from millstream.io.files.json_encoding import encode_json_lines
@@ -257,12 +326,18 @@ class KafkaSink:
         return _key_bytes(column)
 
     def _keys(self, batch: pa.RecordBatch | pa.Table) -> list[bytes | None] | None:
-        if self.key is None:
+        if not self.keys:
             return None
-        if self.key not in batch.schema.names:
-            raise SchemaError(f"KafkaSink {self.topic!r}: key column {self.key!r} not in "
+        missing = [k for k in self.keys if k not in batch.schema.names]
+        if missing:
+            raise SchemaError(f"KafkaSink {self.topic!r}: key column(s) {missing} not in "
                               f"{batch.schema.names}")
-        column = batch.column(self.key)
+        if len(self.keys) > 1:  # a JSON object of the key columns
+            from millstream.io.files.json_encoding import encode_json_lines
+
+            table = batch.select(list(self.keys))
+            return encode_json_lines(table).to_pybytes().split(b"\n")[:-1]
+        column = batch.column(self.keys[0])
         if isinstance(column, pa.ChunkedArray):
             column = column.combine_chunks()
         return _key_bytes(column)
@@ -368,5 +443,6 @@ class KafkaSink:
 
     def describe(self) -> str:
         return (f"kafka {self.topic} @ {self.bootstrap_servers} format={self.format} "
-                f"key={self.key} mode={self._mode or 'not opened'}")
+                f"key={self.key} changelog={self.changelog} "
+                f"mode={self._mode or 'not opened'}")
 
