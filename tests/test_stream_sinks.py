@@ -205,16 +205,21 @@ def test_an_immediate_sink_gets_rows_before_any_checkpoint(executor, tmp_path):
     out.mkdir()
 
     def deliver(table):  # runs in a worker process on the parallel executor
-        pq.write_table(table, out / f"{uuid.uuid4().hex}.parquet")
+        name = uuid.uuid4().hex
+        pq.write_table(table, out / f".{name}.tmp")
+        os.rename(out / f".{name}.tmp", out / f"{name}.parquet")  # whole files only
 
     src = ms.from_generator(lambda i: {"id": i, "t": time.time()}, rate=2000)
     job = src.start(sink=ms.sink(deliver, delivery="immediate"), executor=executor,
                     checkpoint_interval="1h", max_batch_delay="5ms")
     try:
         deadline = time.monotonic() + 60
-        while len(os.listdir(out)) < 5 and time.monotonic() < deadline:
+        def done() -> list[str]:
+            return [f for f in os.listdir(out) if f.endswith(".parquet")]
+
+        while len(done()) < 5 and time.monotonic() < deadline:
             time.sleep(0.02)
-        got = pa.concat_tables([pq.read_table(out / f) for f in os.listdir(out)])
+        got = pa.concat_tables([pq.read_table(out / f) for f in done()])
         assert got.num_rows > 0 and job.metrics()["checkpoints"] == 0
     finally:
         job.stop()
