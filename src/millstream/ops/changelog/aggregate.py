@@ -75,7 +75,7 @@ def refusal(spec: AggSpec, retracting: bool) -> str | None:
         return (f"aggregate {f!r} cannot run on an unbounded stream; the streaming "
                 f"aggregate computes {sorted(_ACCUMULATORS)}")
     if retracting and f in SKETCHES:
-        return (f"{f}({spec.name}) keeps a sketch, which cannot take a value back, but its "
+        return (f"{spec.text()} keeps a sketch, which cannot take a value back, but its "
                 f"input is a changelog that retracts rows; use the exact {SKETCHES[f]}, "
                 f"which takes retractions, or aggregate an append-only stream")
     return None
