@@ -244,6 +244,13 @@ def test_sketches_on_appends_match_the_batch_sketches():
         rank = np.searchsorted(xs, got[k]["q9"]) / len(xs)
         assert abs(rank - 0.9) < 0.01
         assert got[k]["a"] == next(r["x"] for r in rows if r["k"] == k)  # the first
+    # a small group's digest keeps every value: the exact linear quantile
+    op = _opened(ChangelogAggregate(["k"], specs[1:2], retracting=False))
+    xs = [float(rng.randrange(-50, 50)) for _ in range(120)]
+    out = []
+    for i in range(0, len(xs), 7):
+        out += _run(op, _batch([("+I", {"k": "a", "x": x}) for x in xs[i:i + 7]]))
+        assert _final(out)["a"]["q9"] == pytest.approx(float(np.quantile(xs[:i + 7], 0.9)))
     with pytest.raises(PlanError, match="approx_count_distinct.*cannot take a value back.*count_distinct"):
         ChangelogAggregate(["k"], specs, retracting=True)
 

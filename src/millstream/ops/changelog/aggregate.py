@@ -52,7 +52,13 @@ from millstream.ops.changelog.keyed import (
     group_rows,
     merge_schema,
 )
-from millstream.ops.changelog.stat_accumulators import SKETCHES, Moments, Quantile, Sketch
+from millstream.ops.changelog.stat_accumulators import (
+    SKETCHES,
+    DistinctSketch,
+    Moments,
+    Quantile,
+    QuantileSketch,
+)
 from millstream.ops.state.store import CHECK_EVERY
 
 _EMPTY: tuple[pa.RecordBatch, ...] = ()
@@ -62,8 +68,8 @@ _ACCUMULATORS: dict[str, type[Accumulator]] = {
     "count_all": CountAll, "count": Count, "sum": Sum, "mean": Sum, "min": Extreme,
     "max": Extreme, "count_distinct": CountDistinct, "first": Ordered, "last": Ordered,
     "collect_list": Ordered, "any_value": AnyValue, "std": Moments, "var": Moments,
-    "median": Quantile, "quantile": Quantile, "approx_count_distinct": Sketch,
-    "approx_quantile": Sketch,
+    "median": Quantile, "quantile": Quantile, "approx_count_distinct": DistinctSketch,
+    "approx_quantile": QuantileSketch,
 }
 
 

@@ -13,10 +13,10 @@
   keep it with retractions (the same per-batch deltas and updates), plus its distinct
   values in sorted order; the result walks the counts to the ranks it needs and
   interpolates by the batch aggregate's rules (NaN sorts last).
-* ``approx_count_distinct``, ``approx_quantile``: the batch aggregate's mergeable sketch
-  per key (HyperLogLog registers, a t-digest), merged with each batch's. A sketch cannot
-  take a value back, so these run on append-only input only; the planner refuses them
-  over a changelog (``plan/updates.py``) and names the exact aggregate to use.
+* ``approx_count_distinct``, ``approx_quantile``: the batch aggregate's sketch per key
+  (HyperLogLog registers, a t-digest), taking each batch's values. A sketch cannot take
+  a value back, so these run on append-only input only; the planner refuses them over a
+  changelog (``plan/updates.py``) and names the exact aggregate to use.
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ import pyarrow.compute as pc
 
 from millstream.core.arrow import normalize_key
 from millstream.expr.aggregates import AggSpec
-from millstream.ops.agg_states import STATE_AGGS
+from millstream.ops.agg_states import hll
 from millstream.ops.agg_states.base import numeric_f64
 from millstream.ops.agg_states.quantiles import quantile_of_sorted
+from millstream.ops.agg_states.tdigest import compress
 from millstream.ops.changelog.accumulators import (
     NAN,
     Accumulator,
@@ -180,36 +181,133 @@ class Quantile(Accumulator):
         return quantile_of_sorted(at, n, self.q, self.how)
 
 
-class Sketch(Accumulator):
-    """``approx_count_distinct``, ``approx_quantile`` on an append-only input: the batch
-    aggregate's state algebra per key (its partial states of a batch, merged into the
-    key's); the state is the list of the sketch's state values."""
+class DistinctSketch(Accumulator):
+    """``approx_count_distinct`` on an append-only input: the batch aggregate's
+    HyperLogLog registers per key, as ``{register: rank}`` with the histogram of ranks
+    (so a batch's codes update it in a few dict operations, and the estimate is Ertl's,
+    computed as :func:`~millstream.ops.agg_states.hll.estimate` computes it, from the
+    histogram)."""
 
-    def __init__(self, spec: AggSpec, retracting: bool) -> None:
-        super().__init__(spec, retracting)
-        self.algebra = STATE_AGGS[spec.func]
-        self._types: list[pa.DataType] = []
+    def initial(self) -> Any:
+        return [{}, [0] * (hll.Q + 2)]
 
     def prepare(self, batch: pa.RecordBatch, signs: np.ndarray, groups: KeyedRows
                 ) -> list[Any]:
-        arr = self.algebra.prepare(evaluate(self.spec, batch), self.spec)
-        values = arr.take(pa.array(groups.rows))
-        states = self.algebra.partial(values, groups.offsets, self.spec)
-        self._types = [s.type for s in states]
-        columns = [s.to_pylist() for s in states]
-        return [list(parts) for parts in zip(*columns)]
-
-    def _arrays(self, rows: list[list[Any]]) -> list[pa.Array]:
-        return [pa.array([r[i] for r in rows], t) for i, t in enumerate(self._types)]
+        arr = evaluate(self.spec, batch)
+        valid = np.ones(len(arr), dtype=bool) if arr.null_count == 0 else \
+            np.asarray(arr.is_valid(), dtype=bool)
+        if pa.types.is_null(arr.type) or not valid.any():
+            return [None] * len(groups)
+        values = arr if valid.all() else arr.filter(pa.array(valid))
+        lists = hll.compact(groups.gids[valid], hll.codes_of(values), len(groups))
+        return [c or None for c in lists.to_pylist()]
 
     def apply(self, acc: Any, contribution: Any) -> Any:
-        if acc is None:
-            return contribution
-        merged = self.algebra.merge(self._arrays([acc, contribution]),
-                                    np.array([0, 2], dtype=np.int64), self.spec)
-        return [m.to_pylist()[0] for m in merged]
+        regs, hist = acc
+        for code in contribution:
+            reg, rank = code >> _RANK_BITS, code & _RANK_MASK
+            old = regs.get(reg, 0)
+            if rank > old:
+                regs[reg] = rank
+                hist[rank] += 1
+                if old:
+                    hist[old] -= 1
+        return acc
 
     def result(self, acc: Any, rows: int) -> Any:
-        if acc is None:
-            return self.algebra.empty(self.spec)[0].as_py()
-        return self.algebra.finalize(self._arrays([acc]), self.spec)[0].as_py()
+        regs, hist = acc
+        m, q = hll.M, hll.Q
+        z = m * _tau(1.0 - hist[q + 1] / m)
+        for k in range(q, 0, -1):
+            z = 0.5 * (z + hist[k])
+        z = z + m * _sigma((m - len(regs)) / m)
+        return 0 if math.isinf(z) else round(hll._ALPHA_INF * m * m / z)
+
+
+_RANK_BITS = hll._RANK_BITS
+_RANK_MASK = (1 << _RANK_BITS) - 1
+
+
+def _sigma(x: float) -> float:
+    """Ertl's sigma, as ``hll._sigma`` computes it for one value."""
+    if x >= 1.0:
+        return math.inf
+    z, y, xx = x, 1.0, x
+    for _ in range(64):
+        xx = xx * xx
+        z = z + xx * y
+        y = y + y
+    return z
+
+
+def _tau(x: float) -> float:
+    """Ertl's tau, as ``hll._tau`` computes it for one value."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0
+    z, y, xx = 1.0 - x, 1.0, x
+    for _ in range(64):
+        xx = math.sqrt(xx)
+        y = y * 0.5
+        z = z - (1.0 - xx) ** 2 * y
+    return z / 3.0
+
+
+class QuantileSketch(Accumulator):
+    """``approx_quantile`` on an append-only input: a t-digest per key, as the batch
+    aggregate's (``ops/agg_states/tdigest.py``: the same compression and interpolation),
+    with the values of the last batches pending until there are enough to compress (a
+    result reads the digest and the pending values together)."""
+
+    #: pending values compressed into the digest at once
+    PENDING = 256
+
+    def initial(self) -> Any:
+        return [np.empty(0), np.empty(0), math.inf, -math.inf, []]
+
+    def prepare(self, batch: pa.RecordBatch, signs: np.ndarray, groups: KeyedRows
+                ) -> list[Any]:
+        arr = numeric_f64(evaluate(self.spec, batch), self.spec)
+        vals = np.asarray(arr.to_numpy(zero_copy_only=False), dtype=np.float64)[groups.rows]
+        out: list[Any] = []
+        for g in range(len(groups)):
+            part = vals[groups.offsets[g]:groups.offsets[g + 1]]
+            part = part[~np.isnan(part)]  # (nulls are NaN here; NaN is ignored too)
+            out.append(part if len(part) else None)
+        return out
+
+    def apply(self, acc: Any, contribution: Any) -> Any:
+        acc[2] = min(acc[2], float(contribution.min()))
+        acc[3] = max(acc[3], float(contribution.max()))
+        acc[4].extend(contribution.tolist())
+        if len(acc[4]) >= self.PENDING:
+            acc[0], acc[1] = self._centroids(acc)
+            acc[4] = []
+        return acc
+
+    @staticmethod
+    def _merged(acc: Any) -> tuple[np.ndarray, np.ndarray]:
+        """The centroids and the pending values (weight 1), sorted by mean."""
+        m = np.concatenate((acc[0], np.asarray(acc[4], dtype=np.float64)))
+        w = np.concatenate((acc[1], np.ones(len(acc[4]))))
+        order = np.argsort(m, kind="stable")
+        return m[order], w[order]
+
+    @classmethod
+    def _centroids(cls, acc: Any) -> tuple[np.ndarray, np.ndarray]:
+        """The digest with the pending values compressed in."""
+        m, w = cls._merged(acc)
+        _, m, w = compress(np.zeros(len(m), dtype=np.int64), m, w, 1)
+        return m, w
+
+    def result(self, acc: Any, rows: int) -> Any:
+        if not len(acc[0]) and not acc[4]:
+            return None
+        m, w = self._merged(acc) if acc[4] else (acc[0], acc[1])
+        # quantile_of_digests for one digest (its points: the minimum, the centroids'
+        # centres, the maximum; interpolated at the rank of q), without its grouping
+        total = w.sum()
+        xs = np.concatenate(([0.5], np.cumsum(w) - w / 2, [total - 0.5]))
+        ys = np.concatenate(([acc[2]], m, [acc[3]]))
+        order = np.argsort(xs, kind="stable")
+        return float(np.interp(self.spec.params["q"] * (total - 1.0) + 0.5, xs[order],
+                               ys[order]))
