@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import defaultdict
+from typing import Any
 
 import pyarrow as pa
 import pytest
@@ -149,6 +150,75 @@ def test_a_group_by_over_a_stream_without_a_window_is_a_changelog():
     got = job.sink.final_rows(["auction"])
     assert norm(got) == norm(ms.sql(query, bids=stream()).collect())
     assert len(job.sink.rows()) > len(got)  # earlier values were updated
+
+
+def changelog(query: str, keys: list[str] | None, executor: str) -> tuple[list, list, Any]:
+    """(final rows of the streaming job's changelog, batch rows, the job) of ``query``."""
+    job = ms.sql(query, bids=stream()).start(
+        checkpoint_interval=0 if executor == "inline" else "50ms", executor=executor,
+        parallelism=2)
+    assert job.await_termination(120)
+    final = job.sink.final_rows(keys)
+    if keys:  # every retraction took back a row that was there
+        assert rounded(job.sink.final_rows()) == rounded(final)
+    return final, ms.sql(query, bids=stream()).collect(), job
+
+
+def rounded(rows) -> list[tuple]:
+    return norm([{k: round(v, 9) if isinstance(v, float) else v for k, v in r.items()}
+                 for r in rows])
+
+
+def test_select_distinct_on_a_stream_and_on_a_changelog(executor):
+    q = "select distinct auction, price % 4 as p from bids"
+    final, batch, _ = changelog(q, None, executor)
+    assert norm(final) == norm(batch) and len(batch) == 12
+    # over an aggregate's updates: a count leaves the distinct rows when no group has it
+    q = ("select distinct c from (select price % 10 as p, count(*) as c from bids "
+         "group by price % 10)")
+    final, batch, job = changelog(q, ["c"], executor)
+    assert norm(final) == norm(batch)
+    assert any(r["change"] == "-D" for r in job.sink.rows())
+
+
+def test_row_number_top_n_on_a_stream_without_a_window(executor):
+    q = ("select * from (select *, row_number() over (partition by auction order by price "
+         "desc) as rn from bids) where rn <= 3")
+    final, batch, job = changelog(q, ["auction", "rn"], executor)
+    assert "TopN" in " ".join(job.metrics()["operators"])
+    assert norm(final) == norm(batch) and len(batch) == 9
+    want = [(a, p, t, i + 1) for a in range(3) for i, (p, t) in enumerate(sorted(
+        ((r["price"], r["ts"]) for r in ROWS if r["auction"] == a), reverse=True)[:3])]
+    assert norm(final) == sorted(want)
+    # over an aggregate (its sums change, so keys leave the top), no PARTITION BY
+    q = ("select a, s, rn from (select a, s, row_number() over (order by s desc) as rn "
+         "from (select price % 7 as a, sum(price) as s from bids group by price % 7)) "
+         "where rn <= 2")
+    final, batch, _ = changelog(q, ["rn"], executor)
+    assert norm(final) == norm(batch) and len(batch) == 2
+
+
+def test_aggregates_over_the_changelog_of_an_aggregate(executor):
+    q = ("select n, count(*) as c, sum(s) as s, stddev(s) as sd, median(s) as m, "
+         "any_value(n) as an, max(top) as top from (select price % 7 as p, count(*) as n, "
+         "sum(price) as s, max(price) as top from bids group by price % 7) group by n")
+    final, batch, job = changelog(q, ["n"], executor)
+    assert rounded(final) == rounded(batch)
+    assert any(r["change"] == "-U" for r in job.sink.rows())  # retractions flowed
+    q = ("select auction, stddev(price) as sd, var_pop(price) as v, median(price) as m, "
+         "percentile_cont(0.9) within group (order by price) as p9, "
+         "approx_count_distinct(price % 10) as d from bids group by auction")
+    final, batch, _ = changelog(q, ["auction"], executor)
+    assert rounded(final) == rounded(batch)
+
+
+def test_a_sketch_over_a_changelog_is_refused_naming_the_exact_aggregate():
+    ds = ms.sql("select approx_count_distinct(n) as d from (select auction, count(*) as n "
+                "from bids group by auction)", bids=stream())
+    with pytest.raises(ms.PlanError, match=r"approx_count_distinct\(col\(\"n\"\)\) keeps a sketch.*"
+                                           r"use the exact count_distinct"):
+        ds.start(checkpoint_interval=0)
+    assert ds.collect() == [{"d": 1}]  # batch: final results, fine
 
 
 def test_streams_refuse_what_needs_an_end_with_a_clear_error():

@@ -322,11 +322,18 @@ class PhysicalPlanner:
         return [new]
 
     def _build_Distinct(self, node: L.Distinct) -> list[Pipeline]:
-        if self.s.streaming:  # the first of each row: deduplication by every column
+        if self.s.streaming:
             schema = node.child.schema
             if schema is None:
                 raise PlanError(f"{node.label()}: distinct() on a stream needs its columns "
                                 f"known; use drop_duplicates(subset=[...])")
+            if node.child.emits_updates:  # a row per distinct row held: counted per row
+                keys = list(schema.names)
+                new = self._keyed(self.build(node.child), keys, "distinct exchange")
+                new.add(OperatorFactory(ChangelogAggregate, keys, [], True),
+                        node.label() + " (of a changelog, emits updates)")
+                return [new]
+            # the first of each row: deduplication by every column
             return self._build_Deduplicate(L.Deduplicate(node.child, tuple(schema.names)))
         pipes = self.build(node.child)
         for p in pipes:

@@ -2,7 +2,9 @@
 ``rn = ROW_NUMBER() OVER (PARTITION BY per ORDER BY by)`` becomes a :class:`TopN` node
 (the window function needs whole partitions, which a stream never has; the top ``n`` of
 each partition can be kept up to date). ``rn < n``, ``n >= rn`` and ``rn = 1`` are
-recognized too; the rank stays in ``rn``. Batch plans keep the window function.
+recognized too; the rank stays in ``rn``. The filter may read the row number through a
+projection that renames it (SQL's ``SELECT *, ROW_NUMBER() ... AS rn`` in a subquery);
+the projection then reads the TopN's output. Batch plans keep the window function.
 """
 
 from __future__ import annotations
@@ -37,21 +39,48 @@ def _limit(predicate: object, rank: str) -> int | None:
     return bound if bound >= 1 else None
 
 
-def _rewrite(node: L.Node) -> L.Node:
-    if not (isinstance(node, L.Filter) and isinstance(node.child, L.Window)):
-        return node
-    window = node.child
+def _top_n(window: L.Window, predicate: object, rank: str) -> L.Node | None:
+    """The TopN node that ``predicate`` over ``window``'s row number (called ``rank``
+    there) amounts to, else None."""
     if len(window.functions) != 1:
-        return node
+        return None
     fn = window.functions[0]
     if fn.func != "row_number" or not fn.order_by:
-        return node
-    n = _limit(node.predicate, fn.name)
+        return None
+    n = _limit(predicate, rank)
     if n is None:
-        return node
+        return None
     descending = fn.descending or tuple(False for _ in fn.order_by)
     return L.TopN(window.child, n, tuple(fn.order_by), tuple(descending),
                   tuple(window.partition_by), fn.name, fn.nulls_last)
+
+
+def _renamed(project: L.Project, column: str) -> str | None:
+    """The name ``project`` gives input ``column`` when it passes it on as it is."""
+    for e in project.exprs:
+        inner = e.child if isinstance(e, Alias) else e
+        if isinstance(inner, Column) and inner.name == column:
+            return e.output_name
+    return None
+
+
+def _rewrite(node: L.Node) -> L.Node:
+    if not isinstance(node, L.Filter):
+        return node
+    child = node.child
+    if isinstance(child, L.Window):
+        fn = child.functions[0] if child.functions else None
+        top = None if fn is None else _top_n(child, node.predicate, fn.name)
+        return node if top is None else top
+    # SQL's shape: the row number renamed by a projection (of plain columns over the
+    # window's), then filtered; the projection moves above the TopN
+    if isinstance(child, L.Project) and isinstance(child.child, L.Window) \
+            and len(child.child.functions) == 1:
+        window = child.child
+        rank = _renamed(child, window.functions[0].name)
+        top = None if rank is None else _top_n(window, node.predicate, rank)
+        return node if top is None else L.Project(top, child.exprs)
+    return node
 
 
 def rank_filters_to_top_n(node: L.Node) -> L.Node:

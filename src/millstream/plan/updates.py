@@ -3,7 +3,9 @@ sink can take what reaches it.
 
 Nodes declare ``accepts_updates`` and ``emits_updates`` (``plan/logical/base.py``);
 :func:`check_updates` walks a streaming plan and raises a :class:`PlanError` naming the
-first node that would get updates it cannot take, and the node they come from.
+first node that would get updates it cannot take, and the node they come from; and an
+aggregate the streaming aggregate cannot compute on what it gets (a sketch such as
+``approx_count_distinct`` over a changelog, :func:`check_aggregate`).
 :func:`check_sink` compares the result with what the sink declares (its
 ``changelog_mode``, see ``core.changelog``): an append-only sink refuses an updating
 result; an upsert sink needs a result key its ``upsert_keys`` cover (:func:`upsert_key`).
@@ -16,6 +18,7 @@ from typing import Any
 from millstream.core.changelog import APPEND, UPSERT, sink_mode
 from millstream.errors import PlanError
 from millstream.expr.nodes import Alias, Column
+from millstream.ops.changelog.aggregate import refusal
 from millstream.plan import logical as L
 
 #: What to do instead, by the kind of node that refuses updates.
@@ -40,8 +43,9 @@ def _hint(node: L.Node) -> str:
     if isinstance(node, L.WindowAggregate):
         return ("a window aggregate needs append-only input; aggregate without a window "
                 "(group_by(...).agg(...) takes updates), or " + _TO_ROWS)
-    if isinstance(node, (L.Distinct, L.Deduplicate)):
-        return "deduplicate before the updating step, or " + _TO_ROWS
+    if isinstance(node, L.Deduplicate):
+        return ("deduplicate before the updating step, or distinct() (of whole rows, it "
+                "takes updates), or " + _TO_ROWS)
     if isinstance(node, L.Repartition):
         return ("an exchange by other columns could reorder the changes of one result row "
                 "(its -U and +U taking different paths); repartition before the updating "
@@ -55,10 +59,25 @@ def _streamed(node: L.Node) -> tuple[L.Node, ...]:
     return (node.left,) if isinstance(node, L.Join) else node.children
 
 
+def check_aggregate(node: L.Aggregate) -> None:
+    """Raise a PlanError when an aggregate of ``node`` cannot run in a streaming job: one
+    the streaming aggregate does not compute, or a sketch over a changelog (a sketch cannot
+    take a value back)."""
+    src = origin(node.child)
+    for spec in node.specs:
+        why = refusal(spec, src is not None)
+        if why is not None:
+            came = f" ({src.label()} emits -U/+U/-D rows)" if src is not None else ""
+            raise PlanError(f"{node.label()}: {why}{came}")
+
+
 def check_updates(node: L.Node) -> None:
-    """Raise a PlanError where a node of a streaming plan gets updates it cannot take."""
+    """Raise a PlanError where a node of a streaming plan gets updates it cannot take, or
+    aggregates what it cannot (:func:`check_aggregate`)."""
     for c in _streamed(node):
         check_updates(c)
+    if isinstance(node, L.Aggregate):
+        check_aggregate(node)
     if node.accepts_updates:
         return
     for c in _streamed(node):
@@ -75,6 +94,9 @@ def upsert_key(node: L.Node) -> tuple[str, ...] | None:
         return tuple(node.keys)
     if isinstance(node, L.Deduplicate):
         return tuple(node.subset)
+    if isinstance(node, L.Distinct):
+        schema = node.schema
+        return None if schema is None else tuple(schema.names)
     if isinstance(node, L.TopN):
         return (*node.per, node.rank_column) if node.rank_column else None
     if isinstance(node, (L.Filter, L.FilterRows, L.WithWatermark)):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from millstream.api.analytic import _substitute, window_exprs
+from millstream.api.analytic import _private, _substitute, window_exprs
 from millstream.expr.analytic import WindowExpr
 from millstream.expr.nodes import Column, Expr
 from millstream.ops.state.process import KeyedProcessFunction
@@ -105,9 +105,16 @@ def lower_stream_windows(b: SelectBuilder, rel: Relation, exprs: list[Expr]
         return rel.node, exprs, []
     info = rel.window
     if info is None or not info.materialized:
+        if all(w.func == "row_number" and w.spec.order_by for w in found):
+            # Top-N per group, kept up to date (a changelog): the streaming job turns
+            # ``rn <= N`` over the row number into a TopN node (plan/rank_filter.py)
+            node, subst, private = _private(rel.node, [found], exprs)
+            return node, subst, list(private)
         raise b.p.error("window functions on a stream need PARTITION BY window_start, "
                         "window_end of a windowing function or window aggregate (window "
-                        "Top-N); others need the whole stream", b.sel)
+                        "Top-N), or are ROW_NUMBER() OVER (PARTITION BY ... ORDER BY ...) "
+                        "filtered by rn <= N (Top-N per group, updated as rows arrive); "
+                        "others need the whole stream", b.sel)
     start, end = info.columns["window_start"], info.columns["window_end"]
     schema = rel.node.schema
     if schema is None:

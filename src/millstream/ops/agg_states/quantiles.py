@@ -11,6 +11,8 @@ the value at rank ``ceil(q * n) - 1``. NaN sorts after every number (as in DuckD
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -103,3 +105,28 @@ def quantiles_of_segments(values: np.ndarray, offsets: np.ndarray, q: float,
             res = v[base + near]
         out[ok] = res
     return pa.array(out, pa.float64(), mask=~ok)
+
+
+def quantile_of_sorted(at: Callable[[int], float], n: int, q: float, how: str
+                       ) -> float | None:
+    """The q-quantile of ``n`` sorted values, ``at(i)`` giving the i-th (NaN last), by the
+    rules of :func:`quantiles_of_segments` (for the streaming aggregate, whose values are
+    kept sorted per key); None when there is none."""
+    if n <= 0:
+        return None
+    if how == "discrete":
+        return at(max(math.ceil(q * n) - 1, 0))
+    pos = q * (n - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    if how == "nearest":
+        return at(round(pos))
+    a = at(lo)
+    if how == "lower":
+        return a
+    b = a if hi == lo else at(hi)
+    if how == "higher":
+        return b
+    if how == "midpoint":
+        return a if lo == hi else (a + b) / 2
+    frac = pos - lo
+    return a if frac == 0 else a + (b - a) * frac

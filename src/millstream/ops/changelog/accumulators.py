@@ -15,7 +15,13 @@ key's accumulator takes its share (``apply``). What each aggregate keeps per key
 * ``count_distinct``: the value multiset (its size is the result);
 * ``first``, ``last``, ``collect_list``: the values in arrival order (a retraction
   removes the latest equal value); on an append-only input ``first`` and ``last`` keep
-  one value.
+  one value;
+* ``any_value``: the value multiset (the oldest value still held is the result), or on an
+  append-only input one value.
+
+The statistical aggregates (std/var, median/quantile, the sketches) are in
+:mod:`~millstream.ops.changelog.stat_accumulators`; :func:`make_accumulator`
+(``ops.changelog.aggregate``) picks one for an aggregate.
 
 Nulls are ignored, as the batch aggregates ignore them; ``min``/``max`` ignore NaN, and
 NaN is one distinct value (a picklable marker stands for it in the multisets and lists).
@@ -30,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from millstream.core.arrow import normalize_key
-from millstream.errors import PlanError, SchemaError
+from millstream.errors import SchemaError
 from millstream.expr.aggregates import AggSpec
 from millstream.ops.changelog.keyed import KeyedRows
 
@@ -54,11 +60,11 @@ class _NaN:
         return (_NaN, ())
 
 
-_NAN = _NaN()
+NAN = _NaN()
 
 
 def _canon(v: Any) -> Any:
-    return _NAN if isinstance(v, float) and v != v else v
+    return NAN if isinstance(v, float) and v != v else v
 
 
 def _uncanon(v: Any) -> Any:
@@ -254,21 +260,13 @@ class Extreme(Accumulator):
         keep = pc.is_valid(arr)
         if pa.types.is_floating(arr.type):
             keep = pc.and_(keep, pc.invert(pc.is_nan(arr)))
-        return _value_deltas(normalize_key(arr), signs, gid, keep, len(groups))
+        return value_deltas(normalize_key(arr), signs, gid, keep, len(groups))
 
     def apply(self, acc: Any, contribution: Any) -> Any:
         if not self.retracting:
             return contribution if acc is None else self.pick(acc, contribution)
         cur, counts = acc
-        added = []
-        for v, d in contribution:
-            c = counts.get(v, 0) + d
-            if c > 0:
-                counts[v] = c
-                if d > 0:
-                    added.append(v)
-            else:
-                counts.pop(v, None)
+        added = apply_counts(counts, contribution)
         if cur is not None and cur in counts:
             if added:
                 cur = self.pick(cur, self.pick(added))
@@ -289,19 +287,45 @@ class CountDistinct(Accumulator):
     def prepare(self, batch: pa.RecordBatch, signs: np.ndarray, groups: KeyedRows
                 ) -> list[Any]:
         arr = normalize_key(evaluate(self.spec, batch))
-        return _value_deltas(arr, signs, pa.array(groups.gids), pc.is_valid(arr), len(groups))
+        return value_deltas(arr, signs, pa.array(groups.gids), pc.is_valid(arr), len(groups))
 
     def apply(self, acc: Any, contribution: Any) -> Any:
-        for v, d in contribution:
-            c = acc.get(v, 0) + d
-            if c > 0:
-                acc[v] = c
-            else:
-                acc.pop(v, None)
+        apply_counts(acc, contribution)
         return acc
 
     def result(self, acc: Any, rows: int) -> Any:
         return len(acc)
+
+
+class AnyValue(Accumulator):
+    """``any_value``: on an append-only input the first non-null value; with retractions
+    the value multiset, the result its oldest value still held (so it changes only when
+    that value is taken back)."""
+
+    def initial(self) -> Any:
+        return {} if self.retracting else None
+
+    def prepare(self, batch: pa.RecordBatch, signs: np.ndarray, groups: KeyedRows
+                ) -> list[Any]:
+        arr = evaluate(self.spec, batch)
+        if not self.retracting:
+            kernel = "min" if pa.types.is_null(arr.type) else "first"
+            t = pa.table({"g": pa.array(groups.gids), "v": arr}) \
+                .group_by("g", use_threads=False).aggregate([("v", kernel)])
+            return _per_group(t, f"v_{kernel}", len(groups))
+        arr = normalize_key(arr)
+        return value_deltas(arr, signs, pa.array(groups.gids), pc.is_valid(arr), len(groups))
+
+    def apply(self, acc: Any, contribution: Any) -> Any:
+        if not self.retracting:
+            return contribution if acc is None else acc
+        apply_counts(acc, contribution)
+        return acc
+
+    def result(self, acc: Any, rows: int) -> Any:
+        if not self.retracting:
+            return acc
+        return _uncanon(next(iter(acc))) if acc else None
 
 
 class Ordered(Accumulator):
@@ -359,7 +383,22 @@ class Ordered(Accumulator):
         return _uncanon(acc[0] if func == "first" else acc[-1])
 
 
-def _value_deltas(arr: pa.Array, signs: np.ndarray, gid: pa.Array, keep: Any, n_groups: int
+def apply_counts(counts: dict[Any, int], contribution: list[tuple[Any, int]]) -> list[Any]:
+    """Apply ``[(value, net count change)]`` to the multiset ``counts`` (a value whose
+    count reaches zero leaves it); returns the values added."""
+    added = []
+    for v, d in contribution:
+        c = counts.get(v, 0) + d
+        if c > 0:
+            counts[v] = c
+            if d > 0:
+                added.append(v)
+        else:
+            counts.pop(v, None)
+    return added
+
+
+def value_deltas(arr: pa.Array, signs: np.ndarray, gid: pa.Array, keep: Any, n_groups: int
                   ) -> list[Any]:
     """Per group: [(value, net count change)] of the kept values in the batch."""
     t = pa.table({"g": gid, "v": arr, "s": pa.array(signs.astype(np.int64))}).filter(keep)
@@ -375,21 +414,3 @@ def _value_deltas(arr: pa.Array, signs: np.ndarray, gid: pa.Array, keep: Any, n_
                 lst = out[g] = []
             lst.append((_canon(v), d))
     return out
-
-
-def make_accumulator(spec: AggSpec, retracting: bool) -> Accumulator:
-    """The accumulator of ``spec`` (``retracting``: the input may take rows back)."""
-    f = spec.func
-    if f == "count_all":
-        return CountAll(spec, retracting)
-    if f == "count":
-        return Count(spec, retracting)
-    if f in ("sum", "mean"):
-        return Sum(spec, retracting, average=f == "mean")
-    if f in ("min", "max"):
-        return Extreme(spec, retracting)
-    if f == "count_distinct":
-        return CountDistinct(spec, retracting)
-    if f in ("first", "last", "collect_list"):
-        return Ordered(spec, retracting)
-    raise PlanError(f"aggregate {f!r} cannot run on an unbounded stream")

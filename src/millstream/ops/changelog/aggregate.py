@@ -36,16 +36,66 @@ from millstream.errors import MillstreamError, PlanError
 from millstream.expr.aggregates import AggSpec
 from millstream.ops.aggregate import aggregate_result_schema
 from millstream.ops.base import Batches
-from millstream.ops.changelog.accumulators import make_accumulator
+from millstream.ops.changelog.accumulators import (
+    Accumulator,
+    AnyValue,
+    Count,
+    CountAll,
+    CountDistinct,
+    Extreme,
+    Ordered,
+    Sum,
+)
 from millstream.ops.changelog.keyed import (
     KeyedChangeOperator,
     build_batch,
     group_rows,
     merge_schema,
 )
+from millstream.ops.changelog.stat_accumulators import (
+    SKETCHES,
+    DistinctSketch,
+    Moments,
+    Quantile,
+    QuantileSketch,
+)
 from millstream.ops.state.store import CHECK_EVERY
 
 _EMPTY: tuple[pa.RecordBatch, ...] = ()
+
+#: the accumulator of each aggregate function
+_ACCUMULATORS: dict[str, type[Accumulator]] = {
+    "count_all": CountAll, "count": Count, "sum": Sum, "mean": Sum, "min": Extreme,
+    "max": Extreme, "count_distinct": CountDistinct, "first": Ordered, "last": Ordered,
+    "collect_list": Ordered, "any_value": AnyValue, "std": Moments, "var": Moments,
+    "median": Quantile, "quantile": Quantile, "approx_count_distinct": DistinctSketch,
+    "approx_quantile": QuantileSketch,
+}
+
+
+def refusal(spec: AggSpec, retracting: bool) -> str | None:
+    """Why aggregate ``spec`` cannot run on a stream (``retracting``: over a changelog),
+    with what to use instead; None when it can."""
+    f = spec.func
+    if f not in _ACCUMULATORS:
+        return (f"aggregate {f!r} cannot run on an unbounded stream; the streaming "
+                f"aggregate computes {sorted(_ACCUMULATORS)}")
+    if retracting and f in SKETCHES:
+        return (f"{spec.text()} keeps a sketch, which cannot take a value back, but its "
+                f"input is a changelog that retracts rows; use the exact {SKETCHES[f]}, "
+                f"which takes retractions, or aggregate an append-only stream")
+    return None
+
+
+def make_accumulator(spec: AggSpec, retracting: bool) -> Accumulator:
+    """The accumulator of ``spec`` (``retracting``: the input may take rows back); the
+    planner has checked :func:`refusal` (this repeats it for operators built by hand)."""
+    why = refusal(spec, retracting)
+    if why is not None:
+        raise PlanError(why)
+    if spec.func == "mean":
+        return Sum(spec, retracting, average=True)
+    return _ACCUMULATORS[spec.func](spec, retracting)
 
 
 class ChangelogAggregate(KeyedChangeOperator):

@@ -236,7 +236,13 @@ class Aggregate(Unary):
 
 @dataclass(frozen=True, eq=False)
 class Distinct(Unary):
-    """Remove duplicate rows."""
+    """Remove duplicate rows.
+
+    In a streaming job: the first of each row on an append-only input; on an updating
+    input, each distinct row held while some copy of it is (a row that goes away is
+    deleted), so the output updates when the input does."""
+
+    accepts_updates: ClassVar[bool] = True
 
     def compute_schema(self) -> pa.Schema | None:
         schema = self.input_schema()
