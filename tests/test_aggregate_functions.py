@@ -391,3 +391,14 @@ def test_new_aggregates_in_streaming_windows_match_batch_and_the_oracle(tmp_path
             assert r["med"] == pytest.approx(np.median(v))
             assert r["acd"] == len(set(vals))
             assert r["aq"] == pytest.approx(np.median(v))
+
+
+def test_std_and_var_of_a_group_with_nan_or_infinity_are_nan_as_numpy():
+    """A NaN or an infinity among a group's values makes its variance NaN (numpy, DuckDB),
+    not 0.0 or a huge number, also when partial states from several partitions merge."""
+    for vals in ([1.0, float("nan"), 3.0, 4.0], [1.0, float("inf"), 2.0, 5.0]):
+        rows = [{"k": 1, "v": v} for v in vals] + [{"k": 2, "v": float(i)} for i in range(4)]
+        got = {r["k"]: r for r in ms.from_items(rows, num_partitions=3).group_by("k").agg(
+            ms.std("v").alias("s"), ms.var("v", ddof=0).alias("p")).collect()}
+        assert math.isnan(got[1]["s"]) and math.isnan(got[1]["p"])
+        assert got[2]["p"] == pytest.approx(np.var([0.0, 1.0, 2.0, 3.0]))

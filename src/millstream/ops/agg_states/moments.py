@@ -36,20 +36,19 @@ class Moments(StateAgg):
         return [pc.cast(n, pa.int64()), pc.fill_null(mean, 0.0), m2]
 
     def merge(self, states: list[pa.Array], offsets: np.ndarray, spec: Any) -> list[pa.Array]:
-        n_i = np.nan_to_num(f64(states[0]))
-        mean_i = np.nan_to_num(f64(states[1]))
-        m2_i = np.nan_to_num(f64(states[2]))
+        # (the states have no nulls; a NaN or infinity in the data stays NaN, as numpy's)
+        n_i, mean_i, m2_i = f64(states[0]), f64(states[1]), f64(states[2])
         n = seg_sum(n_i, offsets)
         with np.errstate(invalid="ignore", divide="ignore"):
             mean = np.where(n > 0, seg_sum(n_i * mean_i, offsets) / np.where(n > 0, n, 1), 0.0)
-        dev = mean_i - np.repeat(mean, lengths(offsets))
-        m2 = seg_sum(m2_i, offsets) + seg_sum(n_i * dev * dev, offsets)
+            dev = mean_i - np.repeat(mean, lengths(offsets))
+            m2 = seg_sum(m2_i, offsets) + seg_sum(n_i * dev * dev, offsets)
         return [pa.array(n.astype(np.int64)), pa.array(mean), pa.array(m2)]
 
     def finalize(self, states: list[pa.Array], spec: Any) -> pa.Array:
         ddof = spec.params.get("ddof", 1)
-        n = np.nan_to_num(f64(states[0]))
-        m2 = np.maximum(np.nan_to_num(f64(states[2])), 0.0)
+        n = f64(states[0])
+        m2 = np.maximum(f64(states[2]), 0.0)  # (rounding can leave -0.0...; NaN stays)
         ok = n > ddof
         with np.errstate(invalid="ignore", divide="ignore"):
             var = m2 / np.where(ok, n - ddof, 1.0)
