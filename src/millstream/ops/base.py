@@ -27,6 +27,14 @@ class Operator:
     num_inputs: int = 1
     #: Order in which a batch task drains its input ports (build side first for joins).
     input_order: tuple[int, ...] = (0,)
+    #: Whether it takes rows that carry changes (a hidden change kind per row, see
+    #: ``core.changelog``): per-row operators that keep the kind, and those that consume
+    #: retractions (the changelog aggregate, top-N).
+    accepts_updates: bool = False
+    #: Whether its output carries updates (-U/+U/-D rows) whatever its input (the
+    #: changelog aggregate, keep-last deduplication, top-N); per-row operators that accept
+    #: updates pass on what they get.
+    emits_updates: bool = False
 
     def __init__(self, name: str | None = None) -> None:
         self.name = name or type(self).__name__

@@ -119,6 +119,7 @@ from millstream.ops.stream_join.keys import (
     normalize_join_key,
 )
 from millstream.ops.stream_join.latest import LatestJoin
+from millstream.ops.stream_join.regular import RegularJoin
 from millstream.ops.stream_join.state import SPILL_WORK_MIN_BYTES
 from millstream.ops.stream_join.windowed import WindowJoin
 
@@ -130,6 +131,7 @@ __all__ = [
     "IntervalJoin",
     "JoinKeys",
     "LatestJoin",
+    "RegularJoin",
     "WindowJoin",
     "join_key_names",
     "match_keys",
