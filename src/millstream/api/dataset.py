@@ -16,6 +16,7 @@ import pyarrow as pa
 from millstream.api import analytic, stream, stream_join
 from millstream.api.checks import check_aggregates, check_keys, check_node
 from millstream.core.arrow import batch_to_rows, format_table
+from millstream.core.units import parse_duration
 from millstream.errors import PlanError, SchemaError
 from millstream.expr.aggregates import AggExpr, AggSpec
 from millstream.expr.analytic import AnalyticFunction
@@ -180,15 +181,23 @@ class Dataset:
 
     def join(self, other: Dataset, on: str | Sequence[str] | None = None, how: str = "inner", *,
              left_on: str | Sequence[str] | None = None, right_on: str | Sequence[str] | None = None,
-             suffix: str = "_right", broadcast: bool | None = None) -> Dataset:
+             suffix: str = "_right", broadcast: bool | None = None,
+             state_ttl: Any = None) -> Dataset:
         """Equi-join with ``other`` (inner, left, right, outer, semi, anti); null keys never match.
 
         A side small enough (``broadcast_threshold``) is broadcast; otherwise both sides are
         shuffled by key. ``broadcast=True/False`` forces the choice for the right side.
-        In a streaming job (``start``) the right side must be bounded: it is computed once
-        when the job starts and broadcast (inner, left, semi, anti; ``executor="inline"`` in
-        this version); two streams join with ``interval_join``, ``window_join`` or
-        ``join_latest``.
+
+        In a streaming job (``start``): when ``other`` is bounded, it is computed once when
+        the job starts and broadcast (a stream-table join: inner, left, semi, anti). When
+        ``other`` is a stream (or ``broadcast=False``), it is a regular join of two streams
+        (inner, left, right, outer; Flink's semantics): every row is kept and joined with
+        the other side's rows of its key as they come; outer joins emit updates (a row
+        without a partner, taken back when its first partner comes); inputs may carry
+        updates. ``state_ttl`` ("1h", timedelta, µs) bounds the state: a row is dropped
+        once it is that far behind, by event time when both inputs have a watermark
+        (``with_watermark``), else by processing time; rows arriving later for its key do
+        not meet it (see :mod:`millstream.ops.stream_join.regular`).
         """
         if not isinstance(other, Dataset):
             raise PlanError(f"join() needs a Dataset, got {type(other).__name__}")
@@ -206,8 +215,16 @@ class Dataset:
         if len(lk) != len(rk) or not lk:
             raise PlanError(f"join: left keys {lk} and right keys {rk} must be non-empty and as many")
         how = "outer" if how == "full" else how
+        ttl, times = None, (None, None)
+        if state_ttl is not None:
+            ttl = parse_duration(state_ttl, "state_ttl")
+            if ttl <= 0:
+                raise PlanError(f"join: state_ttl must be a positive duration, got {state_ttl!r}")
+            lt, rt = stream.watermark_column(self._node), stream.watermark_column(other._node)
+            if lt is not None and rt is not None:
+                times = (lt, rt)
         return Dataset(L.Join(self._node, other._node, tuple(lk), tuple(rk), how, suffix,
-                              broadcast))
+                              broadcast, ttl, times))
 
     def sort(self, by: str | Sequence[str], descending: bool | Sequence[bool] = False,
              nulls_last: bool | None = None) -> Dataset:

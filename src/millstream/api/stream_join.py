@@ -10,8 +10,11 @@
   up to date by a changelog stream).
 * ``stream.join(bounded)`` (the ordinary :meth:`Dataset.join`): in a streaming job the
   bounded right side is computed once when the job starts and broadcast to every task
-  (Spark's stream-static join); inner, left, semi and anti joins. In this version it
-  runs on the in-process executor (``start(executor="inline")``).
+  (Spark's stream-static join); inner, left, semi and anti joins.
+* ``stream.join(other_stream, on, how, state_ttl="1h")``: a regular join of two streams
+  (Flink's): every row is kept (until its state TTL) and joined with the other side's
+  rows of its key whenever they come; outer joins emit updates (a row without a partner,
+  taken back when its first partner comes); inputs may carry updates.
 
 All of them also run in batch mode on bounded inputs, with the streaming result
 whenever no row was late. Semantics in detail: :mod:`millstream.ops.stream_join`.

@@ -43,6 +43,7 @@ from millstream.ops.stream_join import (
     IntervalJoin,
     JoinKeys,
     LatestJoin,
+    RegularJoin,
     WindowJoin,
     join_key_names,
 )
@@ -370,6 +371,8 @@ class PhysicalPlanner:
 
     def _build_Join(self, node: L.Join) -> list[Pipeline]:
         lk, rk = list(node.left_on), list(node.right_on)
+        if self.s.streaming and node.joins_streams():
+            return self._build_regular_join(node)
         if self.s.streaming:
             left = self.build(node.left)
             for p in left:
@@ -434,7 +437,7 @@ class PhysicalPlanner:
             return OperatorFactory(cls, *args)
         return OperatorFactory(cls, *args, broadcast_stage=broadcast)
 
-    def _keyed_two_inputs(self, node: L.IntervalJoin | L.WindowJoin | L.LatestJoin,
+    def _keyed_two_inputs(self, node: L.IntervalJoin | L.WindowJoin | L.LatestJoin | L.Join,
                           factory: OperatorFactory, what: str) -> list[Pipeline]:
         """Both inputs get the hidden join keys, are exchanged by them, and feed ``factory``."""
         hidden = join_key_names(len(node.left_on))
@@ -450,6 +453,16 @@ class PhysicalPlanner:
         new = Pipeline([ShufflePort(stages[0]), ShufflePort(stages[1])])
         new.add(factory, node.label())
         return [new]
+
+    def _build_regular_join(self, node: L.Join) -> list[Pipeline]:
+        """A join of two streams in a streaming job: both sides exchanged by key into a
+        ``RegularJoin`` (keyed state, updates for outer joins)."""
+        lt, rt = node.time_columns
+        return self._keyed_two_inputs(node, OperatorFactory(
+            RegularJoin, list(node.left_on), list(node.right_on), node.how, node.suffix,
+            state_ttl=node.state_ttl, left_time=lt, right_time=rt,
+            emit_kinds=node.emits_updates,
+            input_schemas=(node.left.schema, node.right.schema)), "regular join")
 
     def _build_IntervalJoin(self, node: L.IntervalJoin) -> list[Pipeline]:
         return self._keyed_two_inputs(node, OperatorFactory(

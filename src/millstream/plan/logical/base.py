@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from functools import cached_property
+from typing import ClassVar
 
 import pyarrow as pa
 
@@ -16,7 +17,25 @@ from millstream.plan import schema as S
 
 @dataclass(frozen=True, eq=False)
 class Node:
-    """Base of logical plan nodes; ``children`` are the inputs."""
+    """Base of logical plan nodes; ``children`` are the inputs.
+
+    Updates (a streaming job's changelog rows, see ``core.changelog``): a node says
+    whether it takes them (``accepts_updates``) and whether its output carries them
+    (``emits_updates``); ``plan/updates.py`` checks a streaming plan and its sink with
+    these. In batch mode no node emits updates (results are final).
+    """
+
+    #: Whether the node takes input rows that are changes (-U/+U/-D), in a streaming job.
+    accepts_updates: ClassVar[bool] = False
+    #: Whether the node's output carries updates whatever its input (aggregates, ...).
+    produces_updates: ClassVar[bool] = False
+
+    @property
+    def emits_updates(self) -> bool:
+        """Whether, in a streaming job, the output may hold updates: the node produces
+        them, or takes them and passes its inputs' on."""
+        return self.produces_updates or (self.accepts_updates and
+                                         any(c.emits_updates for c in self.children))
 
     @property
     def children(self) -> tuple[Node, ...]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import pyarrow as pa
 
@@ -15,7 +15,7 @@ from millstream.expr.aggregates import AggSpec
 from millstream.expr.nodes import Expr
 from millstream.ops.narrow import function_name
 from millstream.plan import schema as S
-from millstream.plan.logical.base import Node, SameColumns, Unary, agg_text, spec_refs
+from millstream.plan.logical.base import Node, SameColumns, Scan, Unary, agg_text, spec_refs
 
 _ids = itertools.count(1)
 
@@ -226,9 +226,23 @@ class Distinct(Unary):
                                                              self.label())
 
 
+def reads_stream(node: Node) -> bool:
+    """Whether ``node`` reads an unbounded source."""
+    if isinstance(node, Scan):
+        return not node.source.bounded
+    return any(reads_stream(c) for c in node.children)
+
+
 @dataclass(frozen=True, eq=False)
 class Join(Node):
-    """Equi-join (inner, left, right, outer, semi, anti); null keys never match."""
+    """Equi-join (inner, left, right, outer, semi, anti); null keys never match.
+
+    In a streaming job it is a stream-table join (the bounded right side computed once and
+    broadcast) or, when the right side reads a stream or ``broadcast`` is False, a regular
+    join of two streams (:meth:`joins_streams`), whose state rows expire ``state_ttl`` µs
+    after their time: the event time of ``time_columns`` (each side's ``with_watermark``
+    column, when both have one) or their arrival.
+    """
 
     left: Node
     right: Node
@@ -238,6 +252,13 @@ class Join(Node):
     suffix: str = "_right"
     #: force (True) or forbid (False) broadcasting the right side; None: by size
     broadcast: bool | None = None
+    #: a streaming regular join's state time-to-live (µs; None: rows are kept for ever)
+    state_ttl: int | None = None
+    #: the (left, right) event-time columns its state TTL runs on (None: processing time)
+    time_columns: tuple[str | None, str | None] = (None, None)
+
+    #: a stream-table join passes its stream's changes on; a regular join takes them
+    accepts_updates: ClassVar[bool] = True
 
     @property
     def children(self) -> tuple[Node, ...]:
@@ -247,7 +268,24 @@ class Join(Node):
         return replace(self, left=children[0], right=children[1])
 
     def label(self) -> str:
-        return f"Join {self.how} left_on={list(self.left_on)} right_on={list(self.right_on)}"
+        ttl = f" state_ttl={self.state_ttl}us" if self.state_ttl else ""
+        return (f"Join {self.how} left_on={list(self.left_on)} right_on={list(self.right_on)}"
+                f"{ttl}")
+
+    def joins_streams(self) -> bool:
+        """In a streaming job: a regular join of two streams (keyed state on both sides)
+        rather than a stream-table join; when the right side reads an unbounded source or
+        ``broadcast`` is False."""
+        return self.broadcast is False or reads_stream(self.right)
+
+    @property
+    def emits_updates(self) -> bool:
+        """A regular outer join emits updates (an outer row taken back when its first
+        partner comes); an inner one passes its inputs' on; a stream-table join its
+        stream's (its bounded side runs as a batch job)."""
+        if not self.joins_streams():
+            return self.left.emits_updates
+        return self.how != "inner" or self.left.emits_updates or self.right.emits_updates
 
     def compute_schema(self) -> pa.Schema | None:
         left, right = self.left.checked_schema(), self.right.checked_schema()
