@@ -72,6 +72,11 @@ class ProcessRun:
     max_processes: int
     timed_out: bool
     stderr_tail: str
+    #: CPU seconds (user + system) of the process tree: the larger of what the OS reports
+    #: for the reaped child (and the descendants it reaped) and the sum of the last CPU
+    #: time sampled from each process of the tree (which sees processes the child never
+    #: reaped, such as a JVM, up to the last 50 ms sample).
+    cpu_s: float | None = None
 
 
 def _tree(proc: Any) -> list[Any]:
@@ -84,14 +89,24 @@ def _tree(proc: Any) -> list[Any]:
         return [proc]
 
 
-def _sample(procs: Sequence[Any], with_pss: bool) -> tuple[int, int | None, int]:
-    """Sum RSS (and PSS when asked) over a process tree; return (rss, pss, live count)."""
+def _sample(procs: Sequence[Any], with_pss: bool,
+            cpu: dict[int, float] | None = None) -> tuple[int, int | None, int]:
+    """Sum RSS (and PSS when asked) over a process tree; return (rss, pss, live count).
+
+    With ``cpu``, also record each process's CPU seconds so far (user + system) by PID.
+    """
     import psutil
 
     rss = 0
     pss: int | None = 0 if with_pss else None
     live = 0
     for p in procs:
+        if cpu is not None:
+            try:
+                t = p.cpu_times()
+                cpu[p.pid] = max(cpu.get(p.pid, 0.0), t.user + t.system)
+            except psutil.Error:
+                pass
         try:
             if with_pss:
                 info = p.memory_full_info()
@@ -123,10 +138,14 @@ def run_measured(
     log_path: Path | None = None,
     with_pss: bool = True,
 ) -> ProcessRun:
-    """Run a command in its own session, sampling the summed memory of its process tree."""
+    """Run a command in its own session, sampling the summed memory and the CPU time of
+    its process tree."""
+    import resource
+
     import psutil
 
     log = open(log_path, "wb") if log_path else subprocess.DEVNULL
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     popen = subprocess.Popen(
         list(cmd),
@@ -141,12 +160,13 @@ def run_measured(
     peak_rss = 0
     peak_pss: int | None = 0 if with_pss else None
     max_procs = 1
+    cpu_by_pid: dict[int, float] = {}
     stop = threading.Event()
 
     def sampler() -> None:
         nonlocal peak_rss, peak_pss, max_procs
         while not stop.is_set():
-            rss, pss, live = _sample(_tree(ps_proc), with_pss)
+            rss, pss, live = _sample(_tree(ps_proc), with_pss, cpu_by_pid)
             peak_rss = max(peak_rss, rss)
             if pss is None:
                 peak_pss = None
@@ -174,6 +194,8 @@ def run_measured(
             log.close()  # type: ignore[union-attr]
         # Our session may have left orphans behind (e.g. a JVM): end them, they are ours.
         _kill_session(popen)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    reaped = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     tail = ""
     if log_path and log_path.exists():
         tail = _tail(log_path, 40)
@@ -185,7 +207,25 @@ def run_measured(
         max_processes=max_procs,
         timed_out=timed_out,
         stderr_tail=tail,
+        cpu_s=max(reaped, sum(cpu_by_pid.values())),
     )
+
+
+def tree_cpu_seconds() -> float:
+    """CPU seconds (user + system) used so far by this process and its live descendants
+    (and the children they reaped): the difference of two calls is the CPU time of the
+    work in between, worker processes and JVMs included."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for p in _tree(me):
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+        except psutil.Error:
+            continue
+    return total
 
 
 def _kill_session(popen: subprocess.Popen[bytes]) -> None:
@@ -312,15 +352,17 @@ def run_worker(
     with_pss: bool,
     env: Mapping[str, str] | None = None,
     cleanup: Callable[[], None] | None = None,
+    interval_s: float = 0.05,
 ) -> tuple[dict[str, Any], ProcessRun]:
     """Run a worker subprocess (from the repository root), measured; return the outcome
     it wrote to ``result_file`` (``{}`` if none) and the measurement.
 
-    ``cleanup`` runs afterwards in any case (default: delete ``result_file``).
+    ``cleanup`` runs afterwards in any case (default: delete ``result_file``);
+    ``interval_s`` is the memory sampling period.
     """
     try:
         run = run_measured(cmd, env=env, cwd=str(REPO_DIR), timeout_s=timeout_s,
-                           log_path=log_path, with_pss=with_pss)
+                           log_path=log_path, with_pss=with_pss, interval_s=interval_s)
         try:
             outcome = json.loads(result_file.read_text() or "{}")
         except (OSError, ValueError):
@@ -429,6 +471,7 @@ class EngineResult:
     compute_s: list[float] = field(default_factory=list)
     peak_rss_mb: list[float] = field(default_factory=list)
     peak_pss_mb: list[float] = field(default_factory=list)
+    cpu_s: list[float] = field(default_factory=list)
     max_processes: int = 0
     checksum: dict[str, Any] | None = None
     details: dict[str, Any] = field(default_factory=dict)
@@ -451,6 +494,8 @@ class EngineResult:
         self.peak_rss_mb.append(run.peak_rss_mb)
         if run.peak_pss_mb is not None:
             self.peak_pss_mb.append(run.peak_pss_mb)
+        if run.cpu_s is not None:
+            self.cpu_s.append(run.cpu_s)
         self.max_processes = max(self.max_processes, run.max_processes)
 
     def to_json(self) -> dict[str, Any]:
@@ -460,6 +505,7 @@ class EngineResult:
         data["best_compute_s"] = self.best_compute
         data["max_peak_rss_mb"] = max(self.peak_rss_mb) if self.peak_rss_mb else None
         data["max_peak_pss_mb"] = max(self.peak_pss_mb) if self.peak_pss_mb else None
+        data["min_cpu_s"] = min(self.cpu_s) if self.cpu_s else None
         return data
 
 

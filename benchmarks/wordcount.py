@@ -511,8 +511,8 @@ def print_table(results: list[EngineResult]) -> None:
     """Print the summary table, with time ratios to Millstream."""
     ref = next((r for r in results if r.engine == REFERENCE_ENGINE and r.status == "ok"), None)
     ref_wall = ref.best_wall if ref else None
-    headers = ["engine", "wall s", "compute s", "x millstream", "peak RSS MB", "peak PSS MB",
-               "procs", "status"]  # fmt: skip
+    headers = ["engine", "wall s", "compute s", "cpu s", "x millstream", "peak RSS MB",
+               "peak PSS MB", "procs", "status"]  # fmt: skip
     rows = []
     for r in results:
         ok = r.status in ("ok", "WRONG")
@@ -523,6 +523,7 @@ def print_table(results: list[EngineResult]) -> None:
                 r.engine,
                 fmt_num(r.best_wall if ok else None, 2),
                 fmt_num(r.best_compute if ok else None, 2),
+                fmt_num(min(r.cpu_s) if ok and r.cpu_s else None, 2),
                 ratio,
                 fmt_num(max(r.peak_rss_mb) if ok and r.peak_rss_mb else None, 0),
                 fmt_num(max(r.peak_pss_mb) if ok and r.peak_pss_mb else None, 0),
@@ -534,7 +535,8 @@ def print_table(results: list[EngineResult]) -> None:
     print(format_table(headers, rows))
     print()
     print("wall = whole subprocess (interpreter start, imports, engine start, query, result in")
-    print("Python); compute = engine start + query; x millstream = wall / millstream wall;")
+    print("Python); compute = engine start + query; cpu = CPU seconds of the process tree")
+    print("(sampled, least of the repeats); x millstream = wall / millstream wall;")
     print("best of repeats for times, max of repeats for memory (sum over the process tree).")
 
 
@@ -580,6 +582,7 @@ def harness_main(args: argparse.Namespace) -> int:
                     "compute_s": float(outcome["compute_s"]),
                     "peak_rss_mb": run.peak_rss_mb,
                     "peak_pss_mb": run.peak_pss_mb,
+                    "cpu_s": run.cpu_s,
                     "processes": run.max_processes,
                     "details": res.details,
                 }
@@ -589,6 +592,7 @@ def harness_main(args: argparse.Namespace) -> int:
             verdict = "ok" if not problems else "WRONG RESULT"
             print(
                 f"{run.wall_s:.2f} s wall, {float(outcome['compute_s']):.2f} s compute, "
+                f"{run.cpu_s or 0:.2f} s cpu, "
                 f"peak RSS {run.peak_rss_mb:.0f} MB, {verdict}",
                 flush=True,
             )

@@ -13,9 +13,8 @@ import pytest
 
 from millstream import expr as E
 from millstream.errors import PlanError, SchemaError
-from millstream.expr.aggregates import AggExpr
 from millstream.expr.conditional import when
-from millstream.expr.nodes import Expr, col, lit, to_expr
+from millstream.expr.nodes import AggExpr, Expr, col, lit, to_expr
 
 INTS = [3, -7, None, 0, 12, -1]
 INTS2 = [2, 2, 5, None, -5, 0]
@@ -658,6 +657,7 @@ def test_aggregate_descriptors():
         (E.count("a"), "count", "a"),
         (E.count_distinct("a"), "count_distinct", "a"),
         (E.first("a"), "first", "a"),
+        (E.last("a"), "last", "a"),
         (E.collect_list("a"), "collect_list", "a"),
         (col("a").sum(), "sum", "a"),
         (col("a").mean(), "mean", "a"),
@@ -666,6 +666,7 @@ def test_aggregate_descriptors():
         (col("a").count(), "count", "a"),
         (col("a").count_distinct(), "count_distinct", "a"),
         (col("a").first(), "first", "a"),
+        (col("a").last(), "last", "a"),
         (col("a").collect_list(), "collect_list", "a"),
         ((col("a") * col("b")).sum(), "sum", "a"),
         (E.sum(col("a").alias("x")), "sum", "x"),
@@ -684,6 +685,6 @@ def test_aggregate_descriptors():
     assert repr(E.mean("a")) == 'col("a").mean()'
     assert (col("a") + col("b")).sum().columns() == {"a", "b"}
     with pytest.raises(PlanError):
-        AggExpr("median", col("a"))
+        AggExpr("no_such_aggregate", col("a"))
     with pytest.raises(PlanError):
         E.sum(3)

@@ -3,7 +3,8 @@ module imports itself back through others (no import cycles).
 
 Layers, lowest first (``docs/architecture.md``)::
 
-    errors < core < expr < io, ops < plan < runtime < runners < api < cli, ui, testing
+    errors < core < expr < io, ops < plan < runtime < runners < api < ui < testing
+        < millstream (the public names) < cli
 
 ``io`` and ``ops`` are peers: neither imports the other. Imports inside ``if
 TYPE_CHECKING:`` blocks are annotations only and do not count.
@@ -30,9 +31,9 @@ LAYERS = {
     "runtime": 5,
     "runners": 6,
     "api": 7,
-    "sql": 7,
+    "sql": 7.2,  # millstream.sql: SQL over the API (builds Datasets; the API never imports it)
     "cli": 8,
-    "ui": 8,
+    "ui": 7.2,  # the dashboard, on top of the API; ms.ui_url and the CLI use it
     "testing": 7.4,  # millstream.testing: the streaming test kit, on top of the API
     "__init__": 7.5,  # the public API (``import millstream as ms``): api, session, runners
     "__main__": 9,

@@ -6,6 +6,7 @@ import io
 import random
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 import millstream as ms
@@ -190,3 +191,32 @@ def test_driver_sinks_are_not_parallel_and_bad_sinks_are_refused():
         ms.sink(42)
     with pytest.raises(PlanError, match="num_rows"):
         ms.console(num_rows=0)
+
+
+@pytest.mark.parametrize("executor", ["inline", "parallel"])
+def test_an_immediate_sink_gets_rows_before_any_checkpoint(executor, tmp_path):
+    """delivery="immediate": every output batch reaches fn as soon as it is made, in the task
+    that made it, with no checkpoint to wait for (here: none in an hour)."""
+    import os
+    import time
+    import uuid
+
+    out = tmp_path / "got"
+    out.mkdir()
+
+    def deliver(table):  # runs in a worker process on the parallel executor
+        pq.write_table(table, out / f"{uuid.uuid4().hex}.parquet")
+
+    src = ms.from_generator(lambda i: {"id": i, "t": time.time()}, rate=2000)
+    job = src.start(sink=ms.sink(deliver, delivery="immediate"), executor=executor,
+                    checkpoint_interval="1h", max_batch_delay="5ms")
+    try:
+        deadline = time.monotonic() + 60
+        while len(os.listdir(out)) < 5 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        got = pa.concat_tables([pq.read_table(out / f) for f in os.listdir(out)])
+        assert got.num_rows > 0 and job.metrics()["checkpoints"] == 0
+    finally:
+        job.stop()
+    with pytest.raises(ms.PlanError, match="delivery must be"):
+        ms.sink(print, delivery="soon")

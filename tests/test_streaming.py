@@ -273,9 +273,13 @@ def test_generator_source_bounded_and_rate_limited(executor, tmp_path):
 
 
 def test_unsupported_streaming_plans_fail_clearly():
+    # (a non-windowed aggregate runs on a stream now: a changelog, see test_changelog.py)
     src = filled_source(_events(1, n_items=2))
-    with pytest.raises(ms.PlanError, match="window"):
-        src.dataset().group_by("k").agg(ms.count()).start()
+    with pytest.raises(ms.PlanError, match="Sort .* cannot run on an unbounded stream.*top_n"):
+        src.dataset().sort("ts").start()
+    with pytest.raises(ms.PlanError, match="Window .* cannot run on an unbounded stream"):
+        src.dataset().with_columns(ms.lag("ts").over(partition_by="k", order_by="ts")
+                                   .alias("prev")).start()
 
 
 # ------------------------------------------------------------------------------ Kafka

@@ -127,3 +127,17 @@ class FetchFailedError(NonRetryableError):
 
 class StorageNotFoundError(StorageError, FileNotFoundError):
     """A path, directory or glob pattern named no existing file."""
+
+
+class SQLError(PlanError):
+    """A SQL statement that cannot be parsed or translated (``ms.sql``): ``line`` and
+    ``column`` (1-based) say where, and the message shows the line with a caret under the
+    offending token, when the place is known."""
+
+    def __init__(self, message: str, *, line: int | None = None, column: int | None = None,
+                 context: str | None = None):
+        text = message if context is None else f"{message}\n{context}"
+        super().__init__(text)
+        self.reason = message
+        self.line = line
+        self.column = column

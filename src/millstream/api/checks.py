@@ -26,6 +26,8 @@ _CALLS = {
     "Limit": "limit", "Repartition": "repartition", "WithWatermark": "with_watermark",
     "WindowAggregate": "window(...).agg", "KeyedProcess": "group_by(...).process",
     "IntervalJoin": "interval_join", "WindowJoin": "window_join", "LatestJoin": "join_latest",
+    "Deduplicate": "drop_duplicates", "TopN": "top_n", "ToChangelog": "to_changelog",
+    "FromChangelog": "from_changelog",
 }
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -13,21 +13,20 @@ from typing import Any
 
 import pyarrow as pa
 
-from millstream.api import analytic, stream, stream_join
+from millstream.api import analytic, changelog, stream, stream_join
 from millstream.api.checks import check_aggregates, check_keys, check_node
 from millstream.core.arrow import batch_to_rows, format_table
-from millstream.core.units import parse_duration
 from millstream.errors import PlanError, SchemaError
-from millstream.expr.aggregates import AggExpr, AggSpec
+from millstream.expr.agg_functions import plan_aggregates
 from millstream.expr.analytic import AnalyticFunction
-from millstream.expr.nodes import Expr, col, to_expr
+from millstream.expr.nodes import Expr, col, contains_aggregate, to_expr
 from millstream.plan import logical as L
 from millstream.runtime import actions
 from millstream.runtime.session import effective_settings, get_session
 
 #: Rows a plan whose schema a Python function hides runs on to learn its columns.
 SCHEMA_SAMPLE_ROWS = 1000
-_HOW = ("inner", "left", "right", "outer", "full", "semi", "anti")
+_HOW = ("inner", "left", "right", "outer", "full", "semi", "anti", "cross")
 
 
 def _names(cols: Iterable[Any]) -> list[str]:
@@ -47,9 +46,6 @@ def _exprs(items: Sequence[Any], named: dict[str, Any]) -> list[Expr]:
     for it in items:
         if isinstance(it, (list, tuple)):
             exprs.extend(_exprs(it, {}))
-        elif isinstance(it, AggExpr):
-            raise PlanError(f"{it!r} is an aggregate; use it inside group_by(...).agg(...), "
-                            f"or over a window with .over(...)")
         elif isinstance(it, AnalyticFunction):
             raise PlanError(f"{it!r} is a window function: give it a window with "
                             f".over(partition_by=..., order_by=...)")
@@ -57,6 +53,10 @@ def _exprs(items: Sequence[Any], named: dict[str, Any]) -> list[Expr]:
             exprs.append(col(it) if isinstance(it, str) else to_expr(it))
     for name, e in named.items():
         exprs.append(to_expr(e).alias(name) if not isinstance(e, str) else col(e).alias(name))
+    for e in exprs:
+        if contains_aggregate(e):
+            raise PlanError(f"{e!r} is or holds an aggregate; use it inside "
+                            f"group_by(...).agg(...), or over a window with .over(...)")
     return exprs
 
 
@@ -175,15 +175,27 @@ class Dataset:
 
     groupby = group_by
 
-    def agg(self, *aggs: AggExpr, **named: AggExpr) -> Dataset:
-        """Aggregate the whole dataset into one row."""
+    def agg(self, *aggs: Expr, **named: Expr) -> Dataset:
+        """Aggregate the whole dataset into one row (aggregates, or expressions over them)."""
         return GroupedDataset(self, []).agg(*aggs, **named)
 
     def join(self, other: Dataset, on: str | Sequence[str] | None = None, how: str = "inner", *,
              left_on: str | Sequence[str] | None = None, right_on: str | Sequence[str] | None = None,
              suffix: str = "_right", broadcast: bool | None = None,
-             state_ttl: Any = None) -> Dataset:
-        """Equi-join with ``other`` (inner, left, right, outer, semi, anti); null keys never match.
+             condition: Expr | None = None, state_ttl: Any = None) -> Dataset:
+        """Join with ``other`` (inner, left, right, outer/full, semi, anti, cross).
+
+        Rows match on equal keys (``on=`` names on both sides, or ``left_on=``/``right_on=``;
+        null keys never match) and, with ``condition=``, where that boolean expression is
+        true for the pair: SQL's ``ON l.k = r.k AND <condition>``. An outer join emits a row
+        no pair satisfies null-extended; semi and anti joins keep the left rows that have
+        (or have no) such pair, as ``EXISTS``/``NOT EXISTS``. A join with a condition and no
+        keys (ranges, ``!=``) compares every pair (a nested loop over the broadcast side);
+        ``how="cross"`` (or :meth:`cross_join`) gives every pair.
+
+        The condition names columns as the inner join outputs them: the left side's names,
+        the right side's names, a right column whose name the left side has too with
+        ``suffix`` (``ms.col("x") != ms.col("x_right")``), a same-named key once.
 
         A side small enough (``broadcast_threshold``) is broadcast; otherwise both sides are
         shuffled by key. ``broadcast=True/False`` forces the choice for the right side.
@@ -203,28 +215,42 @@ class Dataset:
             raise PlanError(f"join() needs a Dataset, got {type(other).__name__}")
         if how not in _HOW:
             raise PlanError(f"join how={how!r} is not one of {', '.join(_HOW)}")
+        if condition is not None and not isinstance(condition, Expr):
+            raise PlanError(f"join condition must be an expression such as "
+                            f"ms.col('a') < ms.col('b'), got {condition!r}")
+        if how == "cross":
+            if on is not None or left_on is not None or right_on is not None \
+                    or condition is not None:
+                raise PlanError("a cross join pairs every row with every row: give no on=, "
+                                "left_on=, right_on= or condition= (use how='inner' with a "
+                                "condition to keep only some pairs)")
+            return Dataset(L.Join(self._node, other._node, (), (), "inner", suffix, broadcast))
         if on is not None:
             if left_on is not None or right_on is not None:
                 raise PlanError("join: give either on= or left_on=/right_on=, not both")
             lk = rk = [on] if isinstance(on, str) else list(on)
+        elif left_on is None and right_on is None and condition is not None:
+            lk = rk = []  # a join on the condition alone
         else:
             if left_on is None or right_on is None:
-                raise PlanError("join needs on= (same key names) or both left_on= and right_on=")
+                raise PlanError("join needs on= (same key names), both left_on= and "
+                                "right_on=, or a condition= (how='cross' for every pair)")
             lk = [left_on] if isinstance(left_on, str) else list(left_on)
             rk = [right_on] if isinstance(right_on, str) else list(right_on)
-        if len(lk) != len(rk) or not lk:
+        if len(lk) != len(rk) or (not lk and condition is None):
             raise PlanError(f"join: left keys {lk} and right keys {rk} must be non-empty and as many")
         how = "outer" if how == "full" else how
-        ttl, times = None, (None, None)
-        if state_ttl is not None:
-            ttl = parse_duration(state_ttl, "state_ttl")
-            if ttl <= 0:
-                raise PlanError(f"join: state_ttl must be a positive duration, got {state_ttl!r}")
-            lt, rt = stream.watermark_column(self._node), stream.watermark_column(other._node)
-            if lt is not None and rt is not None:
-                times = (lt, rt)
+        ttl, times = stream_join.join_state_ttl(self._node, other._node, state_ttl)
         return Dataset(L.Join(self._node, other._node, tuple(lk), tuple(rk), how, suffix,
-                              broadcast, ttl, times))
+                              broadcast, condition, ttl, times))
+
+    def cross_join(self, other: Dataset, *, suffix: str = "_right",
+                   broadcast: bool | None = None) -> Dataset:
+        """Every row of this dataset paired with every row of ``other`` (the cartesian
+        product; Spark's ``crossJoin``, Polars' ``how="cross"``). The smaller side is
+        broadcast to every partition of the other; right columns whose names the left side
+        has get ``suffix``."""
+        return self.join(other, how="cross", suffix=suffix, broadcast=broadcast)
 
     def sort(self, by: str | Sequence[str], descending: bool | Sequence[bool] = False,
              nulls_last: bool | None = None) -> Dataset:
@@ -318,6 +344,44 @@ class Dataset:
             self._node, changelog._node, on, left_on=left_on, right_on=right_on, how=how,
             version=version, deleted=deleted, suffix=suffix))
 
+    # --------------------------------------------------------- updates (changelog)
+    def drop_duplicates(self, subset: str | Sequence[str] | None = None, keep: str = "first",
+                        within: Any = None) -> Dataset:
+        """One row per distinct ``subset`` columns (all columns by default), as pandas'
+        ``drop_duplicates`` and Spark's ``dropDuplicates``.
+
+        ``keep="first"`` keeps each key's first row (in arrival order); on a stream it
+        passes first rows on as they come (append-only). ``keep="last"`` keeps the latest:
+        on a stream a key's new row updates its result (-U/+U). ``within`` ("1h", µs or a
+        timedelta) bounds a stream's state: a key is forgotten ``within`` after its kept
+        row, by event time if the stream has a watermark (``with_watermark``), else by
+        processing time; a later row of it then counts as new (a bounded input in batch
+        mode keeps every key).
+        """
+        return Dataset(changelog.drop_duplicates(self._node, subset, keep, within))
+
+    def top_n(self, n: int, by: str | Sequence[str], per: str | Sequence[str] | None = None,
+              descending: bool | Sequence[bool] = False, rank: str | None = None,
+              nulls_last: bool | None = None) -> Dataset:
+        """The first ``n`` rows of each group of ``per`` (of all rows without) in the order
+        of ``by`` (SQL's ``ROW_NUMBER() OVER (PARTITION BY per ORDER BY by) <= n``), with
+        their rank (1..n) in column ``rank`` if named. On a stream the result is updated
+        as rows come: -U/+U per rank that changes hands (or -D/+I without a rank column).
+        Ties keep arrival order."""
+        return Dataset(changelog.top_n(self._node, n, by, per, descending, rank, nulls_last))
+
+    def to_changelog(self, column: str = "change") -> Dataset:
+        """The changes of an updating stream as plain rows: each row's kind ("+I", "-U",
+        "+U", "-D") in ``column``; any step (a Python ``map``, a window, any sink) takes
+        them. Rows of an append-only input are "+I"."""
+        return Dataset(changelog.to_changelog(self._node, column))
+
+    def from_changelog(self, column: str = "change") -> Dataset:
+        """Rows that are changes: ``column`` ("+I", "-U", "+U", "-D") says what each is. An
+        aggregate over them takes retractions back; in batch mode the dataset is the rows
+        the changes leave."""
+        return Dataset(changelog.from_changelog(self._node, column))
+
     def start(self, checkpoint: str | None = None, checkpoint_interval: Any = "10s",
               sink: Any = None, **options: Any) -> Any:
         """Run as a streaming job; returns a StreamingJob (await_termination, stop, metrics)."""
@@ -350,7 +414,7 @@ class Dataset:
 
     def count(self, **options: Any) -> int:
         """Number of rows."""
-        from millstream.expr.nodes import count as count_all
+        from millstream.expr.agg_functions import count as count_all
 
         rows = self.agg(count_all().alias("count")).collect(**options)
         return int(rows[0]["count"]) if rows else 0
@@ -418,21 +482,27 @@ class GroupedDataset:
         self._ds = ds
         self._keys = keys
 
-    def agg(self, *aggs: AggExpr, **named: AggExpr) -> Dataset:
-        """Aggregate each group: ``agg(ms.sum("x"), ms.count().alias("n"), avg=ms.mean("y"))``."""
-        items: list[AggExpr] = []
+    def agg(self, *aggs: Expr, **named: Expr) -> Dataset:
+        """Aggregate each group: ``agg(ms.sum("x"), ms.count().alias("n"), avg=ms.mean("y"))``.
+
+        An item may also be an expression over aggregates, literals and the group keys,
+        ``(ms.sum("a") / ms.sum("b")).alias("ratio")``: the aggregates are computed (each
+        distinct one once), then the expressions from their results.
+        """
+        items: list[Any] = []
         for a in aggs:
             if isinstance(a, (list, tuple)):
                 items.extend(a)
             else:
                 items.append(a)
         for name, a in named.items():
-            if not isinstance(a, AggExpr):
+            if not isinstance(a, Expr) or not contains_aggregate(a):
                 raise PlanError(f"agg({name}=...) needs an aggregate such as ms.sum('x'), got {a!r}")
             items.append(a.alias(name))
         for a in items:
-            if not isinstance(a, AggExpr):
-                raise PlanError(f"agg() takes aggregates such as ms.sum('x') or ms.count(), got {a!r}")
+            if not isinstance(a, Expr) or not contains_aggregate(a):
+                raise PlanError(f"agg() takes aggregates such as ms.sum('x') or ms.count(), or "
+                                f"expressions over them, got {a!r}")
         ds = self._ds
         key_names: list[str] = []   # names the aggregation groups by
         out_names: list[str] = []   # names the keys have in the result
@@ -451,17 +521,20 @@ class GroupedDataset:
                 raise PlanError(f"group_by keys must be column names or expressions, got {k!r}")
         if computed:
             ds = ds.with_columns(*computed)
-        specs = tuple(AggSpec(a.func, a.arg, a.name) for a in items)
-        names = out_names + [s.name for s in specs]
+        renames = {t: o for t, o in zip(key_names, out_names) if t != o}
+        names = out_names + [it.output_name for it in items]
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
             raise PlanError(f"group_by/agg output has duplicate column name(s) {sorted(dupes)}; "
                             "use .alias(...) to name the aggregates")
-        if not specs and not key_names:
+        plan = plan_aggregates(items, key_names, "group_by(...).agg()",
+                               {o: t for t, o in renames.items()})
+        if not plan.specs and not key_names:
             raise PlanError("agg() needs at least one aggregate")
-        check_aggregates(ds._node, key_names, specs)
-        out = Dataset(L.Aggregate(ds._node, tuple(key_names), specs))
-        renames = {t: o for t, o in zip(key_names, out_names) if t != o}
+        check_aggregates(ds._node, key_names, plan.specs)
+        out = Dataset(L.Aggregate(ds._node, tuple(key_names), plan.specs))
+        if plan.projection is not None:
+            out = Dataset(L.Project(out._node, plan.projection))
         return out.rename(renames) if renames else out
 
     def window(self, window: Any, on: str | None = None,
@@ -477,7 +550,7 @@ class GroupedDataset:
 
     def count(self) -> Dataset:
         """Rows per group, in column ``count``."""
-        from millstream.expr.nodes import count as count_all
+        from millstream.expr.agg_functions import count as count_all
 
         return self.agg(count_all().alias("count"))
 

@@ -16,7 +16,8 @@ import pyarrow as pa
 
 from millstream.core.units import parse_duration
 from millstream.errors import PlanError
-from millstream.expr.aggregates import AggExpr, AggSpec
+from millstream.expr.agg_functions import plan_aggregates
+from millstream.expr.nodes import Expr, col, contains_aggregate
 from millstream.expr.windows import (
     CountTrigger,
     EventTimeTrigger,
@@ -103,20 +104,21 @@ def with_watermark(node: L.Node, column: str, delay: Duration = "5s",
     return L.WithWatermark(node, column, parse_duration(delay, "delay"), idle)
 
 
-def _specs(aggs: tuple[Any, ...], named: dict[str, Any]) -> tuple[AggSpec, ...]:
-    items: list[AggExpr] = []
+def _items(aggs: tuple[Any, ...], named: dict[str, Any]) -> list[Expr]:
+    items: list[Any] = []
     for a in aggs:
         items.extend(a if isinstance(a, (list, tuple)) else [a])
     for name, a in named.items():
-        if not isinstance(a, AggExpr):
+        if not isinstance(a, Expr) or not contains_aggregate(a):
             raise PlanError(f"agg({name}=...) needs an aggregate such as ms.sum('x'), got {a!r}")
         items.append(a.alias(name))
     for a in items:
-        if not isinstance(a, AggExpr):
-            raise PlanError(f"window(...).agg() takes aggregates such as ms.sum('x'), got {a!r}")
+        if not isinstance(a, Expr) or not contains_aggregate(a):
+            raise PlanError(f"window(...).agg() takes aggregates such as ms.sum('x'), or "
+                            f"expressions over them, got {a!r}")
     if not items:
         raise PlanError("window(...).agg() needs at least one aggregate")
-    return tuple(AggSpec(a.func, a.arg, a.name) for a in items)
+    return items
 
 
 def _string_keys(keys: list[Any], what: str) -> tuple[str, ...]:
@@ -140,13 +142,24 @@ class WindowedDataset:
     def agg(self, *aggs: Any, **named: Any) -> Dataset:
         """One row per key and window: ``window_start``, ``window_end``, keys, aggregates
         (global windows: one row per key and firing, keys and aggregates)."""
-        specs = _specs(aggs, named)
-        return type(self._ds)(L.WindowAggregate(self._ds._node, self._window, self._keys,
-                                                specs, self._on, self._lateness))
+        items = _items(aggs, named)
+        plan = plan_aggregates(items, list(self._keys), "window(...).agg()")
+        node: L.Node = L.WindowAggregate(self._ds._node, self._window, self._keys,
+                                         plan.specs, self._on, self._lateness)
+        if plan.projection is not None:
+            # expressions over aggregates: computed from the window's results, in agg() order
+            glob = isinstance(self._window, GlobalWindow)
+            flags = ((["is_update"] if self._window.accumulate else []) if glob else
+                     (["is_update"] + (["is_retraction"] if self._window.merging else [])
+                      if self._lateness > 0 else []))
+            bounds = [] if glob else ["window_start", "window_end"]
+            node = L.Project(node, (*(col(c) for c in bounds), *plan.projection,
+                                    *(col(c) for c in flags)))
+        return type(self._ds)(node)
 
     def count(self) -> Dataset:
         """Rows per key and window, in column ``count``."""
-        from millstream.expr.nodes import count
+        from millstream.expr.agg_functions import count
 
         return self.agg(count().alias("count"))
 

@@ -32,11 +32,12 @@ from typing import TYPE_CHECKING, Any
 from millstream.api.stream import watermark_column
 from millstream.core.units import parse_duration
 from millstream.errors import PlanError
+from millstream.expr.nodes import Alias, Column
 from millstream.expr.windows import Sliding, Tumbling, WindowAssigner
 from millstream.plan import logical as L
 
 if TYPE_CHECKING:
-    from millstream.io.stream_sinks import CallbackSink, ConsoleSink
+    from millstream.io.stream_sinks import ConsoleSink
 
 Duration = str | int | _dt.timedelta
 Keys = str | Sequence[str] | None
@@ -88,6 +89,47 @@ def _times(left: L.Node, right: L.Node, left_time: str | None, right_time: str |
         if not isinstance(t, str):
             raise PlanError(f"{what}: {arg} must be a column name, got {t!r}")
     return lt, rt
+
+
+def event_time_column(node: L.Node) -> str | None:
+    """The name, in ``node``'s output, of the column the nearest ``with_watermark``
+    upstream declared the event time: followed through renames and ``select`` aliases of
+    the plain column; None when there is none or a step drops or recomputes it."""
+    path: list[L.Node] = []
+    while not isinstance(node, L.WithWatermark):
+        if isinstance(node, (L.WindowAggregate, L.KeyedProcess)) or len(node.children) != 1:
+            return None
+        path.append(node)
+        node = node.children[0]
+    name: str | None = node.column
+    for step in reversed(path):
+        if isinstance(step, L.Rename):
+            name = dict(step.mapping).get(name, name)
+        elif isinstance(step, L.Project):
+            name = next((e.output_name for e in step.exprs
+                         if isinstance(e.child if isinstance(e, Alias) else e, Column)
+                         and (e.child if isinstance(e, Alias) else e).name == name), None)
+        elif isinstance(step, L.Drop):
+            name = None if name in step.columns else name
+        elif isinstance(step, L.WithColumns):
+            name = None if name in step.produced() else name
+        if name is None:
+            return None
+    return name
+
+
+def join_state_ttl(left: L.Node, right: L.Node, state_ttl: Duration | None
+                   ) -> tuple[int | None, tuple[str | None, str | None]]:
+    """A join's ``state_ttl`` in µs and the (left, right) event-time columns it runs on:
+    each input's ``with_watermark`` column when both carry theirs, else (None, None) and
+    the TTL runs on processing time."""
+    if state_ttl is None:
+        return None, (None, None)
+    ttl = parse_duration(state_ttl, "state_ttl")
+    if ttl <= 0:
+        raise PlanError(f"join: state_ttl must be a positive duration, got {state_ttl!r}")
+    lt, rt = event_time_column(left), event_time_column(right)
+    return ttl, ((lt, rt) if lt is not None and rt is not None else (None, None))
 
 
 def _how(how: str, allowed: tuple[str, ...], what: str) -> str:
@@ -171,16 +213,25 @@ def join_latest(left: L.Node, changelog: L.Node, on: Keys = None, *, left_on: Ke
                         version, deleted)
 
 
-def sink(fn: Callable[..., Any], skip_empty: bool = True) -> CallbackSink:
-    """A streaming sink calling ``fn(table)`` or ``fn(table, epoch)`` once per committed epoch.
+def sink(fn: Callable[..., Any], skip_empty: bool = True, delivery: str = "committed") -> Any:
+    """A streaming sink calling ``fn`` with the job's rows, as one ``pyarrow.Table``.
 
-    ``fn`` runs in the driver after the epoch's checkpoint is complete, with the epoch's
-    rows as one ``pyarrow.Table`` (like Spark's ``foreachBatch``). After a restart the
-    last checkpointed epoch may be delivered again with the same rows and epoch number:
-    at-least-once, or exactly-once when ``fn`` is idempotent per epoch.
+    ``delivery="committed"`` (the default): ``fn(table)`` or ``fn(table, epoch)`` once per
+    committed epoch, in the driver, after the epoch's checkpoint is complete (like Spark's
+    ``foreachBatch``); after a restart an epoch may be delivered again with the same rows
+    and epoch number: at-least-once, or exactly-once when ``fn`` is idempotent per epoch.
+    ``delivery="immediate"``: ``fn(table)`` with every output batch as soon as it is made,
+    in the task that made it (a worker process on the parallel executor): the lowest
+    latency, at-least-once (rows replayed after a restart come again).
     """
-    from millstream.io.stream_sinks import CallbackSink
+    from millstream.errors import PlanError
+    from millstream.io.stream_sinks import CallbackSink, ImmediateSink
 
+    if delivery == "immediate":
+        return ImmediateSink(fn)
+    if delivery != "committed":
+        raise PlanError(f"ms.sink: delivery must be 'committed' or 'immediate', got "
+                        f"{delivery!r}")
     return CallbackSink(fn, skip_empty=skip_empty)
 
 

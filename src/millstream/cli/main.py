@@ -3,8 +3,15 @@
     millstream mapreduce path/to/job.py:WordCount INPUT... -o OUTPUT [--reducers N]
               [--runner local|ray] [--address HOST:PORT] [--format text|parquet] [--mode error|overwrite]
               [--parallelism N] [--memory-limit 2GB] [--max-task-attempts 4]
+    millstream sql "SELECT ... FROM 'data/*.parquet'" | -f query.sql [-o out.parquet]
+              [--table NAME=PATH ...] [--explain] [--dialect duckdb] [--max-rows 50]
+              [--runner local|ray] [--address HOST:PORT] [--mode error|overwrite|append]
 
-Progress and the job's counters go to stderr; the output is committed atomically.
+    millstream ui --history DIR [--host 127.0.0.1] [--port 18080]
+
+Progress and the job's counters go to stderr; the output is committed atomically. ``ui``
+serves the dashboard's pages for the jobs whose event logs are in DIR (a path or storage
+URI that ``ms.init(event_log_dir=...)`` wrote), until interrupted.
 """
 
 from __future__ import annotations
@@ -156,6 +163,126 @@ def cmd_mapreduce(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    """Serve the dashboard over the event logs in ``--history`` until interrupted."""
+    import signal
+    import threading
+
+    try:
+        from millstream.ui.history import serve_history
+    except ImportError as exc:  # pragma: no cover - the package itself is broken
+        print(f"millstream ui: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        server, loader = serve_history(args.history, args.host, args.port)
+    except ImportError:
+        print("millstream ui: the dashboard needs its server library: "
+              "pip install 'millstream[ui]'", file=sys.stderr)
+        return EXIT_FAILED
+    except (FileNotFoundError, OSError) as exc:
+        print(f"millstream ui: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"millstream: history server for {args.history} at {server.url}", flush=True)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    try:
+        done.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        loader.stop()
+        server.stop()
+    return EXIT_OK
+
+
+def _session_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``ms.init`` options from the runner arguments (None after printing a usage error)."""
+    options: dict[str, Any] = {"runner": args.runner}
+    if args.address is not None:
+        if args.runner != "ray":
+            print("millstream: --address needs --runner ray", file=sys.stderr)
+            return None
+        options["address"] = args.address
+    if args.parallelism is not None:
+        options["parallelism"] = args.parallelism
+    if args.memory_limit is not None:
+        options["memory_limit"] = args.memory_limit
+    options["progress"] = args.progress
+    return options
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    """Run SQL: print the result as a table, write it (-o), or print the plans."""
+    import millstream as ms
+    from millstream.errors import MillstreamError, OutputExistsError
+
+    if (args.query is None) == (args.file is None):
+        raise CliError("give the query as an argument or with -f FILE (one of them)")
+    if args.file is not None:
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                query = f.read()
+        except OSError as exc:
+            raise CliError(f"cannot read {args.file}: {exc}") from exc
+    else:
+        query = args.query
+    tables = {}
+    for spec in args.table or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise CliError(f"--table {spec!r}: expected NAME=PATH")
+        tables[name] = path
+    options = _session_options(args)
+    if options is None:
+        return EXIT_USAGE
+    err = sys.stderr
+    try:
+        ms.init(**options)
+    except (MillstreamError, TypeError, ValueError) as exc:
+        print(f"millstream: {exc}", file=err)
+        return EXIT_FAILED
+    try:
+        for name, path in tables.items():
+            ms.register(name, path)
+        ds = ms.sql(query, dialect=args.dialect)
+        if ds is None:
+            print("OK", file=err)
+            return EXIT_OK
+        if args.explain:
+            print(ds.explain(print_plan=False))
+            return EXIT_OK
+        if args.output is not None:
+            fmt = args.format or _format_of(args.output)
+            writer = {"parquet": ds.write_parquet, "csv": ds.write_csv,
+                      "json": ds.write_json}[fmt]
+            t0 = time.perf_counter()
+            writer(args.output, mode=args.mode)
+            print(f"Wrote {args.output} ({fmt}) in {time.perf_counter() - t0:.2f}s", file=err)
+            return EXIT_OK
+        from millstream.core.arrow import format_table
+
+        table = ds.limit(args.max_rows + 1).to_arrow()
+        print(format_table(table, args.max_rows, truncate=False))
+        if table.num_rows > args.max_rows:
+            print(f"(only the first {args.max_rows} rows; --max-rows N shows more)", file=err)
+        return EXIT_OK
+    except OutputExistsError as exc:
+        print(f"millstream sql: {cli_spelling(str(exc))}", file=err)
+        return EXIT_FAILED
+    except MillstreamError as exc:
+        print(f"millstream sql: {exc}", file=err)
+        return EXIT_FAILED
+    finally:
+        ms.shutdown()
+
+
+def _format_of(path: str) -> str:
+    from millstream.sql.catalog import format_of
+
+    fmt = format_of(path)
+    return fmt if fmt in ("parquet", "csv", "json") else "parquet"
+
+
 def cli_spelling(message: str) -> str:
     """An error's hint in the command line's words (``--mode overwrite``, not Python's
     ``mode="overwrite"``)."""
@@ -226,6 +353,41 @@ def build_parser() -> argparse.ArgumentParser:
     mr.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                     help="live progress bars (default: when stderr is a terminal)")
     mr.set_defaults(func=cmd_mapreduce)
+    ui = sub.add_parser("ui", help="serve the dashboard for finished jobs (history server)",
+                        description="Serve the dashboard's pages for the jobs whose event logs "
+                                    "(ms.init(event_log_dir=...)) are in DIR.")
+    ui.add_argument("--history", required=True, metavar="DIR",
+                    help="the event log directory (a path or storage URI)")
+    ui.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (not loopback: a token is required)")
+    ui.add_argument("--port", type=int, default=18080, help="port (0: a free one)")
+    ui.set_defaults(func=cmd_ui)
+
+
+    sq = sub.add_parser("sql", help="run a SQL query",
+                        description="Run SQL (DuckDB's dialect by default) over files named in "
+                                    "FROM ('data/*.parquet') or registered with --table; print "
+                                    "the result, write it with -o, or print the plans.")
+    sq.add_argument("query", nargs="?", default=None, help="the SQL text (or use -f)")
+    sq.add_argument("-f", "--file", default=None, help="read the SQL from this file")
+    sq.add_argument("-o", "--output", default=None,
+                    help="write the result here (format from the extension, or --format)")
+    sq.add_argument("--format", choices=("parquet", "csv", "json"), default=None)
+    sq.add_argument("--mode", choices=("error", "overwrite", "append"), default="error",
+                    help="when the output exists: fail (default), replace it, or add to it")
+    sq.add_argument("-t", "--table", action="append", metavar="NAME=PATH",
+                    help="a table the query names, read from files (repeatable)")
+    sq.add_argument("--explain", action="store_true", help="print the plans instead of running")
+    sq.add_argument("--dialect", default=None, help="SQL dialect (duckdb, spark, postgres ...)")
+    sq.add_argument("--max-rows", type=_positive, default=50, help="rows to print")
+    sq.add_argument("--runner", choices=("local", "ray"), default="local")
+    sq.add_argument("--address", default=None,
+                    help="Ray cluster address (HOST:PORT or 'auto'); default: start a local Ray")
+    sq.add_argument("--parallelism", type=_positive, default=None, help="worker processes")
+    sq.add_argument("--memory-limit", default=None, help="e.g. 2GB (shared by the workers)")
+    sq.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                    help="live progress bars (default: when stderr is a terminal)")
+    sq.set_defaults(func=cmd_sql)
     return parser
 
 

@@ -188,7 +188,8 @@ def table_to_batches(table: pa.Table, max_rows: int = 65536) -> list[pa.RecordBa
 
 
 def normalize_key(arr: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
-    """A key column as grouping and joining compare it: dictionaries decoded, -0.0 as 0.0.
+    """A key column as grouping and joining compare it: dictionaries decoded, string and
+    binary views as plain strings and binaries, -0.0 as 0.0.
 
     Arrow's hash kernels compare floats bit by bit, so -0.0 and 0.0 would form two groups
     and never join; SQL (and our partitioner) treats them as equal.
@@ -198,6 +199,10 @@ def normalize_key(arr: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray
     t = arr.type
     if pa.types.is_dictionary(t):
         arr = arr.cast(t.value_type)
+        t = arr.type
+    if pa.types.is_string_view(t) or pa.types.is_binary_view(t):
+        # Arrow's take and filter kernels have no view types yet (shuffles and merges take)
+        arr = arr.cast(pa.string() if pa.types.is_string_view(t) else pa.binary())
         t = arr.type
     if pa.types.is_floating(t):
         zero = pa.scalar(0.0, t)

@@ -16,15 +16,41 @@ Conventions:
 - Every expression is an immutable tree of plain objects that pickles with ``pickle``
   and ``cloudpickle``; operations are stored by name, never as functions.
 
-Modules, lowest first: ``types`` (parse_type, datum helpers), ``registry`` (the table of
-named operations), ``functions``, ``strings`` and ``datetime`` (the registered operations,
-and the ``.str`` and ``.dt`` namespaces), ``aggregates`` (AggExpr, AggSpec), ``nodes``
-(Expr, Column, Literal, Alias, the operation node; col, lit, sum, mean, ...),
-``conditional`` (when/otherwise) and ``analytic`` (window functions: ``row_number()``,
-``lag(...)``, ``sum(...).over(...)``, frames).
+Modules, lowest first: ``types`` (parse_type, datum helpers), ``decimals`` (the decimal
+typing rules of arithmetic), ``registry`` (the table of named operations), ``functions``,
+``strings`` and ``datetime`` (the registered operations, and the ``.str`` and ``.dt``
+namespaces), ``aggregates`` (the aggregate functions' names and parameters, AggSpec),
+``nodes`` (Expr, Column, Literal, Alias, the operation node, AggExpr; col, lit),
+``conditional`` (when/otherwise), ``numeric``, ``text`` and ``temporal`` (more operations
+with SQL's meaning: rounding, LIKE, interval arithmetic, EXTRACT ...), ``agg_functions``
+(sum, mean, std, quantile, ...; the planning of ``agg(...)`` items that are expressions
+over aggregates) and ``analytic`` (window functions: ``row_number()``, ``lag(...)``,
+``sum(...).over(...)``, frames).
 """
 
-from millstream.expr.aggregates import AggExpr, AggSpec
+from millstream.expr import numeric, temporal, text  # noqa: F401 - register their operations
+from millstream.expr.agg_functions import (
+    any_value,
+    approx_count_distinct,
+    approx_quantile,
+    avg,
+    collect_list,
+    count,
+    count_distinct,
+    first,
+    last,
+    max,
+    mean,
+    median,
+    min,
+    quantile,
+    std,
+    stddev,
+    sum,
+    var,
+    variance,
+)
+from millstream.expr.aggregates import AggSpec
 from millstream.expr.analytic import (
     AnalyticFunction,
     Frame,
@@ -45,24 +71,7 @@ from millstream.expr.analytic import (
     rows,
 )
 from millstream.expr.conditional import When, when
-from millstream.expr.nodes import (
-    Alias,
-    Column,
-    Expr,
-    Literal,
-    avg,
-    col,
-    collect_list,
-    count,
-    count_distinct,
-    first,
-    lit,
-    max,
-    mean,
-    min,
-    sum,
-    to_expr,
-)
+from millstream.expr.nodes import AggExpr, Alias, Column, Expr, Literal, col, lit, to_expr
 from millstream.expr.types import parse_type
 
 __all__ = [
@@ -77,6 +86,9 @@ __all__ = [
     "Expr",
     "Literal",
     "When",
+    "any_value",
+    "approx_count_distinct",
+    "approx_quantile",
     "avg",
     "col",
     "collect_list",
@@ -87,11 +99,13 @@ __all__ = [
     "first",
     "first_value",
     "lag",
+    "last",
     "last_value",
     "lead",
     "lit",
     "max",
     "mean",
+    "median",
     "min",
     "nth_value",
     "ntile",
@@ -101,7 +115,12 @@ __all__ = [
     "rank",
     "row_number",
     "rows",
+    "quantile",
+    "std",
+    "stddev",
     "sum",
     "to_expr",
+    "var",
+    "variance",
     "when",
 ]

@@ -1,132 +1,98 @@
-"""Aggregates: what a group-by or a window computes per group.
+"""Aggregate functions: their names, their parameters, and :class:`AggSpec`, the resolved
+aggregate the logical plan holds and the aggregation operators (``ops.aggregate``,
+``ops.window``) compute.
 
-- :class:`AggExpr` is the user's descriptor (``ms.sum("x").alias("total")``,
-  ``col("x").max()``); the constructors ``ms.sum``/``ms.mean``/... are in ``expr.nodes``.
-- :class:`AggSpec` is the resolved form the logical plan holds and the aggregation
-  operators (``ops.aggregate``, ``ops.window``) compute.
-- :class:`AggregateMethods` gives :class:`~millstream.expr.nodes.Expr` its aggregate methods;
-  it lives here so that this module needs nothing from ``expr.nodes``.
+The user-facing side lives above this module: :class:`~millstream.expr.nodes.AggExpr` is the
+aggregate as an expression node (``ms.sum("x")``, ``col("x").std()``, and expressions over
+aggregates such as ``ms.sum("a") / ms.sum("b")``), and ``expr.agg_functions`` holds the
+constructors and turns ``agg(...)`` items into specs plus a projection.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+import math
+from dataclasses import dataclass, field
+from typing import Any
 
 from millstream.errors import PlanError
-from millstream.expr.types import _q
-
-if TYPE_CHECKING:
-    from millstream.expr.nodes import Expr
+from millstream.expr.types import _fmt
 
 #: the aggregate functions, in the order error messages list them
 SUPPORTED = ("sum", "mean", "min", "max", "count", "count_all", "count_distinct", "first",
-             "collect_list")
+             "last", "collect_list", "any_value", "std", "var", "median", "quantile",
+             "approx_count_distinct", "approx_quantile")
 AGG_FUNCS = frozenset(SUPPORTED)
+
+#: the parameters each function takes, with their defaults
+PARAMS: dict[str, dict[str, Any]] = {
+    "std": {"ddof": 1},
+    "var": {"ddof": 1},
+    "quantile": {"q": None, "interpolation": "linear"},
+    "approx_quantile": {"q": None},
+}
+
+#: how ``quantile`` picks a value between the two closest ranks: "linear" (DuckDB's
+#: ``quantile_cont``, Spark's ``percentile``), "discrete" (SQL's ``percentile_disc``, DuckDB's
+#: ``quantile_disc``: the first value whose cumulative share reaches q), and numpy's "lower",
+#: "higher", "midpoint", "nearest"
+INTERPOLATIONS = ("linear", "discrete", "lower", "higher", "midpoint", "nearest")
+
+
+def check_params(func: str, params: dict[str, Any] | None) -> dict[str, Any]:
+    """The parameters of an aggregate with defaults filled in; PlanError when one is bad."""
+    allowed = PARAMS.get(func, {})
+    given = dict(params or {})
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise PlanError(f"{func}() takes no parameter(s) {unknown}"
+                        + (f"; it takes {sorted(allowed)}" if allowed else ""))
+    out = {**allowed, **given}
+    if "ddof" in out:
+        ddof = out["ddof"]
+        if isinstance(ddof, bool) or not isinstance(ddof, int) or ddof < 0:
+            raise PlanError(f"{func}(): ddof must be a non-negative int, got {ddof!r}")
+    if "q" in out:
+        q = out["q"]
+        if isinstance(q, bool) or not isinstance(q, (int, float)) or math.isnan(q) \
+                or not 0.0 <= q <= 1.0:
+            raise PlanError(f"{func}(): q must be a number between 0 and 1, got {q!r}")
+        out["q"] = float(q)
+    if "interpolation" in out and out["interpolation"] not in INTERPOLATIONS:
+        raise PlanError(f"{func}(): interpolation must be one of {list(INTERPOLATIONS)}, got "
+                        f"{out['interpolation']!r}")
+    return out
+
+
+def params_text(func: str, params: dict[str, Any]) -> str:
+    """The parameters as they print in a call: positional ``q``, others only when not default."""
+    defaults = PARAMS.get(func, {})
+    parts = []
+    for k, v in params.items():
+        if k == "q":
+            parts.insert(0, _fmt(v))
+        elif v != defaults.get(k):
+            parts.append(f"{k}={_fmt(v)}")
+    return ", ".join(parts)
 
 
 @dataclass
 class AggSpec:
-    """A resolved aggregate: function, input (an expression, or None for count(*)), output name."""
+    """A resolved aggregate: function, input (an expression, or None for count(*)), output
+    name, and the function's parameters (``q`` of a quantile, ``ddof`` of std and var)."""
 
     func: str
     arg: Any  # Expr or None
     name: str
+    params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.func not in SUPPORTED:
             raise PlanError(f"unknown aggregate {self.func!r}; supported: {', '.join(SUPPORTED)}")
+        self.params = check_params(self.func, self.params)
 
-
-#: builds ``AggExpr.over``'s window expression; ``expr.analytic`` (which sits above this
-#: module) registers it when the package loads
-_window_constructor: Callable[..., Any] | None = None
-
-
-def register_window_constructor(fn: Callable[..., Any]) -> None:
-    """Called by ``expr.analytic``: ``fn(agg, partition_by, order_by, **options)``."""
-    global _window_constructor
-    _window_constructor = fn
-
-
-class AggregateMethods:
-    """The aggregate methods of an expression (descriptors; the engine computes them).
-
-    :class:`~millstream.expr.nodes.Expr` is the one class that mixes this in, so an instance
-    of it is an ``Expr``.
-    """
-
-    def sum(self) -> AggExpr:
-        """Sum of non-null values."""
-        return AggExpr("sum", self)
-
-    def mean(self) -> AggExpr:
-        """Mean of non-null values."""
-        return AggExpr("mean", self)
-
-    def min(self) -> AggExpr:
-        """Smallest non-null value."""
-        return AggExpr("min", self)
-
-    def max(self) -> AggExpr:
-        """Largest non-null value."""
-        return AggExpr("max", self)
-
-    def count(self) -> AggExpr:
-        """Number of non-null values."""
-        return AggExpr("count", self)
-
-    def count_distinct(self) -> AggExpr:
-        """Number of distinct non-null values."""
-        return AggExpr("count_distinct", self)
-
-    def first(self) -> AggExpr:
-        """First value of the group."""
-        return AggExpr("first", self)
-
-    def collect_list(self) -> AggExpr:
-        """All values of the group as a list."""
-        return AggExpr("collect_list", self)
-
-
-class AggExpr:
-    """An aggregate descriptor: func applied to arg, output column name; the engine computes it."""
-
-    def __init__(self, func: str, arg: Expr | None, name: str | None = None):
-        if func not in AGG_FUNCS:
-            raise PlanError(f"unknown aggregate {func!r}; expected one of {sorted(AGG_FUNCS)}")
-        if (arg is None) != (func == "count_all"):
-            raise PlanError("count_all takes no argument; every other aggregate takes one")
-        if arg is not None and not isinstance(arg, AggregateMethods):  # i.e. an Expr
-            raise PlanError(f"aggregate argument must be an Expr, got {arg!r}")
-        self.func = func
-        self.arg = arg
-        self.name = name if name is not None else self.default_name
-
-    @property
-    def default_name(self) -> str:
-        """The name used without alias: the input's output_name, or "count" for count_all."""
-        return "count" if self.arg is None else self.arg.output_name
-
-    def alias(self, name: str) -> AggExpr:
-        """The same aggregate with another output name."""
-        return AggExpr(self.func, self.arg, name)
-
-    def columns(self) -> set[str]:
-        """Names of the columns the aggregate reads."""
-        return set() if self.arg is None else self.arg.columns()
-
-    def over(self, partition_by: Any = None, order_by: Any = None, **options: Any) -> Expr:
-        """This aggregate over a window of rows around each row (SQL's ``OVER (...)``):
-        ``ms.sum("v").over(partition_by="k", order_by="t", frame=ms.rows(-2, 0))``; see
-        :mod:`millstream.expr.analytic`."""
-        if _window_constructor is None:  # pragma: no cover - the package loads it
-            raise PlanError("window functions are not loaded: import millstream.expr.analytic")
-        return _window_constructor(self, partition_by, order_by, **options)
-
-    def __repr__(self) -> str:
-        s = "count()" if self.arg is None else f"{self.arg!r}.{self.func}()"
-        if self.name != self.default_name:
-            s += f".alias({_q(self.name)})"
-        return s
+    def text(self) -> str:
+        """``func(arg, params)`` as explain() prints it."""
+        if self.arg is None:
+            return "count(*)"
+        extra = params_text(self.func, self.params)
+        return f"{self.func}({self.arg!r}{', ' + extra if extra else ''})"

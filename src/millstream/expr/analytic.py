@@ -35,9 +35,8 @@ import pyarrow as pa
 
 from millstream.core.units import format_duration, parse_duration
 from millstream.errors import PlanError
-from millstream.expr import aggregates as _aggregates
-from millstream.expr.aggregates import AggExpr
-from millstream.expr.nodes import Column, Expr, _lit_or_expr, to_expr
+from millstream.expr import nodes as _nodes
+from millstream.expr.nodes import AggExpr, Column, Expr, _lit_or_expr, to_expr
 from millstream.expr.types import Datum, _q
 
 #: functions that look at positions and peers only: a frame does not apply to them
@@ -427,4 +426,4 @@ def _aggregate_over(agg: AggExpr, partition_by: Any = None, order_by: Any = None
     return WindowExpr(func, agg.arg, spec, name=name)
 
 
-_aggregates.register_window_constructor(_aggregate_over)
+_nodes.register_window_constructor(_aggregate_over)

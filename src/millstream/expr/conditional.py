@@ -54,23 +54,23 @@ class When(Expr):
                     f"{result.type}): {e}") from e
         return result
 
-    def to_arrow(self) -> pc.Expression | None:
+    def to_arrow(self, schema: pa.Schema | None = None) -> pc.Expression | None:
         """The same expression as nested pyarrow.compute if_else Expressions."""
         if self.otherwise_value is None:
             result = pc.scalar(None)
         else:
-            result = self.otherwise_value.to_arrow()
+            result = self.otherwise_value.to_arrow(schema)
         if result is None:
             return None
         for cond, value in reversed(self.branches):
             if isinstance(cond, Literal) and pa.types.is_null(cond.scalar.type):
                 c = pc.scalar(False)
             else:
-                c = cond.to_arrow()
+                c = cond.to_arrow(schema)
                 if c is None:
                     return None
                 c = pc.coalesce(c, pc.scalar(False))
-            v = value.to_arrow()
+            v = value.to_arrow(schema)
             if v is None:
                 return None
             result = pc.if_else(c, v, result)

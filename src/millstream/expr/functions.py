@@ -1,5 +1,6 @@
 """The registered scalar operations on values: arithmetic (Python semantics for ``//`` and
-``%``), comparisons, Kleene boolean logic, null handling, ``is_in`` and ``cast``."""
+``%``; decimals typed as Spark and DuckDB type them, see ``expr.decimals``; ``/`` gives
+float64), comparisons, Kleene boolean logic, null handling, ``is_in`` and ``cast``."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from millstream.expr import decimals
 from millstream.expr.registry import _register
 from millstream.expr.types import _F64, _NULL_BOOL, Datum, _broadcast, _to_f64, _to_float
 
@@ -40,11 +42,22 @@ def _py_divmod(kind: str, a: Datum, b: Datum, n: int) -> Datum:
     return pa.array(out, type=t, mask=mask)
 
 
-_register("add", "bin", "+", lambda v, p, n: pc.add_checked(v[0], v[1]),
+def _arith(op: str, fn: Any) -> Any:
+    """Checked arithmetic; decimals typed as Spark and DuckDB type them (``expr.decimals``)."""
+
+    def ev(v: list[Datum], p: dict[str, Any], n: int) -> Datum:
+        if pa.types.is_decimal(v[0].type) or pa.types.is_decimal(v[1].type):
+            return decimals.arith(op, v[0], v[1])
+        return fn(v[0], v[1])
+
+    return ev
+
+
+_register("add", "bin", "+", _arith("add", pc.add_checked),
           lambda e, p: pc.add_checked(e[0], e[1]))
-_register("sub", "bin", "-", lambda v, p, n: pc.subtract_checked(v[0], v[1]),
+_register("sub", "bin", "-", _arith("sub", pc.subtract_checked),
           lambda e, p: pc.subtract_checked(e[0], e[1]))
-_register("mul", "bin", "*", lambda v, p, n: pc.multiply_checked(v[0], v[1]),
+_register("mul", "bin", "*", _arith("mul", pc.multiply_checked),
           lambda e, p: pc.multiply_checked(e[0], e[1]))
 _register("truediv", "bin", "/", lambda v, p, n: pc.divide(_to_float(v[0]), _to_float(v[1])),
           lambda e, p: pc.divide(e[0].cast(_F64), e[1].cast(_F64)))
@@ -67,7 +80,7 @@ for _name, _sym, _fn in [("eq", "==", pc.equal), ("ne", "!=", pc.not_equal), ("l
                          ("le", "<=", pc.less_equal), ("gt", ">", pc.greater),
                          ("ge", ">=", pc.greater_equal)]:
     _register(_name, "bin", _sym,
-              (lambda f: lambda v, p, n: f(v[0], v[1]))(_fn),
+              (lambda f: lambda v, p, n: f(*decimals.comparable(v[0], v[1])))(_fn),
               (lambda f: lambda e, p: f(e[0], e[1]))(_fn))
 
 _register("and", "bin", "&", lambda v, p, n: pc.and_kleene(v[0], v[1]),
@@ -115,9 +128,15 @@ def _is_in_arrow(e: list[pc.Expression], p: dict[str, Any]) -> pc.Expression | N
         hit = pc.scalar(False)
     else:
         try:
-            value_set = pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
-            return None
+            # typed as the column when its type is known (a decimal column's set must be
+            # decimals: Arrow cannot compare it with integers in a scan)
+            value_set = pa.array(values, type=p.get("value_type"))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError,
+                ValueError, OverflowError):
+            try:
+                value_set = pa.array(values)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+                return None
         hit = pc.is_in(e[0], value_set=value_set, skip_nulls=True)
     return pc.if_else(pc.is_valid(e[0]), hit, pc.scalar(_NULL_BOOL))
 

@@ -1,11 +1,9 @@
 """The expression tree: the :class:`Expr` base with its operators and methods, the nodes
-:class:`Column`, :class:`Literal`, :class:`Alias` and ``_Func`` (a registered operation
-applied to arguments), and the constructors :func:`col`, :func:`lit`, :func:`to_expr` and the
-aggregates :func:`sum`, :func:`mean`, :func:`count` ...
+:class:`Column`, :class:`Literal`, :class:`Alias`, ``_Func`` (a registered operation
+applied to arguments) and :class:`AggExpr` (an aggregate over the rows of a group), and the
+constructors :func:`col`, :func:`lit` and :func:`to_expr`.
 
-The aggregate constructors live here rather than in ``expr.aggregates`` because they turn a
-column name into a :class:`Column`, and ``expr.aggregates`` sits below this module (``Expr``
-mixes in its aggregate methods).
+The aggregate constructors (``ms.sum``, ``ms.std`` ...) are in ``expr.agg_functions``.
 """
 
 from __future__ import annotations
@@ -19,18 +17,23 @@ import pyarrow.compute as pc
 
 from millstream.core.arrow import empty_batch
 from millstream.errors import PlanError, SchemaError
+from millstream.expr import decimals
 from millstream.expr import functions as _functions  # noqa: F401 - registers the operations
-from millstream.expr.aggregates import AggExpr, AggregateMethods
+from millstream.expr.aggregates import AGG_FUNCS, SUPPORTED, check_params, params_text
 from millstream.expr.datetime import _DtNamespace
 from millstream.expr.registry import _OPS
 from millstream.expr.strings import _StrNamespace
 from millstream.expr.types import _NULL_BOOL, Datum, _broadcast, _fmt, _null_to_bool, _q, parse_type
 
+#: operations whose integer literals take a decimal type next to a decimal operand
+_DECIMAL_AWARE = frozenset({"add", "sub", "mul", "eq", "ne", "lt", "le", "gt", "ge"})
 
-class Expr(AggregateMethods):
+
+class Expr:
     """A column expression: a lazily evaluated, picklable tree compiled to pyarrow.compute.
 
-    The aggregate methods (``col("x").sum()`` ...) come from :class:`AggregateMethods`.
+    The aggregate methods (``col("x").sum()``, ``col("x").std()`` ...) make :class:`AggExpr`
+    nodes, computed by ``group_by(...).agg(...)`` and ``window(...).agg(...)``.
     """
 
     # Make numpy scalars on the left (np.int64(1) + col("a")) defer to our reflected operators.
@@ -55,8 +58,12 @@ class Expr(AggregateMethods):
             out |= child.columns()
         return out
 
-    def to_arrow(self) -> pc.Expression | None:
-        """The same expression as a pyarrow.compute.Expression, or None when it cannot be expressed."""
+    def to_arrow(self, schema: pa.Schema | None = None) -> pc.Expression | None:
+        """The same expression as a pyarrow.compute.Expression, or None when it cannot be
+        expressed. With the input's ``schema``, literals are typed as the evaluation types
+        them (an integer against a decimal column becomes a narrow decimal: Arrow's own
+        binding of such a comparison fails in scans), and decimal arithmetic that must be
+        capped is left out (None)."""
         return None
 
     def output_type(self, schema: pa.Schema) -> pa.DataType:
@@ -239,6 +246,74 @@ class Expr(AggregateMethods):
     def __invert__(self) -> Expr:
         return _Func("not", (self,))
 
+    # ---- aggregates (descriptors: group_by(...).agg(...) computes them)
+
+    def sum(self) -> AggExpr:
+        """Sum of non-null values."""
+        return AggExpr("sum", self)
+
+    def mean(self) -> AggExpr:
+        """Mean of non-null values."""
+        return AggExpr("mean", self)
+
+    def min(self) -> AggExpr:
+        """Smallest non-null value."""
+        return AggExpr("min", self)
+
+    def max(self) -> AggExpr:
+        """Largest non-null value."""
+        return AggExpr("max", self)
+
+    def count(self) -> AggExpr:
+        """Number of non-null values."""
+        return AggExpr("count", self)
+
+    def count_distinct(self) -> AggExpr:
+        """Number of distinct non-null values."""
+        return AggExpr("count_distinct", self)
+
+    def first(self) -> AggExpr:
+        """First non-null value of the group."""
+        return AggExpr("first", self)
+
+    def last(self) -> AggExpr:
+        """Last non-null value of the group (in arrival order)."""
+        return AggExpr("last", self)
+
+    def collect_list(self) -> AggExpr:
+        """All values of the group as a list."""
+        return AggExpr("collect_list", self)
+
+    def any_value(self) -> AggExpr:
+        """Some non-null value of the group (null only when all are null); the cheapest pick."""
+        return AggExpr("any_value", self)
+
+    def std(self, ddof: int = 1) -> AggExpr:
+        """Standard deviation of non-null values (sample with ddof=1, population with ddof=0)."""
+        return AggExpr("std", self, params={"ddof": ddof})
+
+    def var(self, ddof: int = 1) -> AggExpr:
+        """Variance of non-null values (sample with ddof=1, population with ddof=0)."""
+        return AggExpr("var", self, params={"ddof": ddof})
+
+    def median(self) -> AggExpr:
+        """Exact median of non-null values, interpolated (``quantile(0.5)``)."""
+        return AggExpr("median", self)
+
+    def quantile(self, q: float, interpolation: str = "linear") -> AggExpr:
+        """Exact q-quantile of non-null values; ``interpolation="linear"`` is DuckDB's
+        ``quantile_cont``, "discrete" its ``quantile_disc`` (SQL's ``percentile_disc``);
+        also numpy's "lower", "higher", "midpoint", "nearest"."""
+        return AggExpr("quantile", self, params={"q": q, "interpolation": interpolation})
+
+    def approx_count_distinct(self) -> AggExpr:
+        """Estimated number of distinct non-null values (HyperLogLog, about 1.6% error)."""
+        return AggExpr("approx_count_distinct", self)
+
+    def approx_quantile(self, q: float) -> AggExpr:
+        """Estimated q-quantile of non-null values (a t-digest; rank error about 0.5%)."""
+        return AggExpr("approx_quantile", self, params={"q": q})
+
     # ---- namespaces (defined last so the names do not shadow builtins in this class body)
 
     @property
@@ -276,7 +351,7 @@ class Column(Expr):
         """Names of all columns this expression reads."""
         return {self.name}
 
-    def to_arrow(self) -> pc.Expression | None:
+    def to_arrow(self, schema: pa.Schema | None = None) -> pc.Expression | None:
         """The same expression as a pyarrow.compute.Expression."""
         return pc.field(self.name)
 
@@ -306,7 +381,7 @@ class Literal(Expr):
     def _eval(self, batch: pa.RecordBatch) -> Datum:
         return self.scalar
 
-    def to_arrow(self) -> pc.Expression | None:
+    def to_arrow(self, schema: pa.Schema | None = None) -> pc.Expression | None:
         """The same expression as a pyarrow.compute.Expression."""
         return pc.scalar(self.scalar)
 
@@ -336,9 +411,9 @@ class Alias(Expr):
     def _children(self) -> tuple[Expr, ...]:
         return (self.child,)
 
-    def to_arrow(self) -> pc.Expression | None:
+    def to_arrow(self, schema: pa.Schema | None = None) -> pc.Expression | None:
         """The same expression as a pyarrow.compute.Expression (names do not matter there)."""
-        return self.child.to_arrow()
+        return self.child.to_arrow(schema)
 
     def __repr__(self) -> str:
         return f"{self.child!r}.alias({_q(self.name)})"
@@ -371,21 +446,42 @@ class _Func(Expr):
             types = ", ".join(builtins.str(v.type) for v in vals)
             raise SchemaError(f"cannot evaluate {self!r} on input types ({types}): {e}") from e
 
-    def to_arrow(self) -> pc.Expression | None:
-        """The same expression as a pyarrow.compute.Expression, or None when it cannot be expressed."""
+    def to_arrow(self, schema: pa.Schema | None = None) -> pc.Expression | None:
+        """The same expression as a pyarrow.compute.Expression, or None when it cannot be
+        expressed (see :meth:`Expr.to_arrow` for ``schema``)."""
         spec = _OPS[self.op]
         if spec.arrow is None:
             return None
+        typed: dict[int, pa.Scalar] = {}
+        if schema is not None and self.op in _DECIMAL_AWARE:
+            try:
+                types = [a.output_type(schema) for a in self.args]
+            except (PlanError, SchemaError, pa.ArrowException):
+                return None
+            if builtins.any(pa.types.is_decimal(t) for t in types):
+                if self.op in ("add", "sub", "mul") and builtins.all(
+                        pa.types.is_decimal(t) or pa.types.is_integer(t) for t in types) \
+                        and decimals.needs_cap(self.op, *types):
+                    return None  # Arrow would overflow the precision; we round and cap
+                for i, a in enumerate(self.args):
+                    if isinstance(a, Literal) and pa.types.is_integer(a.scalar.type):
+                        typed[i] = decimals.as_decimal(a.scalar)
+        params = self.params
+        if schema is not None and self.op == "is_in":
+            try:
+                params = {**params, "value_type": self.args[0].output_type(schema)}
+            except (PlanError, SchemaError, pa.ArrowException):
+                return None
         args = []
-        for a in self.args:
+        for i, a in enumerate(self.args):
             if spec.bool_args and isinstance(a, Literal) and pa.types.is_null(a.scalar.type):
                 args.append(pc.scalar(_NULL_BOOL))
                 continue
-            e = a.to_arrow()
+            e = pc.scalar(typed[i]) if i in typed else a.to_arrow(schema)
             if e is None:
                 return None
             args.append(e)
-        return spec.arrow(args, self.params)
+        return spec.arrow(args, params)
 
     def __repr__(self) -> str:
         spec = _OPS[self.op]
@@ -427,55 +523,89 @@ def to_expr(x: Any) -> Expr:
     return Literal(x)
 
 
-# ---- aggregate constructors
+
+#: builds ``AggExpr.over``'s window expression; ``expr.analytic`` (which sits above this
+#: module) registers it when the package loads
+_window_constructor: Any = None
 
 
-def _agg(func: str, c: str | Expr) -> AggExpr:
-    if not isinstance(c, (builtins.str, Expr)):
-        raise PlanError(f"{func}() expects a column name or an Expr, got {c!r}")
-    return AggExpr(func, to_expr(c))
+def register_window_constructor(fn: Any) -> None:
+    """Called by ``expr.analytic``: ``fn(agg, partition_by, order_by, **options)``."""
+    global _window_constructor
+    _window_constructor = fn
 
 
-def sum(c: str | Expr) -> AggExpr:
-    """Sum of the non-null values of a column."""
-    return _agg("sum", c)
+class AggExpr(Expr):
+    """An aggregate over the rows of a group: ``func`` applied to ``arg`` (None for count(*)),
+    with the function's parameters and an output name.
+
+    ``group_by(...).agg(...)`` and ``window(...).agg(...)`` compute it; there it may also be
+    part of a larger expression (``(ms.sum("a") / ms.sum("b")).alias("ratio")``), which is
+    computed from the aggregates' results. Evaluated on rows, it raises PlanError.
+    """
+
+    def __init__(self, func: str, arg: Expr | None, name: str | None = None,
+                 params: dict[str, Any] | None = None):
+        if func not in AGG_FUNCS:
+            raise PlanError(f"unknown aggregate {func!r}; expected one of {list(SUPPORTED)}")
+        if (arg is None) != (func == "count_all"):
+            raise PlanError("count_all takes no argument; every other aggregate takes one")
+        if arg is not None and not isinstance(arg, Expr):
+            raise PlanError(f"aggregate argument must be an Expr, got {arg!r}")
+        if arg is not None and contains_aggregate(arg):
+            raise PlanError(f"{func}(): the argument {arg!r} is itself an aggregate; "
+                            "aggregates do not nest")
+        self.func = func
+        self.arg = arg
+        self.params = check_params(func, params)
+        self.name = name if name is not None else self.default_name
+
+    @property
+    def default_name(self) -> str:
+        """The name used without alias: the input's output_name, or "count" for count_all."""
+        return "count" if self.arg is None else self.arg.output_name
+
+    def alias(self, name: str) -> AggExpr:
+        """The same aggregate with another output name."""
+        if not isinstance(name, builtins.str):
+            raise PlanError(f"alias name must be a str, got {name!r}")
+        return AggExpr(self.func, self.arg, name, self.params)
+
+    def columns(self) -> set[str]:
+        """Names of the columns the aggregate reads."""
+        return set() if self.arg is None else self.arg.columns()
+
+    def key(self) -> tuple[Any, ...]:
+        """What makes two aggregates compute the same values (the output name aside)."""
+        return (self.func, repr(self.arg), tuple(sorted(self.params.items())))
+
+    def _name_hint(self) -> str | None:
+        return self.name
+
+    def _eval(self, batch: pa.RecordBatch) -> Datum:
+        raise PlanError(f"{self!r} is an aggregate: compute it with group_by(...).agg(...) or "
+                        "window(...).agg(...), or over a window of rows with .over(...)")
+
+    def over(self, partition_by: Any = None, order_by: Any = None, **options: Any) -> Expr:
+        """This aggregate over a window of rows around each row (SQL's ``OVER (...)``):
+        ``ms.sum("v").over(partition_by="k", order_by="t", frame=ms.rows(-2, 0))``; see
+        :mod:`millstream.expr.analytic`."""
+        if _window_constructor is None:  # pragma: no cover - the package loads it
+            raise PlanError("window functions are not loaded: import millstream.expr.analytic")
+        return _window_constructor(self, partition_by, order_by, **options)
+
+    def __repr__(self) -> str:
+        if self.arg is None:
+            s = "count()"
+        else:
+            s = f"{self.arg!r}.{self.func}({params_text(self.func, self.params)})"
+        if self.name != self.default_name:
+            s += f".alias({_q(self.name)})"
+        return s
 
 
-def mean(c: str | Expr) -> AggExpr:
-    """Mean of the non-null values of a column."""
-    return _agg("mean", c)
-
-
-avg = mean
-
-
-def min(c: str | Expr) -> AggExpr:
-    """Smallest non-null value of a column."""
-    return _agg("min", c)
-
-
-def max(c: str | Expr) -> AggExpr:
-    """Largest non-null value of a column."""
-    return _agg("max", c)
-
-
-def count(c: str | Expr | None = None) -> AggExpr:
-    """Number of non-null values of a column; count() or count("*") counts rows."""
-    if c is None or (isinstance(c, builtins.str) and c == "*"):
-        return AggExpr("count_all", None)
-    return _agg("count", c)
-
-
-def count_distinct(c: str | Expr) -> AggExpr:
-    """Number of distinct non-null values of a column."""
-    return _agg("count_distinct", c)
-
-
-def first(c: str | Expr) -> AggExpr:
-    """First value of a column in each group."""
-    return _agg("first", c)
-
-
-def collect_list(c: str | Expr) -> AggExpr:
-    """All values of a column in each group, as a list."""
-    return _agg("collect_list", c)
+def contains_aggregate(e: Expr) -> bool:
+    """True when the expression has an aggregate (an :class:`AggExpr`) anywhere in it."""
+    if isinstance(e, AggExpr):
+        return True
+    return builtins.any(contains_aggregate(c) for c in e._children())

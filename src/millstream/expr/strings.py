@@ -18,15 +18,55 @@ if TYPE_CHECKING:
     from millstream.expr.nodes import Expr
 
 
+# The non-ASCII whitespace characters (U+0085, U+00A0, U+1680, U+2000-200A, U+2028, U+2029,
+# U+202F, U+205F, U+3000) as UTF-8, and the bytes that can begin one or be one of the
+# separators \x1c-\x1f (Python's split() splits on all of these, Arrow's ASCII kernel not)
+_UNICODE_SPACES = tuple(chr(c).encode() for c in (
+    0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028, 0x2029, 0x202F, 0x205F, 0x3000))
+_NOT_SUSPECT = bytes(b for b in range(256) if b not in (0x1C, 0x1D, 0x1E, 0x1F, 0xC2, 0xE1,
+                                                          0xE2, 0xE3))
+
+
+def _only_ascii_spaces(arr: pa.Array) -> bool:
+    """True when the strings' whitespace is all ASCII (no U+00A0, U+2000 ..., and none of
+    the separators \\x1c-\\x1f): then the ASCII kernels split them as Python would."""
+    if not len(arr):
+        return True
+    width = np.int64 if pa.types.is_large_string(arr.type) else np.int32
+    offsets = np.frombuffer(arr.buffers()[1], dtype=width, count=len(arr) + 1,
+                            offset=arr.offset * np.dtype(width).itemsize)
+    lo, hi = int(offsets[0]), int(offsets[-1])
+    data = arr.buffers()[2]
+    if data is None or hi == lo:
+        return True
+    raw = data.to_pybytes()[lo:hi] if (lo or hi != data.size) else data.to_pybytes()
+    suspects = raw.translate(None, _NOT_SUSPECT)  # one C pass: only the suspect bytes stay
+    if not suspects:
+        return True
+    if suspects.translate(None, b"\xc2\xe1\xe2\xe3"):
+        return False  # \x1c-\x1f
+    return not any(seq in raw for seq in _UNICODE_SPACES)
+
+
 def _split_whitespace(x: Datum, n: int) -> pa.Array:
     """Split on runs of whitespace and drop empty parts, like Python's str.split()."""
-    # Arrow collapses inner runs of whitespace but keeps empty parts at the edges: trim first,
-    # so only blank strings still yield [""] (fast path when there are none).
-    trimmed = pc.utf8_trim_whitespace(_broadcast(x, n))
+    arr = _broadcast(x, n)
+    ascii_only = (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)) \
+        and _only_ascii_spaces(arr)
+    # Arrow collapses inner runs of whitespace but keeps empty parts at the edges: trim
+    # first when an edge has whitespace, so only blank strings still yield [""]. When all
+    # whitespace is ASCII, the ASCII kernels give the same answer 1.6x faster.
+    if ascii_only:
+        split, trim = pc.ascii_split_whitespace, pc.ascii_trim_whitespace
+        if _edges_are_words(arr):
+            return split(arr)
+    else:
+        split, trim = pc.utf8_split_whitespace, pc.utf8_trim_whitespace
+    trimmed = trim(arr)
     blank = pc.equal(trimmed, "")
     if not pc.any(blank).as_py():
-        return pc.utf8_split_whitespace(trimmed)
-    lists = pc.utf8_split_whitespace(trimmed)
+        return split(trimmed)
+    lists = split(trimmed)
     flat = lists.flatten()
     keep = pc.greater(pc.utf8_length(flat), 0)
     parents = pc.list_parent_indices(lists).filter(keep).to_numpy(zero_copy_only=False)
@@ -35,6 +75,24 @@ def _split_whitespace(x: Datum, n: int) -> pa.Array:
     np.cumsum(counts, out=offsets[1:])
     mask = pc.is_null(lists) if lists.null_count else None
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), flat.filter(keep), mask=mask)
+
+
+_ASCII_SPACE = np.zeros(256, dtype=bool)
+_ASCII_SPACE[[9, 10, 11, 12, 13, 32]] = True
+
+
+def _edges_are_words(arr: pa.Array) -> bool:
+    """True when no string is empty or starts or ends with (ASCII) whitespace."""
+    if arr.null_count:
+        return False
+    width = np.int64 if pa.types.is_large_string(arr.type) else np.int32
+    offsets = np.frombuffer(arr.buffers()[1], dtype=width, count=len(arr) + 1,
+                            offset=arr.offset * np.dtype(width).itemsize).astype(np.int64)
+    starts, ends = offsets[:-1], offsets[1:]
+    if np.any(ends <= starts):
+        return False
+    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)
+    return not (_ASCII_SPACE[data[starts]].any() or _ASCII_SPACE[data[ends - 1]].any())
 
 
 def _split(v: list[Datum], p: dict[str, Any], n: int) -> Datum:

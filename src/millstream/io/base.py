@@ -318,7 +318,12 @@ class StreamSink(Protocol):
     for parallel instance ``i``, written in the tasks: without it the sink runs in the
     driver, fed with each epoch's rows); ``commits_in_subtask`` (its instances commit in
     their own task, e.g. a Kafka transaction); ``recommit_on_restore = False`` (a handle
-    cannot be committed again after a restart); ``retire_instances(indexes)``.
+    cannot be committed again after a restart); ``retire_instances(indexes)``;
+    ``changelog_mode`` (what results it takes, see ``core.changelog``: "append" when
+    absent, inserts only; "retract": every change, each row's kind in the hidden column
+    ``core.changelog.CHANGE``; "upsert": changes of rows keyed by its ``upsert_keys``,
+    ``core.changelog.upserts`` gives the last change per key). A streaming job refuses
+    a sink that cannot take its result.
     """
 
     def begin(self, epoch: int) -> None:

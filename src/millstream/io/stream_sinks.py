@@ -5,7 +5,9 @@ connectors: rows collected in memory, a function per committed epoch, the consol
 :class:`CollectingSink` keeps committed rows in memory (tests); :class:`CallbackSink`
 (``ms.sink(fn)``) calls ``fn`` with each committed epoch's rows and :class:`ConsoleSink`
 (``ms.console()``) prints them; these three run in the driver (they have no
-``for_subtask``). The streaming file sink is
+``for_subtask``) and take updating results: each row's change kind is in the column
+``change`` ("+I", "-U", "+U", "-D"; the column is absent while a result is
+append-only). The streaming file sink is
 :class:`~millstream.io.files.stream_sink.FileStreamSink`.
 """
 
@@ -20,6 +22,7 @@ from typing import Any
 import pyarrow as pa
 
 from millstream.core.arrow import batch_to_rows, concat_batches, format_table
+from millstream.core.changelog import RETRACT, materialize, to_visible
 from millstream.errors import PlanError, StreamingError
 from millstream.io.files.stream_sink import FileStreamSink
 
@@ -29,10 +32,13 @@ class CollectingSink:
 
     The rows of an epoch wait here between its pre-commit and its commit; they are not in
     the checkpoint (``recommit_on_restore = False``: a restart resumes from the newest
-    checkpoint whose commit is known and replays the epochs after it).
+    checkpoint whose commit is known and replays the epochs after it). An updating
+    result's rows keep their change kind (column ``change``); :meth:`final_rows` applies
+    the changes.
     """
 
     recommit_on_restore = False
+    changelog_mode = RETRACT
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -69,16 +75,26 @@ class CollectingSink:
         self._pending = []
 
     def to_arrow(self) -> pa.Table:
-        """Committed rows in epoch order."""
+        """Committed rows in epoch order (an updating result's with column ``change``)."""
         with self._lock:
             tables = [t for _, t in sorted(self._committed.items()) if t.num_rows]
         if not tables:
             return pa.table({})
-        return pa.concat_tables(tables, promote_options="permissive")
+        return to_visible(pa.concat_tables(tables, promote_options="permissive"))
 
     def rows(self) -> list[dict[str, Any]]:
         """Committed rows as dicts, in epoch order."""
         return batch_to_rows(self.to_arrow())
+
+    def final_table(self, keys: list[str] | None = None) -> pa.Table:
+        """The result the committed changes leave, without the ``change`` column: each
+        +I/+U adds its row, each -U/-D takes one copy away; with ``keys`` (an upsert
+        view) the last change of each key wins. An append-only result is returned whole."""
+        return materialize(self.to_arrow(), keys)
+
+    def final_rows(self, keys: list[str] | None = None) -> list[dict[str, Any]]:
+        """:meth:`final_table` as dicts."""
+        return batch_to_rows(self.final_table(keys))
 
     def committed_epochs(self) -> list[int]:
         """Epochs committed so far."""
@@ -116,10 +132,12 @@ class CallbackSink:
     the call but before the commit is recorded repeats it too. So delivery is
     at-least-once; an ``fn`` idempotent per epoch (e.g. overwrite the output of epoch ``e``)
     makes it exactly-once. Epochs without rows are skipped unless ``skip_empty=False``. A
-    raising ``fn`` fails the job.
+    raising ``fn`` fails the job. An updating result's rows come with their change kind
+    in column ``change`` ("+I", "-U", "+U", "-D"), in order.
     """
 
     recommit_on_restore = False
+    changelog_mode = RETRACT
 
     def __init__(self, fn: Callable[..., Any], skip_empty: bool = True) -> None:
         if not callable(fn):
@@ -163,6 +181,7 @@ class CallbackSink:
                 self._delivered = epoch
                 return
             table = self._schema.empty_table() if self._schema is not None else pa.table({})
+        table = to_visible(table)
         try:
             if self._with_epoch:
                 self.fn(table, epoch)
@@ -178,6 +197,50 @@ class CallbackSink:
     def abort(self, handle: dict[str, Any] | None = None) -> None:
         """Drop the pending rows."""
         self._pending = []
+
+
+class ImmediateSink:
+    """Calls ``fn(table)`` with every output batch as soon as it is made, in the task that
+    made it (a worker process on the parallel executor): the lowest latency, no wait for a
+    checkpoint. At-least-once: rows replayed after a restart are delivered again.
+    ``ms.sink(fn, delivery="immediate")`` makes one."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        if not callable(fn):
+            raise PlanError(f"ms.sink(fn) needs a function of the rows, got {fn!r}")
+        self.fn = fn
+        self.subtask: int | None = None
+
+    def for_subtask(self, index: int) -> ImmediateSink:
+        """A copy for parallel sink instance ``index`` (each task calls ``fn`` itself)."""
+        sub = ImmediateSink(self.fn)
+        sub.subtask = index
+        return sub
+
+    def begin(self, epoch: int) -> None:
+        """Nothing to stage."""
+
+    def write(self, batch: pa.RecordBatch | pa.Table) -> None:
+        """Deliver the rows now."""
+        table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+        if not table.num_rows:
+            return
+        try:
+            self.fn(table)
+        except Exception as exc:
+            raise StreamingError(f"the sink function {getattr(self.fn, '__name__', self.fn)!r} "
+                                 f"failed on {table.num_rows} rows: {type(exc).__name__}: "
+                                 f"{exc}") from exc
+
+    def pre_commit(self, epoch: int) -> dict[str, Any]:
+        """Everything was delivered already."""
+        return {"epoch": epoch}
+
+    def commit(self, handle: dict[str, Any]) -> None:
+        """Nothing to make visible."""
+
+    def abort(self, handle: dict[str, Any] | None = None) -> None:
+        """Nothing staged."""
 
 
 class ConsoleSink(CallbackSink):
@@ -210,7 +273,7 @@ def make_sink(sink: Any) -> Any:
     if isinstance(sink, str):
         if sink == "console":
             return ConsoleSink()
-        return FileStreamSink(sink)
+        return FileStreamSink(sink)  # (appends only: ms.file_sink(path, changelog=True))
     protocol = ("begin", "write", "pre_commit", "commit")
     missing = [m for m in protocol if not hasattr(sink, m)]
     if len(missing) == len(protocol) and callable(sink):

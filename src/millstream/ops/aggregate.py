@@ -26,16 +26,38 @@ from millstream.core.arrow import (
 from millstream.core.spill import BucketSpiller
 from millstream.errors import SchemaError
 from millstream.expr.aggregates import AggSpec
+from millstream.expr.nodes import Column
+from millstream.ops.agg_states import STATE_AGGS
 from millstream.ops.base import Batches, Operator
 
 _EMPTY: tuple[pa.RecordBatch, ...] = ()
+#: rows the combiner buffers before grouping them: while a partial's groups are fewer than
+#: 1/MANY_GROUPS of its rows, and after (see PartialAggregate.row_cap)
+SMALL_ROW_CAP = 1 << 20
+LARGE_ROW_CAP = 8 << 20
+MANY_GROUPS = 16
 _GKEY = "__millstream_group"
-# Number of state columns each aggregate keeps.
+_ROW = "__row"
+# Number of state columns each aggregate keeps (StateAggs say theirs).
 _NSTATE = {"mean": 2}
 
 
 def _state_names(i: int, spec: AggSpec) -> list[str]:
-    return [f"__s{i}_{k}" for k in range(_NSTATE.get(spec.func, 1))]
+    impl = STATE_AGGS.get(spec.func)
+    n = len(impl.states) if impl is not None else _NSTATE.get(spec.func, 1)
+    return [f"__s{i}_{k}" for k in range(n)]
+
+
+def _contiguous(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+
+
+def _row_segments(rows: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
+    """The row indices of every group in group order, and the group boundaries."""
+    if isinstance(rows, pa.ChunkedArray):
+        rows = rows.combine_chunks()
+    offsets = np.asarray(rows.offsets, dtype=np.int64)
+    return pc.list_flatten(rows), offsets - offsets[0]
 
 
 def _regroup_lists(outer: pa.Array) -> pa.Array:
@@ -95,8 +117,11 @@ def drop_nulls_per_list(lists: pa.Array) -> pa.Array:
 
 
 def _kernel(func: str, arr_type: pa.DataType) -> str:
-    # Arrow has no hash_first for the null type (all values null); min gives the same null
-    return "min" if func == "first" and pa.types.is_null(arr_type) else func
+    # Arrow has no hash_first/hash_last/hash_one for the null type (all values null); min
+    # gives the same null. any_value is Arrow's "one": a non-null value when the group has one.
+    if func in ("first", "last", "any_value") and pa.types.is_null(arr_type):
+        return "min"
+    return "one" if func == "any_value" else func
 
 
 def _group(table: pa.Table, keys: list[str], aggs: list[tuple]) -> pa.Table:
@@ -124,17 +149,22 @@ class _AggCore:
         aggs: list[tuple] = []
         out_names: list[tuple[str, str]] = []  # (pyarrow output name, state name)
         null_distinct: list[str] = []  # count_distinct states of all-null (null-typed) inputs
+        from_acero: list[int] = []  # StateAggs whose partial states Arrow computes
+        segments: list[int] = []  # StateAggs computed over their groups' rows
         for i, spec in enumerate(self.specs):
             arg = f"__a{i}"
             st = self.state_cols[i]
             arr = None
             if spec.func != "count_all":
-                try:
-                    arr = spec.arg.evaluate(table)  # type: ignore[union-attr]
-                except AttributeError:
-                    arr = table.column(spec.arg)
-                if isinstance(arr, pa.ChunkedArray):
-                    arr = arr.combine_chunks()
+                if isinstance(spec.arg, Column) and spec.arg.name in table.column_names:
+                    arr = table.column(spec.arg.name)  # as it is: Arrow groups chunks
+                else:
+                    try:
+                        arr = spec.arg.evaluate(table)  # type: ignore[union-attr]
+                    except AttributeError:
+                        arr = table.column(spec.arg)
+                    if isinstance(arr, pa.ChunkedArray):
+                        arr = arr.combine_chunks()
                 if spec.func == "count_distinct":
                     arr = normalize_key(arr)  # -0.0 and 0.0 are one value
                 if spec.func == "mean":
@@ -142,15 +172,29 @@ class _AggCore:
                             or pa.types.is_decimal(arr.type) or pa.types.is_null(arr.type)):
                         raise SchemaError(f"mean({spec.name}): column type {arr.type} is not numeric")
                     arr = arr.cast(pa.float64())
+                impl = STATE_AGGS.get(spec.func)
+                if impl is not None:
+                    arr = impl.prepare(arr, spec)
+                elif pa.types.is_string_view(arr.type) or pa.types.is_binary_view(arr.type):
+                    arr = normalize_key(arr)  # Arrow's hash kernels take no view types yet
                 cols[arg] = arr
             f = spec.func
-            if f == "sum":
+            impl = STATE_AGGS.get(f)
+            if impl is not None:
+                direct = impl.acero_partial(arg)
+                if direct is None:
+                    segments.append(i)
+                else:
+                    aggs += direct
+                    out_names += [(f"{a[0]}_{a[1]}", name) for a, name in zip(direct, st)]
+                    from_acero.append(i)
+            elif f == "sum":
                 aggs.append((arg, "sum"))
                 out_names.append((f"{arg}_sum", st[0]))
             elif f == "mean":
                 aggs += [(arg, "sum"), (arg, "count")]
                 out_names += [(f"{arg}_sum", st[0]), (f"{arg}_count", st[1])]
-            elif f in ("min", "max", "first"):
+            elif f in ("min", "max", "first", "last", "any_value"):
                 k = _kernel(f, arr.type)
                 aggs.append((arg, k))
                 out_names.append((f"{arg}_{k}", st[0]))
@@ -172,6 +216,9 @@ class _AggCore:
             elif f == "collect_list":
                 aggs.append((arg, "list"))
                 out_names.append((f"{arg}_list", st[0]))
+        if segments:
+            cols[_ROW] = pa.array(np.arange(table.num_rows, dtype=np.int64))
+            aggs.append((_ROW, "list"))
         if not cols:
             cols["__x"] = pa.nulls(table.num_rows, pa.int8())
         grouped = _group(pa.table(cols), self.keys, aggs)
@@ -180,14 +227,37 @@ class _AggCore:
             empty = pa.ListArray.from_arrays(pa.array(np.zeros(out.num_rows + 1, dtype=np.int32)),
                                              pa.array([], pa.null()))
             out = out.set_column(out.schema.get_field_index(name), name, empty)
-        return out
+        extra: dict[str, pa.Array] = {}
+        for i in from_acero:
+            impl = STATE_AGGS[self.specs[i].func]
+            names = self.state_cols[i]
+            for name, arr in zip(names, impl.from_acero([out.column(n) for n in names])):
+                extra[name] = arr
+        if segments:
+            flat, offsets = _row_segments(grouped.column(f"{_ROW}_list"))
+            for i in segments:
+                spec = self.specs[i]
+                values = _contiguous(cols[f"__a{i}"].take(flat))
+                states = STATE_AGGS[spec.func].partial(values, offsets, spec)
+                extra.update(zip(self.state_cols[i], states))
+        return self._ordered(out, extra)
+
+    def _ordered(self, out: pa.Table, extra: dict[str, pa.Array]) -> pa.Table:
+        """Keys, then every aggregate's state columns in order (some computed apart)."""
+        if not extra:
+            return out
+        arrays = [out.column(k) for k in self.keys]
+        names = list(self.keys)
+        for cols in self.state_cols:
+            for name in cols:
+                arrays.append(extra[name] if name in extra else out.column(name))
+                names.append(name)
+        return pa.table(arrays, names=names)
 
     def _count_by_one_key(self, table: pa.Table) -> pa.Table | None:
         """Row counts per value of one key with a hash kernel instead of an Acero plan
         (word count's shape): about 1.6x faster and a third of the memory per call."""
-        key = normalize_key(table.column(self.keys[0]))
-        if isinstance(key, pa.ChunkedArray):
-            key = key.combine_chunks()
+        key = normalize_key(table.column(self.keys[0]))  # (chunks and all: no copy)
         if pa.types.is_nested(key.type) or pa.types.is_dictionary(key.type):
             return None
         vc = pc.value_counts(key)
@@ -208,25 +278,30 @@ class _AggCore:
         aggs: list[tuple] = []
         out_names: list[tuple[str, str]] = []
         list_states: list[tuple[str, str]] = []
+        segments: list[int] = []
         for i, spec in enumerate(self.specs):
             f = spec.func
+            if f in STATE_AGGS:
+                segments.append(i)
+                continue
             for sname in self.state_cols[i]:
                 if f in ("sum", "count", "count_all", "mean"):
                     aggs.append((sname, "sum"))
                     out_names.append((f"{sname}_sum", sname))
-                elif f in ("min", "max", "first"):
+                elif f in ("min", "max", "first", "last", "any_value"):
                     k = _kernel(f, states.schema.field(sname).type)
                     aggs.append((sname, k))
                     out_names.append((f"{sname}_{k}", sname))
                 else:  # list states: concatenated per key below
                     list_states.append((sname, f))
-        if list_states:
-            states = states.append_column("__row", pa.array(np.arange(states.num_rows, dtype=np.int64)))
-            aggs.append(("__row", "list"))
-            out_names.append(("__row_list", "__row"))
+        if list_states or segments:
+            states = states.append_column(_ROW, pa.array(np.arange(states.num_rows, dtype=np.int64)))
+            aggs.append((_ROW, "list"))
+            out_names.append((f"{_ROW}_list", _ROW))
         merged = self._arrange(_group(states, self.keys, aggs), out_names)
-        if list_states:
-            rows = merged.column("__row").combine_chunks()
+        extra: dict[str, pa.Array] = {}
+        if list_states or segments:
+            rows = merged.column(_ROW).combine_chunks()
             flat_rows = pc.list_flatten(rows)
             for sname, f in list_states:
                 taken = states.column(sname).take(flat_rows).combine_chunks()
@@ -234,9 +309,17 @@ class _AggCore:
                 regrouped = _regroup_lists(nested)
                 if f == "count_distinct":
                     regrouped = _unique_per_row(regrouped)
-                merged = merged.append_column(sname, regrouped)
-            merged = merged.drop(["__row"])
-            # restore the state column order expected by finalize (by name, so order is free)
+                extra[sname] = regrouped
+            if segments:
+                flat, offsets = _row_segments(rows)
+                for i in segments:
+                    spec = self.specs[i]
+                    taken = [_contiguous(states.column(n).take(flat))
+                             for n in self.state_cols[i]]
+                    new = STATE_AGGS[spec.func].merge(taken, offsets, spec)
+                    extra.update(zip(self.state_cols[i], new))
+            merged = merged.drop([_ROW])
+            return self._ordered(merged, extra)
         return merged
 
     # merged states -> results
@@ -257,6 +340,8 @@ class _AggCore:
                 arr = pc.cast(pc.fill_null(pc.list_value_length(st[0]), 0), pa.int64())
             elif f == "collect_list":
                 arr = drop_nulls_per_list(st[0].combine_chunks() if isinstance(st[0], pa.ChunkedArray) else st[0])
+            elif f in STATE_AGGS:
+                arr = STATE_AGGS[f].finalize(st, spec)
             else:
                 arr = st[0]
             arrays.append(arr)
@@ -276,6 +361,8 @@ class _AggCore:
                 arrays.append(pa.array([None], pa.float64()))
             elif spec.func == "collect_list":
                 arrays.append(pa.array([[]], pa.list_(pa.null())))
+            elif spec.func in STATE_AGGS:
+                arrays.append(STATE_AGGS[spec.func].empty(spec))
             else:
                 t = pa.null()
                 sname = self.state_cols[i][0]
@@ -311,6 +398,13 @@ class PartialAggregate(Operator):
         self.state_bytes = 0
         self.input_schema: pa.Schema | None = None
         self.emitted = False
+        self.raw_rows = 0
+        #: rows buffered before they are aggregated: the first batch alone (a probe), then
+        #: few while the groups are few (the states are then tiny and the buffer is what
+        #: costs memory), many once a partial keeps many groups (Arrow groups one big input
+        #: faster than many pieces whose states must then be merged: 5M rows in 1M pieces
+        #: cost 1.6x one pass, and 1M rows with 1e5 string keys as much as 4M)
+        self.row_cap = 1
 
     def _limit(self) -> int:
         return max(4 << 20, (self.ctx.memory_budget if self.ctx else 64 << 20) // 3)
@@ -322,7 +416,8 @@ class PartialAggregate(Operator):
             return _EMPTY
         self.raw.append(batch)
         self.raw_bytes += batch_nbytes(batch)
-        if self.raw_bytes >= self._limit() or sum(b.num_rows for b in self.raw) >= 1 << 20:
+        self.raw_rows += batch.num_rows
+        if self.raw_bytes >= self._limit() or self.raw_rows >= self.row_cap:
             return self._aggregate_raw()
         return _EMPTY
 
@@ -330,8 +425,11 @@ class PartialAggregate(Operator):
         if not self.raw:
             return _EMPTY
         table = concat_batches(self.raw)
-        self.raw, self.raw_bytes = [], 0
+        self.raw, self.raw_bytes, self.raw_rows = [], 0, 0
         st = self.core.partial(table)
+        if self.row_cap < SMALL_ROW_CAP or st.num_rows * MANY_GROUPS > table.num_rows:
+            self.row_cap = LARGE_ROW_CAP if st.num_rows * MANY_GROUPS > table.num_rows \
+                else SMALL_ROW_CAP
         self.states.append(st)
         self.state_bytes += st.nbytes
         if self.state_bytes >= self._limit():

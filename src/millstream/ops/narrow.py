@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from millstream.core.arrow import batch_to_rows, rows_to_batch
+from millstream.core.changelog import CHANGE, without_kinds
 from millstream.errors import NonRetryableError, SchemaError, UserCodeFailure
 from millstream.ops.base import Batches, Operator
 
@@ -83,13 +84,15 @@ class FlatMapRows(MapRows):
 
 
 class FilterRows(MapRows):
-    """``filter(fn)`` with a Python predicate on dict rows."""
+    """``filter(fn)`` with a Python predicate on dict rows (a row's change kind, if any,
+    stays with it and is not shown to ``fn``)."""
 
     kind = "Filter"
+    accepts_updates = True
 
     def process(self, batch: pa.RecordBatch, port: int = 0) -> Batches:
         fn = self.fn
-        rows = batch_to_rows(batch)
+        rows = batch_to_rows(without_kinds(batch))
         try:
             mask = [bool(fn(row)) for row in rows]
         except Exception as exc:
@@ -249,7 +252,10 @@ def _evaluate(expr: Any, batch: pa.RecordBatch, op: str) -> pa.Array:
 
 
 class Project(Operator):
-    """``select(*exprs)``: the output has exactly these columns."""
+    """``select(*exprs)``: the output has exactly these columns (and the rows' change
+    kinds, if they have them)."""
+
+    accepts_updates = True
 
     def __init__(self, exprs: list[Any]) -> None:
         super().__init__("Project(" + ", ".join(repr(e) for e in exprs) + ")")
@@ -258,11 +264,17 @@ class Project(Operator):
     def process(self, batch: pa.RecordBatch, port: int = 0) -> Batches:
         arrays = [_evaluate(e, batch, self.name) for e in self.exprs]
         names = [e.output_name for e in self.exprs]
+        i = batch.schema.get_field_index(CHANGE)
+        if i >= 0 and CHANGE not in names:
+            arrays.append(batch.column(i))
+            names.append(CHANGE)
         return (pa.RecordBatch.from_arrays(arrays, names=names),)
 
 
 class WithColumns(Operator):
     """``with_columns(*exprs)``: add or replace columns, keep the others."""
+
+    accepts_updates = True
 
     def __init__(self, exprs: list[Any]) -> None:
         super().__init__("WithColumns(" + ", ".join(repr(e) for e in exprs) + ")")
@@ -285,6 +297,8 @@ class WithColumns(Operator):
 class FilterExpr(Operator):
     """``filter(expr)``: keep rows where the boolean expression is true (null counts as false)."""
 
+    accepts_updates = True
+
     def __init__(self, expr: Any) -> None:
         super().__init__(f"Filter({expr!r})")
         self.expr = expr
@@ -293,6 +307,8 @@ class FilterExpr(Operator):
         mask = _evaluate(self.expr, batch, self.name)
         if not pa.types.is_boolean(mask.type):
             raise SchemaError(f"{self.name}: the filter expression must be boolean, got {mask.type}")
+        if not mask.null_count and mask.true_count == len(mask):
+            return (batch,)  # every row passes: no copy
         out = batch.filter(mask, null_selection_behavior="drop")
         # an empty result still carries the schema, so a join or aggregate downstream knows
         # the columns of an empty side
@@ -301,6 +317,8 @@ class FilterExpr(Operator):
 
 class Drop(Operator):
     """``drop(*columns)``."""
+
+    accepts_updates = True
 
     def __init__(self, columns: list[str], strict: bool = False) -> None:
         super().__init__(f"Drop({', '.join(columns)})")
@@ -317,6 +335,8 @@ class Drop(Operator):
 class Rename(Operator):
     """``rename({old: new})``."""
 
+    accepts_updates = True
+
     def __init__(self, mapping: dict[str, str], strict: bool = False) -> None:
         super().__init__(f"Rename({mapping})")
         self.mapping = mapping
@@ -332,6 +352,8 @@ class Rename(Operator):
 class Explode(Operator):
     """``explode(column)``: one row per element of a list column (empty/null lists vanish)."""
 
+    accepts_updates = True
+
     def __init__(self, column: str) -> None:
         super().__init__(f"Explode({column})")
         self.column = column
@@ -344,14 +366,13 @@ class Explode(Operator):
         lists = batch.column(idx)
         if not (pa.types.is_list(lists.type) or pa.types.is_large_list(lists.type)):
             raise SchemaError(f"{self.name}: column {self.column!r} is {lists.type}, not a list")
-        parents = pc.list_parent_indices(lists)
         values = pc.list_flatten(lists)
         if len(values) == 0:
             schema = batch.schema.set(idx, pa.field(self.column, lists.type.value_type))
             return (pa.RecordBatch.from_pylist([], schema=schema),)
         if batch.num_columns == 1:
             return (pa.RecordBatch.from_arrays([values], names=[self.column]),)
-        taken = batch.take(parents)
+        taken = batch.take(pc.list_parent_indices(lists))
         arrays = list(taken.columns)
         arrays[idx] = values
         return (pa.RecordBatch.from_arrays(arrays, names=batch.schema.names),)

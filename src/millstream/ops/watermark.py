@@ -24,6 +24,8 @@ NO_EVENT_TIME = -(2**63)
 class EventTimeWatermark(Operator):
     """Forward batches; remember the largest event time of ``column`` (µs)."""
 
+    accepts_updates = True
+
     def __init__(self, column: str, delay: int, idle_timeout: int | None = None) -> None:
         super().__init__(f"WithWatermark({column!r}, delay={delay}us"
                          + (f", idle_timeout={idle_timeout}us" if idle_timeout else "") + ")")

@@ -22,6 +22,7 @@ from millstream.core.shuffle import (
 )
 from millstream.core.time import MIN_WATERMARK
 from millstream.errors import PlanError
+from millstream.expr.aggregates import AggSpec
 from millstream.expr.windows import GlobalWindow
 from millstream.ops import narrow
 from millstream.ops.aggregate import (
@@ -32,6 +33,16 @@ from millstream.ops.aggregate import (
 )
 from millstream.ops.analytic import AnalyticWindow
 from millstream.ops.base import OperatorFactory
+from millstream.ops.changelog import (
+    ChangelogAggregate,
+    ChangeSigns,
+    Deduplicate,
+    ExpandNet,
+    FromChangelog,
+    ToChangelog,
+    TopN,
+)
+from millstream.ops.changelog.convert import NET
 from millstream.ops.join import BroadcastHashJoin, BroadcastLeftHashJoin, HashJoin
 from millstream.ops.mapreduce.mapper import MapperOp
 from millstream.ops.mapreduce.reducer import ReducerOp
@@ -165,8 +176,8 @@ class PhysicalPlanner:
                 if uses[key] > 1:
                     return
             children = n.children
-            if self.s.streaming and isinstance(n, L.Join):
-                children = (n.left,)
+            if self.s.streaming and isinstance(n, L.Join) and not n.joins_streams():
+                children = (n.left,)  # a stream-table join's right side is a batch job
             for c in children:
                 visit(c)
 
@@ -202,6 +213,12 @@ class PhysicalPlanner:
     def _build_Aggregate(self, node: L.Aggregate) -> list[Pipeline]:
         pipes = self.build(node.child)
         keys, specs = list(node.keys), list(node.specs)
+        if self.s.streaming:  # a result per key, updated as rows come (a changelog)
+            new = self._keyed(pipes, keys, "group-by key exchange")
+            new.add(OperatorFactory(ChangelogAggregate, keys, specs,
+                                    node.child.emits_updates),
+                    node.label() + " (continuous, emits updates)")
+            return [new]
         for p in pipes:
             p.add(OperatorFactory(PartialAggregate, keys, specs), "partial aggregate (combiner)")
         n = self._n(pipes) if keys else 1
@@ -256,7 +273,62 @@ class PhysicalPlanner:
                 node.label())
         return [new]
 
+    def _keyed(self, pipes: list[Pipeline], keys: list[str], purpose: str) -> Pipeline:
+        """A pipeline reading ``pipes``' rows exchanged by ``keys`` (all to one partition
+        without keys)."""
+        n = self._n(pipes) if keys else 1
+        stage = self._close(pipes, HashPartitioner(list(keys), n), purpose)
+        return Pipeline([ShufflePort(stage)])
+
+    def _build_Deduplicate(self, node: L.Deduplicate) -> list[Pipeline]:
+        new = self._keyed(self.build(node.child), list(node.subset), "deduplication exchange")
+        new.add(OperatorFactory(Deduplicate, list(node.subset), node.keep, node.within,
+                                node.time_column, not self.s.streaming), node.label())
+        return [new]
+
+    def _build_TopN(self, node: L.TopN) -> list[Pipeline]:
+        new = self._keyed(self.build(node.child), list(node.per), "top-n exchange")
+        new.add(OperatorFactory(TopN, node.n, list(node.by), list(node.descending),
+                                list(node.per), node.rank_column, node.nulls_last,
+                                self.s.streaming and node.child.emits_updates,
+                                not self.s.streaming), node.label())
+        return [new]
+
+    def _build_ToChangelog(self, node: L.ToChangelog) -> list[Pipeline]:
+        pipes = self.build(node.child)
+        for p in pipes:
+            p.add(OperatorFactory(ToChangelog, node.column), node.label())
+        return pipes
+
+    def _build_FromChangelog(self, node: L.FromChangelog) -> list[Pipeline]:
+        """Streaming: the change column becomes the rows' kinds. Batch: the rows the
+        changelog leaves (net copies of each distinct row, by a grouping by all columns)."""
+        pipes = self.build(node.child)
+        if self.s.streaming:
+            for p in pipes:
+                p.add(OperatorFactory(FromChangelog, node.column), node.label())
+            return pipes
+        schema = node.schema
+        if schema is None:
+            raise PlanError(f"{node.label()}: reading a changelog in batch mode needs its "
+                            f"columns known (give the source a schema)")
+        keys, specs = list(schema.names), [AggSpec("sum", NET, NET)]
+        for p in pipes:
+            p.add(OperatorFactory(ChangeSigns, node.column), "change kinds as +1/-1 copies")
+            p.add(OperatorFactory(PartialAggregate, keys, specs), "partial net copies")
+        stage = self._close(pipes, HashPartitioner(keys, self._n(pipes)), "changelog rows")
+        new = Pipeline([ShufflePort(stage)])
+        new.add(OperatorFactory(FinalAggregate, keys, specs), "net copies per row")
+        new.add(OperatorFactory(ExpandNet), node.label() + " (the rows it leaves)")
+        return [new]
+
     def _build_Distinct(self, node: L.Distinct) -> list[Pipeline]:
+        if self.s.streaming:  # the first of each row: deduplication by every column
+            schema = node.child.schema
+            if schema is None:
+                raise PlanError(f"{node.label()}: distinct() on a stream needs its columns "
+                                f"known; use drop_duplicates(subset=[...])")
+            return self._build_Deduplicate(L.Deduplicate(node.child, tuple(schema.names)))
         pipes = self.build(node.child)
         for p in pipes:
             p.add(OperatorFactory(DistinctPartial), "partial distinct")
@@ -370,57 +442,58 @@ class PhysicalPlanner:
         return [Pipeline([BlocksPort(stage=self.cache_stages[node.cache_id])])]
 
     def _build_Join(self, node: L.Join) -> list[Pipeline]:
-        lk, rk = list(node.left_on), list(node.right_on)
         if self.s.streaming and node.joins_streams():
             return self._build_regular_join(node)
+        lk, rk, cond = list(node.left_on), list(node.right_on), node.condition
         if self.s.streaming:
             left = self.build(node.left)
             for p in left:
                 p.add(OperatorFactory(BroadcastTableJoin, list(lk), list(rk), node.how,
-                                      node.suffix, table_node=node.right),
+                                      node.suffix, table_node=node.right, condition=cond),
                       node.label() + " (stream-table: bounded right side broadcast)")
             return left
-        thr = self.s.broadcast_threshold
-        est_l = self.estimator.estimate(node.left)
-        est_r = self.estimator.estimate(node.right)
-        bytes_l = None if est_l is None else est_l.bytes
-        bytes_r = None if est_r is None else est_r.bytes
-        can_right = node.how in ("inner", "left", "semi", "anti")
-        can_left = node.how in ("inner", "right")
-        if node.broadcast is None:
-            small_right = can_right and bytes_r is not None and bytes_r <= thr
-            small_left = can_left and bytes_l is not None and bytes_l <= thr
-            if small_right and small_left and bytes_l < bytes_r:  # type: ignore[operator]
-                small_right = False
-        else:
-            small_right, small_left = node.broadcast and can_right, False
+        strategy, est_l, est_r = self._join_strategy(node)
+        loop = "" if lk else " nested loop"
         sizes = f"estimated left {describe(est_l)}, right {describe(est_r)}"
-        if small_right:
+        if strategy == "right":
             left = self.build(node.left)
             small = Stage(self.build(node.right), "blocks", purpose="broadcast side of join")
             for p in left:
                 p.add(self._join_factory(node, BroadcastHashJoin, small),
-                      node.label() + f" (broadcast; {sizes})")
+                      node.label() + f" (broadcast{loop}; {sizes})")
             return left
-        if small_left:
+        if strategy == "left":
             # the small LEFT side goes to every task of the right side; each right chunk is
             # joined against it (only inner and right joins can be decided chunk by chunk)
             small = Stage(self.build(node.left), "blocks", purpose="broadcast left side of join")
             right = self.build(node.right)
             for p in right:
                 p.add(self._join_factory(node, BroadcastLeftHashJoin, small),
-                      node.label() + f" (broadcast left; {sizes})")
+                      node.label() + f" (broadcast left{loop}; {sizes})")
             return right
         left = self.build(node.left)
         right = self.build(node.right)
+        if strategy == "single":
+            # no keys to partition by, and a join type that needs all of both sides in one
+            # task (outer, or a side that must not be broadcast)
+            ls = self._close(left, RoundRobinPartitioner(1), "join left side (one partition)")
+            rs = self._close(right, RoundRobinPartitioner(1), "join right side (one partition)")
+            new = Pipeline([ShufflePort(ls), ShufflePort(rs)])
+            new.add(self._join_factory(node, HashJoin),
+                    node.label() + f" (nested loop, one partition; {sizes})")
+            return [new]
         n = self.s.shuffle_partitions
         ls = self._close(left, HashPartitioner(list(lk), n), "join left side")
         rs = self._close(right, HashPartitioner(list(rk), n), "join right side")
         new = Pipeline([ShufflePort(ls), ShufflePort(rs)])
         text = node.label() + f" (shuffle hash; {sizes}"
+        can_right = node.how in ("inner", "left", "semi", "anti")
+        can_left = node.how in ("inner", "right")
         if node.broadcast is None and (can_left or can_right):
+            bytes_l = None if est_l is None else est_l.bytes
+            bytes_r = None if est_r is None else est_r.bytes
             new.adaptive = AdaptiveJoin(
-                ls, rs, thr,
+                ls, rs, self.s.broadcast_threshold,
                 self._join_factory(node, BroadcastHashJoin, rs) if can_right else None,
                 self._join_factory(node, BroadcastLeftHashJoin, ls) if can_left else None,
                 bytes_l, bytes_r, node.label())
@@ -434,8 +507,50 @@ class PhysicalPlanner:
         side is the output of ``broadcast``."""
         args = (list(node.left_on), list(node.right_on), node.how, node.suffix)
         if broadcast is None:
-            return OperatorFactory(cls, *args)
-        return OperatorFactory(cls, *args, broadcast_stage=broadcast)
+            return OperatorFactory(cls, *args, condition=node.condition)
+        return OperatorFactory(cls, *args, broadcast_stage=broadcast, condition=node.condition)
+
+    def _join_strategy(self, node: L.Join) -> tuple[str, Any, Any]:
+        """How a batch join runs, with the sides' estimates: "right" (broadcast the right
+        side), "left" (broadcast the left side), "shuffle" (hash-partition both by key) or
+        "single" (both sides in one task: a join without keys that no broadcast can serve).
+
+        A side is broadcast when its estimated size is within ``broadcast_threshold``
+        (``node.broadcast`` forces or forbids the right side) and the join type lets each
+        task decide alone: a broadcast right side serves inner, left, semi and anti joins,
+        a broadcast left side inner and right joins. Without keys there is no shuffle:
+        the smaller side the join type allows is broadcast.
+        """
+        right_ok = node.how in ("inner", "left", "semi", "anti")
+        left_ok = node.how in ("inner", "right")
+        est_l = self.estimator.estimate(node.left)
+        est_r = self.estimator.estimate(node.right)
+        bytes_l = None if est_l is None else est_l.bytes
+        bytes_r = None if est_r is None else est_r.bytes
+        if node.left_on:
+            thr = self.s.broadcast_threshold
+            if node.broadcast is None:
+                small_right = right_ok and bytes_r is not None and bytes_r <= thr
+                small_left = left_ok and bytes_l is not None and bytes_l <= thr
+                if small_right and small_left and bytes_l < bytes_r:  # type: ignore[operator]
+                    small_right = False
+            else:
+                small_right, small_left = node.broadcast and right_ok, False
+            if small_right:
+                return "right", est_l, est_r
+            if small_left:
+                return "left", est_l, est_r
+            return "shuffle", est_l, est_r
+        if node.broadcast is True and right_ok:
+            return "right", est_l, est_r
+        if node.broadcast is False:
+            return ("left" if left_ok else "single"), est_l, est_r
+        if right_ok and left_ok:
+            left_smaller = bytes_l is not None and (bytes_r is None or bytes_l < bytes_r)
+            return ("left" if left_smaller else "right"), est_l, est_r
+        if right_ok:
+            return "right", est_l, est_r
+        return ("left" if left_ok else "single"), est_l, est_r
 
     def _keyed_two_inputs(self, node: L.IntervalJoin | L.WindowJoin | L.LatestJoin | L.Join,
                           factory: OperatorFactory, what: str) -> list[Pipeline]:
@@ -461,7 +576,7 @@ class PhysicalPlanner:
         return self._keyed_two_inputs(node, OperatorFactory(
             RegularJoin, list(node.left_on), list(node.right_on), node.how, node.suffix,
             state_ttl=node.state_ttl, left_time=lt, right_time=rt,
-            emit_kinds=node.emits_updates,
+            emit_kinds=node.emits_updates, condition=node.condition,
             input_schemas=(node.left.schema, node.right.schema)), "regular join")
 
     def _build_IntervalJoin(self, node: L.IntervalJoin) -> list[Pipeline]:

@@ -1,8 +1,9 @@
 """Output schemas of logical nodes: the column rules the physical operators follow.
 
 The logical nodes (``plan/logical.py``) derive their schema bottom-up with these helpers;
-each rule mirrors what its operator produces (where possible by running the operator's own
-code on no rows: aggregates, joins), so ``Dataset.schema`` equals the schema of the result.
+each rule mirrors what its operator produces (where possible with the operator's own code:
+aggregates run on no rows, joins use the operators' ``JoinLayout``), so ``Dataset.schema``
+equals the schema of the result.
 A missing column raises a :class:`~millstream.errors.SchemaError` naming it.
 """
 
@@ -19,7 +20,7 @@ from millstream.expr.analytic import WindowFunction
 from millstream.expr.nodes import Expr
 from millstream.ops.aggregate import aggregate_result_schema
 from millstream.ops.analytic import window_field
-from millstream.ops.join import join_tables
+from millstream.ops.join import JoinLayout
 
 #: Columns a window result starts with (window aggregates and window joins).
 WINDOW_BOUNDS = ("window_start", "window_end")
@@ -115,18 +116,25 @@ def aggregate_schema(schema: pa.Schema, keys: Sequence[str], specs: Sequence[Agg
 
 
 def join_schema(left: pa.Schema, right: pa.Schema, left_on: Sequence[str],
-                right_on: Sequence[str], how: str, suffix: str, what: str) -> pa.Schema | None:
-    """The hash joins' output: ``join_tables`` run on no rows (left columns, then right
-    columns; same-named keys once; other clashes get ``suffix``)."""
+                right_on: Sequence[str], how: str, suffix: str, what: str,
+                condition: Expr | None = None) -> pa.Schema | None:
+    """The joins' output (``ops.join.JoinLayout``, the layout the operators use): left
+    columns, then right columns; same-named keys once; other clashes get ``suffix``; semi
+    and anti joins the left columns only. A residual ``condition`` must be a boolean
+    expression over the inner join's columns (right clashes carrying the suffix)."""
     require(left, left_on, f"{what} (left side)")
     require(right, right_on, f"{what} (right side)")
     try:
-        return join_tables(left.empty_table(), right.empty_table(), list(left_on),
-                           list(right_on), how, suffix).schema
+        layout = JoinLayout(left, right, list(left_on), list(right_on), how, suffix)
     except SchemaError as exc:
         raise SchemaError(f"{what}: {exc}") from None
     except (pa.ArrowException, TypeError, ValueError):
         return None
+    if condition is not None:
+        t = expr_field(condition, layout.pair_schema, f"{what} (condition)").type
+        if not pa.types.is_boolean(t):
+            raise SchemaError(f"{what}: the join condition must be boolean, got {t}")
+    return layout.schema
 
 
 def _common_type(a: pa.DataType, b: pa.DataType, name: str, what: str) -> pa.DataType:

@@ -19,6 +19,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from functools import partial
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -89,7 +90,7 @@ def _worker_main(conn: Connection, env: dict[str, str]) -> None:
             task: Task = cloudpickle.loads(payload)
             task.attempt = attempt
             _maybe_inject_fault(task)
-            result = run_task(task)
+            result = run_task(task, partial(_send_progress, conn))
             out = ("ok", result)
         except BaseException as exc:  # noqa: BLE001 - everything is reported to the driver
             out = ("err", describe_failure(exc))
@@ -101,6 +102,15 @@ def _worker_main(conn: Connection, env: dict[str, str]) -> None:
             conn.send_bytes(data)
         except (BrokenPipeError, OSError):
             return
+
+
+def _send_progress(conn: Connection, rows: int, nbytes: int) -> None:
+    """Tell the driver what the running task has read so far (it keeps waiting for the
+    outcome after this message)."""
+    try:
+        conn.send_bytes(pickle.dumps(("progress", rows, nbytes)))
+    except (BrokenPipeError, OSError):
+        pass
 
 
 @dataclass
@@ -124,6 +134,28 @@ def _describe_exit(code: int | None) -> str:
     return f"worker process exited with code {code}"
 
 
+def _short_socket_dir() -> None:
+    """Give multiprocessing a short temporary directory when ``TMPDIR`` is long.
+
+    The fork server listens on a Unix socket under that directory, and socket paths are
+    limited to 107 bytes: a deep ``TMPDIR`` (a CI's per-test directory) would fail the first
+    job with "AF_UNIX path too long"."""
+    import shutil
+    import tempfile
+    from multiprocessing import process, util
+
+    config = process.current_process()._config  # noqa: SLF001
+    if config.get("tempdir") is not None or len(tempfile.gettempdir()) <= 60:
+        return
+    for base in ("/tmp", "/var/tmp", "/dev/shm"):
+        if os.path.isdir(base) and os.access(base, os.W_OK):
+            path = tempfile.mkdtemp(prefix="pymp-", dir=base)
+            util.Finalize(None, shutil.rmtree, args=[path], kwargs={"ignore_errors": True},
+                          exitpriority=-100)
+            config["tempdir"] = path
+            return
+
+
 class LocalRunner(Runner):
     """Runs tasks on ``parallelism`` worker processes of this machine."""
 
@@ -145,6 +177,7 @@ class LocalRunner(Runner):
         self.speculation_min_seconds = speculation_min_seconds
         self.speculative_attempts = 0
         try:
+            _short_socket_dir()
             self._mp = mp.get_context("forkserver")
             # pyarrow imports pandas (when installed) on its first to_numpy(): import it once in
             # the fork server rather than in every worker
@@ -231,11 +264,11 @@ class LocalRunner(Runner):
         self._ensure_workers(min(self.parallelism, n))
         try:
             while remaining:
-                self._assign(pending, payloads, running)
+                self._assign(pending, payloads, running, progress)
                 if not pending:
                     self._maybe_speculate(n, remaining, durations, running, speculated, pending,
                                           next_attempt)
-                    self._assign(pending, payloads, running)
+                    self._assign(pending, payloads, running, progress)
                 busy = [w for w in self.workers if w.busy is not None]
                 if not busy:
                     self._ensure_workers(min(self.parallelism, remaining))
@@ -252,6 +285,9 @@ class LocalRunner(Runner):
                             outcome = cloudpickle.loads(w.conn.recv_bytes())
                         except (EOFError, OSError):
                             outcome = None
+                        if outcome is not None and outcome[0] == "progress":
+                            progress.task_progress(idx, attempt, outcome[1], outcome[2])
+                            continue
                     if outcome is None and not (w.process.sentinel in ready or not w.process.is_alive()):
                         continue
                     w.busy = None
@@ -267,9 +303,12 @@ class LocalRunner(Runner):
                             results[idx] = outcome[1]
                             remaining -= 1
                             durations.append(time.monotonic() - w.started)
-                            progress.task_done(outcome[1].rows_out, outcome[1].bytes_out)
+                            progress.task_done(idx, attempt, outcome[1])
                             # the first attempt to finish wins; cancel its backups
                             for other in running.pop(idx, []):
+                                if other.busy is not None:
+                                    progress.task_killed(idx, other.busy[1],
+                                                         "another attempt finished first")
                                 self._replace(other)
                         continue
                     else:
@@ -278,7 +317,7 @@ class LocalRunner(Runner):
                     if results[idx] is not None:
                         continue
                     self._attempt_failed(idx, cause, failure, bool(running.get(idx)), causes,
-                                         pending, next_attempt, tasks, progress)
+                                         pending, next_attempt, tasks, progress, attempt)
         except BaseException:
             # stop whatever still runs for this stage; the workers are replaced lazily
             for w in list(self.workers):
@@ -289,7 +328,7 @@ class LocalRunner(Runner):
         return results  # type: ignore[return-value]
 
     def _assign(self, pending: deque[tuple[int, int]], payloads: list[bytes],
-                running: dict[int, list[_Worker]]) -> None:
+                running: dict[int, list[_Worker]], progress: StageProgress) -> None:
         for w in self.workers:
             if not pending:
                 return
@@ -303,6 +342,8 @@ class LocalRunner(Runner):
                 continue
             w.busy = (idx, attempt)
             w.started = time.monotonic()
+            progress.task_started(idx, attempt, f"pid {w.process.pid}",
+                                  speculative=bool(running.get(idx)))
             running.setdefault(idx, []).append(w)
 
     def _maybe_speculate(self, n: int, remaining: int, durations: list[float],
@@ -364,6 +405,8 @@ class _QueueChannels:
         self.inboxes = inboxes
         self.controls = controls
         self.coordinator = coordinator
+        #: seconds spent waiting for room in full inboxes (backpressure)
+        self.blocked_s = 0.0
 
     def recv(self, timeout: float) -> tuple | None:
         try:
@@ -380,7 +423,10 @@ class _QueueChannels:
             return None
 
     def send(self, dest: int, msg: tuple) -> None:
-        self.inboxes[dest].put(to_wire(msg))
+        data = to_wire(msg)
+        start = time.perf_counter()
+        self.inboxes[dest].put(data)  # blocks while the inbox is full
+        self.blocked_s += time.perf_counter() - start
 
     def to_coordinator(self, msg: tuple) -> None:
         self.coordinator.put(to_wire(msg))

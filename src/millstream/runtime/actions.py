@@ -27,6 +27,8 @@ from millstream.plan.compile import compile_plan, explain_plan
 from millstream.plan.logical import Node
 from millstream.plan.physical import PlannerSettings
 from millstream.plan.stages import Stage
+from millstream.runtime.events import BUS
+from millstream.runtime.job_events import plan_info
 from millstream.runtime.runner import debugging
 from millstream.runtime.scheduler import Job, JobStats, is_lost_output
 from millstream.runtime.session import Session, Settings, get_session
@@ -56,6 +58,13 @@ def compile_job(node: Node, settings: Settings, output_kind: str = "blocks",
 def explain(node: Node, settings: Settings) -> str:
     """The logical, optimized and physical plans of ``node`` as text."""
     return explain_plan(node, planner_settings(settings), settings.rules_off())
+
+
+def described_plan(node: Node, settings: Settings) -> dict[str, Any] | None:
+    """The plans and fired rules of a job, for the dashboard (None when nobody listens)."""
+    if not BUS.active:
+        return None
+    return plan_info(node, planner_settings(settings))
 
 
 def drop_lost_cache_entries(session: Session) -> bool:
@@ -104,7 +113,8 @@ def _run(node: Node, settings: Settings, on_stats: StatsCallback | None
     session = get_session()
     here = runs_in_driver(node, settings)
     for attempt in range(settings.max_task_attempts):
-        job = Job(session, settings, compile_job(node, settings), in_driver=here)
+        job = Job(session, settings, compile_job(node, settings), in_driver=here,
+                  plan=described_plan(node, settings))
         try:
             return job, job.run()
         except FetchFailedError:
@@ -202,7 +212,7 @@ def write(node: Node, sink: Sink, settings: Settings,
     """Run ``node`` into ``sink``: prepared, written by the tasks, committed all at once
     (aborted on failure, so nothing is left behind)."""
     job = Job(get_session(), settings, compile_job(node, settings, "sink", sink),
-              in_driver=runs_in_driver(node, settings))
+              in_driver=runs_in_driver(node, settings), plan=described_plan(node, settings))
     sink.prepare(job.job_id)
     try:
         messages = job.run()

@@ -383,6 +383,16 @@ class CheckpointStore:
                 return epoch, state
         return None
 
+    def discard_after(self, epoch: int) -> list[int]:
+        """Remove the checkpoints newer than ``epoch`` (a restart from ``epoch`` replays the
+        epochs after it, so their old checkpoints are superseded); returns their epochs."""
+        gone = [e for e in self.epochs() if e > epoch]
+        for e in gone:
+            msfs.delete_dir(self.fs, self._dir(e))
+        if gone:
+            self._prune_shared()
+        return gone
+
     def _prune(self, newest: int) -> None:
         """Drop all but the newest ``keep`` complete checkpoints, and incomplete older ones."""
         complete = 0

@@ -43,6 +43,7 @@ class Runner(ABC):
         """Run tasks one after another in this process, with the same retries and errors as
         on workers (a small job: starting workers would cost more than the work)."""
         from collections import deque
+        from functools import partial
 
         from millstream.runtime.task import describe_failure, run_task
 
@@ -55,16 +56,17 @@ class Runner(ABC):
             idx, attempt = pending.popleft()
             task = tasks[idx]
             task.attempt = attempt
+            progress.task_started(idx, attempt, "driver")
             try:
-                result = run_task(task)
+                result = run_task(task, partial(progress.task_progress, idx, attempt))
             except Exception as exc:  # noqa: BLE001 - reported as a worker would report it
                 failure = describe_failure(exc)
                 self._attempt_failed(idx, f"attempt {attempt}: {failure.error_type}: "
                                           f"{failure.message}", failure, False, causes,
-                                     pending, next_attempt, tasks, progress)
+                                     pending, next_attempt, tasks, progress, attempt)
                 continue
             results[idx] = result
-            progress.task_done(result.rows_out, result.bytes_out)
+            progress.task_done(idx, attempt, result)
         return results  # type: ignore[return-value]
 
     @abstractmethod
@@ -73,19 +75,21 @@ class Runner(ABC):
 
     def _attempt_failed(self, idx: int, cause: str, failure: Any, still_running: bool,
                         causes: list[list[str]], pending: Any, next_attempt: list[int],
-                        tasks: list[Any], progress: Any) -> None:
+                        tasks: list[Any], progress: Any, attempt: int = -1) -> None:
         """Record a failed attempt; queue the next attempt, or raise once they are spent.
 
         While another attempt of the task (a speculative backup) still runs, just record.
         """
         causes[idx].append(cause)
         if still_running:
+            progress.task_failed(idx, attempt, cause, retry=False)
             return
         if failure.retryable and next_attempt[idx] < self.max_task_attempts:
             pending.append((idx, next_attempt[idx]))
             next_attempt[idx] += 1
-            progress.task_retried()
+            progress.task_failed(idx, attempt, cause, retry=True)
         else:
+            progress.task_failed(idx, attempt, cause, retry=False)
             raise self._task_error(tasks[idx], failure, causes[idx])
 
     # Where task outputs live is the runner's business: local files by default; a cluster

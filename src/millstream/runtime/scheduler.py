@@ -26,7 +26,10 @@ from millstream.plan.stages import (
     Stage,
     all_stages,
 )
-from millstream.runtime.progress import StageProgress, progress_enabled
+from millstream.runtime.display import watch
+from millstream.runtime.events import BUS, error_text, publish
+from millstream.runtime.job_events import job_ended, job_started
+from millstream.runtime.progress import TASK_PROGRESS_EVERY_S, StageProgress, progress_enabled
 from millstream.runtime.session import Session, Settings
 from millstream.runtime.task import (
     BlockInput,
@@ -80,7 +83,7 @@ class Job:
     """One action's execution; ``cleanup()`` removes its shuffle files and temporary blocks."""
 
     def __init__(self, session: Session, settings: Settings, final: Stage,
-                 in_driver: bool = False) -> None:
+                 in_driver: bool = False, plan: dict[str, Any] | None = None) -> None:
         self.session = session
         self.settings = settings
         self.final = final
@@ -92,43 +95,72 @@ class Job:
         self.in_driver = in_driver
         #: bytes each stage that ran produced (adaptive execution reads them)
         self.measured: dict[int, int] = {}
+        #: the logical and optimized plans and the rules that fired (for the dashboard)
+        self.plan = plan
 
     def run(self) -> list[Any]:
         start = time.perf_counter()
-        runner = self.session.get_runner(self.settings)
+        unwatch = (watch(self.job_id) if progress_enabled(self.settings.progress)
+                   else None)
+        if BUS.active:
+            job_started(self)
+        error: BaseException | None = None
         try:
+            runner = self.session.get_runner(self.settings)
             while True:
                 st = self._next_stage()
                 if st is None:
                     break
-                cached = (self.session.cache.get(st.cache_id, self.settings.runner)
-                          if st.cache_id is not None else None)
-                if cached is not None:
-                    st.results = cached
-                    continue
                 if self._adapt(st):
                     continue  # the plan changed: ``st`` may no longer run
-                t0 = time.perf_counter()
-                results, tasks = self._run_stage(st, runner)
-                self._store(st, [r.value for r in results])
-                for r in results:
-                    for k, v in r.counters.items():
-                        self.stats.counters[k] = self.stats.counters.get(k, 0) + v
-                self.stats.stages.append({
-                    "stage": st.id, "purpose": st.purpose, "tasks": len(tasks),
-                    "rows_in": sum(r.rows_in for r in results),
-                    "rows_out": sum(r.rows_out for r in results),
-                    "bytes_out": sum(r.bytes_out for r in results),
-                    "seconds": time.perf_counter() - t0,
-                })
-                self.measured[st.id] = sum(r.bytes_out for r in results)
-                if st.cache_id is not None:
-                    self.session.cache.put(st.cache_id, st.results, self.settings.runner)
+                self._run_or_reuse(st, runner)
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
+            self.stats.seconds = time.perf_counter() - start
             self.stats.plan = "\n".join(s.describe() for s in all_stages(self.final))
-        self.stats.seconds = time.perf_counter() - start
+            if BUS.active:
+                job_ended(self, error)
+            if unwatch is not None:
+                unwatch()
         self.session.last_job_stats = self.stats
         return self.final.results or []
+
+    def _run_or_reuse(self, st: Stage, runner: Any) -> None:
+        """Run a stage unless its results are known (computed, or a cached dataset)."""
+        if st.results is not None:
+            return
+        cached = (self.session.cache.get(st.cache_id, self.settings.runner)
+                  if st.cache_id is not None else None)
+        if cached is not None:
+            st.results = cached
+            publish("stage_end", job=self.job_id, stage=st.id, status="skipped",
+                    why="cached")
+            return
+        t0 = time.perf_counter()
+        try:
+            results, tasks = self._run_stage(st, runner)
+        except BaseException as exc:
+            publish("stage_end", job=self.job_id, stage=st.id, status="failed",
+                    error=error_text(exc), seconds=time.perf_counter() - t0)
+            raise
+        self._store(st, [r.value for r in results])
+        for r in results:
+            for k, v in r.counters.items():
+                self.stats.counters[k] = self.stats.counters.get(k, 0) + v
+        self.stats.stages.append({
+            "stage": st.id, "purpose": st.purpose, "tasks": len(tasks),
+            "rows_in": sum(r.rows_in for r in results), "rows_out": sum(r.rows_out for r in results),
+            "bytes_out": sum(r.bytes_out for r in results), "seconds": time.perf_counter() - t0,
+            "bytes_in": sum(r.bytes_in for r in results),
+        })
+        self.measured[st.id] = sum(r.bytes_out for r in results)
+        if BUS.active:
+            publish("stage_end", job=self.job_id, status="succeeded",
+                    **self.stats.stages[-1])
+        if st.cache_id is not None:
+            self.session.cache.put(st.cache_id, st.results, self.settings.runner)
 
     def _store(self, st: Stage, values: list[Any]) -> None:
         """A stage's task results (and a sampled stage's key samples)."""
@@ -223,7 +255,7 @@ class Job:
             try:
                 tasks = self._tasks(st)  # may read inputs (sort samples) that can be lost too
                 name = f"stage {st.id} {st.purpose}".strip()
-                progress = StageProgress(name, len(tasks), progress_enabled(self.settings.progress))
+                progress = StageProgress(name, len(tasks), self.job_id, st.id)
                 try:
                     results = (runner.run_tasks_here(tasks, progress) if self.in_driver
                                else runner.run_tasks(tasks, progress))
@@ -254,8 +286,8 @@ class Job:
                 raise exc
             self._recompute_lost_outputs(dep, runner, exc)
             redo = [tasks[i] for i in lost]
-            progress = StageProgress(f"stage {dep.id} recompute", len(redo),
-                                     progress_enabled(self.settings.progress))
+            progress = StageProgress(f"stage {dep.id} recompute", len(redo), self.job_id,
+                                     dep.id)
             try:
                 again = (runner.run_tasks_here(redo, progress) if self.in_driver
                          else runner.run_tasks(redo, progress))
@@ -353,8 +385,11 @@ class Job:
             raise RuntimeError(f"stage {st.id}: input ports disagree on the number of partitions {counts}")
         ntasks = counts.pop() if counts else 0
         ops = [self._resolve_factory(f) for f in pipe.ops]
+        # workers report what running tasks have read when anybody listens (progress, UI)
+        every = TASK_PROGRESS_EVERY_S if BUS.active else 0.0
         return [Task(st.id, st.purpose or f"stage {st.id}", offset + i,
-                     [port[i] for port in per_port], ops, output, self.job_id, 0, settings)
+                     [port[i] for port in per_port], ops, output, self.job_id, 0, settings,
+                     every)
                 for i in range(ntasks)]
 
 

@@ -8,6 +8,7 @@ import shutil
 import tempfile
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -45,6 +46,15 @@ class Settings:
     optimizer: bool = True
     #: optimizer rules left out, by name (``explain()`` lists the names of those that fired)
     disabled_rules: tuple[str, ...] = ()
+
+    #: the dashboard (None: ``MILLSTREAM_UI=1`` turns it on), where it listens (port 0 or
+    #: None: a free one; another host than loopback requires a token)
+    ui: bool | None = None
+    ui_port: int | None = None
+    ui_host: str = "127.0.0.1"
+    #: every job's events as JSON lines here (a path or storage URI), for ``millstream ui
+    #: --history``
+    event_log_dir: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.disabled_rules, str):
@@ -177,7 +187,27 @@ def get_session() -> Session:
     if _session is None:
         _session = Session()
         install_termination_cleanup(_terminate)
+        _configure_services(_session.settings)
     return _session
+
+
+#: name -> configure(settings): what a new session starts or stops besides its runner
+#: (the dashboard registers itself from ``millstream.ui``, the layer above)
+_SERVICES: dict[str, Callable[[Settings], None]] = {}
+
+
+def register_service(name: str, configure: Callable[[Settings], None]) -> None:
+    """Call ``configure(settings)`` whenever a session is created (``ms.init`` or the
+    default session), so the service follows its settings."""
+    _SERVICES[name] = configure
+
+
+def _configure_services(settings: Settings) -> None:
+    from millstream.runtime.eventlog import configure_event_log
+
+    configure_event_log(settings.event_log_dir)
+    for configure in list(_SERVICES.values()):
+        configure(settings)
 
 
 def _terminate() -> None:
@@ -193,7 +223,7 @@ def init(runner: str = "local", parallelism: int | None = None, memory_limit: in
     Further options: shuffle_partitions, shuffle_compression ("lz4", "zstd", None),
     broadcast_threshold, batch_size, max_task_attempts, progress (True/False/None=auto),
     optimizer (False: plans run as written), disabled_rules (optimizer rules to skip, by
-    name).
+    name), ui (the dashboard), ui_port, ui_host, event_log_dir.
     """
     unknown = set(options) - _KNOWN
     if unknown:
@@ -210,6 +240,7 @@ def init(runner: str = "local", parallelism: int | None = None, memory_limit: in
         raise ValueError(f"shuffle_compression must be 'lz4', 'zstd' or None, got {st.shuffle_compression!r}")
     _session = Session(settings=st)
     install_termination_cleanup(_terminate)
+    _configure_services(st)
     return _session
 
 

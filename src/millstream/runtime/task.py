@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,6 +158,8 @@ class Task:
     job_id: str = ""
     attempt: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
+    #: report rows and bytes read so far this often while running (s; 0: never)
+    progress_every_s: float = 0.0
 
     def describe(self) -> str:
         ins = "; ".join(", ".join(i.describe() for i in port) for port in self.inputs)
@@ -182,6 +184,9 @@ class TaskResult:
     bytes_out: int = 0
     counters: dict[tuple[str, str], int] = field(default_factory=dict)
     seconds: float = 0.0
+    bytes_in: int = 0  # in-memory bytes of the batches read
+    shuffle_read: int = 0  # of which from shuffle partitions
+    worker: str = ""  # where the attempt ran, when the runner knows better than the driver
 
 
 @dataclass
@@ -209,12 +214,18 @@ def make_context(task: Task) -> TaskContext:
                        stage_name=task.stage_name)
 
 
-def run_task(task: Task) -> TaskResult:
-    """Execute a task in this process; raises on failure (the runner reports it)."""
+def run_task(task: Task, on_progress: Callable[[int, int], None] | None = None) -> TaskResult:
+    """Execute a task in this process; raises on failure (the runner reports it).
+
+    ``on_progress(rows, bytes)``, when given and the task asks for progress
+    (``progress_every_s``), hears what the task has read so far, at most that often.
+    """
     start = time.perf_counter()
     ctx = make_context(task)
     ops = [f.create() for f in task.ops]
-    stats = {"in": 0, "out": 0, "bytes": 0}
+    stats = {"in": 0, "out": 0, "bytes": 0, "bytes_in": 0, "shuffle": 0}
+    every = task.progress_every_s if on_progress is not None else 0.0
+    last_report = [time.monotonic()]
     limits = [op for op in ops if isinstance(op, LocalLimit)]
     set_current_context(ctx)  # user code in open() (init hooks) sees its task
     for op in ops:
@@ -238,8 +249,18 @@ def run_task(task: Task) -> TaskResult:
         for port in order:
             stop = False
             for spec in task.inputs[port]:
+                shuffle = isinstance(spec, ShuffleInput)
                 for b in spec.read(ctx):
                     stats["in"] += b.num_rows
+                    size = b.nbytes
+                    stats["bytes_in"] += size
+                    if shuffle:
+                        stats["shuffle"] += size
+                    if every:
+                        now = time.monotonic()
+                        if now - last_report[0] >= every:
+                            last_report[0] = now
+                            on_progress(stats["in"], stats["bytes_in"])
                     if first is None:
                         yield from through(0, (b,))
                     else:
@@ -265,7 +286,7 @@ def run_task(task: Task) -> TaskResult:
             except Exception:  # noqa: BLE001 - best effort cleanup
                 pass
     return TaskResult(value, stats["in"], stats["out"], stats["bytes"], dict(ctx.counters),
-                      time.perf_counter() - start)
+                      time.perf_counter() - start, stats["bytes_in"], stats["shuffle"])
 
 
 def _package_dir() -> str:

@@ -96,17 +96,22 @@ class ParquetSource(Source):
         self.user_schema = schema
         self.split_size = split_size
         self.storage_options = dict(storage_options or {})
-        self._filter: pc.Expression | None = None
+        #: the constructor's filter with an Arrow form (an Expr, typed against the files'
+        #: schema when the scan is planned, or an Arrow expression)
+        self._filter: Any = None
         if filter is not None:
             expr = arrow_expression(filter)
             if expr is not None:
-                self._filter = expr
+                self._filter = filter
             elif hasattr(filter, "evaluate"):
                 self._post_filters.append(filter)
             else:
                 raise PlanError(f"parquet filter must be an expression, got {filter!r}")
         self._files: list[msfs.FileEntry] | None = None
         self._dataset: ds.Dataset | None = None
+        #: columns stored as string_view/binary_view: Arrow (26) cannot compare their
+        #: statistics or values with a plain string, so filters on them are not pushed
+        self._view_columns: frozenset[str] = frozenset()
         #: filters pushed in as expressions (the statistics do not reflect them yet)
         self._pushed: tuple[Any, ...] = ()
         #: statistics read from the footers, shared by the copies pushdown makes
@@ -179,6 +184,8 @@ class ParquetSource(Source):
                 dataset = build(pa.schema(list(unified) + extra))
             plain = without_view_types(dataset.schema) if self.user_schema is None else None
             if plain is not None:  # string_view columns are read as string
+                self._view_columns = frozenset(
+                    f.name for f, g in zip(dataset.schema, plain) if f.type != g.type)
                 dataset = build(plain)
             self._dataset = dataset
         return self._dataset
@@ -272,12 +279,29 @@ class ParquetSource(Source):
         check_columns(self.columns, full, f"parquet {self.uri}")
         return pa.schema([full.field(c) for c in self.columns])
 
-    def arrow_filter(self) -> pc.Expression | None:
-        """The filter applied by the scan (constructor filter AND pushed predicate)."""
+    def arrow_filter(self, schema: pa.Schema | None = None) -> pc.Expression | None:
+        """The filter applied by the scan (constructor filter AND pushed predicate), with
+        literals typed against ``schema`` (the files' columns) when given."""
         pushed = arrow_expression(self.predicate)
-        if self._filter is None:
-            return pushed
-        return self._filter if pushed is None else (self._filter & pushed)
+        own = self._own_filter(schema)
+        if own is None:
+            return pushed  # (a constructor filter without a typed Arrow form: post-filter)
+        return own if pushed is None else (own & pushed)
+
+    def _row_filters(self, schema: pa.Schema) -> list[Any]:
+        """The filters applied to scanned batches: those without an Arrow form."""
+        if self._filter is not None and self._own_filter(schema) is None:
+            return [*self._post_filters, self._filter]
+        return self._post_filters
+
+    def _own_filter(self, schema: pa.Schema | None) -> pc.Expression | None:
+        """The constructor filter as an Arrow expression, or None when it has none or
+        reads a view-typed column (then it filters the scanned batches)."""
+        own = arrow_expression(self._filter, schema)
+        if own is not None and self._view_columns and hasattr(self._filter, "columns") \
+                and self._view_columns & self._filter.columns():
+            return None
+        return own
 
     # -- planning -------------------------------------------------------------------------
 
@@ -287,7 +311,7 @@ class ParquetSource(Source):
         schema = dataset.schema
         if self.columns is not None:
             check_columns(self.columns, schema, f"parquet {self.uri}")
-        expr = self.arrow_filter()
+        expr = self.arrow_filter(schema)
         fs = self._fs()
         sizes = {f.path: f.size for f in self.files()}
         fragments = list(dataset.get_fragments(filter=expr) if expr is not None
@@ -301,8 +325,12 @@ class ParquetSource(Source):
                 file_size = sizes.get(fragment.path, total_bytes)
                 keep = groups
                 if expr is not None:
-                    subset = fragment.subset(filter=expr, schema=schema)
-                    keep = subset.row_groups
+                    try:
+                        keep = fragment.subset(filter=expr, schema=schema).row_groups
+                    except (pa.ArrowInvalid, pa.ArrowNotImplementedError,
+                            pa.ArrowTypeError) as exc:
+                        raise SchemaError(f"parquet {self.uri}: cannot apply the filter {expr} "
+                                          f"to the row groups' statistics: {exc}") from exc
                 pieces = [RowGroupPiece(fragment.path, (g.id,), fragment.partition_expression,
                                         max(1, file_size * g.total_byte_size // total_bytes),
                                         g.num_rows) for g in keep]
@@ -345,11 +373,27 @@ class ParquetSource(Source):
                                 group_bytes, desc))
             group, group_bytes = [], 0
 
-        for piece in pieces:
-            if group and group_bytes + piece.size_bytes > size:
-                flush()
-            group.append(piece)
-            group_bytes += piece.size_bytes
+        if self.split_size is not None:
+            for piece in pieces:
+                if group and group_bytes + piece.size_bytes > size:
+                    flush()
+                group.append(piece)
+                group_bytes += piece.size_bytes
+        else:
+            # as many splits as asked (and worth it), cut where the running size crosses
+            # equal shares: filling splits up to a size instead leaves a last, lone task
+            # (10 equal row groups for 4 splits made 5 splits, 3 waves on 2 workers)
+            n = max(1, min(target_splits, len(pieces), math.ceil(total / size)))
+            done = 0
+            current = 0
+            for piece in pieces:
+                share = min(n - 1, int((done + piece.size_bytes / 2) * n / max(1, total)))
+                if group and share != current:
+                    flush()
+                current = share
+                group.append(piece)
+                group_bytes += piece.size_bytes
+                done += piece.size_bytes
         flush()
         return splits
 
@@ -359,12 +403,13 @@ class ParquetSource(Source):
         """Scan the split's row groups: projected columns, filter applied."""
         info: ParquetSplitInfo = split.info
         fs = msfs.resolve(info.fs_uri, **self.storage_options)[0]
-        expr = self.arrow_filter()
+        expr = self.arrow_filter(info.schema)
         columns = self.columns
         scan_columns = columns
-        if self._post_filters and columns is not None:
+        row_filters = self._row_filters(info.schema)
+        if row_filters and columns is not None:
             extra = set().union(*(predicate_columns(f) or set(info.schema.names)
-                                  for f in self._post_filters))
+                                  for f in row_filters))
             scan_columns = columns + sorted(c for c in extra if c not in columns)
         fmt = ds.ParquetFileFormat()
         batch_size = max(1, ctx.batch_size)
@@ -380,7 +425,7 @@ class ParquetSource(Source):
             for batch in _scan_errors(_resumable(fs, scan, f"reading "
                                                      f"{msfs.describe_path(fs, piece.path)}"),
                                       fs, piece):
-                for f in self._post_filters:
+                for f in row_filters:
                     batch = batch.filter(f.evaluate(batch))
                 if scan_columns is not columns and columns is not None:
                     batch = batch.select(columns)
@@ -401,7 +446,10 @@ class ParquetSource(Source):
         if columns is not None:
             new.columns = list(columns)
         applied = False
-        expr = arrow_expression(predicate)
+        expr = arrow_expression(predicate, full)
+        if expr is not None and self._view_columns & (predicate_columns(predicate)
+                                                      or self._view_columns):
+            expr = None  # filtered above the scan, on the columns read as plain strings
         if expr is not None:
             cols = predicate_columns(predicate)
             if cols is not None:

@@ -12,14 +12,24 @@ import pyarrow.compute as pc
 from millstream.errors import SchemaError
 
 
-def arrow_expression(predicate: Any) -> pc.Expression | None:
-    """A ``pyarrow.compute.Expression`` for a predicate (an Expr or an Expression), or None."""
+def arrow_expression(predicate: Any, schema: pa.Schema | None = None) -> pc.Expression | None:
+    """A ``pyarrow.compute.Expression`` for a predicate (an Expr or an Expression), or None.
+
+    With the data's ``schema``, literals are typed against the columns (an integer compared
+    with a decimal column becomes a narrow decimal, which Arrow's scan can bind)."""
     if predicate is None:
         return None
     if isinstance(predicate, pc.Expression):
         return predicate
     to_arrow = getattr(predicate, "to_arrow", None)
-    return to_arrow() if to_arrow is not None else None
+    if to_arrow is None:
+        return None
+    if schema is not None:
+        try:
+            return to_arrow(schema)
+        except TypeError:  # a predicate whose to_arrow() takes no schema
+            pass
+    return to_arrow()
 
 
 def predicate_columns(predicate: Any) -> set[str] | None:

@@ -45,6 +45,7 @@ from millstream.core.changelog import (
     without_kinds,
 )
 from millstream.core.time import MAX_WATERMARK, MIN_WATERMARK, Clock, WallClock
+from millstream.core.units import format_duration
 from millstream.errors import PlanError, SchemaError
 from millstream.ops.base import Batches
 from millstream.ops.stream_join.changes import claim, equal_rows, phases
@@ -104,7 +105,9 @@ class RegularJoin(_KeyedJoin):
 
     ``left_time``/``right_time``: event-time columns (both given: the TTL runs on event
     time). ``emit_kinds``: always give output rows a change kind (default: for outer
-    joins; an inner join adds them when an input carries changes).
+    joins; an inner join adds them when an input carries changes). ``condition``: a
+    residual condition on the pairs of equal keys (named as the inner join's columns); a
+    pair that fails it is no pair (an outer row without another is padded).
     """
 
     accepts_updates = True
@@ -116,7 +119,7 @@ class RegularJoin(_KeyedJoin):
                  emit_kinds: bool | None = None,
                  input_schemas: tuple[pa.Schema | None, pa.Schema | None] = (None, None),
                  clock: Clock | None = None, name: str | None = None,
-                 state_memory_limit: int | None = None) -> None:
+                 state_memory_limit: int | None = None, condition: Any = None) -> None:
         how = _check_how(how, ("inner", "left", "right", "outer"), "join of two streams")
         if state_ttl is not None and int(state_ttl) <= 0:
             raise PlanError(f"join: state_ttl must be a positive duration, got {state_ttl}")
@@ -124,16 +127,23 @@ class RegularJoin(_KeyedJoin):
         self.state_ttl = None if state_ttl is None else int(state_ttl)
         self.event_time = bool(left_time and right_time)
         self.time_columns = (left_time or "", right_time or "")
-        ttl = f", state_ttl={self.state_ttl}us" if self.state_ttl else ""
+        self.condition = condition
+        ttl = f", state_ttl={format_duration(self.state_ttl)}" if self.state_ttl else ""
+        cond = f", condition={condition!r}" if condition is not None else ""
         super().__init__(left_on, right_on, how, suffix, name or (
-            f"RegularJoin({how}, left_on={list(left_on)}, right_on={list(right_on)}{ttl})"),
-            state_memory_limit)
+            f"RegularJoin({how}, left_on={list(left_on)}, right_on={list(right_on)}"
+            f"{cond}{ttl})"), state_memory_limit)
         self.emit_kinds = how != "inner" if emit_kinds is None else bool(emit_kinds)
         #: the inputs' columns as the plan knows them (padded rows need the other side's
         #: before its first batch)
         self._planned = [_data_schema(s) for s in input_schemas]
         self._schemas = list(self._planned)
         self.timers = _ProcessingTime(clock)
+
+    @property
+    def emits_updates(self) -> bool:  # type: ignore[override]
+        """Outer joins take padded rows back; an inner join passes its inputs' changes."""
+        return self.emit_kinds
 
     def _new_state(self) -> JoinState:
         # by key hash in memory (a key's rows are a binary search away); the oldest rows
@@ -237,15 +247,38 @@ class RegularJoin(_KeyedJoin):
         return out
 
     def _match(self, port: int, rows: pa.Table, other: pa.Table
-               ) -> tuple[np.ndarray, np.ndarray]:
+               ) -> tuple[np.ndarray, np.ndarray, pa.Table | None]:
         """(row of ``rows`` on input ``port``, row of ``other`` of the other input) pairs
-        with equal keys."""
+        with equal keys that satisfy the condition, and their output rows (None: no pair)."""
         if port == 0:
-            return match_keys(self._keys_of(rows), self._keys_of(other), self.left_on,
-                              self.right_on)
-        oi, ri = match_keys(self._keys_of(other), self._keys_of(rows), self.left_on,
-                            self.right_on)
-        return ri, oi
+            ri, oi = match_keys(self._keys_of(rows), self._keys_of(other), self.left_on,
+                                self.right_on)
+        else:
+            oi, ri = match_keys(self._keys_of(other), self._keys_of(rows), self.left_on,
+                                self.right_on)
+        if not len(ri):
+            return ri, oi, None
+        paired = self._pair_rows(port, rows, ri, other, oi)
+        if self.condition is not None:
+            ok = self._satisfied(paired)
+            if not ok.all():
+                ri, oi = ri[ok], oi[ok]
+                paired = paired.filter(pa.array(ok)) if len(ri) else None
+        return ri, oi, paired
+
+    def _satisfied(self, paired: pa.Table) -> np.ndarray:
+        """Which pairs satisfy the residual condition (null counts as false)."""
+        missing = sorted(self.condition.columns() - set(paired.column_names))
+        if missing:
+            raise SchemaError(f"join condition {self.condition!r}: no column(s) {missing}; "
+                              f"columns are {_strip(paired).column_names}")
+        batch = pa.RecordBatch.from_arrays([c.combine_chunks() for c in paired.columns],
+                                           names=paired.column_names)
+        mask = self.condition.evaluate(batch)
+        if not pa.types.is_boolean(mask.type):
+            raise SchemaError(f"join condition {self.condition!r} must be boolean, got "
+                              f"{mask.type}")
+        return np.asarray(mask.fill_null(False), dtype=bool)
 
     def _pair_rows(self, port: int, rows: pa.Table, ri: np.ndarray, other: pa.Table,
                    oi: np.ndarray) -> pa.Table:
@@ -282,8 +315,8 @@ class RegularJoin(_KeyedJoin):
         partners = np.zeros(n, np.int64)
         first, pairs = [], []
         for pick in self._picks(other, np.unique(h)):
-            ri, oi = self._match(port, rows, pick.table)
-            if not len(ri):
+            ri, oi, paired = self._match(port, rows, pick.table)
+            if paired is None:
                 continue
             partners += np.bincount(ri, minlength=n)
             if self._outer(other):
@@ -294,7 +327,7 @@ class RegularJoin(_KeyedJoin):
                         pa.array(lonely))), DELETE))
                 pick.add("n", ou, cnt)
             k = self._pair_kinds(kind, False)
-            pairs.append(self._kinded(self._pair_rows(port, rows, ri, pick.table, oi),
+            pairs.append(self._kinded(paired,
                                       k if isinstance(k, int) else k[ri]))
         out = first + pairs
         if self._outer(port):
@@ -327,12 +360,12 @@ class RegularJoin(_KeyedJoin):
         partners = np.zeros(n, np.int64)
         pairs, again = [], []
         for pick in self._picks(other, np.unique(h)):
-            ri, oi = self._match(port, rows, pick.table)
-            if not len(ri):
+            ri, oi, paired = self._match(port, rows, pick.table)
+            if paired is None:
                 continue
             partners += np.bincount(ri, minlength=n)
             k = self._pair_kinds(kind, True)
-            pairs.append(self._kinded(self._pair_rows(port, rows, ri, pick.table, oi),
+            pairs.append(self._kinded(paired,
                                       k if isinstance(k, int) else k[ri]))
             if self._outer(other):
                 ou, cnt = np.unique(oi, return_counts=True)

@@ -110,7 +110,7 @@ class WindowAggregate(WindowSnapshots, Operator):
         if func is None or name is None:
             raise PlanError(f"WindowAggregate: aggregates must be AggSpec or AggExpr "
                             f"(e.g. ms.sum('x')), got {agg!r}")
-        return AggSpec(func, arg, name)
+        return AggSpec(func, arg, name, dict(getattr(agg, "params", None) or {}))
 
     def _new_store(self) -> WindowState:
         """An empty state holder for this operator's window."""

@@ -8,11 +8,13 @@ function hides it). The physical planner (``plan/physical.py``) picks the operat
 
 ``base`` holds the node base classes and the scan, ``relational`` the row, expression and
 relational nodes (and MapReduce steps), ``event_time`` watermarks, windows, process
-functions and stream joins, ``analytic`` the window functions over partitions.
+functions and stream joins, ``analytic`` the window functions over partitions,
+``changelog`` deduplication, top-N and the conversions of changelog streams.
 """
 
 from millstream.plan.logical.analytic import Window
 from millstream.plan.logical.base import Node, SameColumns, Scan, Unary
+from millstream.plan.logical.changelog import Deduplicate, FromChangelog, ToChangelog, TopN
 from millstream.plan.logical.event_time import (
     IntervalJoin,
     KeyedProcess,
@@ -47,10 +49,9 @@ from millstream.plan.logical.relational import (
 )
 
 __all__ = [
-    "NARROW_NODES", "Aggregate", "Cache", "Distinct", "Drop", "Explode", "Filter", "FilterRows",
-    "FlatMap", "IntervalJoin", "Join", "KeyedProcess", "LatestJoin", "Limit", "Map",
-    "MapBatches", "MapReduceStep", "Node", "Project", "Rename", "Repartition", "SameColumns",
-    "Scan", "Shared", "Sort", "TopK", "Union", "Unary", "Window", "WindowAggregate",
-    "WindowJoin", "WithColumns",
-    "WithWatermark",
+    "NARROW_NODES", "Aggregate", "Cache", "Deduplicate", "Distinct", "Drop", "Explode", "Filter",
+    "FilterRows", "FlatMap", "FromChangelog", "IntervalJoin", "Join", "KeyedProcess",
+    "LatestJoin", "Limit", "Map", "MapBatches", "MapReduceStep", "Node", "Project", "Rename",
+    "Repartition", "SameColumns", "Scan", "Shared", "Sort", "ToChangelog", "TopK", "TopN",
+    "Union", "Unary", "Window", "WindowAggregate", "WindowJoin", "WithColumns", "WithWatermark",
 ]

@@ -153,8 +153,7 @@ def agg_text(specs: Iterable[AggSpec], with_args: bool = True) -> str:
     """Aggregates for explain(): ``func(arg) as name`` (``func as name`` without args)."""
     if not with_args:
         return ", ".join(f"{s.func} as {s.name}" for s in specs)
-    return ", ".join(f"{s.func}({s.arg!r}) as {s.name}" if s.arg is not None
-                     else f"count(*) as {s.name}" for s in specs)
+    return ", ".join(f"{s.text()} as {s.name}" for s in specs)
 
 
 def spec_refs(keys: Iterable[str], specs: Iterable[AggSpec]) -> frozenset[str]:

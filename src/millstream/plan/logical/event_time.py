@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import pyarrow as pa
 
@@ -20,6 +20,8 @@ from millstream.plan.logical.base import Node, SameColumns, Unary, agg_text, spe
 @dataclass(frozen=True, eq=False)
 class WithWatermark(SameColumns, Unary):
     """Event time is ``column``; watermark = max event time - ``delay`` µs (streaming)."""
+
+    accepts_updates: ClassVar[bool] = True  # (each row keeps its change kind)
 
     column: str
     delay: int

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 
+from millstream.core.units import format_duration
 from millstream.errors import SchemaError
 from millstream.expr.aggregates import AggSpec
 from millstream.expr.nodes import Expr
@@ -45,6 +46,8 @@ class FlatMap(Unary):
 class FilterRows(SameColumns, Unary):
     """Rows for which the Python predicate ``fn(row)`` is true."""
 
+    accepts_updates: ClassVar[bool] = True  # (each row keeps its change kind)
+
     fn: Callable[[dict], Any]
 
     def label(self) -> str:
@@ -67,6 +70,8 @@ class MapBatches(Unary):
 @dataclass(frozen=True, eq=False)
 class Filter(SameColumns, Unary):
     """Rows where the boolean expression is true (null counts as false)."""
+
+    accepts_updates: ClassVar[bool] = True  # (each row keeps its change kind)
 
     predicate: Expr
 
@@ -91,6 +96,8 @@ def _expr_refs(exprs: Iterable[Expr]) -> frozenset[str]:
 class Project(Unary):
     """Exactly the columns the expressions compute (``select``)."""
 
+    accepts_updates: ClassVar[bool] = True  # (each row keeps its change kind)
+
     exprs: tuple[Expr, ...]
 
     def label(self) -> str:
@@ -107,6 +114,8 @@ class Project(Unary):
 @dataclass(frozen=True, eq=False)
 class WithColumns(Unary):
     """Columns added or replaced by expressions (all read the input); the others kept."""
+
+    accepts_updates: ClassVar[bool] = True  # (each row keeps its change kind)
 
     exprs: tuple[Expr, ...]
 
@@ -131,6 +140,8 @@ class Drop(Unary):
     """The input without ``columns``; a name that is not there is a SchemaError unless not
     ``strict`` (then it is ignored)."""
 
+    accepts_updates: ClassVar[bool] = True  # (each row keeps its change kind)
+
     columns: tuple[str, ...]
     strict: bool = True
 
@@ -153,6 +164,8 @@ class Drop(Unary):
 class Rename(Unary):
     """Columns renamed by ``mapping`` pairs ``(old, new)``; an old name that is not there is
     a SchemaError unless not ``strict`` (then it is ignored)."""
+
+    accepts_updates: ClassVar[bool] = True  # (each row keeps its change kind)
 
     mapping: tuple[tuple[str, str], ...]
     strict: bool = True
@@ -177,6 +190,8 @@ class Rename(Unary):
 class Explode(Unary):
     """One row per element of list ``column`` (empty and null lists give no row)."""
 
+    accepts_updates: ClassVar[bool] = True  # (each row keeps its change kind)
+
     column: str
 
     def label(self) -> str:
@@ -200,6 +215,10 @@ NARROW_NODES: tuple[type[Node], ...] = (Map, FlatMap, FilterRows, MapBatches, Fi
 @dataclass(frozen=True, eq=False)
 class Aggregate(Unary):
     """One row per distinct ``keys`` (one row in all without keys) with the aggregates."""
+
+    #: in a streaming job: a result per key, updated as rows come (a changelog)
+    accepts_updates: ClassVar[bool] = True
+    produces_updates: ClassVar[bool] = True
 
     keys: tuple[str, ...]
     specs: tuple[AggSpec, ...]
@@ -235,7 +254,12 @@ def reads_stream(node: Node) -> bool:
 
 @dataclass(frozen=True, eq=False)
 class Join(Node):
-    """Equi-join (inner, left, right, outer, semi, anti); null keys never match.
+    """Join (inner, left, right, outer, semi, anti) on equal keys (null keys never match)
+    and/or a residual ``condition`` on the candidate pairs; without keys every pair of rows
+    is a candidate (a cross join when there is no condition either).
+
+    ``condition`` names columns as the inner join outputs them: left names, right names,
+    a right name the left side has too with ``suffix``, a same-named key (``on=``) once.
 
     In a streaming job it is a stream-table join (the bounded right side computed once and
     broadcast) or, when the right side reads a stream or ``broadcast`` is False, a regular
@@ -252,13 +276,11 @@ class Join(Node):
     suffix: str = "_right"
     #: force (True) or forbid (False) broadcasting the right side; None: by size
     broadcast: bool | None = None
+    condition: Expr | None = None
     #: a streaming regular join's state time-to-live (µs; None: rows are kept for ever)
     state_ttl: int | None = None
     #: the (left, right) event-time columns its state TTL runs on (None: processing time)
     time_columns: tuple[str | None, str | None] = (None, None)
-
-    #: a stream-table join passes its stream's changes on; a regular join takes them
-    accepts_updates: ClassVar[bool] = True
 
     @property
     def children(self) -> tuple[Node, ...]:
@@ -267,10 +289,22 @@ class Join(Node):
     def with_children(self, children: tuple[Node, ...]) -> Node:
         return replace(self, left=children[0], right=children[1])
 
+    @property
+    def is_cross(self) -> bool:
+        """A cross join: every pair of rows (no keys, no condition, inner)."""
+        return not self.left_on and self.condition is None and self.how == "inner"
+
     def label(self) -> str:
-        ttl = f" state_ttl={self.state_ttl}us" if self.state_ttl else ""
-        return (f"Join {self.how} left_on={list(self.left_on)} right_on={list(self.right_on)}"
-                f"{ttl}")
+        if self.is_cross:
+            return "Join cross"
+        text = f"Join {self.how}"
+        if self.left_on:
+            text += f" left_on={list(self.left_on)} right_on={list(self.right_on)}"
+        if self.condition is not None:
+            text += f" condition={self.condition!r}"
+        if self.state_ttl:
+            text += f" state_ttl={format_duration(self.state_ttl)}"
+        return text
 
     def joins_streams(self) -> bool:
         """In a streaming job: a regular join of two streams (keyed state on both sides)
@@ -279,12 +313,17 @@ class Join(Node):
         return self.broadcast is False or reads_stream(self.right)
 
     @property
+    def accepts_updates(self) -> bool:  # type: ignore[override]
+        """A regular join takes changelog inputs (a retraction takes back a stored row and
+        the pairs it made); a stream-table join does not."""
+        return self.joins_streams()
+
+    @property
     def emits_updates(self) -> bool:
         """A regular outer join emits updates (an outer row taken back when its first
-        partner comes); an inner one passes its inputs' on; a stream-table join its
-        stream's (its bounded side runs as a batch job)."""
+        partner comes); an inner one passes its inputs' on; a stream-table join none."""
         if not self.joins_streams():
-            return self.left.emits_updates
+            return False
         return self.how != "inner" or self.left.emits_updates or self.right.emits_updates
 
     def compute_schema(self) -> pa.Schema | None:
@@ -292,7 +331,7 @@ class Join(Node):
         if left is None or right is None:
             return None
         return S.join_schema(left, right, self.left_on, self.right_on, self.how, self.suffix,
-                             self.label())
+                             self.label(), self.condition)
 
 
 @dataclass(frozen=True, eq=False)
@@ -313,6 +352,8 @@ class Sort(SameColumns, Unary):
 @dataclass(frozen=True, eq=False)
 class Union(Node):
     """All rows of the inputs (UNION ALL), columns matched by name."""
+
+    accepts_updates: ClassVar[bool] = True  # (each row keeps its change kind)
 
     inputs: tuple[Node, ...]
 

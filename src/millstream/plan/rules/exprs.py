@@ -17,11 +17,11 @@ from millstream.expr.conditional import When
 from millstream.expr.nodes import Alias, Column, Expr, Literal, _Func
 
 #: Registered operations that compute each row from that row alone, deterministically
-#: (prefixes cover the string and date-time families). Anything else is opaque.
+#: (prefixes cover the string, date-time and numeric families). Anything else is opaque.
 _ROW_OPS = frozenset({"add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "abs",
                       "round", "eq", "ne", "lt", "le", "gt", "ge", "and", "or", "xor", "not",
                       "is_null", "is_not_null", "fill_null", "is_in", "cast"})
-_ROW_OP_PREFIXES = ("str_", "dt_")
+_ROW_OP_PREFIXES = ("str_", "dt_", "num_")
 #: Comparison operations and their mirror (``a < b`` is ``b > a``).
 MIRRORED = {"eq": "eq", "ne": "ne", "lt": "gt", "le": "ge", "gt": "lt", "ge": "le"}
 

@@ -71,6 +71,7 @@ def _run_attempt(task: Task, attempt: int, env: dict[str, str | None]) -> tuple[
     try:
         _maybe_inject_fault(task)
         result = run_task(task)
+        result.worker = _where()
         data = getattr(result.value, "_payload", None)
         if data is not None:
             result.value._payload = None
@@ -81,6 +82,17 @@ def _run_attempt(task: Task, attempt: int, env: dict[str, str | None]) -> tuple[
         _set_env(saved)
         shutil.rmtree(scratch, ignore_errors=True)
     return out, data
+
+
+def _where() -> str:
+    """This Ray worker: its node (short id) and process."""
+    try:
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()[:8]
+    except Exception:  # noqa: BLE001 - not in a Ray worker (tests)
+        node = "?"
+    return f"node {node} pid {os.getpid()}"
 
 
 # ------------------------------------------------------------------ the runner
@@ -231,6 +243,7 @@ class RayRunner(Runner):
             while pending and len(running) < slots:
                 idx, attempt = pending.popleft()
                 meta, data = self._submit(tasks[idx], attempt, env)
+                progress.task_started(idx, attempt, "ray", speculative=bool(per_task.get(idx)))
                 running[meta] = _Attempt(idx, attempt, data, time.monotonic())
                 per_task.setdefault(idx, []).append(meta)
 
@@ -267,11 +280,14 @@ class RayRunner(Runner):
                             results[idx] = payload
                             remaining -= 1
                             durations.append(time.monotonic() - att.started)
-                            progress.task_done(payload.rows_out, payload.bytes_out)
+                            progress.task_done(idx, att.attempt, payload)
                             # the first attempt to finish wins; stop its backups
                             others = per_task.pop(idx, [])
                             for other in others:
-                                running.pop(other, None)
+                                lost = running.pop(other, None)
+                                if lost is not None:
+                                    progress.task_killed(idx, lost.attempt,
+                                                         "another attempt finished first")
                             self._cancel(others)
                         continue
                     if status == "lost":
@@ -287,7 +303,7 @@ class RayRunner(Runner):
                     if results[idx] is not None:
                         continue
                     self._attempt_failed(idx, cause, failure, bool(per_task.get(idx)), causes,
-                                         pending, next_attempt, tasks, progress)
+                                         pending, next_attempt, tasks, progress, att.attempt)
         except BaseException:
             # stop whatever still runs for this stage
             self._cancel(list(running))

@@ -96,6 +96,8 @@ class Epochs:
         if latest is None:
             return Restored()
         epoch, state = latest
+        if not recommit:  # newer checkpoints (commit unknown) are replayed: they go
+            self.store.discard_after(epoch)
         if state.get("version", 1) < 2 or "signature" not in state:
             raise CheckpointError(f"checkpoint {self.store.uri} epoch {epoch} has a format this "
                                   f"version cannot restore (version {state.get('version', 1)})")

@@ -53,8 +53,19 @@ from millstream.errors import (
 from millstream.io.stream_sinks import make_sink
 from millstream.plan import logical as L
 from millstream.plan.compile import compile_plan, streaming_settings
+from millstream.plan.rank_filter import rank_filters_to_top_n
 from millstream.plan.stages import all_stages
+from millstream.plan.updates import check_sink, check_updates
 from millstream.runtime.checkpoint import CheckpointStore
+from millstream.runtime.display import watch
+from millstream.runtime.events import BUS, call_site, error_text, publish
+from millstream.runtime.job_events import (
+    checkpoint_event,
+    stream_ended,
+    stream_metrics,
+    stream_started,
+)
+from millstream.runtime.progress import progress_enabled
 from millstream.runtime.streaming.epochs import Epochs, Restored, check_fault
 from millstream.runtime.streaming.inline import InlineHosts
 from millstream.runtime.streaming.layout import (
@@ -72,6 +83,9 @@ from millstream.runtime.streaming.spec import TaskSpec, close_quietly
 
 _log = logging.getLogger(__name__)
 
+#: metrics snapshots go to the event bus about this often, while anybody listens (s)
+METRICS_EVERY_S = 1.0
+
 
 class StreamingJob:
     """A running streaming pipeline: ``await_termination``, ``stop`` (final checkpoint),
@@ -85,7 +99,9 @@ class StreamingJob:
     keyed state spills beyond half of it), ``checkpoint_timeout`` (a checkpoint not
     acknowledged by every task in this time counts as a failure), ``key_groups`` (the
     maximum parallelism of keyed state, fixed by the first checkpoint),
-    ``max_batch_records`` and ``poll_timeout`` (source reads), ``stop_at_end`` (an unbounded
+    ``max_batch_records`` and ``poll_timeout`` (source reads), ``max_batch_delay`` (how long
+    rows may wait in a source read, a watermark in a task, or an idle slot before going on:
+    lower trades throughput for latency; default 20 ms), ``stop_at_end`` (an unbounded
     source ends once caught up).
     """
 
@@ -94,6 +110,7 @@ class StreamingJob:
                  executor: str = "parallel", parallelism: int | None = None,
                  runner: Any = None, clock: Clock | None = None, stop_at_end: bool = False,
                  max_batch_records: int = 10_000, poll_timeout: str | int = "50ms",
+                 max_batch_delay: str | int = "20ms",
                  storage_options: dict[str, Any] | None = None, key_groups: int | None = None,
                  max_parallelism: int | None = None, max_restarts: int = 3,
                  inbox_capacity: int = 8, memory_limit: int | str | None = None,
@@ -101,7 +118,9 @@ class StreamingJob:
                  fault: tuple[int, str] | None = None) -> None:
         if executor not in EXECUTORS:
             raise StreamingError(f"executor must be one of {EXECUTORS}, got {executor!r}")
+        node = rank_filters_to_top_n(node)
         check_streamable(node)
+        check_updates(node)
         if executor == "parallel":
             local = [s.source.describe() for s in scans(node) if s.source.in_process_only]
             if local:
@@ -119,10 +138,13 @@ class StreamingJob:
         self.clock = clock or WallClock()
         self.stop_at_end = stop_at_end
         self.max_batch_records = int(max_batch_records)
-        self.poll_timeout_s = parse_duration(poll_timeout, "poll_timeout") / 1e6
+        self.max_batch_delay_s = parse_duration(max_batch_delay, "max_batch_delay") / 1e6
+        self.poll_timeout_s = min(parse_duration(poll_timeout, "poll_timeout") / 1e6,
+                                  max(self.max_batch_delay_s, 0.001))
         self.interval_s = parse_duration(checkpoint_interval, "checkpoint_interval") / 1e6
         self.checkpoint_timeout_s = parse_duration(checkpoint_timeout, "checkpoint_timeout") / 1e6
         self.sink = make_sink(sink)
+        check_sink(node, self.sink)
         self._parallel_sink = hasattr(self.sink, "for_subtask")
         self.store = (CheckpointStore(checkpoint, storage_options) if checkpoint is not None
                       else None)
@@ -160,17 +182,22 @@ class StreamingJob:
         self._epochs: Epochs | None = None
         self._thread = threading.Thread(target=self._main, daemon=True,
                                         name=f"millstream-stream-{self.job_id}")
+        #: what the dashboard calls the job (where the user's code started it)
+        self.name = (call_site() if BUS.active else "") or f"stream {self.job_id}"
+        self._unwatch: Any = None
 
     # ------------------------------------------------------------------ control
 
     def start(self) -> StreamingJob:
         """Start the coordinator thread (``Dataset.start`` does this)."""
+        from millstream.runtime.session import get_session
+
+        s = get_session()
         if self._runner is None and self.executor == "parallel":
             # connect here, in the caller's thread (Ray wants the main one)
-            from millstream.runtime.session import get_session
-
-            s = get_session()
             self._runner = s.get_runner(s.settings)
+        if progress_enabled(s.settings.progress):
+            self._unwatch = watch(self.job_id)
         self._thread.start()
         return self
 
@@ -310,7 +337,8 @@ class StreamingJob:
                 settings={**task_budget(self._memory_limit, len(layout.chains)),
                           "spill_dir": os.path.join(run_dir, f"task-{c.index:04d}")},
                 checkpoint=self._checkpoint_location,
-                watermark_interval_s=0.0 if inline else 0.02, combine=not inline,
+                watermark_interval_s=0.0 if inline else min(0.02, self.max_batch_delay_s),
+                combine=not inline,
                 clock=None if isinstance(self.clock, WallClock) else self.clock))
         return specs
 
@@ -336,19 +364,21 @@ class StreamingJob:
         specs = self._specs(restored)
         if self.executor == "inline":
             self._route = {s.index: 0 for s in specs}
-            self._hosts = InlineHosts(specs, self.clock)
+            self._hosts = InlineHosts(specs, self.clock,
+                                      idle_sleep_s=min(0.01, self.max_batch_delay_s))
             return
         # task slots: slot i hosts partition i (mod the slots) of every stage
         nslots = max(1, min(self.parallelism, len(specs)))
         self._route = {s.index: s.key[2] % nslots for s in specs}
         slots = [SlotSpec(i, [s for s in specs if self._route[s.index] == i], self._route,
-                          capacity=self.inbox_capacity) for i in range(nslots)]
+                          capacity=self.inbox_capacity, idle_wait_s=self.max_batch_delay_s)
+                 for i in range(nslots)]
         slots = [s for s in slots if s.tasks]
         if len(slots) != nslots:  # (a slot without tasks: renumber)
             renumber = {s.index: i for i, s in enumerate(slots)}
             self._route = {t: renumber[sl] for t, sl in self._route.items()}
-            slots = [SlotSpec(i, s.tasks, self._route, capacity=self.inbox_capacity)
-                     for i, s in enumerate(slots)]
+            slots = [SlotSpec(i, s.tasks, self._route, capacity=self.inbox_capacity,
+                              idle_wait_s=self.max_batch_delay_s) for i, s in enumerate(slots)]
         try:
             payloads = [pickling.dumps(partial(run_slot, slot)) for slot in slots]
         except Exception:
@@ -409,6 +439,8 @@ class StreamingJob:
             self._metrics["last_checkpoint_seconds"] = round(
                 time.perf_counter() - pending["started"], 6)
         self.epoch = e + 1
+        if BUS.active:
+            checkpoint_event(self, pending, "completed")
 
     def _run_once(self) -> None:
         """Run the tasks until the job ends; raise _HostLost when a host dies."""
@@ -424,7 +456,11 @@ class StreamingJob:
         active: set[int] = set()  # epochs in which something happened
         last = time.monotonic()
         final_done = False
+        published = 0.0  # when metrics were last published (when anybody listens)
         while True:
+            if BUS.active and time.monotonic() - published >= METRICS_EVERY_S:
+                published = time.monotonic()
+                stream_metrics(self)
             for msg in hosts.poll(0.02):
                 kind, idx = msg[0], msg[1]
                 if kind == "ack":
@@ -434,7 +470,7 @@ class StreamingJob:
                                              f"{pending and pending['epoch']}")
                     pending["acks"][idx] = msg[3]
                     if len(pending["acks"]) == n:
-                        self._complete(pending, out)
+                        self._complete_or_report(pending, out)
                         if not pending["committing"]:
                             final_done = pending["final"]
                             pending = None
@@ -485,20 +521,35 @@ class StreamingJob:
                 # a task stuck (or a message lost): as Flink, a checkpoint that does not
                 # complete in time fails the attempt, which restarts from the last one
                 missing = sorted(chains[i].key for i in range(n) if i not in pending["acks"])
-                raise _HostLost(f"checkpoint {pending['epoch']} did not complete within "
-                                f"{self.checkpoint_timeout_s:g}s (no acknowledgement from "
-                                f"tasks {missing[:8]})")
+                why = (f"checkpoint {pending['epoch']} did not complete within "
+                       f"{self.checkpoint_timeout_s:g}s (no acknowledgement from "
+                       f"tasks {missing[:8]})")
+                if BUS.active:
+                    checkpoint_event(self, pending, "failed", why)
+                raise _HostLost(why)
             if pending is None and not final_done:
                 if len(ended) == n_sources or self._stop.is_set():
                     pending = self._trigger(final=True)
                 elif self.epoch in active and time.monotonic() - last >= self.interval_s:
                     pending = self._trigger(final=False)
 
+    def _complete_or_report(self, pending: dict[str, Any],
+                            out: dict[int, list[pa.RecordBatch]]) -> None:
+        """:meth:`_complete`; a checkpoint that fails there is reported as failed."""
+        try:
+            self._complete(pending, out)
+        except BaseException as exc:
+            if BUS.active:
+                checkpoint_event(self, pending, "failed", error_text(exc))
+            raise
+
     def _main(self) -> None:
         crashed = False
         try:
             resolve_broadcast_tables(self._stages)  # bounded sides of stream-table joins, once
             self._layout = Layout(self._stages, self.parallelism, self.stop_at_end)
+            if BUS.active:
+                stream_started(self)
             self._epochs = Epochs(self.job_id, self.store, self.sink, self._layout,
                                   self.parallelism,
                                   self._key_groups_option or DEFAULT_KEY_GROUPS,
@@ -518,6 +569,7 @@ class StreamingJob:
                     self.restarts += 1
                     with self._lock:
                         self._metrics["restarts"] = self.restarts
+                    publish("restart", job=self.job_id, restart=self.restarts, cause=str(exc))
                     _log.warning("streaming job %s: %s; restarting from the last checkpoint "
                                  "(restart %d of %d)", self.job_id, exc, self.restarts,
                                  self.max_restarts)
@@ -539,6 +591,10 @@ class StreamingJob:
                 close_quietly(self.sink, "the sink")
             if self._scratch is not None:
                 shutil.rmtree(self._scratch, ignore_errors=True)
+            if BUS.active and self._layout is not None:
+                stream_ended(self, self._error)
+            if self._unwatch is not None:
+                self._unwatch()
             self._done.set()
 
     def _shutdown_hosts(self, crashed: bool = False) -> None:

@@ -33,7 +33,8 @@ _log = logging.getLogger(__name__)
 #: two streams (``Join.joins_streams``).
 _STREAMABLE = (L.Scan, *L.NARROW_NODES, L.WithWatermark, L.WindowAggregate, L.KeyedProcess,
                L.Union, L.Repartition, L.IntervalJoin, L.WindowJoin, L.LatestJoin,
-               L.MapReduceStep, L.Shared)
+               L.MapReduceStep, L.Shared, L.Aggregate, L.Distinct, L.Deduplicate,
+               L.TopN, L.ToChangelog, L.FromChangelog)
 #: Join types a stream-table join can decide batch by batch.
 _STREAM_TABLE_HOW = ("inner", "left", "semi", "anti")
 
@@ -80,6 +81,10 @@ def _check_regular_join(node: L.Join) -> None:
     if node.how not in _STREAM_STREAM_HOW:
         raise PlanError(f"{node.label()}: a {node.how} join of two streams is not supported "
                         f"in this version; how={', '.join(_STREAM_STREAM_HOW)} are")
+    if not node.left_on:
+        raise PlanError(f"{node.label()}: a join of two streams needs equal keys (on=, or "
+                        f"left_on=/right_on=): its state is kept per key; a condition alone "
+                        f"or a cross join of two streams is not supported")
 
 
 def check_streamable(node: L.Node) -> None:
@@ -94,12 +99,15 @@ def check_streamable(node: L.Node) -> None:
         check_streamable(node.left)  # the bounded right side runs as a batch job
         return
     if not isinstance(node, _STREAMABLE):
-        hint = " (use group_by(...).window(...).agg(...))" if isinstance(node, L.Aggregate) else ""
+        hint = ""
+        if isinstance(node, (L.Sort, L.TopK, L.Limit)):
+            hint = " (top_n(n, by=..., per=[...]) keeps the first rows of each group up to date)"
         raise PlanError(f"{node.label()} cannot run on an unbounded stream in this version"
                         f"{hint}; streamable: map/filter/select-style operations, "
-                        f"with_watermark, window(...).agg(...), group_by(...).process(...), "
-                        f"union, interval_join, window_join, join_latest, and join with a "
-                        f"bounded dataset")
+                        f"with_watermark, window(...).agg(...), group_by(...).agg(...) "
+                        f"(updated per key), drop_duplicates, distinct, top_n, "
+                        f"group_by(...).process(...), union, interval_join, window_join, "
+                        f"join_latest, and join (of two streams, or with a bounded dataset)")
     for c in node.children:
         check_streamable(c)
 

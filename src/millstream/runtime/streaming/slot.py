@@ -53,6 +53,8 @@ class SlotSpec:
     deterministic: bool = False
     #: messages queued for a task, or for a peer slot, before its producers wait
     capacity: int = 8
+    #: how long an idle slot waits before it polls its sources again (s)
+    idle_wait_s: float = IDLE_WAIT_S
 
 
 class _TaskChannels:
@@ -333,7 +335,7 @@ class Slot:
             self.open()
             while not self.finished:
                 if not self.round():
-                    self.wake.wait(IDLE_WAIT_S)
+                    self.wake.wait(min(IDLE_WAIT_S, self.spec.idle_wait_s))
                     self.wake.clear()
         finally:
             self.close()

@@ -107,6 +107,8 @@ class StreamTask:
         self._ahead: tuple | None = None
         #: (epoch, sink handle, final) while waiting for the coordinator's commit
         self._awaiting_commit: tuple[int, Any, bool] | None = None
+        #: when the first barrier of the checkpoint being aligned arrived (perf_counter)
+        self._align_start: float | None = None
 
     # ------------------------------------------------------------------ setup
 
@@ -274,6 +276,8 @@ class StreamTask:
             "watermark": self.watermark, "records_in": self.records_in,
             "state_bytes": dict(self.state_sizes), "counters": counter_names(self.ctx.counters),
             "records_out": self.records_out, "idle": self._idle_sent,
+            # time blocked sending to full inboxes (backpressure), if the channels measure it
+            "blocked_s": getattr(self.ch, "blocked_s", 0.0),
             "position": self.reader.position if self.reader is not None else None}))
 
     def _finish(self) -> None:
@@ -294,7 +298,11 @@ class StreamTask:
         keyed: dict[int, dict[int, Any]] = {}
         used: set[str] = set()
         sizes: dict[str, int] = {}
+        group_sizes: dict[str, dict[int, int]] = {}  # per operator and key group
         blob_bytes = 0
+        aligned_s = (time.perf_counter() - self._align_start
+                     if self._align_start is not None else 0.0)
+        self._align_start = None
         for k, op in enumerate(self.ops if self.spec.checkpoint is not None else ()):
             # (no checkpoint location: epochs only commit the sink, nothing is snapshotted)
             # large values become shared blobs; unchanged ones since the last checkpoint
@@ -308,7 +316,9 @@ class StreamTask:
                 for g, snap in groups(self.spec.key_groups):
                     keyed[k][g] = externalize(snap, self._blobs, used)
                     blob_bytes += self._blob_store.put(keyed[k][g])
-                    sizes[op.name] = sizes.get(op.name, 0) + state_bytes(snap)
+                    size = state_bytes(snap)
+                    sizes[op.name] = sizes.get(op.name, 0) + size
+                    group_sizes.setdefault(op.name, {})[g] = size
                 continue
             if self.spec.key_grouped and is_keyed_op(op):
                 snap = op.snapshot_by_key_group(self.spec.key_groups)
@@ -330,7 +340,7 @@ class StreamTask:
             "ops": ops, "keyed": keyed, "sink_handle": handle, "source_handle": source_handle,
             "position": self.reader.position if self.reader is not None else None,
             "watermark": self.watermark, "finished": self.finished,
-            "blob_bytes": blob_bytes}))
+            "blob_bytes": blob_bytes, "alignment_s": aligned_s, "state_groups": group_sizes}))
         self._report()
         self._send_watermark(force=True)
         self._broadcast(("barrier", self.spec.index, epoch, final))
@@ -492,6 +502,8 @@ class StreamTask:
             else:
                 self._advance(self._input_watermark())
         elif kind == "barrier":
+            if not self.blocked:
+                self._align_start = time.perf_counter()
             self.blocked.add(sender)
             if len(self.blocked) == len(self.sender_wm):
                 self.blocked.clear()

@@ -1,0 +1,285 @@
+"""Join operators: the build side is collected and indexed once per task, the probe side
+streams through it (:class:`~millstream.ops.join.probe.JoinProbe`).
+
+:class:`HashJoin` reads both sides (port 1, the right side, is the build side); when the
+build side outgrows the task's memory budget, both sides are hash-partitioned into buckets
+on disk and joined bucket by bucket (grace hash join). :class:`BroadcastHashJoin` loads the
+whole (small) right side when it opens; :class:`BroadcastLeftHashJoin` the whole left
+side, joined with every chunk of the right side (inner and right joins). Without keys the
+same operators are nested loops (cross joins, joins on a condition only): every build row
+is a candidate for every probe row, in chunks of bounded size; such a build side is held
+in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from millstream.core.arrow import batch_nbytes, concat_batches, table_to_batches
+from millstream.core.hashing import partition_ids
+from millstream.core.shuffle import read_block
+from millstream.core.spill import BucketSpiller
+from millstream.errors import PlanError
+from millstream.ops.base import Batches, Operator
+from millstream.ops.join.keys import canonical_type
+from millstream.ops.join.probe import JoinProbe, check_how
+
+_EMPTY: tuple[pa.RecordBatch, ...] = ()
+#: Counter of build-side indexes built (one per task and type of probe keys; per bucket
+#: when spilling).
+BUILDS_COUNTER = ("millstream", "join_index_builds")
+
+
+def join_tables(left: pa.Table, right: pa.Table, left_on: list[str], right_on: list[str],
+                how: str, suffix: str = "_right", condition: Any = None) -> pa.Table:
+    """Join two in-memory tables (the right one is the build side); null keys never match.
+
+    Columns of any type (lists, pickled objects) are carried; same-named keys (``on=``)
+    appear once, coalesced for right and outer joins. Without keys, every pair of rows is
+    a candidate; ``condition`` (an expression over the inner join's columns, see
+    :mod:`millstream.ops.join.probe`) keeps the pairs where it is true.
+    """
+    core = JoinProbe(left_on, right_on, how, suffix, condition)
+    core.build(right)
+    parts: list[pa.Table] = []
+    batches = left.to_batches() if left.num_rows else []
+    for b in batches:
+        parts.extend(core.probe(b))
+    parts.extend(core.finish(left.schema))
+    empty = pa.Table.from_batches([core.empty(left.schema)])
+    return pa.concat_tables([empty, *parts]) if parts else empty
+
+
+def _bucket_key(arr: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """A key column as spill buckets hash it: equal keys of any two types that join hash
+    alike (strings of every layout as large binaries, decimals as floats, times in one
+    unit; integers and integral floats already hash alike)."""
+    t = canonical_type(arr.type)
+    if not t.equals(arr.type):
+        arr = arr.cast(t)
+    if pa.types.is_large_string(t):
+        return arr.cast(pa.large_binary())
+    if pa.types.is_decimal(t):
+        return arr.cast(pa.float64())
+    if pa.types.is_timestamp(t):
+        return arr.cast(pa.timestamp("us", tz=t.tz), safe=False)
+    if pa.types.is_duration(t):
+        return arr.cast(pa.duration("us"), safe=False)
+    return arr
+
+
+def _concat(batches: list[pa.RecordBatch], schema: pa.Schema | None) -> pa.Table:
+    """The batches of one side as a table (their schemas unified); without batches, an
+    empty table of ``schema`` (no columns when None)."""
+    if batches:
+        return concat_batches(batches)
+    return schema.empty_table() if schema is not None else pa.table({})
+
+
+class _JoinSpiller(BucketSpiller):
+    """Buckets of one side of a grace hash join, assigned alike for both sides."""
+
+    def bucket_ids(self, batch: pa.RecordBatch) -> np.ndarray:
+        cols = [_bucket_key(batch.column(k)) for k in self.keys]
+        cols.append(pa.array(np.full(batch.num_rows, self.salt, dtype=np.int64)))
+        return partition_ids(cols, batch.num_rows, self.num_buckets)
+
+
+class HashJoin(Operator):
+    """Join of port 0 (left, probe) with port 1 (right, build), indexed once per task."""
+
+    num_inputs = 2
+    input_order = (1, 0)
+
+    def __init__(self, left_on: list[str], right_on: list[str], how: str = "inner",
+                 suffix: str = "_right", broadcast: bool = False, condition: Any = None
+                 ) -> None:
+        how = check_how(how)
+        if len(left_on) != len(right_on):
+            raise PlanError("join needs as many left keys as right keys")
+        kind = "BroadcastHashJoin" if broadcast else "ShuffleHashJoin"
+        if not left_on:
+            kind = "BroadcastNestedLoopJoin" if broadcast else "NestedLoopJoin"
+        text = f"{kind}({how}, left_on={left_on}, right_on={right_on}"
+        super().__init__(text + (f", condition={condition!r})" if condition is not None else ")"))
+        self.left_on, self.right_on, self.how, self.suffix = left_on, right_on, how, suffix
+        self.condition = condition
+        self.build: list[pa.RecordBatch] = []
+        self.build_bytes = 0
+        # schemas seen on each side (also from empty batches): an empty side still needs its
+        # columns, or the output of this task would name and order columns differently
+        self.probe_schema: pa.Schema | None = None
+        self.build_schema: pa.Schema | None = None
+        self.emitted = False  # any output batch yet (else finish sends a typed empty one)
+        self.rspill: BucketSpiller | None = None
+        self.lspill: BucketSpiller | None = None
+        self.core: JoinProbe | None = None
+
+    def _new_core(self) -> JoinProbe:
+        return JoinProbe(self.left_on, self.right_on, self.how, self.suffix, self.condition,
+                         on_build=self._count_build)
+
+    def _count_build(self) -> None:
+        if self.ctx is not None:
+            self.ctx.increment_counter(*BUILDS_COUNTER)
+
+    def _limit(self) -> int:
+        return max(4 << 20, (self.ctx.memory_budget if self.ctx else 64 << 20) // 2)
+
+    def _bs(self) -> int:
+        return self.ctx.batch_size if self.ctx else 65536
+
+    def _out(self, tables: Iterator[pa.Table]) -> Iterator[pa.RecordBatch]:
+        for t in tables:
+            if t.num_rows:
+                self.emitted = True
+                yield from table_to_batches(t, self._bs())
+
+    def process(self, batch: pa.RecordBatch, port: int = 0) -> Batches:
+        if port == 1:
+            if self.build_schema is None and batch.num_columns:
+                self.build_schema = batch.schema
+            if self.rspill is not None:
+                self.rspill.write(batch)
+                return _EMPTY
+            self.build.append(batch)
+            self.build_bytes += batch_nbytes(batch)
+            if self.build_bytes > self._limit() and self.right_on:
+                self._start_spilling()
+            return _EMPTY
+        if self.probe_schema is None and batch.num_columns:
+            self.probe_schema = batch.schema
+        if batch.num_rows == 0:
+            return _EMPTY
+        if self.lspill is not None:
+            self.lspill.write(batch)
+            return _EMPTY
+        if self.core is None:
+            self._end_build()
+        return list(self._out(self.core.probe(batch)))
+
+    def _start_spilling(self) -> None:
+        n = 16
+        if self.ctx:
+            self.ctx.increment_counter("millstream", "spills")
+        self.rspill = _JoinSpiller(self.ctx, self.right_on, n, salt=0x10A7, prefix="joinr")
+        self.lspill = _JoinSpiller(self.ctx, self.left_on, n, salt=0x10A7, prefix="joinl")
+        for b in self.build:
+            self.rspill.write(b)
+        self.build = []
+        self.build_bytes = 0
+
+    def _end_build(self) -> None:
+        self.core = self._new_core()
+        self.core.build(_concat(self.build, self.build_schema))
+        self.build = []
+
+    def end_input(self, port: int) -> Batches:
+        if port == 1 and self.rspill is None and self.core is None:
+            self._end_build()
+        return _EMPTY
+
+    def finish(self) -> Iterator[pa.RecordBatch]:
+        if self.rspill is not None:
+            yield from self._finish_buckets()
+        else:
+            if self.core is None:
+                self._end_build()
+            if self.probe_schema is not None or self.build_schema is not None:
+                yield from self._out(self.core.finish(self.probe_schema, self._bs()))
+        if not self.emitted and self.probe_schema is not None and self.build_schema is not None:
+            # no rows at all: an empty batch with the output schema, so that what follows
+            # (another join, an aggregate, a sort) still knows the columns
+            yield (self.core or self._new_core_with(self.build_schema)).empty(self.probe_schema)
+
+    def _new_core_with(self, schema: pa.Schema) -> JoinProbe:
+        core = self._new_core()
+        core.build(schema.empty_table())
+        return core
+
+    def _finish_buckets(self) -> Iterator[pa.RecordBatch]:
+        assert self.rspill is not None and self.lspill is not None
+        try:
+            for i in range(self.rspill.num_buckets):
+                core = self._new_core()
+                core.build(_concat(list(self.rspill.read_bucket(i)), self.build_schema))
+                for b in self.lspill.read_bucket(i):
+                    yield from self._out(core.probe(b))
+                yield from self._out(core.finish(self.probe_schema, self._bs()))
+                self.core = core
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for s in (self.rspill, self.lspill):
+            if s is not None:
+                s.delete()
+        self.rspill = self.lspill = None
+
+
+class BroadcastHashJoin(HashJoin):
+    """A join whose build side (the whole small right side) is loaded at open()."""
+
+    num_inputs = 1
+    input_order = (0,)
+
+    def __init__(self, left_on: list[str], right_on: list[str], how: str, suffix: str,
+                 broadcast_stage: Any = None, blocks: list[Any] | None = None,
+                 condition: Any = None) -> None:
+        super().__init__(left_on, right_on, how, suffix, broadcast=True, condition=condition)
+        self.blocks = blocks
+
+    def open(self, ctx) -> None:
+        super().open(ctx)
+        for ref in self.blocks or []:
+            for b in read_block(ref):
+                HashJoin.process(self, b, 1)
+        HashJoin.end_input(self, 1)
+
+
+class BroadcastLeftHashJoin(Operator):
+    """Joins each chunk of the (large) right side against the whole small left side,
+    indexed once per task (inner and right joins)."""
+
+    def __init__(self, left_on: list[str], right_on: list[str], how: str, suffix: str,
+                 broadcast_stage: Any = None, blocks: list[Any] | None = None,
+                 condition: Any = None) -> None:
+        kind = "BroadcastLeftHashJoin" if left_on else "BroadcastLeftNestedLoopJoin"
+        text = f"{kind}({how}, left_on={left_on}, right_on={right_on}"
+        super().__init__(text + (f", condition={condition!r})" if condition is not None else ")"))
+        self.core = JoinProbe(left_on, right_on, how, suffix, condition, build_left=True,
+                              on_build=self._count_build)
+        self.blocks = blocks
+        self.probe_schema: pa.Schema | None = None
+        self.emitted = False
+
+    def _count_build(self) -> None:
+        if self.ctx is not None:
+            self.ctx.increment_counter(*BUILDS_COUNTER)
+
+    def open(self, ctx) -> None:
+        super().open(ctx)
+        batches = [b for ref in self.blocks or [] for b in read_block(ref)]
+        schema = next((b.schema for b in batches if b.num_columns), None)
+        self.core.build(_concat(batches, schema))
+
+    def process(self, batch: pa.RecordBatch, port: int = 0) -> Batches:
+        if self.probe_schema is None and batch.num_columns:
+            self.probe_schema = batch.schema
+        out = []
+        for t in self.core.probe(batch):
+            if t.num_rows:
+                out.extend(table_to_batches(t, self.ctx.batch_size if self.ctx else 65536))
+        self.emitted = self.emitted or bool(out)
+        return out
+
+    def finish(self) -> Batches:
+        table = self.core.table
+        if not self.emitted and self.probe_schema is not None and table is not None \
+                and table.num_columns:
+            return (self.core.empty(self.probe_schema),)
+        return _EMPTY

@@ -1,0 +1,189 @@
+"""The build side of a join, indexed once: rows grouped by key code, so that each probe
+batch finds its matching build rows with numpy lookups (no re-hashing of the build side).
+
+Codes come from :class:`~millstream.ops.join.keys.KeyEncoder`. A dense range of exact
+codes (the usual integer keys) is looked up directly in an offsets table; any other codes
+in an open-addressing hash table (linear probing, vectorized over the probe rows). A join
+without keys (a cross join, a nested loop over a condition) is one group holding every
+build row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from millstream.ops.join.keys import KeyEncoder
+
+#: Which candidate pairs (probe rows, build rows) have equal keys.
+PairCheck = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+#: A direct offsets table (4 bytes a slot) is used while it has at most this many slots
+#: per build row, or at most ``_DIRECT_MIN`` slots.
+_DIRECT_PER_ROW = 16
+_DIRECT_MIN = 1 << 21
+
+
+class JoinIndex:
+    """Build rows grouped by the code of their key; built once, probed many times."""
+
+    def __init__(self, key_cols: Sequence[pa.Array], num_rows: int) -> None:
+        self.num_rows = num_rows
+        self.encoder: KeyEncoder | None = None
+        self.direct = False
+        self.pure = True  # all build rows of a code have equal keys
+        if not key_cols:  # no keys: every build row matches every probe row
+            self.order = np.arange(num_rows, dtype=np.int64)
+            return
+        enc = self.encoder = KeyEncoder(key_cols)
+        codes = enc.build_codes
+        rows = (np.flatnonzero(enc.build_valid) if enc.build_valid is not None
+                else np.arange(num_rows, dtype=np.int64))
+        if enc.build_valid is not None:
+            codes = codes[rows]
+        self.direct = enc.exact and enc.span <= max(_DIRECT_PER_ROW * len(rows), _DIRECT_MIN)
+        if self.direct and enc.span < 2**31:
+            codes = codes.astype(np.int32)  # sorts several times faster than int64
+        sort = np.argsort(codes)
+        self.order = rows[sort]  # build rows by code
+        codes = codes[sort]
+        if self.direct:
+            idx = np.int32 if len(rows) < 2**31 else np.int64
+            self.offsets = np.zeros(enc.span + 1, dtype=idx)
+            self.offsets[1:] = np.cumsum(np.bincount(codes, minlength=enc.span), dtype=idx)
+        else:
+            starts = np.flatnonzero(np.diff(codes)) + 1
+            starts = np.concatenate([np.zeros(min(1, len(codes)), np.int64), starts])
+            counts = np.diff(np.append(starts, len(codes))).astype(np.int64)
+            self.table = _HashTable(codes[starts], starts, counts)
+            if not enc.exact and len(codes):
+                # hashed codes: when every build row of a code has the same key (no two
+                # build keys collide), a probe row is checked once, against one of them
+                rep = np.repeat(self.order[starts], counts)
+                self.pure = bool(enc.verify(enc.build_cols, enc.build_atoms, self.order,
+                                            rep).all())
+
+    def lookup(self, probe_cols: Sequence[pa.Array], n: int
+               ) -> tuple[np.ndarray, np.ndarray, PairCheck | None]:
+        """For each of ``n`` probe rows: how many build rows match and where they start in
+        :attr:`order`; and None when all those candidates have equal keys, else a function
+        telling which candidate pairs (probe rows, build rows) do (after a hash collision
+        between two build keys)."""
+        enc = self.encoder
+        if enc is None:
+            return (np.full(n, len(self.order), dtype=np.int64), np.zeros(n, dtype=np.int64),
+                    None)
+        code, valid, probe_atoms = enc.encode(probe_cols)
+        if self.direct:
+            ok = (code >= 0) & (code < enc.span)
+            if valid is not None:
+                ok &= valid
+            pos = np.where(ok, code, 0) if not ok.all() else code
+            first = self.offsets[pos].astype(np.int64)
+            count = self.offsets[pos + 1] - first
+            if not ok.all():
+                count[~ok] = 0
+            return count, first, None
+        count, first = self.table.find(code, valid)
+        if enc.exact:
+            return count, first, None
+        if not self.pure:
+            return count, first, lambda pi, bi: enc.verify(probe_cols, probe_atoms, pi, bi)
+        rows = np.flatnonzero(count)
+        if len(rows):
+            same = enc.verify(probe_cols, probe_atoms, rows, self.order[first[rows]])
+            count[rows[~same]] = 0
+        return count, first, None
+
+
+class _HashTable:
+    """Distinct int64 codes -> (count, first) of their build rows, by open addressing with
+    linear probing. Built without a probing loop: codes sorted by home slot take the
+    first free slot from their home on (a running maximum), the table grown past its end
+    instead of wrapping, with an empty slot last; lookups probe all rows at once, in
+    numpy rounds (most rows settle at their home slot)."""
+
+    def __init__(self, codes: np.ndarray, first: np.ndarray, counts: np.ndarray) -> None:
+        n = len(codes)
+        cap = 16
+        while cap < 2 * n:
+            cap *= 2
+        self.mask = np.uint64(cap - 1)
+        home = self._home(codes)
+        by_home = np.argsort(home.astype(np.int32) if cap < 2**31 else home)
+        rank = np.arange(n, dtype=np.int64)
+        slot = np.maximum.accumulate(home[by_home] - rank) + rank if n else rank
+        size = max(cap, int(slot[-1]) + 2) if n else cap
+        #: per slot: the number of build rows of its code (0: empty), the code, the first row
+        self.count = np.zeros(size, dtype=np.int64)
+        self.code = np.zeros(size, dtype=np.int64)
+        self.first = np.zeros(size, dtype=np.int64)
+        self.count[slot] = counts[by_home]
+        self.code[slot] = codes[by_home]
+        self.first[slot] = first[by_home]
+
+    def _home(self, codes: np.ndarray) -> np.ndarray:
+        h = codes.view(np.uint64)
+        with np.errstate(over="ignore"):
+            h = (h ^ (h >> np.uint64(31))) * np.uint64(0x9E3779B97F4A7C15)
+            h = h ^ (h >> np.uint64(29))
+        return (h & self.mask).view(np.int64)
+
+    def find(self, codes: np.ndarray, valid: np.ndarray | None
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """(count, first) of each code's build rows ((0, 0) where absent or not valid)."""
+        slot = self._home(codes)
+        count = self.count[slot]
+        hit = (count > 0) & (self.code[slot] == codes)
+        more = (count > 0) & ~hit
+        if valid is not None:
+            hit &= valid
+            more &= valid
+        found = np.where(hit, slot, len(self.count) - 1)  # the last slot is empty
+        active = np.flatnonzero(more)
+        slot = slot[active]
+        while len(active):
+            slot += 1
+            count = self.count[slot]
+            hit = (count > 0) & (self.code[slot] == codes[active])
+            found[active[hit]] = slot[hit]
+            more = (count > 0) & ~hit
+            active, slot = active[more], slot[more]
+        return self.count[found], self.first[found]
+
+
+def pair_chunks(count: np.ndarray, first: np.ndarray, order: np.ndarray, max_pairs: int
+                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Candidate pairs (probe rows, build rows) of a lookup, at most ``max_pairs`` at a
+    time (a row with many matches is split across chunks), probe rows ascending."""
+    total = int(count.sum())
+    if total == 0:
+        return
+    n = len(count)
+    if total <= max_pairs:
+        pi = np.repeat(np.arange(n, dtype=np.int64), count)
+        excl = np.cumsum(count) - count
+        bpos = np.arange(total, dtype=np.int64) + np.repeat(first - excl, count)
+        yield pi, order[bpos]
+        return
+    cum = np.cumsum(count)
+    excl = cum - count
+    t0 = 0
+    while t0 < total:
+        t1 = min(total, t0 + max_pairs)
+        r0 = int(np.searchsorted(cum, t0, side="right"))
+        r1 = int(np.searchsorted(cum, t1 - 1, side="right")) + 1
+        lc = count[r0:r1].copy()
+        lf = first[r0:r1].copy()
+        skip = t0 - int(excl[r0])
+        lc[-1] = t1 - int(excl[r1 - 1])  # the last row ends at t1
+        lc[0] -= skip  # the first row starts at t0
+        lf[0] += skip
+        m = t1 - t0
+        pi = np.repeat(np.arange(r0, r1, dtype=np.int64), lc)
+        lexcl = np.cumsum(lc) - lc
+        bpos = np.arange(m, dtype=np.int64) + np.repeat(lf - lexcl, lc)
+        yield pi, order[bpos]
+        t0 = t1

@@ -1,0 +1,141 @@
+"""Updates in a streaming plan: which nodes emit them, which take them, and whether the
+sink can take what reaches it.
+
+Nodes declare ``accepts_updates`` and ``emits_updates`` (``plan/logical/base.py``);
+:func:`check_updates` walks a streaming plan and raises a :class:`PlanError` naming the
+first node that would get updates it cannot take, and the node they come from.
+:func:`check_sink` compares the result with what the sink declares (its
+``changelog_mode``, see ``core.changelog``): an append-only sink refuses an updating
+result; an upsert sink needs a result key its ``upsert_keys`` cover (:func:`upsert_key`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from millstream.core.changelog import APPEND, UPSERT, sink_mode
+from millstream.errors import PlanError
+from millstream.expr.nodes import Alias, Column
+from millstream.plan import logical as L
+
+#: What to do instead, by the kind of node that refuses updates.
+_TO_ROWS = ("to_changelog() turns the updates into plain rows with a 'change' column "
+            "(+I, -U, +U, -D) that it can take")
+
+
+def origin(node: L.Node) -> L.Node | None:
+    """The node that makes the updates in ``node``'s output (None: it has none)."""
+    if not node.emits_updates:
+        return None
+    if node.produces_updates or not node.children:
+        return node
+    for c in node.children:
+        found = origin(c)
+        if found is not None:
+            return found
+    return node
+
+
+def _hint(node: L.Node) -> str:
+    if isinstance(node, L.WindowAggregate):
+        return ("a window aggregate needs append-only input; aggregate without a window "
+                "(group_by(...).agg(...) takes updates), or " + _TO_ROWS)
+    if isinstance(node, (L.Distinct, L.Deduplicate)):
+        return "deduplicate before the updating step, or " + _TO_ROWS
+    if isinstance(node, L.Repartition):
+        return ("an exchange by other columns could reorder the changes of one result row "
+                "(its -U and +U taking different paths); repartition before the updating "
+                "step, or " + _TO_ROWS)
+    return _TO_ROWS
+
+
+def _streamed(node: L.Node) -> tuple[L.Node, ...]:
+    """The inputs of ``node`` that run as streams (a stream-table join's bounded right
+    side runs as a batch job, whose results are final; a regular join's both do)."""
+    if isinstance(node, L.Join) and not node.joins_streams():
+        return (node.left,)
+    return node.children
+
+
+def check_updates(node: L.Node) -> None:
+    """Raise a PlanError where a node of a streaming plan gets updates it cannot take."""
+    for c in _streamed(node):
+        check_updates(c)
+    if node.accepts_updates:
+        return
+    for c in _streamed(node):
+        src = origin(c)
+        if src is not None:
+            raise PlanError(f"{node.label()} cannot take the updates (-U/+U/-D rows) that "
+                            f"{src.label()} emits in a streaming job; {_hint(node)}")
+
+
+def upsert_key(node: L.Node) -> tuple[str, ...] | None:
+    """Columns that identify a row of ``node``'s updating result (each key has at most one
+    row at a time), as far as the plan shows; None when unknown."""
+    if isinstance(node, L.Aggregate):
+        return tuple(node.keys)
+    if isinstance(node, L.Deduplicate):
+        return tuple(node.subset)
+    if isinstance(node, L.TopN):
+        return (*node.per, node.rank_column) if node.rank_column else None
+    if isinstance(node, (L.Filter, L.FilterRows, L.WithWatermark)):
+        return upsert_key(node.child)
+    if isinstance(node, (L.WithColumns, L.Drop)):
+        key = upsert_key(node.child)
+        gone = node.produced() if isinstance(node, L.WithColumns) else set(node.columns)
+        return key if key is not None and not set(key) & gone else None
+    if isinstance(node, L.Rename):
+        key = upsert_key(node.child)
+        names = dict(node.mapping)
+        return None if key is None else tuple(names.get(k, k) for k in key)
+    if isinstance(node, L.Project):
+        key = upsert_key(node.child)
+        if key is None:
+            return None
+        kept: dict[str, str] = {}  # input column -> its name in the output
+        for e in node.exprs:
+            inner = e.child if isinstance(e, Alias) else e
+            if isinstance(inner, Column):
+                kept.setdefault(inner.name, e.output_name)
+        return tuple(kept[k] for k in key) if all(k in kept for k in key) else None
+    return None
+
+
+def check_sink(node: L.Node, sink: Any) -> None:
+    """Raise a PlanError when ``sink`` cannot take what the streaming plan ``node`` gives."""
+    if not node.emits_updates:
+        return
+    mode = sink_mode(sink)
+    src = origin(node)
+    what = f"the result is updating ({src.label()} emits -U/+U/-D rows)"
+    name = type(sink).__name__
+    if mode == APPEND:
+        raise PlanError(
+            f"the sink {name} takes appends only, but {what}; write the changes with a sink "
+            f"that takes them: ms.file_sink(path, changelog=True) (a 'change' column), "
+            f"ms.sink(fn) or the collecting sink (the change kind in column 'change'), or an "
+            f"upsert sink keyed by the result's key; or make them plain rows with "
+            f"to_changelog()")
+    if mode == UPSERT:
+        keys = tuple(getattr(sink, "upsert_keys", None) or ())
+        key = upsert_key(node)
+        if not keys:
+            raise PlanError(f"the upsert sink {name} declares no upsert_keys")
+        schema = node.schema
+        if schema is not None:
+            missing = [k for k in keys if k not in schema.names]
+            if missing:
+                raise PlanError(f"the upsert sink {name} is keyed by {list(keys)}, but the "
+                                f"result has no column(s) {missing}; columns are "
+                                f"{schema.names}")
+        if key is None:
+            raise PlanError(f"the upsert sink {name} is keyed by {list(keys)}, but {what} "
+                            f"and its rows have no key the plan can tell (an aggregate's group "
+                            f"keys, drop_duplicates' subset, top_n's groups and rank): write "
+                            f"it to a sink that takes retractions instead")
+        if not set(key) <= set(keys):
+            raise PlanError(f"the upsert sink {name} is keyed by {list(keys)}, but the "
+                            f"result's rows are keyed by {list(key)} ({src.label()}): two "
+                            f"rows of one sink key would overwrite each other; key the sink "
+                            f"by {list(key)}")

@@ -1,0 +1,82 @@
+"""Per-partition kernels chosen for speed must give the answers of the plain ones: the ASCII
+fast path of ``str.split()`` (Python's ``str.split`` is the oracle), Arrow's line splitting of
+text chunks (the numpy one is the oracle), and filters that keep every row."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import millstream as ms
+from millstream.expr.strings import _only_ascii_spaces, _split_whitespace
+from millstream.io.files import lines as L
+from millstream.ops.narrow import FilterExpr
+
+_ALPHABET = ["a", "B", "é", "€", "“", " ", "  ", "\t", "\n", "\r", "\x0b", "\x0c", "\x1c",
+             "\x1f", "\u00a0", "\u0085", "\u1680", "\u2003", "\u2028", "\u205f", "\u3000",
+             "\u2019", "xyz"]
+_texts = st.lists(st.one_of(st.none(), st.lists(st.sampled_from(_ALPHABET), max_size=12)
+                            .map("".join)), max_size=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts=_texts)
+def test_split_on_whitespace_is_pythons_split(texts):
+    arr = pa.array(texts, pa.string())
+    got = _split_whitespace(arr, len(arr)).to_pylist()
+    assert got == [None if t is None else t.split() for t in texts]
+    # the same through the expression, on a slice (offsets not at 0)
+    b = pa.record_batch({"s": pa.array(["pad", *texts], pa.string())}).slice(1)
+    expr = ms.col("s").str.split()
+    assert expr.evaluate(b).to_pylist() == [None if t is None else t.split() for t in texts]
+
+
+def test_ascii_spaces_are_told_apart_from_unicode_ones():
+    assert _only_ascii_spaces(pa.array(["déjà vu", "“quoted” – dash", "tab\there"]))
+    for odd in ("a\u00a0b", "a\u2003b", "a\x1cb", "x\u3000", "\u0085"):
+        assert not _only_ascii_spaces(pa.array(["fine", odd]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(lines=st.lists(st.text(alphabet=st.sampled_from(["a", "é", " ", "x", "\t"]),
+                              max_size=10), min_size=1, max_size=20),
+       crlf=st.booleans())
+def test_arrow_line_splitting_matches_the_numpy_one(lines, crlf):
+    data = ("\r\n" if crlf else "\n").join(lines).encode() + (b"\r\n" if crlf else b"\n")
+    got, starts = L.split_lines(data)
+    want_starts, want_ends = L.line_bounds(data)
+    assert starts.tolist() == want_starts.tolist()
+    assert got.to_pylist() == [data[a:b] for a, b in zip(want_starts, want_ends)]
+
+
+def test_a_filter_that_keeps_every_row_passes_the_batch_on():
+    b = pa.record_batch({"x": [1, 2, 3]})
+    op = FilterExpr(ms.col("x") > 0)
+    assert op.process(b)[0] is b
+    out = FilterExpr(ms.col("x") > 1).process(b)[0]
+    assert out.column(0).to_pylist() == [2, 3]
+    nulls = pa.record_batch({"x": pa.array([1, None, 3])})
+    assert FilterExpr(ms.col("x") > 0).process(nulls)[0].num_rows == 2
+
+
+def test_word_count_pipeline_matches_python(tmp_path):
+    rng = np.random.default_rng(1)
+    words = np.array(["the", "The", "THE", "éclair", "Éclair", "naïve", "a", "b", "ç"])
+    text = "\n".join(" ".join(rng.choice(words, rng.integers(0, 12))) for _ in range(3000))
+    path = tmp_path / "t.txt"
+    path.write_text(text + "\n", encoding="utf-8")
+    ms.init(parallelism=2)
+    try:
+        got = (ms.read_text(str(path)).select(ms.col("text").str.lower().str.split().alias("w"))
+               .explode("w").filter(ms.col("w") != "").group_by("w").agg(ms.count().alias("n"))
+               .to_arrow())
+    finally:
+        ms.shutdown()
+    want: dict[str, int] = {}
+    for w in text.lower().split():
+        want[w] = want.get(w, 0) + 1
+    assert dict(zip(got.column("w").to_pylist(), got.column("n").to_pylist())) == want
+    assert pc.sum(got.column("n")).as_py() == len(text.split())

@@ -1,0 +1,157 @@
+"""Streaming SQL: Flink's windowing table-valued functions (TUMBLE, HOP, CUMULATE, SESSION)
+over a stream with a watermark, window aggregation, window Top-N, window and interval
+joins; each as a streaming job and in batch with the same rows, checked against plain
+Python; and the errors for what streams cannot do yet."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import defaultdict
+
+import pyarrow as pa
+import pytest
+
+import millstream as ms
+from millstream.testing import TestSource
+
+E = dt.datetime(2024, 1, 1)
+SCHEMA = pa.schema([("auction", pa.int64()), ("price", pa.int64()),
+                    ("ts", pa.timestamp("us"))])
+ROWS = [{"auction": i % 3, "price": (i * 37) % 100, "ts": E + dt.timedelta(seconds=i)}
+        for i in range(60)]
+OTHER = pa.schema([("auction", pa.int64()), ("seller", pa.string()),
+                   ("at", pa.timestamp("us"))])
+OTHER_ROWS = [{"auction": i % 3, "seller": f"s{i}", "at": E + dt.timedelta(seconds=2 * i + 1)}
+              for i in range(30)]
+
+
+def stream(rows=ROWS, schema=SCHEMA, column="ts") -> ms.Dataset:
+    src = TestSource(schema=schema)
+    for i in range(0, len(rows), 10):
+        src.add(rows[i:i + 10])
+    src.close()
+    return src.dataset().with_watermark(column, "1m")
+
+
+def both(query: str, **extra) -> tuple[list, list]:
+    """(streaming rows, batch rows) of a query over ``bids`` (and ``extra`` streams)."""
+    job = ms.sql(query, bids=stream(), **{k: v() for k, v in extra.items()}).start(
+        checkpoint_interval=0)
+    assert job.await_termination(60)
+    assert job.late_records() == []
+    streamed = job.sink.rows()
+    batch = ms.sql(query, bids=stream(), **{k: v() for k, v in extra.items()}).collect()
+    return streamed, batch
+
+
+def norm(rows) -> list[tuple]:
+    return sorted(tuple(r.values()) if isinstance(r, dict) else tuple(r) for r in rows)
+
+
+def tumble_start(t: dt.datetime, seconds: int) -> dt.datetime:
+    return E + dt.timedelta(seconds=int((t - E).total_seconds()) // seconds * seconds)
+
+
+def test_tumble_window_aggregation():
+    q = """SELECT auction, window_start, window_end, count(*) AS n, max(price) AS mp
+           FROM TABLE(TUMBLE(TABLE bids, DESCRIPTOR(ts), INTERVAL '10' SECOND))
+           GROUP BY auction, window_start, window_end"""
+    streamed, batch = both(q)
+    groups = defaultdict(list)
+    for r in ROWS:
+        groups[(r["auction"], tumble_start(r["ts"], 10))].append(r["price"])
+    want = [(a, s, s + dt.timedelta(seconds=10), len(p), max(p)) for (a, s), p in groups.items()]
+    assert norm(streamed) == norm(batch) == norm(want)
+
+
+def test_hop_cumulate_and_session_windows():
+    hop = """SELECT window_start, window_end, count(*) AS n FROM TABLE(HOP(DATA => TABLE bids,
+             TIMECOL => DESCRIPTOR(ts), SLIDE => INTERVAL '5' SECOND,
+             SIZE => INTERVAL '10' SECOND)) GROUP BY window_start, window_end"""
+    streamed, batch = both(hop)
+    assert norm(streamed) == norm(batch)
+    assert all(r["n"] == 10 for r in batch if E <= r["window_start"]
+               and r["window_end"] <= E + dt.timedelta(seconds=60))
+    cumulate = """SELECT window_start, window_end, sum(price) AS s FROM TABLE(CUMULATE(
+                  TABLE bids, DESCRIPTOR(ts), INTERVAL '5' SECOND, INTERVAL '20' SECOND))
+                  GROUP BY window_start, window_end"""
+    streamed, batch = both(cumulate)
+    want = []
+    for start in range(0, 60, 20):
+        for end in range(start + 5, start + 21, 5):
+            want.append((E + dt.timedelta(seconds=start), E + dt.timedelta(seconds=end),
+                         sum(r["price"] for r in ROWS[start:end])))
+    assert norm(streamed) == norm(batch) == norm(want)
+    session = """SELECT auction, window_start, window_end, count(*) AS n FROM TABLE(
+                 SESSION(TABLE bids PARTITION BY auction, DESCRIPTOR(ts), INTERVAL '4' SECOND))
+                 GROUP BY auction, window_start, window_end"""
+    streamed, batch = both(session)
+    assert norm(streamed) == norm(batch)
+    assert sorted(r["n"] for r in batch) == [20, 20, 20]  # 3 s apart: one session each
+
+
+def test_window_columns_per_row_and_window_time():
+    q = """SELECT auction, price, window_start, window_end, window_time FROM TABLE(
+           TUMBLE(TABLE bids, DESCRIPTOR(ts), INTERVAL '10' SECOND)) WHERE price > 90"""
+    streamed, batch = both(q)
+    want = [(r["auction"], r["price"], tumble_start(r["ts"], 10),
+             tumble_start(r["ts"], 10) + dt.timedelta(seconds=10),
+             tumble_start(r["ts"], 10) + dt.timedelta(seconds=10, microseconds=-1))
+            for r in ROWS if r["price"] > 90]
+    assert norm(streamed) == norm(batch) == norm(want)
+
+
+def test_window_top_n():
+    q = """SELECT * FROM (
+             SELECT auction, price, window_start, window_end,
+                    ROW_NUMBER() OVER (PARTITION BY window_start, window_end
+                                       ORDER BY price DESC) AS rownum
+             FROM TABLE(TUMBLE(TABLE bids, DESCRIPTOR(ts), INTERVAL '10' SECOND)))
+           WHERE rownum <= 2"""
+    streamed, batch = both(q)
+    want = []
+    for start in range(0, 60, 10):
+        top = sorted(ROWS[start:start + 10], key=lambda r: -r["price"])[:2]
+        for i, r in enumerate(top, 1):
+            want.append((r["auction"], r["price"], E + dt.timedelta(seconds=start),
+                         E + dt.timedelta(seconds=start + 10), i))
+    assert norm(streamed) == norm(batch) == norm(want)
+
+
+def test_window_join_and_interval_join():
+    window_join = """SELECT b.auction, b.price, o.seller, b.window_start FROM
+        TABLE(TUMBLE(TABLE bids, DESCRIPTOR(ts), INTERVAL '10' SECOND)) b
+        JOIN TABLE(TUMBLE(TABLE others, DESCRIPTOR(at), INTERVAL '10' SECOND)) o
+        ON b.auction = o.auction AND b.window_start = o.window_start
+           AND b.window_end = o.window_end"""
+    others = lambda: stream(OTHER_ROWS, OTHER, "at")  # noqa: E731
+    streamed, batch = both(window_join, others=others)
+    want = [(b["auction"], b["price"], o["seller"], tumble_start(b["ts"], 10))
+            for b in ROWS for o in OTHER_ROWS if b["auction"] == o["auction"]
+            and tumble_start(b["ts"], 10) == tumble_start(o["at"], 10)]
+    assert norm(streamed) == norm(batch) == norm(want)
+    interval = """SELECT b.auction, b.price, o.seller FROM bids b, others o
+        WHERE b.auction = o.auction
+          AND o.at BETWEEN b.ts - INTERVAL '2' SECOND AND b.ts + INTERVAL '1' SECOND"""
+    streamed, batch = both(interval, others=others)
+    want = [(b["auction"], b["price"], o["seller"]) for b in ROWS for o in OTHER_ROWS
+            if b["auction"] == o["auction"]
+            and b["ts"] - dt.timedelta(seconds=2) <= o["at"] <= b["ts"] + dt.timedelta(seconds=1)]
+    assert norm(streamed) == norm(batch) == norm(want)
+
+
+def test_streams_refuse_what_needs_changelogs_with_a_clear_error():
+    with pytest.raises(ms.SQLError, match="GROUP BY over a stream without a window") as e:
+        ms.sql("select auction, count(*) from bids group by auction", bids=stream())
+    assert "changelog streams" in str(e.value) and e.value.line == 1
+    with pytest.raises(ms.SQLError, match="regular join of two streams"):
+        ms.sql("select * from bids b left join others o on b.auction = o.auction",
+               bids=stream(), others=stream(OTHER_ROWS, OTHER, "at"))
+    with pytest.raises(ms.SQLError, match="ORDER BY on a stream is not supported"):
+        ms.sql("select * from bids order by price", bids=stream())
+    with pytest.raises(ms.SQLError, match="SESSION windows are only defined for a GROUP BY"):
+        ms.sql("select * from table(session(table bids, descriptor(ts), interval '1' second))",
+               bids=stream())
+    with pytest.raises(ms.SQLError, match="the time column is given as DESCRIPTOR"):
+        ms.sql("select * from table(tumble(table bids, ts, interval '1' second))",
+               bids=stream())
