@@ -35,7 +35,7 @@ from regular_cases import (
 from streams import filled_source, wait_until
 
 import millstream as ms
-from millstream.core.changelog import VISIBLE, from_visible
+from millstream.core.changelog import VISIBLE
 from millstream.core.context import default_context
 from millstream.core.keygroups import key_hashes
 from millstream.core.time import VirtualClock
@@ -347,8 +347,9 @@ def test_join_of_changelog_streams(how, feed):
                     1, "L")
     right = f.source(visible_items(rch, 3), RSCHEMA.append(pa.field(VISIBLE, pa.string())),
                      1, "R")
-    ds = left.dataset().map_batches(from_visible).join(
-        right.dataset().map_batches(from_visible), on="k", how=how)
+    ds = left.dataset().from_changelog().join(right.dataset().from_changelog(), on="k",
+                                              how=how)
+    assert ds._node.emits_updates
     job = f.start(ds, checkpoint_interval=0, parallelism=2)
     assert job.await_termination(60)
     got = changes(job.sink.rows())
@@ -480,3 +481,108 @@ def test_explain_shows_the_regular_join():
     other = filled_source(RIGHT_ITEMS, 1, RSCHEMA, close=False).dataset()
     text = stream.join(other, on="k", how="left", state_ttl="30m").explain()
     assert "Join left left_on=['k'] right_on=['k'] state_ttl=30m" in text
+
+
+# ----------------------------------------------------------------------------- with main's model
+
+
+@pytest.mark.parametrize("how", ["inner", "left"])
+def test_join_of_an_updating_aggregate_with_a_stream(how, feed):
+    """A non-windowed aggregate (an updating stream: -U/+U per key) joined with a stream:
+    what the changelog leaves is the join of the final counts with the other side, the
+    batch result of the same plan."""
+    f = feed()
+    counts = f.source(LEFT_ITEMS, LSCHEMA, 2, "L").dataset().group_by("k").agg(
+        ms.count().alias("n"))
+    right = f.source(RIGHT_ITEMS, RSCHEMA, 1, "R").dataset()
+    ds = counts.join(right, on="k", how=how)
+    assert ds._node.emits_updates
+    job = f.start(ds, checkpoint_interval=0, parallelism=2)
+    assert job.await_termination(60)
+    got = changes(job.sink.rows())
+    # counts changed after they met y rows: an inner join keeps the input's -U, an outer
+    # one takes pairs back with -D (as Flink)
+    assert any(k == (UPDATE_BEFORE if how == "inner" else DELETE) for k, _r in got)
+    final: dict = {}
+    for r in _all(LEFT_ITEMS):
+        final[r["k"]] = final.get(r["k"], 0) + 1
+    want = []
+    for k, n in final.items():
+        mates = [r for r in _all(RIGHT_ITEMS) if k is not None and r["k"] == k]
+        want += [{"k": k, "n": n, "y": r["y"], "rt": r["rt"]} for r in mates]
+        if not mates and how == "left":
+            want.append({"k": k, "n": n, "y": None, "rt": None})
+    assert fold(got) == bag(want)
+    batch_counts = filled_source(LEFT_ITEMS, 2, LSCHEMA).dataset().group_by("k").agg(
+        ms.count().alias("n"))
+    assert bag(batch_counts.join(filled_source(RIGHT_ITEMS, 1, RSCHEMA).dataset(), on="k",
+                                 how=how).collect()) == bag(want)
+
+
+@pytest.mark.parametrize("how", ["inner", "outer"])
+def test_a_residual_condition_on_the_pairs(how, feed):
+    """``condition=``: a pair of equal keys that fails it is no pair (an outer row without
+    another stays padded), as in the batch join of the same plan."""
+    f = feed()
+    cond = ms.col("x") % 3 != ms.col("y") % 3
+    left = f.source(LEFT_ITEMS, LSCHEMA, 2, "L").dataset()
+    right = f.source(RIGHT_ITEMS, RSCHEMA, 1, "R").dataset()
+    ds = left.join(right, on="k", how=how, condition=cond)
+    job = f.start(ds, checkpoint_interval=0, parallelism=2)
+    assert job.await_termination(60)
+    lefts, rights = _all(LEFT_ITEMS), _all(RIGHT_ITEMS)
+    want, lm, rm = [], set(), set()
+    for i, a in enumerate(lefts):
+        for j, b in enumerate(rights):
+            if a["k"] is not None and a["k"] == b["k"] and a["x"] % 3 != b["y"] % 3:
+                want.append({**a, "y": b["y"], "rt": b["rt"]})
+                lm.add(i)
+                rm.add(j)
+    if how == "outer":
+        want += [{**a, "y": None, "rt": None} for i, a in enumerate(lefts) if i not in lm]
+        want += [{"k": b["k"], "x": None, "lt": None, **b} for j, b in enumerate(rights)
+                 if j not in rm]
+    assert fold(changes(job.sink.rows())) == bag(want)
+    batch = filled_source(LEFT_ITEMS, 2, LSCHEMA).dataset().join(
+        filled_source(RIGHT_ITEMS, 1, RSCHEMA).dataset(), on="k", how=how, condition=cond)
+    assert bag(batch.collect()) == bag(want)
+
+
+def test_sinks_and_steps_that_cannot_take_its_updates_are_refused_at_plan_time(tmp_path):
+    """An outer regular join (or one of an updating input) emits updates: an append-only
+    sink, a window or a Python function after it is a PlanError naming the join, before
+    the job runs; an inner join of appends is append-only."""
+    def streams():
+        return (filled_source(LEFT_ITEMS, 1, LSCHEMA, close=False).dataset(),
+                filled_source(RIGHT_ITEMS, 1, RSCHEMA, close=False).dataset())
+
+    left, right = streams()
+    outer = left.join(right, on="k", how="left")
+    with pytest.raises(PlanError, match=r"takes appends only.*Join left"):
+        outer.start(sink=ms.file_sink(str(tmp_path / "out")), checkpoint_interval=0)
+    with pytest.raises(PlanError, match=r"Map\(.*cannot take the updates.*Join left"):
+        outer.map(lambda r: r).start(checkpoint_interval=0)
+    with pytest.raises(PlanError, match=r"Window .*cannot take the updates.*Join left"):
+        (outer.with_watermark("lt", "0s").window(ms.tumbling("1m"), on="lt")
+         .agg(ms.count())).start(checkpoint_interval=0)
+    with pytest.raises(PlanError, match="no key the plan can tell"):
+        outer.start(sink=_KeyedSink(["k"]), checkpoint_interval=0)
+    updating = left.group_by("k").agg(ms.count().alias("n"))
+    with pytest.raises(PlanError, match=r"takes appends only.*Aggregate"):
+        updating.join(right, on="k").start(sink=ms.file_sink(str(tmp_path / "o2")),
+                                           checkpoint_interval=0)
+    # a stream-table join still refuses updates (it does not take a retraction back)
+    table = ms.from_items([{"k": "a", "p": 1}])
+    with pytest.raises(PlanError, match=r"Join inner.*cannot take the updates"):
+        updating.join(table, on="k").start(checkpoint_interval=0)
+    inner = left.join(right, on="k")
+    assert not inner._node.emits_updates
+    assert outer._node.emits_updates and outer.to_changelog()._node.emits_updates is False
+
+
+class _KeyedSink(CollectingSink):
+    changelog_mode = "upsert"
+
+    def __init__(self, keys: list[str]) -> None:
+        super().__init__()
+        self.upsert_keys = keys
