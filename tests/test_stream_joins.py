@@ -339,11 +339,12 @@ def test_stream_joined_with_a_bounded_table(how, feed, tmp_path):
         assert sorted_rows(sink.rows()) == sorted_rows(expected)
 
 
-def test_stream_table_join_refuses_unbounded_right_sides_and_outer_joins():
+def test_stream_table_join_refuses_outer_joins_and_two_streams_refuse_semi_joins():
+    # two streams make a regular join (tests/test_regular_joins.py), inner to outer only
     stream = filled_source(LEFT, 1, LSCHEMA).dataset()
     other = filled_source(RIGHT, 1, RSCHEMA, close=False).dataset()
-    with pytest.raises(PlanError, match="interval_join"):
-        stream.join(other, on="k").start(checkpoint_interval=0)
+    with pytest.raises(PlanError, match="semi join of two streams is not supported"):
+        stream.join(other, on="k", how="semi").start(checkpoint_interval=0)
     with pytest.raises(PlanError, match="needs the end of the stream"):
         stream.join(_prices(), on="k", how="right").start(checkpoint_interval=0)
 

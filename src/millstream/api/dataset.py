@@ -182,7 +182,7 @@ class Dataset:
     def join(self, other: Dataset, on: str | Sequence[str] | None = None, how: str = "inner", *,
              left_on: str | Sequence[str] | None = None, right_on: str | Sequence[str] | None = None,
              suffix: str = "_right", broadcast: bool | None = None,
-             condition: Expr | None = None) -> Dataset:
+             condition: Expr | None = None, state_ttl: Any = None) -> Dataset:
         """Join with ``other`` (inner, left, right, outer/full, semi, anti, cross).
 
         Rows match on equal keys (``on=`` names on both sides, or ``left_on=``/``right_on=``;
@@ -199,10 +199,17 @@ class Dataset:
 
         A side small enough (``broadcast_threshold``) is broadcast; otherwise both sides are
         shuffled by key. ``broadcast=True/False`` forces the choice for the right side.
-        In a streaming job (``start``) the right side must be bounded: it is computed once
-        when the job starts and broadcast (inner, left, semi, anti; ``executor="inline"`` in
-        this version); two streams join with ``interval_join``, ``window_join`` or
-        ``join_latest``.
+
+        In a streaming job (``start``): when ``other`` is bounded, it is computed once when
+        the job starts and broadcast (a stream-table join: inner, left, semi, anti). When
+        ``other`` is a stream (or ``broadcast=False``), it is a regular join of two streams
+        (inner, left, right, outer; Flink's semantics): every row is kept and joined with
+        the other side's rows of its key as they come; outer joins emit updates (a row
+        without a partner, taken back when its first partner comes); inputs may carry
+        updates. ``state_ttl`` ("1h", timedelta, µs) bounds the state: a row is dropped
+        once it is that far behind, by event time when both inputs have a watermark
+        (``with_watermark``), else by processing time; rows arriving later for its key do
+        not meet it (see :mod:`millstream.ops.stream_join.regular`).
         """
         if not isinstance(other, Dataset):
             raise PlanError(f"join() needs a Dataset, got {type(other).__name__}")
@@ -233,8 +240,9 @@ class Dataset:
         if len(lk) != len(rk) or (not lk and condition is None):
             raise PlanError(f"join: left keys {lk} and right keys {rk} must be non-empty and as many")
         how = "outer" if how == "full" else how
+        ttl, times = stream_join.join_state_ttl(self._node, other._node, state_ttl)
         return Dataset(L.Join(self._node, other._node, tuple(lk), tuple(rk), how, suffix,
-                              broadcast, condition))
+                              broadcast, condition, ttl, times))
 
     def cross_join(self, other: Dataset, *, suffix: str = "_right",
                    broadcast: bool | None = None) -> Dataset:

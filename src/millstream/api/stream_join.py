@@ -10,8 +10,11 @@
   up to date by a changelog stream).
 * ``stream.join(bounded)`` (the ordinary :meth:`Dataset.join`): in a streaming job the
   bounded right side is computed once when the job starts and broadcast to every task
-  (Spark's stream-static join); inner, left, semi and anti joins. In this version it
-  runs on the in-process executor (``start(executor="inline")``).
+  (Spark's stream-static join); inner, left, semi and anti joins.
+* ``stream.join(other_stream, on, how, state_ttl="1h")``: a regular join of two streams
+  (Flink's): every row is kept (until its state TTL) and joined with the other side's
+  rows of its key whenever they come; outer joins emit updates (a row without a partner,
+  taken back when its first partner comes); inputs may carry updates.
 
 All of them also run in batch mode on bounded inputs, with the streaming result
 whenever no row was late. Semantics in detail: :mod:`millstream.ops.stream_join`.
@@ -29,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from millstream.api.stream import watermark_column
 from millstream.core.units import parse_duration
 from millstream.errors import PlanError
+from millstream.expr.nodes import Alias, Column
 from millstream.expr.windows import Sliding, Tumbling, WindowAssigner
 from millstream.plan import logical as L
 
@@ -85,6 +89,47 @@ def _times(left: L.Node, right: L.Node, left_time: str | None, right_time: str |
         if not isinstance(t, str):
             raise PlanError(f"{what}: {arg} must be a column name, got {t!r}")
     return lt, rt
+
+
+def event_time_column(node: L.Node) -> str | None:
+    """The name, in ``node``'s output, of the column the nearest ``with_watermark``
+    upstream declared the event time: followed through renames and ``select`` aliases of
+    the plain column; None when there is none or a step drops or recomputes it."""
+    path: list[L.Node] = []
+    while not isinstance(node, L.WithWatermark):
+        if isinstance(node, (L.WindowAggregate, L.KeyedProcess)) or len(node.children) != 1:
+            return None
+        path.append(node)
+        node = node.children[0]
+    name: str | None = node.column
+    for step in reversed(path):
+        if isinstance(step, L.Rename):
+            name = dict(step.mapping).get(name, name)
+        elif isinstance(step, L.Project):
+            name = next((e.output_name for e in step.exprs
+                         if isinstance(e.child if isinstance(e, Alias) else e, Column)
+                         and (e.child if isinstance(e, Alias) else e).name == name), None)
+        elif isinstance(step, L.Drop):
+            name = None if name in step.columns else name
+        elif isinstance(step, L.WithColumns):
+            name = None if name in step.produced() else name
+        if name is None:
+            return None
+    return name
+
+
+def join_state_ttl(left: L.Node, right: L.Node, state_ttl: Duration | None
+                   ) -> tuple[int | None, tuple[str | None, str | None]]:
+    """A join's ``state_ttl`` in µs and the (left, right) event-time columns it runs on:
+    each input's ``with_watermark`` column when both carry theirs, else (None, None) and
+    the TTL runs on processing time."""
+    if state_ttl is None:
+        return None, (None, None)
+    ttl = parse_duration(state_ttl, "state_ttl")
+    if ttl <= 0:
+        raise PlanError(f"join: state_ttl must be a positive duration, got {state_ttl!r}")
+    lt, rt = event_time_column(left), event_time_column(right)
+    return ttl, ((lt, rt) if lt is not None and rt is not None else (None, None))
 
 
 def _how(how: str, allowed: tuple[str, ...], what: str) -> str:

@@ -54,6 +54,7 @@ from millstream.ops.stream_join import (
     IntervalJoin,
     JoinKeys,
     LatestJoin,
+    RegularJoin,
     WindowJoin,
     join_key_names,
 )
@@ -175,8 +176,8 @@ class PhysicalPlanner:
                 if uses[key] > 1:
                     return
             children = n.children
-            if self.s.streaming and isinstance(n, L.Join):
-                children = (n.left,)
+            if self.s.streaming and isinstance(n, L.Join) and not n.joins_streams():
+                children = (n.left,)  # a stream-table join's right side is a batch job
             for c in children:
                 visit(c)
 
@@ -448,6 +449,8 @@ class PhysicalPlanner:
         return [Pipeline([BlocksPort(stage=self.cache_stages[node.cache_id])])]
 
     def _build_Join(self, node: L.Join) -> list[Pipeline]:
+        if self.s.streaming and node.joins_streams():
+            return self._build_regular_join(node)
         lk, rk, cond = list(node.left_on), list(node.right_on), node.condition
         if self.s.streaming:
             left = self.build(node.left)
@@ -556,7 +559,7 @@ class PhysicalPlanner:
             return "right", est_l, est_r
         return ("left" if left_ok else "single"), est_l, est_r
 
-    def _keyed_two_inputs(self, node: L.IntervalJoin | L.WindowJoin | L.LatestJoin,
+    def _keyed_two_inputs(self, node: L.IntervalJoin | L.WindowJoin | L.LatestJoin | L.Join,
                           factory: OperatorFactory, what: str) -> list[Pipeline]:
         """Both inputs get the hidden join keys, are exchanged by them, and feed ``factory``."""
         hidden = join_key_names(len(node.left_on))
@@ -572,6 +575,16 @@ class PhysicalPlanner:
         new = Pipeline([ShufflePort(stages[0]), ShufflePort(stages[1])])
         new.add(factory, node.label())
         return [new]
+
+    def _build_regular_join(self, node: L.Join) -> list[Pipeline]:
+        """A join of two streams in a streaming job: both sides exchanged by key into a
+        ``RegularJoin`` (keyed state, updates for outer joins)."""
+        lt, rt = node.time_columns
+        return self._keyed_two_inputs(node, OperatorFactory(
+            RegularJoin, list(node.left_on), list(node.right_on), node.how, node.suffix,
+            state_ttl=node.state_ttl, left_time=lt, right_time=rt,
+            emit_kinds=node.emits_updates, condition=node.condition,
+            input_schemas=(node.left.schema, node.right.schema)), "regular join")
 
     def _build_IntervalJoin(self, node: L.IntervalJoin) -> list[Pipeline]:
         return self._keyed_two_inputs(node, OperatorFactory(

@@ -55,8 +55,10 @@ def _hint(node: L.Node) -> str:
 
 def _streamed(node: L.Node) -> tuple[L.Node, ...]:
     """The inputs of ``node`` that run as streams (a stream-table join's bounded right
-    side runs as a batch job, whose results are final)."""
-    return (node.left,) if isinstance(node, L.Join) else node.children
+    side runs as a batch job, whose results are final; a regular join's both do)."""
+    if isinstance(node, L.Join) and not node.joins_streams():
+        return (node.left,)
+    return node.children
 
 
 def check_aggregate(node: L.Aggregate) -> None:

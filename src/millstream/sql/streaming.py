@@ -4,10 +4,11 @@ Two streams join as a window join when both are windowed alike and the condition
 their window bounds (two windowing functions: the engine's window join; two window
 aggregates: a window join keyed by the bounds, in tumbling buckets that close with the
 windows); as an interval join when the condition bounds one side's time by the other's
-(``a.ts BETWEEN b.ts - INTERVAL '5' MINUTE AND b.ts + INTERVAL '10' MINUTE``); and an inner
-join on keys alone as an interval join without bounds (append-only, both sides kept, as
-Flink's regular join without state TTL). Outer regular joins and aggregates without
-windows emit updates: they wait for changelog streams.
+(``a.ts BETWEEN b.ts - INTERVAL '5' MINUTE AND b.ts + INTERVAL '10' MINUTE``); and a join on
+keys alone (inner, left, right, full) as a regular join of two streams (``L.Join``, run
+by ``ops/stream_join/regular.py``: both sides kept for the job's life, as Flink's regular
+join without state TTL; outer ones emit updates, so the sink must take them). SQL has no
+way to give the join a state TTL in this version (``Dataset.join(state_ttl=...)`` does).
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ _CHANGELOG = ("changelog streams (updates and retractions, the streaming-v2 work
 
 # ---------------------------------------------------------------------- errors
 def stream_join_error(b: SelectBuilder, node: exp.Expr) -> SQLError:
-    return b.p.error("a regular join of two streams keeps both sides forever and emits "
-                     "updates, which needs " + _CHANGELOG + "; join within a time bound "
-                     "(a.ts BETWEEN b.ts - INTERVAL ... AND b.ts + INTERVAL ...) or within "
-                     "the same window (window_start and window_end equal)", node)
+    return b.p.error("a join of two streams needs equal keys (a regular join keeps its "
+                     "state per key), a time bound (a.ts BETWEEN b.ts - INTERVAL ... AND "
+                     "b.ts + INTERVAL ...) or the same window (window_start and window_end "
+                     "equal); a cross join, a condition without keys, or a semi or anti "
+                     "join of two streams is not supported", node)
 
 
 def unsupported_on_stream(p: Any, what: str, node: exp.Expr) -> SQLError:
@@ -97,39 +99,13 @@ def stream_join(b: SelectBuilder, left: Relation, right: Relation, on: list[exp.
     bounds, others = _time_bounds(b, left, right, on)
     if bounds is not None:
         return _interval_join(b, left, right, bounds, others, how, node)
-    if how == "inner":
-        # an inner join of two append-only streams appends: an interval join without
-        # bounds (both sides kept for the job's life, as Flink's join without state TTL)
-        lt, rt = _event_time(left), _event_time(right)
-        if lt is not None and rt is not None:
-            return _interval_join(b, left, right, (lt, rt, -_FOREVER, _FOREVER), on, how,
-                                  node)
+    if how in ("inner", "left", "right", "outer"):
+        # equal keys alone: a regular join of two streams (both sides kept, no state TTL;
+        # an outer one emits updates: padded rows taken back when their partner comes)
+        lk, rk, rest = _keys(b, left, right, on)
+        if lk:
+            return b.join_relations(left, right, lk, rk, how, rest, node)
     raise stream_join_error(b, node)
-
-
-#: an interval join's bound that no event time reaches (about 73 000 years, in µs)
-_FOREVER = 2**61
-
-
-def _event_time(rel: Relation) -> str | None:
-    """The event-time column of a stream: a window aggregate's end, or the column of the
-    nearest watermark (when it is still a column of the relation's node)."""
-    if rel.window is not None and rel.window.materialized:
-        return rel.window.columns.get("window_end")
-    node, renames = rel.node, []
-    while not isinstance(node, L.WithWatermark):
-        if isinstance(node, (L.WindowAggregate, L.KeyedProcess)) or len(node.children) != 1:
-            return None
-        if isinstance(node, L.Rename):
-            renames.append(dict(node.mapping))
-        node = node.children[0]
-    name = node.column
-    for mapping in reversed(renames):
-        name = mapping.get(name, name)
-    schema = rel.node.schema
-    if schema is not None and name not in schema.names:
-        return None
-    return name
 
 
 def where_stream_join(b: SelectBuilder, left: Relation, right: Relation,

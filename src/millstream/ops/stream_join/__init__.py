@@ -1,4 +1,5 @@
-"""Stream joins: interval join, window join, latest-value (temporal) join, stream-table join.
+"""Stream joins: interval join, window join, latest-value (temporal) join, stream-table
+join, regular join of two streams.
 
 Key exchange
 ------------
@@ -64,6 +65,18 @@ Stream-table join (:class:`BroadcastTableJoin`)
 when the job starts (a batch job) and every task joins its batches against it (inner,
 left, semi or anti). It is not checkpointed: a restarted job computes it again.
 
+Regular join (:class:`RegularJoin`)
+-----------------------------------
+``stream.join(other_stream, on, how, state_ttl=...)``: Flink's unbounded join (inner,
+left, right, outer; a residual ``condition`` on the pairs of equal keys). Every row is
+kept and joined with the other side's rows of its key whenever it arrives. Outer joins
+emit updates: a padded row at once, taken back (-D) when its first partner comes, and
+emitted again when its last partner is taken back. Inputs may carry changes
+(``core.changelog``); a retraction takes back one stored copy and the pairs it made.
+``state_ttl`` drops rows once their event time (both inputs with a watermark) or arrival
+(processing time) is more than the TTL behind; expiry emits nothing. Details in
+:mod:`millstream.ops.stream_join.regular`.
+
 State and spilling
 ------------------
 The buffered rows (both inputs of interval and window joins, the latest row per key of
@@ -76,9 +89,15 @@ dropped first), the rows of the windows that end last (they fire last), the keys
 longest ago. Each move writes a *run*: an uncompressed Arrow IPC file of record batches
 sorted by key hash, memory-mapped for reading, so that reading a column or binary-searching
 hashes touches only the pages it needs, in the kernel's page cache rather than the task's
-heap. Memory keeps per run only a few numbers per batch and, for the outer side of an
-interval join, one bit per row (the matched flag, which changes after the move); this
-index counts against the limit.
+heap. Memory keeps per run only a few numbers per batch and what changes after the move:
+for the outer side of an interval join one bit per row (the matched flag), for an outer
+side of a regular join its rows' partner counts, and a "dead" bit per row once one is
+taken back (a retraction); this index counts against the limit.
+
+In memory, the interval and regular joins keep each input as sorted chunks
+(``chunks._SortedBuffer``) rather than one table in arrival order: sorted by event time
+for the interval join (a watermark advance cuts a prefix of each chunk, a probe takes a
+time range), by key hash for the regular join (a key's rows are a binary search away).
 
 * Interval join: a batch probes every run whose time span can pair with it: the rows of
   its key hashes (binary search per batch of the run), then their times, then the exact
@@ -102,10 +121,11 @@ and ``close()`` (or ``finish()``) deletes the files. State is checkpointed per k
 Modules
 -------
 ``keys`` the hidden normalized join keys (:class:`JoinKeys`); ``output`` join types and
-output rows; ``runs`` spill runs on disk; ``buffer`` the buffered rows of one input;
+output rows; ``runs`` spill runs on disk; ``buffer`` the buffered rows of one input
+(``chunks`` as sorted chunks); ``changes`` the regular join's helpers for changelog inputs;
 ``state`` both inputs' buffered state, its spilling and its key-group snapshots;
 ``keyed`` what the keyed joins share (side outputs, checkpoints); ``interval``,
-``windowed``, ``latest`` and ``broadcast`` the four joins.
+``windowed``, ``latest``, ``broadcast`` and ``regular`` the five joins.
 """
 
 from millstream.ops.stream_join.broadcast import BroadcastTableJoin
@@ -119,6 +139,7 @@ from millstream.ops.stream_join.keys import (
     normalize_join_key,
 )
 from millstream.ops.stream_join.latest import LatestJoin
+from millstream.ops.stream_join.regular import RegularJoin
 from millstream.ops.stream_join.state import SPILL_WORK_MIN_BYTES
 from millstream.ops.stream_join.windowed import WindowJoin
 
@@ -130,6 +151,7 @@ __all__ = [
     "IntervalJoin",
     "JoinKeys",
     "LatestJoin",
+    "RegularJoin",
     "WindowJoin",
     "join_key_names",
     "match_keys",

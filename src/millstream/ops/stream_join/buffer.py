@@ -19,9 +19,9 @@ from millstream.errors import PlanError, SchemaError
 from millstream.ops.stream_join.runs import _field_column, _Run, _RunWriter
 
 #: dtype of each numpy column a buffer may keep: event time, matched flag, key hash,
-#: window start and end, arrival number
+#: window start and end, arrival number, match count
 _DTYPES = {"t": np.int64, "m": np.bool_, "h": np.uint64, "ws": np.int64, "we": np.int64,
-           "seq": np.int64}
+           "seq": np.int64, "n": np.int64}
 
 
 def _concat(tables: list[pa.Table]) -> pa.Table:

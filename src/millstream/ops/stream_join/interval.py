@@ -43,10 +43,12 @@ class IntervalJoin(_KeyedJoin):
             state_memory_limit)
 
     def _new_state(self) -> JoinState:
-        # rows are dropped by time; the oldest move to disk first (they are dropped first,
-        # so their runs go away soonest); outer inputs keep their matched flags on disk
+        # rows are dropped by time: in memory they are chunks sorted by time (a watermark
+        # advance cuts a prefix of each, a probe takes a time range); the oldest move to
+        # disk first (they are dropped first, so their runs go away soonest); outer inputs
+        # keep their matched flags on disk
         return JoinState(("t", "m", "h"), "t", order_by="t",
-                         track_matched=(self._outer(0), self._outer(1)))
+                         track_matched=(self._outer(0), self._outer(1)), sorted_by="t")
 
     def process(self, batch: pa.RecordBatch, port: int = 0) -> Batches:
         """Join the rows with the other input's buffered rows; buffer them."""
@@ -76,21 +78,36 @@ class IntervalJoin(_KeyedJoin):
             else:
                 lo, hi = int(t.min()) - self.upper, int(t.max()) - self.lower
             if other.n:
-                ot = other.arrays["t"]
-                cand = np.flatnonzero((ot >= lo) & (ot <= hi))
-                if len(cand):
-                    sub = other.rows(cand)
-                    ni, oi = self._pairs(port, table, t, sub, ot, cand)
-                    if len(ni):
-                        matched[ni] = True
-                        other.arrays["m"][cand[oi]] = True
-                        out.append(self._pair_rows(port, table, ni, sub, oi))
+                out += self._probe_memory(port, table, t, h, lo, hi, matched)
             if other.runs:
                 out += self._probe_runs(port, table, t, h, lo, hi, matched)
         self._bufs[port].append(table, t=t, m=matched, h=h)
         out += self._expire(port)
         self._state.maybe_spill()
         return self._emit(out)
+
+    def _probe_memory(self, port: int, table: pa.Table, t: np.ndarray, h: np.ndarray,
+                      lo: int, hi: int, matched: np.ndarray) -> list[pa.Table]:
+        """Join the rows with the other input's rows in memory: those in the time range
+        (a slice of each chunk), of the rows' key hashes when that leaves far fewer."""
+        other = self._bufs[1 - port]
+        parts = other.by_time(lo, hi)
+        if not parts:
+            return []
+        if sum(len(idx) for _c, idx in parts) > max(256, 4 * table.num_rows):
+            hashes = np.unique(h)
+            parts = [(c, idx[np.isin(c.cols["h"][idx], hashes)]) for c, idx in parts]
+            parts = [(c, idx) for c, idx in parts if len(idx)]
+            if not parts:
+                return []
+        picked = other.pick(parts)
+        ot = picked.cols["t"]
+        ni, oi = self._pairs(port, table, t, picked.table, ot, np.arange(len(ot)))
+        if not len(ni):
+            return []
+        matched[ni] = True
+        picked.set("m", np.unique(oi), True)
+        return [self._pair_rows(port, table, ni, picked.table, oi)]
 
     def _pairs(self, port: int, table: pa.Table, t: np.ndarray, sub: pa.Table,
                ot: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -151,14 +168,11 @@ class IntervalJoin(_KeyedJoin):
         thr = self.watermark - self.upper if port == 0 else self.watermark + self.lower
         thr = min(max(thr, MIN_WATERMARK), MAX_WATERMARK)
         out = []
-        if buf.n:
-            gone = buf.arrays["t"] < thr
-            if gone.any():
-                if self._outer(port):
-                    lonely = np.flatnonzero(gone & ~buf.arrays["m"])
-                    if len(lonely):
-                        out.append(self._unmatched(port, buf.rows(lonely)))
-                buf.keep(~gone)
+        if buf.n:  # a prefix of each chunk: only the rows that expire are touched
+            for rows, cols in buf.expire_prefix(thr, collect=self._outer(port)):
+                lonely = ~cols["m"]
+                if lonely.any():
+                    out.append(self._unmatched(port, rows.filter(pa.array(lonely))))
         if buf.runs:
             for run in buf.runs:
                 if run.done >= thr or run.lo >= thr:
@@ -197,10 +211,10 @@ class IntervalJoin(_KeyedJoin):
             if self._outer(port):
                 for run in buf.runs:
                     out += self._lonely_in_run(port, run, None)
-                if buf.n:
-                    lonely = np.flatnonzero(~buf.arrays["m"])
-                    if len(lonely):
-                        out.append(self._unmatched(port, buf.rows(lonely)))
+                for rows, cols in buf.live_rows():
+                    lonely = ~cols["m"]
+                    if lonely.any():
+                        out.append(self._unmatched(port, rows.filter(pa.array(lonely))))
             buf.reset()
         self.watermark = MAX_WATERMARK
         return (*self._emit(out), *self._final_empty())

@@ -3,9 +3,10 @@
 A run is an uncompressed Arrow IPC file of segments (record batches sorted by key hash,
 the buffer's numpy columns stored as ``__ms_<name>`` columns), memory-mapped for reading:
 a probe binary-searches the mapped hash column and touches only the pages it needs.
-Memory keeps a few numbers per segment and, for outer interval joins, one "matched" bit
-per row. :class:`_RunWriter` writes a run; the hash-range helpers let merges, firings
-and snapshots read runs a hash range at a time.
+Memory keeps a few numbers per segment and what may change after the move: the "matched"
+bit of outer interval joins, the match count (``n``) of outer regular joins, and a "dead"
+bit per row once one is taken back (a retraction). :class:`_RunWriter` writes a run; the
+hash-range helpers let merges, firings and snapshots read runs a hash range at a time.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ _RUN_OVERHEAD = 2048
 _SEGMENT_OVERHEAD = 3072
 _COLUMN_OVERHEAD = 512
 _U64_SPAN = 1 << 64
+#: Numpy columns a run keeps in memory, not in its file (they change after the move).
+_MEMORY_FIELDS = ("m", "n")
 
 
 def _unlink(path: str) -> None:
@@ -84,11 +87,12 @@ class _Segment:
     __slots__ = ("data", "h", "cols", "offset", "rows", "nbytes", "h_lo", "h_hi")
 
     def __init__(self, batch: pa.RecordBatch, fields: Sequence[str], offset: int) -> None:
-        names = [_field_column(f) for f in fields if f != "m"]
+        names = [_field_column(f) for f in fields if f not in _MEMORY_FIELDS]
         #: the rows' own columns (user and hidden key columns), zero-copy from the mapping
         self.data = batch.drop_columns(names)
         #: the numpy columns (``h``, times, ``seq``), zero-copy views of the mapping
-        self.cols = {f: np.asarray(batch.column(_field_column(f))) for f in fields if f != "m"}
+        self.cols = {f: np.asarray(batch.column(_field_column(f))) for f in fields
+                     if f not in _MEMORY_FIELDS}
         self.h: np.ndarray = self.cols["h"]
         self.offset = offset
         self.rows = batch.num_rows
@@ -113,16 +117,18 @@ class _Run:
     An uncompressed Arrow IPC stream file of segments (record batches, each sorted by key
     hash, with the numpy columns as ``__ms_<name>`` columns), memory-mapped: reading a
     column or probing hashes touches only the pages it needs, and the pages are the
-    kernel's cache, not the task's heap. In memory: a few numbers per segment, and one
-    bit per row for the interval join's "matched" flags (they change after the spill).
+    kernel's cache, not the task's heap. In memory: a few numbers per segment, and what
+    changes after the spill: one bit per row for the interval join's "matched" flags, the
+    regular join's match counts (``counts``, field ``n``), and a "dead" bit per row once a
+    row is taken back (``kill``).
     ``done``: rows whose time (the buffer's ``time_field``) is below it were dropped.
     """
 
     __slots__ = ("file", "segs", "rows", "nbytes", "time_field", "lo", "hi", "done", "bits",
-                 "index_bytes", "_finalizer", "__weakref__")
+                 "counts", "dead", "dead_rows", "index_bytes", "_finalizer", "__weakref__")
 
     def __init__(self, file: SpillFile, fields: Sequence[str], time_field: str | None,
-                 bits: np.ndarray | None) -> None:
+                 bits: np.ndarray | None, counts: np.ndarray | None = None) -> None:
         self.file = file
         # the file goes with the run even when the operator is dropped without close()
         self._finalizer = weakref.finalize(self, _unlink, file.path)
@@ -144,17 +150,64 @@ class _Run:
             self.lo, self.hi = MIN_WATERMARK, MAX_WATERMARK
         self.done = MIN_WATERMARK
         self.bits = bits
+        self.counts = counts
+        #: packed bits of the rows taken back (None: none yet), and how many
+        self.dead: np.ndarray | None = None
+        self.dead_rows = 0
         #: bytes this run keeps in memory
         self.index_bytes = (_RUN_OVERHEAD + sum(
             _SEGMENT_OVERHEAD + _COLUMN_OVERHEAD * (s.data.num_columns + len(s.cols))
             for s in self.segs)
-            + (bits.nbytes if bits is not None else 0))
+            + (bits.nbytes if bits is not None else 0)
+            + (counts.nbytes if counts is not None else 0))
 
     def alive(self, seg: _Segment, a: int = 0, b: int | None = None) -> np.ndarray | None:
         """Mask of the segment's rows ``a:b`` not dropped yet (None: all)."""
-        if self.time_field is None or self.done <= self.lo:
-            return None
-        return seg.cols[self.time_field][a:b] >= self.done
+        mask = None
+        if self.time_field is not None and self.done > self.lo:
+            mask = seg.cols[self.time_field][a:b] >= self.done
+        if self.dead_rows:
+            stop = seg.rows if b is None else b
+            gone = _get_bits(self.dead, seg.offset + np.arange(a, stop, dtype=np.int64))
+            mask = ~gone if mask is None else mask & ~gone
+        return mask
+
+    def alive_at(self, seg: _Segment, idx: np.ndarray) -> np.ndarray | None:
+        """Mask of rows ``idx`` of ``seg`` not dropped yet (None: all)."""
+        mask = None
+        if self.time_field is not None and self.done > self.lo:
+            mask = seg.cols[self.time_field][idx] >= self.done
+        if self.dead_rows:
+            gone = _get_bits(self.dead, seg.offset + idx)
+            mask = ~gone if mask is None else mask & ~gone
+        return mask
+
+    def kill(self, seg: _Segment, idx: np.ndarray) -> None:
+        """Drop rows ``idx`` of ``seg`` (distinct, alive): they were taken back."""
+        if not len(idx):
+            return
+        if self.dead is None:
+            self.dead = np.zeros((self.rows + 7) // 8, np.uint8)
+            self.index_bytes += self.dead.nbytes
+        _set_bits(self.dead, seg.offset + idx)
+        self.dead_rows += len(idx)
+
+    @property
+    def all_dead(self) -> bool:
+        """Whether every row was taken back or dropped by time."""
+        return self.dead_rows >= self.rows or (self.time_field is not None
+                                               and self.hi < self.done)
+
+    def count(self, seg: _Segment, idx: np.ndarray) -> np.ndarray:
+        """The match counts (field ``n``) of rows ``idx`` of ``seg``."""
+        if self.counts is None:
+            return np.zeros(len(idx), np.int64)
+        return self.counts[seg.offset + idx]
+
+    def add_count(self, seg: _Segment, idx: np.ndarray, delta: np.ndarray) -> None:
+        """Add ``delta`` to the match counts of rows ``idx`` (distinct) of ``seg``."""
+        if self.counts is not None and len(idx):
+            self.counts[seg.offset + idx] += delta
 
     def matched(self, seg: _Segment, idx: np.ndarray) -> np.ndarray:
         """The matched flags of rows ``idx`` of ``seg``."""
@@ -184,7 +237,8 @@ class _Run:
                 if not len(idx):
                     continue
                 table = seg.take(idx)
-            yield table, {f: self.matched(seg, idx) if f == "m" else seg.cols[f][idx]
+            yield table, {f: self.matched(seg, idx) if f == "m" else
+                          self.count(seg, idx) if f == "n" else seg.cols[f][idx]
                           for f in fields}
 
     def snapshot_parts(self, fields: Sequence[str]) -> Iterator[tuple[pa.Table, np.ndarray]]:
@@ -197,7 +251,7 @@ class _Run:
     def delete(self) -> None:
         """Delete the file (mapped pages still referenced stay valid until released)."""
         self.segs = []
-        self.bits = None
+        self.bits = self.counts = self.dead = None
         self.file.delete()
         self._finalizer.detach()
 
@@ -212,6 +266,7 @@ class _RunWriter:
         self.time_field = time_field
         self.track = track_matched
         self._m: list[np.ndarray] = []
+        self._n: list[np.ndarray] | None = [] if "n" in self.fields else None
         self.rows = 0
 
     def add(self, table: pa.Table, arrays: dict[str, np.ndarray]) -> None:
@@ -223,11 +278,13 @@ class _RunWriter:
         for s in range(0, n, per):
             part = table.slice(s, per)
             for f in self.fields:
-                if f != "m":
+                if f not in _MEMORY_FIELDS:
                     part = part.append_column(_field_column(f), pa.array(arrays[f][s:s + per]))
             self.file.write(part.combine_chunks().to_batches()[0])
         if self.track:
             self._m.append(np.asarray(arrays["m"], bool))
+        if self._n is not None:
+            self._n.append(np.asarray(arrays["n"], np.int64))
         self.rows += n
 
     def finish(self) -> _Run | None:
@@ -239,4 +296,5 @@ class _RunWriter:
         bits = None
         if self.track:
             bits = np.packbits(np.concatenate(self._m), bitorder="little")
-        return _Run(self.file, self.fields, self.time_field, bits)
+        counts = np.concatenate(self._n) if self._n is not None else None
+        return _Run(self.file, self.fields, self.time_field, bits, counts)

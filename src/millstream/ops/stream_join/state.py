@@ -17,6 +17,7 @@ import pyarrow as pa
 from millstream.core.context import TaskContext
 from millstream.core.spill import GroupFiles
 from millstream.ops.stream_join.buffer import _Buffer, _concat
+from millstream.ops.stream_join.chunks import _SortedBuffer
 from millstream.ops.stream_join.runs import _hash_bounds, _Run, _RunWriter
 
 #: Transient bytes a join with spilled state may hold beyond its limit while it merges
@@ -32,16 +33,23 @@ class JoinState:
     run's clean-up threshold are dropped. Rows move to disk in the order of ``order_by``
     (``descending``: largest first; None: arrival order); ``track_matched`` says per input
     whether spilled rows keep their matched flag; an input's runs are merged only while
-    there are more than ``merge_above``.
+    there are more than ``merge_above``. ``sorted_by`` (a field): the rows in memory are
+    sorted chunks (:class:`~millstream.ops.stream_join.chunks._SortedBuffer`) rather than
+    one table in arrival order; ``side_fields``: each input's fields when they differ.
     """
 
     def __init__(self, fields: Sequence[str], time_field: str | None = None, *,
                  order_by: str | None = None, descending: bool = False,
                  track_matched: tuple[bool, bool] = (False, False),
-                 merge_above: int = 1) -> None:
+                 merge_above: int = 1, sorted_by: str | None = None,
+                 side_fields: tuple[Sequence[str], Sequence[str]] | None = None) -> None:
         self.fields = tuple(fields)
         self.time_field = time_field
-        self.bufs = [_Buffer(self.fields, time_field), _Buffer(self.fields, time_field)]
+        sides = side_fields or (self.fields, self.fields)
+        if sorted_by is None:
+            self.bufs = [_Buffer(tuple(f), time_field) for f in sides]
+        else:
+            self.bufs = [_SortedBuffer(tuple(f), time_field, sorted_by) for f in sides]
         self.order_by = order_by
         self.descending = descending
         self.track_matched = tuple(track_matched)
@@ -158,17 +166,18 @@ class JoinState:
     def merge_runs(self, port: int, runs: list[_Run], oldest: bool) -> _Run | None:
         """One run of the live rows of ``runs``, written hash range by hash range (each
         range about the work budget, so the merge holds no more in memory)."""
-        writer = _RunWriter(self.spill_context(), self.fields, self.time_field,
+        fields = self.bufs[port].fields
+        writer = _RunWriter(self.spill_context(), fields, self.time_field,
                             self.track_matched[port])
         bounds = _hash_bounds(max(1, int(np.ceil(sum(r.nbytes for r in runs)
                                                  / self.work_bytes()))))
         for lo, hi in zip(bounds[:-1], bounds[1:]):
             tables: list[pa.Table] = []
-            arrays: dict[str, list[np.ndarray]] = {f: [] for f in self.fields}
+            arrays: dict[str, list[np.ndarray]] = {f: [] for f in fields}
             for run in runs:
-                for t, cols in run.live_rows(self.fields, lo, hi):
+                for t, cols in run.live_rows(fields, lo, hi):
                     tables.append(t)
-                    for f in self.fields:
+                    for f in fields:
                         arrays[f].append(cols[f])
             if not tables:
                 continue

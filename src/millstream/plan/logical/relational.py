@@ -10,12 +10,13 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 
+from millstream.core.units import format_duration
 from millstream.errors import SchemaError
 from millstream.expr.aggregates import AggSpec
 from millstream.expr.nodes import Expr
 from millstream.ops.narrow import function_name
 from millstream.plan import schema as S
-from millstream.plan.logical.base import Node, SameColumns, Unary, agg_text, spec_refs
+from millstream.plan.logical.base import Node, SameColumns, Scan, Unary, agg_text, spec_refs
 
 _ids = itertools.count(1)
 
@@ -250,6 +251,13 @@ class Distinct(Unary):
                                                              self.label())
 
 
+def reads_stream(node: Node) -> bool:
+    """Whether ``node`` reads an unbounded source."""
+    if isinstance(node, Scan):
+        return not node.source.bounded
+    return any(reads_stream(c) for c in node.children)
+
+
 @dataclass(frozen=True, eq=False)
 class Join(Node):
     """Join (inner, left, right, outer, semi, anti) on equal keys (null keys never match)
@@ -258,6 +266,12 @@ class Join(Node):
 
     ``condition`` names columns as the inner join outputs them: left names, right names,
     a right name the left side has too with ``suffix``, a same-named key (``on=``) once.
+
+    In a streaming job it is a stream-table join (the bounded right side computed once and
+    broadcast) or, when the right side reads a stream or ``broadcast`` is False, a regular
+    join of two streams (:meth:`joins_streams`), whose state rows expire ``state_ttl`` µs
+    after their time: the event time of ``time_columns`` (each side's ``with_watermark``
+    column, when both have one) or their arrival.
     """
 
     left: Node
@@ -269,6 +283,10 @@ class Join(Node):
     #: force (True) or forbid (False) broadcasting the right side; None: by size
     broadcast: bool | None = None
     condition: Expr | None = None
+    #: a streaming regular join's state time-to-live (µs; None: rows are kept for ever)
+    state_ttl: int | None = None
+    #: the (left, right) event-time columns its state TTL runs on (None: processing time)
+    time_columns: tuple[str | None, str | None] = (None, None)
 
     @property
     def children(self) -> tuple[Node, ...]:
@@ -290,7 +308,29 @@ class Join(Node):
             text += f" left_on={list(self.left_on)} right_on={list(self.right_on)}"
         if self.condition is not None:
             text += f" condition={self.condition!r}"
+        if self.state_ttl:
+            text += f" state_ttl={format_duration(self.state_ttl)}"
         return text
+
+    def joins_streams(self) -> bool:
+        """In a streaming job: a regular join of two streams (keyed state on both sides)
+        rather than a stream-table join; when the right side reads an unbounded source or
+        ``broadcast`` is False."""
+        return self.broadcast is False or reads_stream(self.right)
+
+    @property
+    def accepts_updates(self) -> bool:  # type: ignore[override]
+        """A regular join takes changelog inputs (a retraction takes back a stored row and
+        the pairs it made); a stream-table join does not."""
+        return self.joins_streams()
+
+    @property
+    def emits_updates(self) -> bool:
+        """A regular outer join emits updates (an outer row taken back when its first
+        partner comes); an inner one passes its inputs' on; a stream-table join none."""
+        if not self.joins_streams():
+            return False
+        return self.how != "inner" or self.left.emits_updates or self.right.emits_updates
 
     def compute_schema(self) -> pa.Schema | None:
         left, right = self.left.checked_schema(), self.right.checked_schema()

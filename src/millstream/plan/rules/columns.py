@@ -89,6 +89,9 @@ def join_requirements(join: Join, required: Required) -> tuple[Required, Require
     if info is None:
         return None, None
     sides: tuple[set[str], set[str]] = (set(left_keys), set(right_keys))
+    for side, col in enumerate(join.time_columns):
+        if col is not None:  # a streaming join's state TTL reads them
+            sides[side].add(col)
     for name in required:
         origin = info.origin.get(name)
         if origin is None:

@@ -29,7 +29,8 @@ from millstream.runtime.streaming.spec import Output
 _log = logging.getLogger(__name__)
 
 #: Logical nodes a streaming job can run (the others need all their input first). A
-#: ``Join`` runs when its right side is bounded (a stream-table join).
+#: ``Join`` is a stream-table join (its bounded right side broadcast) or a regular join of
+#: two streams (``Join.joins_streams``).
 _STREAMABLE = (L.Scan, *L.NARROW_NODES, L.WithWatermark, L.WindowAggregate, L.KeyedProcess,
                L.Union, L.Repartition, L.IntervalJoin, L.WindowJoin, L.LatestJoin,
                L.MapReduceStep, L.Shared, L.Aggregate, L.Distinct, L.Deduplicate,
@@ -54,23 +55,45 @@ def scans(node: L.Node) -> list[L.Scan]:
 
 
 def _check_stream_table_join(node: L.Join) -> None:
-    """A join in a streaming job: the right side must be bounded (it is broadcast)."""
-    streams = [s.source.describe() for s in scans(node.right) if not s.source.bounded]
-    if streams:
+    """A stream-table join (the bounded right side is broadcast)."""
+    if node.state_ttl is not None:
         raise PlanError(
-            f"{node.label()}: the right side reads the stream(s) {streams}; a streaming job "
-            f"can join a stream only with a bounded dataset (files, in-memory data) on the "
-            f"right. Join two streams with interval_join(...), window_join(...) or "
-            f"join_latest(...), or swap the sides if the left one is the bounded one")
+            f"{node.label()}: state_ttl applies to a join of two streams, but the right side "
+            f"is bounded and broadcast (it keeps no state); pass broadcast=False to join it "
+            f"as a stream, with keyed state on both sides")
     if node.how not in _STREAM_TABLE_HOW:
         raise PlanError(
-            f"{node.label()}: a {node.how} join of a stream with a table needs the end of the "
-            f"stream; a streaming job supports how={', '.join(_STREAM_TABLE_HOW)} "
-            f"(window_join/interval_join support right and outer joins of two streams)")
+            f"{node.label()}: a {node.how} join of a stream with a bounded table needs the "
+            f"end of the stream; a streaming job supports how={', '.join(_STREAM_TABLE_HOW)} "
+            f"for it, or join the table as a stream with broadcast=False (a regular join: "
+            f"its outer rows are updated as the stream comes)")
+
+
+#: Join types a regular join of two streams supports.
+_STREAM_STREAM_HOW = ("inner", "left", "right", "outer")
+
+
+def _check_regular_join(node: L.Join) -> None:
+    """A join of two streams (a regular join with keyed state on both sides)."""
+    if node.broadcast:
+        raise PlanError(f"{node.label()}: broadcast=True, but the right side reads a stream; "
+                        f"a streaming job broadcasts bounded datasets only")
+    if node.how not in _STREAM_STREAM_HOW:
+        raise PlanError(f"{node.label()}: a {node.how} join of two streams is not supported "
+                        f"in this version; how={', '.join(_STREAM_STREAM_HOW)} are")
+    if not node.left_on:
+        raise PlanError(f"{node.label()}: a join of two streams needs equal keys (on=, or "
+                        f"left_on=/right_on=): its state is kept per key; a condition alone "
+                        f"or a cross join of two streams is not supported")
 
 
 def check_streamable(node: L.Node) -> None:
     """Raise a PlanError when ``node`` cannot run as a stream."""
+    if isinstance(node, L.Join) and node.joins_streams():
+        _check_regular_join(node)
+        check_streamable(node.left)
+        check_streamable(node.right)
+        return
     if isinstance(node, L.Join):
         _check_stream_table_join(node)
         check_streamable(node.left)  # the bounded right side runs as a batch job
@@ -84,7 +107,7 @@ def check_streamable(node: L.Node) -> None:
                         f"with_watermark, window(...).agg(...), group_by(...).agg(...) "
                         f"(updated per key), drop_duplicates, distinct, top_n, "
                         f"group_by(...).process(...), union, interval_join, window_join, "
-                        f"join_latest, and join with a bounded dataset")
+                        f"join_latest, and join (of two streams, or with a bounded dataset)")
     for c in node.children:
         check_streamable(c)
 
