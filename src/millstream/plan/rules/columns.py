@@ -79,16 +79,22 @@ def join_requirements(join: Join, required: Required) -> tuple[Required, Require
     """The columns each side of ``join`` must provide: its keys, the columns of
     ``required`` it shows, and a same-named partner of a shown right column (which keeps
     the right one's suffixed name)."""
-    if getattr(join, "condition", None) is not None:
-        return None, None  # a residual condition reads columns by name: leave the sides whole
     left_keys, right_keys = frozenset(join.left_on), frozenset(join.right_on)
+    by_condition: tuple[set[str], set[str]] = (set(), set())
+    if getattr(join, "condition", None) is not None:
+        found = condition_columns(join)
+        if found is None:
+            return None, None
+        by_condition = found
     semi = join.how in ("semi", "anti")
     if required is None:
-        return None, (right_keys if semi and right_keys else None)
+        wanted = right_keys | by_condition[RIGHT]
+        return None, (frozenset(wanted) if semi and wanted else None)
     info = join_columns(join)
     if info is None:
         return None, None
-    sides: tuple[set[str], set[str]] = (set(left_keys), set(right_keys))
+    sides: tuple[set[str], set[str]] = (set(left_keys) | by_condition[LEFT],
+                                        set(right_keys) | by_condition[RIGHT])
     for side, col in enumerate(join.time_columns):
         if col is not None:  # a streaming join's state TTL reads them
             sides[side].add(col)
@@ -101,3 +107,29 @@ def join_requirements(join: Join, required: Required) -> tuple[Required, Require
         if side == RIGHT and col != name:  # suffixed: the left column of that name stays
             sides[LEFT].add(col)
     return frozenset(sides[LEFT]), frozenset(sides[RIGHT])
+
+
+def condition_columns(join: Join) -> tuple[set[str], set[str]] | None:
+    """The columns of each side a join's residual condition reads, which names them as the
+    inner join outputs them (a right column whose name the left has, with the suffix);
+    the left column of such a name is kept too, so the suffix stays. None when a name is
+    unknown or a schema is not known."""
+    left, right = join.left.schema, join.right.schema
+    if left is None or right is None:
+        return None
+    left_set = set(left.names)
+    shared = {a for a, b in zip(join.left_on, join.right_on) if a == b}
+    right_as = {(n + join.suffix if n in left_set else n): n
+                for n in right.names if n not in shared}
+    sides: tuple[set[str], set[str]] = (set(), set())
+    for name in join.condition.columns():
+        if name in left_set:
+            sides[LEFT].add(name)
+        elif name in right_as:
+            col = right_as[name]
+            sides[RIGHT].add(col)
+            if col != name:
+                sides[LEFT].add(col)
+        else:
+            return None
+    return sides
