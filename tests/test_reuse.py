@@ -194,3 +194,32 @@ def test_sort_of_a_generator_reads_it_once(tmp_path):
     got = [r["x"] for r in src.sort("x").collect(shuffle_partitions=4)]
     assert got == sorted((i * 7919) % 1000 for i in range(1000))
     assert calls(path) == 1000
+
+
+def test_a_shared_subplan_reads_the_columns_its_consumers_need(tmp_path):
+    """TPC-H Q11's shape: a join used by two aggregates is shared, and its scans read the
+    union of the columns the two consumers read (not every column), still once."""
+    import pyarrow.parquet as pq
+
+    n = 3000
+    facts = pa.table({"k": [i % 50 for i in range(n)], "g": [i % 7 for i in range(n)],
+                      "x": list(range(n)), "note": ["n" * 40] * n, "y": [1.5] * n})
+    dims = pa.table({"k": list(range(50)), "keep": [i % 3 != 0 for i in range(50)],
+                     "label": ["l" * 40] * 50})
+    pq.write_table(facts, tmp_path / "facts.parquet")
+    pq.write_table(dims, tmp_path / "dims.parquet")
+    joined = ms.read_parquet(str(tmp_path / "facts.parquet")).join(
+        ms.read_parquet(str(tmp_path / "dims.parquet")).filter(col("keep")), on="k")
+    per_g = joined.group_by("g").agg(ms.sum("x").alias("sx"))
+    total = joined.agg(ms.sum("y").alias("sy"))
+    ds = per_g.cross_join(total)
+    text = ds.explain(print_plan=False)
+    optimized = text.split("== Optimized plan ==")[1].split("== Rules applied")[0]
+    assert optimized.count("Shared #") == 2
+    assert "columns=[k,g,x,y]" in optimized and "note" not in optimized.split("columns=")[1]
+    assert "columns=[k] filter=keep" in optimized
+    got = ds.collect()
+    assert sum("shared sub-plan" in p for p in purposes()) == 1
+    want = sql("WITH j AS (SELECT f.* FROM f JOIN d ON f.k = d.k WHERE d.keep) "
+               "SELECT g, sum(x), (SELECT sum(y) FROM j) FROM j GROUP BY g", f=facts, d=dims)
+    assert tuples(got, ["g", "sx", "sy"]) == want

@@ -21,6 +21,7 @@ from millstream.plan.logical import (
     Project,
     Rename,
     Repartition,
+    Shared,
     Sort,
     TopK,
     Union,
@@ -133,3 +134,26 @@ def condition_columns(join: Join) -> tuple[set[str], set[str]] | None:
         else:
             return None
     return sides
+
+
+def shared_requirements(root: Node) -> dict[int, Required]:
+    """Per ``Shared`` node of the plan (by id): the union of the columns its consumers
+    need (None: one of them needs every column). Nested shared sub-plans are found in a
+    later pass of the optimizer, once the outer one is narrowed."""
+    needs: dict[int, Required] = {}
+
+    def walk(node: Node, required: Required) -> None:
+        if isinstance(node, Shared):
+            key = id(node)
+            if key in needs:
+                before = needs[key]
+                needs[key] = None if before is None or required is None else before | required
+                return
+            needs[key] = required
+            walk(node.child, None)
+            return
+        for c, r in zip(node.children, child_requirements(node, required)):
+            walk(c, r)
+
+    walk(root, None)
+    return needs

@@ -1,11 +1,14 @@
 """Projections into scans: a source reads only the columns the plan above it needs,
-through filters, expressions, aggregates and joins (see ``plan/rules/columns.py``)."""
+through filters, expressions, aggregates and joins (see ``plan/rules/columns.py``), and
+under a shared sub-plan the columns any of its consumers needs."""
 
 from __future__ import annotations
 
-from millstream.plan.logical import Node, Scan
+from dataclasses import replace
+
+from millstream.plan.logical import Node, Scan, Shared
 from millstream.plan.rules.base import Rule, RuleContext
-from millstream.plan.rules.columns import Required, child_requirements
+from millstream.plan.rules.columns import Required, child_requirements, shared_requirements
 from millstream.plan.rules.common import rebuilt
 
 
@@ -15,14 +18,22 @@ class ProjectionIntoScan(Rule):
     name = "projection_into_scan"
 
     def apply(self, node: Node, ctx: RuleContext) -> Node:
-        return _push(node, None)
+        needs = shared_requirements(node)
+        built: dict[int, Node] = {}
 
+        def push(n: Node, required: Required) -> Node:
+            if isinstance(n, Scan):
+                return _scan(n, required)
+            if isinstance(n, Shared):  # what all its consumers read, one object at every use
+                key = id(n)
+                if key not in built:
+                    child = push(n.child, needs.get(key))
+                    built[key] = n if child is n.child else replace(n, child=child)
+                return built[key]
+            reqs = child_requirements(n, required)
+            return rebuilt(n, (push(c, r) for c, r in zip(n.children, reqs)))
 
-def _push(node: Node, required: Required) -> Node:
-    if isinstance(node, Scan):
-        return _scan(node, required)
-    reqs = child_requirements(node, required)
-    return rebuilt(node, (_push(c, r) for c, r in zip(node.children, reqs)))
+        return push(node, None)
 
 
 def _scan(node: Scan, required: Required) -> Node:

@@ -2,10 +2,15 @@
 needs. Unused ``select`` and ``with_columns`` expressions and unused aggregates are
 dropped, a ``select`` that changes nothing disappears, and a ``select`` of the needed
 columns goes below a shuffle (a join side, a union input, a sort) whose input would carry
-more (a Python function's output, say); scans are narrowed by ``projection_into_scan``."""
+more (a Python function's output, say); scans are narrowed by ``projection_into_scan``.
+
+A shared sub-plan (``Shared``, from the reuse rule) is narrowed to the union of what its
+consumers read, found in a first walk over the plan; it stays one object, so it still runs
+once."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 
 from millstream.expr.nodes import Column
@@ -21,6 +26,7 @@ from millstream.plan.logical import (
     Rename,
     Repartition,
     Scan,
+    Shared,
     Sort,
     TopK,
     Union,
@@ -28,7 +34,7 @@ from millstream.plan.logical import (
     WithWatermark,
 )
 from millstream.plan.rules.base import Rule, RuleContext
-from millstream.plan.rules.columns import Required, child_requirements
+from millstream.plan.rules.columns import Required, child_requirements, shared_requirements
 from millstream.plan.rules.common import rebuilt, same_schema
 
 #: Nodes that narrow their own output when their input is narrowed (so a ``select``
@@ -46,10 +52,37 @@ class ProjectionPruning(Rule):
     name = "projection_pruning"
 
     def apply(self, node: Node, ctx: RuleContext) -> Node:
-        return _prune(node, None)
+        _SHARED.needs, _SHARED.built = shared_requirements(node), {}
+        try:
+            return _prune(node, None)
+        finally:
+            _SHARED.needs, _SHARED.built = {}, {}
+
+
+class _SharedState(threading.local):
+    """While the rule runs (per thread): per shared sub-plan, the union of its consumers'
+    needs, and the narrowed node once built (the same object at every use)."""
+
+    def __init__(self) -> None:
+        self.needs: dict[int, Required] = {}
+        self.built: dict[int, Node] = {}
+
+
+_SHARED = _SharedState()
+
+
+def _shared(node: Shared) -> Node:
+    key = id(node)
+    if key not in _SHARED.built:
+        need = _SHARED.needs.get(key)
+        child = _narrowed(_prune(node.child, need), need)
+        _SHARED.built[key] = node if child is node.child else replace(node, child=child)
+    return _SHARED.built[key]
 
 
 def _prune(node: Node, required: Required) -> Node:
+    if isinstance(node, Shared):
+        return _shared(node)
     if isinstance(node, Project):
         return _project(node, required)
     if isinstance(node, WithColumns) and required is not None:
