@@ -203,6 +203,26 @@ def test_filter_after_join_reaches_both_inputs():
     assert bag(got) == bag(want)
 
 
+def test_conjuncts_common_to_every_branch_of_an_or_are_pushed_alone():
+    """TPC-H Q19's shape: ``(a & x) | (a & y)`` is ``a & (x | y)``; ``a`` (one side's
+    columns) goes below the join alone, and here the rest too (``o_id`` is the other
+    side's ``l_order`` through the join keys), so nothing stays above the join."""
+    common = col("o_status") == "F"
+    ds = (orders().join(lines(), left_on="o_id", right_on="l_order")
+          .filter((common & (col("l_qty") > 3) & (col("o_id") < 10))
+                  | ((col("l_qty") < 2) & common)))
+    parts = plan_parts(ds)
+    under = children_under(parts["optimized"], "Join")
+    assert 'col("o_status") == lit("F")' in under[0], parts["optimized"]
+    assert parts["optimized"].startswith("Join")
+    assert '|' in under[1] and 'col("l_order") < lit(10)' in under[1]
+    got = same_with_and_without(ds)
+    want = duck("select * from o join l on o_id = l_order where (o_status = 'F' and "
+                "l_qty > 3 and o_id < 10) or (l_qty < 2 and o_status = 'F')",
+                o=ORDERS, l=LINES)
+    assert bag(got) == bag(want)
+
+
 def test_filter_through_select_aliases_and_with_columns():
     ds = (orders().select(col("o_id").alias("id"), (col("o_price") * 2).alias("p2"), "o_cust")
           .with_columns(big=col("p2") > 40)

@@ -114,6 +114,35 @@ def conjuncts(e: Expr) -> list[Expr]:
     return [e]
 
 
+def disjuncts(e: Expr) -> list[Expr]:
+    """The parts of a disjunction ``a | b | ...`` (the expression itself otherwise)."""
+    e = strip_alias(e)
+    if type(e) is _Func and e.op == "or":  # type: ignore[attr-defined]
+        return [p for a in e.args for p in disjuncts(a)]  # type: ignore[attr-defined]
+    return [e]
+
+
+def factor_disjunction(e: Expr) -> list[Expr] | None:
+    """``(a & b & x) | (a & b & y)`` as the conjuncts ``[a, b, x | y]`` (distributivity,
+    which Kleene logic keeps), so the common parts can be pushed down alone (TPC-H Q19's
+    ship mode and instruction); None when the branches share no conjunct."""
+    branches = [conjuncts(d) for d in disjuncts(e)]
+    if len(branches) < 2:
+        return None
+    keys = [{repr(c): c for c in b} for b in branches]
+    common = [k for k in keys[0] if all(k in other for other in keys[1:])]
+    if not common:
+        return None
+    rests = [[c for c in b if repr(c) not in common] for b in branches]
+    out = [keys[0][k] for k in common]
+    if all(rests):  # (a branch left with nothing is true: the disjunction is then true)
+        rest = conjoin(rests[0])
+        for r in rests[1:]:
+            rest = _Func("or", (rest, conjoin(r)))
+        out.append(rest)
+    return out
+
+
 def conjoin(parts: Iterable[Expr]) -> Expr:
     """``a & b & ...`` of a non-empty list (one part stays itself)."""
     parts = list(parts)

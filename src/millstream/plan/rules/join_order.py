@@ -20,6 +20,7 @@ from itertools import combinations
 
 from millstream.expr.nodes import Column, Expr, col
 from millstream.plan import logical as L
+from millstream.plan.fingerprint import Fingerprints
 from millstream.plan.rules.base import Rule, RuleContext
 from millstream.plan.selectivity import conjuncts
 from millstream.plan.stats import Estimator, estimator
@@ -192,6 +193,9 @@ class _Orderer:
         wanted = [name for name, _ in out]
         if list(tree.names) != wanted:
             node = L.Project(node, tuple(col(c) for c in wanted))
+        fps = Fingerprints()
+        if fps.of(node) == fps.of(top):
+            return None  # the order as written (the rule reaches a fixed point)
         return node
 
     @staticmethod

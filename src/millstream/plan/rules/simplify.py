@@ -3,7 +3,9 @@
 Parts of expressions without columns are computed once (``lit(2) * 3``, ``lit("1").cast
 ("int")``, comparisons of literals); boolean logic is simplified where Kleene logic allows
 (``x & True`` is ``x``, ``x | True`` is true, ``~~x`` is ``x``, for boolean ``x``); in a
-filter, ``x == x`` is ``x.is_not_null()`` and ``x != x`` is false (not for floats: NaN).
+filter, ``x == x`` is ``x.is_not_null()`` and ``x != x`` is false (not for floats: NaN),
+and conjuncts common to every branch of a disjunction are taken out of it
+(``(a & x) | (a & y)`` is ``a & (x | y)``), so pushdown can move them alone.
 A filter that is always true disappears; one that is always false (or null) leaves an
 empty relation of the same schema (in a batch plan; a streaming plan keeps its sources, as
 they carry its event time). An expression that fails when folded is left to fail where
@@ -25,6 +27,7 @@ from millstream.plan.rules.exprs import (
     column_pair,
     conjoin,
     conjuncts,
+    factor_disjunction,
     fold,
     is_row_local,
     literal_truth,
@@ -76,7 +79,12 @@ def _fold_node(node: Node, is_stream: bool) -> Node:
 def _filter(node: Filter, is_stream: bool) -> Node:
     schema = node.child.schema
     parts = conjuncts(node.predicate)
-    new_parts = [_filter_conjunct(simplify(p, schema), schema) for p in parts]
+    new_parts = []
+    for p in parts:
+        p = simplify(p, schema)
+        factored = factor_disjunction(p) if is_row_local(p) else None
+        for q in (factored if factored is not None else [p]):
+            new_parts.append(_filter_conjunct(q, schema))
     kept: list[Expr] = []
     for p in new_parts:
         truth = literal_truth(p)
