@@ -168,7 +168,8 @@ def test_tasks_reading_cached_partitions_run_where_the_partitions_are():
     for attempt in range(5):
         if attempt:
             time.sleep(1.0)  # let whatever held the CPUs finish
-        rows = cached.map_batches(_tag_node).select("id", "node").collect()
+        # (no speculative copies: a backup attempt elsewhere may finish first under load)
+        rows = cached.map_batches(_tag_node).select("id", "node").collect(speculation=False)
         mismatches = []
         for i, block in enumerate(blocks):
             ran = {r["node"] for r in rows if i * per <= r["id"] < (i + 1) * per}

@@ -206,6 +206,10 @@ class RayStreamHosts:
                               scheduling_strategy="SPREAD")(_StreamHost)
         self.mailbox = ray.remote(num_cpus=0, max_restarts=0)(_Mailbox).remote()
         env = _forwarded_env()
+        self.runs: list[Any] = []  # (set before anything can fail: shutdown reads them)
+        self._finished: set[int] = set()
+        self._dead: dict[int, str] = {}
+        self._controls: list[Any] = []  # control calls in flight
         self.actors = [host_cls.remote(inbox_capacity, env) for _ in range(n)]
         try:
             self.nodes = ray.get([a.wire.remote(self.actors, self.mailbox)
@@ -217,9 +221,6 @@ class RayStreamHosts:
             raise WorkerLostError(f"a streaming task's Ray actor died while starting: "
                                   f"{_first_line(exc)}") from None
         self.runs = [a.run.remote(p, i) for i, (a, p) in enumerate(zip(self.actors, payloads))]
-        self._finished: set[int] = set()
-        self._dead: dict[int, str] = {}
-        self._controls: list[Any] = []  # control calls in flight
 
     def send_control(self, index: int, msg: tuple) -> None:
         """Put a coordinator message into task ``index``'s control queue."""
