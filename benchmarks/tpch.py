@@ -65,6 +65,7 @@ from tpch_peers import (  # noqa: E402
     ensure_data,
     make_check,
     plain_strings_copy,
+    sql_text,
 )
 
 try:
@@ -72,7 +73,7 @@ try:
 except ImportError:  # the harness runs without it; the millstream worker reports it
     ms = None  # type: ignore[assignment]
 
-ALL_ENGINES = ("duckdb", "polars", "pyspark", "millstream")
+ALL_ENGINES = ("duckdb", "polars", "pyspark", "millstream", "millstream-sql")
 REFERENCE = "duckdb"
 
 
@@ -538,12 +539,25 @@ class MillstreamEngine:
         ms.shutdown()
 
 
+class MillstreamSQLEngine(MillstreamEngine):
+    """Millstream running the official query texts with ``ms.sql`` (tables registered as
+    Parquet scans), the same optimizer and operators as the Dataset API form."""
+
+    def __init__(self, data_dir: Path, parallelism: int, memory_limit: int | None) -> None:
+        super().__init__(data_dir, parallelism, memory_limit)
+        for name in TABLES:
+            ms.register(name, ms.read_parquet(str(data_dir / f"{name}.parquet")))
+
+    def run(self, query: str) -> Any:
+        return ms.sql(sql_text(query)).to_arrow()
+
+
 ENGINES: dict[str, Callable[[Path, int, int | None], Any]] = {
     "duckdb": DuckDBEngine, "polars": PolarsEngine, "pyspark": SparkEngine,
-    "millstream": MillstreamEngine,
+    "millstream": MillstreamEngine, "millstream-sql": MillstreamSQLEngine,
 }
 ENGINE_MODULES = {"duckdb": "duckdb", "polars": "polars", "pyspark": "pyspark",
-                  "millstream": "millstream"}
+                  "millstream": "millstream", "millstream-sql": "millstream"}
 
 
 def make_engine(args: argparse.Namespace) -> Any:
@@ -555,7 +569,7 @@ def make_engine(args: argparse.Namespace) -> Any:
 def availability(engine: str) -> str | None:
     """Why an engine cannot run here, or None."""
     mod = ENGINE_MODULES[engine]
-    if engine == "millstream":
+    if engine in ("millstream", "millstream-sql"):
         src = Path(__file__).resolve().parent.parent / "src" / "millstream"
         return None if src.exists() or module_available(mod) else "millstream is not importable"
     if not module_available(mod):
