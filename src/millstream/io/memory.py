@@ -24,6 +24,7 @@ class TableSource(Source):
 
     name = "memory"
     rereads_cheaply = True
+    runs_user_code = False
 
     def __init__(self, table: pa.Table, num_partitions: int | None = None, label: str = "memory") -> None:
         plain = without_view_types(table.schema)  # (polars frames come as string_view)
@@ -121,6 +122,7 @@ class RangeSource(Source):
 
     name = "range"
     rereads_cheaply = True
+    runs_user_code = False
 
     def __init__(self, start: int, end: int, step: int = 1, num_partitions: int | None = None) -> None:
         if step == 0:

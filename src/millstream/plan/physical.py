@@ -31,35 +31,11 @@ from millstream.ops.aggregate import (
     FinalAggregate,
     PartialAggregate,
 )
-from millstream.ops.analytic import AnalyticWindow
 from millstream.ops.base import OperatorFactory
-from millstream.ops.changelog import (
-    ChangelogAggregate,
-    ChangeSigns,
-    Deduplicate,
-    ExpandNet,
-    FromChangelog,
-    ToChangelog,
-    TopN,
-)
-from millstream.ops.changelog.convert import NET
 from millstream.ops.join import BroadcastHashJoin, BroadcastLeftHashJoin, HashJoin
-from millstream.ops.mapreduce.mapper import MapperOp
-from millstream.ops.mapreduce.reducer import ReducerOp
-from millstream.ops.mapreduce.step import KEY_COLUMN, PART_COLUMN
 from millstream.ops.sort import Sort
-from millstream.ops.state.process import KeyedProcess
-from millstream.ops.stream_join import (
-    BroadcastTableJoin,
-    IntervalJoin,
-    JoinKeys,
-    LatestJoin,
-    WindowJoin,
-    join_key_names,
-)
 from millstream.ops.topk import TopK
 from millstream.ops.watermark import EventTimeWatermark
-from millstream.ops.window import GlobalWindowAggregate, WindowAggregate, WindowCombiner
 from millstream.plan import logical as L
 from millstream.plan.estimates import describe
 from millstream.plan.fingerprint import Fingerprints
@@ -213,6 +189,8 @@ class PhysicalPlanner:
         pipes = self.build(node.child)
         keys, specs = list(node.keys), list(node.specs)
         if self.s.streaming:  # a result per key, updated as rows come (a changelog)
+            from millstream.ops.changelog import ChangelogAggregate
+
             new = self._keyed(pipes, keys, "group-by key exchange")
             new.add(OperatorFactory(ChangelogAggregate, keys, specs,
                                     node.child.emits_updates),
@@ -234,6 +212,8 @@ class PhysicalPlanner:
         return pipes
 
     def _build_WindowAggregate(self, node: L.WindowAggregate) -> list[Pipeline]:
+        from millstream.ops.window import GlobalWindowAggregate, WindowAggregate, WindowCombiner
+
         pipes = self.build(node.child)
         keys, specs = list(node.keys), list(node.specs)
         if self._combines(node, pipes):
@@ -263,6 +243,8 @@ class PhysicalPlanner:
                        for p in pipes for f in p.ops if isinstance(f, OperatorFactory))
 
     def _build_KeyedProcess(self, node: L.KeyedProcess) -> list[Pipeline]:
+        from millstream.ops.state.process import KeyedProcess
+
         pipes = self.build(node.child)
         stage = self._close(pipes, HashPartitioner(list(node.keys), self._n(pipes)),
                             "process key exchange")
@@ -280,12 +262,16 @@ class PhysicalPlanner:
         return Pipeline([ShufflePort(stage)])
 
     def _build_Deduplicate(self, node: L.Deduplicate) -> list[Pipeline]:
+        from millstream.ops.changelog import Deduplicate
+
         new = self._keyed(self.build(node.child), list(node.subset), "deduplication exchange")
         new.add(OperatorFactory(Deduplicate, list(node.subset), node.keep, node.within,
                                 node.time_column, not self.s.streaming), node.label())
         return [new]
 
     def _build_TopN(self, node: L.TopN) -> list[Pipeline]:
+        from millstream.ops.changelog import TopN
+
         new = self._keyed(self.build(node.child), list(node.per), "top-n exchange")
         new.add(OperatorFactory(TopN, node.n, list(node.by), list(node.descending),
                                 list(node.per), node.rank_column, node.nulls_last,
@@ -294,6 +280,8 @@ class PhysicalPlanner:
         return [new]
 
     def _build_ToChangelog(self, node: L.ToChangelog) -> list[Pipeline]:
+        from millstream.ops.changelog import ToChangelog
+
         pipes = self.build(node.child)
         for p in pipes:
             p.add(OperatorFactory(ToChangelog, node.column), node.label())
@@ -302,6 +290,9 @@ class PhysicalPlanner:
     def _build_FromChangelog(self, node: L.FromChangelog) -> list[Pipeline]:
         """Streaming: the change column becomes the rows' kinds. Batch: the rows the
         changelog leaves (net copies of each distinct row, by a grouping by all columns)."""
+        from millstream.ops.changelog import ChangeSigns, ExpandNet, FromChangelog
+        from millstream.ops.changelog.convert import NET
+
         pipes = self.build(node.child)
         if self.s.streaming:
             for p in pipes:
@@ -375,6 +366,8 @@ class PhysicalPlanner:
         if self.s.streaming:
             raise PlanError(f"{node.label()}: window functions over partitions cannot run in a "
                             f"streaming job in this version (they need the whole partition)")
+        from millstream.ops.analytic import AnalyticWindow
+
         pipes = self.build(node.child)
         if window_partitioning(node.child) != node.partition_by:
             keys = list(node.partition_by)
@@ -443,6 +436,8 @@ class PhysicalPlanner:
     def _build_Join(self, node: L.Join) -> list[Pipeline]:
         lk, rk, cond = list(node.left_on), list(node.right_on), node.condition
         if self.s.streaming:
+            from millstream.ops.stream_join import BroadcastTableJoin
+
             left = self.build(node.left)
             for p in left:
                 p.add(OperatorFactory(BroadcastTableJoin, list(lk), list(rk), node.how,
@@ -552,6 +547,8 @@ class PhysicalPlanner:
     def _keyed_two_inputs(self, node: L.IntervalJoin | L.WindowJoin | L.LatestJoin,
                           factory: OperatorFactory, what: str) -> list[Pipeline]:
         """Both inputs get the hidden join keys, are exchanged by them, and feed ``factory``."""
+        from millstream.ops.stream_join import JoinKeys, join_key_names
+
         hidden = join_key_names(len(node.left_on))
         n = self.s.shuffle_partitions
         stages = []
@@ -567,16 +564,22 @@ class PhysicalPlanner:
         return [new]
 
     def _build_IntervalJoin(self, node: L.IntervalJoin) -> list[Pipeline]:
+        from millstream.ops.stream_join import IntervalJoin
+
         return self._keyed_two_inputs(node, OperatorFactory(
             IntervalJoin, list(node.left_on), list(node.right_on), node.lower, node.upper,
             node.left_time, node.right_time, node.how, node.suffix), "interval join")
 
     def _build_WindowJoin(self, node: L.WindowJoin) -> list[Pipeline]:
+        from millstream.ops.stream_join import WindowJoin
+
         return self._keyed_two_inputs(node, OperatorFactory(
             WindowJoin, list(node.left_on), list(node.right_on), node.window, node.left_time,
             node.right_time, node.how, node.suffix), "window join")
 
     def _build_LatestJoin(self, node: L.LatestJoin) -> list[Pipeline]:
+        from millstream.ops.stream_join import LatestJoin
+
         return self._keyed_two_inputs(node, OperatorFactory(
             LatestJoin, list(node.left_on), list(node.right_on), node.how, node.suffix,
             version=node.version, deleted=node.deleted), "latest join")
@@ -584,6 +587,10 @@ class PhysicalPlanner:
     def _build_MapReduceStep(self, node: L.MapReduceStep) -> list[Pipeline]:
         """The mapper (and combiner) fused into the input's tasks; unless map-only, a hash
         shuffle by key (or by the step's partitioner) and the reducer."""
+        from millstream.ops.mapreduce.mapper import MapperOp
+        from millstream.ops.mapreduce.reducer import ReducerOp
+        from millstream.ops.mapreduce.step import KEY_COLUMN, PART_COLUMN
+
         pipes = self.build(node.child)
         out = "final" if node.last else "exact"
         args = (node.payload, node.step, node.job)
@@ -607,12 +614,14 @@ class PhysicalPlanner:
 def label_mapreduce_stages(final: Stage) -> None:
     """Name the stages that run MapReduce steps after them ("step 1 map", "step 1 reduce +
     step 2 map", ...): progress, statistics and failure messages use these names."""
+    roles = {"MapperOp": "map", "ReducerOp": "reduce"}
     for st in all_stages(final):
         parts: list[str] = []
         for pipe in st.pipelines:
             for f in pipe.ops:
-                if f.cls is MapperOp or f.cls is ReducerOp:
-                    role = "map" if f.cls is MapperOp else "reduce"
+                # by name: the MapReduce operators are imported only by jobs that use them
+                role = roles.get(f.cls.__name__)
+                if role is not None and f.cls.__module__.startswith("millstream.ops.mapreduce."):
                     text = f"step {f.args[1] + 1} {role}"
                     if text not in parts:
                         parts.append(text)
