@@ -8,6 +8,7 @@
     counts.show()
 """
 
+import copyreg as _copyreg
 import sys as _sys
 import types as _types
 
@@ -131,7 +132,15 @@ class _Package(_types.ModuleType):
         super().__setattr__(name, value)
 
 
+def _import_millstream() -> _types.ModuleType:
+    import importlib
+
+    return importlib.import_module("millstream")
+
+
 _sys.modules[__name__].__class__ = _Package
+# pickled by reference, as any module (cloudpickle ships functions that use ``ms``)
+_copyreg.pickle(_Package, lambda module: (_import_millstream, ()))
 
 
 def __dir__() -> list[str]:

@@ -31,7 +31,13 @@ from typing import Any
 import pyarrow as pa
 
 from millstream.errors import PlanError, SchemaError
-from millstream.io.kafka.client import KafkaClientError, KafkaStateError, _ck, _client_error
+from millstream.io.kafka.client import (
+    KafkaClientError,
+    KafkaStateError,
+    _ck,
+    _client_error,
+    client_logging,
+)
 from millstream.io.kafka.options import _PRODUCER_DEFAULTS, FORMATS, SINK_OPTIONS, _split_options
 
 _log = logging.getLogger(__name__)
@@ -146,6 +152,7 @@ class KafkaSink:
         config["enable.idempotence"] = True
         if transactional:
             config["transactional.id"] = self.transactional_id
+        config.update(client_logging())
         return config
 
     def open(self) -> str:
