@@ -108,8 +108,9 @@ def run(n: int, out_dir: str, checkpoint: str, partitions: int = 2,
 def job_summary(job: Any) -> str:
     """The finished job in a line: records, checkpoints, late records, restarts."""
     m = job.metrics()
+    n = m.get("checkpoints", 0)
     line = (f"{m['records_in']:,} records in, {m['records_out']:,} rows out; "
-            f"{m.get('checkpoints', 0)} checkpoints")
+            f"{n} checkpoint{'' if n == 1 else 's'}")
     if m.get("last_checkpoint_bytes") is not None:
         line += (f" (the last {m['last_checkpoint_bytes'] / 1024:,.1f} KiB in "
                  f"{m.get('last_checkpoint_seconds', 0.0):.2f} s)")
