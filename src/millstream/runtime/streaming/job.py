@@ -27,7 +27,6 @@ job: replaying the same input would raise again; ``await_termination`` re-raises
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import shutil
@@ -45,7 +44,6 @@ from millstream.core.keygroups import DEFAULT_KEY_GROUPS
 from millstream.core.time import MAX_WATERMARK, MIN_WATERMARK, Clock, WallClock
 from millstream.core.units import parse_duration
 from millstream.errors import (
-    MillstreamError,
     PlanError,
     SimulatedCrash,
     StreamingError,
@@ -68,8 +66,8 @@ from millstream.runtime.job_events import (
     stream_started,
 )
 from millstream.runtime.progress import progress_enabled
-from millstream.runtime.runner import debugging
 from millstream.runtime.streaming.epochs import Epochs, Restored, check_fault
+from millstream.runtime.streaming.failures import note_failure, raise_taken_error
 from millstream.runtime.streaming.inline import InlineHosts
 from millstream.runtime.streaming.layout import (
     EXECUTORS,
@@ -89,23 +87,6 @@ _log = logging.getLogger(__name__)
 #: metrics snapshots go to the event bus about this often, while anybody listens (s)
 METRICS_EVERY_S = 1.0
 
-
-
-#: failed jobs whose error nobody has taken from ``await_termination`` yet: logged at exit
-#: (as asyncio does with a task's exception never retrieved), so an error is shown once
-_UNRETRIEVED: dict[str, str] = {}
-
-
-def _unretrieved_failure(job: Any, text: str) -> None:
-    if not _UNRETRIEVED:
-        atexit.register(_log_unretrieved)
-    _UNRETRIEVED[job.job_id] = text
-
-
-def _log_unretrieved() -> None:
-    for job_id, text in list(_UNRETRIEVED.items()):
-        _log.error("streaming job %s failed: %s", job_id, text)
-    _UNRETRIEVED.clear()
 
 class StreamingJob:
     """A running streaming pipeline: ``await_termination``, ``stop`` (final checkpoint),
@@ -228,12 +209,7 @@ class StreamingJob:
         """
         ended = self._done.wait(timeout)
         if ended and self._error is not None:
-            _UNRETRIEVED.pop(self.job_id, None)  # the caller sees it: no log line too
-            # as a batch action's: the error's message says where and what failed; the
-            # coordinator's internal frames only with MILLSTREAM_DEBUG=1
-            if isinstance(self._error, MillstreamError) and not debugging():
-                raise self._error.with_traceback(None) from None
-            raise self._error
+            raise_taken_error(self.job_id, self._error)
         return ended
 
     def stop(self, timeout: float | None = 60.0) -> None:
@@ -603,13 +579,13 @@ class StreamingJob:
                     self._stop.wait(min(0.5 * 2 ** (self.restarts - 1), 5.0))
         except _TaskFailed as exc:
             self._error = exc.error()
-            _unretrieved_failure(self, exc.text)
+            note_failure(self.job_id, exc.text)
         except SimulatedCrash as exc:  # a killed driver: no cleanup
             self._error = exc
             crashed = True
         except BaseException as exc:  # noqa: BLE001 - surfaces in await_termination
             self._error = exc
-            _unretrieved_failure(self, repr(exc))
+            note_failure(self.job_id, repr(exc))
         finally:
             self._shutdown_hosts(crashed)
             if not self._parallel_sink and not crashed:  # parallel sinks close in their tasks
