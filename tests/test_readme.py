@@ -1,6 +1,7 @@
 """Every code block of README.md runs as written.
 
-The python, bash and console blocks run in README order in one working directory, as a
+The python, bash and console blocks run in README order in one working directory (per
+test process: before a block runs, every earlier block that runs here has run there), as a
 new user runs them from a fresh clone after the set-up command: ``examples/`` and
 ``src/`` of this checkout, and a ``.venv/bin`` whose ``python``, ``pip`` and ``millstream``
 stand for the virtual environment the set-up command makes (the package is this
@@ -26,8 +27,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 SRC = REPO / "src"
-
-pytestmark = pytest.mark.xdist_group("readme")
 
 LANGUAGES = {"python": "python", "bash": "bash", "console": "bash", "sh": "bash"}
 REQUIRES = re.compile(r"^<!--\s*requires:\s*(.+?)\s*-->$")
@@ -80,8 +79,27 @@ def _shim(path: Path, command: str) -> None:
     path.chmod(0o755)
 
 
+class Workdir:
+    """A clone's root after the set-up command, and which blocks have run in it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.ran: set[int] = set()
+
+    def run_through(self, block: Block) -> None:
+        """Run the earlier runnable blocks not run here yet, then ``block``."""
+        for earlier in BLOCKS:
+            if earlier.line >= block.line:
+                break
+            if earlier.line not in self.ran and skip_reason(earlier) is None:
+                self.ran.add(earlier.line)
+                run_block(earlier, self.root, f" (run before line {block.line})")
+        self.ran.add(block.line)
+        run_block(block, self.root)
+
+
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Workdir:
     """A clone's root after the set-up command (see the module docstring)."""
     root = tmp_path_factory.mktemp("readme")
     for name in ("examples", "src", "benchmarks", "docs"):
@@ -91,9 +109,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _shim(bin_dir / "python", sys.executable)
     _shim(bin_dir / "millstream", f"{sys.executable} -m millstream")
     _shim(bin_dir / "pip", "echo 'pip: not run by tests/test_readme.py' >&2; false;")
-    first = BLOCKS[0]
-    run_block(first, root)  # the set-up command: its sample data for the other blocks
-    return root
+    return Workdir(root)
 
 
 def environment() -> dict[str, str]:
@@ -103,7 +119,7 @@ def environment() -> dict[str, str]:
     return env
 
 
-def run_block(block: Block, cwd: Path) -> None:
+def run_block(block: Block, cwd: Path, note: str = "") -> None:
     """Run one block in ``cwd``; fail with its README line and output when it fails."""
     if block.language == "python":
         script = cwd / f"readme_line{block.line}.py"
@@ -116,10 +132,10 @@ def run_block(block: Block, cwd: Path) -> None:
         proc = subprocess.run(cmd, cwd=cwd, env=environment(), capture_output=True, text=True,
                               timeout=600)
     except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"README.md line {block.line}: the {block.language} block did not end "
-                    f"within {exc.timeout} s")
+        pytest.fail(f"README.md line {block.line}{note}: the {block.language} block did not "
+                    f"end within {exc.timeout} s")
     if proc.returncode != 0:
-        pytest.fail(f"README.md line {block.line}: the {block.language} block failed (exit "
+        pytest.fail(f"README.md line {block.line}{note}: the {block.language} block failed (exit "
                     f"{proc.returncode})\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n"
                     f"{proc.stderr[-5000:]}", pytrace=False)
 
@@ -141,8 +157,8 @@ def test_readme_has_blocks():
 
 
 @pytest.mark.parametrize("block", BLOCKS[1:], ids=[b.id for b in BLOCKS[1:]])
-def test_readme_block_runs(block: Block, workdir: Path):
+def test_readme_block_runs(block: Block, workdir: Workdir):
     reason = skip_reason(block)
     if reason is not None:
         pytest.skip(f"README.md line {block.line}: {reason}")
-    run_block(block, workdir)
+    workdir.run_through(block)
