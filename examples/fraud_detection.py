@@ -207,20 +207,38 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--transactions", type=int, default=100_000)
-    ap.add_argument("--threshold", type=int, default=THRESHOLD_CENTS, help="cents per 10 min")
+    ap.add_argument("--threshold", type=int, default=THRESHOLD_CENTS,
+                    help="an alert above this many cents spent within 10 minutes")
     ap.add_argument("--burst", type=int, default=BURST_N, help="max transactions per minute")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         run_windows(args.transactions, f"{tmp}/alerts", f"{tmp}/chk-windows", args.threshold)
         windows = ms.read_parquet(f"{tmp}/alerts").sort(["window_start", "card"])
-        print(f"spending over {args.threshold / 100:.2f} within 10 minutes: "
+        print(f"spending over {dollars(args.threshold)} within 10 minutes: "
               f"{windows.count()} window(s)")
-        windows.select("card", "window_start", "total", "n").show(10)
+        windows.select("card", "window_start", "window_end",
+                       (ms.col("total") / 100).alias("total_usd"),
+                       ms.col("n").alias("transactions")).show(10)
         job = run_patterns(args.transactions, f"{tmp}/chk-patterns", args.burst)
         alerts = as_tuples(job.sink.rows())
         for kind in ("burst", "small_then_large"):
             some = [a for a in alerts if a[2] == kind]
-            print(f"{kind}: {len(some)} alert(s); first: {some[:3]}")
+            print(f"{kind}: {len(some)} alert(s); the first:")
+            for card, ts, _, amount, n in some[:3]:
+                what = f"{n} transactions within a minute" if kind == "burst" else \
+                    "after one under 1.00 USD"
+                print(f"  {card}  {timestamp(ts)}  {dollars(amount)} ({what})")
+
+
+def dollars(cents: int) -> str:
+    """An amount in cents as dollars, e.g. ``1,500.00 USD``."""
+    return f"{cents / 100:,.2f} USD"
+
+
+def timestamp(ms_since_epoch: int) -> str:
+    """Epoch milliseconds as a UTC timestamp, e.g. ``2026-01-01 00:00:01.250``."""
+    t = dt.datetime.fromtimestamp(ms_since_epoch / 1000, dt.timezone.utc)
+    return t.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 
 if __name__ == "__main__":

@@ -494,3 +494,50 @@ def test_read_kafka_public_api(broker, topic):
     assert_exactly(rows, expected)
     counts = ds.group_by("_partition").agg(ms.count().alias("n")).collect()
     assert sorted(r["n"] for r in counts) == [15, 15, 15]
+
+
+# ----------------------------------------------------------------------------------------
+# No broker at all
+# ----------------------------------------------------------------------------------------
+
+NO_BROKER_JOB = """
+import millstream as ms
+
+readings = ms.read_kafka("sensors", bootstrap_servers="127.0.0.1:{port}")
+per_minute = (readings.with_watermark("ts", delay="5s")
+              .group_by("device").window(ms.tumbling("1m"), on="ts")
+              .agg(ms.mean("temp").alias("avg_temp"), ms.count().alias("n")))
+job = per_minute.start(checkpoint="chk", sink="out")
+job.await_termination()
+"""
+
+
+def test_no_broker_listening_gives_one_clear_error(tmp_path):
+    import socket
+    import subprocess
+
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    proc = subprocess.run([sys.executable, "-c", NO_BROKER_JOB.format(port=port)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "PYTHONPATH": src})
+    assert proc.returncode == 1
+    err = proc.stderr
+    assert err.count("Traceback") == 1, err
+    assert err.count("no Kafka broker reachable") == 1, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("millstream.io.kafka.client.KafkaClientError: no Kafka broker "
+                           f"reachable at 127.0.0.1:{port}"), err
+    assert "rdkafka" not in err and "%3|" not in err, err
+
+
+def test_no_broker_in_batch_mode_is_the_same_error():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(KafkaClientError, match="no Kafka broker reachable"):
+        ms.read_kafka("t", bootstrap_servers=f"127.0.0.1:{port}").count()

@@ -225,3 +225,13 @@ def test_an_immediate_sink_gets_rows_before_any_checkpoint(executor, tmp_path):
         job.stop()
     with pytest.raises(ms.PlanError, match="delivery must be"):
         ms.sink(print, delivery="soon")
+
+
+def test_kafka_sink_is_a_public_constructor():
+    """``ms.kafka_sink`` builds the Kafka sink (no broker is contacted until a job runs)."""
+    from millstream.io.kafka import KafkaSink
+
+    sink = ms.kafka_sink("prices", "127.0.0.1:1", key="category", changelog="upsert")
+    assert isinstance(sink, KafkaSink)
+    with pytest.raises(ms.PlanError, match="topic"):
+        ms.kafka_sink("", "127.0.0.1:1")

@@ -94,6 +94,21 @@ def file_sink(uri: str, format: str = "parquet", changelog: bool = False,
     return FileStreamSink(uri, format, storage_options, changelog=changelog)
 
 
+def kafka_sink(topic: str, bootstrap_servers: str | Sequence[str], *,
+               key: str | Sequence[str] | None = None, changelog: str | None = None,
+               format: str = "json", transactional_id: str | None = None,
+               options: dict[str, Any] | None = None) -> Any:
+    """A streaming sink into the Kafka topic ``topic``, one transaction per epoch (exactly
+    once with the checkpoints). ``key``: the column(s) of the record key. Updating results
+    need ``changelog="upsert"`` (the key columns as the record key, a tombstone for a
+    delete, as Flink's upsert-kafka) or ``changelog="retract"`` (every change, its kind in
+    the value's ``change`` field); without it the sink takes appends only."""
+    from millstream.io.kafka import KafkaSink
+
+    return KafkaSink(topic, bootstrap_servers, format=format, key=key,
+                     transactional_id=transactional_id, options=options, changelog=changelog)
+
+
 def postgres_sink(dsn: str, table: str, key: str | Sequence[str] | None = None,
                   mode: str | None = None, create_table: bool = False,
                   connect_timeout: float = 5) -> Any:

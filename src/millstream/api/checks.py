@@ -13,6 +13,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from millstream.core.lazy_pandas import blocking
 from millstream.errors import SchemaError
 from millstream.expr.aggregates import AggSpec
 from millstream.expr.nodes import Expr
@@ -109,7 +110,8 @@ def check_aggregates(node: L.Node, keys: list[str], specs: tuple[AggSpec, ...]) 
     agg = L.Aggregate(node, tuple(keys), specs)
     check_node(agg, "agg")
     try:
-        aggregate_result_schema(schema, list(keys), [])
+        with blocking():  # the engine's own typing (core.lazy_pandas)
+            aggregate_result_schema(schema, list(keys), [])
     except Exception:  # noqa: BLE001 - the keys themselves: left to the job to report
         return
     for spec in specs:

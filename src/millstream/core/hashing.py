@@ -18,7 +18,16 @@ _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _NULL_HASH = np.uint64(0x5BD1E9955BD1E995)
 # Per-position multipliers for string hashing (odd 64-bit constants).
-_POS = (np.random.default_rng(0x5EED).integers(1, 2**63, size=64, dtype=np.uint64) | np.uint64(1))
+_POS_CACHE: list[np.ndarray] = []
+
+
+def _positions() -> np.ndarray:
+    """64 odd per-position weights for string hashing (drawn on first use: numpy.random
+    is slow to import)."""
+    if not _POS_CACHE:
+        rng = np.random.default_rng(0x5EED)
+        _POS_CACHE.append(rng.integers(1, 2**63, size=64, dtype=np.uint64) | np.uint64(1))
+    return _POS_CACHE[0]
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -72,7 +81,7 @@ def _hash_binary_chunk(arr: pa.Array) -> np.ndarray:
     owner_starts = np.repeat(rel[:-1], np.diff(rel))
     pos -= owner_starts
     with np.errstate(over="ignore"):
-        weighted = (data + np.uint64(1)) * _POS[pos % 64] * (np.uint64(1) + (pos // 64).astype(np.uint64))
+        weighted = (data + np.uint64(1)) * _positions()[pos % 64] * (np.uint64(1) + (pos // 64).astype(np.uint64))
         sums = np.zeros(n, dtype=np.uint64)
         nonempty = np.diff(rel) > 0
         if nonempty.any():

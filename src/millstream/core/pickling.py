@@ -12,32 +12,40 @@ import io
 import types
 from typing import Any
 
-import cloudpickle
-
 _DYNAMIC = "<dynamic-code>"
+_PICKLER: list[type] = []
 
 
-class _Pickler(cloudpickle.Pickler):
-    """cloudpickle's pickler whose code objects keep their ``co_filename``."""
+def _pickler() -> type:
+    """cloudpickle's pickler whose code objects keep their ``co_filename`` (built on first
+    use: cloudpickle is imported by jobs that ship functions, not by ``import millstream``)."""
+    if _PICKLER:
+        return _PICKLER[0]
+    import cloudpickle
 
-    dispatch_table = dict(cloudpickle.Pickler.dispatch_table)
+    base_code = cloudpickle.Pickler.dispatch_table[types.CodeType]
 
-    @staticmethod
-    def _code(obj: types.CodeType) -> tuple:
-        reduced = cloudpickle.Pickler.dispatch_table[types.CodeType](obj)
+    def code(obj: types.CodeType) -> tuple:
+        reduced = base_code(obj)
         constructor, args = reduced[0], reduced[1]
         args = tuple(obj.co_filename if a == _DYNAMIC else a for a in args)
         return (constructor, args, *reduced[2:])
 
+    class Pickler(cloudpickle.Pickler):
+        dispatch_table = dict(cloudpickle.Pickler.dispatch_table)
 
-_Pickler.dispatch_table[types.CodeType] = _Pickler._code
+    Pickler.dispatch_table[types.CodeType] = code
+    _PICKLER.append(Pickler)
+    return Pickler
 
 
 def dumps(obj: Any, protocol: int | None = None) -> bytes:
     """``cloudpickle.dumps(obj)``, with the real file names of the code it ships by value."""
+    import cloudpickle
+
     buf = io.BytesIO()
-    _Pickler(buf, protocol=protocol if protocol is not None else cloudpickle.DEFAULT_PROTOCOL
-             ).dump(obj)
+    _pickler()(buf, protocol=protocol if protocol is not None else cloudpickle.DEFAULT_PROTOCOL
+               ).dump(obj)
     return buf.getvalue()
 
 

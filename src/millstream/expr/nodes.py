@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from millstream.core.arrow import empty_batch
+from millstream.core.lazy_pandas import blocking
 from millstream.errors import PlanError, SchemaError
 from millstream.expr import decimals
 from millstream.expr import functions as _functions  # noqa: F401 - registers the operations
@@ -368,7 +369,8 @@ class Literal(Expr):
             scalar = value.cast(self.dtype) if self.dtype is not None else value
         else:
             try:
-                scalar = pa.scalar(value, type=self.dtype)
+                with blocking():  # no pandas object without pandas imported
+                    scalar = pa.scalar(value, type=self.dtype)
             except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError) as e:
                 raise PlanError(f"cannot make an Arrow literal of {value!r}: {e}") from e
         self.scalar: pa.Scalar = scalar

@@ -125,10 +125,40 @@ def _kernel(func: str, arr_type: pa.DataType) -> str:
 
 
 def _group(table: pa.Table, keys: list[str], aggs: list[tuple]) -> pa.Table:
+    if not keys and _counts_only(table, aggs):
+        return _count_without_keys(table, aggs)
     if not keys:
         table = table.append_column(_GKEY, pa.array(np.zeros(table.num_rows, dtype=np.int8)))
         keys = [_GKEY]
     return table.group_by(keys, use_threads=False).aggregate(aggs)
+
+
+def _counts_only(table: pa.Table, aggs: list[tuple]) -> bool:
+    """Keyless row counts, counts of values and sums of int64 columns (``count()``'s partial
+    and final steps): computed without an Acero plan (whose import costs more than a small
+    job), typed as Acero types them."""
+    return all(
+        a[1] == "count_all" or (a[1] == "count" and len(a) == 3)
+        or (a[1] == "sum" and len(a) == 2 and pa.types.is_int64(table.schema.field(a[0]).type))
+        for a in aggs)
+
+
+def _count_without_keys(table: pa.Table, aggs: list[tuple]) -> pa.Table:
+    """What ``_group(table, [], aggs)`` gives for :func:`_counts_only` aggregates: one row
+    (no rows for no input rows, as a grouping finds no group)."""
+    n = 1 if table.num_rows else 0
+    cols: dict[str, pa.Array] = {}
+    for a in aggs:
+        if a[1] == "count_all":
+            value = table.num_rows
+        elif a[1] == "count":
+            value = pc.count(table.column(a[0]), options=a[2]).as_py()
+        else:
+            value = pc.sum(table.column(a[0])).as_py()
+        name = "count_all" if a[1] == "count_all" else f"{a[0]}_{a[1]}"
+        cols[name] = pa.array([value] * n, pa.int64())
+    cols[_GKEY] = pa.array([0] * n, pa.int8())
+    return pa.table(cols)
 
 
 class _AggCore:

@@ -31,41 +31,14 @@ from millstream.ops.aggregate import (
     FinalAggregate,
     PartialAggregate,
 )
-from millstream.ops.analytic import AnalyticWindow
 from millstream.ops.base import OperatorFactory
-from millstream.ops.changelog import (
-    ChangelogAggregate,
-    ChangeSigns,
-    Deduplicate,
-    ExpandNet,
-    FromChangelog,
-    ToChangelog,
-    TopN,
-)
-from millstream.ops.changelog.convert import NET
-from millstream.ops.join import BroadcastHashJoin, BroadcastLeftHashJoin, HashJoin
-from millstream.ops.mapreduce.mapper import MapperOp
-from millstream.ops.mapreduce.reducer import ReducerOp
-from millstream.ops.mapreduce.step import KEY_COLUMN, PART_COLUMN
 from millstream.ops.sort import Sort
-from millstream.ops.state.process import KeyedProcess
-from millstream.ops.stream_join import (
-    BroadcastTableJoin,
-    IntervalJoin,
-    JoinKeys,
-    LatestJoin,
-    RegularJoin,
-    WindowJoin,
-    join_key_names,
-)
 from millstream.ops.topk import TopK
 from millstream.ops.watermark import EventTimeWatermark
-from millstream.ops.window import GlobalWindowAggregate, WindowAggregate, WindowCombiner
 from millstream.plan import logical as L
-from millstream.plan.estimates import describe
 from millstream.plan.fingerprint import Fingerprints
+from millstream.plan.physical_joins import JoinPlanning
 from millstream.plan.stages import (
-    AdaptiveJoin,
     BlocksPort,
     Pipeline,
     ShufflePort,
@@ -140,7 +113,7 @@ def cheap_to_rerun(pipes: list[Pipeline]) -> bool:
     return True
 
 
-class PhysicalPlanner:
+class PhysicalPlanner(JoinPlanning):
     """Turns an optimized logical plan into stages."""
 
     def __init__(self, settings: PlannerSettings) -> None:
@@ -214,6 +187,8 @@ class PhysicalPlanner:
         pipes = self.build(node.child)
         keys, specs = list(node.keys), list(node.specs)
         if self.s.streaming:  # a result per key, updated as rows come (a changelog)
+            from millstream.ops.changelog import ChangelogAggregate
+
             new = self._keyed(pipes, keys, "group-by key exchange")
             new.add(OperatorFactory(ChangelogAggregate, keys, specs,
                                     node.child.emits_updates),
@@ -235,6 +210,8 @@ class PhysicalPlanner:
         return pipes
 
     def _build_WindowAggregate(self, node: L.WindowAggregate) -> list[Pipeline]:
+        from millstream.ops.window import GlobalWindowAggregate, WindowAggregate, WindowCombiner
+
         pipes = self.build(node.child)
         keys, specs = list(node.keys), list(node.specs)
         if self._combines(node, pipes):
@@ -264,6 +241,8 @@ class PhysicalPlanner:
                        for p in pipes for f in p.ops if isinstance(f, OperatorFactory))
 
     def _build_KeyedProcess(self, node: L.KeyedProcess) -> list[Pipeline]:
+        from millstream.ops.state.process import KeyedProcess
+
         pipes = self.build(node.child)
         stage = self._close(pipes, HashPartitioner(list(node.keys), self._n(pipes)),
                             "process key exchange")
@@ -281,12 +260,16 @@ class PhysicalPlanner:
         return Pipeline([ShufflePort(stage)])
 
     def _build_Deduplicate(self, node: L.Deduplicate) -> list[Pipeline]:
+        from millstream.ops.changelog import Deduplicate
+
         new = self._keyed(self.build(node.child), list(node.subset), "deduplication exchange")
         new.add(OperatorFactory(Deduplicate, list(node.subset), node.keep, node.within,
                                 node.time_column, not self.s.streaming), node.label())
         return [new]
 
     def _build_TopN(self, node: L.TopN) -> list[Pipeline]:
+        from millstream.ops.changelog import TopN
+
         new = self._keyed(self.build(node.child), list(node.per), "top-n exchange")
         new.add(OperatorFactory(TopN, node.n, list(node.by), list(node.descending),
                                 list(node.per), node.rank_column, node.nulls_last,
@@ -295,6 +278,8 @@ class PhysicalPlanner:
         return [new]
 
     def _build_ToChangelog(self, node: L.ToChangelog) -> list[Pipeline]:
+        from millstream.ops.changelog import ToChangelog
+
         pipes = self.build(node.child)
         for p in pipes:
             p.add(OperatorFactory(ToChangelog, node.column), node.label())
@@ -303,6 +288,9 @@ class PhysicalPlanner:
     def _build_FromChangelog(self, node: L.FromChangelog) -> list[Pipeline]:
         """Streaming: the change column becomes the rows' kinds. Batch: the rows the
         changelog leaves (net copies of each distinct row, by a grouping by all columns)."""
+        from millstream.ops.changelog import ChangeSigns, ExpandNet, FromChangelog
+        from millstream.ops.changelog.convert import NET
+
         pipes = self.build(node.child)
         if self.s.streaming:
             for p in pipes:
@@ -329,6 +317,8 @@ class PhysicalPlanner:
                 raise PlanError(f"{node.label()}: distinct() on a stream needs its columns "
                                 f"known; use drop_duplicates(subset=[...])")
             if node.child.emits_updates:  # a row per distinct row held: counted per row
+                from millstream.ops.changelog import ChangelogAggregate
+
                 keys = list(schema.names)
                 new = self._keyed(self.build(node.child), keys, "distinct exchange")
                 new.add(OperatorFactory(ChangelogAggregate, keys, [], True),
@@ -383,6 +373,8 @@ class PhysicalPlanner:
         if self.s.streaming:
             raise PlanError(f"{node.label()}: window functions over partitions cannot run in a "
                             f"streaming job in this version (they need the whole partition)")
+        from millstream.ops.analytic import AnalyticWindow
+
         pipes = self.build(node.child)
         if window_partitioning(node.child) != node.partition_by:
             keys = list(node.partition_by)
@@ -448,162 +440,13 @@ class PhysicalPlanner:
                                                      purpose=f"materialize cache #{node.cache_id}")
         return [Pipeline([BlocksPort(stage=self.cache_stages[node.cache_id])])]
 
-    def _build_Join(self, node: L.Join) -> list[Pipeline]:
-        if self.s.streaming and node.joins_streams():
-            return self._build_regular_join(node)
-        lk, rk, cond = list(node.left_on), list(node.right_on), node.condition
-        if self.s.streaming:
-            left = self.build(node.left)
-            for p in left:
-                p.add(OperatorFactory(BroadcastTableJoin, list(lk), list(rk), node.how,
-                                      node.suffix, table_node=node.right, condition=cond),
-                      node.label() + " (stream-table: bounded right side broadcast)")
-            return left
-        strategy, est_l, est_r = self._join_strategy(node)
-        loop = "" if lk else " nested loop"
-        sizes = f"estimated left {describe(est_l)}, right {describe(est_r)}"
-        if strategy == "right":
-            left = self.build(node.left)
-            small = Stage(self.build(node.right), "blocks", purpose="broadcast side of join")
-            for p in left:
-                p.add(self._join_factory(node, BroadcastHashJoin, small),
-                      node.label() + f" (broadcast{loop}; {sizes})")
-            return left
-        if strategy == "left":
-            # the small LEFT side goes to every task of the right side; each right chunk is
-            # joined against it (only inner and right joins can be decided chunk by chunk)
-            small = Stage(self.build(node.left), "blocks", purpose="broadcast left side of join")
-            right = self.build(node.right)
-            for p in right:
-                p.add(self._join_factory(node, BroadcastLeftHashJoin, small),
-                      node.label() + f" (broadcast left{loop}; {sizes})")
-            return right
-        left = self.build(node.left)
-        right = self.build(node.right)
-        if strategy == "single":
-            # no keys to partition by, and a join type that needs all of both sides in one
-            # task (outer, or a side that must not be broadcast)
-            ls = self._close(left, RoundRobinPartitioner(1), "join left side (one partition)")
-            rs = self._close(right, RoundRobinPartitioner(1), "join right side (one partition)")
-            new = Pipeline([ShufflePort(ls), ShufflePort(rs)])
-            new.add(self._join_factory(node, HashJoin),
-                    node.label() + f" (nested loop, one partition; {sizes})")
-            return [new]
-        n = self.s.shuffle_partitions
-        ls = self._close(left, HashPartitioner(list(lk), n), "join left side")
-        rs = self._close(right, HashPartitioner(list(rk), n), "join right side")
-        new = Pipeline([ShufflePort(ls), ShufflePort(rs)])
-        text = node.label() + f" (shuffle hash; {sizes}"
-        can_right = node.how in ("inner", "left", "semi", "anti")
-        can_left = node.how in ("inner", "right")
-        if node.broadcast is None and (can_left or can_right):
-            bytes_l = None if est_l is None else est_l.bytes
-            bytes_r = None if est_r is None else est_r.bytes
-            new.adaptive = AdaptiveJoin(
-                ls, rs, self.s.broadcast_threshold,
-                self._join_factory(node, BroadcastHashJoin, rs) if can_right else None,
-                self._join_factory(node, BroadcastLeftHashJoin, ls) if can_left else None,
-                bytes_l, bytes_r, node.label())
-            text += "; adaptive: may switch to broadcast"
-        new.add(self._join_factory(node, HashJoin), text + ")")
-        return [new]
-
-    def _join_factory(self, node: L.Join, cls: type, broadcast: Stage | None = None
-                      ) -> OperatorFactory:
-        """The operator of ``node``: a shuffle hash join, or a broadcast join whose small
-        side is the output of ``broadcast``."""
-        args = (list(node.left_on), list(node.right_on), node.how, node.suffix)
-        if broadcast is None:
-            return OperatorFactory(cls, *args, condition=node.condition)
-        return OperatorFactory(cls, *args, broadcast_stage=broadcast, condition=node.condition)
-
-    def _join_strategy(self, node: L.Join) -> tuple[str, Any, Any]:
-        """How a batch join runs, with the sides' estimates: "right" (broadcast the right
-        side), "left" (broadcast the left side), "shuffle" (hash-partition both by key) or
-        "single" (both sides in one task: a join without keys that no broadcast can serve).
-
-        A side is broadcast when its estimated size is within ``broadcast_threshold``
-        (``node.broadcast`` forces or forbids the right side) and the join type lets each
-        task decide alone: a broadcast right side serves inner, left, semi and anti joins,
-        a broadcast left side inner and right joins. Without keys there is no shuffle:
-        the smaller side the join type allows is broadcast.
-        """
-        right_ok = node.how in ("inner", "left", "semi", "anti")
-        left_ok = node.how in ("inner", "right")
-        est_l = self.estimator.estimate(node.left)
-        est_r = self.estimator.estimate(node.right)
-        bytes_l = None if est_l is None else est_l.bytes
-        bytes_r = None if est_r is None else est_r.bytes
-        if node.left_on:
-            thr = self.s.broadcast_threshold
-            if node.broadcast is None:
-                small_right = right_ok and bytes_r is not None and bytes_r <= thr
-                small_left = left_ok and bytes_l is not None and bytes_l <= thr
-                if small_right and small_left and bytes_l < bytes_r:  # type: ignore[operator]
-                    small_right = False
-            else:
-                small_right, small_left = node.broadcast and right_ok, False
-            if small_right:
-                return "right", est_l, est_r
-            if small_left:
-                return "left", est_l, est_r
-            return "shuffle", est_l, est_r
-        if node.broadcast is True and right_ok:
-            return "right", est_l, est_r
-        if node.broadcast is False:
-            return ("left" if left_ok else "single"), est_l, est_r
-        if right_ok and left_ok:
-            left_smaller = bytes_l is not None and (bytes_r is None or bytes_l < bytes_r)
-            return ("left" if left_smaller else "right"), est_l, est_r
-        if right_ok:
-            return "right", est_l, est_r
-        return ("left" if left_ok else "single"), est_l, est_r
-
-    def _keyed_two_inputs(self, node: L.IntervalJoin | L.WindowJoin | L.LatestJoin | L.Join,
-                          factory: OperatorFactory, what: str) -> list[Pipeline]:
-        """Both inputs get the hidden join keys, are exchanged by them, and feed ``factory``."""
-        hidden = join_key_names(len(node.left_on))
-        n = self.s.shuffle_partitions
-        stages = []
-        for side, child, keys in (("left", node.left, node.left_on),
-                                  ("right", node.right, node.right_on)):
-            pipes = self.build(child)
-            for p in pipes:
-                p.add(OperatorFactory(JoinKeys, list(keys), side),
-                      f"{what} {side} keys {list(keys)}")
-            stages.append(self._close(pipes, HashPartitioner(hidden, n), f"{what} {side} side"))
-        new = Pipeline([ShufflePort(stages[0]), ShufflePort(stages[1])])
-        new.add(factory, node.label())
-        return [new]
-
-    def _build_regular_join(self, node: L.Join) -> list[Pipeline]:
-        """A join of two streams in a streaming job: both sides exchanged by key into a
-        ``RegularJoin`` (keyed state, updates for outer joins)."""
-        lt, rt = node.time_columns
-        return self._keyed_two_inputs(node, OperatorFactory(
-            RegularJoin, list(node.left_on), list(node.right_on), node.how, node.suffix,
-            state_ttl=node.state_ttl, left_time=lt, right_time=rt,
-            emit_kinds=node.emits_updates, condition=node.condition,
-            input_schemas=(node.left.schema, node.right.schema)), "regular join")
-
-    def _build_IntervalJoin(self, node: L.IntervalJoin) -> list[Pipeline]:
-        return self._keyed_two_inputs(node, OperatorFactory(
-            IntervalJoin, list(node.left_on), list(node.right_on), node.lower, node.upper,
-            node.left_time, node.right_time, node.how, node.suffix), "interval join")
-
-    def _build_WindowJoin(self, node: L.WindowJoin) -> list[Pipeline]:
-        return self._keyed_two_inputs(node, OperatorFactory(
-            WindowJoin, list(node.left_on), list(node.right_on), node.window, node.left_time,
-            node.right_time, node.how, node.suffix), "window join")
-
-    def _build_LatestJoin(self, node: L.LatestJoin) -> list[Pipeline]:
-        return self._keyed_two_inputs(node, OperatorFactory(
-            LatestJoin, list(node.left_on), list(node.right_on), node.how, node.suffix,
-            version=node.version, deleted=node.deleted), "latest join")
-
     def _build_MapReduceStep(self, node: L.MapReduceStep) -> list[Pipeline]:
         """The mapper (and combiner) fused into the input's tasks; unless map-only, a hash
         shuffle by key (or by the step's partitioner) and the reducer."""
+        from millstream.ops.mapreduce.mapper import MapperOp
+        from millstream.ops.mapreduce.reducer import ReducerOp
+        from millstream.ops.mapreduce.step import KEY_COLUMN, PART_COLUMN
+
         pipes = self.build(node.child)
         out = "final" if node.last else "exact"
         args = (node.payload, node.step, node.job)
@@ -627,12 +470,14 @@ class PhysicalPlanner:
 def label_mapreduce_stages(final: Stage) -> None:
     """Name the stages that run MapReduce steps after them ("step 1 map", "step 1 reduce +
     step 2 map", ...): progress, statistics and failure messages use these names."""
+    roles = {"MapperOp": "map", "ReducerOp": "reduce"}
     for st in all_stages(final):
         parts: list[str] = []
         for pipe in st.pipelines:
             for f in pipe.ops:
-                if f.cls is MapperOp or f.cls is ReducerOp:
-                    role = "map" if f.cls is MapperOp else "reduce"
+                # by name: the MapReduce operators are imported only by jobs that use them
+                role = roles.get(f.cls.__name__)
+                if role is not None and f.cls.__module__.startswith("millstream.ops.mapreduce."):
                     text = f"step {f.args[1] + 1} {role}"
                     if text not in parts:
                         parts.append(text)

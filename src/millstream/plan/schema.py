@@ -18,9 +18,6 @@ from millstream.errors import SchemaError
 from millstream.expr.aggregates import AggSpec
 from millstream.expr.analytic import WindowFunction
 from millstream.expr.nodes import Expr
-from millstream.ops.aggregate import aggregate_result_schema
-from millstream.ops.analytic import window_field
-from millstream.ops.join import JoinLayout
 
 #: Columns a window result starts with (window aggregates and window joins).
 WINDOW_BOUNDS = ("window_start", "window_end")
@@ -70,6 +67,8 @@ def window_schema(schema: pa.Schema, partition_by: Sequence[str],
     names = list(schema.names)
     for fn in functions:
         try:
+            from millstream.ops.analytic import window_field
+
             f = window_field(fn, schema)
         except SchemaError as exc:
             raise SchemaError(f"{what}: {fn.describe()}: {exc}") from None
@@ -108,6 +107,8 @@ def aggregate_schema(schema: pa.Schema, keys: Sequence[str], specs: Sequence[Agg
         if s.arg is not None:
             expr_field(s.arg, schema, what)
     try:
+        from millstream.ops.aggregate import aggregate_result_schema
+
         return aggregate_result_schema(schema, list(keys), list(specs))
     except SchemaError as exc:
         raise SchemaError(f"{what}: {exc}") from None
@@ -125,6 +126,8 @@ def join_schema(left: pa.Schema, right: pa.Schema, left_on: Sequence[str],
     require(left, left_on, f"{what} (left side)")
     require(right, right_on, f"{what} (right side)")
     try:
+        from millstream.ops.join import JoinLayout
+
         layout = JoinLayout(left, right, list(left_on), list(right_on), how, suffix)
     except SchemaError as exc:
         raise SchemaError(f"{what}: {exc}") from None

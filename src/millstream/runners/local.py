@@ -20,10 +20,12 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from functools import partial
-from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
 
 from millstream.core import pickling
 from millstream.errors import RunnerError
@@ -176,17 +178,26 @@ class LocalRunner(Runner):
         self.speculation_quantile = speculation_quantile
         self.speculation_min_seconds = speculation_min_seconds
         self.speculative_attempts = 0
-        try:
-            _short_socket_dir()
-            self._mp = mp.get_context("forkserver")
-            # pyarrow imports pandas (when installed) on its first to_numpy(): import it once in
-            # the fork server rather than in every worker
-            self._mp.set_forkserver_preload([
-                "millstream.runtime.task", "millstream.runtime.streaming.task", "pyarrow",
-                "cloudpickle", "pandas"])
-        except ValueError:  # pragma: no cover - platforms without forkserver
-            self._mp = mp.get_context("spawn")
+        self._context: Any = None
         self.workers: list[_Worker] = []
+
+    @property
+    def _mp(self) -> Any:
+        """The multiprocessing context of the workers, set up when the first one starts (a
+        small job run in the driver needs none)."""
+        if self._context is None:
+            try:
+                _short_socket_dir()
+                ctx = mp.get_context("forkserver")
+                # pyarrow imports pandas (when installed) on its first to_numpy(): import it
+                # once in the fork server rather than in every worker
+                ctx.set_forkserver_preload([
+                    "millstream.runtime.task", "millstream.runtime.streaming.task", "pyarrow",
+                    "cloudpickle", "pandas"])
+            except ValueError:  # pragma: no cover - platforms without forkserver
+                ctx = mp.get_context("spawn")
+            self._context = ctx
+        return self._context
 
     # ----------------------------------------------------------- workers
     def _spawn(self) -> _Worker:
@@ -262,6 +273,7 @@ class LocalRunner(Runner):
         pending: deque[tuple[int, int]] = deque((i, 0) for i in range(n))
         remaining = n
         self._ensure_workers(min(self.parallelism, n))
+        from multiprocessing.connection import wait as wait_for
         try:
             while remaining:
                 self._assign(pending, payloads, running, progress)
@@ -274,7 +286,7 @@ class LocalRunner(Runner):
                     self._ensure_workers(min(self.parallelism, remaining))
                     continue
                 handles = [w.conn for w in busy] + [w.process.sentinel for w in busy]
-                ready = wait(handles, timeout=0.5)
+                ready = wait_for(handles, timeout=0.5)
                 for w in busy:
                     if w.busy is None:
                         continue

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import pyarrow as pa
 
+from millstream.core import lazy_pandas
 from millstream.core.arrow import concat_batches
 from millstream.core.shuffle import read_block
 from millstream.errors import FetchFailedError, MillstreamError
@@ -96,7 +97,27 @@ def input_bytes(node: Node, cache_lookup: Callable[[int], list[Any] | None]) -> 
 
 def runs_in_driver(node: Node, settings: Settings) -> bool:
     """Whether a job is small enough to run in this process (see
-    ``Settings.driver_input_limit``); never while tests inject faults into workers."""
+    ``Settings.driver_input_limit``); never while tests inject faults into workers. Unless
+    it runs here, without user code, on columns that need no pandas, pyarrow gets its
+    pandas support now (``core.lazy_pandas``)."""
+    here = _small_job(node, settings)
+    if not here or needs_pandas(node):
+        lazy_pandas.ensure()
+    return here
+
+
+def needs_pandas(node: Node) -> bool:
+    """Whether running ``node`` may need pyarrow's pandas support: user code anywhere, a
+    column of a type pyarrow converts through pandas, or columns not known beforehand."""
+    if node.runs_user_code():
+        return True
+    schema = node.schema
+    if schema is None or any(lazy_pandas.type_needs_pandas(f.type) for f in schema):
+        return True
+    return any(needs_pandas(c) for c in node.children)
+
+
+def _small_job(node: Node, settings: Settings) -> bool:
     if settings.driver_input_limit <= 0 or os.environ.get("MILLSTREAM_FAULT_INJECT"):
         return False
     runner = get_session().get_runner(settings)
@@ -152,7 +173,9 @@ def user_facing(fn: Callable[..., T]) -> Callable[..., T]:
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> T:
         try:
-            return fn(*args, **kwargs)
+            # a small job of the engine's own operators needs no pandas (core.lazy_pandas)
+            with lazy_pandas.blocking():
+                return fn(*args, **kwargs)
         except MillstreamError as exc:
             if debugging():
                 raise

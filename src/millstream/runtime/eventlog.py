@@ -19,7 +19,6 @@ import threading
 import time
 from typing import Any
 
-from millstream.io import fs as storage
 from millstream.runtime.events import BUS, Event
 
 _log = logging.getLogger(__name__)
@@ -39,6 +38,8 @@ class EventLogWriter:
     """A bus subscriber writing each job's events to ``<uri>/<job>.jsonl``."""
 
     def __init__(self, uri: str, storage_options: dict[str, Any] | None = None) -> None:
+        from millstream.io import fs as storage  # (pyarrow.fs: only with an event log)
+
         self.uri = uri
         self.fs, self.base = storage.resolve(uri, **(storage_options or {}))
         storage.mkdirs(self.fs, self.base)
@@ -56,6 +57,8 @@ class EventLogWriter:
 
     def path_of(self, job: str) -> str:
         """The log file of ``job``."""
+        from millstream.io import fs as storage  # (pyarrow.fs: only with an event log)
+
         return storage.join(self.base, f"{job}.jsonl")
 
     def __call__(self, ev: Event) -> None:
@@ -97,6 +100,8 @@ class EventLogWriter:
                 self._last_rewrite.pop(job, None)
 
     def _write(self, job: str, lines: list[str], now: bool) -> None:
+        from millstream.io import fs as storage  # (pyarrow.fs: only with an event log)
+
         text = "".join(line + "\n" for line in lines)
         if self.local:
             with open(self.path_of(job), "a", encoding="utf-8") as f:
@@ -140,6 +145,8 @@ def configure_event_log(uri: str | None) -> EventLogWriter | None:
 
 def read_event_log(fs: Any, path: str) -> list[Event]:
     """The events of one log file (a torn last line, of a job still writing, is skipped)."""
+    from millstream.io import fs as storage  # (pyarrow.fs: only with an event log)
+
     events = []
     for line in storage.read_bytes(fs, path).decode("utf-8", "replace").splitlines():
         if not line.strip():

@@ -42,10 +42,16 @@ class Runner(ABC):
     def run_tasks_here(self, tasks: list[Task], progress: StageProgress) -> list[TaskResult]:
         """Run tasks one after another in this process, with the same retries and errors as
         on workers (a small job: starting workers would cost more than the work)."""
+        from millstream.core.lazy_pandas import blocking
+        from millstream.runtime.task import describe_failure, run_task
+
+        with blocking():
+            return self._run_tasks_here(tasks, progress, describe_failure, run_task)
+
+    def _run_tasks_here(self, tasks: list[Task], progress: StageProgress,
+                        describe_failure: Any, run_task: Any) -> list[TaskResult]:
         from collections import deque
         from functools import partial
-
-        from millstream.runtime.task import describe_failure, run_task
 
         n = len(tasks)
         results: list[TaskResult | None] = [None] * n

@@ -17,6 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from millstream.core import lazy_pandas
 from millstream.core.context import TaskContext, set_current_context
 from millstream.core.shuffle import (
     BlockRef,
@@ -220,6 +221,7 @@ def run_task(task: Task, on_progress: Callable[[int, int], None] | None = None) 
     ``on_progress(rows, bytes)``, when given and the task asks for progress
     (``progress_every_s``), hears what the task has read so far, at most that often.
     """
+    lazy_pandas.ensure_for_task()
     start = time.perf_counter()
     ctx = make_context(task)
     ops = [f.create() for f in task.ops]

@@ -4,12 +4,18 @@ made, and the errors of Kafka requests."""
 from __future__ import annotations
 
 import logging
+import socket
 from types import ModuleType
 from typing import Any
 
 from millstream.errors import MillstreamError
 
 _log = logging.getLogger(__name__)
+
+#: where librdkafka's own log lines go (connection attempts, retries): to Python logging,
+#: silent unless the application configures logging, never straight to stderr
+LIBRDKAFKA_LOG = logging.getLogger("millstream.kafka.librdkafka")
+LIBRDKAFKA_LOG.addHandler(logging.NullHandler())
 
 
 class KafkaNotInstalledError(MillstreamError, ImportError):
@@ -41,6 +47,42 @@ def _ck() -> ModuleType:
 
 def _client_error(what: str, exc: BaseException) -> KafkaClientError:
     return KafkaClientError(f"{what}: {exc}")
+
+
+def client_logging() -> dict[str, Any]:
+    """librdkafka settings that send its log lines to :data:`LIBRDKAFKA_LOG`."""
+    return {"logger": LIBRDKAFKA_LOG}
+
+
+def _addresses(bootstrap_servers: str) -> list[tuple[str, int]]:
+    """(host, port) of each bootstrap server (``host:port``, ``[v6]:port``, with or without
+    a ``PLAINTEXT://``-style prefix); those that do not parse are left out."""
+    out = []
+    for item in bootstrap_servers.split(","):
+        item = item.strip().rsplit("://", 1)[-1]
+        host, sep, port = item.rpartition(":")
+        if not sep or not port.isdigit():
+            continue
+        out.append((host.strip("[]") or "localhost", int(port)))
+    return out
+
+
+def check_reachable(bootstrap_servers: str, timeout_s: float = 3.0) -> None:
+    """Raise a KafkaClientError at once when no bootstrap server accepts a TCP connection
+    (nothing listens there), instead of waiting for librdkafka's request timeout."""
+    addresses = _addresses(bootstrap_servers)
+    if not addresses:
+        return
+    causes = []
+    for host, port in addresses:
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+            return
+        except OSError as exc:
+            causes.append(f"{host}:{port}: {exc.strerror or exc}")
+    raise KafkaClientError(
+        f"no Kafka broker reachable at {bootstrap_servers} ({'; '.join(causes)}): start "
+        f"one there or pass the right bootstrap_servers")
 
 
 

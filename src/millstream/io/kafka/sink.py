@@ -43,7 +43,13 @@ from millstream.core.changelog import (
     without_kinds,
 )
 from millstream.errors import PlanError, SchemaError
-from millstream.io.kafka.client import KafkaClientError, KafkaStateError, _ck, _client_error
+from millstream.io.kafka.client import (
+    KafkaClientError,
+    KafkaStateError,
+    _ck,
+    _client_error,
+    client_logging,
+)
 from millstream.io.kafka.options import _PRODUCER_DEFAULTS, FORMATS, SINK_OPTIONS, _split_options
 
 _log = logging.getLogger(__name__)
@@ -188,6 +194,7 @@ class KafkaSink:
         config["enable.idempotence"] = True
         if transactional:
             config["transactional.id"] = self.transactional_id
+        config.update(client_logging())
         return config
 
     def open(self) -> str:

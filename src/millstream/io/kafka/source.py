@@ -62,6 +62,8 @@ from millstream.io.kafka.client import (
     _ck,
     _client_error,
     _raise_consumer_error,
+    check_reachable,
+    client_logging,
 )
 from millstream.io.kafka.json_values import _infer_data_schema
 from millstream.io.kafka.options import (
@@ -181,6 +183,7 @@ class KafkaSource(Source):
         config.update(self.client_options)
         config.update(_CONSUMER_FIXED)
         config.update(overrides)
+        config.update(client_logging())
         return config
 
     def _consumer(self, **overrides: Any) -> Any:
@@ -200,12 +203,13 @@ class KafkaSource(Source):
 
     def partitions(self) -> list[int]:
         """The topic's partition ids, from broker metadata."""
+        check_reachable(self.bootstrap_servers)
         consumer = self._consumer()
         try:
             md = consumer.list_topics(self.topic, timeout=self._timeout)
         except _ck().KafkaException as exc:
             raise _client_error(f"metadata of kafka topic {self.topic!r} from "
-                                f"{self.bootstrap_servers}", exc) from exc
+                                f"{self.bootstrap_servers}", exc) from None
         finally:
             consumer.close()
         topic = md.topics.get(self.topic)

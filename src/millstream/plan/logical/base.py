@@ -9,6 +9,7 @@ from typing import ClassVar
 
 import pyarrow as pa
 
+from millstream.core.lazy_pandas import blocking
 from millstream.errors import SchemaError
 from millstream.expr.aggregates import AggSpec
 from millstream.io.base import Source
@@ -44,6 +45,13 @@ class Node:
     def with_children(self, children: tuple[Node, ...]) -> Node:
         """The same node over other inputs (as many as ``children``)."""
         return self
+
+    def runs_user_code(self) -> bool:
+        """Whether this node itself (not its children) may call the user's code: functions,
+        UDFs in expressions, generators (``plan.user_code``)."""
+        from millstream.plan.user_code import fields_have_user_code
+
+        return fields_have_user_code(self, Node)
 
     def label(self) -> str:
         """One line for explain()."""
@@ -82,7 +90,9 @@ class Node:
     @cached_property
     def _schema_or_error(self) -> tuple[pa.Schema | None, SchemaError | None]:
         try:
-            return self.compute_schema(), None
+            # the engine's own typing needs no pandas (see core.lazy_pandas); user code may
+            with blocking(not self.runs_user_code()):
+                return self.compute_schema(), None
         except SchemaError as exc:
             return None, exc
         except Exception:  # noqa: BLE001 - e.g. a kernel that cannot type an empty input:
@@ -110,6 +120,9 @@ class Scan(Node):
 
     def label(self) -> str:
         return f"Scan {self.source.describe()}"
+
+    def runs_user_code(self) -> bool:
+        return getattr(self.source, "runs_user_code", True)
 
     def compute_schema(self) -> pa.Schema | None:
         schema = self.source.schema()  # a source that fails here fails again when it runs

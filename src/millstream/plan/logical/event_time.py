@@ -5,15 +5,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pyarrow as pa
 
 from millstream.expr.aggregates import AggSpec
 from millstream.expr.windows import GlobalWindow, WindowAssigner
-from millstream.ops.state.process import KeyedProcessFunction
 from millstream.plan import schema as S
 from millstream.plan.logical.base import Node, SameColumns, Unary, agg_text, spec_refs
+
+if TYPE_CHECKING:  # keyed state is imported by the jobs that use it
+    from millstream.ops.state.process import KeyedProcessFunction
 
 
 # ---------------------------------------------------------------------- event time

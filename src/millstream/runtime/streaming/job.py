@@ -67,6 +67,7 @@ from millstream.runtime.job_events import (
 )
 from millstream.runtime.progress import progress_enabled
 from millstream.runtime.streaming.epochs import Epochs, Restored, check_fault
+from millstream.runtime.streaming.failures import note_failure, raise_taken_error
 from millstream.runtime.streaming.inline import InlineHosts
 from millstream.runtime.streaming.layout import (
     EXECUTORS,
@@ -208,7 +209,7 @@ class StreamingJob:
         """
         ended = self._done.wait(timeout)
         if ended and self._error is not None:
-            raise self._error
+            raise_taken_error(self.job_id, self._error)
         return ended
 
     def stop(self, timeout: float | None = 60.0) -> None:
@@ -578,13 +579,13 @@ class StreamingJob:
                     self._stop.wait(min(0.5 * 2 ** (self.restarts - 1), 5.0))
         except _TaskFailed as exc:
             self._error = exc.error()
-            _log.error("streaming job %s failed: %s", self.job_id, exc.text)
+            note_failure(self.job_id, exc.text)
         except SimulatedCrash as exc:  # a killed driver: no cleanup
             self._error = exc
             crashed = True
         except BaseException as exc:  # noqa: BLE001 - surfaces in await_termination
             self._error = exc
-            _log.error("streaming job %s failed: %r", self.job_id, exc)
+            note_failure(self.job_id, repr(exc))
         finally:
             self._shutdown_hosts(crashed)
             if not self._parallel_sink and not crashed:  # parallel sinks close in their tasks

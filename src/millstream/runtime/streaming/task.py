@@ -38,6 +38,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from millstream.core import lazy_pandas
 from millstream.core.context import default_context
 from millstream.core.time import MAX_WATERMARK, MIN_WATERMARK, Clock, WallClock
 from millstream.ops.base import Operator, is_keyed_op
@@ -65,6 +66,7 @@ class StreamTask:
     barrier, then :meth:`close`."""
 
     def __init__(self, spec: TaskSpec, channels: Channels, clock: Clock | None = None) -> None:
+        lazy_pandas.ensure_for_task()
         self.spec = spec
         self.ch = channels
         self.clock = clock or spec.clock or WallClock()

@@ -1,0 +1,199 @@
+"""Physical planning of joins: batch joins (broadcast either side, shuffle hash, nested
+loop on one partition, adaptive broadcast) and streaming joins (stream-table, regular,
+interval, window and latest-value joins, both inputs exchanged by key).
+
+:class:`JoinPlanning` is a part of :class:`~millstream.plan.physical.PhysicalPlanner`
+(mixed into it): it uses the planner's ``build``, ``_close``, ``_keyed``, settings ``s``
+and ``estimator``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from millstream.core.shuffle import HashPartitioner, RoundRobinPartitioner
+from millstream.ops.base import OperatorFactory
+from millstream.ops.join import BroadcastHashJoin, BroadcastLeftHashJoin, HashJoin
+from millstream.plan import logical as L
+from millstream.plan.estimates import describe
+from millstream.plan.stages import AdaptiveJoin, Pipeline, ShufflePort, Stage
+
+
+class JoinPlanning:
+    """The join part of the physical planner."""
+
+    s: Any
+    estimator: Any
+
+    def build(self, node: L.Node) -> list[Pipeline]:  # (the planner's)
+        raise NotImplementedError
+
+    def _close(self, pipes: list[Pipeline], partitioner: Any, purpose: str) -> Stage:
+        raise NotImplementedError
+
+    def _keyed(self, pipes: list[Pipeline], keys: list[str], purpose: str) -> Pipeline:
+        raise NotImplementedError
+
+    def _build_Join(self, node: L.Join) -> list[Pipeline]:
+        if self.s.streaming and node.joins_streams():
+            return self._build_regular_join(node)
+        lk, rk, cond = list(node.left_on), list(node.right_on), node.condition
+        if self.s.streaming:
+            from millstream.ops.stream_join import BroadcastTableJoin
+
+            left = self.build(node.left)
+            for p in left:
+                p.add(OperatorFactory(BroadcastTableJoin, list(lk), list(rk), node.how,
+                                      node.suffix, table_node=node.right, condition=cond),
+                      node.label() + " (stream-table: bounded right side broadcast)")
+            return left
+        strategy, est_l, est_r = self._join_strategy(node)
+        loop = "" if lk else " nested loop"
+        sizes = f"estimated left {describe(est_l)}, right {describe(est_r)}"
+        if strategy == "right":
+            left = self.build(node.left)
+            small = Stage(self.build(node.right), "blocks", purpose="broadcast side of join")
+            for p in left:
+                p.add(self._join_factory(node, BroadcastHashJoin, small),
+                      node.label() + f" (broadcast{loop}; {sizes})")
+            return left
+        if strategy == "left":
+            # the small LEFT side goes to every task of the right side; each right chunk is
+            # joined against it (only inner and right joins can be decided chunk by chunk)
+            small = Stage(self.build(node.left), "blocks", purpose="broadcast left side of join")
+            right = self.build(node.right)
+            for p in right:
+                p.add(self._join_factory(node, BroadcastLeftHashJoin, small),
+                      node.label() + f" (broadcast left{loop}; {sizes})")
+            return right
+        left = self.build(node.left)
+        right = self.build(node.right)
+        if strategy == "single":
+            # no keys to partition by, and a join type that needs all of both sides in one
+            # task (outer, or a side that must not be broadcast)
+            ls = self._close(left, RoundRobinPartitioner(1), "join left side (one partition)")
+            rs = self._close(right, RoundRobinPartitioner(1), "join right side (one partition)")
+            new = Pipeline([ShufflePort(ls), ShufflePort(rs)])
+            new.add(self._join_factory(node, HashJoin),
+                    node.label() + f" (nested loop, one partition; {sizes})")
+            return [new]
+        n = self.s.shuffle_partitions
+        ls = self._close(left, HashPartitioner(list(lk), n), "join left side")
+        rs = self._close(right, HashPartitioner(list(rk), n), "join right side")
+        new = Pipeline([ShufflePort(ls), ShufflePort(rs)])
+        text = node.label() + f" (shuffle hash; {sizes}"
+        can_right = node.how in ("inner", "left", "semi", "anti")
+        can_left = node.how in ("inner", "right")
+        if node.broadcast is None and (can_left or can_right):
+            bytes_l = None if est_l is None else est_l.bytes
+            bytes_r = None if est_r is None else est_r.bytes
+            new.adaptive = AdaptiveJoin(
+                ls, rs, self.s.broadcast_threshold,
+                self._join_factory(node, BroadcastHashJoin, rs) if can_right else None,
+                self._join_factory(node, BroadcastLeftHashJoin, ls) if can_left else None,
+                bytes_l, bytes_r, node.label())
+            text += "; adaptive: may switch to broadcast"
+        new.add(self._join_factory(node, HashJoin), text + ")")
+        return [new]
+
+    def _join_factory(self, node: L.Join, cls: type, broadcast: Stage | None = None
+                      ) -> OperatorFactory:
+        """The operator of ``node``: a shuffle hash join, or a broadcast join whose small
+        side is the output of ``broadcast``."""
+        args = (list(node.left_on), list(node.right_on), node.how, node.suffix)
+        if broadcast is None:
+            return OperatorFactory(cls, *args, condition=node.condition)
+        return OperatorFactory(cls, *args, broadcast_stage=broadcast, condition=node.condition)
+
+    def _join_strategy(self, node: L.Join) -> tuple[str, Any, Any]:
+        """How a batch join runs, with the sides' estimates: "right" (broadcast the right
+        side), "left" (broadcast the left side), "shuffle" (hash-partition both by key) or
+        "single" (both sides in one task: a join without keys that no broadcast can serve).
+
+        A side is broadcast when its estimated size is within ``broadcast_threshold``
+        (``node.broadcast`` forces or forbids the right side) and the join type lets each
+        task decide alone: a broadcast right side serves inner, left, semi and anti joins,
+        a broadcast left side inner and right joins. Without keys there is no shuffle:
+        the smaller side the join type allows is broadcast.
+        """
+        right_ok = node.how in ("inner", "left", "semi", "anti")
+        left_ok = node.how in ("inner", "right")
+        est_l = self.estimator.estimate(node.left)
+        est_r = self.estimator.estimate(node.right)
+        bytes_l = None if est_l is None else est_l.bytes
+        bytes_r = None if est_r is None else est_r.bytes
+        if node.left_on:
+            thr = self.s.broadcast_threshold
+            if node.broadcast is None:
+                small_right = right_ok and bytes_r is not None and bytes_r <= thr
+                small_left = left_ok and bytes_l is not None and bytes_l <= thr
+                if small_right and small_left and bytes_l < bytes_r:  # type: ignore[operator]
+                    small_right = False
+            else:
+                small_right, small_left = node.broadcast and right_ok, False
+            if small_right:
+                return "right", est_l, est_r
+            if small_left:
+                return "left", est_l, est_r
+            return "shuffle", est_l, est_r
+        if node.broadcast is True and right_ok:
+            return "right", est_l, est_r
+        if node.broadcast is False:
+            return ("left" if left_ok else "single"), est_l, est_r
+        if right_ok and left_ok:
+            left_smaller = bytes_l is not None and (bytes_r is None or bytes_l < bytes_r)
+            return ("left" if left_smaller else "right"), est_l, est_r
+        if right_ok:
+            return "right", est_l, est_r
+        return ("left" if left_ok else "single"), est_l, est_r
+
+    def _keyed_two_inputs(self, node: L.IntervalJoin | L.WindowJoin | L.LatestJoin | L.Join,
+                          factory: OperatorFactory, what: str) -> list[Pipeline]:
+        """Both inputs get the hidden join keys, are exchanged by them, and feed ``factory``."""
+        from millstream.ops.stream_join import JoinKeys, join_key_names
+
+        hidden = join_key_names(len(node.left_on))
+        n = self.s.shuffle_partitions
+        stages = []
+        for side, child, keys in (("left", node.left, node.left_on),
+                                  ("right", node.right, node.right_on)):
+            pipes = self.build(child)
+            for p in pipes:
+                p.add(OperatorFactory(JoinKeys, list(keys), side),
+                      f"{what} {side} keys {list(keys)}")
+            stages.append(self._close(pipes, HashPartitioner(hidden, n), f"{what} {side} side"))
+        new = Pipeline([ShufflePort(stages[0]), ShufflePort(stages[1])])
+        new.add(factory, node.label())
+        return [new]
+
+    def _build_regular_join(self, node: L.Join) -> list[Pipeline]:
+        """A join of two streams in a streaming job: both sides exchanged by key into a
+        ``RegularJoin`` (keyed state, updates for outer joins)."""
+        from millstream.ops.stream_join import RegularJoin
+
+        lt, rt = node.time_columns
+        return self._keyed_two_inputs(node, OperatorFactory(
+            RegularJoin, list(node.left_on), list(node.right_on), node.how, node.suffix,
+            state_ttl=node.state_ttl, left_time=lt, right_time=rt,
+            emit_kinds=node.emits_updates, condition=node.condition,
+            input_schemas=(node.left.schema, node.right.schema)), "regular join")
+
+    def _build_IntervalJoin(self, node: L.IntervalJoin) -> list[Pipeline]:
+        from millstream.ops.stream_join import IntervalJoin
+
+        return self._keyed_two_inputs(node, OperatorFactory(
+            IntervalJoin, list(node.left_on), list(node.right_on), node.lower, node.upper,
+            node.left_time, node.right_time, node.how, node.suffix), "interval join")
+
+    def _build_WindowJoin(self, node: L.WindowJoin) -> list[Pipeline]:
+        from millstream.ops.stream_join import WindowJoin
+
+        return self._keyed_two_inputs(node, OperatorFactory(
+            WindowJoin, list(node.left_on), list(node.right_on), node.window, node.left_time,
+            node.right_time, node.how, node.suffix), "window join")
+
+    def _build_LatestJoin(self, node: L.LatestJoin) -> list[Pipeline]:
+        from millstream.ops.stream_join import LatestJoin
+
+        return self._keyed_two_inputs(node, OperatorFactory(
+            LatestJoin, list(node.left_on), list(node.right_on), node.how, node.suffix,
+            version=node.version, deleted=node.deleted), "latest join")
