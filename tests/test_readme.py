@@ -24,6 +24,9 @@ from pathlib import Path
 
 import pytest
 
+#: one test process runs every block, in order (each block then runs once)
+pytestmark = pytest.mark.xdist_group("readme")
+
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 SRC = REPO / "src"
