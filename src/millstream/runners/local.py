@@ -8,14 +8,11 @@ contributes its result.
 
 from __future__ import annotations
 
-import faulthandler
 import multiprocessing as mp
 import os
 import pickle
-import queue
 import signal
 import sys
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -29,9 +26,9 @@ if TYPE_CHECKING:
 
 from millstream.core import pickling
 from millstream.errors import RunnerError
+from millstream.runners.processes import describe_exit, release_memory_promptly
 from millstream.runtime.progress import StageProgress
 from millstream.runtime.runner import Runner
-from millstream.runtime.streaming.wire import from_wire, to_wire
 from millstream.runtime.task import Task, TaskFailure, TaskResult, describe_failure, run_task
 
 FAULT_ENV = "MILLSTREAM_FAULT_INJECT"
@@ -63,23 +60,11 @@ def _maybe_inject_fault(task: Task) -> None:
                 raise RuntimeError(f"injected fault in {task.describe()} attempt {task.attempt}")
 
 
-def _release_memory_promptly() -> None:
-    """Make Arrow's allocator return freed memory to the OS at once, so a worker's
-    footprint follows its memory budget rather than its high-water mark."""
-    import pyarrow as pa
-
-    try:
-        pa.set_memory_pool(pa.jemalloc_memory_pool())
-        pa.jemalloc_set_decay_ms(0)
-    except Exception:  # noqa: BLE001 - pyarrow built without jemalloc: keep its default pool
-        pass
-
-
 def _worker_main(conn: Connection, env: dict[str, str]) -> None:
     """Worker process loop: receive (attempt, task bytes), run, send the outcome."""
     os.environ.update(env)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _release_memory_promptly()
+    release_memory_promptly()
     while True:
         try:
             msg = conn.recv_bytes()
@@ -121,19 +106,6 @@ class _Worker:
     conn: Connection
     busy: tuple[int, int] | None = None  # (task index, attempt)
     started: float = 0.0
-
-
-def _describe_exit(code: int | None) -> str:
-    if code is None:
-        return "worker process vanished"
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        hint = " (killed; out of memory?)" if name == "SIGKILL" else ""
-        return f"worker process died from {name}{hint}"
-    return f"worker process exited with code {code}"
 
 
 def _short_socket_dir() -> None:
@@ -192,8 +164,8 @@ class LocalRunner(Runner):
                 # pyarrow imports pandas (when installed) on its first to_numpy(): import it
                 # once in the fork server rather than in every worker
                 ctx.set_forkserver_preload([
-                    "millstream.runtime.task", "millstream.runtime.streaming.task", "pyarrow",
-                    "cloudpickle", "pandas"])
+                    "millstream.runtime.task", "millstream.runtime.streaming.slot",
+                    "millstream.runners.local_stream", "pyarrow", "cloudpickle", "pandas"])
             except ValueError:  # pragma: no cover - platforms without forkserver
                 ctx = mp.get_context("spawn")
             self._context = ctx
@@ -228,9 +200,12 @@ class LocalRunner(Runner):
                     main.__file__ = saved_file
                 main.__spec__ = saved_spec
 
-    def start_stream_hosts(self, payloads: list[bytes], inbox_capacity: int) -> LocalStreamHosts:
-        """Start one long-lived process per streaming task (``payloads``: pickled callables
-        taking the task's channels), wired by bounded inboxes."""
+    def start_stream_hosts(self, payloads: list[bytes], inbox_capacity: int) -> Any:
+        """Start one long-lived process per streaming task slot (``payloads``: pickled
+        callables taking the slot's channels), wired by pipes
+        (:class:`~millstream.runners.local_stream.LocalStreamHosts`)."""
+        from millstream.runners.local_stream import LocalStreamHosts
+
         return LocalStreamHosts(self, payloads, inbox_capacity)
 
     def _ensure_workers(self, n: int) -> None:
@@ -306,7 +281,7 @@ class LocalRunner(Runner):
                     running[idx] = [x for x in running.get(idx, []) if x is not w]
                     if outcome is None:
                         w.process.join(timeout=1)
-                        cause = f"attempt {attempt}: {_describe_exit(w.process.exitcode)} " \
+                        cause = f"attempt {attempt}: {describe_exit(w.process.exitcode)} " \
                                 f"(pid {w.process.pid})"
                         failure = TaskFailure("WorkerLostError", cause, "", retryable=True)
                         self._replace(w)
@@ -404,160 +379,3 @@ class LocalRunner(Runner):
             if w.process.is_alive():
                 self._kill(w)
         self.workers = []
-
-
-
-# ------------------------------------------------------------------ streaming task hosts
-class _QueueChannels:
-    """A streaming task's channels over multiprocessing queues (see
-    ``millstream.runtime.streaming.task.Channels``); batches travel as Arrow IPC."""
-
-    def __init__(self, index: int, inboxes: list, controls: list, coordinator: mp.Queue) -> None:
-        self.index = index
-        self.inboxes = inboxes
-        self.controls = controls
-        self.coordinator = coordinator
-        #: seconds spent waiting for room in full inboxes (backpressure)
-        self.blocked_s = 0.0
-
-    def recv(self, timeout: float) -> tuple | None:
-        try:
-            return from_wire(self.inboxes[self.index].get(timeout=timeout))
-        except queue.Empty:
-            return None
-
-    def recv_control(self, timeout: float = 0.0) -> tuple | None:
-        try:
-            if timeout <= 0:
-                return self.controls[self.index].get_nowait()
-            return self.controls[self.index].get(timeout=timeout)
-        except queue.Empty:
-            return None
-
-    def send(self, dest: int, msg: tuple) -> None:
-        data = to_wire(msg)
-        start = time.perf_counter()
-        self.inboxes[dest].put(data)  # blocks while the inbox is full
-        self.blocked_s += time.perf_counter() - start
-
-    def to_coordinator(self, msg: tuple) -> None:
-        self.coordinator.put(to_wire(msg))
-
-
-def _exit_with_driver(driver: int) -> None:
-    """End this host when the driver is gone (killed), so no task outlives its job (the
-    fork server that started this process does not notice its driver's death)."""
-    while True:
-        time.sleep(0.5)
-        try:
-            os.kill(driver, 0)
-        except ProcessLookupError:
-            os._exit(3)
-        except PermissionError:  # pragma: no cover - the pid was reused by another user
-            os._exit(3)
-
-
-def _stream_host_main(payload: bytes, index: int, inboxes: list, controls: list,
-                      coordinator: mp.Queue, env: dict[str, str], driver: int) -> None:
-    """A streaming task host: run the task's callable with its channels, then flush."""
-    os.environ.update(env)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints where a task is stuck
-    _release_memory_promptly()
-    threading.Thread(target=_exit_with_driver, args=(driver,), daemon=True).start()
-    fn = cloudpickle.loads(payload)
-    run_stream_task_fn(fn, _QueueChannels(index, inboxes, controls, coordinator), index)
-    # at exit, each queue's feeder thread flushes what this task sent (its final barrier)
-
-
-def run_stream_task_fn(fn: Any, channels: Any, index: int) -> None:
-    """Run a streaming task's callable; with ``MILLSTREAM_PROFILE_DIR`` set (a developer
-    aid), under cProfile, into ``task-<index>.prof`` there."""
-    profile_dir = os.environ.get("MILLSTREAM_PROFILE_DIR")
-    if not profile_dir:
-        fn(channels)
-        return
-    import cProfile
-
-    cProfile.runctx("fn(channels)", {"fn": fn, "channels": channels}, {},
-                    os.path.join(profile_dir, f"task-{index}.prof"))
-
-
-def _widen_pipe(q: mp.Queue) -> None:
-    """Give a queue's pipe a 1 MiB buffer (Linux; default 64 KiB), so a batch crosses it in
-    one or two reads instead of a ping-pong of 64 KiB chunks between the two processes."""
-    try:
-        import fcntl
-
-        size = 1 << 20
-        try:
-            with open("/proc/sys/fs/pipe-max-size") as f:
-                size = min(size, int(f.read()))
-        except OSError:
-            pass
-        fcntl.fcntl(q._reader.fileno(), 1031, size)  # F_SETPIPE_SZ
-    except (ImportError, OSError, AttributeError, ValueError):
-        pass  # other platforms: the default pipe
-
-
-class LocalStreamHosts:
-    """The processes hosting a streaming job's tasks, and the coordinator's side of the queues."""
-
-    def __init__(self, runner: LocalRunner, payloads: list[bytes], inbox_capacity: int) -> None:
-        ctx = runner._mp
-        n = len(payloads)
-        self.inboxes = [ctx.Queue(maxsize=inbox_capacity) for _ in range(n)]
-        self.controls = [ctx.Queue() for _ in range(n)]
-        self.coordinator = ctx.Queue()
-        for q in [*self.inboxes, self.coordinator]:
-            _widen_pipe(q)
-        self.procs = []
-        env = dict(os.environ)
-        for i, payload in enumerate(payloads):
-            proc = ctx.Process(target=_stream_host_main, daemon=True, name=f"millstream-stream-{i}",
-                               args=(payload, i, self.inboxes, self.controls, self.coordinator,
-                                     env, os.getpid()))
-            runner._start(proc)
-            self.procs.append(proc)
-        self._reported: set[int] = set()
-
-    def pids(self) -> list[int]:
-        """PIDs of the live host processes."""
-        return [p.pid for p in self.procs if p.is_alive()]
-
-    def send_control(self, index: int, msg: tuple) -> None:
-        """Put a coordinator message into task ``index``'s control queue."""
-        self.controls[index].put(msg)
-
-    def poll(self, timeout: float) -> list[tuple]:
-        """Messages from the tasks (waits up to ``timeout`` for the first)."""
-        out = []
-        try:
-            out.append(from_wire(self.coordinator.get(timeout=timeout)))
-            while True:
-                out.append(from_wire(self.coordinator.get_nowait()))
-        except queue.Empty:
-            pass
-        return out
-
-    def dead(self) -> list[tuple[int, str]]:
-        """Hosts that exited without being told to: (task index, why)."""
-        out = []
-        for i, p in enumerate(self.procs):
-            if p.exitcode is not None and p.exitcode != 0 and i not in self._reported:
-                out.append((i, _describe_exit(p.exitcode)))
-        return out
-
-    def shutdown(self, timeout: float = 5.0) -> None:
-        """Stop every host (they have ended, or the job is restarting)."""
-        deadline = time.monotonic() + 0.5
-        for p in self.procs:
-            p.join(timeout=max(0.0, deadline - time.monotonic()))
-        for p in self.procs:
-            if p.exitcode is None:
-                p.kill()
-        for p in self.procs:
-            p.join(timeout=timeout)
-        for q in [*self.inboxes, *self.controls, self.coordinator]:
-            q.cancel_join_thread()
-            q.close()

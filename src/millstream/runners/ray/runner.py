@@ -53,10 +53,11 @@ def _run_attempt(task: Task, attempt: int, env: dict[str, str | None]) -> tuple[
     Spill files go to a directory of this attempt, removed when it ends.
     """
     global _worker_ready
-    from millstream.runners.local import FAULT_ENV, _maybe_inject_fault, _release_memory_promptly
+    from millstream.runners.local import FAULT_ENV, _maybe_inject_fault
+    from millstream.runners.processes import release_memory_promptly
 
     if not _worker_ready:
-        _release_memory_promptly()
+        release_memory_promptly()
         _worker_ready = True
     task.attempt = attempt
     base = task.settings.get("spill_dir") or tempfile.gettempdir()

@@ -37,10 +37,10 @@ class _StreamHost:
     def __init__(self, capacity: int, env: dict[str, str | None]) -> None:
         import queue
 
-        from millstream.runners.local import _release_memory_promptly
+        from millstream.runners.processes import STREAM_DECAY_MS, release_memory_promptly
 
         _set_env(env)
-        _release_memory_promptly()
+        release_memory_promptly(STREAM_DECAY_MS)
         self.inbox: Any = queue.Queue(maxsize=capacity)
         self.controls: Any = queue.Queue()
         self.peers: list[Any] = []
@@ -65,7 +65,7 @@ class _StreamHost:
     def run(self, payload: bytes, index: int) -> None:
         import cloudpickle
 
-        from millstream.runners.local import run_stream_task_fn
+        from millstream.runners.local_stream import run_stream_task_fn
 
         channels = _ActorChannels(self)
         run_stream_task_fn(cloudpickle.loads(payload), channels, index)
