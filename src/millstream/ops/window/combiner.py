@@ -12,7 +12,7 @@ from millstream.core.arrow import event_time_micros
 from millstream.core.time import MIN_WATERMARK
 from millstream.errors import PlanError
 from millstream.expr.aggregates import AggSpec
-from millstream.expr.windows import GlobalWindow, WindowAssigner
+from millstream.expr.windows import GlobalWindow, Sliding, WindowAssigner
 from millstream.ops.aggregate import _AggCore
 from millstream.ops.base import Batches, Operator
 from millstream.ops.window.tables import _COMBINED, _EMPTY, _WE, _WS
@@ -78,6 +78,8 @@ class WindowCombiner(Operator):
         else:
             tv = t[valid]
         rows = np.flatnonzero(valid)
+        if _pane_aligned(self.window):
+            return self._process_panes(batch, col, rows, tv)
         idx, ws, we = self.window.assign(tv)
         if idx is None:
             first_end = we
@@ -111,5 +113,50 @@ class WindowCombiner(Operator):
             out.append(batch.filter(pa.array(mask)))
         return out
 
+    def _process_panes(self, batch: pa.RecordBatch, col: pa.Array, rows: np.ndarray,
+                       tv: np.ndarray) -> Batches:
+        """A sliding window whose size is a multiple of its slide: the rows of one pane
+        (a slide-wide interval) lie in the same windows, so rows combine per pane and key
+        first and each pane's states then go to its windows (a row is not copied into
+        every window it lies in, nor grouped there)."""
+        w = self.window
+        pane = np.floor_divide(tv - w.offset, w.every) * w.every + w.offset
+        expiry = self.watermark - self.allowed_lateness \
+            if self.watermark > MIN_WATERMARK + self.allowed_lateness else MIN_WATERMARK
+        safe = pane + w.every > expiry  # the earliest end of a pane's windows
+        n_safe = int(safe.sum())
+        if n_safe == 0:
+            return (batch,)
+        combine = rows[safe]
+        table = pa.Table.from_batches([batch])
+        if n_safe < batch.num_rows:
+            table = table.take(pa.array(combine))
+        starts = pane[safe]
+        table = table.append_column(_WS, pa.array(starts, pa.int64()))
+        table = table.append_column(_WE, pa.array(starts + w.every, pa.int64()))
+        states = self.core.partial(table)  # per pane and key
+        k = w.size // w.every
+        first = states.column(_WS).to_numpy()
+        ws = (first[:, None] - np.arange(k, dtype=np.int64)[None, :] * w.every).ravel()
+        states = states.take(pa.array(np.repeat(np.arange(states.num_rows), k)))
+        states = states.set_column(states.schema.get_field_index(_WS), _WS,
+                                   pa.array(ws, pa.int64()))
+        states = states.set_column(states.schema.get_field_index(_WE), _WE,
+                                   pa.array(ws + w.size, pa.int64()))
+        tz = col.type.tz if pa.types.is_timestamp(col.type) and col.type.tz else ""
+        states = states.replace_schema_metadata({_COMBINED: tz.encode()})
+        out: list[pa.RecordBatch] = states.combine_chunks().to_batches()
+        if n_safe < batch.num_rows:  # the rest goes on as it came (in its order)
+            mask = np.ones(batch.num_rows, dtype=bool)
+            mask[combine] = False
+            out.append(batch.filter(pa.array(mask)))
+        return out
+
     def describe(self) -> str:
         return self.name
+
+
+def _pane_aligned(window: WindowAssigner) -> bool:
+    """A sliding window whose size is a whole number of slides (every row of a slide-wide
+    pane then lies in the same windows)."""
+    return isinstance(window, Sliding) and window.size % window.every == 0
