@@ -36,5 +36,5 @@ def release_memory_promptly(decay_ms: int = 0) -> None:
 
 
 #: How soon a streaming host's allocator returns freed memory (ms; Arrow's own default):
-#: measured on Nexmark q7 at parallelism 2, a decay of 0 took 40-80% more CPU.
+#: on Nexmark q7 at parallelism 2, a decay of 0 took 40-80% more CPU in paired runs.
 STREAM_DECAY_MS = 1000
