@@ -111,10 +111,6 @@ class StreamTask:
         self._awaiting_commit: tuple[int, Any, bool] | None = None
         #: when the first barrier of the checkpoint being aligned arrived (perf_counter)
         self._align_start: float | None = None
-        #: output gathered per (consumer, port) before it goes (``output_buffer_rows``)
-        self._gathered: dict[tuple[int, int], list[pa.RecordBatch]] = {}
-        self._gathered_rows: dict[tuple[int, int], int] = {}
-        self._gathered_since = 0.0
 
     # ------------------------------------------------------------------ setup
 
@@ -220,46 +216,12 @@ class StreamTask:
                 self.ch.to_coordinator(("out", self.spec.index, self.epoch, b))
                 self.records_out += b.num_rows
             else:
-                gather = self.spec.output_buffer_rows
                 for route in out.routes():
                     for dest, part in route.route(b):
-                        if gather:
-                            self._gather(dest, route.port, part)
-                        else:
-                            self.ch.send(dest, ("data", self.spec.index, route.port, part))
-
-    def _gather(self, dest: int, port: int, part: pa.RecordBatch) -> None:
-        """Hold ``part`` for consumer ``dest`` until ``output_buffer_rows`` rows are there
-        (fewer, larger messages: each costs a fixed amount to send and to process)."""
-        key = (dest, port)
-        if not self._gathered:
-            self._gathered_since = time.monotonic()
-        self._gathered.setdefault(key, []).append(part)
-        rows = self._gathered_rows.get(key, 0) + part.num_rows
-        self._gathered_rows[key] = rows
-        if rows >= self.spec.output_buffer_rows:
-            self._send_gathered(key)
-
-    def _send_gathered(self, key: tuple[int, int]) -> None:
-        parts = self._gathered.pop(key)
-        del self._gathered_rows[key]
-        if len(parts) > 1:
-            try:
-                parts = pa.Table.from_batches(parts).combine_chunks().to_batches()
-            except (pa.ArrowInvalid, pa.ArrowTypeError):  # schemas differ: one by one
-                pass
-        for part in parts:
-            self.ch.send(key[0], ("data", self.spec.index, key[1], part))
-
-    def _flush_output(self) -> None:
-        """Send every gathered output batch (before a control record, or when it waited
-        ``output_buffer_s``)."""
-        for key in list(self._gathered):
-            self._send_gathered(key)
+                        self.ch.send(dest, ("data", self.spec.index, route.port, part))
 
     def _broadcast(self, msg: tuple) -> None:
         """Send a control record (watermark, end, barrier) to every consumer."""
-        self._flush_output()  # the rows before it go first
         if self.spec.output.kind == "exchange":
             for route in self.spec.output.routes():
                 for c in route.consumers:
@@ -300,9 +262,6 @@ class StreamTask:
             self._broadcast(("wm", self.spec.index, self.watermark, False))
 
     def _tick(self) -> None:
-        if self._gathered and \
-                time.monotonic() - self._gathered_since >= self.spec.output_buffer_s:
-            self._flush_output()
         for k, op in enumerate(self.ops):
             fn = getattr(op, "advance_processing_time", None)
             if fn is not None:
