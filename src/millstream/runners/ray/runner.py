@@ -205,6 +205,10 @@ class RayRunner(Runner):
         node = self._preferred_node(task) if self.locality else None
         if node is not None:
             fn = fn.options(scheduling_strategy=_near(node))
+        else:
+            # no data to be near: spread a stage's tasks over the nodes (as Ray Data does
+            # for reads), instead of Ray's default of filling the driver's node first
+            fn = fn.options(scheduling_strategy="SPREAD")
         try:
             meta, data = fn.remote(task, attempt, env)
         except Exception:
