@@ -112,27 +112,31 @@ def join_requirements(join: Join, required: Required) -> tuple[Required, Require
 
 def condition_columns(join: Join) -> tuple[set[str], set[str]] | None:
     """The columns of each side a join's residual condition reads, which names them as the
-    inner join outputs them (a right column whose name the left has, with the suffix);
-    the left column of such a name is kept too, so the suffix stays. None when a name is
-    unknown or a schema is not known."""
+    inner join outputs them (``JoinLayout.pair_sources``: a right column whose name the left
+    has carries the suffix); the left column of such a name is kept too, so the suffix
+    stays. None when a name or a schema is not known."""
+    from millstream.errors import SchemaError
+    from millstream.ops.join import JoinLayout
+
     left, right = join.left.schema, join.right.schema
     if left is None or right is None:
         return None
-    left_set = set(left.names)
-    shared = {a for a, b in zip(join.left_on, join.right_on) if a == b}
-    right_as = {(n + join.suffix if n in left_set else n): n
-                for n in right.names if n not in shared}
+    try:
+        sources = JoinLayout(left, right, list(join.left_on), list(join.right_on), "inner",
+                             join.suffix).pair_sources
+    except SchemaError:
+        return None
     sides: tuple[set[str], set[str]] = (set(), set())
     for name in join.condition.columns():
-        if name in left_set:
-            sides[LEFT].add(name)
-        elif name in right_as:
-            col = right_as[name]
+        if name not in sources:
+            return None
+        side, col = sources[name]
+        if side == "l":
+            sides[LEFT].add(col)
+        else:
             sides[RIGHT].add(col)
             if col != name:
                 sides[LEFT].add(col)
-        else:
-            return None
     return sides
 
 
