@@ -141,16 +141,13 @@ def join_schema(left: pa.Schema, right: pa.Schema, left_on: Sequence[str],
 
 
 def _common_type(a: pa.DataType, b: pa.DataType, name: str, what: str) -> pa.DataType:
-    if a.equals(b):
-        return a
-    if pa.types.is_null(a) or pa.types.is_null(b):
-        return b if pa.types.is_null(a) else a
-    try:
-        return pa.unify_schemas([pa.schema([("x", a)]), pa.schema([("x", b)])],
-                                promote_options="permissive").field("x").type
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+    from millstream.ops.join.keys import unified_type
+
+    t = unified_type(a, b)
+    if t is None:
         raise SchemaError(f"{what}: key {name!r} is {a} on the left and {b} on the right; "
-                          f"these cannot be compared, cast one side") from exc
+                          f"these cannot be compared, cast one side")
+    return t
 
 
 def stream_join_schema(left: pa.Schema, right: pa.Schema, left_on: Sequence[str],

@@ -39,10 +39,10 @@ def canonical_type(t: pa.DataType) -> pa.DataType:
     return t
 
 
-def common_key_type(a: pa.DataType, b: pa.DataType, left: str, right: str) -> pa.DataType:
-    """The type both sides' key columns are cast to before they are compared (int32 and
-    int64 as int64, int and float as float64, ...); SchemaError when they cannot meet."""
-    a, b = canonical_type(a), canonical_type(b)
+def unified_type(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
+    """The type two key columns meet as (null gives way to the other, then Arrow's
+    permissive promotion: int32 and int64 as int64, int and float as float64, ...); None
+    when they cannot meet."""
     if a.equals(b):
         return a
     if pa.types.is_null(a) or pa.types.is_null(b):
@@ -50,9 +50,19 @@ def common_key_type(a: pa.DataType, b: pa.DataType, left: str, right: str) -> pa
     try:
         return pa.unify_schemas([pa.schema([("x", a)]), pa.schema([("x", b)])],
                                 promote_options="permissive").field("x").type
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return None
+
+
+def common_key_type(a: pa.DataType, b: pa.DataType, left: str, right: str) -> pa.DataType:
+    """The type both sides' key columns are cast to before they are compared;
+    SchemaError when they cannot meet."""
+    a, b = canonical_type(a), canonical_type(b)
+    t = unified_type(a, b)
+    if t is None:
         raise SchemaError(f"join: key {left!r} is {a} on the left and {right!r} is {b} on "
-                          f"the right; cast one side") from exc
+                          f"the right; cast one side")
+    return t
 
 
 def key_column(arr: pa.Array | pa.ChunkedArray, t: pa.DataType) -> pa.Array:

@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from millstream.errors import PlanError, SchemaError
 from millstream.ops.join.index import JoinIndex, pair_chunks
-from millstream.ops.join.keys import common_key_type, key_column
+from millstream.ops.join.keys import common_key_type, key_column, unified_type
 
 #: Join types and their aliases.
 JOIN_TYPES = {"inner": "inner", "left": "left", "right": "right", "outer": "outer",
@@ -92,16 +92,8 @@ class JoinLayout:
     def _coalesced_type(a: pa.DataType, b: pa.DataType, compared: pa.DataType) -> pa.DataType:
         """A coalesced key's type: the two sides' types unified (the compared type when
         they only meet as it, e.g. string and string_view)."""
-        a, b = _decoded(a), _decoded(b)
-        if a.equals(b):
-            return a
-        if pa.types.is_null(a) or pa.types.is_null(b):
-            return b if pa.types.is_null(a) else a
-        try:
-            return pa.unify_schemas([pa.schema([("x", a)]), pa.schema([("x", b)])],
-                                    promote_options="permissive").field("x").type
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
-            return compared
+        t = unified_type(_decoded(a), _decoded(b))
+        return compared if t is None else t
 
 
 def _view_base(t: pa.DataType) -> pa.DataType | None:
