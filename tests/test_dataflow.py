@@ -168,7 +168,7 @@ def test_a_slow_consumer_slows_the_source_down(tmp_path):
         if m["records_in"]:
             lags.append(m["records_in"] - taken)
         time.sleep(0.05)
-    job.await_termination(60)
+    assert job.await_termination(60)
     assert len(job.sink.rows()) == n
     assert len(lags) > 20
     # the consumer takes 50 rows per 20 ms (about 5 s in all); an unbounded inbox would let
@@ -315,7 +315,7 @@ def test_executor_choice_and_errors():
     src = TestSource().close()
     job = src.dataset().start()
     assert job.executor == "inline"  # a test source prefers this process (deterministic)
-    job.await_termination(30)
+    assert job.await_termination(30)
     job = src.dataset().start(executor="parallel")  # and runs in task processes when asked
     assert job.executor == "parallel" and job.await_termination(30)
     with pytest.raises(ms.PlanError, match="executor must be one of"):

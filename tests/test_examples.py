@@ -64,7 +64,7 @@ def test_iot_streaming_example_matches_batch(tmp_path):
     stream = ms.from_generator(iot.reading, count=n, partitions=2)
     job = iot.averages(stream).start(checkpoint=str(tmp_path / "chk"), checkpoint_interval="1s",
                                      sink=str(tmp_path / "out"))
-    job.await_termination(120)
+    assert job.await_termination(120)
     streamed = ms.read_parquet(str(tmp_path / "out")).collect()
     batch = iot.averages(ms.from_items([iot.reading(i) for i in range(n)], num_partitions=3)).collect()
 
