@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import heapq
+import itertools
 import os
 import random
 import re
@@ -69,11 +70,12 @@ def make_sample(directory: str, lines: int = 50_000, seed: int = 7) -> str:
     """Write a reproducible sample corpus and return its path."""
     rng = random.Random(seed)
     vocab = [f"word{i}" for i in range(2000)] + ["the", "of", "and", "a", "to", "in", "Millstream"]
-    weights = [1.0 / (i + 1) for i in range(len(vocab))]
+    cum_weights = list(itertools.accumulate(1.0 / (i + 1) for i in range(len(vocab))))
     path = os.path.join(directory, "sample.txt")
     with open(path, "w", encoding="utf-8") as f:
         for _ in range(lines):
-            f.write(" ".join(rng.choices(vocab, weights, k=rng.randint(3, 15))) + "\n")
+            f.write(" ".join(rng.choices(vocab, cum_weights=cum_weights, k=rng.randint(3, 15)))
+                    + "\n")
     return path
 
 
