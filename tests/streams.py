@@ -28,13 +28,14 @@ from typing import Any
 
 import oracles
 
+from millstream.core import changelog
 from millstream.io import fs as msfs
 from millstream.ops.state.process import KeyedProcessFunction
 from millstream.plan.compile import streaming_settings
 from millstream.plan.optimizer import optimize
 from millstream.runtime.checkpoint import COMPLETE, CheckpointStore
 from millstream.runtime.streaming.layout import scans
-from millstream.testing import TestSource
+from millstream.testing import CollectingSink, TestSource
 from millstream.testing import crash_and_restore as _crash_and_restore
 
 #: How long a paced feed waits for the job to checkpoint an item before it gives up.
@@ -286,3 +287,28 @@ def wait_until(cond: Any, timeout: float = 30.0) -> bool:
             return True
         time.sleep(0.02)
     return cond()
+
+
+class UpsertTable(CollectingSink):
+    """An upsert sink keyed by ``keys``: ``table`` holds the rows by key as committed
+    epochs leave them (``core.changelog.upserts``), as a database table would."""
+
+    changelog_mode = changelog.UPSERT
+
+    def __init__(self, keys: list[str]) -> None:
+        super().__init__()
+        self.upsert_keys = keys
+        self.table: dict[tuple, dict] = {}
+
+    def commit(self, handle: dict[str, Any]) -> None:
+        table = self._staged.get(handle["epoch"])
+        super().commit(handle)
+        if table is None:
+            return
+        ups = changelog.upserts(table, self.upsert_keys)
+        for r, kind in zip(changelog.without_kinds(ups).to_pylist(), changelog.kinds(ups)):
+            key = tuple(r[k] for k in self.upsert_keys)
+            if kind == changelog.DELETE:
+                self.table.pop(key, None)
+            else:
+                self.table[key] = r

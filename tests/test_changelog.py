@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from faults import HeldRows, wait_for
+from streams import UpsertTable
 
 import millstream as ms
 from millstream.core import changelog as C
@@ -463,41 +464,17 @@ def test_operators_and_nodes_agree_on_updates():
     assert L.Aggregate(child, ("k",), ()).emits_updates and not child.emits_updates
 
 
-class _UpsertSink(CollectingSink):
-    """An upsert sink for the test: a dict of rows by key, from ``core.changelog.upserts``."""
-
-    changelog_mode = C.UPSERT
-
-    def __init__(self, keys: list[str]) -> None:
-        super().__init__()
-        self.upsert_keys = keys
-        self.table: dict[tuple, dict] = {}
-
-    def commit(self, handle: dict[str, Any]) -> None:
-        table = self._staged.get(handle["epoch"])
-        super().commit(handle)
-        if table is None:
-            return
-        ups = C.upserts(table, self.upsert_keys)
-        for r, kind in zip(C.without_kinds(ups).to_pylist(), C.kinds(ups)):
-            key = tuple(r[k] for k in self.upsert_keys)
-            if kind == C.DELETE:
-                self.table.pop(key, None)
-            else:
-                self.table[key] = r
-
-
 def test_sinks_declare_what_they_take(tmp_path):
     with pytest.raises(PlanError, match="takes appends only.*changelog=True"):
         _updating().start(sink=str(tmp_path / "out"))
     with pytest.raises(PlanError, match="keyed by \\['s'\\].*keyed by \\['k'\\]"):
-        _updating().start(sink=_UpsertSink(["s"]))
+        _updating().start(sink=UpsertTable(["s"]))
     with pytest.raises(PlanError, match="no key the plan can tell"):
-        _updating().top_n(1, by="s").start(sink=_UpsertSink(["k"]))
+        _updating().top_n(1, by="s").start(sink=UpsertTable(["k"]))
     # an upsert sink keyed by the group keys (or more) gets the last row per key
     items = _events(13, n_items=3)
     for keys in (["k"], ["key", "s"]):
-        sink = _UpsertSink(keys)
+        sink = UpsertTable(keys)
         ds = _source(items).dataset().group_by("k").agg(ms.sum("v").alias("s"))
         if "key" in keys:
             ds = ds.select(key="k", s="s")

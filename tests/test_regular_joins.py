@@ -32,7 +32,7 @@ from regular_cases import (
     to_batch,
     visible_items,
 )
-from streams import filled_source, wait_until
+from streams import UpsertTable, filled_source, wait_until
 
 import millstream as ms
 from millstream.core.changelog import VISIBLE
@@ -566,7 +566,7 @@ def test_sinks_and_steps_that_cannot_take_its_updates_are_refused_at_plan_time(t
         (outer.with_watermark("lt", "0s").window(ms.tumbling("1m"), on="lt")
          .agg(ms.count())).start(checkpoint_interval=0)
     with pytest.raises(PlanError, match="no key the plan can tell"):
-        outer.start(sink=_KeyedSink(["k"]), checkpoint_interval=0)
+        outer.start(sink=UpsertTable(["k"]), checkpoint_interval=0)
     updating = left.group_by("k").agg(ms.count().alias("n"))
     with pytest.raises(PlanError, match=r"takes appends only.*Aggregate"):
         updating.join(right, on="k").start(sink=ms.file_sink(str(tmp_path / "o2")),
@@ -580,9 +580,79 @@ def test_sinks_and_steps_that_cannot_take_its_updates_are_refused_at_plan_time(t
     assert outer._node.emits_updates and outer.to_changelog()._node.emits_updates is False
 
 
-class _KeyedSink(CollectingSink):
-    changelog_mode = "upsert"
+def _counts(items: list, name: str, partitions: int = 2) -> ms.Dataset:
+    schema = LSCHEMA if items is LEFT_ITEMS else RSCHEMA
+    return filled_source(items, partitions, schema).dataset().group_by("k").agg(
+        ms.count().alias(name))
 
-    def __init__(self, keys: list[str]) -> None:
-        super().__init__()
-        self.upsert_keys = keys
+
+def _final_counts(items: list) -> dict:
+    final: dict = {}
+    for r in _all(items):
+        final[r["k"]] = final.get(r["k"], 0) + 1
+    return final
+
+
+@pytest.mark.parametrize("how", ["inner", "left", "right", "outer"])
+def test_a_join_of_two_aggregates_on_their_keys_writes_to_an_upsert_sink(how):
+    """Each side keyed by the join key: the result is keyed by it too (Flink's derived
+    unique key), so an upsert sink keyed by ``k`` takes it and ends with the joined final
+    counts; a null key is a key of its own on an outer side. A full join of two sides
+    with null keys has two rows of key null (null keys never match): refused."""
+    ds = _counts(LEFT_ITEMS, "n").join(_counts(RIGHT_ITEMS, "m", 3), on="k", how=how)
+    sink = UpsertTable(["k"])
+    if how == "outer":
+        with pytest.raises(PlanError, match="no key the plan can tell"):
+            ds.start(sink=sink, checkpoint_interval=0)
+        return
+    job = ds.start(sink=sink, checkpoint_interval=0, parallelism=2)
+    assert job.await_termination(60)
+    lefts, rights = _final_counts(LEFT_ITEMS), _final_counts(RIGHT_ITEMS)
+    want = {}
+    for k, n in lefts.items():
+        if k is not None and k in rights:
+            want[k] = {"k": k, "n": n, "m": rights[k]}
+        elif how in ("left", "outer"):
+            want[k] = {"k": k, "n": n, "m": None}
+    if how in ("right", "outer"):
+        for k, m in rights.items():
+            if k is None or k not in lefts:
+                want[k] = {"k": k, "n": None, "m": m}
+    # null keys never match: an outer side's null-keyed row is its own key
+    got = {key[0]: row for key, row in sink.table.items()}
+    assert bag(got.values()) == bag(want.values())
+
+
+def test_which_join_results_have_a_key_an_upsert_sink_can_use():
+    """The derived key: a side's key held through a join when each of its rows meets at
+    most one row of the other side; both keys together otherwise; nothing without them
+    or where a row's changes could come from two join tasks."""
+    from millstream.plan.updates import upsert_key
+
+    def streams():
+        return (filled_source(LEFT_ITEMS, 1, LSCHEMA, close=False).dataset(),
+                filled_source(RIGHT_ITEMS, 1, RSCHEMA, close=False).dataset())
+
+    left, right = streams()
+    by_k = left.group_by("k").agg(ms.count().alias("n"))
+    by_ky = right.group_by("k", "y").agg(ms.count().alias("m"))
+    by_y = right.group_by("y").agg(ms.max("k").alias("k"))
+    cases = {
+        ("inner", "k", by_k, by_ky): ("k", "y"),       # both keys
+        ("left", "k", by_ky, by_k): ("k", "y"),        # the left's: one right row per k
+        ("left", "k", by_k, by_ky): None,              # a k meets several (k, y) rows
+        ("right", "k", by_ky, by_k): None,
+        ("right", "k", by_k, by_ky): ("k", "y"),
+        ("outer", "k", by_k, by_ky): None,
+        ("semi", "k", by_k, right): ("k",),
+        ("inner", "k", by_k, right): None,             # appends have no key
+        ("inner", "k", by_y, by_k): ("y", "k"),        # with k: one task per key
+        ("left", "k", by_y, by_k): None,               # y's row moves when its k changes
+    }
+    for (how, on, a, b), want in cases.items():
+        node = a.join(b, on=on, how=how)._node
+        assert upsert_key(node) == want, (how, a.columns, b.columns)
+    # a right column that clashes with a left one carries the suffix
+    clash = by_k.join(by_k.select("k", m="n"), on="k").select("k", "n")
+    assert upsert_key(clash._node) == ("k",)
+    assert upsert_key(left.join(right, on="k", how="outer")._node) is None

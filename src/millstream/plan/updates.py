@@ -19,6 +19,7 @@ from millstream.core.changelog import APPEND, UPSERT, sink_mode
 from millstream.errors import PlanError
 from millstream.expr.nodes import Alias, Column
 from millstream.ops.changelog.aggregate import refusal
+from millstream.ops.join import JoinLayout
 from millstream.plan import logical as L
 
 #: What to do instead, by the kind of node that refuses updates.
@@ -101,6 +102,8 @@ def upsert_key(node: L.Node) -> tuple[str, ...] | None:
         return None if schema is None else tuple(schema.names)
     if isinstance(node, L.TopN):
         return (*node.per, node.rank_column) if node.rank_column else None
+    if isinstance(node, L.Join):
+        return _join_key(node)
     if isinstance(node, (L.Filter, L.FilterRows, L.WithWatermark)):
         return upsert_key(node.child)
     if isinstance(node, (L.WithColumns, L.Drop)):
@@ -121,6 +124,58 @@ def upsert_key(node: L.Node) -> tuple[str, ...] | None:
             if isinstance(inner, Column):
                 kept.setdefault(inner.name, e.output_name)
         return tuple(kept[k] for k in key) if all(k in kept for k in key) else None
+    return None
+
+
+def _join_key(node: L.Join) -> tuple[str, ...] | None:
+    """A regular stream join's result key, from its inputs' keys (as Flink derives unique
+    keys): a side's key stays a key when each of its rows meets at most one row of the
+    other side (the other's key lies within its join keys), or the two keys together.
+
+    Only keys that hold the side's join keys count: the changes of one result row then
+    all come from one join task (a row whose join key changed would otherwise have its
+    -U and +U on two tasks, applied by the sink in either order). Outer sides' keys count
+    only where they cannot be null: the left's in a left join, the right's in a right
+    join, the same-named (coalesced) join keys of a full join of two sides unique on them
+    when one side's keys cannot be null (a null key on both sides makes two padded rows).
+    """
+    lschema, rschema = node.left.schema, node.right.schema
+    if not node.joins_streams() or lschema is None or rschema is None:
+        return None
+    lkey, rkey = upsert_key(node.left), upsert_key(node.right)
+    layout = JoinLayout(lschema, rschema, list(node.left_on), list(node.right_on), node.how,
+                        node.suffix)
+    names: dict[tuple[str, str], str] = {}  # (side, input column) -> its output column
+    for f, side, src in layout.columns:
+        if side == "k":  # a coalesced same-named key
+            names["l", node.left_on[src]] = names["r", node.right_on[src]] = f.name
+        else:
+            names[side, src] = f.name
+    for lk, rk in zip(node.left_on, node.right_on):  # a same-named key kept once (inner)
+        if ("l", lk) in names:
+            names.setdefault(("r", rk), names["l", lk])
+
+    def out(*keys: tuple[str, tuple[str, ...] | None]) -> tuple[str, ...] | None:
+        cols = [names.get((side, c)) for side, key in keys for c in key or ()]
+        return None if None in cols else tuple(dict.fromkeys(cols))  # type: ignore[arg-type]
+
+    lheld = lkey is not None and set(node.left_on) <= set(lkey)
+    rheld = rkey is not None and set(node.right_on) <= set(rkey)
+    lone = rkey is not None and set(rkey) <= set(node.right_on)  # a left row meets <= 1 row
+    rone = lkey is not None and set(lkey) <= set(node.left_on)
+    how = node.how
+    if how in ("semi", "anti"):
+        return out(("l", lkey)) if lheld else None
+    if how in ("inner", "left") and lheld and lone:
+        return out(("l", lkey))
+    if how in ("inner", "right") and rheld and rone:
+        return out(("r", rkey))
+    if how == "inner" and (lheld or rheld) and lkey is not None and rkey is not None:
+        return out(("l", lkey), ("r", rkey))
+    if how == "outer" and lheld and rheld and lone and rone and node.left_on == node.right_on \
+            and (not any(lschema.field(k).nullable for k in node.left_on)
+                 or not any(rschema.field(k).nullable for k in node.right_on)):
+        return out(("l", lkey))  # (null keys never match: two padded rows of a null key)
     return None
 
 
@@ -154,8 +209,9 @@ def check_sink(node: L.Node, sink: Any) -> None:
         if key is None:
             raise PlanError(f"the upsert sink {name} is keyed by {list(keys)}, but {what} "
                             f"and its rows have no key the plan can tell (an aggregate's group "
-                            f"keys, drop_duplicates' subset, top_n's groups and rank): write "
-                            f"it to a sink that takes retractions instead")
+                            f"keys, drop_duplicates' subset, top_n's groups and rank, a join's "
+                            f"sides' keys when they hold the join keys): write it to a sink "
+                            f"that takes retractions instead")
         if not set(key) <= set(keys):
             raise PlanError(f"the upsert sink {name} is keyed by {list(keys)}, but the "
                             f"result's rows are keyed by {list(key)} ({src.label()}): two "
