@@ -11,6 +11,7 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
+from streams import wait_until
 
 import millstream as ms
 from millstream.testing import TestSource
@@ -273,3 +274,55 @@ def test_streams_refuse_what_needs_an_end_with_a_clear_error():
     with pytest.raises(ms.SQLError, match="the time column is given as DESCRIPTOR"):
         ms.sql("select * from table(tumble(table bids, ts, interval '1' second))",
                bids=stream())
+
+
+def test_set_state_ttl_bounds_the_regular_joins_of_later_queries():
+    """``SET state_ttl`` (Flink's ``table.exec.state.ttl``): the regular stream joins of
+    later queries drop rows that arrived longer ago (processing time here, as neither
+    input has a watermark); RESET takes it back; bounded joins are left alone."""
+    from millstream.core.time import VirtualClock
+
+    lschema = pa.schema([("k", pa.string()), ("x", pa.int64())])
+    rschema = pa.schema([("k", pa.string()), ("y", pa.int64())])
+    q = "SELECT l.k, l.x, r.y FROM l JOIN r ON l.k = r.k"
+    try:
+        assert ms.sql("SET state_ttl = '10s'") is None
+        left, right = TestSource(schema=lschema), TestSource(schema=rschema)
+        ds = ms.sql(q, l=left.dataset(), r=right.dataset())
+        assert "state_ttl=10s" in ds.explain(print_plan=False)
+        bounded = ms.sql(q, l=pa.table({"k": ["a"], "x": [1]}),
+                         r=pa.table({"k": ["a"], "y": [2]}))
+        assert "state_ttl" not in bounded.explain(print_plan=False)
+        clock = VirtualClock(1_000_000)
+        job = ds.start(checkpoint_interval=0, clock=clock, executor="inline")
+        left.add([{"k": "a", "x": 1}])
+        right.add([{"k": "a", "y": 1}])
+        assert wait_until(lambda: len(job.sink.rows()) == 1)
+        clock.advance(11_000_000)
+        right.add([{"k": "a", "y": 2}])                 # x=1 expired
+        left.add([{"k": "a", "x": 3}])                  # meets y=2 only
+        assert wait_until(lambda: len(job.sink.rows()) == 2)
+        left.close()
+        right.close()
+        assert job.await_termination(30)
+        assert sorted((r["x"], r["y"]) for r in job.sink.rows()) == [(1, 1), (3, 2)]
+        # Flink's name and units; a number is milliseconds, as there
+        ms.sql("SET 'table.exec.state.ttl' = '2 h'")
+        again = ms.sql(q, l=TestSource(schema=lschema).dataset(),
+                       r=TestSource(schema=rschema).dataset())
+        assert "state_ttl=2h" in again.explain(print_plan=False)
+        ms.sql("SET state_ttl = 90000")
+        assert "state_ttl=90s" in ms.sql(q, l=TestSource(schema=lschema).dataset(),
+                                          r=TestSource(schema=rschema).dataset()).explain(
+            print_plan=False)
+        ms.sql("RESET state_ttl")
+        plain = ms.sql(q, l=TestSource(schema=lschema).dataset(),
+                       r=TestSource(schema=rschema).dataset())
+        assert "state_ttl" not in plain.explain(print_plan=False)
+        with pytest.raises(ms.SQLError, match="unknown setting 'nope'.*state_ttl"):
+            ms.sql("SET nope = '1h'")
+        with pytest.raises(ms.SQLError, match="cannot read the duration 'soon'"):
+            ms.sql("SET state_ttl = 'soon'")
+    finally:
+        ms.sql("RESET")
+

@@ -53,7 +53,13 @@ def test_parse_duration():
     assert parse_duration("250us") == 250
     assert parse_duration(dt.timedelta(minutes=2, microseconds=3)) == 120_000_003
     assert parse_duration(42) == 42
-    for bad in ("5", "s", "5 parsecs", "1mo", "-5s", -1, 1.5, None, True, "5s garbage"):
+    # the unit names Flink's and SQL's durations use
+    assert parse_duration("30 min") == parse_duration("30 minutes") == 1_800_000_000
+    assert parse_duration("1 hour") == parse_duration("2 hours") // 2 == 3_600_000_000
+    assert parse_duration("1 d") == parse_duration("1 day") == 86_400_000_000
+    assert parse_duration("10 secs") == parse_duration("10 seconds") == 10_000_000
+    assert parse_duration("3 milliseconds") == 3_000 and parse_duration("2 weeks") == 2 * 604_800_000_000
+    for bad in ("5", "s", "5 parsecs", "5 hourss", "1 mss", "1mo", "-5s", -1, 1.5, None, True, "5s garbage"):
         with pytest.raises(PlanError):
             parse_duration(bad)
 

@@ -15,7 +15,17 @@ _UNIT_MICROS = {
     "min": 60_000_000, "h": 3_600_000_000, "hr": 3_600_000_000, "d": 86_400_000_000,
     "w": 604_800_000_000,
 }
-_PART_RE = re.compile(r"\s*(\d+(?:\.\d*)?)\s*(us|µs|ms|sec|s|min|m|hr|h|d|w)\s*")
+#: the words Flink's and SQL's durations use ("30 min", "1 hour", "2 days")
+_UNIT_WORDS = {"microsecond": "us", "millisecond": "ms", "second": "s", "minute": "m",
+               "hour": "h", "day": "d", "week": "w"}
+_PART_RE = re.compile(r"\s*(\d+(?:\.\d*)?)\s*(microseconds?|milliseconds?|seconds?|minutes?|"
+                      r"hours?|days?|weeks?|secs?|mins?|hrs?|us|µs|ms|s|m|h|d|w)\s*")
+
+
+def _unit(word: str) -> int:
+    """Microseconds per ``word`` (a unit, its name, its plural)."""
+    word = _UNIT_WORDS.get(word.rstrip("s"), word)
+    return _UNIT_MICROS[word if word in _UNIT_MICROS else word.rstrip("s")]
 
 
 def parse_duration(value: str | int | _dt.timedelta, what: str = "duration") -> int:
@@ -33,7 +43,7 @@ def parse_duration(value: str | int | _dt.timedelta, what: str = "duration") -> 
             m = _PART_RE.match(text, pos)
             if not m:
                 break
-            micros += float(m.group(1)) * _UNIT_MICROS[m.group(2)]
+            micros += float(m.group(1)) * _unit(m.group(2))
             pos, matched = m.end(), True
         if not matched or pos != len(text):
             raise PlanError(f"{what}: cannot read the duration {value!r}; use e.g. '500ms', "

@@ -57,6 +57,8 @@ class Catalog:
         self._lock = threading.Lock()
         self.tables: dict[str, tuple[str, Any]] = {}
         self.functions: dict[str, Function] = {}
+        #: what SQL's SET statements set (``state_ttl``: µs), for the process
+        self.settings: dict[str, Any] = {}
 
     def register(self, name: str, data: Any) -> None:
         if not isinstance(name, str) or not name:

@@ -12,6 +12,7 @@ line of the statement with a caret under the offending token.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 
@@ -166,6 +167,19 @@ def _unterminated_quote(sql: str) -> int | None:
     return None
 
 
+class _SqlglotWarnings:
+    """Holds back sqlglot's "falling back to parsing as a Command" warnings while parsing
+    (such a statement is RESET or an unsupported one, with an SQLError of its own)."""
+
+    def __enter__(self) -> None:
+        self.logger = logging.getLogger("sqlglot")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.setLevel(self.level)
+
+
 def parse(sql: str, dialect: str | None = None) -> list[exp.Expr]:
     """The statements of ``sql`` (empty ones left out); SQLError with the place of a
     syntax error."""
@@ -179,8 +193,10 @@ def parse(sql: str, dialect: str | None = None) -> list[exp.Expr]:
             raise text.error("syntax error: a quoted string or name is never closed",
                              at) from None
         raise text.error(f"syntax error: {exc}", exc.end) from None
+    quiet = _SqlglotWarnings()  # a statement it reads as a Command gets our own error
     try:
-        statements = d.parser(error_level=ErrorLevel.RAISE).parse(tokens, sql)
+        with quiet:
+            statements = d.parser(error_level=ErrorLevel.RAISE).parse(tokens, sql)
     except ParseError as exc:
         info = exc.errors[0] if exc.errors else {}
         description = info.get("description") or str(exc).splitlines()[0]

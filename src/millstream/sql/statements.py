@@ -1,11 +1,12 @@
 """SQL statements: queries (a lazy Dataset), EXPLAIN, CREATE [TEMP] VIEW, DROP VIEW,
-``COPY (query) TO 'uri' (FORMAT parquet)`` and ``INSERT INTO`` a table registered by
-path; and the public functions ``ms.sql``, ``ms.register``, ``ms.unregister``,
+``COPY (query) TO 'uri' (FORMAT parquet)``, ``INSERT INTO`` a table registered by path,
+``SET name = value`` and ``RESET [name]`` (:data:`SETTINGS`); and the public functions ``ms.sql``, ``ms.register``, ``ms.unregister``,
 ``ms.register_function``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import re
 from collections.abc import Callable
@@ -16,6 +17,8 @@ from sqlglot import exp
 
 from millstream.api.dataset import Dataset
 from millstream.api.readers import from_arrow
+from millstream.api.stream_join import join_state_ttl
+from millstream.core.units import format_duration, parse_duration
 from millstream.errors import PlanError, SchemaError, SQLError
 from millstream.expr.nodes import Column
 from millstream.expr.types import parse_type
@@ -58,10 +61,92 @@ def sql(query: str, dialect: str | None = None, **tables: Any) -> Dataset | None
     return result
 
 
+#: What ``SET name = value`` sets (Flink's configuration names too), for the process:
+#: ``state_ttl``, Flink's ``table.exec.state.ttl``: the state time-to-live of the regular
+#: joins of two streams in later queries ('1h', '30 min', INTERVAL '1' HOUR, a number of
+#: milliseconds as in Flink; 0 or NULL: rows kept for ever).
+SETTINGS = {"state_ttl": "state_ttl", "table.exec.state.ttl": "state_ttl"}
+
+
+def _setting(env: Env, node: exp.Expr) -> str:
+    if isinstance(node, exp.Column):
+        name = ".".join(p.name for p in node.parts)
+    elif isinstance(node, (exp.Literal, exp.Identifier, exp.Var)):
+        name = node.name
+    else:
+        raise env.error("SET takes a setting's name", node)
+    key = SETTINGS.get(name.lower())
+    if key is None:
+        raise env.error(f"unknown setting {name!r}; settings are {sorted(SETTINGS)}", node)
+    return key
+
+
+def _set(env: Env, stmt: exp.Set) -> None:
+    """``SET state_ttl = '1h'``: the value checked now, used by later queries."""
+    for item in stmt.expressions:
+        eq = item.this
+        if not isinstance(eq, exp.EQ):
+            raise env.error("SET takes name = value", item)
+        key, value = _setting(env, eq.this), eq.expression
+        if isinstance(value, exp.Null):
+            env.catalog.settings.pop(key, None)
+            continue
+        if isinstance(value, exp.Neg):
+            raise env.error(f"{key} must not be negative", value)
+        if isinstance(value, exp.Interval):
+            text = f"{value.this.name} {value.unit.name if value.unit else ''}".strip()
+        elif isinstance(value, exp.Literal):
+            text = value.name if value.is_string else f"{value.name}ms"  # Flink: ms
+        else:
+            raise env.error(f"{key} takes a duration such as '1h' or INTERVAL '1' HOUR",
+                            value)
+        try:
+            micros = parse_duration(text, key)
+        except PlanError as exc:
+            raise env.error(str(exc), value) from None
+        if micros:
+            env.catalog.settings[key] = micros
+        else:
+            env.catalog.settings.pop(key, None)
+
+
+def _reset(env: Env, stmt: exp.Command) -> None:
+    """``RESET name`` (or ``RESET``: every setting) back to its default."""
+    arg = stmt.expression
+    name = (arg.name if isinstance(arg, exp.Expr) else str(arg or "")).strip().strip("'\"")
+    if not name:
+        env.catalog.settings.clear()
+        return
+    key = SETTINGS.get(name.lower())
+    if key is None:
+        raise env.error(f"unknown setting {name!r}; settings are {sorted(SETTINGS)}", stmt)
+    env.catalog.settings.pop(key, None)
+
+
+def _with_settings(env: Env, node: L.Node) -> L.Node:
+    """``node`` with the SET values applied: the state TTL on regular stream joins that
+    have none."""
+    ttl = env.catalog.settings.get("state_ttl")
+    if not ttl:
+        return node
+
+    def apply(n: L.Node) -> L.Node:
+        if isinstance(n, L.Join) and n.state_ttl is None and n.joins_streams():
+            micros, times = join_state_ttl(n.left, n.right, format_duration(ttl))
+            return dataclasses.replace(n, state_ttl=micros, time_columns=times)
+        return n
+
+    return node.transform_up(apply)
+
+
 def _statement(env: Env, stmt: exp.Expr, tables: dict[str, Any], explain: bool
                ) -> Dataset | None:
+    if isinstance(stmt, exp.Command) and stmt.name.upper() == "RESET" and not explain:
+        return _reset(env, stmt)
     if isinstance(stmt, exp.Command):
         raise env.error(f"unsupported statement {stmt.name.upper()}", stmt)
+    if isinstance(stmt, exp.Set) and not explain:
+        return _set(env, stmt)
     if explain:
         if not isinstance(stmt, exp.Query):
             raise env.error("EXPLAIN takes a query", stmt)
@@ -95,7 +180,7 @@ def relation_node(rel: Relation) -> L.Node:
 def query_dataset(env: Env, q: exp.Expr, tables: dict[str, Any]) -> Dataset:
     """A query's lazy Dataset."""
     rel = Planner(env, tables).query(q)
-    node = relation_node(rel)
+    node = _with_settings(env, relation_node(rel))
     try:
         return Dataset(node)
     except SchemaError as exc:

@@ -7,8 +7,8 @@ windows); as an interval join when the condition bounds one side's time by the o
 (``a.ts BETWEEN b.ts - INTERVAL '5' MINUTE AND b.ts + INTERVAL '10' MINUTE``); and a join on
 keys alone (inner, left, right, full) as a regular join of two streams (``L.Join``, run
 by ``ops/stream_join/regular.py``: both sides kept for the job's life, as Flink's regular
-join without state TTL; outer ones emit updates, so the sink must take them). SQL has no
-way to give the join a state TTL in this version (``Dataset.join(state_ttl=...)`` does).
+join; outer ones emit updates, so the sink must take them); ``SET state_ttl = '1h'``
+gives the regular joins of later queries a state TTL (``sql/statements.py``).
 """
 
 from __future__ import annotations
