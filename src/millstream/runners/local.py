@@ -162,10 +162,12 @@ class LocalRunner(Runner):
                 _short_socket_dir()
                 ctx = mp.get_context("forkserver")
                 # pyarrow imports pandas (when installed) on its first to_numpy(): import it
-                # once in the fork server rather than in every worker
+                # once in the fork server rather than in every worker; likewise Acero,
+                # which every aggregation and join loads
                 ctx.set_forkserver_preload([
                     "millstream.runtime.task", "millstream.runtime.streaming.slot",
-                    "millstream.runners.local_stream", "pyarrow", "cloudpickle", "pandas"])
+                    "millstream.runners.local_stream", "pyarrow", "cloudpickle", "pandas",
+                    "pyarrow.acero"])
             except ValueError:  # pragma: no cover - platforms without forkserver
                 ctx = mp.get_context("spawn")
             self._context = ctx
