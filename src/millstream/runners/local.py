@@ -64,7 +64,7 @@ def _worker_main(conn: Connection, env: dict[str, str]) -> None:
     """Worker process loop: receive (attempt, task bytes), run, send the outcome."""
     os.environ.update(env)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    release_memory_promptly()
+    _batch_memory_pool()
     while True:
         try:
             msg = conn.recv_bytes()
@@ -89,6 +89,19 @@ def _worker_main(conn: Connection, env: dict[str, str]) -> None:
             conn.send_bytes(data)
         except (BrokenPipeError, OSError):
             return
+
+
+def _batch_memory_pool() -> None:
+    """Arrow's mimalloc pool for a batch worker when pyarrow has it: it reuses freed pages
+    at once and returns idle ones within milliseconds, where jemalloc, even with decay,
+    unmaps every large buffer on free (each kernel's output then page-faults afresh:
+    casting 2.5M values took twice as long, word count's kernels a sixth longer)."""
+    import pyarrow as pa
+
+    try:
+        pa.set_memory_pool(pa.mimalloc_memory_pool())
+    except Exception:  # noqa: BLE001 - pyarrow built without mimalloc
+        release_memory_promptly()
 
 
 def _send_progress(conn: Connection, rows: int, nbytes: int) -> None:
