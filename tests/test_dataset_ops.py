@@ -1127,6 +1127,20 @@ def test_string_hash_values_do_not_change(case):
     assert [int(h) for h in got] == want
 
 
+@pytest.mark.parametrize("num_partitions", [3, 300, 70000])
+def test_split_by_partition_keeps_row_order_within_partitions(num_partitions):
+    from millstream.core.hashing import split_by_partition
+
+    rng = np.random.default_rng(num_partitions)
+    n = 50_000
+    pids = rng.integers(0, num_partitions, n)
+    batch = pa.record_batch({"row": np.arange(n)})
+    parts = split_by_partition(batch, pids, num_partitions)
+    assert [p for p, _ in parts] == sorted(set(pids.tolist()))
+    for p, part in parts:
+        assert part.column(0).to_numpy().tolist() == np.flatnonzero(pids == p).tolist()
+
+
 def test_join_and_distinct_on_long_string_keys():
     rnd = random.Random(21)
     keys = ["ключ-" + "x" * rnd.randrange(50, 200) + str(i % 3000) for i in range(20000)]
