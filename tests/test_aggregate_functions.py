@@ -402,3 +402,21 @@ def test_std_and_var_of_a_group_with_nan_or_infinity_are_nan_as_numpy():
             ms.std("v").alias("s"), ms.var("v", ddof=0).alias("p")).collect()}
         assert math.isnan(got[1]["s"]) and math.isnan(got[1]["p"])
         assert got[2]["p"] == pytest.approx(np.var([0.0, 1.0, 2.0, 3.0]))
+
+
+def test_mean_of_integers_sums_them_exactly():
+    # integer partial sums are exact, then cast: 2**53 + 1 + 1 is not rounded to 2**53 on
+    # the way (summed as floats, each + 1 is lost); values whose sum could overflow int64
+    # are summed as floats, as before
+    t = pa.table({"k": [1, 1, 1, 2, 2, 3, 3], "v": pa.array([2**53, 1, 1, 7, None, -5, 4], pa.int64()),
+                  "w": pa.array([1, 2, 3, 4, 5, 6, 7], pa.int32())})
+    got = {r["k"]: r for r in ms.from_arrow(t, num_partitions=2).group_by("k")
+           .agg(ms.mean("v").alias("v"), ms.mean("w").alias("w")).collect()}
+    assert got[1]["v"] == (2**53 + 2) / 3 and got[2]["v"] == 7.0 and got[3]["v"] == -0.5
+    assert [got[k]["w"] for k in (1, 2, 3)] == [2.0, 4.5, 6.5]
+    core = _AggCore(["k"], [AggSpec("mean", ms.col("v"), "v")])
+    big = pa.table({"k": [1, 1], "v": pa.array([2**40, 3 * 2**40], pa.int64())})
+    many = pa.concat_tables([big] * 5000)  # 10,000 rows x 3 * 2**40 > 2**53: float sums
+    states = core.partial(many)
+    assert states.schema.field(core.state_cols[0][0]).type == pa.float64()
+    assert core.finalize(core.merge(states)).column("v").to_pylist() == [2.0 * 2**40]

@@ -1088,6 +1088,59 @@ def test_hash_is_by_value_whatever_the_layout(runner):
     assert len(hash_columns([arr, pa.array(range(len(arr)))], len(arr))) == len(arr)
 
 
+def _reference_string_hash(value: bytes | None) -> int:
+    """The string hash, one byte at a time: sum of (byte + 1) * weight[pos % 64] *
+    (1 + pos // 64), xor length * M2, splitmix64-finalized (all modulo 2**64)."""
+    from millstream.core.hashing import _M1, _M2, _NULL_HASH, _positions
+
+    mask = (1 << 64) - 1
+    if value is None:
+        return int(_NULL_HASH)
+    weights = [int(w) for w in _positions()]
+    if value:
+        x = sum((b + 1) * weights[p % 64] * (1 + p // 64) for p, b in enumerate(value)) & mask
+        x ^= (len(value) * int(_M2)) & mask
+    else:
+        x = 0
+    x ^= x >> 30
+    x = (x * int(_M1)) & mask
+    x ^= x >> 27
+    x = (x * int(_M2)) & mask
+    return x ^ (x >> 31)
+
+
+@pytest.mark.parametrize("case", ["ids", "words", "long", "repeated", "empty"])
+def test_string_hash_values_do_not_change(case):
+    # shuffles place keys by these values in every process: each way of computing them
+    # (uniform short keys, mixed lengths, long strings, through a dictionary) gives the same
+    rnd = random.Random(5)
+    values = {
+        "ids": [f"id{rnd.randrange(10**9):010d}" for _ in range(3000)],
+        "words": ["".join(rnd.choice("abcé日 ") for _ in range(rnd.randrange(1, 20)))
+                  for _ in range(3000)],
+        "long": ["x" * rnd.randrange(60, 150) + str(i) for i in range(500)],
+        "repeated": [rnd.choice(["a", "bb", "ccc", None]) for _ in range(3000)],
+        "empty": ["", None, "", "a"] * 100,
+    }[case]
+    got = hash_array(pa.array(values, pa.string()))
+    want = [_reference_string_hash(None if v is None else v.encode()) for v in values]
+    assert [int(h) for h in got] == want
+
+
+@pytest.mark.parametrize("num_partitions", [3, 300, 70000])
+def test_split_by_partition_keeps_row_order_within_partitions(num_partitions):
+    from millstream.core.hashing import split_by_partition
+
+    rng = np.random.default_rng(num_partitions)
+    n = 50_000
+    pids = rng.integers(0, num_partitions, n)
+    batch = pa.record_batch({"row": np.arange(n)})
+    parts = split_by_partition(batch, pids, num_partitions)
+    assert [p for p, _ in parts] == sorted(set(pids.tolist()))
+    for p, part in parts:
+        assert part.column(0).to_numpy().tolist() == np.flatnonzero(pids == p).tolist()
+
+
 def test_join_and_distinct_on_long_string_keys():
     rnd = random.Random(21)
     keys = ["ключ-" + "x" * rnd.randrange(50, 200) + str(i % 3000) for i in range(20000)]

@@ -93,3 +93,36 @@ def test_lazy_names_stay_the_public_functions():
         print(MapReduceJob.__name__, register.__name__, "sql" in dir(ms))
     """)
     assert out.split("\n")[:2] == ["True [{'x': 1}]", "MapReduceJob register True"]
+
+
+def test_job_on_workers_imports_no_pandas_in_the_driver(tmp_path):
+    # the workers have pandas; the driver needs it only for what the job yields
+    (tmp_path / "words.txt").write_text("a b\nb c c\n" * 500)
+    out = run_python(f"""
+        import sys
+        import millstream as ms
+        ms.init(parallelism=2, driver_input_limit=0)
+        ds = ms.range(1000, num_partitions=4).with_columns((ms.col("id") % 7).alias("k"))
+        print(sorted(ds.group_by("k").agg(ms.count().alias("n")).collect(),
+                     key=lambda r: r["k"])[0])
+        words = (ms.read_text({str(tmp_path / "words.txt")!r}, split_size=1000)
+                 .select(ms.col("text").str.split().alias("w")).explode("w")
+                 .group_by("w").agg(ms.count().alias("n")))
+        print(sorted((r["w"], r["n"]) for r in words.collect()))
+        print("pandas" in sys.modules)
+        ms.shutdown()
+    """)
+    assert out.split("\n")[:3] == ["{'k': 0, 'n': 143}",
+                                   "[('a', 500), ('b', 1000), ('c', 1000)]", "False"]
+
+
+def test_nanosecond_timestamps_collect_as_with_pandas_from_workers():
+    out = run_python("""
+        import pyarrow as pa
+        import millstream as ms
+        ms.init(parallelism=2, driver_input_limit=0)
+        t = pa.table({"ts": pa.array([1_000_000_001, 2], pa.timestamp("ns"))})
+        print(type(ms.from_arrow(t).repartition(2).collect()[0]["ts"]).__name__)
+        ms.shutdown()
+    """)
+    assert out.strip() == "Timestamp"

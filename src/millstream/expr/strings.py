@@ -23,8 +23,8 @@ if TYPE_CHECKING:
 # separators \x1c-\x1f (Python's split() splits on all of these, Arrow's ASCII kernel not)
 _UNICODE_SPACES = tuple(chr(c).encode() for c in (
     0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028, 0x2029, 0x202F, 0x205F, 0x3000))
-_NOT_SUSPECT = bytes(b for b in range(256) if b not in (0x1C, 0x1D, 0x1E, 0x1F, 0xC2, 0xE1,
-                                                          0xE2, 0xE3))
+_SEPARATORS = (b"\x1c", b"\x1d", b"\x1e", b"\x1f")
+_LEAD_BYTES = (b"\xc2", b"\xe1", b"\xe2", b"\xe3")
 
 
 def _only_ascii_spaces(arr: pa.Array) -> bool:
@@ -40,11 +40,11 @@ def _only_ascii_spaces(arr: pa.Array) -> bool:
     if data is None or hi == lo:
         return True
     raw = data.to_pybytes()[lo:hi] if (lo or hi != data.size) else data.to_pybytes()
-    suspects = raw.translate(None, _NOT_SUSPECT)  # one C pass: only the suspect bytes stay
-    if not suspects:
+    # byte searches run at memchr speed: twice as fast as one translate() pass
+    if any(sep in raw for sep in _SEPARATORS):
+        return False
+    if not any(lead in raw for lead in _LEAD_BYTES):
         return True
-    if suspects.translate(None, b"\xc2\xe1\xe2\xe3"):
-        return False  # \x1c-\x1f
     return not any(seq in raw for seq in _UNICODE_SPACES)
 
 

@@ -116,6 +116,21 @@ def drop_nulls_per_list(lists: pa.Array) -> pa.Array:
 
 
 
+def _int_sum_is_exact(arr: pa.Array | pa.ChunkedArray) -> bool:
+    """Whether integers sum in int64 without overflow whatever the grouping (rows times the
+    largest magnitude stays below 2**63): a mean's partial sums are then taken over the
+    integers and cast after, not every value cast to float64 first (a pass and a copy of
+    the column; the sums are exact before the cast, not rounded as they accumulate)."""
+    t = arr.type
+    if not (pa.types.is_signed_integer(t) or t in (pa.uint8(), pa.uint16(), pa.uint32())):
+        return False
+    if len(arr) == arr.null_count:
+        return False
+    mm = pc.min_max(arr)
+    lo, hi = mm["min"].as_py(), mm["max"].as_py()
+    return max(abs(lo), abs(hi)) * len(arr) < 2**63
+
+
 def _kernel(func: str, arr_type: pa.DataType) -> str:
     # Arrow has no hash_first/hash_last/hash_one for the null type (all values null); min
     # gives the same null. any_value is Arrow's "one": a non-null value when the group has one.
@@ -181,6 +196,7 @@ class _AggCore:
         null_distinct: list[str] = []  # count_distinct states of all-null (null-typed) inputs
         from_acero: list[int] = []  # StateAggs whose partial states Arrow computes
         segments: list[int] = []  # StateAggs computed over their groups' rows
+        int_means: list[str] = []  # mean states whose sums Arrow took over integers
         for i, spec in enumerate(self.specs):
             arg = f"__a{i}"
             st = self.state_cols[i]
@@ -201,7 +217,10 @@ class _AggCore:
                     if not (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type)
                             or pa.types.is_decimal(arr.type) or pa.types.is_null(arr.type)):
                         raise SchemaError(f"mean({spec.name}): column type {arr.type} is not numeric")
-                    arr = arr.cast(pa.float64())
+                    if _int_sum_is_exact(arr):
+                        int_means.append(st[0])  # summed as integers, the sums cast below
+                    else:
+                        arr = arr.cast(pa.float64())
                 impl = STATE_AGGS.get(spec.func)
                 if impl is not None:
                     arr = impl.prepare(arr, spec)
@@ -253,6 +272,9 @@ class _AggCore:
             cols["__x"] = pa.nulls(table.num_rows, pa.int8())
         grouped = _group(pa.table(cols), self.keys, aggs)
         out = self._arrange(grouped, out_names)
+        for name in int_means:
+            i = out.schema.get_field_index(name)
+            out = out.set_column(i, name, pc.cast(out.column(i), pa.float64(), safe=False))
         for name in null_distinct:
             empty = pa.ListArray.from_arrays(pa.array(np.zeros(out.num_rows + 1, dtype=np.int32)),
                                              pa.array([], pa.null()))

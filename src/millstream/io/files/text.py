@@ -22,6 +22,9 @@ class TextSource(LineFileSource):
     """Lines of text files: column ``text`` (and ``path``, ``offset`` with ``with_offsets``)."""
 
     name = "text"
+    #: reading lines calls no function of the user's (a job of the engine's own operators on
+    #: text needs no pandas in the driver: ``core.lazy_pandas``)
+    runs_user_code = False
 
     def __init__(self, uri: str | Sequence[str], encoding: str = "utf-8",
                  split_size: int | None = None, *, with_offsets: bool = False,
