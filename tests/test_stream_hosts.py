@@ -1,5 +1,4 @@
-"""The parallel executor's task-slot hosts on this machine: what a forked host holds, and
-output that a task gathers for its consumers reaching them while the task is idle."""
+"""The parallel executor's task-slot hosts on this machine: what a forked host holds."""
 
 from __future__ import annotations
 
@@ -50,17 +49,3 @@ def test_a_pipe_between_two_slots_is_open_in_those_two_hosts_only():
     finally:
         job.stop()
 
-
-def test_gathered_output_of_an_idle_task_reaches_its_consumer():
-    """A few rows, then nothing (no watermark, no checkpoint, no end of input): the rows a
-    parallel source task gathered for the keyed exchange still go on, after
-    ``max_batch_delay`` (the first checkpoint is an hour away)."""
-    src = TestSource(partitions=2)
-    src.add([{"k": "a", "v": 1}, {"k": "b", "v": 2}, {"k": "c", "v": 3}], partition=0)
-    job = (src.dataset().group_by("k").agg(ms.sum("v").alias("s"))
-           .start(executor="parallel", parallelism=2, sink=CollectingSink(),
-                  checkpoint_interval="1h", max_batch_delay="20ms"))
-    try:
-        wait_for(lambda: job.metrics()["records_out"] >= 3, 60, "the three rows at the sink")
-    finally:
-        job.stop()

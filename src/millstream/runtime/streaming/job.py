@@ -101,9 +101,9 @@ class StreamingJob:
     acknowledged by every task in this time counts as a failure), ``key_groups`` (the
     maximum parallelism of keyed state, fixed by the first checkpoint),
     ``max_batch_records`` and ``poll_timeout`` (source reads), ``max_batch_delay`` (how long
-    rows may wait in a source read, a task's output, a watermark in a task, or an idle slot
-    before going on: lower trades throughput for latency; default 20 ms), ``stop_at_end``
-    (an unbounded source ends once caught up).
+    rows may wait in a source read, a watermark in a task, or an idle slot before going on:
+    lower trades throughput for latency; default 20 ms), ``stop_at_end`` (an unbounded
+    source ends once caught up).
     """
 
     def __init__(self, node: L.Node, checkpoint: str | None = None,
@@ -339,11 +339,6 @@ class StreamingJob:
                           "spill_dir": os.path.join(run_dir, f"task-{c.index:04d}")},
                 checkpoint=self._checkpoint_location,
                 watermark_interval_s=0.0 if inline else min(0.02, self.max_batch_delay_s),
-                # small output batches gather per consumer up to what one source read
-                # holds (a message stays about that big: inbox capacities keep meaning
-                # rows), within max_batch_delay
-                output_buffer_rows=0 if inline else self.max_batch_records,
-                output_buffer_s=self.max_batch_delay_s,
                 combine=not inline,
                 clock=None if isinstance(self.clock, WallClock) else self.clock))
         return specs

@@ -103,12 +103,6 @@ class TaskSpec:
     watermark_interval_s: float = WATERMARK_EVERY_S
     #: processing time (None: the machine's clock)
     clock: Clock | None = None
-    #: rows a task gathers per consumer before they go (0: every output batch goes at once);
-    #: gathered rows go at the latest after ``output_buffer_s`` (checked whenever the task
-    #: is stepped, idle or not) and before any watermark, barrier or end of input, in the
-    #: order they were produced, so the order of messages to each consumer holds
-    output_buffer_rows: int = 0
-    output_buffer_s: float = 0.0
     #: window combiners start (combine rows before the exchange); off, they pass rows on
     #: (in-process exchanges are cheap: a group-by per batch would only cost)
     combine: bool = True

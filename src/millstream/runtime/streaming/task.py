@@ -111,11 +111,6 @@ class StreamTask:
         self._awaiting_commit: tuple[int, Any, bool] | None = None
         #: when the first barrier of the checkpoint being aligned arrived (perf_counter)
         self._align_start: float | None = None
-        #: output gathered per consumer, in order, as (port, batch), before it goes
-        #: (``output_buffer_rows``), its rows, and since when anything waits
-        self._gathered: dict[int, list[tuple[int, pa.RecordBatch]]] = {}
-        self._gathered_rows: dict[int, int] = {}
-        self._gathered_since = 0.0
 
     # ------------------------------------------------------------------ setup
 
@@ -221,57 +216,12 @@ class StreamTask:
                 self.ch.to_coordinator(("out", self.spec.index, self.epoch, b))
                 self.records_out += b.num_rows
             else:
-                gather = self.spec.output_buffer_rows
                 for route in out.routes():
                     for dest, part in route.route(b):
-                        if gather:
-                            self._gather(dest, route.port, part)
-                        else:
-                            self.ch.send(dest, ("data", self.spec.index, route.port, part))
-
-    def _gather(self, dest: int, port: int, part: pa.RecordBatch) -> None:
-        """Hold ``part`` for consumer ``dest`` until ``output_buffer_rows`` rows wait for it
-        (fewer, larger messages: each costs a fixed amount to send and to process)."""
-        if not self._gathered:
-            self._gathered_since = time.monotonic()
-        self._gathered.setdefault(dest, []).append((port, part))
-        rows = self._gathered_rows.get(dest, 0) + part.num_rows
-        self._gathered_rows[dest] = rows
-        if rows >= self.spec.output_buffer_rows:
-            self._send_gathered(dest)
-
-    def _send_gathered(self, dest: int) -> None:
-        """What waits for ``dest``, in order: a message per run of batches of one port."""
-        parts = self._gathered.pop(dest)
-        del self._gathered_rows[dest]
-        run: list[pa.RecordBatch] = []
-        port = parts[0][0]
-        for p, part in parts:
-            if p != port:
-                self._send_run(dest, port, run)
-                port, run = p, []
-            run.append(part)
-        self._send_run(dest, port, run)
-
-    def _send_run(self, dest: int, port: int, run: list[pa.RecordBatch]) -> None:
-        if len(run) > 1:
-            try:
-                run = pa.Table.from_batches(run).combine_chunks().to_batches()
-            except (pa.ArrowInvalid, pa.ArrowTypeError):  # schemas differ: one by one
-                pass
-        for part in run:
-            self.ch.send(dest, ("data", self.spec.index, port, part))
-
-    def _flush_output(self) -> None:
-        """Send all gathered output (before a control record, or once it waited
-        ``output_buffer_s``)."""
-        for dest in list(self._gathered):
-            self._send_gathered(dest)
+                        self.ch.send(dest, ("data", self.spec.index, route.port, part))
 
     def _broadcast(self, msg: tuple) -> None:
-        """Send a control record (watermark, end, barrier) to every consumer, after the
-        rows produced before it."""
-        self._flush_output()
+        """Send a control record (watermark, end, barrier) to every consumer."""
         if self.spec.output.kind == "exchange":
             for route in self.spec.output.routes():
                 for c in route.consumers:
@@ -312,9 +262,6 @@ class StreamTask:
             self._broadcast(("wm", self.spec.index, self.watermark, False))
 
     def _tick(self) -> None:
-        if self._gathered and \
-                time.monotonic() - self._gathered_since >= self.spec.output_buffer_s:
-            self._flush_output()
         for k, op in enumerate(self.ops):
             fn = getattr(op, "advance_processing_time", None)
             if fn is not None:
