@@ -163,6 +163,24 @@ class RayTestCluster:
         self._pids |= _node_pids(node)
         return node
 
+    def wait_for_nodes(self, timeout: float = 60.0) -> None:
+        """Wait until Ray sees exactly this cluster's nodes alive: the new ones registered
+        and the removed ones declared dead (``Cluster.wait_for_nodes`` only compares
+        counts, which a removed node not yet noticed and a new one not yet registered
+        satisfy; actors spread then, over nodes Ray thinks are alive, land on one)."""
+        import ray
+
+        want = {node.node_id for node in self.cluster.list_all_nodes()}
+        deadline = time.monotonic() + timeout
+        while True:
+            alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+            if alive == want:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Ray sees nodes {sorted(alive)} alive, the cluster has "
+                                   f"{sorted(want)}")
+            time.sleep(0.1)
+
     def workers(self) -> list[Any]:
         """The live worker nodes (not the head, which this process is connected through)."""
         return list(self.cluster.worker_nodes)

@@ -464,7 +464,7 @@ def test_worker_node_removed_mid_job_still_gives_exact_output(ray_cluster, tmp_p
         remover.join(timeout=60)
         if "removed" in report:
             ray_cluster.add_worker()  # the cluster has its two worker nodes again
-            ray_cluster.cluster.wait_for_nodes()
+            ray_cluster.wait_for_nodes()
     assert "error" not in report and "removed" in report, report
     assert got == dict(want)
     stats = ms.last_job_stats()
@@ -532,7 +532,7 @@ def test_streaming_job_restores_from_its_checkpoint_when_a_node_is_removed(ray_c
     finally:
         if removed is not None:
             ray_cluster.add_worker()
-            ray_cluster.cluster.wait_for_nodes()
+            ray_cluster.wait_for_nodes()
     m = job.metrics()
     assert m["restarts"] >= 1 and m["restored_from_epoch"] is not None
     assert Counter(_committed_ids(out)) == Counter(r["id"] for r in rows)  # exactly once
