@@ -90,24 +90,37 @@ class _JoinSpiller(BucketSpiller):
 
 
 class HashJoin(Operator):
-    """Join of port 0 (left, probe) with port 1 (right, build), indexed once per task."""
+    """Join of port 0 (left, probe) with port 1 (right, build), indexed once per task.
+
+    ``build_left`` (semi and anti joins whose left side is the smaller): port 0 is the
+    build side, read first; the right rows stream through it marking the left rows they
+    match, and the left rows are emitted at the end (the big side is never indexed)."""
 
     num_inputs = 2
     input_order = (1, 0)
 
     def __init__(self, left_on: list[str], right_on: list[str], how: str = "inner",
-                 suffix: str = "_right", broadcast: bool = False, condition: Any = None
-                 ) -> None:
+                 suffix: str = "_right", broadcast: bool = False, condition: Any = None,
+                 build_left: bool = False) -> None:
         how = check_how(how)
         if len(left_on) != len(right_on):
             raise PlanError("join needs as many left keys as right keys")
+        if build_left and (how not in ("semi", "anti") or broadcast):
+            raise PlanError("a shuffle hash join builds its left side for semi and anti "
+                            f"joins only, not {how}")
         kind = "BroadcastHashJoin" if broadcast else "ShuffleHashJoin"
         if not left_on:
             kind = "BroadcastNestedLoopJoin" if broadcast else "NestedLoopJoin"
         text = f"{kind}({how}, left_on={left_on}, right_on={right_on}"
-        super().__init__(text + (f", condition={condition!r})" if condition is not None else ")"))
+        text += f", condition={condition!r}" if condition is not None else ""
+        super().__init__(text + (", build=left)" if build_left else ")"))
         self.left_on, self.right_on, self.how, self.suffix = left_on, right_on, how, suffix
         self.condition = condition
+        self.build_left = build_left
+        self.build_port = 0 if build_left else 1
+        self.input_order = (0, 1) if build_left else (1, 0)
+        self.build_keys, self.probe_keys = ((left_on, right_on) if build_left
+                                            else (right_on, left_on))
         self.build: list[pa.RecordBatch] = []
         self.build_bytes = 0
         # schemas seen on each side (also from empty batches): an empty side still needs its
@@ -115,13 +128,13 @@ class HashJoin(Operator):
         self.probe_schema: pa.Schema | None = None
         self.build_schema: pa.Schema | None = None
         self.emitted = False  # any output batch yet (else finish sends a typed empty one)
-        self.rspill: BucketSpiller | None = None
-        self.lspill: BucketSpiller | None = None
+        self.build_spill: BucketSpiller | None = None
+        self.probe_spill: BucketSpiller | None = None
         self.core: JoinProbe | None = None
 
     def _new_core(self) -> JoinProbe:
         return JoinProbe(self.left_on, self.right_on, self.how, self.suffix, self.condition,
-                         on_build=self._count_build)
+                         build_left=self.build_left, on_build=self._count_build)
 
     def _count_build(self) -> None:
         if self.ctx is not None:
@@ -140,23 +153,23 @@ class HashJoin(Operator):
                 yield from table_to_batches(t, self._bs())
 
     def process(self, batch: pa.RecordBatch, port: int = 0) -> Batches:
-        if port == 1:
+        if port == self.build_port:
             if self.build_schema is None and batch.num_columns:
                 self.build_schema = batch.schema
-            if self.rspill is not None:
-                self.rspill.write(batch)
+            if self.build_spill is not None:
+                self.build_spill.write(batch)
                 return _EMPTY
             self.build.append(batch)
             self.build_bytes += batch_nbytes(batch)
-            if self.build_bytes > self._limit() and self.right_on:
+            if self.build_bytes > self._limit() and self.build_keys:
                 self._start_spilling()
             return _EMPTY
         if self.probe_schema is None and batch.num_columns:
             self.probe_schema = batch.schema
         if batch.num_rows == 0:
             return _EMPTY
-        if self.lspill is not None:
-            self.lspill.write(batch)
+        if self.probe_spill is not None:
+            self.probe_spill.write(batch)
             return _EMPTY
         if self.core is None:
             self._end_build()
@@ -166,10 +179,10 @@ class HashJoin(Operator):
         n = 16
         if self.ctx:
             self.ctx.increment_counter("millstream", "spills")
-        self.rspill = _JoinSpiller(self.ctx, self.right_on, n, salt=0x10A7, prefix="joinr")
-        self.lspill = _JoinSpiller(self.ctx, self.left_on, n, salt=0x10A7, prefix="joinl")
+        self.build_spill = _JoinSpiller(self.ctx, self.build_keys, n, salt=0x10A7, prefix="joinr")
+        self.probe_spill = _JoinSpiller(self.ctx, self.probe_keys, n, salt=0x10A7, prefix="joinl")
         for b in self.build:
-            self.rspill.write(b)
+            self.build_spill.write(b)
         self.build = []
         self.build_bytes = 0
 
@@ -179,12 +192,12 @@ class HashJoin(Operator):
         self.build = []
 
     def end_input(self, port: int) -> Batches:
-        if port == 1 and self.rspill is None and self.core is None:
+        if port == self.build_port and self.build_spill is None and self.core is None:
             self._end_build()
         return _EMPTY
 
     def finish(self) -> Iterator[pa.RecordBatch]:
-        if self.rspill is not None:
+        if self.build_spill is not None:
             yield from self._finish_buckets()
         else:
             if self.core is None:
@@ -202,12 +215,12 @@ class HashJoin(Operator):
         return core
 
     def _finish_buckets(self) -> Iterator[pa.RecordBatch]:
-        assert self.rspill is not None and self.lspill is not None
+        assert self.build_spill is not None and self.probe_spill is not None
         try:
-            for i in range(self.rspill.num_buckets):
+            for i in range(self.build_spill.num_buckets):
                 core = self._new_core()
-                core.build(_concat(list(self.rspill.read_bucket(i)), self.build_schema))
-                for b in self.lspill.read_bucket(i):
+                core.build(_concat(list(self.build_spill.read_bucket(i)), self.build_schema))
+                for b in self.probe_spill.read_bucket(i):
                     yield from self._out(core.probe(b))
                 yield from self._out(core.finish(self.probe_schema, self._bs()))
                 self.core = core
@@ -215,10 +228,10 @@ class HashJoin(Operator):
             self.close()
 
     def close(self) -> None:
-        for s in (self.rspill, self.lspill):
+        for s in (self.build_spill, self.probe_spill):
             if s is not None:
                 s.delete()
-        self.rspill = self.lspill = None
+        self.build_spill = self.probe_spill = None
 
 
 class BroadcastHashJoin(HashJoin):
