@@ -297,6 +297,42 @@ def test_implied_filters_on_two_scans_of_one_file_reach_a_fixed_point(tmp_path):
     assert sorted(ds.to_arrow().column("v").to_pylist()) == [1, 2, 5]
 
 
+def test_a_semi_join_moves_below_a_join_that_multiplies_rows():
+    """TPC-H Q18's shape: orders joined with their lines, then kept where the order is
+    in a small set: the semi join runs on the orders before the join, not on its output."""
+    big = lines().group_by("l_order").agg(ms.sum("l_qty").alias("q")).filter(col("q") > 20)
+    for how in ("semi", "anti"):
+        ds = (orders().join(lines(), left_on="o_id", right_on="l_order")
+              .join(big.rename({"l_order": "b_order"}), left_on="o_id", right_on="b_order",
+                    how=how))
+        parts = plan_parts(ds)
+        assert "semi_join_pushdown" in fired(ds), parts["optimized"]
+        assert parts["optimized"].startswith("Join inner"), parts["optimized"]
+        got = same_with_and_without(ds)
+        neg = "not " if how == "anti" else ""
+        want = duck("select * from o join l on o_id = l_order where o_id "
+                    f"{neg}in (select l_order from l group by l_order having sum(l_qty) > 20)",
+                    o=ORDERS, l=LINES)
+        assert bag(got) == bag(want)
+
+
+def test_a_semi_join_stays_above_a_join_that_filters_rows():
+    """Below a join that keeps few rows (lines of one customer's orders), the semi join
+    would have more rows to probe: it stays (TPC-H Q21's EXISTS)."""
+    ds = (lines().join(orders().filter(col("o_cust") == 3), left_on="l_order",
+                       right_on="o_id")
+          .join(lines().rename({"l_order": "x_order", "l_qty": "x_qty", "l_price": "x_price",
+                                "l_flag": "x_flag", "l_note": "x_note"}),
+                left_on="l_order", right_on="x_order", how="semi",
+                condition=col("x_qty") != col("l_qty")))
+    assert "semi_join_pushdown" not in fired(ds)
+    got = same_with_and_without(ds)
+    want = duck("select * from l join o on l_order = o_id where o_cust = 3 and exists "
+                "(select 1 from l x where x.l_order = l.l_order and x.l_qty <> l.l_qty)",
+                o=ORDERS, l=LINES)
+    assert bag(got) == bag(want)
+
+
 def test_filter_through_select_aliases_and_with_columns():
     ds = (orders().select(col("o_id").alias("id"), (col("o_price") * 2).alias("p2"), "o_cust")
           .with_columns(big=col("p2") > 40)

@@ -24,6 +24,7 @@ from millstream.plan.rules.predicate_pushdown import PredicatePushdown
 from millstream.plan.rules.projection_into_scan import ProjectionIntoScan
 from millstream.plan.rules.projection_pruning import ProjectionPruning
 from millstream.plan.rules.reuse import ReuseSubplans
+from millstream.plan.rules.semi_join_pushdown import SemiJoinPushdown
 from millstream.plan.rules.simplify import ConstantFolding
 from millstream.plan.rules.topk import SortLimitToTopK
 
@@ -31,7 +32,7 @@ from millstream.plan.rules.topk import SortLimitToTopK
 #: that is always true or false goes before anything moves it); filters then move down
 #: (a disjunction that stays above a join adds the filters it implies on each input, which
 #: the next pass moves down), narrow the outer joins they reject the nulls of and become join keys, and what reaches a
-#: scan goes into it; chains of inner joins are ordered from the estimates (which see the
+#: scan goes into it; semi and anti joins move onto the smaller join inputs they read; chains of inner joins are ordered from the estimates (which see the
 #: filters where they now run); limits move down and a sort under a limit becomes a top-k;
 #: sub-plans used more than once are shared (computed once; before the pruning, which
 #: would make their uses differ); last, the columns nobody reads are pruned, down to the
@@ -43,6 +44,7 @@ RULES: tuple[Rule, ...] = (
     OuterJoinToInner(),
     InferJoinKeys(),
     FilterIntoScan(),
+    SemiJoinPushdown(),
     JoinOrder(),
     LimitPushdown(),
     SortLimitToTopK(),
