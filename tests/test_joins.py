@@ -630,3 +630,32 @@ def test_shuffled_semi_join_indexes_its_smaller_left_side(how, tmp_path):
     got = ds.to_arrow()
     want = duck(_pairs_sql(how, ["k"], "r.y <> 3"), l=small, r=big)
     assert pairs(got, how) == want
+
+
+@pytest.mark.parametrize("how", HOWS)
+@pytest.mark.parametrize("cond", [None, "lt"])
+def test_a_task_indexes_its_smaller_side(how, cond, tmp_path, monkeypatch):
+    """A shuffle join task whose left rows are fewer than half its right rows indexes the
+    left side (inner, right, semi, anti; left and outer joins keep the right build), with
+    the same rows as DuckDB either way."""
+    sizes: list[int] = []
+
+    class _Sized(JoinIndex):
+        def __init__(self, key_cols, num_rows):
+            sizes.append(num_rows)
+            super().__init__(key_cols, num_rows)
+
+    monkeypatch.setattr(join_probe, "JoinIndex", _Sized)
+    expr, text = CONDITIONS[cond] if cond else (None, None)
+    for nl, nr, small_left in ((30, 400, True), (400, 30, False)):
+        sizes.clear()
+        left, right = tables(seed=nl, nl=nl, nr=nr)
+        ctx = TaskContext(spill_dir=str(tmp_path))
+        got = _run(HashJoin(["k"], ["k"], how, condition=expr),
+                   {1: right.to_batches(max_chunksize=50), 0: left.to_batches(max_chunksize=7)},
+                   ctx)
+        indexed_left = how in ("inner", "right", "semi", "anti") and small_left
+        assert sizes == [nl if indexed_left else nr]
+        assert pairs(got, how) == duck(_pairs_sql(how, ["k"], text), l=left, r=right)
+        assert got.schema.names == join_tables(left, right, ["k"], ["k"], how,
+                                               condition=expr).schema.names

@@ -29,6 +29,8 @@ from millstream.ops.join.keys import canonical_type
 from millstream.ops.join.probe import JoinProbe, check_how
 
 _EMPTY: tuple[pa.RecordBatch, ...] = ()
+#: Join types whose build side may be the left input (the right rows then stream).
+_LEFT_BUILDABLE = ("inner", "right", "semi", "anti")
 #: Counter of build-side indexes built (one per task and type of probe keys; per bucket
 #: when spilling).
 BUILDS_COUNTER = ("millstream", "join_index_builds")
@@ -94,7 +96,13 @@ class HashJoin(Operator):
 
     ``build_left`` (semi and anti joins whose left side is the smaller): port 0 is the
     build side, read first; the right rows stream through it marking the left rows they
-    match, and the left rows are emitted at the end (the big side is never indexed)."""
+    match, and the left rows are emitted at the end (the big side is never indexed).
+
+    Otherwise the right side is read first, and for the join types a left build side
+    serves (inner, right, semi, anti) the left rows are held until they outnumber half the
+    right rows: when the whole left side stays below that, it is indexed instead and the
+    right rows stream through it (the smaller side of this task is indexed, whatever the
+    plan's estimates said)."""
 
     num_inputs = 2
     input_order = (1, 0)
@@ -131,6 +139,12 @@ class HashJoin(Operator):
         self.build_spill: BucketSpiller | None = None
         self.probe_spill: BucketSpiller | None = None
         self.core: JoinProbe | None = None
+        self.build_rows = 0
+        #: left rows held while the left side may still be the smaller (None: not trying)
+        self.pending: list[pa.RecordBatch] | None = (
+            [] if not build_left and not broadcast and left_on and how in _LEFT_BUILDABLE
+            else None)
+        self.pending_rows = 0
 
     def _new_core(self) -> JoinProbe:
         return JoinProbe(self.left_on, self.right_on, self.how, self.suffix, self.condition,
@@ -161,6 +175,7 @@ class HashJoin(Operator):
                 return _EMPTY
             self.build.append(batch)
             self.build_bytes += batch_nbytes(batch)
+            self.build_rows += batch.num_rows
             if self.build_bytes > self._limit() and self.build_keys:
                 self._start_spilling()
             return _EMPTY
@@ -171,9 +186,35 @@ class HashJoin(Operator):
         if self.probe_spill is not None:
             self.probe_spill.write(batch)
             return _EMPTY
+        if self.pending is not None and self.core is None:
+            self.pending.append(batch)
+            self.pending_rows += batch.num_rows
+            if self.pending_rows * 2 < self.build_rows:
+                return _EMPTY
+            return self._build_right()
         if self.core is None:
             self._end_build()
         return list(self._out(self.core.probe(batch)))
+
+    def _build_right(self) -> list[pa.RecordBatch]:
+        """The left side is not the smaller: index the right side as planned and probe it
+        with the left rows held so far."""
+        held, self.pending = self.pending or [], None
+        self._end_build()
+        assert self.core is not None
+        return [b for batch in held for b in self._out(self.core.probe(batch))]
+
+    def _build_left(self) -> list[pa.RecordBatch]:
+        """The whole left side is the smaller: index it, stream the right rows through."""
+        held, self.pending = self.pending or [], None
+        self.build_left, self.build_port = True, 0
+        self.build_keys, self.probe_keys = self.left_on, self.right_on
+        self.build_schema, self.probe_schema = self.probe_schema, self.build_schema
+        right, self.build = self.build, []
+        self.core = self._new_core()
+        self.core.build(_concat(held, self.build_schema))
+        return [b for batch in right if batch.num_rows
+                for b in self._out(self.core.probe(batch))]
 
     def _start_spilling(self) -> None:
         n = 16
@@ -192,7 +233,15 @@ class HashJoin(Operator):
         self.build = []
 
     def end_input(self, port: int) -> Batches:
-        if port == self.build_port and self.build_spill is None and self.core is None:
+        if self.build_spill is not None or self.core is not None:
+            return _EMPTY
+        if self.pending is not None:
+            if port == 1:
+                return _EMPTY  # the left side decides
+            if self.pending_rows and self.probe_schema is not None:
+                return self._build_left()
+            return self._build_right()
+        if port == self.build_port:
             self._end_build()
         return _EMPTY
 
@@ -201,7 +250,7 @@ class HashJoin(Operator):
             yield from self._finish_buckets()
         else:
             if self.core is None:
-                self._end_build()
+                yield from self._build_right()
             if self.probe_schema is not None or self.build_schema is not None:
                 yield from self._out(self.core.finish(self.probe_schema, self._bs()))
         if not self.emitted and self.probe_schema is not None and self.build_schema is not None:
