@@ -659,3 +659,46 @@ def test_a_task_indexes_its_smaller_side(how, cond, tmp_path, monkeypatch):
         assert pairs(got, how) == duck(_pairs_sql(how, ["k"], text), l=left, r=right)
         assert got.schema.names == join_tables(left, right, ["k"], ["k"], how,
                                                condition=expr).schema.names
+
+
+@pytest.mark.parametrize("how", ["inner", "semi", "anti", "right"])
+def test_a_worker_indexes_a_broadcast_side_once_for_its_tasks(how):
+    """Eight probe tasks against one broadcast side: each worker process indexes it once
+    (it used to be once per task), with the same rows."""
+    rng = np.random.default_rng(8)
+    big = pa.table({"k": rng.integers(0, 500, 8000), "lid": np.arange(8000)})
+    small = pa.table({"k": rng.integers(0, 500, 300), "rid": np.arange(300)})
+    if how == "right":  # the small side broadcast is the left one
+        ds = ms.from_arrow(small.rename_columns(["k", "lid"]), num_partitions=1).join(
+            ms.from_arrow(big.rename_columns(["k", "rid"]), num_partitions=8), on="k",
+            how=how)
+        left, right = small.rename_columns(["k", "lid"]), big.rename_columns(["k", "rid"])
+    else:
+        ds = ms.from_arrow(big, num_partitions=8).join(ms.from_arrow(small), on="k", how=how,
+                                                       broadcast=True)
+        left, right = big, small
+    assert "broadcast" in ds.explain(print_plan=False)
+    got = ds.to_arrow()
+    builds = ms.last_job_stats().counters.get(BUILDS_COUNTER, 0)
+    assert 1 <= builds < 8
+    assert pairs(got, how) == duck(_pairs_sql(how, ["k"], None), l=left, r=right)
+
+
+def test_broadcast_sides_are_cached_by_their_files(tmp_path):
+    from millstream.core.shuffle import BlockRef
+    from millstream.ops.join.hash_join import _BuiltSides
+
+    path = tmp_path / "block.arrow"
+    path.write_bytes(b"x" * 10)
+    ref = BlockRef(str(path), 1, 10)
+    first = _BuiltSides.key([ref], "right", "inner")
+    assert first == _BuiltSides.key([ref], "right", "inner")
+    assert first != _BuiltSides.key([ref], "right", "semi")
+    path.write_bytes(b"y" * 12)  # the block written again: indexed again
+    assert first != _BuiltSides.key([ref], "right", "inner")
+
+    class _Handle:  # a runner's own block handle: not cached
+        def read(self):
+            return iter(())
+
+    assert _BuiltSides.key([_Handle()], "right") is None

@@ -13,6 +13,8 @@ in memory.
 
 from __future__ import annotations
 
+import os
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
@@ -283,8 +285,58 @@ class HashJoin(Operator):
         self.build_spill = self.probe_spill = None
 
 
+class _BuiltSides:
+    """The indexed broadcast sides of the latest joins in this worker process: every task
+    of a stage joins against the same blocks, so a worker indexes them once, not once per
+    task (an LRU bounded in entries and bytes; keyed by the blocks' files, so a block
+    written again is indexed again)."""
+
+    MAX_ENTRIES = 4
+    MAX_BYTES = 256 << 20
+
+    def __init__(self) -> None:
+        self.entries: OrderedDict[tuple, tuple[JoinProbe, pa.Schema | None, int]] = \
+            OrderedDict()
+
+    @staticmethod
+    def key(blocks: list[Any] | None, *params: Any) -> tuple | None:
+        """The cache key of a join's broadcast ``blocks`` (None: not cacheable, e.g. a
+        runner's own handles)."""
+        files = []
+        for ref in blocks or []:
+            path = getattr(ref, "path", None)
+            if getattr(ref, "read", None) is not None or not isinstance(path, str):
+                return None
+            try:
+                st = os.stat(path)
+            except OSError:
+                return None
+            files.append((path, st.st_ino, st.st_size, st.st_mtime_ns))
+        return (tuple(files), *params)
+
+    def get(self, key: tuple | None) -> tuple[JoinProbe, pa.Schema | None] | None:
+        hit = self.entries.get(key) if key is not None else None
+        if hit is None:
+            return None
+        self.entries.move_to_end(key)
+        return hit[0], hit[1]
+
+    def put(self, key: tuple | None, core: JoinProbe, schema: pa.Schema | None) -> None:
+        size = core.table.nbytes if core.table is not None else 0
+        if key is None or size > self.MAX_BYTES // 2:
+            return
+        self.entries[key] = (core, schema, size)
+        while len(self.entries) > self.MAX_ENTRIES or \
+                sum(e[2] for e in self.entries.values()) > self.MAX_BYTES:
+            self.entries.popitem(last=False)
+
+
+_BUILT = _BuiltSides()
+
+
 class BroadcastHashJoin(HashJoin):
-    """A join whose build side (the whole small right side) is loaded at open()."""
+    """A join whose build side (the whole small right side) is loaded at open(); a worker
+    indexes it once for all the tasks it runs of the stage (see :class:`_BuiltSides`)."""
 
     num_inputs = 1
     input_order = (0,)
@@ -297,10 +349,19 @@ class BroadcastHashJoin(HashJoin):
 
     def open(self, ctx) -> None:
         super().open(ctx)
+        key = _BUILT.key(self.blocks, "right", tuple(self.left_on), tuple(self.right_on),
+                         self.how, self.suffix, repr(self.condition))
+        hit = _BUILT.get(key)
+        if hit is not None:
+            self.core, self.build_schema = hit
+            self.core.on_build = self._count_build
+            return
         for ref in self.blocks or []:
             for b in read_block(ref):
                 HashJoin.process(self, b, 1)
         HashJoin.end_input(self, 1)
+        if self.core is not None and self.core.matched is None:
+            _BUILT.put(key, self.core, self.build_schema)
 
 
 class BroadcastLeftHashJoin(Operator):
@@ -325,9 +386,19 @@ class BroadcastLeftHashJoin(Operator):
 
     def open(self, ctx) -> None:
         super().open(ctx)
+        key = _BUILT.key(self.blocks, "left", tuple(self.core.left_on),
+                         tuple(self.core.right_on), self.core.how, self.core.suffix,
+                         repr(self.core.condition))
+        hit = _BUILT.get(key)
+        if hit is not None:
+            self.core = hit[0]
+            self.core.on_build = self._count_build
+            return
         batches = [b for ref in self.blocks or [] for b in read_block(ref)]
         schema = next((b.schema for b in batches if b.num_columns), None)
         self.core.build(_concat(batches, schema))
+        if self.core.matched is None:
+            _BUILT.put(key, self.core, schema)
 
     def process(self, batch: pa.RecordBatch, port: int = 0) -> Batches:
         if self.probe_schema is None and batch.num_columns:
