@@ -47,8 +47,11 @@ class JoinIndex:
         if self.direct and enc.span < 2**31:
             codes = codes.astype(np.int32)  # sorts several times faster than int64
         sort = _argsort(codes)
-        self.order = rows[sort]  # build rows by code
-        codes = codes[sort]
+        if sort is None:  # already in code order (a side read sorted by its key)
+            self.order = rows
+        else:
+            self.order = rows[sort]  # build rows by code
+            codes = codes[sort]
         starts = np.flatnonzero(codes[1:] != codes[:-1]) + 1
         starts = np.concatenate([np.zeros(min(1, len(codes)), np.int64), starts])
         counts = np.diff(np.append(starts, len(codes))).astype(np.int64)
@@ -104,12 +107,18 @@ class JoinIndex:
         return count, first, None
 
 
-def _argsort(codes: np.ndarray) -> np.ndarray:
-    """The order that sorts ``codes``: a merge of runs (stable) when the codes are mostly
-    ascending already (a side read from files sorted or clustered by the key, shuffle
-    outputs concatenated in map order), else numpy's default sort."""
+def _argsort(codes: np.ndarray) -> np.ndarray | None:
+    """The order that sorts ``codes`` (None: they are sorted already): a merge of runs
+    (stable) when the codes are mostly ascending already (a side read from files sorted
+    or clustered by the key, shuffle outputs concatenated in map order), else numpy's
+    default sort."""
     n = len(codes)
-    if n > 1 and np.count_nonzero(codes[1:] < codes[:-1]) * 64 < n:
+    if n < 2:
+        return None
+    descents = np.count_nonzero(codes[1:] < codes[:-1])
+    if descents == 0:
+        return None
+    if descents * 64 < n:
         return np.argsort(codes, kind="stable")
     return np.argsort(codes)
 
