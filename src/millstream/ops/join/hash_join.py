@@ -215,7 +215,14 @@ class HashJoin(Operator):
         right, self.build = self.build, []
         self.core = self._new_core()
         self.core.build(_concat(held, self.build_schema))
-        return [b for batch in right if batch.num_rows
+        # the right rows in batches of the task's batch size (shuffle reads may come in
+        # many small ones; each probe step has a cost per output column)
+        rows = _concat(right, self.probe_schema)
+        try:
+            rows = rows.combine_chunks()
+        except (pa.ArrowInvalid, pa.ArrowCapacityError):  # pragma: no cover - > 2 GB strings
+            pass
+        return [b for batch in rows.to_batches(max_chunksize=self._bs()) if batch.num_rows
                 for b in self._out(self.core.probe(batch))]
 
     def _start_spilling(self) -> None:
