@@ -147,6 +147,8 @@ class HashJoin(Operator):
             [] if not build_left and not broadcast and left_on and how in _LEFT_BUILDABLE
             else None)
         self.pending_rows = 0
+        self.probe_held: list[pa.RecordBatch] = []
+        self.probe_held_rows = 0
 
     def _new_core(self) -> JoinProbe:
         return JoinProbe(self.left_on, self.right_on, self.how, self.suffix, self.condition,
@@ -196,7 +198,29 @@ class HashJoin(Operator):
             return self._build_right()
         if self.core is None:
             self._end_build()
-        return list(self._out(self.core.probe(batch)))
+        # small probe batches (a filtered side's shuffle reads) are joined together: each
+        # probe step has a cost per output column
+        self.probe_held.append(batch)
+        self.probe_held_rows += batch.num_rows
+        if self.probe_held_rows * 2 < self._bs():
+            return _EMPTY
+        return self._probe_held()
+
+    def _probe_held(self) -> list[pa.RecordBatch]:
+        """Joins the probe batches held so far (as one when there are several)."""
+        held, self.probe_held, self.probe_held_rows = self.probe_held, [], 0
+        if not held:
+            return []
+        assert self.core is not None
+        batches = held
+        if len(held) > 1:
+            table = concat_batches(held)
+            try:
+                table = table.combine_chunks()
+            except (pa.ArrowInvalid, pa.ArrowCapacityError):  # pragma: no cover - > 2 GB
+                pass
+            batches = table.to_batches()
+        return [b for batch in batches for b in self._out(self.core.probe(batch))]
 
     def _build_right(self) -> list[pa.RecordBatch]:
         """The left side is not the smaller: index the right side as planned and probe it
@@ -260,6 +284,7 @@ class HashJoin(Operator):
         else:
             if self.core is None:
                 yield from self._build_right()
+            yield from self._probe_held()
             if self.probe_schema is not None or self.build_schema is not None:
                 yield from self._out(self.core.finish(self.probe_schema, self._bs()))
         if not self.emitted and self.probe_schema is not None and self.build_schema is not None:
