@@ -9,6 +9,10 @@ side, joined with every chunk of the right side (inner and right joins). Without
 same operators are nested loops (cross joins, joins on a condition only): every build row
 is a candidate for every probe row, in chunks of bounded size; such a build side is held
 in memory.
+
+A shuffle join task indexes whichever of its sides is the smaller where the join type
+allows (a left build side serves inner, right, semi and anti joins), and a worker process
+indexes a broadcast side once for all its tasks of the stage.
 """
 
 from __future__ import annotations
