@@ -574,3 +574,131 @@ def test_columns_are_pruned_below_a_join_with_a_condition(how, tmp_path):
         got = [(r["a"],) for r in ds.collect()]
     assert sorted(got, key=repr) == want
     assert how != "left" or any(b is None for _, b in got)  # (unmatched rows were there)
+
+
+# ----------------------------------------------------------------------------- left-built semi/anti
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), how=st.sampled_from(["semi", "anti"]),
+       keys=st.sampled_from(KEYSETS), cond=st.sampled_from([None, *CONDITIONS]),
+       nl=st.integers(0, 40), nr=st.integers(0, 60), spill=st.booleans())
+def test_semi_and_anti_joins_built_on_the_left_side_match_duckdb(seed, how, keys, cond, nl,
+                                                                   nr, spill, tmp_path_factory):
+    """The left side indexed, the right side streamed through it marking left rows (also
+    spilled into buckets): the same rows as DuckDB's EXISTS / NOT EXISTS."""
+    left, right = tables(seed, nl, nr)
+    if cond == "clash" and "s" in keys:
+        cond = "ne"
+    expr, text = CONDITIONS[cond] if cond else (None, None)
+    op = HashJoin(keys, keys, how, condition=expr, build_left=True)
+    assert op.input_order == (0, 1)
+    if spill:
+        op._limit = lambda: 0
+    ctx = TaskContext(spill_dir=str(tmp_path_factory.mktemp("spill")))
+    # an empty side is one empty batch with its schema, as a shuffle read gives it
+    got = _run(op, {0: left.to_batches(max_chunksize=7) or [_empty(left)],
+                    1: right.to_batches(max_chunksize=5) or [_empty(right)]}, ctx)
+    assert got.schema.names == left.schema.names
+    assert pairs(got, how) == duck(_pairs_sql(how, keys, text), l=left, r=right)
+
+
+def _empty(t: pa.Table) -> pa.RecordBatch:
+    return pa.RecordBatch.from_pylist([], schema=t.schema)
+
+
+def test_build_left_is_for_semi_and_anti_joins_only():
+    with pytest.raises(PlanError):
+        HashJoin(["k"], ["k"], "inner", build_left=True)
+
+
+@pytest.mark.parametrize("how", ["semi", "anti"])
+def test_shuffled_semi_join_indexes_its_smaller_left_side(how, tmp_path):
+    """A semi/anti join whose left side is estimated much smaller than its right side
+    builds the left side (the explain says so) and gives the same rows."""
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(3)
+    small = pa.table({"k": rng.integers(0, 3000, 200), "lid": np.arange(200)})
+    big = pa.table({"k": rng.integers(0, 3000, 20_000), "y": rng.integers(0, 9, 20_000)})
+    pq.write_table(small, tmp_path / "small.parquet")
+    pq.write_table(big, tmp_path / "big.parquet")
+    ds = ms.read_parquet(str(tmp_path / "small.parquet")).join(
+        ms.read_parquet(str(tmp_path / "big.parquet")), on="k", how=how,
+        condition=col("y") != 3, broadcast=False)
+    assert "builds the left side" in ds.explain(print_plan=False)
+    got = ds.to_arrow()
+    want = duck(_pairs_sql(how, ["k"], "r.y <> 3"), l=small, r=big)
+    assert pairs(got, how) == want
+
+
+@pytest.mark.parametrize("how", HOWS)
+@pytest.mark.parametrize("cond", [None, "lt"])
+def test_a_task_indexes_its_smaller_side(how, cond, tmp_path, monkeypatch):
+    """A shuffle join task whose left rows are fewer than half its right rows indexes the
+    left side (inner, right, semi, anti; left and outer joins keep the right build), with
+    the same rows as DuckDB either way."""
+    sizes: list[int] = []
+
+    class _Sized(JoinIndex):
+        def __init__(self, key_cols, num_rows):
+            sizes.append(num_rows)
+            super().__init__(key_cols, num_rows)
+
+    monkeypatch.setattr(join_probe, "JoinIndex", _Sized)
+    expr, text = CONDITIONS[cond] if cond else (None, None)
+    for nl, nr, small_left in ((30, 400, True), (400, 30, False)):
+        sizes.clear()
+        left, right = tables(seed=nl, nl=nl, nr=nr)
+        ctx = TaskContext(spill_dir=str(tmp_path))
+        got = _run(HashJoin(["k"], ["k"], how, condition=expr),
+                   {1: right.to_batches(max_chunksize=50), 0: left.to_batches(max_chunksize=7)},
+                   ctx)
+        indexed_left = how in ("inner", "right", "semi", "anti") and small_left
+        assert sizes == [nl if indexed_left else nr]
+        assert pairs(got, how) == duck(_pairs_sql(how, ["k"], text), l=left, r=right)
+        assert got.schema.names == join_tables(left, right, ["k"], ["k"], how,
+                                               condition=expr).schema.names
+
+
+@pytest.mark.parametrize("how", ["inner", "semi", "anti", "right"])
+def test_a_worker_indexes_a_broadcast_side_once_for_its_tasks(how):
+    """Eight probe tasks against one broadcast side: each worker process indexes it once
+    (it used to be once per task), with the same rows."""
+    rng = np.random.default_rng(8)
+    big = pa.table({"k": rng.integers(0, 500, 8000), "lid": np.arange(8000)})
+    small = pa.table({"k": rng.integers(0, 500, 300), "rid": np.arange(300)})
+    if how == "right":  # the small side broadcast is the left one
+        ds = ms.from_arrow(small.rename_columns(["k", "lid"]), num_partitions=1).join(
+            ms.from_arrow(big.rename_columns(["k", "rid"]), num_partitions=8), on="k",
+            how=how)
+        left, right = small.rename_columns(["k", "lid"]), big.rename_columns(["k", "rid"])
+    else:
+        ds = ms.from_arrow(big, num_partitions=8).join(ms.from_arrow(small), on="k", how=how,
+                                                       broadcast=True)
+        left, right = big, small
+    assert "broadcast" in ds.explain(print_plan=False)
+    got = ds.to_arrow()
+    builds = ms.last_job_stats().counters.get(BUILDS_COUNTER, 0)
+    assert 1 <= builds < 8
+    assert pairs(got, how) == duck(_pairs_sql(how, ["k"], None), l=left, r=right)
+
+
+def test_broadcast_sides_are_cached_by_their_files(tmp_path):
+    from millstream.core.shuffle import BlockRef
+    from millstream.ops.join.hash_join import _BuiltSides
+
+    path = tmp_path / "block.arrow"
+    path.write_bytes(b"x" * 10)
+    ref = BlockRef(str(path), 1, 10)
+    first = _BuiltSides.key([ref], "right", "inner")
+    assert first == _BuiltSides.key([ref], "right", "inner")
+    assert first != _BuiltSides.key([ref], "right", "semi")
+    path.write_bytes(b"y" * 12)  # the block written again: indexed again
+    assert first != _BuiltSides.key([ref], "right", "inner")
+
+    class _Handle:  # a runner's own block handle: not cached
+        def read(self):
+            return iter(())
+
+    assert _BuiltSides.key([_Handle()], "right") is None

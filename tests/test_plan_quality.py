@@ -223,6 +223,116 @@ def test_conjuncts_common_to_every_branch_of_an_or_are_pushed_alone():
     assert bag(got) == bag(want)
 
 
+def _filters(tree: str) -> list[str]:
+    """The filter lines of a plan tree."""
+    return [t.strip() for t in tree.splitlines() if t.strip().startswith("Filter(")]
+
+
+def test_a_disjunction_over_both_sides_filters_each_side_by_its_own_parts():
+    """TPC-H Q7's shape: ``(a1 & b1) | (a2 & b2)`` with ``a`` from one input and ``b``
+    from the other stays above the join, and each input gets ``a1 | a2`` / ``b1 | b2``."""
+    pred = (((col("o_status") == "F") & (col("l_flag") == "R"))
+            | ((col("o_status") == "O") & (col("l_flag") == "A") & (col("l_qty") > 5)))
+    ds = orders().join(lines(), left_on="o_id", right_on="l_order").filter(pred)
+    parts = plan_parts(ds)
+    assert "disjunction_sides" in fired(ds)
+    filters = _filters(parts["optimized"])
+    # the original above the join, and one filter of each input's own columns below it
+    assert any("o_" in f and "l_" in f for f in filters), parts["optimized"]
+    assert any('col("o_status") == lit("O")' in f and "l_" not in f for f in filters)
+    assert any('col("l_qty") > lit(5)' in f and "o_" not in f for f in filters)
+    got = same_with_and_without(ds)
+    want = duck("select * from o join l on o_id = l_order where (o_status = 'F' and "
+                "l_flag = 'R') or (o_status = 'O' and l_flag = 'A' and l_qty > 5)",
+                o=ORDERS, l=LINES)
+    assert bag(got) == bag(want)
+
+
+def test_a_disjunction_never_filters_the_side_an_outer_join_pads():
+    """Above a left join, a disjunction implies a filter on the left input only: filtering
+    the right input would null-pad rows the filter above then judges differently."""
+    pred = ((col("o_status") == "F") & col("l_flag").is_null()) | \
+        ((col("o_status") == "O") & col("l_qty").is_null())
+    ds = orders().join(lines(), left_on="o_id", right_on="l_order", how="left").filter(pred)
+    filters = _filters(plan_parts(ds)["optimized"])
+    assert not any("l_" in f and "o_" not in f for f in filters), filters
+    assert any("o_" in f and "l_" not in f for f in filters), filters
+    got = same_with_and_without(ds)
+    want = duck("select * from o left join l on o_id = l_order where (o_status = 'F' and "
+                "l_flag is null) or (o_status = 'O' and l_qty is null)", o=ORDERS, l=LINES)
+    assert bag(got) == bag(want)
+
+
+def test_a_branch_without_a_part_on_a_side_implies_nothing_there():
+    pred = ((col("o_status") == "F") & (col("l_flag") == "R")) | (col("l_qty") > 9)
+    ds = orders().join(lines(), left_on="o_id", right_on="l_order").filter(pred)
+    filters = _filters(plan_parts(ds)["optimized"])
+    assert not any("o_" in f and "l_" not in f for f in filters), filters
+    assert any("l_" in f and "o_" not in f for f in filters)  # l_flag = 'R' or l_qty > 9
+    got = same_with_and_without(ds)
+    want = duck("select * from o join l on o_id = l_order where (o_status = 'F' and "
+                "l_flag = 'R') or l_qty > 9", o=ORDERS, l=LINES)
+    assert bag(got) == bag(want)
+
+
+def test_implied_filters_on_two_scans_of_one_file_reach_a_fixed_point(tmp_path):
+    """Two scans of one Parquet file each get an implied filter that the source cannot
+    take (string_view values): the rules stop (they used to push into the merged scans
+    again on every pass, up to the pass limit)."""
+    nation = pa.table({"n_key": pa.array([0, 1, 2, 3]),
+                       "n_name": pa.array(["FR", "DE", "US", "CN"], pa.string_view())})
+    pq.write_table(nation, tmp_path / "nation.parquet")
+    facts = pa.table({"a": [0, 1, 2, 3, 1], "b": [1, 0, 3, 2, 0], "v": [1, 2, 3, 4, 5]})
+    n1 = ms.read_parquet(str(tmp_path / "nation.parquet")).rename(
+        {"n_key": "k1", "n_name": "name1"})
+    n2 = ms.read_parquet(str(tmp_path / "nation.parquet")).rename(
+        {"n_key": "k2", "n_name": "name2"})
+    ds = (ms.from_arrow(facts).join(n1, left_on="a", right_on="k1")
+          .join(n2, left_on="b", right_on="k2")
+          .filter(((col("name1") == "FR") & (col("name2") == "DE"))
+                  | ((col("name1") == "DE") & (col("name2") == "FR"))))
+    rules = fired(ds)
+    assert "disjunction_sides" in rules
+    assert len(rules) < 12, rules
+    assert sorted(ds.to_arrow().column("v").to_pylist()) == [1, 2, 5]
+
+
+def test_a_semi_join_moves_below_a_join_that_multiplies_rows():
+    """TPC-H Q18's shape: orders joined with their lines, then kept where the order is
+    in a small set: the semi join runs on the orders before the join, not on its output."""
+    big = lines().group_by("l_order").agg(ms.sum("l_qty").alias("q")).filter(col("q") > 20)
+    for how in ("semi", "anti"):
+        ds = (orders().join(lines(), left_on="o_id", right_on="l_order")
+              .join(big.rename({"l_order": "b_order"}), left_on="o_id", right_on="b_order",
+                    how=how))
+        parts = plan_parts(ds)
+        assert "semi_join_pushdown" in fired(ds), parts["optimized"]
+        assert parts["optimized"].startswith("Join inner"), parts["optimized"]
+        got = same_with_and_without(ds)
+        neg = "not " if how == "anti" else ""
+        want = duck("select * from o join l on o_id = l_order where o_id "
+                    f"{neg}in (select l_order from l group by l_order having sum(l_qty) > 20)",
+                    o=ORDERS, l=LINES)
+        assert bag(got) == bag(want)
+
+
+def test_a_semi_join_stays_above_a_join_that_filters_rows():
+    """Below a join that keeps few rows (lines of one customer's orders), the semi join
+    would have more rows to probe: it stays (TPC-H Q21's EXISTS)."""
+    ds = (lines().join(orders().filter(col("o_cust") == 3), left_on="l_order",
+                       right_on="o_id")
+          .join(lines().rename({"l_order": "x_order", "l_qty": "x_qty", "l_price": "x_price",
+                                "l_flag": "x_flag", "l_note": "x_note"}),
+                left_on="l_order", right_on="x_order", how="semi",
+                condition=col("x_qty") != col("l_qty")))
+    assert "semi_join_pushdown" not in fired(ds)
+    got = same_with_and_without(ds)
+    want = duck("select * from l join o on l_order = o_id where o_cust = 3 and exists "
+                "(select 1 from l x where x.l_order = l.l_order and x.l_qty <> l.l_qty)",
+                o=ORDERS, l=LINES)
+    assert bag(got) == bag(want)
+
+
 def test_filter_through_select_aliases_and_with_columns():
     ds = (orders().select(col("o_id").alias("id"), (col("o_price") * 2).alias("p2"), "o_cust")
           .with_columns(big=col("p2") > 40)

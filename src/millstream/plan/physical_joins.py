@@ -92,15 +92,23 @@ class JoinPlanning:
                 self._join_factory(node, BroadcastLeftHashJoin, ls) if can_left else None,
                 bytes_l, bytes_r, node.label())
             text += "; adaptive: may switch to broadcast"
-        new.add(self._join_factory(node, HashJoin), text + ")")
+        # a semi or anti join indexes its left side when that is the smaller: the big right
+        # side only streams through it (DuckDB's and Velox's "right semi join")
+        build_left = node.how in ("semi", "anti") and _smaller(est_l, est_r)
+        if build_left:
+            text += "; builds the left side"
+        new.add(self._join_factory(node, HashJoin, build_left=build_left), text + ")")
         return [new]
 
-    def _join_factory(self, node: L.Join, cls: type, broadcast: Stage | None = None
-                      ) -> OperatorFactory:
-        """The operator of ``node``: a shuffle hash join, or a broadcast join whose small
-        side is the output of ``broadcast``."""
+    def _join_factory(self, node: L.Join, cls: type, broadcast: Stage | None = None,
+                      build_left: bool = False) -> OperatorFactory:
+        """The operator of ``node``: a shuffle hash join (indexing its left side when
+        ``build_left``), or a broadcast join whose small side is the output of
+        ``broadcast``."""
         args = (list(node.left_on), list(node.right_on), node.how, node.suffix)
         if broadcast is None:
+            if build_left:
+                return OperatorFactory(cls, *args, condition=node.condition, build_left=True)
             return OperatorFactory(cls, *args, condition=node.condition)
         return OperatorFactory(cls, *args, broadcast_stage=broadcast, condition=node.condition)
 
@@ -197,3 +205,11 @@ class JoinPlanning:
         return self._keyed_two_inputs(node, OperatorFactory(
             LatestJoin, list(node.left_on), list(node.right_on), node.how, node.suffix,
             version=node.version, deleted=node.deleted), "latest join")
+
+
+def _smaller(a: Any, b: Any) -> bool:
+    """Whether estimate ``a`` is known to have well fewer rows than ``b`` (indexing
+    costs by the row)."""
+    if a is None or b is None:
+        return False
+    return a.rows * 2 < b.rows

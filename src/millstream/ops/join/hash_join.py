@@ -9,10 +9,16 @@ side, joined with every chunk of the right side (inner and right joins). Without
 same operators are nested loops (cross joins, joins on a condition only): every build row
 is a candidate for every probe row, in chunks of bounded size; such a build side is held
 in memory.
+
+A shuffle join task indexes whichever of its sides is the smaller where the join type
+allows (a left build side serves inner, right, semi and anti joins), and a worker process
+indexes a broadcast side once for all its tasks of the stage.
 """
 
 from __future__ import annotations
 
+import os
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,6 +35,8 @@ from millstream.ops.join.keys import canonical_type
 from millstream.ops.join.probe import JoinProbe, check_how
 
 _EMPTY: tuple[pa.RecordBatch, ...] = ()
+#: Join types whose build side may be the left input (the right rows then stream).
+_LEFT_BUILDABLE = ("inner", "right", "semi", "anti")
 #: Counter of build-side indexes built (one per task and type of probe keys; per bucket
 #: when spilling).
 BUILDS_COUNTER = ("millstream", "join_index_builds")
@@ -90,24 +98,43 @@ class _JoinSpiller(BucketSpiller):
 
 
 class HashJoin(Operator):
-    """Join of port 0 (left, probe) with port 1 (right, build), indexed once per task."""
+    """Join of port 0 (left, probe) with port 1 (right, build), indexed once per task.
+
+    ``build_left`` (semi and anti joins whose left side is the smaller): port 0 is the
+    build side, read first; the right rows stream through it marking the left rows they
+    match, and the left rows are emitted at the end (the big side is never indexed).
+
+    Otherwise the right side is read first, and for the join types a left build side
+    serves (inner, right, semi, anti) the left rows are held until they outnumber half the
+    right rows: when the whole left side stays below that, it is indexed instead and the
+    right rows stream through it (the smaller side of this task is indexed, whatever the
+    plan's estimates said)."""
 
     num_inputs = 2
     input_order = (1, 0)
 
     def __init__(self, left_on: list[str], right_on: list[str], how: str = "inner",
-                 suffix: str = "_right", broadcast: bool = False, condition: Any = None
-                 ) -> None:
+                 suffix: str = "_right", broadcast: bool = False, condition: Any = None,
+                 build_left: bool = False) -> None:
         how = check_how(how)
         if len(left_on) != len(right_on):
             raise PlanError("join needs as many left keys as right keys")
+        if build_left and (how not in ("semi", "anti") or broadcast):
+            raise PlanError("a shuffle hash join builds its left side for semi and anti "
+                            f"joins only, not {how}")
         kind = "BroadcastHashJoin" if broadcast else "ShuffleHashJoin"
         if not left_on:
             kind = "BroadcastNestedLoopJoin" if broadcast else "NestedLoopJoin"
         text = f"{kind}({how}, left_on={left_on}, right_on={right_on}"
-        super().__init__(text + (f", condition={condition!r})" if condition is not None else ")"))
+        text += f", condition={condition!r}" if condition is not None else ""
+        super().__init__(text + (", build=left)" if build_left else ")"))
         self.left_on, self.right_on, self.how, self.suffix = left_on, right_on, how, suffix
         self.condition = condition
+        self.build_left = build_left
+        self.build_port = 0 if build_left else 1
+        self.input_order = (0, 1) if build_left else (1, 0)
+        self.build_keys, self.probe_keys = ((left_on, right_on) if build_left
+                                            else (right_on, left_on))
         self.build: list[pa.RecordBatch] = []
         self.build_bytes = 0
         # schemas seen on each side (also from empty batches): an empty side still needs its
@@ -115,13 +142,21 @@ class HashJoin(Operator):
         self.probe_schema: pa.Schema | None = None
         self.build_schema: pa.Schema | None = None
         self.emitted = False  # any output batch yet (else finish sends a typed empty one)
-        self.rspill: BucketSpiller | None = None
-        self.lspill: BucketSpiller | None = None
+        self.build_spill: BucketSpiller | None = None
+        self.probe_spill: BucketSpiller | None = None
         self.core: JoinProbe | None = None
+        self.build_rows = 0
+        #: left rows held while the left side may still be the smaller (None: not trying)
+        self.pending: list[pa.RecordBatch] | None = (
+            [] if not build_left and not broadcast and left_on and how in _LEFT_BUILDABLE
+            else None)
+        self.pending_rows = 0
+        self.probe_held: list[pa.RecordBatch] = []
+        self.probe_held_rows = 0
 
     def _new_core(self) -> JoinProbe:
         return JoinProbe(self.left_on, self.right_on, self.how, self.suffix, self.condition,
-                         on_build=self._count_build)
+                         build_left=self.build_left, on_build=self._count_build)
 
     def _count_build(self) -> None:
         if self.ctx is not None:
@@ -140,36 +175,92 @@ class HashJoin(Operator):
                 yield from table_to_batches(t, self._bs())
 
     def process(self, batch: pa.RecordBatch, port: int = 0) -> Batches:
-        if port == 1:
+        if port == self.build_port:
             if self.build_schema is None and batch.num_columns:
                 self.build_schema = batch.schema
-            if self.rspill is not None:
-                self.rspill.write(batch)
+            if self.build_spill is not None:
+                self.build_spill.write(batch)
                 return _EMPTY
             self.build.append(batch)
             self.build_bytes += batch_nbytes(batch)
-            if self.build_bytes > self._limit() and self.right_on:
+            self.build_rows += batch.num_rows
+            if self.build_bytes > self._limit() and self.build_keys:
                 self._start_spilling()
             return _EMPTY
         if self.probe_schema is None and batch.num_columns:
             self.probe_schema = batch.schema
         if batch.num_rows == 0:
             return _EMPTY
-        if self.lspill is not None:
-            self.lspill.write(batch)
+        if self.probe_spill is not None:
+            self.probe_spill.write(batch)
             return _EMPTY
+        if self.pending is not None and self.core is None:
+            self.pending.append(batch)
+            self.pending_rows += batch.num_rows
+            if self.pending_rows * 2 < self.build_rows:
+                return _EMPTY
+            return self._build_right()
         if self.core is None:
             self._end_build()
-        return list(self._out(self.core.probe(batch)))
+        # small probe batches (a filtered side's shuffle reads) are joined together: each
+        # probe step has a cost per output column
+        self.probe_held.append(batch)
+        self.probe_held_rows += batch.num_rows
+        if self.probe_held_rows * 2 < self._bs():
+            return _EMPTY
+        return self._probe_held()
+
+    def _probe_held(self) -> list[pa.RecordBatch]:
+        """Joins the probe batches held so far (as one when there are several)."""
+        held, self.probe_held, self.probe_held_rows = self.probe_held, [], 0
+        if not held:
+            return []
+        assert self.core is not None
+        batches = held
+        if len(held) > 1:
+            table = concat_batches(held)
+            try:
+                table = table.combine_chunks()
+            except (pa.ArrowInvalid, pa.ArrowCapacityError):  # pragma: no cover - > 2 GB
+                pass
+            batches = table.to_batches()
+        return [b for batch in batches for b in self._out(self.core.probe(batch))]
+
+    def _build_right(self) -> list[pa.RecordBatch]:
+        """The left side is not the smaller: index the right side as planned and probe it
+        with the left rows held so far."""
+        held, self.pending = self.pending or [], None
+        self._end_build()
+        assert self.core is not None
+        return [b for batch in held for b in self._out(self.core.probe(batch))]
+
+    def _build_left(self) -> list[pa.RecordBatch]:
+        """The whole left side is the smaller: index it, stream the right rows through."""
+        held, self.pending = self.pending or [], None
+        self.build_left, self.build_port = True, 0
+        self.build_keys, self.probe_keys = self.left_on, self.right_on
+        self.build_schema, self.probe_schema = self.probe_schema, self.build_schema
+        right, self.build = self.build, []
+        self.core = self._new_core()
+        self.core.build(_concat(held, self.build_schema))
+        # the right rows in batches of the task's batch size (shuffle reads may come in
+        # many small ones; each probe step has a cost per output column)
+        rows = _concat(right, self.probe_schema)
+        try:
+            rows = rows.combine_chunks()
+        except (pa.ArrowInvalid, pa.ArrowCapacityError):  # pragma: no cover - > 2 GB strings
+            pass
+        return [b for batch in rows.to_batches(max_chunksize=self._bs()) if batch.num_rows
+                for b in self._out(self.core.probe(batch))]
 
     def _start_spilling(self) -> None:
         n = 16
         if self.ctx:
             self.ctx.increment_counter("millstream", "spills")
-        self.rspill = _JoinSpiller(self.ctx, self.right_on, n, salt=0x10A7, prefix="joinr")
-        self.lspill = _JoinSpiller(self.ctx, self.left_on, n, salt=0x10A7, prefix="joinl")
+        self.build_spill = _JoinSpiller(self.ctx, self.build_keys, n, salt=0x10A7, prefix="joinr")
+        self.probe_spill = _JoinSpiller(self.ctx, self.probe_keys, n, salt=0x10A7, prefix="joinl")
         for b in self.build:
-            self.rspill.write(b)
+            self.build_spill.write(b)
         self.build = []
         self.build_bytes = 0
 
@@ -179,16 +270,25 @@ class HashJoin(Operator):
         self.build = []
 
     def end_input(self, port: int) -> Batches:
-        if port == 1 and self.rspill is None and self.core is None:
+        if self.build_spill is not None or self.core is not None:
+            return _EMPTY
+        if self.pending is not None:
+            if port == 1:
+                return _EMPTY  # the left side decides
+            if self.pending_rows and self.probe_schema is not None:
+                return self._build_left()
+            return self._build_right()
+        if port == self.build_port:
             self._end_build()
         return _EMPTY
 
     def finish(self) -> Iterator[pa.RecordBatch]:
-        if self.rspill is not None:
+        if self.build_spill is not None:
             yield from self._finish_buckets()
         else:
             if self.core is None:
-                self._end_build()
+                yield from self._build_right()
+            yield from self._probe_held()
             if self.probe_schema is not None or self.build_schema is not None:
                 yield from self._out(self.core.finish(self.probe_schema, self._bs()))
         if not self.emitted and self.probe_schema is not None and self.build_schema is not None:
@@ -202,12 +302,12 @@ class HashJoin(Operator):
         return core
 
     def _finish_buckets(self) -> Iterator[pa.RecordBatch]:
-        assert self.rspill is not None and self.lspill is not None
+        assert self.build_spill is not None and self.probe_spill is not None
         try:
-            for i in range(self.rspill.num_buckets):
+            for i in range(self.build_spill.num_buckets):
                 core = self._new_core()
-                core.build(_concat(list(self.rspill.read_bucket(i)), self.build_schema))
-                for b in self.lspill.read_bucket(i):
+                core.build(_concat(list(self.build_spill.read_bucket(i)), self.build_schema))
+                for b in self.probe_spill.read_bucket(i):
                     yield from self._out(core.probe(b))
                 yield from self._out(core.finish(self.probe_schema, self._bs()))
                 self.core = core
@@ -215,14 +315,64 @@ class HashJoin(Operator):
             self.close()
 
     def close(self) -> None:
-        for s in (self.rspill, self.lspill):
+        for s in (self.build_spill, self.probe_spill):
             if s is not None:
                 s.delete()
-        self.rspill = self.lspill = None
+        self.build_spill = self.probe_spill = None
+
+
+class _BuiltSides:
+    """The indexed broadcast sides of the latest joins in this worker process: every task
+    of a stage joins against the same blocks, so a worker indexes them once, not once per
+    task (an LRU bounded in entries and bytes; keyed by the blocks' files, so a block
+    written again is indexed again)."""
+
+    MAX_ENTRIES = 4
+    MAX_BYTES = 256 << 20
+
+    def __init__(self) -> None:
+        self.entries: OrderedDict[tuple, tuple[JoinProbe, pa.Schema | None, int]] = \
+            OrderedDict()
+
+    @staticmethod
+    def key(blocks: list[Any] | None, *params: Any) -> tuple | None:
+        """The cache key of a join's broadcast ``blocks`` (None: not cacheable, e.g. a
+        runner's own handles)."""
+        files = []
+        for ref in blocks or []:
+            path = getattr(ref, "path", None)
+            if getattr(ref, "read", None) is not None or not isinstance(path, str):
+                return None
+            try:
+                st = os.stat(path)
+            except OSError:
+                return None
+            files.append((path, st.st_ino, st.st_size, st.st_mtime_ns))
+        return (tuple(files), *params)
+
+    def get(self, key: tuple | None) -> tuple[JoinProbe, pa.Schema | None] | None:
+        hit = self.entries.get(key) if key is not None else None
+        if hit is None:
+            return None
+        self.entries.move_to_end(key)
+        return hit[0], hit[1]
+
+    def put(self, key: tuple | None, core: JoinProbe, schema: pa.Schema | None) -> None:
+        size = core.table.nbytes if core.table is not None else 0
+        if key is None or size > self.MAX_BYTES // 2:
+            return
+        self.entries[key] = (core, schema, size)
+        while len(self.entries) > self.MAX_ENTRIES or \
+                sum(e[2] for e in self.entries.values()) > self.MAX_BYTES:
+            self.entries.popitem(last=False)
+
+
+_BUILT = _BuiltSides()
 
 
 class BroadcastHashJoin(HashJoin):
-    """A join whose build side (the whole small right side) is loaded at open()."""
+    """A join whose build side (the whole small right side) is loaded at open(); a worker
+    indexes it once for all the tasks it runs of the stage (see :class:`_BuiltSides`)."""
 
     num_inputs = 1
     input_order = (0,)
@@ -235,10 +385,19 @@ class BroadcastHashJoin(HashJoin):
 
     def open(self, ctx) -> None:
         super().open(ctx)
+        key = _BUILT.key(self.blocks, "right", tuple(self.left_on), tuple(self.right_on),
+                         self.how, self.suffix, repr(self.condition))
+        hit = _BUILT.get(key)
+        if hit is not None:
+            self.core, self.build_schema = hit
+            self.core.on_build = self._count_build
+            return
         for ref in self.blocks or []:
             for b in read_block(ref):
                 HashJoin.process(self, b, 1)
         HashJoin.end_input(self, 1)
+        if self.core is not None and self.core.matched is None:
+            _BUILT.put(key, self.core, self.build_schema)
 
 
 class BroadcastLeftHashJoin(Operator):
@@ -263,9 +422,19 @@ class BroadcastLeftHashJoin(Operator):
 
     def open(self, ctx) -> None:
         super().open(ctx)
+        key = _BUILT.key(self.blocks, "left", tuple(self.core.left_on),
+                         tuple(self.core.right_on), self.core.how, self.core.suffix,
+                         repr(self.core.condition))
+        hit = _BUILT.get(key)
+        if hit is not None:
+            self.core = hit[0]
+            self.core.on_build = self._count_build
+            return
         batches = [b for ref in self.blocks or [] for b in read_block(ref)]
         schema = next((b.schema for b in batches if b.num_columns), None)
         self.core.build(_concat(batches, schema))
+        if self.core.matched is None:
+            _BUILT.put(key, self.core, schema)
 
     def process(self, batch: pa.RecordBatch, port: int = 0) -> Batches:
         if self.probe_schema is None and batch.num_columns:

@@ -2,7 +2,7 @@
 batch finds its matching build rows with numpy lookups (no re-hashing of the build side).
 
 Codes come from :class:`~millstream.ops.join.keys.KeyEncoder`. A dense range of exact
-codes (the usual integer keys) is looked up directly in an offsets table; any other codes
+codes (the usual integer keys) is looked up directly in per-code tables; any other codes
 in an open-addressing hash table (linear probing, vectorized over the probe rows). A join
 without keys (a cross join, a nested loop over a condition) is one group holding every
 build row.
@@ -46,17 +46,26 @@ class JoinIndex:
         self.direct = enc.exact and enc.span <= max(_DIRECT_PER_ROW * len(rows), _DIRECT_MIN)
         if self.direct and enc.span < 2**31:
             codes = codes.astype(np.int32)  # sorts several times faster than int64
-        sort = np.argsort(codes)
-        self.order = rows[sort]  # build rows by code
-        codes = codes[sort]
-        if self.direct:
-            idx = np.int32 if len(rows) < 2**31 else np.int64
-            self.offsets = np.zeros(enc.span + 1, dtype=idx)
-            self.offsets[1:] = np.cumsum(np.bincount(codes, minlength=enc.span), dtype=idx)
+        sort = _argsort(codes)
+        if sort is None:  # already in code order (a side read sorted by its key)
+            self.order = rows
         else:
-            starts = np.flatnonzero(np.diff(codes)) + 1
-            starts = np.concatenate([np.zeros(min(1, len(codes)), np.int64), starts])
-            counts = np.diff(np.append(starts, len(codes))).astype(np.int64)
+            self.order = rows[sort]  # build rows by code
+            codes = codes[sort]
+        starts = np.flatnonzero(codes[1:] != codes[:-1]) + 1
+        starts = np.concatenate([np.zeros(min(1, len(codes)), np.int64), starts])
+        counts = np.diff(np.append(starts, len(codes))).astype(np.int64)
+        if self.direct:
+            # per code: its first position in ``order`` and its number of rows; only the
+            # slots of present codes are written (the zeroed pages of absent ones are
+            # never touched), so no pass over the whole span
+            idx = np.int32 if len(rows) < 2**31 else np.int64
+            present = codes[starts]
+            self.first = np.zeros(enc.span, dtype=idx)
+            self.count = np.zeros(enc.span, dtype=idx)
+            self.first[present] = starts
+            self.count[present] = counts
+        else:
             self.table = _HashTable(codes[starts], starts, counts)
             if not enc.exact and len(codes):
                 # hashed codes: when every build row of a code has the same key (no two
@@ -81,8 +90,8 @@ class JoinIndex:
             if valid is not None:
                 ok &= valid
             pos = np.where(ok, code, 0) if not ok.all() else code
-            first = self.offsets[pos].astype(np.int64)
-            count = self.offsets[pos + 1] - first
+            first = self.first[pos].astype(np.int64)
+            count = self.count[pos].astype(np.int64)
             if not ok.all():
                 count[~ok] = 0
             return count, first, None
@@ -96,6 +105,22 @@ class JoinIndex:
             same = enc.verify(probe_cols, probe_atoms, rows, self.order[first[rows]])
             count[rows[~same]] = 0
         return count, first, None
+
+
+def _argsort(codes: np.ndarray) -> np.ndarray | None:
+    """The order that sorts ``codes`` (None: they are sorted already): a merge of runs
+    (stable) when the codes are mostly ascending already (a side read from files sorted
+    or clustered by the key, shuffle outputs concatenated in map order), else numpy's
+    default sort."""
+    n = len(codes)
+    if n < 2:
+        return None
+    descents = np.count_nonzero(codes[1:] < codes[:-1])
+    if descents == 0:
+        return None
+    if descents * 64 < n:
+        return np.argsort(codes, kind="stable")
+    return np.argsort(codes)
 
 
 class _HashTable:

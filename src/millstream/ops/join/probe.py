@@ -135,9 +135,12 @@ def _columns(table: pa.Table) -> dict[str, pa.Array | pa.ChunkedArray]:
 class JoinProbe:
     """Joins probe batches against a build side indexed once (see the module docstring).
 
-    ``build_left``: the build side is the left input (a broadcast left side); then only
-    inner and right joins are allowed, as the unmatched left rows of a left input that
-    every task holds could not be decided by one task.
+    ``build_left``: the build side is the left input; then inner and right joins (a
+    broadcast left side: the unmatched left rows of a left input that every task holds
+    could not be decided by one task), and semi and anti joins when one task sees all the
+    right rows of its left rows (a shuffle join whose left side is the smaller): right
+    batches only mark the left rows they match, and :meth:`finish` emits the left rows
+    matched (semi) or not (anti).
     """
 
     def __init__(self, left_on: Sequence[str], right_on: Sequence[str], how: str,
@@ -146,8 +149,9 @@ class JoinProbe:
         self.how = check_how(how)
         if len(left_on) != len(right_on):
             raise PlanError("join needs as many left keys as right keys")
-        if build_left and self.how not in ("inner", "right"):
-            raise PlanError(f"a broadcast left side serves inner and right joins, not {how}")
+        if build_left and self.how not in ("inner", "right", "semi", "anti"):
+            raise PlanError(f"a left build side serves inner, right, semi and anti joins, "
+                            f"not {how}")
         self.left_on, self.right_on = list(left_on), list(right_on)
         self.suffix, self.condition, self.build_left = suffix, condition, build_left
         self.probe_on = self.right_on if build_left else self.left_on
@@ -156,6 +160,8 @@ class JoinProbe:
         preserve_right = self.how in ("right", "outer")
         self.keep_probe = preserve_right if build_left else preserve_left
         self.keep_build = preserve_left if build_left else preserve_right
+        #: semi/anti join built on its left side: the output is decided at finish()
+        self.semi_build = build_left and self.how in ("semi", "anti")
         self.on_build = on_build
         self.table: pa.Table | None = None
         self.cols: dict[str, Any] = {}
@@ -173,7 +179,7 @@ class JoinProbe:
                 pass
         self.table = table
         self.cols = _columns(table)
-        if self.keep_build:
+        if self.keep_build or self.semi_build:
             self.matched = np.zeros(table.num_rows, dtype=bool)
 
     def _index(self, types: list[pa.DataType]) -> JoinIndex:
@@ -241,6 +247,9 @@ class JoinProbe:
         index = self._index(lay.key_types)
         pcols = [key_column(batch.column(k), t) for k, t in zip(self.probe_on, lay.key_types)]
         count, first, check = index.lookup(pcols, n)
+        if self.semi_build:
+            self._mark(batch, lay, index, count, first, check)
+            return
         semi = self.how in ("semi", "anti")
         if semi and check is None and self.condition is None:
             hit = count > 0
@@ -271,15 +280,45 @@ class JoinProbe:
             if len(rows):
                 yield self._assemble(lay, batch, rows, None, len(rows))
 
+    def _mark(self, batch: pa.RecordBatch, lay: JoinLayout, index: JoinIndex,
+              count: np.ndarray, first: np.ndarray, check: Any) -> None:
+        """Marks the (left) build rows that rows of a (right) probe batch match."""
+        assert self.matched is not None
+        if check is None and self.condition is None:
+            # every candidate matches: mark the rows of each matched key once, however
+            # many probe rows have that key (a key's rows are one run of ``order``)
+            rows = np.flatnonzero(count)
+            starts, at = np.unique(first[rows], return_index=True)
+            sizes = count[rows[at]]
+            total = int(sizes.sum())
+            if total:
+                pos = np.arange(total, dtype=np.int64) + np.repeat(
+                    starts - (np.cumsum(sizes) - sizes), sizes)
+                self.matched[index.order[pos]] = True
+            return
+        for pi, bi in pair_chunks(count, first, index.order, self._pair_limit(batch)):
+            if check is not None:
+                keep = check(pi, bi)
+                pi, bi = pi[keep], bi[keep]
+            if self.condition is not None and len(pi):
+                ok = self._condition(lay, batch, pi, bi)
+                bi = bi[ok]
+            self.matched[bi] = True
+
     def finish(self, probe_schema: pa.Schema | None, batch_rows: int = 65536
                ) -> Iterator[pa.Table]:
-        """The build rows no probe row matched, null-extended (right and outer joins)."""
-        if not self.keep_build or self.table is None:
+        """The build rows no probe row matched, null-extended (right and outer joins); for
+        a semi or anti join built on its left side, the left rows matched or not."""
+        if not (self.keep_build or self.semi_build) or self.table is None:
             return
         if not self.table.num_columns:
             return
-        rows = (np.flatnonzero(~self.matched) if self.matched is not None
-                else np.arange(self.table.num_rows))
+        if self.semi_build:
+            assert self.matched is not None
+            rows = np.flatnonzero(self.matched if self.how == "semi" else ~self.matched)
+        else:
+            rows = (np.flatnonzero(~self.matched) if self.matched is not None
+                    else np.arange(self.table.num_rows))
         lay = self.layout(probe_schema)
         for start in range(0, len(rows), batch_rows):
             part = rows[start:start + batch_rows]

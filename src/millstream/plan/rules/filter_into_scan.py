@@ -34,9 +34,20 @@ def _into_scan(node: Node, pushed: dict[tuple[int, str], object]) -> Node:
     if (id(src), repr(expr)) in pushed:
         return node  # handed to this source already, which keeps the filter above too
     new_src, _cols, fully = src.with_pushdown(None, expr)
-    if new_src is src:
+    if new_src is src or (not fully and _same_source(new_src, src)):
+        # the source took nothing (e.g. no Arrow kernel for the column's type): a new but
+        # equal source object would be pushed into again once sub-plan reuse merged it
+        # with an equal scan, and the rules would never reach a fixed point
         return node
     pushed[(id(new_src), repr(expr))] = new_src
     scan = Scan(new_src)
     rest = [p for p in parts if p.to_arrow() is None] if fully else parts
     return Filter(scan, conjoin(rest)) if rest else scan
+
+
+def _same_source(a: object, b: object) -> bool:
+    """Whether two sources read the same (by their fingerprints, when they have them)."""
+    try:
+        return a.fingerprint() == b.fingerprint()  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - a source without a comparable fingerprint
+        return False
