@@ -135,25 +135,12 @@ def _stream_host_main(payload: bytes, index: int, readers: dict[int, Connection]
                       foreign: list[Connection] | None = None) -> None:
     """A streaming host: run the slot's callable with its channels. ``foreign``: the other
     hosts' pipe ends a forked host inherited, closed first."""
-    if foreign is not None:  # forked: the driver's state is not the host's
-        for c in foreign:
-            c.close()
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the driver's clean-up handler
-        # the process's own stdout and stderr, as a started host has (the driver's may be
-        # redirected into its memory: a test's capture, contextlib.redirect_stdout)
-        sys.stdout = sys.__stdout__ or sys.stdout
-        sys.stderr = sys.__stderr__ or sys.stderr
-        # nor the driver's session (its worker pool's connections are the driver's): a
-        # batch action in a task's code gets a session of its own, as in a started host
-        from millstream.runtime import session
-
-        session._session = None  # noqa: SLF001
+    for c in foreign or ():
+        c.close()
     os.environ.update(env)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:  # `kill -USR1 <pid>` prints where a task is stuck
-        faulthandler.register(signal.SIGUSR1)
-    except (AttributeError, ValueError, OSError):  # no stderr with a file descriptor
-        pass
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the driver's clean-up handler
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints where a task is stuck
     release_memory_promptly(STREAM_DECAY_MS)
     threading.Thread(target=_exit_with_driver, args=(driver,), daemon=True).start()
     fn = cloudpickle.loads(payload)
