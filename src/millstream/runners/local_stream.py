@@ -7,13 +7,6 @@ the receiving slot's reader thread reads them. A full pipe blocks the writer thr
 backpressure a bounded inbox gave. Coordinator messages (barriers, commits) and the
 slots' messages to the coordinator (acknowledgements, metrics) are few and small: they
 go through multiprocessing queues.
-
-On Linux the hosts are forked from the driver, which has imported what they run (the
-package, pyarrow, pandas): a host starts in milliseconds, where a fork server imports them
-all again once per driver (about 1 CPU-s, most of a short job's overhead). A forked host
-first closes the other hosts' pipe ends it inherited (so a host's death still reaches its
-peers as end-of-file) and takes SIGTERM back to its default. ``MILLSTREAM_STREAM_FORK=0``
-(and other platforms) start hosts the local runner's way (its fork server).
 """
 
 from __future__ import annotations
@@ -24,10 +17,8 @@ import os
 import queue
 import select
 import signal
-import sys
 import threading
 import time
-import warnings
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -39,22 +30,6 @@ from millstream.runners.processes import (
     release_memory_promptly,
 )
 from millstream.runtime.streaming.wire import from_wire, read_frame, to_wire, write_frame
-
-#: Held while a job's hosts start: a host forked from the driver then inherits no other
-#: job's pipe ends, only this job's (which it closes), so end-of-file still means death.
-_STARTING = threading.Lock()
-
-
-def _fork_context() -> Any:
-    """The multiprocessing context that forks hosts from the driver, or None where forking
-    is not used (not Linux: macOS' system libraries do not survive a fork of a threaded
-    process; or ``MILLSTREAM_STREAM_FORK=0``)."""
-    if not sys.platform.startswith("linux") or os.environ.get("MILLSTREAM_STREAM_FORK") == "0":
-        return None
-    try:
-        return mp.get_context("fork")
-    except ValueError:  # pragma: no cover - no fork here
-        return None
 
 
 class _PipeChannels:
@@ -116,9 +91,8 @@ class _PipeChannels:
 
 
 def _exit_with_driver(driver: int) -> None:
-    """End this host when the driver is gone (killed), so no task outlives its job (a fork
-    server that started this process does not notice its driver's death, nor does a
-    forked process)."""
+    """End this host when the driver is gone (killed), so no task outlives its job (the
+    fork server that started this process does not notice its driver's death)."""
     while True:
         time.sleep(0.5)
         try:
@@ -131,15 +105,10 @@ def _exit_with_driver(driver: int) -> None:
 
 def _stream_host_main(payload: bytes, index: int, readers: dict[int, Connection],
                       writers: dict[int, Connection], control: mp.Queue,
-                      coordinator: mp.Queue, env: dict[str, str], driver: int,
-                      foreign: list[Connection] | None = None) -> None:
-    """A streaming host: run the slot's callable with its channels. ``foreign``: the other
-    hosts' pipe ends a forked host inherited, closed first."""
-    for c in foreign or ():
-        c.close()
+                      coordinator: mp.Queue, env: dict[str, str], driver: int) -> None:
+    """A streaming host: run the slot's callable with its channels."""
     os.environ.update(env)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the driver's clean-up handler
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints where a task is stuck
     release_memory_promptly(STREAM_DECAY_MS)
     threading.Thread(target=_exit_with_driver, args=(driver,), daemon=True).start()
@@ -186,49 +155,34 @@ class LocalStreamHosts:
     """The processes hosting a streaming job's task slots, and the coordinator's side."""
 
     def __init__(self, runner: Any, payloads: list[bytes], inbox_capacity: int) -> None:
-        fork = _fork_context()
-        ctx = fork or runner._mp
-        if fork is not None:
-            from millstream.core import lazy_pandas
-
-            lazy_pandas.ensure()  # tasks use pandas: import it once here, not per host
+        ctx = runner._mp
         n = len(payloads)
+        readers: list[dict[int, Connection]] = [{} for _ in range(n)]
+        writers: list[dict[int, Connection]] = [{} for _ in range(n)]
+        for src in range(n):
+            for dest in range(n):
+                if src != dest:
+                    r, w = ctx.Pipe(duplex=False)
+                    _widen_pipe(r.fileno())
+                    readers[dest][src], writers[src][dest] = r, w
         self.controls = [ctx.Queue() for _ in range(n)]
         self.coordinator = ctx.Queue()
         self.procs = []
         env = dict(os.environ)
-        with _STARTING:
-            readers: list[dict[int, Connection]] = [{} for _ in range(n)]
-            writers: list[dict[int, Connection]] = [{} for _ in range(n)]
-            try:
-                for src in range(n):
-                    for dest in range(n):
-                        if src != dest:
-                            r, w = ctx.Pipe(duplex=False)
-                            _widen_pipe(r.fileno())
-                            readers[dest][src], writers[src][dest] = r, w
-                every = [c for conns in (*readers, *writers) for c in conns.values()]
-                for i, payload in enumerate(payloads):
-                    own = {id(c) for c in (*readers[i].values(), *writers[i].values())}
-                    foreign = [c for c in every if id(c) not in own] if fork else None
-                    proc = ctx.Process(target=_stream_host_main, daemon=True,
-                                       name=f"millstream-stream-{i}",
-                                       args=(payload, i, readers[i], writers[i],
-                                             self.controls[i], self.coordinator, env,
-                                             os.getpid(), foreign))
-                    if fork is not None:
-                        with warnings.catch_warnings():  # (Python 3.12+ warns of threads)
-                            warnings.simplefilter("ignore", DeprecationWarning)
-                            proc.start()
-                    else:
-                        runner._start(proc)
-                    self.procs.append(proc)
-            finally:
-                # the hosts have their ends now: a host's death closes its pipes (its peers
-                # see end-of-file or a broken pipe)
-                for conns in (*readers, *writers):
-                    for c in conns.values():
-                        c.close()
+        try:
+            for i, payload in enumerate(payloads):
+                proc = ctx.Process(target=_stream_host_main, daemon=True,
+                                   name=f"millstream-stream-{i}",
+                                   args=(payload, i, readers[i], writers[i], self.controls[i],
+                                         self.coordinator, env, os.getpid()))
+                runner._start(proc)
+                self.procs.append(proc)
+        finally:
+            # the hosts have their ends now: a host's death closes its pipes (its peers
+            # see end-of-file or a broken pipe)
+            for conns in (*readers, *writers):
+                for c in conns.values():
+                    c.close()
         self._reported: set[int] = set()
 
     def pids(self) -> list[int]:
