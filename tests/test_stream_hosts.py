@@ -1,4 +1,4 @@
-"""The parallel executor's task-slot hosts on this machine: what a forked host holds."""
+"""The parallel executor's task-slot hosts on this machine: the pipes each holds."""
 
 from __future__ import annotations
 
@@ -26,10 +26,11 @@ def _pipe_inodes(pid: int) -> set[str]:
     return out
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and forked hosts")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_pipe_between_two_slots_is_open_in_those_two_hosts_only():
-    """Hosts forked from the driver inherit every pipe made for the job: each must close
-    the others' ends, or a dead host's peers never see end-of-file (nor a broken pipe)."""
+    """A pipe between two slots is open in those two hosts only (none inherits another's
+    ends, nor a pipe of the driver's), or a dead host's peers never see end-of-file (nor
+    a broken pipe)."""
     src = TestSource(partitions=3)
     for p in range(3):
         src.add([{"k": f"k{i}", "v": i} for i in range(p, 30, 3)], partition=p)
