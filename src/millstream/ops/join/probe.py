@@ -255,13 +255,7 @@ class JoinProbe:
             hit = count > 0
         else:
             hit = np.zeros(n, dtype=bool) if (semi or self.keep_probe) else None
-            for pi, bi in pair_chunks(count, first, index.order, self._pair_limit(batch)):
-                if check is not None:
-                    keep = check(pi, bi)
-                    pi, bi = pi[keep], bi[keep]
-                if self.condition is not None and len(pi):
-                    ok = self._condition(lay, batch, pi, bi)
-                    pi, bi = pi[ok], bi[ok]
+            for pi, bi in self._pairs(batch, lay, index, count, first, check):
                 if hit is not None:
                     hit[pi] = True
                 if self.matched is not None:
@@ -296,14 +290,22 @@ class JoinProbe:
                     starts - (np.cumsum(sizes) - sizes), sizes)
                 self.matched[index.order[pos]] = True
             return
+        for _pi, bi in self._pairs(batch, lay, index, count, first, check):
+            self.matched[bi] = True
+
+    def _pairs(self, batch: pa.RecordBatch, lay: JoinLayout, index: JoinIndex,
+               count: np.ndarray, first: np.ndarray, check: Any
+               ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The (probe row, build row) pairs of equal keys that pass the key ``check`` and
+        the residual condition, in chunks of a bounded number of pairs."""
         for pi, bi in pair_chunks(count, first, index.order, self._pair_limit(batch)):
             if check is not None:
                 keep = check(pi, bi)
                 pi, bi = pi[keep], bi[keep]
             if self.condition is not None and len(pi):
                 ok = self._condition(lay, batch, pi, bi)
-                bi = bi[ok]
-            self.matched[bi] = True
+                pi, bi = pi[ok], bi[ok]
+            yield pi, bi
 
     def finish(self, probe_schema: pa.Schema | None, batch_rows: int = 65536
                ) -> Iterator[pa.Table]:
