@@ -86,8 +86,7 @@ class WindowCombiner(Operator):
         else:  # every row lies in at least one window; its windows are contiguous in idx
             starts = np.flatnonzero(np.r_[True, idx[1:] != idx[:-1]])
             first_end = np.minimum.reduceat(we, starts)
-        expiry = self.watermark - self.allowed_lateness \
-            if self.watermark > MIN_WATERMARK + self.allowed_lateness else MIN_WATERMARK
+        expiry = self._expiry()
         safe = first_end > expiry
         n_safe = int(safe.sum())
         if n_safe == 0:
@@ -103,15 +102,13 @@ class WindowCombiner(Operator):
             table = table.take(pa.array(take))
         table = table.append_column(_WS, pa.array(ws, pa.int64()))
         table = table.append_column(_WE, pa.array(we, pa.int64()))
-        states = self.core.partial(table)
-        tz = col.type.tz if pa.types.is_timestamp(col.type) and col.type.tz else ""
-        states = states.replace_schema_metadata({_COMBINED: tz.encode()})
-        out: list[pa.RecordBatch] = states.combine_chunks().to_batches()
-        if n_safe < batch.num_rows:  # the rest goes on as it came (in its order)
-            mask = np.ones(batch.num_rows, dtype=bool)
-            mask[combine] = False
-            out.append(batch.filter(pa.array(mask)))
-        return out
+        return _emit(self.core.partial(table), col, batch, combine)
+
+    def _expiry(self) -> int:
+        """Windows ending at or below this are complete: their rows go on uncombined."""
+        if self.watermark > MIN_WATERMARK + self.allowed_lateness:
+            return self.watermark - self.allowed_lateness
+        return MIN_WATERMARK
 
     def _process_panes(self, batch: pa.RecordBatch, col: pa.Array, rows: np.ndarray,
                        tv: np.ndarray) -> Batches:
@@ -121,8 +118,7 @@ class WindowCombiner(Operator):
         every window it lies in, nor grouped there)."""
         w = self.window
         pane = np.floor_divide(tv - w.offset, w.every) * w.every + w.offset
-        expiry = self.watermark - self.allowed_lateness \
-            if self.watermark > MIN_WATERMARK + self.allowed_lateness else MIN_WATERMARK
+        expiry = self._expiry()
         safe = pane + w.every > expiry  # the earliest end of a pane's windows
         n_safe = int(safe.sum())
         if n_safe == 0:
@@ -143,17 +139,24 @@ class WindowCombiner(Operator):
                                    pa.array(ws, pa.int64()))
         states = states.set_column(states.schema.get_field_index(_WE), _WE,
                                    pa.array(ws + w.size, pa.int64()))
-        tz = col.type.tz if pa.types.is_timestamp(col.type) and col.type.tz else ""
-        states = states.replace_schema_metadata({_COMBINED: tz.encode()})
-        out: list[pa.RecordBatch] = states.combine_chunks().to_batches()
-        if n_safe < batch.num_rows:  # the rest goes on as it came (in its order)
-            mask = np.ones(batch.num_rows, dtype=bool)
-            mask[combine] = False
-            out.append(batch.filter(pa.array(mask)))
-        return out
+        return _emit(states, col, batch, combine)
 
     def describe(self) -> str:
         return self.name
+
+
+def _emit(states: pa.Table, col: pa.Array, batch: pa.RecordBatch, combined: np.ndarray
+          ) -> list[pa.RecordBatch]:
+    """The combined states (marked as such, with the event time's zone), then the rows of
+    ``batch`` that were not combined, as they came (in their order)."""
+    tz = col.type.tz if pa.types.is_timestamp(col.type) and col.type.tz else ""
+    states = states.replace_schema_metadata({_COMBINED: tz.encode()})
+    out: list[pa.RecordBatch] = states.combine_chunks().to_batches()
+    if len(combined) < batch.num_rows:
+        mask = np.ones(batch.num_rows, dtype=bool)
+        mask[combined] = False
+        out.append(batch.filter(pa.array(mask)))
+    return out
 
 
 def _pane_aligned(window: WindowAssigner) -> bool:
