@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import math
 import tempfile
-from typing import Any
 
 import millstream as ms
 
@@ -37,18 +36,6 @@ def averages(stream: ms.Dataset) -> ms.Dataset:
                  ms.count().alias("readings")))
 
 
-def job_summary(job: Any) -> str:
-    """The finished job in a line: records, checkpoints, late records, restarts."""
-    m = job.metrics()
-    n = m.get("checkpoints", 0)
-    line = (f"{m['records_in']:,} records in, {m['records_out']:,} rows out; "
-            f"{n} checkpoint{'' if n == 1 else 's'}")
-    if m.get("last_checkpoint_bytes") is not None:
-        line += (f" (the last {m['last_checkpoint_bytes'] / 1024:,.1f} KiB in "
-                 f"{m.get('last_checkpoint_seconds', 0.0):.2f} s)")
-    return line + f"; {m['late_records']:,} late records; {m.get('restarts', 0)} restarts"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--readings", type=int, default=DEVICES * 20 * 60 * 3, help="total readings")
@@ -64,7 +51,7 @@ def main() -> None:
         result.show(5)
         print("anomalies (max temperature over 45):")
         alerts.select("device", "window_start", "max_temp").show(10)
-        print(job_summary(job))
+        print(job.summary())
 
 
 if __name__ == "__main__":

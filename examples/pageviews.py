@@ -105,18 +105,6 @@ def run(n: int, out_dir: str, checkpoint: str, partitions: int = 2,
     return job
 
 
-def job_summary(job: Any) -> str:
-    """The finished job in a line: records, checkpoints, late records, restarts."""
-    m = job.metrics()
-    n = m.get("checkpoints", 0)
-    line = (f"{m['records_in']:,} records in, {m['records_out']:,} rows out; "
-            f"{n} checkpoint{'' if n == 1 else 's'}")
-    if m.get("last_checkpoint_bytes") is not None:
-        line += (f" (the last {m['last_checkpoint_bytes'] / 1024:,.1f} KiB in "
-                 f"{m.get('last_checkpoint_seconds', 0.0):.2f} s)")
-    return line + f"; {m['late_records']:,} late records; {m.get('restarts', 0)} restarts"
-
-
 def main() -> None:
     """Run the job on a generated stream and print the top pages per minute."""
     ap = argparse.ArgumentParser(description=__doc__,
@@ -131,7 +119,7 @@ def main() -> None:
             minute = dt.datetime.fromtimestamp(start / 1000, dt.timezone.utc).strftime("%H:%M")
             print(minute, "  ".join(f"{p} {v}" for p, v in pages))
         print(f"late clicks (dropped from their windows): {len(job.late_records())}")
-        print(job_summary(job))
+        print(job.summary())
 
 
 if __name__ == "__main__":

@@ -75,6 +75,11 @@ def test_iot_streaming_example_matches_batch(tmp_path):
     assert canon(streamed) == canon(batch)
     assert sum(r["readings"] for r in streamed) == n
     assert any(r["max_temp"] > 45 for r in streamed if r["device"] == "dev-07")
+    m = job.metrics()  # the job in a line, as the example prints it
+    assert job.summary().startswith(f"{n:,} records in, {m['records_out']:,} rows out; "
+                                    f"{m['checkpoints']} checkpoint")
+    assert job.summary().endswith(f"; {m['late_records']:,} late records; "
+                                  f"{m['restarts']} restarts")
 
 
 @pytest.mark.parametrize("script, args, expect", [

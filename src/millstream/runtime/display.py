@@ -115,6 +115,19 @@ def stream_line(ev: Event, rates: tuple[float, float]) -> str:
             f"{ckpt_text} restarts {m.get('restarts', 0)}")
 
 
+def summary_line(m: dict) -> str:
+    """A streaming job's metrics in a line: records in and out, checkpoints (the last
+    one's size and time), late records, restarts."""
+    n = m.get("checkpoints", 0)
+    line = (f"{m.get('records_in', 0):,} records in, {m.get('records_out', 0):,} rows out; "
+            f"{n} checkpoint{'' if n == 1 else 's'}")
+    if m.get("last_checkpoint_bytes") is not None:
+        line += (f" (the last {m['last_checkpoint_bytes'] / 1024:,.1f} KiB in "
+                 f"{m.get('last_checkpoint_seconds') or 0.0:.2f} s)")
+    return line + (f"; {m.get('late_records', 0):,} late records; "
+                   f"{m.get('restarts', 0)} restarts")
+
+
 class _Terminal:
     """One line on stderr, redrawn in place."""
 

@@ -57,7 +57,7 @@ from millstream.plan.rank_filter import rank_filters_to_top_n
 from millstream.plan.stages import all_stages
 from millstream.plan.updates import check_sink, check_updates
 from millstream.runtime.checkpoint import CheckpointStore
-from millstream.runtime.display import watch
+from millstream.runtime.display import summary_line, watch
 from millstream.runtime.events import BUS, call_site, error_text, publish
 from millstream.runtime.job_events import (
     checkpoint_event,
@@ -251,6 +251,10 @@ class StreamingJob:
         """The Ray node id of every task (Ray runner; for tests and monitoring)."""
         hosts = self._hosts
         return list(getattr(hosts, "nodes", ())) if hosts is not None else []
+
+    def summary(self) -> str:
+        """The job in a line (records, checkpoints, late records, restarts), for people."""
+        return summary_line(self.metrics())
 
     def metrics(self) -> dict[str, Any]:
         """Epoch, watermark and its lag, records in/out and state size (at the last
