@@ -129,7 +129,8 @@ def test_operator_emits_what_the_reference_emits(data, how, limit):
     want = _expected(steps, how)
     assert change_bag(got) == change_bag(want)
     assert fold(got) == bag(join_oracle(live[0], live[1], how))
-    if limit == 0 and (live[0] or live[1]):  # (rows held at the end went to disk)
+    # rows held at the end went to disk (a null-keyed row never matches: it is not held)
+    if limit == 0 and any(r["k"] is not None for rows in live for r in rows):
         assert op.spill_stats()["spills"] > 0
     op.close()
 
