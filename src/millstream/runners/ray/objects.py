@@ -176,3 +176,12 @@ class RayBlockOutput:
                            cached=self.cached, _payload=data)
 
 
+def _near(node: str) -> Any:
+    """Run on ``node`` when it has a free CPU, elsewhere at once when it is busy or gone
+    (locality without waiting, as Ray itself does for a task's direct arguments)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    try:
+        return NodeAffinitySchedulingStrategy(node, soft=True, _spill_on_unavailable=True)
+    except TypeError:  # an older Ray: prefer the node, wait for it when busy
+        return NodeAffinitySchedulingStrategy(node, soft=True)

@@ -28,6 +28,7 @@ from millstream.runners.ray.objects import (
     RayBlockRef,
     RayMapOutput,
     RayShuffleOutput,
+    _near,
 )
 from millstream.runners.ray.stream_hosts import RayStreamHosts
 from millstream.runtime.progress import StageProgress
@@ -105,17 +106,6 @@ class _Attempt:
     attempt: int
     data: Any
     started: float
-
-
-def _near(node: str) -> Any:
-    """Run on ``node`` when it has a free CPU, elsewhere at once when it is busy or gone
-    (locality without waiting, as Ray itself does for a task's direct arguments)."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    try:
-        return NodeAffinitySchedulingStrategy(node, soft=True, _spill_on_unavailable=True)
-    except TypeError:  # an older Ray: prefer the node, wait for it when busy
-        return NodeAffinitySchedulingStrategy(node, soft=True)
 
 
 class RayRunner(Runner):

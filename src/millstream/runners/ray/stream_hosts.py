@@ -9,7 +9,7 @@ from typing import Any
 
 from millstream.errors import WorkerLostError
 from millstream.runners.ray.connect import _first_line, _forwarded_env, _set_env
-from millstream.runners.ray.objects import _node_id
+from millstream.runners.ray.objects import _near, _node_id
 from millstream.runtime.streaming.wire import from_wire, to_wire, wire_bytes
 
 
@@ -201,16 +201,19 @@ class RayStreamHosts:
         n = len(payloads)
         # Tasks ask for no CPU: a job's tasks are long-lived and mostly wait on each other,
         # and a job must not be unschedulable because it has more tasks than the cluster
-        # has CPUs. SPREAD puts them on different nodes.
-        host_cls = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=n + 4,
-                              scheduling_strategy="SPREAD")(_StreamHost)
+        # has CPUs. They go round the live nodes (Ray's SPREAD is best effort: it put all of
+        # a job's actors on one node now and then); a node gone meanwhile is passed over.
+        host_cls = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=n + 4)(_StreamHost)
+        nodes = sorted(node["NodeID"] for node in ray.nodes() if node.get("Alive"))
         self.mailbox = ray.remote(num_cpus=0, max_restarts=0)(_Mailbox).remote()
         env = _forwarded_env()
         self.runs: list[Any] = []  # (set before anything can fail: shutdown reads them)
         self._finished: set[int] = set()
         self._dead: dict[int, str] = {}
         self._controls: list[Any] = []  # control calls in flight
-        self.actors = [host_cls.remote(inbox_capacity, env) for _ in range(n)]
+        self.actors = [host_cls.options(scheduling_strategy=_near(nodes[i % len(nodes)]))
+                       .remote(inbox_capacity, env) if nodes else
+                       host_cls.remote(inbox_capacity, env) for i in range(n)]
         try:
             self.nodes = ray.get([a.wire.remote(self.actors, self.mailbox)
                                   for a in self.actors], timeout=_HOST_START_TIMEOUT_S)
