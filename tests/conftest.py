@@ -36,6 +36,22 @@ def pytest_configure(config: pytest.Config) -> None:
                             "a genuine gap of one streaming executor (skip or strict xfail)")
     config.addinivalue_line("markers", "ray_streaming: also run the test's streaming jobs on "
                             "the parallel executor on the Ray runner (executor 'parallel-ray')")
+    _check_xdist_groups(config)
+
+
+def _check_xdist_groups(config: pytest.Config) -> None:
+    """Refuse a pytest that ``--dist loadgroup`` cannot group: pytest 9.2 keeps a node's id
+    where pytest-xdist 3.8 does not rename it, so every test worker would start its own Ray
+    cluster and brokers would run side by side (the suite took a third longer)."""
+    if config.getoption("dist", "no") != "loadgroup" or hasattr(config, "workerinput"):
+        return
+    from _pytest.nodes import Node
+
+    if "_nodeid" not in Node.nodeid.fget.__code__.co_names:
+        raise pytest.UsageError(
+            f"pytest {pytest.__version__} and this pytest-xdist do not group tests (--dist "
+            f"loadgroup): install the pytest that pyproject.toml's test extra names "
+            f"(.venv/bin/pip install -e '.[test]')")
 
 
 @pytest.fixture(scope="session", autouse=True)
