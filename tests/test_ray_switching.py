@@ -14,7 +14,8 @@ from runners_fixture import ray_missing, use_runner
 import millstream as ms
 from millstream.runtime.session import get_session
 
-pytestmark = pytest.mark.skipif(ray_missing() is not None, reason=ray_missing() or "")
+pytestmark = [pytest.mark.ray,  # the session's Ray cluster, on the test worker of the Ray tests
+              pytest.mark.skipif(ray_missing() is not None, reason=ray_missing() or "")]
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
 

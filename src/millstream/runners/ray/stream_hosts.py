@@ -9,7 +9,7 @@ from typing import Any
 
 from millstream.errors import WorkerLostError
 from millstream.runners.ray.connect import _first_line, _forwarded_env, _set_env
-from millstream.runners.ray.objects import _near, _node_id
+from millstream.runners.ray.objects import _node_id
 from millstream.runtime.streaming.wire import from_wire, to_wire, wire_bytes
 
 
@@ -190,6 +190,15 @@ class _ActorChannels:
         self._mailbox.put(to_wire(msg))
 
 
+def _on_node(node: str) -> Any:
+    """Place a host on ``node``, elsewhere only when that node is gone. Not the batch
+    tasks' ``_near``, which also goes elsewhere when the node is busy: a host asks for no
+    CPU and lives as long as the job, so a busy moment must not put a job on one node."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node, soft=True)
+
+
 _HOST_START_TIMEOUT_S = 120.0  # actors need no CPU; this only waits for worker processes
 
 
@@ -202,7 +211,8 @@ class RayStreamHosts:
         # Tasks ask for no CPU: a job's tasks are long-lived and mostly wait on each other,
         # and a job must not be unschedulable because it has more tasks than the cluster
         # has CPUs. They go round the live nodes (Ray's SPREAD is best effort: it put all of
-        # a job's actors on one node now and then); a node gone meanwhile is passed over.
+        # a job's actors on one node now and then, as did a soft affinity that spills when
+        # the node is busy); a node gone meanwhile is passed over.
         host_cls = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=n + 4)(_StreamHost)
         nodes = sorted(node["NodeID"] for node in ray.nodes() if node.get("Alive"))
         self.mailbox = ray.remote(num_cpus=0, max_restarts=0)(_Mailbox).remote()
@@ -211,7 +221,7 @@ class RayStreamHosts:
         self._finished: set[int] = set()
         self._dead: dict[int, str] = {}
         self._controls: list[Any] = []  # control calls in flight
-        self.actors = [host_cls.options(scheduling_strategy=_near(nodes[i % len(nodes)]))
+        self.actors = [host_cls.options(scheduling_strategy=_on_node(nodes[i % len(nodes)]))
                        .remote(inbox_capacity, env) if nodes else
                        host_cls.remote(inbox_capacity, env) for i in range(n)]
         try:
