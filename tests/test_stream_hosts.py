@@ -96,3 +96,38 @@ def test_the_fork_server_is_forked_from_the_driver_and_holds_none_of_its_descrip
     assert lines[:2] == ["forked", "0"], out.stdout
     sums = {k: sum(i for i in range(20) if f"k{i % 3}" == k) for k in ("k0", "k1", "k2")}
     assert lines[2] == str(sorted(sums.items()))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forks")
+def test_a_worker_of_the_forked_server_has_its_fork_server_lock_free():
+    """The driver holds multiprocessing's fork-server lock while it forks the server: the
+    server lets go of its copy, or anything in a worker that makes sure a fork server runs
+    (``forkserver.ensure_running``) would wait for it forever."""
+    import subprocess
+    import textwrap
+    from pathlib import Path
+
+    script = textwrap.dedent("""
+        import millstream as ms
+
+        def lock_free(batch):
+            from multiprocessing import forkserver
+            import pyarrow as pa
+            lock = forkserver._forkserver._lock
+            free = lock.acquire(timeout=5)
+            if free:
+                lock.release()
+            return pa.table({"code": [int(free)] * batch.num_rows})
+
+        ms.init(parallelism=2, progress=False)
+        got = ms.range(2000, num_partitions=2).map_batches(lock_free).to_arrow(
+            driver_input_limit=0)
+        print(sorted(set(got.column("code").to_pylist())))
+    """)
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src}
+    env.pop("MILLSTREAM_FORK_SERVER", None)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[0] == "[1]", out.stdout

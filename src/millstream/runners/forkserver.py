@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from typing import Any
 
 #: Set to ``0`` to start multiprocessing's stock fork server instead.
@@ -70,6 +71,11 @@ def _serve(listener_fd: int, alive_r: int, preload: list[str]) -> None:  # pragm
     """The forked server: make the process clean, then serve until the driver goes."""
     code = 0
     try:
+        from multiprocessing import forkserver
+
+        # the driver held it while forking: a process forked from here that starts one
+        # of its own would wait for it forever
+        forkserver._forkserver._lock = threading.Lock()  # noqa: SLF001
         _close_fds_except({0, 1, 2, listener_fd, alive_r})
         _default_signals()
         sys.stdin, sys.stdout, sys.stderr = sys.__stdin__, sys.__stdout__, sys.__stderr__
@@ -79,8 +85,6 @@ def _serve(listener_fd: int, alive_r: int, preload: list[str]) -> None:  # pragm
             faulthandler.disable()
             if sys.stderr is not None:
                 faulthandler.enable(sys.stderr)
-        from multiprocessing import forkserver
-
         forkserver.main(listener_fd, alive_r, preload)
     except SystemExit:
         pass
