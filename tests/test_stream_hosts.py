@@ -50,3 +50,84 @@ def test_a_pipe_between_two_slots_is_open_in_those_two_hosts_only():
     finally:
         job.stop()
 
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forks, reads /proc")
+def test_the_fork_server_is_forked_from_the_driver_and_holds_none_of_its_descriptors():
+    """Workers and hosts come from a fork server forked from the driver (it does not import
+    millstream, pyarrow and pandas again), which closed every descriptor the driver had
+    open (a pipe of the driver's here), so nothing it forks can hold one."""
+    import subprocess
+    import textwrap
+    from pathlib import Path
+
+    script = textwrap.dedent("""
+        import os
+        from multiprocessing import forkserver
+        import millstream as ms
+        from millstream.testing import CollectingSink, TestSource
+        r, w = os.pipe()  # the driver's, open before the first job
+        pipe = os.readlink(f"/proc/self/fd/{r}")
+        src = TestSource(partitions=2)
+        for p in range(2):
+            src.add([{"k": f"k{i % 3}", "v": i} for i in range(p, 20, 2)], partition=p)
+        src.close()
+        sink = CollectingSink()
+        job = (src.dataset().group_by("k").agg(ms.sum("v").alias("s"))
+               .start(executor="parallel", parallelism=2, sink=sink, checkpoint_interval=0))
+        job.await_termination()
+        pid = forkserver._forkserver._forkserver_pid
+        def cmdline(p):
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                return f.read()
+        # a stock fork server is a new interpreter: python -c "from multiprocessing..."
+        print("forked" if cmdline(pid) == cmdline(os.getpid()) else "stock")
+        fds = os.listdir(f"/proc/{pid}/fd")
+        print(sum(1 for fd in fds if os.readlink(f"/proc/{pid}/fd/{fd}") == pipe))
+        print(sorted((row["k"], row["s"]) for row in sink.final_table(["k"]).to_pylist()))
+    """)
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src}
+    env.pop("MILLSTREAM_FORK_SERVER", None)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[:2] == ["forked", "0"], out.stdout
+    sums = {k: sum(i for i in range(20) if f"k{i % 3}" == k) for k in ("k0", "k1", "k2")}
+    assert lines[2] == str(sorted(sums.items()))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forks")
+def test_a_worker_of_the_forked_server_has_its_fork_server_lock_free():
+    """The driver holds multiprocessing's fork-server lock while it forks the server: the
+    server lets go of its copy, or anything in a worker that makes sure a fork server runs
+    (``forkserver.ensure_running``) would wait for it forever."""
+    import subprocess
+    import textwrap
+    from pathlib import Path
+
+    script = textwrap.dedent("""
+        import millstream as ms
+
+        def lock_free(batch):
+            from multiprocessing import forkserver
+            import pyarrow as pa
+            lock = forkserver._forkserver._lock
+            free = lock.acquire(timeout=5)
+            if free:
+                lock.release()
+            return pa.table({"code": [int(free)] * batch.num_rows})
+
+        ms.init(parallelism=2, progress=False)
+        got = ms.range(2000, num_partitions=2).map_batches(lock_free).to_arrow(
+            driver_input_limit=0)
+        print(sorted(set(got.column("code").to_pylist())))
+    """)
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src}
+    env.pop("MILLSTREAM_FORK_SERVER", None)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[0] == "[1]", out.stdout

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 from millstream.core import pickling
 from millstream.errors import RunnerError
+from millstream.runners.forkserver import start_forked_server
 from millstream.runners.processes import describe_exit, release_memory_promptly
 from millstream.runtime.progress import StageProgress
 from millstream.runtime.runner import Runner
@@ -178,10 +179,13 @@ class LocalRunner(Runner):
                 # pyarrow imports pandas (when installed) on its first to_numpy(): import it
                 # once in the fork server rather than in every worker; likewise Acero,
                 # which every aggregation and join loads
-                ctx.set_forkserver_preload([
-                    "millstream.runtime.task", "millstream.runtime.streaming.slot",
-                    "millstream.runners.local_stream", "pyarrow", "cloudpickle", "pandas",
-                    "pyarrow.acero"])
+                preload = ["millstream.runtime.task", "millstream.runtime.streaming.slot",
+                           "millstream.runners.local_stream", "pyarrow", "cloudpickle",
+                           "pandas", "pyarrow.acero"]
+                ctx.set_forkserver_preload(preload)
+                # on Linux the server is forked from this process, which has imported most
+                # of them already (see millstream.runners.forkserver)
+                start_forked_server(preload)
             except ValueError:  # pragma: no cover - platforms without forkserver
                 ctx = mp.get_context("spawn")
             self._context = ctx

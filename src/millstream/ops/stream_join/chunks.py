@@ -62,6 +62,25 @@ def _single(table: pa.Table) -> pa.Table:
     return table.combine_chunks()
 
 
+def _runs_order(keys: list[np.ndarray]) -> list[int] | None:
+    """The order of the runs ``keys`` in which their concatenation is sorted, and as a
+    stable sort of them one after the other would leave it (ties keep the runs' order), or
+    None when a run is unsorted or two overlap. A task with several senders gets batches
+    in order from each, interleaved: such runs are put in order without a row gather."""
+    ends = []
+    for i, k in enumerate(keys):
+        if len(k) > 1 and not (k[1:] >= k[:-1]).all():
+            return None
+        if len(k):
+            ends.append((k[0], i, k[-1]))
+    ends.sort()
+    for (_, a, last), (first, b, _) in zip(ends, ends[1:]):
+        if last > first or (last == first and a > b):
+            return None
+    empty = [i for i, k in enumerate(keys) if not len(k)]
+    return empty + [i for _, i, _ in ends]
+
+
 class _Chunk:
     """Rows of one input held in memory: a table and aligned numpy columns, sorted by the
     buffer's sort field when ``sorted``; ``dead`` marks rows taken back (None: none)."""
@@ -284,6 +303,10 @@ class _SortedBuffer(_Buffer):
                 cols.append({f: a[mask] for f, a in c.cols.items()})
         if not tables:
             return None
+        if len(tables) > 1:
+            order = _runs_order([c[self.sort_field] for c in cols])
+            if order is not None:  # sorted runs that do not overlap: no sort, no gather
+                tables, cols = [tables[i] for i in order], [cols[i] for i in order]
         data = _single(_concat(tables))
         merged = {f: np.concatenate([c[f] for c in cols]) for f in self.fields}
         key = merged[self.sort_field]
