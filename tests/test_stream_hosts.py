@@ -51,7 +51,6 @@ def test_a_pipe_between_two_slots_is_open_in_those_two_hosts_only():
         job.stop()
 
 
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forks, reads /proc")
 def test_the_fork_server_is_forked_from_the_driver_and_holds_none_of_its_descriptors():
     """Workers and hosts come from a fork server forked from the driver (it does not import
@@ -131,3 +130,20 @@ def test_a_worker_of_the_forked_server_has_its_fork_server_lock_free():
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[0] == "[1]", out.stdout
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_large_driver_gets_the_stock_fork_server(monkeypatch):
+    """A forked server would keep the driver's pages of the moment for as long as it lives:
+    past the bound (or on an interpreter whose fork server keeps other state) the stock one
+    starts."""
+    from multiprocessing import forkserver as stock
+
+    from millstream.runners import forkserver
+
+    assert forkserver.available()
+    monkeypatch.setattr(forkserver, "MAX_DRIVER_RSS", 1 << 20)
+    assert not forkserver.available()
+    monkeypatch.undo()
+    monkeypatch.setattr(stock._forkserver, "_authkey", b"", raising=False)
+    assert not forkserver.available()

@@ -25,10 +25,37 @@ from typing import Any
 FORK_ENV = "MILLSTREAM_FORK_SERVER"
 
 
+#: A driver with more resident memory than this gets the stock server: a forked one would
+#: keep the driver's pages of the moment (a large frame the user drops later) for as long
+#: as it lives.
+MAX_DRIVER_RSS = 1 << 30
+
+#: The state multiprocessing's fork server keeps, as this module sets it (Python 3.10-3.13;
+#: an interpreter whose server keeps more, such as an authentication key, gets the stock one).
+_SERVER_STATE = {"_forkserver_address", "_forkserver_alive_fd", "_forkserver_pid",
+                 "_inherited_fds", "_lock", "_preload_modules"}
+
+
 def available() -> bool:
-    """Whether the fork server may be forked here (Linux, not switched off)."""
-    return (sys.platform.startswith("linux") and hasattr(os, "fork")
-            and os.environ.get(FORK_ENV, "1") != "0")
+    """Whether the fork server may be forked here: Linux, not switched off, an interpreter
+    whose fork server this module knows, and a driver that is still small."""
+    from multiprocessing import forkserver
+
+    if not (sys.platform.startswith("linux") and hasattr(os, "fork")
+            and os.environ.get(FORK_ENV, "1") != "0"):
+        return False
+    if set(vars(forkserver._forkserver)) != _SERVER_STATE:  # noqa: SLF001
+        return False
+    return _resident_bytes() <= MAX_DRIVER_RSS
+
+
+def _resident_bytes() -> int:
+    """This process's resident memory (Linux ``/proc``; unknown counts as too much)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return MAX_DRIVER_RSS + 1
 
 
 def start_forked_server(preload: list[str]) -> bool:
