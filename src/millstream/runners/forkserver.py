@@ -105,7 +105,7 @@ def _serve(listener_fd: int, alive_r: int, preload: list[str]) -> None:  # pragm
         forkserver._forkserver._lock = threading.Lock()  # noqa: SLF001
         _close_fds_except({0, 1, 2, listener_fd, alive_r})
         _default_signals()
-        sys.stdin, sys.stdout, sys.stderr = sys.__stdin__, sys.__stdout__, sys.__stderr__
+        _fresh_standard_streams()
         import faulthandler
 
         if faulthandler.is_enabled():  # its file may have been one of the closed ones
@@ -125,6 +125,23 @@ def _serve(listener_fd: int, alive_r: int, preload: list[str]) -> None:  # pragm
             pass
     finally:
         os._exit(code)
+
+
+def _fresh_standard_streams() -> None:
+    """New stream objects over descriptors 0-2: the driver's may have been mid-write in
+    another thread at the fork, and their locks would then stay held here and in every
+    process forked from here."""
+    for name, fd, mode in (("stdin", 0, "r"), ("stdout", 1, "w"), ("stderr", 2, "w")):
+        old = getattr(sys, f"__{name}__", None)
+        try:
+            line = mode == "w" and getattr(old, "line_buffering", False)
+            stream = open(fd, mode, buffering=1 if line else -1,  # noqa: SIM115
+                          encoding=getattr(old, "encoding", None) or "utf-8",
+                          errors=getattr(old, "errors", None) or "strict", closefd=False)
+        except (OSError, ValueError):
+            stream = None
+        setattr(sys, name, stream)
+        setattr(sys, f"__{name}__", stream)
 
 
 def _close_fds_except(keep: set[int]) -> None:
