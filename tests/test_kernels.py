@@ -80,3 +80,85 @@ def test_word_count_pipeline_matches_python(tmp_path):
         want[w] = want.get(w, 0) + 1
     assert dict(zip(got.column("w").to_pylist(), got.column("n").to_pylist())) == want
     assert pc.sum(got.column("n")).as_py() == len(text.split())
+
+
+def _as_dictionaries(values: list, pieces: int, rng: np.random.Generator) -> pa.ChunkedArray:
+    """``values`` as dictionary chunks, each with a dictionary of its own (shuffled, with
+    unused entries), as Parquet pages give them."""
+    chunks = []
+    for part in np.array_split(np.arange(len(values)), pieces):
+        vals = [values[i] for i in part]
+        distinct = sorted({v for v in vals if v is not None} | {"unused"})
+        rng.shuffle(distinct)
+        pos = {v: i for i, v in enumerate(distinct)}
+        codes = pa.array([None if v is None else pos[v] for v in vals], pa.int32())
+        chunks.append(pa.DictionaryArray.from_arrays(codes, pa.array(distinct)))
+    return pa.chunked_array(chunks)
+
+
+@settings(max_examples=60, deadline=None)
+@given(keys=st.lists(st.one_of(st.none(), st.sampled_from(["a", "b", "c", "dd", ""])),
+                     min_size=1, max_size=60),
+       pieces=st.integers(1, 4))
+def test_grouping_on_dictionary_codes_matches_grouping_the_values(keys, pieces):
+    from millstream.expr.aggregates import AggSpec
+    from millstream.ops.agg_keys import dictionary_keys
+    from millstream.ops.aggregate import _AggCore
+
+    rng = np.random.default_rng(len(keys))
+    pieces = min(pieces, len(keys))
+    v = pa.array(rng.integers(0, 10, len(keys)))
+    other = pa.array(rng.choice(["x", "y"], len(keys)))
+    plain = pa.table({"k": pa.array(keys, pa.string()), "o": other, "v": v})
+    coded = pa.table({"k": _as_dictionaries(keys, pieces, rng),
+                      "o": _as_dictionaries(other.to_pylist(), pieces, rng), "v": v})
+    specs = [AggSpec("sum", ms.col("v"), "s"), AggSpec("mean", ms.col("v"), "m"),
+             AggSpec("count_all", None, "n")]
+    core = _AggCore(["k", "o"], specs)
+    assert dictionary_keys(coded, core.keys, specs) == ["k", "o"]
+    got = core.partial(coded)
+    assert got.schema == core.partial(plain).schema  # plain string keys, as decoded ones
+    got = core.finalize(core.merge(got)).sort_by([("k", "ascending"), ("o", "ascending")])
+    want = core.finalize(core.merge(core.partial(plain)))
+    want = want.sort_by([("k", "ascending"), ("o", "ascending")])
+    assert got.to_pylist() == want.to_pylist()
+    # an aggregate of a key reads its values: that key is not grouped on codes
+    distinct_k = [AggSpec("count_distinct", ms.col("k"), "d")]
+    assert dictionary_keys(coded, ["k", "o"], distinct_k) == ["o"]
+
+
+def test_a_group_by_reads_small_dictionary_keys_of_parquet_as_codes(tmp_path):
+    """String keys stored as small Parquet dictionaries reach the group-by as dictionaries
+    (with nulls, over row groups whose dictionaries differ); a key with a big dictionary, or
+    a scan with a filter, reads plain strings; the answers are the plain ones."""
+    import pyarrow.parquet as pq
+
+    from millstream.io.files.parquet import ParquetSource
+
+    rng = np.random.default_rng(7)
+    n = 40_000
+    small = rng.choice(["id001", "id002", "id003", None], n)
+    small[: n // 2] = np.where(small[: n // 2] == "id003", "id004", small[: n // 2])
+    big = np.array([f"key{i:08d}" for i in rng.integers(0, 30_000, n)])
+    t = pa.table({"s": pa.array(small, pa.string()), "b": pa.array(big), "v": rng.integers(0, 9, n)})
+    path = tmp_path / "g.parquet"
+    pq.write_table(t, path, row_group_size=10_000)
+    src = ParquetSource(str(path), columns=["s", "b", "v"]).dictionary_keys(["s", "b", "v"])
+    infos = [sp.info for sp in src.plan_splits(2)]
+    assert infos and all(i.dictionary_columns == ("s",) for i in infos)
+    filtered = ParquetSource(str(path), filter=ms.col("v") > 2).dictionary_keys(["s"])
+    assert all(sp.info.dictionary_columns == () for sp in filtered.plan_splits(2))
+    df = t.to_pandas()
+    ms.init(parallelism=2)
+    try:
+        got = ms.read_parquet(str(path)).group_by("s").agg(ms.sum("v").alias("v")).to_arrow()
+        two = (ms.read_parquet(str(path)).group_by("s", "b").agg(ms.count().alias("n"))
+               .to_arrow())
+    finally:
+        ms.shutdown()
+    want = df.groupby("s", dropna=False)["v"].sum()
+    assert got.schema.field("s").type == pa.string()
+    assert {r["s"]: r["v"] for r in got.to_pylist()} == \
+        {(None if k != k else k): int(x) for k, x in want.items()}
+    assert two.num_rows == len(df.groupby(["s", "b"], dropna=False))
+    assert pc.sum(two.column("n")).as_py() == n
