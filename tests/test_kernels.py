@@ -143,10 +143,10 @@ def test_a_group_by_reads_small_dictionary_keys_of_parquet_as_codes(tmp_path):
     t = pa.table({"s": pa.array(small, pa.string()), "b": pa.array(big), "v": rng.integers(0, 9, n)})
     path = tmp_path / "g.parquet"
     pq.write_table(t, path, row_group_size=10_000)
-    src = ParquetSource(str(path), columns=["s", "b", "v"]).dictionary_keys(["s", "b", "v"])
+    src = ParquetSource(str(path), columns=["s", "b", "v"]).for_aggregation(["s", "b", "v"])
     infos = [sp.info for sp in src.plan_splits(2)]
     assert infos and all(i.dictionary_columns == ("s",) for i in infos)
-    filtered = ParquetSource(str(path), filter=ms.col("v") > 2).dictionary_keys(["s"])
+    filtered = ParquetSource(str(path), filter=ms.col("v") > 2).for_aggregation(["s"])
     assert all(sp.info.dictionary_columns == () for sp in filtered.plan_splits(2))
     df = t.to_pandas()
     ms.init(parallelism=2)
@@ -162,3 +162,25 @@ def test_a_group_by_reads_small_dictionary_keys_of_parquet_as_codes(tmp_path):
         {(None if k != k else k): int(x) for k, x in want.items()}
     assert two.num_rows == len(df.groupby(["s", "b"], dropna=False))
     assert pc.sum(two.column("n")).as_py() == n
+
+
+def test_a_scan_read_for_a_group_by_gives_large_batches_within_its_budget(tmp_path):
+    import pyarrow.parquet as pq
+
+    from millstream.core.context import TaskContext
+    from millstream.io.files.parquet import ParquetSource
+
+    n = 200_000
+    path = tmp_path / "w.parquet"
+    pq.write_table(pa.table({"k": np.arange(n) % 7, "v": np.arange(n)}), path,
+                   row_group_size=n)
+    plain = ParquetSource(str(path))
+    grouped = plain.for_aggregation(["k"])
+    ctx = TaskContext(batch_size=1000, memory_budget=1 << 30)
+    (split,) = grouped.plan_splits(1)
+    sizes = [b.num_rows for b in grouped.read_split(split, ctx)]
+    assert sizes == [n]  # one batch of the row group, not 200 of 1000 rows
+    assert max(b.num_rows for b in plain.read_split(plain.plan_splits(1)[0], ctx)) == 1000
+    small = TaskContext(batch_size=1000, memory_budget=8 << 20)  # the budget caps a batch
+    sizes = [b.num_rows for b in grouped.read_split(split, small)]
+    assert sum(sizes) == n and 1000 <= max(sizes) < n

@@ -1,6 +1,6 @@
 """Grouping on dictionary codes: a group-by whose key columns arrive as Arrow dictionaries
 (a Parquet scan reads a small-dictionary string key that way for a group-by, see
-``ParquetSource.dictionary_keys``) groups the int32 codes and maps the groups' codes back to
+``ParquetSource.for_aggregation``) groups the int32 codes and maps the groups' codes back to
 the values, instead of decoding every row's string and hashing it.
 
 Batches carry dictionaries of their own (one per Parquet page set), so the codes are made

@@ -44,12 +44,13 @@ from millstream.errors import BadRecordError, PlanError, SchemaError, StorageErr
 from millstream.io import fs as msfs
 from millstream.io.base import Source, SourceStatistics, Split
 from millstream.io.files.formats import list_files
-from millstream.io.files.parquet_stats import (
+from millstream.io.files.parquet_agg import (
+    aggregate_batch_rows,
     dictionary_candidates,
     dictionary_format,
-    footer_statistics,
     small_dictionary_columns,
 )
+from millstream.io.files.parquet_stats import footer_statistics
 from millstream.io.files.pushdown import arrow_expression, check_columns, predicate_columns
 from millstream.io.files.ranges import DEFAULT_MIN_SPLIT_SIZE, format_size
 from millstream.io.files.union import in_threads, unify_by_name, widen
@@ -81,7 +82,7 @@ class ParquetSplitInfo:
     fs_uri: str
     pieces: tuple[RowGroupPiece, ...]
     schema: pa.Schema
-    #: string columns read as Arrow dictionaries (a group-by's keys: see dictionary_keys)
+    #: string columns read as Arrow dictionaries (a group-by's keys: see for_aggregation)
     dictionary_columns: tuple[str, ...] = ()
 
 
@@ -127,8 +128,8 @@ class ParquetSource(Source):
         self._stats_box: dict[str, SourceStatistics | None] = {}
         # (files kept, row groups kept, row groups in kept files), known after planning
         self._plan_stats: tuple[int, int, int] | None = None
-        #: string columns read as Arrow dictionaries where small (see dictionary_keys)
-        self._dictionary_keys: tuple[str, ...] = ()
+        self._dictionary_keys: tuple[str, ...] = ()  # read for a group-by: see for_aggregation
+        self._for_aggregation = False
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -429,6 +430,8 @@ class ParquetSource(Source):
             scan_columns = columns + sorted(c for c in extra if c not in columns)
         fmt, schema = dictionary_format(info.schema, info.dictionary_columns)
         batch_size = max(1, ctx.batch_size)
+        if self._for_aggregation:
+            batch_size = aggregate_batch_rows(info.pieces, batch_size, ctx.memory_budget)
         for piece in info.pieces:
             def scan(piece: RowGroupPiece = piece) -> Iterator[pa.RecordBatch]:
                 fragment = fmt.make_fragment(
@@ -450,15 +453,12 @@ class ParquetSource(Source):
 
     # -- optimizer hooks ------------------------------------------------------------------
 
-    def dictionary_keys(self, columns: Sequence[str]) -> Source:
-        """A copy reading the string ``columns`` as Arrow dictionaries where the row groups
-        store small Parquet dictionaries: a group-by on them then groups the codes
-        (``ops/agg_keys``), not every string decoded and hashed. ``self`` when none can."""
-        keys = dictionary_candidates(self, columns)
-        if not keys:
-            return self
+    def for_aggregation(self, keys: Sequence[str]) -> Source:
+        """A copy read for a group-by on ``keys`` (``parquet_agg``): in larger batches, and
+        string keys stored as small Parquet dictionaries read as Arrow dictionaries."""
         new = copy.copy(self)
-        new._dictionary_keys = keys
+        new._dictionary_keys = dictionary_candidates(self, keys)
+        new._for_aggregation = True
         return new
 
     def with_pushdown(self, columns: list[str] | None, predicate: Expr | None
@@ -522,7 +522,7 @@ class ParquetSource(Source):
         return ("parquet", uri, None if self.columns is None else tuple(self.columns),
                 str(self.arrow_filter()), tuple(id(f) for f in self._post_filters),
                 str(self.partitioning), str(self.user_schema), self.split_size,
-                self._dictionary_keys,
+                self._dictionary_keys, self._for_aggregation,
                 tuple(sorted((k, repr(v)) for k, v in self.storage_options.items())))
 
     def describe(self) -> str:
