@@ -184,3 +184,27 @@ def test_a_scan_read_for_a_group_by_gives_large_batches_within_its_budget(tmp_pa
     small = TaskContext(batch_size=1000, memory_budget=8 << 20)  # the budget caps a batch
     sizes = [b.num_rows for b in grouped.read_split(split, small)]
     assert sum(sizes) == n and 1000 <= max(sizes) < n
+
+
+def test_the_combiner_takes_dictionary_and_plain_keys_in_one_task():
+    """Batches whose keys are dictionaries and batches whose keys are plain strings (two
+    files read differently) are grouped apart and merged by the final step."""
+    from millstream.expr.aggregates import AggSpec
+    from millstream.ops.aggregate import FinalAggregate, PartialAggregate
+
+    specs = [AggSpec("sum", ms.col("v"), "s")]
+    part, final = PartialAggregate(["k"], specs), FinalAggregate(["k"], specs)
+    keys = ["a", "b", None, "a"]
+    coded = pa.record_batch({"k": pa.array(keys).dictionary_encode(), "v": [1, 2, 3, 4]})
+    plain = pa.record_batch({"k": pa.array(keys, pa.string()), "v": [10, 20, 30, 40]})
+    out = []
+    for b in (coded, plain, coded, plain):
+        out += list(part.process(b))
+    out += list(part.finish())
+    for b in out:
+        assert b.schema.field("k").type == pa.string()
+        final.process(b)
+    got = pa.Table.from_batches(list(final.finish()))
+    assert dict(zip(got.column("k").to_pylist(), got.column("s").to_pylist())) == \
+        {"a": 2 * (5 + 50), "b": 2 * (2 + 20), None: 2 * (3 + 30)}
+
