@@ -208,3 +208,45 @@ def test_the_combiner_takes_dictionary_and_plain_keys_in_one_task():
     assert dict(zip(got.column("k").to_pylist(), got.column("s").to_pylist())) == \
         {"a": 2 * (5 + 50), "b": 2 * (2 + 20), None: 2 * (3 + 30)}
 
+
+
+@settings(max_examples=80, deadline=None)
+@given(keys=st.lists(st.one_of(st.none(), st.sampled_from(["ab", "cd", "é", "zz", "a\x00"])),
+                     min_size=1, max_size=50),
+       cut=st.integers(0, 50), pad=st.booleans())
+def test_grouping_strings_of_one_length_matches_grouping_them_as_strings(keys, cut, pad):
+    """Keys whose values all take the same bytes are grouped as fixed-size binary (over
+    sliced chunks, with nulls); the states and results are those of the string grouping.
+    A null that takes no bytes, or one value of another length, keeps the string path."""
+    from millstream.expr.aggregates import AggSpec
+    from millstream.ops.agg_keys import fixed_width_keys
+    from millstream.ops.aggregate import _AggCore
+
+    n = len(keys)
+    # nulls over two bytes like the values (as Arrow's take/filter leave them), or none
+    if pad:
+        data = b"".join(b"??" if k is None else k.encode() for k in keys)
+        offsets = pa.py_buffer(np.arange(n + 1, dtype=np.int32) * 2)
+        valid = pa.array([k is not None for k in keys])
+        arr = pa.Array.from_buffers(pa.string(), n, [valid.buffers()[1], offsets,
+                                                     pa.py_buffer(data)],
+                                    null_count=keys.count(None), offset=0)
+    else:
+        arr = pa.array(keys, pa.string())
+    cut = min(cut, n)
+    chunks = [c for c in (arr.slice(0, cut), arr.slice(cut)) if len(c)]
+    v = pa.array(np.arange(n))
+    table = pa.table({"k": pa.chunked_array(chunks, pa.string()), "v": v})
+    specs = [AggSpec("sum", ms.col("v"), "s"), AggSpec("count_all", None, "c")]
+    core = _AggCore(["k"], specs)
+    fixed = fixed_width_keys(table, ["k"], specs)
+    assert bool(fixed) == (pad or None not in keys)
+    got = core.partial(table)
+    assert got.schema.field("k").type == pa.string()
+    got = core.finalize(core.merge(got)).to_pylist()
+    want: dict = {}
+    for k, x in zip(keys, range(n)):
+        s, c = want.get(k, (0, 0))
+        want[k] = (s + x, c + 1)
+    assert {r["k"]: (r["s"], r["c"]) for r in got} == want
+    assert len(got) == len(want)

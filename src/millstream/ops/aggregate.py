@@ -27,7 +27,7 @@ from millstream.core.spill import BucketSpiller
 from millstream.errors import SchemaError
 from millstream.expr.aggregates import AggSpec
 from millstream.expr.nodes import Column
-from millstream.ops.agg_keys import dictionary_keys, group_by_codes
+from millstream.ops import agg_keys
 from millstream.ops.agg_states import STATE_AGGS
 from millstream.ops.base import Batches, Operator
 
@@ -191,9 +191,12 @@ class _AggCore:
 
     # raw rows -> states
     def partial(self, table: pa.Table) -> pa.Table:
-        coded = dictionary_keys(table, self.keys, self.specs)
+        coded = agg_keys.dictionary_keys(table, self.keys, self.specs)
         if coded:  # dictionary-typed keys: grouped on their codes (ops/agg_keys)
-            return group_by_codes(table, coded, self._partial)
+            return agg_keys.group_by_codes(table, coded, self._partial)
+        fixed = agg_keys.fixed_width_keys(table, self.keys, self.specs)
+        if fixed:  # strings of one length: grouped as fixed-size binary (ops/agg_keys)
+            return agg_keys.group_fixed_width(table, fixed, self._partial)
         return self._partial(table)
 
     def _partial(self, table: pa.Table) -> pa.Table:
@@ -338,6 +341,11 @@ class _AggCore:
 
     # states -> merged states (associative)
     def merge(self, states: pa.Table) -> pa.Table:
+        fixed = agg_keys.fixed_width_keys(states, self.keys, [])  # as partial() does
+        return agg_keys.group_fixed_width(states, fixed, self._merge) if fixed \
+            else self._merge(states)
+
+    def _merge(self, states: pa.Table) -> pa.Table:
         aggs: list[tuple] = []
         out_names: list[tuple[str, str]] = []
         list_states: list[tuple[str, str]] = []
