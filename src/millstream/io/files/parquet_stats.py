@@ -99,4 +99,3 @@ def _dictionary_values(cc: Any, st: Any) -> int | None:
     return max(1, int((data - start - 16) / (avg + 4)))
 
 
-
