@@ -27,6 +27,7 @@ from millstream.core.spill import BucketSpiller
 from millstream.errors import SchemaError
 from millstream.expr.aggregates import AggSpec
 from millstream.expr.nodes import Column
+from millstream.ops import agg_keys
 from millstream.ops.agg_states import STATE_AGGS
 from millstream.ops.base import Batches, Operator
 
@@ -176,6 +177,10 @@ def _count_without_keys(table: pa.Table, aggs: list[tuple]) -> pa.Table:
     return pa.table(cols)
 
 
+def _dictionaries(schema: pa.Schema) -> list[str]:
+    return [f.name for f in schema if pa.types.is_dictionary(f.type)]
+
+
 class _AggCore:
     """The state algebra shared by the partial and final operators."""
 
@@ -186,6 +191,15 @@ class _AggCore:
 
     # raw rows -> states
     def partial(self, table: pa.Table) -> pa.Table:
+        coded = agg_keys.dictionary_keys(table, self.keys, self.specs)
+        if coded:  # dictionary-typed keys: grouped on their codes (ops/agg_keys)
+            return agg_keys.group_by_codes(table, coded, self._partial)
+        fixed = agg_keys.fixed_width_keys(table, self.keys, self.specs)
+        if fixed:  # strings of one length: grouped as fixed-size binary (ops/agg_keys)
+            return agg_keys.group_fixed_width(table, fixed, self._partial)
+        return self._partial(table)
+
+    def _partial(self, table: pa.Table) -> pa.Table:
         if len(self.keys) == 1 and self.specs and all(sp.func == "count_all" for sp in self.specs):
             fast = self._count_by_one_key(table)
             if fast is not None:
@@ -327,6 +341,11 @@ class _AggCore:
 
     # states -> merged states (associative)
     def merge(self, states: pa.Table) -> pa.Table:
+        fixed = agg_keys.fixed_width_keys(states, self.keys, [])  # as partial() does
+        return agg_keys.group_fixed_width(states, fixed, self._merge) if fixed \
+            else self._merge(states)
+
+    def _merge(self, states: pa.Table) -> pa.Table:
         aggs: list[tuple] = []
         out_names: list[tuple[str, str]] = []
         list_states: list[tuple[str, str]] = []
@@ -466,9 +485,15 @@ class PartialAggregate(Operator):
             self.input_schema = batch.schema
         if batch.num_rows == 0:
             return _EMPTY
+        out = _EMPTY
+        if self.raw and self.raw[0].schema != batch.schema and _dictionaries(self.raw[0].schema) \
+                != _dictionaries(batch.schema):  # dictionary keys and plain ones: apart
+            out = self._aggregate_raw()
         self.raw.append(batch)
         self.raw_bytes += batch_nbytes(batch)
         self.raw_rows += batch.num_rows
+        if out is not _EMPTY:
+            return out
         if self.raw_bytes >= self._limit() or self.raw_rows >= self.row_cap:
             return self._aggregate_raw()
         return _EMPTY

@@ -195,6 +195,11 @@ class PhysicalPlanner(JoinPlanning):
                     node.label() + " (continuous, emits updates)")
             return [new]
         for p in pipes:
+            if not p.ops and keys:  # a scan read for a group-by (parquet: see for_aggregation)
+                p.ports = [SourcePort(port.source.for_aggregation(keys))
+                           if isinstance(port, SourcePort)
+                           and hasattr(port.source, "for_aggregation") else port
+                           for port in p.ports]
             p.add(OperatorFactory(PartialAggregate, keys, specs), "partial aggregate (combiner)")
         n = self._n(pipes) if keys else 1
         stage = self._close(pipes, HashPartitioner(list(keys), n), "group-by map side")

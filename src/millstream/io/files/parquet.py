@@ -44,6 +44,12 @@ from millstream.errors import BadRecordError, PlanError, SchemaError, StorageErr
 from millstream.io import fs as msfs
 from millstream.io.base import Source, SourceStatistics, Split
 from millstream.io.files.formats import list_files
+from millstream.io.files.parquet_agg import (
+    aggregate_batch_rows,
+    dictionary_candidates,
+    dictionary_format,
+    small_dictionary_columns,
+)
 from millstream.io.files.parquet_stats import footer_statistics
 from millstream.io.files.pushdown import arrow_expression, check_columns, predicate_columns
 from millstream.io.files.ranges import DEFAULT_MIN_SPLIT_SIZE, format_size
@@ -65,6 +71,8 @@ class RowGroupPiece:
     partition_expression: pc.Expression | None
     size_bytes: int
     num_rows: int
+    #: columns these row groups store as small dictionaries (read as such when asked)
+    dictionary: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,8 @@ class ParquetSplitInfo:
     fs_uri: str
     pieces: tuple[RowGroupPiece, ...]
     schema: pa.Schema
+    #: string columns read as Arrow dictionaries (a group-by's keys: see for_aggregation)
+    dictionary_columns: tuple[str, ...] = ()
 
 
 class ParquetSource(Source):
@@ -118,6 +128,8 @@ class ParquetSource(Source):
         self._stats_box: dict[str, SourceStatistics | None] = {}
         # (files kept, row groups kept, row groups in kept files), known after planning
         self._plan_stats: tuple[int, int, int] | None = None
+        self._dictionary_keys: tuple[str, ...] = ()  # read for a group-by: see for_aggregation
+        self._for_aggregation = False
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -331,9 +343,11 @@ class ParquetSource(Source):
                             pa.ArrowTypeError) as exc:
                         raise SchemaError(f"parquet {self.uri}: cannot apply the filter {expr} "
                                           f"to the row groups' statistics: {exc}") from exc
+                small = small_dictionary_columns(fragment.metadata, [g.id for g in keep],
+                                                 self._dictionary_keys)
                 pieces = [RowGroupPiece(fragment.path, (g.id,), fragment.partition_expression,
                                         max(1, file_size * g.total_byte_size // total_bytes),
-                                        g.num_rows) for g in keep]
+                                        g.num_rows, small) for g in keep]
                 return pieces, len(groups), fragment.physical_schema
             try:
                 return msfs.call(fs, load, f"reading the footer of {fragment.path}")
@@ -369,7 +383,10 @@ class ParquetSource(Source):
             desc = (f"{msfs.describe_path(fs, paths[0])} row groups "
                     f"{','.join(str(i) for i in merged[0].row_groups or ())}"
                     if len(paths) == 1 else f"{len(paths)} files, {len(group)} row groups")
-            splits.append(Split(len(splits), ParquetSplitInfo(fs_uri, tuple(merged), schema),
+            as_dict = tuple(c for c in self._dictionary_keys
+                            if all(c in p.dictionary for p in merged))
+            splits.append(Split(len(splits), ParquetSplitInfo(fs_uri, tuple(merged), schema,
+                                                              as_dict),
                                 group_bytes, desc))
             group, group_bytes = [], 0
 
@@ -411,14 +428,16 @@ class ParquetSource(Source):
             extra = set().union(*(predicate_columns(f) or set(info.schema.names)
                                   for f in row_filters))
             scan_columns = columns + sorted(c for c in extra if c not in columns)
-        fmt = ds.ParquetFileFormat()
+        fmt, schema = dictionary_format(info.schema, info.dictionary_columns)
         batch_size = max(1, ctx.batch_size)
+        if self._for_aggregation:
+            batch_size = aggregate_batch_rows(info.pieces, batch_size, ctx.memory_budget)
         for piece in info.pieces:
             def scan(piece: RowGroupPiece = piece) -> Iterator[pa.RecordBatch]:
                 fragment = fmt.make_fragment(
                     piece.path, filesystem=fs, partition_expression=piece.partition_expression,
                     row_groups=list(piece.row_groups) if piece.row_groups is not None else None)
-                scanner = ds.Scanner.from_fragment(fragment, schema=info.schema,
+                scanner = ds.Scanner.from_fragment(fragment, schema=schema,
                                                    columns=scan_columns, filter=expr,
                                                    batch_size=batch_size)
                 return iter(scanner.to_batches())
@@ -433,6 +452,14 @@ class ParquetSource(Source):
                     yield batch
 
     # -- optimizer hooks ------------------------------------------------------------------
+
+    def for_aggregation(self, keys: Sequence[str]) -> Source:
+        """A copy read for a group-by on ``keys`` (``parquet_agg``): in larger batches, and
+        string keys stored as small Parquet dictionaries read as Arrow dictionaries."""
+        new = copy.copy(self)
+        new._dictionary_keys = dictionary_candidates(self, keys)
+        new._for_aggregation = True
+        return new
 
     def with_pushdown(self, columns: list[str] | None, predicate: Expr | None
                       ) -> tuple[Source, bool, bool]:
@@ -495,6 +522,7 @@ class ParquetSource(Source):
         return ("parquet", uri, None if self.columns is None else tuple(self.columns),
                 str(self.arrow_filter()), tuple(id(f) for f in self._post_filters),
                 str(self.partitioning), str(self.user_schema), self.split_size,
+                self._dictionary_keys, self._for_aggregation,
                 tuple(sorted((k, repr(v)) for k, v in self.storage_options.items())))
 
     def describe(self) -> str:
@@ -533,7 +561,7 @@ def _merge_pieces(pieces: list[RowGroupPiece]) -> list[RowGroupPiece]:
                 and p.row_groups is not None:
             out[-1] = RowGroupPiece(p.path, last.row_groups + p.row_groups,
                                     p.partition_expression, last.size_bytes + p.size_bytes,
-                                    last.num_rows + p.num_rows)
+                                    last.num_rows + p.num_rows, last.dictionary & p.dictionary)
         else:
             out.append(p)
     return out
