@@ -13,6 +13,7 @@ from typing import Any
 from millstream.core.shuffle import HashPartitioner, RoundRobinPartitioner
 from millstream.ops.base import OperatorFactory
 from millstream.ops.join import BroadcastHashJoin, BroadcastLeftHashJoin, HashJoin
+from millstream.ops.join.runtime_filter import KeyFilter
 from millstream.plan import logical as L
 from millstream.plan.estimates import describe
 from millstream.plan.stages import AdaptiveJoin, Pipeline, ShufflePort, Stage
@@ -90,8 +91,12 @@ class JoinPlanning:
                 ls, rs, self.s.broadcast_threshold,
                 self._join_factory(node, BroadcastHashJoin, rs) if can_right else None,
                 self._join_factory(node, BroadcastLeftHashJoin, ls) if can_left else None,
-                bytes_l, bytes_r, node.label())
-            text += "; adaptive: may switch to broadcast"
+                bytes_l, bytes_r, node.label(),
+                filter_left=(OperatorFactory(KeyFilter, list(lk), list(rk), broadcast_stage=rs)
+                             if node.how in ("inner", "right", "semi") else None),
+                filter_right=(OperatorFactory(KeyFilter, list(rk), list(lk), broadcast_stage=ls)
+                              if node.how in ("inner", "left", "semi", "anti") else None))
+            text += "; adaptive: may switch to broadcast or filter a side by the other's keys"
         # a semi or anti join indexes its left side when that is the smaller: the big right
         # side only streams through it (DuckDB's and Velox's "right semi join")
         build_left = node.how in ("semi", "anti") and _smaller(est_l, est_r)
