@@ -93,3 +93,44 @@ def test_key_membership_handles_nulls_ranges_and_other_types():
     op.open(None)
     # no block, so no key column to know the keys by: the rows pass (a filter never guesses)
     assert op.process(pa.record_batch({"k": [1, 2]}))[0].num_rows == 2
+
+
+def test_a_filter_that_drops_nothing_stops_testing(monkeypatch):
+    """Once a task has tested TRIAL_ROWS rows and dropped almost none (every key of a
+    foreign-key join matches), the rest pass untested."""
+    from millstream.ops.join import runtime_filter as rf
+
+    monkeypatch.setattr(rf, "TRIAL_ROWS", 100)
+    op = KeyFilter(["k"], ["k"])
+    op.sets = [KeyMembership(pa.chunked_array([pa.array(list(range(50)))]))]
+    tested = []
+    real = KeyMembership.contains
+    monkeypatch.setattr(KeyMembership, "contains", lambda s, a: tested.append(len(a)) or real(s, a))
+    batch = pa.record_batch({"k": list(range(40))})
+    outs = [op.process(batch)[0].num_rows for _ in range(5)]
+    assert outs == [40] * 5 and tested == [40, 40, 40]
+    # a selective filter keeps testing
+    op2 = KeyFilter(["k"], ["k"])
+    op2.sets = [KeyMembership(pa.chunked_array([pa.array([1, 2])]))]
+    assert [op2.process(batch)[0].num_rows for _ in range(5)] == [2] * 5
+    assert op2.dropped == 5 * 38
+
+
+def test_no_runtime_filter_when_the_small_side_has_every_key():
+    """A join against a whole key table (every big-side key is among the small side's, as
+    a foreign key into its table) plans no runtime filter: it would drop nothing."""
+    from millstream.runtime import actions
+    from millstream.runtime.session import effective_settings
+
+    keys = pa.table({"k2": list(range(1000)), "y": [i % 7 for i in range(1000)]})
+    big = pa.table({"k": [i % 1000 for i in range(60_000)], "x": list(range(60_000))})
+    q = ms.from_arrow(big, num_partitions=2).join(ms.from_arrow(keys), left_on="k", right_on="k2")
+    q.collect(broadcast_threshold=1 << 10)
+    assert not any("runtime filter" in n for n in ms.last_job_stats().notes)
+    text = actions.explain(q._node, effective_settings({"broadcast_threshold": 1 << 10}))
+    assert "adaptive: may switch to broadcast)" in text
+    # the same join against a tenth of the keys: a filter is planned
+    few = ms.from_arrow(keys).filter(ms.col("k2") < 100)
+    q = ms.from_arrow(big, num_partitions=2).join(few, left_on="k", right_on="k2")
+    text = actions.explain(q._node, effective_settings({"broadcast_threshold": 1 << 10}))
+    assert "or filter a side by the other's keys" in text

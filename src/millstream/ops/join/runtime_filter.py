@@ -6,7 +6,8 @@ match them.
 :class:`KeyFilter` reads the small side's whole output (as a broadcast join does), builds
 a membership test per key column (a bitmap over the key range for integers, Arrow's
 ``is_in`` otherwise) once per worker process, and keeps the rows whose every key is in
-it. A row with a null key is dropped (it never matches an equi-join). The batch scheduler
+it. A row with a null key is dropped (it never matches an equi-join); a task whose first
+rows nearly all pass stops testing (``TRIAL_ROWS``). The batch scheduler
 inserts it (``runtime.scheduler``, adaptive execution) only where the join type lets the
 rows go: the right side of inner, left, semi and anti joins, the left side of inner, right
 and semi joins.
@@ -27,6 +28,10 @@ from millstream.ops.join.hash_join import _BuiltSides
 
 #: counter of the rows a runtime filter dropped
 DROPPED_COUNTER = ("millstream", "runtime_filter_rows_dropped")
+#: a task stops testing once it has tested this many rows and dropped under 1 in
+#: MIN_DROPPED of them (every key of a foreign-key join matches: the test only costs)
+TRIAL_ROWS = 200_000
+MIN_DROPPED = 8
 #: an integer key range up to this many values is tested with a bitmap (one byte a value)
 _MAX_BITMAP = 1 << 25
 
@@ -131,12 +136,17 @@ class KeyFilter(Operator):
         self.source_keys = list(source_keys)
         self.blocks = blocks
         self.sets: list[KeyMembership | None] = []
+        self.seen = 0  # rows tested, and dropped, in this task
+        self.dropped = 0
 
     def open(self, ctx) -> None:
         super().open(ctx)
         self.sets = _SETS.get(self.blocks, self.source_keys)
 
     def process(self, batch: pa.RecordBatch, port: int = 0) -> Batches:
+        if self.seen >= TRIAL_ROWS and self.dropped * MIN_DROPPED < self.seen:
+            return (batch,)  # it keeps (nearly) every row: not worth testing the rest
+        self.seen += batch.num_rows
         mask = None
         for k, s in zip(self.keys, self.sets):
             i = batch.schema.get_field_index(k)
@@ -150,6 +160,7 @@ class KeyFilter(Operator):
         kept = int(mask.sum())
         if kept == batch.num_rows:
             return (batch,)
+        self.dropped += batch.num_rows - kept
         if self.ctx is not None:
             self.ctx.increment_counter(*DROPPED_COUNTER, batch.num_rows - kept)
         return (batch.filter(pa.array(mask, pa.bool_())),)
