@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import decimal
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from millstream.expr.fixed_point import fixed_arith, from_fixed, to_fixed
 from millstream.expr.types import Datum
 
 #: the largest precision of a decimal128 result; decimal256 operands cap at 76
@@ -111,9 +111,10 @@ def arith(op: str, a: Datum, b: Datum) -> Datum:
     if not wide:
         p_out, s_out = adjust(p, s, cap)
         if s_out == s:  # (no rounding: a reduced result keeps its scale)
-            fast = _int64_arith(op, a, b, pa.decimal128(p_out, s_out))
+            fa, fb = to_fixed(a), to_fixed(b)
+            fast = None if fa is None or fb is None else fixed_arith(op, fa, fb)
             if fast is not None:
-                return fast
+                return from_fixed(fast)
     if p <= cap:
         return fn(a, b)  # Arrow types it exactly so
     if p > MAX_PRECISION_256:
@@ -166,73 +167,3 @@ def comparable(a: Datum, b: Datum) -> tuple[Datum, Datum]:
         return a, b
     return (a.cast(pa.decimal256(ta.precision, ta.scale)),
             b.cast(pa.decimal256(tb.precision, tb.scale)))
-
-
-#: operands whose unscaled values stay below this can be added or multiplied in int64
-_SAFE = 1 << 62
-
-
-def _unscaled(x: Datum) -> tuple[np.ndarray | int, np.ndarray | None] | None:
-    """A decimal128 operand's unscaled values as int64 (an array, or an int for a scalar)
-    and its validity (None: no nulls), or None when a value does not fit in 64 bits."""
-    if isinstance(x, pa.Scalar):
-        if not x.is_valid:
-            return None
-        value = int(x.as_py().scaleb(x.type.scale))
-        return (value, None) if abs(value) < _SAFE else None
-    if isinstance(x, pa.ChunkedArray):
-        x = x.combine_chunks()
-    n = len(x)
-    words = np.frombuffer(x.buffers()[1], dtype=np.int64, count=2 * (x.offset + n))
-    words = words[2 * x.offset:]
-    lo, hi = words[0::2], words[1::2]
-    valid = None
-    if x.null_count:
-        valid = np.asarray(x.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
-        lo = np.where(valid, lo, 0)
-        hi = np.where(valid, hi, 0)
-    if not np.array_equal(hi, lo >> 63):
-        return None  # (a value beyond 64 bits)
-    return lo, valid
-
-
-def _int64_arith(op: str, a: Datum, b: Datum, target: pa.DataType) -> pa.Array | None:
-    """``a op b`` on decimal128 operands computed on their unscaled values in int64 (what
-    DuckDB does for decimals of up to 18 digits), typed ``target``; None when an operand
-    is not an array of values that fit, so the caller computes it with Arrow."""
-    if isinstance(a, pa.Scalar) and isinstance(b, pa.Scalar):
-        return None
-    ua, ub = _unscaled(a), _unscaled(b)
-    if ua is None or ub is None:
-        return None
-    (va, ma), (vb, mb) = ua, ub
-    sa, sb = a.type.scale, b.type.scale
-
-    def peak(v: np.ndarray | int) -> int:
-        if isinstance(v, int):
-            return abs(v)
-        return int(np.abs(v).max()) if len(v) else 0
-
-    if op == "mul":
-        if peak(va) * peak(vb) >= _SAFE:
-            return None
-        out = va * vb
-    else:
-        scale = max(sa, sb)
-        fa, fb = 10 ** (scale - sa), 10 ** (scale - sb)
-        if (peak(va) * fa + peak(vb) * fb) >= _SAFE:
-            return None
-        va = va * fa if fa != 1 else va
-        vb = vb * fb if fb != 1 else vb
-        out = va + vb if op == "add" else va - vb
-    out = np.asarray(out, dtype=np.int64)
-    n = len(out)
-    words = np.empty(2 * n, dtype=np.int64)
-    words[0::2] = out
-    words[1::2] = out >> 63
-    valid = ma if mb is None else (mb if ma is None else ma & mb)
-    if valid is None:
-        return pa.Array.from_buffers(target, n, [None, pa.py_buffer(words)], 0)
-    bitmap = pa.array(valid, pa.bool_()).buffers()[1]
-    return pa.Array.from_buffers(target, n, [bitmap, pa.py_buffer(words)],
-                                 int(n - valid.sum()))

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from millstream.core.arrow import empty_batch
 from millstream.core.lazy_pandas import blocking
 from millstream.errors import PlanError, SchemaError
-from millstream.expr import decimals
+from millstream.expr import decimals, fixed_point, subexpr
 from millstream.expr import functions as _functions  # noqa: F401 - registers the operations
 from millstream.expr.aggregates import AGG_FUNCS, SUPPORTED, check_params, params_text
 from millstream.expr.datetime import _DtNamespace
@@ -28,6 +28,8 @@ from millstream.expr.types import _NULL_BOOL, Datum, _broadcast, _fmt, _null_to_
 
 #: operations whose integer literals take a decimal type next to a decimal operand
 _DECIMAL_AWARE = frozenset({"add", "sub", "mul", "eq", "ne", "lt", "le", "gt", "ge"})
+#: operations computed on unscaled int64 values through a tree of them (expr.fixed_point)
+_FIXED_OPS = frozenset({"add", "sub", "mul"})
 
 
 class Expr:
@@ -424,6 +426,8 @@ class Alias(Expr):
 class _Func(Expr):
     """A named operation applied to argument expressions, with plain-data parameters."""
 
+    shareable = True  # computed once per batch where it repeats (expr.subexpr)
+
     def __init__(self, op: str, args: tuple[Expr, ...], params: dict[str, Any] | None = None):
         if op not in _OPS:
             raise PlanError(f"unknown expression operation {op!r}")
@@ -435,8 +439,34 @@ class _Func(Expr):
         return self.args
 
     def _eval(self, batch: pa.RecordBatch) -> Datum:
+        memo = subexpr.active()
+        out = memo.get(self, batch, "arrow") if memo is not None else None
+        if out is None:
+            if self.op in _FIXED_OPS:
+                out = fixed_point.to_datum(self._eval_fixed(batch))
+            else:
+                out = self._compute([a._eval(batch) for a in self.args], batch)
+            if memo is not None:
+                memo.put(self, batch, "arrow", out)
+        return out
+
+    def _eval_fixed(self, batch: pa.RecordBatch) -> Datum | fixed_point.Fixed:
+        """Decimal add/sub/mul kept in int64 (``expr.fixed_point``) through a tree of
+        them; a plain datum when an operand is not a decimal or the result might not fit."""
+        memo = subexpr.active()
+        out = memo.get(self, batch, "fixed", "arrow") if memo is not None else None
+        if out is None:
+            vals = [a._eval_fixed(batch) if isinstance(a, _Func) and a.op in _FIXED_OPS
+                    else a._eval(batch) for a in self.args]
+            out = fixed_point.combine(self.op, vals)
+            if out is None:
+                out = self._compute([fixed_point.to_datum(v) for v in vals], batch)
+            if memo is not None:
+                memo.put(self, batch, "fixed" if isinstance(out, fixed_point.Fixed) else "arrow", out)
+        return out
+
+    def _compute(self, vals: list[Datum], batch: pa.RecordBatch) -> Datum:
         spec = _OPS[self.op]
-        vals = [a._eval(batch) for a in self.args]
         if self.op.startswith("str_"):
             # a column that is None in every row has Arrow's null type: treat it as strings
             vals = [v.cast(pa.string()) if pa.types.is_null(v.type) else v for v in vals]

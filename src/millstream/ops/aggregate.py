@@ -26,7 +26,8 @@ from millstream.core.arrow import (
 from millstream.core.spill import BucketSpiller
 from millstream.errors import SchemaError
 from millstream.expr.aggregates import AggSpec
-from millstream.expr.nodes import Column
+from millstream.expr.nodes import Column, Expr
+from millstream.expr.subexpr import shared_subexpressions
 from millstream.ops import agg_keys
 from millstream.ops.agg_states import STATE_AGGS
 from millstream.ops.base import Batches, Operator
@@ -178,7 +179,18 @@ def _count_without_keys(table: pa.Table, aggs: list[tuple]) -> pa.Table:
 
 
 def _dictionaries(schema: pa.Schema) -> list[str]:
+    """The names of the dictionary-encoded columns of ``schema``."""
     return [f.name for f in schema if pa.types.is_dictionary(f.type)]
+
+
+def _computed_args(specs: list[AggSpec], table: pa.Table) -> dict[int, pa.Array]:
+    """The aggregates' expression arguments evaluated on ``table``, a sub-expression they
+    share computed once (``sum(p * (1 - d))`` and ``sum(p * (1 - d) * (1 + t))``)."""
+    todo = {i: sp.arg for i, sp in enumerate(specs) if sp.func != "count_all"
+            and isinstance(sp.arg, Expr)
+            and not (isinstance(sp.arg, Column) and sp.arg.name in table.column_names)}
+    with shared_subexpressions(todo.values()):
+        return {i: e.evaluate(table) for i, e in todo.items()}
 
 
 class _AggCore:
@@ -211,6 +223,7 @@ class _AggCore:
         from_acero: list[int] = []  # StateAggs whose partial states Arrow computes
         segments: list[int] = []  # StateAggs computed over their groups' rows
         int_means: list[str] = []  # mean states whose sums Arrow took over integers
+        computed = _computed_args(self.specs, table)
         for i, spec in enumerate(self.specs):
             arg = f"__a{i}"
             st = self.state_cols[i]
@@ -219,10 +232,7 @@ class _AggCore:
                 if isinstance(spec.arg, Column) and spec.arg.name in table.column_names:
                     arr = table.column(spec.arg.name)  # as it is: Arrow groups chunks
                 else:
-                    try:
-                        arr = spec.arg.evaluate(table)  # type: ignore[union-attr]
-                    except AttributeError:
-                        arr = table.column(spec.arg)
+                    arr = computed[i] if i in computed else table.column(spec.arg)
                     if isinstance(arr, pa.ChunkedArray):
                         arr = arr.combine_chunks()
                 if spec.func == "count_distinct":

@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 from millstream.core.arrow import batch_to_rows, rows_to_batch
 from millstream.core.changelog import CHANGE, without_kinds
 from millstream.errors import NonRetryableError, SchemaError, UserCodeFailure
+from millstream.expr.subexpr import shared_subexpressions
 from millstream.ops.base import Batches, Operator
 
 _EMPTY: tuple[pa.RecordBatch, ...] = ()
@@ -262,7 +263,8 @@ class Project(Operator):
         self.exprs = exprs
 
     def process(self, batch: pa.RecordBatch, port: int = 0) -> Batches:
-        arrays = [_evaluate(e, batch, self.name) for e in self.exprs]
+        with shared_subexpressions(self.exprs):
+            arrays = [_evaluate(e, batch, self.name) for e in self.exprs]
         names = [e.output_name for e in self.exprs]
         i = batch.schema.get_field_index(CHANGE)
         if i >= 0 and CHANGE not in names:
@@ -283,8 +285,9 @@ class WithColumns(Operator):
     def process(self, batch: pa.RecordBatch, port: int = 0) -> Batches:
         names = list(batch.schema.names)
         arrays = list(batch.columns)
-        for e in self.exprs:
-            arr = _evaluate(e, batch, self.name)
+        with shared_subexpressions(self.exprs):
+            computed = [_evaluate(e, batch, self.name) for e in self.exprs]
+        for e, arr in zip(self.exprs, computed):
             n = e.output_name
             if n in names:
                 arrays[names.index(n)] = arr

@@ -13,6 +13,7 @@ from typing import Any
 from millstream.core.shuffle import HashPartitioner, RoundRobinPartitioner
 from millstream.ops.base import OperatorFactory
 from millstream.ops.join import BroadcastHashJoin, BroadcastLeftHashJoin, HashJoin
+from millstream.ops.join.runtime_filter import KeyFilter
 from millstream.plan import logical as L
 from millstream.plan.estimates import describe
 from millstream.plan.stages import AdaptiveJoin, Pipeline, ShufflePort, Stage
@@ -90,8 +91,16 @@ class JoinPlanning:
                 ls, rs, self.s.broadcast_threshold,
                 self._join_factory(node, BroadcastHashJoin, rs) if can_right else None,
                 self._join_factory(node, BroadcastLeftHashJoin, ls) if can_left else None,
-                bytes_l, bytes_r, node.label())
+                bytes_l, bytes_r, node.label(),
+                filter_left=(OperatorFactory(KeyFilter, list(lk), list(rk), broadcast_stage=rs)
+                             if node.how in ("inner", "right", "semi")
+                             and _filter_pays(est_r, rk, est_l, lk) else None),
+                filter_right=(OperatorFactory(KeyFilter, list(rk), list(lk), broadcast_stage=ls)
+                              if node.how in ("inner", "left", "semi", "anti")
+                              and _filter_pays(est_l, lk, est_r, rk) else None))
             text += "; adaptive: may switch to broadcast"
+            if new.adaptive.filter_left or new.adaptive.filter_right:
+                text += " or filter a side by the other's keys"
         # a semi or anti join indexes its left side when that is the smaller: the big right
         # side only streams through it (DuckDB's and Velox's "right semi join")
         build_left = node.how in ("semi", "anti") and _smaller(est_l, est_r)
@@ -213,3 +222,25 @@ def _smaller(a: Any, b: Any) -> bool:
     if a is None or b is None:
         return False
     return a.rows * 2 < b.rows
+
+
+#: a runtime filter is planned when it is expected to keep at most this share of rows
+_FILTER_KEEPS_AT_MOST = 0.5
+
+
+def _filter_pays(small: Any, small_keys: list[str], big: Any, big_keys: list[str]) -> bool:
+    """Whether filtering the ``big`` side by the ``small`` side's keys is expected to drop
+    rows: the small side's distinct keys are well fewer than the big side's (a foreign-key
+    join against a whole table drops none). Unknown distinct counts: tried (a task stops
+    testing when its first rows all pass)."""
+    known = False
+    for ks, kb in zip(small_keys, big_keys):
+        ns = small.ndv(ks) if small is not None else None
+        nb = big.ndv(kb) if big is not None else None
+        if ns is None or nb is None:
+            continue
+        known = True
+        if ns <= _FILTER_KEEPS_AT_MOST * nb:
+            return True
+    return not known
+

@@ -73,6 +73,12 @@ class AdaptiveJoin:
     label: str = "join"
     #: what the scheduler decided (for the job's statistics)
     decision: str | None = None
+    #: runtime filters (``ops.join.runtime_filter.KeyFilter``) for the left / right side's
+    #: map stage, fed by the other side's output, when the join type lets that side's
+    #: unmatched rows go (None: it does not): added when the other side ran first and is
+    #: not small enough to broadcast but well smaller than this side
+    filter_left: OperatorFactory | None = None
+    filter_right: OperatorFactory | None = None
 
 
 @dataclass

@@ -41,6 +41,10 @@ from millstream.runtime.task import (
     Task,
 )
 
+#: a shuffle join side whose output measured at most this (and half the other side's
+#: estimate) filters the other side by its keys before that side is shuffled
+RUNTIME_FILTER_MAX_BYTES = 64 << 20
+
 
 @dataclass
 class JobStats:
@@ -197,9 +201,11 @@ class Job:
     def _other_side_first(self, st: Stage) -> bool:
         for _, _, _, aj in self._adaptive_joins():
             if st is aj.left:
-                other, ok, mine, theirs = aj.right, aj.broadcast_right, aj.left_bytes, aj.right_bytes
+                other, ok, mine, theirs = (aj.right, aj.broadcast_right or aj.filter_left,
+                                           aj.left_bytes, aj.right_bytes)
             elif st is aj.right:
-                other, ok, mine, theirs = aj.left, aj.broadcast_left, aj.right_bytes, aj.left_bytes
+                other, ok, mine, theirs = (aj.left, aj.broadcast_left or aj.filter_right,
+                                           aj.right_bytes, aj.left_bytes)
             else:
                 continue
             if ok is None or other.results is not None or theirs is None:
@@ -220,9 +226,11 @@ class Job:
         (``st`` itself then never runs). True when the plan changed."""
         for consumer, idx, pipe, aj in self._adaptive_joins():
             if st is aj.left:
-                done, factory, side = aj.right, aj.broadcast_right, "right"
+                done, factory, side, keep = aj.right, aj.broadcast_right, "right", aj.filter_left
+                mine = aj.left_bytes
             elif st is aj.right:
-                done, factory, side = aj.left, aj.broadcast_left, "left"
+                done, factory, side, keep = aj.left, aj.broadcast_left, "left", aj.filter_right
+                mine = aj.right_bytes
             else:
                 continue
             if done.results is None:
@@ -231,6 +239,17 @@ class Job:
             if factory is None or measured is None or measured > aj.threshold \
                     or self._consumers(st) != 1:
                 aj.decision = "kept the shuffle join"
+                if keep is not None and measured is not None and self._consumers(st) == 1 \
+                        and measured <= RUNTIME_FILTER_MAX_BYTES \
+                        and (mine is None or mine >= 2 * measured):
+                    for q in st.pipelines:
+                        q.add(keep, f"runtime filter: {', '.join(keep.args[0])} among the "
+                                    f"keys of stage {done.id} ({aj.label})")
+                    aj.decision = "kept the shuffle join, runtime filter"
+                    self.stats.notes.append(
+                        f"runtime filter: stage {st.id} ({st.purpose}) keeps the rows whose "
+                        f"keys are among stage {done.id}'s ({side} side measured "
+                        f"{_size(measured)}): {aj.label}")
                 continue
             what = (f"adaptive: switched to broadcast ({side} side measured "
                     f"{_size(measured)} <= threshold {_size(aj.threshold)})")

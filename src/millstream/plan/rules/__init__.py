@@ -24,6 +24,7 @@ from millstream.plan.rules.predicate_pushdown import PredicatePushdown
 from millstream.plan.rules.projection_into_scan import ProjectionIntoScan
 from millstream.plan.rules.projection_pruning import ProjectionPruning
 from millstream.plan.rules.reuse import ReuseSubplans
+from millstream.plan.rules.semi_join_below_aggregate import SemiJoinBelowAggregate
 from millstream.plan.rules.semi_join_pushdown import SemiJoinPushdown
 from millstream.plan.rules.simplify import ConstantFolding
 from millstream.plan.rules.topk import SortLimitToTopK
@@ -36,7 +37,8 @@ from millstream.plan.rules.topk import SortLimitToTopK
 #: filters where they now run); limits move down and a sort under a limit becomes a top-k;
 #: sub-plans used more than once are shared (computed once; before the pruning, which
 #: would make their uses differ); last, the columns nobody reads are pruned, down to the
-#: scans (which needs the plan's final shape).
+#: scans (which needs the plan's final shape). An aggregate joined on its group keys with
+#: a small side gets a semi join with that side below it (after the join order is known).
 RULES: tuple[Rule, ...] = (
     ConstantFolding(),
     PredicatePushdown(),
@@ -46,6 +48,7 @@ RULES: tuple[Rule, ...] = (
     FilterIntoScan(),
     SemiJoinPushdown(),
     JoinOrder(),
+    SemiJoinBelowAggregate(),
     LimitPushdown(),
     SortLimitToTopK(),
     ReuseSubplans(),
