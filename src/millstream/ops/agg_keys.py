@@ -1,4 +1,5 @@
-"""Key encodings that make grouping cheaper, the states unchanged.
+"""Key encodings that make grouping cheaper, the states unchanged; and the aggregates'
+arguments computed with their shared sub-expressions once (``computed_arguments``).
 
 Dictionary codes: a group-by whose key columns arrive as Arrow dictionaries
 (a Parquet scan reads a small-dictionary string key that way for a group-by, see
@@ -27,6 +28,25 @@ import pyarrow.compute as pc
 
 from millstream.core.arrow import normalize_key
 from millstream.expr.aggregates import AggSpec
+from millstream.expr.nodes import Column, Expr
+from millstream.expr.subexpr import shared_subexpressions
+
+
+def computed_arguments(specs: list[AggSpec], table: pa.Table) -> dict[int, pa.Array]:
+    """The aggregates' expression arguments evaluated on ``table``, a sub-expression they
+    share computed once (``sum(p * (1 - d))`` and ``sum(p * (1 - d) * (1 + t))``); plain
+    columns of ``table`` and ``count(*)`` are left to the caller."""
+    todo = {i: sp.arg for i, sp in enumerate(specs) if sp.func != "count_all"
+            and isinstance(sp.arg, Expr)
+            and not (isinstance(sp.arg, Column) and sp.arg.name in table.column_names)}
+    with shared_subexpressions(todo.values()):
+        return {i: e.evaluate(table) for i, e in todo.items()}
+
+
+def dictionary_columns(schema: pa.Schema) -> list[str]:
+    """The names of the dictionary-encoded columns of ``schema`` (batches whose lists
+    differ are grouped apart: their keys concatenate to no common type)."""
+    return [f.name for f in schema if pa.types.is_dictionary(f.type)]
 
 
 def dictionary_keys(table: pa.Table, keys: list[str], specs: list[AggSpec]) -> list[str]:

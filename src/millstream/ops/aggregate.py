@@ -26,8 +26,7 @@ from millstream.core.arrow import (
 from millstream.core.spill import BucketSpiller
 from millstream.errors import SchemaError
 from millstream.expr.aggregates import AggSpec
-from millstream.expr.nodes import Column, Expr
-from millstream.expr.subexpr import shared_subexpressions
+from millstream.expr.nodes import Column
 from millstream.ops import agg_keys
 from millstream.ops.agg_states import STATE_AGGS
 from millstream.ops.base import Batches, Operator
@@ -178,21 +177,6 @@ def _count_without_keys(table: pa.Table, aggs: list[tuple]) -> pa.Table:
     return pa.table(cols)
 
 
-def _dictionaries(schema: pa.Schema) -> list[str]:
-    """The names of the dictionary-encoded columns of ``schema``."""
-    return [f.name for f in schema if pa.types.is_dictionary(f.type)]
-
-
-def _computed_args(specs: list[AggSpec], table: pa.Table) -> dict[int, pa.Array]:
-    """The aggregates' expression arguments evaluated on ``table``, a sub-expression they
-    share computed once (``sum(p * (1 - d))`` and ``sum(p * (1 - d) * (1 + t))``)."""
-    todo = {i: sp.arg for i, sp in enumerate(specs) if sp.func != "count_all"
-            and isinstance(sp.arg, Expr)
-            and not (isinstance(sp.arg, Column) and sp.arg.name in table.column_names)}
-    with shared_subexpressions(todo.values()):
-        return {i: e.evaluate(table) for i, e in todo.items()}
-
-
 class _AggCore:
     """The state algebra shared by the partial and final operators."""
 
@@ -223,7 +207,7 @@ class _AggCore:
         from_acero: list[int] = []  # StateAggs whose partial states Arrow computes
         segments: list[int] = []  # StateAggs computed over their groups' rows
         int_means: list[str] = []  # mean states whose sums Arrow took over integers
-        computed = _computed_args(self.specs, table)
+        computed = agg_keys.computed_arguments(self.specs, table)
         for i, spec in enumerate(self.specs):
             arg = f"__a{i}"
             st = self.state_cols[i]
@@ -496,8 +480,8 @@ class PartialAggregate(Operator):
         if batch.num_rows == 0:
             return _EMPTY
         out = _EMPTY
-        if self.raw and self.raw[0].schema != batch.schema and _dictionaries(self.raw[0].schema) \
-                != _dictionaries(batch.schema):  # dictionary keys and plain ones: apart
+        if self.raw and self.raw[0].schema != batch.schema and agg_keys.dictionary_columns(self.raw[0].schema) \
+                != agg_keys.dictionary_columns(batch.schema):  # dictionary keys and plain ones: apart
             out = self._aggregate_raw()
         self.raw.append(batch)
         self.raw_bytes += batch_nbytes(batch)
