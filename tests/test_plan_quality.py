@@ -713,6 +713,17 @@ def test_random_pipelines_give_the_same_rows_with_and_without_the_optimizer(left
     assert bag(on.to_pylist()) == bag(off.to_pylist())
 
 
+def test_a_replaced_column_keeps_its_place_when_a_column_after_it_is_dropped():
+    """Found by the test above: pruning read no ``k`` for a ``with_columns`` that replaces
+    it, which then added ``k`` last."""
+    t = pa.table({"k": [1, 2], "a": [3, 4], "s": ["x", "y"]})
+    ds = (ms.from_arrow(t).with_columns(w=col("k") * 2).with_columns(k=col("a") * 2)
+          .drop("w"))
+    assert ds.columns == ["k", "a", "s"]
+    assert ds.to_arrow().to_pylist() == ds.to_arrow(optimizer=False).to_pylist() == [
+        {"k": 6, "a": 3, "s": "x"}, {"k": 8, "a": 4, "s": "y"}]
+
+
 # ------------------------------------------------------------------------------- errors
 
 def _frames(exc_info) -> list[str]:

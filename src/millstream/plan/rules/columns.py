@@ -50,7 +50,11 @@ def child_requirements(node: Node, required: Required) -> tuple[Required, ...]:
     if isinstance(node, WithColumns):
         if required is None:
             return (None,)  # (a replaced column keeps its input's position: keep them all)
-        return (frozenset((required - node.produced()) | (refs or frozenset())),)
+        # a replaced column keeps its input's position only while the input has it: keep
+        # the replaced ones that are used above (else a drop above reorders the columns)
+        schema = node.child.schema
+        replaced = required & node.produced() & frozenset(schema.names if schema else ())
+        return (frozenset((required - node.produced()) | replaced | (refs or frozenset())),)
     if isinstance(node, Drop):
         if required is None:
             schema = node.child.schema
