@@ -720,6 +720,7 @@ def test_a_replaced_column_keeps_its_place_when_a_column_after_it_is_dropped():
     ds = (ms.from_arrow(t).with_columns(w=col("k") * 2).with_columns(k=col("a") * 2)
           .drop("w"))
     assert ds.columns == ["k", "a", "s"]
+    assert ds.to_arrow().schema.names == ["k", "a", "s"]
     assert ds.to_arrow().to_pylist() == ds.to_arrow(optimizer=False).to_pylist() == [
         {"k": 6, "a": 3, "s": "x"}, {"k": 8, "a": 4, "s": "y"}]
 
