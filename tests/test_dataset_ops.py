@@ -1141,6 +1141,44 @@ def test_split_by_partition_keeps_row_order_within_partitions(num_partitions):
         assert part.column(0).to_numpy().tolist() == np.flatnonzero(pids == p).tolist()
 
 
+@pytest.mark.parametrize("target", [0, 2])
+def test_split_by_partition_passes_a_batch_bound_for_one_partition_whole(target):
+    from millstream.core.hashing import split_by_partition
+
+    batch = pa.record_batch({"row": np.arange(1000), "s": [str(i) for i in range(1000)]})
+    parts = split_by_partition(batch, np.full(1000, target), 3)
+    assert len(parts) == 1 and parts[0][0] == target
+    assert parts[0][1] is batch  # no gather of rows that all stay together
+
+
+def test_integer_hash_values_do_not_change():
+    # keyed state is placed by these values: every integer width, with and without nulls,
+    # hashes as splitmix64 of the value (nulls: the null hash)
+    from millstream.core.hashing import _M1, _M2, _NULL_HASH
+
+    mask = (1 << 64) - 1
+
+    def ref(v):
+        if v is None:
+            return int(_NULL_HASH)
+        x = v & mask
+        x ^= x >> 30
+        x = (x * int(_M1)) & mask
+        x ^= x >> 27
+        x = (x * int(_M2)) & mask
+        return x ^ (x >> 31)
+
+    values = [0, 1, -1, 2**40 + 3, -(2**62), 12345]
+    for t in (pa.int64(), pa.int32(), pa.int16()):
+        vals = [v for v in values if pa.types.is_int64(t) or abs(v) < 2**15]
+        for with_null in (False, True):
+            vs = [*vals, None] if with_null else vals
+            got = hash_array(pa.array(vs, t))
+            assert [int(h) for h in got] == [ref(v) for v in vs]
+    sliced = pa.array(values, pa.int64()).slice(2, 3)
+    assert [int(h) for h in hash_array(sliced)] == [ref(v) for v in values[2:5]]
+
+
 def test_join_and_distinct_on_long_string_keys():
     rnd = random.Random(21)
     keys = ["ключ-" + "x" * rnd.randrange(50, 200) + str(i % 3000) for i in range(20000)]

@@ -157,7 +157,10 @@ def hash_array(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
         if pa.types.is_temporal(t):
             width = t.bit_width if hasattr(t, "bit_width") else 64
             arr = arr.view(pa.int64() if width == 64 else pa.int32())
-        vals = np.asarray(arr.cast(pa.int64()).fill_null(0), dtype=np.int64)
+        if not pa.types.is_int64(arr.type):
+            arr = arr.cast(pa.int64())
+        # a key without nulls is read as it is (fill_null would copy it for nothing)
+        vals = np.asarray(arr.fill_null(0) if arr.null_count else arr, dtype=np.int64)
         out = _mix(vals.view(np.uint64))
     else:
         # Lists, structs, decimals, pickled objects: hash a canonical byte form (slow path).
@@ -219,8 +222,11 @@ def split_by_partition(batch: pa.RecordBatch, pids: np.ndarray, num_partitions: 
         return [(0, batch)]
     # numpy sorts 8- and 16-bit integers stably by radix: 4x faster than int64 ids
     small = np.uint8 if num_partitions <= 256 else np.uint16 if num_partitions <= 65536 else None
-    order = np.argsort(pids.astype(small) if small else pids, kind="stable")
     counts = np.bincount(pids, minlength=num_partitions)
+    whole = np.flatnonzero(counts == batch.num_rows)
+    if len(whole):  # every row goes to one partition: the batch as it is, no gather
+        return [(int(whole[0]), batch)]
+    order = np.argsort(pids.astype(small) if small else pids, kind="stable")
     taken = batch.take(pa.array(order))
     out = []
     start = 0
