@@ -198,9 +198,12 @@ def _hash_through_dictionary(arr: pa.DictionaryArray) -> np.ndarray:
 
 def hash_columns(columns: list[pa.Array | pa.ChunkedArray], num_rows: int) -> np.ndarray:
     """Combined uint64 hash of several key columns, row by row."""
-    h = np.zeros(num_rows, dtype=np.uint64)
+    if not columns:
+        return np.zeros(num_rows, dtype=np.uint64)
+    # the first column's step from h = 0 is _mix(0 * 31 + hash): no zeros to multiply
+    h = _mix(hash_array(columns[0]))
     with np.errstate(over="ignore"):
-        for c in columns:
+        for c in columns[1:]:
             h = _mix(h * np.uint64(31) + hash_array(c))
     return h
 
