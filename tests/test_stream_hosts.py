@@ -147,3 +147,40 @@ def test_a_large_driver_gets_the_stock_fork_server(monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr(stock._forkserver, "_authkey", b"", raising=False)
     assert not forkserver.available()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forks, reads /proc")
+def test_a_descriptor_the_driver_had_is_open_in_a_worker_but_no_longer_its_pipe():
+    """Arrow's fork handler closes a self-pipe it made in the driver, in every process forked
+    later, and aborts when that close fails: the server points the driver's descriptors at
+    /dev/null instead of closing them (a suite run lost 62 tests to workers dying of it)."""
+    import subprocess
+    import textwrap
+    from pathlib import Path
+
+    script = textwrap.dedent("""
+        import os
+        import millstream as ms
+        r, w = os.pipe()  # the driver's, open before the first job
+        os.dup2(r, 200)  # (a number nothing below takes when it is free)
+
+        def look(batch, fd=200):
+            import pyarrow as pa
+            try:
+                os.fstat(fd)
+                where = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError as exc:
+                where = f"closed: {exc.errno}"
+            return pa.table({"where": [where] * batch.num_rows})
+
+        ms.init(parallelism=2, progress=False)
+        got = ms.range(100, num_partitions=2).map_batches(look).to_arrow(driver_input_limit=0)
+        print(sorted(set(got.column("where").to_pylist())))
+    """)
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src}
+    env.pop("MILLSTREAM_FORK_SERVER", None)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == "['/dev/null']", out.stdout

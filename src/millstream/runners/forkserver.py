@@ -3,9 +3,10 @@
 The stock fork server is a new interpreter that imports millstream, pyarrow and pandas
 again (about 1 CPU-s per driver, most of a short streaming job's fixed cost). Forked from
 the driver, it has them already. What a fork would also inherit is made clean before it
-serves: every file descriptor but its own two and the standard streams is closed (a
-worker or task-slot host forked from it then holds only what it is given: a host holding
-another's pipe end hides that peer's death), signal handlers go back to their defaults,
+serves: every file descriptor but its own two and the standard streams now points at
+``/dev/null`` (a worker or task-slot host forked from it then holds only what it is given:
+a host holding another's pipe end hides that peer's death; the numbers stay open for
+libraries that close their own at a fork), signal handlers go back to their defaults,
 the standard streams are the process's own, and it leaves with ``os._exit`` (never the
 driver's exit handlers). Then it runs multiprocessing's own fork-server loop, so the
 ``forkserver`` context works on it unchanged; if it dies, multiprocessing starts a stock
@@ -103,7 +104,7 @@ def _serve(listener_fd: int, alive_r: int, preload: list[str]) -> None:  # pragm
         # the driver held it while forking: a process forked from here that starts one
         # of its own would wait for it forever
         forkserver._forkserver._lock = threading.Lock()  # noqa: SLF001
-        _close_fds_except({0, 1, 2, listener_fd, alive_r})
+        _release_fds_except({0, 1, 2, listener_fd, alive_r})
         _default_signals()
         _fresh_standard_streams()
         import faulthandler
@@ -144,18 +145,27 @@ def _fresh_standard_streams() -> None:
         setattr(sys, f"__{name}__", stream)
 
 
-def _close_fds_except(keep: set[int]) -> None:
-    """Close every open descriptor of this process but ``keep``."""
+def _release_fds_except(keep: set[int]) -> None:
+    """Let go of every open descriptor of this process but ``keep``: each becomes
+    ``/dev/null`` (the driver's pipe or file is no longer held here) rather than closed, so
+    that a library whose fork handler later closes a descriptor it made in the driver
+    (Arrow's self-pipe: a failed close aborts the process) finds one to close."""
+    null = os.open(os.devnull, os.O_RDWR)
     try:
-        open_fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
-    except OSError:
-        open_fds = list(range(os.sysconf("SC_OPEN_MAX")))
-    for fd in open_fds:
-        if fd not in keep:
+        try:
+            open_fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
+        except OSError:
+            open_fds = list(range(os.sysconf("SC_OPEN_MAX")))
+        for fd in open_fds:
+            if fd in keep or fd == null:
+                continue
             try:
-                os.close(fd)
+                os.fstat(fd)  # (open: the listing's own descriptor is closed by now)
+                os.dup2(null, fd, inheritable=False)
             except OSError:
                 pass
+    finally:
+        os.close(null)
 
 
 def _default_signals() -> None:
