@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 from faults import wait_for
 
 import millstream as ms
 from millstream.testing import CollectingSink, TestSource
+
+
+def _run_driver(script: str) -> subprocess.CompletedProcess:
+    """Run ``script`` as a driver process of its own (the default fork server); it must
+    succeed."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    env.pop("MILLSTREAM_FORK_SERVER", None)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out
 
 
 def _pipe_inodes(pid: int) -> set[str]:
@@ -56,10 +70,6 @@ def test_the_fork_server_is_forked_from_the_driver_and_holds_none_of_its_descrip
     """Workers and hosts come from a fork server forked from the driver (it does not import
     millstream, pyarrow and pandas again), which closed every descriptor the driver had
     open (a pipe of the driver's here), so nothing it forks can hold one."""
-    import subprocess
-    import textwrap
-    from pathlib import Path
-
     script = textwrap.dedent("""
         import os
         from multiprocessing import forkserver
@@ -85,12 +95,7 @@ def test_the_fork_server_is_forked_from_the_driver_and_holds_none_of_its_descrip
         print(sum(1 for fd in fds if os.readlink(f"/proc/{pid}/fd/{fd}") == pipe))
         print(sorted((row["k"], row["s"]) for row in sink.final_table(["k"]).to_pylist()))
     """)
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env = {**os.environ, "PYTHONPATH": src}
-    env.pop("MILLSTREAM_FORK_SERVER", None)
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
+    out = _run_driver(script)
     lines = out.stdout.splitlines()
     assert lines[:2] == ["forked", "0"], out.stdout
     sums = {k: sum(i for i in range(20) if f"k{i % 3}" == k) for k in ("k0", "k1", "k2")}
@@ -102,10 +107,6 @@ def test_a_worker_of_the_forked_server_has_its_fork_server_lock_free():
     """The driver holds multiprocessing's fork-server lock while it forks the server: the
     server lets go of its copy, or anything in a worker that makes sure a fork server runs
     (``forkserver.ensure_running``) would wait for it forever."""
-    import subprocess
-    import textwrap
-    from pathlib import Path
-
     script = textwrap.dedent("""
         import millstream as ms
 
@@ -123,12 +124,7 @@ def test_a_worker_of_the_forked_server_has_its_fork_server_lock_free():
             driver_input_limit=0)
         print(sorted(set(got.column("code").to_pylist())))
     """)
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env = {**os.environ, "PYTHONPATH": src}
-    env.pop("MILLSTREAM_FORK_SERVER", None)
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
+    out = _run_driver(script)
     assert out.stdout.split("\n")[0] == "[1]", out.stdout
 
 
@@ -154,10 +150,6 @@ def test_a_descriptor_the_driver_had_is_open_in_a_worker_but_no_longer_its_pipe(
     """Arrow's fork handler closes a self-pipe it made in the driver, in every process forked
     later, and aborts when that close fails: the server points the driver's descriptors at
     /dev/null instead of closing them (a suite run lost 62 tests to workers dying of it)."""
-    import subprocess
-    import textwrap
-    from pathlib import Path
-
     script = textwrap.dedent("""
         import os
         import millstream as ms
@@ -177,10 +169,5 @@ def test_a_descriptor_the_driver_had_is_open_in_a_worker_but_no_longer_its_pipe(
         got = ms.range(100, num_partitions=2).map_batches(look).to_arrow(driver_input_limit=0)
         print(sorted(set(got.column("where").to_pylist())))
     """)
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env = {**os.environ, "PYTHONPATH": src}
-    env.pop("MILLSTREAM_FORK_SERVER", None)
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
+    out = _run_driver(script)
     assert out.stdout.splitlines()[0] == "['/dev/null']", out.stdout
