@@ -30,10 +30,21 @@ class HeldRows:
         for n, item in enumerate(items[:cut]):
             self.src.add(item, partition=n % partitions)
         self._next = cut
+        self.fed = sum(len(item) for item in items[:cut])
 
     def dataset(self) -> Any:
         """The rows as a Dataset (start it with ``executor="parallel"`` or "inline")."""
         return self.src.dataset()
+
+    def wait_until_checkpointed(self, job: Any, timeout: float = 60.0) -> None:
+        """Wait until ``job`` has read every row fed so far and completed a checkpoint: the
+        state a fault test injects its fault at. Both always come (the held rows keep the
+        job running), but not necessarily a second checkpoint: the job checkpoints only
+        after an epoch in which something happened, and a fast machine reads the first part
+        within one."""
+        wait_for(lambda: (m := job.metrics())["records_in"] >= self.fed
+                 and m["checkpoints"] >= 1, timeout,
+                 f"the {self.fed} rows fed first to be read and checkpointed")
 
     def release(self) -> None:
         """Feed the rest of the rows and end the stream."""

@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from faults import HeldRows, wait_for
+from faults import HeldRows
 from streams import UpsertTable
 
 import millstream as ms
@@ -407,7 +407,7 @@ def test_a_killed_task_slot_restarts_from_the_checkpoint(pipeline, tmp_path):
     sink = CollectingSink()
     job = make(held.dataset()).start(checkpoint=str(tmp_path / "chk"), executor="parallel",
                                      parallelism=2, sink=sink, checkpoint_interval="50ms")
-    wait_for(lambda: job.metrics()["checkpoints"] >= 2, 60, "two checkpoints")
+    held.wait_until_checkpointed(job)
     os.kill(job.host_pids()[-1], signal.SIGKILL)
     held.release()
     assert job.await_termination(120)

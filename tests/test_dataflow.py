@@ -74,11 +74,12 @@ def _keyed_file_job(rows: list[dict], tmp_path) -> tuple[StreamingJob, Any, Held
 
 
 def _kill_a_task_mid_job(rows: list[dict], tmp_path) -> tuple[StreamingJob, Any]:
-    """Start a keyed job writing files; SIGKILL a task of its last stage after two
-    checkpoints (the job cannot have ended: half its input is held back); then feed the
-    rest and wait for the job to end. Returns the job and its output directory."""
+    """Start a keyed job writing files; SIGKILL a task of its last stage once the rows fed
+    first are read and checkpointed (the job cannot have ended: half its input is held
+    back); then feed the rest and wait for the job to end. Returns the job and its output
+    directory."""
     job, out, held = _keyed_file_job(rows, tmp_path)
-    wait_for(lambda: job.metrics()["checkpoints"] >= 2, 60, "two checkpoints")
+    held.wait_until_checkpointed(job)
     os.kill(job.host_pids()[-1], signal.SIGKILL)
     held.release()
     assert job.await_termination(120)

@@ -18,7 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
-from faults import HeldRows, wait_for
+from faults import HeldRows
 from services.process import free_port
 
 import millstream as ms
@@ -324,7 +324,7 @@ def test_a_killed_task_is_exactly_once_in_postgres(postgres, tmp_path):
         held = HeldRows(rows, partitions=2, chunk=40)
         job = make(held.dataset()).start(checkpoint=str(tmp_path / name), executor="parallel",
                                          parallelism=2, sink=sink, checkpoint_interval="50ms")
-        wait_for(lambda job=job: job.metrics()["checkpoints"] >= 2, 60, "two checkpoints")
+        held.wait_until_checkpointed(job)
         os.kill(job.host_pids()[-1], signal.SIGKILL)
         held.release()
         assert job.await_termination(120)

@@ -17,7 +17,7 @@ from collections import Counter
 
 import pyarrow as pa
 import pytest
-from faults import HeldRows, wait_for
+from faults import HeldRows
 from runners_fixture import RAY_PARALLELISM, ray_missing, shared_ray_cluster, use_runner
 
 import millstream as ms
@@ -523,7 +523,7 @@ def test_streaming_job_restores_from_its_checkpoint_when_a_node_is_removed(ray_c
     removed = None
     try:
         # half the input is held back: the job cannot end before the node is removed
-        wait_for(lambda: job.metrics()["checkpoints"] >= 2, 90, "two checkpoints")
+        held.wait_until_checkpointed(job, 90)
         hosting = set(job.host_nodes())
         removed = next(n for n in ray_cluster.workers() if n.node_id in hosting)
         ray_cluster.remove_worker(removed)
@@ -562,7 +562,7 @@ def test_streaming_on_ray_checkpoints_to_s3_and_survives_a_killed_actor(tmp_path
                        sink=FileStreamSink(f"s3://{bucket}/out"), parallelism=2,
                        executor="parallel")
         # half the input is held back: the job cannot end before the actor is killed
-        wait_for(lambda: job.metrics()["checkpoints"] >= 2, 90, "two checkpoints on S3")
+        held.wait_until_checkpointed(job, 90)
         ray.kill(job._hosts.actors[-1], no_restart=True)
         held.release()
         assert job.await_termination(180)

@@ -422,7 +422,7 @@ def test_streaming_job_checkpoints_to_s3_and_restarts_exactly_once(mini, fs, mon
     import signal
     from collections import Counter
 
-    from faults import HeldRows, wait_for
+    from faults import HeldRows
 
     from millstream.io.files.stream_sink import FileStreamSink
 
@@ -437,7 +437,7 @@ def test_streaming_job_checkpoints_to_s3_and_restarts_exactly_once(mini, fs, mon
                        sink=FileStreamSink(f"s3://{bucket}/out"), parallelism=2,
                        executor="parallel")
         # half the input is held back: the job cannot end before the kill
-        wait_for(lambda: job.metrics()["checkpoints"] >= 2, 60, "two checkpoints on S3")
+        held.wait_until_checkpointed(job)
         os.kill(job.host_pids()[-1], signal.SIGKILL)
         held.release()
         assert job.await_termination(120)
