@@ -1,5 +1,6 @@
 """Per-partition kernels chosen for speed must give the answers of the plain ones: the ASCII
-fast path of ``str.split()`` (Python's ``str.split`` is the oracle), Arrow's line splitting of
+fast paths of ``str.split()`` (Python's ``str.split`` is the oracle) and of ``str.lower()``
+/ ``str.upper()`` (Arrow's Unicode kernels are), Arrow's line splitting of
 text chunks (the numpy one is the oracle), and filters that keep every row."""
 
 from __future__ import annotations
@@ -32,6 +33,25 @@ def test_split_on_whitespace_is_pythons_split(texts):
     b = pa.record_batch({"s": pa.array(["pad", *texts], pa.string())}).slice(1)
     expr = ms.col("s").str.split()
     assert expr.evaluate(b).to_pylist() == [None if t is None else t.split() for t in texts]
+
+
+@settings(max_examples=200, deadline=None)
+@given(texts=_texts, cut=st.integers(0, 3), chunks=st.integers(1, 3))
+def test_lower_and_upper_match_the_unicode_kernels(texts, cut, chunks):
+    """All-ASCII strings take the ASCII kernels; a slice whose buffer holds other bytes
+    outside it, and chunked columns, still give the Unicode kernels' answers."""
+    padded = ["ÀÉ", "Ünï", "x", *texts][3 - cut:]
+    arr = pa.array(padded, pa.string()).slice(cut)  # (non-ASCII bytes outside the slice)
+    parts = np.array_split(np.arange(len(arr)), chunks)
+    batch = pa.record_batch({"s": arr})
+    table = pa.table({"s": pa.chunked_array([arr.take(pa.array(ix, pa.int64())) for ix in parts],
+                                            pa.string())})
+    for method, oracle in (("lower", pc.utf8_lower), ("upper", pc.utf8_upper)):
+        want = oracle(arr).to_pylist()
+        expr = getattr(ms.col("s").str, method)()
+        assert expr.evaluate(batch).to_pylist() == want
+        assert ms.from_arrow(table).select(expr.alias("r")).to_arrow() \
+            .column("r").to_pylist() == want
 
 
 def test_ascii_spaces_are_told_apart_from_unicode_ones():
