@@ -185,6 +185,29 @@ def test_a_driver_leaves_no_process_behind(tmp_path):
     assert left == [], [(p.pid, p.status()) for p in left]
 
 
+def test_a_program_that_exits_while_its_streaming_job_runs_ends_it_quietly(tmp_path):
+    """The job's task hosts go with the program; the coordinator says once that it ended the
+    job, instead of taking the hosts' end for a loss and restarting."""
+    proc = _driver(tmp_path, f"""
+        src = ms.testing.TestSource(partitions=2)
+        src.add([{{"k": i % 3, "v": i}} for i in range(100)], partition=0)
+        job = src.dataset().repartition(2, "k").start(
+            executor="parallel", parallelism=2, checkpoint={str(tmp_path / "chk")!r},
+            checkpoint_interval="50ms")       # the source stays open: the job never ends
+        while job.metrics()["records_in"] < 100 or job.metrics()["checkpoints"] < 1:
+            time.sleep(0.05)
+        print("RUNNING", job.job_id, flush=True)
+    """)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    job_id = out.split()[-1]
+    assert err.count(f"streaming job {job_id} was still running when the program exited") \
+        == 1, err
+    assert "restarting" not in err and "died" not in err, err
+    left = _group_processes(proc.pid)
+    assert left == [], [(p.pid, p.status()) for p in left]
+
+
 @pytest.mark.parametrize("handler", ["custom"])
 def test_a_programs_own_sigterm_handler_is_kept(tmp_path, handler):
     proc = _driver(tmp_path, """

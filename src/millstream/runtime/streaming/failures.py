@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import atexit
 import logging
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-from millstream.errors import MillstreamError
+from millstream.errors import MillstreamError, StreamingError, UserFunctionError
 from millstream.runtime.runner import debugging
+
+if TYPE_CHECKING:
+    from millstream.runtime.streaming.layout import Chain
 
 _log = logging.getLogger("millstream.runtime.streaming.job")
 
@@ -40,3 +43,41 @@ def _log_untaken() -> None:
     for job_id, text in list(_UNTAKEN.items()):
         _log.error("streaming job %s failed: %s", job_id, text)
     _UNTAKEN.clear()
+
+
+class TaskFailed(Exception):
+    """A task raised; carries its error for the driver (``error()``: what the user gets)."""
+
+    def __init__(self, chain: Chain, text: str, tb: str, exc: BaseException | None,
+                 user_tb: str | None = None) -> None:
+        super().__init__(text)
+        self.chain = chain
+        self.text = text
+        self.tb = tb
+        self.exc = exc
+        self.user_tb = user_tb
+
+    def error(self) -> BaseException:
+        c = self.chain
+        where = f"stage {c.stage.id} ({c.stage.purpose}), partition {c.key[2]}"
+        if self.user_tb is not None:  # a user function raised: ms.UserFunctionError, as in batch
+            from millstream.core.pickling import restore_code_locations
+
+            user_tb = restore_code_locations(self.user_tb, [(f.args, f.kwargs)
+                                                            for f in c.pipe.ops])
+            err = UserFunctionError(
+                f"{self.text.split(': ', 1)[-1]}\n  in streaming task {where}\n\n{user_tb}",
+                stage=f"{c.stage.id} ({c.stage.purpose})", partition=c.key[2],
+                operator=getattr(self.exc, "operator", None), user_traceback=user_tb,
+                cause_type=type(getattr(self.exc, "original", None)).__name__)
+            err.original = getattr(self.exc, "original", self.exc)  # type: ignore[attr-defined]
+            if debugging():
+                err.add_note(f"task traceback:\n{self.tb}")
+            return err
+        if self.exc is not None:
+            try:
+                self.exc.add_note(f"in streaming task {where}; task traceback:\n{self.tb}")
+            except AttributeError:  # pragma: no cover
+                pass
+            return self.exc
+        return StreamingError(f"streaming task {where} failed: {self.text}\n{self.tb}")

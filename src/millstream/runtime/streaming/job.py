@@ -47,7 +47,6 @@ from millstream.errors import (
     PlanError,
     SimulatedCrash,
     StreamingError,
-    UserFunctionError,
     WorkerLostError,
 )
 from millstream.io.stream_sinks import make_sink
@@ -67,11 +66,11 @@ from millstream.runtime.job_events import (
 )
 from millstream.runtime.progress import progress_enabled
 from millstream.runtime.streaming.epochs import Epochs, Restored, check_fault
-from millstream.runtime.streaming.failures import note_failure, raise_taken_error
+from millstream.runtime.streaming.failures import TaskFailed, note_failure, raise_taken_error
 from millstream.runtime.streaming.inline import InlineHosts
+from millstream.runtime.streaming.job_metrics import sum_task_metrics
 from millstream.runtime.streaming.layout import (
     EXECUTORS,
-    Chain,
     Layout,
     check_streamable,
     key_groups_option,
@@ -79,6 +78,7 @@ from millstream.runtime.streaming.layout import (
     scans,
     task_budget,
 )
+from millstream.runtime.streaming.running import end_with_the_program
 from millstream.runtime.streaming.slot import SlotSpec, run_slot
 from millstream.runtime.streaming.spec import TaskSpec, close_quietly
 
@@ -166,6 +166,8 @@ class StreamingJob:
         self.restarts = 0
         self._stop = threading.Event()
         self._done = threading.Event()
+        #: the program is exiting: end now, no final checkpoint, no restart
+        self._abandoned = threading.Event()
         self._error: BaseException | None = None
         self._lock = threading.Lock()
         #: side outputs of committed epochs, and of epochs still in flight
@@ -199,6 +201,7 @@ class StreamingJob:
             self._runner = s.get_runner(s.settings)
         if progress_enabled(s.settings.progress):
             self._unwatch = watch(self.job_id)
+        end_with_the_program(self)
         self._thread.start()
         return self
 
@@ -224,6 +227,11 @@ class StreamingJob:
     def is_active(self) -> bool:
         """True while the job runs."""
         return self._thread.is_alive()
+
+    def abandon(self) -> None:
+        """End the job now, without a final checkpoint or a restart (the program exits)."""
+        self._abandoned.set()
+        self._stop.set()  # (wakes a restart's back-off)
 
     def exception(self) -> BaseException | None:
         """The error the job died of, if any."""
@@ -266,19 +274,7 @@ class StreamingJob:
             late = sum(b.num_rows for b in self._side.get("late", []))
             late += sum(b.num_rows for p in self._side_pending.values()
                         for b in p.get("late", []))
-        ops: dict[str, dict[str, int]] = {}
-        counters: dict[str, int] = {}
-        for tm in tasks.values():
-            for name, (i, o) in tm.get("operators", {}).items():
-                agg = ops.setdefault(name, {"records_in": 0, "records_out": 0,
-                                            "state_bytes": 0})
-                agg["records_in"] += i
-                agg["records_out"] += o
-            for name, size in tm.get("state_bytes", {}).items():
-                if name in ops:
-                    ops[name]["state_bytes"] += size
-            for name, value in tm.get("counters", {}).items():
-                counters[name] = counters.get(name, 0) + value
+        ops, counters = sum_task_metrics(tasks.values())
         layout = self._layout
         chains = layout.chains if layout is not None else []
         sources = [c for c in chains if c.source is not None]
@@ -463,6 +459,8 @@ class StreamingJob:
         final_done = False
         published = 0.0  # when metrics were last published (when anybody listens)
         while True:
+            if self._abandoned.is_set():
+                raise _Abandoned()
             if BUS.active and time.monotonic() - published >= METRICS_EVERY_S:
                 published = time.monotonic()
                 stream_metrics(self)
@@ -509,7 +507,7 @@ class StreamingJob:
                         c = chains[idx]
                         raise _HostLost(f"task {c.key} (stage {c.stage.id}) lost a peer: "
                                         f"{msg[2]}")
-                    raise _TaskFailed(chains[idx], msg[2], msg[3], msg[4],
+                    raise TaskFailed(chains[idx], msg[2], msg[3], msg[4],
                                       msg[5] if len(msg) > 5 else None)
             if final_done and len(done) == n:
                 return
@@ -566,6 +564,8 @@ class StreamingJob:
                 except _HostLost as exc:
                     self._shutdown_hosts()
                     shutil.rmtree(self._run_dir(), ignore_errors=True)  # a dead task's spills
+                    if self._abandoned.is_set():
+                        raise _Abandoned() from None
                     if self.store is None or self.restarts >= self.max_restarts:
                         raise StreamingError(
                             f"streaming job {self.job_id}: {exc}; "
@@ -581,12 +581,16 @@ class StreamingJob:
                     # back off a little, so a cluster notices a lost node before the
                     # tasks are placed again (0.5 s, 1 s, 2 s, ...)
                     self._stop.wait(min(0.5 * 2 ** (self.restarts - 1), 5.0))
-        except _TaskFailed as exc:
+        except TaskFailed as exc:
             self._error = exc.error()
             note_failure(self.job_id, exc.text)
         except SimulatedCrash as exc:  # a killed driver: no cleanup
             self._error = exc
             crashed = True
+        except _Abandoned:
+            self._error = StreamingError(
+                f"streaming job {self.job_id} ended with the program that ran it (no final "
+                f"checkpoint; a restart continues from the last one)")
         except BaseException as exc:  # noqa: BLE001 - surfaces in await_termination
             self._error = exc
             note_failure(self.job_id, repr(exc))
@@ -620,40 +624,5 @@ class _HostLost(Exception):
     """A task host died (not an error the task raised)."""
 
 
-class _TaskFailed(Exception):
-    """A task raised; carries its error for the driver."""
-
-    def __init__(self, chain: Chain, text: str, tb: str, exc: BaseException | None,
-                 user_tb: str | None = None) -> None:
-        super().__init__(text)
-        self.chain = chain
-        self.text = text
-        self.tb = tb
-        self.exc = exc
-        self.user_tb = user_tb
-
-    def error(self) -> BaseException:
-        c = self.chain
-        where = f"stage {c.stage.id} ({c.stage.purpose}), partition {c.key[2]}"
-        if self.user_tb is not None:  # a user function raised: ms.UserFunctionError, as in batch
-            from millstream.core.pickling import restore_code_locations
-            from millstream.runtime.runner import debugging
-
-            user_tb = restore_code_locations(self.user_tb, [(f.args, f.kwargs)
-                                                            for f in c.pipe.ops])
-            err = UserFunctionError(
-                f"{self.text.split(': ', 1)[-1]}\n  in streaming task {where}\n\n{user_tb}",
-                stage=f"{c.stage.id} ({c.stage.purpose})", partition=c.key[2],
-                operator=getattr(self.exc, "operator", None), user_traceback=user_tb,
-                cause_type=type(getattr(self.exc, "original", None)).__name__)
-            err.original = getattr(self.exc, "original", self.exc)  # type: ignore[attr-defined]
-            if debugging():
-                err.add_note(f"task traceback:\n{self.tb}")
-            return err
-        if self.exc is not None:
-            try:
-                self.exc.add_note(f"in streaming task {where}; task traceback:\n{self.tb}")
-            except AttributeError:  # pragma: no cover
-                pass
-            return self.exc
-        return StreamingError(f"streaming task {where} failed: {self.text}\n{self.tb}")
+class _Abandoned(Exception):
+    """The program is exiting while the job runs."""
