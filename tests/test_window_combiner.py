@@ -260,3 +260,33 @@ def test_job_with_late_rows_stopped_and_restarted_counts_every_row_once(executor
     assert sum(r["n"] for r in final.values()) + len(late) == n
     assert sum(r["s"] for r in final.values()) + sum(r["id"] for r in late) == n * (n - 1) // 2
     assert len(late) > 0  # the data has rows beyond the watermark delay and the lateness
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.lists(st.tuples(st.integers(0, 40_000), st.one_of(st.none(),
+                                                                  st.integers(-50, 50))),
+                     min_size=1, max_size=40),
+       size=st.sampled_from(["5s", "20s", "1m"]),
+       start=st.sampled_from([MIN_WATERMARK, 10_000_000]))
+def test_keyless_states_without_a_grouping_are_the_groupings(rows, size, start):
+    """Without keys a batch's rows lie in a window or few: the combiner takes their states
+    from Arrow's scalar kernels, typed and valued as the grouping makes them."""
+    specs = [AggSpec("count_all", None, "n"), AggSpec("min", ms.col("v"), "lo"),
+             AggSpec("max", ms.col("v"), "hi"), AggSpec("sum", ms.col("v"), "s"),
+             AggSpec("max", ms.col("d"), "last")]
+    schema = pa.schema([("t", pa.int64()), ("v", pa.int64()), ("d", pa.timestamp("ms"))])
+    batch = pa.RecordBatch.from_pylist(
+        [{"t": t, "v": v, "d": None if v is None else t + 7} for t, v in rows], schema=schema)
+
+    def states(fast: bool) -> tuple[list, list]:
+        comb = WindowCombiner(Tumbling(size), [], specs, "t")
+        comb.start_watermark(start)  # (rows of windows ending by then go on raw)
+        if not fast:
+            comb._few_windows = lambda *a: None
+        out = comb.process(batch)
+        combined = [pa.Table.from_batches([b]).sort_by("__millstream_ws")
+                    for b in out if b.schema.metadata]
+        return ([(t.schema, t.to_pylist()) for t in combined],
+                [b.to_pylist() for b in out if not b.schema.metadata])
+
+    assert states(True) == states(False)
