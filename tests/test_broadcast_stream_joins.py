@@ -143,11 +143,14 @@ def test_a_broadcast_input_cannot_be_an_outer_side():
 # ----------------------------------------------------------------------------- results
 
 
-@pytest.mark.parametrize(("how", "parallelism"), [("inner", 2), ("left", 3)])
-def test_broadcast_interval_join_matches_the_oracle(how, parallelism, feed, tmp_path):
+@pytest.mark.parametrize(("how", "parallelism", "partitions"),
+                         [("inner", 2, 2), ("left", 3, 2), ("inner", 2, 1), ("inner", 2, 3)])
+def test_broadcast_interval_join_matches_the_oracle(how, parallelism, partitions, feed,
+                                                    tmp_path):
+    """(The join runs as many tasks as the forwarded side has: its source's partitions.)"""
     items = _items(2)
     f = feed(paced=False)
-    ds = _q7(f.source(items, SCHEMA, 2).dataset(), how)
+    ds = _q7(f.source(items, SCHEMA, partitions).dataset(), how)
     job = f.start(ds, checkpoint=str(tmp_path / "chk"), checkpoint_interval=0,
                   parallelism=parallelism)
     assert job.await_termination(60)
