@@ -27,8 +27,10 @@ the events of one kind among them. Only numpy and pyarrow are needed.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -208,15 +210,40 @@ def next_price(r: _Draws, k: int) -> np.ndarray:
 # ------------------------------------------------------------------------ strings
 
 
+#: where the string pool of a seed is kept once made: making it costs about 0.1 s of CPU
+#: in every process that makes events (each task slot of a parallel run), mapping the
+#: file back almost nothing
+_POOL_DIR = Path(__file__).resolve().parent / "data"
+
+
+def _pool(seed: int) -> pa.Buffer:
+    """The letters of seed ``seed``'s string pool (from its file when there is one)."""
+    path = _POOL_DIR / f"strings-s{seed}-n{_POOL_SIZE}.u8"
+    try:
+        buf = pa.memory_map(str(path)).read_buffer()
+        if buf.size == _POOL_SIZE:
+            return buf
+    except OSError:
+        pass
+    rng = np.random.default_rng(seed)
+    letters = rng.integers(ord("a"), ord("z") + 1, _POOL_SIZE, dtype=np.uint8)
+    letters[rng.random(_POOL_SIZE) < 0.08] = ord(" ")
+    try:  # (written whole under another name first: readers never see part of it)
+        _POOL_DIR.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        letters.tofile(tmp)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return pa.py_buffer(letters)
+
+
 class _Strings:
     """Random lower-case strings: consecutive pieces of one pool of letters (made once
     per seed) from a random place, so a column of them is a slice of the pool (no copy)."""
 
     def __init__(self, seed: int) -> None:
-        rng = np.random.default_rng(seed)
-        letters = rng.integers(ord("a"), ord("z") + 1, _POOL_SIZE, dtype=np.uint8)
-        letters[rng.random(_POOL_SIZE) < 0.08] = ord(" ")
-        self.pool = pa.py_buffer(letters)
+        self.pool = _pool(seed)
 
     def make(self, lengths: np.ndarray, r: _Draws, k: int) -> pa.Array:
         """Strings of ``lengths``, cut one after the other from a random place of the pool."""

@@ -164,22 +164,36 @@ class JoinPlanning:
         return ("left" if left_ok else "single"), est_l, est_r
 
     def _keyed_two_inputs(self, node: L.IntervalJoin | L.WindowJoin | L.LatestJoin | L.Join,
-                          factory: OperatorFactory, what: str) -> list[Pipeline]:
-        """Both inputs get the hidden join keys, are exchanged by them, and feed ``factory``."""
+                          factory: OperatorFactory, what: str,
+                          broadcast: int | None = None) -> list[Pipeline]:
+        """Both inputs get the hidden join keys, are exchanged by them, and feed ``factory``.
+
+        ``broadcast`` (streaming: the port of a small input, see :func:`broadcast_input`):
+        that input goes whole to every task of the join, the other one is forwarded to
+        the join task in its own slot (its rows never cross processes)."""
         from millstream.ops.stream_join import JoinKeys, join_key_names
 
         hidden = join_key_names(len(node.left_on))
         n = self.s.shuffle_partitions
         stages = []
-        for side, child, keys in (("left", node.left, node.left_on),
-                                  ("right", node.right, node.right_on)):
+        for port, (side, child, keys) in enumerate((("left", node.left, node.left_on),
+                                                    ("right", node.right, node.right_on))):
             pipes = self.build(child)
             for p in pipes:
                 p.add(OperatorFactory(JoinKeys, list(keys), side),
                       f"{what} {side} keys {list(keys)}")
-            stages.append(self._close(pipes, HashPartitioner(hidden, n), f"{what} {side} side"))
+            if broadcast is None:
+                stages.append(self._close(pipes, HashPartitioner(hidden, n),
+                                          f"{what} {side} side"))
+            else:
+                mine = port == broadcast
+                stages.append(Stage(pipes, "shuffle", partitioner=RoundRobinPartitioner(n),
+                                    purpose=f"{what} {side} side"
+                                            + (" (small: broadcast)" if mine else ""),
+                                    forward=not mine, broadcast=mine))
         new = Pipeline([ShufflePort(stages[0]), ShufflePort(stages[1])])
-        new.add(factory, node.label())
+        new.add(factory, node.label() + ("" if broadcast is None else
+                                         f" ({('left', 'right')[broadcast]} input broadcast)"))
         return [new]
 
     def _build_regular_join(self, node: L.Join) -> list[Pipeline]:
@@ -197,16 +211,19 @@ class JoinPlanning:
     def _build_IntervalJoin(self, node: L.IntervalJoin) -> list[Pipeline]:
         from millstream.ops.stream_join import IntervalJoin
 
+        b = broadcast_input(node) if self.s.streaming else None
         return self._keyed_two_inputs(node, OperatorFactory(
             IntervalJoin, list(node.left_on), list(node.right_on), node.lower, node.upper,
-            node.left_time, node.right_time, node.how, node.suffix), "interval join")
+            node.left_time, node.right_time, node.how, node.suffix, broadcast=b),
+            "interval join", b)
 
     def _build_WindowJoin(self, node: L.WindowJoin) -> list[Pipeline]:
         from millstream.ops.stream_join import WindowJoin
 
+        b = broadcast_input(node) if self.s.streaming else None
         return self._keyed_two_inputs(node, OperatorFactory(
             WindowJoin, list(node.left_on), list(node.right_on), node.window, node.left_time,
-            node.right_time, node.how, node.suffix), "window join")
+            node.right_time, node.how, node.suffix, broadcast=b), "window join", b)
 
     def _build_LatestJoin(self, node: L.LatestJoin) -> list[Pipeline]:
         from millstream.ops.stream_join import LatestJoin
@@ -214,6 +231,36 @@ class JoinPlanning:
         return self._keyed_two_inputs(node, OperatorFactory(
             LatestJoin, list(node.left_on), list(node.right_on), node.how, node.suffix,
             version=node.version, deleted=node.deleted), "latest join")
+
+
+#: nodes that emit at most as many rows as they read, one row per input row or fewer
+_ROW_PRESERVING = (L.Project, L.Filter, L.FilterRows, L.WithColumns, L.Drop, L.Rename, L.Map,
+                   L.Shared)
+
+
+def small_stream(node: L.Node) -> bool:
+    """Whether a stream is known to be small: a window aggregate without group keys (one
+    row per window) under operators that keep or drop rows."""
+    from millstream.expr.windows import GlobalWindow
+
+    while isinstance(node, _ROW_PRESERVING):
+        node = node.children[0]
+    return (isinstance(node, L.WindowAggregate) and not node.keys
+            and not isinstance(node.window, GlobalWindow))
+
+
+def broadcast_input(node: L.IntervalJoin | L.WindowJoin) -> int | None:
+    """The input (port) of a streaming interval or window join to broadcast to every join
+    task instead of exchanging both by key: a small one (:func:`small_stream`) whose rows
+    need no answer from every task (not an outer side), when the other is not small too.
+    Then the other input's rows stay in the tasks that made them."""
+    small = [small_stream(node.left), small_stream(node.right)]
+    if small[0] == small[1]:
+        return None
+    port = 0 if small[0] else 1
+    if node.how == "outer" or node.how == ("left", "right")[port]:
+        return None
+    return port
 
 
 def _smaller(a: Any, b: Any) -> bool:

@@ -115,8 +115,12 @@ class Stage:
     purpose: str = ""
     id: int = field(default_factory=lambda: next(_stage_ids))
     #: streaming only: task i feeds task i of every consumer pipeline (a shared sub-plan
-    #: read by several consumers, each partition's rows to all of them, order kept)
+    #: read by several consumers, each partition's rows to all of them, order kept; the
+    #: large side of a broadcast stream join, kept in its tasks)
     forward: bool = False
+    #: streaming only: every task's rows go to every consumer task (the small side of a
+    #: stream join, whose other side stays in its own tasks)
+    broadcast: bool = False
     #: sort keys sampled while the stage's output is written (its blocks then feed a
     #: range shuffle whose boundaries come from ``samples``)
     sample_by: list[str] | None = None
@@ -151,7 +155,9 @@ class Stage:
             for d in p.descriptions:
                 lines.append("    -> " + d)
         if self.forward:
-            lines.append("  => forward to every consumer (shared sub-plan)")
+            lines.append("  => forward, each task to its same-numbered task of every consumer")
+        elif self.broadcast:
+            lines.append("  => broadcast to every consumer task")
         elif self.output_kind == "shuffle":
             lines.append(f"  => shuffle write, {self.partitioner.describe()}")
         elif self.output_kind == "sink":

@@ -205,12 +205,15 @@ def plan_restore(uri: str, epoch: int, state: dict[str, Any], targets: list[Rest
     """Check that a (version 2) checkpoint fits the job and say what each operator restores.
 
     Returns the job's key groups (fixed by the checkpoint) and, per target and operator,
-    ``("keyed", [states of the key groups it owns])`` or ``("plain", snapshot)``. Raises
-    :class:`CheckpointError` for another pipeline, another number of key groups, moved
-    source partitions, or a rescaled restore of state not split by key group.
+    ``("keyed", [states of the key groups it owns])`` (a broadcast join's also the
+    ``BROADCAST_GROUP`` state: its broadcast input, whole) or ``("plain", snapshot)``.
+    Raises :class:`CheckpointError` for another pipeline, another number of key groups,
+    moved source partitions, or a rescaled restore of state not split by key group (in a
+    pipeline of more than one task).
     """
     from millstream.core.keygroups import owned_key_groups
     from millstream.ops.base import is_keyed_op
+    from millstream.ops.stream_join import BROADCAST_GROUP
     from millstream.ops.window import WindowAggregate
 
     if state["signature"] != signature:
@@ -239,10 +242,16 @@ def plan_restore(uri: str, epoch: int, state: dict[str, Any], targets: list[Rest
         for k, op in enumerate(t.ops):
             if t.key_grouped and is_keyed_op(op):
                 groups = state["keyed"].get((*t.key[:2], k), {})
-                owned = owned_key_groups(t.key[2], t.n, kg)
+                owned = list(owned_key_groups(t.key[2], t.n, kg))
+                if getattr(op, "broadcast_input", None) is not None:
+                    owned.append(BROADCAST_GROUP)  # a broadcast join's input: to every task
                 data[k] = ("keyed", [st for g in owned for st in groups.get(g, ())])
                 continue
-            if rescaled:
+            # a pipeline of one task then and now (a window without keys) restores that
+            # task's state whatever the parallelism
+            single = t.n == 1 and [tuple(c) for c in state["layout"]
+                                   if tuple(c[:2]) == t.key[:2]] == [(*t.key[:2], 0)]
+            if rescaled and not single:
                 if isinstance(op, WindowAggregate) and not op.keys:
                     raise CheckpointError(
                         f"{where}: {op.name} is a window without keys; its state is not split "

@@ -13,6 +13,18 @@ timestamp[us]); the operators match rows on them too (after unifying the two sid
 types) and drop them from their output. Keys that cannot be compared (a string against
 an integer) raise a :class:`~millstream.errors.SchemaError`. A null key never matches.
 
+Broadcast input (interval and window joins in a streaming job)
+--------------------------------------------------------------
+When one input is known to be small (a window aggregate without keys, one row per window,
+under selects and filters) and is not an outer side, the planner broadcasts it: every
+join task receives all its rows, and the other input is forwarded to the join task in its
+own slot instead of being exchanged by key (Nexmark q7: the bids never cross processes).
+Each pair still meets in exactly one task, the one holding its large-side row. The
+operator (``broadcast=`` the small input's port) checkpoints its large-side rows per key
+group as usual and the broadcast rows whole, once (from partition 0's task), under
+``BROADCAST_GROUP``; every task restores them, so a job restores at another parallelism.
+Partition 0's task alone sends broadcast rows to the side outputs.
+
 Event time and lateness (interval and window joins)
 ---------------------------------------------------
 Event times are int64 microseconds (:func:`~millstream.core.arrow.event_time_micros`).
@@ -130,7 +142,7 @@ output rows; ``runs`` spill runs on disk; ``buffer`` the buffered rows of one in
 
 from millstream.ops.stream_join.broadcast import BroadcastTableJoin
 from millstream.ops.stream_join.interval import IntervalJoin
-from millstream.ops.stream_join.keyed import SIDE_COLUMN
+from millstream.ops.stream_join.keyed import BROADCAST_GROUP, SIDE_COLUMN
 from millstream.ops.stream_join.keys import (
     JOIN_KEY_PREFIX,
     JoinKeys,
@@ -144,6 +156,7 @@ from millstream.ops.stream_join.state import SPILL_WORK_MIN_BYTES
 from millstream.ops.stream_join.windowed import WindowJoin
 
 __all__ = [
+    "BROADCAST_GROUP",
     "JOIN_KEY_PREFIX",
     "SIDE_COLUMN",
     "SPILL_WORK_MIN_BYTES",

@@ -22,7 +22,8 @@ class IntervalJoin(_KeyedJoin):
     """Stream-stream join of rows whose times are close: ``l.t + lower <= r.t <= l.t + upper``.
 
     Port 0 is the left input, port 1 the right; ``how`` is inner, left, right or outer.
-    See the package docstring for lateness, state clean-up, outer rows and spilling.
+    See the package docstring for lateness, state clean-up, outer rows and spilling;
+    ``broadcast``: the port of an input every task receives whole (a broadcast join).
     """
 
     side_outputs = ("late", "invalid")
@@ -30,7 +31,8 @@ class IntervalJoin(_KeyedJoin):
 
     def __init__(self, left_on: list[str], right_on: list[str], lower: int, upper: int,
                  left_time: str, right_time: str, how: str = "inner", suffix: str = "_right",
-                 name: str | None = None, state_memory_limit: int | None = None) -> None:
+                 name: str | None = None, state_memory_limit: int | None = None,
+                 broadcast: int | None = None) -> None:
         how = _check_how(how, ("inner", "left", "right", "outer"), "interval_join")
         self.lower, self.upper = int(lower), int(upper)
         if self.lower > self.upper:
@@ -40,7 +42,7 @@ class IntervalJoin(_KeyedJoin):
         super().__init__(left_on, right_on, how, suffix, name or (
             f"IntervalJoin({how}, left_on={list(left_on)}, right_on={list(right_on)}, "
             f"between=({self.lower}us, {self.upper}us), time=({left_time!r}, {right_time!r}))"),
-            state_memory_limit)
+            state_memory_limit, broadcast)
 
     def _new_state(self) -> JoinState:
         # rows are dropped by time: in memory they are chunks sorted by time (a watermark

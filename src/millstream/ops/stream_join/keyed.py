@@ -28,6 +28,9 @@ from millstream.ops.stream_join.state import JoinState
 #: Column added to late rows in the side output: which input they came from.
 SIDE_COLUMN = "join_side"
 _SIDES = ("left", "right")
+#: The key group under which a broadcast join checkpoints its broadcast input's rows
+#: (taken by the task of partition 0 only; every task restores them whole).
+BROADCAST_GROUP = -1
 
 
 class _KeyedJoin(Operator):
@@ -45,16 +48,29 @@ class _KeyedJoin(Operator):
     _kind = "StreamJoin"
 
     def __init__(self, left_on: list[str], right_on: list[str], how: str, suffix: str,
-                 name: str, state_memory_limit: int | None = None) -> None:
+                 name: str, state_memory_limit: int | None = None,
+                 broadcast: int | None = None) -> None:
         if len(left_on) != len(right_on) or not left_on:
             raise PlanError(f"{name}: left keys {left_on} and right keys {right_on} must be "
                             f"non-empty and as many")
+        if broadcast not in (None, 0, 1):
+            raise PlanError(f"{name}: broadcast must be None, 0 (left) or 1 (right), got "
+                            f"{broadcast!r}")
+        #: the input port every task of the join receives whole (a broadcast exchange; the
+        #: other input stays in the tasks that made its rows), or None (both keyed)
+        self.broadcast_input = broadcast
+        self.how = how
+        if broadcast is not None and self._outer(broadcast):
+            raise PlanError(f"{name}: the {_SIDES[broadcast]} input of a {how} join cannot "
+                            f"be broadcast (whether its rows found a partner is known only "
+                            f"to all tasks together)")
+        if broadcast is not None:
+            name += f" [{_SIDES[broadcast]} input broadcast]"
         if state_memory_limit is not None and int(state_memory_limit) < 0:
             raise PlanError(f"{name}: state_memory_limit must be >= 0 bytes, got "
                             f"{state_memory_limit}")
         super().__init__(name)
         self.left_on, self.right_on = list(left_on), list(right_on)
-        self.how = how
         self.suffix = suffix
         self.hidden = join_key_names(len(self.left_on))
         #: the buffered rows of both inputs, in memory and spilled
@@ -176,7 +192,14 @@ class _KeyedJoin(Operator):
             tables, promote_options="permissive")
         return table_to_batches(out, self.ctx.batch_size if self.ctx else 65536)
 
+    def _keeps_broadcast(self) -> bool:
+        """Whether this task speaks for the broadcast input (every task has its rows): the
+        task of partition 0 checkpoints them and sends their late or invalid rows on."""
+        return self.ctx is None or self.ctx.partition == 0
+
     def _to_side(self, tag: str, rows: pa.Table, port: int, counter: str) -> None:
+        if port == self.broadcast_input and not self._keeps_broadcast():
+            return  # (partition 0 reports the broadcast rows, once)
         rows = _strip(rows)
         if SIDE_COLUMN not in rows.column_names:
             rows = rows.append_column(SIDE_COLUMN, pa.array([_SIDES[port]] * rows.num_rows,
@@ -254,15 +277,29 @@ class _KeyedJoin(Operator):
         Every group carries the watermark and schemas; counters and undrained side output
         rows go with the smallest group (group 0 when no row is buffered).
         """
-        return {g: self._group_state(g, sides, i == 0)
-                for i, (g, sides) in enumerate(self._state.by_key_group(key_groups))}
+        return dict(self._group_states(self._state.by_key_group(key_groups)))
 
     def iter_key_group_snapshots(self, key_groups: int) -> Iterator[tuple[int, dict[str, Any]]]:
         """``snapshot_by_key_group`` one group at a time, in group order: when rows have
         spilled, both inputs' rows are first split by group into files on disk, so a
         checkpoint needs memory for one group, not the whole state."""
-        for i, (g, sides) in enumerate(self._state.iter_key_groups(key_groups)):
+        yield from self._group_states(self._state.iter_key_groups(key_groups))
+
+    def _group_states(self, groups: Any) -> Iterator[tuple[int, dict[str, Any]]]:
+        """The snapshots of ``groups`` ((group, [left rows, right rows]) in group order).
+
+        A broadcast join's groups hold the rows of its other input only; the broadcast
+        input's rows follow whole as group :data:`BROADCAST_GROUP`, from partition 0's
+        task (every task has them), and every task restores them."""
+        b = self.broadcast_input
+        for i, (g, sides) in enumerate(groups):
+            if b is not None:
+                sides = [None if port == b else t for port, t in enumerate(sides)]
             yield g, self._group_state(g, sides, i == 0)
+        if b is not None and self._keeps_broadcast():
+            sides = [None, None]
+            sides[b] = self._state.snapshot(b)
+            yield BROADCAST_GROUP, self._group_state(BROADCAST_GROUP, sides, False)
 
     def _group_state(self, g: int, sides: list[pa.Table | None], first: bool
                      ) -> dict[str, Any]:

@@ -35,7 +35,8 @@ class WindowJoin(_KeyedJoin):
     """Stream-stream join of rows that share a key and a tumbling or sliding window.
 
     A window's pairs are emitted when the watermark reaches its end, with
-    ``window_start`` and ``window_end`` first. See the package docstring.
+    ``window_start`` and ``window_end`` first. See the package docstring (``broadcast``:
+    the port of an input every task receives whole, a broadcast join).
     """
 
     side_outputs = ("late", "invalid")
@@ -43,7 +44,8 @@ class WindowJoin(_KeyedJoin):
 
     def __init__(self, left_on: list[str], right_on: list[str], window: WindowAssigner,
                  left_time: str, right_time: str, how: str = "inner", suffix: str = "_right",
-                 name: str | None = None, state_memory_limit: int | None = None) -> None:
+                 name: str | None = None, state_memory_limit: int | None = None,
+                 broadcast: int | None = None) -> None:
         how = _check_how(how, ("inner", "left", "right", "outer"), "window_join")
         if not isinstance(window, (Tumbling, Sliding)):
             raise PlanError(f"window_join: window must be ms.tumbling(...) or ms.sliding(...), "
@@ -54,7 +56,7 @@ class WindowJoin(_KeyedJoin):
         super().__init__(left_on, right_on, how, suffix, name or (
             f"WindowJoin({how}, {window.describe()}, left_on={list(left_on)}, "
             f"right_on={list(right_on)}, time=({left_time!r}, {right_time!r}))"),
-            state_memory_limit)
+            state_memory_limit, broadcast)
 
     def _new_state(self) -> JoinState:
         # rows are dropped by window end; the rows of the windows that end last move to

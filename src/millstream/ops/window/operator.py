@@ -218,8 +218,10 @@ class WindowAggregate(WindowSnapshots, Operator):
         tz = batch.schema.metadata[_COMBINED].decode()
         if tz and self._tz is None:
             self._tz = tz
-        # merged: a task may have joined several senders' state batches into one
-        states = self.core.merge(pa.Table.from_batches([batch.replace_schema_metadata(None)]))
+        # (not merged here: a task may have joined several senders' state batches into
+        # one, and a sliding window's combiner sends a row per pane of a window: the store
+        # merges them when it reads the window's state, and every few batches)
+        states = pa.Table.from_batches([batch.replace_schema_metadata(None)])
         expired = _col_numpy(states, _WE) <= self._expiry()
         if expired.any():  # a broken invariant; say so loudly rather than drop silently
             raise MillstreamError(
@@ -229,7 +231,7 @@ class WindowAggregate(WindowSnapshots, Operator):
         if not isinstance(self._store, PaneStore):  # the combiner refuses other windows
             raise PlanError(f"{self.name}: pre-aggregated window states need a tumbling or "
                             f"sliding window")
-        return self._store.add_states(states)
+        return self._store.add_states(states, unique=False)
 
     # ----------------------------------------------------------------- results
 

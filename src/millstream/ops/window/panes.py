@@ -58,6 +58,9 @@ class PaneStore(WindowState):
         self.panes: dict[int, _Pane] = {}
         #: spill file per window end whose pane (or part of it) is on disk
         self.spilled: dict[int, SpillFile] = {}
+        #: window ends whose state (in memory or on disk) may hold several rows of a key
+        #: (combined states added as they came): merged when next read
+        self.unmerged: set[int] = set()
         self._spill_skip = 0
         # the operator's algebra plus two hidden max-aggregated flags: "fired" and "touched"
         n = len(op.specs)
@@ -94,14 +97,18 @@ class PaneStore(WindowState):
         table = table.append_column(_WE, pa.array(we, pa.int64()))
         return self.op.core.partial(table)
 
-    def add_states(self, states: pa.Table) -> list[pa.Table]:
+    def add_states(self, states: pa.Table, unique: bool = True) -> list[pa.Table]:
         """Partial states of live windows into their panes; windows that fired already
-        (allowed lateness) emit their updated rows."""
+        (allowed lateness) emit their updated rows. ``unique=False``: ``states`` may hold
+        several rows of a (window, key) (a combiner's, as they came): they are merged
+        when the window's state is next read, not now."""
         op = self.op
         ends = _col_numpy(states, _WE)
         fired = ends <= op.watermark
         pending = states.filter(pa.array(~fired)) if fired.any() else states
         for end, part in _split_by_value(pending, ends[~fired]):
+            if not unique:
+                self.unmerged.add(end)
             if end in self.spilled:  # its pane lives on disk: append there
                 self._spill_write(end, [part])
                 continue
@@ -114,12 +121,15 @@ class PaneStore(WindowState):
             if len(pane.tables) >= op.compact_tables:
                 pane.tables = [op.core.merge(_concat(pane.tables))]
                 pane.rows = pane.tables[0].num_rows
+                if end not in self.spilled:
+                    self.unmerged.discard(end)
         if not fired.any():
             self.maybe_spill()
             return []
         # allowed-lateness path: these windows fired already (or fire now, on first data)
         out = []
         for end, part in _split_by_value(states.filter(pa.array(fired)), ends[fired]):
+            self.unmerged.discard(end)  # (merged here)
             self._load(end)
             pane = self.panes.get(end)
             old = [_with_flags(x, self._flags, 1, 0) for x in (pane.tables if pane else [])]
@@ -143,6 +153,7 @@ class PaneStore(WindowState):
             del self.panes[end]
         for end in [e for e in self.spilled if e <= thresh]:
             self.spilled.pop(end).delete()
+        self.unmerged = {e for e in self.unmerged if e > thresh}
         self.maybe_spill()
         return out
 
@@ -156,8 +167,9 @@ class PaneStore(WindowState):
 
     def _pane_state(self, end: int) -> pa.Table:
         pane = self.panes[end]
-        if len(pane.tables) > 1:
+        if len(pane.tables) > 1 or end in self.unmerged:
             pane.tables = [self.op.core.merge(_concat(pane.tables))]
+            self.unmerged.discard(end)
         return pane.tables[0]
 
     # ----------------------------------------------------------------- snapshots
@@ -200,7 +212,9 @@ class PaneStore(WindowState):
             return self._pane_state(end)
         pane = self.panes.pop(end, None)
         tables = self._read_spilled(end) + (pane.tables if pane is not None else [])
-        state = self.op.core.merge(_concat(tables)) if len(tables) > 1 else tables[0]
+        state = self.op.core.merge(_concat(tables)) if len(tables) > 1 \
+            or end in self.unmerged else tables[0]
+        self.unmerged.discard(end)
         sf = self.spilled[end] = SpillFile(self.op._spill_ctx, "window-state")
         for b in state.to_batches():
             sf.write(b)
@@ -274,6 +288,7 @@ class PaneStore(WindowState):
         return state
 
     def drop(self) -> None:
+        self.unmerged = set()
         for sf in self.spilled.values():
             sf.delete()
         self.spilled = {}

@@ -254,8 +254,10 @@ class Layout:
                                                                                 stop_at_end)
                     parts = src.partitions()
                 else:
+                    # (a broadcast input reaches every task, however many there are)
+                    sized = [p for p in pipe.ports if not p.stage.broadcast] or pipe.ports
                     counts = {len(by_stage[p.stage.id]) if p.stage.forward
-                              else p.stage.partitioner.num_partitions for p in pipe.ports}
+                              else p.stage.partitioner.num_partitions for p in sized}
                     if len(counts) != 1:
                         raise PlanError(f"stage {stage.id}: its input exchanges disagree on the "
                                         f"number of partitions {sorted(counts)}")
@@ -281,7 +283,8 @@ class Layout:
                         senders = [senders[c.key[2]]]
                     c.senders.extend(p.index for p in senders)
                     c.sender_ports.update({p.index: j for p in senders})
-                    if keyed_exchange(port.stage):
+                    if keyed_exchange(port.stage) or port.stage.broadcast:
+                        # (a broadcast join checkpoints its state per key group too)
                         c.key_grouped = True
         self.by_stage = by_stage
         self.chains = chains
@@ -314,6 +317,10 @@ class Layout:
             if stage.forward:  # the same-numbered chain of each consumer pipeline
                 k = self.by_stage[stage.id].index(chain)
                 routes.append(Output("exchange", [consumers[k].index], port))
+                continue
+            if stage.broadcast:  # every row to every consumer task
+                routes.append(Output("exchange", [c.index for c in consumers], port,
+                                     broadcast=True))
                 continue
             out = Output("exchange", [c.index for c in consumers], port, stage.partitioner)
             if keyed_exchange(stage) and len(consumers) > 1:

@@ -51,6 +51,8 @@ class Output:
     owners: Any = None  # keyed exchange: key group -> consumer partition (np.ndarray)
     key_groups: int = 0
     sink: Any = None  # kind "sink": this task's sink instance (for_subtask copy)
+    #: every row to every consumer (a broadcast exchange), not split among them
+    broadcast: bool = False
     #: further exchanges fed the same rows (a shared sub-plan read by several consumers)
     more: list[Output] = field(default_factory=list)
 
@@ -59,10 +61,12 @@ class Output:
         return [self, *self.more]
 
     def route(self, batch: pa.RecordBatch) -> list[tuple[int, pa.RecordBatch]]:
-        """(consumer task, rows) pairs of one batch: by key group, by the partitioner, or all
-        to the one consumer."""
+        """(consumer task, rows) pairs of one batch: by key group, by the partitioner, all
+        to the one consumer, or (broadcast) the whole batch to each."""
         if len(self.consumers) == 1:
             return [(self.consumers[0], batch)]
+        if self.broadcast:
+            return [(c, batch) for c in self.consumers]
         if self.owners is not None:
             groups = key_hashes([batch.column(k) for k in self.keys], batch.num_rows) \
                 % np.uint64(self.key_groups)
