@@ -157,8 +157,9 @@ def test_broadcast_interval_join_matches_the_oracle(how, parallelism, partitions
     want = _q7_oracle(_rows(items), how)
     assert _canon(job.sink.rows()) == _canon(want)
     assert not job.late_records()
-    if how == "inner":  # batch mode (no broadcast there) agrees
-        assert _canon(_q7(ms.from_items(_rows(items)), how).collect()) == _canon(want)
+    # batch mode (no broadcast there) agrees; a left join's tasks that see no row of the
+    # small side still pad with its columns (they are known from the plan)
+    assert _canon(_q7(ms.from_items(_rows(items)), how).collect()) == _canon(want)
 
 
 def test_broadcast_window_join_matches_the_oracle(feed, tmp_path):

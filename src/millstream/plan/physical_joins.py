@@ -214,7 +214,8 @@ class JoinPlanning:
         b = broadcast_input(node) if self.s.streaming else None
         return self._keyed_two_inputs(node, OperatorFactory(
             IntervalJoin, list(node.left_on), list(node.right_on), node.lower, node.upper,
-            node.left_time, node.right_time, node.how, node.suffix, broadcast=b),
+            node.left_time, node.right_time, node.how, node.suffix, broadcast=b,
+            input_schemas=(node.left.schema, node.right.schema)),
             "interval join", b)
 
     def _build_WindowJoin(self, node: L.WindowJoin) -> list[Pipeline]:
@@ -223,7 +224,8 @@ class JoinPlanning:
         b = broadcast_input(node) if self.s.streaming else None
         return self._keyed_two_inputs(node, OperatorFactory(
             WindowJoin, list(node.left_on), list(node.right_on), node.window, node.left_time,
-            node.right_time, node.how, node.suffix, broadcast=b), "window join", b)
+            node.right_time, node.how, node.suffix, broadcast=b,
+            input_schemas=(node.left.schema, node.right.schema)), "window join", b)
 
     def _build_LatestJoin(self, node: L.LatestJoin) -> list[Pipeline]:
         from millstream.ops.stream_join import LatestJoin

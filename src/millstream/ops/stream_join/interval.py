@@ -32,7 +32,9 @@ class IntervalJoin(_KeyedJoin):
     def __init__(self, left_on: list[str], right_on: list[str], lower: int, upper: int,
                  left_time: str, right_time: str, how: str = "inner", suffix: str = "_right",
                  name: str | None = None, state_memory_limit: int | None = None,
-                 broadcast: int | None = None) -> None:
+                 broadcast: int | None = None,
+                 input_schemas: tuple[pa.Schema | None, pa.Schema | None] = (None, None)
+                 ) -> None:
         how = _check_how(how, ("inner", "left", "right", "outer"), "interval_join")
         self.lower, self.upper = int(lower), int(upper)
         if self.lower > self.upper:
@@ -42,7 +44,7 @@ class IntervalJoin(_KeyedJoin):
         super().__init__(left_on, right_on, how, suffix, name or (
             f"IntervalJoin({how}, left_on={list(left_on)}, right_on={list(right_on)}, "
             f"between=({self.lower}us, {self.upper}us), time=({left_time!r}, {right_time!r}))"),
-            state_memory_limit, broadcast)
+            state_memory_limit, broadcast, input_schemas)
 
     def _new_state(self) -> JoinState:
         # rows are dropped by time: in memory they are chunks sorted by time (a watermark

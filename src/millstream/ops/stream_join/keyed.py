@@ -21,7 +21,7 @@ from millstream.core.time import MAX_WATERMARK, MIN_WATERMARK
 from millstream.errors import PlanError, SchemaError
 from millstream.ops.base import Batches, Operator
 from millstream.ops.stream_join.buffer import _Buffer
-from millstream.ops.stream_join.keys import _strip, join_key_names
+from millstream.ops.stream_join.keys import _strip, data_schema, join_key_names
 from millstream.ops.stream_join.output import _EMPTY, assemble_rows
 from millstream.ops.stream_join.state import JoinState
 
@@ -49,7 +49,9 @@ class _KeyedJoin(Operator):
 
     def __init__(self, left_on: list[str], right_on: list[str], how: str, suffix: str,
                  name: str, state_memory_limit: int | None = None,
-                 broadcast: int | None = None) -> None:
+                 broadcast: int | None = None,
+                 input_schemas: tuple[pa.Schema | None, pa.Schema | None] = (None, None)
+                 ) -> None:
         if len(left_on) != len(right_on) or not left_on:
             raise PlanError(f"{name}: left keys {left_on} and right keys {right_on} must be "
                             f"non-empty and as many")
@@ -79,6 +81,9 @@ class _KeyedJoin(Operator):
         self.watermark = MIN_WATERMARK
         #: the user columns of each input, once seen (the output of an unmatched row needs them)
         self._schemas: list[pa.Schema | None] = [None, None]
+        #: ... and as the plan knows them (a task that never sees a batch of one input
+        #: still pads the other's unmatched rows with its columns)
+        self._planned = [data_schema(s) for s in input_schemas]
         self._side: dict[str, list[pa.RecordBatch]] = {t: [] for t in self.side_outputs}
         self._counts = {"late_records": 0, "invalid_records": 0}
         self._emitted = False
@@ -152,8 +157,13 @@ class _KeyedJoin(Operator):
     def _hash(self, table: pa.Table) -> np.ndarray:
         return key_hashes([table.column(n) for n in self.hidden], table.num_rows)
 
-    def _empty(self, port: int) -> pa.Table:
+    def _schema(self, port: int) -> pa.Schema | None:
+        """Input ``port``'s columns: as its batches have them, else as planned."""
         s = self._schemas[port]
+        return s if s is not None else self._planned[port]
+
+    def _empty(self, port: int) -> pa.Table:
+        s = self._schema(port)
         return s.empty_table() if s is not None else pa.table({})
 
     def _outer(self, port: int) -> bool:
@@ -226,7 +236,7 @@ class _KeyedJoin(Operator):
 
     def _final_empty(self) -> Batches:
         """A typed empty batch when nothing was emitted (batch mode: later stages see columns)."""
-        if self._emitted or self._schemas[0] is None or self._schemas[1] is None:
+        if self._emitted or self._schema(0) is None or self._schema(1) is None:
             return _EMPTY
         out = self._assemble(self._empty(0), np.zeros(0, np.int64), self._empty(1),
                              np.zeros(0, np.int64), self._prefix_empty())

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from millstream.core.arrow import event_time_micros
+from millstream.core.changelog import CHANGE
 from millstream.errors import SchemaError
 from millstream.ops.base import Batches, Operator
 
@@ -55,6 +56,18 @@ def normalize_join_key(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
         return pa.array([None if v is None else str(v.normalize()) for v in arr.to_pylist()],
                         pa.string())
     return arr
+
+
+def data_schema(schema: pa.Schema | None) -> pa.Schema | None:
+    """``schema`` without the change kinds and the hidden key columns (an input's user
+    columns)."""
+    if schema is None:
+        return None
+    drop = [i for i, f in enumerate(schema)
+            if f.name == CHANGE or f.name.startswith(JOIN_KEY_PREFIX)]
+    for i in reversed(drop):
+        schema = schema.remove(i)
+    return schema
 
 
 def _strip(table: pa.Table) -> pa.Table:

@@ -51,7 +51,13 @@ from millstream.ops.base import Batches
 from millstream.ops.stream_join.changes import claim, equal_rows, phases
 from millstream.ops.stream_join.chunks import _Picked, _SortedBuffer
 from millstream.ops.stream_join.keyed import _SIDES, _KeyedJoin
-from millstream.ops.stream_join.keys import JOIN_KEY_PREFIX, _keys_valid, _strip, match_keys
+from millstream.ops.stream_join.keys import (
+    JOIN_KEY_PREFIX,
+    _keys_valid,
+    _strip,
+    data_schema,
+    match_keys,
+)
 from millstream.ops.stream_join.output import _EMPTY, _check_how
 from millstream.ops.stream_join.runs import _Run, _Segment
 from millstream.ops.stream_join.state import JoinState
@@ -132,12 +138,9 @@ class RegularJoin(_KeyedJoin):
         cond = f", condition={condition!r}" if condition is not None else ""
         super().__init__(left_on, right_on, how, suffix, name or (
             f"RegularJoin({how}, left_on={list(left_on)}, right_on={list(right_on)}"
-            f"{cond}{ttl})"), state_memory_limit)
+            f"{cond}{ttl})"), state_memory_limit, input_schemas=input_schemas)
         self.emit_kinds = how != "inner" if emit_kinds is None else bool(emit_kinds)
-        #: the inputs' columns as the plan knows them (padded rows need the other side's
-        #: before its first batch)
-        self._planned = [_data_schema(s) for s in input_schemas]
-        self._schemas = list(self._planned)
+        self._schemas = list(self._planned)  # (the updates it emits need them at once)
         self.timers = _ProcessingTime(clock)
 
     @property
@@ -157,7 +160,7 @@ class RegularJoin(_KeyedJoin):
         known = self._schemas[port]
         super()._check_input(batch, port, timed)
         if known is None:
-            self._schemas[port] = _data_schema(self._schemas[port])
+            self._schemas[port] = data_schema(self._schemas[port])
 
     def _restore(self, states: list[dict[str, Any]]) -> None:
         super()._restore(states)
@@ -473,14 +476,3 @@ class RegularJoin(_KeyedJoin):
         if out and self.emit_kinds:
             return tuple(with_kinds(b, INSERT) for b in out)
         return out
-
-
-def _data_schema(schema: pa.Schema | None) -> pa.Schema | None:
-    """``schema`` without the change kinds and the hidden key columns."""
-    if schema is None:
-        return None
-    drop = [i for i, f in enumerate(schema)
-            if f.name == CHANGE or f.name.startswith(JOIN_KEY_PREFIX)]
-    for i in reversed(drop):
-        schema = schema.remove(i)
-    return schema

@@ -45,7 +45,9 @@ class WindowJoin(_KeyedJoin):
     def __init__(self, left_on: list[str], right_on: list[str], window: WindowAssigner,
                  left_time: str, right_time: str, how: str = "inner", suffix: str = "_right",
                  name: str | None = None, state_memory_limit: int | None = None,
-                 broadcast: int | None = None) -> None:
+                 broadcast: int | None = None,
+                 input_schemas: tuple[pa.Schema | None, pa.Schema | None] = (None, None)
+                 ) -> None:
         how = _check_how(how, ("inner", "left", "right", "outer"), "window_join")
         if not isinstance(window, (Tumbling, Sliding)):
             raise PlanError(f"window_join: window must be ms.tumbling(...) or ms.sliding(...), "
@@ -56,7 +58,7 @@ class WindowJoin(_KeyedJoin):
         super().__init__(left_on, right_on, how, suffix, name or (
             f"WindowJoin({how}, {window.describe()}, left_on={list(left_on)}, "
             f"right_on={list(right_on)}, time=({left_time!r}, {right_time!r}))"),
-            state_memory_limit, broadcast)
+            state_memory_limit, broadcast, input_schemas)
 
     def _new_state(self) -> JoinState:
         # rows are dropped by window end; the rows of the windows that end last move to
