@@ -20,7 +20,7 @@ import dataclasses
 from collections.abc import Iterator
 
 import pytest
-from runners_fixture import runner, use_runner  # noqa: F401 - the fixture, for every module
+from runners_fixture import runner, stop_shared_ray_cluster, use_runner  # noqa: F401 - the fixture, for every module
 from services.kafka import TansuBroker, kafka_missing
 from services.postgres import PostgresServer, postgres_missing
 from streams import Feed
@@ -102,6 +102,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(pytest.mark.xfail(reason=reason, strict=True))
             else:
                 item.add_marker(pytest.mark.skip(reason=f"{name} executor: {reason}"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
+    """In a ``--dist loadgroup`` test worker, after its last Ray test (the "ray" group runs
+    there as one stretch), stop the test Ray cluster rather than leave it idle for the
+    rest of the run. Not in one process (``-n 0``), where Ray tests alternate with others."""
+    yield  # the item's fixtures (module-scoped ones too, when the module ends) are down
+    config = item.config
+    if hasattr(config, "workerinput") and config.getoption("dist", "no") == "loadgroup" \
+            and item.get_closest_marker("ray") is not None \
+            and (nextitem is None or nextitem.get_closest_marker("ray") is None):
+        stop_shared_ray_cluster()
 
 
 @pytest.fixture

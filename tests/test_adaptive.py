@@ -4,9 +4,9 @@ time becomes a broadcast join; the other side is then never shuffled."""
 
 from __future__ import annotations
 
-import duckdb
 import pyarrow as pa
 import pytest
+from oracles import duckdb_connect
 
 import millstream as ms
 from millstream.runtime import actions
@@ -16,7 +16,7 @@ col = ms.col
 
 
 def sql(query: str, **tables: pa.Table) -> list[tuple]:
-    con = duckdb.connect()
+    con = duckdb_connect()
     try:
         for name, t in tables.items():
             con.register(name, t)

@@ -12,12 +12,12 @@ from __future__ import annotations
 import math
 import random
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from oracles import duckdb_connect
 
 import millstream as ms
 from millstream.errors import PlanError, SchemaError
@@ -42,7 +42,7 @@ def _close(a, b, rel=1e-9, abs_=1e-9):
 
 
 def _duck(t: pa.Table, sql: str) -> dict:
-    con = duckdb.connect()
+    con = duckdb_connect()
     con.register("t", t)
     return {r[0]: r[1:] for r in con.execute(sql).fetchall()}
 

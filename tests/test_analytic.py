@@ -13,12 +13,12 @@ import datetime as dt
 import math
 from decimal import Decimal
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from oracles import duckdb_connect
 
 import millstream as ms
 from millstream.core.context import TaskContext
@@ -29,7 +29,7 @@ from millstream.ops.analytic.kernels import range_reduce
 
 # ----------------------------------------------------------------------------- helpers
 def duck(query: str, **tables: pa.Table) -> pa.Table:
-    con = duckdb.connect()
+    con = duckdb_connect()
     try:
         for name, t in tables.items():
             con.register(name, t)

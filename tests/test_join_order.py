@@ -8,9 +8,9 @@ import os
 import random
 import time
 
-import duckdb
 import pyarrow as pa
 import pytest
+from oracles import duckdb_connect
 
 import millstream as ms
 from millstream.api.dataset import Dataset
@@ -25,7 +25,7 @@ SF1 = "/work/data/sf1"
 
 
 def sql(query: str, **tables: pa.Table) -> pa.Table:
-    con = duckdb.connect()
+    con = duckdb_connect()
     try:
         for name, t in tables.items():
             con.register(name, t)

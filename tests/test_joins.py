@@ -8,12 +8,12 @@ import datetime as dt
 import decimal
 import random
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from oracles import duckdb_connect
 
 import millstream as ms
 from millstream.core.context import TaskContext
@@ -39,7 +39,7 @@ def _pairs_sql(how: str, keys: list[str], cond: str | None) -> str:
 
 
 def duck(query: str, **tables: pa.Table) -> list[tuple]:
-    con = duckdb.connect()
+    con = duckdb_connect()
     try:
         for name, t in tables.items():
             con.register(name, t)

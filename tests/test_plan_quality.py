@@ -8,12 +8,12 @@ import math
 import os
 import traceback
 
-import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from oracles import duckdb_connect
 
 import millstream as ms
 from millstream.errors import PlanError, SchemaError
@@ -74,7 +74,7 @@ def bag(rows: list[dict]) -> list:
 
 def duck(query: str, **tables: pa.Table) -> list[dict]:
     """Rows of a DuckDB query over Arrow tables (the oracle)."""
-    con = duckdb.connect()
+    con = duckdb_connect()
     try:
         for name, t in tables.items():
             con.register(name, t)

@@ -7,9 +7,9 @@ from __future__ import annotations
 import datetime as dt
 import os
 
-import duckdb
 import pyarrow as pa
 import pytest
+from oracles import duckdb_connect
 
 import millstream as ms
 from millstream.plan import logical as L
@@ -20,7 +20,7 @@ col = ms.col
 
 
 def sql(query: str, **tables: pa.Table) -> list[tuple]:
-    con = duckdb.connect()
+    con = duckdb_connect()
     try:
         for name, t in tables.items():
             con.register(name, t)

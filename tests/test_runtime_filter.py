@@ -5,9 +5,9 @@ DuckDB's with the filter and without it (a forced shuffle join has none)."""
 
 from __future__ import annotations
 
-import duckdb
 import pyarrow as pa
 import pytest
+from oracles import duckdb_connect
 
 import millstream as ms
 from millstream.ops.join.runtime_filter import DROPPED_COUNTER, KeyFilter, KeyMembership
@@ -26,7 +26,7 @@ def tables():
 
 
 def duck(query: str, **tables: pa.Table) -> list[tuple]:
-    con = duckdb.connect()
+    con = duckdb_connect()
     try:
         for name, t in tables.items():
             con.register(name, t)

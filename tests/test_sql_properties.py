@@ -12,6 +12,7 @@ import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from oracles import duckdb_connect
 
 import millstream as ms
 
@@ -155,7 +156,7 @@ def _check(query: str, ordered: bool, t: list[dict], u: list[dict]) -> None:
     tt = pa.Table.from_pylist(t, schema=T)
     uu = pa.Table.from_pylist(u, schema=U)
     got = ms.sql(query, t=tt, u=uu).to_arrow(shuffle_partitions=1)
-    con = duckdb.connect()
+    con = duckdb_connect()
     con.register("t", tt)
     con.register("u", uu)
     want = con.sql(query).to_arrow_table()

@@ -20,6 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from oracles import duckdb_connect
 
 import millstream as ms
 
@@ -82,9 +83,9 @@ def run_query(name: str, data: Path) -> None:
     text = (QUERIES / f"{name}.sql").read_text()
     tables = {t: ms.read_parquet(str(data / f"{t}.parquet")) for t in TABLES}
     got = ms.sql(text, **tables).to_arrow()
-    con = duckdb.connect()
+    con = duckdb_connect()
     for t in TABLES:
-        con.execute(f"create view {t} as select * from read_parquet('{data / t}.parquet')")
+        con.execute(f"create temp view {t} as select * from read_parquet('{data / t}.parquet')")
     want = _answer(con, text)
     assert got.column_names == want.column_names
     g = [tuple(r.values()) for r in got.to_pylist()]

@@ -192,12 +192,21 @@ class _ActorChannels:
 
 def _on_node(node: str) -> Any:
     """Place a host on ``node``, elsewhere only when that node is gone. Not the batch
-    tasks' ``_near``, which also goes elsewhere when the node is busy: a host asks for no
-    CPU and lives as long as the job, so a busy moment must not put a job on one node."""
+    tasks' ``_near``, which also goes elsewhere when the node is busy: a host lives as long
+    as the job, so a busy moment must not put a job on one node. (Ray honours this only
+    for an actor that asks for some resource: see ``_HOST_RESOURCES``.)"""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     return NodeAffinitySchedulingStrategy(node, soft=True)
 
+
+#: What a host asks of its node. No CPU: a job's tasks are long-lived and mostly wait on
+#: each other, and a job must not be unschedulable because it has more tasks than the
+#: cluster has CPUs. One byte of Ray's logical ``memory`` resource (bookkeeping only,
+#: nothing is reserved): Ray's raylet places an actor that asks for nothing at all on a
+#: random node and ignores a soft node affinity (and SPREAD) for it, so a job's hosts
+#: landed on one node now and then (1 job in 9 with three tasks on three nodes).
+_HOST_RESOURCES: dict[str, Any] = {"num_cpus": 0, "memory": 1}
 
 _HOST_START_TIMEOUT_S = 120.0  # actors need no CPU; this only waits for worker processes
 
@@ -208,12 +217,10 @@ class RayStreamHosts:
     def __init__(self, ray: Any, payloads: list[bytes], inbox_capacity: int) -> None:
         self._ray = ray
         n = len(payloads)
-        # Tasks ask for no CPU: a job's tasks are long-lived and mostly wait on each other,
-        # and a job must not be unschedulable because it has more tasks than the cluster
-        # has CPUs. They go round the live nodes (Ray's SPREAD is best effort: it put all of
-        # a job's actors on one node now and then, as did a soft affinity that spills when
-        # the node is busy); a node gone meanwhile is passed over.
-        host_cls = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=n + 4)(_StreamHost)
+        # Tasks go round the live nodes (_HOST_RESOURCES: why a host asks for a byte of
+        # memory); a node gone meanwhile is passed over.
+        host_cls = ray.remote(**_HOST_RESOURCES, max_restarts=0,
+                              max_concurrency=n + 4)(_StreamHost)
         nodes = sorted(node["NodeID"] for node in ray.nodes() if node.get("Alive"))
         self.mailbox = ray.remote(num_cpus=0, max_restarts=0)(_Mailbox).remote()
         env = _forwarded_env()
