@@ -32,6 +32,8 @@ _DIRECT_MIN = 1 << 21
 #: matching; lookups about 3x cheaper)
 _FILTER_MAX_SPAN = 1 << 26
 _FILTER_SPARSE = 4
+#: up to this span the membership map has a byte a code, not a bit
+_FILTER_BYTES = 1 << 23
 #: the bitmap is no longer tested once this many probe rows have been and at least one in
 #: ``_FILTER_MIN_MISS`` of them was not filtered out (it would only add work)
 _FILTER_TRIAL = 200_000
@@ -75,7 +77,9 @@ class JoinIndex:
                 and len(starts) * _FILTER_SPARSE <= enc.span:
             marks = np.zeros(enc.span, dtype=bool)
             marks[codes[starts]] = True
-            self.present = np.packbits(marks, bitorder="little")
+            # a byte a code while that is small (one lookup, no bit arithmetic), else a bit
+            self.present = marks if enc.span <= _FILTER_BYTES else \
+                np.packbits(marks, bitorder="little")
         if self.direct:
             # per code: its first position in ``order`` and its number of rows; only the
             # slots of present codes are written (the zeroed pages of absent ones are
@@ -135,13 +139,15 @@ class JoinIndex:
                          ) -> tuple[np.ndarray, np.ndarray, PairCheck | None]:
         """:meth:`lookup` of exact codes, the tables read only for the probe rows whose
         code is in :attr:`present`."""
-        span = self.encoder.span  # type: ignore[union-attr]
-        ok = (code >= 0) & (code < span)
-        if valid is not None:
-            ok &= valid
-        pos = code if ok.all() else np.where(ok, code, 0)
-        bits = self.present[pos >> 3] >> (pos & 7).astype(np.uint8)  # type: ignore[index]
-        rows = np.flatnonzero((bits & 1).view(bool) & ok)
+        present = self.present
+        # exact codes of valid rows (keys not null, every atom inside the build side's
+        # range) lie in [0, span)
+        pos = code if valid is None else np.where(valid, code, 0)
+        if present.dtype == np.bool_:  # type: ignore[union-attr]
+            hit = present[pos]  # type: ignore[index]
+        else:
+            hit = ((present[pos >> 3] >> (pos & 7).astype(np.uint8)) & 1).view(bool)  # type: ignore[index]
+        rows = np.flatnonzero(hit if valid is None else hit & valid)
         self._tested += n
         self._passed += len(rows)
         count = np.zeros(n, dtype=np.int64)
