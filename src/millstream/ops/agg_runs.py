@@ -112,7 +112,9 @@ def _typed(sums: np.ndarray, t: pa.DataType) -> pa.Array:
     (cast to Arrow's result type by the caller)."""
     if not isinstance(t, pa.Decimal128Type):
         return pa.array(sums, pa.int64())
-    words = np.stack([sums, sums >> 63], axis=1).reshape(-1)
+    words = np.empty(2 * len(sums), dtype=np.int64)  # (low, high) words
+    words[0::2] = sums
+    np.right_shift(sums, 63, out=words[1::2])
     return pa.Array.from_buffers(pa.decimal128(38, t.scale), len(sums),
                                  [None, pa.py_buffer(words)], 0)
 
