@@ -64,17 +64,3 @@ def test_user_code_search_visits_each_expression_once(monkeypatch):
     udf = PythonFunction("f", lambda x: x, (ms.col("c0"),), pa.bool_())
     assert user_code.has_user_code(pred & udf, Node)  # still found at the top of a deep tree
     assert user_code.has_user_code(udf & pred, Node)
-
-
-def test_a_filter_partly_on_a_string_view_column_pushes_the_other_conjuncts(tmp_path):
-    """A Parquet scan takes no filter on a string_view column: the conjuncts on other
-    columns still reach it (pruning row groups), the rest stays above."""
-    path = tmp_path / "v.parquet"
-    pq.write_table(pa.table({"s": pa.array([str(i % 7) for i in range(4000)], pa.string_view()),
-                             "id": range(4000)}), path, row_group_size=500)
-    ds = ms.read_parquet(str(path)).filter((ms.col("s") == "3") & (ms.col("id") >= 3500))
-    optimized = ds.explain(print_plan=False).split("== Optimized plan ==")[1].split("== Rules")[0]
-    scan = next(line for line in optimized.splitlines() if "Scan parquet" in line)
-    assert "filter=(id >= 3500)" in scan
-    assert 'Filter((col("s") == lit("3")))' in optimized
-    assert sorted(r["id"] for r in ds.collect()) == [i for i in range(3500, 4000) if i % 7 == 3]

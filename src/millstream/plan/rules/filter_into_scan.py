@@ -30,44 +30,19 @@ def _into_scan(node: Node, pushed: dict[tuple[int, str], object]) -> Node:
     arrow = [p for p in parts if p.to_arrow() is not None]
     if not arrow:
         return node
-    taken = _push(src, conjoin(arrow), pushed)
-    if taken is None and len(arrow) > 1:
-        # the source refused the whole (a Parquet scan takes no filter on a string_view
-        # column): hand it the conjuncts one by one, keeping above those it refuses
-        new_src, exact = src, set()
-        for p in arrow:
-            one = _push(new_src, p, pushed)
-            if one is not None:
-                new_src = one[0]
-                if one[1]:
-                    exact.add(id(p))
-        rest = [p for p in parts if id(p) not in exact]
-        if new_src is src:
-            return node
-        scan = Scan(new_src)
-        return Filter(scan, conjoin(rest)) if rest else scan
-    if taken is None:
-        return node
-    new_src, fully = taken
-    scan = Scan(new_src)
-    rest = [p for p in parts if p.to_arrow() is None] if fully else parts
-    return Filter(scan, conjoin(rest)) if rest else scan
-
-
-def _push(src: object, expr: object, pushed: dict[tuple[int, str], object]
-          ) -> tuple[object, bool] | None:
-    """(the source with ``expr`` pushed in, whether it applies it exactly), or None when it
-    takes nothing or was handed ``expr`` already."""
+    expr = conjoin(arrow)
     if (id(src), repr(expr)) in pushed:
-        return None  # handed to this source already, which keeps the filter above too
-    new_src, _cols, fully = src.with_pushdown(None, expr)  # type: ignore[attr-defined]
+        return node  # handed to this source already, which keeps the filter above too
+    new_src, _cols, fully = src.with_pushdown(None, expr)
     if new_src is src or (not fully and _same_source(new_src, src)):
         # the source took nothing (e.g. no Arrow kernel for the column's type): a new but
         # equal source object would be pushed into again once sub-plan reuse merged it
         # with an equal scan, and the rules would never reach a fixed point
-        return None
+        return node
     pushed[(id(new_src), repr(expr))] = new_src
-    return new_src, fully
+    scan = Scan(new_src)
+    rest = [p for p in parts if p.to_arrow() is None] if fully else parts
+    return Filter(scan, conjoin(rest)) if rest else scan
 
 
 def _same_source(a: object, b: object) -> bool:
