@@ -168,6 +168,39 @@ def test_join_index_finds_exactly_the_equal_keys(data, span, ncols, nb, npr):
     assert got == want
 
 
+@pytest.mark.parametrize("filter_bytes", [1, 1 << 23], ids=["bits", "bytes"])
+@pytest.mark.parametrize("direct_min", [1, 1 << 21], ids=["hash-table", "direct-table"])
+def test_join_index_membership_bitmap_agrees_with_the_tables(direct_min, filter_bytes,
+                                                             monkeypatch):
+    """Sparse exact keys get a bitmap tested before the tables: its lookups equal the
+    tables' own, for probe keys inside and outside the range, nulls and repeated build
+    keys; once nearly every probe row passes it, it is no longer tested."""
+    from millstream.ops.join import index as join_index
+
+    monkeypatch.setattr(join_index, "_DIRECT_MIN", direct_min)
+    monkeypatch.setattr(join_index, "_FILTER_BYTES", filter_bytes)
+    monkeypatch.setattr(join_index, "_FILTER_TRIAL", 1000)
+    rng = np.random.default_rng(7)
+    build = rng.choice(100_000, 2_000, replace=False) * 3 - 5_000
+    build = np.concatenate([build, build[:300]])  # keys with two build rows
+    index = JoinIndex([pa.array(build)], len(build))
+    plain = JoinIndex([pa.array(build)], len(build))
+    assert index.present is not None and index.direct == (direct_min > 1)
+    assert (index.present.dtype == np.bool_) == (filter_bytes > 1)
+    plain.present = None
+    probe = rng.integers(-10_000, 310_000, 5_000).tolist() + [None, int(build[0])]
+    arr = pa.array(probe, pa.int64())
+    count, first, _ = index.lookup([arr], len(probe))
+    want_count, want_first, _ = plain.lookup([arr], len(probe))
+    assert count.tolist() == want_count.tolist() and count.sum() > 0
+    assert (first[count > 0] == want_first[want_count > 0]).all()
+    assert index._tested == len(probe)  # tested by the bitmap
+    every = pa.array(np.repeat(build, 3))  # every probe row matches: the bitmap only costs
+    for _ in range(3):
+        index.lookup([every], len(every))
+    assert index._tested < len(probe) + 3 * len(every)
+
+
 @pytest.mark.parametrize("build", [["a", "bb", "ccc", "bb", None], ["a", "b", "cc", "b", "dd"]],
                          ids=["distinct-hashes", "colliding-build-keys"])
 @pytest.mark.parametrize("how", HOWS)

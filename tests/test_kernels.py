@@ -270,3 +270,50 @@ def test_grouping_strings_of_one_length_matches_grouping_them_as_strings(keys, c
         want[k] = (s + x, c + 1)
     assert {r["k"]: (r["s"], r["c"]) for r in got} == want
     assert len(got) == len(want)
+
+
+@settings(max_examples=60, deadline=None)
+@given(keys=st.lists(st.integers(-50, 50), min_size=2, max_size=300), cut=st.integers(0, 300),
+       ktype=st.sampled_from([pa.int64(), pa.int32()]), data=st.data())
+def test_grouping_keys_in_runs_matches_arrows_grouping(keys, cut, ktype, data):
+    """One integer key in order (or in two ascending runs): numpy segment sums give
+    Arrow's groups, schema and sums (decimals, integers, counts); what they do not cover
+    (unordered keys, nulls, floats) is left to Arrow."""
+    import decimal
+
+    from millstream.ops.agg_runs import group_runs
+
+    ordered = sorted(keys)
+    cut = min(cut, len(ordered))
+    k = ordered[cut:] + ordered[:cut]  # two ascending runs
+    n = len(k)
+    cents = data.draw(st.lists(st.integers(-10**12, 10**12), min_size=n, max_size=n))
+    t = pa.table({"k": pa.array(k, ktype),
+                  "d": pa.array([decimal.Decimal(c).scaleb(-2) for c in cents],
+                                pa.decimal128(15, 2)),
+                  "i": pa.array([c % 1000 for c in cents], pa.int32()),
+                  "f": [float(c) for c in cents]})
+    aggs = [("d", "sum"), ("i", "sum"), ([], "count_all"),
+            ("i", "count", pc.CountOptions("only_valid"))]
+    got = group_runs(t, ["k"], aggs)
+    want = t.group_by(["k"], use_threads=False).aggregate(aggs)
+    descents = sum(a > b for a, b in zip(k, k[1:]))
+    if descents * 64 > n:  # too many runs for a merge to pay: left to Arrow
+        assert got is None
+        got = group_runs(t.sort_by("k"), ["k"], aggs)
+    assert got is not None and got.schema == want.schema
+    assert got.sort_by("k").equals(want.sort_by("k"))
+    assert group_runs(t, ["k"], [("f", "sum")]) is None
+    with_null = t.set_column(1, "d", pa.array([None] + t.column("d").to_pylist()[1:],
+                                              pa.decimal128(15, 2)))
+    assert group_runs(with_null, ["k"], [("d", "sum")]) is None
+
+
+def test_grouping_unordered_keys_is_left_to_arrow():
+    from millstream.ops.agg_runs import group_runs
+
+    t = pa.table({"k": [3, 1, 2, 1, 3, 2, 0, 5] * 10, "v": list(range(80))})
+    assert group_runs(t, ["k"], [("v", "sum")]) is None
+    assert group_runs(t.sort_by("k"), ["k"], [("v", "sum")]).column("v_sum").to_pylist() == \
+        [sum(v for kk, v in zip(t["k"].to_pylist(), range(80)) if kk == key)
+         for key in [0, 1, 2, 3, 5]]

@@ -39,3 +39,28 @@ def test_projection_reaches_the_scan(tmp_path):
 def test_filter_on_a_produced_column_is_not_moved(tmp_path):
     ds = ms.read_parquet(_parquet(tmp_path)).with_columns(g=ms.col("g") + 100).filter(ms.col("g") == 103)
     assert ds.count() == 400
+
+
+def test_user_code_search_visits_each_expression_once(monkeypatch):
+    """An expression's arguments are its children and a field of it: judging them once per
+    path took time exponential in the depth (a 16-deep conjunction: ~10^5 visits)."""
+    from millstream.expr.udf import PythonFunction
+    from millstream.plan import user_code
+    from millstream.plan.logical import Node
+
+    calls = []
+    real = user_code.has_user_code
+
+    def counting(value, skip, *args):
+        calls.append(1)
+        return real(value, skip, *args)
+
+    monkeypatch.setattr(user_code, "has_user_code", counting)
+    pred = ms.col("c0") > 0
+    for i in range(1, 16):
+        pred = pred & (ms.col(f"c{i}") > i)
+    assert not user_code.has_user_code(pred, Node)
+    assert len(calls) < 1000
+    udf = PythonFunction("f", lambda x: x, (ms.col("c0"),), pa.bool_())
+    assert user_code.has_user_code(pred & udf, Node)  # still found at the top of a deep tree
+    assert user_code.has_user_code(udf & pred, Node)

@@ -134,3 +134,29 @@ def test_no_runtime_filter_when_the_small_side_has_every_key():
     q = ms.from_arrow(big, num_partitions=2).join(few, left_on="k", right_on="k2")
     text = actions.explain(q._node, effective_settings({"broadcast_threshold": 1 << 10}))
     assert "or filter a side by the other's keys" in text
+
+
+def test_the_small_side_is_read_for_its_keys_only(tmp_path):
+    """A materialized small side is decoded for its key columns only (its other columns are
+    neither decompressed nor held); an empty block still gives the key's type."""
+    from millstream.core.shuffle import BlockRef
+    from millstream.ops.join import runtime_filter as rf
+
+    t = pa.table({"name": [f"row {i}" for i in range(3000)], "k": [i * 3 for i in range(3000)],
+                  "v": [float(i) for i in range(3000)]})
+    path = str(tmp_path / "block")
+    with pa.OSFile(path, "wb") as f:
+        w = pa.ipc.new_stream(f, t.schema, options=pa.ipc.IpcWriteOptions(compression="lz4"))
+        for b in t.to_batches(1000):
+            w.write_batch(b)
+        w.close()
+    got = list(rf._key_batches(BlockRef(path, 3000, 0, t.schema.names), ["k"]))
+    assert {tuple(b.schema.names) for b in got} == {("k",)}
+    assert sum(b.num_rows for b in got) == 3000
+    sets = rf._Sets().get([BlockRef(path, 3000, 0, t.schema.names)], ["k"])
+    assert sets[0].contains(pa.array([3, 4, 8997])).tolist() == [True, False, True]
+    empty = str(tmp_path / "empty")
+    with pa.OSFile(empty, "wb") as f:
+        pa.ipc.new_stream(f, t.schema).close()
+    got = list(rf._key_batches(BlockRef(empty, 0, 0, t.schema.names), ["k"]))
+    assert [b.schema.names for b in got] == [["k"]] and got[0].num_rows == 0

@@ -187,7 +187,9 @@ def from_fixed(x: Fixed) -> Datum:
         return pa.scalar(decimal.Decimal(x.values).scaleb(-x.type.scale), x.type)
     out = x.values
     n = len(out)
-    words = np.stack([out, out >> 63], axis=1).reshape(-1)  # (low, high) words
+    words = np.empty(2 * n, dtype=np.int64)  # (low, high) words; half np.stack's time
+    words[0::2] = out
+    np.right_shift(out, 63, out=words[1::2])
     if x.valid is None:
         return pa.Array.from_buffers(x.type, n, [None, pa.py_buffer(words)], 0)
     bitmap = pa.array(x.valid, pa.bool_()).buffers()[1]

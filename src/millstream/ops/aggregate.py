@@ -28,6 +28,7 @@ from millstream.errors import SchemaError
 from millstream.expr.aggregates import AggSpec
 from millstream.expr.nodes import Column
 from millstream.ops import agg_keys
+from millstream.ops.agg_runs import group_runs
 from millstream.ops.agg_states import STATE_AGGS
 from millstream.ops.base import Batches, Operator
 
@@ -146,6 +147,9 @@ def _group(table: pa.Table, keys: list[str], aggs: list[tuple]) -> pa.Table:
     if not keys:
         table = table.append_column(_GKEY, pa.array(np.zeros(table.num_rows, dtype=np.int8)))
         keys = [_GKEY]
+    fast = group_runs(table, keys, aggs)  # one integer key in runs (ops/agg_runs)
+    if fast is not None:
+        return fast
     return table.group_by(keys, use_threads=False).aggregate(aggs)
 
 

@@ -24,6 +24,20 @@ PairCheck = Callable[[np.ndarray, np.ndarray], np.ndarray]
 #: per build row, or at most ``_DIRECT_MIN`` slots.
 _DIRECT_PER_ROW = 16
 _DIRECT_MIN = 1 << 21
+#: exact codes over a span of at most this many values, of which at most one in
+#: ``_FILTER_SPARSE`` is a build key, get a membership bitmap (one bit a value: 8 MB at
+#: most) tested before the tables: a lookup in the (much larger) tables misses the CPU's
+#: caches once per probe row, the bitmap's mostly not, and most probe rows of a selective
+#: join find nothing (TPC-H Q3: 147k build keys over a span of 6M, 3.2M probe rows, ~10%
+#: matching; lookups about 3x cheaper)
+_FILTER_MAX_SPAN = 1 << 26
+_FILTER_SPARSE = 4
+#: up to this span the membership map has a byte a code, not a bit
+_FILTER_BYTES = 1 << 23
+#: the bitmap is no longer tested once this many probe rows have been and at least one in
+#: ``_FILTER_MIN_MISS`` of them was not filtered out (it would only add work)
+_FILTER_TRIAL = 200_000
+_FILTER_MIN_MISS = 4
 
 
 class JoinIndex:
@@ -34,6 +48,10 @@ class JoinIndex:
         self.encoder: KeyEncoder | None = None
         self.direct = False
         self.pure = True  # all build rows of a code have equal keys
+        #: one bit per exact code present (see ``_FILTER_MAX_SPAN``), or None
+        self.present: np.ndarray | None = None
+        self._tested = 0  # probe rows tested against ``present``, and how many passed
+        self._passed = 0
         if not key_cols:  # no keys: every build row matches every probe row
             self.order = np.arange(num_rows, dtype=np.int64)
             return
@@ -55,6 +73,13 @@ class JoinIndex:
         starts = np.flatnonzero(codes[1:] != codes[:-1]) + 1
         starts = np.concatenate([np.zeros(min(1, len(codes)), np.int64), starts])
         counts = np.diff(np.append(starts, len(codes))).astype(np.int64)
+        if enc.exact and len(codes) and enc.span <= _FILTER_MAX_SPAN \
+                and len(starts) * _FILTER_SPARSE <= enc.span:
+            marks = np.zeros(enc.span, dtype=bool)
+            marks[codes[starts]] = True
+            # a byte a code while that is small (one lookup, no bit arithmetic), else a bit
+            self.present = marks if enc.span <= _FILTER_BYTES else \
+                np.packbits(marks, bitorder="little")
         if self.direct:
             # per code: its first position in ``order`` and its number of rows; only the
             # slots of present codes are written (the zeroed pages of absent ones are
@@ -85,6 +110,9 @@ class JoinIndex:
             return (np.full(n, len(self.order), dtype=np.int64), np.zeros(n, dtype=np.int64),
                     None)
         code, valid, probe_atoms = enc.encode(probe_cols)
+        if self.present is not None and (self._tested < _FILTER_TRIAL or
+                                         self._passed * _FILTER_MIN_MISS < self._tested):
+            return self._filtered_lookup(code, valid, n)
         if self.direct:
             ok = (code >= 0) & (code < enc.span)
             if valid is not None:
@@ -104,6 +132,33 @@ class JoinIndex:
         if len(rows):
             same = enc.verify(probe_cols, probe_atoms, rows, self.order[first[rows]])
             count[rows[~same]] = 0
+        return count, first, None
+
+
+    def _filtered_lookup(self, code: np.ndarray, valid: np.ndarray | None, n: int
+                         ) -> tuple[np.ndarray, np.ndarray, PairCheck | None]:
+        """:meth:`lookup` of exact codes, the tables read only for the probe rows whose
+        code is in :attr:`present`."""
+        present = self.present
+        # exact codes of valid rows (keys not null, every atom inside the build side's
+        # range) lie in [0, span)
+        pos = code if valid is None else np.where(valid, code, 0)
+        if present.dtype == np.bool_:  # type: ignore[union-attr]
+            hit = present[pos]  # type: ignore[index]
+        else:
+            hit = ((present[pos >> 3] >> (pos & 7).astype(np.uint8)) & 1).view(bool)  # type: ignore[index]
+        rows = np.flatnonzero(hit if valid is None else hit & valid)
+        self._tested += n
+        self._passed += len(rows)
+        count = np.zeros(n, dtype=np.int64)
+        first = np.zeros(n, dtype=np.int64)
+        if len(rows):
+            sub = code[rows]
+            if self.direct:
+                count[rows] = self.count[sub]
+                first[rows] = self.first[sub]
+            else:
+                count[rows], first[rows] = self.table.find(sub, None)
         return count, first, None
 
 

@@ -216,8 +216,15 @@ class KeyEncoder:
         only; None: all)."""
         flat = [a for col in col_atoms for a in col]
         if self.exact:
-            code = np.zeros(n, dtype=np.int64)
             inside: np.ndarray | None = None
+            if len(flat) == 1:  # one atom (a single integer key): its offset is the code
+                a, lo, hi = flat[0], self.mins[0], self.maxs[0]
+                ok = (a >= lo) & (a <= hi)
+                if not ok.all():
+                    inside = ok
+                with np.errstate(over="ignore"):
+                    return (a - np.int64(lo) if lo else a.astype(np.int64, copy=False)), inside
+            code = np.zeros(n, dtype=np.int64)
             with np.errstate(over="ignore"):
                 for a, lo, hi, span in zip(flat, self.mins, self.maxs, self.spans):
                     ok = (a >= lo) & (a <= hi)

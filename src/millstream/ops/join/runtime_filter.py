@@ -102,7 +102,7 @@ class _Sets:
         columns: dict[str, list[pa.Array]] = {k: [] for k in keys}
         types: dict[str, pa.DataType] = {}
         for ref in blocks or []:
-            for b in read_block(ref):
+            for b in _key_batches(ref, keys):
                 for k in keys:
                     i = b.schema.get_field_index(k)
                     if i >= 0:
@@ -123,6 +123,31 @@ class _Sets:
 
 
 _SETS = _Sets()
+
+
+def _key_batches(ref: Any, keys: list[str]) -> Any:
+    """The batches of a materialized block, with only the ``keys`` columns decoded when it
+    is a local IPC stream file (the small side's other columns are neither decompressed
+    nor read); every column otherwise (a runner's own handle)."""
+    path = getattr(ref, "path", None)
+    if getattr(ref, "read", None) is not None or not isinstance(path, str):
+        yield from read_block(ref)
+        return
+    try:
+        with pa.memory_map(path, "r") as mm:
+            schema = pa.ipc.open_stream(mm).schema
+            fields = [i for i, name in enumerate(schema.names) if name in keys]
+            mm.seek(0)
+            reader = pa.ipc.open_stream(mm, options=pa.ipc.IpcReadOptions(
+                included_fields=fields))
+            got = False
+            for b in reader:
+                got = True
+                yield b
+            if not got:
+                yield pa.RecordBatch.from_pylist([], schema=reader.schema)
+    except (FileNotFoundError, OSError, pa.ArrowInvalid):
+        yield from read_block(ref)  # (reports a block that is gone as the scheduler expects)
 
 
 class KeyFilter(Operator):
