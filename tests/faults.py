@@ -62,3 +62,25 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 60.0, what: str = "
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
         time.sleep(0.02)
+
+
+def straggler(release: Any, partition: int = 3) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A row function whose first attempt at ``partition`` waits until the file ``release``
+    exists: only a backup attempt can finish the job before the test creates it (after the
+    job), and a straggler that was not stopped ends then instead of holding a worker."""
+    path = str(release)
+
+    def fn(row: dict[str, Any]) -> dict[str, Any]:
+        import os
+        import time
+
+        from millstream.core.context import current_context
+
+        ctx = current_context()
+        if ctx.partition == partition and ctx.attempt == 0:
+            deadline = time.monotonic() + 3600
+            while not os.path.exists(path) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return row
+
+    return fn

@@ -300,21 +300,17 @@ def test_attempts_exhausted_reports_each_cause(monkeypatch):
     assert [c.split(":")[0] for c in info.value.attempts] == ["attempt 0", "attempt 1", "attempt 2"]
 
 
-def _slow_first_attempt(row):
-    """Partition 3's first attempt is a straggler."""
-    from millstream.core.context import current_context
+@pytest.mark.timeout(240)  # (room for Ray on a busy machine; the straggler waits for the test)
+def test_speculative_backup_attempt_wins(tmp_path):
+    from faults import straggler
 
-    ctx = current_context()
-    if ctx.partition == 3 and ctx.attempt == 0:
-        time.sleep(3600)  # a straggler; only its backup attempt can finish the job
-    return row
-
-
-@pytest.mark.timeout(240)  # (far below the straggler's hour; room for Ray on a busy machine)
-def test_speculative_backup_attempt_wins():
-    ds = ms.range(400, num_partitions=4).map(_slow_first_attempt)
-    rows = ds.collect(speculation=True, speculation_multiplier=2.0, speculation_min_seconds=0.5,
-                      speculation_quantile=0.5)
+    release = tmp_path / "release"  # partition 3's first attempt waits for it
+    ds = ms.range(400, num_partitions=4).map(straggler(release))
+    try:
+        rows = ds.collect(speculation=True, speculation_multiplier=2.0,
+                          speculation_min_seconds=0.5, speculation_quantile=0.5)
+    finally:
+        release.touch()  # (a straggler that was not stopped ends now)
     assert sorted(r["id"] for r in rows) == list(range(400))
     assert get_session().runner_obj.speculative_attempts >= 1  # (a busy machine may add one)
 

@@ -89,25 +89,21 @@ def test_env_snapshot_reaches_workers(monkeypatch):
     ms.shutdown()
 
 
-def _slow_first_attempt(row):
-    from millstream.core.context import current_context
+@pytest.mark.timeout(240)  # (room for a busy machine; the straggler waits for the test)
+def test_speculative_backup_attempt_wins(tmp_path):
+    from faults import straggler
 
-    ctx = current_context()
-    if ctx.partition == 3 and ctx.attempt == 0:
-        import time
-
-        time.sleep(3600)  # a straggler; only its backup attempt can finish the job
-    return row
-
-
-@pytest.mark.timeout(240)  # (far below the straggler's hour; room for a busy machine)
-def test_speculative_backup_attempt_wins():
     from millstream.runtime.session import get_session
 
     ms.shutdown()
-    ds = ms.range(400, num_partitions=4).map(_slow_first_attempt)
-    rows = ds.collect(speculation=True, speculation_multiplier=2.0, speculation_min_seconds=0.5,
-                      speculation_quantile=0.5, driver_input_limit=0)  # (workers, not here)
+    release = tmp_path / "release"  # (the straggler's first attempt waits for it)
+    ds = ms.range(400, num_partitions=4).map(straggler(release))
+    try:
+        rows = ds.collect(speculation=True, speculation_multiplier=2.0,
+                          speculation_min_seconds=0.5, speculation_quantile=0.5,
+                          driver_input_limit=0)  # (workers, not here)
+    finally:
+        release.touch()
     assert sorted(r["id"] for r in rows) == list(range(400))
     assert get_session().runner_obj.speculative_attempts == 1
 
