@@ -235,6 +235,20 @@ def events(seed: int, n_items: int, per_item: int, keys: str = "abc") -> list[li
     return items
 
 
+def in_order_events(seed: int, n_items: int, per_item: int, keys: str = "abcde",
+                    max_v: int = 9) -> list[list[dict]]:
+    """Items of rows {k, ts (ms, moving forward, never back), v in 1..``max_v``}."""
+    rng = random.Random(seed)
+    items, t = [], 0
+    for _ in range(n_items):
+        rows = []
+        for _ in range(per_item):
+            t += rng.randint(0, 3000)
+            rows.append({"k": rng.choice(keys), "ts": t, "v": rng.randint(1, max_v)})
+        items.append(rows)
+    return items
+
+
 def filled_source(items: list, partitions: int = 1, schema: Any = None,
                   close: bool = True) -> TestSource:
     """A test source with ``items`` dealt round-robin to its partitions (for jobs whose

@@ -7,7 +7,6 @@ parallelism and a SIGKILLed task slot; the plans; the operator's checkpoint spli
 from __future__ import annotations
 
 import os
-import random
 import signal
 from collections import defaultdict
 
@@ -15,6 +14,7 @@ import pyarrow as pa
 import pytest
 from faults import HeldRows, wait_for
 from oracles import sorted_rows
+from streams import in_order_events
 
 import millstream as ms
 from millstream.core.context import default_context
@@ -31,15 +31,7 @@ SCHEMA = pa.schema([("k", pa.string()), ("ts", pa.int64()), ("v", pa.int64())])
 def _items(seed: int, n_items: int = 30, per_item: int = 8) -> list[list[dict]]:
     """Items of rows {k, ts (ms, moving forward), v}; several rows share a window's
     largest ``v`` now and then (few distinct values)."""
-    rng = random.Random(seed)
-    items, t = [], 0
-    for _ in range(n_items):
-        rows = []
-        for _ in range(per_item):
-            t += rng.randint(0, 3000)
-            rows.append({"k": rng.choice("abcdef"), "ts": t, "v": rng.randint(1, 12)})
-        items.append(rows)
-    return items
+    return in_order_events(seed, n_items, per_item, "abcdef", max_v=12)
 
 
 def _rows(items: list[list[dict]]) -> list[dict]:

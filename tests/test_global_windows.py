@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from oracles import AGG_NAMES, all_aggs
+from streams import in_order_events
 from window_cases import to_batch
 
 import millstream as ms
@@ -463,15 +464,7 @@ def test_operator_type_describe_and_pickling():
 
 
 def _items(seed: int, n_items: int = 14, per_item: int = 9, keys: str = "abcde"):
-    rng = random.Random(seed)
-    items, t = [], 0
-    for _ in range(n_items):
-        rows = []
-        for _ in range(per_item):
-            t += rng.randint(0, 3000)
-            rows.append({"k": rng.choice(keys), "ts": t, "v": rng.randint(1, 9)})
-        items.append(rows)
-    return items
+    return in_order_events(seed, n_items, per_item, keys)
 
 
 def _source(items, partitions: int = 1, watermarks: bool = False, f=None) -> TestSource:
