@@ -104,7 +104,12 @@ def test_a_batch_job_page_shows_its_stages_and_tasks(dashboard, page, tmp_path):
     assert "collect at test_dashboard_browser.py" in page.inner_text(f"tr[data-job='{job}']")
     shot(page, "jobs.png")
 
-    page.click(f"tr[data-job='{job}'] a")
+    # follow the row's link by its address, not by a click: a job event from elsewhere in
+    # this process (a streaming job another test left running) redraws the list newest
+    # first, and a click aimed before the redraw lands on whatever row moved under it
+    href = page.get_attribute(f"tr[data-job='{job}'] a", "href")
+    assert href == f"/jobs/{job}"
+    page.goto(dashboard.rstrip("/") + href)
     page.wait_for_selector("#stage-graph g.node")
     assert page.inner_text("#job-status") == "succeeded"
     total = sum(counts)

@@ -83,7 +83,7 @@ const route = (() => {
   return m ? {page: "job", id: decodeURIComponent(m[1])} : {page: "jobs"};
 })();
 
-let rendering = false, again = false;
+let rendering = false, again = false, failures = 0;
 async function refresh() {
   if (rendering) { again = true; return; }
   rendering = true;
@@ -96,8 +96,13 @@ async function refresh() {
     for (const d of app.querySelectorAll("details")) if (open.has(d.dataset.key)) d.open = true;
     window.scrollTo(0, y);
     document.body.dataset.loaded = "1";
+    failures = 0;
   } catch (e) {
     document.getElementById("app").replaceChildren(h("p", {class: "card error", text: String(e)}));
+    // a finished job sends no more updates: try again (1 s, 2 s, ... up to 30 s) so a
+    // passing failure (the server busy, a restart) does not leave the page on an error
+    failures++;
+    setTimeout(refresh, Math.min(30000, 1000 * 2 ** Math.min(failures - 1, 5)));
   } finally {
     rendering = false;
     if (again) { again = false; setTimeout(refresh, 300); }
