@@ -150,3 +150,37 @@ def test_tpch_sf1_estimates():
     assert groups < 100
     seg = est(cust.filter(ms.col("c_mktsegment") == "BUILDING")).rows
     assert 10_000 < seg < 60_000  # true: 30k
+
+
+def _stats(path):
+    return ms.read_parquet(path)._node.source.statistics()
+
+
+def test_footer_statistics_are_read_again_when_a_file_changes(tmp_path, monkeypatch):
+    """Settled local files' statistics are cached across scans; a rewrite (other size, or
+    the same size and a new mtime) is seen, and a file written within the settling time is
+    not cached at all (its mtime may not change on the next write)."""
+    from millstream.io.files import parquet_stats
+
+    monkeypatch.setattr(parquet_stats, "_CACHE", {})
+    reads = []
+    real = parquet_stats._read_statistics
+    monkeypatch.setattr(parquet_stats, "_read_statistics",
+                        lambda source: reads.append(1) or real(source))
+    path = str(tmp_path / "t.parquet")
+    pq.write_table(pa.table({"x": [1, 2, 3]}), path)
+    assert _stats(path).columns["x"].max == 3 and _stats(path).columns["x"].max == 3
+    assert len(reads) == 2  # just written: not cached
+    old = os.stat(path).st_mtime_ns - 10**10
+    os.utime(path, ns=(old, old))
+    assert _stats(path).columns["x"].max == 3 and _stats(path).columns["x"].max == 3
+    assert len(reads) == 3  # settled: read once
+    size = os.stat(path).st_size
+    pq.write_table(pa.table({"x": [7, 8, 9]}), path)  # the same size, another mtime
+    os.utime(path, ns=(old + 10**9, old + 10**9))
+    assert os.stat(path).st_size == size
+    assert _stats(path).columns["x"].max == 9
+    pq.write_table(pa.table({"x": list(range(100))}), path)  # another size
+    os.utime(path, ns=(old + 10**9, old + 10**9))
+    assert _stats(path).num_rows == 100
+    assert len(reads) == 5

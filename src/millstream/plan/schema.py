@@ -10,6 +10,7 @@ A missing column raises a :class:`~millstream.errors.SchemaError` naming it.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import pyarrow as pa
 
@@ -103,17 +104,43 @@ def aggregate_schema(schema: pa.Schema, keys: Sequence[str], specs: Sequence[Agg
     """Keys then aggregates, typed as the aggregation operators type them (None when
     Arrow cannot group these types: the job raises its own error)."""
     require(schema, keys, what)
-    for s in specs:
-        if s.arg is not None:
-            expr_field(s.arg, schema, what)
+    arg_types = [expr_field(s.arg, schema, what).type if s.arg is not None else None
+                 for s in specs]
+    memo_key = _aggregate_key(schema, keys, specs, arg_types)
+    hit = _AGG_SCHEMAS.get(memo_key) if memo_key is not None else None
+    if hit is not None:
+        return hit
     try:
         from millstream.ops.aggregate import aggregate_result_schema
 
-        return aggregate_result_schema(schema, list(keys), list(specs))
+        out = aggregate_result_schema(schema, list(keys), list(specs))
     except SchemaError as exc:
         raise SchemaError(f"{what}: {exc}") from None
     except (pa.ArrowException, TypeError, ValueError):
         return None
+    if memo_key is not None:
+        if len(_AGG_SCHEMAS) >= 1024:
+            _AGG_SCHEMAS.clear()
+        _AGG_SCHEMAS[memo_key] = out
+    return out
+
+
+#: Aggregate output schemas by what they depend on (the keys' fields, each aggregate's
+#: function, name, parameters and argument type): the optimizer rebuilds aggregates many
+#: times, and typing one runs the aggregation on no rows (about a millisecond).
+_AGG_SCHEMAS: dict[Any, pa.Schema] = {}
+
+
+def _aggregate_key(schema: pa.Schema, keys: Sequence[str], specs: Sequence[AggSpec],
+                   arg_types: list[pa.DataType | None]) -> Any:
+    try:
+        key = (tuple(schema.field(k) for k in keys),
+               tuple((s.func, s.name, tuple(sorted(s.params.items())), t)
+                     for s, t in zip(specs, arg_types)))
+        hash(key)
+    except (TypeError, KeyError):
+        return None
+    return key
 
 
 def join_schema(left: pa.Schema, right: pa.Schema, left_on: Sequence[str],
