@@ -493,6 +493,7 @@ def _int_then_str(key: int, values: Iterator[int]) -> Iterable[tuple[int, Any]]:
     yield key, key if key < 1024 else str(key)
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # writer closed
 def test_output_value_types_changing_between_batches(runner, tmp_path):
     pairs = ms.from_items([{"key": i, "value": i} for i in range(2048)])
     ds = ms.mapreduce(pairs, None, _int_then_str, num_reducers=1)

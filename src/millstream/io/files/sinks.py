@@ -137,6 +137,14 @@ class _OutFile:
                 self.tmp = None
 
     def discard(self) -> None:
+        # the writer first: a Parquet writer left open closes itself when collected and
+        # then fails on the closed stream ("Exception ignored in ParquetWriter.__del__")
+        if self.writer is not None:
+            try:
+                self.writer.close()
+            except Exception:  # noqa: BLE001 - the file is being thrown away
+                pass
+            self.writer = None
         try:
             self.stream.close()
         except OSError:
