@@ -61,8 +61,10 @@ def adapt_gather(job: Any, st: Stage) -> bool:
                 if _fuse(job, consumer, idx, pipe, g):
                     return True
                 if g.range_stage is None:
-                    g.decision = ("one task" if g.planned else "kept the exchange") + \
-                        " (input stage not fused)"
+                    g.decision = (f"{g.label} in one task ({g.planned})" if g.planned else
+                                  f"{g.label}: partial step per task, then one task")
+                    job.stats.notes.append(f"adaptive: {g.decision}; stage {st.id} "
+                                           f"({st.purpose}) runs on its own")
             elif st is g.range_stage:
                 return _skip_range(job, consumer, idx, pipe, g)
     return False
@@ -107,8 +109,11 @@ def _skip_range(job: Any, consumer: Stage, idx: int, pipe: Pipeline,
     rows = job.measured_rows.get(g.source.id)
     nbytes = job.measured.get(g.source.id)
     if rows is None or nbytes is None or rows > g.max_rows or nbytes > g.max_bytes:
-        g.decision = "range-partitioned" + ("" if rows is None else
-                                            f" (input measured {rows} rows, {format_size(nbytes)})")
+        g.decision = f"{g.label} range-partitioned" + (
+            "" if rows is None or nbytes is None else
+            f" (input measured {rows} rows, {format_size(nbytes)}: over {g.max_rows} rows "
+            f"or {format_size(g.max_bytes)})")
+        job.stats.notes.append(f"adaptive: {g.decision}")
         return False
     one = Pipeline([BlocksPort(stage=g.source)], list(pipe.ops), list(pipe.descriptions),
                    single_task=True)
