@@ -3,9 +3,9 @@
 The estimates of ``plan/stats.py`` guess (selectivities, containment); the physical
 planner runs a sort in one task only when its input is bounded for sure: a global
 aggregate gives one row, a limit at most ``n``, a group-by at most the product of its
-keys' distinct values (each plus one for null) where those are known exactly or bounded
-by a value range (integers, dates, decimals between a Parquet column's min and max), and
-the rows of a source are its statistics' count. Anything else is unbounded (None).
+keys' distinct values (each plus one for null) where a value range bounds them (integers,
+dates, decimals between a column's min and max: a source's distinct counts are guesses,
+from dictionary sizes or samples), and the rows of a source are its statistics' count. Anything else is unbounded (None).
 """
 
 from __future__ import annotations
@@ -68,8 +68,7 @@ def _ndv(node: L.Node, name: str) -> float | None:
         cs = None if st is None else st.columns.get(name)
         if cs is None:
             return None
-        if cs.distinct_count is not None:
-            return float(cs.distinct_count)
+        # (not ``distinct_count``: sources guess it from dictionary sizes or a sample)
         schema = node.schema
         t = schema.field(name).type if schema is not None \
             and schema.get_field_index(name) >= 0 else None
