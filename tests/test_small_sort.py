@@ -38,7 +38,7 @@ def keyed(n: int, keys: int, parts: int = 4) -> ms.Dataset:
         lambda r: [{"k": f"key{r['i'] % keys:04d}", "v": r["v"]}])
 
 
-def test_sort_after_a_small_group_by_runs_in_the_group_bys_last_task():
+def test_sort_after_a_small_group_by_runs_in_the_group_bys_last_task(runner):
     ds = keyed(20_000, 37).group_by("k").agg(ms.sum("v").alias("s")).sort("k")
     assert "adaptive: one task when its input measures" in ds.explain(print_plan=False)
     got = ds.collect(shuffle_partitions=4)
@@ -62,7 +62,7 @@ def test_same_answer_on_both_paths():
         ((r["s"], r["k"]) for r in small), key=lambda x: (-x[0], x[1]))
 
 
-def test_a_small_sort_input_not_fed_by_a_shuffle_skips_the_range_shuffle():
+def test_a_small_sort_input_not_fed_by_a_shuffle_skips_the_range_shuffle(runner):
     # a flat_map may multiply rows: the input stage runs on its own, then its measured
     # output (small) is sorted in one task without the range shuffle
     src = ms.from_items([{"x": (i * 31) % 997} for i in range(2000)], num_partitions=3)
