@@ -183,3 +183,20 @@ def test_an_empty_sort_input_keeps_its_columns():
     t = ds.to_arrow(shuffle_partitions=3)
     assert t.num_rows == 0 and t.column_names == ["k", "n"]
     assert stages()[-1] == ("result", 1)
+
+
+def test_a_join_that_may_multiply_rows_is_not_fused():
+    # 2000 groups (few rows measured) crossed with 100 rows: 200000 rows to sort, too many
+    # for one task; the input stage runs on its own and the sort stays range-partitioned
+    agg = keyed(6000, 2000).group_by("k").agg(ms.count().alias("n"))
+    small = ms.from_arrow(pa.table({"j": list(range(100))}))
+    ds = agg.cross_join(small).sort(["j", "k"], descending=[True, False])
+    assert "broadcast" in ds.explain(print_plan=False)
+    got = ds.to_arrow(shuffle_partitions=3)
+    assert "fused" not in notes()
+    assert [p for p, _ in stages()][-3:] == ["sort input", "sort range partition", "result"]
+    assert stages()[-1] == ("result", 3)
+    assert got.num_rows == 200_000
+    assert got.column("j").to_pylist()[:2000] == [99] * 2000
+    assert got.column("k").to_pylist()[:3] == ["key0000", "key0001", "key0002"]
+    assert got.column("j").to_pylist()[-1] == 0
