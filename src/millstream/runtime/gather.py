@@ -40,6 +40,7 @@ from millstream.plan.stages import (
     Stage,
     all_stages,
 )
+from millstream.runtime.events import BUS, publish
 
 #: Operators that never give more rows than they read (exact classes: a FlatMapRows is a
 #: MapRows that may), so a pipeline of them fed by few rows yields few rows.
@@ -99,6 +100,7 @@ def _fuse(job: Any, consumer: Stage, idx: int, pipe: Pipeline, g: AdaptiveGather
     g.decision = f"{g.label} in one task, fused with its input stage ({what})"
     job.stats.notes.append(f"adaptive: {g.decision}; stage {src.id} ({src.purpose}) runs in "
                            f"stage {consumer.id}'s one task")
+    _skipped(job, [src, g.range_stage], g.decision)
     return True
 
 
@@ -121,7 +123,17 @@ def _skip_range(job: Any, consumer: Stage, idx: int, pipe: Pipeline,
     g.decision = f"{g.label} in one task (input measured {rows} rows, {format_size(nbytes)})"
     job.stats.notes.append(f"adaptive: {g.decision}; stage {g.range_stage.id} "
                            f"({g.range_stage.purpose}) not run")
+    _skipped(job, [g.range_stage], g.decision)
     return True
+
+
+def _skipped(job: Any, stages: list[Stage | None], why: str) -> None:
+    """Tell listeners (the dashboard) that stages of the plan will not run."""
+    if BUS.active:
+        for s in stages:
+            if s is not None:
+                publish("stage_end", job=job.job_id, stage=s.id, status="skipped",
+                        why=f"adaptive: {why}")
 
 
 def _input_size(job: Any, p: Pipeline) -> tuple[int, int] | None:
