@@ -178,6 +178,13 @@ def test_top_k_after_a_small_group_by_runs_in_one_task():
     assert ("top-k", 4) in stages()
 
 
+def test_top_k_of_a_one_task_input_is_one_stage(facts):
+    ds = ms.read_parquet(facts).sort("v", descending=True).limit(3)
+    assert [r["v"] for r in ds.collect()] == [29_999, 29_998, 29_997]
+    assert stages() == [("result", 1)]
+    assert "its input stage runs in one task" in notes()
+
+
 def test_an_empty_sort_input_keeps_its_columns():
     ds = keyed(100, 5).filter(col("v") < 0).group_by("k").agg(ms.count().alias("n")).sort("k")
     t = ds.to_arrow(shuffle_partitions=3)

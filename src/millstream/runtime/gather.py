@@ -79,7 +79,11 @@ def _fuse(job: Any, consumer: Stage, idx: int, pipe: Pipeline, g: AdaptiveGather
         return False
     p = src.pipelines[0]
     size = _input_size(job, p)
-    if size is None:
+    if size is None and g.range_stage is None and not g.planned and p.ports \
+            and len(job._port_inputs(p.ports[0])) == 1:
+        # a top-k whose partial step runs in one task anyway: the final step joins it
+        what = "its input stage runs in one task"
+    elif size is None:
         if not g.planned or any(not isinstance(port, SourcePort) for port in p.ports):
             return False
         what = g.planned

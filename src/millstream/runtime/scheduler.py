@@ -102,6 +102,8 @@ class Job:
         #: bytes and rows each stage that ran produced (adaptive execution reads them)
         self.measured: dict[int, int] = {}
         self.measured_rows: dict[int, int] = {}
+        #: the splits of each source port (id -> (port, splits)), planned once
+        self._splits: dict[int, tuple[Any, list[Any]]] = {}
         #: the logical and optimized plans and the rules that fired (for the dashboard)
         self.plan = plan
 
@@ -356,9 +358,12 @@ class Job:
         return OperatorFactory(f.cls, *f.args, **kwargs)
 
     def _port_inputs(self, port: Any) -> list[list[Any]]:
-        if isinstance(port, SourcePort):
-            target = max(1, self.settings.resolved_parallelism() * 2)
-            return [[SourceInput(port.source, s)] for s in port.source.plan_splits(target)]
+        if isinstance(port, SourcePort):  # (planned once per job: adaptivity asks too)
+            held = self._splits.get(id(port))
+            if held is None or held[0] is not port:
+                target = max(1, self.settings.resolved_parallelism() * 2)
+                held = self._splits[id(port)] = (port, port.source.plan_splits(target))
+            return [[SourceInput(port.source, s)] for s in held[1]]
         if isinstance(port, ShufflePort):
             n = port.stage.partitioner.num_partitions
             return [[ShuffleInput(list(port.stage.results), p)] for p in range(n)]
