@@ -79,8 +79,9 @@ def _fuse(job: Any, consumer: Stage, idx: int, pipe: Pipeline, g: AdaptiveGather
         return False
     p = src.pipelines[0]
     size = _input_size(job, p)
-    if size is None and g.range_stage is None and not g.planned and p.ports \
-            and len(job._port_inputs(p.ports[0])) == 1:
+    one_anyway = size is None and g.range_stage is None and not g.planned and p.ports \
+        and len(job._port_inputs(p.ports[0])) == 1
+    if one_anyway:
         # a top-k whose partial step runs in one task anyway: the final step joins it
         what = "its input stage runs in one task"
     elif size is None:
@@ -92,7 +93,7 @@ def _fuse(job: Any, consumer: Stage, idx: int, pipe: Pipeline, g: AdaptiveGather
         if rows > g.max_rows or nbytes > g.max_bytes:
             return False
         what = f"input measured {rows} rows, {format_size(nbytes)}"
-    factor = _growth(job, p)
+    factor = 1.0 if one_anyway else _growth(job, p)
     if factor is None or (size is not None and size[0] * factor > g.max_rows):
         return False
     fused = p.copy()
