@@ -543,7 +543,8 @@ def test_sort_matches_sql(by, desc, nulls_last, layout):
     # id breaks ties, so the expected order is total
     ds = ms.from_items(ROWS, num_partitions=parts).sort(by + ["id"], descending=desc + [False],
                                                         nulls_last=nulls_last)
-    got = ds.collect(shuffle_partitions=shuffle)
+    # (small_sort_rows=0: the range-partitioned path, which 300 rows would not take)
+    got = ds.collect(shuffle_partitions=shuffle, small_sort_rows=0)
     order = _order(by, desc, nulls_last) + ", id"
     ordered(got, sql(f"SELECT * FROM t ORDER BY {order}", t=TABLE), by + ["id"])
     assert result_tasks() == shuffle
@@ -553,7 +554,8 @@ def test_sort_is_globally_ordered_across_partitions(runner):
     n = 20000
     rng = np.random.default_rng(5)
     t = pa.table({"x": rng.integers(-10**6, 10**6, n), "y": rng.random(n)})
-    batches = list(ms.from_arrow(t, num_partitions=4).sort("x").iter_batches(shuffle_partitions=4))
+    batches = list(ms.from_arrow(t, num_partitions=4).sort("x").iter_batches(
+        shuffle_partitions=4, small_sort_rows=0))  # (range-partitioned although small)
     assert result_tasks() == 4
     assert len(batches) >= 4
     xs = [v for b in batches for v in b.column("x").to_pylist()]
@@ -793,12 +795,15 @@ def test_to_pandas_and_polars():
 
 def test_explain_mentions_stages_and_pushdown():
     ds = ms.from_items(ROWS, num_partitions=2)
-    text = (ds.select("k", "i", x=col("f") * 2).filter(col("x") > 0).group_by("k")
-            .agg(ms.sum("i")).sort("k").explain(print_plan=False))
+    sorted_sums = (ds.select("k", "i", x=col("f") * 2).filter(col("x") > 0).group_by("k")
+                   .agg(ms.sum("i")).sort("k"))
+    # (small_sort_rows=0: the range-partitioned sort, which these 8 groups would not take)
+    text = sorted_sums.explain(print_plan=False, small_sort_rows=0)
     for part in ("== Logical plan ==", "== Optimized plan ==", "== Physical plan ==", "Stage",
                  "partial aggregate", "shuffle write", "hash(k)", "range(k)", "columns=['k', 'i', 'f']"):
         assert part in text, part
     assert text.count("Stage ") >= 3
+    assert "Sort k (one task: at most 8 rows" in sorted_sums.explain(print_plan=False)
 
 
 def test_explain_prints(capsys):

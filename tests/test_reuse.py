@@ -175,16 +175,22 @@ def test_streaming_shared_source_keeps_event_time_per_partition(tmp_path):
 
 # ----------------------------------------------------------------------------- sort
 
-def test_sort_after_group_by_computes_the_aggregate_once(tmp_path):
+@pytest.mark.parametrize("small_sort_rows", [0, 100_000], ids=["range-partitioned", "one-task"])
+def test_sort_after_group_by_computes_the_aggregate_once(tmp_path, small_sort_rows):
     path = str(tmp_path / "calls")
     t = pa.table({"k": [i % 50 for i in range(2000)], "v": list(range(2000))})
     agg = ms.from_arrow(t, num_partitions=3).group_by("k").agg(ms.sum("v").alias("s")) \
         .map(counted(path, lambda r: r))
-    got = agg.sort("s", descending=True).collect(shuffle_partitions=3)
+    got = agg.sort("s", descending=True).collect(shuffle_partitions=3,
+                                                 small_sort_rows=small_sort_rows)
     assert calls(path) == 50  # the rows after the aggregate went through once
     assert [r["k"] for r in got] == sorted(range(50), key=lambda k: -sum(range(k, 2000, 50)))
     assert sum(p == "group-by map side" for p in purposes()) == 1
-    assert "sort input" in purposes() and "sort sample" not in purposes()
+    assert "sort sample" not in purposes()
+    if small_sort_rows:  # the aggregate's last step and the sort in one task
+        assert purposes() == ["group-by map side", "result"]
+    else:
+        assert "sort input" in purposes()
 
 
 def test_sort_of_a_generator_reads_it_once(tmp_path):

@@ -254,7 +254,9 @@ class Dataset:
 
     def sort(self, by: str | Sequence[str], descending: bool | Sequence[bool] = False,
              nulls_last: bool | None = None) -> Dataset:
-        """Globally sort (sampled range partitioning). Nulls come first ascending, last descending."""
+        """Globally sort (sampled range partitioning; a small input, see the settings
+        ``small_sort_rows``/``small_sort_bytes``, in one task). Nulls come first ascending,
+        last descending."""
         cols = [by] if isinstance(by, str) else _names(by)
         if not cols:
             raise PlanError("sort() needs at least one column")

@@ -80,6 +80,14 @@ def parse_size(value: int | str | None) -> int | None:
     return int(text)
 
 
+def format_size(n: float) -> str:
+    """Bytes for people: ``1.2 MB``, ``512 B``."""
+    for unit, div in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{int(n)} B"
+
+
 def default_memory_limit() -> int:
     """A quarter of the machine's physical memory (at least 256 MiB)."""
     try:

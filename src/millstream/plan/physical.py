@@ -21,6 +21,7 @@ from millstream.core.shuffle import (
     RoundRobinPartitioner,
 )
 from millstream.core.time import MIN_WATERMARK
+from millstream.core.units import format_size
 from millstream.errors import PlanError
 from millstream.expr.aggregates import AggSpec
 from millstream.expr.windows import GlobalWindow
@@ -36,9 +37,11 @@ from millstream.ops.sort import Sort
 from millstream.ops.topk import TopK
 from millstream.ops.watermark import EventTimeWatermark
 from millstream.plan import logical as L
+from millstream.plan.bounds import row_bound
 from millstream.plan.fingerprint import Fingerprints
 from millstream.plan.physical_joins import JoinPlanning
 from millstream.plan.stages import (
+    AdaptiveGather,
     BlocksPort,
     Pipeline,
     ShufflePort,
@@ -64,6 +67,11 @@ class PlannerSettings:
     #: combine tumbling/sliding window rows into partial states before the key exchange
     #: (``ops.window.WindowCombiner``); ``MILLSTREAM_WINDOW_COMBINER=0`` turns it off
     window_combiner: bool = True
+    #: a sort (or top-k) whose input is at most this many rows and bytes runs in one
+    #: task: decided here when the plan bounds the rows for sure, else at run time from
+    #: the measured input (``runtime/gather.py``); 0 rows: always range-partitioned
+    small_sort_rows: int = 100_000
+    small_sort_bytes: int = 4 << 20
 
 
 def narrow_factory(node: L.Node) -> OperatorFactory:
@@ -357,9 +365,20 @@ class PhysicalPlanner(JoinPlanning):
     def _build_Sort(self, node: L.Sort) -> list[Pipeline]:
         """A global sort reads its input once: the input is materialized while its sort
         keys are sampled, then range-partitioned by boundaries from the sample, and each
-        partition sorted."""
+        partition sorted. A small input is sorted in one task instead: without sampling
+        nor range shuffle when the plan bounds its rows for sure (a global aggregate, a
+        limit, a group-by by keys of few values), else as the scheduler decides from the
+        measured input (``AdaptiveGather``)."""
         pipes = self.build(node.child)
+        sort = OperatorFactory(Sort, list(node.by), list(node.descending), node.nulls_last)
         source = Stage(pipes, "blocks", purpose="sort input")
+        sure = self._surely_small(node.child)
+        if sure is not None:
+            new = Pipeline([BlocksPort(stage=source)], single_task=True)
+            new.add(sort, f"{node.label()} (one task: {sure})")
+            new.gather = AdaptiveGather(source, None, self.s.small_sort_rows,
+                                        self.s.small_sort_bytes, "sort", planned=sure)
+            return [new]
         source.sample_by = list(node.by)
         part = RangePartitioner(list(node.by), list(node.descending), node.nulls_last,
                                 self._n(pipes))
@@ -367,9 +386,34 @@ class PhysicalPlanner(JoinPlanning):
                             "sort range partition")
         stage.sample_stage = source
         new = Pipeline([ShufflePort(stage)])
-        new.add(OperatorFactory(Sort, list(node.by), list(node.descending), node.nulls_last),
-                node.label())
+        text = node.label()
+        if self._gathers():
+            new.gather = AdaptiveGather(source, stage, self.s.small_sort_rows,
+                                        self.s.small_sort_bytes, "sort")
+            text += f" (adaptive: {self._one_task_text()}, else range-partitioned)"
+        new.add(sort, text)
         return [new]
+
+    def _gathers(self) -> bool:
+        """Whether a sort's or top-k's last step may run in one task when small."""
+        return not self.s.streaming and self.s.small_sort_rows > 0 \
+            and self.s.small_sort_bytes > 0
+
+    def _one_task_text(self) -> str:
+        return (f"one task when its input measures <= {self.s.small_sort_rows} rows and "
+                f"{format_size(self.s.small_sort_bytes)}")
+
+    def _surely_small(self, node: L.Node) -> str | None:
+        """Why ``node``'s rows are surely few enough to sort in one task, or None."""
+        if not self._gathers():
+            return None
+        bound = row_bound(node)
+        if bound is None or bound > self.s.small_sort_rows:
+            return None
+        est = self.estimator.estimate(node)
+        if est is not None and bound * est.width > self.s.small_sort_bytes:
+            return None
+        return f"at most {bound:.0f} rows by the plan's statistics"
 
     def _build_Window(self, node: L.Window) -> list[Pipeline]:
         """A hash shuffle by the partition keys (one partition without keys), then one
@@ -399,14 +443,22 @@ class PhysicalPlanner(JoinPlanning):
         return pipes
 
     def _build_TopK(self, node: L.TopK) -> list[Pipeline]:
-        """A top-k per task, then one task's top-k of those (no sort, no sample)."""
+        """A top-k per task, then one task's top-k of those (no sort, no sample); when
+        what the partial step reads measures small, it runs in that one task too."""
         pipes = self.build(node.child)
         args = (list(node.by), list(node.descending), node.n, node.nulls_last)
         for p in pipes:
             p.add(OperatorFactory(TopK, *args), f"partial top-{node.n}")
         stage = self._close(pipes, RoundRobinPartitioner(1), "top-k")
         new = Pipeline([ShufflePort(stage)])
-        new.add(OperatorFactory(TopK, *args), node.label())
+        text = node.label()
+        if self._gathers():
+            new.gather = AdaptiveGather(stage, None, self.s.small_sort_rows,
+                                        self.s.small_sort_bytes, "top-k")
+            text += f" (adaptive: the partial step in this task when its input measures " \
+                    f"<= {self.s.small_sort_rows} rows and " \
+                    f"{format_size(self.s.small_sort_bytes)})"
+        new.add(OperatorFactory(TopK, *args), text)
         return [new]
 
     def _build_Shared(self, node: L.Shared) -> list[Pipeline]:

@@ -82,6 +82,29 @@ class AdaptiveJoin:
 
 
 @dataclass
+class AdaptiveGather:
+    """The last step of a global sort or a top-k, which the batch scheduler runs in one
+    task when its input is small (adaptive execution): before ``source`` (the stage whose
+    tasks feed it: the sort's input, the top-k's partial step) runs, when everything
+    ``source`` reads measured at most ``max_rows`` rows and ``max_bytes`` bytes (and its
+    operators cannot multiply rows past that), ``source``'s pipeline runs in the one
+    task, fused in front of this pipeline's operators; otherwise, for a sort, when
+    ``source``'s own output measured that small, the one task reads it without the range
+    shuffle (``range_stage``, then never run). The pipeline that holds this is the one
+    the decision replaces."""
+
+    source: Stage
+    range_stage: Stage | None
+    max_rows: int
+    max_bytes: int
+    label: str = "sort"
+    #: the planner's reason to run it in one task from the start (a sure bound), else None
+    planned: str | None = None
+    #: what the scheduler decided (for the job's statistics)
+    decision: str | None = None
+
+
+@dataclass
 class Pipeline:
     """Tasks sharing a fused operator chain; ``ports`` feed the first operator."""
 
@@ -90,10 +113,14 @@ class Pipeline:
     descriptions: list[str] = field(default_factory=list)
     #: a shuffle join (the first operator) that may become a broadcast join at run time
     adaptive: AdaptiveJoin | None = None
+    #: all of the ports' partitions (splits, shuffle partitions, blocks) in one task
+    single_task: bool = False
+    #: a sort's or top-k's last step that may run in one task at run time
+    gather: AdaptiveGather | None = None
 
     def copy(self) -> Pipeline:
         return Pipeline(list(self.ports), list(self.ops), list(self.descriptions),
-                        self.adaptive)
+                        self.adaptive, self.single_task, self.gather)
 
     def add(self, factory: OperatorFactory, text: str) -> None:
         self.ops.append(factory)
@@ -151,7 +178,8 @@ class Stage:
         lines = [f"Stage {self.id}" + (f" ({self.purpose})" if self.purpose else "") + ":"]
         for i, p in enumerate(self.pipelines):
             prefix = f"  pipeline {i}: " if len(self.pipelines) > 1 else "  "
-            lines.append(prefix + " + ".join(port.describe() for port in p.ports))
+            lines.append(prefix + " + ".join(port.describe() for port in p.ports)
+                         + (" (all in one task)" if p.single_task else ""))
             for d in p.descriptions:
                 lines.append("    -> " + d)
         if self.forward:

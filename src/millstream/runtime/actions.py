@@ -41,12 +41,16 @@ StatsCallback = Callable[[JobStats], None]
 
 def planner_settings(settings: Settings) -> PlannerSettings:
     """What the physical planner needs of the session: partition counts (they follow the
-    runner, e.g. a Ray cluster's CPUs), the broadcast threshold and the cache."""
+    runner, e.g. a Ray cluster's CPUs), the broadcast and small-sort thresholds and the
+    cache."""
     session = get_session()
     session.get_runner(settings)
     runner = settings.runner
     return PlannerSettings(settings.resolved_shuffle_partitions(), settings.broadcast_threshold,
-                           lambda cache_id: session.cache.get(cache_id, runner))
+                           lambda cache_id: session.cache.get(cache_id, runner),
+                           small_sort_rows=settings.small_sort_rows,
+                           small_sort_bytes=min(settings.small_sort_bytes,
+                                                settings.task_budget() // 4))
 
 
 def compile_job(node: Node, settings: Settings, output_kind: str = "blocks",

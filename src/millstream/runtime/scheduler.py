@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow as pa
 
 from millstream.core.shuffle import RangePartitioner, read_block
+from millstream.core.units import format_size
 from millstream.errors import FetchFailedError, TaskError
 from millstream.ops.base import OperatorFactory
 from millstream.plan.stages import (
@@ -28,6 +29,7 @@ from millstream.plan.stages import (
 )
 from millstream.runtime.display import watch
 from millstream.runtime.events import BUS, error_text, publish
+from millstream.runtime.gather import adapt_gather
 from millstream.runtime.job_events import job_ended, job_started
 from millstream.runtime.progress import TASK_PROGRESS_EVERY_S, StageProgress, progress_enabled
 from millstream.runtime.session import Session, Settings
@@ -97,8 +99,11 @@ class Job:
         self.stage_tasks: dict[int, list[Task]] = {}
         #: run the tasks in this process (a small job) instead of on the runner's workers
         self.in_driver = in_driver
-        #: bytes each stage that ran produced (adaptive execution reads them)
+        #: bytes and rows each stage that ran produced (adaptive execution reads them)
         self.measured: dict[int, int] = {}
+        self.measured_rows: dict[int, int] = {}
+        #: the splits of each source port (id -> (port, splits)), planned once
+        self._splits: dict[int, tuple[Any, list[Any]]] = {}
         #: the logical and optimized plans and the rules that fired (for the dashboard)
         self.plan = plan
 
@@ -160,6 +165,7 @@ class Job:
             "bytes_in": sum(r.bytes_in for r in results),
         })
         self.measured[st.id] = sum(r.bytes_out for r in results)
+        self.measured_rows[st.id] = sum(r.rows_out for r in results)
         if BUS.active:
             publish("stage_end", job=self.job_id, status="succeeded",
                     **self.stats.stages[-1])
@@ -221,6 +227,11 @@ class Job:
         return n
 
     def _adapt(self, st: Stage) -> bool:
+        """Before ``st`` runs: a join or a small sort or top-k may change the plan (True
+        when it changed; ``st`` may then no longer run)."""
+        return self._adapt_join(st) or adapt_gather(self, st)
+
+    def _adapt_join(self, st: Stage) -> bool:
         """Before a join side's map stage runs: when the join's other side has run and its
         output is small, turn the join into a broadcast join fed by ``st``'s pipelines
         (``st`` itself then never runs). True when the plan changed."""
@@ -249,10 +260,10 @@ class Job:
                     self.stats.notes.append(
                         f"runtime filter: stage {st.id} ({st.purpose}) keeps the rows whose "
                         f"keys are among stage {done.id}'s ({side} side measured "
-                        f"{_size(measured)}): {aj.label}")
+                        f"{format_size(measured)}): {aj.label}")
                 continue
             what = (f"adaptive: switched to broadcast ({side} side measured "
-                    f"{_size(measured)} <= threshold {_size(aj.threshold)})")
+                    f"{format_size(measured)} <= threshold {format_size(aj.threshold)})")
             new: list[Pipeline] = []
             for q in st.pipelines:
                 q2 = q.copy()
@@ -347,9 +358,12 @@ class Job:
         return OperatorFactory(f.cls, *f.args, **kwargs)
 
     def _port_inputs(self, port: Any) -> list[list[Any]]:
-        if isinstance(port, SourcePort):
-            target = max(1, self.settings.resolved_parallelism() * 2)
-            return [[SourceInput(port.source, s)] for s in port.source.plan_splits(target)]
+        if isinstance(port, SourcePort):  # (planned once per job: adaptivity asks too)
+            held = self._splits.get(id(port))
+            if held is None or held[0] is not port:
+                target = max(1, self.settings.resolved_parallelism() * 2)
+                held = self._splits[id(port)] = (port, port.source.plan_splits(target))
+            return [[SourceInput(port.source, s)] for s in held[1]]
         if isinstance(port, ShufflePort):
             n = port.stage.partitioner.num_partitions
             return [[ShuffleInput(list(port.stage.results), p)] for p in range(n)]
@@ -399,6 +413,8 @@ class Job:
     def _pipeline_tasks(self, st: Stage, pipe: Pipeline, output: Any, settings: dict[str, Any],
                         offset: int) -> list[Task]:
         per_port = [self._port_inputs(p) for p in pipe.ports]
+        if pipe.single_task:  # every partition of every port in one task
+            per_port = [[[spec for part in inputs for spec in part]] for inputs in per_port]
         counts = {len(x) for x in per_port}
         if len(counts) > 1:
             raise RuntimeError(f"stage {st.id}: input ports disagree on the number of partitions {counts}")
@@ -411,10 +427,3 @@ class Job:
                      every)
                 for i in range(ntasks)]
 
-
-def _size(n: float) -> str:
-    """Bytes for people: ``1.2 MB``."""
-    for unit, div in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
-        if n >= div:
-            return f"{n / div:.1f} {unit}"
-    return f"{int(n)} B"

@@ -31,6 +31,12 @@ class Settings:
     shuffle_partitions: int | None = None
     shuffle_compression: str | None = "lz4"
     broadcast_threshold: int = 10 << 20
+    #: a sort (or top-k) whose input is at most this many rows and bytes (and a quarter
+    #: of a task's memory budget) runs in one task, without sampling nor range shuffle:
+    #: decided when planning if the plan bounds the rows for sure, else from the measured
+    #: input at run time (0: always range-partitioned)
+    small_sort_rows: int = 100_000
+    small_sort_bytes: int = 4 << 20
     batch_size: int = 65536
     max_task_attempts: int = 4
     speculation: bool = True
@@ -221,8 +227,9 @@ def init(runner: str = "local", parallelism: int | None = None, memory_limit: in
     """Configure execution: runner, worker count, memory limit (bytes or "2GB"), spill dir.
 
     Further options: shuffle_partitions, shuffle_compression ("lz4", "zstd", None),
-    broadcast_threshold, batch_size, max_task_attempts, progress (True/False/None=auto),
-    optimizer (False: plans run as written), disabled_rules (optimizer rules to skip, by
+    broadcast_threshold, small_sort_rows and small_sort_bytes (a sort of at most that
+    many rows and bytes runs in one task; 0: always range-partitioned), batch_size,
+    max_task_attempts, progress (True/False/None=auto), optimizer (False: plans run as written), disabled_rules (optimizer rules to skip, by
     name), ui (the dashboard), ui_port, ui_host, event_log_dir.
     """
     unknown = set(options) - _KNOWN

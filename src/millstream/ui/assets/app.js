@@ -205,7 +205,7 @@ function batchJob(job) {
     lines: [...(st.pipelines || []).flatMap(p => p.ports.map(x => x.text)),
             ...(st.pipelines || []).flatMap(p => p.ops.map(o => "→ " + o)),
             "⇒ " + (st.output_text || st.output || "")],
-    foot: st.status === "skipped" ? "skipped (cached)" :
+    foot: st.status === "skipped" ? `skipped (${st.why || "cached"})` :
       `${st.done}/${st.total} tasks · ${num(st.rows_read)} rows read · ${num(st.rows_out)} out`,
   })), "stage-graph")));
   const plan = job.plan || {};
