@@ -239,3 +239,20 @@ def test_mean_of_decimals_sums_them_exactly():
     got = {r["k"]: r["m"] for r in ms.from_arrow(t, num_partitions=2).group_by("k")
            .agg(ms.mean("v").alias("m")).collect()}
     assert got == {1: 0.1, 2: 3.33}
+
+
+def test_sums_and_means_of_decimal_columns_with_nulls_in_chunks():
+    vals = [None if i % 5 == 2 else decimal.Decimal(i * 7919 % 1000 - 500).scaleb(-2)
+            for i in range(40)]
+    arr = pa.array(vals, _PRICE)
+    col = pa.chunked_array([arr.slice(0, 13), arr.slice(13, 1), arr.slice(14)])
+    t = pa.table({"k": pa.array([i % 4 for i in range(40)], pa.int64()), "v": col})
+    core = _AggCore(["k"], [AggSpec("sum", ms.col("v"), "s"), AggSpec("mean", ms.col("v"), "m")])
+    got = {r["k"]: r for r in core.finalize(core.merge(core.partial(t))).to_pylist()}
+    for k in range(4):
+        mine = [v for i, v in enumerate(vals) if i % 4 == k and v is not None]
+        assert got[k]["s"] == sum(mine)
+        assert got[k]["m"] == pytest.approx(float(sum(mine)) / len(mine), rel=1e-15)
+    empty = t.set_column(1, "v", pa.chunked_array([pa.array([None] * 40, _PRICE)]))
+    out = core.finalize(core.merge(core.partial(empty))).to_pylist()
+    assert [(r["s"], r["m"]) for r in out] == [(None, None)] * 4

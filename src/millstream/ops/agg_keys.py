@@ -80,9 +80,22 @@ def unscaled_column(arr: pa.Array | pa.ChunkedArray) -> Unscaled | None:
     """A decimal128 column of at most 18 digits as :class:`Unscaled` (Arrow sums int64
     twice as fast as decimal128), when its sums fit; else None."""
     t = arr.type
-    if not isinstance(t, pa.Decimal128Type) or t.precision > 18 or len(arr) == 0:
+    n = len(arr)
+    if not isinstance(t, pa.Decimal128Type) or t.precision > 18 or n == 0:
         return None
-    return _as_unscaled(fixed_point.to_fixed(arr), len(arr))
+    values = np.empty(n, np.int64)  # the chunks' low words, copied once
+    at = 0
+    for c in arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]:
+        m = len(c)
+        words = np.frombuffer(c.buffers()[1], dtype=np.int64, count=2 * (c.offset + m))
+        values[at:at + m] = words[2 * c.offset::2]
+        if c.null_count:
+            values[at:at + m][~np.asarray(c.is_valid())] = 0
+        at += m
+    if n and max(abs(int(values.min())), abs(int(values.max()))) * n >= 1 << 63:
+        return None
+    mask = pc.is_null(arr).to_numpy(zero_copy_only=False) if arr.null_count else None
+    return Unscaled(pa.array(values, pa.int64(), mask=mask), t)
 
 
 def _as_unscaled(fixed: fixed_point.Fixed | None, n: int) -> Unscaled | None:
