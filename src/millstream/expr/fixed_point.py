@@ -16,6 +16,7 @@ to the caller (None), which computes it with Arrow.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -195,3 +196,14 @@ def from_fixed(x: Fixed) -> Datum:
     bitmap = pa.array(x.valid, pa.bool_()).buffers()[1]
     return pa.Array.from_buffers(x.type, n, [bitmap, pa.py_buffer(words)],
                                  int(n - x.valid.sum()))
+
+
+def evaluate_fixed(expr: Any, batch: Any) -> Fixed | None:
+    """``expr`` on ``batch`` as :class:`Fixed` when it is decimal add/sub/mul that stays in
+    int64 (an aggregate sums it without the decimal128 round trip), else None (evaluate it
+    as usual). Shares a sub-expression memo as ``evaluate`` does (expr.subexpr)."""
+    fixed = getattr(expr, "_eval_fixed", None)  # (expr.nodes' arithmetic nodes)
+    if fixed is None or getattr(expr, "op", None) not in ("add", "sub", "mul"):
+        return None
+    out = fixed(batch)
+    return out if isinstance(out, Fixed) else None

@@ -20,6 +20,8 @@ import pyarrow.compute as pc
 
 #: sort when at most one in this many neighbouring keys descends (a few sorted runs)
 _MAX_DESCENT_SHARE = 64
+#: keys looked at first (see _sample_in_runs)
+_SAMPLE = 4096
 #: Arrow's output schema per (input schema, key, aggregates)
 _SCHEMAS: dict[tuple[Any, ...], pa.Schema] = {}
 _SCHEMAS_MAX = 256
@@ -31,7 +33,7 @@ def group_runs(table: pa.Table, keys: list[str], aggs: list[tuple]) -> pa.Table 
     if len(keys) != 1 or table.num_rows < 2 or not aggs:
         return None
     key = table.column(keys[0])
-    if not pa.types.is_integer(key.type) or key.null_count:
+    if not pa.types.is_integer(key.type) or key.null_count or not _sample_in_runs(key):
         return None
     values: list[np.ndarray | None] = []  # per aggregate: int64 values to sum, None: count
     for a in aggs:
@@ -56,7 +58,7 @@ def group_runs(table: pa.Table, keys: list[str], aggs: list[tuple]) -> pa.Table 
         values = [None if v is None else v[order] for v in values]
     starts = np.flatnonzero(np.concatenate(([True], k[1:] != k[:-1])))
     counts = np.diff(np.append(starts, n))
-    schema = _arrow_schema(table, keys, aggs)
+    schema = arrow_schema(table, keys, aggs)
     cols: dict[str, pa.Array] = {}
     for a, v in zip(aggs, values):
         name = "count_all" if a[1] == "count_all" else f"{a[0]}_{a[1]}"
@@ -72,6 +74,16 @@ def group_runs(table: pa.Table, keys: list[str], aggs: list[tuple]) -> pa.Table 
         return pa.table([cols[f.name].cast(f.type) for f in schema], schema=schema)
     except (KeyError, pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
         return None
+
+
+def _sample_in_runs(key: pa.ChunkedArray) -> bool:
+    """Whether the first ``_SAMPLE`` keys descend rarely enough to be in runs: unordered
+    keys are told apart without reading (and copying) the whole column."""
+    first = next((c for c in key.chunks if len(c)), None)
+    if first is None:
+        return True
+    k = np.asarray(first.slice(0, _SAMPLE).to_numpy(zero_copy_only=False))
+    return int(np.count_nonzero(k[1:] < k[:-1])) * _MAX_DESCENT_SHARE <= len(k)
 
 
 def _counts_valid(options: Any) -> bool:
@@ -119,7 +131,7 @@ def _typed(sums: np.ndarray, t: pa.DataType) -> pa.Array:
                                  [None, pa.py_buffer(words)], 0)
 
 
-def _arrow_schema(table: pa.Table, keys: list[str], aggs: list[tuple]) -> pa.Schema:
+def arrow_schema(table: pa.Table, keys: list[str], aggs: list[tuple]) -> pa.Schema:
     """The schema Arrow's grouping gives (found on no rows, remembered per input)."""
     cache_key = (table.schema, tuple(keys), repr(aggs))
     schema = _SCHEMAS.get(cache_key)

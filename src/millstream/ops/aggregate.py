@@ -28,6 +28,13 @@ from millstream.errors import SchemaError
 from millstream.expr.aggregates import AggSpec
 from millstream.expr.nodes import Column
 from millstream.ops import agg_keys
+from millstream.ops.agg_dense import group_dense
+from millstream.ops.agg_lists import (
+    drop_nulls_per_list,
+    regroup_lists,
+    row_segments,
+    unique_per_row,
+)
 from millstream.ops.agg_runs import group_runs
 from millstream.ops.agg_states import STATE_AGGS
 from millstream.ops.base import Batches, Operator
@@ -54,70 +61,6 @@ def _contiguous(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
     return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
 
 
-def _row_segments(rows: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
-    """The row indices of every group in group order, and the group boundaries."""
-    if isinstance(rows, pa.ChunkedArray):
-        rows = rows.combine_chunks()
-    offsets = np.asarray(rows.offsets, dtype=np.int64)
-    return pc.list_flatten(rows), offsets - offsets[0]
-
-
-def _regroup_lists(outer: pa.Array) -> pa.Array:
-    """list<list<T>> -> list<T>: concatenate the inner lists of every row."""
-    outer = outer.fill_null([]) if outer.null_count else outer
-    outer_off = np.asarray(outer.offsets)
-    inner = outer.values
-    inner = inner.fill_null([]) if inner.null_count else inner
-    inner_off = np.asarray(inner.offsets)
-    new_off = inner_off[outer_off]
-    start = int(new_off[0]) if len(new_off) else 0
-    vals = inner.values.slice(start, int(new_off[-1]) - start) if len(new_off) else inner.values
-    return pa.ListArray.from_arrays(pa.array(new_off - start, type=pa.int32()), vals)
-
-
-def _unique_per_row(lists: pa.Array) -> pa.Array:
-    """list<T> -> list<T> with the distinct non-null values of every row."""
-    n = len(lists)
-    lists = lists.fill_null([]) if lists.null_count else lists
-    parents = pc.list_parent_indices(lists)
-    values = pc.list_flatten(lists)
-    if len(values) == 0:
-        return pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, dtype=np.int32)),
-                                        values)
-    t = pa.table({"g": parents, "v": values})
-    u = t.group_by(["g", "v"], use_threads=False).aggregate([]).sort_by("g")
-    g = np.asarray(u.column("g"))
-    counts = np.bincount(g, minlength=n)
-    offsets = np.zeros(n + 1, dtype=np.int32)
-    np.cumsum(counts, out=offsets[1:])
-    v = u.column("v").combine_chunks()
-    if v.null_count:
-        # drop nulls: count distinct ignores them
-        keep = pc.is_valid(v)
-        gk = np.asarray(pa.array(g).filter(keep))
-        counts = np.bincount(gk, minlength=n)
-        np.cumsum(counts, out=offsets[1:])
-        v = v.filter(keep)
-    return pa.ListArray.from_arrays(pa.array(offsets), v)
-
-
-def drop_nulls_per_list(lists: pa.Array) -> pa.Array:
-    """list<T> -> list<T> without null elements (collect_list ignores nulls, like Spark)."""
-    n = len(lists)
-    lists = lists.fill_null([]) if lists.null_count else lists
-    values = pc.list_flatten(lists)
-    if values.null_count == 0:
-        return lists
-    parents = np.asarray(pc.list_parent_indices(lists))
-    keep = np.asarray(pc.is_valid(values))
-    counts = np.bincount(parents[keep], minlength=n)
-    offsets = np.zeros(n + 1, dtype=np.int32)
-    np.cumsum(counts, out=offsets[1:])
-    return pa.ListArray.from_arrays(pa.array(offsets), values.filter(pa.array(keep)))
-
-
-
-
 def _int_sum_is_exact(arr: pa.Array | pa.ChunkedArray) -> bool:
     """Whether integers sum in int64 without overflow whatever the grouping (rows times the
     largest magnitude stays below 2**63): a mean's partial sums are then taken over the
@@ -141,12 +84,23 @@ def _kernel(func: str, arr_type: pa.DataType) -> str:
     return "one" if func == "any_value" else func
 
 
-def _group(table: pa.Table, keys: list[str], aggs: list[tuple]) -> pa.Table:
+def _group(table: pa.Table, keys: list[str], aggs: list[tuple],
+           normalize: bool = False) -> pa.Table:
+    """``table`` grouped by ``keys`` (normalized first with ``normalize``: see
+    core.arrow.normalize_key) with Arrow's aggregates ``aggs``, as Arrow's grouping types
+    it; by the fastest kernel that covers the case."""
     if not keys and _counts_only(table, aggs):
         return _count_without_keys(table, aggs)
     if not keys:
         table = table.append_column(_GKEY, pa.array(np.zeros(table.num_rows, dtype=np.int8)))
         keys = [_GKEY]
+    fast = group_dense(table, keys, aggs)  # keys of many dense codes (ops/agg_dense)
+    if fast is not None:
+        return fast
+    if normalize:
+        for k in keys:
+            i = table.schema.get_field_index(k)
+            table = table.set_column(i, k, normalize_key(table.column(i)))
     fast = group_runs(table, keys, aggs)  # one integer key in runs (ops/agg_runs)
     if fast is not None:
         return fast
@@ -204,14 +158,17 @@ class _AggCore:
             fast = self._count_by_one_key(table)
             if fast is not None:
                 return fast
-        cols = {k: normalize_key(table.column(k)) for k in self.keys}
+        cols = {k: table.column(k) for k in self.keys}  # normalized by _group if need be
         aggs: list[tuple] = []
         out_names: list[tuple[str, str]] = []  # (pyarrow output name, state name)
         null_distinct: list[str] = []  # count_distinct states of all-null (null-typed) inputs
         from_acero: list[int] = []  # StateAggs whose partial states Arrow computes
         segments: list[int] = []  # StateAggs computed over their groups' rows
-        int_means: list[str] = []  # mean states whose sums Arrow took over integers
-        computed = agg_keys.computed_arguments(self.specs, table)
+        int_means: list[str] = []  # mean states whose sums were taken exactly, cast after
+        unscaled: dict[str, pa.Decimal128Type] = {}  # sums of unscaled decimals (agg_keys)
+        computed = agg_keys.computed_arguments(self.specs, table, frozenset(
+            i for i, sp in enumerate(self.specs) if sp.func in ("sum", "mean")))
+        as_ints: dict[str, agg_keys.Unscaled | None] = {}  # decimal columns as int64
         for i, spec in enumerate(self.specs):
             arg = f"__a{i}"
             st = self.state_cols[i]
@@ -219,8 +176,18 @@ class _AggCore:
             if spec.func != "count_all":
                 if isinstance(spec.arg, Column) and spec.arg.name in table.column_names:
                     arr = table.column(spec.arg.name)  # as it is: Arrow groups chunks
+                    if spec.func in ("sum", "mean") and pa.types.is_decimal(arr.type):
+                        if spec.arg.name not in as_ints:
+                            as_ints[spec.arg.name] = agg_keys.unscaled_column(arr)
+                        u = as_ints[spec.arg.name]
+                        if u is not None:
+                            unscaled[st[0]] = u.type
+                            arr = u.values
                 else:
                     arr = computed[i] if i in computed else table.column(spec.arg)
+                    if isinstance(arr, agg_keys.Unscaled):
+                        unscaled[st[0]] = arr.type
+                        arr = arr.values
                     if isinstance(arr, pa.ChunkedArray):
                         arr = arr.combine_chunks()
                 if spec.func == "count_distinct":
@@ -229,8 +196,9 @@ class _AggCore:
                     if not (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type)
                             or pa.types.is_decimal(arr.type) or pa.types.is_null(arr.type)):
                         raise SchemaError(f"mean({spec.name}): column type {arr.type} is not numeric")
-                    if _int_sum_is_exact(arr):
-                        int_means.append(st[0])  # summed as integers, the sums cast below
+                    if st[0] in unscaled or isinstance(arr.type, pa.Decimal128Type) \
+                            or _int_sum_is_exact(arr):
+                        int_means.append(st[0])  # summed exactly, the sums cast below
                     else:
                         arr = arr.cast(pa.float64())
                 impl = STATE_AGGS.get(spec.func)
@@ -282,8 +250,11 @@ class _AggCore:
             aggs.append((_ROW, "list"))
         if not cols:
             cols["__x"] = pa.nulls(table.num_rows, pa.int8())
-        grouped = _group(pa.table(cols), self.keys, aggs)
+        grouped = _group(pa.table(cols), self.keys, aggs, normalize=True)
         out = self._arrange(grouped, out_names)
+        for name, t in unscaled.items():
+            i = out.schema.get_field_index(name)
+            out = out.set_column(i, name, agg_keys.unscaled_sums(out.column(i), t))
         for name in int_means:
             i = out.schema.get_field_index(name)
             out = out.set_column(i, name, pc.cast(out.column(i), pa.float64(), safe=False))
@@ -298,7 +269,7 @@ class _AggCore:
             for name, arr in zip(names, impl.from_acero([out.column(n) for n in names])):
                 extra[name] = arr
         if segments:
-            flat, offsets = _row_segments(grouped.column(f"{_ROW}_list"))
+            flat, offsets = row_segments(grouped.column(f"{_ROW}_list"))
             for i in segments:
                 spec = self.specs[i]
                 values = _contiguous(cols[f"__a{i}"].take(flat))
@@ -375,12 +346,12 @@ class _AggCore:
             for sname, f in list_states:
                 taken = states.column(sname).take(flat_rows).combine_chunks()
                 nested = pa.ListArray.from_arrays(rows.offsets, taken)
-                regrouped = _regroup_lists(nested)
+                regrouped = regroup_lists(nested)
                 if f == "count_distinct":
-                    regrouped = _unique_per_row(regrouped)
+                    regrouped = unique_per_row(regrouped)
                 extra[sname] = regrouped
             if segments:
-                flat, offsets = _row_segments(rows)
+                flat, offsets = row_segments(rows)
                 for i in segments:
                     spec = self.specs[i]
                     taken = [_contiguous(states.column(n).take(flat))
