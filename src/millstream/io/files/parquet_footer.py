@@ -46,7 +46,7 @@ def local_footer(path: str) -> tuple[Any, pa.Schema]:
             return hit[1], hit[2]
     metadata = pq.read_metadata(path)
     schema = metadata.schema.to_arrow_schema()
-    settled = time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > SETTLED_SECONDS * 1e9
+    settled = _now() - max(st.st_mtime_ns, st.st_ctime_ns) > SETTLED_SECONDS * 1e9
     if settled and _identity(os.stat(path)) == ident:
         with _lock:
             _cache[path] = (ident, metadata, schema)
@@ -54,6 +54,10 @@ def local_footer(path: str) -> tuple[Any, pa.Schema]:
             while len(_cache) > MAX_FOOTERS:
                 _cache.popitem(last=False)
     return metadata, schema
+
+
+def _now() -> int:
+    return time.time_ns()
 
 
 def clear() -> None:
