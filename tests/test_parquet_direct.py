@@ -52,6 +52,7 @@ PREDICATES = [
     col("k") > 10**6,  # nothing left in any row group
     (col("k") < 700) & (col("note") != "note 1"),  # only the first row groups
     ~(col("mode") == "AIR") & col("x").is_not_null(),
+    lit(False), lit(True) & (col("k") < 10),
 ]
 
 
@@ -192,3 +193,10 @@ def test_coarse_timestamps_never_serve_a_stale_footer(tmp_path, monkeypatch) -> 
     if coarse(os.stat(path)) != coarse(st):
         pytest.skip("the rewrite crossed a second boundary")
     assert parquet_footer.local_footer(path)[0].row_group(0).column(0).statistics.min == 7
+
+
+def test_a_filter_without_columns_still_counts_rows(tmp_path) -> None:
+    schema = pa.schema([("k", pa.int64()), ("s", pa.string())])
+    plan = parquet_read.direct_plan(["s"], schema, [lit(False)], 1024, 1 << 28)
+    assert plan is not None and plan.filter_columns == ("s",)
+    assert parquet_read.direct_plan([], schema, [lit(False)], 1024, 1 << 28) is None

@@ -31,7 +31,7 @@ import re
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -41,6 +41,8 @@ import pyarrow.parquet as pq
 from millstream.core.arrow import without_view_types
 from millstream.core.context import TaskContext
 from millstream.errors import PlanError, SchemaError, StorageError
+from millstream.expr.filter_mask import filter_mask
+from millstream.expr.nodes import Expr
 from millstream.io import fs as msfs
 from millstream.io.base import Source, SourceStatistics, Split
 from millstream.io.files.formats import list_files
@@ -66,9 +68,6 @@ from millstream.io.files.pushdown import (
 )
 from millstream.io.files.ranges import DEFAULT_MIN_SPLIT_SIZE, format_size
 from millstream.io.files.union import converts, in_threads, unify_by_name
-
-if TYPE_CHECKING:
-    from millstream.expr.nodes import Expr
 
 #: Footers read in parallel while planning (object stores are latency bound).
 PLANNING_THREADS = 16
@@ -474,7 +473,8 @@ class ParquetSource(Source):
                                                      f"{msfs.describe_path(fs, piece.path)}"),
                                       fs, piece):
                 for f in row_filters:
-                    batch = batch.filter(f.evaluate(batch))
+                    batch = batch.filter(pa.array(filter_mask(f, batch)) if isinstance(f, Expr)
+                                         else f.evaluate(batch))
                 if scan_columns is not columns and columns is not None:
                     batch = batch.select(columns)
                 if batch.num_rows:

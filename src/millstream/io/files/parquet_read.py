@@ -25,7 +25,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from millstream.errors import BadRecordError, StorageError
-from millstream.expr.filter_mask import filter_mask
+from millstream.expr.filter_mask import all_true
 from millstream.expr.nodes import Expr
 from millstream.io import fs as msfs
 from millstream.io.files.parquet_agg import small_dictionary_columns
@@ -60,6 +60,10 @@ def direct_plan(columns: Sequence[str], schema: pa.Schema, predicates: Sequence[
         for c in sorted(p.columns()):
             if c not in needed:
                 needed.append(c)
+    if predicates and not needed:  # (a constant filter: read a column to count its rows)
+        if not columns:
+            return None
+        needed = [columns[0]]
     if any(schema.get_field_index(c) < 0 for c in (*columns, *needed)):
         return None
     out_schema = pa.schema([schema.field(c) for c in columns])
@@ -134,28 +138,25 @@ def _row_group(pf: pq.ParquetFile, g: int, plan: DirectPlan) -> Iterator[pa.Reco
     first = pf.read_row_group(g, columns=fcols, use_threads=False) if fcols else None
     keep: np.ndarray | None = None
     if first is not None:
-        batch = _one_batch(first)
-        for p in plan.predicates:
-            m = filter_mask(p, batch)
-            keep = m if keep is None else (keep & m)
-            if not keep.any():
-                return
-        if keep is not None and keep.all():
+        keep = all_true(plan.predicates, _one_batch(first))
+        if not keep.any():
+            return
+        if keep.all():
             keep = None
     rest = [c for c in plan.columns if c not in fcols]
     second = pf.read_row_group(g, columns=rest, use_threads=False) if rest else None
+    mask = None if keep is None else pa.array(keep, pa.bool_())
     arrays = []
     for field in plan.schema:
         table = first if first is not None and field.name in fcols else second
         arr = table.column(field.name)  # type: ignore[union-attr]
-        if keep is not None and not pa.types.is_string_view(arr.type) \
+        if mask is not None and not pa.types.is_string_view(arr.type) \
                 and not pa.types.is_binary_view(arr.type):
-            arr = arr.filter(pa.array(keep, pa.bool_()))
-            arr = _convert(arr, field.type)
+            arr = _convert(arr.filter(mask), field.type)
         else:
             arr = _convert(arr, field.type)  # (Arrow 26 cannot filter views: convert first)
-            if keep is not None:
-                arr = arr.filter(pa.array(keep, pa.bool_()))
+            if mask is not None:
+                arr = arr.filter(mask)
         arrays.append(arr)
     out = pa.Table.from_arrays(arrays, schema=plan.schema)
     yield from out.to_batches(max_chunksize=plan.batch_size)
