@@ -200,3 +200,25 @@ def test_a_filter_without_columns_still_counts_rows(tmp_path) -> None:
     plan = parquet_read.direct_plan(["s"], schema, [lit(False)], 1024, 1 << 28)
     assert plan is not None and plan.filter_columns == ("s",)
     assert parquet_read.direct_plan([], schema, [lit(False)], 1024, 1 << 28) is None
+
+
+def test_binary_columns_and_widened_integers(tmp_path, monkeypatch) -> None:
+    """Files whose integer column is int32 in one and int64 in another, and a small binary
+    dictionary column filtered on: the direct read gives the scan's rows and types."""
+    d = tmp_path / "ds"
+    d.mkdir()
+    codes = [b"a", b"b", None, b"c"]
+    pq.write_table(pa.table({"n": pa.array(range(400), pa.int64()),
+                             "b": pa.array([codes[i % 4] for i in range(400)], pa.binary())}),
+                   str(d / "a.parquet"), row_group_size=100)
+    pq.write_table(pa.table({"n": pa.array(range(400, 800), pa.int32()),
+                             "b": pa.array([codes[i % 4] for i in range(400)], pa.binary())}),
+                   str(d / "b.parquet"), row_group_size=100)
+    pred = (col("b") == b"b") | (col("n") > 790)
+    direct = _read(ParquetSource(str(d)), ["n", "b"], pred)
+    monkeypatch.setattr(pmod, "piece_reader", lambda *a, **k: None)
+    scanned = _read(ParquetSource(str(d)), ["n", "b"], pred)
+    assert direct.schema == scanned.schema
+    key = lambda r: r["n"]  # noqa: E731
+    assert sorted(direct.to_pylist(), key=key) == sorted(scanned.to_pylist(), key=key)
+    assert direct.num_rows == 200 + 9 - 2  # (793 and 797 are both)

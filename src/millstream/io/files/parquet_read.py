@@ -118,8 +118,10 @@ def piece_reader(fs: Any, plan: DirectPlan, piece: Any, dataset_schema: pa.Schem
         else list(range(metadata.num_row_groups))
     if any(metadata.row_group(g).total_byte_size > plan.max_row_group_bytes for g in groups):
         return None
-    strings = [c for c in wanted if _stringish(file_schema.field(c).type)
-               and not pa.types.is_binary_view(file_schema.field(c).type)]
+    # (strings only: a filter's fallback path decodes dictionaries of strings, not bytes)
+    strings = [c for c in wanted if pa.types.is_string(file_schema.field(c).type)
+               or pa.types.is_large_string(file_schema.field(c).type)
+               or pa.types.is_string_view(file_schema.field(c).type)]
     as_dict = sorted(small_dictionary_columns(metadata, groups, strings)
                      | {c for c in plan.columns if pa.types.is_dictionary(
                          plan.schema.field(c).type)})
