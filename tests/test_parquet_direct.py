@@ -222,3 +222,15 @@ def test_binary_columns_and_widened_integers(tmp_path, monkeypatch) -> None:
     key = lambda r: r["n"]  # noqa: E731
     assert sorted(direct.to_pylist(), key=key) == sorted(scanned.to_pylist(), key=key)
     assert direct.num_rows == 200 + 9 - 2  # (793 and 797 are both)
+
+
+def test_few_rows_per_row_group_are_gathered_into_batches(tmp_path) -> None:
+    path = str(tmp_path / "g.parquet")
+    pq.write_table(pa.table({"k": pa.array(range(2000), pa.int64()),
+                             "m": pa.array([i % 20 for i in range(2000)], pa.int64())}),
+                   path, row_group_size=100)
+    src, _, _ = ParquetSource(path).with_pushdown(["k"], col("m") == 3)
+    (split,) = src.plan_splits(1)
+    sizes = [b.num_rows for b in src.read_split(split, TaskContext(batch_size=60))]
+    assert sum(sizes) == 100
+    assert len(sizes) < 20 and max(sizes) <= 60  # (5 rows in each of 20 row groups)

@@ -129,20 +129,42 @@ def piece_reader(fs: Any, plan: DirectPlan, piece: Any, dataset_schema: pa.Schem
     def read() -> Iterator[pa.RecordBatch]:
         pf = pq.ParquetFile(piece.path, metadata=metadata, read_dictionary=as_dict or None,
                             pre_buffer=False)
+        # a selective filter leaves a few rows per row group: gathered into batches of
+        # about the batch size, as the operators downstream pay per batch
+        pending: list[pa.Table] = []
+        rows = 0
         for g in groups:
-            yield from _row_group(pf, g, plan)
+            table = _row_group(pf, g, plan)
+            if table is None:
+                continue
+            if table.num_rows >= plan.batch_size // 2:
+                yield from table.to_batches(max_chunksize=plan.batch_size)
+                continue
+            pending.append(table)
+            rows += table.num_rows
+            if rows >= plan.batch_size // 2:
+                yield from _gathered(pending, plan.batch_size)
+                pending, rows = [], 0
+        yield from _gathered(pending, plan.batch_size)
 
     return read
 
 
-def _row_group(pf: pq.ParquetFile, g: int, plan: DirectPlan) -> Iterator[pa.RecordBatch]:
+def _gathered(tables: list[pa.Table], batch_size: int) -> Iterator[pa.RecordBatch]:
+    if tables:
+        table = pa.concat_tables(tables).combine_chunks() if len(tables) > 1 else tables[0]
+        yield from table.to_batches(max_chunksize=batch_size)
+
+
+def _row_group(pf: pq.ParquetFile, g: int, plan: DirectPlan) -> pa.Table | None:
+    """The rows of row group ``g`` the filter keeps, typed as the plan says (None: none)."""
     fcols = list(plan.filter_columns)
     first = pf.read_row_group(g, columns=fcols, use_threads=False) if fcols else None
     keep: np.ndarray | None = None
     if first is not None:
         keep = all_true(plan.predicates, _one_batch(first))
         if not keep.any():
-            return
+            return None
         if keep.all():
             keep = None
     rest = [c for c in plan.columns if c not in fcols]
@@ -160,8 +182,7 @@ def _row_group(pf: pq.ParquetFile, g: int, plan: DirectPlan) -> Iterator[pa.Reco
             if mask is not None:
                 arr = arr.filter(mask)
         arrays.append(arr)
-    out = pa.Table.from_arrays(arrays, schema=plan.schema)
-    yield from out.to_batches(max_chunksize=plan.batch_size)
+    return pa.Table.from_arrays(arrays, schema=plan.schema)
 
 
 def _one_batch(table: pa.Table) -> pa.RecordBatch:
