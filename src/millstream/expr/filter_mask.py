@@ -22,7 +22,6 @@ from __future__ import annotations
 import datetime
 import decimal
 import math
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,8 +39,6 @@ _PC_CMP = {"eq": pc.equal, "ne": pc.not_equal, "lt": pc.less, "le": pc.less_equa
 _FLIP = {"eq": "eq", "ne": "ne", "lt": "gt", "le": "ge", "gt": "lt", "ge": "le"}
 #: a dictionary column whose matching codes are at most this many is compared code by code
 _FEW_CODES = 4
-#: per thread: the numpy layouts of decimal columns made during one all_true call
-_local = threading.local()
 #: a decimal128 of at most this many digits holds its unscaled value in the low 64 bits
 _INT64_DIGITS = 18
 _INT_RANGE = {8: (-(1 << 7), (1 << 7) - 1), 16: (-(1 << 15), (1 << 15) - 1),
@@ -61,21 +58,14 @@ def filter_mask(predicate: Expr, batch: pa.RecordBatch) -> np.ndarray:
 
 
 def all_true(predicates: Sequence[Expr], batch: pa.RecordBatch) -> np.ndarray:
-    """Where every one of ``predicates`` is true on ``batch`` (see :func:`filter_mask`);
-    a column compared more than once is laid out for numpy once."""
-    outer = getattr(_local, "storage", None)
-    if outer is None:
-        _local.storage = {}
-    try:
-        keep = np.ones(batch.num_rows, dtype=bool)
-        for p in predicates:
-            keep &= _mask(p, batch, True)
-            if not keep.any():
-                break
-        return keep
-    finally:
-        if outer is None:
-            _local.storage = None
+    """Where every one of ``predicates`` is true on ``batch`` (see :func:`filter_mask`),
+    stopping at the first that leaves no row."""
+    keep = np.ones(batch.num_rows, dtype=bool)
+    for p in predicates:
+        keep &= _mask(p, batch, True)
+        if not keep.any():
+            break
+    return keep
 
 
 def _mask(e: Expr, batch: pa.RecordBatch, top: bool = False) -> np.ndarray:
@@ -171,22 +161,15 @@ def _storage(arr: pa.Array) -> np.ndarray | None:
     """The values of a fixed-width column as numpy, or None for other types.
 
     Dates and times are their integers, decimals of up to 18 digits their unscaled int64
-    values (the low words of the 128-bit ones, copied once per :func:`all_true`: numpy
-    compares a contiguous array three times as fast); null slots hold anything."""
+    values (a strided view of the low words of the 128-bit ones: copying them to compare
+    contiguously cost more, in place, than it saved); null slots hold anything."""
     t = arr.type
     if pa.types.is_decimal128(t):
         if t.precision > _INT64_DIGITS:
             return None
-        cache = getattr(_local, "storage", None)
-        hit = cache.get(id(arr)) if cache is not None else None
-        if hit is not None and hit[0] is arr:
-            return hit[1]
         words = np.frombuffer(arr.buffers()[1], dtype=np.int64,
                               count=2 * (arr.offset + len(arr)))
-        out = np.ascontiguousarray(words[2 * arr.offset::2])
-        if cache is not None:
-            cache[id(arr)] = (arr, out)  # (the array held: its id stays its own)
-        return out
+        return words[2 * arr.offset::2]
     if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_date(t) \
             or pa.types.is_timestamp(t) or pa.types.is_duration(t) or pa.types.is_time(t):
         if pa.types.is_float16(t):
