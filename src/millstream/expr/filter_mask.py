@@ -39,6 +39,9 @@ _PC_CMP = {"eq": pc.equal, "ne": pc.not_equal, "lt": pc.less, "le": pc.less_equa
 _FLIP = {"eq": "eq", "ne": "ne", "lt": "gt", "le": "ge", "gt": "lt", "ge": "le"}
 #: a dictionary column whose matching codes are at most this many is compared code by code
 _FEW_CODES = 4
+#: (id(literal), column type, op) -> (literal, its storage form): the same filter meets the
+#: same literal and type in every batch
+_LITERALS: dict[tuple[int, pa.DataType, str], tuple[pa.Scalar, Any]] = {}
 #: a decimal128 of at most this many digits holds its unscaled value in the low 64 bits
 _INT64_DIGITS = 18
 _INT_RANGE = {8: (-(1 << 7), (1 << 7) - 1), 16: (-(1 << 15), (1 << 15) - 1),
@@ -208,7 +211,15 @@ def _against_literal(arr: pa.Array, op: str, scalar: pa.Scalar) -> np.ndarray | 
     storage = _storage(arr)
     if storage is None:
         return None
-    bound = _literal_storage(t, op, scalar)
+    key = (id(scalar), t, op)
+    memo = _LITERALS.get(key)
+    if memo is not None and memo[0] is scalar:
+        bound = memo[1]
+    else:
+        bound = _literal_storage(t, op, scalar)
+        if len(_LITERALS) >= 1024:
+            _LITERALS.clear()
+        _LITERALS[key] = (scalar, bound)  # (the scalar held: its id stays its own)
     if bound is None:
         return None
     op, value = bound
