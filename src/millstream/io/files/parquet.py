@@ -2,9 +2,12 @@
 
 Planning (driver) lists the files, reads their footers (in parallel threads), prunes
 hive partitions and row groups whose statistics cannot match the filter, and packs the
-remaining row groups into splits of about total size / target. Reading (worker) scans
-just the listed row groups of each file with ``pyarrow.dataset``, reading only the
-projected columns and applying the filter exactly.
+remaining row groups into splits of about total size / target. Reading (worker) reads
+just the listed row groups of each file, only the projected columns, applying the filter
+exactly: directly, the filter's columns first (:mod:`millstream.io.files.parquet_read`),
+or with ``pyarrow.dataset`` where that cannot (hive partition columns, drifting schemas,
+remote files). Filters on ``string_view`` columns are applied to the rows read (as plain
+strings) but cannot prune row groups.
 
 Files and schemas, checked at planning, where the footers show them:
 
