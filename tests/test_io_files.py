@@ -573,7 +573,7 @@ def test_parquet_source_pickles_after_planning(parquet_dir):
 
 
 def test_parquet_scan_resumes_after_transient_error(fast_retries):
-    from millstream.io.files.parquet import _resumable
+    from millstream.io.files.parquet_read import resumable
 
     fs, _ = msfs.resolve("memory://resume/x")
     batches = [pa.record_batch({"a": list(range(i * 3, i * 3 + 3))}) for i in range(4)]
@@ -586,7 +586,7 @@ def test_parquet_scan_resumes_after_transient_error(fast_retries):
                 raise OSError("AWS Error NETWORK_CONNECTION during GetObject: connection reset")
             yield b
 
-    out = [v for b in _resumable(fs, make, "reading x") for v in b.column("a").to_pylist()]
+    out = [v for b in resumable(fs, make, "reading x") for v in b.column("a").to_pylist()]
     assert out == list(range(12))
 
 

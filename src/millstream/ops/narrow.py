@@ -15,6 +15,8 @@ import pyarrow.compute as pc
 from millstream.core.arrow import batch_to_rows, rows_to_batch
 from millstream.core.changelog import CHANGE, without_kinds
 from millstream.errors import NonRetryableError, SchemaError, UserCodeFailure
+from millstream.expr.filter_mask import NotBoolean, filter_mask
+from millstream.expr.nodes import Expr
 from millstream.expr.subexpr import shared_subexpressions
 from millstream.ops.base import Batches, Operator
 
@@ -307,6 +309,16 @@ class FilterExpr(Operator):
         self.expr = expr
 
     def process(self, batch: pa.RecordBatch, port: int = 0) -> Batches:
+        if isinstance(self.expr, Expr):  # (expr.filter_mask: storage compares, AND/OR masks)
+            try:
+                keep = filter_mask(self.expr, batch)
+            except SchemaError as exc:
+                raise SchemaError(f"{self.name}: {exc}") from None
+            except NotBoolean as exc:
+                raise SchemaError(f"{self.name}: {exc}") from None
+            if keep.all():
+                return (batch,)  # every row passes: no copy
+            return (batch.filter(pa.array(keep, pa.bool_())),)
         mask = _evaluate(self.expr, batch, self.name)
         if not pa.types.is_boolean(mask.type):
             raise SchemaError(f"{self.name}: the filter expression must be boolean, got {mask.type}")

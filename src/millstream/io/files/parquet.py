@@ -2,9 +2,12 @@
 
 Planning (driver) lists the files, reads their footers (in parallel threads), prunes
 hive partitions and row groups whose statistics cannot match the filter, and packs the
-remaining row groups into splits of about total size / target. Reading (worker) scans
-just the listed row groups of each file with ``pyarrow.dataset``, reading only the
-projected columns and applying the filter exactly.
+remaining row groups into splits of about total size / target. Reading (worker) reads
+just the listed row groups of each file, only the projected columns, applying the filter
+exactly: directly, the filter's columns first (:mod:`millstream.io.files.parquet_read`),
+or with ``pyarrow.dataset`` where that cannot (hive partition columns, drifting schemas,
+remote files). Filters on ``string_view`` columns are applied to the rows read (as plain
+strings) but cannot prune row groups.
 
 Files and schemas, checked at planning, where the footers show them:
 
@@ -31,7 +34,7 @@ import re
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -40,7 +43,9 @@ import pyarrow.parquet as pq
 
 from millstream.core.arrow import without_view_types
 from millstream.core.context import TaskContext
-from millstream.errors import BadRecordError, PlanError, SchemaError, StorageError
+from millstream.errors import PlanError, SchemaError, StorageError
+from millstream.expr.filter_mask import filter_mask
+from millstream.expr.nodes import Expr
 from millstream.io import fs as msfs
 from millstream.io.base import Source, SourceStatistics, Split
 from millstream.io.files.formats import list_files
@@ -50,13 +55,22 @@ from millstream.io.files.parquet_agg import (
     dictionary_format,
     small_dictionary_columns,
 )
+from millstream.io.files.parquet_read import (
+    DirectPlan,
+    direct_plan,
+    piece_reader,
+    resumable,
+    scan_errors,
+)
 from millstream.io.files.parquet_stats import footer_statistics
-from millstream.io.files.pushdown import arrow_expression, check_columns, predicate_columns
+from millstream.io.files.pushdown import (
+    arrow_expression,
+    check_columns,
+    predicate_columns,
+    split_for_views,
+)
 from millstream.io.files.ranges import DEFAULT_MIN_SPLIT_SIZE, format_size
-from millstream.io.files.union import in_threads, unify_by_name, widen
-
-if TYPE_CHECKING:
-    from millstream.expr.nodes import Expr
+from millstream.io.files.union import converts, in_threads, unify_by_name
 
 #: Footers read in parallel while planning (object stores are latency bound).
 PLANNING_THREADS = 16
@@ -124,6 +138,9 @@ class ParquetSource(Source):
         self._view_columns: frozenset[str] = frozenset()
         #: filters pushed in as expressions (the statistics do not reflect them yet)
         self._pushed: tuple[Any, ...] = ()
+        #: pushed conjuncts on view-typed columns: applied to the rows read (as plain
+        #: strings), never to the statistics
+        self._exact: tuple[Any, ...] = ()
         #: statistics read from the footers, shared by the copies pushdown makes
         self._stats_box: dict[str, SourceStatistics | None] = {}
         # (files kept, row groups kept, row groups in kept files), known after planning
@@ -242,7 +259,7 @@ class ParquetSource(Source):
             names = [n for n in schema.names if n not in part_names]
         else:
             names = [c for c in self.columns if c not in part_names]
-            for expr in (self.predicate, *self._post_filters):
+            for expr in (self.predicate, *self._post_filters, *self._exact):
                 names += sorted((predicate_columns(expr) or set()) - set(names) - part_names)
             if self._filter is not None:
                 names += sorted(c for c in schema.names if c not in names and
@@ -262,7 +279,7 @@ class ParquetSource(Source):
                     continue
                 want = schema.field(name).type
                 got = file_schema.field(i).type
-                if got != want and not _converts(got, want):
+                if got != want and not converts(got, want):
                     problems.append(f"column {name!r} is {got} in {where} but {want} in "
                                     f"{'the schema given' if self.user_schema is not None else 'the dataset'}")
             if self.columns is None and not lenient:
@@ -303,8 +320,8 @@ class ParquetSource(Source):
     def _row_filters(self, schema: pa.Schema) -> list[Any]:
         """The filters applied to scanned batches: those without an Arrow form."""
         if self._filter is not None and self._own_filter(schema) is None:
-            return [*self._post_filters, self._filter]
-        return self._post_filters
+            return [*self._post_filters, self._filter, *self._exact]
+        return [*self._post_filters, *self._exact]
 
     def _own_filter(self, schema: pa.Schema | None) -> pc.Expression | None:
         """The constructor filter as an Arrow expression, or None when it has none or
@@ -432,7 +449,21 @@ class ParquetSource(Source):
         batch_size = max(1, ctx.batch_size)
         if self._for_aggregation:
             batch_size = aggregate_batch_rows(info.pieces, batch_size, ctx.memory_budget)
+        direct = self._direct_plan(schema, row_filters, batch_size, ctx.memory_budget)
         for piece in info.pieces:
+            reader = None
+            if direct is not None:
+                try:
+                    reader = piece_reader(fs, direct, piece, info.schema)
+                except (pa.ArrowInvalid, OSError):
+                    reader = None  # (the scan reports it)
+            if reader is not None:
+                for batch in scan_errors(resumable(
+                        fs, reader, f"reading {msfs.describe_path(fs, piece.path)}"), fs, piece):
+                    if batch.num_rows:
+                        yield batch
+                continue
+
             def scan(piece: RowGroupPiece = piece) -> Iterator[pa.RecordBatch]:
                 fragment = fmt.make_fragment(
                     piece.path, filesystem=fs, partition_expression=piece.partition_expression,
@@ -441,15 +472,28 @@ class ParquetSource(Source):
                                                    columns=scan_columns, filter=expr,
                                                    batch_size=batch_size)
                 return iter(scanner.to_batches())
-            for batch in _scan_errors(_resumable(fs, scan, f"reading "
+            for batch in scan_errors(resumable(fs, scan, f"reading "
                                                      f"{msfs.describe_path(fs, piece.path)}"),
                                       fs, piece):
                 for f in row_filters:
-                    batch = batch.filter(f.evaluate(batch))
+                    batch = batch.filter(pa.array(filter_mask(f, batch)) if isinstance(f, Expr)
+                                         else f.evaluate(batch))
                 if scan_columns is not columns and columns is not None:
                     batch = batch.select(columns)
                 if batch.num_rows:
                     yield batch
+
+    def _direct_plan(self, schema: pa.Schema, row_filters: list[Any], batch_size: int,
+                     memory_budget: int) -> DirectPlan | None:
+        """How ``parquet_read`` reads this source's splits directly (filter columns
+        first), or None when a filter is only an Arrow expression."""
+        predicates = [*self._post_filters]  # (row_filters' view conjuncts are in _pushed)
+        if self._filter is not None:
+            predicates.append(self._filter)
+        predicates += [p for p in self._pushed if p is not None]
+        # (all columns: a piece under hive partitions is left to the scan by piece_reader)
+        columns = self.columns if self.columns is not None else schema.names
+        return direct_plan(columns, schema, predicates, batch_size, memory_budget)
 
     # -- optimizer hooks ------------------------------------------------------------------
 
@@ -474,18 +518,27 @@ class ParquetSource(Source):
             new.columns = list(columns)
         applied = False
         expr = arrow_expression(predicate, full)
-        if expr is not None and self._view_columns & (predicate_columns(predicate)
-                                                      or self._view_columns):
-            expr = None  # filtered above the scan, on the columns read as plain strings
-        if expr is not None:
+        exact: list[Any] = []
+        if expr is not None and self._view_columns:
+            # conjuncts on view-typed columns filter the rows read (as plain strings), but
+            # cannot prune: Arrow compares no string_view statistics with a string
+            split = split_for_views(predicate, self._view_columns)
+            if split is None:
+                expr = None  # filtered above the scan
+            else:
+                plain, exact = split
+                expr = arrow_expression(plain, full) if plain is not None else None
+        if expr is not None or exact:
             cols = predicate_columns(predicate)
             if cols is not None:
                 missing = sorted(c for c in cols if full.get_field_index(c) == -1)
                 if missing:
                     raise SchemaError(f"parquet {self.uri}: filter uses unknown column(s) "
                                       f"{missing}; available: {full.names}")
-            pushed = arrow_expression(self.predicate)
-            new.predicate = expr if pushed is None else (pushed & expr)
+            if expr is not None:
+                pushed = arrow_expression(self.predicate)
+                new.predicate = expr if pushed is None else (pushed & expr)
+            new._exact = (*self._exact, *exact)
             new._pushed = (*self._pushed, predicate)
             applied = True
         return new, columns is not None, applied
@@ -521,6 +574,7 @@ class ParquetSource(Source):
         uri = self.uri if isinstance(self.uri, str) else tuple(self.uri)
         return ("parquet", uri, None if self.columns is None else tuple(self.columns),
                 str(self.arrow_filter()), tuple(id(f) for f in self._post_filters),
+                tuple(repr(f) for f in self._exact),
                 str(self.partitioning), str(self.user_schema), self.split_size,
                 self._dictionary_keys, self._for_aggregation,
                 tuple(sorted((k, repr(v)) for k, v in self.storage_options.items())))
@@ -547,6 +601,8 @@ class ParquetSource(Source):
         expr = self.arrow_filter()
         if expr is not None:
             text += f" filter={expr}"
+        if self._exact:
+            text += f" row_filter={' & '.join(repr(e) for e in self._exact)}"
         if self._post_filters:
             text += f" post_filter={len(self._post_filters)} expression(s)"
         return text
@@ -567,51 +623,6 @@ def _merge_pieces(pieces: list[RowGroupPiece]) -> list[RowGroupPiece]:
     return out
 
 
-def _resumable(fs: Any, make: Any, what: str) -> Iterator[pa.RecordBatch]:
-    """Iterate ``make()``; after a transient storage error, rescan and skip rows already given.
-
-    A scan of one fragment yields rows in file order, so skipping the first N rows
-    resumes exactly where the failed scan stopped.
-    """
-    done = 0
-    attempt = 0
-    while True:
-        skip = done
-        try:
-            for batch in make():
-                if skip:
-                    if batch.num_rows <= skip:
-                        skip -= batch.num_rows
-                        continue
-                    batch = batch.slice(skip)
-                    skip = 0
-                done += batch.num_rows
-                yield batch
-            return
-        except Exception as exc:
-            if msfs.is_local(fs) or not msfs.is_transient(exc):
-                raise
-            attempt += 1
-            if attempt >= msfs.RETRY_ATTEMPTS:
-                raise StorageError(f"{what} failed after {attempt} attempts (transient storage "
-                                   f"errors); last error: {type(exc).__name__}: {exc}") from exc
-            msfs.backoff(attempt)
-
-
-def _scan_errors(batches: Iterator[pa.RecordBatch], fs: Any, piece: RowGroupPiece
-                 ) -> Iterator[pa.RecordBatch]:
-    """Batches of one piece; a file that does not decode is a BadRecordError naming it
-    (not retried: it fails the same way every time)."""
-    try:
-        yield from batches
-    except pa.ArrowInvalid as exc:
-        where = msfs.describe_path(fs, piece.path)
-        groups = (f" (row groups {','.join(map(str, piece.row_groups))})"
-                  if piece.row_groups is not None else "")
-        raise BadRecordError(f"cannot read Parquet file {where}{groups}: {exc}",
-                             path=where) from exc
-
-
 def _not_parquet(where: str, size: int | None, exc: BaseException) -> StorageError:
     """The error for a file that cannot be opened as Parquet."""
     text = str(exc)
@@ -630,31 +641,3 @@ def _partition_names(dataset: ds.Dataset) -> set[str]:
     for fragment in dataset.get_fragments():
         names.update(ds.get_partition_keys(fragment.partition_expression))
     return names
-
-
-def _stringish(t: pa.DataType) -> bool:
-    if pa.types.is_dictionary(t):
-        t = t.value_type
-    return (pa.types.is_string(t) or pa.types.is_large_string(t)
-            or pa.types.is_string_view(t))
-
-
-def _binaryish(t: pa.DataType) -> bool:
-    if pa.types.is_dictionary(t):
-        t = t.value_type
-    return (pa.types.is_binary(t) or pa.types.is_large_binary(t)
-            or pa.types.is_binary_view(t))
-
-
-def _converts(got: pa.DataType, want: pa.DataType) -> bool:
-    """Whether a file's column of type ``got`` reads without loss as ``want``."""
-    if (_stringish(got) and _stringish(want)) or (_binaryish(got) and _binaryish(want)):
-        return True
-    if pa.types.is_dictionary(got):
-        got = got.value_type
-        if got == want:
-            return True
-    try:
-        return widen(got, want) == want
-    except (pa.ArrowTypeError, pa.ArrowInvalid):
-        return False

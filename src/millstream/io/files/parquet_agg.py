@@ -57,7 +57,8 @@ def dictionary_candidates(source: Any, columns: Any) -> tuple[str, ...]:
     columns it reads, and no filter (filters compare plain strings)."""
     import pyarrow as pa
 
-    if source.predicate is not None or source._filter is not None or source._post_filters:
+    if source.predicate is not None or source._filter is not None or source._post_filters \
+            or source._exact:
         return ()
     try:
         schema = source.dataset().schema

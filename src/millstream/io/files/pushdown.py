@@ -3,6 +3,8 @@ columns they read, and checks of requested columns."""
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,6 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from millstream.errors import SchemaError
+from millstream.expr.nodes import Column, Literal, _Func
 
 
 def arrow_expression(predicate: Any, schema: pa.Schema | None = None) -> pc.Expression | None:
@@ -48,3 +51,37 @@ def check_columns(columns: Sequence[str] | None, schema: pa.Schema, what: str) -
     if missing:
         raise SchemaError(f"{what}: no column(s) {missing}; available: {schema.names}")
 
+
+def split_for_views(predicate: Any, view_columns: frozenset[str]) -> tuple[Any, list[Any]] | None:
+    """A predicate's conjuncts on view-typed columns apart from the others: ``(the others
+    as one AND or None, the view conjuncts)``; None when a view conjunct is more than
+    comparisons with literals and ``is_in`` (see :func:`_compares_strings`)."""
+    parts = _conjuncts(predicate)
+    exact = [p for p in parts if not hasattr(p, "columns") or view_columns & p.columns()]
+    if not all(_compares_strings(p) for p in exact):
+        return None
+    plain = [p for p in parts if not any(p is e for e in exact)]
+    return (functools.reduce(operator.and_, plain) if plain else None), exact
+
+
+def _conjuncts(predicate: Any) -> list[Any]:
+    """The parts of an AND of expressions (the predicate itself when it is no AND)."""
+    if getattr(predicate, "op", None) == "and" and len(getattr(predicate, "args", ())) == 2:
+        return [*_conjuncts(predicate.args[0]), *_conjuncts(predicate.args[1])]
+    return [predicate]
+
+
+def _compares_strings(e: Any) -> bool:
+    """Whether ``e`` is made of comparisons of columns with literals and ``is_in`` under
+    AND/OR/NOT (what a view-typed column's filter may be to go into the scan: exact on the
+    rows read, by dictionary code where they are dictionaries)."""
+    if not isinstance(e, _Func):
+        return False
+    if e.op in ("and", "or", "not"):
+        return all(_compares_strings(a) for a in e.args)
+    if e.op == "is_in":
+        return isinstance(e.args[0], Column)
+    if e.op in ("eq", "ne", "lt", "le", "gt", "ge"):
+        kinds = {type(a) for a in e.args}
+        return kinds == {Column, Literal}
+    return False

@@ -73,3 +73,31 @@ def in_threads(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
         return [fn(x) for x in items]
     with ThreadPoolExecutor(max_workers=min(PLANNING_THREADS, len(items))) as ex:
         return list(ex.map(fn, items))
+
+
+def _stringish(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return (pa.types.is_string(t) or pa.types.is_large_string(t)
+            or pa.types.is_string_view(t))
+
+
+def _binaryish(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return (pa.types.is_binary(t) or pa.types.is_large_binary(t)
+            or pa.types.is_binary_view(t))
+
+
+def converts(got: pa.DataType, want: pa.DataType) -> bool:
+    """Whether a file's column of type ``got`` reads without loss as ``want``."""
+    if (_stringish(got) and _stringish(want)) or (_binaryish(got) and _binaryish(want)):
+        return True
+    if pa.types.is_dictionary(got):
+        got = got.value_type
+        if got == want:
+            return True
+    try:
+        return widen(got, want) == want
+    except (pa.ArrowTypeError, pa.ArrowInvalid):
+        return False
