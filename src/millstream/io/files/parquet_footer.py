@@ -33,6 +33,19 @@ def _identity(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+def settled_identity(path: str) -> tuple[int, ...] | None:
+    """What identifies a local file's present content (device, inode, size, modification
+    and change times), or None when it changed within :data:`SETTLED_SECONDS` (or is not
+    there): what is derived from a file with an identity may be reused while it stays."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if _now() - max(st.st_mtime_ns, st.st_ctime_ns) <= SETTLED_SECONDS * 1e9:
+        return None
+    return _identity(st)
+
+
 def local_footer(path: str) -> tuple[Any, pa.Schema]:
     """The ``FileMetaData`` of a local Parquet file and its Arrow schema (cached; see the
     module docstring). Raises what ``pyarrow.parquet`` raises for a file that is not

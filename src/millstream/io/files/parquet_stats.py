@@ -4,7 +4,6 @@ counts and distinct-count estimates per column, for the optimizer's estimates.""
 from __future__ import annotations
 
 import math
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -12,6 +11,7 @@ import pyarrow.fs as pafs
 
 from millstream.io import fs as msfs
 from millstream.io.base import ColumnStatistics, SourceStatistics
+from millstream.io.files.parquet_footer import settled_identity
 
 #: Footers read for statistics at most (spread over the files; counts are scaled up).
 STATISTICS_FILES = 64
@@ -19,14 +19,13 @@ STATISTICS_FILES = 64
 PLANNING_THREADS = 16
 
 
-#: Statistics of local files already read, by the files' (path, size, mtime) and the
-#: schema: every query builds new scans of the same tables, and reading the footers again
-#: was a fifth of the optimizer's time (lineitem's 53 row groups x 16 columns).
+#: Statistics of local files already read, by the files' identities (``parquet_footer``:
+#: path, inode, size, modification and change times) and the schema: every query builds
+#: new scans of the same tables, and reading the footers again was a fifth of the
+#: optimizer's time (lineitem's 53 row groups x 16 columns). Files changed within the
+#: last seconds are read every time (``settled_identity``).
 _CACHE: dict[Any, SourceStatistics] = {}
 CACHE_SIZE = 256
-#: A file modified this recently may change again within its mtime's resolution without
-#: a visible change of size or mtime: its statistics are not cached.
-SETTLED_S = 2.0
 
 
 def footer_statistics(source: Any) -> SourceStatistics:
@@ -47,25 +46,19 @@ def footer_statistics(source: Any) -> SourceStatistics:
 
 def _cache_key(source: Any) -> Any:
     """What the statistics of ``source`` depend on, or None when they cannot be cached (a
-    remote store, a file changed within the last ``SETTLED_S`` seconds)."""
-    fs = source._fs()
-    if not isinstance(fs, pafs.LocalFileSystem):
+    remote store, a file changed within the last seconds)."""
+    if not isinstance(source._fs(), pafs.LocalFileSystem):
         return None
     dataset = source.dataset()
     paths = list(getattr(dataset, "files", None) or ())
     if not paths:
         return None
-    try:
-        infos = fs.get_file_info(paths)
-    except OSError:
-        return None
-    now = time.time_ns()
     files = []
-    for info in infos:
-        if info.type != pafs.FileType.File or info.mtime_ns is None \
-                or now - info.mtime_ns < SETTLED_S * 1e9:
+    for path in paths:
+        ident = settled_identity(path)
+        if ident is None:
             return None
-        files.append((info.path, info.size, info.mtime_ns))
+        files.append((path, ident))
     return tuple(files), dataset.schema
 
 
