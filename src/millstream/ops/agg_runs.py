@@ -68,7 +68,7 @@ def group_runs(table: pa.Table, keys: list[str], aggs: list[tuple]) -> pa.Table 
         peak = int(np.abs(v).max()) if len(v) else 0
         if peak and peak * int(counts.max()) >= 2**63:
             return None  # a sum might overflow 64 bits
-        cols[name] = _typed(np.add.reduceat(v, starts), table.column(a[0]).type)
+        cols[name] = sums_array(np.add.reduceat(v, starts), table.column(a[0]).type)
     cols[keys[0]] = pa.array(k[starts], key.type)
     try:
         return pa.table([cols[f.name].cast(f.type) for f in schema], schema=schema)
@@ -119,9 +119,12 @@ def _int64_values(col: pa.ChunkedArray | pa.Array) -> np.ndarray | None:
     return np.ascontiguousarray(lo)
 
 
-def _typed(sums: np.ndarray, t: pa.DataType) -> pa.Array:
-    """Sums of int64 values as integers, or as decimal128 unscaled values of scale ``t``'s
-    (cast to Arrow's result type by the caller)."""
+def sums_array(sums: np.ndarray, t: pa.DataType) -> pa.Array:
+    """Sums as Arrow: float64 sums as float64; int64 sums as integers, or as decimal128(38)
+    unscaled values at the scale of ``t`` when the summed column is a decimal (cast to
+    Arrow's result type by the caller)."""
+    if sums.dtype == np.float64:
+        return pa.array(sums, pa.float64())
     if not isinstance(t, pa.Decimal128Type):
         return pa.array(sums, pa.int64())
     words = np.empty(2 * len(sums), dtype=np.int64)  # (low, high) words
