@@ -126,14 +126,13 @@ class KeyMembership:
 
 def _bits(offsets: np.ndarray, span: int) -> np.ndarray:
     """A bitmap (a bit a value, little-endian bit order) of ``span`` values with the bits
-    of ``offsets`` set, built without a byte-a-value array of the whole span."""
-    u = np.unique(offsets.astype(np.int64, copy=False))
+    of ``offsets`` set, built without a byte-a-value array of the whole span (nor a sort
+    of the offsets): one pass per bit position."""
+    v = offsets.astype(np.int64, copy=False)
     out = np.zeros((span + 7) // 8, dtype=np.uint8)
-    if len(u):
-        byte = u >> 3
-        starts = np.flatnonzero(np.concatenate([[True], byte[1:] != byte[:-1]]))
-        # distinct offsets of one byte have distinct bits: their sum is their union
-        out[byte[starts]] = np.add.reduceat(np.left_shift(1, u & 7), starts).astype(np.uint8)
+    low = (v & 7).astype(np.uint8)
+    for bit in range(8):
+        out[v[low == bit] >> 3] |= np.uint8(1 << bit)
     return out
 
 
