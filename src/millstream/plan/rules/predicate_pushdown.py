@@ -7,11 +7,18 @@ a sort, distinct, repartition, explode (not reading the exploded column) or Pyth
 filter; to every input of a union; below a group-by when it reads only grouping keys; and
 into the inputs of a join that can take it (both sides of an inner join where it reads
 join keys; never the side an outer join pads with nulls: see ``outer_join_to_inner``).
+A conjunct of a keyed join's own ``condition`` that reads one input only goes into that
+input when the join type allows it (any side of an inner join, the side a left or right
+join pads, either side of a semi join and the right of an anti join): rows it rejects
+never pair (TPC-H Q13's left join on orders with ``o_comment NOT LIKE ...`` filters the
+orders before they are shuffled, and no longer ships their comments).
 It never passes a limit, a cache, a Python map, a watermark (event time is computed from
 the rows it sees), an event-time window or process function, or a node it does not know.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from millstream.expr.nodes import Expr
 from millstream.plan.logical import (
@@ -31,7 +38,7 @@ from millstream.plan.logical import (
     WithColumns,
 )
 from millstream.plan.rules.base import Rule, RuleContext
-from millstream.plan.rules.common import join_columns, push_sides, rebuilt
+from millstream.plan.rules.common import LEFT, RIGHT, join_columns, push_sides, rebuilt
 from millstream.plan.rules.exprs import (
     conjoin,
     conjuncts,
@@ -224,9 +231,46 @@ def _join(node: Join, preds: list[Expr]) -> tuple[Node, list[Expr]]:
                 sides[s].append(q)
             continue
         rest.append(p)
-    left = sink(node.left, sides[0])
-    right = sink(node.right, sides[1])
+    condition, own = _split_condition(node)
+    left = sink(node.left, sides[0] + own[0])
+    right = sink(node.right, sides[1] + own[1])
+    if condition is not node.condition:
+        return replace(node, left=left, right=right, condition=condition), rest
     return rebuilt(node, (left, right)), rest
+
+
+#: The inputs of a keyed join a conjunct of its condition reading that input alone may be
+#: applied to, by join type (a side whose unmatched rows the join keeps never is).
+_CONDITION_SIDES = {"inner": (LEFT, RIGHT), "left": (RIGHT,), "right": (LEFT,),
+                    "semi": (LEFT, RIGHT), "anti": (RIGHT,)}
+
+
+def _split_condition(node: Join) -> tuple[Expr | None, tuple[list[Expr], list[Expr]]]:
+    """The join's condition without the conjuncts that can be applied to one input, and
+    those conjuncts by input (renamed to its columns); the same condition object when none
+    can."""
+    sides: tuple[list[Expr], list[Expr]] = ([], [])
+    allowed = _CONDITION_SIDES.get(node.how, ())
+    if node.condition is None or not node.left_on or not allowed:
+        return node.condition, sides
+    # the condition names columns as the inner join outputs them
+    info = join_columns(replace(node, how="inner", condition=None))
+    if info is None:
+        return node.condition, sides
+    rest = []
+    for p in conjuncts(node.condition):
+        cols = p.columns()
+        side = next((s for s in allowed if cols and is_row_local(p) and all(
+            c in info.source and s in info.source[c] for c in cols)), None)
+        q = rename_columns(p, {c: info.source[c][side] for c in cols}) \
+            if side is not None else None
+        if q is None:
+            rest.append(p)
+        else:
+            sides[side].append(q)  # type: ignore[index]
+    if not sides[0] and not sides[1]:
+        return node.condition, sides
+    return (conjoin(rest) if rest else None), sides
 
 
 _HANDLERS = {

@@ -147,7 +147,7 @@ def _shows(new: Node, old: Node, required: frozenset[str]) -> bool:
 def _narrowed(node: Node, required: Required) -> Node:
     """``node`` under a ``select`` of ``required`` when it would carry more columns and
     cannot narrow itself (a Python function, a cache, ...)."""
-    if required is None or not required or _self_pruning(node):
+    if required is None or not required or _self_pruning(node, required):
         return node
     schema = node.schema
     if schema is None:
@@ -158,7 +158,12 @@ def _narrowed(node: Node, required: Required) -> Node:
     return Project(node, tuple(Column(c) for c in cols))
 
 
-def _self_pruning(node: Node) -> bool:
+def _self_pruning(node: Node, required: frozenset[str] | None = None) -> bool:
+    """Whether ``node`` narrows its own output to ``required`` (through the per-row nodes
+    on top; not through a filter reading other columns, which its input keeps for it)."""
     while isinstance(node, _LOOK_THROUGH):
+        if required is not None and isinstance(node, Filter) \
+                and not node.predicate.columns() <= required:
+            return False
         node = node.children[0]
     return isinstance(node, _SELF_PRUNING)
