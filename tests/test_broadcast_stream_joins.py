@@ -12,7 +12,7 @@ from collections import defaultdict
 
 import pyarrow as pa
 import pytest
-from faults import HeldRows, wait_for
+from faults import HeldRows
 from oracles import sorted_rows
 from streams import in_order_events
 
@@ -207,7 +207,7 @@ def test_a_killed_task_slot_of_a_broadcast_join_restarts_from_the_checkpoint(tmp
     sink = CollectingSink()
     job = _q7(held.dataset()).start(checkpoint=str(tmp_path / "chk"), executor="parallel",
                                     parallelism=2, sink=sink, checkpoint_interval="50ms")
-    wait_for(lambda: job.metrics()["checkpoints"] >= 2, 60, "two checkpoints")
+    held.wait_until_checkpointed(job)
     os.kill(job.host_pids()[-1], signal.SIGKILL)
     held.release()
     assert job.await_termination(120)
