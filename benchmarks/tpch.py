@@ -619,7 +619,7 @@ def harness_main(args: argparse.Namespace) -> int:
           f"parallelism {args.parallelism}; {args.runs} runs per process; "
           f"timeout {args.timeout:.0f} s per run", flush=True)
     cells = run_matrix(Path(__file__).resolve(), args.queries, args.engines, args, log_dir,
-                       make_check(args.sf), availability,
+                       make_check(args.sf, data_dir), availability,
                        extra=["--data-dir", str(data_dir), "--sf", str(args.sf)])
     engines = args.engines
     reference = REFERENCE if REFERENCE in engines else engines[0]

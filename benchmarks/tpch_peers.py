@@ -174,15 +174,18 @@ def answers_dir(sf: int) -> Path:
     return DATA_DIR / f"tpch-sf{sf}-answers"
 
 
-def answer_path(sf: int, query: str) -> Path:
-    """The cached reference answer of a query (named after a digest of its SQL text)."""
-    digest = hashlib.sha256(sql_text(query).encode()).hexdigest()[:10]
+def answer_path(sf: int, query: str, data_dir: Path) -> Path:
+    """The cached reference answer of a query, named after a digest of its SQL text and of
+    the tables' file sizes (so ``--data-dir`` with other data never meets these answers)."""
+    sizes = sorted((t, (data_dir / f"{t}.parquet").stat().st_size) for t in TABLES
+                   if (data_dir / f"{t}.parquet").exists())
+    digest = hashlib.sha256((sql_text(query) + repr(sizes)).encode()).hexdigest()[:10]
     return answers_dir(sf) / f"{query}-{digest}.parquet"
 
 
 def ensure_answers(sf: int, data_dir: Path, queries: list[str], threads: int) -> None:
     """Compute and cache DuckDB's answers to the official texts, for those not cached."""
-    todo = [q for q in queries if not answer_path(sf, q).exists()]
+    todo = [q for q in queries if not answer_path(sf, q, data_dir).exists()]
     if not todo:
         return
     import pyarrow.parquet as pq
@@ -192,16 +195,17 @@ def ensure_answers(sf: int, data_dir: Path, queries: list[str], threads: int) ->
     engine = DuckDBEngine(data_dir, threads, None)
     try:
         for q in todo:
-            pq.write_table(engine.run(q), answer_path(sf, q))
+            pq.write_table(engine.run(q), answer_path(sf, q, data_dir))
     finally:
         engine.close()
 
 
-def make_check(sf: int) -> Callable[[str, Any], list[str]]:
+def make_check(sf: int, data_dir: Path) -> Callable[[str, Any], list[str]]:
     """The check of an answer against the cached reference."""
     import pyarrow.parquet as pq
 
     def check(query: str, table: Any) -> list[str]:
-        return compare_answers(pq.read_table(answer_path(sf, query)), table, ORDER_BY[query])
+        return compare_answers(pq.read_table(answer_path(sf, query, data_dir)), table,
+                               ORDER_BY[query])
 
     return check
