@@ -35,15 +35,11 @@ def without_view_types(schema: pa.Schema) -> pa.Schema | None:
 #: Empty batches by schema (they are immutable): typing an expression evaluates it on one,
 #: and the optimizer types the same expressions over the same schemas many times.
 _EMPTY: dict[pa.Schema, pa.RecordBatch] = {}
-_EMPTY_BY_ID: dict[int, tuple[pa.Schema, pa.RecordBatch]] = {}
 EMPTY_CACHE_SIZE = 512
 
 
 def empty_batch(schema: pa.Schema) -> pa.RecordBatch:
     """A record batch with ``schema`` and no rows (one per schema, shared)."""
-    hit = _EMPTY_BY_ID.get(id(schema))
-    if hit is not None and hit[0] is schema:
-        return hit[1]
     batch = _EMPTY.get(schema)
     if batch is None or not batch.schema.equals(schema, check_metadata=True):
         batch = pa.RecordBatch.from_arrays([pa.array([], type=f.type) for f in schema],
@@ -51,9 +47,6 @@ def empty_batch(schema: pa.Schema) -> pa.RecordBatch:
         if len(_EMPTY) >= EMPTY_CACHE_SIZE:
             _EMPTY.clear()
         _EMPTY[schema] = batch
-    if len(_EMPTY_BY_ID) >= EMPTY_CACHE_SIZE:
-        _EMPTY_BY_ID.clear()
-    _EMPTY_BY_ID[id(schema)] = (schema, batch)
     return batch
 
 

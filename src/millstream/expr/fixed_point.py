@@ -186,16 +186,22 @@ def from_fixed(x: Fixed) -> Datum:
         import decimal
 
         return pa.scalar(decimal.Decimal(x.values).scaleb(-x.type.scale), x.type)
-    out = x.values
-    n = len(out)
+    return decimal_array(x.values, x.type, x.valid)
+
+
+def decimal_array(values: np.ndarray, t: pa.DataType,
+                  valid: np.ndarray | None = None) -> pa.Array:
+    """A decimal128 array of type ``t`` from int64 unscaled ``values`` (sign-extended to
+    128 bits), null where ``valid`` is False."""
+    values = np.asarray(values, dtype=np.int64)
+    n = len(values)
     words = np.empty(2 * n, dtype=np.int64)  # (low, high) words; half np.stack's time
-    words[0::2] = out
-    np.right_shift(out, 63, out=words[1::2])
-    if x.valid is None:
-        return pa.Array.from_buffers(x.type, n, [None, pa.py_buffer(words)], 0)
-    bitmap = pa.array(x.valid, pa.bool_()).buffers()[1]
-    return pa.Array.from_buffers(x.type, n, [bitmap, pa.py_buffer(words)],
-                                 int(n - x.valid.sum()))
+    words[0::2] = values
+    np.right_shift(values, 63, out=words[1::2])
+    if valid is None:
+        return pa.Array.from_buffers(t, n, [None, pa.py_buffer(words)], 0)
+    bitmap = pa.array(valid, pa.bool_()).buffers()[1]
+    return pa.Array.from_buffers(t, n, [bitmap, pa.py_buffer(words)], int(n - valid.sum()))
 
 
 def evaluate_fixed(expr: Any, batch: Any) -> Fixed | None:

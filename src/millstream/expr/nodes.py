@@ -641,3 +641,10 @@ def contains_aggregate(e: Expr) -> bool:
     if isinstance(e, AggExpr):
         return True
     return builtins.any(contains_aggregate(c) for c in e._children())
+
+
+def conjuncts(e: Expr) -> list[Expr]:
+    """The parts of a conjunction ``a & b & ...`` (``[e]`` when ``e`` is no AND)."""
+    if getattr(e, "op", None) == "and":
+        return [p for a in e.args for p in conjuncts(a)]  # type: ignore[attr-defined]
+    return [e]

@@ -111,14 +111,9 @@ def unscaled_sums(sums: pa.ChunkedArray | pa.Array, t: pa.Decimal128Type) -> pa.
     """int64 sums of :class:`Unscaled` values as the decimal sums Arrow gives for ``t``
     (decimal128(38) at its scale)."""
     chunk = sums.combine_chunks() if isinstance(sums, pa.ChunkedArray) else sums
-    n = len(chunk)
-    lo = np.asarray(chunk.fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64)
-    words = np.empty(2 * n, dtype=np.int64)  # (low, high) words
-    words[0::2] = lo
-    np.right_shift(lo, 63, out=words[1::2])
-    validity = pc.is_valid(chunk).buffers()[1] if chunk.null_count else None
-    return pa.Array.from_buffers(pa.decimal128(38, t.scale), n, [validity, pa.py_buffer(words)],
-                                 null_count=chunk.null_count)
+    lo = chunk.fill_null(0).to_numpy(zero_copy_only=False)
+    valid = chunk.is_valid().to_numpy(zero_copy_only=False) if chunk.null_count else None
+    return fixed_point.decimal_array(lo, pa.decimal128(38, t.scale), valid)
 
 
 def dictionary_columns(schema: pa.Schema) -> list[str]:

@@ -18,6 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from millstream.expr.fixed_point import decimal_array
+
 #: sort when at most one in this many neighbouring keys descends (a few sorted runs)
 _MAX_DESCENT_SHARE = 64
 #: keys looked at first (see _sample_in_runs)
@@ -127,11 +129,7 @@ def sums_array(sums: np.ndarray, t: pa.DataType) -> pa.Array:
         return pa.array(sums, pa.float64())
     if not isinstance(t, pa.Decimal128Type):
         return pa.array(sums, pa.int64())
-    words = np.empty(2 * len(sums), dtype=np.int64)  # (low, high) words
-    words[0::2] = sums
-    np.right_shift(sums, 63, out=words[1::2])
-    return pa.Array.from_buffers(pa.decimal128(38, t.scale), len(sums),
-                                 [None, pa.py_buffer(words)], 0)
+    return decimal_array(sums, pa.decimal128(38, t.scale))
 
 
 def arrow_schema(table: pa.Table, keys: list[str], aggs: list[tuple]) -> pa.Schema:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from millstream.expr.nodes import Column, Expr, Literal
+from millstream.expr.nodes import Column, Expr, Literal, conjuncts
 from millstream.plan.estimates import ColumnStats, Estimate, number, scaled_ndv
 
 #: Selectivity of ``col == value`` when the column's distinct count is unknown.
@@ -154,13 +154,3 @@ def _compare(est: Estimate, name: str, op: str, value: Any
     if c.ndv is not None:
         new = replace(new, ndv=max(1.0, c.ndv * frac))
     return sel, name, new
-
-
-def conjuncts(pred: Expr) -> list[Expr]:
-    """``a & b & c`` as ``[a, b, c]``."""
-    if getattr(pred, "op", None) == "and":
-        out: list[Expr] = []
-        for a in pred.args:  # type: ignore[attr-defined]
-            out.extend(conjuncts(a))
-        return out
-    return [pred]

@@ -30,6 +30,7 @@ from millstream.expr.nodes import Expr
 from millstream.io import fs as msfs
 from millstream.io.files.parquet_agg import small_dictionary_columns
 from millstream.io.files.parquet_footer import local_footer
+from millstream.io.files.union import is_binaryish, is_stringish
 
 #: A row group is read whole, so one larger than this (decoded bytes, or a share of the
 #: task's memory budget) is left to the streaming scan.
@@ -72,10 +73,9 @@ def direct_plan(columns: Sequence[str], schema: pa.Schema, predicates: Sequence[
                       max(1, batch_size), limit)
 
 
-def _stringish(t: pa.DataType) -> bool:
-    return (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
-            or pa.types.is_binary(t) or pa.types.is_large_binary(t)
-            or pa.types.is_binary_view(t))
+def _text(t: pa.DataType) -> bool:
+    """A string or binary type (not a dictionary)."""
+    return not pa.types.is_dictionary(t) and (is_stringish(t) or is_binaryish(t))
 
 
 def _reads_as(got: pa.DataType, want: pa.DataType) -> bool:
@@ -83,12 +83,9 @@ def _reads_as(got: pa.DataType, want: pa.DataType) -> bool:
     if got == want:
         return True
     if pa.types.is_dictionary(want):
-        return _stringish(got) and _stringish(want.value_type)
-    if _stringish(got) and _stringish(want):
-        return (pa.types.is_binary(got) or pa.types.is_large_binary(got)
-                or pa.types.is_binary_view(got)) == (
-            pa.types.is_binary(want) or pa.types.is_large_binary(want)
-            or pa.types.is_binary_view(want))
+        return _text(got) and _text(want.value_type)
+    if _text(got) and _text(want):
+        return is_binaryish(got) == is_binaryish(want)
     if pa.types.is_integer(got) and pa.types.is_integer(want):
         return want.bit_width >= got.bit_width and (
             pa.types.is_signed_integer(want) or pa.types.is_unsigned_integer(got))

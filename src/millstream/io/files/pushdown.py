@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from millstream.errors import SchemaError
-from millstream.expr.nodes import Column, Literal, _Func
+from millstream.expr.nodes import Column, Literal, _Func, conjuncts
 
 
 def arrow_expression(predicate: Any, schema: pa.Schema | None = None) -> pc.Expression | None:
@@ -56,19 +56,12 @@ def split_for_views(predicate: Any, view_columns: frozenset[str]) -> tuple[Any, 
     """A predicate's conjuncts on view-typed columns apart from the others: ``(the others
     as one AND or None, the view conjuncts)``; None when a view conjunct is more than
     comparisons with literals and ``is_in`` (see :func:`_compares_strings`)."""
-    parts = _conjuncts(predicate)
+    parts = conjuncts(predicate)
     exact = [p for p in parts if not hasattr(p, "columns") or view_columns & p.columns()]
     if not all(_compares_strings(p) for p in exact):
         return None
     plain = [p for p in parts if not any(p is e for e in exact)]
     return (functools.reduce(operator.and_, plain) if plain else None), exact
-
-
-def _conjuncts(predicate: Any) -> list[Any]:
-    """The parts of an AND of expressions (the predicate itself when it is no AND)."""
-    if getattr(predicate, "op", None) == "and" and len(getattr(predicate, "args", ())) == 2:
-        return [*_conjuncts(predicate.args[0]), *_conjuncts(predicate.args[1])]
-    return [predicate]
 
 
 def _compares_strings(e: Any) -> bool:

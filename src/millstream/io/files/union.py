@@ -75,14 +75,16 @@ def in_threads(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
         return list(ex.map(fn, items))
 
 
-def _stringish(t: pa.DataType) -> bool:
+def is_stringish(t: pa.DataType) -> bool:
+    """A string type (plain, large or view), or a dictionary of one."""
     if pa.types.is_dictionary(t):
         t = t.value_type
     return (pa.types.is_string(t) or pa.types.is_large_string(t)
             or pa.types.is_string_view(t))
 
 
-def _binaryish(t: pa.DataType) -> bool:
+def is_binaryish(t: pa.DataType) -> bool:
+    """A binary type (plain, large or view), or a dictionary of one."""
     if pa.types.is_dictionary(t):
         t = t.value_type
     return (pa.types.is_binary(t) or pa.types.is_large_binary(t)
@@ -91,7 +93,7 @@ def _binaryish(t: pa.DataType) -> bool:
 
 def converts(got: pa.DataType, want: pa.DataType) -> bool:
     """Whether a file's column of type ``got`` reads without loss as ``want``."""
-    if (_stringish(got) and _stringish(want)) or (_binaryish(got) and _binaryish(want)):
+    if (is_stringish(got) and is_stringish(want)) or (is_binaryish(got) and is_binaryish(want)):
         return True
     if pa.types.is_dictionary(got):
         got = got.value_type

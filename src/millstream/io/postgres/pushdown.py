@@ -16,7 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from millstream.expr.nodes import Column, Expr, Literal
+from millstream.expr.nodes import Column, Expr, Literal, conjuncts
 
 _COMPARE = {"eq": "=", "ne": "<>", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
 _FLIP = {"lt": "gt", "le": "ge", "gt": "lt", "ge": "le", "eq": "eq", "ne": "ne"}
@@ -108,13 +108,6 @@ class _Sql:
             collate = ' COLLATE "C"' if pa.types.is_string(t) and op not in ("eq", "ne") else ""
             return f"({col}{collate} {_COMPARE[op]} {mark})"
         raise _Untranslatable
-
-
-def conjuncts(e: Expr) -> list[Expr]:
-    """The parts of an AND chain."""
-    if getattr(e, "op", None) == "and":
-        return [p for a in e.args for p in conjuncts(a)]
-    return [e]
 
 
 def to_sql(predicate: Expr, schema: pa.Schema) -> tuple[str, list[Any], bool] | None:

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from millstream.errors import SchemaError
+from millstream.expr.fixed_point import decimal_array
 
 
 # ----------------------------------------------------------------------------- runs
@@ -205,12 +206,7 @@ def _decimal_unscaled(arr: pa.Array) -> np.ndarray | None:
 
 def _decimal_from_unscaled(values: np.ndarray, scale: int, empty: np.ndarray) -> pa.Array:
     """decimal128(38, scale) from int64 unscaled values, null where ``empty``."""
-    words = np.empty(2 * len(values), dtype=np.int64)
-    words[0::2] = values
-    words[1::2] = values >> 63
-    dec = pa.Array.from_buffers(pa.decimal128(38, scale), len(values),
-                                [None, pa.py_buffer(words.tobytes())])
-    return dec.take(pa.array(np.arange(len(values)), mask=empty)) if empty.any() else dec
+    return decimal_array(values, pa.decimal128(38, scale), ~empty if empty.any() else None)
 
 
 def _numbers(arr: pa.Array, fill: object) -> np.ndarray:

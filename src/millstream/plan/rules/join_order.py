@@ -17,13 +17,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import combinations
-from typing import Any
 
-from millstream.expr.nodes import Column, Expr, col
+from millstream.expr.nodes import Column, Expr, col, conjuncts
 from millstream.plan import logical as L
 from millstream.plan.fingerprint import Fingerprints
 from millstream.plan.rules.base import Rule, RuleContext
-from millstream.plan.selectivity import conjuncts
 from millstream.plan.stats import Estimator, estimator
 
 #: Chains of at most this many inputs are ordered exactly (dynamic programming).
@@ -77,8 +75,6 @@ class _Chain:
     edges: list[tuple[Origin, Origin]] = field(default_factory=list)
     filters: list[Expr] = field(default_factory=list)
     joins: list[L.Node] = field(default_factory=list)
-    #: the inputs as written (``leaves`` holds them after their own chains were ordered)
-    written: list[L.Node] = field(default_factory=list)
 
 
 class _Abort(Exception):
@@ -94,7 +90,7 @@ class _Orderer:
         if _over_chain(node):
             out = self._reorder(node)
             if out is not None:
-                return out  # reordered, or kept with its inputs visited: the chain is done
+                return out
         kids = tuple(self.visit(c) for c in node.children)
         if all(a is b for a, b in zip(kids, node.children)):
             return node
@@ -138,15 +134,11 @@ class _Orderer:
             raise _Abort()
         i = len(ch.leaves)
         ch.leaves.append(self.visit(node))
-        ch.written.append(node)
         ch.names.append(list(schema.names))
         return [(n, (i, n)) for n in schema.names]
 
     # ---------------------------------------------------------------- reordering
     def _reorder(self, top: L.Node) -> L.Node | None:
-        """The chain under ``top`` in its best order; ``top`` with its inputs' own chains
-        ordered when the written order stays; None when the chain cannot be ordered as a
-        whole (then its parts are tried on their own)."""
         ch = _Chain()
         try:
             out = self._flatten(top, ch)
@@ -155,12 +147,6 @@ class _Orderer:
         n = len(ch.leaves)
         if n < 2:
             return None
-        ordered = self._order(top, ch, out)
-        if ordered is _KEEP:
-            return _with_inputs(top, ch)
-        return ordered
-
-    def _order(self, top: L.Node, ch: _Chain, out: list[tuple[str, Origin]]) -> L.Node | None:
         classes = _Classes()
         for a, b in ch.edges:
             classes.union(a, b)
@@ -198,7 +184,7 @@ class _Orderer:
             rows = self.est.rows(j)
             written += rows if rows is not None else float("inf")
         if not cost < IMPROVEMENT * written:
-            return _KEEP
+            return None
         node = tree.node
         for f in filters:
             if not f.columns():  # a constant condition: on top
@@ -208,35 +194,13 @@ class _Orderer:
             node = L.Project(node, tuple(col(c) for c in wanted))
         fps = Fingerprints()
         if fps.of(node) == fps.of(top):
-            return _KEEP  # the order as written (the rule reaches a fixed point)
+            return None  # the order as written (the rule reaches a fixed point)
         return node
 
     @staticmethod
     def _type(ch: _Chain, i: int, name: str) -> object:
         schema = ch.leaves[i].schema
         return None if schema is None else schema.field(name).type
-
-
-#: ``_order``'s answer when the written order stays.
-_KEEP: Any = object()
-
-
-def _with_inputs(top: L.Node, ch: _Chain) -> L.Node:
-    """``top`` with each chain input replaced by its visited form (the same object when
-    none changed): a chain kept as written is not ordered again part by part."""
-    swap = {id(w): v for w, v in zip(ch.written, ch.leaves) if w is not v}
-    if not swap:
-        return top
-
-    def rebuild(node: L.Node) -> L.Node:
-        if id(node) in swap:
-            return swap[id(node)]
-        kids = tuple(rebuild(c) for c in node.children)
-        if all(a is b for a, b in zip(kids, node.children)):
-            return node
-        return node.with_children(kids)
-
-    return rebuild(top)
 
 
 class _Classes:
